@@ -1,0 +1,181 @@
+//! The transport between host and agent: HTTP/2 over a virtio-serial port.
+//!
+//! A virtio-serial port is one byte stream that the host may connect to and disconnect from at
+//! any time. While no host is connected, `read` returns 0 at once; while one is, it blocks until
+//! data arrives. The port can be opened only once, so the agent keeps one fd for its lifetime and
+//! treats each stretch between "first byte after a hang-up" and "next hang-up" as one HTTP/2
+//! connection, bridged to hyper through an in-memory duplex pipe.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// What the port reader thread reports.
+enum PortEvent {
+    Data(Vec<u8>),
+    HangUp,
+}
+
+/// Finds the character device of the virtio-serial port with the given name.
+fn find_port(name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if port_name.trim() == name {
+            return Some(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    None
+}
+
+/// Serves `app` on the named virtio-serial port until the agent stops.
+pub async fn serve_port(name: &str, app: Router) -> Result<()> {
+    let mut waited = Duration::ZERO;
+    let device = loop {
+        if let Some(dev) = find_port(name) {
+            if dev.exists() {
+                break dev;
+            }
+        }
+        if waited > Duration::from_secs(30) {
+            anyhow::bail!("virtio-serial port {name} did not appear");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += Duration::from_millis(5);
+    };
+    let port = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&device)
+        .with_context(|| format!("opening {}", device.display()))?;
+    let mut writer_port = port.try_clone()?;
+    tracing::info!(device = %device.display(), "agent channel open");
+
+    let (events_tx, mut events_rx) = mpsc::channel::<PortEvent>(64);
+    std::thread::Builder::new()
+        .name("port-reader".into())
+        .spawn(move || {
+            let mut port = port;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut connected = false;
+            loop {
+                match port.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        if connected {
+                            connected = false;
+                            if events_tx.blocking_send(PortEvent::HangUp).is_err() {
+                                return;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Ok(n) => {
+                        connected = true;
+                        if events_tx
+                            .blocking_send(PortEvent::Data(buf[..n].to_vec()))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        })?;
+
+    // Bytes hyper writes go to the port through one writer thread, in order.
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::Builder::new()
+        .name("port-writer".into())
+        .spawn(move || {
+            for chunk in out_rx {
+                // A failed write means the host went away; the reader reports the hang-up.
+                let _ = writer_port.write_all(&chunk);
+            }
+        })?;
+
+    let mut session: Option<tokio::io::WriteHalf<tokio::io::DuplexStream>> = None;
+    while let Some(event) = events_rx.recv().await {
+        match event {
+            PortEvent::HangUp => {
+                tracing::debug!("host hung up");
+                session = None;
+            }
+            PortEvent::Data(data) => {
+                if session.is_none() {
+                    session = Some(start_session(app.clone(), out_tx.clone()));
+                }
+                let to_hyper = session.as_mut().expect("session just created");
+                if to_hyper.write_all(&data).await.is_err() {
+                    // hyper closed the connection (protocol error); wait for the host to reconnect.
+                    session = None;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts one HTTP/2 connection over an in-memory pipe; returns the half that feeds it.
+fn start_session(
+    app: Router,
+    out_tx: std::sync::mpsc::Sender<Vec<u8>>,
+) -> tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (mut from_hyper, to_hyper) = tokio::io::split(ours);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match from_hyper.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if out_tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let service = TowerToHyperService::new(app);
+        if let Err(err) = http2_builder()
+            .serve_connection(TokioIo::new(theirs), service)
+            .await
+        {
+            tracing::debug!(error = %err, "host connection ended");
+        }
+    });
+    to_hyper
+}
+
+fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
+        .max_concurrent_streams(1024);
+    builder
+}
+
+/// Serves `app` on a Unix socket, one HTTP/2 connection per client (for running on a host).
+pub async fn serve_unix(path: &Path, app: Router) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _ = http2_builder()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,289 @@
+//! The agent's HTTP routes: health, host-only init, the Connect services and `/files`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::Stream;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use viv_proto::{envelope, ConnectError};
+
+use crate::process::ProcessTable;
+use crate::users::{self, User};
+
+/// Shared state of all request handlers.
+#[derive(Clone)]
+pub struct AgentState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    access_token: RwLock<Option<String>>,
+    env_vars: RwLock<BTreeMap<String, String>>,
+    default_user: RwLock<Option<String>>,
+    processes: ProcessTable,
+}
+
+impl AgentState {
+    /// State of a freshly booted agent: no token, no extra env vars.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                access_token: RwLock::new(None),
+                env_vars: RwLock::new(BTreeMap::new()),
+                default_user: RwLock::new(None),
+                processes: ProcessTable::default(),
+            }),
+        }
+    }
+
+    /// Environment variables every process gets, set by the host at init.
+    pub fn env_vars(&self) -> BTreeMap<String, String> {
+        self.inner.env_vars.read().expect("env lock").clone()
+    }
+
+    /// The process table.
+    pub fn processes(&self) -> &ProcessTable {
+        &self.inner.processes
+    }
+
+    /// The user a request acts as: the one named by `Authorization: Basic base64("user:")` (as
+    /// envd clients send it) or by `username`, else the sandbox's default user.
+    pub fn request_user(
+        &self,
+        headers: &HeaderMap,
+        username: Option<&str>,
+    ) -> Result<User, ConnectError> {
+        let from_header = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            })
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .map(|s| s.split(':').next().unwrap_or_default().to_owned())
+            .filter(|s| !s.is_empty());
+        let name = username
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .or(from_header)
+            .unwrap_or_else(|| self.default_user());
+        users::lookup(&name).ok_or_else(|| {
+            ConnectError::new(
+                "invalid_argument",
+                format!("user '{name}' does not exist in the sandbox"),
+            )
+        })
+    }
+
+    fn default_user(&self) -> String {
+        if let Some(user) = self.inner.default_user.read().expect("user lock").clone() {
+            return user;
+        }
+        if users::lookup("user").is_some() {
+            "user".into()
+        } else {
+            "root".into()
+        }
+    }
+}
+
+/// Builds the router.
+pub fn router(state: AgentState) -> Router {
+    let authed = Router::new()
+        .route("/init", post(init))
+        .route("/envs", get(envs))
+        .route(
+            "/files",
+            get(crate::files::download).post(crate::files::upload),
+        )
+        .merge(crate::process::routes())
+        .merge(crate::files::rpc_routes())
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .merge(authed)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+async fn health() -> impl IntoResponse {
+    (
+        StatusCode::NO_CONTENT,
+        [("x-envd-version", viv_proto::ENVD_VERSION)],
+    )
+}
+
+async fn require_token(State(state): State<AgentState>, request: Request, next: Next) -> Response {
+    let expected = state.inner.access_token.read().expect("token lock").clone();
+    if let Some(expected) = expected {
+        let given = request
+            .headers()
+            .get("x-access-token")
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
+        if !constant_time_eq(given, expected.as_bytes()) {
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong X-Access-Token for this sandbox",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the host sends after boot or restore.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InitRequest {
+    /// Host time in milliseconds since the epoch, to set the guest clock.
+    #[serde(default)]
+    timestamp_ms: Option<i64>,
+    /// Environment variables for every process.
+    #[serde(default)]
+    env_vars: Option<BTreeMap<String, String>>,
+    /// The token clients must present from now on; empty disables the check.
+    #[serde(default)]
+    access_token: Option<String>,
+    /// The user processes run as when a request names none.
+    #[serde(default)]
+    default_user: Option<String>,
+    /// The guest's host name.
+    #[serde(default)]
+    hostname: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InitResponse {
+    envd_version: &'static str,
+    /// Guest clock after the update, for the host to measure the remaining skew.
+    clock_ms: i64,
+}
+
+async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> Response {
+    if let Some(ms) = req.timestamp_ms {
+        if let Err(err) = crate::sys::set_clock_ms(ms) {
+            tracing::warn!(error = %err, "cannot set the clock");
+        }
+    }
+    if let Some(vars) = req.env_vars {
+        *state.inner.env_vars.write().expect("env lock") = vars;
+    }
+    if let Some(token) = req.access_token {
+        *state.inner.access_token.write().expect("token lock") =
+            (!token.is_empty()).then_some(token);
+    }
+    if let Some(user) = req.default_user {
+        *state.inner.default_user.write().expect("user lock") = Some(user);
+    }
+    if let Some(name) = req.hostname {
+        let _ = crate::sys::set_hostname(&name);
+    }
+    let clock_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    Json(InitResponse {
+        envd_version: viv_proto::ENVD_VERSION,
+        clock_ms,
+    })
+    .into_response()
+}
+
+async fn envs(State(state): State<AgentState>) -> Json<BTreeMap<String, String>> {
+    Json(state.env_vars())
+}
+
+/// A JSON error body as envd's HTTP routes send it.
+pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "code": status.as_u16(), "message": message.into() })),
+    )
+        .into_response()
+}
+
+/// A Connect unary error response.
+pub fn connect_error(err: ConnectError) -> Response {
+    let status =
+        StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(err)).into_response()
+}
+
+/// Decodes a Connect request message: a plain JSON body for unary calls, or the first envelope of
+/// an `application/connect+json` body for streaming ones.
+pub fn decode_request<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ConnectError> {
+    let streaming = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/connect+"));
+    let payload = if streaming {
+        let mut decoder = envelope::Decoder::default();
+        decoder.push(body);
+        decoder
+            .next_frame()
+            .map_err(|e| ConnectError::new("invalid_argument", e.to_string()))?
+            .ok_or_else(|| {
+                ConnectError::new("invalid_argument", "request stream carried no message")
+            })?
+            .data
+    } else {
+        body.clone()
+    };
+    let payload: &[u8] = if payload.is_empty() { b"{}" } else { &payload };
+    serde_json::from_slice(payload)
+        .map_err(|e| ConnectError::new("invalid_argument", format!("malformed request: {e}")))
+}
+
+/// A Connect unary success response.
+pub fn unary_ok<T: Serialize>(message: &T) -> Response {
+    Json(message).into_response()
+}
+
+/// A Connect server-stream response from a stream of messages, ended by the end-of-stream frame.
+pub fn stream_response<S>(messages: S) -> Response
+where
+    S: Stream<Item = Result<Bytes, ConnectError>> + Send + 'static,
+{
+    use futures::StreamExt as _;
+    let framed = messages
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .scan(false, |failed, item| {
+            let out = match item {
+                _ if *failed => None,
+                Some(Ok(frame)) => Some(frame),
+                Some(Err(err)) => {
+                    *failed = true;
+                    Some(envelope::encode_end(Some(&err)))
+                }
+                None => Some(envelope::encode_end(None)),
+            };
+            futures::future::ready(out)
+        })
+        .map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/connect+json")
+        .body(Body::from_stream(framed))
+        .expect("static response parts")
+}

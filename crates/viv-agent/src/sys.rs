@@ -1,0 +1,128 @@
+//! Thin safe wrappers over the Linux system calls the agent needs and `std` does not offer.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+fn cstr(text: &str) -> io::Result<CString> {
+    CString::new(text).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in argument"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `mount(2)`.
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = cstr(source)?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    // SAFETY: every pointer is either null or points to a NUL-terminated string that outlives
+    // the call; mount does not retain them.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+        )
+    })
+}
+
+/// `chroot(2)`.
+pub fn chroot(path: &str) -> io::Result<()> {
+    let path = cstr(path)?;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    check(unsafe { libc::chroot(path.as_ptr()) })
+}
+
+/// Loads a kernel module from a file with `finit_module(2)`.
+pub fn load_module(file: &Path, params: &str) -> io::Result<()> {
+    let module = std::fs::File::open(file)?;
+    let params = cstr(params)?;
+    // SAFETY: the fd is open for the duration of the call and `params` is NUL-terminated.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            module.as_raw_fd(),
+            params.as_ptr(),
+            0,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// `sethostname(2)`.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Sets the realtime clock to `unix_ms` milliseconds after the epoch.
+pub fn set_clock_ms(unix_ms: i64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: unix_ms.div_euclid(1000),
+        tv_nsec: unix_ms.rem_euclid(1000) * 1_000_000,
+    };
+    // SAFETY: `ts` is a valid timespec on the stack.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+}
+
+/// Identity for file-system access checks, switched per thread.
+#[derive(Debug, Clone)]
+pub struct FsIdentity {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// Runs `op` on the current thread with its file-system uid, gid and groups switched to `who`,
+/// restoring root's afterwards. Linux keeps these credentials per thread when changed with the raw
+/// system calls (glibc's wrappers would change every thread), so this must run on a thread that
+/// nothing else uses meanwhile, such as a `spawn_blocking` worker.
+pub fn with_fs_identity<T>(who: &FsIdentity, op: impl FnOnce() -> T) -> io::Result<T> {
+    if who.uid == 0 {
+        return Ok(op());
+    }
+    // SAFETY: raw syscalls that change this thread's credentials; arguments are plain integers
+    // and a pointer/length pair into `who.groups`, which outlives the call.
+    unsafe {
+        if libc::syscall(libc::SYS_setgroups, who.groups.len(), who.groups.as_ptr()) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::syscall(libc::SYS_setfsgid, who.gid);
+        libc::syscall(libc::SYS_setfsuid, who.uid);
+    }
+    let out = op();
+    // SAFETY: as above; restores root's identity on this thread.
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, 0);
+        libc::syscall(libc::SYS_setfsgid, 0);
+        libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>());
+    }
+    Ok(out)
+}

@@ -1,0 +1,115 @@
+//! Messages of the `filesystem.Filesystem` service: inspect and change the guest's files.
+
+use serde::{Deserialize, Serialize};
+
+/// The service's path prefix.
+pub const SERVICE: &str = "/filesystem.Filesystem";
+
+/// Kind of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileType {
+    /// Anything that is neither a regular file nor a directory.
+    #[serde(rename = "FILE_TYPE_UNSPECIFIED")]
+    Unspecified,
+    /// A regular file.
+    #[serde(rename = "FILE_TYPE_FILE")]
+    File,
+    /// A directory.
+    #[serde(rename = "FILE_TYPE_DIRECTORY")]
+    Directory,
+}
+
+/// Facts about one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryInfo {
+    /// The base name.
+    pub name: String,
+    /// Its kind (a symlink reports the kind of its target).
+    #[serde(rename = "type")]
+    pub file_type: FileType,
+    /// The absolute path.
+    pub path: String,
+    /// Size in bytes, as a decimal string (protobuf JSON writes int64 that way).
+    #[serde(with = "int64_string")]
+    pub size: i64,
+    /// The mode bits (permissions and file type).
+    pub mode: u32,
+    /// Permissions as `ls -l` shows them, such as `-rw-r--r--`.
+    pub permissions: String,
+    /// The owning user's name.
+    pub owner: String,
+    /// The owning group's name.
+    pub group: String,
+    /// Last modification time, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub modified_time: Option<String>,
+    /// Where a symlink points.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub symlink_target: Option<String>,
+}
+
+/// A request naming one path (`Stat`, `MakeDir`, `Remove`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PathRequest {
+    /// The path; relative paths are taken from the user's home.
+    pub path: String,
+}
+
+/// A response carrying one entry (`Stat`, `MakeDir`, `Move`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryResponse {
+    /// The entry.
+    pub entry: EntryInfo,
+}
+
+/// `Move`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MoveRequest {
+    /// What to move.
+    pub source: String,
+    /// Where to.
+    pub destination: String,
+}
+
+/// `ListDir`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ListDirRequest {
+    /// The directory.
+    pub path: String,
+    /// How many levels to descend; 0 and 1 both mean the directory's own entries.
+    pub depth: u32,
+}
+
+/// `ListDir` response.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ListDirResponse {
+    /// The entries, sorted by path.
+    pub entries: Vec<EntryInfo>,
+}
+
+/// (De)serializes an `i64` as protobuf JSON does, as a string, accepting numbers too.
+mod int64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&value.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            Number(i64),
+        }
+        match Either::deserialize(d)? {
+            Either::Text(text) => text.parse().map_err(serde::de::Error::custom),
+            Either::Number(n) => Ok(n),
+        }
+    }
+}
