@@ -1,0 +1,234 @@
+//! Wire types of Vivarium's REST API.
+//!
+//! Sandbox lifecycle routes follow E2B's control-plane API (field names, `X-API-Key` auth,
+//! `{code, message}` errors), so E2B's SDKs and Vivarium's own CLI share one shape. Vivarium adds
+//! native routes to run a command with streamed output (`/sandboxes/{id}/exec`) and to move files
+//! (`/sandboxes/{id}/files`). The OpenAPI document is [`OPENAPI_YAML`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The OpenAPI 3 document describing every route.
+pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
+
+/// Header carrying the API key.
+pub const API_KEY_HEADER: &str = "X-API-Key";
+
+/// Template used when a create request names none.
+pub const DEFAULT_TEMPLATE: &str = "base";
+
+/// Default sandbox lifetime in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+
+/// Longest sandbox lifetime in seconds (24 hours, as E2B allows).
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
+
+/// An error response body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The HTTP status code.
+    pub code: u16,
+    /// What went wrong and, where possible, what to do about it.
+    pub message: String,
+}
+
+/// `POST /sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewSandbox {
+    /// The template (or image) to start from; `base` when absent.
+    #[serde(rename = "templateID", default, skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    /// Seconds until the sandbox is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Arbitrary key/value pairs to find the sandbox by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Environment variables for every process in the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    /// Require an access token for the sandbox's agent (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    /// vCPUs (Vivarium extension; the server's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
+    /// Memory in MiB (Vivarium extension; the server's default when absent).
+    #[serde(rename = "memoryMB", default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+}
+
+/// Response of `POST /sandboxes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedSandbox {
+    /// The sandbox id.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The template it started from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The node running it.
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// Version of the agent protocol.
+    pub envd_version: String,
+    /// Token for the sandbox's agent, when secure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_access_token: Option<String>,
+    /// Domain for sandbox host names, if any.
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Booting or restoring.
+    Starting,
+    /// Running and reachable.
+    Running,
+    /// Its VM stopped unexpectedly; see `error`.
+    Failed,
+}
+
+impl SandboxState {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "starting" => Some(Self::Starting),
+            "running" => Some(Self::Running),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A sandbox as `GET /sandboxes` and `GET /sandboxes/{id}` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxInfo {
+    /// The sandbox id.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The template it started from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// The node running it.
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it will be killed (RFC 3339).
+    pub end_at: String,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// Memory in MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    /// Metadata given at creation.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Lifecycle state.
+    pub state: SandboxState,
+    /// Version of the agent protocol.
+    pub envd_version: String,
+    /// Why the sandbox failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `POST /sandboxes/{id}/exec`: run a command and stream its output as NDJSON [`ExecEvent`]s.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecRequest {
+    /// Program and arguments, run directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// A shell command, run as `/bin/bash -l -c COMMAND` (used when `argv` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (the user's home when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// The user to run as (`user` when absent, if the image has it, else `root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Bytes to write to the command's stdin (base64), after which stdin is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+/// One line of an exec response stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    /// The process started.
+    Start {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Output on stdout (base64).
+    Stdout {
+        /// The bytes, base64.
+        data: String,
+    },
+    /// Output on stderr (base64).
+    Stderr {
+        /// The bytes, base64.
+        data: String,
+    },
+    /// The process ended.
+    End {
+        /// Exit code (-1 when killed by a signal).
+        #[serde(rename = "exitCode")]
+        exit_code: i32,
+        /// `exit status N` or `signal: NAME`.
+        status: String,
+    },
+    /// The command could not run or the stream broke.
+    Error {
+        /// What happened.
+        message: String,
+    },
+}
+
+/// An API key's public facts (the secret is shown once, at creation).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyInfo {
+    /// Key id.
+    pub id: String,
+    /// A name for people.
+    pub name: String,
+    /// The first characters of the key, to recognize it.
+    pub prefix: String,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
+/// A newly created key, with its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewApiKey {
+    /// Its public facts.
+    #[serde(flatten)]
+    pub info: ApiKeyInfo,
+    /// The key itself; store it now, it cannot be shown again.
+    pub key: String,
+}

@@ -1,0 +1,159 @@
+//! The host side of the agent channel: one multiplexed HTTP/2 connection per sandbox over the
+//! Unix socket QEMU exposes for the virtio-serial port.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The channel could not be opened or broke.
+    #[error("agent channel: {0}")]
+    Channel(String),
+    /// The agent did not answer in time.
+    #[error("the sandbox agent did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The agent answered with an error.
+    #[error("{message}")]
+    Rpc {
+        /// HTTP status.
+        status: u16,
+        /// Connect error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// The agent's answer did not parse.
+    #[error("unexpected agent response: {0}")]
+    Decode(String),
+}
+
+/// A client for one sandbox's agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    socket: PathBuf,
+    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    token: std::sync::RwLock<Option<String>>,
+}
+
+impl AgentClient {
+    /// A client for the agent behind `socket`; connects lazily.
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket, sender: tokio::sync::Mutex::new(None), token: std::sync::RwLock::new(None) }
+    }
+
+    /// Sets the access token sent with every request.
+    pub fn set_token(&self, token: Option<String>) {
+        *self.token.write().expect("token lock") = token;
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Body>, AgentError> {
+        let mut guard = self.sender.lock().await;
+        if let Some(sender) = guard.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
+            }
+        }
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| AgentError::Channel(format!("connecting {}: {e}", self.socket.display())))?;
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(1 << 20);
+        let (sender, connection) = builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "agent connection ended");
+            }
+        });
+        *guard = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Sends a request (path and query relative to the agent's root), adding the access token.
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
+        if let Some(token) = self.token.read().expect("token lock").clone() {
+            request.headers_mut().insert("x-access-token", token.parse().map_err(|_| AgentError::Channel("bad token".into()))?);
+        }
+        let mut sender = self.sender().await?;
+        sender.ready().await.map_err(|e| AgentError::Channel(e.to_string()))?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(err) => {
+                // Drop a broken connection so the next call reconnects.
+                self.sender.lock().await.take();
+                Err(AgentError::Channel(err.to_string()))
+            }
+        }
+    }
+
+    /// Waits until the agent answers `/health`, for at most `limit`.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<(), AgentError> {
+        let start = Instant::now();
+        loop {
+            let remaining = limit.saturating_sub(start.elapsed());
+            if remaining.is_zero() {
+                return Err(AgentError::Timeout(limit));
+            }
+            let request = Request::get("http://agent/health").body(Body::empty()).expect("static request");
+            match tokio::time::timeout(remaining, self.send(request)).await {
+                Ok(Ok(response)) if response.status().is_success() => return Ok(()),
+                Ok(_) => {
+                    self.sender.lock().await.take();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(_) => return Err(AgentError::Timeout(limit)),
+            }
+        }
+    }
+
+    /// A unary JSON call (Connect unary or a plain JSON route).
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, path: &str, body: &Req) -> Result<Resp, AgentError> {
+        let request = Request::post(format!("http://agent{path}"))
+            .header("content-type", "application/json")
+            .header("connect-protocol-version", "1")
+            .body(Body::from(serde_json::to_vec(body).expect("request serializes")))
+            .expect("valid request");
+        let response = self.send(request).await?;
+        let status = response.status();
+        let bytes = collect(response).await?;
+        if !status.is_success() {
+            return Err(rpc_error(status.as_u16(), &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(e.to_string()))
+    }
+}
+
+/// Reads a whole response body.
+pub async fn collect(response: Response<Incoming>) -> Result<Bytes, AgentError> {
+    response
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| AgentError::Channel(e.to_string()))
+}
+
+/// Turns an agent error body (Connect or envd JSON error) into an [`AgentError`].
+pub fn rpc_error(status: u16, body: &[u8]) -> AgentError {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let message = value["message"].as_str().map(str::to_owned).unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let code = value["code"].as_str().unwrap_or_default().to_owned();
+    AgentError::Rpc { status, code, message }
+}

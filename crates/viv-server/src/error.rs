@@ -1,0 +1,80 @@
+//! The one error type of the REST API and its mapping to HTTP statuses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use viv_api::ErrorBody;
+
+/// Everything a route can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No key, or a key that is not valid.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed or asks for something impossible.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The sandbox's VM or agent failed or could not be reached.
+    #[error("{0}")]
+    Sandbox(String),
+    /// The server is short of a resource.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure on the server.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Sandbox(_) => StatusCode::BAD_GATEWAY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A 404 for a sandbox id.
+    pub fn sandbox_not_found(id: &str) -> Self {
+        Self::NotFound(format!("sandbox '{id}' not found (it may have been killed or timed out)"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        (status, Json(ErrorBody { code: status.as_u16(), message: self.to_string() })).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        Self::Internal(err.to_string())
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(err: axum::extract::rejection::JsonRejection) -> Self {
+        Self::BadRequest(format!("invalid JSON body: {}", err.body_text()))
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(err: axum::extract::rejection::QueryRejection) -> Self {
+        Self::BadRequest(format!("invalid query: {}", err.body_text()))
+    }
+}

@@ -1,0 +1,43 @@
+//! Vivarium's server: the REST API over the sandbox manager.
+//!
+//! Code map:
+//! - [`routes`]: the axum router, authentication, request handlers;
+//! - [`manager`]: sandbox lifecycle (boot, watch, timeouts, kill, recovery);
+//! - [`agent_client`]: HTTP/2 client for a sandbox's agent over its virtio-serial socket;
+//! - [`store`]: SQLite persistence with embedded migrations;
+//! - [`error`]: [`ApiError`], the one error type routes return, mapped to HTTP statuses.
+
+pub mod agent_client;
+pub mod error;
+pub mod manager;
+pub mod metrics;
+pub mod routes;
+pub mod store;
+
+pub use error::ApiError;
+pub use manager::{Config, Manager};
+pub use metrics::Metrics;
+pub use store::Store;
+
+use std::sync::Arc;
+
+/// Creates an API key in E2B's format (`e2b_` and 40 hex digits), records its hash and returns
+/// the key with its public facts.
+pub fn create_api_key(store: &Store, name: &str) -> Result<viv_api::NewApiKey, store::StoreError> {
+    let mut secret = [0u8; 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut secret);
+    let key = format!("e2b_{}", hex::encode(secret));
+    let info = store.insert_key(&manager::random_id(12), name, &key)?;
+    Ok(viv_api::NewApiKey { info, key })
+}
+
+/// Shared state of the request handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The sandbox manager.
+    pub manager: Arc<Manager>,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}

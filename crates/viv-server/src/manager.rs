@@ -1,0 +1,451 @@
+//! The sandbox manager: creates sandboxes (VM + agent), watches them, enforces timeouts, kills
+//! them and cleans up after them.
+//!
+//! Invariants:
+//! - every live sandbox has a row in the store; rows of sandboxes whose VM died say `failed`;
+//! - a sandbox's files (run directory with overlay, sockets and logs, and its memory file) exist
+//!   only while its VM may run: they are removed on kill, on VM failure, on failed creation, and
+//!   at server start for anything a previous server left behind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng as _;
+use sha2::{Digest, Sha256};
+use viv_api::{CreatedSandbox, NewSandbox, SandboxInfo, SandboxState};
+use viv_image::{BootImages, ImageError, ImageStore, Progress};
+use viv_vmm::{Accel, Vm, VmSpec, Vmm};
+
+use crate::agent_client::AgentClient;
+use crate::error::ApiError;
+use crate::store::{now_rfc3339, SandboxRow, Store};
+use crate::Metrics;
+
+/// Server settings that shape sandboxes.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// State: database, sandbox run directories.
+    pub data_dir: PathBuf,
+    /// Image cache (kernel, initramfs, root file systems); survives reinstalls.
+    pub cache_dir: PathBuf,
+    /// Accelerator setting (`auto` is resolved at start).
+    pub accel: Accel,
+    /// Default vCPUs per sandbox.
+    pub vcpus: u32,
+    /// Default memory per sandbox in MiB.
+    pub memory_mib: u32,
+    /// The statically linked agent binary put into the initramfs.
+    pub agent_binary: PathBuf,
+    /// Kernel package override.
+    pub kernel_package: Option<String>,
+    /// How long a cold boot may take until the agent answers.
+    pub boot_timeout: Duration,
+    /// Name of this node, reported as `clientID`.
+    pub node_name: String,
+}
+
+/// A sandbox whose VM runs.
+pub struct LiveSandbox {
+    /// Its id.
+    pub id: String,
+    /// The VM.
+    pub vm: Box<dyn Vm>,
+    /// The agent client.
+    pub agent: AgentClient,
+    run_dir: PathBuf,
+    memory_file: PathBuf,
+}
+
+/// The sandbox manager.
+pub struct Manager {
+    config: Config,
+    store: Arc<Store>,
+    images: ImageStore,
+    boot: BootImages,
+    vmm: Arc<dyn Vmm>,
+    accel: Accel,
+    shm_dir: PathBuf,
+    live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+}
+
+/// A random id of lowercase letters and digits.
+pub fn random_id(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
+impl Manager {
+    /// Prepares the guest images (building what is missing) and the directories.
+    pub fn prepare(config: Config, store: Arc<Store>, metrics: Arc<Metrics>, progress: &dyn Progress) -> Result<Self, ImageError> {
+        let images = ImageStore::open(&config.cache_dir)?;
+        let kernel = images.kernel(config.kernel_package.as_deref(), progress)?;
+        let initramfs = images.initramfs(&kernel, &config.agent_binary)?;
+        let rootfs = images.debian_rootfs(&viv_image::rootfs::DebianRecipe::default(), progress)?;
+        let boot = BootImages { kernel: kernel.image, initramfs, rootfs };
+        let data_key = hex::encode(&Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..4]);
+        let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{data_key}"));
+        for dir in [config.data_dir.join("sandboxes"), shm_dir.clone()] {
+            std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io { context: format!("creating {}", dir.display()), source })?;
+        }
+        let accel = config.accel.resolve();
+        Ok(Self {
+            config,
+            store,
+            images,
+            boot,
+            vmm: Arc::new(viv_vmm::qemu::Qemu::default()),
+            accel,
+            shm_dir,
+            live: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// The accelerator sandboxes run with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// Cleans up after a previous server process: its VMs died with it (or are killed now), so
+    /// their sandboxes are marked failed and their files removed.
+    pub fn recover(&self) -> Result<(), ApiError> {
+        for row in self.store.sandboxes()? {
+            let run_dir = self.run_dir(&row.id);
+            if let Some(pid) = row.vmm_pid {
+                kill_stale_vmm(pid, &run_dir);
+            }
+            if matches!(row.state, SandboxState::Running | SandboxState::Starting) {
+                self.store.fail_sandbox(&row.id, "the server stopped while the sandbox ran; its VM was stopped")?;
+            }
+            remove_files(&run_dir, &self.memory_file(&row.id));
+        }
+        // Anything else in our directories belongs to no sandbox.
+        for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let _ = if entry.path().is_dir() { std::fs::remove_dir_all(entry.path()) } else { std::fs::remove_file(entry.path()) };
+            }
+        }
+        Ok(())
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("sandboxes").join(id)
+    }
+
+    fn memory_file(&self, id: &str) -> PathBuf {
+        self.shm_dir.join(format!("{id}.mem"))
+    }
+
+    fn root_layer(&self, template: &str) -> Result<PathBuf, ApiError> {
+        if template == viv_api::DEFAULT_TEMPLATE {
+            return Ok(self.boot.rootfs.clone());
+        }
+        self.images.find_named(template).map_err(|err| match err {
+            ImageError::NotFound(_) => ApiError::NotFound(format!(
+                "template '{template}' not found; use 'base' or import an image with `viv image import`"
+            )),
+            other => ApiError::BadRequest(other.to_string()),
+        })
+    }
+
+    /// Creates a sandbox: a cold boot of its template's root layer behind a fresh overlay.
+    pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<CreatedSandbox, ApiError> {
+        let template = req.template_id.clone().unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
+        let timeout = req.timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
+        if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "timeout must be between 1 and {} seconds, got {timeout}",
+                viv_api::MAX_TIMEOUT_SECS
+            )));
+        }
+        let vcpus = req.cpu_count.unwrap_or(self.config.vcpus);
+        if !(1..=64).contains(&vcpus) {
+            return Err(ApiError::BadRequest(format!("cpuCount must be between 1 and 64, got {vcpus}")));
+        }
+        let memory_mib = req.memory_mb.unwrap_or(self.config.memory_mib);
+        if !(128..=65536).contains(&memory_mib) {
+            return Err(ApiError::BadRequest(format!("memoryMB must be between 128 and 65536, got {memory_mib}")));
+        }
+        let layer = self.root_layer(&template)?;
+        let id = random_id(20);
+        let secure = req.secure.unwrap_or(true);
+        let token = secure.then(|| random_id(32));
+        let mut row = SandboxRow {
+            id: id.clone(),
+            template_id: template.clone(),
+            state: SandboxState::Starting,
+            started_at: now_rfc3339(),
+            end_at_ms: now_ms() + (timeout as i64) * 1000,
+            cpu_count: vcpus,
+            memory_mb: memory_mib,
+            metadata: req.metadata.clone().unwrap_or_default(),
+            access_token: token.clone(),
+            vmm_pid: None,
+            error: None,
+        };
+        self.store.put_sandbox(&row)?;
+        let started = std::time::Instant::now();
+        match self.boot_sandbox(&id, &layer, vcpus, memory_mib, token.clone(), req.env_vars.unwrap_or_default()).await {
+            Ok(live) => {
+                row.state = SandboxState::Running;
+                row.vmm_pid = live.vm.pid();
+                self.store.put_sandbox(&row)?;
+                self.live.lock().expect("live lock").insert(id.clone(), live.clone());
+                self.watch(live);
+                self.metrics.sandboxes_created.inc();
+                self.metrics.boot_seconds.observe(started.elapsed().as_secs_f64());
+                tracing::info!(sandbox = %id, template = %template, ms = started.elapsed().as_millis() as u64, "sandbox started");
+                Ok(CreatedSandbox {
+                    sandbox_id: id,
+                    template_id: template,
+                    client_id: self.config.node_name.clone(),
+                    envd_version: viv_proto::ENVD_VERSION.to_owned(),
+                    envd_access_token: token,
+                    domain: None,
+                })
+            }
+            Err(err) => {
+                self.store.delete_sandbox(&id)?;
+                remove_files(&self.run_dir(&id), &self.memory_file(&id));
+                self.metrics.sandbox_failures.inc();
+                Err(err)
+            }
+        }
+    }
+
+    async fn boot_sandbox(
+        &self,
+        id: &str,
+        layer: &Path,
+        vcpus: u32,
+        memory_mib: u32,
+        token: Option<String>,
+        env_vars: BTreeMap<String, String>,
+    ) -> Result<Arc<LiveSandbox>, ApiError> {
+        let run_dir = self.run_dir(id);
+        std::fs::create_dir_all(&run_dir).map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
+        let overlay = run_dir.join("root.qcow2");
+        create_overlay(layer, &overlay).await?;
+        let spec = VmSpec {
+            name: format!("viv-{}", &id[..8]),
+            run_dir: run_dir.clone(),
+            kernel: self.boot.kernel.clone(),
+            initramfs: self.boot.initramfs.clone(),
+            root_disk: overlay,
+            memory_file: self.memory_file(id),
+            vcpus,
+            memory_mib,
+            accel: self.accel,
+            extra_cmdline: String::new(),
+        };
+        let vm = self.vmm.launch(&spec).await.map_err(|e| match e {
+            viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => ApiError::Unavailable(e.to_string()),
+            other => ApiError::Sandbox(other.to_string()),
+        })?;
+        let live = Arc::new(LiveSandbox {
+            id: id.to_owned(),
+            vm,
+            agent: AgentClient::new(spec.agent_socket()),
+            run_dir,
+            memory_file: spec.memory_file.clone(),
+        });
+        let mut exit = live.vm.exit();
+        let ready = tokio::select! {
+            ready = live.agent.wait_ready(self.config.boot_timeout) => ready.map_err(|e| e.to_string()),
+            stopped = exit.wait_for(Option::is_some) => {
+                let reason = stopped.ok().and_then(|e| e.as_ref().map(|e| e.reason.clone())).unwrap_or_default();
+                Err(format!("the VM stopped while booting: {reason}"))
+            }
+        };
+        let init = async {
+            ready?;
+            let body = serde_json::json!({
+                "timestampMs": now_ms(),
+                "envVars": env_vars,
+                "accessToken": token.clone().unwrap_or_default(),
+                "hostname": "sandbox",
+            });
+            live.agent.call::<_, serde_json::Value>("/init", &body).await.map_err(|e| e.to_string())?;
+            live.agent.set_token(token);
+            Ok::<_, String>(())
+        };
+        if let Err(reason) = init.await {
+            let _ = live.vm.kill().await;
+            return Err(ApiError::Sandbox(format!("sandbox {id} failed to start: {reason}")));
+        }
+        Ok(live)
+    }
+
+    /// Marks the sandbox failed and frees its resources if its VM stops without being asked to.
+    fn watch(self: &Arc<Self>, live: Arc<LiveSandbox>) {
+        let manager = Arc::downgrade(self);
+        let mut exit = live.vm.exit();
+        tokio::spawn(async move {
+            if exit.wait_for(Option::is_some).await.is_err() {
+                return;
+            }
+            let Some(vm_exit) = exit.borrow().clone() else { return };
+            if vm_exit.requested {
+                return;
+            }
+            let Some(manager) = manager.upgrade() else { return };
+            tracing::warn!(sandbox = %live.id, reason = %vm_exit.reason, "sandbox VM stopped unexpectedly");
+            manager.live.lock().expect("live lock").remove(&live.id);
+            let _ = manager.store.fail_sandbox(&live.id, &vm_exit.reason);
+            remove_files(&live.run_dir, &live.memory_file);
+            manager.metrics.sandbox_failures.inc();
+        });
+    }
+
+    /// The live sandbox with this id.
+    pub fn live(&self, id: &str) -> Result<Arc<LiveSandbox>, ApiError> {
+        if let Some(live) = self.live.lock().expect("live lock").get(id) {
+            return Ok(live.clone());
+        }
+        match self.store.sandbox(id)? {
+            Some(row) if row.state == SandboxState::Failed => Err(ApiError::Sandbox(format!(
+                "sandbox '{id}' has failed: {}",
+                row.error.unwrap_or_default()
+            ))),
+            _ => Err(ApiError::sandbox_not_found(id)),
+        }
+    }
+
+    /// Kills a sandbox (running or failed) and forgets it.
+    pub async fn kill(&self, id: &str) -> Result<(), ApiError> {
+        let live = self.live.lock().expect("live lock").remove(id);
+        let row = self.store.sandbox(id)?;
+        if live.is_none() && row.is_none() {
+            return Err(ApiError::sandbox_not_found(id));
+        }
+        if let Some(live) = live {
+            if let Err(err) = live.vm.kill().await {
+                tracing::warn!(sandbox = %id, error = %err, "killing the VM");
+            }
+        }
+        remove_files(&self.run_dir(id), &self.memory_file(id));
+        self.store.delete_sandbox(id)?;
+        self.metrics.sandboxes_killed.inc();
+        tracing::info!(sandbox = %id, "sandbox killed");
+        Ok(())
+    }
+
+    /// Changes a sandbox's remaining lifetime.
+    pub fn set_timeout(&self, id: &str, seconds: u64) -> Result<(), ApiError> {
+        if seconds > viv_api::MAX_TIMEOUT_SECS {
+            return Err(ApiError::BadRequest(format!("timeout must be at most {} seconds", viv_api::MAX_TIMEOUT_SECS)));
+        }
+        self.live(id)?;
+        self.store.set_end(id, now_ms() + seconds as i64 * 1000)?;
+        Ok(())
+    }
+
+    fn info(&self, row: SandboxRow) -> SandboxInfo {
+        SandboxInfo {
+            sandbox_id: row.id,
+            template_id: row.template_id,
+            client_id: self.config.node_name.clone(),
+            started_at: row.started_at,
+            end_at: rfc3339_ms(row.end_at_ms),
+            cpu_count: row.cpu_count,
+            memory_mb: row.memory_mb,
+            metadata: row.metadata,
+            state: row.state,
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            error: row.error,
+        }
+    }
+
+    /// One sandbox.
+    pub fn get(&self, id: &str) -> Result<SandboxInfo, ApiError> {
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        Ok(self.info(row))
+    }
+
+    /// All sandboxes, optionally only those whose metadata contains every pair in `filter`.
+    pub fn list(&self, filter: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ApiError> {
+        Ok(self
+            .store
+            .sandboxes()?
+            .into_iter()
+            .filter(|row| filter.iter().all(|(k, v)| row.metadata.get(k) == Some(v)))
+            .map(|row| self.info(row))
+            .collect())
+    }
+
+    /// Number of live sandboxes.
+    pub fn live_count(&self) -> usize {
+        self.live.lock().expect("live lock").len()
+    }
+
+    /// Kills sandboxes whose deadline has passed, every second, for as long as the manager lives.
+    pub fn start_deadline_enforcer(self: &Arc<Self>) {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(manager) = manager.upgrade() else { return };
+                let Ok(rows) = manager.store.sandboxes() else { continue };
+                for row in rows.into_iter().filter(|r| r.end_at_ms <= now_ms()) {
+                    tracing::info!(sandbox = %row.id, "sandbox timed out");
+                    let _ = manager.kill(&row.id).await;
+                    manager.metrics.sandboxes_timed_out.inc();
+                }
+            }
+        });
+    }
+
+    /// Kills every live sandbox (server shutdown).
+    pub async fn shutdown(&self) {
+        let ids: Vec<String> = self.live.lock().expect("live lock").keys().cloned().collect();
+        for id in ids {
+            let _ = self.kill(&id).await;
+        }
+    }
+}
+
+async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ApiError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .output()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("running qemu-img (install qemu-utils): {e}")))?;
+    if !out.status.success() {
+        return Err(ApiError::Internal(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn remove_files(run_dir: &Path, memory_file: &Path) {
+    let _ = std::fs::remove_dir_all(run_dir);
+    let _ = std::fs::remove_file(memory_file);
+}
+
+/// Kills a VMM left by a previous server, if that pid still runs a VMM of this sandbox.
+fn kill_stale_vmm(pid: u32, run_dir: &Path) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = run_dir.to_string_lossy();
+    if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
+        // SAFETY: kill takes plain integers; the pid was just checked to be our VMM.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        tracing::warn!(pid, "killed a VM left running by a previous server");
+    }
+}

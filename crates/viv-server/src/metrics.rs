@@ -1,0 +1,98 @@
+//! Prometheus metrics, rendered in the text exposition format at `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Sum and count of observations, with cumulative buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    state: Mutex<(Vec<u64>, f64, u64)>,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, state: Mutex::new((vec![0; bounds.len()], 0.0, 0)) }
+    }
+
+    /// Records one value.
+    pub fn observe(&self, value: f64) {
+        let mut state = self.state.lock().expect("histogram lock");
+        for (i, bound) in self.bounds.iter().enumerate() {
+            if value <= *bound {
+                state.0[i] += 1;
+            }
+        }
+        state.1 += value;
+        state.2 += 1;
+    }
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Sandboxes created.
+    pub sandboxes_created: Counter,
+    /// Sandboxes killed on request or timeout.
+    pub sandboxes_killed: Counter,
+    /// Sandboxes killed because their timeout passed.
+    pub sandboxes_timed_out: Counter,
+    /// Sandboxes whose creation failed or whose VM died.
+    pub sandbox_failures: Counter,
+    /// Time from create request to a ready agent.
+    pub boot_seconds: Histogram,
+    /// HTTP requests served.
+    pub http_requests: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            sandboxes_created: Counter::default(),
+            sandboxes_killed: Counter::default(),
+            sandboxes_timed_out: Counter::default(),
+            sandbox_failures: Counter::default(),
+            boot_seconds: Histogram::new(&[0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+            http_requests: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Renders every metric; `live` is the number of running sandboxes.
+    pub fn render(&self, live: usize) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("vivarium_sandboxes_created_total", "Sandboxes created.", self.sandboxes_created.get());
+        counter("vivarium_sandboxes_killed_total", "Sandboxes killed.", self.sandboxes_killed.get());
+        counter("vivarium_sandboxes_timed_out_total", "Sandboxes killed by their timeout.", self.sandboxes_timed_out.get());
+        counter("vivarium_sandbox_failures_total", "Sandbox creations that failed and VMs that died.", self.sandbox_failures.get());
+        counter("vivarium_http_requests_total", "HTTP requests served.", self.http_requests.get());
+        let _ = writeln!(out, "# HELP vivarium_sandboxes_running Sandboxes whose VM runs.\n# TYPE vivarium_sandboxes_running gauge\nvivarium_sandboxes_running {live}");
+        let state = self.boot_seconds.state.lock().expect("histogram lock");
+        let name = "vivarium_sandbox_start_seconds";
+        let _ = writeln!(out, "# HELP {name} Time from create request to a ready sandbox.\n# TYPE {name} histogram");
+        for (bound, count) in self.boot_seconds.bounds.iter().zip(&state.0) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", state.2, state.1, state.2);
+        out
+    }
+}

@@ -1,0 +1,381 @@
+//! The REST API: routes, API-key authentication and request handlers.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http_body_util::BodyExt as _;
+use serde::Deserialize;
+use viv_api::{ExecEvent, ExecRequest, NewSandbox};
+use viv_proto::envelope;
+use viv_proto::process::{DataEvent, ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, StartRequest, StreamResponse};
+
+use crate::agent_client::{collect, rpc_error, AgentError};
+use crate::error::ApiError;
+use crate::manager::LiveSandbox;
+use crate::AppState;
+
+/// Builds the application router.
+pub fn router(state: AppState) -> Router {
+    let authed = Router::new()
+        .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/exec", post(exec))
+        .route("/sandboxes/{id}/files", get(download).put(upload))
+        .route("/sandboxes/{id}/files/list", get(list_files))
+        .route("/sandboxes/{id}/envd/{*path}", any(envd_passthrough))
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.yaml", get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], viv_api::OPENAPI_YAML) }))
+        .merge(authed)
+        .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    state.metrics.http_requests.inc();
+    next.run(request).await
+}
+
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let key = request.headers().get(viv_api::API_KEY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let verdict = match key {
+        None => Err(ApiError::Unauthorized(format!("missing {} header", viv_api::API_KEY_HEADER))),
+        Some(key) => match state.store.key_is_valid(&key) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
+            Err(err) => Err(err.into()),
+        },
+    };
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "vmm": "qemu",
+        "accel": state.manager.accel().to_string(),
+        "sandboxes": state.manager.live_count(),
+    }))
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(state.manager.live_count()),
+    )
+}
+
+/// A JSON body extractor whose rejection is an [`ApiError`].
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(Self(value))
+    }
+}
+
+async fn create_sandbox(State(state): State<AppState>, JsonBody(req): JsonBody<NewSandbox>) -> Result<Response, ApiError> {
+    let created = state.manager.create(req).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn list_sandboxes(
+    State(state): State<AppState>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    // `?metadata=k1%3Dv1%26k2%3Dv2`, as E2B's API encodes metadata filters.
+    let filter: BTreeMap<String, String> = match query.get("metadata") {
+        Some(encoded) => serde_urlencoded::from_str(encoded)
+            .map_err(|e| ApiError::BadRequest(format!("invalid metadata filter: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    Ok(Json(state.manager.list(&filter)?).into_response())
+}
+
+async fn get_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.get(&id)?).into_response())
+}
+
+async fn kill_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    state.manager.kill(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct TimeoutBody {
+    timeout: u64,
+}
+
+async fn set_timeout(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TimeoutBody>,
+) -> Result<Response, ApiError> {
+    state.manager.set_timeout(&id, body.timeout)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn agent_error(err: AgentError) -> ApiError {
+    match err {
+        AgentError::Rpc { status: 404, message, .. } => ApiError::NotFound(message),
+        AgentError::Rpc { status: 400, message, .. } => ApiError::BadRequest(message),
+        AgentError::Rpc { status: 403, message, .. } => ApiError::BadRequest(format!("permission denied: {message}")),
+        AgentError::Rpc { status: 409, message, .. } => ApiError::Conflict(message),
+        other => ApiError::Sandbox(other.to_string()),
+    }
+}
+
+fn basic_user(user: Option<&str>) -> Option<String> {
+    user.filter(|u| !u.is_empty())
+        .map(|u| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))))
+}
+
+/// Runs a command through the agent's `process.Process/Start` and streams NDJSON events.
+async fn exec(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<ExecRequest>,
+) -> Result<Response, ApiError> {
+    let live = state.manager.live(&id)?;
+    let (cmd, args) = match (req.argv.split_first(), &req.command) {
+        (Some((cmd, args)), _) => (cmd.clone(), args.to_vec()),
+        (None, Some(command)) => ("/bin/bash".to_owned(), vec!["-l".into(), "-c".into(), command.clone()]),
+        (None, None) => return Err(ApiError::BadRequest("give either argv (a non-empty list) or command".into())),
+    };
+    let stdin = req
+        .stdin
+        .as_deref()
+        .map(|b| base64::engine::general_purpose::STANDARD.decode(b))
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("stdin is not valid base64: {e}")))?;
+    let start = StartRequest {
+        process: ProcessConfig { cmd, args, envs: req.env, cwd: req.cwd },
+        pty: None,
+        tag: None,
+        stdin: Some(stdin.is_some()),
+    };
+    let mut request = hyper::Request::post("http://agent/process.Process/Start")
+        .header(header::CONTENT_TYPE, "application/connect+json")
+        .header("connect-protocol-version", "1");
+    if let Some(auth) = basic_user(req.user.as_deref()) {
+        request = request.header(header::AUTHORIZATION, auth);
+    }
+    let request = request
+        .body(Body::from(envelope::encode_json(&start)))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let response = live.agent.send(request).await.map_err(agent_error)?;
+    if !response.status().is_success() {
+        let status = response.status().as_u16();
+        let body = collect(response).await.map_err(agent_error)?;
+        return Err(agent_error(rpc_error(status, &body)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    tokio::spawn(relay_exec(live, response.into_body(), stdin, tx));
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// Turns the agent's Connect event stream into NDJSON lines, feeding stdin once the process runs.
+async fn relay_exec(
+    live: std::sync::Arc<LiveSandbox>,
+    mut body: hyper::body::Incoming,
+    mut stdin: Option<Vec<u8>>,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) {
+    let send = |event: ExecEvent| {
+        let mut line = serde_json::to_vec(&event).expect("events serialize");
+        line.push(b'\n');
+        let tx = tx.clone();
+        async move { tx.send(Bytes::from(line)).await.is_ok() }
+    };
+    let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
+    let mut decoder = envelope::Decoder::default();
+    let mut ended = false;
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Err(err) => {
+                send(ExecEvent::Error { message: format!("stream from the sandbox broke: {err}") }).await;
+                return;
+            }
+        };
+        decoder.push(&data);
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(err) => {
+                    send(ExecEvent::Error { message: err.to_string() }).await;
+                    return;
+                }
+            };
+            if frame.is_end() {
+                let end: envelope::EndOfStream = serde_json::from_slice(&frame.data).unwrap_or_default();
+                if let Some(err) = end.error {
+                    send(ExecEvent::Error { message: err.message }).await;
+                } else if !ended {
+                    send(ExecEvent::Error { message: "the process stream ended without an exit status".into() }).await;
+                }
+                return;
+            }
+            let Ok(message) = serde_json::from_slice::<StreamResponse>(&frame.data) else { continue };
+            let event = match message.event {
+                ProcessEvent::Start(s) => {
+                    if let Some(bytes) = stdin.take() {
+                        feed_stdin(&live, s.pid, bytes).await;
+                    }
+                    ExecEvent::Start { pid: s.pid }
+                }
+                ProcessEvent::Data(DataEvent::Stdout(d) | DataEvent::Pty(d)) => ExecEvent::Stdout { data: b64(&d) },
+                ProcessEvent::Data(DataEvent::Stderr(d)) => ExecEvent::Stderr { data: b64(&d) },
+                ProcessEvent::End(end) => {
+                    ended = true;
+                    ExecEvent::End { exit_code: end.exit_code, status: end.status }
+                }
+                ProcessEvent::Keepalive(_) => continue,
+            };
+            if !send(event).await {
+                return;
+            }
+        }
+    }
+}
+
+async fn feed_stdin(live: &LiveSandbox, pid: u32, bytes: Vec<u8>) {
+    let input = viv_proto::process::SendInputRequest {
+        process: ProcessSelector::Pid(pid),
+        input: ProcessInput::Stdin(bytes),
+    };
+    if let Err(err) = live.agent.call::<_, serde_json::Value>("/process.Process/SendInput", &input).await {
+        tracing::debug!(error = %err, "writing stdin");
+    }
+    let close = viv_proto::process::SelectorRequest { process: ProcessSelector::Pid(pid) };
+    let _ = live.agent.call::<_, serde_json::Value>("/process.Process/CloseStdin", &close).await;
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    path: Option<String>,
+    user: Option<String>,
+    #[serde(default)]
+    depth: Option<u32>,
+}
+
+impl FileQuery {
+    fn path(&self) -> Result<&str, ApiError> {
+        self.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| ApiError::BadRequest("the path query parameter is required".into()))
+    }
+
+    fn agent_query(&self) -> Result<String, ApiError> {
+        let mut pairs = vec![("path", self.path()?.to_owned())];
+        if let Some(user) = self.user.as_ref().filter(|u| !u.is_empty()) {
+            pairs.push(("username", user.clone()));
+        }
+        serde_urlencoded::to_string(pairs).map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+}
+
+async fn download(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+    let live = state.manager.live(&id)?;
+    let request = hyper::Request::get(format!("http://agent/files?{}", q.agent_query()?))
+        .body(Body::empty())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let response = live.agent.send(request).await.map_err(agent_error)?;
+    if !response.status().is_success() {
+        let status = response.status().as_u16();
+        let body = collect(response).await.map_err(agent_error)?;
+        return Err(agent_error(rpc_error(status, &body)));
+    }
+    Ok(response.map(Body::new).into_response())
+}
+
+async fn upload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let live = state.manager.live(&id)?;
+    let request = hyper::Request::post(format!("http://agent/files?{}", q.agent_query()?))
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(body)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let response = live.agent.send(request).await.map_err(agent_error)?;
+    let status = response.status().as_u16();
+    let body = collect(response).await.map_err(agent_error)?;
+    if !(200..300).contains(&status) {
+        return Err(agent_error(rpc_error(status, &body)));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn list_files(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+    let live = state.manager.live(&id)?;
+    let mut headers = HeaderMap::new();
+    if let Some(auth) = basic_user(q.user.as_deref()) {
+        headers.insert(header::AUTHORIZATION, auth.parse().map_err(|_| ApiError::BadRequest("invalid user name".into()))?);
+    }
+    let body = serde_json::json!({ "path": q.path()?, "depth": q.depth.unwrap_or(1) });
+    let mut request = hyper::Request::post("http://agent/filesystem.Filesystem/ListDir")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    request.headers_mut().extend(headers);
+    let response = live.agent.send(request).await.map_err(agent_error)?;
+    let status = response.status().as_u16();
+    let body = collect(response).await.map_err(agent_error)?;
+    if status != 200 {
+        return Err(agent_error(rpc_error(status, &body)));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Forwards any envd route (`/process.Process/*`, `/filesystem.Filesystem/*`, `/files`) to the
+/// sandbox's agent, adding its access token. `/init` is the host's alone and is refused.
+async fn envd_passthrough(
+    State(state): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if path.trim_start_matches('/').starts_with("init") {
+        return Err(ApiError::NotFound("no such agent route".into()));
+    }
+    let live = state.manager.live(&id)?;
+    let (parts, body) = request.into_parts();
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut forward = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("http://agent/{}{query}", path.trim_start_matches('/')));
+    for (name, value) in &parts.headers {
+        if matches!(name.as_str(), "host" | "connection" | "transfer-encoding" | "x-api-key" | "x-access-token" | "content-length") {
+            continue;
+        }
+        forward = forward.header(name, value);
+    }
+    let forward = forward.body(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let response = live.agent.send(forward).await.map_err(agent_error)?;
+    Ok(response.map(Body::new).into_response())
+}

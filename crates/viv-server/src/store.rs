@@ -1,0 +1,229 @@
+//! Persistent state in SQLite: API keys (hashed) and sandboxes.
+//!
+//! Migrations are embedded in the binary and applied in order at open; `PRAGMA user_version`
+//! records how many have run. Calls are synchronous and short; the connection sits behind a mutex.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use viv_api::{ApiKeyInfo, SandboxState};
+
+/// Embedded migrations, applied in order.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer Vivarium.
+    #[error("the database has schema version {found}, newer than this binary's {known}; upgrade Vivarium")]
+    TooNew {
+        /// Version in the file.
+        found: usize,
+        /// Latest version this binary knows.
+        known: usize,
+    },
+}
+
+/// A sandbox row.
+#[derive(Debug, Clone)]
+pub struct SandboxRow {
+    /// Id.
+    pub id: String,
+    /// Template or image name.
+    pub template_id: String,
+    /// Lifecycle state.
+    pub state: SandboxState,
+    /// Start time, RFC 3339.
+    pub started_at: String,
+    /// Deadline, ms since the epoch.
+    pub end_at_ms: i64,
+    /// vCPUs.
+    pub cpu_count: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// Metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// The agent's access token.
+    pub access_token: Option<String>,
+    /// The VMM's pid while running.
+    pub vmm_pid: Option<u32>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+/// SHA-256 of an API key, hex. Keys are 160 random bits, so a fast hash is enough to make a
+/// leaked database useless for authentication.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Now, RFC 3339 with seconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Store {
+    /// Opens (creating) the database and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "busy_timeout", 5000)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::TooNew { found: version, known: MIGRATIONS.len() });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().expect("store lock")
+    }
+
+    /// Records a new key (given in clear; only its hash is stored).
+    pub fn insert_key(&self, id: &str, name: &str, key: &str) -> Result<ApiKeyInfo, StoreError> {
+        let info = ApiKeyInfo {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            prefix: key.chars().take(10).collect(),
+            created_at: now_rfc3339(),
+        };
+        self.conn().execute(
+            "INSERT INTO api_keys (id, name, prefix, key_sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![info.id, info.name, info.prefix, hash_key(key), info.created_at],
+        )?;
+        Ok(info)
+    }
+
+    /// Whether a key is valid (exists and is not revoked).
+    pub fn key_is_valid(&self, key: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
+                params![hash_key(key)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// Active keys.
+    pub fn list_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, prefix, created_at FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ApiKeyInfo { id: r.get(0)?, name: r.get(1)?, prefix: r.get(2)?, created_at: r.get(3)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes a key by id or prefix; returns whether one was revoked.
+    pub fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE api_keys SET revoked_at = ?2 WHERE (id = ?1 OR prefix = ?1) AND revoked_at IS NULL",
+            params![id, now_rfc3339()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Inserts or replaces a sandbox row.
+    pub fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO sandboxes
+             (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                row.id,
+                row.template_id,
+                row.state.as_str(),
+                row.started_at,
+                row.end_at_ms,
+                row.cpu_count,
+                row.memory_mb,
+                serde_json::to_string(&row.metadata).expect("metadata serializes"),
+                row.access_token,
+                row.vmm_pid,
+                row.error,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a sandbox failed with a reason.
+    pub fn fail_sandbox(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = 'failed', error = ?2, vmm_pid = NULL WHERE id = ?1",
+            params![id, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Changes a sandbox's deadline.
+    pub fn set_end(&self, id: &str, end_at_ms: i64) -> Result<(), StoreError> {
+        self.conn().execute("UPDATE sandboxes SET end_at_ms = ?2 WHERE id = ?1", params![id, end_at_ms])?;
+        Ok(())
+    }
+
+    /// Deletes a sandbox row.
+    pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// One sandbox.
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_SANDBOX} WHERE id = ?1"))?;
+        Ok(stmt.query_row(params![id], row_to_sandbox).optional()?)
+    }
+
+    /// All sandboxes, oldest first.
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_SANDBOX} ORDER BY started_at, id"))?;
+        let rows = stmt.query_map([], row_to_sandbox)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+const SELECT_SANDBOX: &str = "SELECT id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, \
+                              access_token, vmm_pid, error FROM sandboxes";
+
+fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let state: String = r.get(2)?;
+    let metadata: String = r.get(7)?;
+    Ok(SandboxRow {
+        id: r.get(0)?,
+        template_id: r.get(1)?,
+        state: SandboxState::parse(&state).unwrap_or(SandboxState::Failed),
+        started_at: r.get(3)?,
+        end_at_ms: r.get(4)?,
+        cpu_count: r.get(5)?,
+        memory_mb: r.get(6)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        access_token: r.get(8)?,
+        vmm_pid: r.get(9)?,
+        error: r.get(10)?,
+    })
+}

@@ -1,0 +1,187 @@
+//! Virtual machine monitors behind one trait.
+//!
+//! [`Vmm`] launches a VM from a [`VmSpec`] and returns a [`Vm`]: a supervised handle whose
+//! [`Vm::exit`] watch reports when and why the VM stopped, and whose [`Vm::kill`] stops it and
+//! waits until its process is gone. [`qemu::Qemu`] is the backend that runs everywhere (KVM
+//! where `/dev/kvm` works, TCG otherwise); Firecracker and Cloud Hypervisor can be added as
+//! further implementations.
+//!
+//! Invariant: a VM process never outlives its handle or the server. Dropping a [`Vm`] kills the
+//! process, and the process is started with `PR_SET_PDEATHSIG` so a crashed server takes its VMs
+//! with it.
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+/// Which accelerator to run guests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` is usable and the host is not itself a VM (nested KVM is often slower
+    /// than TCG), TCG otherwise.
+    Auto,
+    /// Hardware virtualization; fails if `/dev/kvm` cannot be opened.
+    Kvm,
+    /// QEMU's software emulator.
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(format!("unknown accelerator '{other}': use auto, kvm or tcg")),
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        })
+    }
+}
+
+impl Accel {
+    /// Resolves `Auto` to the accelerator this host should use.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Self::Auto => {
+                let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+                let nested = std::fs::read_to_string("/proc/cpuinfo")
+                    .map(|c| c.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor")))
+                    .unwrap_or(true);
+                if kvm_usable && !nested {
+                    Self::Kvm
+                } else {
+                    Self::Tcg
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Everything needed to launch one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// A short name used in logs and the guest host name.
+    pub name: String,
+    /// Directory for this VM's sockets, logs and disk overlay; created by the caller.
+    pub run_dir: PathBuf,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: PathBuf,
+    /// The writable root disk (a qcow2 overlay the caller created).
+    pub root_disk: PathBuf,
+    /// Where guest memory lives (a file on a tmpfs such as /dev/shm).
+    pub memory_file: PathBuf,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// The accelerator (already resolved, not `Auto`).
+    pub accel: Accel,
+    /// Extra kernel command line arguments.
+    pub extra_cmdline: String,
+}
+
+impl VmSpec {
+    /// The Unix socket of the agent channel.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+    /// The Unix socket of the monitor.
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    /// The serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+}
+
+/// How a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// Whether we asked for it (kill), as opposed to a crash or a guest shutdown.
+    pub requested: bool,
+    /// A description for a person: exit status, guest panic, and the console's last lines.
+    pub reason: String,
+}
+
+/// Why a VM could not be launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The VMM binary is missing.
+    #[error("{binary} is not installed (install the Debian package {package})")]
+    MissingBinary {
+        /// The program.
+        binary: String,
+        /// Its package.
+        package: String,
+    },
+    /// The requested accelerator is not available.
+    #[error("accelerator {0} is not available on this host")]
+    AccelUnavailable(Accel),
+    /// Spawning the process failed.
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        /// The program.
+        binary: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM started but exited or never became controllable.
+    #[error("the VM did not start: {0}")]
+    Startup(String),
+}
+
+/// Why an operation on a running VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The control channel failed.
+    #[error("VM control: {0}")]
+    Control(#[from] qmp::QmpError),
+    /// The VM is not running any more.
+    #[error("the VM has stopped: {0}")]
+    Stopped(String),
+    /// Waiting for the process failed.
+    #[error("waiting for the VM process: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A hypervisor backend.
+pub trait Vmm: Send + Sync + 'static {
+    /// The backend's name, such as `qemu`.
+    fn name(&self) -> &'static str;
+    /// Launches a VM; returns once the VMM is running and controllable (not once the guest booted).
+    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, LaunchError>>;
+}
+
+/// A running VM.
+pub trait Vm: Send + Sync {
+    /// The VMM process id.
+    fn pid(&self) -> Option<u32>;
+    /// Watches for the VM stopping; holds `None` while it runs.
+    fn exit(&self) -> watch::Receiver<Option<VmExit>>;
+    /// Stops the VM at once and waits until its process is gone.
+    fn kill(&self) -> BoxFuture<'_, Result<(), VmError>>;
+}
+
+/// Time a VMM gets to create its control socket.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);

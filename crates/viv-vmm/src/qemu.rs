@@ -1,0 +1,320 @@
+//! The QEMU backend: a `microvm` machine with virtio-mmio devices, controlled over QMP.
+//!
+//! Devices: the root disk as a `-blockdev` qcow2 overlay on `virtio-blk-device` (`-blockdev`
+//! rather than `-drive`, because only that form survives migration, which snapshots use), the
+//! agent channel as a virtio-serial port backed by a Unix socket, the serial console written to
+//! `console.log`, and guest memory as a `memory-backend-file` so it can later be shared with
+//! snapshots.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+
+use crate::qmp::Qmp;
+use crate::{Accel, LaunchError, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT};
+
+/// The QEMU backend.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Self { binary: PathBuf::from("qemu-system-x86_64") }
+    }
+}
+
+/// Longest Unix socket path the kernel accepts.
+const MAX_SOCKET_PATH: usize = 107;
+
+impl Qemu {
+    /// A backend running the given QEMU binary.
+    pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
+        Self { binary: binary.into() }
+    }
+
+    /// The full argument list for `spec`.
+    pub fn arguments(spec: &VmSpec) -> Vec<String> {
+        let mem = spec.memory_mib;
+        let (accel, cpu, clock_args) = match spec.accel {
+            Accel::Kvm => ("kvm".to_owned(), "host", ""),
+            // Without a PIT/HPET reference the kernel cannot calibrate the TSC under TCG; tell it
+            // the TSC is reliable and skip the delay-loop calibration.
+            _ => ("tcg,thread=multi,tb-size=128".to_owned(), "max", " tsc=reliable lpj=8000000"),
+        };
+        let cmdline = format!(
+            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 quiet{clock_args} viv.hostname={} {}",
+            spec.name, spec.extra_cmdline
+        );
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "-name".into(),
+            spec.name.clone(),
+            "-M".into(),
+            "microvm,x-option-roms=off,rtc=on,memory-backend=mem".into(),
+            "-accel".into(),
+            accel,
+            "-cpu".into(),
+            cpu.into(),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{mem}M"),
+            "-object".into(),
+            format!("memory-backend-file,id=mem,size={mem}M,mem-path={},share=on", path(&spec.memory_file)),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            path(&spec.kernel),
+            "-initrd".into(),
+            path(&spec.initramfs),
+            "-append".into(),
+            cmdline.trim_end().to_owned(),
+            "-serial".into(),
+            format!("file:{}", path(&spec.console_log())),
+            "-chardev".into(),
+            format!("socket,id=agent,path={},server=on,wait=off", path(&spec.agent_socket())),
+            "-device".into(),
+            "virtio-serial-device,max_ports=2".into(),
+            "-device".into(),
+            "virtserialport,chardev=agent,name=vivarium.agent".into(),
+            "-blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=root,discard=unmap,file.driver=file,file.filename={}",
+                path(&spec.root_disk)
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path(&spec.control_socket())),
+        ]
+    }
+
+    fn check(&self, spec: &VmSpec) -> Result<(), LaunchError> {
+        let found = if self.binary.components().count() > 1 {
+            self.binary.is_file()
+        } else {
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).any(|d| d.join(&self.binary).is_file()))
+                .unwrap_or(false)
+        };
+        if !found {
+            return Err(LaunchError::MissingBinary {
+                binary: self.binary.display().to_string(),
+                package: "qemu-system-x86".into(),
+            });
+        }
+        if spec.accel == Accel::Kvm && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+            return Err(LaunchError::AccelUnavailable(Accel::Kvm));
+        }
+        for socket in [spec.agent_socket(), spec.control_socket()] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(LaunchError::Startup(format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter data directory",
+                    socket.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, LaunchError> {
+        self.check(spec)?;
+        let stderr_log = spec.run_dir.join("qemu.log");
+        let log = std::fs::File::create(&stderr_log)
+            .map_err(|e| LaunchError::Startup(format!("creating {}: {e}", stderr_log.display())))?;
+        let mut command = Command::new(&self.binary);
+        command
+            .args(Self::arguments(spec))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| LaunchError::Startup(e.to_string()))?)
+            .stderr(log)
+            .kill_on_drop(true);
+        // SAFETY: runs in the child before exec and only calls prctl, which is async-signal-safe.
+        unsafe {
+            command.as_std_mut().pre_exec(|| {
+                // Die with the server: no orphan VMs if it crashes.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| LaunchError::Spawn {
+            binary: self.binary.display().to_string(),
+            source,
+        })?;
+        let pid = child.id();
+        let qmp = match connect_qmp(&spec.control_socket(), &mut child).await {
+            Ok(qmp) => Arc::new(qmp),
+            Err(reason) => {
+                let _ = child.kill().await;
+                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                return Err(LaunchError::Startup(format!("{reason}. QEMU said: {}", log.trim())));
+            }
+        };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel();
+        tokio::spawn(supervise(child, qmp.clone(), kill_rx, exit_tx, spec.console_log(), stderr_log));
+        tracing::debug!(name = %spec.name, ?pid, "QEMU started");
+        Ok(Box::new(QemuVm { pid, exit_rx, kill_tx: Mutex::new(Some(kill_tx)), _qmp: qmp }))
+    }
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, LaunchError>> {
+        self.start(spec).boxed()
+    }
+}
+
+async fn connect_qmp(socket: &Path, child: &mut Child) -> Result<Qmp, String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("QEMU exited at once ({status})"));
+        }
+        if socket.exists() {
+            match Qmp::connect(socket).await {
+                Ok(qmp) => return Ok(qmp),
+                Err(err) if start.elapsed() > STARTUP_TIMEOUT => return Err(err.to_string()),
+                Err(_) => {}
+            }
+        }
+        if start.elapsed() > STARTUP_TIMEOUT {
+            return Err(format!("no QMP socket after {STARTUP_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits for the QEMU process to end, or kills it when asked (or when the handle is dropped),
+/// and publishes why it stopped.
+async fn supervise(
+    mut child: Child,
+    qmp: Arc<Qmp>,
+    kill_rx: oneshot::Receiver<()>,
+    exit_tx: watch::Sender<Option<VmExit>>,
+    console_log: PathBuf,
+    stderr_log: PathBuf,
+) {
+    let mut events = qmp.events();
+    let last_event = Arc::new(Mutex::new(None::<String>));
+    let recorder = {
+        let last_event = last_event.clone();
+        tokio::spawn(async move {
+            while let Ok(event) = events.recv().await {
+                let name = event["event"].as_str().unwrap_or_default().to_owned();
+                if matches!(name.as_str(), "SHUTDOWN" | "RESET" | "GUEST_PANICKED") {
+                    let reason = event["data"]["reason"].as_str().unwrap_or_default().to_owned();
+                    *last_event.lock().expect("event lock") = Some(format!("{name} {reason}").trim().to_owned());
+                }
+            }
+        })
+    };
+    let (status, requested) = tokio::select! {
+        status = child.wait() => (status, false),
+        _ = kill_rx => {
+            let _ = child.start_kill();
+            (child.wait().await, true)
+        }
+    };
+    recorder.abort();
+    let mut reason = match &status {
+        Ok(s) => format!("QEMU exited ({s})"),
+        Err(e) => format!("QEMU could not be waited for: {e}"),
+    };
+    if !requested {
+        if let Some(event) = last_event.lock().expect("event lock").take() {
+            let what = match event.as_str() {
+                e if e.contains("guest-reset") || e.contains("GUEST_PANICKED") => "the guest kernel panicked or rebooted",
+                e if e.contains("guest-shutdown") => "the guest shut down",
+                _ => "",
+            };
+            reason = format!("{reason} after {event}{}", if what.is_empty() { String::new() } else { format!(": {what}") });
+        }
+        let stderr = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+        if !stderr.trim().is_empty() {
+            reason.push_str(&format!("; QEMU said: {}", tail(&stderr, 3)));
+        }
+        let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+        if !console.trim().is_empty() {
+            reason.push_str(&format!("; console: {}", tail(&console, 5)));
+        }
+    }
+    let _ = exit_tx.send(Some(VmExit { requested, reason }));
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join(" | ")
+}
+
+struct QemuVm {
+    pid: Option<u32>,
+    exit_rx: watch::Receiver<Option<VmExit>>,
+    kill_tx: Mutex<Option<oneshot::Sender<()>>>,
+    _qmp: Arc<Qmp>,
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    fn exit(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exit_rx.clone()
+    }
+
+    fn kill(&self) -> BoxFuture<'_, Result<(), VmError>> {
+        async move {
+            if let Some(tx) = self.kill_tx.lock().expect("kill lock").take() {
+                let _ = tx.send(());
+            }
+            let mut rx = self.exit_rx.clone();
+            rx.wait_for(Option::is_some).await.map_err(|_| VmError::Stopped("supervisor gone".into()))?;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_arguments_carry_the_clock_workaround_and_blockdev() {
+        let spec = VmSpec {
+            name: "t".into(),
+            run_dir: "/run/x".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            root_disk: "/d.qcow2".into(),
+            memory_file: "/dev/shm/m".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            accel: Accel::Tcg,
+            extra_cmdline: String::new(),
+        };
+        let args = Qemu::arguments(&spec).join(" ");
+        assert!(args.contains("tcg,thread=multi,tb-size=128"));
+        assert!(args.contains("tsc=reliable"));
+        assert!(args.contains("-blockdev driver=qcow2"));
+        assert!(!args.contains("-drive"));
+        assert!(args.contains("mem-path=/dev/shm/m,share=on"));
+    }
+}

@@ -1,0 +1,130 @@
+//! `viv bench`: cold boot time, command round trip and file throughput, measured through the
+//! public API of a running server, printed with the accelerator the server uses.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Args;
+use rand::RngCore as _;
+use reqwest::Method;
+use viv_api::{CreatedSandbox, ExecEvent, ExecRequest, NewSandbox};
+
+use crate::client::Client;
+use crate::output;
+
+/// Options of `viv bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Cold boots to time.
+    #[arg(long, default_value_t = 5)]
+    pub boots: usize,
+    /// `true` round trips to time.
+    #[arg(long, default_value_t = 100)]
+    pub round_trips: usize,
+    /// Size of the file written and read, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub file_mib: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+async fn create(client: &Client) -> Result<String> {
+    let req = NewSandbox { timeout: Some(600), ..Default::default() };
+    let created: CreatedSandbox = client.json(client.request(Method::POST, "/sandboxes").json(&req)).await?;
+    Ok(created.sandbox_id)
+}
+
+async fn kill(client: &Client, id: &str) -> Result<()> {
+    client.send(client.request(Method::DELETE, &format!("/sandboxes/{id}"))).await.map(|_| ())
+}
+
+/// Runs `argv` and returns its exit code.
+async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
+    let req = ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let text = client.send(client.request(Method::POST, &format!("/sandboxes/{id}/exec")).json(&req)).await?.text().await?;
+    for line in text.lines() {
+        match serde_json::from_str::<ExecEvent>(line)? {
+            ExecEvent::End { exit_code, .. } => return Ok(exit_code),
+            ExecEvent::Error { message } => anyhow::bail!(message),
+            _ => {}
+        }
+    }
+    anyhow::bail!("no exit status")
+}
+
+/// Runs the benchmark.
+pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
+    ensure!(args.boots > 0 && args.round_trips > 0 && args.file_mib > 0, "counts must be positive");
+    let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
+    let accel = health["accel"].as_str().unwrap_or("unknown").to_owned();
+    eprintln!("benchmarking {} (accel {accel})", health["vmm"].as_str().unwrap_or("?"));
+
+    let mut boots = Vec::new();
+    for i in 0..args.boots {
+        let start = Instant::now();
+        let id = create(client).await.context("creating a sandbox")?;
+        boots.push(start.elapsed());
+        eprintln!("  cold boot {}/{}: {:.0} ms", i + 1, args.boots, ms(boots[i]));
+        kill(client, &id).await?;
+    }
+    boots.sort();
+
+    let id = create(client).await?;
+    let result = async {
+        let mut trips = Vec::new();
+        for _ in 0..args.round_trips {
+            let start = Instant::now();
+            ensure!(exec(client, &id, &["true"]).await? == 0, "`true` failed");
+            trips.push(start.elapsed());
+        }
+        trips.sort();
+
+        let mut data = vec![0u8; args.file_mib << 20];
+        rand::thread_rng().fill_bytes(&mut data);
+        let path = [("path", "/tmp/bench.bin")];
+        let start = Instant::now();
+        client
+            .send(client.request(Method::PUT, &format!("/sandboxes/{id}/files")).query(&path).body(data.clone()))
+            .await?;
+        let write = start.elapsed();
+        let start = Instant::now();
+        let read_back = client.send(client.request(Method::GET, &format!("/sandboxes/{id}/files")).query(&path)).await?.bytes().await?;
+        let read = start.elapsed();
+        ensure!(read_back.as_ref() == data.as_slice(), "the file read back differs from the one written");
+        Ok((trips, write, read))
+    }
+    .await;
+    kill(client, &id).await?;
+    let (trips, write, read) = result?;
+    let mib = args.file_mib as f64;
+    let report = serde_json::json!({
+        "accel": accel,
+        "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
+        "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
+        "fileMiB": args.file_mib,
+        "writeMiBps": (mib / write.as_secs_f64() * 10.0).round() / 10.0,
+        "readMiBps": (mib / read.as_secs_f64() * 10.0).round() / 10.0,
+    });
+    if json {
+        output::json(&report);
+    } else {
+        output::table(
+            &["METRIC", "VALUE", "ACCEL"],
+            &[
+                vec![format!("cold boot to agent ready, p50 of {}", boots.len()), format!("{:.0} ms", ms(percentile(&boots, 0.5))), accel.clone()],
+                vec![format!("exec `true` round trip, p50 of {}", trips.len()), format!("{:.1} ms", ms(percentile(&trips, 0.5))), accel.clone()],
+                vec![format!("exec `true` round trip, p95 of {}", trips.len()), format!("{:.1} ms", ms(percentile(&trips, 0.95))), accel.clone()],
+                vec![format!("file write {} MiB", args.file_mib), format!("{} MiB/s", report["writeMiBps"]), accel.clone()],
+                vec![format!("file read {} MiB", args.file_mib), format!("{} MiB/s", report["readMiBps"]), accel],
+            ],
+        );
+    }
+    Ok(())
+}

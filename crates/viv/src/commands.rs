@@ -1,0 +1,498 @@
+//! Client subcommands: images, keys, sandboxes, exec and files.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use futures::StreamExt as _;
+use reqwest::Method;
+use viv_api::{CreatedSandbox, ExecEvent, ExecRequest, NewSandbox, SandboxInfo};
+
+use crate::client::Client;
+use crate::output::{self, TerminalProgress};
+use crate::{Cli, Command, Dirs};
+
+/// `viv image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Fetch the kernel and build the initramfs and the base root file system (cached).
+    Build {
+        #[command(flatten)]
+        dirs: Dirs,
+        /// The static agent binary (found beside `viv` by default).
+        #[arg(long, env = "VIV_AGENT")]
+        agent: Option<PathBuf>,
+        /// Kernel package instead of the one linux-image-cloud-amd64 depends on.
+        #[arg(long)]
+        kernel_package: Option<String>,
+    },
+    /// Import a directory tree or an ext4 image as a named image, usable as a template id.
+    Import {
+        /// Name of the image.
+        name: String,
+        /// A directory holding a root file system.
+        #[arg(long, conflicts_with = "ext4", required_unless_present = "ext4")]
+        dir: Option<PathBuf>,
+        /// An ext4 file system image.
+        #[arg(long)]
+        ext4: Option<PathBuf>,
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+}
+
+/// `viv keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (shown only this once).
+    Create {
+        /// A name to recognize the key by.
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+    /// List active keys.
+    List {
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+    /// Revoke a key by id or prefix.
+    Revoke {
+        /// Key id or prefix.
+        id: String,
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+}
+
+/// `viv sandbox ...`
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox and print its id.
+    Create {
+        /// Template or image to start from.
+        #[arg(long, short, default_value = viv_api::DEFAULT_TEMPLATE)]
+        template: String,
+        /// Seconds until the sandbox is killed.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Metadata, KEY=VALUE (repeatable).
+        #[arg(long = "metadata", short = 'm', value_parser = parse_pair)]
+        metadata: Vec<(String, String)>,
+        /// Environment variables for every process, KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+        env: Vec<(String, String)>,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+    },
+    /// List sandboxes.
+    #[command(alias = "ls")]
+    List {
+        /// Only sandboxes with this metadata, KEY=VALUE (repeatable).
+        #[arg(long = "metadata", short = 'm', value_parser = parse_pair)]
+        metadata: Vec<(String, String)>,
+    },
+    /// Show one sandbox.
+    Get {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Kill sandboxes.
+    #[command(alias = "rm")]
+    Kill {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// `viv exec ID -- CMD...`
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Run as this user.
+    #[arg(long, short)]
+    pub user: Option<String>,
+    /// Working directory.
+    #[arg(long, short = 'w')]
+    pub cwd: Option<String>,
+    /// Environment variables, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_pair)]
+    pub env: Vec<(String, String)>,
+    /// Run the words as one shell command line (`bash -l -c`) instead of a program and arguments.
+    #[arg(long, short)]
+    pub shell: bool,
+    /// Send this process's stdin to the command.
+    #[arg(long, short)]
+    pub interactive: bool,
+    /// The command.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `viv files ...`
+#[derive(Debug, Subcommand)]
+pub enum FilesCommand {
+    /// Copy a local file (or - for stdin) into the sandbox.
+    Put {
+        /// Sandbox id.
+        id: String,
+        /// Local file, or -.
+        local: PathBuf,
+        /// Path in the sandbox.
+        remote: String,
+        /// Act as this user.
+        #[arg(long, short)]
+        user: Option<String>,
+    },
+    /// Copy a file out of the sandbox (to stdout when no local path is given).
+    Get {
+        /// Sandbox id.
+        id: String,
+        /// Path in the sandbox.
+        remote: String,
+        /// Local file.
+        local: Option<PathBuf>,
+        /// Act as this user.
+        #[arg(long, short)]
+        user: Option<String>,
+    },
+    /// List a directory in the sandbox.
+    Ls {
+        /// Sandbox id.
+        id: String,
+        /// Directory (the user's home by default).
+        #[arg(default_value = "")]
+        path: String,
+        /// Levels to descend.
+        #[arg(long, default_value_t = 1)]
+        depth: u32,
+        /// Act as this user.
+        #[arg(long, short)]
+        user: Option<String>,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got '{s}'"))
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let client = Client::new(&cli.api_url, cli.api_key.clone());
+    match cli.command {
+        Command::Serve(args) => crate::serve::run(args).await.map(|()| 0),
+        Command::Image(cmd) => image(cmd, cli.json).map(|()| 0),
+        Command::Keys(cmd) => keys(cmd, cli.json).map(|()| 0),
+        Command::Sandbox(cmd) => sandbox(&client, cmd, cli.json).await.map(|()| 0),
+        Command::Exec(args) => exec(&client, args).await,
+        Command::Files(cmd) => files(&client, cmd, cli.json).await.map(|()| 0),
+        Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
+    }
+}
+
+fn image(cmd: ImageCommand, json: bool) -> Result<()> {
+    match cmd {
+        ImageCommand::Build { dirs, agent, kernel_package } => {
+            let agent = crate::serve::find_agent(agent)?;
+            let images = viv_image::ImageStore::open(&dirs.cache_dir)?;
+            let progress = TerminalProgress::new();
+            let kernel = images.kernel(kernel_package.as_deref(), &progress)?;
+            let initramfs = images.initramfs(&kernel, &agent)?;
+            let rootfs = images.debian_rootfs(&viv_image::rootfs::DebianRecipe::default(), &progress)?;
+            drop(progress);
+            let value = serde_json::json!({
+                "kernel": kernel.image, "kernelPackage": kernel.package, "initramfs": initramfs, "rootfs": rootfs,
+            });
+            if json {
+                output::json(&value);
+            } else {
+                output::table(
+                    &["ARTIFACT", "PATH"],
+                    &[
+                        vec![format!("kernel ({})", kernel.package), kernel.image.display().to_string()],
+                        vec!["initramfs".into(), initramfs.display().to_string()],
+                        vec!["rootfs (base)".into(), rootfs.display().to_string()],
+                    ],
+                );
+            }
+        }
+        ImageCommand::Import { name, dir, ext4, dirs } => {
+            let images = viv_image::ImageStore::open(&dirs.cache_dir)?;
+            let progress = TerminalProgress::new();
+            let path = match (dir, ext4) {
+                (Some(dir), _) => images.import_dir(&name, &dir, &progress)?,
+                (None, Some(file)) => images.import_ext4(&name, &file, &progress)?,
+                (None, None) => bail!("give --dir or --ext4"),
+            };
+            drop(progress);
+            if json {
+                output::json(&serde_json::json!({ "name": name, "path": path }));
+            } else {
+                println!("imported image '{name}' ({}); create sandboxes with --template {name}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn open_store(dirs: &Dirs) -> Result<viv_server::Store> {
+    std::fs::create_dir_all(&dirs.data_dir).with_context(|| format!("creating {}", dirs.data_dir.display()))?;
+    Ok(viv_server::Store::open(&dirs.data_dir.join("vivarium.db"))?)
+}
+
+fn keys(cmd: KeysCommand, json: bool) -> Result<()> {
+    match cmd {
+        KeysCommand::Create { name, dirs } => {
+            let key = viv_server::create_api_key(&open_store(&dirs)?, &name)?;
+            if json {
+                output::json(&key);
+            } else {
+                println!("{}", key.key);
+                eprintln!("Store this key now; it cannot be shown again. Use it as VIV_API_KEY or E2B_API_KEY.");
+            }
+        }
+        KeysCommand::List { dirs } => {
+            let keys = open_store(&dirs)?.list_keys()?;
+            if json {
+                output::json(&keys);
+            } else {
+                let rows: Vec<Vec<String>> =
+                    keys.into_iter().map(|k| vec![k.id, k.name, format!("{}…", k.prefix), k.created_at]).collect();
+                output::table(&["ID", "NAME", "PREFIX", "CREATED"], &rows);
+            }
+        }
+        KeysCommand::Revoke { id, dirs } => {
+            if !open_store(&dirs)?.revoke_key(&id)? {
+                bail!("no active key with id or prefix '{id}' (see `viv keys list`)");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
+async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()> {
+    match cmd {
+        SandboxCommand::Create { template, timeout, metadata, env, cpus, memory } => {
+            let req = NewSandbox {
+                template_id: Some(template),
+                timeout,
+                metadata: (!metadata.is_empty()).then(|| metadata.into_iter().collect()),
+                env_vars: (!env.is_empty()).then(|| env.into_iter().collect()),
+                secure: Some(true),
+                cpu_count: cpus,
+                memory_mb: memory,
+            };
+            let created: CreatedSandbox = client.json(client.request(Method::POST, "/sandboxes").json(&req)).await?;
+            if json {
+                output::json(&created);
+            } else {
+                println!("{}", created.sandbox_id);
+            }
+        }
+        SandboxCommand::List { metadata } => {
+            let mut request = client.request(Method::GET, "/sandboxes");
+            if !metadata.is_empty() {
+                let encoded = metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+                request = request.query(&[("metadata", encoded)]);
+            }
+            let list: Vec<SandboxInfo> = client.json(request).await?;
+            if json {
+                output::json(&list);
+            } else {
+                let rows: Vec<Vec<String>> = list.iter().map(sandbox_row).collect();
+                output::table(&["ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "STARTED", "ENDS", "METADATA"], &rows);
+            }
+        }
+        SandboxCommand::Get { id } => {
+            let info: SandboxInfo = client.json(client.request(Method::GET, &format!("/sandboxes/{id}"))).await?;
+            if json {
+                output::json(&info);
+            } else {
+                output::table(&["ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "STARTED", "ENDS", "METADATA"], &[sandbox_row(&info)]);
+                if let Some(err) = &info.error {
+                    println!("\nerror: {err}");
+                }
+            }
+        }
+        SandboxCommand::Kill { ids } => {
+            for id in ids {
+                client.send(client.request(Method::DELETE, &format!("/sandboxes/{id}"))).await?;
+                if !json {
+                    println!("killed {id}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sandbox_row(s: &SandboxInfo) -> Vec<String> {
+    let meta = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    vec![
+        s.sandbox_id.clone(),
+        s.template_id.clone(),
+        s.state.as_str().to_owned(),
+        s.cpu_count.to_string(),
+        format!("{} MiB", s.memory_mb),
+        s.started_at.clone(),
+        s.end_at.clone(),
+        meta,
+    ]
+}
+
+/// Runs a command and relays its output; returns its exit code.
+pub async fn exec(client: &Client, args: ExecArgs) -> Result<i32> {
+    let stdin = if args.interactive {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+        Some(base64::engine::general_purpose::STANDARD.encode(buf))
+    } else {
+        None
+    };
+    let req = ExecRequest {
+        argv: if args.shell { Vec::new() } else { args.command.clone() },
+        command: args.shell.then(|| args.command.join(" ")),
+        env: args.env.into_iter().collect::<BTreeMap<_, _>>(),
+        cwd: args.cwd,
+        user: args.user,
+        stdin,
+    };
+    let response = client.send(client.request(Method::POST, &format!("/sandboxes/{}/exec", args.id)).json(&req)).await?;
+    let mut stream = response.bytes_stream();
+    let mut pending = Vec::new();
+    let decode = |d: &str| base64::engine::general_purpose::STANDARD.decode(d).unwrap_or_default();
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk.context("the output stream broke")?);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let event: ExecEvent = serde_json::from_slice(&line).context("unexpected line in the output stream")?;
+            match event {
+                ExecEvent::Start { .. } => {}
+                ExecEvent::Stdout { data } => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&decode(&data))?;
+                    out.flush()?;
+                }
+                ExecEvent::Stderr { data } => {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(&decode(&data))?;
+                    err.flush()?;
+                }
+                ExecEvent::End { exit_code, status } => {
+                    return Ok(match exit_code {
+                        code if code >= 0 => code,
+                        _ if status.contains("killed") => 137,
+                        _ if status.contains("terminated") => 143,
+                        _ => 1,
+                    });
+                }
+                ExecEvent::Error { message } => {
+                    eprintln!("error: {message}");
+                    return Ok(127);
+                }
+            }
+        }
+    }
+    bail!("the output stream ended before the command finished")
+}
+
+async fn files(client: &Client, cmd: FilesCommand, json: bool) -> Result<()> {
+    let query = |path: &str, user: &Option<String>| {
+        let mut q = vec![("path", path.to_owned())];
+        if let Some(u) = user {
+            q.push(("user", u.clone()));
+        }
+        q
+    };
+    match cmd {
+        FilesCommand::Put { id, local, remote, user } => {
+            let body = if local.as_os_str() == "-" {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                reqwest::Body::from(buf)
+            } else {
+                let file = tokio::fs::File::open(&local).await.with_context(|| format!("opening {}", local.display()))?;
+                reqwest::Body::wrap_stream(tokio_util_stream(file))
+            };
+            let request = client.request(Method::PUT, &format!("/sandboxes/{id}/files")).query(&query(&remote, &user)).body(body);
+            let written: serde_json::Value = client.json(request).await?;
+            if json {
+                output::json(&written);
+            } else {
+                let path = written[0]["path"].as_str().unwrap_or(&remote).to_owned();
+                println!("wrote {path}");
+            }
+        }
+        FilesCommand::Get { id, remote, local, user } => {
+            let request = client.request(Method::GET, &format!("/sandboxes/{id}/files")).query(&query(&remote, &user));
+            let response = client.send(request).await?;
+            let mut stream = response.bytes_stream();
+            let mut out: Box<dyn std::io::Write> = match &local {
+                Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk.context("the download broke")?)?;
+            }
+            out.flush()?;
+        }
+        FilesCommand::Ls { id, path, depth, user } => {
+            let mut q = query(&path, &user);
+            if path.is_empty() {
+                q[0].1 = "~".into();
+            }
+            q.push(("depth", depth.to_string()));
+            let listing: serde_json::Value =
+                client.json(client.request(Method::GET, &format!("/sandboxes/{id}/files/list")).query(&q)).await?;
+            if json {
+                output::json(&listing["entries"]);
+            } else {
+                let rows: Vec<Vec<String>> = listing["entries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        vec![
+                            e["permissions"].as_str().unwrap_or_default().to_owned(),
+                            e["owner"].as_str().unwrap_or_default().to_owned(),
+                            e["size"].as_str().unwrap_or_default().to_owned(),
+                            e["modifiedTime"].as_str().unwrap_or_default().chars().take(19).collect(),
+                            e["path"].as_str().unwrap_or_default().to_owned(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["MODE", "OWNER", "SIZE", "MODIFIED", "PATH"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a file as a stream of chunks.
+fn tokio_util_stream(file: tokio::fs::File) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> {
+    futures::stream::unfold(file, |mut file| async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        match tokio::io::AsyncReadExt::read(&mut file, &mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}

@@ -1,0 +1,83 @@
+//! `viv`: the Vivarium server (`viv serve`) and command-line client in one binary.
+
+mod bench;
+mod client;
+mod commands;
+mod output;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Self-hosted sandboxes: small Linux VMs with an E2B-compatible API.
+#[derive(Debug, Parser)]
+#[command(name = "viv", version, about)]
+pub struct Cli {
+    /// Server URL for client commands.
+    #[arg(long, global = true, env = "VIV_API_URL", default_value = "http://127.0.0.1:3000")]
+    pub api_url: String,
+    /// API key for client commands (falls back to E2B_API_KEY).
+    #[arg(long, global = true, env = "VIV_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the server keeps its state and cache.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Dirs {
+    /// State directory: database and sandbox run directories.
+    #[arg(long, env = "VIV_DATA_DIR", default_value = "/var/lib/vivarium")]
+    pub data_dir: PathBuf,
+    /// Image cache directory (kernel, initramfs, root file systems).
+    #[arg(long, env = "VIV_CACHE_DIR", default_value = "/var/cache/vivarium")]
+    pub cache_dir: PathBuf,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (control plane and node).
+    Serve(serve::ServeArgs),
+    /// Build or import guest images.
+    #[command(subcommand)]
+    Image(commands::ImageCommand),
+    /// Manage API keys (works on the server's database directly).
+    #[command(subcommand)]
+    Keys(commands::KeysCommand),
+    /// Create, list, inspect and kill sandboxes.
+    #[command(subcommand, alias = "sb")]
+    Sandbox(commands::SandboxCommand),
+    /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
+    Exec(commands::ExecArgs),
+    /// Copy files into and out of a sandbox, list directories.
+    #[command(subcommand)]
+    Files(commands::FilesCommand),
+    /// Measure cold boot, command round trip and file throughput against a running server.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let is_serve = matches!(cli.command, Command::Serve(_));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIV_LOG")
+                .unwrap_or_else(|_| if is_serve { "info".into() } else { "warn".into() }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let code = match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,125 @@
+//! `viv serve`: prepares images, recovers state, and serves the API until SIGINT/SIGTERM, then
+//! kills every sandbox it runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use viv_server::{AppState, Config, Manager, Metrics, Store};
+use viv_vmm::Accel;
+
+use crate::output::TerminalProgress;
+use crate::Dirs;
+
+/// Options of `viv serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "VIV_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub dirs: Dirs,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, env = "VIV_ACCEL", default_value = "auto")]
+    pub accel: Accel,
+    /// Default vCPUs per sandbox.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Default memory per sandbox, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mib: u32,
+    /// The static agent binary (found beside `viv` by default).
+    #[arg(long, env = "VIV_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// Kernel package instead of the one linux-image-cloud-amd64 depends on.
+    #[arg(long)]
+    pub kernel_package: Option<String>,
+    /// Seconds a cold boot may take until the agent answers.
+    #[arg(long, default_value_t = 120)]
+    pub boot_timeout: u64,
+}
+
+/// Finds the agent binary: the given path, else beside this executable, else where
+/// `scripts/build` puts it in the cargo target directory.
+pub fn find_agent(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().context("locating the viv executable")?;
+    let dir = exe.parent().context("the viv executable has no directory")?;
+    let mut candidates = vec![dir.join("viv-agent")];
+    // target/{debug,release}/viv (or target/debug/deps/... in tests) → target/<triple>/agent/viv-agent
+    for ancestor in dir.ancestors().take(3) {
+        candidates.push(ancestor.join("x86_64-unknown-linux-gnu/agent/viv-agent"));
+    }
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "cannot find the viv-agent binary; build it with `scripts/build` or pass --agent / VIV_AGENT",
+    )
+}
+
+/// Runs the server.
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let agent = find_agent(args.agent)?;
+    std::fs::create_dir_all(&args.dirs.data_dir).with_context(|| format!("creating {}", args.dirs.data_dir.display()))?;
+    let store = Arc::new(Store::open(&args.dirs.data_dir.join("vivarium.db"))?);
+    if store.list_keys()?.is_empty() {
+        let key = viv_server::create_api_key(&store, "initial")?;
+        println!("Created the first API key (shown only once): {}", key.key);
+    }
+    let config = Config {
+        data_dir: args.dirs.data_dir.clone(),
+        cache_dir: args.dirs.cache_dir.clone(),
+        accel: args.accel,
+        vcpus: args.vcpus,
+        memory_mib: args.memory_mib,
+        agent_binary: agent,
+        kernel_package: args.kernel_package,
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+        node_name: hostname(),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let manager = {
+        let (store, metrics) = (store.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            let progress = TerminalProgress::new();
+            Manager::prepare(config, store, metrics, &progress)
+        })
+        .await??
+    };
+    let manager = Arc::new(manager);
+    manager.recover()?;
+    manager.start_deadline_enforcer();
+    if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
+        tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
+    }
+    let state = AppState { manager: manager.clone(), store, metrics };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => bail!("cannot listen on {}: {e} (is another server running? use --listen)", args.listen),
+    };
+    tracing::info!(listen = %args.listen, accel = %manager.accel(), "Vivarium is serving");
+    println!("Vivarium listening on http://{} (accel {})", listener.local_addr()?, manager.accel());
+    axum::serve(listener, viv_server::routes::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("shutting down: stopping sandboxes");
+    manager.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "local".into())
+}
