@@ -21,6 +21,12 @@ impl ImageStore {
         if !agent_bytes.starts_with(b"\x7fELF") {
             return Err(ImageError::Invalid(format!("{} is not an ELF executable", agent.display())));
         }
+        if has_interpreter(&agent_bytes) {
+            return Err(ImageError::Invalid(format!(
+                "{} is dynamically linked; the guest's /init must be static (build it with scripts/build)",
+                agent.display()
+            )));
+        }
         let order = fs::read_to_string(kernel.modules.join("order")).map_err(ImageError::io("reading module order"))?;
         let mut modules = Vec::new();
         for name in order.lines().filter(|l| !l.is_empty()) {
@@ -59,5 +65,28 @@ impl ImageStore {
         write().map_err(ImageError::io("writing initramfs"))?;
         publish(&temp, &dest)?;
         Ok(dest)
+    }
+}
+
+/// Whether a 64-bit ELF file has a `PT_INTERP` program header, i.e. needs a dynamic loader.
+fn has_interpreter(elf: &[u8]) -> bool {
+    let read = |at: usize, len: usize| elf.get(at..at + len);
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (read(0x20, 8), read(0x36, 2), read(0x38, 2)) else {
+        return false;
+    };
+    let phoff = u64::from_le_bytes(phoff.try_into().expect("8 bytes")) as usize;
+    let phentsize = u16::from_le_bytes(phentsize.try_into().expect("2 bytes")) as usize;
+    let phnum = u16::from_le_bytes(phnum.try_into().expect("2 bytes")) as usize;
+    (0..phnum).any(|i| read(phoff + i * phentsize, 4) == Some(&3u32.to_le_bytes()[..]))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tells_static_from_dynamic_executables() {
+        let this = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        // Test binaries are ordinary dynamically linked executables.
+        assert!(super::has_interpreter(&this));
+        assert!(!super::has_interpreter(b"\x7fELF"));
     }
 }

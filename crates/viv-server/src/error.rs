@@ -11,6 +11,9 @@ pub enum ApiError {
     /// No key, or a key that is not valid.
     #[error("{0}")]
     Unauthorized(String),
+    /// The caller may not do this (such as a guest user reading a file it has no right to).
+    #[error("{0}")]
+    Forbidden(String),
     /// The named thing does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -36,6 +39,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Conflict(_) => StatusCode::CONFLICT,

@@ -262,8 +262,17 @@ impl Manager {
             memory_file: spec.memory_file.clone(),
         });
         let mut exit = live.vm.exit();
+        let mut port = live.vm.agent_port_open();
+        let limit = self.config.boot_timeout;
+        let boot = async {
+            tokio::time::timeout(limit, port.wait_for(|open| *open))
+                .await
+                .map_err(|_| format!("the guest did not open its agent channel within {limit:?}"))?
+                .map_err(|_| "the VM stopped".to_owned())?;
+            live.agent.wait_ready(limit).await.map_err(|e| e.to_string())
+        };
         let ready = tokio::select! {
-            ready = live.agent.wait_ready(self.config.boot_timeout) => ready.map_err(|e| e.to_string()),
+            ready = boot => ready,
             stopped = exit.wait_for(Option::is_some) => {
                 let reason = stopped.ok().and_then(|e| e.as_ref().map(|e| e.reason.clone())).unwrap_or_default();
                 Err(format!("the VM stopped while booting: {reason}"))
@@ -283,7 +292,10 @@ impl Manager {
         };
         if let Err(reason) = init.await {
             let _ = live.vm.kill().await;
-            return Err(ApiError::Sandbox(format!("sandbox {id} failed to start: {reason}")));
+            let console = std::fs::read_to_string(spec.console_log()).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = tail[tail.len().saturating_sub(8)..].join(" | ");
+            return Err(ApiError::Sandbox(format!("sandbox {id} failed to start: {reason}; console: {tail}")));
         }
         Ok(live)
     }

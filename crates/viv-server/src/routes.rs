@@ -139,7 +139,7 @@ fn agent_error(err: AgentError) -> ApiError {
     match err {
         AgentError::Rpc { status: 404, message, .. } => ApiError::NotFound(message),
         AgentError::Rpc { status: 400, message, .. } => ApiError::BadRequest(message),
-        AgentError::Rpc { status: 403, message, .. } => ApiError::BadRequest(format!("permission denied: {message}")),
+        AgentError::Rpc { status: 403, message, .. } => ApiError::Forbidden(message),
         AgentError::Rpc { status: 409, message, .. } => ApiError::Conflict(message),
         other => ApiError::Sandbox(other.to_string()),
     }

@@ -179,6 +179,10 @@ pub trait Vm: Send + Sync {
     fn pid(&self) -> Option<u32>;
     /// Watches for the VM stopping; holds `None` while it runs.
     fn exit(&self) -> watch::Receiver<Option<VmExit>>;
+    /// Whether the guest has opened the agent channel. QEMU only forwards bytes to a
+    /// virtio-serial port the guest has opened, and bytes a host sends earlier can stay stuck in
+    /// the socket, so the host connects only once this turns true.
+    fn agent_port_open(&self) -> watch::Receiver<bool>;
     /// Stops the VM at once and waits until its process is gone.
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>>;
 }

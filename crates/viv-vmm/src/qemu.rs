@@ -24,12 +24,22 @@ use crate::{Accel, LaunchError, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOU
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
+    /// The host's TSC frequency, which a TCG guest's TSC runs at.
+    host_tsc_khz: Option<u64>,
 }
 
 impl Default for Qemu {
     fn default() -> Self {
-        Self { binary: PathBuf::from("qemu-system-x86_64") }
+        Self::with_binary("qemu-system-x86_64")
     }
+}
+
+/// The host CPU's TSC frequency in kHz, from `/proc/cpuinfo`, when the TSC is constant.
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let constant = cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "constant_tsc"));
+    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    (constant && mhz > 0.0).then(|| (mhz * 1000.0) as u64)
 }
 
 /// Longest Unix socket path the kernel accepts.
@@ -38,17 +48,26 @@ const MAX_SOCKET_PATH: usize = 107;
 impl Qemu {
     /// A backend running the given QEMU binary.
     pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
-        Self { binary: binary.into() }
+        Self { binary: binary.into(), host_tsc_khz: host_tsc_khz() }
     }
 
     /// The full argument list for `spec`.
-    pub fn arguments(spec: &VmSpec) -> Vec<String> {
+    pub fn arguments(&self, spec: &VmSpec) -> Vec<String> {
         let mem = spec.memory_mib;
         let (accel, cpu, clock_args) = match spec.accel {
-            Accel::Kvm => ("kvm".to_owned(), "host", ""),
-            // Without a PIT/HPET reference the kernel cannot calibrate the TSC under TCG; tell it
-            // the TSC is reliable and skip the delay-loop calibration.
-            _ => ("tcg,thread=multi,tb-size=128".to_owned(), "max", " tsc=reliable lpj=8000000"),
+            Accel::Kvm => ("kvm".to_owned(), "host", String::new()),
+            // microvm has no HPET, and under TCG the kernel's TSC calibration against the PIT
+            // fails whenever the host is busy; the guest then marks the TSC unstable and hangs
+            // waiting for timer ticks. A TCG guest's TSC runs at the host's TSC rate, so tell
+            // the kernel that rate, and skip the delay-loop calibration too.
+            _ => (
+                "tcg,thread=multi,tb-size=128".to_owned(),
+                "max",
+                format!(
+                    " tsc=reliable lpj=8000000{}",
+                    self.host_tsc_khz.map(|k| format!(" tsc_early_khz={k}")).unwrap_or_default()
+                ),
+            ),
         };
         let cmdline = format!(
             "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 quiet{clock_args} viv.hostname={} {}",
@@ -87,7 +106,7 @@ impl Qemu {
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
             "-device".into(),
-            "virtserialport,chardev=agent,name=vivarium.agent".into(),
+            "virtserialport,chardev=agent,name=vivarium.agent,id=agentport".into(),
             "-blockdev".into(),
             format!(
                 "driver=qcow2,node-name=root,discard=unmap,file.driver=file,file.filename={}",
@@ -135,7 +154,7 @@ impl Qemu {
             .map_err(|e| LaunchError::Startup(format!("creating {}: {e}", stderr_log.display())))?;
         let mut command = Command::new(&self.binary);
         command
-            .args(Self::arguments(spec))
+            .args(self.arguments(spec))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| LaunchError::Startup(e.to_string()))?)
             .stderr(log)
@@ -165,9 +184,10 @@ impl Qemu {
         };
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel();
-        tokio::spawn(supervise(child, qmp.clone(), kill_rx, exit_tx, spec.console_log(), stderr_log));
+        let (port_tx, port_rx) = watch::channel(false);
+        tokio::spawn(supervise(child, qmp.clone(), kill_rx, exit_tx, port_tx, spec.console_log(), stderr_log));
         tracing::debug!(name = %spec.name, ?pid, "QEMU started");
-        Ok(Box::new(QemuVm { pid, exit_rx, kill_tx: Mutex::new(Some(kill_tx)), _qmp: qmp }))
+        Ok(Box::new(QemuVm { pid, exit_rx, port_rx, kill_tx: Mutex::new(Some(kill_tx)), _qmp: qmp }))
     }
 }
 
@@ -208,6 +228,7 @@ async fn supervise(
     qmp: Arc<Qmp>,
     kill_rx: oneshot::Receiver<()>,
     exit_tx: watch::Sender<Option<VmExit>>,
+    port_tx: watch::Sender<bool>,
     console_log: PathBuf,
     stderr_log: PathBuf,
 ) {
@@ -218,6 +239,9 @@ async fn supervise(
         tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
                 let name = event["event"].as_str().unwrap_or_default().to_owned();
+                if name == "VSERPORT_CHANGE" && event["data"]["id"] == "agentport" {
+                    let _ = port_tx.send(event["data"]["open"].as_bool().unwrap_or(false));
+                }
                 if matches!(name.as_str(), "SHUTDOWN" | "RESET" | "GUEST_PANICKED") {
                     let reason = event["data"]["reason"].as_str().unwrap_or_default().to_owned();
                     *last_event.lock().expect("event lock") = Some(format!("{name} {reason}").trim().to_owned());
@@ -266,6 +290,7 @@ fn tail(text: &str, lines: usize) -> String {
 struct QemuVm {
     pid: Option<u32>,
     exit_rx: watch::Receiver<Option<VmExit>>,
+    port_rx: watch::Receiver<bool>,
     kill_tx: Mutex<Option<oneshot::Sender<()>>>,
     _qmp: Arc<Qmp>,
 }
@@ -277,6 +302,10 @@ impl Vm for QemuVm {
 
     fn exit(&self) -> watch::Receiver<Option<VmExit>> {
         self.exit_rx.clone()
+    }
+
+    fn agent_port_open(&self) -> watch::Receiver<bool> {
+        self.port_rx.clone()
     }
 
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>> {
@@ -310,7 +339,7 @@ mod tests {
             accel: Accel::Tcg,
             extra_cmdline: String::new(),
         };
-        let args = Qemu::arguments(&spec).join(" ");
+        let args = Qemu::default().arguments(&spec).join(" ");
         assert!(args.contains("tcg,thread=multi,tb-size=128"));
         assert!(args.contains("tsc=reliable"));
         assert!(args.contains("-blockdev driver=qcow2"));

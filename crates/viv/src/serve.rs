@@ -50,11 +50,11 @@ pub fn find_agent(given: Option<PathBuf>) -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("locating the viv executable")?;
     let dir = exe.parent().context("the viv executable has no directory")?;
-    let mut candidates = vec![dir.join("viv-agent")];
-    // target/{debug,release}/viv (or target/debug/deps/... in tests) → target/<triple>/agent/viv-agent
-    for ancestor in dir.ancestors().take(3) {
-        candidates.push(ancestor.join("x86_64-unknown-linux-gnu/agent/viv-agent"));
-    }
+    // target/{debug,release}/viv → target/<triple>/agent/viv-agent, where scripts/build puts
+    // the static build; a `viv-agent` beside `viv` (an install) comes next.
+    let mut candidates: Vec<PathBuf> =
+        dir.ancestors().take(3).map(|a| a.join("x86_64-unknown-linux-gnu/agent/viv-agent")).collect();
+    candidates.push(dir.join("viv-agent"));
     candidates.into_iter().find(|p| p.is_file()).context(
         "cannot find the viv-agent binary; build it with `scripts/build` or pass --agent / VIV_AGENT",
     )

@@ -1,0 +1,274 @@
+//! The REST API: sandbox lifecycle, exec, files and the envd pass-through.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::fixture::{wait_until, TestServer};
+
+#[test]
+fn requests_without_a_valid_key_are_refused() {
+    let server = TestServer::shared();
+    let no_key = server.http.get(format!("{}/sandboxes", server.url)).send().unwrap();
+    assert_eq!(no_key.status(), 401);
+    let body: Value = no_key.json().unwrap();
+    assert_eq!(body["code"], 401);
+    assert!(body["message"].as_str().unwrap().contains("X-API-Key"));
+    let wrong = server.http.get(format!("{}/sandboxes", server.url)).header("X-API-Key", "e2b_0000").send().unwrap();
+    assert_eq!(wrong.status(), 401);
+    // Health and metrics stay open for probes and scrapers.
+    let health: Value = server.http.get(format!("{}/health", server.url)).send().unwrap().json().unwrap();
+    assert!(["kvm", "tcg"].contains(&health["accel"].as_str().unwrap()));
+    let metrics = server.http.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    assert!(metrics.contains("vivarium_sandboxes_running"));
+    let spec = server.http.get(format!("{}/openapi.yaml", server.url)).send().unwrap().text().unwrap();
+    assert!(spec.contains("/sandboxes/{sandboxID}/exec"));
+}
+
+#[test]
+fn sandbox_lifecycle_with_metadata_and_env_vars() {
+    let server = TestServer::shared();
+    let id = server.create(json!({
+        "templateID": "base",
+        "timeout": 600,
+        "metadata": { "owner": "e2e", "run": "lifecycle" },
+        "envVars": { "GREETING": "hello from the host" },
+    }));
+    let info: Value = server.get(&format!("/sandboxes/{id}")).send().unwrap().json().unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["templateID"], "base");
+    assert_eq!(info["metadata"]["run"], "lifecycle");
+    assert_eq!(info["memoryMB"], 256);
+
+    let listed: Vec<Value> = server.get("/sandboxes").query(&[("metadata", "run=lifecycle")]).send().unwrap().json().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["sandboxID"], id.as_str());
+    let none: Vec<Value> = server.get("/sandboxes").query(&[("metadata", "run=other")]).send().unwrap().json().unwrap();
+    assert!(none.is_empty());
+
+    let run = server.exec(&id, json!({ "command": "echo \"$GREETING\"; python3 -c 'print(6*7)'" }));
+    assert_eq!(run.out(), "hello from the host\n42\n");
+    assert_eq!(run.exit_code, Some(0));
+
+    assert_eq!(server.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+    assert_eq!(server.get(&format!("/sandboxes/{id}")).send().unwrap().status(), 404);
+    let again = server.delete(&format!("/sandboxes/{id}")).send().unwrap();
+    assert_eq!(again.status(), 404);
+    let body: Value = again.json().unwrap();
+    assert!(body["message"].as_str().unwrap().contains(&id));
+    let exec = server.post(&format!("/sandboxes/{id}/exec")).json(&json!({"command": "true"})).send().unwrap();
+    assert_eq!(exec.status(), 404);
+}
+
+#[test]
+fn bad_create_requests_get_clear_errors() {
+    let server = TestServer::shared();
+    let unknown = server.post("/sandboxes").json(&json!({ "templateID": "no-such-template" })).send().unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.text().unwrap().contains("no-such-template"));
+    let timeout = server.post("/sandboxes").json(&json!({ "timeout": 999999 })).send().unwrap();
+    assert_eq!(timeout.status(), 400);
+    assert!(timeout.text().unwrap().contains("timeout"));
+    let memory = server.post("/sandboxes").json(&json!({ "memoryMB": 1 })).send().unwrap();
+    assert_eq!(memory.status(), 400);
+    let malformed = server
+        .post("/sandboxes")
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let body: Value = malformed.json().unwrap();
+    assert_eq!(body["code"], 400);
+    assert_eq!(server.get("/no/such/route").send().unwrap().status(), 404);
+}
+
+#[test]
+fn exec_streams_output_exit_codes_stdin_users_and_cwd() {
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    let id = &sandbox.id;
+
+    // stdout and stderr arrive separately, each in order.
+    let run = sandbox.sh("for i in $(seq 1 2000); do echo out$i; echo err$i >&2; done; exit 7");
+    let expected_out: String = (1..=2000).map(|i| format!("out{i}\n")).collect();
+    let expected_err: String = (1..=2000).map(|i| format!("err{i}\n")).collect();
+    assert_eq!(run.out(), expected_out);
+    assert_eq!(run.err(), expected_err);
+    assert_eq!(run.exit_code, Some(7));
+    assert_eq!(run.status.as_deref(), Some("exit status 7"));
+    assert!(run.pid.unwrap() > 1);
+
+    // A program that does not exist: a clear error, and the sandbox still works.
+    let missing = server.exec(id, json!({ "argv": ["/usr/bin/no-such-program", "x"] }));
+    assert!(missing.error.as_deref().unwrap().contains("no-such-program"), "{missing:?}");
+    let shell_missing = sandbox.sh("no-such-command");
+    assert_eq!(shell_missing.exit_code, Some(127));
+    assert!(shell_missing.err().contains("not found"));
+    assert_eq!(sandbox.sh("echo still alive").out(), "still alive\n");
+
+    // stdin, bytes that are not UTF-8 included.
+    let input: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&input);
+    let piped = server.exec(id, json!({ "argv": ["sha256sum"], "stdin": b64 }));
+    let digest = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&input))
+    };
+    assert!(piped.out().starts_with(&digest), "{}", piped.out());
+
+    // Users, home directories, working directory and environment.
+    assert_eq!(server.exec(id, json!({ "argv": ["id", "-un"] })).out(), "user\n");
+    assert_eq!(server.exec(id, json!({ "argv": ["id", "-un"], "user": "root" })).out(), "root\n");
+    assert_eq!(server.exec(id, json!({ "command": "pwd" })).out(), "/home/user\n");
+    assert_eq!(server.exec(id, json!({ "command": "echo $HOME", "user": "root" })).out(), "/root\n");
+    assert_eq!(server.exec(id, json!({ "argv": ["pwd"], "cwd": "/tmp" })).out(), "/tmp\n");
+    assert_eq!(server.exec(id, json!({ "command": "echo $A-$B", "env": {"A": "1", "B": "2"} })).out(), "1-2\n");
+    let bad_cwd = server.exec(id, json!({ "argv": ["pwd"], "cwd": "/no/such/dir" }));
+    assert!(bad_cwd.error.as_deref().unwrap().contains("/no/such/dir"));
+    let bad_user = server.exec(id, json!({ "argv": ["true"], "user": "nobody-here" }));
+    assert!(bad_user.error.as_deref().unwrap().contains("nobody-here"));
+    // The guest clock was set from the host at start.
+    let guest_now: i64 = sandbox.sh("date +%s").out().trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((guest_now - host_now).abs() <= 5, "guest clock {guest_now} vs host {host_now}");
+    let empty = server.post(&format!("/sandboxes/{id}/exec")).json(&json!({})).send().unwrap();
+    assert_eq!(empty.status(), 400);
+}
+
+#[test]
+fn files_round_trip_bytes_and_stay_inside_the_guest() {
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    let id = &sandbox.id;
+    let files = format!("/sandboxes/{id}/files");
+
+    let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let put = server.put(&files).query(&[("path", "data/blob.bin")]).body(data.clone()).send().unwrap();
+    assert_eq!(put.status(), 200);
+    let written: Value = put.json().unwrap();
+    assert_eq!(written[0]["path"], "/home/user/data/blob.bin");
+    let got = server.get(&files).query(&[("path", "/home/user/data/blob.bin")]).send().unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().unwrap().as_ref(), data.as_slice());
+    // Written as the acting user.
+    assert_eq!(sandbox.sh("stat -c %U /home/user/data/blob.bin").out(), "user\n");
+
+    let listing: Value = server.get(&format!("{files}/list")).query(&[("path", "/home/user"), ("depth", "2")]).send().unwrap().json().unwrap();
+    let paths: Vec<&str> = listing["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&"/home/user/data"));
+    assert!(paths.contains(&"/home/user/data/blob.bin"));
+
+    let missing = server.get(&files).query(&[("path", "/no/such/file")]).send().unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().unwrap();
+    assert!(body["message"].as_str().unwrap().contains("/no/such/file"));
+    let no_path = server.get(&files).send().unwrap();
+    assert_eq!(no_path.status(), 400);
+    let denied = server.get(&files).query(&[("path", "/etc/shadow")]).send().unwrap();
+    assert_eq!(denied.status(), 403);
+    let as_root = server.get(&files).query(&[("path", "/etc/shadow"), ("user", "root")]).send().unwrap();
+    assert_eq!(as_root.status(), 200);
+
+    // `..` cannot climb out of the guest's root: the file lands in the guest's /tmp, never on the host.
+    let marker = format!("escape-{id}.txt");
+    let tricky = format!("../../../../../../tmp/{marker}");
+    assert!(!std::path::Path::new("/tmp").join(&marker).exists());
+    let put = server.put(&files).query(&[("path", tricky.as_str())]).body("inside").send().unwrap();
+    assert_eq!(put.status(), 200);
+    assert_eq!(sandbox.sh(&format!("cat /tmp/{marker}")).out(), "inside");
+    assert!(!std::path::Path::new("/tmp").join(&marker).exists());
+
+    // Overwriting keeps the file whole; a directory cannot be overwritten by a file.
+    let put = server.put(&files).query(&[("path", "data")]).body("x").send().unwrap();
+    assert_eq!(put.status(), 400);
+}
+
+/// Calls an envd Connect unary method through the pass-through route.
+fn rpc(server: &TestServer, id: &str, method: &str, body: Value) -> (u16, Value) {
+    let response = server
+        .post(&format!("/sandboxes/{id}/envd/{method}"))
+        .header("content-type", "application/json")
+        .header("connect-protocol-version", "1")
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn envd_services_stat_mkdir_move_remove_and_signals() {
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    let id = &sandbox.id;
+
+    let (status, made) = rpc(server, id, "filesystem.Filesystem/MakeDir", json!({ "path": "a/b/c" }));
+    assert_eq!(status, 200, "{made}");
+    assert_eq!(made["entry"]["type"], "FILE_TYPE_DIRECTORY");
+    assert_eq!(made["entry"]["path"], "/home/user/a/b/c");
+    let (status, again) = rpc(server, id, "filesystem.Filesystem/MakeDir", json!({ "path": "a/b/c" }));
+    assert_eq!((status, again["code"].as_str()), (409, Some("already_exists")));
+
+    sandbox.sh("printf hello > /home/user/a/f.txt");
+    let (status, stat) = rpc(server, id, "filesystem.Filesystem/Stat", json!({ "path": "/home/user/a/f.txt" }));
+    assert_eq!(status, 200);
+    assert_eq!(stat["entry"]["size"], "5");
+    assert_eq!(stat["entry"]["owner"], "user");
+    assert_eq!(stat["entry"]["permissions"], "-rw-r--r--");
+
+    let (status, moved) = rpc(server, id, "filesystem.Filesystem/Move", json!({ "source": "a/f.txt", "destination": "a/b/g.txt" }));
+    assert_eq!(status, 200);
+    assert_eq!(moved["entry"]["path"], "/home/user/a/b/g.txt");
+    let (status, listing) = rpc(server, id, "filesystem.Filesystem/ListDir", json!({ "path": "a", "depth": 3 }));
+    assert_eq!(status, 200);
+    let names: Vec<&str> = listing["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["b", "c", "g.txt"]);
+
+    let (status, _) = rpc(server, id, "filesystem.Filesystem/Remove", json!({ "path": "a" }));
+    assert_eq!(status, 200);
+    let (status, gone) = rpc(server, id, "filesystem.Filesystem/Stat", json!({ "path": "a" }));
+    assert_eq!((status, gone["code"].as_str()), (404, Some("not_found")));
+    let (status, _) = rpc(server, id, "filesystem.Filesystem/Remove", json!({ "path": "/root" }));
+    assert_eq!(status, 403, "a user must not remove root's home");
+
+    // A long-running process, listed, then killed with a signal.
+    let handle = {
+        let url = format!("{}/sandboxes/{id}/envd/process.Process/Start", server.url);
+        let key = server.key.clone();
+        let msg = json!({ "process": { "cmd": "/bin/sleep", "args": ["300"] }, "tag": "sleeper" }).to_string();
+        let mut frame = vec![0u8];
+        frame.extend((msg.len() as u32).to_be_bytes());
+        frame.extend(msg.as_bytes());
+        std::thread::spawn(move || {
+            reqwest::blocking::Client::new()
+                .post(url)
+                .header("X-API-Key", key)
+                .header("content-type", "application/connect+json")
+                .body(frame)
+                .send()
+                .unwrap()
+                .bytes()
+                .unwrap()
+        })
+    };
+    let mut pid = None;
+    assert!(wait_until(Duration::from_secs(30), || {
+        let (_, list) = rpc(server, id, "process.Process/List", json!({}));
+        pid = list["processes"].as_array().and_then(|p| p.iter().find(|p| p["tag"] == "sleeper")).and_then(|p| p["pid"].as_u64());
+        pid.is_some()
+    }));
+    let (status, _) = rpc(server, id, "process.Process/SendSignal", json!({ "process": { "pid": pid }, "signal": "SIGNAL_SIGKILL" }));
+    assert_eq!(status, 200);
+    let stream = handle.join().unwrap();
+    let text = String::from_utf8_lossy(&stream);
+    assert!(text.contains("\"start\""));
+    assert!(text.contains("signal: killed"), "{text}");
+    let (status, err) = rpc(server, id, "process.Process/SendSignal", json!({ "process": { "pid": 999999 }, "signal": "SIGNAL_SIGKILL" }));
+    assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
+
+    // The host-only init route is not reachable from outside.
+    let init = server.post(&format!("/sandboxes/{id}/envd/init")).json(&json!({ "accessToken": "" })).send().unwrap();
+    assert_eq!(init.status(), 404);
+}

@@ -1,0 +1,310 @@
+//! `TestServer`: a real `viv serve` process with its own data directory, driven through its
+//! public API and the `viv` CLI, torn down on drop with a check that nothing was left behind.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const VIV: &str = env!("CARGO_BIN_EXE_viv");
+
+fn cache_dir() -> String {
+    std::env::var("VIV_CACHE_DIR").unwrap_or_else(|_| "/var/cache/vivarium".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running server.
+pub struct TestServer {
+    pub url: String,
+    pub key: String,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    child: Mutex<Option<Child>>,
+    pub http: reqwest::blocking::Client,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh data directory.
+    pub fn start() -> Self {
+        let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
+        let data_dir = temp.path().to_path_buf();
+        let mut server = Self::start_on(&data_dir, None);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Starts a server on an existing data directory (to test restarts).
+    pub fn start_on(data_dir: &Path, parent_death: Option<i32>) -> Self {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let mut command = Command::new(VIV);
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--accel"])
+            .arg(std::env::var("VIV_ACCEL").unwrap_or_else(|_| "auto".into()))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--cache-dir")
+            .arg(cache_dir())
+            .arg("--memory-mib")
+            .arg("256")
+            .env("VIV_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(signal) = parent_death {
+            // SAFETY: prctl is async-signal-safe; runs in the child before exec.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawn viv serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) if line.contains("listening on") => break,
+                Ok(_) => {}
+                Err(_) if Instant::now() > deadline => panic!("server did not start"),
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("server exited during start: {status}");
+                    }
+                }
+            }
+        }
+        let key = cli_in(data_dir, &["keys", "create", "--name", "e2e"]).stdout.trim().to_owned();
+        assert!(key.starts_with("e2b_"), "unexpected key {key}");
+        Self {
+            url,
+            key,
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+            child: Mutex::new(Some(child)),
+            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(300)).build().unwrap(),
+        }
+    }
+
+    /// The server shared by tests that do not stop or restart it. It lives until the test
+    /// process exits; its death signal then makes it shut down cleanly.
+    pub fn shared() -> &'static TestServer {
+        static SHARED: OnceLock<TestServer> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            // Parent-death signals follow the spawning thread, so spawn from one that never ends.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let temp = tempfile::Builder::new().prefix("viv-e2e-shared-").tempdir_in("/tmp").unwrap();
+                let server = Self::start_on(temp.path(), Some(libc::SIGTERM));
+                let _ = tx.send(server);
+                std::mem::forget(temp);
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().expect("shared server")
+        })
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http.get(format!("{}{path}", self.url)).header("X-API-Key", &self.key)
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http.post(format!("{}{path}", self.url)).header("X-API-Key", &self.key)
+    }
+
+    pub fn put(&self, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http.put(format!("{}{path}", self.url)).header("X-API-Key", &self.key)
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http.delete(format!("{}{path}", self.url)).header("X-API-Key", &self.key)
+    }
+
+    /// Creates a sandbox and returns its id (asserting 201).
+    pub fn create(&self, body: Value) -> String {
+        let response = self.post("/sandboxes").json(&body).send().unwrap();
+        let status = response.status();
+        let text = response.text().unwrap();
+        assert_eq!(status, 201, "create failed: {text}");
+        let created: Value = serde_json::from_str(&text).unwrap();
+        created["sandboxID"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a sandbox from `base`.
+    pub fn sandbox(&self) -> Sandbox<'_> {
+        Sandbox { server: self, id: self.create(json!({ "templateID": "base", "timeout": 600 })) }
+    }
+
+    /// Runs a command through the exec route; returns (stdout, stderr, exit code or error).
+    pub fn exec(&self, id: &str, body: Value) -> ExecResult {
+        let response = self.post(&format!("/sandboxes/{id}/exec")).json(&body).send().unwrap();
+        assert_eq!(response.status(), 200, "exec failed: {}", response.text().unwrap());
+        let text = response.text().unwrap();
+        let mut result = ExecResult::default();
+        use base64::Engine as _;
+        let decode = |v: &Value| base64::engine::general_purpose::STANDARD.decode(v["data"].as_str().unwrap()).unwrap();
+        for line in text.lines() {
+            let event: Value = serde_json::from_str(line).unwrap();
+            match event["type"].as_str().unwrap() {
+                "start" => result.pid = event["pid"].as_u64(),
+                "stdout" => result.stdout.extend(decode(&event)),
+                "stderr" => result.stderr.extend(decode(&event)),
+                "end" => {
+                    result.exit_code = event["exitCode"].as_i64();
+                    result.status = event["status"].as_str().map(str::to_owned);
+                }
+                "error" => result.error = event["message"].as_str().map(str::to_owned),
+                other => panic!("unknown event {other}"),
+            }
+        }
+        result
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        cli_with(args, &[("VIV_API_URL", &self.url), ("VIV_API_KEY", &self.key)], None)
+    }
+
+    /// Stops the server with a signal and waits for it to exit.
+    pub fn stop(&self, signal: i32) -> std::process::ExitStatus {
+        let mut guard = self.child.lock().unwrap();
+        let mut child = guard.take().expect("server running");
+        // SAFETY: kill with plain integers on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().unwrap()
+    }
+
+    /// QEMU processes whose command line mentions this server's data directory.
+    pub fn qemu_processes(&self) -> Vec<u32> {
+        qemu_processes_under(&self.data_dir)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if self.child.lock().unwrap().is_some() {
+            let status = self.stop(libc::SIGTERM);
+            assert!(status.success(), "server exited with {status}");
+        }
+        if !std::thread::panicking() {
+            assert_no_leftovers(&self.data_dir);
+        }
+    }
+}
+
+/// Asserts that no VM process, run directory or memory file of this data directory remains.
+pub fn assert_no_leftovers(data_dir: &Path) {
+    wait_until(Duration::from_secs(10), || qemu_processes_under(data_dir).is_empty());
+    assert!(qemu_processes_under(data_dir).is_empty(), "QEMU processes left behind");
+    let runs: Vec<_> = std::fs::read_dir(data_dir.join("sandboxes")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(runs.is_empty(), "sandbox run directories left behind: {runs:?}");
+}
+
+pub fn qemu_processes_under(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+        })
+        .collect()
+}
+
+/// Polls `check` until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+/// A sandbox killed when dropped.
+pub struct Sandbox<'a> {
+    pub server: &'a TestServer,
+    pub id: String,
+}
+
+impl Sandbox<'_> {
+    pub fn sh(&self, command: &str) -> ExecResult {
+        self.server.exec(&self.id, json!({ "command": command }))
+    }
+}
+
+impl Drop for Sandbox<'_> {
+    fn drop(&mut self) {
+        let _ = self.server.delete(&format!("/sandboxes/{}", self.id)).send();
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ExecResult {
+    pub pid: Option<u64>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: Option<i64>,
+    pub status: Option<String>,
+    pub error: Option<String>,
+}
+
+impl ExecResult {
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn err(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn cli_in(data_dir: &Path, args: &[&str]) -> CliOutput {
+    let mut all: Vec<&str> = args.to_vec();
+    let dir = data_dir.to_string_lossy().into_owned();
+    all.extend(["--data-dir", &dir]);
+    cli_with(&all, &[], None)
+}
+
+pub fn cli_with(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> CliOutput {
+    let mut command = Command::new(VIV);
+    command.args(args).env_remove("VIV_API_KEY").env_remove("E2B_API_KEY").envs(env.iter().copied());
+    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    if let Some(data) = stdin {
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
