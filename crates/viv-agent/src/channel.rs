@@ -59,46 +59,39 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
     tracing::info!(device = %device.display(), "agent channel open");
 
     let (events_tx, mut events_rx) = mpsc::channel::<PortEvent>(64);
-    std::thread::Builder::new()
-        .name("port-reader".into())
-        .spawn(move || {
-            let mut port = port;
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut connected = false;
-            loop {
-                match port.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        if connected {
-                            connected = false;
-                            if events_tx.blocking_send(PortEvent::HangUp).is_err() {
-                                return;
-                            }
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Ok(n) => {
-                        connected = true;
-                        if events_tx
-                            .blocking_send(PortEvent::Data(buf[..n].to_vec()))
-                            .is_err()
-                        {
+    std::thread::Builder::new().name("port-reader".into()).spawn(move || {
+        let mut port = port;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut connected = false;
+        loop {
+            match port.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    if connected {
+                        connected = false;
+                        if events_tx.blocking_send(PortEvent::HangUp).is_err() {
                             return;
                         }
                     }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(n) => {
+                    connected = true;
+                    if events_tx.blocking_send(PortEvent::Data(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
                 }
             }
-        })?;
+        }
+    })?;
 
     // Bytes hyper writes go to the port through one writer thread, in order.
     let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    std::thread::Builder::new()
-        .name("port-writer".into())
-        .spawn(move || {
-            for chunk in out_rx {
-                // A failed write means the host went away; the reader reports the hang-up.
-                let _ = writer_port.write_all(&chunk);
-            }
-        })?;
+    std::thread::Builder::new().name("port-writer".into()).spawn(move || {
+        for chunk in out_rx {
+            // A failed write means the host went away; the reader reports the hang-up.
+            let _ = writer_port.write_all(&chunk);
+        }
+    })?;
 
     let mut session: Option<tokio::io::WriteHalf<tokio::io::DuplexStream>> = None;
     while let Some(event) = events_rx.recv().await {
@@ -144,10 +137,7 @@ fn start_session(
     });
     tokio::spawn(async move {
         let service = TowerToHyperService::new(app);
-        if let Err(err) = http2_builder()
-            .serve_connection(TokioIo::new(theirs), service)
-            .await
-        {
+        if let Err(err) = http2_builder().serve_connection(TokioIo::new(theirs), service).await {
             tracing::debug!(error = %err, "host connection ended");
         }
     });
@@ -167,15 +157,12 @@ fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
 /// Serves `app` on a Unix socket, one HTTP/2 connection per client (for running on a host).
 pub async fn serve_unix(path: &Path, app: Router) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     loop {
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let _ = http2_builder()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = http2_builder().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }

@@ -52,10 +52,7 @@ pub fn resolve_path(user: &User, path: &str) -> PathBuf {
 }
 
 /// Runs a blocking file operation on a worker thread as `user`.
-async fn as_user<T: Send + 'static>(
-    user: &User,
-    op: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
+async fn as_user<T: Send + 'static>(user: &User, op: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
     let who = user.fs_identity();
     tokio::task::spawn_blocking(move || crate::sys::with_fs_identity(&who, op)?)
         .await
@@ -67,9 +64,7 @@ fn io_to_connect(err: &io::Error, path: &Path) -> ConnectError {
         io::ErrorKind::NotFound => "not_found",
         io::ErrorKind::PermissionDenied => "permission_denied",
         io::ErrorKind::AlreadyExists => "already_exists",
-        io::ErrorKind::InvalidInput
-        | io::ErrorKind::NotADirectory
-        | io::ErrorKind::IsADirectory => "invalid_argument",
+        io::ErrorKind::InvalidInput | io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory => "invalid_argument",
         _ => "internal",
     };
     ConnectError::new(code, format!("{}: {err}", path.display()))
@@ -79,9 +74,9 @@ fn io_status(err: &io::Error) -> StatusCode {
     match err.kind() {
         io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
         io::ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
-        io::ErrorKind::IsADirectory
-        | io::ErrorKind::NotADirectory
-        | io::ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
+        io::ErrorKind::IsADirectory | io::ErrorKind::NotADirectory | io::ErrorKind::InvalidInput => {
+            StatusCode::BAD_REQUEST
+        }
         io::ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -93,11 +88,7 @@ pub fn entry_info(path: &Path) -> io::Result<EntryInfo> {
     let symlink_target = meta
         .file_type()
         .is_symlink()
-        .then(|| {
-            fs::read_link(path)
-                .ok()
-                .map(|t| t.to_string_lossy().into_owned())
-        })
+        .then(|| fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned()))
         .flatten();
     let target_meta = if meta.file_type().is_symlink() {
         fs::metadata(path).ok()
@@ -175,8 +166,7 @@ where
     Req: serde::de::DeserializeOwned + Send + 'static,
     Resp: serde::Serialize + Send + 'static,
 {
-    let prepared = decode_request::<Req>(headers, body)
-        .and_then(|req| Ok((state.request_user(headers, None)?, req)));
+    let prepared = decode_request::<Req>(headers, body).and_then(|req| Ok((state.request_user(headers, None)?, req)));
     let (user, req) = match prepared {
         Ok(v) => v,
         Err(err) => return connect_error(err),
@@ -254,8 +244,7 @@ fn walk(dir: &Path, depth: u32, out: &mut Vec<EntryInfo>) -> io::Result<()> {
         let Ok(entry) = entry_info(&path) else {
             continue;
         };
-        let descend =
-            depth > 1 && entry.file_type == FileType::Directory && entry.symlink_target.is_none();
+        let descend = depth > 1 && entry.file_type == FileType::Directory && entry.symlink_target.is_none();
         out.push(entry);
         if descend {
             // Unreadable subdirectories are listed but not entered.
@@ -269,10 +258,7 @@ async fn remove(State(state): State<AgentState>, headers: HeaderMap, body: Bytes
     fs_call(&state, &headers, &body, |user, req: PathRequest| {
         let path = resolve_path(user, &req.path);
         if path == Path::new("/") {
-            return Err(ConnectError::new(
-                "invalid_argument",
-                "refusing to remove /",
-            ));
+            return Err(ConnectError::new("invalid_argument", "refusing to remove /"));
         }
         let meta = fs::symlink_metadata(&path).map_err(|e| io_to_connect(&e, &path))?;
         let result = if meta.is_dir() {
@@ -296,20 +282,13 @@ pub struct FileQuery {
 }
 
 /// `GET /files?path=`: the file's bytes.
-pub async fn download(
-    State(state): State<AgentState>,
-    headers: HeaderMap,
-    Query(q): Query<FileQuery>,
-) -> Response {
+pub async fn download(State(state): State<AgentState>, headers: HeaderMap, Query(q): Query<FileQuery>) -> Response {
     let user = match state.request_user(&headers, q.username.as_deref()) {
         Ok(user) => user,
         Err(err) => return json_error(StatusCode::BAD_REQUEST, err.message),
     };
     let Some(raw) = q.path.filter(|p| !p.is_empty()) else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "the path query parameter is required",
-        );
+        return json_error(StatusCode::BAD_REQUEST, "the path query parameter is required");
     };
     let path = resolve_path(&user, &raw);
     let opened = {
@@ -318,10 +297,7 @@ pub async fn download(
             let file = fs::File::open(&path)?;
             let meta = file.metadata()?;
             if meta.is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::IsADirectory,
-                    "is a directory",
-                ));
+                return Err(io::Error::new(io::ErrorKind::IsADirectory, "is a directory"));
             }
             Ok((file, meta.len()))
         })
@@ -329,10 +305,7 @@ pub async fn download(
     };
     match opened {
         Ok((file, len)) => {
-            let stream = tokio_util::io::ReaderStream::with_capacity(
-                tokio::fs::File::from_std(file),
-                256 * 1024,
-            );
+            let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -392,25 +365,18 @@ pub async fn upload(
             let target = match (&q.path, field.file_name()) {
                 (Some(p), _) if !p.is_empty() => p.clone(),
                 (_, Some(name)) => name.to_owned(),
-                _ => {
-                    return json_error(StatusCode::BAD_REQUEST, "a path or a file name is required")
-                }
+                _ => return json_error(StatusCode::BAD_REQUEST, "a path or a file name is required"),
             };
             let path = resolve_path(&user, &target);
             let chunks = field.map(|c| c.map_err(io::Error::other));
             match write_file(&user, &path, chunks).await {
                 Ok(info) => written.push(info),
-                Err(err) => {
-                    return json_error(io_status(&err), format!("{}: {err}", path.display()))
-                }
+                Err(err) => return json_error(io_status(&err), format!("{}: {err}", path.display())),
             }
         }
     } else {
         let Some(raw) = q.path.filter(|p| !p.is_empty()) else {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "the path query parameter is required",
-            );
+            return json_error(StatusCode::BAD_REQUEST, "the path query parameter is required");
         };
         let path = resolve_path(&user, &raw);
         let chunks = request
@@ -435,24 +401,15 @@ where
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
         .to_string_lossy()
         .into_owned();
-    let temp = dir.join(format!(
-        ".{name}.viv-upload-{}",
-        std::process::id() ^ rand_u32()
-    ));
+    let temp = dir.join(format!(".{name}.viv-upload-{}", std::process::id() ^ rand_u32()));
     let (file, temp_path) = {
         let (dir, temp, target) = (dir.clone(), temp.clone(), path.to_path_buf());
         as_user(user, move || {
             fs::create_dir_all(&dir)?;
             if target.is_dir() {
-                return Err(io::Error::new(
-                    io::ErrorKind::IsADirectory,
-                    "is a directory",
-                ));
+                return Err(io::Error::new(io::ErrorKind::IsADirectory, "is a directory"));
             }
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp)?;
+            let file = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
             Ok((file, temp))
         })
         .await?
@@ -514,10 +471,7 @@ mod tests {
         let u = user();
         assert_eq!(resolve_path(&u, "a.txt"), PathBuf::from("/home/user/a.txt"));
         assert_eq!(resolve_path(&u, "~/x/../y"), PathBuf::from("/home/user/y"));
-        assert_eq!(
-            resolve_path(&u, "/../../etc/passwd"),
-            PathBuf::from("/etc/passwd")
-        );
+        assert_eq!(resolve_path(&u, "/../../etc/passwd"), PathBuf::from("/etc/passwd"));
         assert_eq!(resolve_path(&u, "../../../../tmp"), PathBuf::from("/tmp"));
         assert_eq!(resolve_path(&u, ""), PathBuf::from("/home/user"));
     }

@@ -18,13 +18,7 @@ pub fn boot() -> Result<()> {
     let _ = fs::create_dir_all("/dev");
     let _ = fs::create_dir_all("/proc");
     let _ = fs::create_dir_all("/sys");
-    mount_ignore_busy(
-        "devtmpfs",
-        "/dev",
-        "devtmpfs",
-        libc::MS_NOSUID,
-        Some("mode=0755"),
-    )?;
+    mount_ignore_busy("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755"))?;
     mount_ignore_busy(
         "proc",
         "/proc",
@@ -43,12 +37,8 @@ pub fn boot() -> Result<()> {
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     load_modules(&cmdline)?;
 
-    let root_dev = kernel_arg(&cmdline, "root")
-        .unwrap_or("/dev/vda")
-        .to_owned();
-    let root_fs = kernel_arg(&cmdline, "rootfstype")
-        .unwrap_or("ext4")
-        .to_owned();
+    let root_dev = kernel_arg(&cmdline, "root").unwrap_or("/dev/vda").to_owned();
+    let root_fs = kernel_arg(&cmdline, "rootfstype").unwrap_or("ext4").to_owned();
     wait_for(Path::new(&root_dev), Duration::from_secs(30))?;
     fs::create_dir_all(NEW_ROOT)?;
     sys::mount(&root_dev, NEW_ROOT, Some(&root_fs), libc::MS_NOATIME, None)
@@ -76,18 +66,8 @@ pub fn boot() -> Result<()> {
             libc::MS_NOSUID | libc::MS_NOEXEC,
             "gid=5,mode=620,ptmxmode=666",
         ),
-        (
-            "/dev/shm",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            "mode=1777",
-        ),
-        (
-            "/run",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            "mode=0755",
-        ),
+        ("/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+        ("/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
     ] {
         let _ = fs::create_dir_all(dir);
         mount_ignore_busy(fstype, dir, fstype, flags, Some(data))?;
@@ -104,13 +84,7 @@ pub fn boot() -> Result<()> {
     Ok(())
 }
 
-fn mount_ignore_busy(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> Result<()> {
+fn mount_ignore_busy(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
     match sys::mount(source, target, Some(fstype), flags, data) {
         Ok(()) => Ok(()),
         Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Ok(()),
@@ -139,10 +113,9 @@ fn load_modules(cmdline: &str) -> Result<()> {
 
 /// The value of `key=value` on the kernel command line.
 fn kernel_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_whitespace().find_map(|arg| {
-        arg.strip_prefix(key)
-            .and_then(|rest| rest.strip_prefix('='))
-    })
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
 }
 
 /// Waits until a device node appears.

@@ -22,10 +22,7 @@ const PORT_NAME: &str = "vivarium.agent";
 fn main() {
     let is_pid1 = std::process::id() == 1;
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIV_AGENT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("VIV_AGENT_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .without_time()

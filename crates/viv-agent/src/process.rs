@@ -18,9 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use viv_proto::process::{
-    CloseStdinRequest, ConnectRequest, DataEvent, Empty, EndEvent, ListResponse, ProcessEvent,
-    ProcessInfo, ProcessInput, ProcessSelector, SendInputRequest, SendSignalRequest, Signal,
-    StartEvent, StartRequest, StreamResponse, UpdateRequest,
+    CloseStdinRequest, ConnectRequest, DataEvent, Empty, EndEvent, ListResponse, ProcessEvent, ProcessInfo,
+    ProcessInput, ProcessSelector, SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest,
+    StreamResponse, UpdateRequest,
 };
 use viv_proto::{envelope, ConnectError};
 
@@ -73,9 +73,7 @@ impl ProcessTable {
                 .find(|p| p.info.tag.as_deref() == Some(tag.as_str()))
                 .cloned(),
         };
-        found.ok_or_else(|| {
-            ConnectError::new("not_found", format!("process {selector:?} not found"))
-        })
+        found.ok_or_else(|| ConnectError::new("not_found", format!("process {selector:?} not found")))
     }
 }
 
@@ -118,10 +116,7 @@ fn spawn_process(
     }
     let config = req.process.clone();
     if config.cmd.is_empty() {
-        return Err(ConnectError::new(
-            "invalid_argument",
-            "process.cmd is empty",
-        ));
+        return Err(ConnectError::new("invalid_argument", "process.cmd is empty"));
     }
     let cwd = match &config.cwd {
         Some(dir) if !dir.is_empty() => crate::files::resolve_path(user, dir),
@@ -137,10 +132,7 @@ fn spawn_process(
     command
         .args(&config.args)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", &user.home)
         .env("USER", &user.name)
         .env("LOGNAME", &user.name)
@@ -210,12 +202,7 @@ fn spawn_process(
         let _ = out.await;
         let _ = err.await;
         let exit = exit_rx.await.unwrap_or(Exit::Signal(libc::SIGKILL));
-        table
-            .processes()
-            .procs
-            .lock()
-            .expect("process table lock")
-            .remove(&pid);
+        table.processes().procs.lock().expect("process table lock").remove(&pid);
         proc.emit(ProcessEvent::End(end_event(exit))).await;
     });
     Ok((pid, events))
@@ -314,8 +301,7 @@ where
 }
 
 async fn connect(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
-    let result = decode_request::<ConnectRequest>(&headers, &body)
-        .and_then(|req| state.processes().find(&req.process));
+    let result = decode_request::<ConnectRequest>(&headers, &body).and_then(|req| state.processes().find(&req.process));
     match result {
         Ok(proc) => event_stream(proc.info.pid, proc.subscribe()),
         Err(err) => stream_response(futures::stream::once(async { Err(err) })),
@@ -349,9 +335,9 @@ async fn send_input(State(state): State<AgentState>, headers: HeaderMap, body: B
                 "the process's stdin is not open (start it with stdin: true)",
             )
         })?;
-        pipe.write_all(&data).await.map_err(|e| {
-            ConnectError::new("failed_precondition", format!("writing to stdin: {e}"))
-        })?;
+        pipe.write_all(&data)
+            .await
+            .map_err(|e| ConnectError::new("failed_precondition", format!("writing to stdin: {e}")))?;
         Ok(Empty {})
     }
     .await;
@@ -396,12 +382,7 @@ async fn send_signal(State(state): State<AgentState>, headers: HeaderMap, body: 
 async fn update(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = decode_request::<UpdateRequest>(&headers, &body)
         .and_then(|req| state.processes().find(&req.process))
-        .and_then(|_| {
-            Err(ConnectError::new(
-                "unimplemented",
-                "PTY resize is not supported yet",
-            ))
-        });
+        .and_then(|_| Err(ConnectError::new("unimplemented", "PTY resize is not supported yet")));
     unary_result::<Empty>(result)
 }
 

@@ -58,20 +58,12 @@ impl AgentState {
 
     /// The user a request acts as: the one named by `Authorization: Basic base64("user:")` (as
     /// envd clients send it) or by `username`, else the sandbox's default user.
-    pub fn request_user(
-        &self,
-        headers: &HeaderMap,
-        username: Option<&str>,
-    ) -> Result<User, ConnectError> {
+    pub fn request_user(&self, headers: &HeaderMap, username: Option<&str>) -> Result<User, ConnectError> {
         let from_header = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Basic "))
-            .and_then(|b| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(b.trim())
-                    .ok()
-            })
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
             .and_then(|raw| String::from_utf8(raw).ok())
             .map(|s| s.split(':').next().unwrap_or_default().to_owned())
             .filter(|s| !s.is_empty());
@@ -105,10 +97,7 @@ pub fn router(state: AgentState) -> Router {
     let authed = Router::new()
         .route("/init", post(init))
         .route("/envs", get(envs))
-        .route(
-            "/files",
-            get(crate::files::download).post(crate::files::upload),
-        )
+        .route("/files", get(crate::files::download).post(crate::files::upload))
         .merge(crate::process::routes())
         .merge(crate::files::rpc_routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -120,10 +109,7 @@ pub fn router(state: AgentState) -> Router {
 }
 
 async fn health() -> impl IntoResponse {
-    (
-        StatusCode::NO_CONTENT,
-        [("x-envd-version", viv_proto::ENVD_VERSION)],
-    )
+    (StatusCode::NO_CONTENT, [("x-envd-version", viv_proto::ENVD_VERSION)])
 }
 
 async fn require_token(State(state): State<AgentState>, request: Request, next: Next) -> Response {
@@ -187,8 +173,7 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
         *state.inner.env_vars.write().expect("env lock") = vars;
     }
     if let Some(token) = req.access_token {
-        *state.inner.access_token.write().expect("token lock") =
-            (!token.is_empty()).then_some(token);
+        *state.inner.access_token.write().expect("token lock") = (!token.is_empty()).then_some(token);
     }
     if let Some(user) = req.default_user {
         *state.inner.default_user.write().expect("user lock") = Some(user);
@@ -222,17 +207,13 @@ pub fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// A Connect unary error response.
 pub fn connect_error(err: ConnectError) -> Response {
-    let status =
-        StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(err)).into_response()
 }
 
 /// Decodes a Connect request message: a plain JSON body for unary calls, or the first envelope of
 /// an `application/connect+json` body for streaming ones.
-pub fn decode_request<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<T, ConnectError> {
+pub fn decode_request<T: DeserializeOwned>(headers: &HeaderMap, body: &Bytes) -> Result<T, ConnectError> {
     let streaming = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -243,9 +224,7 @@ pub fn decode_request<T: DeserializeOwned>(
         decoder
             .next_frame()
             .map_err(|e| ConnectError::new("invalid_argument", e.to_string()))?
-            .ok_or_else(|| {
-                ConnectError::new("invalid_argument", "request stream carried no message")
-            })?
+            .ok_or_else(|| ConnectError::new("invalid_argument", "request stream carried no message"))?
             .data
     } else {
         body.clone()

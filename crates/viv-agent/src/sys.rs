@@ -37,8 +37,7 @@ pub fn mount(
             target.as_ptr(),
             fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
             flags,
-            data.as_ref()
-                .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+            data.as_ref().map_or(std::ptr::null(), |s| s.as_ptr().cast()),
         )
     })
 }
@@ -55,14 +54,7 @@ pub fn load_module(file: &Path, params: &str) -> io::Result<()> {
     let module = std::fs::File::open(file)?;
     let params = cstr(params)?;
     // SAFETY: the fd is open for the duration of the call and `params` is NUL-terminated.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            module.as_raw_fd(),
-            params.as_ptr(),
-            0,
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_finit_module, module.as_raw_fd(), params.as_ptr(), 0) };
     if ret < 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EEXIST) {

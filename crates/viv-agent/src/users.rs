@@ -99,10 +99,7 @@ mod tests {
         let passwd = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n";
         let group = "root:x:0:\nsudo:x:27:user,other\nuser:x:1000:\n";
         let user = parse_user(passwd, group, "user").unwrap();
-        assert_eq!(
-            (user.uid, user.gid, user.home.as_str()),
-            (1000, 1000, "/home/user")
-        );
+        assert_eq!((user.uid, user.gid, user.home.as_str()), (1000, 1000, "/home/user"));
         assert_eq!(user.groups, vec![1000, 27]);
         assert!(parse_user(passwd, group, "nobody").is_none());
     }

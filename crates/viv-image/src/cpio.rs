@@ -13,7 +13,11 @@ pub struct Writer<W: Write> {
 impl<W: Write> Writer<W> {
     /// Starts an archive.
     pub fn new(out: W) -> Self {
-        Self { out, offset: 0, next_ino: 1 }
+        Self {
+            out,
+            offset: 0,
+            next_ino: 1,
+        }
     }
 
     /// Adds a directory.

@@ -19,7 +19,10 @@ impl ImageStore {
             agent.display()
         )))?;
         if !agent_bytes.starts_with(b"\x7fELF") {
-            return Err(ImageError::Invalid(format!("{} is not an ELF executable", agent.display())));
+            return Err(ImageError::Invalid(format!(
+                "{} is not an ELF executable",
+                agent.display()
+            )));
         }
         if has_interpreter(&agent_bytes) {
             return Err(ImageError::Invalid(format!(
@@ -30,7 +33,8 @@ impl ImageStore {
         let order = fs::read_to_string(kernel.modules.join("order")).map_err(ImageError::io("reading module order"))?;
         let mut modules = Vec::new();
         for name in order.lines().filter(|l| !l.is_empty()) {
-            let bytes = fs::read(kernel.modules.join(name)).map_err(ImageError::io(format!("reading module {name}")))?;
+            let bytes =
+                fs::read(kernel.modules.join(name)).map_err(ImageError::io(format!("reading module {name}")))?;
             modules.push((name.to_owned(), bytes));
         }
         let mut hash = Sha256::new();

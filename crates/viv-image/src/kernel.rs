@@ -13,7 +13,13 @@ use crate::{ImageError, ImageStore, Progress};
 pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest loads at boot (their dependencies are added automatically).
-pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "virtio_rng",
+];
 
 /// An unpacked kernel.
 #[derive(Debug, Clone)]
@@ -54,9 +60,20 @@ impl ImageStore {
         result
     }
 
-    fn unpack_kernel(&self, package: &str, work: &Path, dest: &Path, progress: &dyn Progress) -> Result<Kernel, ImageError> {
+    fn unpack_kernel(
+        &self,
+        package: &str,
+        work: &Path,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Kernel, ImageError> {
         progress.stage(&format!("Downloading {package}"));
-        run(Command::new("apt-get").args(["download", "-q", package]).current_dir(work), progress)?;
+        run(
+            Command::new("apt-get")
+                .args(["download", "-q", package])
+                .current_dir(work),
+            progress,
+        )?;
         let deb = fs::read_dir(work)
             .map_err(ImageError::io("listing kernel download"))?
             .flatten()
@@ -92,14 +109,20 @@ impl ImageStore {
 }
 
 fn existing(package: &str, dest: &Path) -> Option<Kernel> {
-    let k = Kernel { package: package.to_owned(), image: dest.join("vmlinuz"), modules: dest.join("modules") };
+    let k = Kernel {
+        package: package.to_owned(),
+        image: dest.join("vmlinuz"),
+        modules: dest.join("modules"),
+    };
     (k.image.is_file() && k.modules.join("order").is_file()).then_some(k)
 }
 
 fn find_file(dir: &Path, prefix: &str) -> Option<PathBuf> {
-    fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-    })
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
 }
 
 /// Asks apt which versioned package the cloud kernel meta package depends on.
@@ -140,7 +163,11 @@ fn index_modules(dir: &Path, index: &mut std::collections::HashMap<String, PathB
         let path = entry.path();
         if path.is_dir() {
             index_modules(&path, index);
-        } else if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+        } else if let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
             index.insert(stem.replace('-', "_"), path);
         }
     }
@@ -169,7 +196,9 @@ fn visit(
 /// The module names in a module's `depends=` modinfo entry.
 pub fn modinfo_depends(module: &[u8]) -> Vec<String> {
     let key = b"\0depends=";
-    let Some(at) = module.windows(key.len()).position(|w| w == key) else { return Vec::new() };
+    let Some(at) = module.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
     let rest = &module[at + key.len()..];
     let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
     String::from_utf8_lossy(&rest[..end])
@@ -187,7 +216,11 @@ mod tests {
     fn orders_dependencies_first() {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, deps: &str| {
-            fs::write(dir.path().join(format!("{name}.ko")), format!("ELF\0license=GPL\0depends={deps}\0name={name}\0")).unwrap();
+            fs::write(
+                dir.path().join(format!("{name}.ko")),
+                format!("ELF\0license=GPL\0depends={deps}\0name={name}\0"),
+            )
+            .unwrap();
         };
         write("virtio_ring", "");
         write("virtio", "virtio_ring");

@@ -31,9 +31,18 @@ impl Default for DebianRecipe {
     fn default() -> Self {
         Self {
             suite: "bookworm".into(),
-            packages: ["python3", "ca-certificates", "curl", "git", "sudo", "procps", "iproute2", "less"]
-                .map(String::from)
-                .to_vec(),
+            packages: [
+                "python3",
+                "ca-certificates",
+                "curl",
+                "git",
+                "sudo",
+                "procps",
+                "iproute2",
+                "less",
+            ]
+            .map(String::from)
+            .to_vec(),
             user: "user".into(),
             size_mib: 4096,
         }
@@ -66,7 +75,10 @@ impl ImageStore {
         require_tool("mmdebstrap", "mmdebstrap")?;
         let tree = self.temp_path(&lock_name, "tree");
         let result = (|| {
-            progress.stage(&format!("Building Debian {} root file system with mmdebstrap", recipe.suite));
+            progress.stage(&format!(
+                "Building Debian {} root file system with mmdebstrap",
+                recipe.suite
+            ));
             let user = &recipe.user;
             let hook = format!(
                 "chroot \"$1\" useradd -m -s /bin/bash -G sudo {user} && \
@@ -113,10 +125,12 @@ impl ImageStore {
         validate_name(name)?;
         let mut magic = [0u8; 2];
         let file = fs::File::open(image).map_err(ImageError::io(format!("opening {}", image.display())))?;
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 1080)
-            .map_err(ImageError::io(format!("reading {}", image.display())))?;
-        if magic != [0x53, 0xEF] {
-            return Err(ImageError::Invalid(format!("{} is not an ext2/3/4 file system image", image.display())));
+        let read = std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 1080);
+        if read.is_err() || magic != [0x53, 0xEF] {
+            return Err(ImageError::Invalid(format!(
+                "{} is not an ext2/3/4 file system image",
+                image.display()
+            )));
         }
         require_tool("qemu-img", "qemu-utils")?;
         let dest = self.named(name);
@@ -125,7 +139,10 @@ impl ImageStore {
         let temp = self.temp_path(&lock_name, "qcow2");
         progress.stage(&format!("Converting {} to a qcow2 layer", image.display()));
         let result = run(
-            Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(image).arg(&temp),
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(image)
+                .arg(&temp),
             progress,
         )
         .and_then(|_| publish(&temp, &dest));
@@ -175,7 +192,13 @@ impl ImageStore {
                 progress,
             )?;
             progress.stage("Converting to a qcow2 layer");
-            run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow), progress)?;
+            run(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw)
+                    .arg(&qcow),
+                progress,
+            )?;
             publish(&qcow, dest)
         })();
         remove_any(&raw);
@@ -187,7 +210,9 @@ impl ImageStore {
 fn validate_name(name: &str) -> Result<(), ImageError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && !name.starts_with("debian-");
     if ok {
         Ok(())
@@ -199,7 +224,11 @@ fn validate_name(name: &str) -> Result<(), ImageError> {
 }
 
 fn du_mib(dir: &Path) -> Result<u64, ImageError> {
-    let out = Command::new("du").arg("-sm").arg(dir).output().map_err(ImageError::io("running du"))?;
+    let out = Command::new("du")
+        .arg("-sm")
+        .arg(dir)
+        .output()
+        .map_err(ImageError::io("running du"))?;
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()

@@ -48,7 +48,8 @@ impl ImageStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let root = root.into();
         for sub in ["kernels", "initramfs", "rootfs", "tmp", "locks"] {
-            fs::create_dir_all(root.join(sub)).map_err(ImageError::io(format!("creating {}", root.join(sub).display())))?;
+            fs::create_dir_all(root.join(sub))
+                .map_err(ImageError::io(format!("creating {}", root.join(sub).display())))?;
         }
         let store = Self { root };
         store.clean_partials();
@@ -91,13 +92,16 @@ impl ImageStore {
         let file = fs::File::create(&path).map_err(ImageError::io(format!("creating {}", path.display())))?;
         // SAFETY: flock on an fd we own; blocks until the lock is free.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(ImageError::io(format!("locking {}", path.display()))(std::io::Error::last_os_error()));
+            return Err(ImageError::io(format!("locking {}", path.display()))(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(Lock { _file: file })
     }
 
     fn try_lock(&self, name: &str) -> Result<Lock, ImageError> {
-        self.try_lock_nowait(name)?.ok_or_else(|| ImageError::Invalid(format!("{name} is locked")))
+        self.try_lock_nowait(name)?
+            .ok_or_else(|| ImageError::Invalid(format!("{name} is locked")))
     }
 
     fn try_lock_nowait(&self, name: &str) -> Result<Option<Lock>, ImageError> {
@@ -110,7 +114,9 @@ impl ImageStore {
 
     /// A fresh temporary path for a build holding lock `lock_name`.
     pub(crate) fn temp_path(&self, lock_name: &str, what: &str) -> PathBuf {
-        let path = self.dir("tmp").join(format!("{lock_name}.{what}.{}", std::process::id()));
+        let path = self
+            .dir("tmp")
+            .join(format!("{lock_name}.{what}.{}", std::process::id()));
         remove_any(&path);
         path
     }
@@ -132,7 +138,11 @@ pub(crate) fn remove_any(path: &Path) {
 
 /// Moves a finished artifact into place.
 pub(crate) fn publish(temp: &Path, dest: &Path) -> Result<(), ImageError> {
-    fs::rename(temp, dest).map_err(ImageError::io(format!("moving {} to {}", temp.display(), dest.display())))
+    fs::rename(temp, dest).map_err(ImageError::io(format!(
+        "moving {} to {}",
+        temp.display(),
+        dest.display()
+    )))
 }
 
 /// Checks that a tool is installed.
@@ -143,7 +153,10 @@ pub(crate) fn require_tool(tool: &str, package: &str) -> Result<(), ImageError> 
     if found {
         Ok(())
     } else {
-        Err(ImageError::MissingTool { tool: tool.into(), package: package.into() })
+        Err(ImageError::MissingTool {
+            tool: tool.into(),
+            package: package.into(),
+        })
     }
 }
 
@@ -157,11 +170,13 @@ pub(crate) fn run(command: &mut Command, progress: &dyn Progress) -> Result<Stri
         .spawn()
         .map_err(ImageError::io(format!("starting {line}")))?;
     let stderr = child.stderr.take().expect("piped stderr");
-    let err_reader = std::thread::spawn(move || {
-        BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
-    });
+    let err_reader =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
     let mut out_lines = Vec::new();
-    for l in BufReader::new(child.stdout.take().expect("piped stdout")).lines().map_while(Result::ok) {
+    for l in BufReader::new(child.stdout.take().expect("piped stdout"))
+        .lines()
+        .map_while(Result::ok)
+    {
         progress.detail(&l);
         out_lines.push(l);
     }
@@ -172,8 +187,16 @@ pub(crate) fn run(command: &mut Command, progress: &dyn Progress) -> Result<Stri
     let status = child.wait().map_err(ImageError::io(format!("waiting for {line}")))?;
     if !status.success() {
         let all: Vec<&String> = out_lines.iter().chain(err_lines.iter()).collect();
-        let tail = all[all.len().saturating_sub(15)..].iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n");
-        return Err(ImageError::Command { command: line, status: status.to_string(), output: tail });
+        let tail = all[all.len().saturating_sub(15)..]
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(ImageError::Command {
+            command: line,
+            status: status.to_string(),
+            output: tail,
+        });
     }
     Ok(out_lines.join("\n"))
 }

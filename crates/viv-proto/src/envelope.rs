@@ -51,10 +51,7 @@ pub fn encode(flags: u8, data: &[u8]) -> Bytes {
 
 /// Encodes a JSON message frame.
 pub fn encode_json<T: serde::Serialize>(message: &T) -> Bytes {
-    encode(
-        0,
-        &serde_json::to_vec(message).expect("wire types serialize"),
-    )
+    encode(0, &serde_json::to_vec(message).expect("wire types serialize"))
 }
 
 /// Encodes the end-of-stream frame, with an error if the stream failed.
@@ -146,10 +143,7 @@ mod tests {
     fn rejects_oversized_and_compressed_frames() {
         let mut decoder = Decoder::default();
         decoder.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(
-            decoder.next_frame(),
-            Err(EnvelopeError::TooLarge(0xffff_ffff))
-        );
+        assert_eq!(decoder.next_frame(), Err(EnvelopeError::TooLarge(0xffff_ffff)));
         let mut decoder = Decoder::default();
         decoder.push(&encode(FLAG_COMPRESSED, b"x"));
         assert_eq!(decoder.next_frame(), Err(EnvelopeError::Compressed));

@@ -50,7 +50,11 @@ pub struct AgentClient {
 impl AgentClient {
     /// A client for the agent behind `socket`; connects lazily.
     pub fn new(socket: PathBuf) -> Self {
-        Self { socket, sender: tokio::sync::Mutex::new(None), token: std::sync::RwLock::new(None) }
+        Self {
+            socket,
+            sender: tokio::sync::Mutex::new(None),
+            token: std::sync::RwLock::new(None),
+        }
     }
 
     /// Sets the access token sent with every request.
@@ -89,7 +93,10 @@ impl AgentClient {
     /// Sends a request (path and query relative to the agent's root), adding the access token.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
         if let Some(token) = self.token.read().expect("token lock").clone() {
-            request.headers_mut().insert("x-access-token", token.parse().map_err(|_| AgentError::Channel("bad token".into()))?);
+            request.headers_mut().insert(
+                "x-access-token",
+                token.parse().map_err(|_| AgentError::Channel("bad token".into()))?,
+            );
         }
         let mut sender = self.sender().await?;
         sender.ready().await.map_err(|e| AgentError::Channel(e.to_string()))?;
@@ -111,7 +118,9 @@ impl AgentClient {
             if remaining.is_zero() {
                 return Err(AgentError::Timeout(limit));
             }
-            let request = Request::get("http://agent/health").body(Body::empty()).expect("static request");
+            let request = Request::get("http://agent/health")
+                .body(Body::empty())
+                .expect("static request");
             match tokio::time::timeout(remaining, self.send(request)).await {
                 Ok(Ok(response)) if response.status().is_success() => return Ok(()),
                 Ok(_) => {
@@ -124,7 +133,11 @@ impl AgentClient {
     }
 
     /// A unary JSON call (Connect unary or a plain JSON route).
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, path: &str, body: &Req) -> Result<Resp, AgentError> {
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, AgentError> {
         let request = Request::post(format!("http://agent{path}"))
             .header("content-type", "application/json")
             .header("connect-protocol-version", "1")
@@ -153,7 +166,10 @@ pub async fn collect(response: Response<Incoming>) -> Result<Bytes, AgentError> 
 /// Turns an agent error body (Connect or envd JSON error) into an [`AgentError`].
 pub fn rpc_error(status: u16, body: &[u8]) -> AgentError {
     let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let message = value["message"].as_str().map(str::to_owned).unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let message = value["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
     let code = value["code"].as_str().unwrap_or_default().to_owned();
     AgentError::Rpc { status, code, message }
 }

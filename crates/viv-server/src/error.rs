@@ -51,7 +51,9 @@ impl ApiError {
 
     /// A 404 for a sandbox id.
     pub fn sandbox_not_found(id: &str) -> Self {
-        Self::NotFound(format!("sandbox '{id}' not found (it may have been killed or timed out)"))
+        Self::NotFound(format!(
+            "sandbox '{id}' not found (it may have been killed or timed out)"
+        ))
     }
 }
 
@@ -61,7 +63,14 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
-        (status, Json(ErrorBody { code: status.as_u16(), message: self.to_string() })).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                code: status.as_u16(),
+                message: self.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 

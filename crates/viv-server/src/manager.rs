@@ -72,7 +72,10 @@ pub struct Manager {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 fn rfc3339_ms(ms: i64) -> String {
@@ -83,21 +86,35 @@ fn rfc3339_ms(ms: i64) -> String {
 pub fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();
-    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 impl Manager {
     /// Prepares the guest images (building what is missing) and the directories.
-    pub fn prepare(config: Config, store: Arc<Store>, metrics: Arc<Metrics>, progress: &dyn Progress) -> Result<Self, ImageError> {
+    pub fn prepare(
+        config: Config,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        progress: &dyn Progress,
+    ) -> Result<Self, ImageError> {
         let images = ImageStore::open(&config.cache_dir)?;
         let kernel = images.kernel(config.kernel_package.as_deref(), progress)?;
         let initramfs = images.initramfs(&kernel, &config.agent_binary)?;
         let rootfs = images.debian_rootfs(&viv_image::rootfs::DebianRecipe::default(), progress)?;
-        let boot = BootImages { kernel: kernel.image, initramfs, rootfs };
+        let boot = BootImages {
+            kernel: kernel.image,
+            initramfs,
+            rootfs,
+        };
         let data_key = hex::encode(&Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..4]);
         let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{data_key}"));
         for dir in [config.data_dir.join("sandboxes"), shm_dir.clone()] {
-            std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io { context: format!("creating {}", dir.display()), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io {
+                context: format!("creating {}", dir.display()),
+                source,
+            })?;
         }
         let accel = config.accel.resolve();
         Ok(Self {
@@ -127,14 +144,19 @@ impl Manager {
                 kill_stale_vmm(pid, &run_dir);
             }
             if matches!(row.state, SandboxState::Running | SandboxState::Starting) {
-                self.store.fail_sandbox(&row.id, "the server stopped while the sandbox ran; its VM was stopped")?;
+                self.store
+                    .fail_sandbox(&row.id, "the server stopped while the sandbox ran; its VM was stopped")?;
             }
             remove_files(&run_dir, &self.memory_file(&row.id));
         }
         // Anything else in our directories belongs to no sandbox.
         for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let _ = if entry.path().is_dir() { std::fs::remove_dir_all(entry.path()) } else { std::fs::remove_file(entry.path()) };
+                let _ = if entry.path().is_dir() {
+                    std::fs::remove_dir_all(entry.path())
+                } else {
+                    std::fs::remove_file(entry.path())
+                };
             }
         }
         Ok(())
@@ -162,7 +184,10 @@ impl Manager {
 
     /// Creates a sandbox: a cold boot of its template's root layer behind a fresh overlay.
     pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<CreatedSandbox, ApiError> {
-        let template = req.template_id.clone().unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
+        let template = req
+            .template_id
+            .clone()
+            .unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
         let timeout = req.timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
         if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
             return Err(ApiError::BadRequest(format!(
@@ -172,11 +197,15 @@ impl Manager {
         }
         let vcpus = req.cpu_count.unwrap_or(self.config.vcpus);
         if !(1..=64).contains(&vcpus) {
-            return Err(ApiError::BadRequest(format!("cpuCount must be between 1 and 64, got {vcpus}")));
+            return Err(ApiError::BadRequest(format!(
+                "cpuCount must be between 1 and 64, got {vcpus}"
+            )));
         }
         let memory_mib = req.memory_mb.unwrap_or(self.config.memory_mib);
         if !(128..=65536).contains(&memory_mib) {
-            return Err(ApiError::BadRequest(format!("memoryMB must be between 128 and 65536, got {memory_mib}")));
+            return Err(ApiError::BadRequest(format!(
+                "memoryMB must be between 128 and 65536, got {memory_mib}"
+            )));
         }
         let layer = self.root_layer(&template)?;
         let id = random_id(20);
@@ -197,10 +226,22 @@ impl Manager {
         };
         self.store.put_sandbox(&row)?;
         let started = std::time::Instant::now();
-        match self.boot_sandbox(&id, &layer, vcpus, memory_mib, token.clone(), req.env_vars.unwrap_or_default()).await {
+        match self
+            .boot_sandbox(
+                &id,
+                &layer,
+                vcpus,
+                memory_mib,
+                token.clone(),
+                req.env_vars.unwrap_or_default(),
+            )
+            .await
+        {
             Ok(live) => {
                 row.state = SandboxState::Running;
                 row.vmm_pid = live.vm.pid();
+                // The lifetime counts from when the sandbox is usable.
+                row.end_at_ms = now_ms() + (timeout as i64) * 1000;
                 self.store.put_sandbox(&row)?;
                 self.live.lock().expect("live lock").insert(id.clone(), live.clone());
                 self.watch(live);
@@ -235,7 +276,8 @@ impl Manager {
         env_vars: BTreeMap<String, String>,
     ) -> Result<Arc<LiveSandbox>, ApiError> {
         let run_dir = self.run_dir(id);
-        std::fs::create_dir_all(&run_dir).map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
         let overlay = run_dir.join("root.qcow2");
         create_overlay(layer, &overlay).await?;
         let spec = VmSpec {
@@ -251,7 +293,9 @@ impl Manager {
             extra_cmdline: String::new(),
         };
         let vm = self.vmm.launch(&spec).await.map_err(|e| match e {
-            viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => ApiError::Unavailable(e.to_string()),
+            viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             other => ApiError::Sandbox(other.to_string()),
         })?;
         let live = Arc::new(LiveSandbox {
@@ -286,7 +330,10 @@ impl Manager {
                 "accessToken": token.clone().unwrap_or_default(),
                 "hostname": "sandbox",
             });
-            live.agent.call::<_, serde_json::Value>("/init", &body).await.map_err(|e| e.to_string())?;
+            live.agent
+                .call::<_, serde_json::Value>("/init", &body)
+                .await
+                .map_err(|e| e.to_string())?;
             live.agent.set_token(token);
             Ok::<_, String>(())
         };
@@ -295,7 +342,9 @@ impl Manager {
             let console = std::fs::read_to_string(spec.console_log()).unwrap_or_default();
             let tail: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
             let tail = tail[tail.len().saturating_sub(8)..].join(" | ");
-            return Err(ApiError::Sandbox(format!("sandbox {id} failed to start: {reason}; console: {tail}")));
+            return Err(ApiError::Sandbox(format!(
+                "sandbox {id} failed to start: {reason}; console: {tail}"
+            )));
         }
         Ok(live)
     }
@@ -337,8 +386,13 @@ impl Manager {
 
     /// Kills a sandbox (running or failed) and forgets it.
     pub async fn kill(&self, id: &str) -> Result<(), ApiError> {
-        let live = self.live.lock().expect("live lock").remove(id);
         let row = self.store.sandbox(id)?;
+        if row.as_ref().is_some_and(|r| r.state == SandboxState::Starting) {
+            return Err(ApiError::Conflict(format!(
+                "sandbox '{id}' is still starting; kill it once it runs"
+            )));
+        }
+        let live = self.live.lock().expect("live lock").remove(id);
         if live.is_none() && row.is_none() {
             return Err(ApiError::sandbox_not_found(id));
         }
@@ -357,7 +411,10 @@ impl Manager {
     /// Changes a sandbox's remaining lifetime.
     pub fn set_timeout(&self, id: &str, seconds: u64) -> Result<(), ApiError> {
         if seconds > viv_api::MAX_TIMEOUT_SECS {
-            return Err(ApiError::BadRequest(format!("timeout must be at most {} seconds", viv_api::MAX_TIMEOUT_SECS)));
+            return Err(ApiError::BadRequest(format!(
+                "timeout must be at most {} seconds",
+                viv_api::MAX_TIMEOUT_SECS
+            )));
         }
         self.live(id)?;
         self.store.set_end(id, now_ms() + seconds as i64 * 1000)?;
@@ -411,7 +468,10 @@ impl Manager {
                 tick.tick().await;
                 let Some(manager) = manager.upgrade() else { return };
                 let Ok(rows) = manager.store.sandboxes() else { continue };
-                for row in rows.into_iter().filter(|r| r.end_at_ms <= now_ms()) {
+                let expired = rows
+                    .into_iter()
+                    .filter(|r| r.state != SandboxState::Starting && r.end_at_ms <= now_ms());
+                for row in expired {
                     tracing::info!(sandbox = %row.id, "sandbox timed out");
                     let _ = manager.kill(&row.id).await;
                     manager.metrics.sandboxes_timed_out.inc();
@@ -426,6 +486,7 @@ impl Manager {
         for id in ids {
             let _ = self.kill(&id).await;
         }
+        let _ = std::fs::remove_dir(&self.shm_dir);
     }
 }
 

@@ -27,7 +27,10 @@ pub struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, state: Mutex::new((vec![0; bounds.len()], 0.0, 0)) }
+        Self {
+            bounds,
+            state: Mutex::new((vec![0; bounds.len()], 0.0, 0)),
+        }
     }
 
     /// Records one value.
@@ -80,19 +83,46 @@ impl Metrics {
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         };
-        counter("vivarium_sandboxes_created_total", "Sandboxes created.", self.sandboxes_created.get());
-        counter("vivarium_sandboxes_killed_total", "Sandboxes killed.", self.sandboxes_killed.get());
-        counter("vivarium_sandboxes_timed_out_total", "Sandboxes killed by their timeout.", self.sandboxes_timed_out.get());
-        counter("vivarium_sandbox_failures_total", "Sandbox creations that failed and VMs that died.", self.sandbox_failures.get());
-        counter("vivarium_http_requests_total", "HTTP requests served.", self.http_requests.get());
+        counter(
+            "vivarium_sandboxes_created_total",
+            "Sandboxes created.",
+            self.sandboxes_created.get(),
+        );
+        counter(
+            "vivarium_sandboxes_killed_total",
+            "Sandboxes killed.",
+            self.sandboxes_killed.get(),
+        );
+        counter(
+            "vivarium_sandboxes_timed_out_total",
+            "Sandboxes killed by their timeout.",
+            self.sandboxes_timed_out.get(),
+        );
+        counter(
+            "vivarium_sandbox_failures_total",
+            "Sandbox creations that failed and VMs that died.",
+            self.sandbox_failures.get(),
+        );
+        counter(
+            "vivarium_http_requests_total",
+            "HTTP requests served.",
+            self.http_requests.get(),
+        );
         let _ = writeln!(out, "# HELP vivarium_sandboxes_running Sandboxes whose VM runs.\n# TYPE vivarium_sandboxes_running gauge\nvivarium_sandboxes_running {live}");
         let state = self.boot_seconds.state.lock().expect("histogram lock");
         let name = "vivarium_sandbox_start_seconds";
-        let _ = writeln!(out, "# HELP {name} Time from create request to a ready sandbox.\n# TYPE {name} histogram");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from create request to a ready sandbox.\n# TYPE {name} histogram"
+        );
         for (bound, count) in self.boot_seconds.bounds.iter().zip(&state.0) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", state.2, state.1, state.2);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            state.2, state.1, state.2
+        );
         out
     }
 }

@@ -16,7 +16,9 @@ use http_body_util::BodyExt as _;
 use serde::Deserialize;
 use viv_api::{ExecEvent, ExecRequest, NewSandbox};
 use viv_proto::envelope;
-use viv_proto::process::{DataEvent, ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, StartRequest, StreamResponse};
+use viv_proto::process::{
+    DataEvent, ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, StartRequest, StreamResponse,
+};
 
 use crate::agent_client::{collect, rpc_error, AgentError};
 use crate::error::ApiError;
@@ -37,7 +39,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/openapi.yaml", get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], viv_api::OPENAPI_YAML) }))
+        .route(
+            "/openapi.yaml",
+            get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], viv_api::OPENAPI_YAML) }),
+        )
         .merge(authed)
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
@@ -51,9 +56,16 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
 }
 
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let key = request.headers().get(viv_api::API_KEY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let key = request
+        .headers()
+        .get(viv_api::API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let verdict = match key {
-        None => Err(ApiError::Unauthorized(format!("missing {} header", viv_api::API_KEY_HEADER))),
+        None => Err(ApiError::Unauthorized(format!(
+            "missing {} header",
+            viv_api::API_KEY_HEADER
+        ))),
         Some(key) => match state.store.key_is_valid(&key) {
             Ok(true) => Ok(()),
             Ok(false) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
@@ -94,7 +106,10 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
-async fn create_sandbox(State(state): State<AppState>, JsonBody(req): JsonBody<NewSandbox>) -> Result<Response, ApiError> {
+async fn create_sandbox(
+    State(state): State<AppState>,
+    JsonBody(req): JsonBody<NewSandbox>,
+) -> Result<Response, ApiError> {
     let created = state.manager.create(req).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
@@ -137,17 +152,29 @@ async fn set_timeout(
 
 fn agent_error(err: AgentError) -> ApiError {
     match err {
-        AgentError::Rpc { status: 404, message, .. } => ApiError::NotFound(message),
-        AgentError::Rpc { status: 400, message, .. } => ApiError::BadRequest(message),
-        AgentError::Rpc { status: 403, message, .. } => ApiError::Forbidden(message),
-        AgentError::Rpc { status: 409, message, .. } => ApiError::Conflict(message),
+        AgentError::Rpc {
+            status: 404, message, ..
+        } => ApiError::NotFound(message),
+        AgentError::Rpc {
+            status: 400, message, ..
+        } => ApiError::BadRequest(message),
+        AgentError::Rpc {
+            status: 403, message, ..
+        } => ApiError::Forbidden(message),
+        AgentError::Rpc {
+            status: 409, message, ..
+        } => ApiError::Conflict(message),
         other => ApiError::Sandbox(other.to_string()),
     }
 }
 
 fn basic_user(user: Option<&str>) -> Option<String> {
-    user.filter(|u| !u.is_empty())
-        .map(|u| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))))
+    user.filter(|u| !u.is_empty()).map(|u| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))
+        )
+    })
 }
 
 /// Runs a command through the agent's `process.Process/Start` and streams NDJSON events.
@@ -160,7 +187,11 @@ async fn exec(
     let (cmd, args) = match (req.argv.split_first(), &req.command) {
         (Some((cmd, args)), _) => (cmd.clone(), args.to_vec()),
         (None, Some(command)) => ("/bin/bash".to_owned(), vec!["-l".into(), "-c".into(), command.clone()]),
-        (None, None) => return Err(ApiError::BadRequest("give either argv (a non-empty list) or command".into())),
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "give either argv (a non-empty list) or command".into(),
+            ))
+        }
     };
     let stdin = req
         .stdin
@@ -169,7 +200,12 @@ async fn exec(
         .transpose()
         .map_err(|e| ApiError::BadRequest(format!("stdin is not valid base64: {e}")))?;
     let start = StartRequest {
-        process: ProcessConfig { cmd, args, envs: req.env, cwd: req.cwd },
+        process: ProcessConfig {
+            cmd,
+            args,
+            envs: req.env,
+            cwd: req.cwd,
+        },
         pty: None,
         tag: None,
         stdin: Some(stdin.is_some()),
@@ -191,7 +227,8 @@ async fn exec(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(relay_exec(live, response.into_body(), stdin, tx));
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
+    let body =
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
@@ -211,14 +248,34 @@ async fn relay_exec(
     let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
     let mut decoder = envelope::Decoder::default();
     let mut ended = false;
-    while let Some(frame) = body.frame().await {
+    let mut vm_exit = live.vm.exit();
+    loop {
+        let stopped = tokio::select! {
+            frame = body.frame() => Err(frame),
+            result = vm_exit.wait_for(Option::is_some) => Ok(result.is_ok()),
+        };
+        let frame = match stopped {
+            Err(Some(frame)) => frame,
+            Err(None) => break,
+            Ok(_) => {
+                let reason = vm_exit.borrow().as_ref().map(|e| e.reason.clone()).unwrap_or_default();
+                send(ExecEvent::Error {
+                    message: format!("the sandbox stopped: {reason}"),
+                })
+                .await;
+                return;
+            }
+        };
         let data = match frame {
             Ok(frame) => match frame.into_data() {
                 Ok(data) => data,
                 Err(_) => continue,
             },
             Err(err) => {
-                send(ExecEvent::Error { message: format!("stream from the sandbox broke: {err}") }).await;
+                send(ExecEvent::Error {
+                    message: format!("stream from the sandbox broke: {err}"),
+                })
+                .await;
                 return;
             }
         };
@@ -228,7 +285,10 @@ async fn relay_exec(
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(err) => {
-                    send(ExecEvent::Error { message: err.to_string() }).await;
+                    send(ExecEvent::Error {
+                        message: err.to_string(),
+                    })
+                    .await;
                     return;
                 }
             };
@@ -237,11 +297,16 @@ async fn relay_exec(
                 if let Some(err) = end.error {
                     send(ExecEvent::Error { message: err.message }).await;
                 } else if !ended {
-                    send(ExecEvent::Error { message: "the process stream ended without an exit status".into() }).await;
+                    send(ExecEvent::Error {
+                        message: "the process stream ended without an exit status".into(),
+                    })
+                    .await;
                 }
                 return;
             }
-            let Ok(message) = serde_json::from_slice::<StreamResponse>(&frame.data) else { continue };
+            let Ok(message) = serde_json::from_slice::<StreamResponse>(&frame.data) else {
+                continue;
+            };
             let event = match message.event {
                 ProcessEvent::Start(s) => {
                     if let Some(bytes) = stdin.take() {
@@ -253,7 +318,10 @@ async fn relay_exec(
                 ProcessEvent::Data(DataEvent::Stderr(d)) => ExecEvent::Stderr { data: b64(&d) },
                 ProcessEvent::End(end) => {
                     ended = true;
-                    ExecEvent::End { exit_code: end.exit_code, status: end.status }
+                    ExecEvent::End {
+                        exit_code: end.exit_code,
+                        status: end.status,
+                    }
                 }
                 ProcessEvent::Keepalive(_) => continue,
             };
@@ -269,11 +337,20 @@ async fn feed_stdin(live: &LiveSandbox, pid: u32, bytes: Vec<u8>) {
         process: ProcessSelector::Pid(pid),
         input: ProcessInput::Stdin(bytes),
     };
-    if let Err(err) = live.agent.call::<_, serde_json::Value>("/process.Process/SendInput", &input).await {
+    if let Err(err) = live
+        .agent
+        .call::<_, serde_json::Value>("/process.Process/SendInput", &input)
+        .await
+    {
         tracing::debug!(error = %err, "writing stdin");
     }
-    let close = viv_proto::process::SelectorRequest { process: ProcessSelector::Pid(pid) };
-    let _ = live.agent.call::<_, serde_json::Value>("/process.Process/CloseStdin", &close).await;
+    let close = viv_proto::process::SelectorRequest {
+        process: ProcessSelector::Pid(pid),
+    };
+    let _ = live
+        .agent
+        .call::<_, serde_json::Value>("/process.Process/CloseStdin", &close)
+        .await;
 }
 
 #[derive(Deserialize)]
@@ -286,7 +363,10 @@ struct FileQuery {
 
 impl FileQuery {
     fn path(&self) -> Result<&str, ApiError> {
-        self.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| ApiError::BadRequest("the path query parameter is required".into()))
+        self.path
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ApiError::BadRequest("the path query parameter is required".into()))
     }
 
     fn agent_query(&self) -> Result<String, ApiError> {
@@ -298,7 +378,11 @@ impl FileQuery {
     }
 }
 
-async fn download(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+async fn download(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let live = state.manager.live(&id)?;
     let request = hyper::Request::get(format!("http://agent/files?{}", q.agent_query()?))
         .body(Body::empty())
@@ -332,11 +416,19 @@ async fn upload(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn list_files(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> Result<Response, ApiError> {
+async fn list_files(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, ApiError> {
     let live = state.manager.live(&id)?;
     let mut headers = HeaderMap::new();
     if let Some(auth) = basic_user(q.user.as_deref()) {
-        headers.insert(header::AUTHORIZATION, auth.parse().map_err(|_| ApiError::BadRequest("invalid user name".into()))?);
+        headers.insert(
+            header::AUTHORIZATION,
+            auth.parse()
+                .map_err(|_| ApiError::BadRequest("invalid user name".into()))?,
+        );
     }
     let body = serde_json::json!({ "path": q.path()?, "depth": q.depth.unwrap_or(1) });
     let mut request = hyper::Request::post("http://agent/filesystem.Filesystem/ListDir")
@@ -370,7 +462,10 @@ async fn envd_passthrough(
         .method(parts.method.clone())
         .uri(format!("http://agent/{}{query}", path.trim_start_matches('/')));
     for (name, value) in &parts.headers {
-        if matches!(name.as_str(), "host" | "connection" | "transfer-encoding" | "x-api-key" | "x-access-token" | "content-length") {
+        if matches!(
+            name.as_str(),
+            "host" | "connection" | "transfer-encoding" | "x-api-key" | "x-access-token" | "content-length"
+        ) {
             continue;
         }
         forward = forward.header(name, value);

@@ -83,7 +83,10 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > MIGRATIONS.len() {
-            return Err(StoreError::TooNew { found: version, known: MIGRATIONS.len() });
+            return Err(StoreError::TooNew {
+                found: version,
+                known: MIGRATIONS.len(),
+            });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             let tx = conn.unchecked_transaction()?;
@@ -133,7 +136,12 @@ impl Store {
             "SELECT id, name, prefix, created_at FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok(ApiKeyInfo { id: r.get(0)?, name: r.get(1)?, prefix: r.get(2)?, created_at: r.get(3)? })
+            Ok(ApiKeyInfo {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                prefix: r.get(2)?,
+                created_at: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -181,13 +189,17 @@ impl Store {
 
     /// Changes a sandbox's deadline.
     pub fn set_end(&self, id: &str, end_at_ms: i64) -> Result<(), StoreError> {
-        self.conn().execute("UPDATE sandboxes SET end_at_ms = ?2 WHERE id = ?1", params![id, end_at_ms])?;
+        self.conn().execute(
+            "UPDATE sandboxes SET end_at_ms = ?2 WHERE id = ?1",
+            params![id, end_at_ms],
+        )?;
         Ok(())
     }
 
     /// Deletes a sandbox row.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
         Ok(())
     }
 

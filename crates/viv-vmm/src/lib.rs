@@ -59,9 +59,16 @@ impl Accel {
     pub fn resolve(self) -> Accel {
         match self {
             Self::Auto => {
-                let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+                let kvm_usable = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok();
                 let nested = std::fs::read_to_string("/proc/cpuinfo")
-                    .map(|c| c.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor")))
+                    .map(|c| {
+                        c.lines()
+                            .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"))
+                    })
                     .unwrap_or(true);
                 if kvm_usable && !nested {
                     Self::Kvm

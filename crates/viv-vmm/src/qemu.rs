@@ -37,9 +37,18 @@ impl Default for Qemu {
 /// The host CPU's TSC frequency in kHz, from `/proc/cpuinfo`, when the TSC is constant.
 fn host_tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let constant = cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "constant_tsc"));
-    let mhz: f64 = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    (constant && mhz > 0.0).then(|| (mhz * 1000.0) as u64)
+    let constant = cpuinfo
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "constant_tsc"));
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (constant && mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 /// Longest Unix socket path the kernel accepts.
@@ -48,7 +57,10 @@ const MAX_SOCKET_PATH: usize = 107;
 impl Qemu {
     /// A backend running the given QEMU binary.
     pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
-        Self { binary: binary.into(), host_tsc_khz: host_tsc_khz() }
+        Self {
+            binary: binary.into(),
+            host_tsc_khz: host_tsc_khz(),
+        }
     }
 
     /// The full argument list for `spec`.
@@ -65,7 +77,9 @@ impl Qemu {
                 "max",
                 format!(
                     " tsc=reliable lpj=8000000{}",
-                    self.host_tsc_khz.map(|k| format!(" tsc_early_khz={k}")).unwrap_or_default()
+                    self.host_tsc_khz
+                        .map(|k| format!(" tsc_early_khz={k}"))
+                        .unwrap_or_default()
                 ),
             ),
         };
@@ -88,7 +102,10 @@ impl Qemu {
             "-m".into(),
             format!("{mem}M"),
             "-object".into(),
-            format!("memory-backend-file,id=mem,size={mem}M,mem-path={},share=on", path(&spec.memory_file)),
+            format!(
+                "memory-backend-file,id=mem,size={mem}M,mem-path={},share=on",
+                path(&spec.memory_file)
+            ),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-nographic".into(),
@@ -133,7 +150,13 @@ impl Qemu {
                 package: "qemu-system-x86".into(),
             });
         }
-        if spec.accel == Accel::Kvm && std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        if spec.accel == Accel::Kvm
+            && std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_err()
+        {
             return Err(LaunchError::AccelUnavailable(Accel::Kvm));
         }
         for socket in [spec.agent_socket(), spec.control_socket()] {
@@ -185,9 +208,23 @@ impl Qemu {
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel();
         let (port_tx, port_rx) = watch::channel(false);
-        tokio::spawn(supervise(child, qmp.clone(), kill_rx, exit_tx, port_tx, spec.console_log(), stderr_log));
+        tokio::spawn(supervise(
+            child,
+            qmp.clone(),
+            kill_rx,
+            exit_tx,
+            port_tx,
+            spec.console_log(),
+            stderr_log,
+        ));
         tracing::debug!(name = %spec.name, ?pid, "QEMU started");
-        Ok(Box::new(QemuVm { pid, exit_rx, port_rx, kill_tx: Mutex::new(Some(kill_tx)), _qmp: qmp }))
+        Ok(Box::new(QemuVm {
+            pid,
+            exit_rx,
+            port_rx,
+            kill_tx: Mutex::new(Some(kill_tx)),
+            _qmp: qmp,
+        }))
     }
 }
 
@@ -264,11 +301,20 @@ async fn supervise(
     if !requested {
         if let Some(event) = last_event.lock().expect("event lock").take() {
             let what = match event.as_str() {
-                e if e.contains("guest-reset") || e.contains("GUEST_PANICKED") => "the guest kernel panicked or rebooted",
+                e if e.contains("guest-reset") || e.contains("GUEST_PANICKED") => {
+                    "the guest kernel panicked or rebooted"
+                }
                 e if e.contains("guest-shutdown") => "the guest shut down",
                 _ => "",
             };
-            reason = format!("{reason} after {event}{}", if what.is_empty() { String::new() } else { format!(": {what}") });
+            reason = format!(
+                "{reason} after {event}{}",
+                if what.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {what}")
+                }
+            );
         }
         let stderr = std::fs::read_to_string(&stderr_log).unwrap_or_default();
         if !stderr.trim().is_empty() {
@@ -314,7 +360,9 @@ impl Vm for QemuVm {
                 let _ = tx.send(());
             }
             let mut rx = self.exit_rx.clone();
-            rx.wait_for(Option::is_some).await.map_err(|_| VmError::Stopped("supervisor gone".into()))?;
+            rx.wait_for(Option::is_some)
+                .await
+                .map_err(|_| VmError::Stopped("supervisor gone".into()))?;
             Ok(())
         }
         .boxed()

@@ -69,13 +69,19 @@ impl Qmp {
         };
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                let Ok(msg) = serde_json::from_str::<Value>(&line) else { continue };
+                let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
                 if msg.get("event").is_some() {
                     let _ = events.send(msg);
                     continue;
                 }
-                let Some(id) = msg.get("id").and_then(Value::as_u64) else { continue };
-                let Some(tx) = pending.lock().expect("qmp lock").remove(&id) else { continue };
+                let Some(id) = msg.get("id").and_then(Value::as_u64) else {
+                    continue;
+                };
+                let Some(tx) = pending.lock().expect("qmp lock").remove(&id) else {
+                    continue;
+                };
                 let reply = match msg.get("error") {
                     Some(err) => Err((
                         err["class"].as_str().unwrap_or("GenericError").to_owned(),
@@ -106,7 +112,11 @@ impl Qmp {
         self.writer.lock().await.write_all(line.as_bytes()).await?;
         match rx.await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err((class, desc))) => Err(QmpError::Command { command: command.to_owned(), class, desc }),
+            Ok(Err((class, desc))) => Err(QmpError::Command {
+                command: command.to_owned(),
+                class,
+                desc,
+            }),
             Err(_) => Err(QmpError::Closed),
         }
     }

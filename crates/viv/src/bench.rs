@@ -36,19 +36,38 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn create(client: &Client) -> Result<String> {
-    let req = NewSandbox { timeout: Some(600), ..Default::default() };
-    let created: CreatedSandbox = client.json(client.request(Method::POST, "/sandboxes").json(&req)).await?;
+    let req = NewSandbox {
+        timeout: Some(600),
+        ..Default::default()
+    };
+    let created: CreatedSandbox = client
+        .json(client.request(Method::POST, "/sandboxes").json(&req))
+        .await?;
     Ok(created.sandbox_id)
 }
 
 async fn kill(client: &Client, id: &str) -> Result<()> {
-    client.send(client.request(Method::DELETE, &format!("/sandboxes/{id}"))).await.map(|_| ())
+    client
+        .send(client.request(Method::DELETE, &format!("/sandboxes/{id}")))
+        .await
+        .map(|_| ())
 }
 
 /// Runs `argv` and returns its exit code.
 async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
-    let req = ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() };
-    let text = client.send(client.request(Method::POST, &format!("/sandboxes/{id}/exec")).json(&req)).await?.text().await?;
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let text = client
+        .send(
+            client
+                .request(Method::POST, &format!("/sandboxes/{id}/exec"))
+                .json(&req),
+        )
+        .await?
+        .text()
+        .await?;
     for line in text.lines() {
         match serde_json::from_str::<ExecEvent>(line)? {
             ExecEvent::End { exit_code, .. } => return Ok(exit_code),
@@ -61,7 +80,10 @@ async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
 
 /// Runs the benchmark.
 pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
-    ensure!(args.boots > 0 && args.round_trips > 0 && args.file_mib > 0, "counts must be positive");
+    ensure!(
+        args.boots > 0 && args.round_trips > 0 && args.file_mib > 0,
+        "counts must be positive"
+    );
     let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
     let accel = health["accel"].as_str().unwrap_or("unknown").to_owned();
     eprintln!("benchmarking {} (accel {accel})", health["vmm"].as_str().unwrap_or("?"));
@@ -91,13 +113,29 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         let path = [("path", "/tmp/bench.bin")];
         let start = Instant::now();
         client
-            .send(client.request(Method::PUT, &format!("/sandboxes/{id}/files")).query(&path).body(data.clone()))
+            .send(
+                client
+                    .request(Method::PUT, &format!("/sandboxes/{id}/files"))
+                    .query(&path)
+                    .body(data.clone()),
+            )
             .await?;
         let write = start.elapsed();
         let start = Instant::now();
-        let read_back = client.send(client.request(Method::GET, &format!("/sandboxes/{id}/files")).query(&path)).await?.bytes().await?;
+        let read_back = client
+            .send(
+                client
+                    .request(Method::GET, &format!("/sandboxes/{id}/files"))
+                    .query(&path),
+            )
+            .await?
+            .bytes()
+            .await?;
         let read = start.elapsed();
-        ensure!(read_back.as_ref() == data.as_slice(), "the file read back differs from the one written");
+        ensure!(
+            read_back.as_ref() == data.as_slice(),
+            "the file read back differs from the one written"
+        );
         Ok((trips, write, read))
     }
     .await;
@@ -118,11 +156,31 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         output::table(
             &["METRIC", "VALUE", "ACCEL"],
             &[
-                vec![format!("cold boot to agent ready, p50 of {}", boots.len()), format!("{:.0} ms", ms(percentile(&boots, 0.5))), accel.clone()],
-                vec![format!("exec `true` round trip, p50 of {}", trips.len()), format!("{:.1} ms", ms(percentile(&trips, 0.5))), accel.clone()],
-                vec![format!("exec `true` round trip, p95 of {}", trips.len()), format!("{:.1} ms", ms(percentile(&trips, 0.95))), accel.clone()],
-                vec![format!("file write {} MiB", args.file_mib), format!("{} MiB/s", report["writeMiBps"]), accel.clone()],
-                vec![format!("file read {} MiB", args.file_mib), format!("{} MiB/s", report["readMiBps"]), accel],
+                vec![
+                    format!("cold boot to agent ready, p50 of {}", boots.len()),
+                    format!("{:.0} ms", ms(percentile(&boots, 0.5))),
+                    accel.clone(),
+                ],
+                vec![
+                    format!("exec `true` round trip, p50 of {}", trips.len()),
+                    format!("{:.1} ms", ms(percentile(&trips, 0.5))),
+                    accel.clone(),
+                ],
+                vec![
+                    format!("exec `true` round trip, p95 of {}", trips.len()),
+                    format!("{:.1} ms", ms(percentile(&trips, 0.95))),
+                    accel.clone(),
+                ],
+                vec![
+                    format!("file write {} MiB", args.file_mib),
+                    format!("{} MiB/s", report["writeMiBps"]),
+                    accel.clone(),
+                ],
+                vec![
+                    format!("file read {} MiB", args.file_mib),
+                    format!("{} MiB/s", report["readMiBps"]),
+                    accel,
+                ],
             ],
         );
     }

@@ -15,8 +15,14 @@ pub struct Client {
 impl Client {
     /// A client for `base` authenticating with `key`.
     pub fn new(base: &str, key: Option<String>) -> Self {
-        let key = key.or_else(|| std::env::var("E2B_API_KEY").ok()).filter(|k| !k.is_empty());
-        Self { base: base.trim_end_matches('/').to_owned(), key, http: reqwest::Client::new() }
+        let key = key
+            .or_else(|| std::env::var("E2B_API_KEY").ok())
+            .filter(|k| !k.is_empty());
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// A request to `path`, with the API key.
@@ -30,13 +36,18 @@ impl Client {
 
     /// Sends a request; a non-2xx answer becomes an error with the server's message.
     pub async fn send(&self, builder: RequestBuilder) -> Result<Response> {
-        let response = builder.send().await.with_context(|| format!("cannot reach the Vivarium server at {}", self.base))?;
+        let response = builder
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the Vivarium server at {}", self.base))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.message).unwrap_or(text);
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.message)
+            .unwrap_or(text);
         let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
             " (set VIV_API_KEY or --api-key; create a key with `viv keys create`)"
         } else {
@@ -48,6 +59,9 @@ impl Client {
     /// Sends a request and parses a JSON answer.
     pub async fn json<T: serde::de::DeserializeOwned>(&self, builder: RequestBuilder) -> Result<T> {
         let response = self.send(builder).await?;
-        response.json().await.context("the server sent a response this client does not understand")
+        response
+            .json()
+            .await
+            .context("the server sent a response this client does not understand")
     }
 }

@@ -205,7 +205,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
 
 fn image(cmd: ImageCommand, json: bool) -> Result<()> {
     match cmd {
-        ImageCommand::Build { dirs, agent, kernel_package } => {
+        ImageCommand::Build {
+            dirs,
+            agent,
+            kernel_package,
+        } => {
             let agent = crate::serve::find_agent(agent)?;
             let images = viv_image::ImageStore::open(&dirs.cache_dir)?;
             let progress = TerminalProgress::new();
@@ -222,7 +226,10 @@ fn image(cmd: ImageCommand, json: bool) -> Result<()> {
                 output::table(
                     &["ARTIFACT", "PATH"],
                     &[
-                        vec![format!("kernel ({})", kernel.package), kernel.image.display().to_string()],
+                        vec![
+                            format!("kernel ({})", kernel.package),
+                            kernel.image.display().to_string(),
+                        ],
                         vec!["initramfs".into(), initramfs.display().to_string()],
                         vec!["rootfs (base)".into(), rootfs.display().to_string()],
                     ],
@@ -241,7 +248,10 @@ fn image(cmd: ImageCommand, json: bool) -> Result<()> {
             if json {
                 output::json(&serde_json::json!({ "name": name, "path": path }));
             } else {
-                println!("imported image '{name}' ({}); create sandboxes with --template {name}", path.display());
+                println!(
+                    "imported image '{name}' ({}); create sandboxes with --template {name}",
+                    path.display()
+                );
             }
         }
     }
@@ -269,8 +279,10 @@ fn keys(cmd: KeysCommand, json: bool) -> Result<()> {
             if json {
                 output::json(&keys);
             } else {
-                let rows: Vec<Vec<String>> =
-                    keys.into_iter().map(|k| vec![k.id, k.name, format!("{}…", k.prefix), k.created_at]).collect();
+                let rows: Vec<Vec<String>> = keys
+                    .into_iter()
+                    .map(|k| vec![k.id, k.name, format!("{}…", k.prefix), k.created_at])
+                    .collect();
                 output::table(&["ID", "NAME", "PREFIX", "CREATED"], &rows);
             }
         }
@@ -286,7 +298,14 @@ fn keys(cmd: KeysCommand, json: bool) -> Result<()> {
 
 async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()> {
     match cmd {
-        SandboxCommand::Create { template, timeout, metadata, env, cpus, memory } => {
+        SandboxCommand::Create {
+            template,
+            timeout,
+            metadata,
+            env,
+            cpus,
+            memory,
+        } => {
             let req = NewSandbox {
                 template_id: Some(template),
                 timeout,
@@ -296,7 +315,9 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 cpu_count: cpus,
                 memory_mb: memory,
             };
-            let created: CreatedSandbox = client.json(client.request(Method::POST, "/sandboxes").json(&req)).await?;
+            let created: CreatedSandbox = client
+                .json(client.request(Method::POST, "/sandboxes").json(&req))
+                .await?;
             if json {
                 output::json(&created);
             } else {
@@ -306,7 +327,11 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
         SandboxCommand::List { metadata } => {
             let mut request = client.request(Method::GET, "/sandboxes");
             if !metadata.is_empty() {
-                let encoded = metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+                let encoded = metadata
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("&");
                 request = request.query(&[("metadata", encoded)]);
             }
             let list: Vec<SandboxInfo> = client.json(request).await?;
@@ -314,15 +339,27 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 output::json(&list);
             } else {
                 let rows: Vec<Vec<String>> = list.iter().map(sandbox_row).collect();
-                output::table(&["ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "STARTED", "ENDS", "METADATA"], &rows);
+                output::table(
+                    &[
+                        "ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "STARTED", "ENDS", "METADATA",
+                    ],
+                    &rows,
+                );
             }
         }
         SandboxCommand::Get { id } => {
-            let info: SandboxInfo = client.json(client.request(Method::GET, &format!("/sandboxes/{id}"))).await?;
+            let info: SandboxInfo = client
+                .json(client.request(Method::GET, &format!("/sandboxes/{id}")))
+                .await?;
             if json {
                 output::json(&info);
             } else {
-                output::table(&["ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "STARTED", "ENDS", "METADATA"], &[sandbox_row(&info)]);
+                output::table(
+                    &[
+                        "ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "STARTED", "ENDS", "METADATA",
+                    ],
+                    &[sandbox_row(&info)],
+                );
                 if let Some(err) = &info.error {
                     println!("\nerror: {err}");
                 }
@@ -330,7 +367,9 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
         }
         SandboxCommand::Kill { ids } => {
             for id in ids {
-                client.send(client.request(Method::DELETE, &format!("/sandboxes/{id}"))).await?;
+                client
+                    .send(client.request(Method::DELETE, &format!("/sandboxes/{id}")))
+                    .await?;
                 if !json {
                     println!("killed {id}");
                 }
@@ -341,7 +380,12 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
 }
 
 fn sandbox_row(s: &SandboxInfo) -> Vec<String> {
-    let meta = s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let meta = s
+        .metadata
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
     vec![
         s.sandbox_id.clone(),
         s.template_id.clone(),
@@ -371,7 +415,13 @@ pub async fn exec(client: &Client, args: ExecArgs) -> Result<i32> {
         user: args.user,
         stdin,
     };
-    let response = client.send(client.request(Method::POST, &format!("/sandboxes/{}/exec", args.id)).json(&req)).await?;
+    let response = client
+        .send(
+            client
+                .request(Method::POST, &format!("/sandboxes/{}/exec", args.id))
+                .json(&req),
+        )
+        .await?;
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     let decode = |d: &str| base64::engine::general_purpose::STANDARD.decode(d).unwrap_or_default();
@@ -419,16 +469,26 @@ async fn files(client: &Client, cmd: FilesCommand, json: bool) -> Result<()> {
         q
     };
     match cmd {
-        FilesCommand::Put { id, local, remote, user } => {
+        FilesCommand::Put {
+            id,
+            local,
+            remote,
+            user,
+        } => {
             let body = if local.as_os_str() == "-" {
                 let mut buf = Vec::new();
                 std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
                 reqwest::Body::from(buf)
             } else {
-                let file = tokio::fs::File::open(&local).await.with_context(|| format!("opening {}", local.display()))?;
+                let file = tokio::fs::File::open(&local)
+                    .await
+                    .with_context(|| format!("opening {}", local.display()))?;
                 reqwest::Body::wrap_stream(tokio_util_stream(file))
             };
-            let request = client.request(Method::PUT, &format!("/sandboxes/{id}/files")).query(&query(&remote, &user)).body(body);
+            let request = client
+                .request(Method::PUT, &format!("/sandboxes/{id}/files"))
+                .query(&query(&remote, &user))
+                .body(body);
             let written: serde_json::Value = client.json(request).await?;
             if json {
                 output::json(&written);
@@ -437,12 +497,21 @@ async fn files(client: &Client, cmd: FilesCommand, json: bool) -> Result<()> {
                 println!("wrote {path}");
             }
         }
-        FilesCommand::Get { id, remote, local, user } => {
-            let request = client.request(Method::GET, &format!("/sandboxes/{id}/files")).query(&query(&remote, &user));
+        FilesCommand::Get {
+            id,
+            remote,
+            local,
+            user,
+        } => {
+            let request = client
+                .request(Method::GET, &format!("/sandboxes/{id}/files"))
+                .query(&query(&remote, &user));
             let response = client.send(request).await?;
             let mut stream = response.bytes_stream();
             let mut out: Box<dyn std::io::Write> = match &local {
-                Some(path) => Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?),
+                Some(path) => {
+                    Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)
+                }
                 None => Box::new(std::io::stdout().lock()),
             };
             while let Some(chunk) = stream.next().await {
@@ -456,8 +525,13 @@ async fn files(client: &Client, cmd: FilesCommand, json: bool) -> Result<()> {
                 q[0].1 = "~".into();
             }
             q.push(("depth", depth.to_string()));
-            let listing: serde_json::Value =
-                client.json(client.request(Method::GET, &format!("/sandboxes/{id}/files/list")).query(&q)).await?;
+            let listing: serde_json::Value = client
+                .json(
+                    client
+                        .request(Method::GET, &format!("/sandboxes/{id}/files/list"))
+                        .query(&q),
+                )
+                .await?;
             if json {
                 output::json(&listing["entries"]);
             } else {
@@ -470,7 +544,12 @@ async fn files(client: &Client, cmd: FilesCommand, json: bool) -> Result<()> {
                             e["permissions"].as_str().unwrap_or_default().to_owned(),
                             e["owner"].as_str().unwrap_or_default().to_owned(),
                             e["size"].as_str().unwrap_or_default().to_owned(),
-                            e["modifiedTime"].as_str().unwrap_or_default().chars().take(19).collect(),
+                            e["modifiedTime"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .chars()
+                                .take(19)
+                                .collect(),
                             e["path"].as_str().unwrap_or_default().to_owned(),
                         ]
                     })

@@ -66,12 +66,20 @@ fn main() {
     let is_serve = matches!(cli.command, Command::Serve(_));
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIV_LOG")
-                .unwrap_or_else(|_| if is_serve { "info".into() } else { "warn".into() }),
+            tracing_subscriber::EnvFilter::try_from_env("VIV_LOG").unwrap_or_else(|_| {
+                if is_serve {
+                    "info".into()
+                } else {
+                    "warn".into()
+                }
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let code = match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(err) => {

@@ -52,18 +52,23 @@ pub fn find_agent(given: Option<PathBuf>) -> Result<PathBuf> {
     let dir = exe.parent().context("the viv executable has no directory")?;
     // target/{debug,release}/viv → target/<triple>/agent/viv-agent, where scripts/build puts
     // the static build; a `viv-agent` beside `viv` (an install) comes next.
-    let mut candidates: Vec<PathBuf> =
-        dir.ancestors().take(3).map(|a| a.join("x86_64-unknown-linux-gnu/agent/viv-agent")).collect();
+    let mut candidates: Vec<PathBuf> = dir
+        .ancestors()
+        .take(3)
+        .map(|a| a.join("x86_64-unknown-linux-gnu/agent/viv-agent"))
+        .collect();
     candidates.push(dir.join("viv-agent"));
-    candidates.into_iter().find(|p| p.is_file()).context(
-        "cannot find the viv-agent binary; build it with `scripts/build` or pass --agent / VIV_AGENT",
-    )
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("cannot find the viv-agent binary; build it with `scripts/build` or pass --agent / VIV_AGENT")
 }
 
 /// Runs the server.
 pub async fn run(args: ServeArgs) -> Result<()> {
     let agent = find_agent(args.agent)?;
-    std::fs::create_dir_all(&args.dirs.data_dir).with_context(|| format!("creating {}", args.dirs.data_dir.display()))?;
+    std::fs::create_dir_all(&args.dirs.data_dir)
+        .with_context(|| format!("creating {}", args.dirs.data_dir.display()))?;
     let store = Arc::new(Store::open(&args.dirs.data_dir.join("vivarium.db"))?);
     if store.list_keys()?.is_empty() {
         let key = viv_server::create_api_key(&store, "initial")?;
@@ -95,13 +100,24 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
         tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
     }
-    let state = AppState { manager: manager.clone(), store, metrics };
+    let state = AppState {
+        manager: manager.clone(),
+        store,
+        metrics,
+    };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
-        Err(e) => bail!("cannot listen on {}: {e} (is another server running? use --listen)", args.listen),
+        Err(e) => bail!(
+            "cannot listen on {}: {e} (is another server running? use --listen)",
+            args.listen
+        ),
     };
     tracing::info!(listen = %args.listen, accel = %manager.accel(), "Vivarium is serving");
-    println!("Vivarium listening on http://{} (accel {})", listener.local_addr()?, manager.accel());
+    println!(
+        "Vivarium listening on http://{} (accel {})",
+        listener.local_addr()?,
+        manager.accel()
+    );
     axum::serve(listener, viv_server::routes::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -121,5 +137,7 @@ async fn shutdown_signal() {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "local".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "local".into())
 }

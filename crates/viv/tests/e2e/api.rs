@@ -15,14 +15,37 @@ fn requests_without_a_valid_key_are_refused() {
     let body: Value = no_key.json().unwrap();
     assert_eq!(body["code"], 401);
     assert!(body["message"].as_str().unwrap().contains("X-API-Key"));
-    let wrong = server.http.get(format!("{}/sandboxes", server.url)).header("X-API-Key", "e2b_0000").send().unwrap();
+    let wrong = server
+        .http
+        .get(format!("{}/sandboxes", server.url))
+        .header("X-API-Key", "e2b_0000")
+        .send()
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     // Health and metrics stay open for probes and scrapers.
-    let health: Value = server.http.get(format!("{}/health", server.url)).send().unwrap().json().unwrap();
+    let health: Value = server
+        .http
+        .get(format!("{}/health", server.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert!(["kvm", "tcg"].contains(&health["accel"].as_str().unwrap()));
-    let metrics = server.http.get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(metrics.contains("vivarium_sandboxes_running"));
-    let spec = server.http.get(format!("{}/openapi.yaml", server.url)).send().unwrap().text().unwrap();
+    let spec = server
+        .http
+        .get(format!("{}/openapi.yaml", server.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(spec.contains("/sandboxes/{sandboxID}/exec"));
 }
 
@@ -41,10 +64,22 @@ fn sandbox_lifecycle_with_metadata_and_env_vars() {
     assert_eq!(info["metadata"]["run"], "lifecycle");
     assert_eq!(info["memoryMB"], 256);
 
-    let listed: Vec<Value> = server.get("/sandboxes").query(&[("metadata", "run=lifecycle")]).send().unwrap().json().unwrap();
+    let listed: Vec<Value> = server
+        .get("/sandboxes")
+        .query(&[("metadata", "run=lifecycle")])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["sandboxID"], id.as_str());
-    let none: Vec<Value> = server.get("/sandboxes").query(&[("metadata", "run=other")]).send().unwrap().json().unwrap();
+    let none: Vec<Value> = server
+        .get("/sandboxes")
+        .query(&[("metadata", "run=other")])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
     assert!(none.is_empty());
 
     let run = server.exec(&id, json!({ "command": "echo \"$GREETING\"; python3 -c 'print(6*7)'" }));
@@ -57,20 +92,36 @@ fn sandbox_lifecycle_with_metadata_and_env_vars() {
     assert_eq!(again.status(), 404);
     let body: Value = again.json().unwrap();
     assert!(body["message"].as_str().unwrap().contains(&id));
-    let exec = server.post(&format!("/sandboxes/{id}/exec")).json(&json!({"command": "true"})).send().unwrap();
+    let exec = server
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({"command": "true"}))
+        .send()
+        .unwrap();
     assert_eq!(exec.status(), 404);
 }
 
 #[test]
 fn bad_create_requests_get_clear_errors() {
     let server = TestServer::shared();
-    let unknown = server.post("/sandboxes").json(&json!({ "templateID": "no-such-template" })).send().unwrap();
+    let unknown = server
+        .post("/sandboxes")
+        .json(&json!({ "templateID": "no-such-template" }))
+        .send()
+        .unwrap();
     assert_eq!(unknown.status(), 404);
     assert!(unknown.text().unwrap().contains("no-such-template"));
-    let timeout = server.post("/sandboxes").json(&json!({ "timeout": 999999 })).send().unwrap();
+    let timeout = server
+        .post("/sandboxes")
+        .json(&json!({ "timeout": 999999 }))
+        .send()
+        .unwrap();
     assert_eq!(timeout.status(), 400);
     assert!(timeout.text().unwrap().contains("timeout"));
-    let memory = server.post("/sandboxes").json(&json!({ "memoryMB": 1 })).send().unwrap();
+    let memory = server
+        .post("/sandboxes")
+        .json(&json!({ "memoryMB": 1 }))
+        .send()
+        .unwrap();
     assert_eq!(memory.status(), 400);
     let malformed = server
         .post("/sandboxes")
@@ -102,7 +153,10 @@ fn exec_streams_output_exit_codes_stdin_users_and_cwd() {
 
     // A program that does not exist: a clear error, and the sandbox still works.
     let missing = server.exec(id, json!({ "argv": ["/usr/bin/no-such-program", "x"] }));
-    assert!(missing.error.as_deref().unwrap().contains("no-such-program"), "{missing:?}");
+    assert!(
+        missing.error.as_deref().unwrap().contains("no-such-program"),
+        "{missing:?}"
+    );
     let shell_missing = sandbox.sh("no-such-command");
     assert_eq!(shell_missing.exit_code, Some(127));
     assert!(shell_missing.err().contains("not found"));
@@ -120,20 +174,46 @@ fn exec_streams_output_exit_codes_stdin_users_and_cwd() {
 
     // Users, home directories, working directory and environment.
     assert_eq!(server.exec(id, json!({ "argv": ["id", "-un"] })).out(), "user\n");
-    assert_eq!(server.exec(id, json!({ "argv": ["id", "-un"], "user": "root" })).out(), "root\n");
+    assert_eq!(
+        server.exec(id, json!({ "argv": ["id", "-un"], "user": "root" })).out(),
+        "root\n"
+    );
     assert_eq!(server.exec(id, json!({ "command": "pwd" })).out(), "/home/user\n");
-    assert_eq!(server.exec(id, json!({ "command": "echo $HOME", "user": "root" })).out(), "/root\n");
-    assert_eq!(server.exec(id, json!({ "argv": ["pwd"], "cwd": "/tmp" })).out(), "/tmp\n");
-    assert_eq!(server.exec(id, json!({ "command": "echo $A-$B", "env": {"A": "1", "B": "2"} })).out(), "1-2\n");
+    assert_eq!(
+        server
+            .exec(id, json!({ "command": "echo $HOME", "user": "root" }))
+            .out(),
+        "/root\n"
+    );
+    assert_eq!(
+        server.exec(id, json!({ "argv": ["pwd"], "cwd": "/tmp" })).out(),
+        "/tmp\n"
+    );
+    assert_eq!(
+        server
+            .exec(id, json!({ "command": "echo $A-$B", "env": {"A": "1", "B": "2"} }))
+            .out(),
+        "1-2\n"
+    );
     let bad_cwd = server.exec(id, json!({ "argv": ["pwd"], "cwd": "/no/such/dir" }));
     assert!(bad_cwd.error.as_deref().unwrap().contains("/no/such/dir"));
     let bad_user = server.exec(id, json!({ "argv": ["true"], "user": "nobody-here" }));
     assert!(bad_user.error.as_deref().unwrap().contains("nobody-here"));
     // The guest clock was set from the host at start.
     let guest_now: i64 = sandbox.sh("date +%s").out().trim().parse().unwrap();
-    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    assert!((guest_now - host_now).abs() <= 5, "guest clock {guest_now} vs host {host_now}");
-    let empty = server.post(&format!("/sandboxes/{id}/exec")).json(&json!({})).send().unwrap();
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - host_now).abs() <= 5,
+        "guest clock {guest_now} vs host {host_now}"
+    );
+    let empty = server
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({}))
+        .send()
+        .unwrap();
     assert_eq!(empty.status(), 400);
 }
 
@@ -144,19 +224,41 @@ fn files_round_trip_bytes_and_stay_inside_the_guest() {
     let id = &sandbox.id;
     let files = format!("/sandboxes/{id}/files");
 
-    let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let put = server.put(&files).query(&[("path", "data/blob.bin")]).body(data.clone()).send().unwrap();
+    let data: Vec<u8> = (0..(3 << 20))
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let put = server
+        .put(&files)
+        .query(&[("path", "data/blob.bin")])
+        .body(data.clone())
+        .send()
+        .unwrap();
     assert_eq!(put.status(), 200);
     let written: Value = put.json().unwrap();
     assert_eq!(written[0]["path"], "/home/user/data/blob.bin");
-    let got = server.get(&files).query(&[("path", "/home/user/data/blob.bin")]).send().unwrap();
+    let got = server
+        .get(&files)
+        .query(&[("path", "/home/user/data/blob.bin")])
+        .send()
+        .unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().unwrap().as_ref(), data.as_slice());
     // Written as the acting user.
     assert_eq!(sandbox.sh("stat -c %U /home/user/data/blob.bin").out(), "user\n");
 
-    let listing: Value = server.get(&format!("{files}/list")).query(&[("path", "/home/user"), ("depth", "2")]).send().unwrap().json().unwrap();
-    let paths: Vec<&str> = listing["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    let listing: Value = server
+        .get(&format!("{files}/list"))
+        .query(&[("path", "/home/user"), ("depth", "2")])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let paths: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
     assert!(paths.contains(&"/home/user/data"));
     assert!(paths.contains(&"/home/user/data/blob.bin"));
 
@@ -168,14 +270,23 @@ fn files_round_trip_bytes_and_stay_inside_the_guest() {
     assert_eq!(no_path.status(), 400);
     let denied = server.get(&files).query(&[("path", "/etc/shadow")]).send().unwrap();
     assert_eq!(denied.status(), 403);
-    let as_root = server.get(&files).query(&[("path", "/etc/shadow"), ("user", "root")]).send().unwrap();
+    let as_root = server
+        .get(&files)
+        .query(&[("path", "/etc/shadow"), ("user", "root")])
+        .send()
+        .unwrap();
     assert_eq!(as_root.status(), 200);
 
     // `..` cannot climb out of the guest's root: the file lands in the guest's /tmp, never on the host.
     let marker = format!("escape-{id}.txt");
     let tricky = format!("../../../../../../tmp/{marker}");
     assert!(!std::path::Path::new("/tmp").join(&marker).exists());
-    let put = server.put(&files).query(&[("path", tricky.as_str())]).body("inside").send().unwrap();
+    let put = server
+        .put(&files)
+        .query(&[("path", tricky.as_str())])
+        .body("inside")
+        .send()
+        .unwrap();
     assert_eq!(put.status(), 200);
     assert_eq!(sandbox.sh(&format!("cat /tmp/{marker}")).out(), "inside");
     assert!(!std::path::Path::new("/tmp").join(&marker).exists());
@@ -212,18 +323,38 @@ fn envd_services_stat_mkdir_move_remove_and_signals() {
     assert_eq!((status, again["code"].as_str()), (409, Some("already_exists")));
 
     sandbox.sh("printf hello > /home/user/a/f.txt");
-    let (status, stat) = rpc(server, id, "filesystem.Filesystem/Stat", json!({ "path": "/home/user/a/f.txt" }));
+    let (status, stat) = rpc(
+        server,
+        id,
+        "filesystem.Filesystem/Stat",
+        json!({ "path": "/home/user/a/f.txt" }),
+    );
     assert_eq!(status, 200);
     assert_eq!(stat["entry"]["size"], "5");
     assert_eq!(stat["entry"]["owner"], "user");
     assert_eq!(stat["entry"]["permissions"], "-rw-r--r--");
 
-    let (status, moved) = rpc(server, id, "filesystem.Filesystem/Move", json!({ "source": "a/f.txt", "destination": "a/b/g.txt" }));
+    let (status, moved) = rpc(
+        server,
+        id,
+        "filesystem.Filesystem/Move",
+        json!({ "source": "a/f.txt", "destination": "a/b/g.txt" }),
+    );
     assert_eq!(status, 200);
     assert_eq!(moved["entry"]["path"], "/home/user/a/b/g.txt");
-    let (status, listing) = rpc(server, id, "filesystem.Filesystem/ListDir", json!({ "path": "a", "depth": 3 }));
+    let (status, listing) = rpc(
+        server,
+        id,
+        "filesystem.Filesystem/ListDir",
+        json!({ "path": "a", "depth": 3 }),
+    );
     assert_eq!(status, 200);
-    let names: Vec<&str> = listing["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["b", "c", "g.txt"]);
 
     let (status, _) = rpc(server, id, "filesystem.Filesystem/Remove", json!({ "path": "a" }));
@@ -256,19 +387,36 @@ fn envd_services_stat_mkdir_move_remove_and_signals() {
     let mut pid = None;
     assert!(wait_until(Duration::from_secs(30), || {
         let (_, list) = rpc(server, id, "process.Process/List", json!({}));
-        pid = list["processes"].as_array().and_then(|p| p.iter().find(|p| p["tag"] == "sleeper")).and_then(|p| p["pid"].as_u64());
+        pid = list["processes"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["tag"] == "sleeper"))
+            .and_then(|p| p["pid"].as_u64());
         pid.is_some()
     }));
-    let (status, _) = rpc(server, id, "process.Process/SendSignal", json!({ "process": { "pid": pid }, "signal": "SIGNAL_SIGKILL" }));
+    let (status, _) = rpc(
+        server,
+        id,
+        "process.Process/SendSignal",
+        json!({ "process": { "pid": pid }, "signal": "SIGNAL_SIGKILL" }),
+    );
     assert_eq!(status, 200);
     let stream = handle.join().unwrap();
     let text = String::from_utf8_lossy(&stream);
     assert!(text.contains("\"start\""));
     assert!(text.contains("signal: killed"), "{text}");
-    let (status, err) = rpc(server, id, "process.Process/SendSignal", json!({ "process": { "pid": 999999 }, "signal": "SIGNAL_SIGKILL" }));
+    let (status, err) = rpc(
+        server,
+        id,
+        "process.Process/SendSignal",
+        json!({ "process": { "pid": 999999 }, "signal": "SIGNAL_SIGKILL" }),
+    );
     assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
 
     // The host-only init route is not reachable from outside.
-    let init = server.post(&format!("/sandboxes/{id}/envd/init")).json(&json!({ "accessToken": "" })).send().unwrap();
+    let init = server
+        .post(&format!("/sandboxes/{id}/envd/init"))
+        .json(&json!({ "accessToken": "" }))
+        .send()
+        .unwrap();
     assert_eq!(init.status(), 404);
 }

@@ -23,18 +23,29 @@ fn a_killed_qemu_or_a_panicking_guest_marks_the_sandbox_failed_and_frees_it() {
     let pid = crate::fixture::qemu_processes_under(&run_dir)[0];
     // SAFETY: plain kill of a process this test's server started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(20), || state_of(&server, &victim.id)["state"] == "failed"));
+    assert!(wait_until(Duration::from_secs(20), || state_of(&server, &victim.id)
+        ["state"]
+        == "failed"));
     let info = state_of(&server, &victim.id);
     assert!(info["error"].as_str().unwrap().contains("QEMU exited"), "{info}");
     assert!(!run_dir.exists(), "the failed sandbox's files are removed");
-    let exec = server.post(&format!("/sandboxes/{}/exec", victim.id)).json(&json!({"command": "true"})).send().unwrap();
+    let exec = server
+        .post(&format!("/sandboxes/{}/exec", victim.id))
+        .json(&json!({"command": "true"}))
+        .send()
+        .unwrap();
     assert_eq!(exec.status(), 502);
     assert!(exec.text().unwrap().contains("failed"));
 
     // The guest kernel panics.
-    let crash = server.exec(&panicking.id, json!({ "command": "echo c > /proc/sysrq-trigger", "user": "root" }));
+    let crash = server.exec(
+        &panicking.id,
+        json!({ "command": "echo c > /proc/sysrq-trigger", "user": "root" }),
+    );
     assert!(crash.exit_code.is_none(), "the command cannot finish: {crash:?}");
-    assert!(wait_until(Duration::from_secs(30), || state_of(&server, &panicking.id)["state"] == "failed"));
+    assert!(wait_until(Duration::from_secs(30), || state_of(&server, &panicking.id)
+        ["state"]
+        == "failed"));
     let info = state_of(&server, &panicking.id);
     assert!(info["error"].as_str().unwrap().contains("panicked"), "{info}");
 
@@ -48,12 +59,18 @@ fn a_killed_qemu_or_a_panicking_guest_marks_the_sandbox_failed_and_frees_it() {
 
 #[test]
 fn a_crashed_server_takes_its_vms_along_and_a_restart_finds_its_state() {
-    let temp = tempfile::Builder::new().prefix("viv-e2e-restart-").tempdir_in("/tmp").unwrap();
+    let temp = tempfile::Builder::new()
+        .prefix("viv-e2e-restart-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let first = TestServer::start_on(temp.path(), None);
     let id = first.create(json!({ "timeout": 600, "metadata": { "keep": "me" } }));
     assert_eq!(first.qemu_processes().len(), 1);
     first.stop(libc::SIGKILL);
-    assert!(wait_until(Duration::from_secs(10), || qemu_processes_under(temp.path()).is_empty()), "QEMU outlived the server");
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_processes_under(temp.path()).is_empty()),
+        "QEMU outlived the server"
+    );
     drop(first);
 
     let second = TestServer::start_on(temp.path(), None);
@@ -75,13 +92,33 @@ fn sandboxes_die_when_their_timeout_passes_unless_extended() {
     let server = TestServer::shared();
     let short = server.create(json!({ "timeout": 2 }));
     let extended = server.create(json!({ "timeout": 2 }));
-    let set = server.post(&format!("/sandboxes/{extended}/timeout")).json(&json!({ "timeout": 120 })).send().unwrap();
+    let set = server
+        .post(&format!("/sandboxes/{extended}/timeout"))
+        .json(&json!({ "timeout": 120 }))
+        .send()
+        .unwrap();
     assert_eq!(set.status(), 204);
-    assert!(wait_until(Duration::from_secs(15), || server.get(&format!("/sandboxes/{short}")).send().unwrap().status() == 404));
+    assert!(wait_until(Duration::from_secs(15), || server
+        .get(&format!("/sandboxes/{short}"))
+        .send()
+        .unwrap()
+        .status()
+        == 404));
     assert_eq!(state_of(server, &extended)["state"], "running");
-    let bad = server.post(&format!("/sandboxes/{extended}/timeout")).json(&json!({ "timeout": 10_000_000 })).send().unwrap();
+    let bad = server
+        .post(&format!("/sandboxes/{extended}/timeout"))
+        .json(&json!({ "timeout": 10_000_000 }))
+        .send()
+        .unwrap();
     assert_eq!(bad.status(), 400);
-    assert_eq!(server.delete(&format!("/sandboxes/{extended}")).send().unwrap().status(), 204);
+    assert_eq!(
+        server
+            .delete(&format!("/sandboxes/{extended}"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
 }
 
 #[test]
@@ -100,7 +137,16 @@ fn user_supplied_directories_and_ext4_images_become_sandboxes() {
     std::fs::write(root.join("etc/motd"), "tiny image\n").unwrap();
     let name = format!("tiny-{}", std::process::id());
     let imported = crate::fixture::cli_with(
-        &["image", "import", &name, "--dir", root.to_str().unwrap(), "--cache-dir", &cache, "--json"],
+        &[
+            "image",
+            "import",
+            &name,
+            "--dir",
+            root.to_str().unwrap(),
+            "--cache-dir",
+            &cache,
+            "--json",
+        ],
         &[],
         None,
     );
@@ -109,10 +155,14 @@ fn user_supplied_directories_and_ext4_images_become_sandboxes() {
     let id = server.create(json!({ "templateID": name, "timeout": 600 }));
     let run = server.exec(&id, json!({ "argv": ["/bin/busybox", "cat", "/etc/motd"] }));
     assert_eq!(run.out(), "tiny image\n");
-    assert_eq!(server.exec(&id, json!({ "argv": ["/bin/busybox", "id", "-u"] })).out(), "0\n");
+    assert_eq!(
+        server.exec(&id, json!({ "argv": ["/bin/busybox", "id", "-u"] })).out(),
+        "0\n"
+    );
 
     // The same tree as an ext4 image.
-    let img = tree.path().join("tiny.ext4");
+    let img_dir = tempfile::tempdir().unwrap();
+    let img = img_dir.path().join("tiny.ext4");
     let status = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(root)
@@ -122,15 +172,48 @@ fn user_supplied_directories_and_ext4_images_become_sandboxes() {
         .unwrap();
     assert!(status.success());
     let ext4_name = format!("{name}-ext4");
-    let imported = crate::fixture::cli_with(&["image", "import", &ext4_name, "--ext4", img.to_str().unwrap(), "--cache-dir", &cache], &[], None);
+    let imported = crate::fixture::cli_with(
+        &[
+            "image",
+            "import",
+            &ext4_name,
+            "--ext4",
+            img.to_str().unwrap(),
+            "--cache-dir",
+            &cache,
+        ],
+        &[],
+        None,
+    );
     assert_eq!(imported.code, 0, "{imported:?}");
     let id2 = server.create(json!({ "templateID": ext4_name, "timeout": 600 }));
-    assert_eq!(server.exec(&id2, json!({ "argv": ["/bin/busybox", "cat", "/etc/motd"] })).out(), "tiny image\n");
+    assert_eq!(
+        server
+            .exec(&id2, json!({ "argv": ["/bin/busybox", "cat", "/etc/motd"] }))
+            .out(),
+        "tiny image\n"
+    );
 
-    let not_ext4 = crate::fixture::cli_with(&["image", "import", "bad", "--ext4", "/etc/hostname", "--cache-dir", &cache], &[], None);
+    let not_ext4 = crate::fixture::cli_with(
+        &[
+            "image",
+            "import",
+            "bad",
+            "--ext4",
+            "/etc/hostname",
+            "--cache-dir",
+            &cache,
+        ],
+        &[],
+        None,
+    );
     assert_eq!(not_ext4.code, 1);
     assert!(not_ext4.stderr.contains("not an ext2/3/4"), "{}", not_ext4.stderr);
-    let bad_name = crate::fixture::cli_with(&["image", "import", "Bad/Name", "--dir", "/tmp", "--cache-dir", &cache], &[], None);
+    let bad_name = crate::fixture::cli_with(
+        &["image", "import", "Bad/Name", "--dir", "/tmp", "--cache-dir", &cache],
+        &[],
+        None,
+    );
     assert!(bad_name.stderr.contains("invalid image name"), "{}", bad_name.stderr);
 
     for id in [id, id2] {
