@@ -100,6 +100,8 @@ pub fn entry_info(path: &Path) -> io::Result<EntryInfo> {
         FileType::Directory
     } else if kind_meta.is_file() {
         FileType::File
+    } else if kind_meta.file_type().is_symlink() {
+        FileType::Symlink
     } else {
         FileType::Unspecified
     };
@@ -119,6 +121,7 @@ pub fn entry_info(path: &Path) -> io::Result<EntryInfo> {
             .modified()
             .ok()
             .map(|t| humantime::format_rfc3339_nanos(t).to_string()),
+        is_symlink: meta.file_type().is_symlink(),
         symlink_target,
     })
 }
@@ -244,7 +247,7 @@ fn walk(dir: &Path, depth: u32, out: &mut Vec<EntryInfo>) -> io::Result<()> {
         let Ok(entry) = entry_info(&path) else {
             continue;
         };
-        let descend = depth > 1 && entry.file_type == FileType::Directory && entry.symlink_target.is_none();
+        let descend = depth > 1 && entry.file_type == FileType::Directory && !entry.is_symlink;
         out.push(entry);
         if descend {
             // Unreadable subdirectories are listed but not entered.

@@ -17,6 +17,9 @@ pub enum FileType {
     /// A directory.
     #[serde(rename = "FILE_TYPE_DIRECTORY")]
     Directory,
+    /// A symbolic link whose target does not exist.
+    #[serde(rename = "FILE_TYPE_SYMLINK")]
+    Symlink,
 }
 
 /// Facts about one file.
@@ -47,6 +50,9 @@ pub struct EntryInfo {
     /// Where a symlink points.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub symlink_target: Option<String>,
+    /// Whether the path itself is a symbolic link.
+    #[serde(default)]
+    pub is_symlink: bool,
 }
 
 /// A request naming one path (`Stat`, `MakeDir`, `Remove`).

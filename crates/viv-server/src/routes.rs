@@ -151,21 +151,31 @@ async fn set_timeout(
 }
 
 fn agent_error(err: AgentError) -> ApiError {
-    match err {
-        AgentError::Rpc {
-            status: 404, message, ..
-        } => ApiError::NotFound(message),
-        AgentError::Rpc {
-            status: 400, message, ..
-        } => ApiError::BadRequest(message),
-        AgentError::Rpc {
-            status: 403, message, ..
-        } => ApiError::Forbidden(message),
-        AgentError::Rpc {
-            status: 409, message, ..
-        } => ApiError::Conflict(message),
-        other => ApiError::Sandbox(other.to_string()),
+    let AgentError::Rpc { status, message, .. } = &err else {
+        return ApiError::Sandbox(err.to_string());
+    };
+    let message = message.clone();
+    match status {
+        400 => ApiError::BadRequest(message),
+        403 => ApiError::Forbidden(message),
+        404 => ApiError::NotFound(message),
+        409 => ApiError::Conflict(message),
+        _ => ApiError::Sandbox(err.to_string()),
     }
+}
+
+/// Sends a request to the sandbox's agent; a non-2xx answer becomes the matching [`ApiError`].
+async fn agent_ok(
+    live: &LiveSandbox,
+    request: hyper::Request<Body>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
+    let response = live.agent.send(request).await.map_err(agent_error)?;
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let status = response.status().as_u16();
+    let body = collect(response).await.map_err(agent_error)?;
+    Err(agent_error(rpc_error(status, &body)))
 }
 
 fn basic_user(user: Option<&str>) -> Option<String> {
@@ -219,12 +229,7 @@ async fn exec(
     let request = request
         .body(Body::from(envelope::encode_json(&start)))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = live.agent.send(request).await.map_err(agent_error)?;
-    if !response.status().is_success() {
-        let status = response.status().as_u16();
-        let body = collect(response).await.map_err(agent_error)?;
-        return Err(agent_error(rpc_error(status, &body)));
-    }
+    let response = agent_ok(&live, request).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(relay_exec(live, response.into_body(), stdin, tx));
     let body =
@@ -387,12 +392,7 @@ async fn download(
     let request = hyper::Request::get(format!("http://agent/files?{}", q.agent_query()?))
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = live.agent.send(request).await.map_err(agent_error)?;
-    if !response.status().is_success() {
-        let status = response.status().as_u16();
-        let body = collect(response).await.map_err(agent_error)?;
-        return Err(agent_error(rpc_error(status, &body)));
-    }
+    let response = agent_ok(&live, request).await?;
     Ok(response.map(Body::new).into_response())
 }
 
@@ -407,12 +407,7 @@ async fn upload(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(body)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = live.agent.send(request).await.map_err(agent_error)?;
-    let status = response.status().as_u16();
-    let body = collect(response).await.map_err(agent_error)?;
-    if !(200..300).contains(&status) {
-        return Err(agent_error(rpc_error(status, &body)));
-    }
+    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -436,12 +431,7 @@ async fn list_files(
         .body(Body::from(body.to_string()))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     request.headers_mut().extend(headers);
-    let response = live.agent.send(request).await.map_err(agent_error)?;
-    let status = response.status().as_u16();
-    let body = collect(response).await.map_err(agent_error)?;
-    if status != 200 {
-        return Err(agent_error(rpc_error(status, &body)));
-    }
+    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
