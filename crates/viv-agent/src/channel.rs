@@ -74,8 +74,16 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Ok(n) => {
+                Ok(mut n) => {
                     connected = true;
+                    // virtio-console hands over at most a page per read; gather what is already
+                    // queued so each hop to the async side carries a large chunk.
+                    while buf.len() - n >= 4096 && readable_now(&port) {
+                        match port.read(&mut buf[n..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(more) => n += more,
+                        }
+                    }
                     if events_tx.blocking_send(PortEvent::Data(buf[..n].to_vec())).is_err() {
                         return;
                     }
@@ -113,6 +121,19 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a read from `port` would return data without blocking.
+fn readable_now(port: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut pfd = libc::pollfd {
+        fd: port.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd on the stack for the duration of the call; timeout 0.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    ready == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Starts one HTTP/2 connection over an in-memory pipe; returns the half that feeds it.

@@ -199,6 +199,14 @@ fn exec_streams_output_exit_codes_stdin_users_and_cwd() {
     assert!(bad_cwd.error.as_deref().unwrap().contains("/no/such/dir"));
     let bad_user = server.exec(id, json!({ "argv": ["true"], "user": "nobody-here" }));
     assert!(bad_user.error.as_deref().unwrap().contains("nobody-here"));
+    // PID 1 reaps orphans, and the guest has its host name.
+    sandbox.sh("for i in 1 2 3; do (sleep 0.2 &) ; done");
+    assert!(wait_until(Duration::from_secs(10), || sandbox
+        .sh("ps -eo stat= | grep -c '^Z' || true")
+        .out()
+        .trim()
+        == "0"));
+    assert_eq!(sandbox.sh("hostname").out(), "sandbox\n");
     // The guest clock was set from the host at start.
     let guest_now: i64 = sandbox.sh("date +%s").out().trim().parse().unwrap();
     let host_now = std::time::SystemTime::now()

@@ -91,7 +91,7 @@ fn a_crashed_server_takes_its_vms_along_and_a_restart_finds_its_state() {
 fn sandboxes_die_when_their_timeout_passes_unless_extended() {
     let server = TestServer::shared();
     let short = server.create(json!({ "timeout": 2 }));
-    let extended = server.create(json!({ "timeout": 2 }));
+    let extended = server.create(json!({ "timeout": 8 }));
     let set = server
         .post(&format!("/sandboxes/{extended}/timeout"))
         .json(&json!({ "timeout": 120 }))
