@@ -102,25 +102,56 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
     })?;
 
     let mut session: Option<tokio::io::WriteHalf<tokio::io::DuplexStream>> = None;
+    // Bytes received while no session runs, kept until an HTTP/2 preface shows up in them.
+    let mut pending: Vec<u8> = Vec::new();
     while let Some(event) = events_rx.recv().await {
         match event {
             PortEvent::HangUp => {
                 tracing::debug!("host hung up");
                 session = None;
+                pending.clear();
             }
             PortEvent::Data(data) => {
-                if session.is_none() {
-                    session = Some(start_session(app.clone(), out_tx.clone()));
-                }
-                let to_hyper = session.as_mut().expect("session just created");
+                let data = if session.is_some() {
+                    data
+                } else {
+                    // A new host connection starts with the client preface. Anything before it
+                    // is the tail of an earlier connection (for example one cut by a snapshot or
+                    // a restore) and is dropped, so a new session never starts mid-stream.
+                    pending.extend_from_slice(&data);
+                    match find_preface(&pending) {
+                        Some(at) => {
+                            let data = pending.split_off(at);
+                            pending.clear();
+                            tracing::debug!(skipped = at, "host connected");
+                            session = Some(start_session(app.clone(), out_tx.clone()));
+                            data
+                        }
+                        None => {
+                            // Keep only what could be the start of a preface.
+                            let keep = pending.len().min(PREFACE.len() - 1);
+                            pending.drain(..pending.len() - keep);
+                            continue;
+                        }
+                    }
+                };
+                let to_hyper = session.as_mut().expect("session running");
                 if to_hyper.write_all(&data).await.is_err() {
-                    // hyper closed the connection (protocol error); wait for the host to reconnect.
+                    // hyper closed the connection (protocol error); wait for the host's next one.
+                    tracing::debug!("session closed by the agent");
                     session = None;
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn find_preface(data: &[u8]) -> Option<usize> {
+    data.windows(PREFACE.len()).position(|w| w == PREFACE)
 }
 
 /// Whether a read from `port` would return data without blocking.
@@ -159,7 +190,7 @@ fn start_session(
     tokio::spawn(async move {
         let service = TowerToHyperService::new(app);
         if let Err(err) = http2_builder().serve_connection(TokioIo::new(theirs), service).await {
-            tracing::debug!(error = %err, "host connection ended");
+            tracing::debug!(error = ?err, "host connection ended");
         }
     });
     to_hyper

@@ -58,6 +58,10 @@ pub struct NewSandbox {
     /// Memory in MiB (Vivarium extension; the server's default when absent).
     #[serde(rename = "memoryMB", default, skip_serializing_if = "Option::is_none")]
     pub memory_mb: Option<u32>,
+    /// Boot the kernel even when the server restores template snapshots (Vivarium extension;
+    /// for comparisons and diagnosis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_boot: Option<bool>,
 }
 
 /// Response of `POST /sandboxes`.

@@ -39,6 +39,11 @@ pub enum AgentError {
     Decode(String),
 }
 
+/// How long one readiness probe waits before trying on a new connection. The cold-boot path
+/// connects only after the guest opened its port, so a healthy guest answers well within this;
+/// it bounds the wait when bytes were lost to a channel reset.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A client for one sandbox's agent.
 #[derive(Debug)]
 pub struct AgentClient {
@@ -90,6 +95,11 @@ impl AgentClient {
         Ok(sender)
     }
 
+    /// Closes the connection, if one is open; the next request opens a new one.
+    pub async fn close(&self) {
+        self.sender.lock().await.take();
+    }
+
     /// Sends a request (path and query relative to the agent's root), adding the access token.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
         if let Some(token) = self.token.read().expect("token lock").clone() {
@@ -121,13 +131,15 @@ impl AgentClient {
             let request = Request::get("http://agent/health")
                 .body(Body::empty())
                 .expect("static request");
-            match tokio::time::timeout(remaining, self.send(request)).await {
+            // A connection that gets no answer is replaced: its bytes may have gone to a
+            // channel the guest was still resetting.
+            let attempt = remaining.min(ATTEMPT_TIMEOUT);
+            match tokio::time::timeout(attempt, self.send(request)).await {
                 Ok(Ok(response)) if response.status().is_success() => return Ok(()),
-                Ok(_) => {
+                _ => {
                     self.sender.lock().await.take();
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(_) => return Err(AgentError::Timeout(limit)),
             }
         }
     }

@@ -23,6 +23,8 @@ use crate::error::ApiError;
 use crate::store::{now_rfc3339, SandboxRow, Store};
 use crate::Metrics;
 
+mod templates;
+
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -44,6 +46,9 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// Name of this node, reported as `clientID`.
     pub node_name: String,
+    /// Start sandboxes by restoring template snapshots (experimental: the agent channel does not
+    /// yet come back reliably after a restore, see ARCHITECTURE.md).
+    pub snapshots: bool,
 }
 
 /// A sandbox whose VM runs.
@@ -58,6 +63,14 @@ pub struct LiveSandbox {
     memory_file: PathBuf,
 }
 
+/// Where a VM's first state comes from.
+enum Origin<'a> {
+    /// Boot the kernel with this root layer, guest memory in a file of the VM's own.
+    Boot { layer: &'a Path, memory_file: PathBuf },
+    /// Restore a template snapshot.
+    Restore(&'a templates::TemplateSnapshot),
+}
+
 /// The sandbox manager.
 pub struct Manager {
     config: Config,
@@ -69,6 +82,7 @@ pub struct Manager {
     shm_dir: PathBuf,
     live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
     metrics: Arc<Metrics>,
+    templates: templates::TemplateCache,
 }
 
 fn now_ms() -> i64 {
@@ -127,6 +141,7 @@ impl Manager {
             shm_dir,
             live: Mutex::new(HashMap::new()),
             metrics,
+            templates: templates::TemplateCache::new(qemu_version()),
         })
     }
 
@@ -152,6 +167,9 @@ impl Manager {
         // Anything else in our directories belongs to no sandbox.
         for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_name() == "templates" {
+                    continue;
+                }
                 let _ = if entry.path().is_dir() {
                     std::fs::remove_dir_all(entry.path())
                 } else {
@@ -182,7 +200,9 @@ impl Manager {
         })
     }
 
-    /// Creates a sandbox: a cold boot of its template's root layer behind a fresh overlay.
+    /// Creates a sandbox behind a fresh disk overlay: a boot of its template's root layer, or,
+    /// when snapshots are enabled and `coldBoot` is not set, a restore of the template's snapshot
+    /// (built on first use).
     pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<CreatedSandbox, ApiError> {
         let template = req
             .template_id
@@ -226,17 +246,24 @@ impl Manager {
         };
         self.store.put_sandbox(&row)?;
         let started = std::time::Instant::now();
-        match self
-            .boot_sandbox(
-                &id,
-                &layer,
-                vcpus,
-                memory_mib,
-                token.clone(),
-                req.env_vars.unwrap_or_default(),
-            )
-            .await
-        {
+        let started_vm = async {
+            let run_dir = self.run_dir(&id);
+            let live = if req.cold_boot.unwrap_or(false) || !self.config.snapshots {
+                let origin = Origin::Boot {
+                    layer: &layer,
+                    memory_file: self.memory_file(&id),
+                };
+                self.start_vm(&id, &run_dir, origin, vcpus, memory_mib).await?
+            } else {
+                let template = self.template(&template, &layer, vcpus, memory_mib).await?;
+                self.start_vm(&id, &run_dir, Origin::Restore(&template), vcpus, memory_mib)
+                    .await?
+            };
+            self.init_agent(&live, token.clone(), req.env_vars.clone().unwrap_or_default())
+                .await?;
+            Ok::<_, ApiError>(live)
+        };
+        match started_vm.await {
             Ok(live) => {
                 row.state = SandboxState::Running;
                 row.vmm_pid = live.vm.pid();
@@ -266,27 +293,36 @@ impl Manager {
         }
     }
 
-    async fn boot_sandbox(
+    /// Starts a VM in `run_dir` from `origin` and waits until its agent answers (not yet
+    /// initialized). On failure the VM is killed and the error carries the console's last lines.
+    async fn start_vm(
         &self,
         id: &str,
-        layer: &Path,
+        run_dir: &Path,
+        origin: Origin<'_>,
         vcpus: u32,
         memory_mib: u32,
-        token: Option<String>,
-        env_vars: BTreeMap<String, String>,
     ) -> Result<Arc<LiveSandbox>, ApiError> {
-        let run_dir = self.run_dir(id);
-        std::fs::create_dir_all(&run_dir)
+        std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
         let overlay = run_dir.join("root.qcow2");
-        create_overlay(layer, &overlay).await?;
+        let (layer, memory_file, restore_from) = match origin {
+            Origin::Boot { layer, memory_file } => (layer.to_path_buf(), memory_file, None),
+            Origin::Restore(template) => (
+                template.disk.clone(),
+                template.memory_file.clone(),
+                Some(template.state.clone()),
+            ),
+        };
+        create_overlay(&layer, &overlay).await?;
         let spec = VmSpec {
-            name: format!("viv-{}", &id[..8]),
-            run_dir: run_dir.clone(),
+            name: format!("viv-{}", &id[..8.min(id.len())]),
+            run_dir: run_dir.to_path_buf(),
             kernel: self.boot.kernel.clone(),
             initramfs: self.boot.initramfs.clone(),
             root_disk: overlay,
-            memory_file: self.memory_file(id),
+            memory_file,
+            restore_from,
             vcpus,
             memory_mib,
             accel: self.accel,
@@ -296,14 +332,14 @@ impl Manager {
             viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => {
                 ApiError::Unavailable(e.to_string())
             }
-            other => ApiError::Sandbox(other.to_string()),
+            other => ApiError::Sandbox(format!("sandbox {id} failed to start: {other}")),
         })?;
         let live = Arc::new(LiveSandbox {
             id: id.to_owned(),
             vm,
             agent: AgentClient::new(spec.agent_socket()),
-            run_dir,
-            memory_file: spec.memory_file.clone(),
+            run_dir: run_dir.to_path_buf(),
+            memory_file: self.memory_file(id),
         });
         let mut exit = live.vm.exit();
         let mut port = live.vm.agent_port_open();
@@ -322,31 +358,60 @@ impl Manager {
                 Err(format!("the VM stopped while booting: {reason}"))
             }
         };
-        let init = async {
-            ready?;
-            let body = serde_json::json!({
-                "timestampMs": now_ms(),
-                "envVars": env_vars,
-                "accessToken": token.clone().unwrap_or_default(),
-                "hostname": "sandbox",
-            });
-            live.agent
-                .call::<_, serde_json::Value>("/init", &body)
-                .await
-                .map_err(|e| e.to_string())?;
-            live.agent.set_token(token);
-            Ok::<_, String>(())
-        };
-        if let Err(reason) = init.await {
+        match ready {
+            Ok(()) => Ok(live),
+            Err(reason) => Err(self.abandon(&live, &spec, &reason).await),
+        }
+    }
+
+    /// Kills a VM that failed to come up and describes why, with the console's last lines.
+    async fn abandon(&self, live: &LiveSandbox, spec: &VmSpec, reason: &str) -> ApiError {
+        let _ = live.vm.kill().await;
+        let console = std::fs::read_to_string(spec.console_log()).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = tail[tail.len().saturating_sub(8)..].join(" | ");
+        ApiError::Sandbox(format!(
+            "sandbox {} failed to start: {reason}; console: {tail}",
+            live.id
+        ))
+    }
+
+    /// Gives a started agent its clock, environment, token and host name.
+    async fn init_agent(
+        &self,
+        live: &LiveSandbox,
+        token: Option<String>,
+        env_vars: BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        let body = serde_json::json!({
+            "timestampMs": now_ms(),
+            "envVars": env_vars,
+            "accessToken": token.clone().unwrap_or_default(),
+            "hostname": "sandbox",
+        });
+        // A restored guest may still be settling its channel (the port closes and reopens around
+        // the restore), so a broken connection is retried on a fresh one.
+        let mut result = live.agent.call::<_, serde_json::Value>("/init", &body).await;
+        for _ in 0..5 {
+            if !matches!(result, Err(crate::agent_client::AgentError::Channel(_))) {
+                break;
+            }
+            live.agent.close().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            result = match live.agent.wait_ready(self.config.boot_timeout).await {
+                Ok(()) => live.agent.call::<_, serde_json::Value>("/init", &body).await,
+                Err(err) => Err(err),
+            };
+        }
+        if let Err(err) = result {
             let _ = live.vm.kill().await;
-            let console = std::fs::read_to_string(spec.console_log()).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = tail[tail.len().saturating_sub(8)..].join(" | ");
             return Err(ApiError::Sandbox(format!(
-                "sandbox {id} failed to start: {reason}; console: {tail}"
+                "sandbox {} failed to start: initializing its agent: {err}",
+                live.id
             )));
         }
-        Ok(live)
+        live.agent.set_token(token);
+        Ok(())
     }
 
     /// Marks the sandbox failed and frees its resources if its VM stops without being asked to.
@@ -521,4 +586,20 @@ fn kill_stale_vmm(pid: u32, run_dir: &Path) {
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         tracing::warn!(pid, "killed a VM left running by a previous server");
     }
+}
+
+/// The QEMU version, part of every template key: device state is only loadable by the same
+/// QEMU.
+fn qemu_version() -> String {
+    std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_default()
 }

@@ -94,8 +94,12 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The writable root disk (a qcow2 overlay the caller created).
     pub root_disk: PathBuf,
-    /// Where guest memory lives (a file on a tmpfs such as /dev/shm).
+    /// Where guest memory lives (a file on a tmpfs such as /dev/shm). A booted VM maps it
+    /// shared, so a snapshot leaves the memory in the file; a restored VM maps its snapshot's
+    /// file privately (copy-on-write), so clones share the template's pages.
     pub memory_file: PathBuf,
+    /// Restore from this snapshot instead of booting.
+    pub restore_from: Option<PathBuf>,
     /// vCPUs.
     pub vcpus: u32,
     /// Guest memory in MiB.
@@ -164,6 +168,9 @@ pub enum VmError {
     /// The control channel failed.
     #[error("VM control: {0}")]
     Control(#[from] qmp::QmpError),
+    /// A snapshot could not be written or read.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// The VM is not running any more.
     #[error("the VM has stopped: {0}")]
     Stopped(String),
@@ -190,6 +197,11 @@ pub trait Vm: Send + Sync {
     /// virtio-serial port the guest has opened, and bytes a host sends earlier can stay stuck in
     /// the socket, so the host connects only once this turns true.
     fn agent_port_open(&self) -> watch::Receiver<bool>;
+    /// Pauses the VM and writes its device state to `state_file`; guest memory stays in the
+    /// memory file. The VM stays paused; kill it or let it run on with [`Vm::resume`].
+    fn snapshot<'a>(&'a self, state_file: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmError>>;
+    /// Resumes a paused VM.
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmError>>;
     /// Stops the VM at once and waits until its process is gone.
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>>;
 }

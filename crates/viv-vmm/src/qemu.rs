@@ -88,7 +88,7 @@ impl Qemu {
             spec.name, spec.extra_cmdline
         );
         let path = |p: &Path| p.display().to_string();
-        vec![
+        let mut args: Vec<String> = vec![
             "-name".into(),
             spec.name.clone(),
             "-M".into(),
@@ -103,8 +103,9 @@ impl Qemu {
             format!("{mem}M"),
             "-object".into(),
             format!(
-                "memory-backend-file,id=mem,size={mem}M,mem-path={},share=on",
-                path(&spec.memory_file)
+                "memory-backend-file,id=mem,size={mem}M,mem-path={},share={}",
+                path(&spec.memory_file),
+                if spec.restore_from.is_some() { "off" } else { "on" }
             ),
             "-nodefaults".into(),
             "-no-user-config".into(),
@@ -133,7 +134,11 @@ impl Qemu {
             "virtio-blk-device,drive=root".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&spec.control_socket())),
-        ]
+        ];
+        if spec.restore_from.is_some() {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
+        args
     }
 
     fn check(&self, spec: &VmSpec) -> Result<(), LaunchError> {
@@ -205,9 +210,21 @@ impl Qemu {
                 return Err(LaunchError::Startup(format!("{reason}. QEMU said: {}", log.trim())));
             }
         };
+        if let Some(state) = &spec.restore_from {
+            if let Err(err) = restore(&qmp, state).await {
+                let _ = child.kill().await;
+                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                return Err(LaunchError::Startup(format!(
+                    "restoring {}: {err}. QEMU said: {}",
+                    state.display(),
+                    log.trim()
+                )));
+            }
+        }
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel();
-        let (port_tx, port_rx) = watch::channel(false);
+        // A restored guest opened its port before the snapshot.
+        let (port_tx, port_rx) = watch::channel(spec.restore_from.is_some());
         tokio::spawn(supervise(
             child,
             qmp.clone(),
@@ -223,7 +240,7 @@ impl Qemu {
             exit_rx,
             port_rx,
             kill_tx: Mutex::new(Some(kill_tx)),
-            _qmp: qmp,
+            qmp,
         }))
     }
 }
@@ -328,6 +345,77 @@ async fn supervise(
     let _ = exit_tx.send(Some(VmExit { requested, reason }));
 }
 
+/// Guest memory lives in a file the snapshot does not copy: the migration stream carries device
+/// state only.
+async fn set_ignore_shared(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
+    let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+    qmp.execute("migrate-set-capabilities", Some(caps)).await.map(|_| ())
+}
+
+/// Polls `query-migrate` until the migration completes or fails.
+async fn wait_migration(qmp: &Qmp) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let status = qmp.execute("query-migrate", None).await.map_err(|e| e.to_string())?;
+        match status["status"].as_str().unwrap_or_default() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(status["error-desc"].as_str().unwrap_or("migration failed").to_owned());
+            }
+            _ if start.elapsed() > Duration::from_secs(60) => return Err("migration did not finish in 60 s".into()),
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    }
+}
+
+/// Loads device state into a QEMU started with `-incoming defer`, then lets the guest run.
+async fn restore(qmp: &Qmp, state: &Path) -> Result<(), String> {
+    if !state.is_file() {
+        return Err(format!("{} does not exist", state.display()));
+    }
+    set_ignore_shared(qmp).await.map_err(|e| e.to_string())?;
+    tracing::debug!(state = %state.display(), "loading device state");
+    let uri = format!("exec:cat {}", shell_quote(state));
+    qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+        .await
+        .map_err(|e| e.to_string())?;
+    wait_migration(qmp).await?;
+    tracing::debug!("device state loaded");
+    qmp.execute("cont", None).await.map_err(|e| e.to_string())?;
+    tracing::debug!("restored VM running");
+    Ok(())
+}
+
+/// Waits until process `pid` has no children left (the helpers of `exec:` migrations).
+async fn wait_for_children(pid: u32, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let parent = pid.to_string();
+    loop {
+        let busy = std::fs::read_dir("/proc")
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .any(|entry| {
+                let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                // The parent pid is the second field after the parenthesized command name.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    == Some(parent.as_str())
+            });
+        if !busy {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(format!("the snapshot writer did not finish within {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Quotes a path for the shell QEMU runs `exec:` migration commands with.
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
@@ -338,7 +426,7 @@ struct QemuVm {
     exit_rx: watch::Receiver<Option<VmExit>>,
     port_rx: watch::Receiver<bool>,
     kill_tx: Mutex<Option<oneshot::Sender<()>>>,
-    _qmp: Arc<Qmp>,
+    qmp: Arc<Qmp>,
 }
 
 impl Vm for QemuVm {
@@ -348,6 +436,35 @@ impl Vm for QemuVm {
 
     fn exit(&self) -> watch::Receiver<Option<VmExit>> {
         self.exit_rx.clone()
+    }
+
+    fn snapshot<'a>(&'a self, state_file: &'a Path) -> BoxFuture<'a, Result<(), VmError>> {
+        async move {
+            self.qmp.execute("stop", None).await?;
+            set_ignore_shared(&self.qmp).await?;
+            let uri = format!("exec:cat > {}", shell_quote(state_file));
+            self.qmp
+                .execute("migrate", Some(serde_json::json!({ "uri": uri })))
+                .await?;
+            wait_migration(&self.qmp).await.map_err(VmError::Snapshot)?;
+            // QEMU reports completion once it has written the stream into the pipe; the `cat`
+            // it spawned may still be writing the file.
+            if let Some(pid) = self.pid {
+                wait_for_children(pid, Duration::from_secs(30))
+                    .await
+                    .map_err(VmError::Snapshot)?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmError>> {
+        async move {
+            self.qmp.execute("cont", None).await?;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn agent_port_open(&self) -> watch::Receiver<bool> {
@@ -382,6 +499,7 @@ mod tests {
             initramfs: "/i".into(),
             root_disk: "/d.qcow2".into(),
             memory_file: "/dev/shm/m".into(),
+            restore_from: None,
             vcpus: 2,
             memory_mib: 256,
             accel: Accel::Tcg,

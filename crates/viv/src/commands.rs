@@ -92,6 +92,9 @@ pub enum SandboxCommand {
         /// Memory in MiB.
         #[arg(long)]
         memory: Option<u32>,
+        /// Boot the kernel instead of restoring the template snapshot.
+        #[arg(long)]
+        cold_boot: bool,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -305,6 +308,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             env,
             cpus,
             memory,
+            cold_boot,
         } => {
             let req = NewSandbox {
                 template_id: Some(template),
@@ -314,6 +318,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 secure: Some(true),
                 cpu_count: cpus,
                 memory_mb: memory,
+                cold_boot: cold_boot.then_some(true),
             };
             let created: CreatedSandbox = client
                 .json(client.request(Method::POST, "/sandboxes").json(&req))
