@@ -46,8 +46,8 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// Name of this node, reported as `clientID`.
     pub node_name: String,
-    /// Start sandboxes by restoring template snapshots (experimental: the agent channel does not
-    /// yet come back reliably after a restore, see ARCHITECTURE.md).
+    /// Start sandboxes by restoring template snapshots (experimental; otherwise every sandbox
+    /// boots).
     pub snapshots: bool,
 }
 
@@ -344,7 +344,13 @@ impl Manager {
         let mut exit = live.vm.exit();
         let mut port = live.vm.agent_port_open();
         let limit = self.config.boot_timeout;
+        let restored = spec.restore_from.is_some();
         let boot = async {
+            // QEMU rate-limits port events to one a second, so a restored guest (whose port
+            // closes and reopens around the restore) is probed directly instead.
+            if restored {
+                return live.agent.wait_ready(limit).await.map_err(|e| e.to_string());
+            }
             tokio::time::timeout(limit, port.wait_for(|open| *open))
                 .await
                 .map_err(|_| format!("the guest did not open its agent channel within {limit:?}"))?

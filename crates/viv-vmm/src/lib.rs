@@ -197,6 +197,8 @@ pub trait Vm: Send + Sync {
     /// virtio-serial port the guest has opened, and bytes a host sends earlier can stay stuck in
     /// the socket, so the host connects only once this turns true.
     fn agent_port_open(&self) -> watch::Receiver<bool>;
+    /// How many times the guest has closed the agent channel (so a short close is never missed).
+    fn agent_port_closes(&self) -> watch::Receiver<u64>;
     /// Pauses the VM and writes its device state to `state_file`; guest memory stays in the
     /// memory file. The VM stays paused; kill it or let it run on with [`Vm::resume`].
     fn snapshot<'a>(&'a self, state_file: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmError>>;

@@ -210,6 +210,8 @@ impl Qemu {
                 return Err(LaunchError::Startup(format!("{reason}. QEMU said: {}", log.trim())));
             }
         };
+        // Subscribe before the guest runs, so no event (the agent port opening) is missed.
+        let events = qmp.events();
         if let Some(state) = &spec.restore_from {
             if let Err(err) = restore(&qmp, state).await {
                 let _ = child.kill().await;
@@ -223,14 +225,16 @@ impl Qemu {
         }
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel();
-        // A restored guest opened its port before the snapshot.
-        let (port_tx, port_rx) = watch::channel(spec.restore_from.is_some());
+        // A restored guest reopens its port (it closed it for the snapshot), so in both cases the
+        // host waits for the guest to open it.
+        let (port_tx, port_rx) = watch::channel(false);
+        let (closes_tx, closes_rx) = watch::channel(0u64);
         tokio::spawn(supervise(
             child,
-            qmp.clone(),
+            events,
             kill_rx,
             exit_tx,
-            port_tx,
+            (port_tx, closes_tx),
             spec.console_log(),
             stderr_log,
         ));
@@ -239,6 +243,7 @@ impl Qemu {
             pid,
             exit_rx,
             port_rx,
+            closes_rx,
             kill_tx: Mutex::new(Some(kill_tx)),
             qmp,
         }))
@@ -279,14 +284,13 @@ async fn connect_qmp(socket: &Path, child: &mut Child) -> Result<Qmp, String> {
 /// and publishes why it stopped.
 async fn supervise(
     mut child: Child,
-    qmp: Arc<Qmp>,
+    mut events: tokio::sync::broadcast::Receiver<serde_json::Value>,
     kill_rx: oneshot::Receiver<()>,
     exit_tx: watch::Sender<Option<VmExit>>,
-    port_tx: watch::Sender<bool>,
+    (port_tx, closes_tx): (watch::Sender<bool>, watch::Sender<u64>),
     console_log: PathBuf,
     stderr_log: PathBuf,
 ) {
-    let mut events = qmp.events();
     let last_event = Arc::new(Mutex::new(None::<String>));
     let recorder = {
         let last_event = last_event.clone();
@@ -294,7 +298,11 @@ async fn supervise(
             while let Ok(event) = events.recv().await {
                 let name = event["event"].as_str().unwrap_or_default().to_owned();
                 if name == "VSERPORT_CHANGE" && event["data"]["id"] == "agentport" {
-                    let _ = port_tx.send(event["data"]["open"].as_bool().unwrap_or(false));
+                    let open = event["data"]["open"].as_bool().unwrap_or(false);
+                    if !open {
+                        closes_tx.send_modify(|n| *n += 1);
+                    }
+                    let _ = port_tx.send(open);
                 }
                 if matches!(name.as_str(), "SHUTDOWN" | "RESET" | "GUEST_PANICKED") {
                     let reason = event["data"]["reason"].as_str().unwrap_or_default().to_owned();
@@ -425,6 +433,7 @@ struct QemuVm {
     pid: Option<u32>,
     exit_rx: watch::Receiver<Option<VmExit>>,
     port_rx: watch::Receiver<bool>,
+    closes_rx: watch::Receiver<u64>,
     kill_tx: Mutex<Option<oneshot::Sender<()>>>,
     qmp: Arc<Qmp>,
 }
@@ -469,6 +478,10 @@ impl Vm for QemuVm {
 
     fn agent_port_open(&self) -> watch::Receiver<bool> {
         self.port_rx.clone()
+    }
+
+    fn agent_port_closes(&self) -> watch::Receiver<u64> {
+        self.closes_rx.clone()
     }
 
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>> {

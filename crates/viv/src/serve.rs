@@ -40,9 +40,10 @@ pub struct ServeArgs {
     /// Seconds a cold boot may take until the agent answers.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
-    /// Start sandboxes from template snapshots instead of booting them (experimental).
-    #[arg(long, env = "VIV_EXPERIMENTAL_SNAPSHOTS")]
-    pub experimental_snapshots: bool,
+    /// Start sandboxes by restoring their template's snapshot instead of booting them
+    /// (experimental; see README).
+    #[arg(long, env = "VIV_SNAPSHOTS")]
+    pub snapshots: bool,
 }
 
 /// Finds the agent binary: the given path, else beside this executable, else where
@@ -87,7 +88,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         kernel_package: args.kernel_package,
         boot_timeout: Duration::from_secs(args.boot_timeout),
         node_name: hostname(),
-        snapshots: args.experimental_snapshots,
+        snapshots: args.snapshots,
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {

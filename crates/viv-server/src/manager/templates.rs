@@ -18,8 +18,11 @@ use sha2::{Digest, Sha256};
 use super::{Manager, Origin};
 use crate::error::ApiError;
 
+/// The longest (guest time) the agent keeps its port closed waiting to be restored.
+const REOPEN_AFTER_MS: u64 = 10_000;
+
 /// Bumped when the snapshot layout or the steps before it change.
-const SNAPSHOT_FORMAT: u32 = 1;
+const SNAPSHOT_FORMAT: u32 = 2;
 
 /// A ready template snapshot.
 #[derive(Debug)]
@@ -138,12 +141,25 @@ impl Manager {
                 memory_file: memory_building.clone(),
             };
             let live = self.start_vm(&id, &building, origin, vcpus, memory_mib).await?;
-            // Leave the agent idle: no host connection is open in the snapshot, so each restore
-            // starts a fresh one.
+            // The agent releases its port when the host hangs up and reopens it only after the
+            // restore, so every restored VM renegotiates the channel from scratch.
+            live.agent
+                .call::<_, serde_json::Value>(
+                    "/snapshot/prepare",
+                    &serde_json::json!({ "reopenAfterMs": REOPEN_AFTER_MS }),
+                )
+                .await
+                .map_err(|e| ApiError::Internal(format!("preparing the template snapshot: {e}")))?;
+            // The guest closes its port within milliseconds of the hang-up (QEMU rate-limits the
+            // port events, so they cannot tell us); it stays closed until the guest sees it was
+            // restored.
             live.agent.close().await;
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let state = building.join("state");
             let saved = live.vm.snapshot(&state).await;
+            // The guest must still have its port closed in the snapshot, or restores would inherit
+            // a stale channel.
+
             let _ = live.vm.kill().await;
             saved.map_err(|e| ApiError::Internal(format!("snapshotting the template: {e}")))?;
             for leftover in ["agent.sock", "qmp.sock", "console.log", "qemu.log"] {
@@ -153,7 +169,11 @@ impl Manager {
                 .and_then(|()| std::fs::rename(&memory_building, &snapshot.memory_file))
                 .and_then(|()| std::fs::write(building.join("ready"), b""))
                 .and_then(|()| std::fs::rename(&building, &dir))
-                .map_err(|e| ApiError::Internal(format!("storing the template snapshot: {e}")))
+                .map_err(|e| ApiError::Internal(format!("storing the template snapshot: {e}")))?;
+            // A restored guest recognizes the restore by its RTC running ahead of its own clock by
+            // two seconds or more; a snapshot younger than that would make it wait for the limit.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok(())
         }
         .await;
         if result.is_err() {

@@ -85,6 +85,7 @@ fn a_crashed_server_takes_its_vms_along_and_a_restart_finds_its_state() {
     second.create(json!({ "timeout": 600 }));
     assert!(second.stop(libc::SIGTERM).success());
     assert_no_leftovers(temp.path());
+    crate::fixture::remove_template_memory(temp.path());
 }
 
 #[test]

@@ -120,6 +120,7 @@ impl TestServer {
                 // Not a temporary directory: nothing would delete it when the process exits.
                 let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-shared");
                 let _ = std::fs::remove_dir_all(&dir);
+                remove_template_memory(&dir);
                 std::fs::create_dir_all(&dir).unwrap();
                 let _ = tx.send(Self::start_on(&dir, Some(libc::SIGTERM)));
                 loop {
@@ -221,8 +222,18 @@ impl TestServer {
     }
 }
 
+/// The server keeps template memory on tmpfs across restarts; tests remove it with the server.
+pub fn remove_template_memory(data_dir: &Path) {
+    use sha2::Digest as _;
+    let key = hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..4]);
+    let _ = std::fs::remove_dir_all(format!("/dev/shm/vivarium-{key}"));
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
+        if self._temp.is_some() {
+            remove_template_memory(&self.data_dir);
+        }
         // A server a test already stopped is the test's to check.
         if self.child.lock().unwrap().is_some() {
             let status = self.stop(libc::SIGTERM);
