@@ -145,6 +145,11 @@ impl Manager {
         })
     }
 
+    /// Whether sandboxes start from template snapshots.
+    pub fn snapshots(&self) -> bool {
+        self.config.snapshots
+    }
+
     /// The accelerator sandboxes run with.
     pub fn accel(&self) -> Accel {
         self.accel

@@ -84,6 +84,7 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "vmm": "qemu",
         "accel": state.manager.accel().to_string(),
+        "snapshots": state.manager.snapshots(),
         "sandboxes": state.manager.live_count(),
     }))
 }

@@ -35,9 +35,10 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-async fn create(client: &Client) -> Result<String> {
+async fn create(client: &Client, cold_boot: bool) -> Result<String> {
     let req = NewSandbox {
         timeout: Some(600),
+        cold_boot: cold_boot.then_some(true),
         ..Default::default()
     };
     let created: CreatedSandbox = client
@@ -91,14 +92,57 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     let mut boots = Vec::new();
     for i in 0..args.boots {
         let start = Instant::now();
-        let id = create(client).await.context("creating a sandbox")?;
+        let id = create(client, true).await.context("creating a sandbox")?;
         boots.push(start.elapsed());
         eprintln!("  cold boot {}/{}: {:.0} ms", i + 1, args.boots, ms(boots[i]));
         kill(client, &id).await?;
     }
     boots.sort();
 
-    let id = create(client).await?;
+    // Creates the server's default way (a snapshot restore when it runs with --snapshots),
+    // measured in the same run as the cold boots. The first builds the template snapshot.
+    let snapshots = health["snapshots"].as_bool().unwrap_or(false);
+    let mut creates = Vec::new();
+    if snapshots {
+        kill(
+            client,
+            &create(client, false).await.context("building the template snapshot")?,
+        )
+        .await?;
+        for i in 0..args.boots * 4 {
+            let start = Instant::now();
+            let id = create(client, false).await.context("creating a sandbox")?;
+            let took = start.elapsed();
+            let first = exec(client, &id, &["true"]).await;
+            creates.push((took, start.elapsed()));
+            kill(client, &id).await?;
+            ensure!(first? == 0, "`true` failed in a restored sandbox");
+            eprintln!(
+                "  restore {}/{}: {:.0} ms to created, {:.0} ms to first result",
+                i + 1,
+                args.boots * 4,
+                ms(took),
+                ms(creates[i].1)
+            );
+        }
+    }
+    let restore = if creates.is_empty() {
+        serde_json::Value::Null
+    } else {
+        let mut created: Vec<Duration> = creates.iter().map(|c| c.0).collect();
+        let mut first: Vec<Duration> = creates.iter().map(|c| c.1).collect();
+        created.sort();
+        first.sort();
+        let ratio = percentile(&first, 0.5).as_secs_f64() / percentile(&boots, 0.5).as_secs_f64();
+        serde_json::json!({
+            "createdMs": { "p50": ms(percentile(&created, 0.5)), "p95": ms(percentile(&created, 0.95)) },
+            "firstResultMs": { "p50": ms(percentile(&first, 0.5)), "p95": ms(percentile(&first, 0.95)) },
+            "n": creates.len(),
+            "ratioToColdBoot": (ratio * 1000.0).round() / 1000.0,
+        })
+    };
+
+    let id = create(client, false).await?;
     let result = async {
         let mut trips = Vec::new();
         for _ in 0..args.round_trips {
@@ -146,6 +190,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "accel": accel,
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
+        "restore": restore,
         "fileMiB": args.file_mib,
         "writeMiBps": (mib / write.as_secs_f64() * 10.0).round() / 10.0,
         "readMiBps": (mib / read.as_secs_f64() * 10.0).round() / 10.0,
@@ -169,6 +214,17 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                 vec![
                     format!("exec `true` round trip, p95 of {}", trips.len()),
                     format!("{:.1} ms", ms(percentile(&trips, 0.95))),
+                    accel.clone(),
+                ],
+                vec![
+                    "create from snapshot to first `true` result, p50 / p95".into(),
+                    match report["restore"]["firstResultMs"].as_object() {
+                        Some(r) => format!(
+                            "{} / {} ms ({}x cold boot)",
+                            r["p50"], r["p95"], report["restore"]["ratioToColdBoot"]
+                        ),
+                        None => "server runs without --snapshots".into(),
+                    },
                     accel.clone(),
                 ],
                 vec![
