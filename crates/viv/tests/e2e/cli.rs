@@ -40,7 +40,7 @@ fn cli_manages_sandboxes_runs_commands_and_moves_files() {
         (3, "green\n", "oops\n")
     );
     let missing = server.cli(&["exec", &id, "--", "no-such-program"]);
-    assert_eq!(missing.code, 127);
+    assert_eq!(missing.code, 127, "{missing:?}");
     assert!(missing.stderr.contains("no-such-program"), "{}", missing.stderr);
     let as_root = server.cli(&["exec", "-u", "root", "-w", "/etc", &id, "--", "pwd"]);
     assert_eq!(as_root.stdout, "/etc\n");
