@@ -8,9 +8,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -52,62 +50,40 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         waited += Duration::from_millis(5);
     };
-    let open = {
-        let device = device.clone();
-        // Non-blocking: a write to a port whose host is gone would otherwise block until a host
-        // returns, holding stale bytes that would then open the next connection.
-        move || {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&device)
-        }
-    };
-    let port = open().with_context(|| format!("opening {}", device.display()))?;
+    let port = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&device)
+        .with_context(|| format!("opening {}", device.display()))?;
+    let mut writer_port = port.try_clone()?;
     tracing::info!(device = %device.display(), "agent channel open");
-    // Shared by the reader and writer threads; the reader swaps it out when it reopens the port.
-    let port = std::sync::Arc::new(std::sync::RwLock::new(Some(port)));
 
     let (events_tx, mut events_rx) = mpsc::channel::<PortEvent>(64);
-    let reader_port = port.clone();
     std::thread::Builder::new().name("port-reader".into()).spawn(move || {
-        let port = reader_port;
+        let mut port = port;
         let mut buf = vec![0u8; 256 * 1024];
         let mut connected = false;
         loop {
-            let read = {
-                let guard = port.read().expect("port lock");
-                let file = guard.as_ref().expect("port open");
-                read_gathering(file, &mut buf)
-            };
-            match read {
-                usize::MAX => continue,
-                0 => {
+            match port.read(&mut buf) {
+                Ok(0) | Err(_) => {
                     if connected {
                         connected = false;
                         if events_tx.blocking_send(PortEvent::HangUp).is_err() {
                             return;
                         }
                     }
-                    if let Some(limit) = take_reopen_request() {
-                        // Release the port so that QEMU and the guest forget its state (the VM
-                        // is about to be snapshotted), and open it afresh after the restore.
-                        *port.write().expect("port lock") = None;
-                        wait_for_restore(limit);
-                        loop {
-                            match open() {
-                                Ok(file) => break *port.write().expect("port lock") = Some(file),
-                                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                            }
-                        }
-                        tracing::debug!("agent channel reopened");
-                        continue;
-                    }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                n => {
+                Ok(mut n) => {
                     connected = true;
+                    // virtio-console hands over at most a page per read; gather what is already
+                    // queued so each hop to the async side carries a large chunk.
+                    while buf.len() - n >= 4096 && readable_now(&port) {
+                        match port.read(&mut buf[n..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(more) => n += more,
+                        }
+                    }
                     if events_tx.blocking_send(PortEvent::Data(buf[..n].to_vec())).is_err() {
                         return;
                     }
@@ -116,23 +92,12 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         }
     })?;
 
-    // Bytes hyper writes go to the port through one writer thread, in order. Each chunk carries
-    // the number of the connection it belongs to; chunks of a connection that has ended are
-    // dropped instead of being sent to the next host.
-    let (out_tx, out_rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+    // Bytes hyper writes go to the port through one writer thread, in order.
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new().name("port-writer".into()).spawn(move || {
-        for (generation, chunk) in out_rx {
-            let mut written = 0;
-            while written < chunk.len() && GENERATION.load(Ordering::SeqCst) == generation {
-                let result = match port.read().expect("port lock").as_ref() {
-                    Some(mut file) => file.write(&chunk[written..]),
-                    None => Err(std::io::ErrorKind::WouldBlock.into()),
-                };
-                match result {
-                    Ok(n) => written += n,
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            }
+        for chunk in out_rx {
+            // A failed write means the host went away; the reader reports the hang-up.
+            let _ = writer_port.write_all(&chunk);
         }
     })?;
 
@@ -143,7 +108,6 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         match event {
             PortEvent::HangUp => {
                 tracing::debug!("host hung up");
-                GENERATION.fetch_add(1, Ordering::SeqCst);
                 session = None;
                 pending.clear();
             }
@@ -190,75 +154,6 @@ fn find_preface(data: &[u8]) -> Option<usize> {
     data.windows(PREFACE.len()).position(|w| w == PREFACE)
 }
 
-/// Reads what the port has, gathering everything already queued: virtio-console hands over at
-/// most a page per read, and each hop to the async side should carry a large chunk. Returns 0
-/// when no host is connected (or on error).
-fn read_gathering(mut file: &std::fs::File, buf: &mut [u8]) -> usize {
-    // Wait for data or a hang-up (the fd is non-blocking).
-    wait_readable(file, 100);
-    let mut n = match file.read(buf) {
-        Ok(n) => n,
-        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return usize::MAX,
-        Err(_) => return 0,
-    };
-    while n > 0 && buf.len() - n >= 4096 && readable_now(file) {
-        match file.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(more) => n += more,
-        }
-    }
-    n
-}
-
-/// Number of the current host connection; bumped at every hang-up.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-
-/// Waits up to `timeout_ms` for the port to be readable or hung up.
-fn wait_readable(port: &std::fs::File, timeout_ms: i32) {
-    use std::os::fd::AsRawFd as _;
-    let mut pfd = libc::pollfd {
-        fd: port.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd on the stack for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-}
-
-/// Waits until the VM has been restored from a snapshot, or `limit` of guest time has passed.
-/// A restore shows as the RTC (which follows the host's clock) jumping ahead of the guest's own
-/// monotonic clock, which stood still while the VM was saved.
-fn wait_for_restore(limit: Duration) {
-    let rtc = || {
-        std::fs::read_to_string("/sys/class/rtc/rtc0/since_epoch")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-    };
-    let start = std::time::Instant::now();
-    let rtc_start = rtc();
-    while start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(2));
-        if let (Some(before), Some(now)) = (rtc_start, rtc()) {
-            if now.saturating_sub(before) >= start.elapsed().as_secs() + 2 {
-                return;
-            }
-        }
-    }
-}
-
-/// A pending request to release the port at the next hang-up and reopen it after a pause.
-static REOPEN_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Asks the channel to release the port once the host hangs up, and to reopen it `pause` later.
-pub fn request_reopen(pause: Duration) {
-    REOPEN_AFTER_MS.store(pause.as_millis().max(1) as u64, std::sync::atomic::Ordering::SeqCst);
-}
-
-fn take_reopen_request() -> Option<Duration> {
-    let ms = REOPEN_AFTER_MS.swap(0, std::sync::atomic::Ordering::SeqCst);
-    (ms > 0).then(|| Duration::from_millis(ms))
-}
-
 /// Whether a read from `port` would return data without blocking.
 fn readable_now(port: &std::fs::File) -> bool {
     use std::os::fd::AsRawFd as _;
@@ -275,9 +170,8 @@ fn readable_now(port: &std::fs::File) -> bool {
 /// Starts one HTTP/2 connection over an in-memory pipe; returns the half that feeds it.
 fn start_session(
     app: Router,
-    out_tx: std::sync::mpsc::Sender<(u64, Vec<u8>)>,
+    out_tx: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> tokio::io::WriteHalf<tokio::io::DuplexStream> {
-    let generation = GENERATION.load(Ordering::SeqCst);
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let (mut from_hyper, to_hyper) = tokio::io::split(ours);
     tokio::spawn(async move {
@@ -286,7 +180,7 @@ fn start_session(
             match from_hyper.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if out_tx.send((generation, buf[..n].to_vec())).is_err() {
+                    if out_tx.send(buf[..n].to_vec()).is_err() {
                         break;
                     }
                 }

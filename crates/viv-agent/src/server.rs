@@ -96,7 +96,6 @@ impl AgentState {
 pub fn router(state: AgentState) -> Router {
     let authed = Router::new()
         .route("/init", post(init))
-        .route("/snapshot/prepare", post(prepare_snapshot))
         .route("/envs", get(envs))
         .route("/files", get(crate::files::download).post(crate::files::upload))
         .merge(crate::process::routes())
@@ -191,20 +190,6 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
         clock_ms,
     })
     .into_response()
-}
-
-/// What the host sends right before it snapshots the VM.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PrepareSnapshot {
-    /// How long after the host hangs up the agent keeps its port closed; the snapshot is taken in
-    /// that window, so the port is reopened only in the restored VM.
-    reopen_after_ms: u64,
-}
-
-async fn prepare_snapshot(Json(req): Json<PrepareSnapshot>) -> Json<serde_json::Value> {
-    crate::channel::request_reopen(std::time::Duration::from_millis(req.reopen_after_ms));
-    Json(serde_json::json!({}))
 }
 
 async fn envs(State(state): State<AgentState>) -> Json<BTreeMap<String, String>> {
