@@ -200,10 +200,8 @@ pub trait Vm: Send + Sync {
     /// How many times the guest has closed the agent channel (so a short close is never missed).
     fn agent_port_closes(&self) -> watch::Receiver<u64>;
     /// Pauses the VM and writes its device state to `state_file`; guest memory stays in the
-    /// memory file. The VM stays paused; kill it or let it run on with [`Vm::resume`].
+    /// memory file. The VM stays paused; kill it afterwards.
     fn snapshot<'a>(&'a self, state_file: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmError>>;
-    /// Resumes a paused VM.
-    fn resume(&self) -> BoxFuture<'_, Result<(), VmError>>;
     /// Stops the VM at once and waits until its process is gone.
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>>;
 }

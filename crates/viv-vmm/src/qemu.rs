@@ -468,14 +468,6 @@ impl Vm for QemuVm {
         .boxed()
     }
 
-    fn resume(&self) -> BoxFuture<'_, Result<(), VmError>> {
-        async move {
-            self.qmp.execute("cont", None).await?;
-            Ok(())
-        }
-        .boxed()
-    }
-
     fn agent_port_open(&self) -> watch::Receiver<bool> {
         self.port_rx.clone()
     }
