@@ -5,10 +5,17 @@
 //! data arrives. The port can be opened only once, so the agent keeps one fd for its lifetime and
 //! treats each stretch between "first byte after a hang-up" and "next hang-up" as one HTTP/2
 //! connection, bridged to hyper through an in-memory duplex pipe.
+//!
+//! Snapshots: the host hangs up before it saves a VM, and a restored VM meets a new host. So the
+//! port is non-blocking, every chunk written is tagged with its connection's number, and chunks
+//! of an ended connection are dropped; nothing of the old connection can be pending in the
+//! snapshot and reach the new host. Bytes before a new HTTP/2 preface are ignored likewise.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -17,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use viv_proto::channel;
 
 /// What the port reader thread reports.
 enum PortEvent {
@@ -50,40 +58,39 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         waited += Duration::from_millis(5);
     };
+    // Non-blocking: a write to a port whose host is gone would otherwise block until a host
+    // returns (after a snapshot restore, say) and then open that host's connection with stale
+    // bytes.
     let port = OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(&device)
         .with_context(|| format!("opening {}", device.display()))?;
-    let mut writer_port = port.try_clone()?;
     tracing::info!(device = %device.display(), "agent channel open");
+    let port = std::sync::Arc::new(port);
 
     let (events_tx, mut events_rx) = mpsc::channel::<PortEvent>(64);
+    let reader_port = port.clone();
     std::thread::Builder::new().name("port-reader".into()).spawn(move || {
-        let mut port = port;
         let mut buf = vec![0u8; 256 * 1024];
         let mut connected = false;
         loop {
-            match port.read(&mut buf) {
-                Ok(0) | Err(_) => {
+            match read_gathering(&reader_port, &mut buf) {
+                PortRead::Nothing => continue,
+                PortRead::HungUp => {
                     if connected {
                         connected = false;
+                        // Ends the connection before anything else can be queued for it.
+                        GENERATION.fetch_add(1, Ordering::SeqCst);
                         if events_tx.blocking_send(PortEvent::HangUp).is_err() {
                             return;
                         }
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Ok(mut n) => {
+                PortRead::Data(n) => {
                     connected = true;
-                    // virtio-console hands over at most a page per read; gather what is already
-                    // queued so each hop to the async side carries a large chunk.
-                    while buf.len() - n >= 4096 && readable_now(&port) {
-                        match port.read(&mut buf[n..]) {
-                            Ok(0) | Err(_) => break,
-                            Ok(more) => n += more,
-                        }
-                    }
                     if events_tx.blocking_send(PortEvent::Data(buf[..n].to_vec())).is_err() {
                         return;
                     }
@@ -92,26 +99,59 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         }
     })?;
 
-    // Bytes hyper writes go to the port through one writer thread, in order.
-    let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    // Bytes hyper writes go to the port through one writer thread, in order. Each chunk carries
+    // the number of the connection it belongs to; chunks of a connection that has ended are
+    // dropped instead of being sent to the next host.
+    let (out_tx, out_rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
     std::thread::Builder::new().name("port-writer".into()).spawn(move || {
-        for chunk in out_rx {
-            // A failed write means the host went away; the reader reports the hang-up.
-            let _ = writer_port.write_all(&chunk);
+        for (generation, chunk) in out_rx {
+            let mut written = 0;
+            while written < chunk.len() && GENERATION.load(Ordering::SeqCst) == generation {
+                match (&*port).write(&chunk[written..]) {
+                    Ok(n) => written += n,
+                    // Full (or no host): wait for room, then look at the generation again.
+                    Err(_) => wait_for(&port, libc::POLLOUT, 20),
+                }
+            }
         }
     })?;
 
     let mut session: Option<tokio::io::WriteHalf<tokio::io::DuplexStream>> = None;
     // Bytes received while no session runs, kept until an HTTP/2 preface shows up in them.
     let mut pending: Vec<u8> = Vec::new();
+    // The end of the previous read, in case a reset marker spans two reads.
+    let mut tail: Vec<u8> = Vec::new();
     while let Some(event) = events_rx.recv().await {
         match event {
             PortEvent::HangUp => {
                 tracing::debug!("host hung up");
                 session = None;
                 pending.clear();
+                tail.clear();
             }
             PortEvent::Data(data) => {
+                let key = channel_key();
+                let keep = channel::reset_len(&key) - 1;
+                let mut scan = std::mem::take(&mut tail);
+                scan.extend_from_slice(&data);
+                let data = match channel::find_reset(&scan, &key) {
+                    Some(found) => {
+                        // A new host: forget the old session and whatever it still had to send.
+                        let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
+                        session = None;
+                        pending.clear();
+                        let _ = out_tx.send((generation, channel::ready_marker(&found.nonce)));
+                        tracing::debug!("host connection reset");
+                        scan.split_off(found.end)
+                    }
+                    None => {
+                        tail = scan[scan.len().saturating_sub(keep)..].to_vec();
+                        data
+                    }
+                };
+                if tail.is_empty() {
+                    tail = data[data.len().saturating_sub(keep)..].to_vec();
+                }
                 let data = if session.is_some() {
                     data
                 } else {
@@ -154,6 +194,62 @@ fn find_preface(data: &[u8]) -> Option<usize> {
     data.windows(PREFACE.len()).position(|w| w == PREFACE)
 }
 
+/// The outcome of one read from the port.
+enum PortRead {
+    /// This many bytes are at the start of the buffer.
+    Data(usize),
+    /// No host is connected (or the port failed).
+    HungUp,
+    /// Nothing arrived within the poll interval.
+    Nothing,
+}
+
+/// Reads what the port has, gathering everything already queued: virtio-console hands over at
+/// most a page per read, and each hop to the async side should carry a large chunk.
+fn read_gathering(mut file: &std::fs::File, buf: &mut [u8]) -> PortRead {
+    wait_for(file, libc::POLLIN, 100);
+    let mut n = match file.read(buf) {
+        Ok(0) => return PortRead::HungUp,
+        Ok(n) => n,
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return PortRead::Nothing,
+        Err(_) => return PortRead::HungUp,
+    };
+    while buf.len() - n >= 4096 && readable_now(file) {
+        match file.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(more) => n += more,
+        }
+    }
+    PortRead::Data(n)
+}
+
+/// The key host reset markers carry (see [`viv_proto::channel`]); empty until `/init` sets one.
+static CHANNEL_KEY: std::sync::RwLock<String> = std::sync::RwLock::new(String::new());
+
+/// Sets the key of the host's reset markers.
+pub fn set_channel_key(key: String) {
+    *CHANNEL_KEY.write().expect("key lock") = key;
+}
+
+fn channel_key() -> String {
+    CHANNEL_KEY.read().expect("key lock").clone()
+}
+
+/// Number of the current host connection; bumped at every hang-up and reset.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Waits up to `timeout_ms` for `events` (or a hang-up) on the port.
+fn wait_for(port: &std::fs::File, events: libc::c_short, timeout_ms: i32) {
+    use std::os::fd::AsRawFd as _;
+    let mut pfd = libc::pollfd {
+        fd: port.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd on the stack for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+}
+
 /// Whether a read from `port` would return data without blocking.
 fn readable_now(port: &std::fs::File) -> bool {
     use std::os::fd::AsRawFd as _;
@@ -170,8 +266,9 @@ fn readable_now(port: &std::fs::File) -> bool {
 /// Starts one HTTP/2 connection over an in-memory pipe; returns the half that feeds it.
 fn start_session(
     app: Router,
-    out_tx: std::sync::mpsc::Sender<Vec<u8>>,
+    out_tx: std::sync::mpsc::Sender<(u64, Vec<u8>)>,
 ) -> tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    let generation = GENERATION.load(Ordering::SeqCst);
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let (mut from_hyper, to_hyper) = tokio::io::split(ours);
     tokio::spawn(async move {
@@ -180,7 +277,7 @@ fn start_session(
             match from_hyper.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if out_tx.send(buf[..n].to_vec()).is_err() {
+                    if out_tx.send((generation, buf[..n].to_vec())).is_err() {
                         break;
                     }
                 }
@@ -211,9 +308,24 @@ pub async fn serve_unix(path: &Path, app: Router) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (mut stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
+            // The host opens with a reset marker and waits for the answer before HTTP/2.
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 512];
+            let found = loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+                if let Some(found) = channel::find_reset(&seen, &channel_key()) {
+                    break found;
+                }
+            };
+            if stream.write_all(&channel::ready_marker(&found.nonce)).await.is_err() {
+                return;
+            }
             let _ = http2_builder().serve_connection(TokioIo::new(stream), service).await;
         });
     }

@@ -153,6 +153,9 @@ struct InitRequest {
     /// The guest's host name.
     #[serde(default)]
     hostname: Option<String>,
+    /// The key of the host's channel reset markers from now on.
+    #[serde(default)]
+    channel_key: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -164,6 +167,9 @@ struct InitResponse {
 }
 
 async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> Response {
+    if let Some(key) = req.channel_key.clone() {
+        crate::channel::set_channel_key(key);
+    }
     if let Some(ms) = req.timestamp_ms {
         if let Err(err) = crate::sys::set_clock_ms(ms) {
             tracing::warn!(error = %err, "cannot set the clock");

@@ -62,6 +62,83 @@ pub struct NewSandbox {
     /// for comparisons and diagnosis).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cold_boot: Option<bool>,
+    /// Pause instead of kill when the timeout passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/connect` (resumes a paused sandbox) and `/resume`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectSandbox {
+    /// Seconds from now until the sandbox is killed (or paused, with auto-pause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+}
+
+/// `POST /sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkRequest {
+    /// Lifetime of each fork in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// How many forks (default 1). The source is snapshotted once; each fork restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+/// One fork's outcome: exactly one of `sandbox` and `error` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForkResult {
+    /// The new sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<CreatedSandbox>,
+    /// Why this fork failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// `POST /sandboxes/{id}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRequest {
+    /// A unique name to start sandboxes from (`templateID`) instead of the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A snapshot node as `POST /sandboxes/{id}/snapshots` and `GET /snapshots` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    /// Its id; pass it as `templateID` to start sandboxes from it.
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// The names it can be started by (its id and its name, if given).
+    pub names: Vec<String>,
+    /// The node it was taken from, if any (otherwise it sits on its template).
+    #[serde(rename = "parentID", default)]
+    pub parent_id: Option<String>,
+    /// The sandbox it was taken of.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The template its chain starts from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// `pause`, `fork` or `snapshot`.
+    pub kind: String,
+    /// Bytes on disk: its disk layer (the blocks changed since its parent) and its saved state.
+    pub size_bytes: u64,
+    /// When it was taken (RFC 3339).
+    pub created_at: String,
+    /// Nodes taken from it.
+    #[serde(default)]
+    pub children: Vec<String>,
+    /// Sandboxes (running or paused) whose state descends from it.
+    #[serde(default)]
+    pub sandboxes: Vec<String>,
 }
 
 /// Response of `POST /sandboxes`.
@@ -95,6 +172,8 @@ pub enum SandboxState {
     Starting,
     /// Running and reachable.
     Running,
+    /// Saved to a snapshot node, no VM running; `connect` resumes it.
+    Paused,
     /// Its VM stopped unexpectedly; see `error`.
     Failed,
 }
@@ -105,6 +184,7 @@ impl SandboxState {
         match self {
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Failed => "failed",
         }
     }
@@ -114,6 +194,7 @@ impl SandboxState {
         match s {
             "starting" => Some(Self::Starting),
             "running" => Some(Self::Running),
+            "paused" => Some(Self::Paused),
             "failed" => Some(Self::Failed),
             _ => None,
         }

@@ -7,6 +7,7 @@
 //! mapping (camelCase fields, `bytes` as base64, enums as their value names), so the same handlers
 //! can later serve the E2B SDKs unchanged.
 
+pub mod channel;
 pub mod envelope;
 pub mod filesystem;
 pub mod process;

@@ -50,6 +50,7 @@ pub struct AgentClient {
     socket: PathBuf,
     sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
     token: std::sync::RwLock<Option<String>>,
+    channel_key: std::sync::RwLock<String>,
 }
 
 impl AgentClient {
@@ -59,6 +60,7 @@ impl AgentClient {
             socket,
             sender: tokio::sync::Mutex::new(None),
             token: std::sync::RwLock::new(None),
+            channel_key: std::sync::RwLock::new(String::new()),
         }
     }
 
@@ -74,9 +76,10 @@ impl AgentClient {
                 return Ok(sender.clone());
             }
         }
-        let stream = UnixStream::connect(&self.socket)
+        let mut stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| AgentError::Channel(format!("connecting {}: {e}", self.socket.display())))?;
+        self.reset_channel(&mut stream).await?;
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(8 << 20)
@@ -93,6 +96,50 @@ impl AgentClient {
         });
         *guard = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// Opens a connection on the channel: sends the reset marker and skips whatever the agent
+    /// sends before its answer (bytes of an older connection; see [`viv_proto::channel`]).
+    async fn reset_channel(&self, stream: &mut UnixStream) -> Result<(), AgentError> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let nonce = crate::manager::random_id(viv_proto::channel::NONCE_LEN);
+        let key = self.channel_key.read().expect("key lock").clone();
+        let marker = viv_proto::channel::reset_marker(&key, &nonce);
+        let ready = viv_proto::channel::ready_marker(nonce.as_bytes());
+        let exchange = async {
+            stream.write_all(&marker).await?;
+            let mut seen: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "channel closed"));
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if let Some(at) = seen.windows(ready.len()).position(|w| w == ready.as_slice()) {
+                    // The agent says nothing more until the HTTP/2 preface.
+                    if at + ready.len() != seen.len() {
+                        return Err(std::io::Error::other("unexpected bytes after the channel answer"));
+                    }
+                    return Ok(());
+                }
+                // Keep only what could be the start of the answer.
+                let keep = seen.len().min(ready.len() - 1);
+                seen.drain(..seen.len() - keep);
+            }
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, exchange).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(AgentError::Channel(format!("channel reset: {err}"))),
+            Err(_) => Err(AgentError::Channel(format!(
+                "the agent did not answer the channel reset within {ATTEMPT_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Sets the key of the reset markers (what the agent was last told at `/init`).
+    pub fn set_channel_key(&self, key: String) {
+        *self.channel_key.write().expect("key lock") = key;
     }
 
     /// Closes the connection, if one is open; the next request opens a new one.

@@ -16,13 +16,14 @@ use rand::Rng as _;
 use sha2::{Digest, Sha256};
 use viv_api::{CreatedSandbox, NewSandbox, SandboxInfo, SandboxState};
 use viv_image::{BootImages, ImageError, ImageStore, Progress};
-use viv_vmm::{Accel, Vm, VmSpec, Vmm};
+use viv_vmm::{Accel, Restore, SnapshotMemory, Vm, VmSpec, Vmm};
 
 use crate::agent_client::AgentClient;
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, SandboxRow, Store};
+use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow, Store};
 use crate::Metrics;
 
+mod snapshots;
 mod templates;
 
 /// Server settings that shape sandboxes.
@@ -61,14 +62,49 @@ pub struct LiveSandbox {
     pub agent: AgentClient,
     run_dir: PathBuf,
     memory_file: PathBuf,
+    /// The overlay the guest writes to (replaced when a running sandbox is snapshotted).
+    root_disk: Mutex<PathBuf>,
+    /// Serializes pause, fork, snapshot and kill of this sandbox.
+    op: tokio::sync::Mutex<()>,
 }
 
 /// Where a VM's first state comes from.
 enum Origin<'a> {
     /// Boot the kernel with this root layer, guest memory in a file of the VM's own.
     Boot { layer: &'a Path, memory_file: PathBuf },
-    /// Restore a template snapshot.
-    Restore(&'a templates::TemplateSnapshot),
+    /// Restore a template snapshot (memory mapped privately from the template's file).
+    Template(&'a templates::TemplateSnapshot),
+    /// Restore a snapshot node (memory in its state file).
+    Node(&'a Path),
+}
+
+/// What a new sandbox starts from.
+enum Source {
+    /// A template's (or image's) root layer: a template snapshot restore, or a boot.
+    Layer(PathBuf),
+    /// A snapshot node.
+    Node(SnapshotRow),
+}
+
+/// How to start a sandbox's VM.
+struct StartRequest<'a> {
+    source: &'a Source,
+    /// Environment for the agent; `None` keeps what a restored agent has.
+    env_vars: Option<BTreeMap<String, String>>,
+    /// The access token a restored agent still expects (that of the sandbox it was saved from).
+    guest_token: Option<String>,
+    /// Boot even if a template snapshot could be restored.
+    cold_boot: bool,
+    /// Lifetime in seconds from when the sandbox runs.
+    timeout: u64,
+}
+
+/// What a failed start leaves of the sandbox's row.
+enum OnFailure {
+    /// Delete it (a new sandbox).
+    Delete,
+    /// Put it back (a paused sandbox that failed to resume stays paused).
+    Restore(Box<SandboxRow>),
 }
 
 /// The sandbox manager.
@@ -83,6 +119,9 @@ pub struct Manager {
     live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
     metrics: Arc<Metrics>,
     templates: templates::TemplateCache,
+    /// Key of the agent channel's reset markers, the same for every VM of this data directory
+    /// (restored VMs keep the key their snapshot's agent was given).
+    channel_key: String,
 }
 
 fn now_ms() -> i64 {
@@ -131,6 +170,18 @@ impl Manager {
             })?;
         }
         let accel = config.accel.resolve();
+        let key_file = config.data_dir.join("channel.key");
+        let channel_key = match std::fs::read_to_string(&key_file) {
+            Ok(key) if key.trim().len() == 32 => key.trim().to_owned(),
+            _ => {
+                let key = random_id(32);
+                std::fs::write(&key_file, &key).map_err(|source| ImageError::Io {
+                    context: format!("writing {}", key_file.display()),
+                    source,
+                })?;
+                key
+            }
+        };
         Ok(Self {
             config,
             store,
@@ -142,6 +193,7 @@ impl Manager {
             live: Mutex::new(HashMap::new()),
             metrics,
             templates: templates::TemplateCache::new(qemu_version()),
+            channel_key,
         })
     }
 
@@ -163,12 +215,27 @@ impl Manager {
             if let Some(pid) = row.vmm_pid {
                 kill_stale_vmm(pid, &run_dir);
             }
+            if row.state == SandboxState::Starting && row.snapshot_id.is_some() {
+                // A resume that the crash interrupted: the sandbox is still in its pause node.
+                if let Some(node) = self.store.snapshot(row.snapshot_id.as_deref().unwrap_or_default())? {
+                    if node.kind == SnapshotKind::Pause && node.sandbox_id == row.id {
+                        self.store.put_sandbox(&SandboxRow {
+                            state: SandboxState::Paused,
+                            vmm_pid: None,
+                            ..row.clone()
+                        })?;
+                        remove_files(&run_dir, &self.memory_file(&row.id));
+                        continue;
+                    }
+                }
+            }
             if matches!(row.state, SandboxState::Running | SandboxState::Starting) {
                 self.store
                     .fail_sandbox(&row.id, "the server stopped while the sandbox ran; its VM was stopped")?;
             }
             remove_files(&run_dir, &self.memory_file(&row.id));
         }
+        self.recover_snapshots()?;
         // Anything else in our directories belongs to no sandbox.
         for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -232,57 +299,112 @@ impl Manager {
                 "memoryMB must be between 128 and 65536, got {memory_mib}"
             )));
         }
-        let layer = self.root_layer(&template)?;
-        let id = random_id(20);
+        let source = match self.store.snapshot(&template)? {
+            Some(node) => {
+                if req.cpu_count.is_some_and(|c| c != node.cpu_count)
+                    || req.memory_mb.is_some_and(|m| m != node.memory_mb)
+                {
+                    return Err(ApiError::BadRequest(format!(
+                        "snapshot '{template}' was taken with {} vCPUs and {} MiB; a sandbox restored from it has the same",
+                        node.cpu_count, node.memory_mb
+                    )));
+                }
+                Source::Node(node)
+            }
+            None => Source::Layer(self.root_layer(&template)?),
+        };
+        let (vcpus, memory_mib) = match &source {
+            Source::Node(node) => (node.cpu_count, node.memory_mb),
+            Source::Layer(_) => (vcpus, memory_mib),
+        };
         let secure = req.secure.unwrap_or(true);
-        let token = secure.then(|| random_id(32));
-        let mut row = SandboxRow {
-            id: id.clone(),
-            template_id: template.clone(),
+        let row = SandboxRow {
+            id: random_id(20),
+            template_id: template,
             state: SandboxState::Starting,
             started_at: now_rfc3339(),
             end_at_ms: now_ms() + (timeout as i64) * 1000,
             cpu_count: vcpus,
             memory_mb: memory_mib,
             metadata: req.metadata.clone().unwrap_or_default(),
-            access_token: token.clone(),
+            access_token: secure.then(|| random_id(32)),
             vmm_pid: None,
             error: None,
+            snapshot_id: match &source {
+                Source::Node(node) => Some(node.id.clone()),
+                Source::Layer(_) => None,
+            },
+            auto_pause: req.auto_pause.unwrap_or(false),
         };
+        let guest_token = match &source {
+            Source::Node(node) => node.guest_token.clone(),
+            Source::Layer(_) => None,
+        };
+        let start = StartRequest {
+            source: &source,
+            guest_token,
+            env_vars: Some(req.env_vars.clone().unwrap_or_default()),
+            cold_boot: req.cold_boot.unwrap_or(false),
+            timeout,
+        };
+        self.start_sandbox(row, start, OnFailure::Delete).await
+    }
+
+    /// Starts the VM of `row` (a new sandbox, a fork, or a paused sandbox resuming), initializes
+    /// its agent and registers it as running.
+    async fn start_sandbox(
+        self: &Arc<Self>,
+        mut row: SandboxRow,
+        start: StartRequest<'_>,
+        on_failure: OnFailure,
+    ) -> Result<CreatedSandbox, ApiError> {
+        let id = row.id.clone();
+        row.state = SandboxState::Starting;
         self.store.put_sandbox(&row)?;
         let started = std::time::Instant::now();
+        let token = row.access_token.clone();
         let started_vm = async {
             let run_dir = self.run_dir(&id);
-            let live = if req.cold_boot.unwrap_or(false) || !self.config.snapshots {
-                let origin = Origin::Boot {
-                    layer: &layer,
-                    memory_file: self.memory_file(&id),
-                };
-                self.start_vm(&id, &run_dir, origin, vcpus, memory_mib).await?
-            } else {
-                let template = self.template(&template, &layer, vcpus, memory_mib).await?;
-                self.start_vm(&id, &run_dir, Origin::Restore(&template), vcpus, memory_mib)
-                    .await?
+            let (vcpus, memory_mib) = (row.cpu_count, row.memory_mb);
+            let live = match start.source {
+                Source::Node(node) => {
+                    let dir = self.node_dir(&node.id);
+                    self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib)
+                        .await?
+                }
+                Source::Layer(layer) if start.cold_boot || !self.config.snapshots => {
+                    let origin = Origin::Boot {
+                        layer,
+                        memory_file: self.memory_file(&id),
+                    };
+                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib).await?
+                }
+                Source::Layer(layer) => {
+                    let template = self.template(&row.template_id, layer, vcpus, memory_mib).await?;
+                    self.start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib)
+                        .await?
+                }
             };
-            self.init_agent(&live, token.clone(), req.env_vars.clone().unwrap_or_default())
-                .await?;
+            live.agent.set_token(start.guest_token.clone());
+            self.init_agent(&live, token.clone(), start.env_vars.clone()).await?;
             Ok::<_, ApiError>(live)
         };
         match started_vm.await {
             Ok(live) => {
                 row.state = SandboxState::Running;
                 row.vmm_pid = live.vm.pid();
+                row.error = None;
                 // The lifetime counts from when the sandbox is usable.
-                row.end_at_ms = now_ms() + (timeout as i64) * 1000;
+                row.end_at_ms = now_ms() + (start.timeout as i64) * 1000;
                 self.store.put_sandbox(&row)?;
                 self.live.lock().expect("live lock").insert(id.clone(), live.clone());
                 self.watch(live);
                 self.metrics.sandboxes_created.inc();
                 self.metrics.boot_seconds.observe(started.elapsed().as_secs_f64());
-                tracing::info!(sandbox = %id, template = %template, ms = started.elapsed().as_millis() as u64, "sandbox started");
+                tracing::info!(sandbox = %id, template = %row.template_id, ms = started.elapsed().as_millis() as u64, "sandbox started");
                 Ok(CreatedSandbox {
                     sandbox_id: id,
-                    template_id: template,
+                    template_id: row.template_id,
                     client_id: self.config.node_name.clone(),
                     envd_version: viv_proto::ENVD_VERSION.to_owned(),
                     envd_access_token: token,
@@ -290,7 +412,10 @@ impl Manager {
                 })
             }
             Err(err) => {
-                self.store.delete_sandbox(&id)?;
+                match on_failure {
+                    OnFailure::Delete => self.store.delete_sandbox(&id)?,
+                    OnFailure::Restore(previous) => self.store.put_sandbox(&previous)?,
+                }
                 remove_files(&self.run_dir(&id), &self.memory_file(&id));
                 self.metrics.sandbox_failures.inc();
                 Err(err)
@@ -311,13 +436,35 @@ impl Manager {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
         let overlay = run_dir.join("root.qcow2");
-        let (layer, memory_file, restore_from) = match origin {
-            Origin::Boot { layer, memory_file } => (layer.to_path_buf(), memory_file, None),
-            Origin::Restore(template) => (
+        let (layer, memory_file, memory_shared, restore_from) = match origin {
+            Origin::Boot { layer, memory_file } => (layer.to_path_buf(), Some(memory_file), true, None),
+            Origin::Template(template) => (
                 template.disk.clone(),
-                template.memory_file.clone(),
-                Some(template.state.clone()),
+                Some(template.memory_file.clone()),
+                false,
+                Some(Restore {
+                    state: template.state.clone(),
+                    memory: SnapshotMemory::External,
+                }),
             ),
+            Origin::Node(dir) => {
+                let state = dir.join("state");
+                if !state.is_file() {
+                    return Err(ApiError::Conflict(format!(
+                        "snapshot {} holds a disk layer but no saved VM state (its save failed)",
+                        dir.display()
+                    )));
+                }
+                (
+                    dir.join("disk.qcow2"),
+                    None,
+                    false,
+                    Some(Restore {
+                        state,
+                        memory: SnapshotMemory::Included,
+                    }),
+                )
+            }
         };
         create_overlay(&layer, &overlay).await?;
         let spec = VmSpec {
@@ -325,8 +472,9 @@ impl Manager {
             run_dir: run_dir.to_path_buf(),
             kernel: self.boot.kernel.clone(),
             initramfs: self.boot.initramfs.clone(),
-            root_disk: overlay,
+            root_disk: overlay.clone(),
             memory_file,
+            memory_shared,
             restore_from,
             vcpus,
             memory_mib,
@@ -345,11 +493,16 @@ impl Manager {
             agent: AgentClient::new(spec.agent_socket()),
             run_dir: run_dir.to_path_buf(),
             memory_file: self.memory_file(id),
+            root_disk: Mutex::new(overlay),
+            op: tokio::sync::Mutex::new(()),
         });
         let mut exit = live.vm.exit();
         let mut port = live.vm.agent_port_open();
         let limit = self.config.boot_timeout;
         let restored = spec.restore_from.is_some();
+        if restored {
+            live.agent.set_channel_key(self.channel_key.clone());
+        }
         let boot = async {
             // QEMU rate-limits port events to one a second, so a restored guest (whose port
             // closes and reopens around the restore) is probed directly instead.
@@ -392,13 +545,15 @@ impl Manager {
         &self,
         live: &LiveSandbox,
         token: Option<String>,
-        env_vars: BTreeMap<String, String>,
+        env_vars: Option<BTreeMap<String, String>>,
     ) -> Result<(), ApiError> {
+        // Without `envVars` (a resume or a fork), the agent keeps the variables it has.
         let body = serde_json::json!({
             "timestampMs": now_ms(),
             "envVars": env_vars,
             "accessToken": token.clone().unwrap_or_default(),
             "hostname": "sandbox",
+            "channelKey": self.channel_key,
         });
         // A restored guest may still be settling its channel (the port closes and reopens around
         // the restore), so a broken connection is retried on a fresh one.
@@ -422,6 +577,7 @@ impl Manager {
             )));
         }
         live.agent.set_token(token);
+        live.agent.set_channel_key(self.channel_key.clone());
         Ok(())
     }
 
@@ -456,29 +612,40 @@ impl Manager {
                 "sandbox '{id}' has failed: {}",
                 row.error.unwrap_or_default()
             ))),
+            Some(row) if row.state == SandboxState::Paused => Err(ApiError::Conflict(format!(
+                "sandbox '{id}' is paused; resume it first (POST /sandboxes/{id}/connect, `viv sandbox resume {id}`)"
+            ))),
+            Some(row) if row.state == SandboxState::Starting => Err(ApiError::Conflict(format!(
+                "sandbox '{id}' is still starting; try again shortly"
+            ))),
             _ => Err(ApiError::sandbox_not_found(id)),
         }
     }
 
-    /// Kills a sandbox (running or failed) and forgets it.
+    /// Kills a sandbox (running, paused or failed) and forgets it; snapshot nodes nothing needs
+    /// any more are collected.
     pub async fn kill(&self, id: &str) -> Result<(), ApiError> {
         let row = self.store.sandbox(id)?;
         if row.as_ref().is_some_and(|r| r.state == SandboxState::Starting) {
             return Err(ApiError::Conflict(format!(
-                "sandbox '{id}' is still starting; kill it once it runs"
+                "sandbox '{id}' is still starting (or resuming); kill it once it runs"
             )));
         }
-        let live = self.live.lock().expect("live lock").remove(id);
+        let live = self.live.lock().expect("live lock").get(id).cloned();
         if live.is_none() && row.is_none() {
             return Err(ApiError::sandbox_not_found(id));
         }
         if let Some(live) = live {
+            // Waits for a pause, fork or snapshot in progress.
+            let _op = live.op.lock().await;
+            self.live.lock().expect("live lock").remove(id);
             if let Err(err) = live.vm.kill().await {
                 tracing::warn!(sandbox = %id, error = %err, "killing the VM");
             }
         }
         remove_files(&self.run_dir(id), &self.memory_file(id));
         self.store.delete_sandbox(id)?;
+        self.collect_snapshots();
         self.metrics.sandboxes_killed.inc();
         tracing::info!(sandbox = %id, "sandbox killed");
         Ok(())
@@ -544,22 +711,37 @@ impl Manager {
                 tick.tick().await;
                 let Some(manager) = manager.upgrade() else { return };
                 let Ok(rows) = manager.store.sandboxes() else { continue };
-                let expired = rows
-                    .into_iter()
-                    .filter(|r| r.state != SandboxState::Starting && r.end_at_ms <= now_ms());
+                let expired = rows.into_iter().filter(|r| {
+                    matches!(r.state, SandboxState::Running | SandboxState::Failed) && r.end_at_ms <= now_ms()
+                });
                 for row in expired {
-                    tracing::info!(sandbox = %row.id, "sandbox timed out");
-                    let _ = manager.kill(&row.id).await;
                     manager.metrics.sandboxes_timed_out.inc();
+                    if row.auto_pause && row.state == SandboxState::Running {
+                        tracing::info!(sandbox = %row.id, "sandbox timed out; pausing it");
+                        match manager.pause(&row.id).await {
+                            Ok(_) => continue,
+                            Err(err) => tracing::warn!(sandbox = %row.id, error = %err, "auto-pause failed; killing"),
+                        }
+                    } else {
+                        tracing::info!(sandbox = %row.id, "sandbox timed out");
+                    }
+                    let _ = manager.kill(&row.id).await;
                 }
             }
         });
     }
 
-    /// Kills every live sandbox (server shutdown).
+    /// Server shutdown: with snapshots on, every running sandbox is paused (a restarted server
+    /// resumes it on `connect`); otherwise, or if its pause fails, it is killed.
     pub async fn shutdown(&self) {
         let ids: Vec<String> = self.live.lock().expect("live lock").keys().cloned().collect();
         for id in ids {
+            if self.config.snapshots {
+                match self.pause(&id).await {
+                    Ok(_) => continue,
+                    Err(err) => tracing::warn!(sandbox = %id, error = %err, "pausing at shutdown failed; killing"),
+                }
+            }
             let _ = self.kill(&id).await;
         }
         let _ = std::fs::remove_dir(&self.shm_dir);
@@ -567,10 +749,28 @@ impl Manager {
 }
 
 async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ApiError> {
-    let out = tokio::process::Command::new("qemu-img")
+    qemu_img_create(base, overlay, None).await
+}
+
+/// Creates an overlay without opening `base` (which may not exist yet, or be locked by a
+/// running VM); `size` is the virtual size in bytes.
+async fn create_overlay_unchecked(base: &Path, overlay: &Path, size: u64) -> Result<(), ApiError> {
+    qemu_img_create(base, overlay, Some(size)).await
+}
+
+async fn qemu_img_create(base: &Path, overlay: &Path, unchecked_size: Option<u64>) -> Result<(), ApiError> {
+    let mut command = tokio::process::Command::new("qemu-img");
+    command
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(base)
-        .arg(overlay)
+        .arg(base);
+    if unchecked_size.is_some() {
+        command.arg("-u");
+    }
+    command.arg(overlay);
+    if let Some(size) = unchecked_size {
+        command.arg(size.to_string());
+    }
+    let out = command
         .output()
         .await
         .map_err(|e| ApiError::Unavailable(format!("running qemu-img (install qemu-utils): {e}")))?;

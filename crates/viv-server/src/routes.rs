@@ -31,6 +31,13 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/pause", post(pause_sandbox))
+        .route("/sandboxes/{id}/connect", post(connect_sandbox))
+        .route("/sandboxes/{id}/resume", post(resume_sandbox))
+        .route("/sandboxes/{id}/fork", post(fork_sandbox))
+        .route("/sandboxes/{id}/snapshots", post(snapshot_sandbox))
+        .route("/snapshots", get(list_snapshots))
+        .route("/snapshots/{id}", get(get_snapshot).delete(delete_snapshot))
         .route("/sandboxes/{id}/exec", post(exec))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
@@ -105,6 +112,88 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
         let Json(value) = Json::<T>::from_request(req, state).await?;
         Ok(Self(value))
     }
+}
+
+/// Like [`JsonBody`], but an empty body means `T::default()` (for routes whose body is optional).
+struct OptionalJsonBody<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Self)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+async fn pause_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    state.manager.pause(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// E2B's `connect`: 200 with the sandbox if it runs, 201 once a paused one is resumed.
+async fn connect_sandbox(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<viv_api::ConnectSandbox>,
+) -> Result<Response, ApiError> {
+    let (sandbox, resumed) = state.manager.resume(&id, req.timeout).await?;
+    let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(sandbox)).into_response())
+}
+
+/// E2B's older `resume`: only for paused sandboxes.
+async fn resume_sandbox(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<viv_api::ConnectSandbox>,
+) -> Result<Response, ApiError> {
+    if state.manager.get(&id)?.state == viv_api::SandboxState::Running {
+        return Err(ApiError::Conflict(format!("sandbox '{id}' is already running")));
+    }
+    let (sandbox, _) = state.manager.resume(&id, req.timeout).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)).into_response())
+}
+
+async fn fork_sandbox(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<viv_api::ForkRequest>,
+) -> Result<Response, ApiError> {
+    let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
+    Ok((StatusCode::CREATED, Json(results)).into_response())
+}
+
+async fn snapshot_sandbox(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJsonBody(req): OptionalJsonBody<viv_api::SnapshotRequest>,
+) -> Result<Response, ApiError> {
+    let info = state.manager.snapshot(&id, req.name).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list_snapshots(
+    State(state): State<AppState>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let sandbox = query.get("sandboxID").map(String::as_str);
+    Ok(Json(state.manager.list_snapshots(sandbox)?).into_response())
+}
+
+async fn get_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.get_snapshot(&id)?).into_response())
+}
+
+async fn delete_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    state.manager.delete_snapshot(&id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn create_sandbox(

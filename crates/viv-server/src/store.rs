@@ -12,7 +12,10 @@ use sha2::{Digest, Sha256};
 use viv_api::{ApiKeyInfo, SandboxState};
 
 /// Embedded migrations, applied in order.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_snapshots.sql"),
+];
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,67 @@ pub struct SandboxRow {
     pub vmm_pid: Option<u32>,
     /// Why it failed.
     pub error: Option<String>,
+    /// The snapshot node its state descends from (for a paused sandbox: the node holding it).
+    pub snapshot_id: Option<String>,
+    /// Pause rather than kill at the deadline.
+    pub auto_pause: bool,
+}
+
+/// A snapshot node row.
+#[derive(Debug, Clone)]
+pub struct SnapshotRow {
+    /// Id.
+    pub id: String,
+    /// The node this one was taken from (its disk layer backs this one's).
+    pub parent_id: Option<String>,
+    /// The sandbox it was taken of.
+    pub sandbox_id: String,
+    /// The template the chain started from.
+    pub template_id: String,
+    /// Why it exists.
+    pub kind: SnapshotKind,
+    /// A user-given unique name.
+    pub name: Option<String>,
+    /// vCPUs of the VM.
+    pub cpu_count: u32,
+    /// Memory of the VM in MiB.
+    pub memory_mb: u32,
+    /// Bytes on disk (its layer and state).
+    pub bytes: u64,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The access token the saved agent expects until it is told a new one.
+    pub guest_token: Option<String>,
+}
+
+/// Why a snapshot node exists; decides when it is collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// Holds a paused sandbox; collected once nothing uses it.
+    Pause,
+    /// Taken to fork a sandbox; collected once nothing uses it.
+    Fork,
+    /// Asked for by a user; kept until deleted.
+    Snapshot,
+}
+
+impl SnapshotKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Fork => "fork",
+            Self::Snapshot => "snapshot",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "pause" => Self::Pause,
+            "fork" => Self::Fork,
+            _ => Self::Snapshot,
+        }
+    }
 }
 
 /// The database.
@@ -159,8 +223,9 @@ impl Store {
     pub fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes
-             (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
+              snapshot_id, auto_pause)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 row.id,
                 row.template_id,
@@ -173,6 +238,8 @@ impl Store {
                 row.access_token,
                 row.vmm_pid,
                 row.error,
+                row.snapshot_id,
+                row.auto_pause,
             ],
         )?;
         Ok(())
@@ -210,6 +277,69 @@ impl Store {
         Ok(stmt.query_row(params![id], row_to_sandbox).optional()?)
     }
 
+    /// Records a snapshot node.
+    pub fn put_snapshot(&self, row: &SnapshotRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO snapshots
+             (id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, created_at, guest_token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                row.id,
+                row.parent_id,
+                row.sandbox_id,
+                row.template_id,
+                row.kind.as_str(),
+                row.name,
+                row.cpu_count,
+                row.memory_mb,
+                row.bytes as i64,
+                row.created_at,
+                row.guest_token,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// One snapshot node, by id or name.
+    pub fn snapshot(&self, id_or_name: &str) -> Result<Option<SnapshotRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_SNAPSHOT} WHERE id = ?1 OR name = ?1"))?;
+        Ok(stmt.query_row(params![id_or_name], row_to_snapshot).optional()?)
+    }
+
+    /// All snapshot nodes, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_SNAPSHOT} ORDER BY created_at, id"))?;
+        let rows = stmt.query_map([], row_to_snapshot)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What depends on a node: child nodes and sandboxes (running or paused) descending from it.
+    pub fn snapshot_users(&self, id: &str) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let conn = self.conn();
+        let children = conn
+            .prepare("SELECT id FROM snapshots WHERE parent_id = ?1 ORDER BY id")?
+            .query_map(params![id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        let sandboxes = conn
+            .prepare("SELECT id FROM sandboxes WHERE snapshot_id = ?1 AND state != 'failed' ORDER BY id")?
+            .query_map(params![id], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok((children, sandboxes))
+    }
+
+    /// Deletes a node row (and clears references of failed sandboxes to it).
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE sandboxes SET snapshot_id = NULL WHERE snapshot_id = ?1",
+            params![id],
+        )?;
+        conn.execute("DELETE FROM snapshots WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
     /// All sandboxes, oldest first.
     pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
         let conn = self.conn();
@@ -220,7 +350,7 @@ impl Store {
 }
 
 const SELECT_SANDBOX: &str = "SELECT id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, \
-                              access_token, vmm_pid, error FROM sandboxes";
+                              access_token, vmm_pid, error, snapshot_id, auto_pause FROM sandboxes";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     let state: String = r.get(2)?;
@@ -237,5 +367,28 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         access_token: r.get(8)?,
         vmm_pid: r.get(9)?,
         error: r.get(10)?,
+        snapshot_id: r.get(11)?,
+        auto_pause: r.get(12)?,
+    })
+}
+
+const SELECT_SNAPSHOT: &str =
+    "SELECT id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, \
+                               created_at, guest_token FROM snapshots";
+
+fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    let kind: String = r.get(4)?;
+    Ok(SnapshotRow {
+        id: r.get(0)?,
+        parent_id: r.get(1)?,
+        sandbox_id: r.get(2)?,
+        template_id: r.get(3)?,
+        kind: SnapshotKind::parse(&kind),
+        name: r.get(5)?,
+        cpu_count: r.get(6)?,
+        memory_mb: r.get(7)?,
+        bytes: r.get::<_, i64>(8)?.max(0) as u64,
+        created_at: r.get(9)?,
+        guest_token: r.get(10)?,
     })
 }

@@ -94,12 +94,15 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The writable root disk (a qcow2 overlay the caller created).
     pub root_disk: PathBuf,
-    /// Where guest memory lives (a file on a tmpfs such as /dev/shm). A booted VM maps it
-    /// shared, so a snapshot leaves the memory in the file; a restored VM maps its snapshot's
-    /// file privately (copy-on-write), so clones share the template's pages.
-    pub memory_file: PathBuf,
+    /// Where guest memory lives: a file on a tmpfs such as /dev/shm, or, with `None`, anonymous
+    /// memory (never-touched pages cost nothing; right for restores whose state holds the memory).
+    pub memory_file: Option<PathBuf>,
+    /// Map `memory_file` shared (writes land in the file, so a snapshot with
+    /// [`SnapshotMemory::External`] can leave memory there) rather than privately
+    /// (copy-on-write: clones of one template share its unchanged pages).
+    pub memory_shared: bool,
     /// Restore from this snapshot instead of booting.
-    pub restore_from: Option<PathBuf>,
+    pub restore_from: Option<Restore>,
     /// vCPUs.
     pub vcpus: u32,
     /// Guest memory in MiB.
@@ -108,6 +111,25 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Extra kernel command line arguments.
     pub extra_cmdline: String,
+}
+
+/// A snapshot to restore.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    /// The saved state.
+    pub state: PathBuf,
+    /// Where the guest memory of that state is.
+    pub memory: SnapshotMemory,
+}
+
+/// Where a snapshot keeps guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMemory {
+    /// In the VM's shared memory file, which the snapshot leaves in place; the state file holds
+    /// device state only (tens of KiB). Restores map that file.
+    External,
+    /// In the state file, after the device state; the snapshot stands alone.
+    Included,
 }
 
 impl VmSpec {
@@ -199,9 +221,20 @@ pub trait Vm: Send + Sync {
     fn agent_port_open(&self) -> watch::Receiver<bool>;
     /// How many times the guest has closed the agent channel (so a short close is never missed).
     fn agent_port_closes(&self) -> watch::Receiver<u64>;
-    /// Pauses the VM and writes its device state to `state_file`; guest memory stays in the
-    /// memory file. The VM stays paused; kill it afterwards.
-    fn snapshot<'a>(&'a self, state_file: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmError>>;
+    /// Pauses the VM and writes its state to `state_file`, guest memory included or not. The VM
+    /// stays paused: kill it afterwards, or [`Vm::resume`] it.
+    fn snapshot<'a>(
+        &'a self,
+        state_file: &'a std::path::Path,
+        memory: SnapshotMemory,
+    ) -> BoxFuture<'a, Result<(), VmError>>;
+    /// Stops the guest's vCPUs (the VM keeps its state and can be resumed).
+    fn pause(&self) -> BoxFuture<'_, Result<(), VmError>>;
+    /// Lets a paused VM (see [`Vm::pause`] and [`Vm::snapshot`]) run again.
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmError>>;
+    /// Makes `overlay` (a new qcow2 file whose backing file is the current root disk) the VM's
+    /// root disk, so that the current one is written no more and can be kept as a frozen layer.
+    fn replace_root_disk<'a>(&'a self, overlay: &'a std::path::Path) -> BoxFuture<'a, Result<(), VmError>>;
     /// Stops the VM at once and waits until its process is gone.
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>>;
 }

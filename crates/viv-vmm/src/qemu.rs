@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
 use crate::qmp::Qmp;
-use crate::{Accel, LaunchError, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT};
+use crate::{Accel, LaunchError, Restore, SnapshotMemory, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT};
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ impl Qemu {
             ),
         };
         let cmdline = format!(
-            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 quiet{clock_args} viv.hostname={} {}",
+            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 reboot=t quiet{clock_args} viv.hostname={} {}",
             spec.name, spec.extra_cmdline
         );
         let path = |p: &Path| p.display().to_string();
@@ -102,11 +102,14 @@ impl Qemu {
             "-m".into(),
             format!("{mem}M"),
             "-object".into(),
-            format!(
-                "memory-backend-file,id=mem,size={mem}M,mem-path={},share={}",
-                path(&spec.memory_file),
-                if spec.restore_from.is_some() { "off" } else { "on" }
-            ),
+            match &spec.memory_file {
+                Some(file) => format!(
+                    "memory-backend-file,id=mem,size={mem}M,mem-path={},share={}",
+                    path(file),
+                    if spec.memory_shared { "on" } else { "off" }
+                ),
+                None => format!("memory-backend-ram,id=mem,size={mem}M"),
+            },
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-nographic".into(),
@@ -212,13 +215,13 @@ impl Qemu {
         };
         // Subscribe before the guest runs, so no event (the agent port opening) is missed.
         let events = qmp.events();
-        if let Some(state) = &spec.restore_from {
-            if let Err(err) = restore(&qmp, state).await {
+        if let Some(from) = &spec.restore_from {
+            if let Err(err) = restore(&qmp, from).await {
                 let _ = child.kill().await;
                 let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
                 return Err(LaunchError::Startup(format!(
                     "restoring {}: {err}. QEMU said: {}",
-                    state.display(),
+                    from.state.display(),
                     log.trim()
                 )));
             }
@@ -246,6 +249,7 @@ impl Qemu {
             closes_rx,
             kill_tx: Mutex::new(Some(kill_tx)),
             qmp,
+            root_node: tokio::sync::Mutex::new("root".into()),
         }))
     }
 }
@@ -353,11 +357,16 @@ async fn supervise(
     let _ = exit_tx.send(Some(VmExit { requested, reason }));
 }
 
-/// Guest memory lives in a file the snapshot does not copy: the migration stream carries device
-/// state only.
-async fn set_ignore_shared(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
-    let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
-    qmp.execute("migrate-set-capabilities", Some(caps)).await.map(|_| ())
+/// With [`SnapshotMemory::External`], guest memory lives in a shared file the snapshot does not
+/// copy: the migration stream carries device state only. Source and destination must agree.
+async fn set_memory_mode(qmp: &Qmp, memory: SnapshotMemory) -> Result<(), crate::qmp::QmpError> {
+    let external = memory == SnapshotMemory::External;
+    let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": external }] });
+    qmp.execute("migrate-set-capabilities", Some(caps)).await?;
+    // The default limit (128 MiB/s) is meant for live migration over a network; a snapshot of a
+    // stopped VM into a local file should go as fast as the disk allows.
+    let params = serde_json::json!({ "max-bandwidth": i64::MAX / 2 });
+    qmp.execute("migrate-set-parameters", Some(params)).await.map(|_| ())
 }
 
 /// Polls `query-migrate` until the migration completes or fails.
@@ -377,11 +386,12 @@ async fn wait_migration(qmp: &Qmp) -> Result<(), String> {
 }
 
 /// Loads device state into a QEMU started with `-incoming defer`, then lets the guest run.
-async fn restore(qmp: &Qmp, state: &Path) -> Result<(), String> {
+async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
+    let state = &from.state;
     if !state.is_file() {
         return Err(format!("{} does not exist", state.display()));
     }
-    set_ignore_shared(qmp).await.map_err(|e| e.to_string())?;
+    set_memory_mode(qmp, from.memory).await.map_err(|e| e.to_string())?;
     tracing::debug!(state = %state.display(), "loading device state");
     let uri = format!("exec:cat {}", shell_quote(state));
     qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
@@ -436,6 +446,8 @@ struct QemuVm {
     closes_rx: watch::Receiver<u64>,
     kill_tx: Mutex<Option<oneshot::Sender<()>>>,
     qmp: Arc<Qmp>,
+    /// Node name of the block node the guest's disk writes to.
+    root_node: tokio::sync::Mutex<String>,
 }
 
 impl Vm for QemuVm {
@@ -447,10 +459,10 @@ impl Vm for QemuVm {
         self.exit_rx.clone()
     }
 
-    fn snapshot<'a>(&'a self, state_file: &'a Path) -> BoxFuture<'a, Result<(), VmError>> {
+    fn snapshot<'a>(&'a self, state_file: &'a Path, memory: SnapshotMemory) -> BoxFuture<'a, Result<(), VmError>> {
         async move {
             self.qmp.execute("stop", None).await?;
-            set_ignore_shared(&self.qmp).await?;
+            set_memory_mode(&self.qmp, memory).await?;
             let uri = format!("exec:cat > {}", shell_quote(state_file));
             self.qmp
                 .execute("migrate", Some(serde_json::json!({ "uri": uri })))
@@ -463,6 +475,55 @@ impl Vm for QemuVm {
                     .await
                     .map_err(VmError::Snapshot)?;
             }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn pause(&self) -> BoxFuture<'_, Result<(), VmError>> {
+        async move {
+            self.qmp.execute("stop", None).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn resume(&self) -> BoxFuture<'_, Result<(), VmError>> {
+        async move {
+            self.qmp.execute("cont", None).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn replace_root_disk<'a>(&'a self, overlay: &'a Path) -> BoxFuture<'a, Result<(), VmError>> {
+        async move {
+            let mut top = self.root_node.lock().await;
+            let generation = top
+                .trim_start_matches("root")
+                .trim_start_matches('-')
+                .parse::<u32>()
+                .unwrap_or(0)
+                + 1;
+            let node = format!("root-{generation}");
+            let add = serde_json::json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "discard": "unmap",
+                "file": { "driver": "file", "filename": overlay.display().to_string() },
+                // The current root disk becomes the backing node through blockdev-snapshot.
+                "backing": null,
+            });
+            self.qmp.execute("blockdev-add", Some(add)).await?;
+            let swap = serde_json::json!({ "node": *top, "overlay": node });
+            if let Err(err) = self.qmp.execute("blockdev-snapshot", Some(swap)).await {
+                let _ = self
+                    .qmp
+                    .execute("blockdev-del", Some(serde_json::json!({ "node-name": node })))
+                    .await;
+                return Err(err.into());
+            }
+            *top = node;
             Ok(())
         }
         .boxed()
@@ -503,7 +564,8 @@ mod tests {
             kernel: "/k".into(),
             initramfs: "/i".into(),
             root_disk: "/d.qcow2".into(),
-            memory_file: "/dev/shm/m".into(),
+            memory_file: Some("/dev/shm/m".into()),
+            memory_shared: true,
             restore_from: None,
             vcpus: 2,
             memory_mib: 256,

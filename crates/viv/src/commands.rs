@@ -95,6 +95,42 @@ pub enum SandboxCommand {
         /// Boot the kernel instead of restoring the template snapshot.
         #[arg(long)]
         cold_boot: bool,
+        /// Pause instead of kill when the timeout passes.
+        #[arg(long)]
+        auto_pause: bool,
+    },
+    /// Pause a sandbox: save it (disk, memory, processes) into a snapshot node and stop its VM.
+    Pause {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Resume a paused sandbox (does nothing to a running one).
+    Resume {
+        /// Sandbox id.
+        id: String,
+        /// Seconds until it is killed (or paused again, with auto-pause).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Fork a running sandbox: snapshot it once and start COUNT copies; it keeps running.
+    Fork {
+        /// Sandbox id.
+        id: String,
+        /// How many copies.
+        #[arg(long, short = 'n', default_value_t = 1)]
+        count: u32,
+        /// Seconds until each copy is killed.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Snapshot a running sandbox (it keeps running); start sandboxes from the snapshot with
+    /// `sandbox create -t SNAPSHOT`.
+    Snapshot {
+        /// Sandbox id.
+        id: String,
+        /// A unique name for the snapshot.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -202,6 +238,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Sandbox(cmd) => sandbox(&client, cmd, cli.json).await.map(|()| 0),
         Command::Exec(args) => exec(&client, args).await,
         Command::Files(cmd) => files(&client, cmd, cli.json).await.map(|()| 0),
+        Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
     }
 }
@@ -299,6 +336,83 @@ fn keys(cmd: KeysCommand, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `viv snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List snapshot nodes (with parent, size on disk and age).
+    #[command(alias = "ls")]
+    List {
+        /// Only snapshots taken of this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+    },
+    /// Show one snapshot node.
+    Get {
+        /// Snapshot id or name.
+        id: String,
+    },
+    /// Delete snapshot nodes (refused while sandboxes or other snapshots depend on them).
+    #[command(alias = "rm")]
+    Delete {
+        /// Snapshot ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+async fn snapshot(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<()> {
+    let headers = ["ID", "NAME", "KIND", "PARENT", "SANDBOX", "SIZE", "CREATED", "USED BY"];
+    match cmd {
+        SnapshotCommand::List { sandbox } => {
+            let mut request = client.request(Method::GET, "/snapshots");
+            if let Some(sandbox) = sandbox {
+                request = request.query(&[("sandboxID", sandbox)]);
+            }
+            let list: Vec<viv_api::SnapshotInfo> = client.json(request).await?;
+            if json {
+                output::json(&list);
+            } else {
+                output::table(&headers, &list.iter().map(snapshot_row).collect::<Vec<_>>());
+            }
+        }
+        SnapshotCommand::Get { id } => {
+            let info: viv_api::SnapshotInfo = client
+                .json(client.request(Method::GET, &format!("/snapshots/{id}")))
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                output::table(&headers, &[snapshot_row(&info)]);
+            }
+        }
+        SnapshotCommand::Delete { ids } => {
+            for id in ids {
+                client
+                    .send(client.request(Method::DELETE, &format!("/snapshots/{id}")))
+                    .await?;
+                if !json {
+                    println!("deleted {id}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn snapshot_row(s: &viv_api::SnapshotInfo) -> Vec<String> {
+    let users: Vec<String> = s.children.iter().chain(&s.sandboxes).cloned().collect();
+    vec![
+        s.snapshot_id.clone(),
+        s.names.get(1).cloned().unwrap_or_default(),
+        s.kind.clone(),
+        s.parent_id.clone().unwrap_or_else(|| format!("({})", s.template_id)),
+        s.sandbox_id.clone(),
+        format!("{:.1} MiB", s.size_bytes as f64 / (1 << 20) as f64),
+        s.created_at.clone(),
+        users.join(","),
+    ]
+}
+
 async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()> {
     match cmd {
         SandboxCommand::Create {
@@ -309,6 +423,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             cpus,
             memory,
             cold_boot,
+            auto_pause,
         } => {
             let req = NewSandbox {
                 template_id: Some(template),
@@ -319,6 +434,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 cpu_count: cpus,
                 memory_mb: memory,
                 cold_boot: cold_boot.then_some(true),
+                auto_pause: auto_pause.then_some(true),
             };
             let created: CreatedSandbox = client
                 .json(client.request(Method::POST, "/sandboxes").json(&req))
@@ -368,6 +484,75 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 if let Some(err) = &info.error {
                     println!("\nerror: {err}");
                 }
+            }
+        }
+        SandboxCommand::Pause { id } => {
+            client
+                .send(client.request(Method::POST, &format!("/sandboxes/{id}/pause")))
+                .await?;
+            if !json {
+                println!("paused {id}");
+            }
+        }
+        SandboxCommand::Resume { id, timeout } => {
+            let body = viv_api::ConnectSandbox { timeout };
+            let resumed: CreatedSandbox = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/sandboxes/{id}/connect"))
+                        .json(&body),
+                )
+                .await?;
+            if json {
+                output::json(&resumed);
+            } else {
+                println!("{}", resumed.sandbox_id);
+            }
+        }
+        SandboxCommand::Fork { id, count, timeout } => {
+            let body = viv_api::ForkRequest {
+                timeout,
+                count: Some(count),
+            };
+            let results: Vec<viv_api::ForkResult> = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/sandboxes/{id}/fork"))
+                        .json(&body),
+                )
+                .await?;
+            if json {
+                output::json(&results);
+            } else {
+                for result in &results {
+                    match (&result.sandbox, &result.error) {
+                        (Some(sandbox), _) => println!("{}", sandbox.sandbox_id),
+                        (None, Some(err)) => eprintln!("a fork failed: {}", err.message),
+                        (None, None) => {}
+                    }
+                }
+            }
+            if results.iter().any(|r| r.sandbox.is_none()) {
+                anyhow::bail!(
+                    "{} of {} forks failed",
+                    results.iter().filter(|r| r.sandbox.is_none()).count(),
+                    results.len()
+                );
+            }
+        }
+        SandboxCommand::Snapshot { id, name } => {
+            let body = viv_api::SnapshotRequest { name };
+            let info: viv_api::SnapshotInfo = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/sandboxes/{id}/snapshots"))
+                        .json(&body),
+                )
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("{}", info.snapshot_id);
             }
         }
         SandboxCommand::Kill { ids } => {

@@ -57,6 +57,9 @@ pub enum Command {
     /// Copy files into and out of a sandbox, list directories.
     #[command(subcommand)]
     Files(commands::FilesCommand),
+    /// List and delete snapshot nodes (pause, fork and named snapshots).
+    #[command(subcommand, alias = "snap")]
+    Snapshot(commands::SnapshotCommand),
     /// Measure cold boot, command round trip and file throughput against a running server.
     Bench(bench::BenchArgs),
 }

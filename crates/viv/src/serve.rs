@@ -40,9 +40,9 @@ pub struct ServeArgs {
     /// Seconds a cold boot may take until the agent answers.
     #[arg(long, default_value_t = 120)]
     pub boot_timeout: u64,
-    /// Start sandboxes by restoring their template's snapshot instead of booting them
-    /// (experimental; see README).
-    #[arg(long, env = "VIV_SNAPSHOTS")]
+    /// Start sandboxes by restoring their template's snapshot instead of booting them, and allow
+    /// pause, resume, fork and snapshots. `--snapshots=false` boots every sandbox.
+    #[arg(long, env = "VIV_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub snapshots: bool,
 }
 

@@ -18,11 +18,8 @@ use sha2::{Digest, Sha256};
 use super::{Manager, Origin};
 use crate::error::ApiError;
 
-/// The longest (guest time) the agent keeps its port closed waiting to be restored.
-const REOPEN_AFTER_MS: u64 = 10_000;
-
 /// Bumped when the snapshot layout or the steps before it change.
-const SNAPSHOT_FORMAT: u32 = 2;
+const SNAPSHOT_FORMAT: u32 = 3;
 
 /// A ready template snapshot.
 #[derive(Debug)]
@@ -141,24 +138,14 @@ impl Manager {
                 memory_file: memory_building.clone(),
             };
             let live = self.start_vm(&id, &building, origin, vcpus, memory_mib).await?;
-            // The agent releases its port when the host hangs up and reopens it only after the
-            // restore, so every restored VM renegotiates the channel from scratch.
-            live.agent
-                .call::<_, serde_json::Value>(
-                    "/snapshot/prepare",
-                    &serde_json::json!({ "reopenAfterMs": REOPEN_AFTER_MS }),
-                )
-                .await
-                .map_err(|e| ApiError::Internal(format!("preparing the template snapshot: {e}")))?;
-            // The guest closes its port within milliseconds of the hang-up (QEMU rate-limits the
-            // port events, so they cannot tell us); it stays closed until the guest sees it was
-            // restored.
+            // Gives the agent the channel key that every restore of this snapshot will use.
+            self.init_agent(&live, None, None).await?;
+            // The host hangs up first, so the agent drops the session and anything it still
+            // had to send; a restored agent starts afresh with the next host's preface.
             live.agent.close().await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let state = building.join("state");
-            let saved = live.vm.snapshot(&state).await;
-            // The guest must still have its port closed in the snapshot, or restores would inherit
-            // a stale channel.
+            let saved = live.vm.snapshot(&state, viv_vmm::SnapshotMemory::External).await;
 
             let _ = live.vm.kill().await;
             saved.map_err(|e| ApiError::Internal(format!("snapshotting the template: {e}")))?;
@@ -170,9 +157,6 @@ impl Manager {
                 .and_then(|()| std::fs::write(building.join("ready"), b""))
                 .and_then(|()| std::fs::rename(&building, &dir))
                 .map_err(|e| ApiError::Internal(format!("storing the template snapshot: {e}")))?;
-            // A restored guest recognizes the restore by its RTC running ahead of its own clock by
-            // two seconds or more; a snapshot younger than that would make it wait for the limit.
-            tokio::time::sleep(Duration::from_secs(3)).await;
             Ok(())
         }
         .await;

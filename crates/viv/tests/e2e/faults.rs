@@ -43,9 +43,16 @@ fn a_killed_qemu_or_a_panicking_guest_marks_the_sandbox_failed_and_frees_it() {
         json!({ "command": "(sleep 0.5; echo c > /proc/sysrq-trigger) >/dev/null 2>&1 &", "user": "root" }),
     );
     assert_eq!(crash.exit_code, Some(0), "{crash:?}");
-    assert!(wait_until(Duration::from_secs(60), || state_of(&server, &panicking.id)
-        ["state"]
-        == "failed"));
+    let panicked = wait_until(Duration::from_secs(60), || {
+        state_of(&server, &panicking.id)["state"] == "failed"
+    });
+    if !panicked {
+        let run_dir = server.data_dir.join("sandboxes").join(&panicking.id);
+        let console = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+        eprintln!("console of the guest that did not go down:\n{console}");
+        let ps = server.exec(&panicking.id, json!({ "command": "ps -eo pid,pgid,sid,stat,args" }));
+        panic!("the guest did not go down\nconsole:\n{console}\nprocesses: {ps:?}");
+    }
     let info = state_of(&server, &panicking.id);
     assert!(info["error"].as_str().unwrap().contains("panicked"), "{info}");
 

@@ -6,3 +6,4 @@ mod fixture;
 mod api;
 mod cli;
 mod faults;
+mod snapshots;

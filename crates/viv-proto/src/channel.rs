@@ -1,0 +1,89 @@
+//! The reset handshake that starts every host connection on the agent channel.
+//!
+//! The virtio-serial port is one byte stream that outlives connections, snapshots and restores:
+//! a restored guest may still hold bytes of the connection that was open when it was saved, and
+//! may not have noticed that its host changed. So each new host connection starts with a reset
+//! marker, `\0viv-reset\0<key>\0<nonce>\0`, which the agent looks for in everything it reads, even
+//! in the middle of a session. On seeing it the agent drops the session and every byte still
+//! queued for the old host, and answers `\0viv-ready\0<nonce>\0`; the host discards what it reads
+//! before that answer, then speaks HTTP/2. The key (set by the host at `/init`, empty before)
+//! keeps data a user sends through the channel, such as an uploaded file, from ever looking like
+//! a reset; the nonce keeps stale bytes from looking like the answer.
+
+/// Start of the host's reset marker.
+pub const RESET_PREFIX: &[u8] = b"\0viv-reset\0";
+/// Start of the agent's answer.
+pub const READY_PREFIX: &[u8] = b"\0viv-ready\0";
+/// Length of a nonce (hex digits).
+pub const NONCE_LEN: usize = 16;
+
+/// The marker a host sends to open a connection.
+pub fn reset_marker(key: &str, nonce: &str) -> Vec<u8> {
+    let mut marker = RESET_PREFIX.to_vec();
+    marker.extend_from_slice(key.as_bytes());
+    marker.push(0);
+    marker.extend_from_slice(nonce.as_bytes());
+    marker.push(0);
+    marker
+}
+
+/// The agent's answer to a reset with `nonce`.
+pub fn ready_marker(nonce: &[u8]) -> Vec<u8> {
+    let mut marker = READY_PREFIX.to_vec();
+    marker.extend_from_slice(nonce);
+    marker.push(0);
+    marker
+}
+
+/// A reset marker found in a buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundReset {
+    /// Where the marker starts.
+    pub start: usize,
+    /// Where the bytes after it start.
+    pub end: usize,
+    /// The host's nonce.
+    pub nonce: Vec<u8>,
+}
+
+/// Finds the last complete reset marker for `key` in `data`.
+pub fn find_reset(data: &[u8], key: &str) -> Option<FoundReset> {
+    let mut head = RESET_PREFIX.to_vec();
+    head.extend_from_slice(key.as_bytes());
+    head.push(0);
+    let total = head.len() + NONCE_LEN + 1;
+    let start = data
+        .windows(total)
+        .rposition(|w| w.starts_with(&head) && w[total - 1] == 0)?;
+    Some(FoundReset {
+        start,
+        end: start + total,
+        nonce: data[start + head.len()..start + head.len() + NONCE_LEN].to_vec(),
+    })
+}
+
+/// Longest marker for `key`: how many trailing bytes to keep when a marker may span reads.
+pub fn reset_len(key: &str) -> usize {
+    RESET_PREFIX.len() + key.len() + 1 + NONCE_LEN + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_is_found_only_with_its_key() {
+        let mut data = b"stale bytes".to_vec();
+        data.extend(reset_marker("k1", "0123456789abcdef"));
+        data.extend(b"PRI * HTTP/2.0");
+        let found = find_reset(&data, "k1").unwrap();
+        assert_eq!(found.nonce, b"0123456789abcdef");
+        assert_eq!(&data[found.end..], b"PRI * HTTP/2.0");
+        assert_eq!(found.start, 11);
+        assert!(find_reset(&data, "k2").is_none());
+        assert!(
+            find_reset(&data[..data.len() - 20], "k1").is_none(),
+            "a cut marker is not a reset"
+        );
+    }
+}

@@ -1,0 +1,482 @@
+//! Snapshot nodes: pause, resume, fork and user snapshots as a tree.
+//!
+//! A node is a directory `snapshots/<id>/` holding `disk.qcow2` (the sandbox's disk overlay,
+//! frozen: its backing file is the parent node's layer or the template's) and `state` (device
+//! state and guest memory, as QEMU's migration stream). A sandbox restored from a node writes to a
+//! new overlay on the node's layer, so a node costs the blocks changed since its parent plus its
+//! memory, never a copy of the disk.
+//!
+//! Invariants:
+//! - a node directory is built under `<id>.building` and renamed into place before its row is
+//!   written; directories without a row are removed at start;
+//! - a node is deleted only when no node names it as parent and no running or paused sandbox
+//!   descends from it; `pause` and `fork` nodes are collected as soon as that holds, `snapshot`
+//!   nodes only when a user deletes them;
+//! - a failed pause leaves the sandbox running (or failed, if its VM died) and its previous node
+//!   untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use viv_api::{CreatedSandbox, ErrorBody, ForkResult, NewSandbox, SandboxState, SnapshotInfo};
+use viv_vmm::SnapshotMemory;
+
+use super::{now_ms, random_id, remove_files, LiveSandbox, Manager, OnFailure, Source, StartRequest};
+use crate::error::ApiError;
+use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow};
+
+/// Most forks one request may ask for.
+const MAX_FORKS: u32 = 64;
+
+impl Manager {
+    pub(super) fn node_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("snapshots").join(id)
+    }
+
+    fn require_snapshots(&self) -> Result<(), ApiError> {
+        if self.config.snapshots {
+            Ok(())
+        } else {
+            Err(ApiError::BadRequest(
+                "this server runs without snapshots (started with --snapshots=false); pause, fork and snapshot need them"
+                    .into(),
+            ))
+        }
+    }
+
+    fn running(&self, id: &str) -> Result<(Arc<LiveSandbox>, SandboxRow), ApiError> {
+        let live = self.live(id)?;
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        Ok((live, row))
+    }
+
+    /// Pauses a running sandbox: saves it into a new node and stops its VM.
+    pub async fn pause(&self, id: &str) -> Result<SnapshotInfo, ApiError> {
+        self.require_snapshots()?;
+        if let Some(row) = self.store.sandbox(id)? {
+            if row.state == SandboxState::Paused {
+                return Err(ApiError::Conflict(format!("sandbox '{id}' is already paused")));
+            }
+        }
+        let (live, mut row) = self.running(id)?;
+        let _op = live.op.lock().await;
+        if !self.live.lock().expect("live lock").contains_key(id) {
+            return Err(ApiError::sandbox_not_found(id));
+        }
+        let started = std::time::Instant::now();
+        let node = self.save_node(&live, &row, SnapshotKind::Pause, None).await?;
+        self.live.lock().expect("live lock").remove(id);
+        row.state = SandboxState::Paused;
+        row.snapshot_id = Some(node.id.clone());
+        row.vmm_pid = None;
+        self.store.put_sandbox(&row)?;
+        remove_files(&live.run_dir, &live.memory_file);
+        tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
+        self.snapshot_info(node)
+    }
+
+    /// Resumes a paused sandbox from its node (a running one is left as it is). Returns the
+    /// sandbox and whether it was resumed.
+    pub async fn resume(self: &Arc<Self>, id: &str, timeout: Option<u64>) -> Result<(CreatedSandbox, bool), ApiError> {
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        let timeout = timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
+        if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "timeout must be between 1 and {} seconds, got {timeout}",
+                viv_api::MAX_TIMEOUT_SECS
+            )));
+        }
+        match row.state {
+            SandboxState::Running => {
+                self.store.set_end(id, now_ms() + timeout as i64 * 1000)?;
+                return Ok((self.created(&row), false));
+            }
+            SandboxState::Paused => {}
+            SandboxState::Starting => {
+                return Err(ApiError::Conflict(format!(
+                    "sandbox '{id}' is starting; try again shortly"
+                )))
+            }
+            SandboxState::Failed => {
+                return Err(ApiError::Sandbox(format!(
+                    "sandbox '{id}' has failed: {}",
+                    row.error.clone().unwrap_or_default()
+                )))
+            }
+        }
+        let node_id = row.snapshot_id.clone().unwrap_or_default();
+        let node = self.store.snapshot(&node_id)?.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "the snapshot holding paused sandbox '{id}' ({node_id}) no longer exists"
+            ))
+        })?;
+        let guest_token = node.guest_token.clone();
+        let source = Source::Node(node);
+        let start = StartRequest {
+            source: &source,
+            guest_token,
+            env_vars: None,
+            cold_boot: false,
+            timeout,
+        };
+        let created = self
+            .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
+            .await?;
+        Ok((created, true))
+    }
+
+    /// Snapshots a running sandbox once (it keeps running) and starts `count` sandboxes from
+    /// that node. Each fork succeeds or fails on its own.
+    pub async fn fork(
+        self: &Arc<Self>,
+        id: &str,
+        count: u32,
+        timeout: Option<u64>,
+    ) -> Result<Vec<ForkResult>, ApiError> {
+        self.require_snapshots()?;
+        if !(1..=MAX_FORKS).contains(&count) {
+            return Err(ApiError::BadRequest(format!(
+                "count must be between 1 and {MAX_FORKS}, got {count}"
+            )));
+        }
+        let node = self.snapshot_running(id, SnapshotKind::Fork, None).await?;
+        let source = self.store.sandbox(id)?;
+        let mut results = Vec::new();
+        for _ in 0..count {
+            let req = NewSandbox {
+                template_id: Some(node.id.clone()),
+                timeout,
+                metadata: source.as_ref().map(|s| s.metadata.clone()),
+                secure: Some(source.as_ref().is_none_or(|s| s.access_token.is_some())),
+                ..NewSandbox::default()
+            };
+            let result = match self.create_from_node(&node, req, source.as_ref()).await {
+                Ok(sandbox) => ForkResult {
+                    sandbox: Some(sandbox),
+                    error: None,
+                },
+                Err(err) => ForkResult {
+                    sandbox: None,
+                    error: Some(ErrorBody {
+                        code: err.status().as_u16(),
+                        message: err.to_string(),
+                    }),
+                },
+            };
+            results.push(result);
+        }
+        self.collect_snapshots();
+        Ok(results)
+    }
+
+    async fn create_from_node(
+        self: &Arc<Self>,
+        node: &SnapshotRow,
+        req: NewSandbox,
+        source: Option<&SandboxRow>,
+    ) -> Result<CreatedSandbox, ApiError> {
+        let timeout = req.timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
+        if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "timeout must be between 1 and {} seconds, got {timeout}",
+                viv_api::MAX_TIMEOUT_SECS
+            )));
+        }
+        let row = SandboxRow {
+            id: random_id(20),
+            template_id: source.map_or(node.template_id.clone(), |s| s.template_id.clone()),
+            state: SandboxState::Starting,
+            started_at: now_rfc3339(),
+            end_at_ms: now_ms() + timeout as i64 * 1000,
+            cpu_count: node.cpu_count,
+            memory_mb: node.memory_mb,
+            metadata: req.metadata.unwrap_or_default(),
+            access_token: req.secure.unwrap_or(true).then(|| random_id(32)),
+            vmm_pid: None,
+            error: None,
+            snapshot_id: Some(node.id.clone()),
+            auto_pause: source.is_some_and(|s| s.auto_pause),
+        };
+        let guest_token = node.guest_token.clone();
+        let source = Source::Node(node.clone());
+        let start = StartRequest {
+            source: &source,
+            guest_token,
+            env_vars: None,
+            cold_boot: false,
+            timeout,
+        };
+        self.start_sandbox(row, start, OnFailure::Delete).await
+    }
+
+    /// Takes a named (or anonymous) snapshot of a running sandbox, which keeps running. Start
+    /// sandboxes from it by passing its id or name as `templateID`.
+    pub async fn snapshot(&self, id: &str, name: Option<String>) -> Result<SnapshotInfo, ApiError> {
+        self.require_snapshots()?;
+        if let Some(name) = &name {
+            let valid = !name.is_empty()
+                && name.len() <= 128
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid {
+                return Err(ApiError::BadRequest(format!(
+                    "snapshot name '{name}' is invalid: use 1 to 128 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            if self.store.snapshot(name)?.is_some() || self.images.find_named(name).is_ok() || name == "base" {
+                return Err(ApiError::Conflict(format!(
+                    "a snapshot or template named '{name}' already exists"
+                )));
+            }
+        }
+        let node = self.snapshot_running(id, SnapshotKind::Snapshot, name).await?;
+        self.snapshot_info(node)
+    }
+
+    async fn snapshot_running(
+        &self,
+        id: &str,
+        kind: SnapshotKind,
+        name: Option<String>,
+    ) -> Result<SnapshotRow, ApiError> {
+        let (live, mut row) = self.running(id)?;
+        let _op = live.op.lock().await;
+        let started = std::time::Instant::now();
+        let node = self.save_node(&live, &row, kind, name).await?;
+        row.snapshot_id = Some(node.id.clone());
+        self.store.put_sandbox(&row)?;
+        tracing::info!(sandbox = %id, snapshot = %node.id, kind = kind.as_str(), bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        Ok(node)
+    }
+
+    /// Saves a running sandbox into a new node. A pause stops the VM and its overlay becomes the
+    /// node's layer; otherwise the VM continues on a fresh overlay on top of that layer.
+    async fn save_node(
+        &self,
+        live: &LiveSandbox,
+        row: &SandboxRow,
+        kind: SnapshotKind,
+        name: Option<String>,
+    ) -> Result<SnapshotRow, ApiError> {
+        let id = random_id(20);
+        let dir = self.node_dir(&id);
+        let building = dir.with_extension("building");
+        std::fs::create_dir_all(&building)
+            .map_err(|e| ApiError::Internal(format!("creating {}: {e}", building.display())))?;
+        let keep_running = kind != SnapshotKind::Pause;
+        let result = if keep_running {
+            self.save_running(live, &dir, &building).await
+        } else {
+            self.save_stopping(live, &building).await
+        };
+        if let Err(err) = result {
+            let _ = std::fs::remove_dir_all(&building);
+            return Err(err);
+        }
+        std::fs::rename(&building, &dir).map_err(|e| ApiError::Internal(format!("storing snapshot {id}: {e}")))?;
+        let node = SnapshotRow {
+            id,
+            parent_id: row.snapshot_id.clone(),
+            sandbox_id: row.id.clone(),
+            template_id: row.template_id.clone(),
+            kind,
+            name,
+            cpu_count: row.cpu_count,
+            memory_mb: row.memory_mb,
+            bytes: allocated_bytes(&dir),
+            created_at: now_rfc3339(),
+            guest_token: row.access_token.clone(),
+        };
+        self.store.put_snapshot(&node)?;
+        Ok(node)
+    }
+
+    /// Pause: hang up the agent, save the VM (memory included), stop it, keep its overlay.
+    async fn save_stopping(&self, live: &LiveSandbox, building: &Path) -> Result<(), ApiError> {
+        live.agent.close().await;
+        if let Err(err) = live
+            .vm
+            .snapshot(&building.join("state"), SnapshotMemory::Included)
+            .await
+        {
+            // The VM may have died (then its watcher marks the sandbox failed); otherwise it runs on.
+            let _ = live.vm.resume().await;
+            return Err(ApiError::Sandbox(format!("saving sandbox {}: {err}", live.id)));
+        }
+        let _ = live.vm.kill().await;
+        let disk = live.root_disk.lock().expect("disk lock").clone();
+        std::fs::rename(&disk, building.join("disk.qcow2"))
+            .map_err(|e| ApiError::Internal(format!("keeping the disk of sandbox {}: {e}", live.id)))
+    }
+
+    /// Fork or snapshot: stop the vCPUs, freeze the overlay as the node's layer (the VM goes on
+    /// writing to a new overlay on top of it), save the VM, let it run again.
+    async fn save_running(&self, live: &LiveSandbox, dir: &Path, building: &Path) -> Result<(), ApiError> {
+        let vm_error =
+            |what: &str, err: viv_vmm::VmError| ApiError::Sandbox(format!("{what} sandbox {}: {err}", live.id));
+        live.vm.pause().await.map_err(|e| vm_error("pausing", e))?;
+        let result = async {
+            let disk = live.root_disk.lock().expect("disk lock").clone();
+            let layer = building.join("disk.qcow2");
+            // A second name for the overlay, which the VM writes to no more after the swap.
+            std::fs::hard_link(&disk, &layer)
+                .map_err(|e| ApiError::Internal(format!("linking {} into the snapshot: {e}", disk.display())))?;
+            let next = live.run_dir.join(format!("root-{}.qcow2", random_id(6)));
+            let size = qcow2_virtual_size(&disk)?;
+            super::create_overlay_unchecked(&dir.join("disk.qcow2"), &next, size).await?;
+            if let Err(err) = live.vm.replace_root_disk(&next).await {
+                let _ = std::fs::remove_file(&next);
+                return Err(vm_error("switching the disk of", err));
+            }
+            *live.root_disk.lock().expect("disk lock") = next;
+            live.vm
+                .snapshot(&building.join("state"), SnapshotMemory::Included)
+                .await
+                .map_err(|e| vm_error("saving", e))
+        }
+        .await;
+        let resumed = live.vm.resume().await;
+        result?;
+        resumed.map_err(|e| vm_error("resuming", e))
+    }
+
+    fn snapshot_info(&self, node: SnapshotRow) -> Result<SnapshotInfo, ApiError> {
+        let (children, sandboxes) = self.store.snapshot_users(&node.id)?;
+        let mut names = vec![node.id.clone()];
+        names.extend(node.name.clone());
+        Ok(SnapshotInfo {
+            snapshot_id: node.id,
+            names,
+            parent_id: node.parent_id,
+            sandbox_id: node.sandbox_id,
+            template_id: node.template_id,
+            kind: node.kind.as_str().to_owned(),
+            size_bytes: node.bytes,
+            created_at: node.created_at,
+            children,
+            sandboxes,
+        })
+    }
+
+    /// Snapshot nodes, optionally only those taken of one sandbox.
+    pub fn list_snapshots(&self, sandbox_id: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError> {
+        self.store
+            .snapshots()?
+            .into_iter()
+            .filter(|n| sandbox_id.is_none_or(|s| n.sandbox_id == s))
+            .map(|n| self.snapshot_info(n))
+            .collect()
+    }
+
+    /// One snapshot node by id or name.
+    pub fn get_snapshot(&self, id: &str) -> Result<SnapshotInfo, ApiError> {
+        let node = self.store.snapshot(id)?.ok_or_else(|| snapshot_not_found(id))?;
+        self.snapshot_info(node)
+    }
+
+    /// Deletes a node nothing depends on.
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        let node = self.store.snapshot(id)?.ok_or_else(|| snapshot_not_found(id))?;
+        let (children, sandboxes) = self.store.snapshot_users(&node.id)?;
+        if !children.is_empty() || !sandboxes.is_empty() {
+            let mut users = Vec::new();
+            if !children.is_empty() {
+                users.push(format!("snapshots {}", children.join(", ")));
+            }
+            if !sandboxes.is_empty() {
+                users.push(format!("sandboxes {}", sandboxes.join(", ")));
+            }
+            return Err(ApiError::Conflict(format!(
+                "snapshot '{id}' is still needed by {}; delete or kill those first",
+                users.join(" and ")
+            )));
+        }
+        self.remove_node(&node)?;
+        self.collect_snapshots();
+        Ok(())
+    }
+
+    fn remove_node(&self, node: &SnapshotRow) -> Result<(), ApiError> {
+        self.store.delete_snapshot(&node.id)?;
+        let _ = std::fs::remove_dir_all(self.node_dir(&node.id));
+        tracing::info!(snapshot = %node.id, kind = node.kind.as_str(), "snapshot deleted");
+        Ok(())
+    }
+
+    /// Deletes `pause` and `fork` nodes that nothing depends on any more, up the tree.
+    pub(super) fn collect_snapshots(&self) {
+        loop {
+            let Ok(nodes) = self.store.snapshots() else { return };
+            let mut removed = false;
+            for node in nodes.iter().filter(|n| n.kind != SnapshotKind::Snapshot) {
+                if let Ok((children, sandboxes)) = self.store.snapshot_users(&node.id) {
+                    if children.is_empty() && sandboxes.is_empty() && self.remove_node(node).is_ok() {
+                        removed = true;
+                    }
+                }
+            }
+            if !removed {
+                return;
+            }
+        }
+    }
+
+    /// At start: removes node directories that have no row (a save the crash interrupted).
+    pub(super) fn recover_snapshots(&self) -> Result<(), ApiError> {
+        let root = self.config.data_dir.join("snapshots");
+        std::fs::create_dir_all(&root).map_err(|e| ApiError::Internal(format!("creating {}: {e}", root.display())))?;
+        let known: std::collections::HashSet<String> = self.store.snapshots()?.into_iter().map(|n| n.id).collect();
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                tracing::warn!(dir = %entry.path().display(), "removing an unfinished snapshot");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        self.collect_snapshots();
+        Ok(())
+    }
+
+    fn created(&self, row: &SandboxRow) -> CreatedSandbox {
+        CreatedSandbox {
+            sandbox_id: row.id.clone(),
+            template_id: row.template_id.clone(),
+            client_id: self.config.node_name.clone(),
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            envd_access_token: row.access_token.clone(),
+            domain: None,
+        }
+    }
+}
+
+fn snapshot_not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "snapshot '{id}' not found; `viv snapshot list` shows the existing ones"
+    ))
+}
+
+/// Bytes the files of `dir` occupy on disk (allocated blocks, so sparse files count what they use).
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// The virtual size recorded in a qcow2 header (big-endian u64 at offset 24).
+fn qcow2_virtual_size(path: &Path) -> Result<u64, ApiError> {
+    use std::io::Read as _;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(|e| ApiError::Internal(format!("reading the qcow2 header of {}: {e}", path.display())))?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(ApiError::Internal(format!("{} is not a qcow2 image", path.display())));
+    }
+    Ok(u64::from_be_bytes(header[24..32].try_into().expect("8 bytes")))
+}

@@ -1,0 +1,275 @@
+//! Pause, resume, fork and named snapshots: files and running processes survive, nodes form a
+//! tree that refuses deletes while in use and collects what nothing needs.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fixture::{wait_until, TestServer};
+
+fn snapshots(server: &TestServer) -> Vec<Value> {
+    server.get("/snapshots").send().unwrap().json().unwrap()
+}
+
+/// A counter a background process bumps every 100 ms.
+fn counter(server: &TestServer, id: &str) -> u64 {
+    let read = server.exec(id, json!({ "command": "cat /tmp/count" }));
+    read.out()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no counter: {read:?}"))
+}
+
+#[test]
+fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
+    let server = TestServer::start();
+    let id = server.create(json!({ "templateID": "base", "timeout": 600, "envVars": { "FOO": "bar" } }));
+    let setup = server.exec(
+        &id,
+        json!({ "command": "echo hello > /home/user/f.txt; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &" }),
+    );
+    assert_eq!(setup.exit_code, Some(0), "{setup:?}");
+    assert!(wait_until(Duration::from_secs(10), || counter(&server, &id) > 2));
+
+    // Pause: the sandbox is paused, its node holds it, commands are refused with a hint.
+    assert_eq!(
+        server.post(&format!("/sandboxes/{id}/pause")).send().unwrap().status(),
+        204
+    );
+    let info: Value = server.get(&format!("/sandboxes/{id}")).send().unwrap().json().unwrap();
+    assert_eq!(info["state"], "paused");
+    let refused = server
+        .post(&format!("/sandboxes/{id}/exec"))
+        .json(&json!({ "command": "true" }))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    assert!(refused.text().unwrap().contains("resume"));
+    let nodes = snapshots(&server);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    let pause_node = nodes[0]["snapshotID"].as_str().unwrap().to_owned();
+    assert_eq!(nodes[0]["kind"], "pause");
+    assert!(nodes[0]["sizeBytes"].as_u64().unwrap() > 0);
+    assert_eq!(server.qemu_processes().len(), 0, "a paused sandbox has no VM");
+    let in_use = server.delete(&format!("/snapshots/{pause_node}")).send().unwrap();
+    assert_eq!(in_use.status(), 409, "a node a paused sandbox needs cannot be deleted");
+
+    // Resume (E2B's connect): 201, then files, environment and the process are all there.
+    let resumed = server
+        .post(&format!("/sandboxes/{id}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    let again = server
+        .post(&format!("/sandboxes/{id}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 200, "connecting to a running sandbox");
+    let out = server.exec(&id, json!({ "command": "cat /home/user/f.txt; echo $FOO" }));
+    assert_eq!(out.out(), "hello\nbar\n");
+    let before = counter(&server, &id);
+    assert!(
+        wait_until(Duration::from_secs(10), || counter(&server, &id) > before + 2),
+        "the background process runs on after the resume"
+    );
+    // The guest clock was set from the host's at resume.
+    let guest: f64 = server
+        .exec(&id, json!({ "command": "date +%s.%N" }))
+        .out()
+        .trim()
+        .parse()
+        .unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((host - guest).abs() < 2.0, "guest clock {guest} vs host {host}");
+
+    // Fork into two: both children have the parent's files and process; writes stay apart.
+    let forked = server
+        .post(&format!("/sandboxes/{id}/fork"))
+        .json(&json!({ "count": 2, "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(forked.status(), 201);
+    let forks: Vec<Value> = forked.json().unwrap();
+    assert_eq!(forks.len(), 2);
+    let children: Vec<String> = forks
+        .iter()
+        .map(|f| {
+            f["sandbox"]["sandboxID"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{f}"))
+                .to_owned()
+        })
+        .collect();
+    for (n, child) in children.iter().enumerate() {
+        let out = server.exec(
+            child,
+            json!({ "command": format!("cat /home/user/f.txt; echo child{n} > /home/user/mine.txt") }),
+        );
+        assert_eq!(out.out(), "hello\n");
+        let start = counter(&server, child);
+        assert!(wait_until(Duration::from_secs(10), || counter(&server, child) > start));
+    }
+    let parent = server.exec(
+        &id,
+        json!({ "command": "cat /home/user/mine.txt 2>&1; echo parent > /home/user/p.txt" }),
+    );
+    assert!(
+        parent.out().contains("No such file"),
+        "a child's write is not in the parent: {parent:?}"
+    );
+    let child0 = server.exec(
+        &children[0],
+        json!({ "command": "cat /home/user/mine.txt; ls /home/user" }),
+    );
+    assert_eq!(child0.out(), "child0\nf.txt\nmine.txt\n");
+
+    // A named snapshot starts new sandboxes; a snapshot in use cannot be deleted.
+    let snap = server
+        .post(&format!("/sandboxes/{id}/snapshots"))
+        .json(&json!({ "name": "with-p" }))
+        .send()
+        .unwrap();
+    assert_eq!(snap.status(), 201);
+    let snap: Value = snap.json().unwrap();
+    assert!(snap["names"].as_array().unwrap().iter().any(|n| n == "with-p"));
+    let duplicate = server
+        .post(&format!("/sandboxes/{id}/snapshots"))
+        .json(&json!({ "name": "with-p" }))
+        .send()
+        .unwrap();
+    assert_eq!(duplicate.status(), 409);
+    let from_snap = server.create(json!({ "templateID": "with-p", "timeout": 600 }));
+    assert_eq!(
+        server
+            .exec(&from_snap, json!({ "command": "cat /home/user/p.txt" }))
+            .out(),
+        "parent\n"
+    );
+
+    // Kill everything: only the named snapshot remains (with its ancestors), deletable now.
+    for sandbox in children.iter().chain([&id, &from_snap]) {
+        assert_eq!(
+            server.delete(&format!("/sandboxes/{sandbox}")).send().unwrap().status(),
+            204
+        );
+    }
+    let left = snapshots(&server);
+    assert!(left
+        .iter()
+        .any(|n| n["names"].as_array().unwrap().iter().any(|x| x == "with-p")));
+    assert!(
+        left.iter().all(|n| n["sandboxes"].as_array().unwrap().is_empty()),
+        "{left:?}"
+    );
+    assert_eq!(server.delete("/snapshots/with-p").send().unwrap().status(), 204);
+    assert!(
+        snapshots(&server).is_empty(),
+        "unreferenced pause and fork nodes are collected"
+    );
+    let entries = std::fs::read_dir(server.data_dir.join("snapshots")).unwrap().count();
+    assert_eq!(entries, 0, "no snapshot files are left");
+
+    // A deleted snapshot is gone for good.
+    let gone = server
+        .post("/sandboxes")
+        .json(&json!({ "templateID": snap["snapshotID"] }))
+        .send()
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    assert_eq!(server.get("/snapshots/with-p").send().unwrap().status(), 404);
+    assert_eq!(server.qemu_processes().len(), 0);
+}
+
+#[test]
+fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart() {
+    let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
+    let server = TestServer::start_on(temp.path(), None);
+    let kept = server.create(json!({ "templateID": "base", "timeout": 600 }));
+    server.exec(&kept, json!({ "command": "echo kept > /home/user/k.txt" }));
+    assert_eq!(
+        server
+            .post(&format!("/sandboxes/{kept}/pause"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
+
+    // QEMU killed while its sandbox is being paused: the pause fails, nothing half-written stays.
+    let victim = server.create(json!({ "templateID": "base", "timeout": 600 }));
+    server.exec(
+        &victim,
+        json!({ "command": "head -c 200000000 /dev/urandom > /dev/shm/big" }),
+    );
+    let run_dir = server.data_dir.join("sandboxes").join(&victim);
+    let pid = crate::fixture::qemu_processes_under(&run_dir)[0];
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        // SAFETY: plain kill of a process this test's server started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let pause = server.post(&format!("/sandboxes/{victim}/pause")).send().unwrap();
+    killer.join().unwrap();
+    if pause.status() == 204 {
+        // The pause won the race; the sandbox is paused, which is fine too.
+        eprintln!("the pause finished before QEMU was killed");
+    } else {
+        assert_eq!(pause.status(), 502, "{}", pause.text().unwrap_or_default());
+        assert!(wait_until(Duration::from_secs(20), || {
+            server
+                .get(&format!("/sandboxes/{victim}"))
+                .send()
+                .unwrap()
+                .json::<Value>()
+                .unwrap()["state"]
+                == "failed"
+        }));
+        let building: Vec<_> = std::fs::read_dir(server.data_dir.join("snapshots"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".building"))
+            .collect();
+        assert!(building.is_empty(), "no half-written snapshot is left");
+    }
+    let nodes = snapshots(&server);
+    assert!(nodes
+        .iter()
+        .any(|n| n["sandboxes"].as_array().unwrap().iter().any(|s| s == &kept)));
+
+    // Restart: the paused sandbox is still paused and resumes with its files.
+    assert!(server.stop(libc::SIGTERM).success());
+    let server = TestServer::start_on(temp.path(), None);
+    let info: Value = server
+        .get(&format!("/sandboxes/{kept}"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(info["state"], "paused");
+    let resumed = server
+        .post(&format!("/sandboxes/{kept}/connect"))
+        .json(&json!({ "timeout": 60 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(
+        server.exec(&kept, json!({ "command": "cat /home/user/k.txt" })).out(),
+        "kept\n"
+    );
+    let missing = server
+        .post("/sandboxes/nope/connect")
+        .json(&json!({ "timeout": 60 }))
+        .send()
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    for id in [&kept, &victim] {
+        let _ = server.delete(&format!("/sandboxes/{id}")).send();
+    }
+    assert!(server.stop(libc::SIGTERM).success());
+    crate::fixture::remove_template_memory(temp.path());
+}
