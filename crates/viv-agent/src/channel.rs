@@ -132,26 +132,28 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
             PortEvent::Data(data) => {
                 let key = channel_key();
                 let keep = channel::reset_len(&key) - 1;
-                let mut scan = std::mem::take(&mut tail);
-                scan.extend_from_slice(&data);
-                let data = match channel::find_reset(&scan, &key) {
-                    Some(found) => {
+                // A marker lies in this read, or spans the end of the previous one and the start
+                // of this one (only those two pieces are copied).
+                let found = channel::find_reset(&data, &key).map(|f| (f.end, f.nonce)).or_else(|| {
+                    let mut seam = std::mem::take(&mut tail);
+                    let carried = seam.len();
+                    seam.extend_from_slice(&data[..data.len().min(keep)]);
+                    channel::find_reset(&seam, &key).map(|f| (f.end.saturating_sub(carried), f.nonce))
+                });
+                let data = match found {
+                    Some((end, nonce)) => {
                         // A new host: forget the old session and whatever it still had to send.
                         let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
                         session = None;
                         pending.clear();
-                        let _ = out_tx.send((generation, channel::ready_marker(&found.nonce)));
+                        let _ = out_tx.send((generation, channel::ready_marker(&nonce)));
                         tracing::debug!("host connection reset");
-                        scan.split_off(found.end)
+                        data[end..].to_vec()
                     }
-                    None => {
-                        tail = scan[scan.len().saturating_sub(keep)..].to_vec();
-                        data
-                    }
+                    None => data,
                 };
-                if tail.is_empty() {
-                    tail = data[data.len().saturating_sub(keep)..].to_vec();
-                }
+                tail.clear();
+                tail.extend_from_slice(&data[data.len().saturating_sub(keep)..]);
                 let data = if session.is_some() {
                     data
                 } else {

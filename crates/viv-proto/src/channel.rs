@@ -52,14 +52,19 @@ pub fn find_reset(data: &[u8], key: &str) -> Option<FoundReset> {
     head.extend_from_slice(key.as_bytes());
     head.push(0);
     let total = head.len() + NONCE_LEN + 1;
-    let start = data
-        .windows(total)
-        .rposition(|w| w.starts_with(&head) && w[total - 1] == 0)?;
-    Some(FoundReset {
-        start,
-        end: start + total,
-        nonce: data[start + head.len()..start + head.len() + NONCE_LEN].to_vec(),
-    })
+    let finder = memchr::memmem::FinderRev::new(&head);
+    let mut within = data.len();
+    while let Some(start) = finder.rfind(&data[..within]) {
+        if start + total <= data.len() && data[start + total - 1] == 0 {
+            return Some(FoundReset {
+                start,
+                end: start + total,
+                nonce: data[start + head.len()..start + head.len() + NONCE_LEN].to_vec(),
+            });
+        }
+        within = start + head.len() - 1;
+    }
+    None
 }
 
 /// Longest marker for `key`: how many trailing bytes to keep when a marker may span reads.

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use base64::Engine as _;
 use clap::Args;
 use rand::RngCore as _;
 use reqwest::Method;
@@ -24,6 +25,128 @@ pub struct BenchArgs {
     /// Size of the file written and read, MiB.
     #[arg(long, default_value_t = 64)]
     pub file_mib: usize,
+    /// Pause / resume / fork cycles to time (when the server uses snapshots).
+    #[arg(long, default_value_t = 5)]
+    pub cycles: usize,
+}
+
+/// Timings of one pause / resume / fork cycle.
+struct Cycle {
+    pause: Duration,
+    resume: Duration,
+    resume_first: Duration,
+    fork_first: Duration,
+    clock_error_ms: f64,
+    pause_node_bytes: u64,
+    fork_node_bytes: u64,
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or_default()
+}
+
+/// Runs a command and returns its stdout.
+async fn output(client: &Client, id: &str, argv: &[&str]) -> Result<String> {
+    let req = ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..ExecRequest::default()
+    };
+    let body = client
+        .send(
+            client
+                .request(Method::POST, &format!("/sandboxes/{id}/exec"))
+                .json(&req),
+        )
+        .await?
+        .text()
+        .await?;
+    let mut out = Vec::new();
+    for line in body.lines() {
+        if let Ok(ExecEvent::Stdout { data }) = serde_json::from_str::<ExecEvent>(line) {
+            out.extend(base64::engine::general_purpose::STANDARD.decode(data)?);
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Creates a sandbox, pauses it, resumes it (reading the guest clock right away), forks it.
+async fn cycle(client: &Client) -> Result<Cycle> {
+    let id = create(client, false).await?;
+    let result = async {
+        ensure!(
+            exec(client, &id, &["sh", "-c", "echo data > /tmp/state"]).await? == 0,
+            "setup failed"
+        );
+        let start = Instant::now();
+        client
+            .send(client.request(Method::POST, &format!("/sandboxes/{id}/pause")))
+            .await?;
+        let pause = start.elapsed();
+        let start = Instant::now();
+        let body = viv_api::ConnectSandbox { timeout: Some(300) };
+        client
+            .send(
+                client
+                    .request(Method::POST, &format!("/sandboxes/{id}/connect"))
+                    .json(&body),
+            )
+            .await?;
+        let resume = start.elapsed();
+        let sent = now_ms();
+        let guest = output(client, &id, &["date", "+%s%N"]).await?;
+        let resume_first = start.elapsed();
+        let received = now_ms();
+        let guest_ms = guest.trim().parse::<f64>().context("reading the guest clock")? / 1e6;
+        // The guest read its clock somewhere between send and receive; count the midpoint.
+        let clock_error_ms = guest_ms - (sent + received) / 2.0;
+        let start = Instant::now();
+        let fork = viv_api::ForkRequest {
+            timeout: Some(60),
+            count: Some(1),
+        };
+        let forks: Vec<viv_api::ForkResult> = client
+            .json(
+                client
+                    .request(Method::POST, &format!("/sandboxes/{id}/fork"))
+                    .json(&fork),
+            )
+            .await?;
+        let child = forks
+            .first()
+            .and_then(|f| f.sandbox.as_ref())
+            .map(|s| s.sandbox_id.clone())
+            .context("the fork failed")?;
+        let first = exec(client, &child, &["cat", "/tmp/state"]).await;
+        let fork_first = start.elapsed();
+        let nodes: Vec<viv_api::SnapshotInfo> = client
+            .json(client.request(Method::GET, "/snapshots").query(&[("sandboxID", &id)]))
+            .await?;
+        let size = |kind: &str| {
+            nodes
+                .iter()
+                .filter(|n| n.kind == kind)
+                .map(|n| n.size_bytes)
+                .max()
+                .unwrap_or(0)
+        };
+        kill(client, &child).await?;
+        ensure!(first? == 0, "the fork lacks its parent's file");
+        Ok(Cycle {
+            pause,
+            resume,
+            resume_first,
+            fork_first,
+            clock_error_ms,
+            pause_node_bytes: size("pause"),
+            fork_node_bytes: size("fork"),
+        })
+    }
+    .await;
+    kill(client, &id).await?;
+    result
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -142,7 +265,51 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         })
     };
 
+    let mut cycles = Vec::new();
+    if snapshots {
+        for i in 0..args.cycles {
+            let c = cycle(client).await.context("pause / resume / fork cycle")?;
+            eprintln!(
+                "  cycle {}/{}: pause {:.0} ms, resume {:.0} ms (first result {:.0} ms, clock error {:+.1} ms), fork to first result {:.0} ms",
+                i + 1,
+                args.cycles,
+                ms(c.pause),
+                ms(c.resume),
+                ms(c.resume_first),
+                c.clock_error_ms,
+                ms(c.fork_first)
+            );
+            cycles.push(c);
+        }
+    }
+    let tree = if cycles.is_empty() {
+        serde_json::Value::Null
+    } else {
+        let p50 = |f: &dyn Fn(&Cycle) -> Duration| {
+            let mut v: Vec<Duration> = cycles.iter().map(f).collect();
+            v.sort();
+            ms(percentile(&v, 0.5))
+        };
+        let max_clock = cycles.iter().map(|c| c.clock_error_ms.abs()).fold(0.0, f64::max);
+        let mib = |b: u64| (b as f64 / (1 << 20) as f64 * 10.0).round() / 10.0;
+        serde_json::json!({
+            "n": cycles.len(),
+            "pauseMsP50": p50(&|c| c.pause),
+            "resumeMsP50": p50(&|c| c.resume),
+            "resumeFirstResultMsP50": p50(&|c| c.resume_first),
+            "forkFirstResultMsP50": p50(&|c| c.fork_first),
+            "clockErrorMsMaxAbs": (max_clock * 10.0).round() / 10.0,
+            "pauseNodeMiB": mib(cycles.iter().map(|c| c.pause_node_bytes).max().unwrap_or(0)),
+            "forkNodeMiB": mib(cycles.iter().map(|c| c.fork_node_bytes).max().unwrap_or(0)),
+        })
+    };
+
     let id = create(client, false).await?;
+    let memory_mb = client
+        .json::<viv_api::SandboxInfo>(client.request(Method::GET, &format!("/sandboxes/{id}")))
+        .await
+        .map(|i| i.memory_mb)
+        .unwrap_or_default();
     let result = async {
         let mut trips = Vec::new();
         for _ in 0..args.round_trips {
@@ -191,6 +358,8 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
         "restore": restore,
+        "snapshotTree": tree,
+        "guestMemoryMiB": memory_mb,
         "fileMiB": args.file_mib,
         "writeMiBps": (mib / write.as_secs_f64() * 10.0).round() / 10.0,
         "readMiBps": (mib / read.as_secs_f64() * 10.0).round() / 10.0,
@@ -224,6 +393,38 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                             r["p50"], r["p95"], report["restore"]["ratioToColdBoot"]
                         ),
                         None => "server runs without --snapshots".into(),
+                    },
+                    accel.clone(),
+                ],
+                vec![
+                    format!("pause / resume (to created) p50, {memory_mb} MiB guest"),
+                    match tree.as_object() {
+                        Some(t) => format!("{} / {} ms", t["pauseMsP50"], t["resumeMsP50"]),
+                        None => "server runs without snapshots".into(),
+                    },
+                    accel.clone(),
+                ],
+                vec![
+                    "resume to first result p50; guest clock error after resume, max".into(),
+                    match tree.as_object() {
+                        Some(t) => format!("{} ms; {} ms", t["resumeFirstResultMsP50"], t["clockErrorMsMaxAbs"]),
+                        None => "-".into(),
+                    },
+                    accel.clone(),
+                ],
+                vec![
+                    "fork of a running sandbox to first result in the child, p50".into(),
+                    match tree.as_object() {
+                        Some(t) => format!("{} ms", t["forkFirstResultMsP50"]),
+                        None => "-".into(),
+                    },
+                    accel.clone(),
+                ],
+                vec![
+                    "bytes on disk per pause node / fork node (max)".into(),
+                    match tree.as_object() {
+                        Some(t) => format!("{} / {} MiB", t["pauseNodeMiB"], t["forkNodeMiB"]),
+                        None => "-".into(),
                     },
                     accel.clone(),
                 ],
