@@ -99,6 +99,24 @@ struct StartRequest<'a> {
     timeout: u64,
 }
 
+impl<'a> StartRequest<'a> {
+    /// A restore of a snapshot node: the agent keeps its environment and is reached with the
+    /// token it had when saved.
+    fn restore(source: &'a Source, timeout: u64) -> Self {
+        let guest_token = match source {
+            Source::Node(node) => node.guest_token.clone(),
+            Source::Layer(_) => None,
+        };
+        Self {
+            source,
+            guest_token,
+            env_vars: None,
+            cold_boot: false,
+            timeout,
+        }
+    }
+}
+
 /// What a failed start leaves of the sandbox's row.
 enum OnFailure {
     /// Delete it (a new sandbox).

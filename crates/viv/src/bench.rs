@@ -50,26 +50,7 @@ fn now_ms() -> f64 {
 
 /// Runs a command and returns its stdout.
 async fn output(client: &Client, id: &str, argv: &[&str]) -> Result<String> {
-    let req = ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..ExecRequest::default()
-    };
-    let body = client
-        .send(
-            client
-                .request(Method::POST, &format!("/sandboxes/{id}/exec"))
-                .json(&req),
-        )
-        .await?
-        .text()
-        .await?;
-    let mut out = Vec::new();
-    for line in body.lines() {
-        if let Ok(ExecEvent::Stdout { data }) = serde_json::from_str::<ExecEvent>(line) {
-            out.extend(base64::engine::general_purpose::STANDARD.decode(data)?);
-        }
-    }
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    Ok(run_command(client, id, argv).await?.1)
 }
 
 /// Creates a sandbox, pauses it, resumes it (reading the guest clock right away), forks it.
@@ -179,6 +160,11 @@ async fn kill(client: &Client, id: &str) -> Result<()> {
 
 /// Runs `argv` and returns its exit code.
 async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
+    Ok(run_command(client, id, argv).await?.0)
+}
+
+/// Runs a command through the exec route; returns its exit code and stdout.
+async fn run_command(client: &Client, id: &str, argv: &[&str]) -> Result<(i32, String)> {
     let req = ExecRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
@@ -192,9 +178,11 @@ async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
         .await?
         .text()
         .await?;
+    let mut out = Vec::new();
     for line in text.lines() {
         match serde_json::from_str::<ExecEvent>(line)? {
-            ExecEvent::End { exit_code, .. } => return Ok(exit_code),
+            ExecEvent::Stdout { data } => out.extend(base64::engine::general_purpose::STANDARD.decode(data)?),
+            ExecEvent::End { exit_code, .. } => return Ok((exit_code, String::from_utf8_lossy(&out).into_owned())),
             ExecEvent::Error { message } => anyhow::bail!(message),
             _ => {}
         }

@@ -110,15 +110,8 @@ impl Manager {
                 "the snapshot holding paused sandbox '{id}' ({node_id}) no longer exists"
             ))
         })?;
-        let guest_token = node.guest_token.clone();
         let source = Source::Node(node);
-        let start = StartRequest {
-            source: &source,
-            guest_token,
-            env_vars: None,
-            cold_boot: false,
-            timeout,
-        };
+        let start = StartRequest::restore(&source, timeout);
         let created = self
             .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
             .await?;
@@ -197,16 +190,9 @@ impl Manager {
             snapshot_id: Some(node.id.clone()),
             auto_pause: source.is_some_and(|s| s.auto_pause),
         };
-        let guest_token = node.guest_token.clone();
         let source = Source::Node(node.clone());
-        let start = StartRequest {
-            source: &source,
-            guest_token,
-            env_vars: None,
-            cold_boot: false,
-            timeout,
-        };
-        self.start_sandbox(row, start, OnFailure::Delete).await
+        self.start_sandbox(row, StartRequest::restore(&source, timeout), OnFailure::Delete)
+            .await
     }
 
     /// Takes a named (or anonymous) snapshot of a running sandbox, which keeps running. Start
