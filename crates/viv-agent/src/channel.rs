@@ -3,13 +3,14 @@
 //! A virtio-serial port is one byte stream that the host may connect to and disconnect from at
 //! any time. While no host is connected, `read` returns 0 at once; while one is, it blocks until
 //! data arrives. The port can be opened only once, so the agent keeps one fd for its lifetime and
-//! treats each stretch between "first byte after a hang-up" and "next hang-up" as one HTTP/2
-//! connection, bridged to hyper through an in-memory duplex pipe.
+//! serves each host connection as one HTTP/2 connection, bridged to hyper through an in-memory
+//! duplex pipe.
 //!
-//! Snapshots: the host hangs up before it saves a VM, and a restored VM meets a new host. So the
-//! port is non-blocking, every chunk written is tagged with its connection's number, and chunks
-//! of an ended connection are dropped; nothing of the old connection can be pending in the
-//! snapshot and reach the new host. Bytes before a new HTTP/2 preface are ignored likewise.
+//! A connection starts with the reset handshake of [`viv_proto::channel`] and ends at a hang-up
+//! or at the next reset. Snapshots are why: a restored (or forked) VM meets a new host without
+//! necessarily seeing a hang-up. So the port is non-blocking, every chunk written is tagged with
+//! its connection's number, and chunks of an ended connection are dropped rather than sent to the
+//! next host. Bytes before an HTTP/2 preface are ignored likewise.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};

@@ -16,7 +16,7 @@ use rand::Rng as _;
 use sha2::{Digest, Sha256};
 use viv_api::{CreatedSandbox, NewSandbox, SandboxInfo, SandboxState};
 use viv_image::{BootImages, ImageError, ImageStore, Progress};
-use viv_vmm::{Accel, Restore, SnapshotMemory, Vm, VmSpec, Vmm};
+use viv_vmm::{Accel, GuestMemory, Restore, SnapshotMemory, Vm, VmSpec, Vmm};
 
 use crate::agent_client::AgentClient;
 use crate::error::ApiError;
@@ -100,9 +100,9 @@ struct StartRequest<'a> {
 }
 
 impl<'a> StartRequest<'a> {
-    /// A restore of a snapshot node: the agent keeps its environment and is reached with the
+    /// A start from `source`. A restored agent keeps its environment and is reached with the
     /// token it had when saved.
-    fn restore(source: &'a Source, timeout: u64) -> Self {
+    fn new(source: &'a Source, timeout: u64) -> Self {
         let guest_token = match source {
             Source::Node(node) => node.guest_token.clone(),
             Source::Layer(_) => None,
@@ -151,6 +151,18 @@ fn now_ms() -> i64 {
 
 fn rfc3339_ms(ms: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+}
+
+/// A sandbox lifetime in seconds: the default when absent, else checked against the bounds.
+fn lifetime(timeout: Option<u64>) -> Result<u64, ApiError> {
+    let timeout = timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
+    if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
+        return Err(ApiError::BadRequest(format!(
+            "timeout must be between 1 and {} seconds, got {timeout}",
+            viv_api::MAX_TIMEOUT_SECS
+        )));
+    }
+    Ok(timeout)
 }
 
 /// A random id of lowercase letters and digits.
@@ -233,21 +245,22 @@ impl Manager {
             if let Some(pid) = row.vmm_pid {
                 kill_stale_vmm(pid, &run_dir);
             }
-            if row.state == SandboxState::Starting && row.snapshot_id.is_some() {
-                // A resume that the crash interrupted: the sandbox is still in its pause node.
-                if let Some(node) = self.store.snapshot(row.snapshot_id.as_deref().unwrap_or_default())? {
-                    if node.kind == SnapshotKind::Pause && node.sandbox_id == row.id {
-                        self.store.put_sandbox(&SandboxRow {
-                            state: SandboxState::Paused,
-                            vmm_pid: None,
-                            ..row.clone()
-                        })?;
-                        remove_files(&run_dir, &self.memory_file(&row.id));
-                        continue;
-                    }
-                }
-            }
-            if matches!(row.state, SandboxState::Running | SandboxState::Starting) {
+            // A resume that the crash interrupted: the sandbox is still in its pause node.
+            let resuming = row.state == SandboxState::Starting
+                && match row.snapshot_id.as_deref() {
+                    Some(node) => self
+                        .store
+                        .snapshot(node)?
+                        .is_some_and(|n| n.kind == SnapshotKind::Pause && n.sandbox_id == row.id),
+                    None => false,
+                };
+            if resuming {
+                self.store.put_sandbox(&SandboxRow {
+                    state: SandboxState::Paused,
+                    vmm_pid: None,
+                    ..row.clone()
+                })?;
+            } else if matches!(row.state, SandboxState::Running | SandboxState::Starting) {
                 self.store
                     .fail_sandbox(&row.id, "the server stopped while the sandbox ran; its VM was stopped")?;
             }
@@ -298,13 +311,7 @@ impl Manager {
             .template_id
             .clone()
             .unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
-        let timeout = req.timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
-        if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
-            return Err(ApiError::BadRequest(format!(
-                "timeout must be between 1 and {} seconds, got {timeout}",
-                viv_api::MAX_TIMEOUT_SECS
-            )));
-        }
+        let timeout = lifetime(req.timeout)?;
         let vcpus = req.cpu_count.unwrap_or(self.config.vcpus);
         if !(1..=64).contains(&vcpus) {
             return Err(ApiError::BadRequest(format!(
@@ -354,16 +361,10 @@ impl Manager {
             },
             auto_pause: req.auto_pause.unwrap_or(false),
         };
-        let guest_token = match &source {
-            Source::Node(node) => node.guest_token.clone(),
-            Source::Layer(_) => None,
-        };
         let start = StartRequest {
-            source: &source,
-            guest_token,
             env_vars: Some(req.env_vars.clone().unwrap_or_default()),
             cold_boot: req.cold_boot.unwrap_or(false),
-            timeout,
+            ..StartRequest::new(&source, timeout)
         };
         self.start_sandbox(row, start, OnFailure::Delete).await
     }
@@ -420,14 +421,7 @@ impl Manager {
                 self.metrics.sandboxes_created.inc();
                 self.metrics.boot_seconds.observe(started.elapsed().as_secs_f64());
                 tracing::info!(sandbox = %id, template = %row.template_id, ms = started.elapsed().as_millis() as u64, "sandbox started");
-                Ok(CreatedSandbox {
-                    sandbox_id: id,
-                    template_id: row.template_id,
-                    client_id: self.config.node_name.clone(),
-                    envd_version: viv_proto::ENVD_VERSION.to_owned(),
-                    envd_access_token: token,
-                    domain: None,
-                })
+                Ok(self.created(&row))
             }
             Err(err) => {
                 match on_failure {
@@ -454,12 +448,11 @@ impl Manager {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
         let overlay = run_dir.join("root.qcow2");
-        let (layer, memory_file, memory_shared, restore_from) = match origin {
-            Origin::Boot { layer, memory_file } => (layer.to_path_buf(), Some(memory_file), true, None),
+        let (layer, memory, restore_from) = match origin {
+            Origin::Boot { layer, memory_file } => (layer.to_path_buf(), GuestMemory::SharedFile(memory_file), None),
             Origin::Template(template) => (
                 template.disk.clone(),
-                Some(template.memory_file.clone()),
-                false,
+                GuestMemory::PrivateFile(template.memory_file.clone()),
                 Some(Restore {
                     state: template.state.clone(),
                     memory: SnapshotMemory::External,
@@ -475,8 +468,7 @@ impl Manager {
                 }
                 (
                     dir.join("disk.qcow2"),
-                    None,
-                    false,
+                    GuestMemory::Anonymous,
                     Some(Restore {
                         state,
                         memory: SnapshotMemory::Included,
@@ -491,8 +483,7 @@ impl Manager {
             kernel: self.boot.kernel.clone(),
             initramfs: self.boot.initramfs.clone(),
             root_disk: overlay.clone(),
-            memory_file,
-            memory_shared,
+            memory,
             restore_from,
             vcpus,
             memory_mib,
@@ -522,8 +513,8 @@ impl Manager {
             live.agent.set_channel_key(self.channel_key.clone());
         }
         let boot = async {
-            // QEMU rate-limits port events to one a second, so a restored guest (whose port
-            // closes and reopens around the restore) is probed directly instead.
+            // A restored guest's port is already open (QEMU reports no event for it, and
+            // rate-limits port events to one a second anyway), so it is probed directly.
             if restored {
                 return live.agent.wait_ready(limit).await.map_err(|e| e.to_string());
             }
@@ -573,8 +564,8 @@ impl Manager {
             "hostname": "sandbox",
             "channelKey": self.channel_key,
         });
-        // A restored guest may still be settling its channel (the port closes and reopens around
-        // the restore), so a broken connection is retried on a fresh one.
+        // A connection that breaks (a channel reset that lost a race with the guest) is retried
+        // on a fresh one.
         let mut result = live.agent.call::<_, serde_json::Value>("/init", &body).await;
         for _ in 0..5 {
             if !matches!(result, Err(crate::agent_client::AgentError::Channel(_))) {
@@ -713,6 +704,18 @@ impl Manager {
             .filter(|row| filter.iter().all(|(k, v)| row.metadata.get(k) == Some(v)))
             .map(|row| self.info(row))
             .collect())
+    }
+
+    /// The create response for a sandbox row.
+    fn created(&self, row: &SandboxRow) -> CreatedSandbox {
+        CreatedSandbox {
+            sandbox_id: row.id.clone(),
+            template_id: row.template_id.clone(),
+            client_id: self.config.node_name.clone(),
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            envd_access_token: row.access_token.clone(),
+            domain: None,
+        }
     }
 
     /// Number of live sandboxes.

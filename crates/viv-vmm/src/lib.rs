@@ -94,13 +94,8 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The writable root disk (a qcow2 overlay the caller created).
     pub root_disk: PathBuf,
-    /// Where guest memory lives: a file on a tmpfs such as /dev/shm, or, with `None`, anonymous
-    /// memory (never-touched pages cost nothing; right for restores whose state holds the memory).
-    pub memory_file: Option<PathBuf>,
-    /// Map `memory_file` shared (writes land in the file, so a snapshot with
-    /// [`SnapshotMemory::External`] can leave memory there) rather than privately
-    /// (copy-on-write: clones of one template share its unchanged pages).
-    pub memory_shared: bool,
+    /// Where guest memory lives.
+    pub memory: GuestMemory,
     /// Restore from this snapshot instead of booting.
     pub restore_from: Option<Restore>,
     /// vCPUs.
@@ -111,6 +106,19 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Extra kernel command line arguments.
     pub extra_cmdline: String,
+}
+
+/// Backing of a VM's guest memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// A file on a tmpfs such as /dev/shm, mapped shared (writes land in the file, so a snapshot
+    /// with [`SnapshotMemory::External`] can leave memory there).
+    SharedFile(PathBuf),
+    /// A file mapped privately (copy-on-write: clones of one template share its unchanged pages).
+    PrivateFile(PathBuf),
+    /// Anonymous memory: never-touched pages cost nothing; right for restores whose state holds
+    /// the memory.
+    Anonymous,
 }
 
 /// A snapshot to restore.
@@ -219,8 +227,6 @@ pub trait Vm: Send + Sync {
     /// virtio-serial port the guest has opened, and bytes a host sends earlier can stay stuck in
     /// the socket, so the host connects only once this turns true.
     fn agent_port_open(&self) -> watch::Receiver<bool>;
-    /// How many times the guest has closed the agent channel (so a short close is never missed).
-    fn agent_port_closes(&self) -> watch::Receiver<u64>;
     /// Pauses the VM and writes its state to `state_file`, guest memory included or not. The VM
     /// stays paused: kill it afterwards, or [`Vm::resume`] it.
     fn snapshot<'a>(

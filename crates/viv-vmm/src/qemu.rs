@@ -18,7 +18,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
 use crate::qmp::Qmp;
-use crate::{Accel, LaunchError, Restore, SnapshotMemory, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT};
+use crate::{
+    Accel, GuestMemory, LaunchError, Restore, SnapshotMemory, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT,
+};
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -102,13 +104,20 @@ impl Qemu {
             "-m".into(),
             format!("{mem}M"),
             "-object".into(),
-            match &spec.memory_file {
-                Some(file) => format!(
-                    "memory-backend-file,id=mem,size={mem}M,mem-path={},share={}",
-                    path(file),
-                    if spec.memory_shared { "on" } else { "off" }
-                ),
-                None => format!("memory-backend-ram,id=mem,size={mem}M"),
+            match &spec.memory {
+                GuestMemory::SharedFile(file) => {
+                    format!(
+                        "memory-backend-file,id=mem,size={mem}M,mem-path={},share=on",
+                        path(file)
+                    )
+                }
+                GuestMemory::PrivateFile(file) => {
+                    format!(
+                        "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off",
+                        path(file)
+                    )
+                }
+                GuestMemory::Anonymous => format!("memory-backend-ram,id=mem,size={mem}M"),
             },
             "-nodefaults".into(),
             "-no-user-config".into(),
@@ -228,16 +237,14 @@ impl Qemu {
         }
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel();
-        // A restored guest reopens its port (it closed it for the snapshot), so in both cases the
-        // host waits for the guest to open it.
+        // Whether the guest has its agent port open (a booted guest opens it once its agent runs).
         let (port_tx, port_rx) = watch::channel(false);
-        let (closes_tx, closes_rx) = watch::channel(0u64);
         tokio::spawn(supervise(
             child,
             events,
             kill_rx,
             exit_tx,
-            (port_tx, closes_tx),
+            port_tx,
             spec.console_log(),
             stderr_log,
         ));
@@ -246,10 +253,9 @@ impl Qemu {
             pid,
             exit_rx,
             port_rx,
-            closes_rx,
             kill_tx: Mutex::new(Some(kill_tx)),
             qmp,
-            root_node: tokio::sync::Mutex::new("root".into()),
+            disk_swaps: tokio::sync::Mutex::new(0),
         }))
     }
 }
@@ -291,7 +297,7 @@ async fn supervise(
     mut events: tokio::sync::broadcast::Receiver<serde_json::Value>,
     kill_rx: oneshot::Receiver<()>,
     exit_tx: watch::Sender<Option<VmExit>>,
-    (port_tx, closes_tx): (watch::Sender<bool>, watch::Sender<u64>),
+    port_tx: watch::Sender<bool>,
     console_log: PathBuf,
     stderr_log: PathBuf,
 ) {
@@ -302,11 +308,7 @@ async fn supervise(
             while let Ok(event) = events.recv().await {
                 let name = event["event"].as_str().unwrap_or_default().to_owned();
                 if name == "VSERPORT_CHANGE" && event["data"]["id"] == "agentport" {
-                    let open = event["data"]["open"].as_bool().unwrap_or(false);
-                    if !open {
-                        closes_tx.send_modify(|n| *n += 1);
-                    }
-                    let _ = port_tx.send(open);
+                    let _ = port_tx.send(event["data"]["open"].as_bool().unwrap_or(false));
                 }
                 if matches!(name.as_str(), "SHUTDOWN" | "RESET" | "GUEST_PANICKED") {
                     let reason = event["data"]["reason"].as_str().unwrap_or_default().to_owned();
@@ -362,11 +364,7 @@ async fn supervise(
 async fn set_memory_mode(qmp: &Qmp, memory: SnapshotMemory) -> Result<(), crate::qmp::QmpError> {
     let external = memory == SnapshotMemory::External;
     let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": external }] });
-    qmp.execute("migrate-set-capabilities", Some(caps)).await?;
-    // The default limit (128 MiB/s) is meant for live migration over a network; a snapshot of a
-    // stopped VM into a local file should go as fast as the disk allows.
-    let params = serde_json::json!({ "max-bandwidth": i64::MAX / 2 });
-    qmp.execute("migrate-set-parameters", Some(params)).await.map(|_| ())
+    qmp.execute("migrate-set-capabilities", Some(caps)).await.map(|_| ())
 }
 
 /// Polls `query-migrate` until the migration completes or fails.
@@ -443,11 +441,10 @@ struct QemuVm {
     pid: Option<u32>,
     exit_rx: watch::Receiver<Option<VmExit>>,
     port_rx: watch::Receiver<bool>,
-    closes_rx: watch::Receiver<u64>,
     kill_tx: Mutex<Option<oneshot::Sender<()>>>,
     qmp: Arc<Qmp>,
-    /// Node name of the block node the guest's disk writes to.
-    root_node: tokio::sync::Mutex<String>,
+    /// How many times the root disk was replaced; names the block node the guest writes to.
+    disk_swaps: tokio::sync::Mutex<u32>,
 }
 
 impl Vm for QemuVm {
@@ -463,6 +460,10 @@ impl Vm for QemuVm {
         async move {
             self.qmp.execute("stop", None).await?;
             set_memory_mode(&self.qmp, memory).await?;
+            // The default limit (128 MiB/s) is meant for live migration over a network; a
+            // snapshot of a stopped VM into a local file should go as fast as the disk allows.
+            let params = serde_json::json!({ "max-bandwidth": i64::MAX / 2 });
+            self.qmp.execute("migrate-set-parameters", Some(params)).await?;
             let uri = format!("exec:cat > {}", shell_quote(state_file));
             self.qmp
                 .execute("migrate", Some(serde_json::json!({ "uri": uri })))
@@ -498,14 +499,13 @@ impl Vm for QemuVm {
 
     fn replace_root_disk<'a>(&'a self, overlay: &'a Path) -> BoxFuture<'a, Result<(), VmError>> {
         async move {
-            let mut top = self.root_node.lock().await;
-            let generation = top
-                .trim_start_matches("root")
-                .trim_start_matches('-')
-                .parse::<u32>()
-                .unwrap_or(0)
-                + 1;
-            let node = format!("root-{generation}");
+            let mut swaps = self.disk_swaps.lock().await;
+            // `-blockdev node-name=root` on the command line, then `root-1`, `root-2`, ...
+            let top = match *swaps {
+                0 => "root".to_owned(),
+                n => format!("root-{n}"),
+            };
+            let node = format!("root-{}", *swaps + 1);
             let add = serde_json::json!({
                 "driver": "qcow2",
                 "node-name": node,
@@ -515,7 +515,7 @@ impl Vm for QemuVm {
                 "backing": null,
             });
             self.qmp.execute("blockdev-add", Some(add)).await?;
-            let swap = serde_json::json!({ "node": *top, "overlay": node });
+            let swap = serde_json::json!({ "node": top, "overlay": node });
             if let Err(err) = self.qmp.execute("blockdev-snapshot", Some(swap)).await {
                 let _ = self
                     .qmp
@@ -523,7 +523,7 @@ impl Vm for QemuVm {
                     .await;
                 return Err(err.into());
             }
-            *top = node;
+            *swaps += 1;
             Ok(())
         }
         .boxed()
@@ -531,10 +531,6 @@ impl Vm for QemuVm {
 
     fn agent_port_open(&self) -> watch::Receiver<bool> {
         self.port_rx.clone()
-    }
-
-    fn agent_port_closes(&self) -> watch::Receiver<u64> {
-        self.closes_rx.clone()
     }
 
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>> {
@@ -564,8 +560,7 @@ mod tests {
             kernel: "/k".into(),
             initramfs: "/i".into(),
             root_disk: "/d.qcow2".into(),
-            memory_file: Some("/dev/shm/m".into()),
-            memory_shared: true,
+            memory: GuestMemory::SharedFile("/dev/shm/m".into()),
             restore_from: None,
             vcpus: 2,
             memory_mib: 256,

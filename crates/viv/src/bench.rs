@@ -1,5 +1,7 @@
-//! `viv bench`: cold boot time, command round trip and file throughput, measured through the
-//! public API of a running server, printed with the accelerator the server uses.
+//! `viv bench`: cold boot, create from snapshot, pause / resume / fork (with the guest clock error
+//! after a resume and the bytes per snapshot node), command round trip and file throughput,
+//! measured side by side through the public API of a running server and printed with the
+//! accelerator the server uses.
 
 use std::time::{Duration, Instant};
 

@@ -60,7 +60,7 @@ pub enum Command {
     /// List and delete snapshot nodes (pause, fork and named snapshots).
     #[command(subcommand, alias = "snap")]
     Snapshot(commands::SnapshotCommand),
-    /// Measure cold boot, command round trip and file throughput against a running server.
+    /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }
 

@@ -18,10 +18,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use viv_api::{CreatedSandbox, ErrorBody, ForkResult, NewSandbox, SandboxState, SnapshotInfo};
+use viv_api::{CreatedSandbox, ErrorBody, ForkResult, SandboxState, SnapshotInfo};
 use viv_vmm::SnapshotMemory;
 
-use super::{now_ms, random_id, remove_files, LiveSandbox, Manager, OnFailure, Source, StartRequest};
+use super::{lifetime, now_ms, random_id, remove_files, LiveSandbox, Manager, OnFailure, Source, StartRequest};
 use crate::error::ApiError;
 use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow};
 
@@ -79,13 +79,7 @@ impl Manager {
     /// sandbox and whether it was resumed.
     pub async fn resume(self: &Arc<Self>, id: &str, timeout: Option<u64>) -> Result<(CreatedSandbox, bool), ApiError> {
         let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
-        let timeout = timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
-        if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
-            return Err(ApiError::BadRequest(format!(
-                "timeout must be between 1 and {} seconds, got {timeout}",
-                viv_api::MAX_TIMEOUT_SECS
-            )));
-        }
+        let timeout = lifetime(timeout)?;
         match row.state {
             SandboxState::Running => {
                 self.store.set_end(id, now_ms() + timeout as i64 * 1000)?;
@@ -111,7 +105,7 @@ impl Manager {
             ))
         })?;
         let source = Source::Node(node);
-        let start = StartRequest::restore(&source, timeout);
+        let start = StartRequest::new(&source, timeout);
         let created = self
             .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
             .await?;
@@ -132,18 +126,11 @@ impl Manager {
                 "count must be between 1 and {MAX_FORKS}, got {count}"
             )));
         }
-        let node = self.snapshot_running(id, SnapshotKind::Fork, None).await?;
-        let source = self.store.sandbox(id)?;
+        let timeout = lifetime(timeout)?;
+        let (node, source) = self.snapshot_running(id, SnapshotKind::Fork, None).await?;
         let mut results = Vec::new();
         for _ in 0..count {
-            let req = NewSandbox {
-                template_id: Some(node.id.clone()),
-                timeout,
-                metadata: source.as_ref().map(|s| s.metadata.clone()),
-                secure: Some(source.as_ref().is_none_or(|s| s.access_token.is_some())),
-                ..NewSandbox::default()
-            };
-            let result = match self.create_from_node(&node, req, source.as_ref()).await {
+            let result = match self.start_fork(&node, &source, timeout).await {
                 Ok(sandbox) => ForkResult {
                     sandbox: Some(sandbox),
                     error: None,
@@ -162,36 +149,30 @@ impl Manager {
         Ok(results)
     }
 
-    async fn create_from_node(
+    /// Starts one fork of `source` from `node`: same template, metadata, security and auto-pause.
+    async fn start_fork(
         self: &Arc<Self>,
         node: &SnapshotRow,
-        req: NewSandbox,
-        source: Option<&SandboxRow>,
+        source: &SandboxRow,
+        timeout: u64,
     ) -> Result<CreatedSandbox, ApiError> {
-        let timeout = req.timeout.unwrap_or(viv_api::DEFAULT_TIMEOUT_SECS);
-        if timeout == 0 || timeout > viv_api::MAX_TIMEOUT_SECS {
-            return Err(ApiError::BadRequest(format!(
-                "timeout must be between 1 and {} seconds, got {timeout}",
-                viv_api::MAX_TIMEOUT_SECS
-            )));
-        }
         let row = SandboxRow {
             id: random_id(20),
-            template_id: source.map_or(node.template_id.clone(), |s| s.template_id.clone()),
+            template_id: source.template_id.clone(),
             state: SandboxState::Starting,
             started_at: now_rfc3339(),
             end_at_ms: now_ms() + timeout as i64 * 1000,
             cpu_count: node.cpu_count,
             memory_mb: node.memory_mb,
-            metadata: req.metadata.unwrap_or_default(),
-            access_token: req.secure.unwrap_or(true).then(|| random_id(32)),
+            metadata: source.metadata.clone(),
+            access_token: source.access_token.is_some().then(|| random_id(32)),
             vmm_pid: None,
             error: None,
             snapshot_id: Some(node.id.clone()),
-            auto_pause: source.is_some_and(|s| s.auto_pause),
+            auto_pause: source.auto_pause,
         };
         let source = Source::Node(node.clone());
-        self.start_sandbox(row, StartRequest::restore(&source, timeout), OnFailure::Delete)
+        self.start_sandbox(row, StartRequest::new(&source, timeout), OnFailure::Delete)
             .await
     }
 
@@ -210,13 +191,16 @@ impl Manager {
                     "snapshot name '{name}' is invalid: use 1 to 128 letters, digits, '-', '_' or '.'"
                 )));
             }
-            if self.store.snapshot(name)?.is_some() || self.images.find_named(name).is_ok() || name == "base" {
+            if self.store.snapshot(name)?.is_some()
+                || self.images.find_named(name).is_ok()
+                || name == viv_api::DEFAULT_TEMPLATE
+            {
                 return Err(ApiError::Conflict(format!(
                     "a snapshot or template named '{name}' already exists"
                 )));
             }
         }
-        let node = self.snapshot_running(id, SnapshotKind::Snapshot, name).await?;
+        let (node, _) = self.snapshot_running(id, SnapshotKind::Snapshot, name).await?;
         self.snapshot_info(node)
     }
 
@@ -225,7 +209,7 @@ impl Manager {
         id: &str,
         kind: SnapshotKind,
         name: Option<String>,
-    ) -> Result<SnapshotRow, ApiError> {
+    ) -> Result<(SnapshotRow, SandboxRow), ApiError> {
         let (live, mut row) = self.running(id)?;
         let _op = live.op.lock().await;
         let started = std::time::Instant::now();
@@ -233,7 +217,7 @@ impl Manager {
         row.snapshot_id = Some(node.id.clone());
         self.store.put_sandbox(&row)?;
         tracing::info!(sandbox = %id, snapshot = %node.id, kind = kind.as_str(), bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "snapshot taken");
-        Ok(node)
+        Ok((node, row))
     }
 
     /// Saves a running sandbox into a new node. A pause stops the VM and its overlay becomes the
@@ -422,17 +406,6 @@ impl Manager {
         }
         self.collect_snapshots();
         Ok(())
-    }
-
-    fn created(&self, row: &SandboxRow) -> CreatedSandbox {
-        CreatedSandbox {
-            sandbox_id: row.id.clone(),
-            template_id: row.template_id.clone(),
-            client_id: self.config.node_name.clone(),
-            envd_version: viv_proto::ENVD_VERSION.to_owned(),
-            envd_access_token: row.access_token.clone(),
-            domain: None,
-        }
     }
 }
 
