@@ -263,6 +263,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records the node a sandbox's state now descends from.
+    pub fn set_sandbox_snapshot(&self, id: &str, snapshot_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1",
+            params![id, snapshot_id],
+        )?;
+        Ok(())
+    }
+
     /// Deletes a sandbox row.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         self.conn()

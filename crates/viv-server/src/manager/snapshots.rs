@@ -13,7 +13,8 @@
 //!   descends from it; `pause` and `fork` nodes are collected as soon as that holds, `snapshot`
 //!   nodes only when a user deletes them;
 //! - a failed pause leaves the sandbox running (or failed, if its VM died) and its previous node
-//!   untouched.
+//!   untouched; a fork or snapshot that fails after the VM moved to its new overlay keeps the
+//!   frozen layer as a node without state (that overlay's backing file), never a dangling chain.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -215,7 +216,7 @@ impl Manager {
         let started = std::time::Instant::now();
         let node = self.save_node(&live, &row, kind, name).await?;
         row.snapshot_id = Some(node.id.clone());
-        self.store.put_sandbox(&row)?;
+        self.store.set_sandbox_snapshot(id, &node.id)?;
         tracing::info!(sandbox = %id, snapshot = %node.id, kind = kind.as_str(), bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "snapshot taken");
         Ok((node, row))
     }
@@ -235,16 +236,43 @@ impl Manager {
         std::fs::create_dir_all(&building)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", building.display())))?;
         let keep_running = kind != SnapshotKind::Pause;
+        let disk_before = live.root_disk.lock().expect("disk lock").clone();
         let result = if keep_running {
             self.save_running(live, &dir, &building).await
         } else {
             self.save_stopping(live, &building).await
         };
         if let Err(err) = result {
-            let _ = std::fs::remove_dir_all(&building);
+            if *live.root_disk.lock().expect("disk lock") == disk_before {
+                let _ = std::fs::remove_dir_all(&building);
+                return Err(err);
+            }
+            // The VM already writes to an overlay whose backing file is this node's layer, so
+            // the layer is kept as a node without saved state (a restore of it is refused); it
+            // is collected once the sandbox no longer needs it.
+            let _ = std::fs::remove_file(building.join("state"));
+            let node = self.store_node(&building, &dir, row, SnapshotKind::Fork, None)?;
+            self.store.set_sandbox_snapshot(&row.id, &node.id)?;
             return Err(err);
         }
-        std::fs::rename(&building, &dir).map_err(|e| ApiError::Internal(format!("storing snapshot {id}: {e}")))?;
+        self.store_node(&building, &dir, row, kind, name)
+    }
+
+    /// Moves a built node into place and records it.
+    fn store_node(
+        &self,
+        building: &Path,
+        dir: &Path,
+        row: &SandboxRow,
+        kind: SnapshotKind,
+        name: Option<String>,
+    ) -> Result<SnapshotRow, ApiError> {
+        let id = dir
+            .file_name()
+            .expect("node dir has a name")
+            .to_string_lossy()
+            .into_owned();
+        std::fs::rename(building, dir).map_err(|e| ApiError::Internal(format!("storing snapshot {id}: {e}")))?;
         let node = SnapshotRow {
             id,
             parent_id: row.snapshot_id.clone(),
@@ -254,7 +282,7 @@ impl Manager {
             name,
             cpu_count: row.cpu_count,
             memory_mb: row.memory_mb,
-            bytes: allocated_bytes(&dir),
+            bytes: allocated_bytes(dir),
             created_at: now_rfc3339(),
             guest_token: row.access_token.clone(),
         };
