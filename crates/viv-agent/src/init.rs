@@ -79,6 +79,9 @@ pub fn boot() -> Result<()> {
         let _ = sys::set_hostname(name);
         let _ = fs::write("/etc/hostname", format!("{name}\n"));
     }
+    if let Err(err) = sys::loopback_up() {
+        tracing::warn!(error = %err, "cannot bring up the loopback interface");
+    }
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o022) };
     Ok(())

@@ -5,6 +5,7 @@
 //! virtio-serial port named `vivarium.agent` ([`channel`]). Outside a VM it can serve on a Unix
 //! socket instead (`viv-agent --listen PATH`), which is how its handlers are exercised on a host.
 
+mod build;
 mod channel;
 mod files;
 mod init;

@@ -96,6 +96,8 @@ impl AgentState {
 pub fn router(state: AgentState) -> Router {
     let authed = Router::new()
         .route("/init", post(init))
+        .route("/build/copy", post(crate::build::copy))
+        .route("/build/sync", post(crate::build::sync))
         .route("/envs", get(envs))
         .route("/files", get(crate::files::download).post(crate::files::upload))
         .merge(crate::process::routes())

@@ -65,6 +65,39 @@ pub fn load_module(file: &Path, params: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Brings the loopback interface up, so services in the guest can reach each other (and the
+/// host's port forwarding can reach them) without any network device.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket takes plain integers; the descriptor is owned and closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: the ioctls read and write `request`, a live ifreq naming "lo", through a valid
+    // socket descriptor.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) < 0 {
+            -1
+        } else {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &request)
+        }
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: fd is ours and not used after this.
+    unsafe { libc::close(fd) };
+    if result < 0 {
+        Err(err)
+    } else {
+        Ok(())
+    }
+}
+
 /// `sethostname(2)`.
 pub fn set_hostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.

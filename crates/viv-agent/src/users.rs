@@ -78,6 +78,18 @@ pub fn group_name(gid: u32) -> String {
     name_by_id("/etc/group", gid)
 }
 
+/// The gid of a group name (or a number given as text).
+pub fn group_id(name: &str) -> Option<u32> {
+    if let Ok(id) = name.parse() {
+        return Some(id);
+    }
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok()).flatten()
+    })
+}
+
 fn name_by_id(file: &str, id: u32) -> String {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     text.lines()

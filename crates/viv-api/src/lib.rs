@@ -141,6 +141,127 @@ pub struct SnapshotInfo {
     pub sandboxes: Vec<String>,
 }
 
+/// Query of `POST /templates` (the body is a tar archive of the build context) and the JSON
+/// body of the same route when there is no context.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateBuildRequest {
+    /// The template's name: sandboxes start from it with `templateID` = name.
+    pub name: String,
+    /// The spec itself (JSON body only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<String>,
+    /// Path of the spec inside the context archive (default `Dockerfile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    /// vCPUs of the build VM and default of the template's sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
+    /// Memory in MiB of the build VM and default of the template's sandboxes.
+    #[serde(rename = "memoryMB", default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    /// Longest the build may take, in seconds (default 1800).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+}
+
+/// Default limit of a template build, in seconds.
+pub const DEFAULT_BUILD_TIMEOUT_SECS: u64 = 1800;
+
+/// Longest limit a template build may ask for, in seconds.
+pub const MAX_BUILD_TIMEOUT_SECS: u64 = 4 * 3600;
+
+/// One line of the NDJSON stream `POST /templates` answers with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum BuildEvent {
+    /// A step begins (or is taken from the cache).
+    #[serde(rename_all = "camelCase")]
+    Step {
+        /// 1-based step number.
+        index: usize,
+        /// Number of steps.
+        total: usize,
+        /// Line of the spec.
+        line: usize,
+        /// The instruction.
+        instruction: String,
+        /// Whether its layer came from the cache.
+        cached: bool,
+    },
+    /// Output of a step or of the start and ready commands, or a note from the builder.
+    Log {
+        /// `stdout`, `stderr` or `info`.
+        stream: String,
+        /// The text (lossy UTF-8).
+        text: String,
+    },
+    /// The build succeeded.
+    #[serde(rename_all = "camelCase")]
+    Done {
+        /// The template.
+        template: Box<TemplateInfo>,
+        /// Wall-clock time of the build.
+        build_ms: u64,
+    },
+    /// The build failed and everything it created was removed.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        /// What went wrong.
+        message: String,
+        /// The spec line of the failing step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        line: Option<usize>,
+        /// The failing command's exit code.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
+}
+
+/// A template sandboxes can start from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateInfo {
+    /// Its id (its name).
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Names it can be started by.
+    pub aliases: Vec<String>,
+    /// `builtin` (`base`), `built` (from a spec) or `image` (imported root file system).
+    pub kind: String,
+    /// What it was built `FROM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Default vCPUs of its sandboxes.
+    pub cpu_count: u32,
+    /// Default memory of its sandboxes in MiB.
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    /// `ready` (it can be used).
+    pub build_status: String,
+    /// Environment variables its sandboxes get.
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    /// The start command (`CMD`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<String>,
+    /// The ready command (`HEALTHCHECK CMD`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_cmd: Option<String>,
+    /// Number of disk layers its build steps made.
+    pub layers: usize,
+    /// Bytes on disk of those layers (shared layers counted for each template).
+    pub size_bytes: u64,
+    /// When it was built (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// How long its last build took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
+    /// The envd version its sandboxes speak.
+    pub envd_version: String,
+}
+
 /// Response of `POST /sandboxes`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -157,6 +157,22 @@ impl ImageStore {
         self.dir("rootfs").join(format!("{name}.qcow2"))
     }
 
+    /// Names of the imported images.
+    pub fn named_images(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.dir("rootfs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stem = name.strip_suffix(".qcow2")?;
+                (!stem.starts_with("debian-") && validate_name(stem).is_ok()).then(|| stem.to_owned())
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Finds a named image.
     pub fn find_named(&self, name: &str) -> Result<PathBuf, ImageError> {
         validate_name(name)?;

@@ -14,6 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
+use viv_proto::envelope;
+use viv_proto::process::{DataEvent, ProcessEvent, StartRequest, StreamResponse};
 
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +211,119 @@ impl AgentClient {
             return Err(rpc_error(status.as_u16(), &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(e.to_string()))
+    }
+}
+
+/// Which stream a chunk of process output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// Standard output (or the terminal).
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl AgentClient {
+    /// Starts a process through `process.Process/Start` as `user` (the agent's default when
+    /// `None`) and returns its event stream, already past the start event, with its pid.
+    async fn start_process(
+        &self,
+        start: &StartRequest,
+        user: Option<&str>,
+    ) -> Result<(u32, Incoming, envelope::Decoder), AgentError> {
+        let mut request = Request::post("http://agent/process.Process/Start")
+            .header("content-type", "application/connect+json")
+            .header("connect-protocol-version", "1");
+        if let Some(user) = user.filter(|u| !u.is_empty()) {
+            use base64::Engine as _;
+            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:"));
+            request = request.header("authorization", format!("Basic {basic}"));
+        }
+        let request = request
+            .body(Body::from(envelope::encode_json(start)))
+            .map_err(|e| AgentError::Decode(e.to_string()))?;
+        let response = self.send(request).await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = collect(response).await?;
+            return Err(rpc_error(status.as_u16(), &body));
+        }
+        let mut body = response.into_body();
+        let mut decoder = envelope::Decoder::default();
+        loop {
+            match next_event(&mut body, &mut decoder).await? {
+                Some(ProcessEvent::Start(started)) => return Ok((started.pid, body, decoder)),
+                Some(_) => continue,
+                None => {
+                    return Err(AgentError::Decode(
+                        "the process stream ended before the process started".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Starts a process and leaves it running in the background; returns its pid.
+    pub async fn spawn(&self, start: &StartRequest, user: Option<&str>) -> Result<u32, AgentError> {
+        let (pid, _events, _) = self.start_process(start, user).await?;
+        Ok(pid)
+    }
+
+    /// Runs a process to its end, handing every chunk of output to `on_output`; returns its
+    /// exit code.
+    pub async fn run(
+        &self,
+        start: &StartRequest,
+        user: Option<&str>,
+        mut on_output: impl FnMut(OutputStream, &[u8]),
+    ) -> Result<i32, AgentError> {
+        let (_, mut body, mut decoder) = self.start_process(start, user).await?;
+        loop {
+            match next_event(&mut body, &mut decoder).await? {
+                Some(ProcessEvent::Data(DataEvent::Stdout(d) | DataEvent::Pty(d))) => {
+                    on_output(OutputStream::Stdout, &d)
+                }
+                Some(ProcessEvent::Data(DataEvent::Stderr(d))) => on_output(OutputStream::Stderr, &d),
+                Some(ProcessEvent::End(end)) => return Ok(end.exit_code),
+                Some(_) => {}
+                None => {
+                    return Err(AgentError::Decode(
+                        "the process stream ended without an exit status".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// The next event of a process stream; `None` at its end (an error end becomes an error).
+async fn next_event(body: &mut Incoming, decoder: &mut envelope::Decoder) -> Result<Option<ProcessEvent>, AgentError> {
+    loop {
+        if let Some(frame) = decoder.next_frame().map_err(|e| AgentError::Decode(e.to_string()))? {
+            if frame.is_end() {
+                let end: envelope::EndOfStream = serde_json::from_slice(&frame.data).unwrap_or_default();
+                return match end.error {
+                    Some(err) => Err(AgentError::Rpc {
+                        status: err.http_status(),
+                        code: err.code,
+                        message: err.message,
+                    }),
+                    None => Ok(None),
+                };
+            }
+            let message: StreamResponse =
+                serde_json::from_slice(&frame.data).map_err(|e| AgentError::Decode(e.to_string()))?;
+            return Ok(Some(message.event));
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    decoder.push(&data);
+                }
+            }
+            Some(Err(err)) => return Err(AgentError::Channel(err.to_string())),
+            None => return Ok(None),
+        }
     }
 }
 

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// The sandbox's VM or agent failed or could not be reached.
     #[error("{0}")]
     Sandbox(String),
+    /// The request body is larger than the route accepts.
+    #[error("{0}")]
+    TooLarge(String),
     /// The server is short of a resource.
     #[error("{0}")]
     Unavailable(String),
@@ -44,6 +47,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Sandbox(_) => StatusCode::BAD_GATEWAY,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

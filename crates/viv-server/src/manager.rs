@@ -23,8 +23,11 @@ use crate::error::ApiError;
 use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow, Store};
 use crate::Metrics;
 
+mod builds;
 mod snapshots;
 mod templates;
+
+pub use builds::{BuildJob, BuildLog};
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -80,8 +83,8 @@ enum Origin<'a> {
 
 /// What a new sandbox starts from.
 enum Source {
-    /// A template's (or image's) root layer: a template snapshot restore, or a boot.
-    Layer(PathBuf),
+    /// A template (built, `base`, or an imported image): a restore of its snapshot, or a boot.
+    Template(Box<templates::Recipe>),
     /// A snapshot node.
     Node(SnapshotRow),
 }
@@ -105,7 +108,7 @@ impl<'a> StartRequest<'a> {
     fn new(source: &'a Source, timeout: u64) -> Self {
         let guest_token = match source {
             Source::Node(node) => node.guest_token.clone(),
-            Source::Layer(_) => None,
+            Source::Template(_) => None,
         };
         Self {
             source,
@@ -137,6 +140,7 @@ pub struct Manager {
     live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
     metrics: Arc<Metrics>,
     templates: templates::TemplateCache,
+    builds: builds::Builds,
     /// Key of the agent channel's reset markers, the same for every VM of this data directory
     /// (restored VMs keep the key their snapshot's agent was given).
     channel_key: String,
@@ -223,6 +227,7 @@ impl Manager {
             live: Mutex::new(HashMap::new()),
             metrics,
             templates: templates::TemplateCache::new(qemu_version()),
+            builds: builds::Builds::default(),
             channel_key,
         })
     }
@@ -267,7 +272,17 @@ impl Manager {
             remove_files(&run_dir, &self.memory_file(&row.id));
         }
         self.recover_snapshots()?;
+        self.collect_layers();
         // Anything else in our directories belongs to no sandbox.
+        let _ = std::fs::remove_dir_all(self.config.data_dir.join("builds"));
+        // Template snapshots a crash interrupted.
+        for dir in [self.config.data_dir.join("templates"), self.shm_dir.join("templates")] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.path().extension().is_some_and(|e| e == "building") {
+                    let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+                }
+            }
+        }
         for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if entry.file_name() == "templates" {
@@ -291,18 +306,6 @@ impl Manager {
         self.shm_dir.join(format!("{id}.mem"))
     }
 
-    fn root_layer(&self, template: &str) -> Result<PathBuf, ApiError> {
-        if template == viv_api::DEFAULT_TEMPLATE {
-            return Ok(self.boot.rootfs.clone());
-        }
-        self.images.find_named(template).map_err(|err| match err {
-            ImageError::NotFound(_) => ApiError::NotFound(format!(
-                "template '{template}' not found; use 'base' or import an image with `viv image import`"
-            )),
-            other => ApiError::BadRequest(other.to_string()),
-        })
-    }
-
     /// Creates a sandbox behind a fresh disk overlay: a boot of its template's root layer, or,
     /// when snapshots are enabled and `coldBoot` is not set, a restore of the template's snapshot
     /// (built on first use).
@@ -312,19 +315,28 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
         let timeout = lifetime(req.timeout)?;
-        let vcpus = req.cpu_count.unwrap_or(self.config.vcpus);
+        let node = self.store.snapshot(&template)?;
+        let recipe = match &node {
+            Some(_) => None,
+            None => Some(self.recipe(&template)?),
+        };
+        let vcpus = req
+            .cpu_count
+            .unwrap_or_else(|| recipe.as_ref().map_or(self.config.vcpus, |r| r.cpu_count));
         if !(1..=64).contains(&vcpus) {
             return Err(ApiError::BadRequest(format!(
                 "cpuCount must be between 1 and 64, got {vcpus}"
             )));
         }
-        let memory_mib = req.memory_mb.unwrap_or(self.config.memory_mib);
+        let memory_mib = req
+            .memory_mb
+            .unwrap_or_else(|| recipe.as_ref().map_or(self.config.memory_mib, |r| r.memory_mb));
         if !(128..=65536).contains(&memory_mib) {
             return Err(ApiError::BadRequest(format!(
                 "memoryMB must be between 128 and 65536, got {memory_mib}"
             )));
         }
-        let source = match self.store.snapshot(&template)? {
+        let source = match node {
             Some(node) => {
                 if req.cpu_count.is_some_and(|c| c != node.cpu_count)
                     || req.memory_mb.is_some_and(|m| m != node.memory_mb)
@@ -336,12 +348,18 @@ impl Manager {
                 }
                 Source::Node(node)
             }
-            None => Source::Layer(self.root_layer(&template)?),
+            None => Source::Template(Box::new(recipe.expect("looked up when there is no node"))),
         };
         let (vcpus, memory_mib) = match &source {
             Source::Node(node) => (node.cpu_count, node.memory_mb),
-            Source::Layer(_) => (vcpus, memory_mib),
+            Source::Template(_) => (vcpus, memory_mib),
         };
+        // A template's variables, overridden by the request's.
+        let mut env_vars = match &source {
+            Source::Template(recipe) => recipe.config.env.clone(),
+            Source::Node(_) => BTreeMap::new(),
+        };
+        env_vars.extend(req.env_vars.clone().unwrap_or_default());
         let secure = req.secure.unwrap_or(true);
         let row = SandboxRow {
             id: random_id(20),
@@ -357,12 +375,12 @@ impl Manager {
             error: None,
             snapshot_id: match &source {
                 Source::Node(node) => Some(node.id.clone()),
-                Source::Layer(_) => None,
+                Source::Template(_) => None,
             },
             auto_pause: req.auto_pause.unwrap_or(false),
         };
         let start = StartRequest {
-            env_vars: Some(req.env_vars.clone().unwrap_or_default()),
+            env_vars: Some(env_vars),
             cold_boot: req.cold_boot.unwrap_or(false),
             ..StartRequest::new(&source, timeout)
         };
@@ -391,21 +409,30 @@ impl Manager {
                     self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib)
                         .await?
                 }
-                Source::Layer(layer) if start.cold_boot || !self.config.snapshots => {
+                Source::Template(recipe) if start.cold_boot || !self.config.snapshots => {
                     let origin = Origin::Boot {
-                        layer,
+                        layer: &recipe.layer,
                         memory_file: self.memory_file(&id),
                     };
                     self.start_vm(&id, &run_dir, origin, vcpus, memory_mib).await?
                 }
-                Source::Layer(layer) => {
-                    let template = self.template(&row.template_id, layer, vcpus, memory_mib).await?;
+                Source::Template(recipe) => {
+                    let template = self.template(recipe, vcpus, memory_mib).await?;
                     self.start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib)
                         .await?
                 }
             };
             live.agent.set_token(start.guest_token.clone());
             self.init_agent(&live, token.clone(), start.env_vars.clone()).await?;
+            // A booted template runs its start command now (a restored one already runs it).
+            if let Source::Template(recipe) = start.source {
+                if start.cold_boot || !self.config.snapshots {
+                    if let Err(err) = self.start_template(&live, recipe, &BuildLog::default()).await {
+                        let _ = live.vm.kill().await;
+                        return Err(err);
+                    }
+                }
+            }
             Ok::<_, ApiError>(live)
         };
         match started_vm.await {

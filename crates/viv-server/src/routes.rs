@@ -25,6 +25,8 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod templates;
+
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
@@ -42,6 +44,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
         .route("/sandboxes/{id}/envd/{*path}", any(envd_passthrough))
+        .route("/templates", post(templates::build).get(templates::list))
+        .route("/templates/{name}", get(templates::get).delete(templates::delete))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/health", get(health))
@@ -532,7 +536,8 @@ async fn envd_passthrough(
     Path((id, path)): Path<(String, String)>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    if path.trim_start_matches('/').starts_with("init") {
+    let path_in_agent = path.trim_start_matches('/');
+    if path_in_agent.starts_with("init") || path_in_agent.starts_with("build/") {
         return Err(ApiError::NotFound("no such agent route".into()));
     }
     let live = state.manager.live(&id)?;

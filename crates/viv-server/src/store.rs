@@ -1,4 +1,4 @@
-//! Persistent state in SQLite: API keys (hashed) and sandboxes.
+//! Persistent state in SQLite: API keys (hashed), sandboxes, snapshot nodes and built templates.
 //!
 //! Migrations are embedded in the binary and applied in order at open; `PRAGMA user_version`
 //! records how many have run. Calls are synchronous and short; the connection sits behind a mutex.
@@ -15,6 +15,7 @@ use viv_api::{ApiKeyInfo, SandboxState};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_snapshots.sql"),
+    include_str!("migrations/0003_templates.sql"),
 ];
 
 /// A store failure.
@@ -89,6 +90,35 @@ pub struct SnapshotRow {
     pub created_at: String,
     /// The access token the saved agent expects until it is told a new one.
     pub guest_token: Option<String>,
+}
+
+/// A template built from a spec.
+#[derive(Debug, Clone)]
+pub struct TemplateRow {
+    /// Name (and id).
+    pub name: String,
+    /// What it was built `FROM`.
+    pub from: String,
+    /// Its final disk layer.
+    pub layer: String,
+    /// Environment, working directory and user its sandboxes inherit.
+    pub config: viv_template::ImageConfig,
+    /// The start command.
+    pub start: Option<viv_template::Command>,
+    /// The ready probe.
+    pub ready: Option<viv_template::Ready>,
+    /// Default vCPUs.
+    pub cpu_count: u32,
+    /// Default memory in MiB.
+    pub memory_mb: u32,
+    /// The spec it was built from.
+    pub spec: String,
+    /// Keys of the layers it keeps alive (its chain, and older chains still in use).
+    pub layers: Vec<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// How long the build took.
+    pub build_ms: u64,
 }
 
 /// Why a snapshot node exists; decides when it is collected.
@@ -349,6 +379,52 @@ impl Store {
         Ok(())
     }
 
+    /// Records (or replaces) a template.
+    pub fn put_template(&self, row: &TemplateRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO templates
+             (name, from_name, layer, config, start_cmd, ready_cmd, cpu_count, memory_mb, spec, layers, created_at, build_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                row.name,
+                row.from,
+                row.layer,
+                json(&row.config),
+                row.start.as_ref().map(json),
+                row.ready.as_ref().map(json),
+                row.cpu_count,
+                row.memory_mb,
+                row.spec,
+                json(&row.layers),
+                row.created_at,
+                row.build_ms as i64,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// One template by name.
+    pub fn template(&self, name: &str) -> Result<Option<TemplateRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_TEMPLATE} WHERE name = ?1"))?;
+        Ok(stmt.query_row(params![name], row_to_template).optional()?)
+    }
+
+    /// All templates, by name.
+    pub fn templates(&self) -> Result<Vec<TemplateRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("{SELECT_TEMPLATE} ORDER BY name"))?;
+        let rows = stmt.query_map([], row_to_template)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a template row.
+    pub fn delete_template(&self, name: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM templates WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
     /// All sandboxes, oldest first.
     pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
         let conn = self.conn();
@@ -379,6 +455,36 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         snapshot_id: r.get(11)?,
         auto_pause: r.get(12)?,
     })
+}
+
+const SELECT_TEMPLATE: &str = "SELECT name, from_name, layer, config, start_cmd, ready_cmd, cpu_count, memory_mb, \
+                               spec, layers, created_at, build_ms FROM templates";
+
+fn row_to_template(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRow> {
+    let parse = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
+    Ok(TemplateRow {
+        name: r.get(0)?,
+        from: r.get(1)?,
+        layer: r.get(2)?,
+        config: parse(3)?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
+        start: parse(4)?.and_then(|t| serde_json::from_str(&t).ok()),
+        ready: parse(5)?.and_then(|t| serde_json::from_str(&t).ok()),
+        cpu_count: r.get(6)?,
+        memory_mb: r.get(7)?,
+        spec: r.get(8)?,
+        layers: parse(9)?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
+        created_at: r.get(10)?,
+        build_ms: r.get::<_, i64>(11)?.max(0) as u64,
+    })
+}
+
+/// A value as the text of a JSON column.
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("column values serialize")
 }
 
 const SELECT_SNAPSHOT: &str =

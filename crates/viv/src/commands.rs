@@ -239,6 +239,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Exec(args) => exec(&client, args).await,
         Command::Files(cmd) => files(&client, cmd, cli.json).await.map(|()| 0),
         Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
+        Command::Template(cmd) => crate::template::run(&client, cmd, cli.json).await,
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
     }
 }

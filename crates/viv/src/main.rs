@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod output;
 mod serve;
+mod template;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,9 @@ pub enum Command {
     /// List and delete snapshot nodes (pause, fork and named snapshots).
     #[command(subcommand, alias = "snap")]
     Snapshot(commands::SnapshotCommand),
+    /// Build templates from specs (a Dockerfile subset); list and delete them.
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

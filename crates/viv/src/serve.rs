@@ -73,6 +73,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let agent = find_agent(args.agent)?;
     std::fs::create_dir_all(&args.dirs.data_dir)
         .with_context(|| format!("creating {}", args.dirs.data_dir.display()))?;
+    let _lock = lock_data_dir(&args.dirs.data_dir)?;
     let store = Arc::new(Store::open(&args.dirs.data_dir.join("vivarium.db"))?);
     if store.list_keys()?.is_empty() {
         let key = viv_server::create_api_key(&store, "initial")?;
@@ -123,13 +124,49 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         listener.local_addr()?,
         manager.accel()
     );
-    axum::serve(listener, viv_server::routes::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let serve = {
+        let stopping = stopping.clone();
+        axum::serve(listener, viv_server::routes::router(state)).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.notify_one();
+        })
+    };
+    // Streams (command output, template builds) may not end by themselves; they get a moment.
+    tokio::select! {
+        served = serve => served.context("serving")?,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(GRACE).await;
+        } => tracing::warn!("requests still open {GRACE:?} after the signal; closing them"),
+    }
     tracing::info!("shutting down: stopping sandboxes");
     manager.shutdown().await;
     Ok(())
+}
+
+/// How long open requests may go on after SIGTERM or Ctrl-C.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Holds an exclusive lock on the data directory for as long as the returned file lives, so two
+/// servers never manage the same sandboxes.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let path = dir.join("server.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock takes a descriptor this function owns and plain flags.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another Vivarium server is using {}; stop it first or pass another --data-dir",
+            dir.display()
+        );
+    }
+    Ok(file)
 }
 
 async fn shutdown_signal() {

@@ -315,19 +315,8 @@ impl Manager {
             |what: &str, err: viv_vmm::VmError| ApiError::Sandbox(format!("{what} sandbox {}: {err}", live.id));
         live.vm.pause().await.map_err(|e| vm_error("pausing", e))?;
         let result = async {
-            let disk = live.root_disk.lock().expect("disk lock").clone();
-            let layer = building.join("disk.qcow2");
-            // A second name for the overlay, which the VM writes to no more after the swap.
-            std::fs::hard_link(&disk, &layer)
-                .map_err(|e| ApiError::Internal(format!("linking {} into the snapshot: {e}", disk.display())))?;
-            let next = live.run_dir.join(format!("root-{}.qcow2", random_id(6)));
-            let size = qcow2_virtual_size(&disk)?;
-            super::create_overlay_unchecked(&dir.join("disk.qcow2"), &next, size).await?;
-            if let Err(err) = live.vm.replace_root_disk(&next).await {
-                let _ = std::fs::remove_file(&next);
-                return Err(vm_error("switching the disk of", err));
-            }
-            *live.root_disk.lock().expect("disk lock") = next;
+            self.swap_disk(live, &building.join("disk.qcow2"), &dir.join("disk.qcow2"))
+                .await?;
             live.vm
                 .snapshot(&building.join("state"), SnapshotMemory::Included)
                 .await
@@ -337,6 +326,27 @@ impl Manager {
         let resumed = live.vm.resume().await;
         result?;
         resumed.map_err(|e| vm_error("resuming", e))
+    }
+
+    /// With the vCPUs stopped: gives the VM's overlay a second name `link` (the VM writes to it
+    /// no more) and moves the VM onto a new overlay whose backing file is `backing`, the path
+    /// `link` ends up at.
+    pub(super) async fn swap_disk(&self, live: &LiveSandbox, link: &Path, backing: &Path) -> Result<(), ApiError> {
+        let disk = live.root_disk.lock().expect("disk lock").clone();
+        std::fs::hard_link(&disk, link)
+            .map_err(|e| ApiError::Internal(format!("linking {} to {}: {e}", disk.display(), link.display())))?;
+        let next = live.run_dir.join(format!("root-{}.qcow2", random_id(6)));
+        let size = qcow2_virtual_size(&disk)?;
+        super::create_overlay_unchecked(backing, &next, size).await?;
+        if let Err(err) = live.vm.replace_root_disk(&next).await {
+            let _ = std::fs::remove_file(&next);
+            return Err(ApiError::Sandbox(format!(
+                "switching the disk of sandbox {}: {err}",
+                live.id
+            )));
+        }
+        *live.root_disk.lock().expect("disk lock") = next;
+        Ok(())
     }
 
     fn snapshot_info(&self, node: SnapshotRow) -> Result<SnapshotInfo, ApiError> {

@@ -1,12 +1,15 @@
-//! Template snapshots: a template is booted once, snapshotted (device state in a file, guest
-//! memory in a file on tmpfs, the disk frozen as a qcow2 layer), and every sandbox of it is a
-//! restore of that snapshot.
+//! Template snapshots: a template is booted once (running its build steps and its start command,
+//! waiting for its ready command), snapshotted (device state in a file, guest memory in a file on
+//! tmpfs, the disk frozen as a qcow2 layer), and every sandbox of it is a restore of that
+//! snapshot.
 //!
 //! Invariants: a snapshot directory is used only once it has a `ready` marker and its memory file
 //! exists; it is built under a temporary name and renamed into place, so an interrupted build is
 //! never used and is removed at the next build. The key covers everything the restored state
-//! depends on (root layer, kernel, initramfs, vCPUs, memory, accelerator, QEMU version), so a
-//! change to any of them builds a new snapshot.
+//! depends on (root layer, start and ready commands, environment, kernel, initramfs, vCPUs,
+//! memory, accelerator, QEMU version), so a change to any of them builds a new snapshot. Each
+//! snapshot directory names the layer it was booted from in a `layer` file, so it is collected
+//! with that layer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,12 +17,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use viv_proto::process::{ProcessConfig, StartRequest};
+use viv_template::{Command, ImageConfig, Ready};
 
+use super::builds::{BuildLog, PendingStep, Scratch};
 use super::{Manager, Origin};
 use crate::error::ApiError;
 
 /// Bumped when the snapshot layout or the steps before it change.
-const SNAPSHOT_FORMAT: u32 = 3;
+const SNAPSHOT_FORMAT: u32 = 4;
+
+/// What a template's sandboxes start from.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// The template's name.
+    pub name: String,
+    /// The disk layer its snapshot's VM boots from (its last build step's layer).
+    pub layer: PathBuf,
+    /// Environment, working directory and user of the start command; sandboxes get the env.
+    pub config: ImageConfig,
+    /// Started in the background before the snapshot.
+    pub start: Option<Command>,
+    /// Polled until it succeeds before the snapshot.
+    pub ready: Option<Ready>,
+    /// Default vCPUs of its sandboxes.
+    pub cpu_count: u32,
+    /// Default memory of its sandboxes in MiB.
+    pub memory_mb: u32,
+}
 
 /// A ready template snapshot.
 #[derive(Debug)]
@@ -35,7 +60,7 @@ pub struct TemplateSnapshot {
 /// Known snapshots, and the lock that serializes builds.
 pub struct TemplateCache {
     ready: Mutex<HashMap<String, Arc<TemplateSnapshot>>>,
-    build: tokio::sync::Mutex<()>,
+    pub(super) build: tokio::sync::Mutex<()>,
     qemu_version: String,
 }
 
@@ -48,17 +73,50 @@ impl TemplateCache {
             qemu_version,
         }
     }
+
+    /// Forgets snapshots (their files are being removed).
+    pub(super) fn forget(&self, keys: &[String]) {
+        let mut ready = self.ready.lock().expect("template lock");
+        for key in keys {
+            ready.remove(key);
+        }
+    }
+}
+
+/// The user build steps and the start command run as when the spec sets none (as Docker does).
+pub(super) fn build_user(config: &ImageConfig) -> String {
+    config.user.clone().unwrap_or_else(|| "root".into())
+}
+
+/// A process request for `command` with the environment and working directory of `config`.
+pub(super) fn process_request(command: &Command, config: &ImageConfig) -> StartRequest {
+    let mut argv = command.argv();
+    let cmd = argv.remove(0);
+    StartRequest {
+        process: ProcessConfig {
+            cmd,
+            args: argv,
+            envs: config.env.clone(),
+            cwd: Some(config.workdir.clone().unwrap_or_else(|| "/".into())),
+        },
+        pty: None,
+        tag: None,
+        stdin: Some(false),
+    }
 }
 
 impl Manager {
-    fn template_key(&self, layer: &Path, vcpus: u32, memory_mib: u32) -> String {
+    pub(super) fn template_key(&self, recipe: &Recipe, vcpus: u32, memory_mib: u32) -> String {
         let mut hash = Sha256::new();
         for part in [
-            layer.to_string_lossy().as_ref(),
-            &self.boot.kernel.to_string_lossy(),
-            &self.boot.initramfs.to_string_lossy(),
-            &self.accel.to_string(),
-            &self.templates.qemu_version,
+            recipe.layer.to_string_lossy().into_owned(),
+            json(&recipe.config),
+            json(&recipe.start),
+            json(&recipe.ready),
+            self.boot.kernel.to_string_lossy().into_owned(),
+            self.boot.initramfs.to_string_lossy().into_owned(),
+            self.accel.to_string(),
+            self.templates.qemu_version.clone(),
         ] {
             hash.update(part.as_bytes());
             hash.update([0]);
@@ -69,25 +127,51 @@ impl Manager {
         hex::encode(&hash.finalize()[..10])
     }
 
-    fn snapshot_paths(&self, key: &str) -> (PathBuf, TemplateSnapshot) {
+    /// The files of generation `generation` of snapshot `key`. A snapshot whose memory was lost
+    /// (tmpfs does not survive a reboot) is saved again as the next generation beside the old
+    /// one, whose disk layer sandboxes and nodes may still sit on.
+    fn snapshot_files(&self, key: &str, generation: u32) -> TemplateSnapshot {
         let dir = self.config.data_dir.join("templates").join(key);
-        let snapshot = TemplateSnapshot {
-            disk: dir.join("disk.qcow2"),
-            state: dir.join("state"),
-            memory_file: self.shm_dir.join("templates").join(format!("{key}.mem")),
+        let suffix = if generation == 0 {
+            String::new()
+        } else {
+            format!("-{generation}")
         };
-        (dir, snapshot)
+        TemplateSnapshot {
+            disk: dir.join(format!("disk{suffix}.qcow2")),
+            state: dir.join(format!("state{suffix}")),
+            memory_file: self.shm_dir.join("templates").join(format!("{key}{suffix}.mem")),
+        }
     }
 
-    /// The snapshot of `template` for this VM shape, built on first use.
+    /// The complete generation of snapshot `key`, from its `ready` marker.
+    fn snapshot_generation(&self, key: &str) -> Option<u32> {
+        let ready = self.config.data_dir.join("templates").join(key).join("ready");
+        let text = std::fs::read_to_string(ready).ok()?;
+        Some(text.trim().parse().unwrap_or(0))
+    }
+
+    fn snapshot_paths(&self, key: &str) -> (PathBuf, TemplateSnapshot) {
+        let dir = self.config.data_dir.join("templates").join(key);
+        let generation = self.snapshot_generation(key).unwrap_or(0);
+        (dir, self.snapshot_files(key, generation))
+    }
+
+    /// Whether the snapshot with this key is complete on disk.
+    pub(super) fn snapshot_usable(&self, key: &str, memory_mib: u32) -> bool {
+        let (dir, snapshot) = self.snapshot_paths(key);
+        dir.join("ready").is_file()
+            && std::fs::metadata(&snapshot.memory_file).is_ok_and(|m| m.len() == u64::from(memory_mib) << 20)
+    }
+
+    /// The snapshot of `recipe` for this VM shape, built on first use (its layers must exist).
     pub(super) async fn template(
         &self,
-        template: &str,
-        layer: &Path,
+        recipe: &Recipe,
         vcpus: u32,
         memory_mib: u32,
     ) -> Result<Arc<TemplateSnapshot>, ApiError> {
-        let key = self.template_key(layer, vcpus, memory_mib);
+        let key = self.template_key(recipe, vcpus, memory_mib);
         if let Some(found) = self.templates.ready.lock().expect("template lock").get(&key) {
             return Ok(found.clone());
         }
@@ -95,19 +179,45 @@ impl Manager {
         if let Some(found) = self.templates.ready.lock().expect("template lock").get(&key) {
             return Ok(found.clone());
         }
-        let (dir, snapshot) = self.snapshot_paths(&key);
-        let usable = dir.join("ready").is_file()
-            && std::fs::metadata(&snapshot.memory_file).is_ok_and(|m| m.len() == u64::from(memory_mib) << 20);
-        if !usable {
+        if !self.snapshot_usable(&key, memory_mib) {
+            if !recipe.layer.is_file() {
+                return Err(ApiError::NotFound(format!(
+                    "the disk layer of template '{}' is missing ({}); build the template again",
+                    recipe.name,
+                    recipe.layer.display()
+                )));
+            }
             let started = std::time::Instant::now();
-            tracing::info!(template, vcpus, memory_mib, "building the template snapshot");
-            self.build_snapshot(&key, layer, vcpus, memory_mib).await?;
-            tracing::info!(
-                template,
-                ms = started.elapsed().as_millis() as u64,
-                "template snapshot ready"
-            );
+            tracing::info!(template = %recipe.name, vcpus, memory_mib, "building the template snapshot");
+            let scratch = Scratch::default();
+            let limit = Duration::from_secs(viv_api::DEFAULT_BUILD_TIMEOUT_SECS);
+            let built = tokio::time::timeout(
+                limit,
+                self.build_snapshot(
+                    &key,
+                    recipe,
+                    &recipe.layer,
+                    &[],
+                    vcpus,
+                    memory_mib,
+                    &BuildLog::default(),
+                    &scratch,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::Sandbox(format!(
+                    "template '{}' was not ready within {limit:?}",
+                    recipe.name
+                )))
+            });
+            if let Err(err) = built {
+                scratch.remove_all();
+                return Err(err);
+            }
+            tracing::info!(template = %recipe.name, ms = started.elapsed().as_millis() as u64, "template snapshot ready");
         }
+        let (_, snapshot) = self.snapshot_paths(&key);
         let snapshot = Arc::new(snapshot);
         self.templates
             .ready
@@ -117,53 +227,167 @@ impl Manager {
         Ok(snapshot)
     }
 
-    async fn build_snapshot(&self, key: &str, layer: &Path, vcpus: u32, memory_mib: u32) -> Result<(), ApiError> {
-        let (dir, snapshot) = self.snapshot_paths(key);
+    /// Boots `boot_layer`, runs `steps` (freezing a layer after each that changes the disk),
+    /// starts the recipe's start command, waits for its ready command and saves the snapshot
+    /// `key`. The caller holds the build lock; everything created is registered in `scratch`,
+    /// for the caller to remove if this fails or is cancelled.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn build_snapshot(
+        &self,
+        key: &str,
+        recipe: &Recipe,
+        boot_layer: &Path,
+        steps: &[PendingStep],
+        vcpus: u32,
+        memory_mib: u32,
+        log: &BuildLog,
+        scratch: &Scratch,
+    ) -> Result<(), ApiError> {
+        let dir = self.config.data_dir.join("templates").join(key);
+        let previous = self.snapshot_generation(key);
+        let snapshot = self.snapshot_files(key, previous.map_or(0, |g| g + 1));
         let parent = self.config.data_dir.join("templates");
         let building = parent.join(format!("{key}.building"));
         let memory_building = snapshot.memory_file.with_extension("building");
-        for stale in [&dir, &building] {
-            let _ = std::fs::remove_dir_all(stale);
+        // A complete snapshot directory is never removed: disks of sandboxes and snapshot nodes
+        // may be backed by its layers.
+        if previous.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
         }
+        let _ = std::fs::remove_dir_all(&building);
         let _ = std::fs::remove_file(&memory_building);
         let mkdir = |d: &Path| {
             std::fs::create_dir_all(d).map_err(|e| ApiError::Internal(format!("creating {}: {e}", d.display())))
         };
+        scratch.add(building.clone());
+        scratch.add(memory_building.clone());
         mkdir(&building)?;
         mkdir(snapshot.memory_file.parent().expect("memory file has a directory"))?;
-        let result = async {
-            let id = format!("template-{key}");
-            let origin = Origin::Boot {
-                layer,
-                memory_file: memory_building.clone(),
-            };
-            let live = self.start_vm(&id, &building, origin, vcpus, memory_mib).await?;
+        let id = format!("template-{key}");
+        let origin = Origin::Boot {
+            layer: boot_layer,
+            memory_file: memory_building.clone(),
+        };
+        let live = self.start_vm(&id, &building, origin, vcpus, memory_mib).await?;
+        let prepared = async {
             // Gives the agent the channel key that every restore of this snapshot will use.
             self.init_agent(&live, None, None).await?;
-            // The host hangs up first, so the agent drops the session and anything it still
-            // had to send; a restored agent starts afresh with the next host's preface.
-            live.agent.close().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let state = building.join("state");
-            let saved = live.vm.snapshot(&state, viv_vmm::SnapshotMemory::External).await;
-
-            let _ = live.vm.kill().await;
-            saved.map_err(|e| ApiError::Internal(format!("snapshotting the template: {e}")))?;
-            for leftover in ["agent.sock", "qmp.sock", "console.log", "qemu.log"] {
-                let _ = std::fs::remove_file(building.join(leftover));
-            }
-            std::fs::rename(building.join("root.qcow2"), building.join("disk.qcow2"))
-                .and_then(|()| std::fs::rename(&memory_building, &snapshot.memory_file))
-                .and_then(|()| std::fs::write(building.join("ready"), b""))
-                .and_then(|()| std::fs::rename(&building, &dir))
-                .map_err(|e| ApiError::Internal(format!("storing the template snapshot: {e}")))?;
-            Ok(())
+            self.run_steps(&live, steps, log, scratch).await?;
+            self.start_template(&live, recipe, log).await
         }
         .await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&building);
-            let _ = std::fs::remove_file(&memory_building);
+        if let Err(err) = prepared {
+            let _ = live.vm.kill().await;
+            return Err(err);
         }
-        result
+        // The host hangs up first, so the agent drops the session and anything it still had
+        // to send; a restored agent starts afresh with the next host's preface.
+        live.agent.close().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let state = building.join("state");
+        let saved = live.vm.snapshot(&state, viv_vmm::SnapshotMemory::External).await;
+        let _ = live.vm.kill().await;
+        saved.map_err(|e| ApiError::Internal(format!("snapshotting the template: {e}")))?;
+        let disk = live.root_disk.lock().expect("disk lock").clone();
+        std::fs::rename(&disk, building.join("disk.qcow2"))
+            .map_err(|e| ApiError::Internal(format!("keeping the template's disk: {e}")))?;
+        // Earlier overlays of the build are hard links of step layers; sockets and logs go too.
+        for entry in std::fs::read_dir(&building).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != "disk.qcow2" && name != "state" {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let stored = match previous {
+            None => std::fs::write(building.join("layer"), recipe.layer.to_string_lossy().as_bytes())
+                .and_then(|()| std::fs::rename(&memory_building, &snapshot.memory_file))
+                .and_then(|()| std::fs::write(building.join("ready"), b"0"))
+                .and_then(|()| std::fs::rename(&building, &dir))
+                .map(|()| vec![dir, snapshot.memory_file]),
+            Some(generation) => std::fs::rename(building.join("disk.qcow2"), &snapshot.disk)
+                .and_then(|()| std::fs::rename(building.join("state"), &snapshot.state))
+                .and_then(|()| std::fs::rename(&memory_building, &snapshot.memory_file))
+                .and_then(|()| std::fs::write(dir.join("ready.new"), (generation + 1).to_string()))
+                .and_then(|()| std::fs::rename(dir.join("ready.new"), dir.join("ready")))
+                .map(|()| vec![snapshot.disk, snapshot.state, snapshot.memory_file]),
+        };
+        let stored = stored.map_err(|e| ApiError::Internal(format!("storing the template snapshot: {e}")))?;
+        let _ = std::fs::remove_dir_all(&building);
+        for path in stored {
+            scratch.add(path);
+        }
+        Ok(())
     }
+
+    /// Starts the recipe's start command in the background and waits until its ready command
+    /// succeeds (without one, until the start command has run for a moment without failing).
+    pub(super) async fn start_template(
+        &self,
+        live: &super::LiveSandbox,
+        recipe: &Recipe,
+        log: &BuildLog,
+    ) -> Result<(), ApiError> {
+        let user = build_user(&recipe.config);
+        if let Some(dir) = &recipe.config.workdir {
+            self.ensure_dir(live, dir).await?;
+        }
+        let Some(start) = &recipe.start else {
+            return Ok(());
+        };
+        log.info(&format!("starting: {start}"));
+        let request = process_request(start, &recipe.config);
+        // Dropping the start command's event stream leaves the command running.
+        let start_run = live
+            .agent
+            .run(&request, Some(&user), |stream, bytes| log.output(stream, bytes));
+        tokio::pin!(start_run);
+        let ready_wait = async {
+            let Some(ready) = &recipe.ready else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Ok(());
+            };
+            log.info(&format!("waiting for: {}", ready.command));
+            let probe = process_request(&ready.command, &recipe.config);
+            let mut last_note = std::time::Instant::now();
+            loop {
+                let code =
+                    live.agent.run(&probe, Some(&user), |_, _| {}).await.map_err(|e| {
+                        ApiError::BadRequest(format!("running the ready command ({}): {e}", ready.command))
+                    })?;
+                if code == 0 {
+                    log.info("ready");
+                    return Ok(());
+                }
+                if last_note.elapsed() >= Duration::from_secs(10) {
+                    log.info(&format!(
+                        "not ready yet (the ready command exits with {code}); still waiting"
+                    ));
+                    last_note = std::time::Instant::now();
+                }
+                tokio::time::sleep(ready.interval).await;
+            }
+        };
+        tokio::pin!(ready_wait);
+        let mut start_ended = false;
+        loop {
+            tokio::select! {
+                exit = &mut start_run, if !start_ended => match exit {
+                    // A start command that daemonizes ends successfully; readiness decides.
+                    Ok(0) => start_ended = true,
+                    Ok(code) => {
+                        return Err(ApiError::BadRequest(format!(
+                            "the start command ({start}) exited with code {code} before the template was ready"
+                        )))
+                    }
+                    Err(err) => return Err(ApiError::BadRequest(format!("the start command ({start}) failed: {err}"))),
+                },
+                ready = &mut ready_wait => return ready,
+            }
+        }
+    }
+}
+
+/// A value as the JSON text hashed into a key.
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("key parts serialize")
 }

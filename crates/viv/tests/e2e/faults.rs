@@ -1,5 +1,6 @@
 //! Faults and lifecycle edges: dying VMs, crashing servers, timeouts, user-supplied images.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -144,6 +145,11 @@ fn user_supplied_directories_and_ext4_images_become_sandboxes() {
     std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
     std::fs::write(root.join("etc/motd"), "tiny image\n").unwrap();
     let name = format!("tiny-{}", std::process::id());
+    // The images land in the shared cache; they go when the test ends, however it ends.
+    let _imported = RemoveOnDrop(vec![
+        Path::new(&cache).join(format!("rootfs/{name}.qcow2")),
+        Path::new(&cache).join(format!("rootfs/{name}-ext4.qcow2")),
+    ]);
     let imported = crate::fixture::cli_with(
         &[
             "image",
@@ -229,5 +235,16 @@ fn user_supplied_directories_and_ext4_images_become_sandboxes() {
     }
     for n in [&name, &ext4_name] {
         let _ = std::fs::remove_file(std::path::Path::new(&cache).join("rootfs").join(format!("{n}.qcow2")));
+    }
+}
+
+/// Files removed when dropped.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -7,3 +7,4 @@ mod api;
 mod cli;
 mod faults;
 mod snapshots;
+mod templates;

@@ -1,0 +1,1004 @@
+//! Template builds from specs, with a layer cache.
+//!
+//! A build boots one VM from the layer of what the spec is `FROM`, runs each step through the
+//! agent, and freezes the disk after every step that changes it (`RUN`, `COPY`, `WORKDIR`) as a
+//! qcow2 layer
+//! `layers/<key>.qcow2`, backed by the previous one. A step's key hashes its parent's key, the
+//! step (variables expanded), the configuration it runs with and, for `COPY`, the files copied;
+//! so an unchanged spec rebuilds nothing and a changed step rebuilds from that step on (the VM
+//! boots from the last cached layer). After the steps the start command runs, the ready command
+//! is polled, and the VM is saved as the template's snapshot.
+//!
+//! Invariants:
+//! - a build that fails, is cancelled or exceeds its time limit kills its VM and removes every
+//!   file it created (layers included), so nothing of it is left or reused;
+//! - a layer file exists only while a template row lists its key (or a build is running that
+//!   made or uses it); others are collected after builds and deletes and at server start;
+//! - a template used by sandboxes or snapshot nodes keeps its layers when rebuilt or deleted
+//!   is refused, since their disks are backed by those layers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use viv_api::{BuildEvent, TemplateInfo};
+use viv_template::{ImageConfig, Instruction, PlannedStep, Spec};
+
+use super::templates::{build_user, process_request, Recipe};
+use super::{LiveSandbox, Manager};
+use crate::agent_client::{collect, OutputStream};
+use crate::error::ApiError;
+use crate::store::{now_rfc3339, TemplateRow};
+
+/// Bumped when the layer format or the way steps run changes.
+const LAYER_FORMAT: u32 = 1;
+
+/// Bytes of a failing step's output quoted in the error.
+const OUTPUT_TAIL: usize = 2000;
+
+/// Where a build's events go (nowhere for the snapshot builds a create triggers), and what the
+/// build is doing, for error messages.
+#[derive(Clone, Default)]
+pub struct BuildLog {
+    events: Option<mpsc::UnboundedSender<BuildEvent>>,
+    state: Arc<Mutex<LogState>>,
+}
+
+#[derive(Default)]
+struct LogState {
+    /// Line of the step running.
+    line: Option<usize>,
+    /// Exit code of the step that failed.
+    exit_code: Option<i32>,
+    /// The end of the running step's output.
+    tail: Vec<u8>,
+}
+
+impl BuildLog {
+    /// A log that sends its events to `events`.
+    pub fn new(events: mpsc::UnboundedSender<BuildEvent>) -> Self {
+        Self {
+            events: Some(events),
+            state: Arc::default(),
+        }
+    }
+
+    fn send(&self, event: BuildEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
+
+    fn step(&self, index: usize, total: usize, step: &PlannedStep, cached: bool) {
+        {
+            let mut state = self.state.lock().expect("log lock");
+            state.line = Some(step.step.line);
+            state.tail.clear();
+        }
+        self.send(BuildEvent::Step {
+            index,
+            total,
+            line: step.step.line,
+            instruction: step.step.text.clone(),
+            cached,
+        });
+    }
+
+    /// A note from the builder.
+    pub fn info(&self, text: &str) {
+        self.send(BuildEvent::Log {
+            stream: "info".into(),
+            text: format!("{text}\n"),
+        });
+    }
+
+    /// Output of a command.
+    pub fn output(&self, stream: OutputStream, bytes: &[u8]) {
+        {
+            let mut state = self.state.lock().expect("log lock");
+            state.tail.extend_from_slice(bytes);
+            let excess = state.tail.len().saturating_sub(OUTPUT_TAIL);
+            state.tail.drain(..excess);
+        }
+        self.send(BuildEvent::Log {
+            stream: match stream {
+                OutputStream::Stdout => "stdout",
+                OutputStream::Stderr => "stderr",
+            }
+            .into(),
+            text: String::from_utf8_lossy(bytes).into_owned(),
+        });
+    }
+
+    /// The error event for a failed build.
+    pub fn failure(&self, err: &ApiError) -> BuildEvent {
+        let state = self.state.lock().expect("log lock");
+        BuildEvent::Error {
+            message: err.to_string(),
+            line: state.line,
+            exit_code: state.exit_code,
+        }
+    }
+}
+
+/// Files and directories a build created, removed if it does not finish.
+#[derive(Default)]
+pub struct Scratch(Mutex<Vec<PathBuf>>);
+
+impl Scratch {
+    pub(super) fn add(&self, path: PathBuf) {
+        self.0.lock().expect("scratch lock").push(path);
+    }
+
+    /// Removes everything registered.
+    pub(super) fn remove_all(&self) {
+        for path in self.0.lock().expect("scratch lock").drain(..) {
+            if path.is_dir() {
+                let _ = std::fs::remove_dir_all(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// A step still to run, with its key and, for `COPY`, the archive to unpack.
+pub struct PendingStep {
+    planned: PlannedStep,
+    index: usize,
+    total: usize,
+    /// The layer this step freezes, for steps that change the disk.
+    layer: Option<PathBuf>,
+    copy: Option<CopyArchive>,
+}
+
+/// The files of a `COPY` step as a tar archive to unpack into `target` in the guest.
+#[derive(Debug)]
+struct CopyArchive {
+    target: String,
+    tar: Vec<u8>,
+    digest: String,
+}
+
+/// A validated build, ready to run.
+pub struct BuildJob {
+    name: String,
+    spec_text: String,
+    spec: Spec,
+    context: Option<PathBuf>,
+    cpu_count: u32,
+    memory_mb: u32,
+    limit: Duration,
+    from_layer: PathBuf,
+    plan: Vec<PlannedStep>,
+    base_config: ImageConfig,
+}
+
+/// The builds running, by template name, and the layer keys they use (kept from collection).
+#[derive(Default)]
+pub struct Builds {
+    running: Mutex<BTreeMap<String, Vec<String>>>,
+}
+
+/// Releases a build's name and layers when the build ends.
+struct BuildSlot<'a> {
+    builds: &'a Builds,
+    name: String,
+}
+
+impl Drop for BuildSlot<'_> {
+    fn drop(&mut self) {
+        self.builds.running.lock().expect("builds lock").remove(&self.name);
+    }
+}
+
+fn valid_template_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+impl Manager {
+    fn layer_path(&self, key: &str) -> PathBuf {
+        self.config.data_dir.join("layers").join(format!("{key}.qcow2"))
+    }
+
+    /// What a spec's `FROM` names: its disk layer and the configuration it hands down.
+    fn resolve_from(&self, from: &str) -> Result<(PathBuf, ImageConfig), ApiError> {
+        if from == viv_api::DEFAULT_TEMPLATE {
+            return Ok((self.boot.rootfs.clone(), ImageConfig::default()));
+        }
+        if let Some(row) = self.store.template(from)? {
+            return Ok((PathBuf::from(row.layer), row.config));
+        }
+        if let Ok(path) = self.images.find_named(from) {
+            return Ok((path, ImageConfig::default()));
+        }
+        Err(ApiError::BadRequest(format!(
+            "line 1: FROM '{from}': no template or image has that name. Build FROM 'base', a template built \
+             earlier (`viv template list`) or an image imported with `viv image import`; Vivarium does not pull \
+             from registries"
+        )))
+    }
+
+    /// The recipe of a template name: `base`, a built template or an imported image.
+    pub(super) fn recipe(&self, template: &str) -> Result<Recipe, ApiError> {
+        let plain = |layer: PathBuf| Recipe {
+            name: template.to_owned(),
+            layer,
+            config: ImageConfig::default(),
+            start: None,
+            ready: None,
+            cpu_count: self.config.vcpus,
+            memory_mb: self.config.memory_mib,
+        };
+        if template == viv_api::DEFAULT_TEMPLATE {
+            return Ok(plain(self.boot.rootfs.clone()));
+        }
+        if let Some(row) = self.store.template(template)? {
+            return Ok(Recipe {
+                name: row.name,
+                layer: PathBuf::from(row.layer),
+                config: row.config,
+                start: row.start,
+                ready: row.ready,
+                cpu_count: row.cpu_count,
+                memory_mb: row.memory_mb,
+            });
+        }
+        match self.images.find_named(template) {
+            Ok(layer) => Ok(plain(layer)),
+            Err(viv_image::ImageError::NotFound(_)) => Err(ApiError::NotFound(format!(
+                "template '{template}' not found; `viv template list` shows the templates (build one with \
+                 `viv template build`)"
+            ))),
+            Err(other) => Err(ApiError::BadRequest(other.to_string())),
+        }
+    }
+
+    /// Checks a build request completely (name, `FROM`, limits, variables) before anything runs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_build(
+        &self,
+        name: &str,
+        spec_text: String,
+        spec: Spec,
+        context: Option<PathBuf>,
+        cpu_count: Option<u32>,
+        memory_mb: Option<u32>,
+        timeout: Option<u64>,
+    ) -> Result<BuildJob, ApiError> {
+        self.require_template_snapshots()?;
+        if self.builds.running.lock().expect("builds lock").contains_key(name) {
+            return Err(ApiError::Conflict(format!(
+                "template '{name}' is being built already; wait for that build to end"
+            )));
+        }
+        if !valid_template_name(name) {
+            return Err(ApiError::BadRequest(format!(
+                "template name '{name}' is invalid: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+            )));
+        }
+        if name == viv_api::DEFAULT_TEMPLATE {
+            return Err(ApiError::Conflict(format!(
+                "'{name}' is the built-in template; choose another name (and build FROM {name})"
+            )));
+        }
+        if self.store.snapshot(name)?.is_some() || self.images.find_named(name).is_ok() {
+            return Err(ApiError::Conflict(format!(
+                "a snapshot or imported image is already named '{name}'; choose another name"
+            )));
+        }
+        let cpu_count = cpu_count.unwrap_or(self.config.vcpus);
+        if !(1..=64).contains(&cpu_count) {
+            return Err(ApiError::BadRequest(format!(
+                "cpuCount must be between 1 and 64, got {cpu_count}"
+            )));
+        }
+        let memory_mb = memory_mb.unwrap_or(self.config.memory_mib);
+        if !(128..=65536).contains(&memory_mb) {
+            return Err(ApiError::BadRequest(format!(
+                "memoryMB must be between 128 and 65536, got {memory_mb}"
+            )));
+        }
+        let timeout = timeout.unwrap_or(viv_api::DEFAULT_BUILD_TIMEOUT_SECS);
+        if !(1..=viv_api::MAX_BUILD_TIMEOUT_SECS).contains(&timeout) {
+            return Err(ApiError::BadRequest(format!(
+                "timeout must be between 1 and {} seconds, got {timeout}",
+                viv_api::MAX_BUILD_TIMEOUT_SECS
+            )));
+        }
+        if spec.from == name {
+            return Err(ApiError::BadRequest(format!(
+                "line 1: template '{name}' cannot be built FROM itself"
+            )));
+        }
+        let (from_layer, base_config) = self.resolve_from(&spec.from)?;
+        let plan = spec
+            .plan(&base_config)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if context.is_none() {
+            if let Some(copy) = plan.iter().find(|p| matches!(p.instruction, Instruction::Copy { .. })) {
+                return Err(ApiError::BadRequest(format!(
+                    "line {}: COPY needs a build context; send the spec with its directory (`viv template build DIR`)",
+                    copy.step.line
+                )));
+            }
+        }
+        Ok(BuildJob {
+            name: name.to_owned(),
+            spec_text,
+            spec,
+            context,
+            cpu_count,
+            memory_mb,
+            limit: Duration::from_secs(timeout),
+            from_layer,
+            plan,
+            base_config,
+        })
+    }
+
+    /// Unpacks an uploaded build context into a directory of its own (removed after the build,
+    /// or at the next server start).
+    pub async fn unpack_context(&self, archive: bytes::Bytes) -> Result<PathBuf, ApiError> {
+        let dir = self.config.data_dir.join("builds").join(super::random_id(12));
+        let target = dir.clone();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&target)?;
+            let mut reader = tar::Archive::new(archive.as_ref());
+            reader.set_preserve_permissions(true);
+            // Entries that would land outside the directory are refused by `unpack`.
+            reader.unpack(&target)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Err(err) = unpacked {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(ApiError::BadRequest(format!(
+                "the request body is not a usable tar archive of the build context: {err}"
+            )));
+        }
+        Ok(dir)
+    }
+
+    fn require_template_snapshots(&self) -> Result<(), ApiError> {
+        if self.config.snapshots {
+            Ok(())
+        } else {
+            Err(ApiError::BadRequest(
+                "this server runs without snapshots (--snapshots=false); template builds need them".into(),
+            ))
+        }
+    }
+
+    /// Runs a build to its end. On failure everything it created is gone.
+    pub async fn build_template(&self, job: BuildJob, log: &BuildLog) -> Result<TemplateInfo, ApiError> {
+        let _slot = {
+            let mut running = self.builds.running.lock().expect("builds lock");
+            if running.contains_key(&job.name) {
+                return Err(ApiError::Conflict(format!(
+                    "template '{}' is being built already; wait for that build to end",
+                    job.name
+                )));
+            }
+            running.insert(job.name.clone(), Vec::new());
+            BuildSlot {
+                builds: &self.builds,
+                name: job.name.clone(),
+            }
+        };
+        let started = Instant::now();
+        let scratch = Scratch::default();
+        let result = match tokio::time::timeout(job.limit, self.run_build(&job, log, &scratch)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::BadRequest(format!(
+                "the build exceeded its time limit of {} s",
+                job.limit.as_secs()
+            ))),
+        };
+        let (recipe, layers) = match result {
+            Ok(done) => done,
+            Err(err) => {
+                scratch.remove_all();
+                tracing::warn!(template = %job.name, error = %err, "template build failed");
+                return Err(err);
+            }
+        };
+        let build_ms = started.elapsed().as_millis() as u64;
+        let mut keep = layers;
+        if let Some(previous) = self.store.template(&job.name)? {
+            if self.template_users(&job.name)?.is_some() {
+                keep.extend(
+                    previous
+                        .layers
+                        .into_iter()
+                        .filter(|k| !keep.contains(k))
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        let row = TemplateRow {
+            name: job.name.clone(),
+            from: job.spec.from.clone(),
+            layer: recipe.layer.to_string_lossy().into_owned(),
+            config: recipe.config,
+            start: recipe.start,
+            ready: recipe.ready,
+            cpu_count: job.cpu_count,
+            memory_mb: job.memory_mb,
+            spec: job.spec_text.clone(),
+            layers: keep,
+            created_at: now_rfc3339(),
+            build_ms,
+        };
+        self.store.put_template(&row)?;
+        drop(_slot);
+        self.collect_layers();
+        tracing::info!(template = %job.name, ms = build_ms, "template built");
+        Ok(self.template_info_of(row))
+    }
+
+    /// The build proper: keys, cache lookup, steps and snapshot. Returns the recipe and the keys
+    /// of its layers.
+    async fn run_build(
+        &self,
+        job: &BuildJob,
+        log: &BuildLog,
+        scratch: &Scratch,
+    ) -> Result<(Recipe, Vec<String>), ApiError> {
+        for (line, warning) in &job.spec.warnings {
+            log.info(&format!("line {line}: {warning}"));
+        }
+        let total = job.plan.len();
+        let mut key = {
+            let mut hash = Sha256::new();
+            hash.update(job.from_layer.to_string_lossy().as_bytes());
+            hash.update(serde_json::to_vec(&job.base_config).expect("config serializes"));
+            hash.update(LAYER_FORMAT.to_le_bytes());
+            hex::encode(&hash.finalize()[..16])
+        };
+        let mut pending = Vec::new();
+        let mut layer_keys = Vec::new();
+        for (index, planned) in job.plan.iter().enumerate() {
+            let copy =
+                match &planned.instruction {
+                    Instruction::Copy { sources, dest, .. } => {
+                        let context = job.context.as_deref().expect("checked: COPY has a context");
+                        Some(copy_archive(context, sources, dest).map_err(|message| {
+                            ApiError::BadRequest(format!("line {}: {message}", planned.step.line))
+                        })?)
+                    }
+                    _ => None,
+                };
+            let mut hash = Sha256::new();
+            hash.update(key.as_bytes());
+            hash.update(format!("{:?}", planned.instruction).as_bytes());
+            hash.update(serde_json::to_vec(&planned.config).expect("config serializes"));
+            if let Some(copy) = &copy {
+                hash.update(copy.digest.as_bytes());
+            }
+            key = hex::encode(&hash.finalize()[..16]);
+            let changes_disk = matches!(
+                planned.instruction,
+                Instruction::Run(_) | Instruction::Copy { .. } | Instruction::Workdir(_)
+            );
+            if changes_disk {
+                layer_keys.push(key.clone());
+            }
+            pending.push(PendingStep {
+                planned: planned.clone(),
+                index: index + 1,
+                total,
+                layer: changes_disk.then(|| self.layer_path(&key)),
+                copy,
+            });
+        }
+        self.builds
+            .running
+            .lock()
+            .expect("builds lock")
+            .insert(job.name.clone(), layer_keys.clone());
+        // The longest prefix of steps whose layers exist is taken from the cache.
+        let mut boot_layer = job.from_layer.clone();
+        let mut first_pending = 0;
+        for (i, step) in pending.iter().enumerate() {
+            match &step.layer {
+                Some(layer) if layer.is_file() => {
+                    boot_layer = layer.clone();
+                    first_pending = i + 1;
+                }
+                Some(_) => break,
+                // `ENV` and `USER` change nothing on disk; later steps carry their effect.
+                None => first_pending = i + 1,
+            }
+        }
+        for step in &pending[..first_pending] {
+            log.step(step.index, step.total, &step.planned, true);
+        }
+        let final_layer = pending
+            .iter()
+            .rev()
+            .find_map(|s| s.layer.clone())
+            .unwrap_or_else(|| job.from_layer.clone());
+        let config = job
+            .plan
+            .last()
+            .map(|p| p.config.clone())
+            .unwrap_or_else(|| job.base_config.clone());
+        let recipe = Recipe {
+            name: job.name.clone(),
+            layer: final_layer,
+            config,
+            start: job.spec.start.clone(),
+            ready: job.spec.ready.clone(),
+            cpu_count: job.cpu_count,
+            memory_mb: job.memory_mb,
+        };
+        let snapshot_key = self.template_key(&recipe, job.cpu_count, job.memory_mb);
+        let _building = self.templates.build.lock().await;
+        if first_pending == pending.len() && self.snapshot_usable(&snapshot_key, job.memory_mb) {
+            log.info("every step and the snapshot are cached; nothing to rebuild");
+            return Ok((recipe, layer_keys));
+        }
+        self.templates.forget(std::slice::from_ref(&snapshot_key));
+        self.build_snapshot(
+            &snapshot_key,
+            &recipe,
+            &boot_layer,
+            &pending[first_pending..],
+            job.cpu_count,
+            job.memory_mb,
+            log,
+            scratch,
+        )
+        .await?;
+        Ok((recipe, layer_keys))
+    }
+
+    /// Runs build steps in a build VM; each step that changes the disk ends with its layer
+    /// frozen.
+    pub(super) async fn run_steps(
+        &self,
+        live: &LiveSandbox,
+        steps: &[PendingStep],
+        log: &BuildLog,
+        scratch: &Scratch,
+    ) -> Result<(), ApiError> {
+        for step in steps {
+            log.step(step.index, step.total, &step.planned, false);
+            let line = step.planned.step.line;
+            let config = &step.planned.config;
+            match &step.planned.instruction {
+                Instruction::Run(command) => {
+                    if let Some(dir) = &config.workdir {
+                        self.ensure_dir(live, dir).await?;
+                    }
+                    let user = build_user(config);
+                    let code = live
+                        .agent
+                        .run(&process_request(command, config), Some(&user), |stream, bytes| {
+                            log.output(stream, bytes)
+                        })
+                        .await
+                        .map_err(|e| ApiError::BadRequest(format!("line {line}: RUN {command}: {e}")))?;
+                    if code != 0 {
+                        let tail = {
+                            let mut state = log.state.lock().expect("log lock");
+                            state.exit_code = Some(code);
+                            String::from_utf8_lossy(&state.tail).trim_end().to_owned()
+                        };
+                        return Err(ApiError::BadRequest(format!(
+                            "line {line}: RUN {command} failed with exit code {code}; its output ended with:\n{tail}"
+                        )));
+                    }
+                }
+                Instruction::Copy { chown, .. } => {
+                    let archive = step.copy.as_ref().expect("COPY steps carry their archive");
+                    self.unpack_in_guest(live, &archive.target, chown.as_deref(), archive.tar.clone())
+                        .await
+                        .map_err(|e| ApiError::BadRequest(format!("line {line}: COPY: {e}")))?;
+                }
+                Instruction::Workdir(dir) => self.ensure_dir(live, dir).await?,
+                Instruction::Env(_) | Instruction::User(_) => {}
+            }
+            if let Some(layer) = &step.layer {
+                self.freeze_layer(live, layer, scratch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a directory in the guest (as root), with its parents.
+    pub(super) async fn ensure_dir(&self, live: &LiveSandbox, dir: &str) -> Result<(), ApiError> {
+        // An archive with no entries: the agent creates the target and unpacks nothing.
+        self.unpack_in_guest(live, dir, None, vec![0; 1024])
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("creating directory {dir}: {e}")))
+    }
+
+    async fn unpack_in_guest(
+        &self,
+        live: &LiveSandbox,
+        target: &str,
+        owner: Option<&str>,
+        tar: Vec<u8>,
+    ) -> Result<(), String> {
+        let mut query = vec![("path", target)];
+        if let Some(owner) = owner {
+            query.push(("owner", owner));
+        }
+        let query = serde_urlencoded::to_string(query).map_err(|e| e.to_string())?;
+        let request = hyper::Request::post(format!("http://agent/build/copy?{query}"))
+            .header("content-type", "application/x-tar")
+            .body(axum::body::Body::from(tar))
+            .map_err(|e| e.to_string())?;
+        let response = live.agent.send(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = collect(response).await.map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(crate::agent_client::rpc_error(status.as_u16(), &body).to_string())
+        }
+    }
+
+    /// Flushes the guest's writes and freezes the VM's disk overlay as `layer`; the VM goes on
+    /// writing to a new overlay backed by it.
+    async fn freeze_layer(&self, live: &LiveSandbox, layer: &Path, scratch: &Scratch) -> Result<(), ApiError> {
+        let synced = live
+            .agent
+            .call::<_, serde_json::Value>("/build/sync", &serde_json::json!({}))
+            .await;
+        synced.map_err(|e| ApiError::Sandbox(format!("flushing the guest's disk: {e}")))?;
+        std::fs::create_dir_all(layer.parent().expect("layers have a directory"))
+            .map_err(|e| ApiError::Internal(format!("creating the layer directory: {e}")))?;
+        live.vm
+            .pause()
+            .await
+            .map_err(|e| ApiError::Sandbox(format!("pausing the build VM: {e}")))?;
+        scratch.add(layer.to_path_buf());
+        let swapped = self.swap_disk(live, layer, layer).await;
+        let resumed = live.vm.resume().await;
+        swapped?;
+        resumed.map_err(|e| ApiError::Sandbox(format!("resuming the build VM: {e}")))
+    }
+
+    /// Who uses a template: a description of the sandboxes and snapshot nodes started from it.
+    fn template_users(&self, name: &str) -> Result<Option<String>, ApiError> {
+        let sandboxes: Vec<String> = self
+            .store
+            .sandboxes()?
+            .into_iter()
+            .filter(|s| s.template_id == name)
+            .map(|s| s.id)
+            .collect();
+        let nodes: Vec<String> = self
+            .store
+            .snapshots()?
+            .into_iter()
+            .filter(|n| n.template_id == name)
+            .map(|n| n.id)
+            .collect();
+        let mut users = Vec::new();
+        if !sandboxes.is_empty() {
+            users.push(format!("sandboxes {}", sandboxes.join(", ")));
+        }
+        if !nodes.is_empty() {
+            users.push(format!("snapshots {}", nodes.join(", ")));
+        }
+        Ok((!users.is_empty()).then(|| users.join(" and ")))
+    }
+
+    /// Deletes a built template nothing uses, with its layers and snapshots.
+    pub fn delete_template(&self, name: &str) -> Result<(), ApiError> {
+        if name == viv_api::DEFAULT_TEMPLATE {
+            return Err(ApiError::BadRequest(
+                "the built-in template 'base' cannot be deleted".into(),
+            ));
+        }
+        if self.store.template(name)?.is_none() {
+            return Err(ApiError::NotFound(format!(
+                "template '{name}' not found; `viv template list` shows the built templates"
+            )));
+        }
+        if self.builds.running.lock().expect("builds lock").contains_key(name) {
+            return Err(ApiError::Conflict(format!(
+                "template '{name}' is being built; delete it afterwards"
+            )));
+        }
+        if let Some(users) = self.template_users(name)? {
+            return Err(ApiError::Conflict(format!(
+                "template '{name}' is still used by {users}; kill or delete those first"
+            )));
+        }
+        self.store.delete_template(name)?;
+        self.collect_layers();
+        tracing::info!(template = %name, "template deleted");
+        Ok(())
+    }
+
+    /// Removes layers no template keeps and no build uses, and the template snapshots booted
+    /// from removed layers.
+    pub(super) fn collect_layers(&self) {
+        let Ok(rows) = self.store.templates() else { return };
+        let mut live: HashSet<String> = rows.into_iter().flat_map(|r| r.layers).collect();
+        live.extend(
+            self.builds
+                .running
+                .lock()
+                .expect("builds lock")
+                .values()
+                .flatten()
+                .cloned(),
+        );
+        let layers_dir = self.config.data_dir.join("layers");
+        for entry in std::fs::read_dir(&layers_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let key = name.strip_suffix(".qcow2").unwrap_or(&name);
+            if !live.contains(key) {
+                tracing::info!(layer = %name, "removing an unused layer");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let templates_dir = self.config.data_dir.join("templates");
+        let mut dropped = Vec::new();
+        for entry in std::fs::read_dir(&templates_dir).into_iter().flatten().flatten() {
+            let Ok(layer) = std::fs::read_to_string(entry.path().join("layer")) else {
+                continue;
+            };
+            let layer = PathBuf::from(layer);
+            if layer.starts_with(&layers_dir) && !layer.is_file() {
+                let key = entry.file_name().to_string_lossy().into_owned();
+                let _ = std::fs::remove_dir_all(entry.path());
+                for memory in std::fs::read_dir(self.shm_dir.join("templates"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    if memory.file_name().to_string_lossy().starts_with(&key) {
+                        let _ = std::fs::remove_file(memory.path());
+                    }
+                }
+                dropped.push(key);
+            }
+        }
+        self.templates.forget(&dropped);
+    }
+
+    fn template_info_of(&self, row: TemplateRow) -> TemplateInfo {
+        let size_bytes = row
+            .layers
+            .iter()
+            .filter_map(|k| std::fs::metadata(self.layer_path(k)).ok())
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt as _;
+                m.blocks() * 512
+            })
+            .sum();
+        TemplateInfo {
+            template_id: row.name.clone(),
+            aliases: vec![row.name],
+            kind: "built".into(),
+            from: Some(row.from),
+            cpu_count: row.cpu_count,
+            memory_mb: row.memory_mb,
+            build_status: "ready".into(),
+            env_vars: row.config.env,
+            start_cmd: row.start.map(|c| c.to_string()),
+            ready_cmd: row.ready.map(|r| r.command.to_string()),
+            layers: row.layers.len(),
+            size_bytes,
+            created_at: Some(row.created_at),
+            build_ms: Some(row.build_ms),
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+        }
+    }
+
+    fn plain_template_info(&self, name: &str, kind: &str) -> TemplateInfo {
+        TemplateInfo {
+            template_id: name.to_owned(),
+            aliases: vec![name.to_owned()],
+            kind: kind.into(),
+            from: None,
+            cpu_count: self.config.vcpus,
+            memory_mb: self.config.memory_mib,
+            build_status: "ready".into(),
+            env_vars: BTreeMap::new(),
+            start_cmd: None,
+            ready_cmd: None,
+            layers: 0,
+            size_bytes: 0,
+            created_at: None,
+            build_ms: None,
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+        }
+    }
+
+    /// Every template: `base`, the built ones and the imported images.
+    pub fn list_templates(&self) -> Result<Vec<TemplateInfo>, ApiError> {
+        let mut all = vec![self.plain_template_info(viv_api::DEFAULT_TEMPLATE, "builtin")];
+        all.extend(self.store.templates()?.into_iter().map(|r| self.template_info_of(r)));
+        all.extend(
+            self.images
+                .named_images()
+                .iter()
+                .map(|name| self.plain_template_info(name, "image")),
+        );
+        Ok(all)
+    }
+
+    /// One template by name.
+    pub fn get_template(&self, name: &str) -> Result<TemplateInfo, ApiError> {
+        if name == viv_api::DEFAULT_TEMPLATE {
+            return Ok(self.plain_template_info(name, "builtin"));
+        }
+        if let Some(row) = self.store.template(name)? {
+            return Ok(self.template_info_of(row));
+        }
+        self.recipe(name)?;
+        Ok(self.plain_template_info(name, "image"))
+    }
+}
+
+/// Builds the archive of a `COPY` step: its target directory in the guest, the tar, and a digest
+/// of names, types, modes and contents (not times, so a touched file hits the cache).
+fn copy_archive(context: &Path, sources: &[String], dest: &str) -> Result<CopyArchive, String> {
+    let root = context
+        .canonicalize()
+        .map_err(|e| format!("reading the build context: {e}"))?;
+    let single_file = |source: &str| -> bool {
+        sources.len() == 1 && !dest.ends_with('/') && root.join(source).canonicalize().is_ok_and(|p| p.is_file())
+    };
+    let (target, rename) = if single_file(&sources[0]) {
+        let dest_path = Path::new(dest);
+        let parent = dest_path.parent().map(|p| p.to_string_lossy().into_owned());
+        let name = dest_path.file_name().map(|n| n.to_string_lossy().into_owned());
+        (parent.unwrap_or_else(|| "/".into()), name)
+    } else {
+        let trimmed = dest.trim_end_matches('/');
+        (
+            if trimmed.is_empty() {
+                "/".into()
+            } else {
+                trimmed.to_owned()
+            },
+            None,
+        )
+    };
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut digest = Sha256::new();
+    for source in sources {
+        let path = root.join(source);
+        let real = path
+            .canonicalize()
+            .map_err(|_| format!("source '{source}' does not exist in the build context"))?;
+        if !real.starts_with(&root) {
+            return Err(format!("source '{source}' leads outside the build context"));
+        }
+        if real.is_dir() {
+            add_tree(&mut builder, &mut digest, &real, Path::new(""))?;
+        } else {
+            let name = match &rename {
+                Some(name) => PathBuf::from(name),
+                None => PathBuf::from(real.file_name().ok_or("a source has no file name")?),
+            };
+            add_entry(&mut builder, &mut digest, &real, &name)?;
+        }
+    }
+    let tar = builder.into_inner().map_err(|e| format!("packing the files: {e}"))?;
+    digest.update(target.as_bytes());
+    Ok(CopyArchive {
+        target,
+        tar,
+        digest: hex::encode(digest.finalize()),
+    })
+}
+
+/// Adds the contents of `dir` under `prefix`, in name order, not following symlinks.
+fn add_tree(builder: &mut tar::Builder<Vec<u8>>, digest: &mut Sha256, dir: &Path, prefix: &Path) -> Result<(), String> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = prefix.join(entry.file_name());
+        add_entry(builder, digest, &entry.path(), &name)?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            add_tree(builder, digest, &entry.path(), &name)?;
+        }
+    }
+    Ok(())
+}
+
+fn add_entry(builder: &mut tar::Builder<Vec<u8>>, digest: &mut Sha256, path: &Path, name: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let fail = |e: std::io::Error| format!("reading {}: {e}", name.display());
+    let meta = std::fs::symlink_metadata(path).map_err(fail)?;
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(meta.mode() & 0o7777);
+    header.set_mtime(meta.mtime().max(0) as u64);
+    header.set_uid(0);
+    header.set_gid(0);
+    digest.update(name.to_string_lossy().as_bytes());
+    digest.update([0]);
+    digest.update(meta.mode().to_le_bytes());
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(path).map_err(fail)?;
+        digest.update(target.to_string_lossy().as_bytes());
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        builder.append_link(&mut header, name, &target).map_err(fail)?;
+    } else if meta.is_dir() {
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_size(0);
+        builder.append_data(&mut header, name, std::io::empty()).map_err(fail)?;
+    } else if meta.is_file() {
+        let content = std::fs::read(path).map_err(fail)?;
+        digest.update(Sha256::digest(&content));
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(content.len() as u64);
+        builder
+            .append_data(&mut header, name, content.as_slice())
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_archive;
+
+    #[test]
+    fn copy_archives_follow_docker_destination_rules() {
+        let dir = std::env::temp_dir().join(format!("viv-copy-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("app/sub")).unwrap();
+        std::fs::write(dir.join("app/a.py"), "print(1)").unwrap();
+        std::fs::write(dir.join("app/sub/b.txt"), "b").unwrap();
+        std::fs::write(dir.join("top.txt"), "t").unwrap();
+
+        let file = copy_archive(&dir, &["top.txt".into()], "/etc/renamed.txt").unwrap();
+        assert_eq!(file.target, "/etc");
+        let names = |tar: &[u8]| -> Vec<String> {
+            tar::Archive::new(tar)
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(&file.tar), ["renamed.txt"]);
+
+        let tree = copy_archive(&dir, &["app".into()], "/srv/app").unwrap();
+        assert_eq!(tree.target, "/srv/app");
+        assert_eq!(names(&tree.tar), ["a.py", "sub", "sub/b.txt"]);
+
+        let into = copy_archive(&dir, &["top.txt".into(), "app/a.py".into()], "/opt/").unwrap();
+        assert_eq!(into.target, "/opt");
+        assert_eq!(names(&into.tar), ["top.txt", "a.py"]);
+
+        // Times do not change the digest; contents do.
+        let again = copy_archive(&dir, &["app".into()], "/srv/app").unwrap();
+        assert_eq!(again.digest, tree.digest);
+        std::fs::write(dir.join("app/a.py"), "print(2)").unwrap();
+        assert_ne!(
+            copy_archive(&dir, &["app".into()], "/srv/app").unwrap().digest,
+            tree.digest
+        );
+
+        assert!(copy_archive(&dir, &["missing".into()], "/x")
+            .unwrap_err()
+            .contains("does not exist"));
+        std::os::unix::fs::symlink("/etc", dir.join("escape")).unwrap();
+        assert!(copy_archive(&dir, &["escape/passwd".into()], "/x")
+            .unwrap_err()
+            .contains("outside"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

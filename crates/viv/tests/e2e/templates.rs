@@ -1,0 +1,231 @@
+//! Template builds from specs: steps run in a VM with their output streamed, layers are cached
+//! by content, sandboxes start from the snapshot with the start command running, and failures
+//! name the line and leave nothing behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fixture::{wait_until, TestServer};
+
+const SPEC: &str = r#"# a web app
+FROM base
+ENV APP_HOME=/srv/app GREETING="hello world"
+WORKDIR $APP_HOME
+COPY app/ ./
+COPY --chown=user:user notes.txt /home/user/notes.txt
+RUN echo "built by $(id -un)" > built.txt && chmod 755 run.sh && echo step-output-marker
+USER user
+CMD ["python3", "-m", "http.server", "8000"]
+HEALTHCHECK --interval=200ms CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/')"
+"#;
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Posts a spec without a context and returns the build's events.
+fn build_json(server: &TestServer, body: Value) -> (u16, Vec<Value>, String) {
+    let response = server.post("/templates").json(&body).send().unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    let events = if status == 200 {
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    } else {
+        Vec::new()
+    };
+    (status, events, text)
+}
+
+#[test]
+fn templates_build_from_specs_with_cached_layers_and_start_running() {
+    let server = TestServer::start();
+    let context = tempfile::tempdir().unwrap();
+    let dir = context.path();
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::write(dir.join("app/run.sh"), "echo first version\n").unwrap();
+    std::fs::write(dir.join("notes.txt"), "my notes\n").unwrap();
+    std::fs::write(dir.join("Dockerfile"), SPEC).unwrap();
+    let dir_arg = dir.to_str().unwrap();
+
+    let built = server.cli(&["template", "build", dir_arg, "--name", "web"]);
+    assert_eq!(built.code, 0, "{built:?}");
+    assert!(built.stderr.contains("Step 1/6 (line 3): ENV"), "{}", built.stderr);
+    assert!(built.stderr.contains("Built template web"), "{}", built.stderr);
+    assert!(
+        built.stdout.contains("step-output-marker"),
+        "RUN output is streamed: {built:?}"
+    );
+    let info: Value = server.get("/templates/web").send().unwrap().json().unwrap();
+    assert_eq!(info["kind"], "built");
+    assert_eq!(info["from"], "base");
+    assert_eq!(info["layers"], 4, "{info}");
+    assert_eq!(info["envVars"]["GREETING"], "hello world");
+    let layers = files_in(&server.data_dir.join("layers"));
+    assert_eq!(layers.len(), 4, "{layers:?}");
+
+    // A sandbox of the template: files, owner, environment, and the start command serving.
+    let id = server.create(json!({ "templateID": "web", "timeout": 600 }));
+    let run = server.exec(
+        &id,
+        json!({ "command": "echo $GREETING; cat /srv/app/built.txt; stat -c %U /home/user/notes.txt; curl -s localhost:8000/run.sh" }),
+    );
+    assert_eq!(run.exit_code, Some(0), "{run:?}");
+    assert_eq!(run.out(), "hello world\nbuilt by root\nuser\necho first version\n");
+    let overridden = server.create(json!({ "templateID": "web", "envVars": { "GREETING": "hi" } }));
+    assert_eq!(
+        server.exec(&overridden, json!({ "command": "echo $GREETING" })).out(),
+        "hi\n"
+    );
+
+    // Unchanged: nothing is rebuilt.
+    let again = server.cli(&["template", "build", dir_arg, "--name", "web"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.stderr.matches("(cached)").count(), 6, "{}", again.stderr);
+    assert!(again.stderr.contains("nothing to rebuild"), "{}", again.stderr);
+    assert_eq!(files_in(&server.data_dir.join("layers")), layers);
+
+    // Deleting a template in use is refused.
+    let in_use = server.delete("/templates/web").send().unwrap();
+    assert_eq!(in_use.status(), 409);
+    assert!(in_use.text().unwrap().contains(&id));
+    for sandbox in [&id, &overridden] {
+        assert_eq!(
+            server.delete(&format!("/sandboxes/{sandbox}")).send().unwrap().status(),
+            204
+        );
+    }
+
+    // A changed COPY source: the steps before it are cached, it and the later ones rebuild, and
+    // the replaced layers are collected (the WORKDIR layer stays: it is still used).
+    std::fs::write(dir.join("app/run.sh"), "echo second version\n").unwrap();
+    let changed = server.cli(&["template", "build", dir_arg, "--name", "web"]);
+    assert_eq!(changed.code, 0, "{changed:?}");
+    assert!(
+        changed.stderr.contains("Step 2/6 (line 4): WORKDIR $APP_HOME (cached)"),
+        "{}",
+        changed.stderr
+    );
+    assert!(
+        changed.stderr.contains("Step 3/6 (line 5): COPY app/ ./\n"),
+        "{}",
+        changed.stderr
+    );
+    assert!(!changed.stderr.contains("Step 5/6 (line 7): RUN echo \"built by $(id -un)\" > built.txt && chmod 755 run.sh && echo step-output-marker (cached)"));
+    let new_layers = files_in(&server.data_dir.join("layers"));
+    assert_eq!(new_layers.len(), 4, "{new_layers:?}");
+    let kept = new_layers.iter().filter(|l| layers.contains(l)).count();
+    assert_eq!(kept, 1, "{layers:?} {new_layers:?}");
+    let id = server.create(json!({ "templateID": "web" }));
+    assert_eq!(
+        server
+            .exec(&id, json!({ "command": "curl -s localhost:8000/run.sh" }))
+            .out(),
+        "echo second version\n"
+    );
+    assert_eq!(server.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+
+    // Deleted: its layers and snapshots go; the listing keeps `base`.
+    let deleted = server.cli(&["template", "delete", "web"]);
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert!(files_in(&server.data_dir.join("layers")).is_empty());
+    assert_eq!(server.get("/templates/web").send().unwrap().status(), 404);
+    let listed = server.cli(&["template", "list", "--json"]);
+    let listed: Vec<Value> = serde_json::from_str(&listed.stdout).unwrap();
+    assert!(listed.iter().any(|t| t["templateID"] == "base"));
+    assert!(listed.iter().all(|t| t["templateID"] != "web"));
+}
+
+#[test]
+fn template_build_failures_name_the_line_and_leave_nothing_behind() {
+    let server = TestServer::start();
+    let nothing_left = |what: &str| {
+        assert!(
+            wait_until(Duration::from_secs(10), || server.qemu_processes().is_empty()),
+            "{what}: a build VM is still running"
+        );
+        assert!(
+            files_in(&server.data_dir.join("layers")).is_empty(),
+            "{what}: layers left"
+        );
+        assert!(
+            files_in(&server.data_dir.join("templates")).is_empty(),
+            "{what}: snapshots left"
+        );
+        assert_eq!(server.get("/templates/bad").send().unwrap().status(), 404, "{what}");
+    };
+
+    // Syntax errors are refused before anything runs, naming the line.
+    let (status, _, text) = build_json(
+        &server,
+        json!({ "name": "bad", "spec": "FROM base\nRUN true\nRUNN false\n" }),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("line 3: unknown instruction 'RUNN'"), "{text}");
+    let (status, _, text) = build_json(&server, json!({ "name": "bad", "spec": "FROM debian:12\n" }));
+    assert_eq!(status, 400);
+    assert!(text.contains("FROM 'debian:12'"), "{text}");
+    let (status, _, text) = build_json(&server, json!({ "name": "bad", "spec": "FROM base\nCOPY a /a\n" }));
+    assert_eq!(status, 400);
+    assert!(text.contains("line 2: COPY needs a build context"), "{text}");
+    let (status, _, _) = build_json(&server, json!({ "name": "Bad Name", "spec": "FROM base\n" }));
+    assert_eq!(status, 400);
+    let (status, _, _) = build_json(&server, json!({ "name": "base", "spec": "FROM base\n" }));
+    assert_eq!(status, 409);
+
+    // A failing RUN: the build fails with that step's line, output and exit code.
+    let (status, events, text) = build_json(
+        &server,
+        json!({ "name": "bad", "spec": "FROM base\nRUN echo one > /one\nRUN echo to-stderr >&2; exit 7\nRUN echo never\n" }),
+    );
+    assert_eq!(status, 200, "{text}");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "error", "{text}");
+    assert_eq!(last["line"], 3);
+    assert_eq!(last["exitCode"], 7);
+    assert!(last["message"].as_str().unwrap().contains("to-stderr"), "{last}");
+    assert!(!text.contains("RUN echo never"), "no step runs after a failure");
+    nothing_left("failed RUN");
+
+    // The time limit stops a build and cleans up the same way.
+    let (_, events, text) = build_json(
+        &server,
+        json!({ "name": "bad", "spec": "FROM base\nRUN touch /x\nRUN sleep 120\n", "timeout": 15 }),
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "error", "{text}");
+    assert!(
+        last["message"].as_str().unwrap().contains("time limit of 15 s"),
+        "{last}"
+    );
+    assert_eq!(last["line"], 3);
+    nothing_left("timed-out build");
+
+    // A start command that fails before it is ready fails the build.
+    let (_, events, text) = build_json(
+        &server,
+        json!({ "name": "bad", "spec": "FROM base\nCMD echo crashing; exit 3\nHEALTHCHECK CMD false\n" }),
+    );
+    let last = events.last().unwrap();
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 3 before the template was ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains("crashing"),
+        "the start command's output is streamed: {text}"
+    );
+    nothing_left("failed start command");
+}
