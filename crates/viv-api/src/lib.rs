@@ -62,6 +62,10 @@ pub struct NewSandbox {
     /// for comparisons and diagnosis).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cold_boot: Option<bool>,
+    /// Take an already restored, warmed VM from the server's pool when one is ready (default
+    /// true; Vivarium extension, for comparisons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<bool>,
     /// Pause instead of kill when the timeout passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,

@@ -24,6 +24,7 @@ use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
+mod pool;
 mod snapshots;
 mod templates;
 
@@ -53,6 +54,8 @@ pub struct Config {
     /// Start sandboxes by restoring template snapshots (experimental; otherwise every sandbox
     /// boots).
     pub snapshots: bool,
+    /// Warm VMs kept ready per template snapshot (0 disables the pool).
+    pub pool_size: usize,
 }
 
 /// A sandbox whose VM runs.
@@ -100,6 +103,8 @@ struct StartRequest<'a> {
     cold_boot: bool,
     /// Lifetime in seconds from when the sandbox runs.
     timeout: u64,
+    /// A warm VM from the pool to use instead of starting one.
+    pooled: Option<Arc<LiveSandbox>>,
 }
 
 impl<'a> StartRequest<'a> {
@@ -116,6 +121,7 @@ impl<'a> StartRequest<'a> {
             env_vars: None,
             cold_boot: false,
             timeout,
+            pooled: None,
         }
     }
 }
@@ -141,6 +147,7 @@ pub struct Manager {
     metrics: Arc<Metrics>,
     templates: templates::TemplateCache,
     builds: builds::Builds,
+    pool: pool::Pool,
     /// Key of the agent channel's reset markers, the same for every VM of this data directory
     /// (restored VMs keep the key their snapshot's agent was given).
     channel_key: String,
@@ -228,6 +235,7 @@ impl Manager {
             metrics,
             templates: templates::TemplateCache::new(qemu_version()),
             builds: builds::Builds::default(),
+            pool: pool::Pool::default(),
             channel_key,
         })
     }
@@ -361,8 +369,22 @@ impl Manager {
         };
         env_vars.extend(req.env_vars.clone().unwrap_or_default());
         let secure = req.secure.unwrap_or(true);
+        let cold_boot = req.cold_boot.unwrap_or(false);
+        let pooled = match &source {
+            Source::Template(recipe) if self.config.snapshots && !cold_boot => {
+                let key = self.template_key(recipe, vcpus, memory_mib);
+                let taken = if req.pooled.unwrap_or(true) {
+                    self.take_pooled(&key)
+                } else {
+                    None
+                };
+                self.refill_pool(recipe, vcpus, memory_mib);
+                taken
+            }
+            _ => None,
+        };
         let row = SandboxRow {
-            id: random_id(20),
+            id: pooled.as_ref().map_or_else(|| random_id(20), |live| live.id.clone()),
             template_id: template,
             state: SandboxState::Starting,
             started_at: now_rfc3339(),
@@ -381,7 +403,8 @@ impl Manager {
         };
         let start = StartRequest {
             env_vars: Some(env_vars),
-            cold_boot: req.cold_boot.unwrap_or(false),
+            cold_boot,
+            pooled,
             ..StartRequest::new(&source, timeout)
         };
         self.start_sandbox(row, start, OnFailure::Delete).await
@@ -404,6 +427,7 @@ impl Manager {
             let run_dir = self.run_dir(&id);
             let (vcpus, memory_mib) = (row.cpu_count, row.memory_mb);
             let live = match start.source {
+                _ if start.pooled.is_some() => start.pooled.clone().expect("checked"),
                 Source::Node(node) => {
                     let dir = self.node_dir(&node.id);
                     self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib)
@@ -745,6 +769,11 @@ impl Manager {
         }
     }
 
+    /// Number of warm VMs in the pool.
+    pub fn pooled_count(&self) -> usize {
+        self.pool.ready_count()
+    }
+
     /// Number of live sandboxes.
     pub fn live_count(&self) -> usize {
         self.live.lock().expect("live lock").len()
@@ -782,6 +811,7 @@ impl Manager {
     /// Server shutdown: with snapshots on, every running sandbox is paused (a restarted server
     /// resumes it on `connect`); otherwise, or if its pause fails, it is killed.
     pub async fn shutdown(&self) {
+        self.empty_pool(None).await;
         let ids: Vec<String> = self.live.lock().expect("live lock").keys().cloned().collect();
         for id in ids {
             if self.config.snapshots {

@@ -97,6 +97,7 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "accel": state.manager.accel().to_string(),
         "snapshots": state.manager.snapshots(),
         "sandboxes": state.manager.live_count(),
+        "pooled": state.manager.pooled_count(),
     }))
 }
 

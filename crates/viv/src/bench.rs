@@ -30,6 +30,114 @@ pub struct BenchArgs {
     /// Pause / resume / fork cycles to time (when the server uses snapshots).
     #[arg(long, default_value_t = 5)]
     pub cycles: usize,
+    /// Creates to time, each way (a restore, and a warm VM from the pool).
+    #[arg(long, default_value_t = 50)]
+    pub creates: usize,
+    /// Sandboxes to keep idle at once, each then answering `echo`, with the host memory each
+    /// costs (0 skips this part). Memory figures need the server on this host.
+    #[arg(long, default_value_t = 50)]
+    pub idle: usize,
+}
+
+/// What `--idle` measured.
+struct Idle {
+    n: usize,
+    echo_p50: Duration,
+    echo_max: Duration,
+    pss_mib_per_sandbox: Option<f64>,
+    available_mib_per_sandbox: Option<f64>,
+}
+
+/// `MemAvailable` of this host in KiB.
+fn mem_available_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Proportional set size in KiB of the QEMU process of sandbox `id` (found by its VM name), if
+/// it runs on this host.
+fn sandbox_pss_kib(id: &str) -> Option<u64> {
+    let name = format!("viv-{}", &id[..8.min(id.len())]);
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.split('\0').any(|arg| arg == name) {
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            return rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok();
+        }
+    }
+    None
+}
+
+/// Starts `n` sandboxes, lets them idle, then has each answer `echo` and measures what they
+/// cost in host memory.
+async fn idle_sandboxes(client: &Client, n: usize) -> Result<Idle> {
+    let available_before = mem_available_kib();
+    let mut ids = Vec::new();
+    let result = async {
+        for i in 0..n {
+            ids.push(
+                create(client, Start::Restore)
+                    .await
+                    .context("creating an idle sandbox")?,
+            );
+            if (i + 1) % 10 == 0 {
+                eprintln!("  idle sandboxes: {}/{n} created", i + 1);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut echoes = Vec::new();
+        for id in &ids {
+            let start = Instant::now();
+            let (code, out) = run_command(client, id, &["echo", "hi"]).await?;
+            echoes.push(start.elapsed());
+            ensure!(code == 0 && out == "hi\n", "`echo hi` in {id} gave {code}: {out:?}");
+        }
+        echoes.sort();
+        let pss: Option<Vec<u64>> = ids.iter().map(|id| sandbox_pss_kib(id)).collect();
+        let available_after = mem_available_kib();
+        let per = |kib: f64| (kib / 1024.0 / n as f64 * 10.0).round() / 10.0;
+        Ok(Idle {
+            n,
+            echo_p50: percentile(&echoes, 0.5),
+            echo_max: echoes[echoes.len() - 1],
+            pss_mib_per_sandbox: pss.map(|p| per(p.iter().sum::<u64>() as f64)),
+            available_mib_per_sandbox: available_before
+                .zip(available_after)
+                .map(|(before, after)| per(before.saturating_sub(after) as f64)),
+        })
+    }
+    .await;
+    for id in &ids {
+        kill(client, id).await?;
+    }
+    result
+}
+
+/// How a benchmark creates a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Boot the kernel.
+    ColdBoot,
+    /// Restore the template snapshot into a new VM (the pool bypassed).
+    Restore,
+    /// The server's default: a warm VM from the pool when one is ready.
+    Pooled,
 }
 
 /// Timings of one pause / resume / fork cycle.
@@ -56,13 +164,18 @@ async fn output(client: &Client, id: &str, argv: &[&str]) -> Result<String> {
 }
 
 /// Creates a sandbox, pauses it, resumes it (reading the guest clock right away), forks it.
-async fn cycle(client: &Client) -> Result<Cycle> {
-    let id = create(client, false).await?;
+/// With `pool`, waits until the pool has refilled before timing, so that the refill does not
+/// compete for the CPU.
+async fn cycle(client: &Client, pool: bool) -> Result<Cycle> {
+    let id = create(client, Start::Pooled).await?;
     let result = async {
         ensure!(
             exec(client, &id, &["sh", "-c", "echo data > /tmp/state"]).await? == 0,
             "setup failed"
         );
+        if pool {
+            pool_ready(client).await?;
+        }
         let start = Instant::now();
         client
             .send(client.request(Method::POST, &format!("/sandboxes/{id}/pause")))
@@ -132,6 +245,16 @@ async fn cycle(client: &Client) -> Result<Cycle> {
     result
 }
 
+fn creates_cell(summary: &serde_json::Value) -> String {
+    match summary["firstResultMs"].as_object() {
+        Some(r) => format!(
+            "{} / {} ms ({}x cold boot; created {} ms p50)",
+            r["p50"], r["p95"], summary["ratioToColdBoot"], summary["createdMs"]["p50"]
+        ),
+        None => "not measured (server without snapshots or pool)".into(),
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -141,16 +264,42 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-async fn create(client: &Client, cold_boot: bool) -> Result<String> {
+async fn create(client: &Client, start: Start) -> Result<String> {
     let req = NewSandbox {
         timeout: Some(600),
-        cold_boot: cold_boot.then_some(true),
+        cold_boot: (start == Start::ColdBoot).then_some(true),
+        pooled: (start == Start::Restore).then_some(false),
         ..Default::default()
     };
     let created: CreatedSandbox = client
         .json(client.request(Method::POST, "/sandboxes").json(&req))
         .await?;
     Ok(created.sandbox_id)
+}
+
+/// Creates a sandbox and runs `true` in it; returns the time to created and to the result.
+async fn create_and_run(client: &Client, mode: Start) -> Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let id = create(client, mode).await.context("creating a sandbox")?;
+    let created = start.elapsed();
+    let first = exec(client, &id, &["true"]).await;
+    let first_result = start.elapsed();
+    kill(client, &id).await?;
+    ensure!(first? == 0, "`true` failed in a new sandbox");
+    Ok((created, first_result))
+}
+
+/// Waits (up to 30 s) until the server has a warm VM; false if it keeps none.
+async fn pool_ready(client: &Client) -> Result<bool> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
+        if health["pooled"].as_u64().unwrap_or(0) > 0 {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
 }
 
 async fn kill(client: &Client, id: &str) -> Result<()> {
@@ -205,43 +354,51 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     let mut boots = Vec::new();
     for i in 0..args.boots {
         let start = Instant::now();
-        let id = create(client, true).await.context("creating a sandbox")?;
+        let id = create(client, Start::ColdBoot).await.context("creating a sandbox")?;
         boots.push(start.elapsed());
         eprintln!("  cold boot {}/{}: {:.0} ms", i + 1, args.boots, ms(boots[i]));
         kill(client, &id).await?;
     }
     boots.sort();
 
-    // Creates the server's default way (a snapshot restore when it runs with --snapshots),
-    // measured in the same run as the cold boots. The first builds the template snapshot.
+    // Creates from the template snapshot, measured in the same run as the cold boots: restores
+    // into a new VM (the pool bypassed), then warm VMs taken from the pool (waiting for the pool
+    // to refill before each). The first create builds the template snapshot.
     let snapshots = health["snapshots"].as_bool().unwrap_or(false);
-    let mut creates = Vec::new();
+    let mut restores = Vec::new();
+    let mut pooled = Vec::new();
     if snapshots {
         kill(
             client,
-            &create(client, false).await.context("building the template snapshot")?,
+            &create(client, Start::Restore)
+                .await
+                .context("building the template snapshot")?,
         )
         .await?;
-        for i in 0..args.boots * 4 {
-            let start = Instant::now();
-            let id = create(client, false).await.context("creating a sandbox")?;
-            let took = start.elapsed();
-            let first = exec(client, &id, &["true"]).await;
-            creates.push((took, start.elapsed()));
-            kill(client, &id).await?;
-            ensure!(first? == 0, "`true` failed in a restored sandbox");
-            eprintln!(
-                "  restore {}/{}: {:.0} ms to created, {:.0} ms to first result",
-                i + 1,
-                args.boots * 4,
-                ms(took),
-                ms(creates[i].1)
-            );
+        for (mode, label, timings) in [
+            (Start::Restore, "restore", &mut restores),
+            (Start::Pooled, "from the pool", &mut pooled),
+        ] {
+            for i in 0..args.creates {
+                if mode == Start::Pooled && !pool_ready(client).await? {
+                    eprintln!("  the server keeps no warm VMs (--pool-size 0); skipping pooled creates");
+                    break;
+                }
+                timings.push(create_and_run(client, mode).await?);
+                eprintln!(
+                    "  create {label} {}/{}: {:.0} ms to created, {:.0} ms to first result",
+                    i + 1,
+                    args.creates,
+                    ms(timings[i].0),
+                    ms(timings[i].1)
+                );
+            }
         }
     }
-    let restore = if creates.is_empty() {
-        serde_json::Value::Null
-    } else {
+    let summary = |creates: &[(Duration, Duration)]| {
+        if creates.is_empty() {
+            return serde_json::Value::Null;
+        }
         let mut created: Vec<Duration> = creates.iter().map(|c| c.0).collect();
         let mut first: Vec<Duration> = creates.iter().map(|c| c.1).collect();
         created.sort();
@@ -254,11 +411,15 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
             "ratioToColdBoot": (ratio * 1000.0).round() / 1000.0,
         })
     };
+    let restore = summary(&restores);
+    let from_pool = summary(&pooled);
 
     let mut cycles = Vec::new();
     if snapshots {
         for i in 0..args.cycles {
-            let c = cycle(client).await.context("pause / resume / fork cycle")?;
+            let c = cycle(client, !pooled.is_empty())
+                .await
+                .context("pause / resume / fork cycle")?;
             eprintln!(
                 "  cycle {}/{}: pause {:.0} ms, resume {:.0} ms (first result {:.0} ms, clock error {:+.1} ms), fork to first result {:.0} ms",
                 i + 1,
@@ -294,7 +455,22 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         })
     };
 
-    let id = create(client, false).await?;
+    let idle = if snapshots && args.idle > 0 {
+        let idle = idle_sandboxes(client, args.idle).await.context("idle sandboxes")?;
+        let mib = |v: Option<f64>| v.map_or(serde_json::Value::Null, serde_json::Value::from);
+        serde_json::json!({
+            "n": idle.n,
+            "echoMsP50": ms(idle.echo_p50),
+            "echoMsMax": ms(idle.echo_max),
+            "allAnsweredWithin1s": idle.echo_max < Duration::from_secs(1),
+            "pssMiBPerSandbox": mib(idle.pss_mib_per_sandbox),
+            "memAvailableDropMiBPerSandbox": mib(idle.available_mib_per_sandbox),
+        })
+    } else {
+        serde_json::Value::Null
+    };
+
+    let id = create(client, Start::Pooled).await?;
     let memory_mb = client
         .json::<viv_api::SandboxInfo>(client.request(Method::GET, &format!("/sandboxes/{id}")))
         .await
@@ -348,7 +524,9 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
         "restore": restore,
+        "createFromPool": from_pool,
         "snapshotTree": tree,
+        "idleSandboxes": idle,
         "guestMemoryMiB": memory_mb,
         "fileMiB": args.file_mib,
         "writeMiBps": (mib / write.as_secs_f64() * 10.0).round() / 10.0,
@@ -376,14 +554,13 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     accel.clone(),
                 ],
                 vec![
-                    "create from snapshot to first `true` result, p50 / p95".into(),
-                    match report["restore"]["firstResultMs"].as_object() {
-                        Some(r) => format!(
-                            "{} / {} ms ({}x cold boot)",
-                            r["p50"], r["p95"], report["restore"]["ratioToColdBoot"]
-                        ),
-                        None => "server runs without --snapshots".into(),
-                    },
+                    "create (snapshot restore) to first `true` result, p50 / p95".into(),
+                    creates_cell(&report["restore"]),
+                    accel.clone(),
+                ],
+                vec![
+                    "create (warm VM from the pool) to first `true` result, p50 / p95".into(),
+                    creates_cell(&report["createFromPool"]),
                     accel.clone(),
                 ],
                 vec![
@@ -414,6 +591,22 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     "bytes on disk per pause node / fork node (max)".into(),
                     match tree.as_object() {
                         Some(t) => format!("{} / {} MiB", t["pauseNodeMiB"], t["forkNodeMiB"]),
+                        None => "-".into(),
+                    },
+                    accel.clone(),
+                ],
+                vec![
+                    "idle sandboxes at once: `echo` p50 / max; host memory per sandbox (PSS / MemAvailable drop)"
+                        .into(),
+                    match idle.as_object() {
+                        Some(i) => format!(
+                            "{} sandboxes: {} / {} ms; {} / {} MiB",
+                            i["n"],
+                            i["echoMsP50"],
+                            i["echoMsMax"],
+                            i["pssMiBPerSandbox"],
+                            i["memAvailableDropMiBPerSandbox"]
+                        ),
                         None => "-".into(),
                     },
                     accel.clone(),

@@ -435,6 +435,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 cpu_count: cpus,
                 memory_mb: memory,
                 cold_boot: cold_boot.then_some(true),
+                pooled: None,
                 auto_pause: auto_pause.then_some(true),
             };
             let created: CreatedSandbox = client

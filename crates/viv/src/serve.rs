@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// pause, resume, fork and snapshots. `--snapshots=false` boots every sandbox.
     #[arg(long, env = "VIV_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub snapshots: bool,
+    /// Warm VMs kept ready per template and VM shape, restored and with a first command run,
+    /// that creates take over (0 disables the pool).
+    #[arg(long, env = "VIV_POOL_SIZE", default_value_t = 1)]
+    pub pool_size: usize,
 }
 
 /// Finds the agent binary: the given path, else beside this executable, else where
@@ -90,6 +94,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         boot_timeout: Duration::from_secs(args.boot_timeout),
         node_name: hostname(),
         snapshots: args.snapshots,
+        pool_size: args.pool_size,
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {

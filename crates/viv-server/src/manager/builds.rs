@@ -439,6 +439,7 @@ impl Manager {
             build_ms,
         };
         self.store.put_template(&row)?;
+        self.empty_pool(Some(&job.name)).await;
         drop(_slot);
         self.collect_layers();
         tracing::info!(template = %job.name, ms = build_ms, "template built");
@@ -697,7 +698,7 @@ impl Manager {
     }
 
     /// Deletes a built template nothing uses, with its layers and snapshots.
-    pub fn delete_template(&self, name: &str) -> Result<(), ApiError> {
+    pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
         if name == viv_api::DEFAULT_TEMPLATE {
             return Err(ApiError::BadRequest(
                 "the built-in template 'base' cannot be deleted".into(),
@@ -719,6 +720,7 @@ impl Manager {
             )));
         }
         self.store.delete_template(name)?;
+        self.empty_pool(Some(name)).await;
         self.collect_layers();
         tracing::info!(template = %name, "template deleted");
         Ok(())

@@ -156,6 +156,6 @@ pub(super) async fn get(State(state): State<AppState>, Path(name): Path<String>)
 }
 
 pub(super) async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    state.manager.delete_template(&name)?;
+    state.manager.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -35,17 +35,27 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server on a fresh data directory.
+    /// Starts a server on a fresh data directory, without warm VMs (so that every VM a test
+    /// sees is a sandbox's).
     pub fn start() -> Self {
+        Self::start_with_pool(0)
+    }
+
+    /// Starts a server on a fresh data directory that keeps `pool_size` warm VMs per template.
+    pub fn start_with_pool(pool_size: usize) -> Self {
         let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
         let data_dir = temp.path().to_path_buf();
-        let mut server = Self::start_on(&data_dir, None);
+        let mut server = Self::launch(&data_dir, None, pool_size);
         server._temp = Some(temp);
         server
     }
 
-    /// Starts a server on an existing data directory (to test restarts).
+    /// Starts a server without warm VMs on an existing data directory (to test restarts).
     pub fn start_on(data_dir: &Path, parent_death: Option<i32>) -> Self {
+        Self::launch(data_dir, parent_death, 0)
+    }
+
+    fn launch(data_dir: &Path, parent_death: Option<i32>, pool_size: usize) -> Self {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut command = Command::new(VIV);
@@ -58,6 +68,8 @@ impl TestServer {
             .arg(cache_dir())
             .arg("--memory-mib")
             .arg("256")
+            .arg("--pool-size")
+            .arg(pool_size.to_string())
             .env("VIV_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -122,7 +134,8 @@ impl TestServer {
                 let _ = std::fs::remove_dir_all(&dir);
                 remove_template_memory(&dir);
                 std::fs::create_dir_all(&dir).unwrap();
-                let _ = tx.send(Self::start_on(&dir, Some(libc::SIGTERM)));
+                // The server's defaults: warm VMs from the pool serve most creates.
+                let _ = tx.send(Self::launch(&dir, Some(libc::SIGTERM), 1));
                 loop {
                     std::thread::park();
                 }

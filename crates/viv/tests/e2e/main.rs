@@ -6,5 +6,6 @@ mod fixture;
 mod api;
 mod cli;
 mod faults;
+mod pool;
 mod snapshots;
 mod templates;
