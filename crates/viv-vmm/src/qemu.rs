@@ -468,7 +468,9 @@ impl Vm for QemuVm {
             self.qmp
                 .execute("migrate", Some(serde_json::json!({ "uri": uri })))
                 .await?;
+            let started = Instant::now();
             wait_migration(&self.qmp).await.map_err(VmError::Snapshot)?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "migration completed");
             // QEMU reports completion once it has written the stream into the pipe; the `cat`
             // it spawned may still be writing the file.
             if let Some(pid) = self.pid {
@@ -476,6 +478,7 @@ impl Vm for QemuVm {
                     .await
                     .map_err(VmError::Snapshot)?;
             }
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "state written");
             Ok(())
         }
         .boxed()
