@@ -348,6 +348,9 @@ pub struct SandboxInfo {
     /// Memory in MiB.
     #[serde(rename = "memoryMB")]
     pub memory_mb: u32,
+    /// Size of the root disk in MiB.
+    #[serde(rename = "diskSizeMB", default)]
+    pub disk_size_mb: u64,
     /// Metadata given at creation.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,

@@ -157,6 +157,12 @@ impl AgentClient {
                 token.parse().map_err(|_| AgentError::Channel("bad token".into()))?,
             );
         }
+        self.send_as_is(request).await
+    }
+
+    /// Sends a request without adding the access token: a client's request passed through,
+    /// which the agent accepts only with the client's own token.
+    pub async fn send_as_is(&self, request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
         let mut sender = self.sender().await?;
         sender.ready().await.map_err(|e| AgentError::Channel(e.to_string()))?;
         match sender.send_request(request).await {

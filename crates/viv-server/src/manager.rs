@@ -724,6 +724,21 @@ impl Manager {
         Ok(())
     }
 
+    /// Extends a sandbox's lifetime to at least `seconds` from now (E2B's refresh).
+    pub fn refresh(&self, id: &str, seconds: u64) -> Result<(), ApiError> {
+        if seconds > viv_api::MAX_TIMEOUT_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "duration must be at most {} seconds",
+                viv_api::MAX_TIMEOUT_SECS
+            )));
+        }
+        self.live(id)?;
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        self.store
+            .set_end(id, row.end_at_ms.max(now_ms() + seconds as i64 * 1000))?;
+        Ok(())
+    }
+
     fn info(&self, row: SandboxRow) -> SandboxInfo {
         SandboxInfo {
             sandbox_id: row.id,
@@ -733,6 +748,7 @@ impl Manager {
             end_at: rfc3339_ms(row.end_at_ms),
             cpu_count: row.cpu_count,
             memory_mb: row.memory_mb,
+            disk_size_mb: viv_image::rootfs::DebianRecipe::default().size_mib,
             metadata: row.metadata,
             state: row.state,
             envd_version: viv_proto::ENVD_VERSION.to_owned(),

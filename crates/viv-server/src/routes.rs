@@ -25,12 +25,16 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod proxy;
 mod templates;
 
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/v2/sandboxes", post(create_sandbox).get(list_sandboxes_v2))
+        .route("/v2/sandboxes/{id}/connect", post(connect_sandbox))
+        .route("/sandboxes/{id}/refreshes", post(refresh_sandbox))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/pause", post(pause_sandbox))
@@ -56,6 +60,10 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(authed)
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            proxy::route_sandbox_traffic,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -220,6 +228,90 @@ async fn list_sandboxes(
         None => BTreeMap::new(),
     };
     Ok(Json(state.manager.list(&filter)?).into_response())
+}
+
+/// Query of `GET /v2/sandboxes`.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    /// `k1=v1&k2=v2`, URL-encoded.
+    metadata: Option<String>,
+    /// Comma-separated states (`running`, `paused`).
+    state: Option<String>,
+    /// Page size (default 100).
+    limit: Option<usize>,
+    /// Where the previous page ended.
+    next_token: Option<String>,
+}
+
+/// E2B's paginated list: sandboxes with the given states (running and paused by default),
+/// oldest first, `limit` at a time; the `x-next-token` header carries the next page's token.
+async fn list_sandboxes_v2(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let filter: BTreeMap<String, String> = match &query.metadata {
+        Some(encoded) => serde_urlencoded::from_str(encoded)
+            .map_err(|e| ApiError::BadRequest(format!("invalid metadata filter: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let states: Vec<viv_api::SandboxState> = match query.state.as_deref().filter(|s| !s.is_empty()) {
+        Some(list) => list
+            .split(',')
+            .map(|s| {
+                viv_api::SandboxState::parse(s.trim())
+                    .ok_or_else(|| ApiError::BadRequest(format!("unknown state '{s}'; use running or paused")))
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![viv_api::SandboxState::Running, viv_api::SandboxState::Paused],
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let all: Vec<viv_api::SandboxInfo> = state
+        .manager
+        .list(&filter)?
+        .into_iter()
+        .filter(|s| states.contains(&s.state))
+        .collect();
+    // The token is the id of the last sandbox of the previous page (the list is ordered).
+    let start = match &query.next_token {
+        Some(token) => all
+            .iter()
+            .position(|s| &s.sandbox_id == token)
+            .map_or(all.len(), |i| i + 1),
+        None => 0,
+    };
+    let page: Vec<viv_api::SandboxInfo> = all.iter().skip(start).take(limit).cloned().collect();
+    let mut response = Json(&page).into_response();
+    if start + page.len() < all.len() {
+        if let Some(last) = page.last() {
+            if let Ok(value) = last.sandbox_id.parse() {
+                response.headers_mut().insert("x-next-token", value);
+            }
+        }
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize, Default)]
+struct RefreshBody {
+    /// Seconds to add from now.
+    duration: Option<u64>,
+}
+
+/// E2B's keep-alive: the sandbox lives `duration` seconds (default 60) from now, unless it
+/// would live longer anyway.
+async fn refresh_sandbox(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJsonBody(body): OptionalJsonBody<RefreshBody>,
+) -> Result<Response, ApiError> {
+    state.manager.refresh(&id, body.duration.unwrap_or(60))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn get_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {

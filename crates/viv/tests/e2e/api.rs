@@ -428,3 +428,52 @@ fn envd_services_stat_mkdir_move_remove_and_signals() {
         .unwrap();
     assert_eq!(init.status(), 404);
 }
+
+#[test]
+fn sandbox_traffic_is_routed_by_header_or_host_name_with_the_clients_token() {
+    let server = TestServer::shared();
+    let created: Value = server
+        .post("/sandboxes")
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["sandboxID"].as_str().unwrap().to_owned();
+    let token = created["envdAccessToken"].as_str().unwrap().to_owned();
+    let _sandbox = crate::fixture::Sandbox { server, id: id.clone() };
+    let envd = |path: &str| {
+        server
+            .http
+            .post(format!("{}{path}", server.url))
+            .header("E2b-Sandbox-Id", &id)
+            .header("E2b-Sandbox-Port", "49983")
+            .header("content-type", "application/json")
+    };
+    let list = "/process.Process/List";
+    // No API key is needed, but the sandbox's own token is: the server adds none.
+    assert_eq!(envd(list).body("{}").send().unwrap().status(), 401);
+    let listed = envd(list).header("X-Access-Token", &token).body("{}").send().unwrap();
+    assert_eq!(listed.status(), 200, "{}", listed.text().unwrap());
+    // The host's own routes are not reachable through the proxy.
+    let init = envd("/init").header("X-Access-Token", &token).body("{}").send().unwrap();
+    assert_eq!(init.status(), 404);
+    // `PORT-ID.DOMAIN` host names route the same way.
+    let health = server
+        .http
+        .get(format!("{}/health", server.url))
+        .header("Host", format!("49983-{id}.sandboxes.example"))
+        .send()
+        .unwrap();
+    assert_eq!(health.status(), 204);
+    assert!(health.headers().contains_key("x-envd-version"));
+    // Unknown or stopped sandboxes answer 502, which the SDKs read as "not running".
+    let gone = server
+        .http
+        .get(format!("{}/health", server.url))
+        .header("E2b-Sandbox-Id", "nosuchsandbox")
+        .send()
+        .unwrap();
+    assert_eq!(gone.status(), 502);
+    assert!(gone.text().unwrap().contains("nosuchsandbox"));
+}
