@@ -19,7 +19,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use viv_proto::process::{
     CloseStdinRequest, ConnectRequest, DataEvent, Empty, EndEvent, ListResponse, ProcessEvent, ProcessInfo,
-    ProcessInput, ProcessSelector, SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest,
+    ProcessInput, ProcessSelector, PtySize, SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest,
     StreamResponse, UpdateRequest,
 };
 use viv_proto::{envelope, ConnectError};
@@ -30,10 +30,34 @@ use crate::server::{connect_error, decode_request, stream_response, unary_ok, Ag
 /// How often an idle event stream sends a keep-alive message.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// Where a process's input goes.
+enum Input {
+    /// Its stdin pipe.
+    Pipe(pipe::Sender),
+    /// The master side of its terminal (input and output; resized with `Update`).
+    Pty(Arc<std::fs::File>),
+}
+
+impl Input {
+    async fn write_all(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Input::Pipe(pipe) => pipe.write_all(&data).await,
+            Input::Pty(master) => {
+                let master = master.clone();
+                tokio::task::spawn_blocking(move || std::io::Write::write_all(&mut &*master, &data))
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
+    }
+}
+
 /// One process started through the agent.
 struct Proc {
     info: ProcessInfo,
-    stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
+    stdin: tokio::sync::Mutex<Option<Input>>,
+    /// The terminal's master side, for processes started with a PTY.
+    pty: Option<Arc<std::fs::File>>,
     subscribers: Mutex<Vec<mpsc::Sender<ProcessEvent>>>,
 }
 
@@ -108,12 +132,6 @@ fn spawn_process(
     user: &crate::users::User,
     req: StartRequest,
 ) -> Result<(u32, mpsc::Receiver<ProcessEvent>), ConnectError> {
-    if req.pty.is_some() {
-        return Err(ConnectError::new(
-            "unimplemented",
-            "PTY processes are not supported yet",
-        ));
-    }
     let config = req.process.clone();
     if config.cmd.is_empty() {
         return Err(ConnectError::new("invalid_argument", "process.cmd is empty"));
@@ -139,14 +157,36 @@ fn spawn_process(
         .env("SHELL", &user.shell)
         .envs(state.env_vars())
         .envs(&config.envs)
-        .current_dir(&cwd)
-        .stdin(if req.stdin.unwrap_or(false) {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&cwd);
+    let terminal = match &req.pty {
+        Some(pty) => {
+            let size = pty.size.unwrap_or(PtySize { cols: 80, rows: 24 });
+            let (master, slave) =
+                open_pty(size).map_err(|e| ConnectError::new("internal", format!("opening a terminal: {e}")))?;
+            let io = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map(Stdio::from)
+                    .map_err(|e| ConnectError::new("internal", format!("opening a terminal: {e}")))
+            };
+            command.stdin(io(&slave)?).stdout(io(&slave)?).stderr(io(&slave)?);
+            if !config.envs.contains_key("TERM") {
+                command.env("TERM", "xterm-256color");
+            }
+            Some(Arc::new(std::fs::File::from(master)))
+        }
+        None => {
+            command
+                .stdin(if req.stdin.unwrap_or(false) {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+    };
+    let controlling_terminal = terminal.is_some();
     let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
     // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe
     // system calls on memory captured before the fork. std runs pre_exec closures after its own
@@ -155,6 +195,10 @@ fn spawn_process(
         command.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
             if libc::setsid() < 0 || libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
+                return fail();
+            }
+            // A terminal's process leads a session whose controlling terminal is the PTY.
+            if controlling_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return fail();
             }
             if libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
@@ -175,10 +219,16 @@ fn spawn_process(
     let to_pipe = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
     let stdout = to_pipe(child.stdout.take().map(Into::into));
     let stderr = to_pipe(child.stderr.take().map(Into::into));
-    let stdin = child
-        .stdin
-        .take()
-        .and_then(|s| pipe::Sender::from_owned_fd(s.into()).ok());
+    let stdin = match &terminal {
+        Some(master) => Some(Input::Pty(master.clone())),
+        None => child
+            .stdin
+            .take()
+            .and_then(|s| pipe::Sender::from_owned_fd(s.into()).ok())
+            .map(Input::Pipe),
+    };
+    // The child holds the terminal's slave side now; the parent's copies go with `command`.
+    drop(command);
     let proc = Arc::new(Proc {
         info: ProcessInfo {
             config,
@@ -186,6 +236,7 @@ fn spawn_process(
             tag: req.tag,
         },
         stdin: tokio::sync::Mutex::new(stdin),
+        pty: terminal.clone(),
         subscribers: Mutex::new(Vec::new()),
     });
     let events = proc.subscribe();
@@ -199,8 +250,10 @@ fn spawn_process(
     tokio::spawn(async move {
         let out = tokio::spawn(pump(proc.clone(), stdout, false));
         let err = tokio::spawn(pump(proc.clone(), stderr, true));
+        let term = tokio::spawn(pump_terminal(proc.clone(), terminal));
         let _ = out.await;
         let _ = err.await;
+        let _ = term.await;
         let exit = exit_rx.await.unwrap_or(Exit::Signal(libc::SIGKILL));
         table.processes().procs.lock().expect("process table lock").remove(&pid);
         proc.emit(ProcessEvent::End(end_event(exit))).await;
@@ -255,6 +308,69 @@ async fn pump(proc: Arc<Proc>, pipe: Option<pipe::Receiver>, is_stderr: bool) {
                 proc.emit(ProcessEvent::Data(event)).await;
             }
         }
+    }
+}
+
+/// Copies a terminal's output into `pty` data events until the process side closes.
+async fn pump_terminal(proc: Arc<Proc>, master: Option<Arc<std::fs::File>>) {
+    let Some(master) = master else { return };
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
+    // Reads block; a thread per terminal keeps them off the runtime.
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match std::io::Read::read(&mut &*master, &mut buf) {
+                // EIO: every process holding the terminal has exited.
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Some(data) = rx.recv().await {
+        proc.emit(ProcessEvent::Data(DataEvent::Pty(data))).await;
+    }
+}
+
+/// Opens a pseudo-terminal of `size`: (master, slave).
+fn open_pty(size: PtySize) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd as _;
+    let mut master: libc::c_int = -1;
+    let mut slave: libc::c_int = -1;
+    let winsize = window_size(size);
+    // SAFETY: openpty writes two descriptors into the given integers and reads the winsize;
+    // the name and termios pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &winsize,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded, so both descriptors are open and owned by nobody else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    for fd in [&master, &slave] {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: fcntl on a descriptor we own; FD_CLOEXEC keeps it out of other children.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok((master, slave))
+}
+
+fn window_size(size: PtySize) -> libc::winsize {
+    libc::winsize {
+        ws_row: size.rows.clamp(1, u16::MAX.into()) as u16,
+        ws_col: size.cols.clamp(1, u16::MAX.into()) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
     }
 }
 
@@ -335,7 +451,7 @@ async fn send_input(State(state): State<AgentState>, headers: HeaderMap, body: B
                 "the process's stdin is not open (start it with stdin: true)",
             )
         })?;
-        pipe.write_all(&data)
+        pipe.write_all(data)
             .await
             .map_err(|e| ConnectError::new("failed_precondition", format!("writing to stdin: {e}")))?;
         Ok(Empty {})
@@ -379,11 +495,31 @@ async fn send_signal(State(state): State<AgentState>, headers: HeaderMap, body: 
     unary_result(result)
 }
 
+/// `Update`: resizes a process's terminal.
 async fn update(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
-    let result = decode_request::<UpdateRequest>(&headers, &body)
-        .and_then(|req| state.processes().find(&req.process))
-        .and_then(|_| Err(ConnectError::new("unimplemented", "PTY resize is not supported yet")));
-    unary_result::<Empty>(result)
+    let result = (|| {
+        let req: UpdateRequest = decode_request(&headers, &body)?;
+        let proc = state.processes().find(&req.process)?;
+        let Some(size) = req.pty.and_then(|p| p.size) else {
+            return Ok(Empty {});
+        };
+        let master = proc
+            .pty
+            .as_ref()
+            .ok_or_else(|| ConnectError::new("failed_precondition", "the process was not started with a terminal"))?;
+        use std::os::fd::AsRawFd as _;
+        let winsize = window_size(size);
+        // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer; the descriptor is the open
+        // master side of the process's terminal.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &winsize) } < 0 {
+            return Err(ConnectError::new(
+                "internal",
+                format!("resizing the terminal: {}", std::io::Error::last_os_error()),
+            ));
+        }
+        Ok(Empty {})
+    })();
+    unary_result(result)
 }
 
 fn unary_result<T: serde::Serialize>(result: Result<T, ConnectError>) -> Response {

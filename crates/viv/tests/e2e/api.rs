@@ -456,7 +456,11 @@ fn sandbox_traffic_is_routed_by_header_or_host_name_with_the_clients_token() {
     let listed = envd(list).header("X-Access-Token", &token).body("{}").send().unwrap();
     assert_eq!(listed.status(), 200, "{}", listed.text().unwrap());
     // The host's own routes are not reachable through the proxy.
-    let init = envd("/init").header("X-Access-Token", &token).body("{}").send().unwrap();
+    let init = envd("/init")
+        .header("X-Access-Token", &token)
+        .body("{}")
+        .send()
+        .unwrap();
     assert_eq!(init.status(), 404);
     // `PORT-ID.DOMAIN` host names route the same way.
     let health = server
