@@ -54,3 +54,10 @@ def test_a_command_timeout_stops_the_wait(sandbox):
     with pytest.raises(Exception):
         sandbox.commands.run("sleep 30", timeout=2)
     assert time.time() - started < 20
+
+
+def test_stream_input_and_close_stdin(sandbox):
+    handle = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.stream_input(handle.pid, ["one ", b"two ", "three\n"])
+    sandbox.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "one two three\n"

@@ -28,6 +28,15 @@ use viv_proto::ConnectError;
 use crate::server::{connect_error, decode_request, json_error, unary_ok, AgentState};
 use crate::users::{self, User};
 
+/// Part of the name of the temporary file an upload is written to before it is renamed into
+/// place.
+const UPLOAD_TEMP_MARK: &str = ".viv-upload-";
+
+/// Whether a file name is that of an upload's temporary file.
+pub fn is_upload_temp(name: &str) -> bool {
+    name.starts_with('.') && name.contains(UPLOAD_TEMP_MARK)
+}
+
 /// Resolves a user-supplied path to an absolute, normalized guest path.
 pub fn resolve_path(user: &User, path: &str) -> PathBuf {
     let home = Path::new(&user.home);
@@ -52,7 +61,10 @@ pub fn resolve_path(user: &User, path: &str) -> PathBuf {
 }
 
 /// Runs a blocking file operation on a worker thread as `user`.
-async fn as_user<T: Send + 'static>(user: &User, op: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+pub async fn as_user<T: Send + 'static>(
+    user: &User,
+    op: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     let who = user.fs_identity();
     tokio::task::spawn_blocking(move || crate::sys::with_fs_identity(&who, op)?)
         .await
@@ -404,7 +416,7 @@ where
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
         .to_string_lossy()
         .into_owned();
-    let temp = dir.join(format!(".{name}.viv-upload-{}", std::process::id() ^ rand_u32()));
+    let temp = dir.join(format!(".{name}{UPLOAD_TEMP_MARK}{}", std::process::id() ^ rand_u32()));
     let (file, temp_path) = {
         let (dir, temp, target) = (dir.clone(), temp.clone(), path.to_path_buf());
         as_user(user, move || {

@@ -14,6 +14,7 @@ mod reaper;
 mod server;
 mod sys;
 mod users;
+mod watch;
 
 use std::path::PathBuf;
 

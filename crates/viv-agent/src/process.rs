@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use viv_proto::process::{
     CloseStdinRequest, ConnectRequest, DataEvent, Empty, EndEvent, ListResponse, ProcessEvent, ProcessInfo,
     ProcessInput, ProcessSelector, PtySize, SendInputRequest, SendSignalRequest, Signal, StartEvent, StartRequest,
-    StreamResponse, UpdateRequest,
+    StreamInputRequest, StreamResponse, UpdateRequest,
 };
 use viv_proto::{envelope, ConnectError};
 
@@ -109,6 +109,7 @@ pub fn routes() -> Router<AgentState> {
         .route(&format!("{p}/Connect"), post(connect))
         .route(&format!("{p}/List"), post(list))
         .route(&format!("{p}/SendInput"), post(send_input))
+        .route(&format!("{p}/StreamInput"), post(stream_input))
         .route(&format!("{p}/SendSignal"), post(send_signal))
         .route(&format!("{p}/CloseStdin"), post(close_stdin))
         .route(&format!("{p}/Update"), post(update))
@@ -441,23 +442,70 @@ async fn send_input(State(state): State<AgentState>, headers: HeaderMap, body: B
     let result = async {
         let req: SendInputRequest = decode_request(&headers, &body)?;
         let proc = state.processes().find(&req.process)?;
-        let data = match req.input {
-            ProcessInput::Stdin(data) | ProcessInput::Pty(data) => data,
-        };
-        let mut stdin = proc.stdin.lock().await;
-        let pipe = stdin.as_mut().ok_or_else(|| {
-            ConnectError::new(
-                "failed_precondition",
-                "the process's stdin is not open (start it with stdin: true)",
-            )
-        })?;
-        pipe.write_all(data)
-            .await
-            .map_err(|e| ConnectError::new("failed_precondition", format!("writing to stdin: {e}")))?;
+        write_input(&proc, req.input).await?;
         Ok(Empty {})
     }
     .await;
     unary_result(result)
+}
+
+/// `StreamInput`: a client stream naming a process, then carrying its input in order. The
+/// answer (one empty message) comes once the client ends the stream.
+async fn stream_input(State(state): State<AgentState>, body: axum::body::Body) -> Response {
+    use futures::StreamExt as _;
+    let result = async {
+        let mut chunks = body.into_data_stream();
+        let mut decoder = envelope::Decoder::default();
+        let mut target: Option<Arc<Proc>> = None;
+        loop {
+            while let Some(frame) = decoder
+                .next_frame()
+                .map_err(|e| ConnectError::new("invalid_argument", e.to_string()))?
+            {
+                if frame.is_end() {
+                    return Ok(());
+                }
+                let message: StreamInputRequest = serde_json::from_slice(&frame.data)
+                    .map_err(|e| ConnectError::new("invalid_argument", format!("malformed request: {e}")))?;
+                match message {
+                    StreamInputRequest::Start(selector) => target = Some(state.processes().find(&selector.process)?),
+                    StreamInputRequest::Data(data) => {
+                        let proc = target.as_ref().ok_or_else(|| {
+                            ConnectError::new("invalid_argument", "the stream must name its process first (start)")
+                        })?;
+                        write_input(proc, data.input).await?;
+                    }
+                    StreamInputRequest::Keepalive(_) => {}
+                }
+            }
+            match chunks.next().await {
+                Some(Ok(chunk)) => decoder.push(&chunk),
+                Some(Err(err)) => return Err(ConnectError::new("canceled", format!("the input stream broke: {err}"))),
+                None => return Ok(()),
+            }
+        }
+    }
+    .await;
+    stream_response(futures::stream::once(async move {
+        result.map(|()| envelope::encode_json(&Empty {}))
+    }))
+}
+
+/// Writes input bytes to a process's stdin or terminal.
+async fn write_input(proc: &Proc, input: ProcessInput) -> Result<(), ConnectError> {
+    let data = match input {
+        ProcessInput::Stdin(data) | ProcessInput::Pty(data) => data,
+    };
+    let mut stdin = proc.stdin.lock().await;
+    let pipe = stdin.as_mut().ok_or_else(|| {
+        ConnectError::new(
+            "failed_precondition",
+            "the process's stdin is not open (start it with stdin: true)",
+        )
+    })?;
+    pipe.write_all(data)
+        .await
+        .map_err(|e| ConnectError::new("failed_precondition", format!("writing to stdin: {e}")))
 }
 
 async fn close_stdin(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {

@@ -31,6 +31,7 @@ struct Inner {
     env_vars: RwLock<BTreeMap<String, String>>,
     default_user: RwLock<Option<String>>,
     processes: ProcessTable,
+    watchers: crate::watch::Watchers,
 }
 
 impl AgentState {
@@ -42,6 +43,7 @@ impl AgentState {
                 env_vars: RwLock::new(BTreeMap::new()),
                 default_user: RwLock::new(None),
                 processes: ProcessTable::default(),
+                watchers: crate::watch::Watchers::default(),
             }),
         }
     }
@@ -49,6 +51,11 @@ impl AgentState {
     /// Environment variables every process gets, set by the host at init.
     pub fn env_vars(&self) -> BTreeMap<String, String> {
         self.inner.env_vars.read().expect("env lock").clone()
+    }
+
+    /// The directory watchers clients poll.
+    pub fn watchers(&self) -> &crate::watch::Watchers {
+        &self.inner.watchers
     }
 
     /// The process table.
@@ -102,6 +109,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/files", get(crate::files::download).post(crate::files::upload))
         .merge(crate::process::routes())
         .merge(crate::files::rpc_routes())
+        .merge(crate::watch::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))

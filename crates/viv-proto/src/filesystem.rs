@@ -119,3 +119,70 @@ mod int64_string {
         }
     }
 }
+
+/// What happened to a watched entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    /// Created (or moved in).
+    #[serde(rename = "EVENT_TYPE_CREATE")]
+    Create,
+    /// Written to.
+    #[serde(rename = "EVENT_TYPE_WRITE")]
+    Write,
+    /// Removed.
+    #[serde(rename = "EVENT_TYPE_REMOVE")]
+    Remove,
+    /// Renamed (or moved out; the new name gets a create event).
+    #[serde(rename = "EVENT_TYPE_RENAME")]
+    Rename,
+    /// Its permissions or other metadata changed.
+    #[serde(rename = "EVENT_TYPE_CHMOD")]
+    Chmod,
+}
+
+/// One change in a watched directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesystemEvent {
+    /// The path relative to the watched directory.
+    pub name: String,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+}
+
+/// `WatchDir` and `CreateWatcher`: watch a directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WatchRequest {
+    /// The directory.
+    pub path: String,
+    /// Also watch its subdirectories (and those created later).
+    pub recursive: bool,
+}
+
+/// A watcher's id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WatcherId {
+    /// The id `CreateWatcher` returned.
+    pub watcher_id: String,
+}
+
+/// `GetWatcherEvents`: the events since the previous call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatcherEvents {
+    /// Events, oldest first.
+    pub events: Vec<FilesystemEvent>,
+}
+
+/// One message of a `WatchDir` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WatchDirResponse {
+    /// The watch is in place.
+    Start(crate::process::Empty),
+    /// A change.
+    Filesystem(FilesystemEvent),
+    /// Sent when nothing happened for a while.
+    Keepalive(crate::process::Empty),
+}

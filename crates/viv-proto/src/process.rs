@@ -89,6 +89,25 @@ pub enum ProcessInput {
     Pty(#[serde(with = "crate::b64")] Vec<u8>),
 }
 
+/// The input of one `StreamInput` message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputData {
+    /// The bytes and where they go.
+    pub input: ProcessInput,
+}
+
+/// One message of a `StreamInput` client stream: which process first, then its input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StreamInputRequest {
+    /// The process the stream feeds.
+    Start(SelectorRequest),
+    /// Input for it.
+    Data(InputData),
+    /// Sent by clients to keep the stream open.
+    Keepalive(Empty),
+}
+
 /// `SendInput`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendInputRequest {
