@@ -13,6 +13,7 @@ mod process;
 mod reaper;
 mod server;
 mod sys;
+mod tunnel;
 mod users;
 mod watch;
 

@@ -105,6 +105,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/init", post(init))
         .route("/build/copy", post(crate::build::copy))
         .route("/build/sync", post(crate::build::sync))
+        .route("/tunnel", post(crate::tunnel::tunnel))
         .route("/envs", get(envs))
         .route("/files", get(crate::files::download).post(crate::files::upload))
         .merge(crate::process::routes())

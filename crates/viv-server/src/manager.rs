@@ -56,6 +56,8 @@ pub struct Config {
     pub snapshots: bool,
     /// Warm VMs kept ready per template snapshot (0 disables the pool).
     pub pool_size: usize,
+    /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
+    pub domain: String,
 }
 
 /// A sandbox whose VM runs.
@@ -781,7 +783,7 @@ impl Manager {
             client_id: self.config.node_name.clone(),
             envd_version: viv_proto::ENVD_VERSION.to_owned(),
             envd_access_token: row.access_token.clone(),
-            domain: None,
+            domain: Some(self.config.domain.clone()),
         }
     }
 

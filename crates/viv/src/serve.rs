@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// that creates take over (0 disables the pool).
     #[arg(long, env = "VIV_POOL_SIZE", default_value_t = 1)]
     pub pool_size: usize,
+    /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
+    /// (point a wildcard DNS record at this server; `*.localhost` resolves to loopback in
+    /// browsers).
+    #[arg(long, env = "VIV_DOMAIN", default_value = "localhost")]
+    pub domain: String,
 }
 
 /// Finds the agent binary: the given path, else beside this executable, else where
@@ -95,6 +100,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         node_name: hostname(),
         snapshots: args.snapshots,
         pool_size: args.pool_size,
+        domain: args.domain,
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {

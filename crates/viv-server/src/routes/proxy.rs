@@ -3,6 +3,10 @@
 //! sandbox's agent unchanged. The client's own `X-Access-Token` travels with it; the server adds
 //! nothing, so the agent accepts only clients that hold the sandbox's token.
 //!
+//! Other ports (`get_host(port)`) reach services in the guest through a byte tunnel the agent
+//! opens to `127.0.0.1:PORT` (`/tunnel`); the server speaks HTTP/1.1 to the service over it and
+//! splices upgraded connections (WebSocket) through, so no guest networking is involved.
+//!
 //! A sandbox that is not running answers 502, which the SDKs read as "not running".
 
 use axum::body::Body;
@@ -11,7 +15,15 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http_body_util::BodyExt as _;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::agent_client::{collect, rpc_error};
 use crate::error::ApiError;
+use crate::manager::LiveSandbox;
 use crate::AppState;
 
 /// Which sandbox and port a request is for, if it is sandbox traffic.
@@ -43,17 +55,14 @@ pub(super) async fn route_sandbox_traffic(State(state): State<AppState>, request
 }
 
 async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Result<Response, ApiError> {
-    if port != viv_proto::ENVD_PORT {
-        return Err(ApiError::Sandbox(format!(
-            "port {port} of sandbox {id} is not reachable through this server yet; only the agent's port {} is",
-            viv_proto::ENVD_PORT
-        )));
-    }
     // Any state but running is "not running" for the SDKs, which only understand 502 here.
     let live = state.manager.live(id).map_err(|err| match err {
         ApiError::Sandbox(message) => ApiError::Sandbox(message),
         other => ApiError::Sandbox(format!("sandbox {id} is not running: {other}")),
     })?;
+    if port != viv_proto::ENVD_PORT {
+        return forward_to_port(&live, id, port, request).await;
+    }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     if path.starts_with("/init") || path.starts_with("/build/") {
@@ -80,5 +89,89 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
         .send_as_is(forward)
         .await
         .map_err(|e| ApiError::Sandbox(format!("sandbox {id}: {e}")))?;
+    Ok(response.map(Body::new).into_response())
+}
+
+/// Forwards an HTTP request (or a WebSocket upgrade) to a service listening on `port` in the
+/// guest, over a tunnel through the agent.
+async fn forward_to_port(live: &LiveSandbox, id: &str, port: u16, mut request: Request) -> Result<Response, ApiError> {
+    let unreachable = |what: String| ApiError::Sandbox(format!("port {port} of sandbox {id}: {what}"));
+    let (to_guest, guest_input) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let input = tokio_stream::wrappers::ReceiverStream::new(guest_input).map(Ok::<_, std::convert::Infallible>);
+    let open = hyper::Request::post(format!("http://agent/tunnel?port={port}"))
+        .body(Body::from_stream(input))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let tunnel = live.agent.send(open).await.map_err(|e| unreachable(e.to_string()))?;
+    if !tunnel.status().is_success() {
+        let status = tunnel.status().as_u16();
+        let body = collect(tunnel).await.map_err(|e| unreachable(e.to_string()))?;
+        return Err(unreachable(rpc_error(status, &body).to_string()));
+    }
+    // The HTTP client below talks to one end of an in-memory pipe; the other end is spliced
+    // onto the tunnel.
+    let (client_end, tunnel_end) = tokio::io::duplex(64 * 1024);
+    let (mut from_client, mut to_client) = tokio::io::split(tunnel_end);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if to_guest.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut output = tunnel.into_body();
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = output.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if to_client.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = to_client.shutdown().await;
+    });
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client_end))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let wants_upgrade = request.headers().contains_key(header::UPGRADE);
+    let client_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (parts, body) = request.into_parts();
+    let mut forward = hyper::Request::builder()
+        .method(parts.method)
+        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    for (name, value) in &parts.headers {
+        // Hop-by-hop headers stay behind, except those that ask the service for an upgrade.
+        let keep = match name.as_str() {
+            "keep-alive" | "transfer-encoding" | "te" | "proxy-connection" => false,
+            "connection" | "upgrade" => wants_upgrade,
+            other => !other.starts_with("e2b-sandbox-"),
+        };
+        if keep {
+            forward = forward.header(name, value);
+        }
+    }
+    let forward = forward.body(body).map_err(|e| unreachable(e.to_string()))?;
+    let mut response = sender
+        .send_request(forward)
+        .await
+        .map_err(|e| unreachable(format!("the service did not answer: {e}")))?;
+    if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let guest_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(guest)) = (client_upgrade.await, guest_upgrade.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(guest)).await;
+                }
+            });
+        }
+    }
     Ok(response.map(Body::new).into_response())
 }
