@@ -471,6 +471,22 @@ fn sandbox_traffic_is_routed_by_header_or_host_name_with_the_clients_token() {
         .unwrap();
     assert_eq!(health.status(), 204);
     assert!(health.headers().contains_key("x-envd-version"));
+    // HTTP/2 without TLS (prior knowledge), as gRPC-style clients speak it.
+    let h2c = std::process::Command::new("curl")
+        .args(["-s", "--http2-prior-knowledge", "-w", "\n%{http_version}", "-H"])
+        .arg(format!("E2b-Sandbox-Id: {id}"))
+        .args([
+            "-H",
+            &format!("X-Access-Token: {token}"),
+            "-H",
+            "content-type: application/json",
+        ])
+        .args(["-d", r#"{"path":"/etc"}"#])
+        .arg(format!("{}/filesystem.Filesystem/Stat", server.url))
+        .output()
+        .unwrap();
+    let h2c = String::from_utf8_lossy(&h2c.stdout);
+    assert!(h2c.contains("FILE_TYPE_DIRECTORY") && h2c.ends_with("\n2"), "{h2c}");
     // Unknown or stopped sandboxes answer 502, which the SDKs read as "not running".
     let gone = server
         .http
