@@ -61,7 +61,7 @@ def test_pause_and_connect_keep_files_and_a_running_process():
     try:
         sbx.files.write("/home/user/kept.txt", "still here")
         counter = sbx.commands.run(
-            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", background=True
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done", background=True
         )
         time.sleep(0.5)
         sbx.pause()

@@ -7,6 +7,7 @@
 
 mod build;
 mod channel;
+mod codec;
 mod files;
 mod init;
 mod process;

@@ -116,6 +116,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/health", get(health))
         .merge(authed)
         .with_state(state)
+        .layer(middleware::from_fn(crate::codec::protobuf))
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 

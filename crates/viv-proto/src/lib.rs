@@ -11,6 +11,7 @@ pub mod channel;
 pub mod envelope;
 pub mod filesystem;
 pub mod process;
+pub mod protobuf;
 
 /// The version of the envd protocol the agent implements, reported to clients. The E2B SDKs
 /// switch features on it: 0.3.0 stdin for commands, 0.4.0 a default user, 0.5.2 closing stdin;

@@ -497,3 +497,84 @@ fn sandbox_traffic_is_routed_by_header_or_host_name_with_the_clients_token() {
     assert_eq!(gone.status(), 502);
     assert!(gone.text().unwrap().contains("nosuchsandbox"));
 }
+
+#[test]
+fn envd_speaks_binary_protobuf_unary_and_streaming() {
+    use viv_proto::protobuf::{binary_to_json, json_to_binary, method_types};
+    let server = TestServer::shared();
+    let created: Value = server
+        .post("/sandboxes")
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["sandboxID"].as_str().unwrap().to_owned();
+    let token = created["envdAccessToken"].as_str().unwrap().to_owned();
+    let _sandbox = crate::fixture::Sandbox { server, id: id.clone() };
+    let call = |path: &str, content_type: &str, body: Vec<u8>| {
+        server
+            .http
+            .post(format!("{}{path}", server.url))
+            .header("E2b-Sandbox-Id", &id)
+            .header("X-Access-Token", &token)
+            .header("Connect-Protocol-Version", "1")
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .unwrap()
+    };
+
+    // Unary: StatRequest in, StatResponse out, both binary.
+    let (stat_in, stat_out) = method_types("/filesystem.Filesystem/Stat").unwrap();
+    let request = json_to_binary(&stat_in, br#"{"path":"/etc"}"#).unwrap();
+    let response = call("/filesystem.Filesystem/Stat", "application/proto", request);
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/proto");
+    let stat: Value = serde_json::from_slice(&binary_to_json(&stat_out, &response.bytes().unwrap()).unwrap()).unwrap();
+    assert_eq!(stat["entry"]["type"], "FILE_TYPE_DIRECTORY");
+
+    // Errors stay JSON, as Connect has them for every codec.
+    let missing = call(
+        "/filesystem.Filesystem/Stat",
+        "application/proto",
+        json_to_binary(&stat_in, br#"{"path":"/no/such/file"}"#).unwrap(),
+    );
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().unwrap();
+    assert_eq!(error["code"], "not_found");
+
+    // Server stream: an enveloped binary StartRequest, binary events back, a JSON end frame.
+    let (start_in, start_out) = method_types("/process.Process/Start").unwrap();
+    let start = json_to_binary(
+        &start_in,
+        br#"{"process":{"cmd":"/bin/sh","args":["-c","echo hi; exit 3"]}}"#,
+    )
+    .unwrap();
+    let response = call(
+        "/process.Process/Start",
+        "application/connect+proto",
+        viv_proto::envelope::encode(0, &start).to_vec(),
+    );
+    assert_eq!(response.headers()["content-type"], "application/connect+proto");
+    let mut decoder = viv_proto::envelope::Decoder::default();
+    decoder.push(&response.bytes().unwrap());
+    let (mut stdout, mut exit_code, mut ended) = (String::new(), None, false);
+    while let Some(frame) = decoder.next_frame().unwrap() {
+        if frame.is_end() {
+            ended = true;
+            continue;
+        }
+        let event: Value = serde_json::from_slice(&binary_to_json(&start_out, &frame.data).unwrap()).unwrap();
+        if let Some(data) = event["event"]["data"]["stdout"].as_str() {
+            stdout
+                .push_str(&String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).unwrap()).unwrap());
+        }
+        if let Some(code) = event["event"]["end"]["exitCode"].as_i64() {
+            exit_code = Some(code);
+        }
+    }
+    assert!(ended);
+    assert_eq!(stdout, "hi\n");
+    assert_eq!(exit_code, Some(3));
+}

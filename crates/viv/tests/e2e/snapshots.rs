@@ -11,7 +11,8 @@ fn snapshots(server: &TestServer) -> Vec<Value> {
     server.get("/snapshots").send().unwrap().json().unwrap()
 }
 
-/// A counter a background process bumps every 100 ms.
+/// A counter a background process bumps every 100 ms (renamed into place, so a read never sees a
+/// truncated file).
 fn counter(server: &TestServer, id: &str) -> u64 {
     let read = server.exec(id, json!({ "command": "cat /tmp/count" }));
     read.out()
@@ -26,10 +27,13 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
     let id = server.create(json!({ "templateID": "base", "timeout": 600, "envVars": { "FOO": "bar" } }));
     let setup = server.exec(
         &id,
-        json!({ "command": "echo hello > /home/user/f.txt; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &" }),
+        json!({ "command": "echo hello > /home/user/f.txt; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &" }),
     );
     assert_eq!(setup.exit_code, Some(0), "{setup:?}");
-    assert!(wait_until(Duration::from_secs(10), || counter(&server, &id) > 2));
+    // The loop may not have written its first value yet.
+    assert!(wait_until(Duration::from_secs(10), || {
+        server.exec(&id, json!({ "command": "test -s /tmp/count" })).exit_code == Some(0) && counter(&server, &id) > 2
+    }));
 
     // Pause: the sandbox is paused, its node holds it, commands are refused with a hint.
     assert_eq!(
