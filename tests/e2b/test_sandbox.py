@@ -103,3 +103,14 @@ def test_a_wrong_access_token_is_refused(sandbox):
     with pytest.raises(Exception) as refused:
         forged.commands.run("true")
     assert "token" in str(refused.value).lower() or "401" in str(refused.value) or "unauth" in str(refused.value).lower()
+
+
+def test_metrics_report_cpu_memory_and_disk(sandbox):
+    sandbox.commands.run("head -c 20000000 /dev/urandom > /tmp/blob")
+    samples = sandbox.get_metrics()
+    assert len(samples) >= 1
+    sample = samples[-1]
+    assert sample.cpu_count >= 1
+    assert 0 <= sample.cpu_used_pct <= 100
+    assert 0 < sample.mem_used < sample.mem_total
+    assert 20_000_000 < sample.disk_used < sample.disk_total

@@ -10,6 +10,7 @@ mod channel;
 mod codec;
 mod files;
 mod init;
+mod metrics;
 mod process;
 mod reaper;
 mod server;

@@ -107,6 +107,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/build/sync", post(crate::build::sync))
         .route("/tunnel", post(crate::tunnel::tunnel))
         .route("/envs", get(envs))
+        .route("/metrics", get(crate::metrics::metrics))
         .route("/files", get(crate::files::download).post(crate::files::upload))
         .merge(crate::process::routes())
         .merge(crate::files::rpc_routes())

@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sandboxes", post(create_sandbox).get(list_sandboxes_v2))
         .route("/v2/sandboxes/{id}/connect", post(connect_sandbox))
         .route("/sandboxes/{id}/refreshes", post(refresh_sandbox))
+        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/pause", post(pause_sandbox))
@@ -312,6 +313,18 @@ async fn refresh_sandbox(
 ) -> Result<Response, ApiError> {
     state.manager.refresh(&id, body.duration.unwrap_or(60))?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// E2B's sandbox metrics: one sample of the guest's CPU, memory and disk use, taken now.
+async fn sandbox_metrics(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let live = state.manager.live(&id)?;
+    let request = hyper::Request::get("http://agent/metrics")
+        .body(Body::empty())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let sample: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Sandbox(format!("unexpected metrics from the sandbox: {e}")))?;
+    Ok(Json(vec![sample]).into_response())
 }
 
 async fn get_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
