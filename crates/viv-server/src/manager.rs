@@ -178,6 +178,21 @@ fn lifetime(timeout: Option<u64>) -> Result<u64, ApiError> {
     Ok(timeout)
 }
 
+/// Checks a VM shape asked for by a client: `cpuCount` and `memoryMB` within bounds.
+fn check_shape(vcpus: u32, memory_mib: u32) -> Result<(), ApiError> {
+    if !(1..=64).contains(&vcpus) {
+        return Err(ApiError::BadRequest(format!(
+            "cpuCount must be between 1 and 64, got {vcpus}"
+        )));
+    }
+    if !(128..=65536).contains(&memory_mib) {
+        return Err(ApiError::BadRequest(format!(
+            "memoryMB must be between 128 and 65536, got {memory_mib}"
+        )));
+    }
+    Ok(())
+}
+
 /// A random id of lowercase letters and digits.
 pub fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -333,19 +348,10 @@ impl Manager {
         let vcpus = req
             .cpu_count
             .unwrap_or_else(|| recipe.as_ref().map_or(self.config.vcpus, |r| r.cpu_count));
-        if !(1..=64).contains(&vcpus) {
-            return Err(ApiError::BadRequest(format!(
-                "cpuCount must be between 1 and 64, got {vcpus}"
-            )));
-        }
         let memory_mib = req
             .memory_mb
             .unwrap_or_else(|| recipe.as_ref().map_or(self.config.memory_mib, |r| r.memory_mb));
-        if !(128..=65536).contains(&memory_mib) {
-            return Err(ApiError::BadRequest(format!(
-                "memoryMB must be between 128 and 65536, got {memory_mib}"
-            )));
-        }
+        check_shape(vcpus, memory_mib)?;
         let source = match node {
             Some(node) => {
                 if req.cpu_count.is_some_and(|c| c != node.cpu_count)

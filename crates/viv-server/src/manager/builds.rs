@@ -296,17 +296,8 @@ impl Manager {
             )));
         }
         let cpu_count = cpu_count.unwrap_or(self.config.vcpus);
-        if !(1..=64).contains(&cpu_count) {
-            return Err(ApiError::BadRequest(format!(
-                "cpuCount must be between 1 and 64, got {cpu_count}"
-            )));
-        }
         let memory_mb = memory_mb.unwrap_or(self.config.memory_mib);
-        if !(128..=65536).contains(&memory_mb) {
-            return Err(ApiError::BadRequest(format!(
-                "memoryMB must be between 128 and 65536, got {memory_mb}"
-            )));
-        }
+        super::check_shape(cpu_count, memory_mb)?;
         let timeout = timeout.unwrap_or(viv_api::DEFAULT_BUILD_TIMEOUT_SECS);
         if !(1..=viv_api::MAX_BUILD_TIMEOUT_SECS).contains(&timeout) {
             return Err(ApiError::BadRequest(format!(
