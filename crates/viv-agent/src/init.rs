@@ -82,6 +82,11 @@ pub fn boot() -> Result<()> {
     if let Err(err) = sys::loopback_up() {
         tracing::warn!(error = %err, "cannot bring up the loopback interface");
     }
+    if let Some(net) = kernel_arg(&cmdline, "viv.net") {
+        if let Err(err) = configure_network(net) {
+            tracing::warn!(error = %err, "cannot configure the network card");
+        }
+    }
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o022) };
     Ok(())
@@ -144,6 +149,28 @@ pub fn halt() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// Configures the first network card from `viv.net=ADDR/PREFIX,GATEWAY,DNS` and points the
+/// resolver at `DNS`.
+fn configure_network(spec: &str) -> anyhow::Result<()> {
+    let mut parts = spec.split(',');
+    let (cidr, gateway, dns) = (parts.next(), parts.next(), parts.next());
+    let (Some(cidr), Some(gateway), Some(dns)) = (cidr, gateway, dns) else {
+        anyhow::bail!("malformed viv.net={spec}");
+    };
+    let (addr, prefix) = cidr.split_once('/').context("viv.net needs ADDR/PREFIX")?;
+    let card = fs::read_dir("/sys/class/net")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "lo")
+        .min()
+        .context("no network card in the guest")?;
+    sys::configure_ipv4(&card, addr.parse()?, prefix.parse()?, gateway.parse()?)
+        .with_context(|| format!("configuring {card}"))?;
+    let _ = fs::remove_file("/etc/resolv.conf");
+    fs::write("/etc/resolv.conf", format!("nameserver {dns}\n")).context("writing /etc/resolv.conf")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -98,6 +98,67 @@ pub fn loopback_up() -> io::Result<()> {
     }
 }
 
+/// An IPv4 socket address for the ioctls below.
+fn sockaddr_v4(addr: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads the family to
+    // interpret the rest.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Gives interface `name` the address `addr/prefix`, brings it up and routes everything else
+/// through `gateway`.
+pub fn configure_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8, gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    // SAFETY: socket takes plain integers; the descriptor is owned by `OwnedFd` below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created and nothing else owns it.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let request = || {
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+            *slot = byte as libc::c_char;
+        }
+        request
+    };
+    let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0));
+    let mut with_addr = request();
+    with_addr.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    let mut with_mask = request();
+    with_mask.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
+    // SAFETY: each ioctl reads (or, for SIOCGIFFLAGS, writes) a live ifreq naming the interface,
+    // through a valid socket descriptor.
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &with_addr) })?;
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFNETMASK, &with_mask) })?;
+    let mut flags = request();
+    check(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut flags) })?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { flags.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    check(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &flags) })?;
+    // SAFETY: rtentry is plain old data; all zeroes is a valid value.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = sockaddr_v4(gateway);
+    route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: SIOCADDRT reads a live rtentry whose device pointer is null (any interface).
+    match check(unsafe { libc::ioctl(fd, libc::SIOCADDRT, &route) }) {
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    }
+}
+
 /// `sethostname(2)`.
 pub fn set_hostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.

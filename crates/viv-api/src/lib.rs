@@ -69,6 +69,14 @@ pub struct NewSandbox {
     /// Pause instead of kill when the timeout passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// Whether the sandbox may reach the internet (default true; E2B's field name).
+    #[serde(
+        rename = "allow_internet_access",
+        alias = "allowInternetAccess",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/connect` (resumes a paused sandbox) and `/resume`.

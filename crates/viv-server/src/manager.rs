@@ -58,6 +58,38 @@ pub struct Config {
     pub pool_size: usize,
     /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
     pub domain: String,
+    /// How sandboxes are networked.
+    pub network: NetworkMode,
+}
+
+/// How sandboxes reach networks outside their VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// No network card: sandboxes reach nothing (they are controlled over virtio-serial anyway).
+    None,
+    /// QEMU's user-mode network stack: outbound connections through NAT in the QEMU process, no
+    /// root needed; a sandbox created with `allow_internet_access: false` gets a restricted one.
+    User,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "user" => Ok(Self::User),
+            other => Err(format!("unknown network mode '{other}': use user or none")),
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::User => "user",
+        })
+    }
 }
 
 /// A sandbox whose VM runs.
@@ -257,6 +289,15 @@ impl Manager {
         })
     }
 
+    /// The network card of a VM that may (or may not) reach the internet, as the server's
+    /// network mode has it.
+    fn network(&self, internet: bool) -> Option<viv_vmm::Network> {
+        match self.config.network {
+            NetworkMode::None => None,
+            NetworkMode::User => Some(viv_vmm::Network::User { internet }),
+        }
+    }
+
     /// Whether sandboxes start from template snapshots.
     pub fn snapshots(&self) -> bool {
         self.config.snapshots
@@ -378,10 +419,12 @@ impl Manager {
         env_vars.extend(req.env_vars.clone().unwrap_or_default());
         let secure = req.secure.unwrap_or(true);
         let cold_boot = req.cold_boot.unwrap_or(false);
+        let internet = req.allow_internet_access.unwrap_or(true);
         let pooled = match &source {
             Source::Template(recipe) if self.config.snapshots && !cold_boot => {
                 let key = self.template_key(recipe, vcpus, memory_mib);
-                let taken = if req.pooled.unwrap_or(true) {
+                // Warm VMs have an unrestricted network card.
+                let taken = if req.pooled.unwrap_or(true) && internet {
                     self.take_pooled(&key)
                 } else {
                     None
@@ -408,6 +451,7 @@ impl Manager {
                 Source::Template(_) => None,
             },
             auto_pause: req.auto_pause.unwrap_or(false),
+            internet,
         };
         let start = StartRequest {
             env_vars: Some(env_vars),
@@ -438,7 +482,7 @@ impl Manager {
                 _ if start.pooled.is_some() => start.pooled.clone().expect("checked"),
                 Source::Node(node) => {
                     let dir = self.node_dir(&node.id);
-                    self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib)
+                    self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib, row.internet)
                         .await?
                 }
                 Source::Template(recipe) if start.cold_boot || !self.config.snapshots => {
@@ -446,12 +490,20 @@ impl Manager {
                         layer: &recipe.layer,
                         memory_file: self.memory_file(&id),
                     };
-                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib).await?
+                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib, row.internet)
+                        .await?
                 }
                 Source::Template(recipe) => {
                     let template = self.template(recipe, vcpus, memory_mib).await?;
-                    self.start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib)
-                        .await?
+                    self.start_vm(
+                        &id,
+                        &run_dir,
+                        Origin::Template(&template),
+                        vcpus,
+                        memory_mib,
+                        row.internet,
+                    )
+                    .await?
                 }
             };
             live.agent.set_token(start.guest_token.clone());
@@ -496,6 +548,7 @@ impl Manager {
 
     /// Starts a VM in `run_dir` from `origin` and waits until its agent answers (not yet
     /// initialized). On failure the VM is killed and the error carries the console's last lines.
+    #[allow(clippy::too_many_arguments)]
     async fn start_vm(
         &self,
         id: &str,
@@ -503,6 +556,7 @@ impl Manager {
         origin: Origin<'_>,
         vcpus: u32,
         memory_mib: u32,
+        internet: bool,
     ) -> Result<Arc<LiveSandbox>, ApiError> {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
@@ -548,6 +602,7 @@ impl Manager {
             memory_mib,
             accel: self.accel,
             extra_cmdline: String::new(),
+            network: self.network(internet),
         };
         let vm = self.vmm.launch(&spec).await.map_err(|e| match e {
             viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => {

@@ -16,6 +16,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_snapshots.sql"),
     include_str!("migrations/0003_templates.sql"),
+    include_str!("migrations/0004_network.sql"),
 ];
 
 /// A store failure.
@@ -63,6 +64,8 @@ pub struct SandboxRow {
     pub snapshot_id: Option<String>,
     /// Pause rather than kill at the deadline.
     pub auto_pause: bool,
+    /// Whether the sandbox may reach networks outside its VM.
+    pub internet: bool,
 }
 
 /// A snapshot node row.
@@ -254,8 +257,8 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes
              (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
-              snapshot_id, auto_pause)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+              snapshot_id, auto_pause, internet)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 row.id,
                 row.template_id,
@@ -270,6 +273,7 @@ impl Store {
                 row.error,
                 row.snapshot_id,
                 row.auto_pause,
+                row.internet,
             ],
         )?;
         Ok(())
@@ -435,7 +439,7 @@ impl Store {
 }
 
 const SELECT_SANDBOX: &str = "SELECT id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, \
-                              access_token, vmm_pid, error, snapshot_id, auto_pause FROM sandboxes";
+                              access_token, vmm_pid, error, snapshot_id, auto_pause, internet FROM sandboxes";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     let state: String = r.get(2)?;
@@ -454,6 +458,7 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         error: r.get(10)?,
         snapshot_id: r.get(11)?,
         auto_pause: r.get(12)?,
+        internet: r.get(13)?,
     })
 }
 

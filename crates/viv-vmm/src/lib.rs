@@ -106,6 +106,26 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Extra kernel command line arguments.
     pub extra_cmdline: String,
+    /// The network card, if any. Part of the device set: a snapshot restores only into a VM
+    /// with the same (a card's backend may differ).
+    pub network: Option<Network>,
+}
+
+/// A VM's network card and what it is connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// QEMU's user-mode network stack (no root needed): the guest is `10.0.2.15/24` behind NAT,
+    /// with a gateway at `10.0.2.2` and a DNS forwarder at `10.0.2.3`. Without `internet` the
+    /// stack is restricted: nothing leaves the VM.
+    User {
+        /// Whether the guest may reach the host's networks.
+        internet: bool,
+    },
+}
+
+impl Network {
+    /// The guest's address, gateway and DNS server, as the agent reads them from `viv.net=`.
+    pub const GUEST_CONFIG: &'static str = "10.0.2.15/24,10.0.2.2,10.0.2.3";
 }
 
 /// Backing of a VM's guest memory.

@@ -85,8 +85,12 @@ impl Qemu {
                 ),
             ),
         };
+        let net_arg = match spec.network {
+            Some(_) => format!(" viv.net={}", crate::Network::GUEST_CONFIG),
+            None => String::new(),
+        };
         let cmdline = format!(
-            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 reboot=t quiet{clock_args} viv.hostname={} {}",
+            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 reboot=t quiet{clock_args}{net_arg} viv.hostname={} {}",
             spec.name, spec.extra_cmdline
         );
         let path = |p: &Path| p.display().to_string();
@@ -147,6 +151,15 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&spec.control_socket())),
         ];
+        if let Some(crate::Network::User { internet }) = spec.network {
+            let restrict = if internet { "off" } else { "on" };
+            args.extend([
+                "-netdev".into(),
+                format!("user,id=net0,restrict={restrict}"),
+                "-device".into(),
+                "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56".into(),
+            ]);
+        }
         if spec.restore_from.is_some() {
             args.extend(["-incoming".into(), "defer".into()]);
         }

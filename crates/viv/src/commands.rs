@@ -98,6 +98,9 @@ pub enum SandboxCommand {
         /// Pause instead of kill when the timeout passes.
         #[arg(long)]
         auto_pause: bool,
+        /// Cut the sandbox off from every network (commands and files still work).
+        #[arg(long)]
+        no_internet: bool,
     },
     /// Pause a sandbox: save it (disk, memory, processes) into a snapshot node and stop its VM.
     Pause {
@@ -425,6 +428,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             memory,
             cold_boot,
             auto_pause,
+            no_internet,
         } => {
             let req = NewSandbox {
                 template_id: Some(template),
@@ -437,6 +441,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 cold_boot: cold_boot.then_some(true),
                 pooled: None,
                 auto_pause: auto_pause.then_some(true),
+                allow_internet_access: no_internet.then_some(false),
             };
             let created: CreatedSandbox = client
                 .json(client.request(Method::POST, "/sandboxes").json(&req))

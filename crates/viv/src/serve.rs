@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// browsers).
     #[arg(long, env = "VIV_DOMAIN", default_value = "localhost")]
     pub domain: String,
+    /// Sandbox networking: `user` (QEMU's user-mode stack, no root needed; a sandbox created
+    /// with `allow_internet_access: false` reaches nothing) or `none` (no network card).
+    #[arg(long, env = "VIV_NETWORK", default_value = "user")]
+    pub network: viv_server::NetworkMode,
 }
 
 /// Finds the agent binary: the given path, else beside this executable, else where
@@ -101,6 +105,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         snapshots: args.snapshots,
         pool_size: args.pool_size,
         domain: args.domain,
+        network: args.network,
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {

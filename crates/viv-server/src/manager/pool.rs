@@ -109,7 +109,7 @@ impl Manager {
         let id = super::random_id(20);
         let run_dir = self.run_dir(&id);
         let live = match self
-            .start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib)
+            .start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib, true)
             .await
         {
             Ok(live) => live,

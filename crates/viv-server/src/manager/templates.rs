@@ -117,6 +117,8 @@ impl Manager {
             self.boot.initramfs.to_string_lossy().into_owned(),
             self.accel.to_string(),
             self.templates.qemu_version.clone(),
+            // The network card is part of the device set a snapshot restores into.
+            self.config.network.to_string(),
         ] {
             hash.update(part.as_bytes());
             hash.update([0]);
@@ -268,7 +270,8 @@ impl Manager {
             layer: boot_layer,
             memory_file: memory_building.clone(),
         };
-        let live = self.start_vm(&id, &building, origin, vcpus, memory_mib).await?;
+        // Build steps may download (apt-get, pip); the snapshot's device set includes the card.
+        let live = self.start_vm(&id, &building, origin, vcpus, memory_mib, true).await?;
         let prepared = async {
             // Gives the agent the channel key that every restore of this snapshot will use.
             self.init_agent(&live, None, None).await?;
