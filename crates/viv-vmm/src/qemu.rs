@@ -582,8 +582,11 @@ mod tests {
             memory_mib: 256,
             accel: Accel::Tcg,
             extra_cmdline: String::new(),
+            network: Some(crate::Network::User { internet: false }),
         };
         let args = Qemu::default().arguments(&spec).join(" ");
+        assert!(args.contains("-netdev user,id=net0,restrict=on"));
+        assert!(args.contains("viv.net=10.0.2.15/24,10.0.2.2,10.0.2.3"));
         assert!(args.contains("tcg,thread=multi,tb-size=128"));
         assert!(args.contains("tsc=reliable"));
         assert!(args.contains("-blockdev driver=qcow2"));
