@@ -137,14 +137,16 @@ pub fn configure_ipv4(name: &str, addr: std::net::Ipv4Addr, prefix: u8, gateway:
     with_addr.ifr_ifru.ifru_addr = sockaddr_v4(addr);
     let mut with_mask = request();
     with_mask.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
-    // SAFETY: each ioctl reads (or, for SIOCGIFFLAGS, writes) a live ifreq naming the interface,
-    // through a valid socket descriptor.
+    // SAFETY: reads a live ifreq naming the interface, through a valid socket descriptor.
     check(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &with_addr) })?;
+    // SAFETY: as above.
     check(unsafe { libc::ioctl(fd, libc::SIOCSIFNETMASK, &with_mask) })?;
     let mut flags = request();
+    // SAFETY: writes the interface's flags into a live ifreq.
     check(unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut flags) })?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe { flags.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: reads a live ifreq naming the interface, through a valid socket descriptor.
     check(unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &flags) })?;
     // SAFETY: rtentry is plain old data; all zeroes is a valid value.
     let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
