@@ -153,11 +153,15 @@ impl Qemu {
         ];
         if let Some(crate::Network::User { internet }) = spec.network {
             let restrict = if internet { "off" } else { "on" };
+            // guest_announce=off: after a restore the device otherwise asks the guest to announce
+            // itself, and in about half the restores the guest then lost the host's first
+            // channel connection (a 2 s probe timeout per create). QEMU still announces the
+            // address itself.
             args.extend([
                 "-netdev".into(),
                 format!("user,id=net0,restrict={restrict}"),
                 "-device".into(),
-                "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56".into(),
+                "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56,guest_announce=off".into(),
             ]);
         }
         if spec.restore_from.is_some() {

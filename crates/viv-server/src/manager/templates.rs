@@ -25,7 +25,7 @@ use super::{Manager, Origin};
 use crate::error::ApiError;
 
 /// Bumped when the snapshot layout or the steps before it change.
-const SNAPSHOT_FORMAT: u32 = 4;
+const SNAPSHOT_FORMAT: u32 = 5;
 
 /// What a template's sandboxes start from.
 #[derive(Debug, Clone)]
