@@ -35,11 +35,18 @@ def server():
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, VIV_LOG=os.environ.get("VIV_LOG", "warn"))
     log = open(data / "serve.log", "wb")
+    args = [
+        VIV, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+        "--accel", os.environ.get("VIV_ACCEL", "auto"), "--memory-mib", "512",
+    ]
+    # Egress here may intercept TLS with a CA the host added to its trust store; sandboxes get it.
+    extra = Path("/usr/local/share/ca-certificates")
+    pems = b"".join(p.read_bytes() for p in sorted(extra.glob("*.crt"))) if extra.is_dir() else b""
+    if pems:
+        (data / "guest-ca.pem").write_bytes(pems)
+        args += ["--guest-ca-file", str(data / "guest-ca.pem")]
     proc = subprocess.Popen(
-        [
-            VIV, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
-            "--accel", os.environ.get("VIV_ACCEL", "auto"), "--memory-mib", "512",
-        ],
+        args,
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     deadline = time.time() + 600

@@ -15,3 +15,8 @@ def test_internet_access_on_and_off():
     finally:
         online.kill()
         offline.kill()
+
+
+def test_pip_installs_from_pypi(sandbox):
+    result = sandbox.commands.run("pip install -q six && python3 -c 'import six; print(six.__name__)'", timeout=180)
+    assert result.stdout.strip().endswith("six")

@@ -169,6 +169,9 @@ struct InitRequest {
     /// The key of the host's channel reset markers from now on.
     #[serde(default)]
     channel_key: Option<String>,
+    /// PEM certificates the guest should trust besides its own (added to the system bundle).
+    #[serde(default)]
+    ca_certificates: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -200,6 +203,11 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
     if let Some(name) = req.hostname {
         let _ = crate::sys::set_hostname(&name);
     }
+    if let Some(pem) = req.ca_certificates.filter(|p| !p.trim().is_empty()) {
+        if let Err(err) = trust_certificates(&pem) {
+            tracing::warn!(error = %err, "cannot add the host's CA certificates");
+        }
+    }
     let clock_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -209,6 +217,35 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
         clock_ms,
     })
     .into_response()
+}
+
+/// Where the guest's TLS clients (OpenSSL, curl, Debian's pip) find their trusted certificates.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Adds `pem` to the system certificate bundle once (a restored guest already has it) and keeps a
+/// copy where `update-ca-certificates` picks it up again.
+fn trust_certificates(pem: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let marker = format!("# vivarium host certificates {:016x}\n", fingerprint(pem));
+    let bundle = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
+    if bundle.contains(&marker) {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/usr/local/share/ca-certificates")?;
+    std::fs::write("/usr/local/share/ca-certificates/vivarium-host.crt", pem)?;
+    std::fs::create_dir_all("/etc/ssl/certs")?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(SYSTEM_BUNDLE)?;
+    write!(file, "\n{marker}{pem}\n")
+}
+
+/// A stable 64-bit FNV-1a hash, to recognize certificates already added.
+fn fingerprint(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 async fn envs(State(state): State<AgentState>) -> Json<BTreeMap<String, String>> {

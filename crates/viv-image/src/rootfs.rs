@@ -12,7 +12,7 @@ use crate::store::{publish, remove_any, require_tool, run};
 use crate::{ImageError, ImageStore, Progress};
 
 /// Bumped whenever the build steps change in a way the recipe fields do not capture.
-const BUILD_REVISION: u32 = 1;
+const BUILD_REVISION: u32 = 2;
 
 /// What goes into a Debian root file system.
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +33,7 @@ impl Default for DebianRecipe {
             suite: "bookworm".into(),
             packages: [
                 "python3",
+                "python3-pip",
                 "ca-certificates",
                 "curl",
                 "git",
@@ -80,13 +81,16 @@ impl ImageStore {
                 recipe.suite
             ));
             let user = &recipe.user;
+            // As in E2B's base template, `pip install` works in a sandbox: Debian marks its
+            // Python externally managed, which pip.conf lifts.
             let hook = format!(
                 "chroot \"$1\" useradd -m -s /bin/bash -G sudo {user} && \
                  echo '{user} ALL=(ALL:ALL) NOPASSWD: ALL' > \"$1\"/etc/sudoers.d/{user} && \
                  chmod 0440 \"$1\"/etc/sudoers.d/{user} && \
                  echo sandbox > \"$1\"/etc/hostname && \
                  printf '127.0.0.1 localhost\\n127.0.1.1 sandbox\\n::1 localhost\\n' > \"$1\"/etc/hosts && \
-                 printf 'nameserver 1.1.1.1\\n' > \"$1\"/etc/resolv.conf"
+                 printf 'nameserver 1.1.1.1\\n' > \"$1\"/etc/resolv.conf && \
+                 printf '[global]\\nbreak-system-packages = true\\n' > \"$1\"/etc/pip.conf"
             );
             run(
                 Command::new("mmdebstrap")

@@ -60,6 +60,8 @@ pub struct Config {
     pub domain: String,
     /// How sandboxes are networked.
     pub network: NetworkMode,
+    /// PEM certificates sandboxes trust besides their image's (for TLS-intercepting egress).
+    pub guest_ca_certificates: Option<String>,
 }
 
 /// How sandboxes reach networks outside their VM.
@@ -677,6 +679,7 @@ impl Manager {
             "accessToken": token.clone().unwrap_or_default(),
             "hostname": "sandbox",
             "channelKey": self.channel_key,
+            "caCertificates": self.config.guest_ca_certificates,
         });
         // A connection that breaks (a channel reset that lost a race with the guest) is retried
         // on a fresh one.

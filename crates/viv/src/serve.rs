@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// with `allow_internet_access: false` reaches nothing) or `none` (no network card).
     #[arg(long, env = "VIV_NETWORK", default_value = "user")]
     pub network: viv_server::NetworkMode,
+    /// PEM file of CA certificates every sandbox trusts besides its image's own (for egress
+    /// through a TLS-intercepting proxy), added to the guest's system bundle.
+    #[arg(long, env = "VIV_GUEST_CA_FILE")]
+    pub guest_ca_file: Option<PathBuf>,
 }
 
 /// Finds the agent binary: the given path, else beside this executable, else where
@@ -106,6 +110,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         pool_size: args.pool_size,
         domain: args.domain,
         network: args.network,
+        guest_ca_certificates: match &args.guest_ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the guest CA certificates {}", path.display()))?,
+            ),
+            None => None,
+        },
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {

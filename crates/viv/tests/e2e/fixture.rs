@@ -82,6 +82,21 @@ impl TestServer {
                 });
             }
         }
+        // This machine's egress may intercept TLS with its own CA: sandboxes trust what the host
+        // added to its trust store.
+        let extra_cas: Vec<u8> = std::fs::read_dir("/usr/local/share/ca-certificates")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .flatten()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !extra_cas.is_empty() {
+            let bundle = data_dir.join("guest-ca.pem");
+            std::fs::write(&bundle, &extra_cas).unwrap();
+            command.arg("--guest-ca-file").arg(bundle);
+        }
         let mut child = command.spawn().expect("spawn viv serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

@@ -1,4 +1,4 @@
-//! Sandbox networking in `user` mode: a sandbox reaches the Debian mirror (one of the registries
+//! Sandbox networking in `user` mode: a sandbox reaches the Debian mirror and PyPI (registries
 //! this machine may reach) with DNS set up by the agent; one created without internet reaches
 //! nothing yet still runs commands; forks of one snapshot use the network at the same time.
 
@@ -15,6 +15,13 @@ fn sandboxes_reach_the_network_unless_created_without_internet() {
     let fetched = online.sh(RELEASE);
     assert_eq!(fetched.out(), "Codename: bookworm\n", "{fetched:?}");
     assert_eq!(online.sh("cat /etc/resolv.conf").out(), "nameserver 10.0.2.3\n");
+    // PyPI over HTTPS, with pip from the base template.
+    let pip = online.sh("python3 -m pip download -q --no-deps -d /tmp/pkgs six && ls /tmp/pkgs");
+    assert_eq!(pip.exit_code, Some(0), "{pip:?}");
+    assert!(
+        pip.out().starts_with("six-") && pip.out().trim_end().ends_with(".whl"),
+        "{pip:?}"
+    );
 
     let created = server.create(json!({ "allow_internet_access": false, "timeout": 300 }));
     let offline = crate::fixture::Sandbox { server, id: created };
