@@ -60,3 +60,15 @@ def test_files_as_root_and_permission_errors(sandbox):
     assert sandbox.files.read("/root/secret.txt", user="root") == "s"
     with pytest.raises(Exception):
         sandbox.files.read("/root/secret.txt")
+
+
+def test_streamed_and_gzip_uploads(sandbox):
+    import io
+
+    data = os.urandom(3 << 20)
+    sandbox.files.write("/tmp/from-file-object.bin", io.BytesIO(data))
+    assert sandbox.files.read("/tmp/from-file-object.bin", format="bytes") == data
+    sandbox.files.write("/tmp/gzipped.txt", "compressible " * 10000, gzip=True)
+    assert sandbox.files.read("/tmp/gzipped.txt") == "compressible " * 10000
+    sandbox.files.write("/tmp/chunks.bin", iter([b"a" * 1000, b"b" * 1000]))
+    assert sandbox.files.read("/tmp/chunks.bin", format="bytes") == b"a" * 1000 + b"b" * 1000

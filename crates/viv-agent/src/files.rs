@@ -394,10 +394,22 @@ pub async fn upload(
             return json_error(StatusCode::BAD_REQUEST, "the path query parameter is required");
         };
         let path = resolve_path(&user, &raw);
+        let gzipped = headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|e| e.eq_ignore_ascii_case("gzip"));
         let chunks = request
             .into_body()
             .into_data_stream()
             .map(|c| c.map_err(io::Error::other));
+        // A gzip-encoded upload (envd 0.5.7) is stored decompressed.
+        let chunks: std::pin::Pin<Box<dyn futures::Stream<Item = io::Result<Bytes>> + Send>> = if gzipped {
+            let reader = tokio_util::io::StreamReader::new(chunks);
+            let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
+            Box::pin(tokio_util::io::ReaderStream::new(decoder))
+        } else {
+            Box::pin(chunks)
+        };
         match write_file(&user, &path, chunks).await {
             Ok(info) => written.push(info),
             Err(err) => return json_error(io_status(&err), format!("{}: {err}", path.display())),

@@ -14,10 +14,10 @@ pub mod process;
 pub mod protobuf;
 
 /// The version of the envd protocol the agent implements, reported to clients. The E2B SDKs
-/// switch features on it: 0.3.0 stdin for commands, 0.4.0 a default user, 0.5.2 closing stdin;
-/// 0.5.7 (octet-stream and gzip uploads) and 0.6.x (file metadata, entry info in watch events)
-/// are not implemented, so the SDKs fall back to multipart uploads.
-pub const ENVD_VERSION: &str = "0.5.2";
+/// switch features on it: 0.3.0 stdin for commands, 0.4.0 a default user, 0.5.2 closing stdin,
+/// 0.5.7 octet-stream (and gzip) uploads; 0.6.x (file metadata, entry info in watch events) is
+/// not implemented.
+pub const ENVD_VERSION: &str = "0.5.7";
 
 /// The port envd listens on inside an E2B sandbox; SDKs address the agent through it.
 pub const ENVD_PORT: u16 = 49983;
