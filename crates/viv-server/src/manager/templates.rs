@@ -291,7 +291,6 @@ impl Manager {
         let saved = live.vm.snapshot(&state, viv_vmm::SnapshotMemory::External).await;
         let _ = live.vm.kill().await;
         saved.map_err(|e| ApiError::Internal(format!("snapshotting the template: {e}")))?;
-        fill_holes(&memory_building)?;
         let disk = live.root_disk.lock().expect("disk lock").clone();
         std::fs::rename(&disk, building.join("disk.qcow2"))
             .map_err(|e| ApiError::Internal(format!("keeping the template's disk: {e}")))?;
@@ -389,33 +388,6 @@ impl Manager {
             }
         }
     }
-}
-
-/// Allocates the pages the template guest never touched. Clones map the file privately, and
-/// saving a clone (pause, fork) reads all its memory: through a private mapping, a read of a hole
-/// in a tmpfs file allocates the page in the file anyway, one fault at a time, which made the
-/// first save of any clone of a template ~4x slower. Allocating them here, at once, costs the
-/// same memory once per template.
-fn fill_holes(memory_file: &Path) -> Result<(), ApiError> {
-    use std::os::fd::AsRawFd as _;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(memory_file)
-        .map_err(|e| ApiError::Internal(format!("opening {}: {e}", memory_file.display())))?;
-    let len = file
-        .metadata()
-        .map_err(|e| ApiError::Internal(format!("reading {}: {e}", memory_file.display())))?
-        .len();
-    // SAFETY: fallocate on a descriptor owned by `file`, which outlives the call.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-    if rc != 0 {
-        return Err(ApiError::Internal(format!(
-            "allocating the template memory {}: {}",
-            memory_file.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
 }
 
 /// A value as the JSON text hashed into a key.
