@@ -432,16 +432,8 @@ fn envd_services_stat_mkdir_move_remove_and_signals() {
 #[test]
 fn sandbox_traffic_is_routed_by_header_or_host_name_with_the_clients_token() {
     let server = TestServer::shared();
-    let created: Value = server
-        .post("/sandboxes")
-        .json(&json!({ "timeout": 600 }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let id = created["sandboxID"].as_str().unwrap().to_owned();
-    let token = created["envdAccessToken"].as_str().unwrap().to_owned();
-    let _sandbox = crate::fixture::Sandbox { server, id: id.clone() };
+    let (sandbox, token) = server.secure_sandbox();
+    let id = sandbox.id.clone();
     let envd = |path: &str| {
         server
             .http
@@ -502,16 +494,8 @@ fn sandbox_traffic_is_routed_by_header_or_host_name_with_the_clients_token() {
 fn envd_speaks_binary_protobuf_unary_and_streaming() {
     use viv_proto::protobuf::{binary_to_json, json_to_binary, method_types};
     let server = TestServer::shared();
-    let created: Value = server
-        .post("/sandboxes")
-        .json(&json!({ "timeout": 600 }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    let id = created["sandboxID"].as_str().unwrap().to_owned();
-    let token = created["envdAccessToken"].as_str().unwrap().to_owned();
-    let _sandbox = crate::fixture::Sandbox { server, id: id.clone() };
+    let (sandbox, token) = server.secure_sandbox();
+    let id = sandbox.id.clone();
     let call = |path: &str, content_type: &str, body: Vec<u8>| {
         server
             .http

@@ -201,6 +201,20 @@ impl TestServer {
         }
     }
 
+    /// A sandbox (killed when dropped) and the access token its agent expects from clients.
+    pub fn secure_sandbox(&self) -> (Sandbox<'_>, String) {
+        let created: Value = self
+            .post("/sandboxes")
+            .json(&json!({ "timeout": 600 }))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let token = created["envdAccessToken"].as_str().unwrap().to_owned();
+        let id = created["sandboxID"].as_str().unwrap().to_owned();
+        (Sandbox { server: self, id }, token)
+    }
+
     /// Runs a command through the exec route; returns (stdout, stderr, exit code or error).
     pub fn exec(&self, id: &str, body: Value) -> ExecResult {
         let response = self.post(&format!("/sandboxes/{id}/exec")).json(&body).send().unwrap();
