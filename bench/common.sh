@@ -1,22 +1,35 @@
-# Shared by the benchmark scripts: builds Vivarium, starts a server on a scratch data directory
-# (the image cache is shared) and exports VIV_API_URL / VIV_API_KEY; the server and its data go
-# when the calling script exits.
+# Shared by the benchmark scripts: builds Vivarium and prepares the guest images; `start_server
+# PORT [serve options]` starts a server on a scratch data directory (the image cache is shared)
+# and sets VIV_API_URL / VIV_API_KEY for it. Servers and their data go when the script exits.
 bash scripts/install-deps
 bash scripts/build
 viv=target/release/viv
 export VIV_CACHE_DIR="${VIV_CACHE_DIR:-/var/cache/vivarium}"
 "$viv" image build >/dev/null
-data="$(mktemp -d /tmp/viv-bench.XXXXXX)"
-port="${VIV_BENCH_PORT:-3199}"
-"$viv" serve --listen "127.0.0.1:$port" --data-dir "$data" --accel "${VIV_ACCEL:-auto}" \
-  --snapshots="${VIV_SNAPSHOTS:-true}" >"$data/serve.log" 2>&1 &
-server=$!
-shm="/dev/shm/vivarium-$(printf %s "$data" | sha256sum | cut -c1-8)"
-trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true; rm -rf "$data" "$shm"' EXIT
-for _ in $(seq 1 300); do
-  curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-  kill -0 $server 2>/dev/null || { cat "$data/serve.log"; exit 1; }
-  sleep 0.2
-done
-export VIV_API_URL="http://127.0.0.1:$port"
-export VIV_API_KEY="$("$viv" keys create --data-dir "$data" --name bench 2>/dev/null)"
+servers=()
+scratch=()
+cleanup() {
+  for pid in "${servers[@]}"; do kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done
+  for dir in "${scratch[@]}"; do
+    rm -rf "$dir" "/dev/shm/vivarium-$(printf %s "$dir" | sha256sum | cut -c1-8)"
+  done
+}
+trap cleanup EXIT
+start_server() {
+  local port=$1
+  shift
+  local data
+  data="$(mktemp -d /tmp/viv-bench.XXXXXX)"
+  scratch+=("$data")
+  "$viv" serve --listen "127.0.0.1:$port" --data-dir "$data" --accel "${VIV_ACCEL:-auto}" \
+    --snapshots="${VIV_SNAPSHOTS:-true}" "$@" >"$data/serve.log" 2>&1 &
+  servers+=($!)
+  for _ in $(seq 1 300); do
+    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    kill -0 "${servers[-1]}" 2>/dev/null || { cat "$data/serve.log"; exit 1; }
+    sleep 0.2
+  done
+  export VIV_API_URL="http://127.0.0.1:$port"
+  VIV_API_KEY="$("$viv" keys create --data-dir "$data" --name bench 2>/dev/null)"
+  export VIV_API_KEY
+}
