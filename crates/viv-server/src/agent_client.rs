@@ -210,13 +210,20 @@ impl AgentClient {
             .header("connect-protocol-version", "1")
             .body(Body::from(serde_json::to_vec(body).expect("request serializes")))
             .expect("valid request");
+        let bytes = collect(self.send_ok(request).await?).await?;
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(e.to_string()))
+    }
+
+    /// Like [`AgentClient::send`], but a non-2xx answer becomes [`AgentError::Rpc`] with the
+    /// agent's message.
+    pub async fn send_ok(&self, request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
         let response = self.send(request).await?;
         let status = response.status();
-        let bytes = collect(response).await?;
-        if !status.is_success() {
-            return Err(rpc_error(status.as_u16(), &bytes));
+        if status.is_success() {
+            return Ok(response);
         }
-        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(e.to_string()))
+        let body = collect(response).await?;
+        Err(rpc_error(status.as_u16(), &body))
     }
 }
 
@@ -248,13 +255,7 @@ impl AgentClient {
         let request = request
             .body(Body::from(envelope::encode_json(start)))
             .map_err(|e| AgentError::Decode(e.to_string()))?;
-        let response = self.send(request).await?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = collect(response).await?;
-            return Err(rpc_error(status.as_u16(), &body));
-        }
-        let mut body = response.into_body();
+        let mut body = self.send_ok(request).await?.into_body();
         let mut decoder = envelope::Decoder::default();
         loop {
             match next_event(&mut body, &mut decoder).await? {

@@ -20,7 +20,7 @@ use viv_proto::process::{
     DataEvent, ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, StartRequest, StreamResponse,
 };
 
-use crate::agent_client::{collect, rpc_error, AgentError};
+use crate::agent_client::{collect, AgentError};
 use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
@@ -222,13 +222,17 @@ async fn list_sandboxes(
     State(state): State<AppState>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    // `?metadata=k1%3Dv1%26k2%3Dv2`, as E2B's API encodes metadata filters.
-    let filter: BTreeMap<String, String> = match query.get("metadata") {
-        Some(encoded) => serde_urlencoded::from_str(encoded)
-            .map_err(|e| ApiError::BadRequest(format!("invalid metadata filter: {e}")))?,
-        None => BTreeMap::new(),
-    };
+    let filter = metadata_filter(query.get("metadata"))?;
     Ok(Json(state.manager.list(&filter)?).into_response())
+}
+
+/// The pairs of a `?metadata=k1%3Dv1%26k2%3Dv2` filter, as E2B's API encodes metadata filters.
+fn metadata_filter(encoded: Option<&String>) -> Result<BTreeMap<String, String>, ApiError> {
+    match encoded {
+        Some(encoded) => serde_urlencoded::from_str(encoded)
+            .map_err(|e| ApiError::BadRequest(format!("invalid metadata filter: {e}"))),
+        None => Ok(BTreeMap::new()),
+    }
 }
 
 /// Query of `GET /v2/sandboxes`.
@@ -251,11 +255,7 @@ async fn list_sandboxes_v2(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let filter: BTreeMap<String, String> = match &query.metadata {
-        Some(encoded) => serde_urlencoded::from_str(encoded)
-            .map_err(|e| ApiError::BadRequest(format!("invalid metadata filter: {e}")))?,
-        None => BTreeMap::new(),
-    };
+    let filter = metadata_filter(query.metadata.as_ref())?;
     let states: Vec<viv_api::SandboxState> = match query.state.as_deref().filter(|s| !s.is_empty()) {
         Some(list) => list
             .split(',')
@@ -369,13 +369,7 @@ async fn agent_ok(
     live: &LiveSandbox,
     request: hyper::Request<Body>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
-    let response = live.agent.send(request).await.map_err(agent_error)?;
-    if response.status().is_success() {
-        return Ok(response);
-    }
-    let status = response.status().as_u16();
-    let body = collect(response).await.map_err(agent_error)?;
-    Err(agent_error(rpc_error(status, &body)))
+    live.agent.send_ok(request).await.map_err(agent_error)
 }
 
 fn basic_user(user: Option<&str>) -> Option<String> {

@@ -29,7 +29,7 @@ use viv_template::{ImageConfig, Instruction, PlannedStep, Spec};
 
 use super::templates::{build_user, process_request, Recipe};
 use super::{LiveSandbox, Manager};
-use crate::agent_client::{collect, OutputStream};
+use crate::agent_client::OutputStream;
 use crate::error::ApiError;
 use crate::store::{now_rfc3339, TemplateRow};
 
@@ -631,14 +631,7 @@ impl Manager {
             .header("content-type", "application/x-tar")
             .body(axum::body::Body::from(tar))
             .map_err(|e| e.to_string())?;
-        let response = live.agent.send(request).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = collect(response).await.map_err(|e| e.to_string())?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(crate::agent_client::rpc_error(status.as_u16(), &body).to_string())
-        }
+        live.agent.send_ok(request).await.map(drop).map_err(|e| e.to_string())
     }
 
     /// Flushes the guest's writes and freezes the VM's disk overlay as `layer`; the VM goes on

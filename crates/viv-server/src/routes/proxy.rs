@@ -21,7 +21,6 @@ use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::agent_client::{collect, rpc_error};
 use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
@@ -101,12 +100,7 @@ async fn forward_to_port(live: &LiveSandbox, id: &str, port: u16, mut request: R
     let open = hyper::Request::post(format!("http://agent/tunnel?port={port}"))
         .body(Body::from_stream(input))
         .map_err(|e| unreachable(e.to_string()))?;
-    let tunnel = live.agent.send(open).await.map_err(|e| unreachable(e.to_string()))?;
-    if !tunnel.status().is_success() {
-        let status = tunnel.status().as_u16();
-        let body = collect(tunnel).await.map_err(|e| unreachable(e.to_string()))?;
-        return Err(unreachable(rpc_error(status, &body).to_string()));
-    }
+    let tunnel = live.agent.send_ok(open).await.map_err(|e| unreachable(e.to_string()))?;
     // The HTTP client below talks to one end of an in-memory pipe; the other end is spliced
     // onto the tunnel.
     let (client_end, tunnel_end) = tokio::io::duplex(64 * 1024);
