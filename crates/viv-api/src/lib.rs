@@ -77,6 +77,73 @@ pub struct NewSandbox {
         skip_serializing_if = "Option::is_none"
     )]
     pub allow_internet_access: Option<bool>,
+    /// Egress rules (E2B's `network`; needs the server's `isolated` network mode unless empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+}
+
+/// A sandbox's egress rules, as E2B's `SandboxNetworkConfig` names them.
+///
+/// Entries are IPv4 addresses, CIDR blocks or domain names (`example.com`, `*.example.com`).
+/// An allowed entry wins over a denied one; private, loopback, link-local (cloud metadata) and
+/// other special ranges are denied unless an `allowOut` CIDR covers them; the host and other
+/// sandboxes are never reachable. Domains are checked by name where a connection names its
+/// host: the HTTP `Host` header on port 80, the TLS SNI on port 443, and DNS questions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkConfig {
+    /// Destinations allowed even when denied otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    /// Destinations denied (`0.0.0.0/0`: everything; domains are a Vivarium extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// DNS servers reachable directly when `allowOut` names a domain (default `8.8.8.8`). The
+    /// sandbox's own resolver (`10.0.2.3`) answers allowed names either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    /// Accepted and ignored: sandbox URLs always need the sandbox's access token when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_public_traffic: Option<bool>,
+    /// Accepted and ignored (host names are `PORT-ID.DOMAIN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_request_host: Option<String>,
+    /// Not supported: a SOCKS5 proxy for egress (refused when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// Not supported: per-host request transforms (refused when not empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces a sandbox's egress rules; omitted fields are cleared
+/// (internet access on, no lists), as in E2B.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkUpdate {
+    /// Destinations allowed even when denied otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    /// Destinations denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// DNS servers reachable directly when `allowOut` names a domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    /// Whether the sandbox may reach the internet (default true).
+    #[serde(
+        rename = "allow_internet_access",
+        alias = "allowInternetAccess",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_internet_access: Option<bool>,
+    /// Not supported (refused when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<serde_json::Value>,
+    /// Not supported (refused when not empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<serde_json::Value>,
 }
 
 /// `POST /sandboxes/{id}/connect` (resumes a paused sandbox) and `/resume`.
@@ -369,6 +436,16 @@ pub struct SandboxInfo {
     /// Why the sandbox failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whether the sandbox may reach the internet.
+    #[serde(default = "default_true")]
+    pub allow_internet_access: bool,
+    /// Its egress rules, when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `POST /sandboxes/{id}/exec`: run a command and stream its output as NDJSON [`ExecEvent`]s.

@@ -60,6 +60,8 @@ pub struct Config {
     pub domain: String,
     /// How sandboxes are networked.
     pub network: NetworkMode,
+    /// Host-side addresses of the `isolated` mode (a `/30` per running sandbox).
+    pub net_pool: viv_net::Cidr,
     /// PEM certificates sandboxes trust besides their image's (for TLS-intercepting egress).
     pub guest_ca_certificates: Option<String>,
 }
@@ -72,6 +74,9 @@ pub enum NetworkMode {
     /// QEMU's user-mode network stack: outbound connections through NAT in the QEMU process, no
     /// root needed; a sandbox created with `allow_internet_access: false` gets a restricted one.
     User,
+    /// A network namespace per sandbox with a tap device and a veth pair to the host, nftables
+    /// NAT and per-sandbox egress rules (needs root).
+    Isolated,
 }
 
 impl std::str::FromStr for NetworkMode {
@@ -80,7 +85,8 @@ impl std::str::FromStr for NetworkMode {
         match s {
             "none" => Ok(Self::None),
             "user" => Ok(Self::User),
-            other => Err(format!("unknown network mode '{other}': use user or none")),
+            "isolated" => Ok(Self::Isolated),
+            other => Err(format!("unknown network mode '{other}': use isolated, user or none")),
         }
     }
 }
@@ -90,6 +96,7 @@ impl std::fmt::Display for NetworkMode {
         f.write_str(match self {
             Self::None => "none",
             Self::User => "user",
+            Self::Isolated => "isolated",
         })
     }
 }
@@ -108,6 +115,8 @@ pub struct LiveSandbox {
     root_disk: Mutex<PathBuf>,
     /// Serializes pause, fork, snapshot and kill of this sandbox.
     op: tokio::sync::Mutex<()>,
+    /// Its network namespace in the `isolated` mode (removed when this value is dropped).
+    slot: Option<viv_net::Slot>,
 }
 
 /// Where a VM's first state comes from.
@@ -184,6 +193,11 @@ pub struct Manager {
     templates: templates::TemplateCache,
     builds: builds::Builds,
     pool: pool::Pool,
+    /// Isolated networking, once started.
+    net: std::sync::OnceLock<viv_net::Network>,
+    /// A short key of the data directory, naming host resources (memory directory, network
+    /// namespaces, links, nftables table) so servers of different data directories never clash.
+    data_key: String,
     /// Key of the agent channel's reset markers, the same for every VM of this data directory
     /// (restored VMs keep the key their snapshot's agent was given).
     channel_key: String,
@@ -254,7 +268,7 @@ impl Manager {
             rootfs,
         };
         let data_key = hex::encode(&Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..4]);
-        let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{data_key}"));
+        let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{}", data_key));
         for dir in [config.data_dir.join("sandboxes"), shm_dir.clone()] {
             std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io {
                 context: format!("creating {}", dir.display()),
@@ -287,17 +301,148 @@ impl Manager {
             templates: templates::TemplateCache::new(qemu_version()),
             builds: builds::Builds::default(),
             pool: pool::Pool::default(),
+            net: std::sync::OnceLock::new(),
+            data_key,
             channel_key,
         })
     }
 
-    /// The network card of a VM that may (or may not) reach the internet, as the server's
-    /// network mode has it.
-    fn network(&self, internet: bool) -> Option<viv_vmm::Network> {
-        match self.config.network {
-            NetworkMode::None => None,
-            NetworkMode::User => Some(viv_vmm::Network::User { internet }),
+    /// Sets up isolated networking when the server runs in that mode (removing namespaces and
+    /// links a crashed server left).
+    pub async fn start_network(&self) -> Result<(), viv_net::NetError> {
+        if self.config.network == NetworkMode::Isolated && self.net.get().is_none() {
+            let net = viv_net::Network::start(viv_net::NetworkConfig {
+                pool: self.config.net_pool,
+                key: self.data_key[..6].to_owned(),
+            })
+            .await?;
+            let _ = self.net.set(net);
         }
+        Ok(())
+    }
+
+    /// How sandboxes are networked.
+    pub fn network_mode(&self) -> NetworkMode {
+        self.config.network
+    }
+
+    /// Network slots (namespaces) in use, in the isolated mode.
+    pub fn network_slots(&self) -> usize {
+        self.net.get().map_or(0, viv_net::Network::slots_in_use)
+    }
+
+    /// The network card of a VM with egress `rules`, as the server's network mode has it, and
+    /// in the isolated mode the slot its QEMU runs in.
+    async fn network(
+        &self,
+        rules: &viv_net::PolicySpec,
+    ) -> Result<(Option<viv_vmm::Network>, Option<viv_net::Slot>), ApiError> {
+        match self.config.network {
+            NetworkMode::None => Ok((None, None)),
+            NetworkMode::User => Ok((
+                Some(viv_vmm::Network::User {
+                    internet: rules.internet,
+                }),
+                None,
+            )),
+            NetworkMode::Isolated => {
+                let net = self
+                    .net
+                    .get()
+                    .ok_or_else(|| ApiError::Unavailable("isolated networking is not set up".into()))?;
+                let policy = viv_net::Policy::from_spec(rules).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                let slot = net.acquire(policy).await.map_err(|e| match e {
+                    viv_net::NetError::Exhausted(_) => ApiError::Unavailable(e.to_string()),
+                    other => ApiError::Internal(format!("setting up the sandbox's network: {other}")),
+                })?;
+                let card = viv_vmm::Network::Tap {
+                    netns: slot.netns_path(),
+                    ifname: viv_net::rules::TAP.to_owned(),
+                };
+                Ok((Some(card), Some(slot)))
+            }
+        }
+    }
+
+    /// Egress rules from a request's `allow_internet_access` and `network`, checked against what
+    /// this server's network mode can enforce.
+    fn egress_rules(
+        &self,
+        internet: Option<bool>,
+        allow_out: Option<&Vec<String>>,
+        deny_out: Option<&Vec<String>>,
+        dns_servers: Option<&Vec<String>>,
+        unsupported: [(&str, Option<&serde_json::Value>); 2],
+    ) -> Result<viv_net::PolicySpec, ApiError> {
+        for (field, value) in unsupported {
+            let set = match value {
+                None | Some(serde_json::Value::Null) => false,
+                Some(serde_json::Value::Object(map)) => !map.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                return Err(ApiError::BadRequest(format!(
+                    "network.{field} is not supported by Vivarium"
+                )));
+            }
+        }
+        let rules = viv_net::PolicySpec {
+            internet: internet.unwrap_or(true),
+            allow_out: allow_out.cloned().unwrap_or_default(),
+            deny_out: deny_out.cloned().unwrap_or_default(),
+            dns_servers: dns_servers.cloned(),
+        };
+        viv_net::Policy::from_spec(&rules).map_err(|e| ApiError::BadRequest(format!("network.{e}")))?;
+        if rules.has_rules() && self.config.network != NetworkMode::Isolated {
+            return Err(ApiError::BadRequest(format!(
+                "allowOut and denyOut need the isolated network mode; this server runs `--network {}`, which can only turn a sandbox's internet access on or off",
+                self.config.network
+            )));
+        }
+        Ok(rules)
+    }
+
+    /// Replaces the egress rules of a sandbox (`PUT /sandboxes/{id}/network`): at once for a
+    /// running sandbox in the isolated mode, at resume for a paused one.
+    pub async fn update_network(&self, id: &str, update: viv_api::NetworkUpdate) -> Result<(), ApiError> {
+        let rules = self.egress_rules(
+            update.allow_internet_access,
+            update.allow_out.as_ref(),
+            update.deny_out.as_ref(),
+            update.dns_servers.as_ref(),
+            [
+                ("egressProxy", update.egress_proxy.as_ref()),
+                ("rules", update.rules.as_ref()),
+            ],
+        )?;
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        match row.state {
+            SandboxState::Paused => {}
+            SandboxState::Running => {
+                let live = self.live(id)?;
+                let _op = live.op.lock().await;
+                match &live.slot {
+                    Some(slot) => slot
+                        .apply(viv_net::Policy::from_spec(&rules).map_err(|e| ApiError::BadRequest(e.to_string()))?)
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("changing the sandbox's rules: {e}")))?,
+                    None if rules.internet != row.network.internet && self.config.network == NetworkMode::User => {
+                        return Err(ApiError::Conflict(
+                            "a running sandbox's internet access can only change in the isolated network mode (pause and resume it to apply the change)".into(),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            state => {
+                return Err(ApiError::Conflict(format!(
+                    "sandbox {id} is {}; only running and paused sandboxes have a network",
+                    state.as_str()
+                )))
+            }
+        }
+        self.store.put_sandbox(&SandboxRow { network: rules, ..row })?;
+        Ok(())
     }
 
     /// Whether sandboxes start from template snapshots.
@@ -421,12 +566,24 @@ impl Manager {
         env_vars.extend(req.env_vars.clone().unwrap_or_default());
         let secure = req.secure.unwrap_or(true);
         let cold_boot = req.cold_boot.unwrap_or(false);
-        let internet = req.allow_internet_access.unwrap_or(true);
+        let network = req.network.as_ref();
+        let rules = self.egress_rules(
+            req.allow_internet_access,
+            network.and_then(|n| n.allow_out.as_ref()),
+            network.and_then(|n| n.deny_out.as_ref()),
+            network.and_then(|n| n.dns_servers.as_ref()),
+            [
+                ("egressProxy", network.and_then(|n| n.egress_proxy.as_ref())),
+                ("rules", network.and_then(|n| n.rules.as_ref())),
+            ],
+        )?;
         let pooled = match &source {
             Source::Template(recipe) if self.config.snapshots && !cold_boot => {
                 let key = self.template_key(recipe, vcpus, memory_mib);
-                // Warm VMs have an unrestricted network card.
-                let taken = if req.pooled.unwrap_or(true) && internet {
+                // A warm VM's rules change when it is taken in the isolated mode; in the user
+                // mode its card is unrestricted for good.
+                let fits = self.config.network != NetworkMode::User || rules.internet;
+                let taken = if req.pooled.unwrap_or(true) && fits {
                     self.take_pooled(&key)
                 } else {
                     None
@@ -453,7 +610,7 @@ impl Manager {
                 Source::Template(_) => None,
             },
             auto_pause: req.auto_pause.unwrap_or(false),
-            internet,
+            network: rules,
         };
         let start = StartRequest {
             env_vars: Some(env_vars),
@@ -481,10 +638,21 @@ impl Manager {
             let run_dir = self.run_dir(&id);
             let (vcpus, memory_mib) = (row.cpu_count, row.memory_mb);
             let live = match start.source {
-                _ if start.pooled.is_some() => start.pooled.clone().expect("checked"),
+                _ if start.pooled.is_some() => {
+                    let live = start.pooled.clone().expect("checked");
+                    if let Some(slot) = &live.slot {
+                        let policy = viv_net::Policy::from_spec(&row.network)
+                            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                        if let Err(err) = slot.apply(policy).await {
+                            let _ = live.vm.kill().await;
+                            return Err(ApiError::Internal(format!("setting the sandbox's rules: {err}")));
+                        }
+                    }
+                    live
+                }
                 Source::Node(node) => {
                     let dir = self.node_dir(&node.id);
-                    self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib, row.internet)
+                    self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib, &row.network)
                         .await?
                 }
                 Source::Template(recipe) if start.cold_boot || !self.config.snapshots => {
@@ -492,7 +660,7 @@ impl Manager {
                         layer: &recipe.layer,
                         memory_file: self.memory_file(&id),
                     };
-                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib, row.internet)
+                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib, &row.network)
                         .await?
                 }
                 Source::Template(recipe) => {
@@ -503,7 +671,7 @@ impl Manager {
                         Origin::Template(&template),
                         vcpus,
                         memory_mib,
-                        row.internet,
+                        &row.network,
                     )
                     .await?
                 }
@@ -558,7 +726,7 @@ impl Manager {
         origin: Origin<'_>,
         vcpus: u32,
         memory_mib: u32,
-        internet: bool,
+        rules: &viv_net::PolicySpec,
     ) -> Result<Arc<LiveSandbox>, ApiError> {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
@@ -592,6 +760,7 @@ impl Manager {
             }
         };
         create_overlay(&layer, &overlay).await?;
+        let (network, slot) = self.network(rules).await?;
         let spec = VmSpec {
             name: format!("viv-{}", &id[..8.min(id.len())]),
             run_dir: run_dir.to_path_buf(),
@@ -604,7 +773,7 @@ impl Manager {
             memory_mib,
             accel: self.accel,
             extra_cmdline: String::new(),
-            network: self.network(internet),
+            network,
         };
         let vm = self.vmm.launch(&spec).await.map_err(|e| match e {
             viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => {
@@ -620,6 +789,7 @@ impl Manager {
             memory_file: self.memory_file(id),
             root_disk: Mutex::new(overlay),
             op: tokio::sync::Mutex::new(()),
+            slot,
         });
         let mut exit = live.vm.exit();
         let mut port = live.vm.agent_port_open();
@@ -819,6 +989,13 @@ impl Manager {
             state: row.state,
             envd_version: viv_proto::ENVD_VERSION.to_owned(),
             error: row.error,
+            allow_internet_access: row.network.internet,
+            network: (row.network.has_rules() || row.network.dns_servers.is_some()).then(|| viv_api::NetworkConfig {
+                allow_out: Some(row.network.allow_out.clone()),
+                deny_out: Some(row.network.deny_out.clone()),
+                dns_servers: row.network.dns_servers.clone(),
+                ..viv_api::NetworkConfig::default()
+            }),
         }
     }
 

@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/network", put(set_network))
         .route("/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/sandboxes/{id}/connect", post(connect_sandbox))
         .route("/sandboxes/{id}/resume", post(resume_sandbox))
@@ -107,13 +108,19 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "snapshots": state.manager.snapshots(),
         "sandboxes": state.manager.live_count(),
         "pooled": state.manager.pooled_count(),
+        "network": state.manager.network_mode().to_string(),
+        "networkSlots": state.manager.network_slots(),
     }))
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(state.manager.live_count()),
+        format!(
+            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n",
+            state.metrics.render(state.manager.live_count()),
+            state.manager.network_slots()
+        ),
     )
 }
 
@@ -347,6 +354,16 @@ async fn set_timeout(
     JsonBody(body): JsonBody<TimeoutBody>,
 ) -> Result<Response, ApiError> {
     state.manager.set_timeout(&id, body.timeout)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// E2B's `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules.
+async fn set_network(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<viv_api::NetworkUpdate>,
+) -> Result<Response, ApiError> {
+    state.manager.update_network(&id, body).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

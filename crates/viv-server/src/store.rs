@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_snapshots.sql"),
     include_str!("migrations/0003_templates.sql"),
     include_str!("migrations/0004_network.sql"),
+    include_str!("migrations/0005_network_rules.sql"),
 ];
 
 /// A store failure.
@@ -64,8 +65,8 @@ pub struct SandboxRow {
     pub snapshot_id: Option<String>,
     /// Pause rather than kill at the deadline.
     pub auto_pause: bool,
-    /// Whether the sandbox may reach networks outside its VM.
-    pub internet: bool,
+    /// Its egress rules (whether it may reach networks outside its VM, allow and deny lists).
+    pub network: viv_net::PolicySpec,
 }
 
 /// A snapshot node row.
@@ -257,8 +258,8 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes
              (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
-              snapshot_id, auto_pause, internet)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+              snapshot_id, auto_pause, internet, network)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 row.id,
                 row.template_id,
@@ -273,7 +274,9 @@ impl Store {
                 row.error,
                 row.snapshot_id,
                 row.auto_pause,
-                row.internet,
+                row.network.internet,
+                (row.network.has_rules() || row.network.dns_servers.is_some())
+                    .then(|| serde_json::to_string(&row.network).expect("rules serialize")),
             ],
         )?;
         Ok(())
@@ -439,7 +442,7 @@ impl Store {
 }
 
 const SELECT_SANDBOX: &str = "SELECT id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, \
-                              access_token, vmm_pid, error, snapshot_id, auto_pause, internet FROM sandboxes";
+                              access_token, vmm_pid, error, snapshot_id, auto_pause, internet, network FROM sandboxes";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     let state: String = r.get(2)?;
@@ -458,7 +461,16 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         error: r.get(10)?,
         snapshot_id: r.get(11)?,
         auto_pause: r.get(12)?,
-        internet: r.get(13)?,
+        network: match r
+            .get::<_, Option<String>>(14)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+        {
+            Some(rules) => rules,
+            None => viv_net::PolicySpec {
+                internet: r.get(13)?,
+                ..viv_net::PolicySpec::default()
+            },
+        },
     })
 }
 

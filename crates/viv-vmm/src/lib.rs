@@ -112,7 +112,7 @@ pub struct VmSpec {
 }
 
 /// A VM's network card and what it is connected to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
     /// QEMU's user-mode network stack (no root needed): the guest is `10.0.2.15/24` behind NAT,
     /// with a gateway at `10.0.2.2` and a DNS forwarder at `10.0.2.3`. Without `internet` the
@@ -120,6 +120,14 @@ pub enum Network {
     User {
         /// Whether the guest may reach the host's networks.
         internet: bool,
+    },
+    /// A tap device in a network namespace: QEMU runs in that namespace (the caller set it up,
+    /// including the guest's gateway `10.0.2.2` on the tap and the redirect of `10.0.2.3`).
+    Tap {
+        /// The namespace file (`/run/netns/NAME`).
+        netns: PathBuf,
+        /// The tap device's name in the namespace.
+        ifname: String,
     },
 }
 

@@ -6,6 +6,7 @@
 //! `console.log`, and guest memory as a `memory-backend-file` so it can later be shared with
 //! snapshots.
 
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -151,15 +152,23 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&spec.control_socket())),
         ];
-        if let Some(crate::Network::User { internet }) = spec.network {
-            let restrict = if internet { "off" } else { "on" };
-            // guest_announce=off: after a restore the device otherwise asks the guest to announce
-            // itself, and in about half the restores the guest then lost the host's first
-            // channel connection (a 2 s probe timeout per create). QEMU still announces the
-            // address itself.
+        // guest_announce=off: after a restore the device otherwise asks the guest to announce
+        // itself, and in about half the restores the guest then lost the host's first channel
+        // connection (a 2 s probe timeout per create). QEMU still announces the address itself.
+        let netdev = match &spec.network {
+            None => None,
+            Some(crate::Network::User { internet }) => Some(format!(
+                "user,id=net0,restrict={}",
+                if *internet { "off" } else { "on" }
+            )),
+            Some(crate::Network::Tap { ifname, .. }) => {
+                Some(format!("tap,id=net0,ifname={ifname},script=no,downscript=no"))
+            }
+        };
+        if let Some(netdev) = netdev {
             args.extend([
                 "-netdev".into(),
-                format!("user,id=net0,restrict={restrict}"),
+                netdev,
                 "-device".into(),
                 "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56,guest_announce=off".into(),
             ]);
@@ -216,12 +225,28 @@ impl Qemu {
             .stdout(log.try_clone().map_err(|e| LaunchError::Startup(e.to_string()))?)
             .stderr(log)
             .kill_on_drop(true);
-        // SAFETY: runs in the child before exec and only calls prctl, which is async-signal-safe.
+        // A tap backend lives in a network namespace, which QEMU joins before it starts.
+        let netns = match &spec.network {
+            Some(crate::Network::Tap { netns, .. }) => Some(
+                std::fs::File::open(netns)
+                    .map_err(|e| LaunchError::Startup(format!("opening network namespace {}: {e}", netns.display())))?,
+            ),
+            _ => None,
+        };
+        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: runs in the child before exec and only calls prctl and setns, which are
+        // async-signal-safe; the namespace descriptor stays open in the parent until spawn
+        // returns (`netns` lives past it) and is inherited by the forked child.
         unsafe {
-            command.as_std_mut().pre_exec(|| {
+            command.as_std_mut().pre_exec(move || {
                 // Die with the server: no orphan VMs if it crashes.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -230,6 +255,7 @@ impl Qemu {
             binary: self.binary.display().to_string(),
             source,
         })?;
+        drop(netns);
         let pid = child.id();
         let qmp = match connect_qmp(&spec.control_socket(), &mut child).await {
             Ok(qmp) => Arc::new(qmp),

@@ -101,6 +101,19 @@ pub enum SandboxCommand {
         /// Cut the sandbox off from every network (commands and files still work).
         #[arg(long)]
         no_internet: bool,
+        #[command(flatten)]
+        rules: RuleArgs,
+    },
+    /// Replace a sandbox's egress rules (all of them: what is not given is cleared). Takes
+    /// effect at once in the isolated network mode, at resume for a paused sandbox.
+    Net {
+        /// Sandbox id.
+        id: String,
+        /// Deny every destination not allowed with --allow.
+        #[arg(long)]
+        no_internet: bool,
+        #[command(flatten)]
+        rules: RuleArgs,
     },
     /// Pause a sandbox: save it (disk, memory, processes) into a snapshot node and stop its VM.
     Pause {
@@ -154,6 +167,41 @@ pub enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+}
+
+/// Allow and deny lists of a sandbox's egress rules.
+#[derive(Debug, Args)]
+pub struct RuleArgs {
+    /// Allow an IPv4 address, CIDR block or domain (`example.com`, `*.example.com`), even when
+    /// denied otherwise (repeatable; needs the isolated network mode).
+    #[arg(long = "allow", value_name = "TARGET")]
+    allow: Vec<String>,
+    /// Deny an IPv4 address, CIDR block or domain (repeatable; needs the isolated network mode).
+    #[arg(long = "deny", value_name = "TARGET")]
+    deny: Vec<String>,
+}
+
+impl RuleArgs {
+    fn network(&self) -> Option<viv_api::NetworkConfig> {
+        (!self.allow.is_empty() || !self.deny.is_empty()).then(|| viv_api::NetworkConfig {
+            allow_out: (!self.allow.is_empty()).then(|| self.allow.clone()),
+            deny_out: (!self.deny.is_empty()).then(|| self.deny.clone()),
+            ..viv_api::NetworkConfig::default()
+        })
+    }
+}
+
+/// One line about a sandbox's network access.
+fn network_summary(info: &SandboxInfo) -> String {
+    let mut summary = format!("internet {}", if info.allow_internet_access { "on" } else { "off" });
+    if let Some(network) = &info.network {
+        for (label, list) in [("allow", &network.allow_out), ("deny", &network.deny_out)] {
+            if let Some(list) = list.as_ref().filter(|l| !l.is_empty()) {
+                summary.push_str(&format!("; {label} {}", list.join(", ")));
+            }
+        }
+    }
+    summary
 }
 
 /// `viv exec ID -- CMD...`
@@ -429,6 +477,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             cold_boot,
             auto_pause,
             no_internet,
+            rules,
         } => {
             let req = NewSandbox {
                 template_id: Some(template),
@@ -442,6 +491,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 pooled: None,
                 auto_pause: auto_pause.then_some(true),
                 allow_internet_access: no_internet.then_some(false),
+                network: rules.network(),
             };
             let created: CreatedSandbox = client
                 .json(client.request(Method::POST, "/sandboxes").json(&req))
@@ -488,9 +538,34 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                     ],
                     &[sandbox_row(&info)],
                 );
+                println!("\nnetwork: {}", network_summary(&info));
                 if let Some(err) = &info.error {
-                    println!("\nerror: {err}");
+                    println!("error: {err}");
                 }
+            }
+        }
+        SandboxCommand::Net { id, no_internet, rules } => {
+            let network = rules.network().unwrap_or_default();
+            let body = viv_api::NetworkUpdate {
+                allow_out: network.allow_out,
+                deny_out: network.deny_out,
+                allow_internet_access: Some(!no_internet),
+                ..viv_api::NetworkUpdate::default()
+            };
+            client
+                .send(
+                    client
+                        .request(Method::PUT, &format!("/sandboxes/{id}/network"))
+                        .json(&body),
+                )
+                .await?;
+            let info: SandboxInfo = client
+                .json(client.request(Method::GET, &format!("/sandboxes/{id}")))
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("{id}: {}", network_summary(&info));
             }
         }
         SandboxCommand::Pause { id } => {

@@ -53,10 +53,15 @@ pub struct ServeArgs {
     /// browsers).
     #[arg(long, env = "VIV_DOMAIN", default_value = "localhost")]
     pub domain: String,
-    /// Sandbox networking: `user` (QEMU's user-mode stack, no root needed; a sandbox created
-    /// with `allow_internet_access: false` reaches nothing) or `none` (no network card).
+    /// Sandbox networking: `isolated` (a network namespace, tap device and veth pair per
+    /// sandbox, nftables NAT and per-sandbox allow/deny rules; needs root), `user` (QEMU's
+    /// user-mode stack, no root needed, internet on or off only) or `none` (no network card).
     #[arg(long, env = "VIV_NETWORK", default_value = "user")]
     pub network: viv_server::NetworkMode,
+    /// Host-side address pool of the isolated mode: a /30 per running sandbox. Must not overlap
+    /// the host's networks or another server's pool.
+    #[arg(long, env = "VIV_NET_POOL", default_value = "10.200.0.0/16")]
+    pub net_pool: viv_net::Cidr,
     /// PEM file of CA certificates every sandbox trusts besides its image's own (for egress
     /// through a TLS-intercepting proxy), added to the guest's system bundle.
     #[arg(long, env = "VIV_GUEST_CA_FILE")]
@@ -110,6 +115,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         pool_size: args.pool_size,
         domain: args.domain,
         network: args.network,
+        net_pool: args.net_pool,
         guest_ca_certificates: match &args.guest_ca_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -129,6 +135,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let manager = Arc::new(manager);
     manager.recover()?;
+    manager
+        .start_network()
+        .await
+        .context("setting up isolated networking")?;
     manager.start_deadline_enforcer();
     if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
         tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");

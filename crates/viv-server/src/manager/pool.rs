@@ -108,8 +108,14 @@ impl Manager {
         let template = self.template(recipe, vcpus, memory_mib).await?;
         let id = super::random_id(20);
         let run_dir = self.run_dir(&id);
+        // In the isolated mode a warm VM reaches nothing until it is taken and gets its
+        // sandbox's rules; a user-mode card cannot change, so it is unrestricted.
+        let rules = match self.config.network {
+            super::NetworkMode::Isolated => viv_net::PolicySpec::closed(),
+            _ => viv_net::PolicySpec::open(),
+        };
         let live = match self
-            .start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib, true)
+            .start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib, &rules)
             .await
         {
             Ok(live) => live,

@@ -171,7 +171,7 @@ impl Manager {
             error: None,
             snapshot_id: Some(node.id.clone()),
             auto_pause: source.auto_pause,
-            internet: source.internet,
+            network: source.network.clone(),
         };
         let source = Source::Node(node.clone());
         self.start_sandbox(row, StartRequest::new(&source, timeout), OnFailure::Delete)

@@ -117,8 +117,13 @@ impl Manager {
             self.boot.initramfs.to_string_lossy().into_owned(),
             self.accel.to_string(),
             self.templates.qemu_version.clone(),
-            // The network card is part of the device set a snapshot restores into.
-            self.config.network.to_string(),
+            // The network card is part of the device set a snapshot restores into (its backend
+            // is not: user and isolated modes share snapshots).
+            match self.config.network {
+                super::NetworkMode::None => "none",
+                super::NetworkMode::User | super::NetworkMode::Isolated => "user",
+            }
+            .to_owned(),
         ] {
             hash.update(part.as_bytes());
             hash.update([0]);
@@ -271,7 +276,9 @@ impl Manager {
             memory_file: memory_building.clone(),
         };
         // Build steps may download (apt-get, pip); the snapshot's device set includes the card.
-        let live = self.start_vm(&id, &building, origin, vcpus, memory_mib, true).await?;
+        let live = self
+            .start_vm(&id, &building, origin, vcpus, memory_mib, &viv_net::PolicySpec::open())
+            .await?;
         let prepared = async {
             // Gives the agent the channel key that every restore of this snapshot will use.
             self.init_agent(&live, None, None).await?;

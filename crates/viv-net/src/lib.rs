@@ -1,0 +1,547 @@
+//! Isolated sandbox networking.
+//!
+//! Every sandbox gets a *slot*: its own network namespace holding a tap device for its VM
+//! (`10.0.2.2/24`, the guest is always `10.0.2.15`, so snapshots and forks keep their address)
+//! and one end of a veth pair whose other end, in the host's namespace, has a `/30` from the
+//! server's address pool. The namespace routes and masquerades the guest out through the veth;
+//! the host masquerades the pool out of its uplink. Rules live in nftables: a fixed table in the
+//! host's namespace ([`rules::host_table`]) and a policy table in each sandbox's namespace
+//! ([`rules::sandbox_table`]), replaced in one transaction when the policy changes.
+//!
+//! The server runs two services for its sandboxes: a DNS forwarder (the guest's `10.0.2.3` is
+//! redirected to it) that refuses names the policy denies, and an egress proxy that web
+//! connections are redirected to when a policy names domains, which reads the HTTP `Host` or
+//! TLS SNI before connecting (or refusing).
+//!
+//! Invariants:
+//! - a slot's namespace and links exist exactly while its [`Slot`] value lives; dropping it
+//!   removes them (also if the VM still runs) and frees the index;
+//! - at [`Network::start`] every namespace and link of this server's key is removed (a crashed
+//!   server's VMs died with it), so slots are reclaimed after crashes;
+//! - per-sandbox rules exist only inside sandbox namespaces: the host table never changes while
+//!   the server runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, RwLock};
+
+pub mod policy;
+pub mod rules;
+
+mod dns;
+mod proxy;
+
+pub use policy::{Cidr, Policy, PolicyError, PolicySpec};
+
+/// Why isolated networking could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Not root.
+    #[error("the isolated network mode needs root (CAP_NET_ADMIN); run as root or use --network user")]
+    NotRoot,
+    /// `ip` or `nft` is missing.
+    #[error("the isolated network mode needs `{tool}` (Debian package {package}): {source}")]
+    MissingTool {
+        /// The program.
+        tool: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
+        /// Why it could not run.
+        source: std::io::Error,
+    },
+    /// The address pool is unusable.
+    #[error("address pool {pool}: {reason}; choose another with --net-pool")]
+    Pool {
+        /// The pool.
+        pool: Cidr,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Every slot is taken.
+    #[error("all {0} network slots of the address pool are in use; use a larger --net-pool")]
+    Exhausted(usize),
+    /// A command failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// A system call or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Settings of isolated networking.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    /// Host-side addresses: a `/30` per sandbox.
+    pub pool: Cidr,
+    /// Up to 6 characters `[0-9a-z]` unique to this server on the host; names its namespaces
+    /// (`viv-KEY-N`), links (`vhKEYN`) and nftables table (`vivarium_KEY`).
+    pub key: String,
+}
+
+/// The state the slots, the DNS forwarder and the proxy share.
+struct Shared {
+    config: NetworkConfig,
+    slots: usize,
+    used: Mutex<BTreeSet<u32>>,
+    /// Policies by the namespace end's address (the source of everything a sandbox sends to the
+    /// host's services).
+    policies: RwLock<HashMap<Ipv4Addr, Arc<Policy>>>,
+    dns_port: u16,
+}
+
+impl Shared {
+    fn policy_of(&self, addr: std::net::IpAddr) -> Option<Arc<Policy>> {
+        let std::net::IpAddr::V4(addr) = addr else { return None };
+        self.policies.read().expect("policies lock").get(&addr).cloned()
+    }
+
+    fn table_name(&self) -> String {
+        format!("vivarium_{}", self.config.key)
+    }
+
+    fn link_prefix(&self) -> String {
+        format!("vh{}", self.config.key)
+    }
+
+    fn netns_prefix(&self) -> String {
+        format!("viv-{}-", self.config.key)
+    }
+}
+
+/// Isolated networking of one server: the host table, the services, the slots.
+pub struct Network {
+    shared: Arc<Shared>,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("config", &self.shared.config).finish()
+    }
+}
+
+/// Runs a program with `input` on stdin; a non-zero exit is an error with what it printed.
+fn run(program: &'static str, args: &[&str], input: Option<&str>) -> Result<(), NetError> {
+    use std::io::Write as _;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| NetError::MissingTool {
+            tool: program,
+            package: if program == "nft" { "nftables" } else { "iproute2" },
+            source,
+        })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(input.as_bytes()).map_err(|source| NetError::Io {
+            context: format!("writing to {program}"),
+            source,
+        })?;
+    }
+    let out = child.wait_with_output().map_err(|source| NetError::Io {
+        context: format!("waiting for {program}"),
+        source,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Command {
+            command: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Output of a program that should succeed.
+fn output(program: &'static str, args: &[&str]) -> Result<String, NetError> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NetError::MissingTool {
+            tool: program,
+            package: "iproute2",
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The IPv4 name servers of the host's `/etc/resolv.conf`.
+fn host_resolvers() -> Vec<SocketAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .map(|a| SocketAddr::from((a, 53)))
+        .collect()
+}
+
+impl Network {
+    /// Sets up this server's networking: removes what an earlier run with the same key left,
+    /// checks the pool, enables forwarding, loads the host table and starts the DNS forwarder
+    /// and the egress proxy. Needs a Tokio runtime.
+    pub async fn start(config: NetworkConfig) -> Result<Self, NetError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(NetError::NotRoot);
+        }
+        if config.pool.prefix > 30 {
+            return Err(NetError::Pool {
+                pool: config.pool,
+                reason: "it must be a /30 or larger (each sandbox takes a /30)".into(),
+            });
+        }
+        let slots = (config.pool.size() / 4).min(u64::from(u32::MAX)) as usize;
+        let dns = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .map_err(|source| NetError::Io {
+                context: "binding the sandbox DNS forwarder".into(),
+                source,
+            })?;
+        let port = |addr: std::io::Result<SocketAddr>| addr.map(|a| a.port()).unwrap_or_default();
+        let shared = Arc::new(Shared {
+            config,
+            slots,
+            used: Mutex::new(BTreeSet::new()),
+            policies: RwLock::new(HashMap::new()),
+            dns_port: port(dns.local_addr()),
+        });
+        let setup = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            remove_leftovers(&setup)?;
+            check_pool(&setup)?;
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| NetError::Io {
+                context: "enabling IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)".into(),
+                source,
+            })?;
+            let table = rules::host_table(
+                &setup.table_name(),
+                &setup.link_prefix(),
+                setup.config.pool,
+                setup.dns_port,
+            );
+            run("nft", &["-f", "-"], Some(&table))
+        })
+        .await
+        .map_err(|e| NetError::Io {
+            context: "setting up networking".into(),
+            source: std::io::Error::other(e),
+        })??;
+        let resolvers = host_resolvers();
+        if resolvers.is_empty() {
+            tracing::warn!("/etc/resolv.conf names no IPv4 name server; sandboxes will not resolve names");
+        }
+        let tasks = vec![tokio::spawn(dns::serve(Arc::new(dns), resolvers, shared.clone())).abort_handle()];
+        tracing::info!(pool = %shared.config.pool, slots, dns_port = shared.dns_port, "isolated networking ready");
+        Ok(Self { shared, tasks })
+    }
+
+    /// Takes a free slot: a namespace with a tap device for the VM, linked to the host, with
+    /// `policy` in force.
+    pub async fn acquire(&self, policy: Policy) -> Result<Slot, NetError> {
+        let index = {
+            let mut used = self.shared.used.lock().expect("slots lock");
+            let index = (0..self.shared.slots as u32)
+                .find(|i| !used.contains(i))
+                .ok_or(NetError::Exhausted(self.shared.slots))?;
+            used.insert(index);
+            index
+        };
+        let mut slot = Slot {
+            shared: self.shared.clone(),
+            index,
+            proxy: None,
+        };
+        let policy = Arc::new(policy);
+        let setup = (slot.clone_handle(), policy.clone());
+        tokio::task::spawn_blocking(move || {
+            let (slot, policy) = setup;
+            slot.create(&policy)
+        })
+        .await
+        .map_err(|e| NetError::Io {
+            context: "creating a network slot".into(),
+            source: std::io::Error::other(e),
+        })??;
+        let listener = listen_in(&slot.netns_path(), rules::PROXY_PORT)?;
+        slot.proxy =
+            Some(tokio::spawn(proxy::serve(listener, self.shared.clone(), slot.namespace_address())).abort_handle());
+        self.shared
+            .policies
+            .write()
+            .expect("policies lock")
+            .insert(slot.namespace_address(), policy);
+        Ok(slot)
+    }
+
+    /// Slots in use.
+    pub fn slots_in_use(&self) -> usize {
+        self.shared.used.lock().expect("slots lock").len()
+    }
+
+    /// The nftables table of this server in the host's namespace.
+    pub fn host_table(&self) -> String {
+        self.shared.table_name()
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = run("nft", &["delete", "table", "inet", &self.shared.table_name()], None);
+        let _ = remove_leftovers(&self.shared);
+    }
+}
+
+/// Removes namespaces and links named with this server's key.
+fn remove_leftovers(shared: &Shared) -> Result<(), NetError> {
+    let prefix = shared.netns_prefix();
+    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) {
+            tracing::info!(netns = %name, "removing a network namespace left by an earlier run");
+            let _ = run("ip", &["netns", "del", &name], None);
+        }
+    }
+    let links = shared.link_prefix();
+    for line in output("ip", &["-o", "link", "show"])?.lines() {
+        // "7: vhabc1230@if2: <...>"
+        let Some(name) = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("")) else {
+            continue;
+        };
+        if name.starts_with(&links) {
+            let _ = run("ip", &["link", "del", name], None);
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a pool that overlaps an address the host already has (on a link not ours).
+fn check_pool(shared: &Shared) -> Result<(), NetError> {
+    let pool = shared.config.pool;
+    for line in output("ip", &["-o", "-4", "addr", "show"])?.lines() {
+        // "2: eth0    inet 192.0.2.2/24 brd ... scope global eth0"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(link), Some(addr)) = (fields.get(1), fields.iter().position(|f| *f == "inet")) else {
+            continue;
+        };
+        let Some(Ok(cidr)) = fields.get(addr + 1).map(|a| a.parse::<Cidr>()) else {
+            continue;
+        };
+        if !link.starts_with(&shared.link_prefix()) && cidr.overlaps(&pool) {
+            return Err(NetError::Pool {
+                pool,
+                reason: format!("it overlaps {cidr} on {link}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A TCP listener on `port` inside the namespace at `netns` (bound by a short-lived thread that
+/// joins the namespace; the socket stays there).
+fn listen_in(netns: &std::path::Path, port: u16) -> Result<tokio::net::TcpListener, NetError> {
+    use std::os::fd::AsRawFd as _;
+    let io = |context: String| move |source| NetError::Io { context, source };
+    let file = std::fs::File::open(netns).map_err(io(format!("opening {}", netns.display())))?;
+    let listener = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a descriptor this function keeps open; it changes only this
+                // thread's namespace, and the thread ends right after binding.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                listener.set_nonblocking(true)?;
+                Ok(listener)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the binding thread panicked")))
+    })
+    .map_err(io(format!("binding the egress proxy in {}", netns.display())))?;
+    tokio::net::TcpListener::from_std(listener).map_err(io("registering the egress proxy".into()))
+}
+
+/// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them.
+pub struct Slot {
+    shared: Arc<Shared>,
+    index: u32,
+    /// The egress proxy's task (its socket keeps the namespace alive, so it ends first).
+    proxy: Option<tokio::task::AbortHandle>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("netns", &self.netns_name()).finish()
+    }
+}
+
+impl Slot {
+    /// A second handle for setup work (not owning: dropping it frees nothing).
+    fn clone_handle(&self) -> SlotHandle {
+        SlotHandle {
+            shared: self.shared.clone(),
+            index: self.index,
+        }
+    }
+
+    /// The namespace's name (`ip netns` list it).
+    pub fn netns_name(&self) -> String {
+        self.clone_handle().netns_name()
+    }
+
+    /// The namespace file a process joins to run in it.
+    pub fn netns_path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from("/run/netns").join(self.netns_name())
+    }
+
+    /// The host's end of the veth pair (where the host's services are reached).
+    pub fn host_address(&self) -> Ipv4Addr {
+        self.shared.config.pool.nth(self.index * 4 + 1)
+    }
+
+    /// The namespace's end of the veth pair (what the sandbox's traffic leaves as).
+    pub fn namespace_address(&self) -> Ipv4Addr {
+        self.shared.config.pool.nth(self.index * 4 + 2)
+    }
+
+    /// Puts `policy` in force (one nftables transaction).
+    pub async fn apply(&self, policy: Policy) -> Result<(), NetError> {
+        let handle = self.clone_handle();
+        let policy = Arc::new(policy);
+        let rules = policy.clone();
+        tokio::task::spawn_blocking(move || handle.load_rules(&rules))
+            .await
+            .map_err(|e| NetError::Io {
+                context: "changing a sandbox's rules".into(),
+                source: std::io::Error::other(e),
+            })??;
+        self.shared
+            .policies
+            .write()
+            .expect("policies lock")
+            .insert(self.namespace_address(), policy);
+        Ok(())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            proxy.abort();
+        }
+        self.shared
+            .policies
+            .write()
+            .expect("policies lock")
+            .remove(&self.namespace_address());
+        self.clone_handle().remove();
+        self.shared.used.lock().expect("slots lock").remove(&self.index);
+    }
+}
+
+/// Names and commands of a slot, without ownership.
+struct SlotHandle {
+    shared: Arc<Shared>,
+    index: u32,
+}
+
+impl SlotHandle {
+    fn netns_name(&self) -> String {
+        format!("{}{}", self.shared.netns_prefix(), self.index)
+    }
+
+    fn link_name(&self) -> String {
+        format!("{}{}", self.shared.link_prefix(), self.index)
+    }
+
+    fn services(&self) -> rules::Services {
+        rules::Services {
+            host: self.shared.config.pool.nth(self.index * 4 + 1),
+            dns_port: self.shared.dns_port,
+        }
+    }
+
+    /// Creates the namespace, links and rules; on failure removes what it made.
+    fn create(&self, policy: &Policy) -> Result<(), NetError> {
+        let (netns, link) = (self.netns_name(), self.link_name());
+        let host = self.shared.config.pool.nth(self.index * 4 + 1);
+        let inside = self.shared.config.pool.nth(self.index * 4 + 2);
+        let host_side = format!(
+            "netns add {netns}\nlink add {link} type veth peer name {uplink} netns {netns}\naddr add {host}/30 dev {link}\nlink set {link} up\n",
+            uplink = rules::UPLINK
+        );
+        let inside_setup = format!(
+            "link set lo up\naddr add {inside}/30 dev {uplink}\nlink set {uplink} up\nroute add default via {host}\ntuntap add dev {tap} mode tap\nlink set {tap} address {mac}\naddr add {gateway}/24 dev {tap}\naddr add {dns}/32 dev {tap}\nlink set {tap} up\n",
+            uplink = rules::UPLINK,
+            tap = rules::TAP,
+            gateway = rules::GUEST_GATEWAY,
+            // The guest asks for the DNS server's MAC address before its packets can be
+            // redirected.
+            dns = rules::GUEST_DNS,
+            // The same in every slot: a restored guest's ARP cache still holds it.
+            mac = rules::GATEWAY_MAC,
+        );
+        let result = run("ip", &["-batch", "-"], Some(&host_side))
+            .and_then(|()| run("ip", &["-n", &netns, "-batch", "-"], Some(&inside_setup)))
+            .and_then(|()| {
+                // Forwarding on, IPv6 off (sandboxes are IPv4 only), then the rules.
+                let table = rules::sandbox_table(policy, self.services(), self.shared.config.pool);
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &netns,
+                        "sh",
+                        "-c",
+                        "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && exec nft -f -",
+                    ],
+                    Some(&table),
+                )
+            });
+        if result.is_err() {
+            self.remove();
+        }
+        result
+    }
+
+    fn load_rules(&self, policy: &Policy) -> Result<(), NetError> {
+        let table = rules::sandbox_table(policy, self.services(), self.shared.config.pool);
+        run(
+            "ip",
+            &["netns", "exec", &self.netns_name(), "nft", "-f", "-"],
+            Some(&table),
+        )
+    }
+
+    /// Removes the links (both ends) and the namespace; what is already gone is no error.
+    fn remove(&self) {
+        let _ = run(
+            "ip",
+            &["-force", "-batch", "-"],
+            Some(&format!(
+                "link del {}\nnetns del {}\n",
+                self.link_name(),
+                self.netns_name()
+            )),
+        );
+    }
+}
