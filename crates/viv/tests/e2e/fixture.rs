@@ -43,19 +43,37 @@ impl TestServer {
 
     /// Starts a server on a fresh data directory that keeps `pool_size` warm VMs per template.
     pub fn start_with_pool(pool_size: usize) -> Self {
+        Self::start_with(pool_size, &[])
+    }
+
+    /// Starts a server in the `isolated` network mode (a namespace per sandbox), with an
+    /// address pool of its own.
+    pub fn start_isolated(pool_size: usize) -> Self {
+        static NEXT_POOL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pool = format!("10.{}.0.0/24", 240 + n);
+        Self::start_with(pool_size, &["--network", "isolated", "--net-pool", &pool])
+    }
+
+    fn start_with(pool_size: usize, extra: &[&str]) -> Self {
         let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
         let data_dir = temp.path().to_path_buf();
-        let mut server = Self::launch(&data_dir, None, pool_size);
+        let mut server = Self::launch(&data_dir, None, pool_size, extra);
         server._temp = Some(temp);
         server
     }
 
     /// Starts a server without warm VMs on an existing data directory (to test restarts).
     pub fn start_on(data_dir: &Path, parent_death: Option<i32>) -> Self {
-        Self::launch(data_dir, parent_death, 0)
+        Self::launch(data_dir, parent_death, 0, &[])
     }
 
-    fn launch(data_dir: &Path, parent_death: Option<i32>, pool_size: usize) -> Self {
+    /// Starts a server without warm VMs on an existing data directory with extra options.
+    pub fn start_on_with(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::launch(data_dir, None, 0, extra)
+    }
+
+    fn launch(data_dir: &Path, parent_death: Option<i32>, pool_size: usize, extra: &[&str]) -> Self {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut command = Command::new(VIV);
@@ -70,6 +88,7 @@ impl TestServer {
             .arg("256")
             .arg("--pool-size")
             .arg(pool_size.to_string())
+            .args(extra)
             .env("VIV_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -150,7 +169,7 @@ impl TestServer {
                 remove_template_memory(&dir);
                 std::fs::create_dir_all(&dir).unwrap();
                 // The server's defaults: warm VMs from the pool serve most creates.
-                let _ = tx.send(Self::launch(&dir, Some(libc::SIGTERM), 1));
+                let _ = tx.send(Self::launch(&dir, Some(libc::SIGTERM), 1, &[]));
                 loop {
                     std::thread::park();
                 }
@@ -295,6 +314,50 @@ pub fn assert_no_leftovers(data_dir: &Path) {
         .map(|d| d.flatten().collect())
         .unwrap_or_default();
     assert!(runs.is_empty(), "sandbox run directories left behind: {runs:?}");
+    let net = network_resources(data_dir);
+    assert!(
+        net.is_empty(),
+        "network namespaces, links or nftables tables left behind: {net:?}"
+    );
+}
+
+/// The key a server of `data_dir` names its host resources with.
+pub fn host_key(data_dir: &Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes()))[..6].to_owned()
+}
+
+/// Network namespaces, links and nftables tables of the server of `data_dir`.
+pub fn network_resources(data_dir: &Path) -> Vec<String> {
+    let key = host_key(data_dir);
+    let mut found: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("viv-{key}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let links = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
+    found.extend(
+        String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.split(':')
+                    .nth(1)
+                    .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            })
+            .filter(|n| n.starts_with(&format!("vh{key}"))),
+    );
+    if let Ok(tables) = Command::new("nft").args(["list", "tables"]).output() {
+        found.extend(
+            String::from_utf8_lossy(&tables.stdout)
+                .lines()
+                .filter(|l| l.ends_with(&format!("vivarium_{key}")))
+                .map(str::to_owned),
+        );
+    }
+    found
 }
 
 pub fn qemu_processes_under(data_dir: &Path) -> Vec<u32> {

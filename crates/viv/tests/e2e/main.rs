@@ -6,6 +6,7 @@ mod fixture;
 mod api;
 mod cli;
 mod faults;
+mod isolation;
 mod network;
 mod pool;
 mod snapshots;

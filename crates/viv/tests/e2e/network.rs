@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::fixture::TestServer;
 
-const RELEASE: &str = "curl -sS -m 30 http://deb.debian.org/debian/dists/bookworm/Release | grep -m1 '^Codename:'";
+pub const RELEASE: &str = "curl -sS -m 30 http://deb.debian.org/debian/dists/bookworm/Release | grep -m1 '^Codename:'";
 
 #[test]
 fn sandboxes_reach_the_network_unless_created_without_internet() {
