@@ -39,6 +39,9 @@ def server():
         VIV, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
         "--accel", os.environ.get("VIV_ACCEL", "auto"), "--memory-mib", "512",
     ]
+    # Root gets the production network mode (a namespace per sandbox, egress rules).
+    if os.geteuid() == 0:
+        args += ["--network", "isolated", "--net-pool", "10.238.0.0/24"]
     # Egress here may intercept TLS with a CA the host added to its trust store; sandboxes get it.
     extra = Path("/usr/local/share/ca-certificates")
     pems = b"".join(p.read_bytes() for p in sorted(extra.glob("*.crt"))) if extra.is_dir() else b""
