@@ -253,6 +253,7 @@ impl Network {
     /// Takes a free slot: a namespace with a tap device for the VM, linked to the host, with
     /// `policy` in force.
     pub async fn acquire(&self, policy: Policy) -> Result<Slot, NetError> {
+        let started = std::time::Instant::now();
         let index = {
             let mut used = self.shared.used.lock().expect("slots lock");
             let index = (0..self.shared.slots as u32)
@@ -285,6 +286,7 @@ impl Network {
             .write()
             .expect("policies lock")
             .insert(slot.namespace_address(), policy);
+        tracing::debug!(netns = %slot.netns_name(), ms = started.elapsed().as_millis() as u64, "network slot ready");
         Ok(slot)
     }
 

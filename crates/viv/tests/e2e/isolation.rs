@@ -190,11 +190,43 @@ fn isolated_sandboxes_follow_their_allow_and_deny_rules() {
         .unwrap();
     assert_eq!(info["allowInternetAccess"], true, "{info}");
 
+    // Rules of a paused sandbox change for its resume, which gets a fresh slot.
+    let paused = server.post(&format!("/sandboxes/{}/pause", b.id)).send().unwrap();
+    assert_eq!(paused.status(), 204);
+    let response = server
+        .put(&format!("/sandboxes/{}/network", b.id))
+        .json(&json!({ "denyOut": ["other.test"] }))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 204, "{}", response.text().unwrap());
+    let resumed = server.post(&format!("/sandboxes/{}/connect", b.id)).send().unwrap();
+    assert_eq!(resumed.status(), 201);
+    assert_eq!(
+        http_status(&b, "http://198.51.100.2/b-resumed-other", Some("other.test")),
+        "403"
+    );
+    assert_eq!(
+        http_status(&b, "http://198.51.100.2/b-resumed", Some("allowed.test")),
+        "404"
+    );
+
     let http = web.log("http.log");
-    for reached in ["/a-open", "/a-other-name", "/b-allowed", "/b-after-update"] {
+    for reached in [
+        "/a-open",
+        "/a-other-name",
+        "/b-allowed",
+        "/b-after-update",
+        "/b-resumed",
+    ] {
         assert!(http.contains(reached), "{reached} missing from {http}");
     }
-    for refused in ["/a-denied-address", "/a-denied-name", "/b-other", "/b-address"] {
+    for refused in [
+        "/a-denied-address",
+        "/a-denied-name",
+        "/b-other",
+        "/b-address",
+        "/b-resumed-other",
+    ] {
         assert!(!http.contains(refused), "{refused} reached the web host: {http}");
     }
     let tls = web.log("tls.log");

@@ -1,6 +1,7 @@
 //! Sandbox networking in `user` mode: a sandbox reaches the Debian mirror and PyPI (registries
 //! this machine may reach) with DNS set up by the agent; one created without internet reaches
-//! nothing yet still runs commands; forks of one snapshot use the network at the same time.
+//! nothing yet still runs commands; egress lists are refused (they need the isolated mode, see
+//! `isolation.rs`); forks of one snapshot use the network at the same time.
 
 use serde_json::json;
 
@@ -40,6 +41,28 @@ fn sandboxes_reach_the_network_unless_created_without_internet() {
         .json()
         .unwrap();
     assert_eq!(info["state"], "running");
+
+    // Lists need the isolated mode; a user-mode card's internet access cannot change while it
+    // runs (an answer a person can act on, not a silent no-op).
+    let rules = server
+        .post("/sandboxes")
+        .json(&json!({ "network": { "denyOut": ["1.1.1.1"] } }))
+        .send()
+        .unwrap();
+    assert_eq!(rules.status(), 400);
+    assert!(rules.text().unwrap().contains("isolated"));
+    let update = server
+        .put(&format!("/sandboxes/{}/network", offline.id))
+        .json(&json!({ "allow_internet_access": true }))
+        .send()
+        .unwrap();
+    assert_eq!(update.status(), 409);
+    let same = server
+        .put(&format!("/sandboxes/{}/network", offline.id))
+        .json(&json!({ "allow_internet_access": false }))
+        .send()
+        .unwrap();
+    assert_eq!(same.status(), 204);
 }
 
 #[test]
