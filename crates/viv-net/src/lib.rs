@@ -17,7 +17,8 @@
 //! - a slot's namespace and links exist exactly while its [`Slot`] value lives; dropping it
 //!   removes them (also if the VM still runs) and frees the index;
 //! - at [`Network::start`] every namespace and link of this server's key is removed (a crashed
-//!   server's VMs died with it), so slots are reclaimed after crashes;
+//!   server's VMs died with it), so slots are reclaimed after crashes; so is everything of other
+//!   keys whose lock (under [`LOCK_DIR`], held by a running server) is free;
 //! - per-sandbox rules exist only inside sandbox namespaces: the host table never changes while
 //!   the server runs.
 
@@ -123,6 +124,9 @@ impl Shared {
 pub struct Network {
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::AbortHandle>,
+    /// Held while the server runs (see [`LOCK_DIR`]).
+    _lock: std::fs::File,
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Network {
@@ -206,6 +210,13 @@ impl Network {
             });
         }
         let slots = (config.pool.size() / 4).min(u64::from(u32::MAX)) as usize;
+        let lock = lock_key(&config.key)?.ok_or_else(|| NetError::Pool {
+            pool: config.pool,
+            reason: format!(
+                "another server holds the network key {} (same data directory?)",
+                config.key
+            ),
+        })?;
         let dns = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .await
             .map_err(|source| NetError::Io {
@@ -247,7 +258,12 @@ impl Network {
         }
         let tasks = vec![tokio::spawn(dns::serve(Arc::new(dns), resolvers, shared.clone())).abort_handle()];
         tracing::info!(pool = %shared.config.pool, slots, dns_port = shared.dns_port, "isolated networking ready");
-        Ok(Self { shared, tasks })
+        Ok(Self {
+            shared,
+            tasks,
+            _lock: lock,
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Takes a free slot: a namespace with a tap device for the VM, linked to the host, with
@@ -301,34 +317,125 @@ impl Network {
     }
 }
 
-impl Drop for Network {
-    fn drop(&mut self) {
+impl Network {
+    /// Removes this server's table, namespaces and links (those of VMs still running too) and
+    /// stops the services. Idempotent; also done on drop.
+    pub fn shutdown(&self) {
+        if self.stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         for task in &self.tasks {
             task.abort();
         }
-        let _ = run("nft", &["delete", "table", "inet", &self.shared.table_name()], None);
-        let _ = remove_leftovers(&self.shared);
+        remove_resources(&self.shared.config.key);
     }
 }
 
-/// Removes namespaces and links named with this server's key.
-fn remove_leftovers(shared: &Shared) -> Result<(), NetError> {
-    let prefix = shared.netns_prefix();
-    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) {
-            tracing::info!(netns = %name, "removing a network namespace left by an earlier run");
-            let _ = run("ip", &["netns", "del", &name], None);
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Where servers hold a lock per key while they run, so that another server can tell resources
+/// of a live server from those of a crashed one.
+const LOCK_DIR: &str = "/run/vivarium/net";
+
+/// Takes the lock of `key` without waiting: `None` while another process holds it.
+fn lock_key(key: &str) -> Result<Option<std::fs::File>, NetError> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::create_dir_all(LOCK_DIR).map_err(|source| NetError::Io {
+        context: format!("creating {LOCK_DIR}"),
+        source,
+    })?;
+    let path = format!("{LOCK_DIR}/{key}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| NetError::Io {
+            context: format!("opening {path}"),
+            source,
+        })?;
+    // SAFETY: flock on a descriptor `file` owns, with plain flags.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok(locked.then_some(file))
+}
+
+/// Names of the host's links.
+fn link_names() -> Result<Vec<String>, NetError> {
+    Ok(output("ip", &["-o", "link", "show"])?
+        .lines()
+        // "7: vhabc1230@if2: <...>"
+        .filter_map(|l| {
+            l.split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        })
+        .collect())
+}
+
+/// Names of the host's named network namespaces.
+fn netns_names() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Removes the namespaces, links and table named with `key`; what is gone already is no error.
+fn remove_resources(key: &str) {
+    let prefix = format!("viv-{key}-");
+    for name in netns_names().into_iter().filter(|n| n.starts_with(&prefix)) {
+        tracing::info!(netns = %name, "removing a network namespace");
+        let _ = run("ip", &["netns", "del", &name], None);
+    }
+    let links = format!("vh{key}");
+    for name in link_names()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.starts_with(&links))
+    {
+        let _ = run("ip", &["link", "del", &name], None);
+    }
+    let _ = run("nft", &["delete", "table", "inet", &format!("vivarium_{key}")], None);
+}
+
+/// Keys of Vivarium resources on the host, of any server, by their distinctive names
+/// (namespaces, tables; a link never outlives its namespace, where its peer lives).
+fn resource_keys() -> BTreeSet<String> {
+    let is_key = |k: &str| k.len() == 6 && k.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+    let mut keys = BTreeSet::new();
+    for name in netns_names() {
+        if let Some((key, _)) = name.strip_prefix("viv-").and_then(|r| r.split_once('-')) {
+            keys.insert(key.to_owned());
         }
     }
-    let links = shared.link_prefix();
-    for line in output("ip", &["-o", "link", "show"])?.lines() {
-        // "7: vhabc1230@if2: <...>"
-        let Some(name) = line.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("")) else {
+    let tables = output("nft", &["list", "tables"]).unwrap_or_default();
+    for line in tables.lines() {
+        if let Some(key) = line.trim().strip_prefix("table inet vivarium_") {
+            keys.insert(key.to_owned());
+        }
+    }
+    keys.retain(|k| is_key(k));
+    keys
+}
+
+/// Removes what this server's key left from an earlier run, and what servers that are gone
+/// left under other keys (their lock is free: they crashed, or their data directory is gone).
+fn remove_leftovers(shared: &Shared) -> Result<(), NetError> {
+    remove_resources(&shared.config.key);
+    for key in resource_keys() {
+        if key == shared.config.key {
             continue;
-        };
-        if name.starts_with(&links) {
-            let _ = run("ip", &["link", "del", name], None);
+        }
+        if let Some(_lock) = lock_key(&key)? {
+            tracing::info!(key = %key, "removing the networking of a server that is gone");
+            remove_resources(&key);
+            let _ = std::fs::remove_file(format!("{LOCK_DIR}/{key}.lock"));
         }
     }
     Ok(())

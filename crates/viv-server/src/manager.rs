@@ -1082,6 +1082,9 @@ impl Manager {
             let _ = self.kill(&id).await;
         }
         let _ = std::fs::remove_dir(&self.shm_dir);
+        if let Some(net) = self.net.get() {
+            net.shutdown();
+        }
     }
 }
 
