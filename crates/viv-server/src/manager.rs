@@ -115,8 +115,25 @@ pub struct LiveSandbox {
     root_disk: Mutex<PathBuf>,
     /// Serializes pause, fork, snapshot and kill of this sandbox.
     op: tokio::sync::Mutex<()>,
-    /// Its network namespace in the `isolated` mode (removed when this value is dropped).
-    slot: Option<viv_net::Slot>,
+    /// Its network namespace in the `isolated` mode (removed when dropped: by
+    /// [`LiveSandbox::release_network`] once the VM is gone, or with this value).
+    slot: Mutex<Option<Arc<viv_net::Slot>>>,
+}
+
+impl LiveSandbox {
+    /// The network slot, while the VM has one.
+    fn slot(&self) -> Option<Arc<viv_net::Slot>> {
+        self.slot.lock().expect("slot lock").clone()
+    }
+
+    /// Removes the VM's namespace and links now (its VM has stopped), rather than whenever the
+    /// last handle of this sandbox goes.
+    async fn release_network(&self) {
+        let slot = self.slot.lock().expect("slot lock").take();
+        if let Some(slot) = slot {
+            let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
+        }
+    }
 }
 
 /// Where a VM's first state comes from.
@@ -421,7 +438,7 @@ impl Manager {
             SandboxState::Running => {
                 let live = self.live(id)?;
                 let _op = live.op.lock().await;
-                match &live.slot {
+                match live.slot() {
                     Some(slot) => slot
                         .apply(viv_net::Policy::from_spec(&rules).map_err(|e| ApiError::BadRequest(e.to_string()))?)
                         .await
@@ -640,7 +657,7 @@ impl Manager {
             let live = match start.source {
                 _ if start.pooled.is_some() => {
                     let live = start.pooled.clone().expect("checked");
-                    if let Some(slot) = &live.slot {
+                    if let Some(slot) = live.slot() {
                         let policy = viv_net::Policy::from_spec(&row.network)
                             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
                         if let Err(err) = slot.apply(policy).await {
@@ -789,7 +806,7 @@ impl Manager {
             memory_file: self.memory_file(id),
             root_disk: Mutex::new(overlay),
             op: tokio::sync::Mutex::new(()),
-            slot,
+            slot: Mutex::new(slot.map(Arc::new)),
         });
         let mut exit = live.vm.exit();
         let mut port = live.vm.agent_port_open();
@@ -894,6 +911,7 @@ impl Manager {
             manager.live.lock().expect("live lock").remove(&live.id);
             let _ = manager.store.fail_sandbox(&live.id, &vm_exit.reason);
             remove_files(&live.run_dir, &live.memory_file);
+            live.release_network().await;
             manager.metrics.sandbox_failures.inc();
         });
     }
@@ -938,6 +956,7 @@ impl Manager {
             if let Err(err) = live.vm.kill().await {
                 tracing::warn!(sandbox = %id, error = %err, "killing the VM");
             }
+            live.release_network().await;
         }
         remove_files(&self.run_dir(id), &self.memory_file(id));
         self.store.delete_sandbox(id)?;

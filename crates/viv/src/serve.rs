@@ -55,9 +55,11 @@ pub struct ServeArgs {
     pub domain: String,
     /// Sandbox networking: `isolated` (a network namespace, tap device and veth pair per
     /// sandbox, nftables NAT and per-sandbox allow/deny rules; needs root), `user` (QEMU's
-    /// user-mode stack, no root needed, internet on or off only) or `none` (no network card).
-    #[arg(long, env = "VIV_NETWORK", default_value = "user")]
-    pub network: viv_server::NetworkMode,
+    /// user-mode stack, no root needed, internet on or off only, and the host's loopback
+    /// services are reachable), `none` (no network card), or `auto`: isolated when running as
+    /// root with `ip` and `nft` installed, else user.
+    #[arg(long, env = "VIV_NETWORK", default_value = "auto")]
+    pub network: String,
     /// Host-side address pool of the isolated mode: a /30 per running sandbox. Must not overlap
     /// the host's networks or another server's pool.
     #[arg(long, env = "VIV_NET_POOL", default_value = "10.200.0.0/16")]
@@ -114,7 +116,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         snapshots: args.snapshots,
         pool_size: args.pool_size,
         domain: args.domain,
-        network: args.network,
+        network: network_mode(&args.network)?,
         net_pool: args.net_pool,
         guest_ca_certificates: match &args.guest_ca_file {
             Some(path) => Some(
@@ -155,7 +157,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             args.listen
         ),
     };
-    tracing::info!(listen = %args.listen, accel = %manager.accel(), "Vivarium is serving");
+    tracing::info!(listen = %args.listen, accel = %manager.accel(), network = %manager.network_mode(), "Vivarium is serving");
     println!(
         "Vivarium listening on http://{} (accel {})",
         listener.local_addr()?,
@@ -180,6 +182,37 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     tracing::info!("shutting down: stopping sandboxes");
     manager.shutdown().await;
     Ok(())
+}
+
+/// The network mode `--network` asks for, with `auto` resolved: the isolated mode where it can
+/// work (root, iproute2 and nftables), else the user-mode stack.
+fn network_mode(asked: &str) -> Result<viv_server::NetworkMode> {
+    use viv_server::NetworkMode;
+    if asked != "auto" {
+        return asked
+            .parse::<NetworkMode>()
+            .map_err(|e| anyhow::anyhow!("--network: {e}, or auto"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let runs = |program: &str, arg: &str| {
+        std::process::Command::new(program)
+            .arg(arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mode = if !root {
+        tracing::info!("network mode user: the isolated mode needs root");
+        NetworkMode::User
+    } else if !runs("nft", "--version") || !runs("ip", "-V") {
+        tracing::warn!("network mode user: the isolated mode needs `ip` and `nft` (apt-get install iproute2 nftables)");
+        NetworkMode::User
+    } else {
+        NetworkMode::Isolated
+    };
+    Ok(mode)
 }
 
 /// How long open requests may go on after SIGTERM or Ctrl-C.

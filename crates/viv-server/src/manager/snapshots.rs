@@ -72,6 +72,7 @@ impl Manager {
         row.vmm_pid = None;
         self.store.put_sandbox(&row)?;
         remove_files(&live.run_dir, &live.memory_file);
+        live.release_network().await;
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         self.snapshot_info(node)
     }

@@ -46,13 +46,14 @@ impl TestServer {
         Self::start_with(pool_size, &[])
     }
 
-    /// Starts a server in the `isolated` network mode (a namespace per sandbox), with an
-    /// address pool of its own.
+    /// Starts a server in the `isolated` network mode (a namespace per sandbox).
     pub fn start_isolated(pool_size: usize) -> Self {
-        static NEXT_POOL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-        let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let pool = format!("10.{}.0.0/24", 240 + n);
-        Self::start_with(pool_size, &["--network", "isolated", "--net-pool", &pool])
+        Self::start_with(pool_size, &["--network", "isolated"])
+    }
+
+    /// Starts a server in the `user` network mode (QEMU's user-mode stack).
+    pub fn start_user_mode() -> Self {
+        Self::start_with(0, &["--network", "user"])
     }
 
     fn start_with(pool_size: usize, extra: &[&str]) -> Self {
@@ -92,6 +93,15 @@ impl TestServer {
             .env("VIV_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        // Servers of one test run must not share an address pool (as root, `auto` networking is
+        // the isolated mode); each gets a /24 of its own unless the test gives one.
+        if !extra.contains(&"--net-pool") {
+            static NEXT_POOL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+            let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            command
+                .arg("--net-pool")
+                .arg(format!("10.{}.0.0/24", 160 + u32::from(n) % 70));
+        }
         if let Some(signal) = parent_death {
             // SAFETY: prctl is async-signal-safe; runs in the child before exec.
             unsafe {

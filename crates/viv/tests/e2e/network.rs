@@ -1,7 +1,8 @@
-//! Sandbox networking in `user` mode: a sandbox reaches the Debian mirror and PyPI (registries
-//! this machine may reach) with DNS set up by the agent; one created without internet reaches
-//! nothing yet still runs commands; egress lists are refused (they need the isolated mode, see
-//! `isolation.rs`); forks of one snapshot use the network at the same time.
+//! Sandbox networking in the server's default mode (`auto`: isolated as root, else user) and in
+//! `user` mode: a sandbox reaches the Debian mirror and PyPI (registries this machine may reach)
+//! with DNS set up by the agent; one created without internet reaches nothing yet still runs
+//! commands; forks of one snapshot use the network at the same time. In `user` mode egress lists
+//! are refused (they need the isolated mode, see `isolation.rs`).
 
 use serde_json::json;
 
@@ -41,28 +42,6 @@ fn sandboxes_reach_the_network_unless_created_without_internet() {
         .json()
         .unwrap();
     assert_eq!(info["state"], "running");
-
-    // Lists need the isolated mode; a user-mode card's internet access cannot change while it
-    // runs (an answer a person can act on, not a silent no-op).
-    let rules = server
-        .post("/sandboxes")
-        .json(&json!({ "network": { "denyOut": ["1.1.1.1"] } }))
-        .send()
-        .unwrap();
-    assert_eq!(rules.status(), 400);
-    assert!(rules.text().unwrap().contains("isolated"));
-    let update = server
-        .put(&format!("/sandboxes/{}/network", offline.id))
-        .json(&json!({ "allow_internet_access": true }))
-        .send()
-        .unwrap();
-    assert_eq!(update.status(), 409);
-    let same = server
-        .put(&format!("/sandboxes/{}/network", offline.id))
-        .json(&json!({ "allow_internet_access": false }))
-        .send()
-        .unwrap();
-    assert_eq!(same.status(), 204);
 }
 
 #[test]
@@ -93,4 +72,41 @@ fn forks_of_one_snapshot_use_the_network_at_once() {
         running.into_iter().map(|t| t.join().unwrap()).collect()
     });
     assert!(results.iter().all(|r| r == "Codename: bookworm\n"), "{results:?}");
+}
+
+#[test]
+fn user_mode_turns_internet_on_and_off_and_refuses_lists() {
+    let server = TestServer::start_user_mode();
+    let health: serde_json::Value = server.get("/health").send().unwrap().json().unwrap();
+    assert_eq!(health["network"], "user");
+    let online = server.sandbox();
+    assert_eq!(online.sh(RELEASE).out(), "Codename: bookworm\n");
+    let offline = crate::fixture::Sandbox {
+        server: &server,
+        id: server.create(json!({ "allow_internet_access": false, "timeout": 300 })),
+    };
+    let refused = offline.sh("curl -sS -m 5 -o /dev/null http://deb.debian.org/debian/ || echo unreachable");
+    assert!(refused.out().contains("unreachable"), "{refused:?}");
+
+    // Lists need the isolated mode; a user-mode card's internet access cannot change while it
+    // runs (an answer a person can act on, not a silent no-op).
+    let rules = server
+        .post("/sandboxes")
+        .json(&json!({ "network": { "denyOut": ["1.1.1.1"] } }))
+        .send()
+        .unwrap();
+    assert_eq!(rules.status(), 400);
+    assert!(rules.text().unwrap().contains("isolated"));
+    let update = server
+        .put(&format!("/sandboxes/{}/network", offline.id))
+        .json(&json!({ "allow_internet_access": true }))
+        .send()
+        .unwrap();
+    assert_eq!(update.status(), 409);
+    let same = server
+        .put(&format!("/sandboxes/{}/network", offline.id))
+        .json(&json!({ "allow_internet_access": false }))
+        .send()
+        .unwrap();
+    assert_eq!(same.status(), 204);
 }
