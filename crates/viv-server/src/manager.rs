@@ -381,6 +381,22 @@ impl Manager {
         }
     }
 
+    /// Refuses to restore a node saved with another device set than this server gives VMs (a
+    /// network card or none), which QEMU would reject with a message about device state.
+    fn check_device_set(&self, node: &SnapshotRow) -> Result<(), ApiError> {
+        let card = self.config.network != NetworkMode::None;
+        match node.network_card {
+            Some(saved) if saved != card => Err(ApiError::Conflict(format!(
+                "snapshot {} was saved {} a network card, but this server runs `--network {}`; restart it with {} to start from this snapshot",
+                node.id,
+                if saved { "with" } else { "without" },
+                self.config.network,
+                if saved { "`--network isolated` or `user`" } else { "`--network none`" },
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Egress rules from a request's `allow_internet_access` and `network`, checked against what
     /// this server's network mode can enforce.
     fn egress_rules(
@@ -668,6 +684,7 @@ impl Manager {
                     live
                 }
                 Source::Node(node) => {
+                    self.check_device_set(node)?;
                     let dir = self.node_dir(&node.id);
                     self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib, &row.network)
                         .await?

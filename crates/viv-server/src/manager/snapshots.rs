@@ -287,6 +287,7 @@ impl Manager {
             bytes: allocated_bytes(dir),
             created_at: now_rfc3339(),
             guest_token: row.access_token.clone(),
+            network_card: Some(self.config.network != super::NetworkMode::None),
         };
         self.store.put_snapshot(&node)?;
         Ok(node)

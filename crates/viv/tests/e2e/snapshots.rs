@@ -245,8 +245,26 @@ fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart(
         .iter()
         .any(|n| n["sandboxes"].as_array().unwrap().iter().any(|s| s == &kept)));
 
-    // Restart: the paused sandbox is still paused and resumes with its files.
+    // Restart: the paused sandbox is still paused and resumes with its files. A server without
+    // network cards cannot restore a node saved with one: a 409 that says what to do, and the
+    // sandbox stays paused.
     assert!(server.stop(libc::SIGTERM).success());
+    let without_cards = TestServer::start_on_with(temp.path(), &["--network", "none"]);
+    let refused = without_cards
+        .post(&format!("/sandboxes/{kept}/connect"))
+        .json(&json!({ "timeout": 60 }))
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    assert!(refused.text().unwrap().contains("--network"));
+    let info: Value = without_cards
+        .get(&format!("/sandboxes/{kept}"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(info["state"], "paused");
+    assert!(without_cards.stop(libc::SIGTERM).success());
     let server = TestServer::start_on(temp.path(), None);
     let info: Value = server
         .get(&format!("/sandboxes/{kept}"))
