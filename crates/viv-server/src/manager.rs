@@ -151,7 +151,7 @@ enum Source {
     /// A template (built, `base`, or an imported image): a restore of its snapshot, or a boot.
     Template(Box<templates::Recipe>),
     /// A snapshot node.
-    Node(SnapshotRow),
+    Node(Box<SnapshotRow>),
 }
 
 /// How to start a sandbox's VM.
@@ -381,17 +381,14 @@ impl Manager {
         }
     }
 
-    /// Refuses to restore a node saved with another device set than this server gives VMs (a
-    /// network card or none), which QEMU would reject with a message about device state.
+    /// Refuses to restore a node saved under another network mode (the card and its backend are
+    /// part of the saved state), which QEMU would reject with a message about device state.
     fn check_device_set(&self, node: &SnapshotRow) -> Result<(), ApiError> {
-        let card = self.config.network != NetworkMode::None;
-        match node.network_card {
-            Some(saved) if saved != card => Err(ApiError::Conflict(format!(
-                "snapshot {} was saved {} a network card, but this server runs `--network {}`; restart it with {} to start from this snapshot",
-                node.id,
-                if saved { "with" } else { "without" },
-                self.config.network,
-                if saved { "`--network isolated` or `user`" } else { "`--network none`" },
+        let current = self.config.network.to_string();
+        match &node.network {
+            Some(saved) if *saved != current => Err(ApiError::Conflict(format!(
+                "snapshot {} was saved by a server running `--network {saved}`, but this one runs `--network {current}`; restart it with `--network {saved}` to start from this snapshot",
+                node.id
             ))),
             _ => Ok(()),
         }
@@ -583,7 +580,7 @@ impl Manager {
                         node.cpu_count, node.memory_mb
                     )));
                 }
-                Source::Node(node)
+                Source::Node(Box::new(node))
             }
             None => Source::Template(Box::new(recipe.expect("looked up when there is no node"))),
         };

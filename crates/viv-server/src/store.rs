@@ -18,7 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_templates.sql"),
     include_str!("migrations/0004_network.sql"),
     include_str!("migrations/0005_network_rules.sql"),
-    include_str!("migrations/0006_snapshot_card.sql"),
+    include_str!("migrations/0006_snapshot_network.sql"),
 ];
 
 /// A store failure.
@@ -95,8 +95,8 @@ pub struct SnapshotRow {
     pub created_at: String,
     /// The access token the saved agent expects until it is told a new one.
     pub guest_token: Option<String>,
-    /// Whether its VM had a network card (`None`: saved before this was recorded).
-    pub network_card: Option<bool>,
+    /// The network mode it was saved under (`None`: saved before this was recorded).
+    pub network: Option<String>,
 }
 
 /// A template built from a spec.
@@ -331,7 +331,7 @@ impl Store {
         self.conn().execute(
             "INSERT INTO snapshots
              (id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, created_at, guest_token,
-              network_card)
+              network)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 row.id,
@@ -345,7 +345,7 @@ impl Store {
                 row.bytes as i64,
                 row.created_at,
                 row.guest_token,
-                row.network_card,
+                row.network,
             ],
         )?;
         Ok(())
@@ -511,7 +511,7 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 
 const SELECT_SNAPSHOT: &str =
     "SELECT id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, \
-                               created_at, guest_token, network_card FROM snapshots";
+                               created_at, guest_token, network FROM snapshots";
 
 fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
     let kind: String = r.get(4)?;
@@ -527,6 +527,6 @@ fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         bytes: r.get::<_, i64>(8)?.max(0) as u64,
         created_at: r.get(9)?,
         guest_token: r.get(10)?,
-        network_card: r.get(11)?,
+        network: r.get(11)?,
     })
 }

@@ -106,7 +106,7 @@ impl Manager {
                 "the snapshot holding paused sandbox '{id}' ({node_id}) no longer exists"
             ))
         })?;
-        let source = Source::Node(node);
+        let source = Source::Node(Box::new(node));
         let start = StartRequest::new(&source, timeout);
         let created = self
             .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
@@ -174,7 +174,7 @@ impl Manager {
             auto_pause: source.auto_pause,
             network: source.network.clone(),
         };
-        let source = Source::Node(node.clone());
+        let source = Source::Node(Box::new(node.clone()));
         self.start_sandbox(row, StartRequest::new(&source, timeout), OnFailure::Delete)
             .await
     }
@@ -287,7 +287,7 @@ impl Manager {
             bytes: allocated_bytes(dir),
             created_at: now_rfc3339(),
             guest_token: row.access_token.clone(),
-            network_card: Some(self.config.network != super::NetworkMode::None),
+            network: Some(self.config.network.to_string()),
         };
         self.store.put_snapshot(&node)?;
         Ok(node)

@@ -117,13 +117,9 @@ impl Manager {
             self.boot.initramfs.to_string_lossy().into_owned(),
             self.accel.to_string(),
             self.templates.qemu_version.clone(),
-            // The network card is part of the device set a snapshot restores into (its backend
-            // is not: user and isolated modes share snapshots).
-            match self.config.network {
-                super::NetworkMode::None => "none",
-                super::NetworkMode::User | super::NetworkMode::Isolated => "user",
-            }
-            .to_owned(),
+            // The network card and its backend are part of the saved state (QEMU's user-mode
+            // stack saves a section of its own), so each mode has its own snapshots.
+            self.config.network.to_string(),
         ] {
             hash.update(part.as_bytes());
             hash.update([0]);
