@@ -135,6 +135,15 @@ impl std::fmt::Debug for Network {
     }
 }
 
+/// A program's missing-tool error, naming the Debian package that has it.
+fn missing(program: &'static str) -> impl FnOnce(std::io::Error) -> NetError {
+    move |source| NetError::MissingTool {
+        tool: program,
+        package: if program == "nft" { "nftables" } else { "iproute2" },
+        source,
+    }
+}
+
 /// Runs a program with `input` on stdin; a non-zero exit is an error with what it printed.
 fn run(program: &'static str, args: &[&str], input: Option<&str>) -> Result<(), NetError> {
     use std::io::Write as _;
@@ -144,11 +153,7 @@ fn run(program: &'static str, args: &[&str], input: Option<&str>) -> Result<(), 
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| NetError::MissingTool {
-            tool: program,
-            package: if program == "nft" { "nftables" } else { "iproute2" },
-            source,
-        })?;
+        .map_err(missing(program))?;
     if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
         stdin.write_all(input.as_bytes()).map_err(|source| NetError::Io {
             context: format!("writing to {program}"),
@@ -169,17 +174,13 @@ fn run(program: &'static str, args: &[&str], input: Option<&str>) -> Result<(), 
     }
 }
 
-/// Output of a program that should succeed.
+/// What a program printed (for listings; an empty listing is no error).
 fn output(program: &'static str, args: &[&str]) -> Result<String, NetError> {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| NetError::MissingTool {
-            tool: program,
-            package: "iproute2",
-            source,
-        })?;
+        .map_err(missing(program))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -279,15 +280,17 @@ impl Network {
             index
         };
         let mut slot = Slot {
-            shared: self.shared.clone(),
-            index,
+            handle: SlotHandle {
+                shared: self.shared.clone(),
+                index,
+            },
             proxy: None,
         };
         let policy = Arc::new(policy);
-        let setup = (slot.clone_handle(), policy.clone());
+        let setup = (slot.handle.clone(), policy.clone());
         tokio::task::spawn_blocking(move || {
-            let (slot, policy) = setup;
-            slot.create(&policy)
+            let (handle, policy) = setup;
+            handle.create(&policy)
         })
         .await
         .map_err(|e| NetError::Io {
@@ -309,11 +312,6 @@ impl Network {
     /// Slots in use.
     pub fn slots_in_use(&self) -> usize {
         self.shared.used.lock().expect("slots lock").len()
-    }
-
-    /// The nftables table of this server in the host's namespace.
-    pub fn host_table(&self) -> String {
-        self.shared.table_name()
     }
 }
 
@@ -490,8 +488,7 @@ fn listen_in(netns: &std::path::Path, port: u16) -> Result<tokio::net::TcpListen
 
 /// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them.
 pub struct Slot {
-    shared: Arc<Shared>,
-    index: u32,
+    handle: SlotHandle,
     /// The egress proxy's task (its socket keeps the namespace alive, so it ends first).
     proxy: Option<tokio::task::AbortHandle>,
 }
@@ -503,17 +500,9 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
-    /// A second handle for setup work (not owning: dropping it frees nothing).
-    fn clone_handle(&self) -> SlotHandle {
-        SlotHandle {
-            shared: self.shared.clone(),
-            index: self.index,
-        }
-    }
-
     /// The namespace's name (`ip netns` list it).
     pub fn netns_name(&self) -> String {
-        self.clone_handle().netns_name()
+        self.handle.netns_name()
     }
 
     /// The namespace file a process joins to run in it.
@@ -521,19 +510,14 @@ impl Slot {
         std::path::PathBuf::from("/run/netns").join(self.netns_name())
     }
 
-    /// The host's end of the veth pair (where the host's services are reached).
-    pub fn host_address(&self) -> Ipv4Addr {
-        self.shared.config.pool.nth(self.index * 4 + 1)
-    }
-
     /// The namespace's end of the veth pair (what the sandbox's traffic leaves as).
     pub fn namespace_address(&self) -> Ipv4Addr {
-        self.shared.config.pool.nth(self.index * 4 + 2)
+        self.handle.namespace_address()
     }
 
     /// Puts `policy` in force (one nftables transaction).
     pub async fn apply(&self, policy: Policy) -> Result<(), NetError> {
-        let handle = self.clone_handle();
+        let handle = self.handle.clone();
         let policy = Arc::new(policy);
         let rules = policy.clone();
         tokio::task::spawn_blocking(move || handle.load_rules(&rules))
@@ -542,7 +526,8 @@ impl Slot {
                 context: "changing a sandbox's rules".into(),
                 source: std::io::Error::other(e),
             })??;
-        self.shared
+        self.handle
+            .shared
             .policies
             .write()
             .expect("policies lock")
@@ -556,17 +541,19 @@ impl Drop for Slot {
         if let Some(proxy) = self.proxy.take() {
             proxy.abort();
         }
-        self.shared
+        let shared = &self.handle.shared;
+        shared
             .policies
             .write()
             .expect("policies lock")
-            .remove(&self.namespace_address());
-        self.clone_handle().remove();
-        self.shared.used.lock().expect("slots lock").remove(&self.index);
+            .remove(&self.handle.namespace_address());
+        self.handle.remove();
+        shared.used.lock().expect("slots lock").remove(&self.handle.index);
     }
 }
 
-/// Names and commands of a slot, without ownership.
+/// Names, addresses and commands of a slot, without ownership (dropping it frees nothing).
+#[derive(Clone)]
 struct SlotHandle {
     shared: Arc<Shared>,
     index: u32,
@@ -581,9 +568,19 @@ impl SlotHandle {
         format!("{}{}", self.shared.link_prefix(), self.index)
     }
 
+    /// The host's end of the veth pair (where the host's services are reached).
+    fn host_address(&self) -> Ipv4Addr {
+        self.shared.config.pool.nth(self.index * 4 + 1)
+    }
+
+    /// The namespace's end of the veth pair.
+    fn namespace_address(&self) -> Ipv4Addr {
+        self.shared.config.pool.nth(self.index * 4 + 2)
+    }
+
     fn services(&self) -> rules::Services {
         rules::Services {
-            host: self.shared.config.pool.nth(self.index * 4 + 1),
+            host: self.host_address(),
             dns_port: self.shared.dns_port,
         }
     }
@@ -591,8 +588,7 @@ impl SlotHandle {
     /// Creates the namespace, links and rules; on failure removes what it made.
     fn create(&self, policy: &Policy) -> Result<(), NetError> {
         let (netns, link) = (self.netns_name(), self.link_name());
-        let host = self.shared.config.pool.nth(self.index * 4 + 1);
-        let inside = self.shared.config.pool.nth(self.index * 4 + 2);
+        let (host, inside) = (self.host_address(), self.namespace_address());
         let host_side = format!(
             "netns add {netns}\nlink add {link} type veth peer name {uplink} netns {netns}\naddr add {host}/30 dev {link}\nlink set {link} up\n",
             uplink = rules::UPLINK

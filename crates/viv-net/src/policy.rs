@@ -255,6 +255,11 @@ impl PolicySpec {
     pub fn has_rules(&self) -> bool {
         !self.allow_out.is_empty() || !self.deny_out.is_empty()
     }
+
+    /// Whether the spec is just internet on or off: no lists, no DNS servers.
+    pub fn is_plain(&self) -> bool {
+        !self.has_rules() && self.dns_servers.is_none()
+    }
 }
 
 /// A checked policy.
@@ -371,7 +376,7 @@ impl Policy {
                 return false;
             }
         }
-        self.allows_address(dst)
+        !self.deny_cidrs.iter().any(|c| c.contains(dst))
     }
 
     /// Whether the DNS forwarder answers a question for `name`: allowed names always, denied

@@ -44,23 +44,20 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, sandbox: I
 async fn relay(mut client: TcpStream, policy: &crate::Policy) -> std::io::Result<()> {
     let dst = original_destination(&client)?;
     let mut head = Vec::with_capacity(4096);
-    let sniffed = tokio::time::timeout(TIMEOUT, async {
+    let host = tokio::time::timeout(TIMEOUT, async {
         loop {
             if client.read_buf(&mut head).await? == 0 {
-                return Ok::<_, std::io::Error>(Sniff::Done(None));
+                return Ok::<_, std::io::Error>(None);
             }
             match sniff(&head) {
                 Sniff::NeedMore if head.len() < MAX_PEEK => continue,
-                Sniff::NeedMore => return Ok(Sniff::Done(None)),
-                done => return Ok(done),
+                Sniff::NeedMore => return Ok(None),
+                Sniff::Done(host) => return Ok(host),
             }
         }
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no host name in time"))??;
-    let Sniff::Done(host) = sniffed else {
-        unreachable!("the loop returns only Done")
-    };
     if !policy.allows_connection(host.as_deref(), *dst.ip()) {
         tracing::info!(%dst, host = host.as_deref().unwrap_or("-"), "egress connection refused by policy");
         if head.first() != Some(&0x16) {

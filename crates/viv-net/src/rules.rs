@@ -86,6 +86,7 @@ table inet {table_name} {{
 /// pool (never reachable: other sandboxes and the host live there).
 pub fn sandbox_table(policy: &Policy, services: Services, pool: Cidr) -> String {
     let Services { host, dns_port } = services;
+    let special: Vec<Cidr> = special_ranges().collect();
     let mut t = String::new();
     // Replacing the table in one transaction: no moment without rules.
     let _ = writeln!(t, "table inet viv\ndelete table inet viv\ntable inet viv {{");
@@ -100,7 +101,6 @@ pub fn sandbox_table(policy: &Policy, services: Services, pool: Cidr) -> String 
         if !policy.allow_cidrs.is_empty() {
             let _ = write!(line, " ip daddr != {}", set(&policy.allow_cidrs));
         }
-        let special: Vec<Cidr> = special_ranges().collect();
         let _ = write!(line, " ip daddr != {} redirect to :{PROXY_PORT}", set(&special));
         let _ = writeln!(t, "{line}");
     }
@@ -119,7 +119,6 @@ pub fn sandbox_table(policy: &Policy, services: Services, pool: Cidr) -> String 
     if !policy.allow_cidrs.is_empty() {
         let _ = writeln!(t, "    iifname \"{TAP}\" ip daddr {} accept", set(&policy.allow_cidrs));
     }
-    let special: Vec<Cidr> = special_ranges().collect();
     let _ = writeln!(t, "    iifname \"{TAP}\" ip daddr {} drop", set(&special));
     if !policy.deny_cidrs.is_empty() {
         let _ = writeln!(t, "    iifname \"{TAP}\" ip daddr {} drop", set(&policy.deny_cidrs));

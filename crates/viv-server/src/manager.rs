@@ -258,6 +258,11 @@ fn check_shape(vcpus: u32, memory_mib: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The policy egress `rules` describe; 400 naming the list when an entry is wrong.
+fn checked_policy(rules: &viv_net::PolicySpec) -> Result<viv_net::Policy, ApiError> {
+    viv_net::Policy::from_spec(rules).map_err(|e| ApiError::BadRequest(format!("network.{e}")))
+}
+
 /// A random id of lowercase letters and digits.
 pub fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -367,7 +372,7 @@ impl Manager {
                     .net
                     .get()
                     .ok_or_else(|| ApiError::Unavailable("isolated networking is not set up".into()))?;
-                let policy = viv_net::Policy::from_spec(rules).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                let policy = checked_policy(rules)?;
                 let slot = net.acquire(policy).await.map_err(|e| match e {
                     viv_net::NetError::Exhausted(_) => ApiError::Unavailable(e.to_string()),
                     other => ApiError::Internal(format!("setting up the sandbox's network: {other}")),
@@ -422,7 +427,7 @@ impl Manager {
             deny_out: deny_out.cloned().unwrap_or_default(),
             dns_servers: dns_servers.cloned(),
         };
-        viv_net::Policy::from_spec(&rules).map_err(|e| ApiError::BadRequest(format!("network.{e}")))?;
+        checked_policy(&rules)?;
         if rules.has_rules() && self.config.network != NetworkMode::Isolated {
             return Err(ApiError::BadRequest(format!(
                 "allowOut and denyOut need the isolated network mode; this server runs `--network {}`, which can only turn a sandbox's internet access on or off",
@@ -453,7 +458,7 @@ impl Manager {
                 let _op = live.op.lock().await;
                 match live.slot() {
                     Some(slot) => slot
-                        .apply(viv_net::Policy::from_spec(&rules).map_err(|e| ApiError::BadRequest(e.to_string()))?)
+                        .apply(checked_policy(&rules)?)
                         .await
                         .map_err(|e| ApiError::Internal(format!("changing the sandbox's rules: {e}")))?,
                     None if rules.internet != row.network.internet && self.config.network == NetworkMode::User => {
@@ -671,9 +676,7 @@ impl Manager {
                 _ if start.pooled.is_some() => {
                     let live = start.pooled.clone().expect("checked");
                     if let Some(slot) = live.slot() {
-                        let policy = viv_net::Policy::from_spec(&row.network)
-                            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                        if let Err(err) = slot.apply(policy).await {
+                        if let Err(err) = slot.apply(checked_policy(&row.network)?).await {
                             let _ = live.vm.kill().await;
                             return Err(ApiError::Internal(format!("setting the sandbox's rules: {err}")));
                         }
@@ -1023,7 +1026,7 @@ impl Manager {
             envd_version: viv_proto::ENVD_VERSION.to_owned(),
             error: row.error,
             allow_internet_access: row.network.internet,
-            network: (row.network.has_rules() || row.network.dns_servers.is_some()).then(|| viv_api::NetworkConfig {
+            network: (!row.network.is_plain()).then(|| viv_api::NetworkConfig {
                 allow_out: Some(row.network.allow_out.clone()),
                 deny_out: Some(row.network.deny_out.clone()),
                 dns_servers: row.network.dns_servers.clone(),

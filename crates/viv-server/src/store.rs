@@ -278,8 +278,7 @@ impl Store {
                 row.snapshot_id,
                 row.auto_pause,
                 row.network.internet,
-                (row.network.has_rules() || row.network.dns_servers.is_some())
-                    .then(|| serde_json::to_string(&row.network).expect("rules serialize")),
+                (!row.network.is_plain()).then(|| serde_json::to_string(&row.network).expect("rules serialize")),
             ],
         )?;
         Ok(())

@@ -471,11 +471,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     };
 
     let id = create(client, Start::Pooled).await?;
-    let memory_mb = client
-        .json::<viv_api::SandboxInfo>(client.request(Method::GET, &format!("/sandboxes/{id}")))
-        .await
-        .map(|i| i.memory_mb)
-        .unwrap_or_default();
+    let memory_mb = client.sandbox(&id).await.map(|i| i.memory_mb).unwrap_or_default();
     let result = async {
         let mut trips = Vec::new();
         for _ in 0..args.round_trips {

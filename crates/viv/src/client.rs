@@ -64,4 +64,9 @@ impl Client {
             .await
             .context("the server sent a response this client does not understand")
     }
+
+    /// One sandbox (`GET /sandboxes/{id}`).
+    pub async fn sandbox(&self, id: &str) -> Result<viv_api::SandboxInfo> {
+        self.json(self.request(Method::GET, &format!("/sandboxes/{id}"))).await
+    }
 }

@@ -526,9 +526,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             }
         }
         SandboxCommand::Get { id } => {
-            let info: SandboxInfo = client
-                .json(client.request(Method::GET, &format!("/sandboxes/{id}")))
-                .await?;
+            let info = client.sandbox(&id).await?;
             if json {
                 output::json(&info);
             } else {
@@ -559,9 +557,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                         .json(&body),
                 )
                 .await?;
-            let info: SandboxInfo = client
-                .json(client.request(Method::GET, &format!("/sandboxes/{id}")))
-                .await?;
+            let info = client.sandbox(&id).await?;
             if json {
                 output::json(&info);
             } else {

@@ -224,9 +224,14 @@ impl TestServer {
 
     /// Creates a sandbox from `base`.
     pub fn sandbox(&self) -> Sandbox<'_> {
+        self.sandbox_with(json!({ "templateID": "base", "timeout": 600 }))
+    }
+
+    /// Creates a sandbox from a create request body.
+    pub fn sandbox_with(&self, body: Value) -> Sandbox<'_> {
         Sandbox {
             server: self,
-            id: self.create(json!({ "templateID": "base", "timeout": 600 })),
+            id: self.create(body),
         }
     }
 

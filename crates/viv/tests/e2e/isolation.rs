@@ -118,23 +118,13 @@ fn tls_hello(sandbox: &Sandbox<'_>, name: &str) -> ExecResult {
     ))
 }
 
-fn create(server: &TestServer, body: Value) -> Sandbox<'_> {
-    Sandbox {
-        server,
-        id: server.create(body),
-    }
-}
-
 #[test]
 fn isolated_sandboxes_follow_their_allow_and_deny_rules() {
     let web = WebHost::start();
     let server = TestServer::start_isolated(1);
 
     // Internet on, one address and one name denied.
-    let a = create(
-        &server,
-        json!({ "timeout": 300, "network": { "denyOut": ["198.51.100.3", "denied.test"] } }),
-    );
+    let a = server.sandbox_with(json!({ "timeout": 300, "network": { "denyOut": ["198.51.100.3", "denied.test"] } }));
     assert_eq!(http_status(&a, "http://198.51.100.2/a-open", None), "404");
     // (A policy naming domains sends web traffic to the egress proxy, which answers 403.)
     assert_eq!(http_status(&a, "http://198.51.100.3/a-denied-address", None), "403");
@@ -151,8 +141,7 @@ fn isolated_sandboxes_follow_their_allow_and_deny_rules() {
 
     // Internet off except one name: the web host is reached only when asked for by that name,
     // over HTTP (Host) and TLS (SNI); DNS answers nothing else.
-    let b = create(
-        &server,
+    let b = server.sandbox_with(
         json!({ "timeout": 300, "allow_internet_access": false, "network": { "allowOut": ["allowed.test"] } }),
     );
     assert_eq!(
@@ -269,15 +258,16 @@ fn counting_listener(addr: &str) -> (u16, Arc<AtomicUsize>) {
     (port, count)
 }
 
-/// The host's IPv4 addresses.
-fn host_addresses() -> Vec<String> {
+/// The host's IPv4 addresses, with the link each is on.
+fn host_addresses() -> Vec<(String, String)> {
     let out = Command::new("ip").args(["-o", "-4", "addr", "show"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
+            // "2: eth0    inet 192.0.2.2/24 brd ..."
             let fields: Vec<&str> = l.split_whitespace().collect();
             let at = fields.iter().position(|f| *f == "inet")?;
-            Some(fields[at + 1].split('/').next()?.to_owned())
+            Some((fields[1].to_owned(), fields[at + 1].split('/').next()?.to_owned()))
         })
         .collect()
 }
@@ -305,7 +295,7 @@ fn isolated_sandboxes_reach_registries_but_not_the_host_or_each_other() {
     let (loopback_port, loopback_hits) = counting_listener("127.0.0.1:0");
     let (any_port, any_hits) = counting_listener("0.0.0.0:0");
 
-    let b = create(&server, json!({ "timeout": 300 }));
+    let b = server.sandbox_with(json!({ "timeout": 300 }));
     b.sh("setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 &");
     assert!(
         wait_until(Duration::from_secs(20), || http_status(
@@ -316,14 +306,14 @@ fn isolated_sandboxes_reach_registries_but_not_the_host_or_each_other() {
         "B's server did not start"
     );
 
-    let a = create(&server, json!({ "timeout": 300 }));
+    let a = server.sandbox_with(json!({ "timeout": 300 }));
     let mut targets: Vec<String> = vec![
         format!("10.0.2.2:{loopback_port}"),
         format!("10.0.2.2:{any_port}"),
         format!("10.0.2.3:{any_port}"),
         "169.254.169.254:80".into(),
     ];
-    for addr in host_addresses() {
+    for (_, addr) in host_addresses() {
         targets.push(format!("{addr}:{any_port}"));
         targets.push(format!("{addr}:{loopback_port}"));
     }
@@ -376,21 +366,11 @@ fn isolated_sandboxes_reach_registries_but_not_the_host_or_each_other() {
 
 /// The first three octets of the server's /24 pool, read from its links' addresses.
 fn pool_prefix(server: &TestServer) -> String {
-    let key = crate::fixture::host_key(&server.data_dir);
-    let out = Command::new("ip").args(["-o", "-4", "addr", "show"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|n| n.starts_with(&format!("vh{key}")))
-        })
-        .find_map(|l| {
-            let fields: Vec<&str> = l.split_whitespace().collect();
-            let at = fields.iter().position(|f| *f == "inet")?;
-            let addr = fields[at + 1].split('/').next()?;
-            Some(addr.rsplit_once('.')?.0.to_owned())
-        })
+    let links = format!("vh{}", crate::fixture::host_key(&server.data_dir));
+    host_addresses()
+        .into_iter()
+        .filter(|(link, _)| link.starts_with(&links))
+        .find_map(|(_, addr)| Some(addr.rsplit_once('.')?.0.to_owned()))
         .expect("the server has a link")
 }
 
@@ -449,7 +429,7 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
         network_resources(temp.path())
     );
     {
-        let again = create(&restarted, json!({ "timeout": 120 }));
+        let again = restarted.sandbox_with(json!({ "timeout": 120 }));
         assert_eq!(again.sh("echo ok").out(), "ok\n");
     }
     // Stopping checks that nothing is left (namespaces, links and the table included).

@@ -25,8 +25,7 @@ fn sandboxes_reach_the_network_unless_created_without_internet() {
         "{pip:?}"
     );
 
-    let created = server.create(json!({ "allow_internet_access": false, "timeout": 300 }));
-    let offline = crate::fixture::Sandbox { server, id: created };
+    let offline = server.sandbox_with(json!({ "allow_internet_access": false, "timeout": 300 }));
     let refused = offline.sh("curl -sS -m 5 -o /dev/null http://deb.debian.org/debian/ || echo unreachable");
     assert!(refused.out().contains("unreachable"), "{refused:?}");
     let direct = offline.sh("curl -sS -m 5 -o /dev/null http://10.0.2.2/ || echo unreachable");
@@ -81,10 +80,7 @@ fn user_mode_turns_internet_on_and_off_and_refuses_lists() {
     assert_eq!(health["network"], "user");
     let online = server.sandbox();
     assert_eq!(online.sh(RELEASE).out(), "Codename: bookworm\n");
-    let offline = crate::fixture::Sandbox {
-        server: &server,
-        id: server.create(json!({ "allow_internet_access": false, "timeout": 300 })),
-    };
+    let offline = server.sandbox_with(json!({ "allow_internet_access": false, "timeout": 300 }));
     let refused = offline.sh("curl -sS -m 5 -o /dev/null http://deb.debian.org/debian/ || echo unreachable");
     assert!(refused.out().contains("unreachable"), "{refused:?}");
 
