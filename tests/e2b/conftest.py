@@ -41,7 +41,8 @@ def server():
     ]
     # Root gets the production network mode (a namespace per sandbox, egress rules).
     if os.geteuid() == 0:
-        args += ["--network", "isolated", "--net-pool", "10.238.0.0/24"]
+        pool = os.environ.get("VIV_TEST_NET_POOL", "10.238.0.0/24")
+        args += ["--network", "isolated", "--net-pool", pool]
     # Egress here may intercept TLS with a CA the host added to its trust store; sandboxes get it.
     extra = Path("/usr/local/share/ca-certificates")
     pems = b"".join(p.read_bytes() for p in sorted(extra.glob("*.crt"))) if extra.is_dir() else b""

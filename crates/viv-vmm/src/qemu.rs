@@ -100,6 +100,11 @@ impl Qemu {
             spec.name.clone(),
             "-M".into(),
             "microvm,x-option-roms=off,rtc=on,memory-backend=mem".into(),
+            // qboot loads the kernel and initramfs from fw_cfg itself and jumps to it: the
+            // fastest firmware, and one that needs no option ROMs (microvm's default SeaBIOS
+            // build boots `-kernel` only through them).
+            "-bios".into(),
+            "qboot.rom".into(),
             "-accel".into(),
             accel,
             "-cpu".into(),

@@ -94,13 +94,20 @@ impl TestServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         // Servers of one test run must not share an address pool (as root, `auto` networking is
-        // the isolated mode); each gets a /24 of its own unless the test gives one.
+        // the isolated mode); each gets a /24 of its own unless the test gives one. Test runs
+        // side by side on one host set VIV_TEST_NET_BASE (the second octet of their first /24)
+        // apart by at least 20.
         if !extra.contains(&"--net-pool") {
             static NEXT_POOL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
             let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let base: u32 = std::env::var("VIV_TEST_NET_BASE")
+                .ok()
+                .and_then(|b| b.parse().ok())
+                .filter(|b| (1..=234).contains(b))
+                .unwrap_or(160);
             command
                 .arg("--net-pool")
-                .arg(format!("10.{}.0.0/24", 160 + u32::from(n) % 70));
+                .arg(format!("10.{}.0.0/24", base + u32::from(n) % 20));
         }
         if let Some(signal) = parent_death {
             // SAFETY: prctl is async-signal-safe; runs in the child before exec.

@@ -1,0 +1,19 @@
+# The host's requirements, sourced by scripts/install-deps and scripts/check-deps: the Debian
+# packages Vivarium needs and, for each, a command that must be on PATH once it is installed.
+# One list, so a package added here is both installed and checked.
+#
+# package:command pairs ("-" when the package brings no command of its own).
+VIV_DEPS=(
+  qemu-system-x86:qemu-system-x86_64
+  qemu-utils:qemu-img
+  mmdebstrap:mmdebstrap
+  e2fsprogs:mkfs.ext4
+  busybox-static:busybox
+  curl:curl
+  ca-certificates:-
+  python3-venv:-
+  iproute2:ip
+  nftables:nft
+)
+# The oldest QEMU the jail works with (private mappings of read-only memory files).
+VIV_QEMU_MIN=10.0
