@@ -14,13 +14,17 @@
 //! TLS SNI before connecting (or refusing).
 //!
 //! Invariants:
-//! - a slot's namespace and links exist exactly while its [`Slot`] value lives; dropping it
-//!   removes them (also if the VM still runs) and frees the index;
-//! - at [`Network::start`] every namespace and link of this server's key is removed (a crashed
-//!   server's VMs died with it), so slots are reclaimed after crashes; so is everything of other
-//!   keys whose lock (under [`LOCK_DIR`], held by a running server) is free;
+//! - a slot's namespace and links exist exactly while its [`Slot`] value lives, or, once
+//!   [`Slot::detach`]ed (its VM runs on while the server stops), while that VM runs; dropping a
+//!   slot removes them (also if the VM still runs) and frees the index;
+//! - at [`Network::start`] every namespace and link of this server's key is removed except the
+//!   slots of VMs that outlived the previous server (the caller names them; they are taken
+//!   back with [`Network::adopt`]), so slots are reclaimed after crashes; of other keys whose
+//!   lock (under [`LOCK_DIR`], held by a running server) is free, every namespace whose tap no
+//!   VM holds is removed, and the key's table once no namespace of it is left;
 //! - per-sandbox rules exist only inside sandbox namespaces: the host table never changes while
-//!   the server runs.
+//!   the server runs (a starting server replaces it in one transaction, since the DNS
+//!   forwarder's port changes, and reloads the rules of every slot it takes back).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -196,10 +200,11 @@ fn host_resolvers() -> Vec<SocketAddr> {
 }
 
 impl Network {
-    /// Sets up this server's networking: removes what an earlier run with the same key left,
+    /// Sets up this server's networking: removes what an earlier run with the same key left
+    /// (but the slots in `keep`, whose VMs still run: take them back with [`Network::adopt`]),
     /// checks the pool, enables forwarding, loads the host table and starts the DNS forwarder
     /// and the egress proxy. Needs a Tokio runtime.
-    pub async fn start(config: NetworkConfig) -> Result<Self, NetError> {
+    pub async fn start(config: NetworkConfig, keep: BTreeSet<u32>) -> Result<Self, NetError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(NetError::NotRoot);
@@ -228,13 +233,13 @@ impl Network {
         let shared = Arc::new(Shared {
             config,
             slots,
-            used: Mutex::new(BTreeSet::new()),
+            used: Mutex::new(keep.clone()),
             policies: RwLock::new(HashMap::new()),
             dns_port: port(dns.local_addr()),
         });
         let setup = shared.clone();
         tokio::task::spawn_blocking(move || {
-            remove_leftovers(&setup)?;
+            remove_leftovers(&setup, &keep)?;
             check_pool(&setup)?;
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| NetError::Io {
                 context: "enabling IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)".into(),
@@ -267,6 +272,42 @@ impl Network {
         })
     }
 
+    /// Takes back slot `index` of a VM that outlived the previous server (kept at
+    /// [`Network::start`]): puts `policy` in force again (with this server's DNS port) and
+    /// starts its egress proxy. Dropping the slot removes it, as for any other.
+    pub async fn adopt(&self, index: u32, policy: Policy) -> Result<Slot, NetError> {
+        self.shared.used.lock().expect("slots lock").insert(index);
+        let mut slot = Slot {
+            handle: SlotHandle {
+                shared: self.shared.clone(),
+                index,
+            },
+            proxy: None,
+            detached: false,
+        };
+        if !slot.netns_path().exists() {
+            return Err(NetError::Io {
+                context: format!("taking back network slot {index}"),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        // The pool may have changed since the slot was made (`--net-pool`): its links take
+        // this server's addresses for the index.
+        let handle = slot.handle.clone();
+        tokio::task::spawn_blocking(move || handle.ensure_addresses())
+            .await
+            .map_err(|e| NetError::Io {
+                context: "readdressing a network slot".into(),
+                source: std::io::Error::other(e),
+            })??;
+        slot.apply(policy).await?;
+        let listener = listen_in(&slot.netns_path(), rules::PROXY_PORT)?;
+        slot.proxy =
+            Some(tokio::spawn(proxy::serve(listener, self.shared.clone(), slot.namespace_address())).abort_handle());
+        tracing::info!(netns = %slot.netns_name(), "took back a network slot");
+        Ok(slot)
+    }
+
     /// Takes a free slot: a namespace with a tap device for the VM, linked to the host, with
     /// `policy` in force.
     pub async fn acquire(&self, policy: Policy) -> Result<Slot, NetError> {
@@ -285,6 +326,7 @@ impl Network {
                 index,
             },
             proxy: None,
+            detached: false,
         };
         let policy = Arc::new(policy);
         let setup = (slot.handle.clone(), policy.clone());
@@ -326,6 +368,18 @@ impl Network {
             task.abort();
         }
         remove_resources(&self.shared.config.key);
+    }
+
+    /// Stops the services but leaves the host table and the namespaces of detached slots: their
+    /// VMs run on (reaching out through the table's NAT, without DNS until a server runs again)
+    /// for the next server to take back.
+    pub fn stop_leaving_slots(&self) {
+        if self.stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -422,18 +476,76 @@ fn resource_keys() -> BTreeSet<String> {
     keys
 }
 
-/// Removes what this server's key left from an earlier run, and what servers that are gone
-/// left under other keys (their lock is free: they crashed, or their data directory is gone).
-fn remove_leftovers(shared: &Shared) -> Result<(), NetError> {
-    remove_resources(&shared.config.key);
+/// Whether a VM holds the tap device of namespace `netns` (a tap without one has no carrier).
+fn tap_in_use(netns: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", rules::TAP])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => !String::from_utf8_lossy(&out.stdout).contains("NO-CARRIER"),
+        _ => false,
+    }
+}
+
+/// Removes slot `index` of `key` (its links and namespace); what is gone already is no error.
+fn remove_slot(key: &str, index: &str) {
+    let _ = run(
+        "ip",
+        &["-force", "-batch", "-"],
+        Some(&format!("link del vh{key}{index}\nnetns del viv-{key}-{index}\n")),
+    );
+}
+
+/// Removes what this server's key left from an earlier run (but the slots in `keep`), and what
+/// servers that are gone left under other keys (their lock is free: they crashed, stopped
+/// leaving VMs running, or their data directory is gone): every slot no VM holds, and the table
+/// once no slot is left.
+fn remove_leftovers(shared: &Shared, keep: &BTreeSet<u32>) -> Result<(), NetError> {
+    let own = &shared.config.key;
+    let prefix = shared.netns_prefix();
+    for name in netns_names() {
+        let Some(index) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !index.parse::<u32>().is_ok_and(|i| keep.contains(&i)) {
+            tracing::info!(netns = %name, "removing a network namespace");
+            remove_slot(own, index);
+        }
+    }
+    // Links whose namespace is gone (a crash between creating the two).
+    for name in link_names().unwrap_or_default() {
+        let Some(index) = name.strip_prefix(&shared.link_prefix()) else {
+            continue;
+        };
+        if !index.parse::<u32>().is_ok_and(|i| keep.contains(&i)) {
+            let _ = run("ip", &["link", "del", &name], None);
+        }
+    }
     for key in resource_keys() {
-        if key == shared.config.key {
+        if key == *own {
             continue;
         }
         if let Some(_lock) = lock_key(&key)? {
-            tracing::info!(key = %key, "removing the networking of a server that is gone");
-            remove_resources(&key);
-            let _ = std::fs::remove_file(format!("{LOCK_DIR}/{key}.lock"));
+            let prefix = format!("viv-{key}-");
+            let mut left = 0;
+            for name in netns_names() {
+                let Some(index) = name.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if tap_in_use(&name) {
+                    left += 1;
+                } else {
+                    tracing::info!(netns = %name, "removing the network namespace of a server that is gone");
+                    remove_slot(&key, index);
+                }
+            }
+            if left == 0 {
+                tracing::info!(key = %key, "removing the networking of a server that is gone");
+                remove_resources(&key);
+                let _ = std::fs::remove_file(format!("{LOCK_DIR}/{key}.lock"));
+            }
         }
     }
     Ok(())
@@ -486,11 +598,14 @@ fn listen_in(netns: &std::path::Path, port: u16) -> Result<tokio::net::TcpListen
     tokio::net::TcpListener::from_std(listener).map_err(io("registering the egress proxy".into()))
 }
 
-/// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them.
+/// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them,
+/// unless it was detached.
 pub struct Slot {
     handle: SlotHandle,
     /// The egress proxy's task (its socket keeps the namespace alive, so it ends first).
     proxy: Option<tokio::task::AbortHandle>,
+    /// Left for a VM that runs on after the server stops.
+    detached: bool,
 }
 
 impl std::fmt::Debug for Slot {
@@ -513,6 +628,16 @@ impl Slot {
     /// The namespace's end of the veth pair (what the sandbox's traffic leaves as).
     pub fn namespace_address(&self) -> Ipv4Addr {
         self.handle.namespace_address()
+    }
+
+    /// The slot's number in the pool (recorded, so a later server can take it back).
+    pub fn index(&self) -> u32 {
+        self.handle.index
+    }
+
+    /// Leaves the namespace and links in place for a VM that runs on after the server stops.
+    pub fn detach(mut self) {
+        self.detached = true;
     }
 
     /// Puts `policy` in force (one nftables transaction).
@@ -547,7 +672,9 @@ impl Drop for Slot {
             .write()
             .expect("policies lock")
             .remove(&self.handle.namespace_address());
-        self.handle.remove();
+        if !self.detached {
+            self.handle.remove();
+        }
         shared.used.lock().expect("slots lock").remove(&self.handle.index);
     }
 }
@@ -626,6 +753,31 @@ impl SlotHandle {
             self.remove();
         }
         result
+    }
+
+    /// Gives the links this index's addresses of the pool, if they have others (a slot made
+    /// under another `--net-pool`).
+    fn ensure_addresses(&self) -> Result<(), NetError> {
+        let (netns, link) = (self.netns_name(), self.link_name());
+        let (host, inside) = (self.host_address(), self.namespace_address());
+        let current = output("ip", &["-o", "-4", "addr", "show", "dev", &link])?;
+        if current.contains(&format!(" {host}/30 ")) {
+            return Ok(());
+        }
+        tracing::info!(netns = %netns, %host, "the address pool changed: readdressing a network slot");
+        run(
+            "ip",
+            &["-batch", "-"],
+            Some(&format!("addr flush dev {link}\naddr add {host}/30 dev {link}\n")),
+        )?;
+        run(
+            "ip",
+            &["-n", &netns, "-batch", "-"],
+            Some(&format!(
+                "addr flush dev {uplink}\naddr add {inside}/30 dev {uplink}\nroute replace default via {host}\n",
+                uplink = rules::UPLINK
+            )),
+        )
     }
 
     fn load_rules(&self, policy: &Policy) -> Result<(), NetError> {

@@ -15,7 +15,7 @@ pub mod routes;
 pub mod store;
 
 pub use error::ApiError;
-pub use manager::{Config, Manager, NetworkMode};
+pub use manager::{Config, Manager, NetworkMode, Recovery, ShutdownMode};
 pub use metrics::Metrics;
 pub use store::Store;
 

@@ -3,9 +3,11 @@
 //!
 //! Invariants:
 //! - every live sandbox has a row in the store; rows of sandboxes whose VM died say `failed`;
+//! - a running sandbox's row names its VM process (pid and start time) and network slot, so
+//!   its VM can outlive this server and be taken over by the next one ([`recovery`]);
 //! - a sandbox's files (run directory with overlay, sockets and logs, and its memory file) exist
 //!   only while its VM may run: they are removed on kill, on VM failure, on failed creation, and
-//!   at server start for anything a previous server left behind.
+//!   at server start for anything no VM that is still running needs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -20,15 +22,17 @@ use viv_vmm::{Accel, GuestMemory, Restore, SnapshotMemory, Vm, VmSpec, Vmm};
 
 use crate::agent_client::AgentClient;
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow, Store};
+use crate::store::{now_rfc3339, SandboxRow, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
 mod pool;
+mod recovery;
 mod snapshots;
 mod templates;
 
 pub use builds::{BuildJob, BuildLog};
+pub use recovery::{Recovery, ShutdownMode};
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -64,6 +68,10 @@ pub struct Config {
     pub net_pool: viv_net::Cidr,
     /// PEM certificates sandboxes trust besides their image's (for TLS-intercepting egress).
     pub guest_ca_certificates: Option<String>,
+    /// Jail every VMM (off only to measure what the jail costs).
+    pub jail: bool,
+    /// The host-wide uid range jailed VMMs run as: first uid and count.
+    pub jail_uids: (u32, u32),
 }
 
 /// How sandboxes reach networks outside their VM.
@@ -291,11 +299,21 @@ impl Manager {
         };
         let data_key = hex::encode(&Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..4]);
         let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{}", data_key));
-        for dir in [config.data_dir.join("sandboxes"), shm_dir.clone()] {
-            std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io {
-                context: format!("creating {}", dir.display()),
-                source,
-            })?;
+        // Snapshots hold guest memory and disks: nobody else's to read.
+        for dir in [
+            config.data_dir.clone(),
+            config.data_dir.join("sandboxes"),
+            shm_dir.clone(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    use std::os::unix::fs::PermissionsExt as _;
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|source| ImageError::Io {
+                    context: format!("creating {}", dir.display()),
+                    source,
+                })?;
         }
         let accel = config.accel.resolve();
         let key_file = config.data_dir.join("channel.key");
@@ -310,12 +328,13 @@ impl Manager {
                 key
             }
         };
+        let vmm = viv_vmm::qemu::Qemu::default().confined(confinement(&config, &data_key)?);
         Ok(Self {
             config,
             store,
             images,
             boot,
-            vmm: Arc::new(viv_vmm::qemu::Qemu::default()),
+            vmm: Arc::new(vmm),
             accel,
             shm_dir,
             live: Mutex::new(HashMap::new()),
@@ -330,17 +349,25 @@ impl Manager {
     }
 
     /// Sets up isolated networking when the server runs in that mode (removing namespaces and
-    /// links a crashed server left).
-    pub async fn start_network(&self) -> Result<(), viv_net::NetError> {
+    /// links a crashed server left, but the slots in `keep`, whose VMs still run).
+    async fn start_network(&self, keep: std::collections::BTreeSet<u32>) -> Result<(), viv_net::NetError> {
         if self.config.network == NetworkMode::Isolated && self.net.get().is_none() {
-            let net = viv_net::Network::start(viv_net::NetworkConfig {
-                pool: self.config.net_pool,
-                key: self.data_key[..6].to_owned(),
-            })
+            let net = viv_net::Network::start(
+                viv_net::NetworkConfig {
+                    pool: self.config.net_pool,
+                    key: self.data_key[..6].to_owned(),
+                },
+                keep,
+            )
             .await?;
             let _ = self.net.set(net);
         }
         Ok(())
+    }
+
+    /// How VMM processes are confined, for a person.
+    pub fn confinement(&self) -> String {
+        self.vmm.confinement()
     }
 
     /// How sandboxes are networked.
@@ -490,62 +517,6 @@ impl Manager {
         self.accel
     }
 
-    /// Cleans up after a previous server process: its VMs died with it (or are killed now), so
-    /// their sandboxes are marked failed and their files removed.
-    pub fn recover(&self) -> Result<(), ApiError> {
-        for row in self.store.sandboxes()? {
-            let run_dir = self.run_dir(&row.id);
-            if let Some(pid) = row.vmm_pid {
-                kill_stale_vmm(pid, &run_dir);
-            }
-            // A resume that the crash interrupted: the sandbox is still in its pause node.
-            let resuming = row.state == SandboxState::Starting
-                && match row.snapshot_id.as_deref() {
-                    Some(node) => self
-                        .store
-                        .snapshot(node)?
-                        .is_some_and(|n| n.kind == SnapshotKind::Pause && n.sandbox_id == row.id),
-                    None => false,
-                };
-            if resuming {
-                self.store.put_sandbox(&SandboxRow {
-                    state: SandboxState::Paused,
-                    vmm_pid: None,
-                    ..row.clone()
-                })?;
-            } else if matches!(row.state, SandboxState::Running | SandboxState::Starting) {
-                self.store
-                    .fail_sandbox(&row.id, "the server stopped while the sandbox ran; its VM was stopped")?;
-            }
-            remove_files(&run_dir, &self.memory_file(&row.id));
-        }
-        self.recover_snapshots()?;
-        self.collect_layers();
-        // Anything else in our directories belongs to no sandbox.
-        let _ = std::fs::remove_dir_all(self.config.data_dir.join("builds"));
-        // Template snapshots a crash interrupted.
-        for dir in [self.config.data_dir.join("templates"), self.shm_dir.join("templates")] {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.path().extension().is_some_and(|e| e == "building") {
-                    let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
-                }
-            }
-        }
-        for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.file_name() == "templates" {
-                    continue;
-                }
-                let _ = if entry.path().is_dir() {
-                    std::fs::remove_dir_all(entry.path())
-                } else {
-                    std::fs::remove_file(entry.path())
-                };
-            }
-        }
-        Ok(())
-    }
-
     fn run_dir(&self, id: &str) -> PathBuf {
         self.config.data_dir.join("sandboxes").join(id)
     }
@@ -638,7 +609,8 @@ impl Manager {
             memory_mb: memory_mib,
             metadata: req.metadata.clone().unwrap_or_default(),
             access_token: secure.then(|| random_id(32)),
-            vmm_pid: None,
+            vmm: None,
+            net_slot: None,
             error: None,
             snapshot_id: match &source {
                 Source::Node(node) => Some(node.id.clone()),
@@ -726,7 +698,8 @@ impl Manager {
         match started_vm.await {
             Ok(live) => {
                 row.state = SandboxState::Running;
-                row.vmm_pid = live.vm.pid();
+                row.vmm = Some(live.vm.identity());
+                row.net_slot = live.slot().map(|s| s.index());
                 row.error = None;
                 // The lifetime counts from when the sandbox is usable.
                 row.end_at_ms = now_ms() + (start.timeout as i64) * 1000;
@@ -796,6 +769,7 @@ impl Manager {
         create_overlay(&layer, &overlay).await?;
         let (network, slot) = self.network(rules).await?;
         let spec = VmSpec {
+            vm_id: id.to_owned(),
             name: format!("viv-{}", &id[..8.min(id.len())]),
             run_dir: run_dir.to_path_buf(),
             kernel: self.boot.kernel.clone(),
@@ -810,9 +784,9 @@ impl Manager {
             network,
         };
         let vm = self.vmm.launch(&spec).await.map_err(|e| match e {
-            viv_vmm::LaunchError::MissingBinary { .. } | viv_vmm::LaunchError::AccelUnavailable(_) => {
-                ApiError::Unavailable(e.to_string())
-            }
+            viv_vmm::LaunchError::MissingBinary { .. }
+            | viv_vmm::LaunchError::AccelUnavailable(_)
+            | viv_vmm::LaunchError::Exhausted(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Sandbox(format!("sandbox {id} failed to start: {other}")),
         })?;
         let live = Arc::new(LiveSandbox {
@@ -1035,13 +1009,21 @@ impl Manager {
         }
     }
 
-    /// One sandbox.
+    /// One sandbox. A sandbox whose VM died is gone, as E2B has it (404), and the message says
+    /// why.
     pub fn get(&self, id: &str) -> Result<SandboxInfo, ApiError> {
         let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        if row.state == SandboxState::Failed {
+            return Err(ApiError::NotFound(format!(
+                "sandbox '{id}' is gone: {}",
+                row.error.as_deref().unwrap_or("its VM stopped")
+            )));
+        }
         Ok(self.info(row))
     }
 
-    /// All sandboxes, optionally only those whose metadata contains every pair in `filter`.
+    /// All sandboxes (failed ones too: callers filter by state), optionally only those whose
+    /// metadata contains every pair in `filter`.
     pub fn list(&self, filter: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ApiError> {
         Ok(self
             .store
@@ -1102,26 +1084,6 @@ impl Manager {
             }
         });
     }
-
-    /// Server shutdown: with snapshots on, every running sandbox is paused (a restarted server
-    /// resumes it on `connect`); otherwise, or if its pause fails, it is killed.
-    pub async fn shutdown(&self) {
-        self.empty_pool(None).await;
-        let ids: Vec<String> = self.live.lock().expect("live lock").keys().cloned().collect();
-        for id in ids {
-            if self.config.snapshots {
-                match self.pause(&id).await {
-                    Ok(_) => continue,
-                    Err(err) => tracing::warn!(sandbox = %id, error = %err, "pausing at shutdown failed; killing"),
-                }
-            }
-            let _ = self.kill(&id).await;
-        }
-        let _ = std::fs::remove_dir(&self.shm_dir);
-        if let Some(net) = self.net.get() {
-            net.shutdown();
-        }
-    }
 }
 
 async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ApiError> {
@@ -1164,15 +1126,40 @@ fn remove_files(run_dir: &Path, memory_file: &Path) {
     let _ = std::fs::remove_file(memory_file);
 }
 
-/// Kills a VMM left by a previous server, if that pid still runs a VMM of this sandbox.
-fn kill_stale_vmm(pid: u32, run_dir: &Path) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = run_dir.to_string_lossy();
-    if String::from_utf8_lossy(&cmdline).contains(needle.as_ref()) {
-        // SAFETY: kill takes plain integers; the pid was just checked to be our VMM.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        tracing::warn!(pid, "killed a VM left running by a previous server");
+/// How VMMs are confined: the full jail as root, QEMU's seccomp filter alone otherwise, and
+/// nothing only when asked (to measure what the jail costs).
+fn confinement(config: &Config, data_key: &str) -> Result<viv_vmm::confine::Confinement, ImageError> {
+    use viv_vmm::confine::{Confinement, JailConfig};
+    if !config.jail {
+        tracing::warn!("VMs run without a jail (--jail=false): for measurements only, never with untrusted guests");
+        return Ok(Confinement::None);
     }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!(
+            "VMs run with QEMU's seccomp filter only: the jail (a uid per VM, a mount namespace, a cgroup) needs root"
+        );
+        return Ok(Confinement::Seccomp);
+    }
+    let error = |e: viv_jail::JailError| ImageError::Io {
+        context: "setting up the VM jail".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let uids = viv_jail::uids::UidPool::new(config.jail_uids.0, config.jail_uids.1).map_err(error)?;
+    let cgroups = viv_jail::cgroup::CgroupTree::open(&format!("vivarium/{data_key}")).map_err(error)?;
+    if cgroups.is_none() {
+        tracing::warn!("this host offers no cgroup memory controller: VMs run without cgroup limits");
+    }
+    std::fs::create_dir_all(viv_jail::JAIL_ROOT_MOUNT).map_err(|source| ImageError::Io {
+        context: format!("creating {}", viv_jail::JAIL_ROOT_MOUNT),
+        source,
+    })?;
+    Ok(Confinement::Jail(Arc::new(JailConfig {
+        jailer: PathBuf::from("/proc/self/exe"),
+        uids,
+        cgroups,
+        key: data_key.to_owned(),
+    })))
 }
 
 /// The QEMU version, part of every template key: device state is only loadable by the same

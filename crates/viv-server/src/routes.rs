@@ -109,6 +109,7 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "sandboxes": state.manager.live_count(),
         "pooled": state.manager.pooled_count(),
         "network": state.manager.network_mode().to_string(),
+        "confinement": state.manager.confinement(),
         "networkSlots": state.manager.network_slots(),
     }))
 }
@@ -225,12 +226,39 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
+/// Every sandbox but those whose VM died (gone, as E2B has it), or those of the states in
+/// `?state=` (comma-separated; `failed` lists the dead with their reasons).
 async fn list_sandboxes(
     State(state): State<AppState>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let filter = metadata_filter(query.get("metadata"))?;
-    Ok(Json(state.manager.list(&filter)?).into_response())
+    let states = match query.get("state").filter(|s| !s.is_empty()) {
+        Some(list) => parse_states(list)?,
+        None => vec![
+            viv_api::SandboxState::Starting,
+            viv_api::SandboxState::Running,
+            viv_api::SandboxState::Paused,
+        ],
+    };
+    let listed: Vec<viv_api::SandboxInfo> = state
+        .manager
+        .list(&filter)?
+        .into_iter()
+        .filter(|s| states.contains(&s.state))
+        .collect();
+    Ok(Json(listed).into_response())
+}
+
+/// States named in a `state=` query.
+fn parse_states(list: &str) -> Result<Vec<viv_api::SandboxState>, ApiError> {
+    list.split(',')
+        .map(|s| {
+            viv_api::SandboxState::parse(s.trim()).ok_or_else(|| {
+                ApiError::BadRequest(format!("unknown state '{s}'; use running, paused, starting or failed"))
+            })
+        })
+        .collect()
 }
 
 /// The pairs of a `?metadata=k1%3Dv1%26k2%3Dv2` filter, as E2B's API encodes metadata filters.
@@ -264,13 +292,7 @@ async fn list_sandboxes_v2(
 ) -> Result<Response, ApiError> {
     let filter = metadata_filter(query.metadata.as_ref())?;
     let states: Vec<viv_api::SandboxState> = match query.state.as_deref().filter(|s| !s.is_empty()) {
-        Some(list) => list
-            .split(',')
-            .map(|s| {
-                viv_api::SandboxState::parse(s.trim())
-                    .ok_or_else(|| ApiError::BadRequest(format!("unknown state '{s}'; use running or paused")))
-            })
-            .collect::<Result<_, _>>()?,
+        Some(list) => parse_states(list)?,
         None => vec![viv_api::SandboxState::Running, viv_api::SandboxState::Paused],
     };
     let limit = query.limit.unwrap_or(100);

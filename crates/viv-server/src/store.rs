@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_network.sql"),
     include_str!("migrations/0005_network_rules.sql"),
     include_str!("migrations/0006_snapshot_network.sql"),
+    include_str!("migrations/0007_vm_identity.sql"),
 ];
 
 /// A store failure.
@@ -58,8 +59,10 @@ pub struct SandboxRow {
     pub metadata: BTreeMap<String, String>,
     /// The agent's access token.
     pub access_token: Option<String>,
-    /// The VMM's pid while running.
-    pub vmm_pid: Option<u32>,
+    /// The VMM process while running (pid and start time).
+    pub vmm: Option<viv_vmm::ProcessIdentity>,
+    /// The network slot of its VM (isolated mode) while running.
+    pub net_slot: Option<u32>,
     /// Why it failed.
     pub error: Option<String>,
     /// The snapshot node its state descends from (for a paused sandbox: the node holding it).
@@ -261,8 +264,8 @@ impl Store {
         self.conn().execute(
             "INSERT OR REPLACE INTO sandboxes
              (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
-              snapshot_id, auto_pause, internet, network)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+              snapshot_id, auto_pause, internet, network, vmm_identity, net_slot)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 row.id,
                 row.template_id,
@@ -273,12 +276,14 @@ impl Store {
                 row.memory_mb,
                 serde_json::to_string(&row.metadata).expect("metadata serializes"),
                 row.access_token,
-                row.vmm_pid,
+                row.vmm.map(|v| v.pid),
                 row.error,
                 row.snapshot_id,
                 row.auto_pause,
                 row.network.internet,
                 (!row.network.is_plain()).then(|| serde_json::to_string(&row.network).expect("rules serialize")),
+                row.vmm.map(|v| v.to_string()),
+                row.net_slot,
             ],
         )?;
         Ok(())
@@ -287,7 +292,7 @@ impl Store {
     /// Marks a sandbox failed with a reason.
     pub fn fail_sandbox(&self, id: &str, reason: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE sandboxes SET state = 'failed', error = ?2, vmm_pid = NULL WHERE id = ?1",
+            "UPDATE sandboxes SET state = 'failed', error = ?2, vmm_pid = NULL, vmm_identity = NULL, net_slot = NULL WHERE id = ?1",
             params![id, reason],
         )?;
         Ok(())
@@ -446,7 +451,8 @@ impl Store {
 }
 
 const SELECT_SANDBOX: &str = "SELECT id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, \
-                              access_token, vmm_pid, error, snapshot_id, auto_pause, internet, network FROM sandboxes";
+                              access_token, vmm_pid, error, snapshot_id, auto_pause, internet, network, \
+                              vmm_identity, net_slot FROM sandboxes";
 
 fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
     let state: String = r.get(2)?;
@@ -461,7 +467,10 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         memory_mb: r.get(6)?,
         metadata: serde_json::from_str(&metadata).unwrap_or_default(),
         access_token: r.get(8)?,
-        vmm_pid: r.get(9)?,
+        vmm: r
+            .get::<_, Option<String>>(15)?
+            .and_then(|v| v.parse::<viv_vmm::ProcessIdentity>().ok()),
+        net_slot: r.get(16)?,
         error: r.get(10)?,
         snapshot_id: r.get(11)?,
         auto_pause: r.get(12)?,

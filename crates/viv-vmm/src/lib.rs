@@ -4,14 +4,24 @@
 //! [`Vm::exit`] watch reports when and why the VM stopped, and whose [`Vm::kill`] stops it and
 //! waits until its process is gone. [`qemu::Qemu`] is the backend that runs everywhere (KVM
 //! where `/dev/kvm` works, TCG otherwise); Firecracker and Cloud Hypervisor can be added as
-//! further implementations.
+//! further implementations. [`confine`] is how VMM processes are jailed.
 //!
-//! Invariant: a VM process never outlives its handle or the server. Dropping a [`Vm`] kills the
-//! process, and the process is started with `PR_SET_PDEATHSIG` so a crashed server takes its VMs
-//! with it.
+//! Invariants:
+//! - VMs outlive the server: a VMM process is started in a session of its own with no parent
+//!   death signal, so a crashed, stopped or upgraded server leaves it running, and the next
+//!   server takes it over with [`Vmm::adopt`] (pid, start time and command line checked);
+//! - within a server, a VM never outlives its handle unless asked to: dropping a [`Vm`] kills
+//!   its process; [`Vm::detach`] is the one way to let it go on without the handle;
+//! - [`Vm::exit`] reports every stop with a reason, and a VM's jail (uid, cgroup) is released
+//!   only once its process is gone.
 
+pub mod confine;
+pub mod process;
+pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
+
+pub use process::ProcessIdentity;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -84,6 +94,9 @@ impl Accel {
 /// Everything needed to launch one VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
+    /// The VM's id: unique on the host among this server's VMs (names its cgroup and its uid
+    /// record; `[0-9a-zA-Z_-]`, at most 64 characters).
+    pub vm_id: String,
     /// A short name used in logs and the guest host name.
     pub name: String,
     /// Directory for this VM's sockets, logs and disk overlay; created by the caller.
@@ -218,6 +231,50 @@ pub enum LaunchError {
     /// The VMM started but exited or never became controllable.
     #[error("the VM did not start: {0}")]
     Startup(String),
+    /// A host resource VMs need (jail uids) is used up.
+    #[error("{0}")]
+    Exhausted(String),
+}
+
+/// A VM a previous server left running, to be taken over.
+#[derive(Debug, Clone)]
+pub struct Adoption {
+    /// Its id (as in its [`VmSpec`]).
+    pub vm_id: String,
+    /// Its run directory (its control socket is there).
+    pub run_dir: PathBuf,
+    /// Its process as recorded when it started.
+    pub identity: ProcessIdentity,
+}
+
+impl Adoption {
+    /// The Unix socket of the monitor.
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+}
+
+/// Why a VM could not be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// Its process is gone (or the pid now belongs to another process).
+    #[error("its VM process is gone")]
+    Gone,
+    /// The process runs but cannot be controlled (it is killed).
+    #[error("its VM does not answer on its control socket: {0}")]
+    Unresponsive(String),
+}
+
+/// A VM taken over, and what it was doing.
+pub type Adopted = (Box<dyn Vm>, AdoptedState);
+
+/// What a taken-over VM was doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptedState {
+    /// Its vCPUs run.
+    Running,
+    /// Its vCPUs are stopped (a pause, fork or snapshot was under way, or a save finished).
+    Stopped,
 }
 
 /// Why an operation on a running VM failed.
@@ -241,14 +298,34 @@ pub enum VmError {
 pub trait Vmm: Send + Sync + 'static {
     /// The backend's name, such as `qemu`.
     fn name(&self) -> &'static str;
+    /// How its processes are confined, for a person.
+    fn confinement(&self) -> String;
     /// Launches a VM; returns once the VMM is running and controllable (not once the guest booted).
     fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, LaunchError>>;
+    /// Takes over a VM a previous server left running.
+    fn adopt<'a>(&'a self, vm: &'a Adoption) -> BoxFuture<'a, Result<Adopted, AdoptError>>;
+    /// Kills every VM of this server (found by its cgroup, or by a command line naming a path
+    /// under `run_root`) whose id `keep` does not hold, and releases their jails. Returns the
+    /// ids of those killed.
+    fn remove_orphans(&self, run_root: &std::path::Path, keep: &dyn Fn(&str) -> bool) -> Vec<String>;
+    /// Removes what this server holds host-wide for its VMs (its cgroup tree) once none of its
+    /// VMs is left.
+    fn release_host(&self);
 }
 
 /// A running VM.
 pub trait Vm: Send + Sync {
     /// The VMM process id.
     fn pid(&self) -> Option<u32>;
+    /// The VMM process (pid and start time), recorded so a later server can take it over.
+    fn identity(&self) -> ProcessIdentity;
+    /// The uid its VMM runs as.
+    fn uid(&self) -> u32;
+    /// Lets the VM run on without this handle (the server is stopping and leaves it running);
+    /// dropping the handle afterwards does not kill it.
+    fn detach(&self);
+    /// The image the guest's disk writes to now (its top overlay).
+    fn root_disk(&self) -> BoxFuture<'_, Result<PathBuf, VmError>>;
     /// Watches for the VM stopping; holds `None` while it runs.
     fn exit(&self) -> watch::Receiver<Option<VmExit>>;
     /// Whether the guest has opened the agent channel. QEMU only forwards bytes to a

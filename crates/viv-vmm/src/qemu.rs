@@ -3,32 +3,47 @@
 //! Devices: the root disk as a `-blockdev` qcow2 overlay on `virtio-blk-device` (`-blockdev`
 //! rather than `-drive`, because only that form survives migration, which snapshots use), the
 //! agent channel as a virtio-serial port backed by a Unix socket, the serial console written to
-//! `console.log`, and guest memory as a `memory-backend-file` so it can later be shared with
-//! snapshots.
+//! `console.log`, guest memory as a `memory-backend-file` so it can be shared with snapshots, and
+//! a network card whose tap device the server opens and hands over as a descriptor.
+//!
+//! QEMU runs confined ([`Confinement`]): jailed, it can open no file of the server's, so saved
+//! states go both ways through descriptors the server opens and passes over QMP (`add-fd`, then
+//! a `file:/dev/fdset/N` migration), and the template memory a clone maps privately is opened
+//! read-only (`readonly=on,rom=off`). Its seccomp filter forbids spawning helpers anyway.
+//!
+//! Invariants: a QEMU process is started in its own session without a parent death signal (it
+//! outlives the server); a handle that is dropped without [`Vm::detach`] kills it; its jail is
+//! released by its supervisor once the process is gone, never before.
 
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::FutureExt as _;
-use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
+use crate::confine::{Confinement, JailResources};
+use crate::process::{ProcessIdentity, VmProcess};
 use crate::qmp::Qmp;
 use crate::{
-    Accel, GuestMemory, LaunchError, Restore, SnapshotMemory, Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT,
+    Accel, AdoptError, Adopted, AdoptedState, Adoption, GuestMemory, LaunchError, Restore, SnapshotMemory, Vm, VmError,
+    VmExit, VmSpec, Vmm, STARTUP_TIMEOUT,
 };
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
 pub struct Qemu {
+    /// The QEMU binary (resolved on PATH when a bare name is given).
     binary: PathBuf,
     /// The host's TSC frequency, which a TCG guest's TSC runs at.
     host_tsc_khz: Option<u64>,
+    confinement: Confinement,
 }
 
 impl Default for Qemu {
@@ -57,13 +72,38 @@ fn host_tsc_khz() -> Option<u64> {
 /// Longest Unix socket path the kernel accepts.
 const MAX_SOCKET_PATH: usize = 107;
 
+/// The descriptor number a tap device is handed to QEMU at.
+const TAP_FD: i32 = 3;
+
+/// QEMU's seccomp filter: no obsolete system calls, no privilege changes, no new processes, no
+/// scheduler or CPU-affinity changes.
+const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// fdset ids of descriptors passed for migrations (one at a time per VM).
+static NEXT_FDSET: AtomicU64 = AtomicU64::new(1);
+
 impl Qemu {
-    /// A backend running the given QEMU binary.
+    /// A backend running the given QEMU binary, unconfined (see [`Qemu::confined`]).
     pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
+        let binary = binary.into();
+        let binary = if binary.components().count() > 1 {
+            binary
+        } else {
+            std::env::var_os("PATH")
+                .and_then(|p| std::env::split_paths(&p).map(|d| d.join(&binary)).find(|p| p.is_file()))
+                .unwrap_or(binary)
+        };
         Self {
-            binary: binary.into(),
+            binary,
             host_tsc_khz: host_tsc_khz(),
+            confinement: Confinement::None,
         }
+    }
+
+    /// The same backend with its VMs confined as given.
+    pub fn confined(mut self, confinement: Confinement) -> Self {
+        self.confinement = confinement;
+        self
     }
 
     /// The full argument list for `spec`.
@@ -121,9 +161,11 @@ impl Qemu {
                         path(file)
                     )
                 }
+                // Opened read-only (the file is a template's, shared by every clone), mapped
+                // privately and writable (`rom=off`): writes land in the clone's own pages.
                 GuestMemory::PrivateFile(file) => {
                     format!(
-                        "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off",
+                        "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off,readonly=on,rom=off",
                         path(file)
                     )
                 }
@@ -157,6 +199,9 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&spec.control_socket())),
         ];
+        if !matches!(self.confinement, Confinement::None) {
+            args.extend(["-sandbox".into(), SECCOMP.into()]);
+        }
         // guest_announce=off: after a restore the device otherwise asks the guest to announce
         // itself, and in about half the restores the guest then lost the host's first channel
         // connection (a 2 s probe timeout per create). QEMU still announces the address itself.
@@ -166,9 +211,7 @@ impl Qemu {
                 "user,id=net0,restrict={}",
                 if *internet { "off" } else { "on" }
             )),
-            Some(crate::Network::Tap { ifname, .. }) => {
-                Some(format!("tap,id=net0,ifname={ifname},script=no,downscript=no"))
-            }
+            Some(crate::Network::Tap { .. }) => Some(format!("tap,id=net0,fd={TAP_FD}")),
         };
         if let Some(netdev) = netdev {
             args.extend([
@@ -185,14 +228,7 @@ impl Qemu {
     }
 
     fn check(&self, spec: &VmSpec) -> Result<(), LaunchError> {
-        let found = if self.binary.components().count() > 1 {
-            self.binary.is_file()
-        } else {
-            std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).any(|d| d.join(&self.binary).is_file()))
-                .unwrap_or(false)
-        };
-        if !found {
+        if !self.binary.is_file() {
             return Err(LaunchError::MissingBinary {
                 binary: self.binary.display().to_string(),
                 package: "qemu-system-x86".into(),
@@ -218,94 +254,259 @@ impl Qemu {
         Ok(())
     }
 
+    /// The command that starts QEMU for `spec` as this backend confines it, and the jail it
+    /// holds (to be released if the start fails).
+    fn command(
+        &self,
+        spec: &VmSpec,
+        log: &std::fs::File,
+        tap: Option<&OwnedFd>,
+    ) -> Result<(std::process::Command, Option<JailResources>), LaunchError> {
+        let args = self.arguments(spec);
+        let keep_fds = if tap.is_some() { vec![TAP_FD] } else { Vec::new() };
+        let (mut command, jail) = match &self.confinement {
+            Confinement::Jail(config) => {
+                let jail = JailResources::allocate(config, spec)?;
+                let built = jail
+                    .hand_over(spec)
+                    .and_then(|()| jail.spec(spec, &self.binary, args, keep_fds));
+                match built {
+                    Ok(jail_spec) => (jail_spec.command(&config.jailer), Some(jail)),
+                    Err(err) => {
+                        jail.release();
+                        return Err(err);
+                    }
+                }
+            }
+            Confinement::None | Confinement::Seccomp => {
+                let mut command = std::process::Command::new(&self.binary);
+                command.args(args).env_clear();
+                (command, None)
+            }
+        };
+        let io = |e: std::io::Error| LaunchError::Startup(format!("opening the VM's log: {e}"));
+        command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io)?)
+            .stderr(log.try_clone().map_err(io)?);
+        let tap_fd = tap.map(|t| t.as_raw_fd());
+        let jailed = jail.is_some();
+        let no_new_privs = matches!(self.confinement, Confinement::Seccomp);
+        // SAFETY: runs in the child between fork and exec and calls only async-signal-safe
+        // functions (setsid, dup2, fcntl, prctl) on integers; the tap descriptor stays open in
+        // the parent until spawn returns (the caller holds it).
+        unsafe {
+            command.pre_exec(move || {
+                // The jailer starts its own session; an unjailed QEMU gets one here, so that
+                // signals meant for the server's process group never reach it.
+                if !jailed && libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = tap_fd {
+                    if fd == TAP_FD {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(fd, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok((command, jail))
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, LaunchError> {
         self.check(spec)?;
         let stderr_log = spec.run_dir.join("qemu.log");
         let log = std::fs::File::create(&stderr_log)
             .map_err(|e| LaunchError::Startup(format!("creating {}: {e}", stderr_log.display())))?;
-        let mut command = Command::new(&self.binary);
-        command
-            .args(self.arguments(spec))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| LaunchError::Startup(e.to_string()))?)
-            .stderr(log)
-            .kill_on_drop(true);
-        // A tap backend lives in a network namespace, which QEMU joins before it starts.
-        let netns = match &spec.network {
-            Some(crate::Network::Tap { netns, .. }) => Some(
-                std::fs::File::open(netns)
-                    .map_err(|e| LaunchError::Startup(format!("opening network namespace {}: {e}", netns.display())))?,
-            ),
+        let tap = match &spec.network {
+            Some(crate::Network::Tap { netns, ifname }) => Some(open_tap(netns, ifname).map_err(|e| {
+                LaunchError::Startup(format!("opening tap device {ifname} in {}: {e}", netns.display()))
+            })?),
             _ => None,
         };
-        let netns_fd = netns.as_ref().map(|f| f.as_raw_fd());
-        // SAFETY: runs in the child before exec and only calls prctl and setns, which are
-        // async-signal-safe; the namespace descriptor stays open in the parent until spawn
-        // returns (`netns` lives past it) and is inherited by the forked child.
-        unsafe {
-            command.as_std_mut().pre_exec(move || {
-                // Die with the server: no orphan VMs if it crashes.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
+        let (mut command, jail) = self.command(spec, &log, tap.as_ref())?;
+        let process = match VmProcess::spawn(&mut command) {
+            Ok(process) => Arc::new(process),
+            Err(source) => {
+                if let Some(jail) = &jail {
+                    jail.release();
                 }
-                if let Some(fd) = netns_fd {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(|source| LaunchError::Spawn {
-            binary: self.binary.display().to_string(),
-            source,
-        })?;
-        drop(netns);
-        let pid = child.id();
-        let qmp = match connect_qmp(&spec.control_socket(), &mut child).await {
-            Ok(qmp) => Arc::new(qmp),
-            Err(reason) => {
-                let _ = child.kill().await;
-                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
-                return Err(LaunchError::Startup(format!("{reason}. QEMU said: {}", log.trim())));
+                return Err(LaunchError::Spawn {
+                    binary: self.binary.display().to_string(),
+                    source,
+                });
             }
+        };
+        drop(tap);
+        drop(command);
+        let fail = |reason: String| {
+            let process = process.clone();
+            let jail = &jail;
+            let stderr_log = &stderr_log;
+            async move {
+                let _ = process.signal(libc::SIGKILL);
+                process.exited().await;
+                if let Some(jail) = jail {
+                    jail.release();
+                }
+                let log = std::fs::read_to_string(stderr_log).unwrap_or_default();
+                LaunchError::Startup(format!("{reason}. QEMU said: {}", log.trim()))
+            }
+        };
+        let qmp = match connect_qmp(&spec.control_socket(), &process).await {
+            Ok(qmp) => Arc::new(qmp),
+            Err(reason) => return Err(fail(reason).await),
         };
         // Subscribe before the guest runs, so no event (the agent port opening) is missed.
         let events = qmp.events();
         if let Some(from) = &spec.restore_from {
             if let Err(err) = restore(&qmp, from).await {
-                let _ = child.kill().await;
-                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
-                return Err(LaunchError::Startup(format!(
-                    "restoring {}: {err}. QEMU said: {}",
-                    from.state.display(),
-                    log.trim()
-                )));
+                return Err(fail(format!("restoring {}: {err}", from.state.display())).await);
             }
         }
-        let (exit_tx, exit_rx) = watch::channel(None);
-        let (kill_tx, kill_rx) = oneshot::channel();
-        // Whether the guest has its agent port open (a booted guest opens it once its agent runs).
-        let (port_tx, port_rx) = watch::channel(false);
-        tokio::spawn(supervise(
-            child,
+        let uid = jail.as_ref().map_or_else(current_uid, |j| j.uid);
+        let vm = QemuVm::supervised(
+            process,
+            qmp,
             events,
-            kill_rx,
-            exit_tx,
-            port_tx,
+            jail,
+            uid,
+            0,
+            false,
             spec.console_log(),
             stderr_log,
-        ));
-        tracing::debug!(name = %spec.name, ?pid, "QEMU started");
-        Ok(Box::new(QemuVm {
-            pid,
-            exit_rx,
-            port_rx,
-            kill_tx: Mutex::new(Some(kill_tx)),
-            qmp,
-            disk_swaps: tokio::sync::Mutex::new(0),
-        }))
+        );
+        tracing::debug!(name = %spec.name, pid = vm.identity().pid, "QEMU started");
+        Ok(Box::new(vm))
     }
+
+    async fn take_over(&self, vm: &Adoption) -> Result<Adopted, AdoptError> {
+        let socket = vm.control_socket();
+        let process = match VmProcess::adopt(vm.identity, &socket) {
+            Ok(Some(process)) => Arc::new(process),
+            Ok(None) => return Err(AdoptError::Gone),
+            Err(err) => return Err(AdoptError::Unresponsive(format!("watching its process: {err}"))),
+        };
+        let uid = crate::process::uid_of(vm.identity.pid).unwrap_or_else(current_uid);
+        let jail = match &self.confinement {
+            Confinement::Jail(config) => Some(JailResources::found(config, &vm.vm_id, uid)),
+            _ => None,
+        };
+        let unresponsive = |reason: String| {
+            let _ = process.signal(libc::SIGKILL);
+            AdoptError::Unresponsive(reason)
+        };
+        let qmp = match tokio::time::timeout(STARTUP_TIMEOUT, Qmp::connect(&socket)).await {
+            Ok(Ok(qmp)) => Arc::new(qmp),
+            Ok(Err(err)) => return Err(unresponsive(err.to_string())),
+            Err(_) => return Err(unresponsive(format!("no answer within {STARTUP_TIMEOUT:?}"))),
+        };
+        let events = qmp.events();
+        let status = qmp
+            .execute("query-status", None)
+            .await
+            .map_err(|e| unresponsive(e.to_string()))?;
+        let state = if status["running"].as_bool() == Some(true) {
+            AdoptedState::Running
+        } else {
+            AdoptedState::Stopped
+        };
+        // The node the guest writes to names how many times its disk was swapped (`root`,
+        // `root-1`, ...), which names the next swap's node.
+        let swaps = top_block_node(&qmp)
+            .await
+            .map(|(node, _)| node.strip_prefix("root-").and_then(|n| n.parse().ok()).unwrap_or(0))
+            .unwrap_or(0);
+        let run_dir = &vm.run_dir;
+        let adopted = QemuVm::supervised(
+            process,
+            qmp,
+            events,
+            jail,
+            uid,
+            swaps,
+            true,
+            run_dir.join("console.log"),
+            run_dir.join("qemu.log"),
+        );
+        tracing::info!(vm = %vm.vm_id, identity = %vm.identity, ?state, "took over a running VM");
+        Ok((Box::new(adopted), state))
+    }
+
+    fn orphans(&self, run_root: &Path, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let mut killed = Vec::new();
+        if let Confinement::Jail(config) = &self.confinement {
+            if let Some(tree) = &config.cgroups {
+                for name in tree.children() {
+                    if keep(&name) {
+                        continue;
+                    }
+                    if let Some(cgroup) = tree.get(&name) {
+                        if !cgroup.processes().is_empty() {
+                            tracing::warn!(vm = %name, "killing a VM no sandbox owns");
+                            killed.push(name.clone());
+                        }
+                        cgroup.kill_all();
+                        let _ = cgroup.remove();
+                    }
+                }
+            }
+        }
+        // VMs without a cgroup (unjailed, or on a host without cgroups): by command line.
+        let marker = format!("{}/", run_root.display());
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Some(cmdline) = crate::process::command_line(pid) else {
+                continue;
+            };
+            if !cmdline.starts_with(&*self.binary.to_string_lossy()) && !cmdline.starts_with("qemu-system") {
+                continue;
+            }
+            let Some(rest) = cmdline.split(&marker).nth(1) else {
+                continue;
+            };
+            let id = rest.split('/').next().unwrap_or_default().to_owned();
+            if id.is_empty() || keep(&id) {
+                continue;
+            }
+            if let Some(start_time) = crate::process::start_time(pid) {
+                let identity = ProcessIdentity { pid, start_time };
+                if let Ok(Some(process)) = VmProcess::adopt(identity, Path::new(&marker)) {
+                    tracing::warn!(vm = %id, pid, "killing a VM no sandbox owns");
+                    let _ = process.signal(libc::SIGKILL);
+                    killed.push(id);
+                }
+            }
+        }
+        // Uid records of VMs that are gone: this server's that it does not keep, and other
+        // servers' once they are old enough not to belong to a VM being started right now.
+        if let Confinement::Jail(config) = &self.confinement {
+            let prefix = format!("{} ", config.key);
+            let _ = config
+                .uids
+                .remove_stale(|_, owner, age| match owner.strip_prefix(&prefix) {
+                    Some(id) => keep(id),
+                    None => age < Duration::from_secs(600),
+                });
+        }
+        killed.sort();
+        killed.dedup();
+        killed
+    }
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 impl Vmm for Qemu {
@@ -313,17 +514,72 @@ impl Vmm for Qemu {
         "qemu"
     }
 
+    fn confinement(&self) -> String {
+        self.confinement.describe()
+    }
+
     fn launch<'a>(&'a self, spec: &'a VmSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, LaunchError>> {
         self.start(spec).boxed()
     }
+
+    fn adopt<'a>(&'a self, vm: &'a Adoption) -> BoxFuture<'a, Result<Adopted, AdoptError>> {
+        self.take_over(vm).boxed()
+    }
+
+    fn remove_orphans(&self, run_root: &Path, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
+        self.orphans(run_root, keep)
+    }
+
+    fn release_host(&self) {
+        if let Confinement::Jail(config) = &self.confinement {
+            if let Some(tree) = &config.cgroups {
+                tree.remove_if_empty();
+            }
+        }
+    }
 }
 
-async fn connect_qmp(socket: &Path, child: &mut Child) -> Result<Qmp, String> {
+/// Opens tap device `ifname` of the network namespace at `netns` (from a short-lived thread that
+/// joins the namespace; the descriptor stays bound to that namespace's device).
+fn open_tap(netns: &Path, ifname: &str) -> std::io::Result<OwnedFd> {
+    let namespace = std::fs::File::open(netns)?;
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other(format!("interface name {ifname} is too long")));
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a descriptor this function keeps open; it changes only this
+                // thread's namespace, and the thread ends right after.
+                if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let tun = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/net/tun")?;
+                // SAFETY: an all-zero ifreq is valid; the name and flags are set below.
+                let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+                for (slot, byte) in request.ifr_name.iter_mut().zip(ifname.bytes()) {
+                    *slot = byte as libc::c_char;
+                }
+                request.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+                // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the call.
+                if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(OwnedFd::from(tun))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the tap thread panicked")))
+    })
+}
+
+async fn connect_qmp(socket: &Path, process: &VmProcess) -> Result<Qmp, String> {
     let start = Instant::now();
+    let exited = process.exited();
+    tokio::pin!(exited);
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("QEMU exited at once ({status})"));
-        }
         if socket.exists() {
             match Qmp::connect(socket).await {
                 Ok(qmp) => return Ok(qmp),
@@ -334,16 +590,45 @@ async fn connect_qmp(socket: &Path, child: &mut Child) -> Result<Qmp, String> {
         if start.elapsed() > STARTUP_TIMEOUT {
             return Err(format!("no QMP socket after {STARTUP_TIMEOUT:?}"));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::select! {
+            status = &mut exited => {
+                return Err(format!("QEMU exited at once ({})", status.unwrap_or_else(|| "status unknown".into())));
+            }
+            () = tokio::time::sleep(Duration::from_millis(2)) => {}
+        }
     }
 }
 
+/// The block node the guest's disk writes to and its file.
+async fn top_block_node(qmp: &Qmp) -> Result<(String, PathBuf), VmError> {
+    let blocks = qmp.execute("query-block", None).await?;
+    let inserted = blocks
+        .as_array()
+        .and_then(|b| b.iter().find(|d| !d["inserted"].is_null()))
+        .map(|d| &d["inserted"])
+        .ok_or_else(|| VmError::Snapshot("the VM has no disk".into()))?;
+    let node = inserted["node-name"].as_str().unwrap_or("root").to_owned();
+    let file = inserted["file"]
+        .as_str()
+        .ok_or_else(|| VmError::Snapshot("the VM's disk has no file".into()))?;
+    Ok((node, PathBuf::from(file)))
+}
+
+/// What the supervisor is told to do.
+enum Control {
+    Kill,
+    Detach,
+}
+
 /// Waits for the QEMU process to end, or kills it when asked (or when the handle is dropped),
-/// and publishes why it stopped.
+/// releases its jail once it is gone, and publishes why it stopped. Told to detach, it stops
+/// watching and leaves process and jail alone.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
-    mut child: Child,
+    process: Arc<VmProcess>,
+    jail: Option<JailResources>,
     mut events: tokio::sync::broadcast::Receiver<serde_json::Value>,
-    kill_rx: oneshot::Receiver<()>,
+    control: oneshot::Receiver<Control>,
     exit_tx: watch::Sender<Option<VmExit>>,
     port_tx: watch::Sender<bool>,
     console_log: PathBuf,
@@ -366,16 +651,26 @@ async fn supervise(
         })
     };
     let (status, requested) = tokio::select! {
-        status = child.wait() => (status, false),
-        _ = kill_rx => {
-            let _ = child.start_kill();
-            (child.wait().await, true)
-        }
+        status = process.exited() => (status, false),
+        order = control => match order {
+            Ok(Control::Detach) => {
+                recorder.abort();
+                return;
+            }
+            // Asked to, or the handle was dropped.
+            Ok(Control::Kill) | Err(_) => {
+                let _ = process.signal(libc::SIGKILL);
+                (process.exited().await, true)
+            }
+        },
     };
     recorder.abort();
+    if let Some(jail) = &jail {
+        jail.release();
+    }
     let mut reason = match &status {
-        Ok(s) => format!("QEMU exited ({s})"),
-        Err(e) => format!("QEMU could not be waited for: {e}"),
+        Some(s) => format!("QEMU exited ({s})"),
+        None => "QEMU exited".to_owned(),
     };
     if !requested {
         if let Some(event) = last_event.lock().expect("event lock").take() {
@@ -431,53 +726,45 @@ async fn wait_migration(qmp: &Qmp) -> Result<(), String> {
     }
 }
 
+/// Hands QEMU `file` as a one-descriptor fdset and returns the set's id, for a
+/// `file:/dev/fdset/ID` migration URI. QEMU picks the descriptor by access mode, so it must be
+/// opened read-only for a load and write-only for a save.
+async fn pass_file(qmp: &Qmp, file: &std::fs::File) -> Result<u64, String> {
+    let id = NEXT_FDSET.fetch_add(1, Ordering::Relaxed) % (1 << 30);
+    qmp.pass_fdset(id, file.as_fd()).await.map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+/// Drops fdset `id` from QEMU (the migration that used it is over).
+async fn drop_fdset(qmp: &Qmp, id: u64) {
+    let _ = qmp
+        .execute("remove-fd", Some(serde_json::json!({ "fdset-id": id })))
+        .await;
+}
+
 /// Loads device state into a QEMU started with `-incoming defer`, then lets the guest run.
 async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
     let state = &from.state;
-    if !state.is_file() {
-        return Err(format!("{} does not exist", state.display()));
-    }
+    let file = std::fs::File::open(state).map_err(|e| format!("opening {}: {e}", state.display()))?;
     set_memory_mode(qmp, from.memory).await.map_err(|e| e.to_string())?;
     tracing::debug!(state = %state.display(), "loading device state");
-    let uri = format!("exec:cat {}", shell_quote(state));
-    qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+    let fdset = pass_file(qmp, &file).await?;
+    let loaded = async {
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("file:/dev/fdset/{fdset}") })),
+        )
         .await
         .map_err(|e| e.to_string())?;
-    wait_migration(qmp).await?;
+        wait_migration(qmp).await
+    }
+    .await;
+    drop_fdset(qmp, fdset).await;
+    loaded?;
     tracing::debug!("device state loaded");
     qmp.execute("cont", None).await.map_err(|e| e.to_string())?;
     tracing::debug!("restored VM running");
     Ok(())
-}
-
-/// Waits until process `pid` has no children left (the helpers of `exec:` migrations).
-async fn wait_for_children(pid: u32, limit: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    let parent = pid.to_string();
-    loop {
-        let busy = std::fs::read_dir("/proc")
-            .map_err(|e| e.to_string())?
-            .flatten()
-            .any(|entry| {
-                let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-                // The parent pid is the second field after the parenthesized command name.
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                    == Some(parent.as_str())
-            });
-        if !busy {
-            return Ok(());
-        }
-        if start.elapsed() > limit {
-            return Err(format!("the snapshot writer did not finish within {limit:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Quotes a path for the shell QEMU runs `exec:` migration commands with.
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -486,18 +773,86 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 struct QemuVm {
-    pid: Option<u32>,
+    process: Arc<VmProcess>,
+    uid: u32,
     exit_rx: watch::Receiver<Option<VmExit>>,
     port_rx: watch::Receiver<bool>,
-    kill_tx: Mutex<Option<oneshot::Sender<()>>>,
+    control: Mutex<Option<oneshot::Sender<Control>>>,
     qmp: Arc<Qmp>,
     /// How many times the root disk was replaced; names the block node the guest writes to.
     disk_swaps: tokio::sync::Mutex<u32>,
+    /// The jail's owner of files this VM is given (none when not jailed).
+    jail_uid: Option<u32>,
+}
+
+impl QemuVm {
+    /// A handle on a running QEMU whose process a supervisor task now watches.
+    #[allow(clippy::too_many_arguments)]
+    fn supervised(
+        process: Arc<VmProcess>,
+        qmp: Arc<Qmp>,
+        events: tokio::sync::broadcast::Receiver<serde_json::Value>,
+        jail: Option<JailResources>,
+        uid: u32,
+        disk_swaps: u32,
+        port_open: bool,
+        console_log: PathBuf,
+        stderr_log: PathBuf,
+    ) -> Self {
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (control_tx, control_rx) = oneshot::channel();
+        // Whether the guest has its agent port open (a booted guest opens it once its agent
+        // runs; a VM taken over had it open long ago).
+        let (port_tx, port_rx) = watch::channel(port_open);
+        let jail_uid = jail.as_ref().map(|j| j.uid);
+        tokio::spawn(supervise(
+            process.clone(),
+            jail,
+            events,
+            control_rx,
+            exit_tx,
+            port_tx,
+            console_log,
+            stderr_log,
+        ));
+        Self {
+            process,
+            uid,
+            exit_rx,
+            port_rx,
+            control: Mutex::new(Some(control_tx)),
+            qmp,
+            disk_swaps: tokio::sync::Mutex::new(disk_swaps),
+            jail_uid,
+        }
+    }
+
+    fn order(&self, order: Control) {
+        if let Some(tx) = self.control.lock().expect("control lock").take() {
+            let _ = tx.send(order);
+        }
+    }
 }
 
 impl Vm for QemuVm {
     fn pid(&self) -> Option<u32> {
-        self.pid
+        Some(self.process.identity().pid)
+    }
+
+    fn identity(&self) -> ProcessIdentity {
+        self.process.identity()
+    }
+
+    fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    fn detach(&self) {
+        self.order(Control::Detach);
+    }
+
+    fn root_disk(&self) -> BoxFuture<'_, Result<PathBuf, VmError>> {
+        async move { top_block_node(&self.qmp).await.map(|(_, file)| file) }.boxed()
     }
 
     fn exit(&self) -> watch::Receiver<Option<VmExit>> {
@@ -512,20 +867,35 @@ impl Vm for QemuVm {
             // snapshot of a stopped VM into a local file should go as fast as the disk allows.
             let params = serde_json::json!({ "max-bandwidth": i64::MAX / 2 });
             self.qmp.execute("migrate-set-parameters", Some(params)).await?;
-            let uri = format!("exec:cat > {}", shell_quote(state_file));
-            self.qmp
-                .execute("migrate", Some(serde_json::json!({ "uri": uri })))
-                .await?;
+            // Guest memory may be in it: the server's alone.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(state_file)?;
             let started = Instant::now();
-            wait_migration(&self.qmp).await.map_err(VmError::Snapshot)?;
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "migration completed");
-            // QEMU reports completion once it has written the stream into the pipe; the `cat`
-            // it spawned may still be writing the file.
-            if let Some(pid) = self.pid {
-                wait_for_children(pid, Duration::from_secs(30))
+            let fdset = pass_file(&self.qmp, &file).await.map_err(VmError::Snapshot)?;
+            let saved = async {
+                self.qmp
+                    .execute(
+                        "migrate",
+                        Some(serde_json::json!({ "uri": format!("file:/dev/fdset/{fdset}") })),
+                    )
                     .await
-                    .map_err(VmError::Snapshot)?;
+                    .map_err(|e| VmError::Snapshot(e.to_string()))?;
+                wait_migration(&self.qmp).await.map_err(VmError::Snapshot)
             }
+            .await;
+            drop_fdset(&self.qmp, fdset).await;
+            saved?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "migration completed");
+            // QEMU wrote through its copy of the descriptor; the file's data is durable once
+            // this one is synced.
+            let synced = tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(std::io::Error::other)?;
+            synced?;
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "state written");
             Ok(())
         }
@@ -551,6 +921,9 @@ impl Vm for QemuVm {
     fn replace_root_disk<'a>(&'a self, overlay: &'a Path) -> BoxFuture<'a, Result<(), VmError>> {
         async move {
             let mut swaps = self.disk_swaps.lock().await;
+            if let Some(uid) = self.jail_uid {
+                std::os::unix::fs::chown(overlay, Some(uid), Some(uid))?;
+            }
             // `-blockdev node-name=root` on the command line, then `root-1`, `root-2`, ...
             let top = match *swaps {
                 0 => "root".to_owned(),
@@ -586,9 +959,7 @@ impl Vm for QemuVm {
 
     fn kill(&self) -> BoxFuture<'_, Result<(), VmError>> {
         async move {
-            if let Some(tx) = self.kill_tx.lock().expect("kill lock").take() {
-                let _ = tx.send(());
-            }
+            self.order(Control::Kill);
             let mut rx = self.exit_rx.clone();
             rx.wait_for(Option::is_some)
                 .await
@@ -603,9 +974,9 @@ impl Vm for QemuVm {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tcg_arguments_carry_the_clock_workaround_and_blockdev() {
-        let spec = VmSpec {
+    fn spec(network: Option<crate::Network>) -> VmSpec {
+        VmSpec {
+            vm_id: "t".into(),
             name: "t".into(),
             run_dir: "/run/x".into(),
             kernel: "/k".into(),
@@ -617,8 +988,13 @@ mod tests {
             memory_mib: 256,
             accel: Accel::Tcg,
             extra_cmdline: String::new(),
-            network: Some(crate::Network::User { internet: false }),
-        };
+            network,
+        }
+    }
+
+    #[test]
+    fn tcg_arguments_carry_the_clock_workaround_and_blockdev() {
+        let spec = spec(Some(crate::Network::User { internet: false }));
         let args = Qemu::default().arguments(&spec).join(" ");
         assert!(args.contains("-netdev user,id=net0,restrict=on"));
         assert!(args.contains("viv.net=10.0.2.15/24,10.0.2.2,10.0.2.3"));
@@ -627,5 +1003,23 @@ mod tests {
         assert!(args.contains("-blockdev driver=qcow2"));
         assert!(!args.contains("-drive"));
         assert!(args.contains("mem-path=/dev/shm/m,share=on"));
+        // Unconfined (measurement only): no seccomp filter.
+        assert!(!args.contains("-sandbox"));
+    }
+
+    #[test]
+    fn confined_qemu_gets_seccomp_a_tap_descriptor_and_read_only_template_memory() {
+        let mut spec = spec(Some(crate::Network::Tap {
+            netns: "/run/netns/x".into(),
+            ifname: "tap0".into(),
+        }));
+        spec.memory = GuestMemory::PrivateFile("/dev/shm/t.mem".into());
+        let args = Qemu::default()
+            .confined(Confinement::Seccomp)
+            .arguments(&spec)
+            .join(" ");
+        assert!(args.contains(&format!("-sandbox {SECCOMP}")));
+        assert!(args.contains("-netdev tap,id=net0,fd=3"));
+        assert!(args.contains("mem-path=/dev/shm/t.mem,share=off,readonly=on,rom=off"));
     }
 }

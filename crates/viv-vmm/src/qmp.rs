@@ -4,6 +4,7 @@
 //! events to subscribers.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd as _, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,6 +101,24 @@ impl Qmp {
 
     /// Runs a command and returns its `return` value.
     pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    /// Hands QEMU a copy of descriptor `fd` as fd set `id` (`add-fd`), which file names
+    /// `/dev/fdset/ID` then refer to (a `file:` migration URI, say). A jailed QEMU can open no
+    /// file of ours, so saved states are read and written through descriptors passed this way.
+    pub async fn pass_fdset(&self, id: u64, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_passing("add-fd", Some(json!({ "fdset-id": id })), Some(fd))
+            .await
+            .map(|_| ())
+    }
+
+    async fn execute_passing(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -109,7 +128,17 @@ impl Qmp {
         self.pending.lock().expect("qmp lock").insert(id, tx);
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.lock().await.write_all(line.as_bytes()).await?;
+        let sent = {
+            let mut writer = self.writer.lock().await;
+            match fd {
+                None => writer.write_all(line.as_bytes()).await,
+                Some(fd) => send_with_fd(&mut writer, line.as_bytes(), fd).await,
+            }
+        };
+        if let Err(err) = sent {
+            self.pending.lock().expect("qmp lock").remove(&id);
+            return Err(err.into());
+        }
         match rx.await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err((class, desc))) => Err(QmpError::Command {
@@ -124,5 +153,57 @@ impl Qmp {
     /// Subscribes to asynchronous events (`SHUTDOWN`, `RESET`, `STOP`, ...).
     pub fn events(&self) -> broadcast::Receiver<Value> {
         self.events.subscribe()
+    }
+}
+
+/// Writes `bytes` with `fd` attached (SCM_RIGHTS) to the first byte that goes out.
+async fn send_with_fd(writer: &mut OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let stream: &UnixStream = writer.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg_with_fd(stream.as_raw_fd(), bytes, fd)
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    writer.write_all(&bytes[sent..]).await
+}
+
+/// One `sendmsg` of (a prefix of) `bytes` carrying `fd`.
+fn sendmsg_with_fd(socket: i32, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+    let raw = fd.as_raw_fd();
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // Room for one descriptor, aligned as cmsghdr needs.
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: an all-zero msghdr is valid; its pointers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at `control`, which has room for one header and one descriptor
+    // (checked above), so the first header and its data are inside it.
+    unsafe {
+        let header = libc::CMSG_FIRSTHDR(&msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<i32>(), raw);
+    }
+    // SAFETY: `msg`, `iov`, `bytes` and `control` all outlive the call.
+    let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }

@@ -69,6 +69,13 @@ pub enum Command {
 }
 
 fn main() {
+    // `viv __jail SPEC` is the jailer the server starts each QEMU through: it must run before
+    // any other thread exists (it unshares namespaces), so before clap and the runtime.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == viv_jail::JAILER_ARG) {
+        let spec = args.next().and_then(|s| s.into_string().ok()).unwrap_or_default();
+        viv_jail::run_jailer(&spec);
+    }
     let cli = Cli::parse();
     let is_serve = matches!(cli.command, Command::Serve(_));
     tracing_subscriber::fmt()

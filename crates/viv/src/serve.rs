@@ -1,5 +1,6 @@
-//! `viv serve`: prepares images, recovers state, and serves the API until SIGINT/SIGTERM, then
-//! kills every sandbox it runs.
+//! `viv serve`: prepares images, takes over what the previous server left (running VMs
+//! included), and serves the API until SIGINT/SIGTERM, then leaves, pauses or kills the running
+//! sandboxes as `--on-shutdown` says.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,33 @@ pub struct ServeArgs {
     /// through a TLS-intercepting proxy), added to the guest's system bundle.
     #[arg(long, env = "VIV_GUEST_CA_FILE")]
     pub guest_ca_file: Option<PathBuf>,
+    /// What stopping the server (SIGTERM, Ctrl-C) does with running sandboxes: `leave` them
+    /// running for the next server to take over (upgrades, restarts), `pause` them into
+    /// snapshots, or `kill` them.
+    #[arg(long, env = "VIV_ON_SHUTDOWN", default_value = "leave")]
+    pub on_shutdown: viv_server::ShutdownMode,
+    /// Jail every QEMU (a uid of its own, no capabilities, seccomp, a mount namespace, a
+    /// cgroup). `--jail=false` exists to measure what the jail costs; never run untrusted code
+    /// without it.
+    #[arg(long, env = "VIV_JAIL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub jail: bool,
+    /// The host-wide range of uids jailed QEMUs run as, `FIRST-LAST` (shared by every server on
+    /// the host; must not overlap real users or subuid ranges).
+    #[arg(long, env = "VIV_JAIL_UIDS", default_value = "1879048192-1879113727", value_parser = parse_uid_range)]
+    pub jail_uids: (u32, u32),
+}
+
+/// A `FIRST-LAST` uid range as first uid and count.
+fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
+    let (first, last) = s
+        .split_once('-')
+        .ok_or("use FIRST-LAST, such as 1879048192-1879113727")?;
+    let first: u32 = first.trim().parse().map_err(|_| format!("'{first}' is not a uid"))?;
+    let last: u32 = last.trim().parse().map_err(|_| format!("'{last}' is not a uid"))?;
+    if first == 0 || last < first || last == u32::MAX {
+        return Err("the range must start above 0, end at or after its start and below 4294967295".into());
+    }
+    Ok((first, last - first + 1))
 }
 
 /// Finds the agent binary: the given path, else beside this executable, else where
@@ -125,6 +153,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             ),
             None => None,
         },
+        jail: args.jail,
+        jail_uids: args.jail_uids,
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {
@@ -136,11 +166,19 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await??
     };
     let manager = Arc::new(manager);
-    manager.recover()?;
-    manager
-        .start_network()
+    let recovery = manager
+        .recover()
         .await
-        .context("setting up isolated networking")?;
+        .context("taking over from the previous server")?;
+    if !recovery.adopted.is_empty() || !recovery.failed.is_empty() {
+        tracing::info!(
+            taken_over = recovery.adopted.len(),
+            lost = recovery.failed.len(),
+            orphans_killed = recovery.orphans.len(),
+            "took over from the previous server"
+        );
+    }
+    tracing::info!(confinement = %manager.confinement(), "VMs are confined");
     manager.start_deadline_enforcer();
     if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
         tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
@@ -179,8 +217,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             tokio::time::sleep(GRACE).await;
         } => tracing::warn!("requests still open {GRACE:?} after the signal; closing them"),
     }
-    tracing::info!("shutting down: stopping sandboxes");
-    manager.shutdown().await;
+    tracing::info!(on_shutdown = %args.on_shutdown, "shutting down");
+    manager.shutdown(args.on_shutdown).await;
     Ok(())
 }
 

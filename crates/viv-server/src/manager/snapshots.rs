@@ -69,7 +69,8 @@ impl Manager {
         self.live.lock().expect("live lock").remove(id);
         row.state = SandboxState::Paused;
         row.snapshot_id = Some(node.id.clone());
-        row.vmm_pid = None;
+        row.vmm = None;
+        row.net_slot = None;
         self.store.put_sandbox(&row)?;
         remove_files(&live.run_dir, &live.memory_file);
         live.release_network().await;
@@ -168,7 +169,8 @@ impl Manager {
             memory_mb: node.memory_mb,
             metadata: source.metadata.clone(),
             access_token: source.access_token.is_some().then(|| random_id(32)),
-            vmm_pid: None,
+            vmm: None,
+            net_slot: None,
             error: None,
             snapshot_id: Some(node.id.clone()),
             auto_pause: source.auto_pause,
@@ -307,8 +309,10 @@ impl Manager {
         }
         let _ = live.vm.kill().await;
         let disk = live.root_disk.lock().expect("disk lock").clone();
-        std::fs::rename(&disk, building.join("disk.qcow2"))
-            .map_err(|e| ApiError::Internal(format!("keeping the disk of sandbox {}: {e}", live.id)))
+        let kept = building.join("disk.qcow2");
+        std::fs::rename(&disk, &kept)
+            .map_err(|e| ApiError::Internal(format!("keeping the disk of sandbox {}: {e}", live.id)))?;
+        seal(&kept)
     }
 
     /// Fork or snapshot: stop the vCPUs, freeze the overlay as the node's layer (the VM goes on
@@ -349,7 +353,8 @@ impl Manager {
             )));
         }
         *live.root_disk.lock().expect("disk lock") = next;
-        Ok(())
+        // Frozen: root's from now on, so no VM given this uid later can write it.
+        seal(link)
     }
 
     fn snapshot_info(&self, node: SnapshotRow) -> Result<SnapshotInfo, ApiError> {
@@ -469,6 +474,11 @@ fn allocated_bytes(dir: &Path) -> u64 {
 }
 
 /// The virtual size recorded in a qcow2 header (big-endian u64 at offset 24).
+/// Makes a frozen file (a disk layer) root's and read-only to VMs.
+pub(super) fn seal(path: &Path) -> Result<(), ApiError> {
+    viv_vmm::confine::seal(path).map_err(|e| ApiError::Internal(format!("sealing {}: {e}", path.display())))
+}
+
 fn qcow2_virtual_size(path: &Path) -> Result<u64, ApiError> {
     use std::io::Read as _;
     let mut header = [0u8; 32];

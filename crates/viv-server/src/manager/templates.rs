@@ -297,6 +297,9 @@ impl Manager {
         let disk = live.root_disk.lock().expect("disk lock").clone();
         std::fs::rename(&disk, building.join("disk.qcow2"))
             .map_err(|e| ApiError::Internal(format!("keeping the template's disk: {e}")))?;
+        // The disk and memory every clone shares: root's, read-only to VMs.
+        super::snapshots::seal(&building.join("disk.qcow2"))?;
+        super::snapshots::seal(&memory_building)?;
         // Earlier overlays of the build are hard links of step layers; sockets and logs go too.
         for entry in std::fs::read_dir(&building).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -5,7 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::fixture::{wait_until, TestServer};
+use crate::fixture::{rpc, wait_until, TestServer};
 
 #[test]
 fn requests_without_a_valid_key_are_refused() {
@@ -305,18 +305,6 @@ fn files_round_trip_bytes_and_stay_inside_the_guest() {
 }
 
 /// Calls an envd Connect unary method through the pass-through route.
-fn rpc(server: &TestServer, id: &str, method: &str, body: Value) -> (u16, Value) {
-    let response = server
-        .post(&format!("/sandboxes/{id}/envd/{method}"))
-        .header("content-type", "application/json")
-        .header("connect-protocol-version", "1")
-        .json(&body)
-        .send()
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().unwrap_or(Value::Null))
-}
-
 #[test]
 fn envd_services_stat_mkdir_move_remove_and_signals() {
     let server = TestServer::shared();

@@ -74,10 +74,26 @@ impl TestServer {
         Self::launch(data_dir, None, 0, extra)
     }
 
+    /// Starts a server without warm VMs on an existing data directory, running `binary` (a
+    /// copy of `viv` elsewhere stands for an upgraded one).
+    pub fn start_binary_on(binary: &Path, data_dir: &Path, extra: &[&str]) -> Self {
+        Self::launch_binary(binary, data_dir, None, 0, extra)
+    }
+
     fn launch(data_dir: &Path, parent_death: Option<i32>, pool_size: usize, extra: &[&str]) -> Self {
+        Self::launch_binary(Path::new(VIV), data_dir, parent_death, pool_size, extra)
+    }
+
+    fn launch_binary(
+        binary: &Path,
+        data_dir: &Path,
+        parent_death: Option<i32>,
+        pool_size: usize,
+        extra: &[&str],
+    ) -> Self {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
-        let mut command = Command::new(VIV);
+        let mut command = Command::new(binary);
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--accel"])
             .arg(std::env::var("VIV_ACCEL").unwrap_or_else(|_| "auto".into()))
@@ -108,6 +124,11 @@ impl TestServer {
             command
                 .arg("--net-pool")
                 .arg(format!("10.{}.0.0/24", base + u32::from(n) % 20));
+        }
+        // Stopping a test server kills its sandboxes unless the test asks otherwise (the
+        // product's default leaves them running for the next server).
+        if !extra.contains(&"--on-shutdown") {
+            command.args(["--on-shutdown", "kill"]);
         }
         if let Some(signal) = parent_death {
             // SAFETY: prctl is async-signal-safe; runs in the child before exec.
@@ -328,7 +349,8 @@ impl Drop for TestServer {
     }
 }
 
-/// Asserts that no VM process, run directory or memory file of this data directory remains.
+/// Asserts that no VM process, run directory, memory file, network resource, cgroup or jail
+/// uid of this data directory remains.
 pub fn assert_no_leftovers(data_dir: &Path) {
     wait_until(Duration::from_secs(10), || qemu_processes_under(data_dir).is_empty());
     assert!(qemu_processes_under(data_dir).is_empty(), "QEMU processes left behind");
@@ -341,6 +363,53 @@ pub fn assert_no_leftovers(data_dir: &Path) {
         net.is_empty(),
         "network namespaces, links or nftables tables left behind: {net:?}"
     );
+    let jail = jail_resources(data_dir);
+    assert!(jail.is_empty(), "cgroups or jail uids left behind: {jail:?}");
+}
+
+/// The 8-hex-digit key of a server's cgroups, jail uids and memory directory.
+pub fn data_key(data_dir: &Path) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..4])
+}
+
+/// Cgroup directories and jail uid records of the server of `data_dir`.
+pub fn jail_resources(data_dir: &Path) -> Vec<String> {
+    let key = data_key(data_dir);
+    let mut found: Vec<String> = ["memory", "cpu", "pids", "blkio", "unified", ""]
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join("vivarium").join(&key))
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    for entry in std::fs::read_dir("/run/vivarium/jail/uids")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let owner = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if owner.starts_with(&format!("{key} ")) {
+            found.push(format!("uid {} ({owner})", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// The QEMU process of sandbox `id` of the server of `data_dir`.
+pub fn qemu_of(data_dir: &Path, id: &str) -> u32 {
+    let run_dir = data_dir.join("sandboxes").join(id);
+    let found = qemu_processes_under(&run_dir);
+    assert_eq!(found.len(), 1, "one QEMU for sandbox {id}: {found:?}");
+    found[0]
+}
+
+/// A line of `/proc/PID/status`, such as `Uid` or `CapEff`, without its label.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
 }
 
 /// The key a server of `data_dir` names its host resources with.
@@ -391,7 +460,8 @@ pub fn qemu_processes_under(data_dir: &Path) -> Vec<u32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+            let program = cmdline.split('\0').next().unwrap_or_default();
+            program.rsplit('/').next().is_some_and(|p| p.starts_with("qemu-system")) && cmdline.contains(&needle)
         })
         .collect()
 }
@@ -481,4 +551,31 @@ pub fn cli_with(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Cl
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// A unary envd call through the server's `/sandboxes/{id}/envd/` route: status and JSON answer.
+pub fn rpc(server: &TestServer, id: &str, method: &str, body: Value) -> (u16, Value) {
+    let response = server
+        .post(&format!("/sandboxes/{id}/envd/{method}"))
+        .header("content-type", "application/json")
+        .header("connect-protocol-version", "1")
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+/// Why sandbox `id` failed, once its VM died: it is gone from `GET /sandboxes/{id}` (404, as
+/// E2B has it) and listed with `?state=failed`, with the reason.
+pub fn failure_of(server: &TestServer, id: &str) -> Option<String> {
+    if server.get(&format!("/sandboxes/{id}")).send().unwrap().status() != 404 {
+        return None;
+    }
+    let failed: Value = server.get("/sandboxes?state=failed").send().unwrap().json().unwrap();
+    failed
+        .as_array()?
+        .iter()
+        .find(|s| s["sandboxID"] == id)
+        .map(|s| s["error"].as_str().unwrap_or_default().to_owned())
 }

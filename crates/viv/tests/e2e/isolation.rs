@@ -413,8 +413,19 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
         network_resources(temp.path())
     );
     server.stop(libc::SIGKILL);
-    // Any server that starts removes them (the crashed server's lock is free), even one of
-    // another data directory; the one of the same directory finds nothing left.
+    // Its VM runs on, so a server of another data directory leaves its slot alone.
+    drop(TestServer::start_isolated(0));
+    assert_eq!(network_resources(temp.path()).len(), 3);
+    // Once that VM is gone too, any server that starts removes them (the crashed server's lock
+    // is free), even one of another data directory; the one of the same directory finds
+    // nothing left.
+    for pid in crate::fixture::qemu_processes_under(temp.path()) {
+        // SAFETY: plain kill of a QEMU this test's server started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(wait_until(Duration::from_secs(10), || {
+        crate::fixture::qemu_processes_under(temp.path()).is_empty()
+    }));
     drop(TestServer::start_isolated(0));
     assert!(
         network_resources(temp.path()).is_empty(),

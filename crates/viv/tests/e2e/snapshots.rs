@@ -225,13 +225,7 @@ fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart(
     } else {
         assert_eq!(pause.status(), 502, "{}", pause.text().unwrap_or_default());
         assert!(wait_until(Duration::from_secs(20), || {
-            server
-                .get(&format!("/sandboxes/{victim}"))
-                .send()
-                .unwrap()
-                .json::<Value>()
-                .unwrap()["state"]
-                == "failed"
+            crate::fixture::failure_of(&server, &victim).is_some()
         }));
         let building: Vec<_> = std::fs::read_dir(server.data_dir.join("snapshots"))
             .unwrap()

@@ -1,0 +1,184 @@
+//! What the host needs to know of a qcow2 image without QEMU: its virtual size and the chain of
+//! backing files under it (each of which a jailed QEMU must be shown, read-only).
+//!
+//! Only the fixed header is read (magic, version, backing file offset and length, virtual size).
+//! The images are the server's own, but a header is still parsed defensively: a wrong magic, a
+//! name longer than QEMU allows, or a chain deeper than [`MAX_CHAIN`] or with a loop is an error,
+//! never a panic or an endless walk.
+
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// QEMU's limit on a backing file name.
+const MAX_NAME: u32 = 1023;
+
+/// Most images a backing chain may hold.
+pub const MAX_CHAIN: usize = 256;
+
+/// The fields of a qcow2 header the host uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// The backing file as written in the image (relative names are relative to the image's
+    /// directory).
+    pub backing_file: Option<String>,
+}
+
+fn invalid(path: &Path, what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()))
+}
+
+/// Parses the first bytes of an image: at least 32, and up to the end of the backing file name
+/// when there is one (`Ok(Err(n))` asks for the first `n` bytes).
+pub fn parse_header(bytes: &[u8]) -> Result<Result<Header, usize>, String> {
+    if bytes.len() < 32 {
+        return Err("shorter than a qcow2 header".into());
+    }
+    if &bytes[..4] != b"QFI\xfb" {
+        return Err("not a qcow2 image".into());
+    }
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let version = be32(4);
+    if !(2..=3).contains(&version) {
+        return Err(format!("qcow2 version {version} is not supported"));
+    }
+    let (offset, length) = (be64(8), be32(16));
+    let virtual_size = be64(24);
+    if offset == 0 || length == 0 {
+        return Ok(Ok(Header {
+            virtual_size,
+            backing_file: None,
+        }));
+    }
+    if length > MAX_NAME {
+        return Err(format!("backing file name of {length} bytes"));
+    }
+    let end = offset
+        .checked_add(u64::from(length))
+        .filter(|e| *e <= 64 * 1024 * 1024)
+        .ok_or_else(|| format!("backing file name at offset {offset}"))? as usize;
+    if bytes.len() < end {
+        return Ok(Err(end));
+    }
+    let name = std::str::from_utf8(&bytes[offset as usize..end]).map_err(|_| "backing file name is not UTF-8")?;
+    if name.contains('\0') {
+        return Err("backing file name contains a NUL byte".into());
+    }
+    Ok(Ok(Header {
+        virtual_size,
+        backing_file: Some(name.to_owned()),
+    }))
+}
+
+/// Reads the header of the image at `path`.
+pub fn header(path: &Path) -> std::io::Result<Header> {
+    let mut file = std::fs::File::open(path)?;
+    let mut bytes = vec![0u8; 512];
+    let n = read_up_to(&mut file, &mut bytes)?;
+    bytes.truncate(n);
+    match parse_header(&bytes).map_err(|e| invalid(path, e))? {
+        Ok(header) => Ok(header),
+        Err(needed) => {
+            bytes.resize(needed, 0);
+            file.seek(SeekFrom::Start(0))?;
+            file.read_exact(&mut bytes)
+                .map_err(|e| invalid(path, format!("reading the backing file name: {e}")))?;
+            match parse_header(&bytes).map_err(|e| invalid(path, e))? {
+                Ok(header) => Ok(header),
+                Err(_) => Err(invalid(path, "header does not fit")),
+            }
+        }
+    }
+}
+
+fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// The backing files under `image`, nearest first, with relative names resolved. A backing
+/// file that is not qcow2 (a raw base) ends the chain.
+pub fn backing_chain(image: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let mut current = image.to_path_buf();
+    loop {
+        let header = match header(&current) {
+            Ok(h) => h,
+            // A raw image below qcow2 layers has no header to follow.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData && !chain.is_empty() => break,
+            Err(e) => return Err(e),
+        };
+        let Some(name) = header.backing_file else { break };
+        let mut next = PathBuf::from(&name);
+        if next.is_relative() {
+            next = current.parent().unwrap_or(Path::new("/")).join(next);
+        }
+        if next == image || chain.contains(&next) {
+            return Err(invalid(image, format!("backing chain loops at {}", next.display())));
+        }
+        if chain.len() >= MAX_CHAIN {
+            return Err(invalid(image, format!("backing chain deeper than {MAX_CHAIN}")));
+        }
+        chain.push(next.clone());
+        current = next;
+    }
+    Ok(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(size: u64, backing: Option<&str>) -> Vec<u8> {
+        let mut bytes = vec![0u8; 104];
+        bytes[..4].copy_from_slice(b"QFI\xfb");
+        bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
+        bytes[24..32].copy_from_slice(&size.to_be_bytes());
+        if let Some(name) = backing {
+            bytes[8..16].copy_from_slice(&1000u64.to_be_bytes());
+            bytes[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            bytes.resize(1000, 0);
+            bytes.extend_from_slice(name.as_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn headers_are_parsed_and_bad_ones_refused() {
+        let h = parse_header(&image(1 << 30, Some("/a/b.qcow2"))).unwrap().unwrap();
+        assert_eq!(h.virtual_size, 1 << 30);
+        assert_eq!(h.backing_file.as_deref(), Some("/a/b.qcow2"));
+        assert_eq!(parse_header(&image(5, Some("x"))[..200]).unwrap(), Err(1001));
+        assert!(parse_header(b"QFI").is_err());
+        assert!(parse_header(&[0u8; 64]).is_err());
+        let mut long = image(5, Some("x"));
+        long[16..20].copy_from_slice(&5000u32.to_be_bytes());
+        assert!(parse_header(&long).is_err());
+        let mut far = image(5, Some("x"));
+        far[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert!(parse_header(&far).is_err());
+    }
+
+    #[test]
+    fn chains_are_followed_and_loops_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        std::fs::write(path("base.raw"), b"raw bytes, no header at all").unwrap();
+        std::fs::write(path("mid.qcow2"), image(9, Some("base.raw"))).unwrap();
+        let top = path("top.qcow2");
+        std::fs::write(&top, image(9, Some(path("mid.qcow2").to_str().unwrap()))).unwrap();
+        assert_eq!(backing_chain(&top).unwrap(), vec![path("mid.qcow2"), path("base.raw")]);
+        assert_eq!(header(&top).unwrap().virtual_size, 9);
+        std::fs::write(path("a.qcow2"), image(9, Some("b.qcow2"))).unwrap();
+        std::fs::write(path("b.qcow2"), image(9, Some("a.qcow2"))).unwrap();
+        assert!(backing_chain(&path("a.qcow2")).is_err());
+    }
+}
