@@ -22,7 +22,7 @@ start_server() {
   data="$(mktemp -d /tmp/viv-bench.XXXXXX)"
   scratch+=("$data")
   "$viv" serve --listen "127.0.0.1:$port" --data-dir "$data" --accel "${VIV_ACCEL:-auto}" \
-    --snapshots="${VIV_SNAPSHOTS:-true}" "$@" >"$data/serve.log" 2>&1 &
+    --snapshots="${VIV_SNAPSHOTS:-true}" --on-shutdown kill "$@" >"$data/serve.log" 2>&1 &
   servers+=($!)
   for _ in $(seq 1 300); do
     curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break

@@ -38,6 +38,8 @@ def server():
     args = [
         VIV, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
         "--accel", os.environ.get("VIV_ACCEL", "auto"), "--memory-mib", "512",
+        # The suite's server takes its sandboxes along when it stops.
+        "--on-shutdown", "kill",
     ]
     # Root gets the production network mode (a namespace per sandbox, egress rules).
     if os.geteuid() == 0:

@@ -114,3 +114,41 @@ def test_metrics_report_cpu_memory_and_disk(sandbox):
     assert 0 <= sample.cpu_used_pct <= 100
     assert 0 < sample.mem_used < sample.mem_total
     assert 20_000_000 < sample.disk_used < sample.disk_total
+
+
+def _qemu_of(sandbox_id):
+    """The pid of the QEMU running sandbox `sandbox_id` (its command line names its run directory)."""
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and f"/sandboxes/{sandbox_id}/".encode() in b" ".join(argv):
+            return int(pid)
+    raise AssertionError(f"no QEMU for sandbox {sandbox_id}")
+
+
+def test_a_sandbox_whose_vm_died_is_gone_as_e2b_reports_it():
+    import os
+    import signal
+
+    sbx = Sandbox.create(metadata={"case": "dies"}, timeout=600)
+    try:
+        assert sbx.is_running()
+        os.kill(_qemu_of(sbx.sandbox_id), signal.SIGKILL)
+        deadline = time.time() + 20
+        while sbx.is_running() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not sbx.is_running()
+        # Gone, as E2B reports a sandbox that is no more: not a state the SDK cannot parse.
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(sbx.sandbox_id)
+        assert Sandbox.list(query=SandboxQuery(metadata={"case": "dies"})).next_items() == []
+    finally:
+        try:
+            sbx.kill()
+        except NotFoundException:
+            pass

@@ -59,10 +59,15 @@ const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "blkio"];
 #[derive(Debug, Clone)]
 pub struct CgroupTree {
     version: Version,
-    /// `(controller, directory of the group)`; for v2 one entry named `unified`.
+    /// The group's path under each hierarchy's mount point.
+    group: PathBuf,
+    /// `(controller, mount point)`; for v2 one entry named `unified`.
+    mounts: Vec<(String, PathBuf)>,
+    /// The v2 controllers each level hands to its children.
+    delegated: Vec<String>,
+    /// `(controller, directory of the group)`.
     groups: Vec<(String, PathBuf)>,
 }
-
 /// Mount points of cgroup file systems: `(fstype, mount point, super options)`.
 fn cgroup_mounts() -> Vec<(String, PathBuf, String)> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -91,57 +96,95 @@ impl CgroupTree {
     /// `None` when the host has no usable memory controller (no cgroup file system, or a
     /// container that hides it).
     pub fn open(group: &str) -> Result<Option<Self>, JailError> {
-        let mounts = cgroup_mounts();
-        let unified = mounts.iter().find(|(fstype, mount, _)| {
+        let found = cgroup_mounts();
+        let unified = found.iter().find(|(fstype, mount, _)| {
             fstype == "cgroup2"
                 && std::fs::read_to_string(mount.join("cgroup.controllers"))
                     .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory"))
         });
-        let tree = if let Some((_, mount, _)) = unified {
+        let (version, mounts, delegated) = if let Some((_, mount, _)) = unified {
             let available = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
-            let wanted: Vec<&str> = ["memory", "cpu", "pids", "io"]
+            let delegated: Vec<String> = ["memory", "cpu", "pids", "io"]
                 .into_iter()
                 .filter(|c| available.split_whitespace().any(|a| a == *c))
+                .map(str::to_owned)
                 .collect();
-            // Every level down to the group hands the controllers to its children.
-            let mut dir = mount.clone();
-            for part in Path::new(group).components() {
-                let enable: String = wanted.iter().map(|c| format!("+{c} ")).collect();
-                let _ = std::fs::write(dir.join("cgroup.subtree_control"), enable.trim_end());
-                dir.push(part);
-                std::fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
-            }
-            let enable: String = wanted.iter().map(|c| format!("+{c} ")).collect();
-            write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
-            Self {
-                version: Version::V2,
-                groups: vec![("unified".into(), dir)],
-            }
+            (Version::V2, vec![("unified".to_owned(), mount.clone())], delegated)
         } else {
-            let mut groups = Vec::new();
+            let mut mounts = Vec::new();
             for controller in V1_CONTROLLERS {
-                let Some((_, mount, _)) = mounts
+                match found
                     .iter()
                     .find(|(fstype, _, options)| fstype == "cgroup" && options.split(',').any(|o| o == controller))
-                else {
-                    if controller == "memory" {
-                        return Ok(None);
-                    }
-                    continue;
-                };
-                let dir = mount.join(group);
-                std::fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
-                groups.push((controller.to_owned(), dir));
+                {
+                    Some((_, mount, _)) => mounts.push((controller.to_owned(), mount.clone())),
+                    None if controller == "memory" => return Ok(None),
+                    None => {}
+                }
             }
-            if groups.is_empty() {
-                return Ok(None);
-            }
-            Self {
-                version: Version::V1,
-                groups,
-            }
+            (Version::V1, mounts, Vec::new())
         };
+        let group = PathBuf::from(group);
+        let groups = mounts.iter().map(|(c, m)| (c.clone(), m.join(&group))).collect();
+        let tree = Self {
+            version,
+            group,
+            mounts,
+            delegated,
+            groups,
+        };
+        tree.ensure()?;
         Ok(Some(tree))
+    }
+
+    /// Creates the group's directories where they are missing (and, for v2, hands the
+    /// controllers down every level).
+    fn ensure(&self) -> Result<(), JailError> {
+        for ((_, mount), (_, dir)) in self.mounts.iter().zip(&self.groups) {
+            if self.version == Version::V1 {
+                std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+                continue;
+            }
+            let enable: String = self.delegated.iter().map(|c| format!("+{c} ")).collect();
+            let mut level = mount.clone();
+            for part in self.group.components() {
+                let _ = std::fs::write(level.join("cgroup.subtree_control"), enable.trim_end());
+                level.push(part);
+                std::fs::create_dir_all(&level).map_err(io_error(format!("creating {}", level.display())))?;
+            }
+            write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
+        }
+        Ok(())
+    }
+
+    /// Removes what servers that are gone left beside this tree (the cgroups of their VMs that
+    /// have had no process for `min_age`, then their emptied trees), so that a crashed server
+    /// whose data directory was deleted leaves nothing behind for ever.
+    pub fn remove_stale_siblings(&self, min_age: std::time::Duration) {
+        for (_, dir) in &self.groups {
+            let (Some(parent), Some(own)) = (dir.parent(), dir.file_name()) else {
+                continue;
+            };
+            for sibling in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                let path = sibling.path();
+                if sibling.file_name() == own || !path.is_dir() {
+                    continue;
+                }
+                for vm in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                    let vm = vm.path();
+                    let idle = std::fs::read_to_string(vm.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+                    let old = std::fs::metadata(&vm)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age >= min_age);
+                    if vm.is_dir() && idle && old {
+                        let _ = std::fs::remove_dir(&vm);
+                    }
+                }
+                let _ = std::fs::remove_dir(&path);
+            }
+        }
     }
 
     /// The host's layout.
@@ -157,6 +200,7 @@ impl CgroupTree {
     /// Creates the cgroup `name` with `limits` (replacing an empty one left behind).
     pub fn create(&self, name: &str, limits: &Limits) -> Result<Cgroup, JailError> {
         check_name(name)?;
+        self.ensure()?;
         let cgroup = Cgroup {
             version: self.version,
             dirs: self.groups.iter().map(|(c, d)| (c.clone(), d.join(name))).collect(),

@@ -673,6 +673,7 @@ impl Drop for Slot {
             .expect("policies lock")
             .remove(&self.handle.namespace_address());
         if !self.detached {
+            tracing::debug!(netns = %self.netns_name(), "removing a network slot");
             self.handle.remove();
         }
         shared.used.lock().expect("slots lock").remove(&self.handle.index);

@@ -444,6 +444,7 @@ impl Qemu {
         let mut killed = Vec::new();
         if let Confinement::Jail(config) = &self.confinement {
             if let Some(tree) = &config.cgroups {
+                tree.remove_stale_siblings(Duration::from_secs(600));
                 for name in tree.children() {
                     if keep(&name) {
                         continue;

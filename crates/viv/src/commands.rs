@@ -154,6 +154,9 @@ pub enum SandboxCommand {
         /// Only sandboxes with this metadata, KEY=VALUE (repeatable).
         #[arg(long = "metadata", short = 'm', value_parser = parse_pair)]
         metadata: Vec<(String, String)>,
+        /// Also those whose VM died (with the reason), until they are killed or time out.
+        #[arg(long, short = 'a')]
+        all: bool,
     },
     /// Show one sandbox.
     Get {
@@ -502,8 +505,11 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 println!("{}", created.sandbox_id);
             }
         }
-        SandboxCommand::List { metadata } => {
+        SandboxCommand::List { metadata, all } => {
             let mut request = client.request(Method::GET, "/sandboxes");
+            if all {
+                request = request.query(&[("state", "starting,running,paused,failed")]);
+            }
             if !metadata.is_empty() {
                 let encoded = metadata
                     .iter()
@@ -523,6 +529,13 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                     ],
                     &rows,
                 );
+                for failed in list.iter().filter(|s| s.error.is_some()) {
+                    println!(
+                        "\n{}: {}",
+                        failed.sandbox_id,
+                        failed.error.as_deref().unwrap_or_default()
+                    );
+                }
             }
         }
         SandboxCommand::Get { id } => {

@@ -106,16 +106,17 @@ impl TestServer {
             .arg("--pool-size")
             .arg(pool_size.to_string())
             .args(extra)
-            .env("VIV_LOG", "info")
+            .env("VIV_LOG", "info,viv_net=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         // Servers of one test run must not share an address pool (as root, `auto` networking is
-        // the isolated mode); each gets a /24 of its own unless the test gives one. Test runs
-        // side by side on one host set VIV_TEST_NET_BASE (the second octet of their first /24)
-        // apart by at least 20.
+        // the isolated mode), not even with a killed server whose VMs still hold their slots;
+        // each gets a /26 of its own (16 sandboxes) unless the test gives one, 80 before the
+        // first comes round again. Test runs side by side on one host set VIV_TEST_NET_BASE (the
+        // second octet of their first /24) apart by at least 20.
         if !extra.contains(&"--net-pool") {
-            static NEXT_POOL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-            let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            static NEXT_POOL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 80;
             let base: u32 = std::env::var("VIV_TEST_NET_BASE")
                 .ok()
                 .and_then(|b| b.parse().ok())
@@ -123,7 +124,7 @@ impl TestServer {
                 .unwrap_or(160);
             command
                 .arg("--net-pool")
-                .arg(format!("10.{}.0.0/24", base + u32::from(n) % 20));
+                .arg(format!("10.{}.{}.0/26", base + n / 4, (n % 4) * 64));
         }
         // Stopping a test server kills its sandboxes unless the test asks otherwise (the
         // product's default leaves them running for the next server).
@@ -318,6 +319,11 @@ impl TestServer {
         // SAFETY: kill with plain integers on our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         child.wait().unwrap()
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().as_ref().expect("server running").id()
     }
 
     /// QEMU processes whose command line mentions this server's data directory.

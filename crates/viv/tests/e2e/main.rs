@@ -8,6 +8,7 @@ mod cli;
 mod faults;
 mod isolation;
 mod jail;
+mod leaks;
 mod network;
 mod pool;
 mod restarts;
