@@ -237,3 +237,108 @@ pub fn seal(path: &Path) -> std::io::Result<()> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qcow2_with_backing(backing: Option<&Path>) -> Vec<u8> {
+        let mut bytes = vec![0u8; 104];
+        bytes[..4].copy_from_slice(b"QFI\xfb");
+        bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
+        bytes[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        if let Some(path) = backing {
+            let name = path.to_string_lossy();
+            bytes[8..16].copy_from_slice(&512u64.to_be_bytes());
+            bytes[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            bytes.resize(512, 0);
+            bytes.extend_from_slice(name.as_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_jail_shows_the_vm_its_files_and_nothing_writable_but_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("sandboxes").join("vm1");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let (base, layer) = (dir.path().join("base.qcow2"), dir.path().join("layer.qcow2"));
+        std::fs::write(&base, qcow2_with_backing(None)).unwrap();
+        std::fs::write(&layer, qcow2_with_backing(Some(&base))).unwrap();
+        std::fs::write(run_dir.join("root.qcow2"), qcow2_with_backing(Some(&layer))).unwrap();
+        let uids = UidPool::with_dir(dir.path().join("uids"), 3_000_000_000, 4).unwrap();
+        let config = std::sync::Arc::new(JailConfig {
+            jailer: "/proc/self/exe".into(),
+            uids,
+            cgroups: None,
+            key: "k".into(),
+        });
+        let mut spec = VmSpec {
+            vm_id: "vm1".into(),
+            name: "viv-vm1".into(),
+            run_dir: run_dir.clone(),
+            kernel: "/images/vmlinuz".into(),
+            initramfs: "/images/initrd".into(),
+            root_disk: run_dir.join("root.qcow2"),
+            memory: GuestMemory::PrivateFile("/dev/shm/t/template.mem".into()),
+            restore_from: None,
+            vcpus: 2,
+            memory_mib: 512,
+            accel: Accel::Tcg,
+            extra_cmdline: String::new(),
+            network: Some(crate::Network::Tap {
+                netns: "/run/netns/x".into(),
+                ifname: "tap0".into(),
+            }),
+        };
+        let jail = JailResources::allocate(&config, &spec).unwrap();
+        assert_eq!(jail.uid, 3_000_000_000);
+        assert_eq!(config.uids.owner(jail.uid).as_deref(), Some("k vm1"));
+        let jailed = jail
+            .spec(&spec, Path::new("/usr/bin/qemu"), vec!["-x".into()], vec![3])
+            .unwrap();
+        assert_eq!((jailed.uid, jailed.gid), (jail.uid, jail.uid));
+        assert!(jailed.groups.is_empty() && jailed.devices.is_empty());
+        assert!(jailed.new_network, "a tap card needs no host network");
+        assert_eq!(jailed.keep_fds, vec![3]);
+        let writable: Vec<&Path> = jailed
+            .binds
+            .iter()
+            .filter(|b| b.writable)
+            .map(|b| b.path.as_path())
+            .collect();
+        assert_eq!(writable, vec![run_dir.as_path()], "only its run directory is writable");
+        let shown: Vec<&Path> = jailed.binds.iter().map(|b| b.path.as_path()).collect();
+        for path in [
+            Path::new("/images/vmlinuz"),
+            Path::new("/images/initrd"),
+            layer.as_path(),
+            base.as_path(),
+            Path::new("/dev/shm/t/template.mem"),
+        ] {
+            assert!(shown.contains(&path), "{} is not shown: {shown:?}", path.display());
+        }
+        assert_eq!(
+            limits(&spec),
+            Limits {
+                memory_bytes: (512 + 448) << 20,
+                cpu_percent: 200,
+                cpu_weight: 100,
+                pids: 256,
+                io_weight: 100,
+            }
+        );
+
+        // KVM: the device and its group; the user-mode stack: the host's network and resolvers.
+        spec.accel = Accel::Kvm;
+        spec.network = Some(crate::Network::User { internet: true });
+        let jailed = jail
+            .spec(&spec, Path::new("/usr/bin/qemu"), Vec::new(), Vec::new())
+            .unwrap();
+        assert_eq!(jailed.devices, vec![PathBuf::from("/dev/kvm")]);
+        assert!(!jailed.new_network);
+        assert!(jailed.binds.contains(&Bind::read_only("/etc/resolv.conf")));
+        jail.release();
+        assert!(config.uids.owner(3_000_000_000).is_none());
+    }
+}

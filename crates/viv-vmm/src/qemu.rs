@@ -442,6 +442,7 @@ impl Qemu {
 
     fn orphans(&self, run_root: &Path, keep: &dyn Fn(&str) -> bool) -> Vec<String> {
         let mut killed = Vec::new();
+        let mut dying: Vec<ProcessIdentity> = Vec::new();
         if let Confinement::Jail(config) = &self.confinement {
             if let Some(tree) = &config.cgroups {
                 tree.remove_stale_siblings(Duration::from_secs(600));
@@ -450,10 +451,17 @@ impl Qemu {
                         continue;
                     }
                     if let Some(cgroup) = tree.get(&name) {
-                        if !cgroup.processes().is_empty() {
+                        let processes = cgroup.processes();
+                        if !processes.is_empty() {
                             tracing::warn!(vm = %name, "killing a VM no sandbox owns");
                             killed.push(name.clone());
                         }
+                        dying.extend(processes.into_iter().filter_map(|pid| {
+                            Some(ProcessIdentity {
+                                pid,
+                                start_time: crate::process::start_time(pid)?,
+                            })
+                        }));
                         cgroup.kill_all();
                         let _ = cgroup.remove();
                     }
@@ -485,8 +493,18 @@ impl Qemu {
                     tracing::warn!(vm = %id, pid, "killing a VM no sandbox owns");
                     let _ = process.signal(libc::SIGKILL);
                     killed.push(id);
+                    dying.push(identity);
                 }
             }
+        }
+        // Their uids are free once they are gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && dying
+                .iter()
+                .any(|p| crate::process::start_time(p.pid) == Some(p.start_time))
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
         // Uid records of VMs that are gone: this server's that it does not keep, and other
         // servers' once they are old enough not to belong to a VM being started right now.

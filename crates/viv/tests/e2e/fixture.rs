@@ -69,6 +69,11 @@ impl TestServer {
         Self::launch(data_dir, parent_death, 0, &[])
     }
 
+    /// Starts a server keeping `pool_size` warm VMs on an existing data directory.
+    pub fn start_pooled_on(data_dir: &Path, pool_size: usize) -> Self {
+        Self::launch(data_dir, None, pool_size, &[])
+    }
+
     /// Starts a server without warm VMs on an existing data directory with extra options.
     pub fn start_on_with(data_dir: &Path, extra: &[&str]) -> Self {
         Self::launch(data_dir, None, 0, extra)

@@ -86,7 +86,8 @@ fn sandboxes_outlive_a_killed_server_and_an_upgraded_one_takes_them_over() {
         .prefix("viv-e2e-survive-")
         .tempdir_in("/tmp")
         .unwrap();
-    let first = TestServer::start_on(temp.path(), None);
+    // With a warm VM, which no sandbox owns: the next server kills it.
+    let first = TestServer::start_pooled_on(temp.path(), 1);
 
     // A runs a counter and a terminal and holds a file.
     let a = first.create(json!({ "timeout": 900, "metadata": { "who": "a" } }));
@@ -110,6 +111,10 @@ fn sandboxes_outlive_a_killed_server_and_an_upgraded_one_takes_them_over() {
     let c = first.create(json!({ "timeout": 900 }));
     let (qemu_a, qemu_c) = (qemu_of(temp.path(), &a), qemu_of(temp.path(), &c));
     let before = counter(&first, &a);
+    assert!(wait_until(Duration::from_secs(60), || {
+        first.get("/health").send().unwrap().json::<Value>().unwrap()["pooled"] == 1
+    }));
+    assert_eq!(qemu_processes_under(temp.path()).len(), 3, "A, C and a warm VM");
 
     first.stop(libc::SIGKILL);
     drop(first);
@@ -123,8 +128,13 @@ fn sandboxes_outlive_a_killed_server_and_an_upgraded_one_takes_them_over() {
     let agent = agent.to_string_lossy().into_owned();
     let second = TestServer::start_binary_on(&binary, temp.path(), &["--agent", &agent]);
 
-    // A runs on in the same VM, counting, with its deadline, file and terminal.
-    assert_eq!(qemu_of(temp.path(), &a), qemu_a, "the same QEMU, not a new one");
+    // A runs on in the same VM, counting, with its deadline, file and terminal; the warm VM is
+    // gone.
+    assert_eq!(
+        qemu_processes_under(temp.path()),
+        vec![qemu_a],
+        "the same QEMU, not a new one"
+    );
     let a_info = info(&second, &a);
     assert_eq!(a_info["state"], "running", "{a_info}");
     assert_eq!(a_info["endAt"], end_a);
