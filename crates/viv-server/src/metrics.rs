@@ -61,6 +61,10 @@ pub struct Metrics {
     pub boot_seconds: Histogram,
     /// HTTP requests served.
     pub http_requests: Counter,
+    /// Running sandboxes taken over from a previous server.
+    pub sandboxes_taken_over: Counter,
+    /// VMs no sandbox owned, killed at start.
+    pub orphan_vms_killed: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +76,8 @@ impl Default for Metrics {
             sandbox_failures: Counter::default(),
             boot_seconds: Histogram::new(&[0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
             http_requests: Counter::default(),
+            sandboxes_taken_over: Counter::default(),
+            orphan_vms_killed: Counter::default(),
         }
     }
 }
@@ -102,6 +108,16 @@ impl Metrics {
             "vivarium_sandbox_failures_total",
             "Sandbox creations that failed and VMs that died.",
             self.sandbox_failures.get(),
+        );
+        counter(
+            "vivarium_sandboxes_taken_over_total",
+            "Running sandboxes taken over from a previous server.",
+            self.sandboxes_taken_over.get(),
+        );
+        counter(
+            "vivarium_orphan_vms_killed_total",
+            "VMs no sandbox owned (warm VMs, interrupted starts of a previous server), killed at start.",
+            self.orphan_vms_killed.get(),
         );
         counter(
             "vivarium_http_requests_total",

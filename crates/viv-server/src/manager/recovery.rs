@@ -159,7 +159,11 @@ impl Manager {
         }
         self.remove_unused_files(&report.adopted)?;
         for id in &report.adopted {
+            self.metrics.sandboxes_taken_over.inc();
             tracing::info!(sandbox = %id, "sandbox taken over: its VM ran on while no server was running");
+        }
+        for _ in &report.orphans {
+            self.metrics.orphan_vms_killed.inc();
         }
         for (id, reason) in &report.failed {
             tracing::warn!(sandbox = %id, %reason, "sandbox lost");

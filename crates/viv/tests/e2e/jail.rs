@@ -209,7 +209,7 @@ fn a_guest_that_exhausts_its_memory_and_fork_bombs_does_not_slow_its_neighbour()
     }
     let server = TestServer::start();
     let neighbour = server.sandbox();
-    let hog = server.sandbox_with(json!({ "timeout": 600, "cpuCount": 2 }));
+    let hog = server.sandbox();
     let hog_qemu = qemu_of(&server.data_dir, &hog.id);
     let oom_before = oom_kills();
     for _ in 0..3 {
