@@ -135,6 +135,9 @@ fn sandboxes_outlive_a_killed_server_and_an_upgraded_one_takes_them_over() {
         vec![qemu_a],
         "the same QEMU, not a new one"
     );
+    let metrics = second.get("/metrics").send().unwrap().text().unwrap();
+    assert!(metrics.contains("vivarium_sandboxes_taken_over_total 1"), "{metrics}");
+    assert!(metrics.contains("vivarium_orphan_vms_killed_total 1"), "{metrics}");
     let a_info = info(&second, &a);
     assert_eq!(a_info["state"], "running", "{a_info}");
     assert_eq!(a_info["endAt"], end_a);
