@@ -14,6 +14,7 @@ VIV_DEPS=(
   python3-venv:-
   iproute2:ip
   nftables:nft
+  g++:g++
 )
 # The oldest QEMU the jail works with (private mappings of read-only memory files).
 VIV_QEMU_MIN=10.0

@@ -120,41 +120,29 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
     let mut session: Option<tokio::io::WriteHalf<tokio::io::DuplexStream>> = None;
     // Bytes received while no session runs, kept until an HTTP/2 preface shows up in them.
     let mut pending: Vec<u8> = Vec::new();
-    // The end of the previous read, in case a reset marker spans two reads.
-    let mut tail: Vec<u8> = Vec::new();
+    // Reset markers may span any number of reads.
+    let mut resets = channel::ResetScanner::default();
     while let Some(event) = events_rx.recv().await {
         match event {
             PortEvent::HangUp => {
                 tracing::debug!("host hung up");
                 session = None;
                 pending.clear();
-                tail.clear();
+                resets.clear();
             }
             PortEvent::Data(data) => {
-                let key = channel_key();
-                let keep = channel::reset_len(&key) - 1;
-                // A marker lies in this read, or spans the end of the previous one and the start
-                // of this one (only those two pieces are copied).
-                let found = channel::find_reset(&data, &key).map(|f| (f.end, f.nonce)).or_else(|| {
-                    let mut seam = std::mem::take(&mut tail);
-                    let carried = seam.len();
-                    seam.extend_from_slice(&data[..data.len().min(keep)]);
-                    channel::find_reset(&seam, &key).map(|f| (f.end.saturating_sub(carried), f.nonce))
-                });
-                let data = match found {
-                    Some((end, nonce)) => {
+                let data = match resets.scan(&channel_key(), &data) {
+                    Some(channel::Reset { after, nonce }) => {
                         // A new host: forget the old session and whatever it still had to send.
                         let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
                         session = None;
                         pending.clear();
                         let _ = out_tx.send((generation, channel::ready_marker(&nonce)));
                         tracing::debug!("host connection reset");
-                        data[end..].to_vec()
+                        data[after..].to_vec()
                     }
                     None => data,
                 };
-                tail.clear();
-                tail.extend_from_slice(&data[data.len().saturating_sub(keep)..]);
                 let data = if session.is_some() {
                     data
                 } else {

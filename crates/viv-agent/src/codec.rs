@@ -57,6 +57,10 @@ pub async fn protobuf(request: Request, next: Next) -> Response {
     };
     let response = next.run(Request::from_parts(parts, body)).await;
     let (mut parts, body) = response.into_parts();
+    // An error before any message (a wrong token, an unknown method) is a JSON body, not a stream.
+    if parts.status != StatusCode::OK {
+        return Response::from_parts(parts, body);
+    }
     if streaming {
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.insert(
@@ -64,9 +68,6 @@ pub async fn protobuf(request: Request, next: Next) -> Response {
             HeaderValue::from_static("application/connect+proto"),
         );
         let body = Body::from_stream(convert_frames(body.into_data_stream(), output, json_to_binary));
-        return Response::from_parts(parts, body);
-    }
-    if parts.status != StatusCode::OK {
         return Response::from_parts(parts, body);
     }
     let json = match axum::body::to_bytes(body, envelope::MAX_FRAME).await {
@@ -137,4 +138,36 @@ where
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::post;
+    use axum::Router;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// Found by the `agent_codec` fuzz target: the answer to a binary stream request was converted
+    /// as a stream of frames even when it was an error (a wrong token, say), so the client got an
+    /// unrelated "compressed frames" error in place of the JSON error body.
+    #[tokio::test]
+    async fn an_error_answer_to_a_binary_stream_passes_unchanged() {
+        let app = Router::new()
+            .route(
+                "/process.Process/Start",
+                post(|| async { crate::server::json_error(StatusCode::UNAUTHORIZED, "wrong token") }),
+            )
+            .layer(axum::middleware::from_fn(protobuf));
+        let request = Request::post("/process.Process/Start")
+            .header(header::CONTENT_TYPE, "application/connect+proto")
+            .body(Body::from(envelope::encode(0, b"")))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["message"], "wrong token");
+    }
 }

@@ -86,9 +86,11 @@ fn io_status(err: &io::Error) -> StatusCode {
     match err.kind() {
         io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
         io::ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
-        io::ErrorKind::IsADirectory | io::ErrorKind::NotADirectory | io::ErrorKind::InvalidInput => {
-            StatusCode::BAD_REQUEST
-        }
+        io::ErrorKind::IsADirectory
+        | io::ErrorKind::NotADirectory
+        | io::ErrorKind::InvalidInput
+        | io::ErrorKind::InvalidData
+        | io::ErrorKind::UnexpectedEof => StatusCode::BAD_REQUEST,
         io::ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -349,8 +351,9 @@ struct WriteInfo {
 }
 
 /// `POST /files?path=`: writes the body (raw bytes, or each part of a multipart form) to `path`.
-/// Each file is written to a temporary name beside its target and renamed over it once complete,
-/// so a failed upload never leaves a truncated file in place of a good one.
+/// Each file is written to a temporary name beside its target, and all are renamed over their
+/// targets only once the whole body has arrived, so a body that is cut or malformed anywhere
+/// changes no file (and never leaves a truncated one in place of a good one).
 pub async fn upload(
     State(state): State<AgentState>,
     headers: HeaderMap,
@@ -365,7 +368,7 @@ pub async fn upload(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("multipart/form-data"));
-    let mut written = Vec::new();
+    let mut staged = Vec::new();
     if is_multipart {
         let mut form = match Multipart::from_request(request, &()).await {
             Ok(form) => form,
@@ -375,18 +378,25 @@ pub async fn upload(
             let field = match form.next_field().await {
                 Ok(Some(field)) => field,
                 Ok(None) => break,
-                Err(err) => return json_error(StatusCode::BAD_REQUEST, err.body_text()),
+                Err(err) => return discard(&user, staged, json_error(StatusCode::BAD_REQUEST, err.body_text())).await,
             };
             let target = match (&q.path, field.file_name()) {
                 (Some(p), _) if !p.is_empty() => p.clone(),
                 (_, Some(name)) => name.to_owned(),
-                _ => return json_error(StatusCode::BAD_REQUEST, "a path or a file name is required"),
+                _ => {
+                    let error = json_error(StatusCode::BAD_REQUEST, "a path or a file name is required");
+                    return discard(&user, staged, error).await;
+                }
             };
             let path = resolve_path(&user, &target);
-            let chunks = field.map(|c| c.map_err(io::Error::other));
+            // A broken body is the client's error.
+            let chunks = field.map(|c| c.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)));
             match write_file(&user, &path, chunks).await {
-                Ok(info) => written.push(info),
-                Err(err) => return json_error(io_status(&err), format!("{}: {err}", path.display())),
+                Ok(file) => staged.push(file),
+                Err(err) => {
+                    let error = json_error(io_status(&err), format!("{}: {err}", path.display()));
+                    return discard(&user, staged, error).await;
+                }
             }
         }
     } else {
@@ -411,14 +421,40 @@ pub async fn upload(
             Box::pin(chunks)
         };
         match write_file(&user, &path, chunks).await {
-            Ok(info) => written.push(info),
+            Ok(file) => staged.push(file),
             Err(err) => return json_error(io_status(&err), format!("{}: {err}", path.display())),
         }
+    }
+    let mut written = Vec::new();
+    let mut staged = staged.into_iter();
+    while let Some(file) = staged.next() {
+        let (temp, target) = (file.temp.clone(), file.target.clone());
+        if let Err(err) = as_user(&user, move || fs::rename(&temp, &target)).await {
+            let error = json_error(io_status(&err), format!("{}: {err}", file.target.display()));
+            return discard(&user, std::iter::once(file).chain(staged).collect(), error).await;
+        }
+        written.push(file.info);
     }
     Json(written).into_response()
 }
 
-async fn write_file<S>(user: &User, path: &Path, mut chunks: S) -> io::Result<WriteInfo>
+/// A file of an upload, written under a temporary name.
+struct Staged {
+    temp: PathBuf,
+    target: PathBuf,
+    info: WriteInfo,
+}
+
+/// Removes the temporary files of a failed upload; answers `error`.
+async fn discard(user: &User, staged: Vec<Staged>, error: Response) -> Response {
+    for file in staged {
+        let _ = as_user(user, move || fs::remove_file(&file.temp)).await;
+    }
+    error
+}
+
+/// Writes `chunks` to a temporary file beside `path` (removed again if that fails).
+async fn write_file<S>(user: &User, path: &Path, mut chunks: S) -> io::Result<Staged>
 where
     S: futures::Stream<Item = io::Result<Bytes>> + Unpin,
 {
@@ -428,7 +464,13 @@ where
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
         .to_string_lossy()
         .into_owned();
-    let temp = dir.join(format!(".{name}{UPLOAD_TEMP_MARK}{}", std::process::id() ^ rand_u32()));
+    // Unique among the files of one upload, which may all target the same path.
+    static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = dir.join(format!(
+        ".{name}{UPLOAD_TEMP_MARK}{}-{sequence}",
+        std::process::id() ^ rand_u32()
+    ));
     let (file, temp_path) = {
         let (dir, temp, target) = (dir.clone(), temp.clone(), path.to_path_buf());
         as_user(user, move || {
@@ -450,23 +492,19 @@ where
     }
     .await;
     drop(file);
-    let target = path.to_path_buf();
-    let finished = match copied {
-        Ok(()) => {
-            let (temp, target) = (temp_path.clone(), target.clone());
-            as_user(user, move || fs::rename(&temp, &target)).await
-        }
-        Err(err) => Err(err),
-    };
-    if let Err(err) = finished {
+    if let Err(err) = copied {
         let temp = temp_path.clone();
         let _ = as_user(user, move || fs::remove_file(&temp)).await;
         return Err(err);
     }
-    Ok(WriteInfo {
-        name,
-        kind: "file",
-        path: target.to_string_lossy().into_owned(),
+    Ok(Staged {
+        temp: temp_path,
+        target: path.to_path_buf(),
+        info: WriteInfo {
+            name,
+            kind: "file",
+            path: path.to_string_lossy().into_owned(),
+        },
     })
 }
 
@@ -501,6 +539,48 @@ mod tests {
         assert_eq!(resolve_path(&u, "/../../etc/passwd"), PathBuf::from("/etc/passwd"));
         assert_eq!(resolve_path(&u, "../../../../tmp"), PathBuf::from("/tmp"));
         assert_eq!(resolve_path(&u, ""), PathBuf::from("/home/user"));
+    }
+
+    /// Found by the `multipart` fuzz target: a form whose second part was cut short was refused
+    /// (with a 500), but its first part had already replaced the target file.
+    #[tokio::test]
+    async fn a_form_cut_in_its_second_part_changes_no_file() {
+        let dir = std::env::temp_dir().join(format!("viv-agent-upload-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("file.bin");
+        fs::write(&target, "old").unwrap();
+        let form = |second: &str| {
+            format!(
+                "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nfirst\r\n\
+                 --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b\"\r\n\r\n{second}"
+            )
+        };
+        let upload_form = |body: String| {
+            let request = Request::post("/files")
+                .header(header::CONTENT_TYPE, "multipart/form-data; boundary=b")
+                .body(Body::from(body))
+                .unwrap();
+            let query = FileQuery {
+                path: Some(target.display().to_string()),
+                username: Some("root".into()),
+            };
+            upload(
+                State(AgentState::new()),
+                request.headers().clone(),
+                Query(query),
+                request,
+            )
+        };
+        let cut = upload_form(form("second\r\x01--b--\r\n")).await;
+        assert_eq!(cut.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "old");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left");
+        let whole = upload_form(form("second\r\n--b--\r\n")).await;
+        assert_eq!(whole.status(), StatusCode::OK);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "second");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -5,19 +5,7 @@
 //! virtio-serial port named `vivarium.agent` ([`channel`]). Outside a VM it can serve on a Unix
 //! socket instead (`viv-agent --listen PATH`), which is how its handlers are exercised on a host.
 
-mod build;
-mod channel;
-mod codec;
-mod files;
-mod init;
-mod metrics;
-mod process;
-mod reaper;
-mod server;
-mod sys;
-mod tunnel;
-mod users;
-mod watch;
+use viv_agent::{channel, init, reaper, server};
 
 use std::path::PathBuf;
 

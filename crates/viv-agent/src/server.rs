@@ -34,6 +34,12 @@ struct Inner {
     watchers: crate::watch::Watchers,
 }
 
+impl Default for AgentState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl AgentState {
     /// State of a freshly booted agent: no token, no extra env vars.
     pub fn new() -> Self {

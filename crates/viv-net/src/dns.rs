@@ -64,7 +64,7 @@ async fn ask(query: &[u8], upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
 }
 
 /// The name a query with exactly one question asks about (lowercase, no trailing dot).
-pub(crate) fn question_name(packet: &[u8]) -> Option<String> {
+pub fn question_name(packet: &[u8]) -> Option<String> {
     if packet.len() < 12 || u16::from_be_bytes([packet[4], packet[5]]) != 1 {
         return None;
     }
@@ -87,7 +87,7 @@ pub(crate) fn question_name(packet: &[u8]) -> Option<String> {
 }
 
 /// A REFUSED answer to `query`, with its question.
-pub(crate) fn refused(query: &[u8]) -> Vec<u8> {
+pub fn refused(query: &[u8]) -> Vec<u8> {
     // End of the question: the name, then type and class.
     let mut end = 12;
     while let Some(&len) = query.get(end) {

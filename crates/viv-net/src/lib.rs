@@ -37,6 +37,13 @@ pub mod rules;
 mod dns;
 mod proxy;
 
+/// Entry points of the parsers for guest-controlled bytes, for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::dns::{question_name, refused};
+    pub use crate::proxy::{sniff, Sniff};
+}
+
 pub use policy::{Cidr, Policy, PolicyError, PolicySpec};
 
 /// Why isolated networking could not be set up or changed.

@@ -109,7 +109,7 @@ fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddrV4> {
 
 /// What the first bytes of a connection say about its host.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Sniff {
+pub enum Sniff {
     /// Not enough bytes yet.
     NeedMore,
     /// The name asked for, or `None` when the protocol names none.
@@ -117,7 +117,7 @@ pub(crate) enum Sniff {
 }
 
 /// Reads the SNI of a TLS ClientHello or the `Host` of an HTTP request.
-pub(crate) fn sniff(head: &[u8]) -> Sniff {
+pub fn sniff(head: &[u8]) -> Sniff {
     match head.first() {
         None => Sniff::NeedMore,
         Some(0x16) => tls_server_name(head),

@@ -20,6 +20,14 @@ pub use words::expand;
 /// `PATH` of a process whose template sets none (the agent's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The most instructions a spec may have (Docker stops at 127 layers; every plan step carries a
+/// copy of the configuration, so this bounds a plan's size).
+pub const MAX_STEPS: usize = 500;
+
+/// The most bytes of environment (names and values) a plan may build up: more than a process
+/// could be started with (Linux takes at most 128 KiB per string).
+pub const MAX_ENV_BYTES: usize = 256 << 10;
+
 /// A parse error, with the 1-based line of the instruction it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
@@ -183,6 +191,12 @@ impl Spec {
                         config.env.insert(key.clone(), value.clone());
                         expanded.push((key.clone(), value));
                     }
+                    let size: usize = config.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    if size > MAX_ENV_BYTES {
+                        return Err(fail(format!(
+                            "the environment grows to {size} bytes, more than the {MAX_ENV_BYTES} a template may set"
+                        )));
+                    }
                     Instruction::Env(expanded)
                 }
                 Instruction::Workdir(dir) => {
@@ -235,6 +249,9 @@ pub fn parse(text: &str) -> Result<Spec, SpecError> {
     let mut warnings = Vec::new();
     for (line, raw) in logical_lines(text) {
         let fail = |message: String| SpecError { line, message };
+        if steps.len() == MAX_STEPS {
+            return Err(fail(format!("a spec has at most {MAX_STEPS} build steps")));
+        }
         let (keyword, rest) = match raw.split_once(char::is_whitespace) {
             Some((k, r)) => (k, r.trim()),
             None => (raw.as_str(), ""),
@@ -502,7 +519,10 @@ fn duration(text: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(number)),
         "s" | "" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
+        "m" => number
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("'{text}' is too long a duration")),
         _ => Err(format!("'{text}' is not a duration like 500ms, 2s or 1m")),
     }
 }

@@ -115,3 +115,41 @@ fn legacy_env_form_and_quotes() {
     assert_eq!(plan[1].config.env["NAME"], "some value");
     assert_eq!(plan[1].config.env["B"], "$x");
 }
+
+/// Found by the `template` fuzz target: minutes past `u64::MAX / 60` seconds overflowed (a panic
+/// in debug builds, a wrong interval in release builds).
+#[test]
+fn a_huge_healthcheck_interval_is_an_error() {
+    let err = parse("FROM base\nHEALTHCHECK --interval=999999999999999999m CMD true\n").unwrap_err();
+    assert_eq!(err.line, 2);
+    assert!(err.message.contains("too long"), "{}", err.message);
+}
+
+/// Found by the `template` fuzz target: a value that repeats itself grows exponentially line by
+/// line, so a spec of a few hundred bytes made the planner allocate until it was killed.
+#[test]
+fn expansion_is_bounded() {
+    let mut text = "FROM base\nENV A=aaaaaaaa\n".to_owned();
+    for _ in 0..12 {
+        text.push_str("ENV A=$A$A$A$A$A$A$A$A\n");
+    }
+    let spec = parse(&text).unwrap();
+    let err = spec.plan(&ImageConfig::default()).unwrap_err();
+    assert!(err.message.contains("bytes"), "{}", err.message);
+    let long = "x".repeat(words::MAX_EXPANDED / 2 + 1);
+    assert!(expand("$A$A", &env(&[("A", &long)])).is_err());
+    assert!(expand("$A", &env(&[("A", &long)])).is_ok());
+}
+
+/// Every plan step carries the configuration in force, so the number of steps is bounded too.
+#[test]
+fn the_number_of_steps_is_bounded() {
+    let mut text = "FROM base\n".to_owned();
+    for i in 0..MAX_STEPS {
+        text.push_str(&format!("ENV V{i}=1\n"));
+    }
+    assert_eq!(parse(&text).unwrap().steps.len(), MAX_STEPS);
+    text.push_str("RUN true\n");
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.line, MAX_STEPS + 2);
+}

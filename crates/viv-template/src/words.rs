@@ -50,12 +50,20 @@ pub(crate) fn split(text: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// The longest text an expansion may produce: the longest string Linux passes to a process
+/// (`MAX_ARG_STRLEN`, 128 KiB). Without a bound, `ENV A=$A$A` repeated doubles a value per line.
+pub const MAX_EXPANDED: usize = 128 << 10;
+
 /// Replaces `$NAME` and `${NAME}` with values from `env` (unset names become empty);
-/// `${NAME:-default}` uses `default` when unset or empty; `\$` is a literal `$`.
+/// `${NAME:-default}` uses `default` when unset or empty; `\$` is a literal `$`. Fails when the
+/// result would exceed [`MAX_EXPANDED`] bytes.
 pub fn expand(text: &str, env: &BTreeMap<String, String>) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
+    let mut out = String::with_capacity(text.len().min(MAX_EXPANDED));
     let mut rest = text;
     while let Some(pos) = rest.find(['$', '\\']) {
+        if out.len() > MAX_EXPANDED {
+            break;
+        }
         out.push_str(&rest[..pos]);
         let tail = &rest[pos..];
         if let Some(after) = tail.strip_prefix("\\$") {
@@ -97,5 +105,8 @@ pub fn expand(text: &str, env: &BTreeMap<String, String>) -> Result<String, Stri
         }
     }
     out.push_str(rest);
+    if out.len() > MAX_EXPANDED {
+        return Err(format!("expands to more than {MAX_EXPANDED} bytes"));
+    }
     Ok(out)
 }
