@@ -284,14 +284,7 @@ impl Network {
     /// starts its egress proxy. Dropping the slot removes it, as for any other.
     pub async fn adopt(&self, index: u32, policy: Policy) -> Result<Slot, NetError> {
         self.shared.used.lock().expect("slots lock").insert(index);
-        let mut slot = Slot {
-            handle: SlotHandle {
-                shared: self.shared.clone(),
-                index,
-            },
-            proxy: None,
-            detached: false,
-        };
+        let mut slot = self.slot(index);
         if !slot.netns_path().exists() {
             return Err(NetError::Io {
                 context: format!("taking back network slot {index}"),
@@ -308,11 +301,29 @@ impl Network {
                 source: std::io::Error::other(e),
             })??;
         slot.apply(policy).await?;
+        self.start_proxy(&mut slot)?;
+        tracing::info!(netns = %slot.netns_name(), "took back a network slot");
+        Ok(slot)
+    }
+
+    /// The slot of `index` (taken in `used` by the caller); dropping it removes its namespace.
+    fn slot(&self, index: u32) -> Slot {
+        Slot {
+            handle: SlotHandle {
+                shared: self.shared.clone(),
+                index,
+            },
+            proxy: None,
+            detached: false,
+        }
+    }
+
+    /// Starts the egress proxy of `slot`, listening inside its namespace.
+    fn start_proxy(&self, slot: &mut Slot) -> Result<(), NetError> {
         let listener = listen_in(&slot.netns_path(), rules::PROXY_PORT)?;
         slot.proxy =
             Some(tokio::spawn(proxy::serve(listener, self.shared.clone(), slot.namespace_address())).abort_handle());
-        tracing::info!(netns = %slot.netns_name(), "took back a network slot");
-        Ok(slot)
+        Ok(())
     }
 
     /// Takes a free slot: a namespace with a tap device for the VM, linked to the host, with
@@ -327,14 +338,7 @@ impl Network {
             used.insert(index);
             index
         };
-        let mut slot = Slot {
-            handle: SlotHandle {
-                shared: self.shared.clone(),
-                index,
-            },
-            proxy: None,
-            detached: false,
-        };
+        let mut slot = self.slot(index);
         let policy = Arc::new(policy);
         let setup = (slot.handle.clone(), policy.clone());
         tokio::task::spawn_blocking(move || {
@@ -346,9 +350,7 @@ impl Network {
             context: "creating a network slot".into(),
             source: std::io::Error::other(e),
         })??;
-        let listener = listen_in(&slot.netns_path(), rules::PROXY_PORT)?;
-        slot.proxy =
-            Some(tokio::spawn(proxy::serve(listener, self.shared.clone(), slot.namespace_address())).abort_handle());
+        self.start_proxy(&mut slot)?;
         self.shared
             .policies
             .write()
