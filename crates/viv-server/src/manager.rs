@@ -121,6 +121,11 @@ pub struct LiveSandbox {
 }
 
 impl LiveSandbox {
+    /// Waits for a pause, fork, snapshot or kill of this sandbox in progress to end.
+    pub async fn settled(&self) {
+        drop(self.op.lock().await);
+    }
+
     /// The network slot, while the VM has one.
     fn slot(&self) -> Option<Arc<viv_net::Slot>> {
         self.slot.lock().expect("slot lock").clone()

@@ -395,7 +395,7 @@ async fn sandbox_metrics(State(state): State<AppState>, ApiPath(id): ApiPath<Str
     let request = hyper::Request::get("http://agent/metrics")
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let body = agent_body(&state, &live, request).await?;
     let sample: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Sandbox(format!("unexpected metrics from the sandbox: {e}")))?;
     Ok(Json(vec![sample]).into_response())
@@ -450,10 +450,45 @@ fn agent_error(err: AgentError) -> ApiError {
 
 /// Sends a request to the sandbox's agent; a non-2xx answer becomes the matching [`ApiError`].
 async fn agent_ok(
+    state: &AppState,
     live: &LiveSandbox,
     request: hyper::Request<Body>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
-    live.agent.send_ok(request).await.map_err(agent_error)
+    match live.agent.send_ok(request).await {
+        Ok(response) => Ok(response),
+        Err(err) => Err(agent_failure(state, live, err).await),
+    }
+}
+
+/// [`agent_ok`] and the whole body of its answer.
+async fn agent_body(state: &AppState, live: &LiveSandbox, request: hyper::Request<Body>) -> Result<Bytes, ApiError> {
+    let response = agent_ok(state, live, request).await?;
+    match collect(response).await {
+        Ok(body) => Ok(body),
+        Err(err) => Err(agent_failure(state, live, err).await),
+    }
+}
+
+/// The error for a request to a sandbox's agent that failed. A pause (or a kill, or a timeout)
+/// stops the VM under requests in flight on purpose: once it is done, the sandbox's state says
+/// why (409 paused, 404 gone) instead of a 502 for a broken channel. A VM that stopped by
+/// itself is a 502 with its reason.
+async fn agent_failure(state: &AppState, live: &LiveSandbox, err: AgentError) -> ApiError {
+    if matches!(err, AgentError::Rpc { .. }) {
+        return agent_error(err);
+    }
+    live.settled().await;
+    match state.manager.live(&live.id) {
+        Err(now) => now,
+        Ok(current) if !std::ptr::eq(current.as_ref(), live) => ApiError::Conflict(format!(
+            "sandbox '{}' was paused and resumed while the request ran; send it again",
+            live.id
+        )),
+        Ok(_) => match live.vm.exit().borrow().as_ref() {
+            Some(exit) => ApiError::Sandbox(format!("sandbox '{}' stopped: {}", live.id, exit.reason)),
+            None => agent_error(err),
+        },
+    }
 }
 
 fn basic_user(user: Option<&str>) -> Option<String> {
@@ -507,7 +542,7 @@ async fn exec(
     let request = request
         .body(Body::from(envelope::encode_json(&start)))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = agent_ok(&live, request).await?;
+    let response = agent_ok(&state, &live, request).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(relay_exec(live, response.into_body(), stdin, tx));
     let body =
@@ -674,7 +709,7 @@ async fn download(
     let request = hyper::Request::get(format!("http://agent/files?{query}"))
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = agent_ok(&live, request).await?;
+    let response = agent_ok(&state, &live, request).await?;
     Ok(response.map(Body::new).into_response())
 }
 
@@ -690,7 +725,7 @@ async fn upload(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(body)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let body = agent_body(&state, &live, request).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -720,7 +755,7 @@ async fn list_files(
         .body(Body::from(body.to_string()))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     request.headers_mut().extend(headers);
-    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let body = agent_body(&state, &live, request).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -771,7 +806,10 @@ async fn envd_passthrough(
         forward = forward.header(name, value);
     }
     let forward = forward.body(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let response = live.agent.send(forward).await.map_err(agent_error)?;
+    let response = match live.agent.send(forward).await {
+        Ok(response) => response,
+        Err(err) => return Err(agent_failure(&state, &live, err).await),
+    };
     let status = response.status();
     let json = response
         .headers()
@@ -779,7 +817,10 @@ async fn envd_passthrough(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
     if !status.is_success() && !json {
-        let body = collect(response).await.map_err(agent_error)?;
+        let body = match collect(response).await {
+            Ok(body) => body,
+            Err(err) => return Err(agent_failure(&state, &live, err).await),
+        };
         let text = String::from_utf8_lossy(&body);
         let message = format!(
             "the sandbox's agent answered {status} to {} /{path_in_agent}{}",

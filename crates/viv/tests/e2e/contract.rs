@@ -217,3 +217,51 @@ fn template_snapshot_memory_is_a_bounded_cache() {
     assert_eq!(second.sh("echo second").out(), "second\n");
     assert_eq!(memory_files().len(), 1);
 }
+
+#[test]
+fn requests_racing_a_pause_get_the_sandboxes_state_not_a_502() {
+    // A pause hangs up the agent and stops the VM under requests in flight: they answered 502
+    // ("agent channel: http2 error"), as if the VM had failed. Found with sandboxes whose
+    // one-second timeout auto-paused them while requests ran.
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    let metrics = format!("/sandboxes/{}/metrics", sandbox.id);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let statuses = std::thread::scope(|scope| {
+            let pollers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut statuses = Vec::new();
+                        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            let response = server.get(&metrics).send().unwrap();
+                            let status = response.status().as_u16();
+                            statuses.push((status, response.text().unwrap()));
+                        }
+                        statuses
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let pause = server.post(&format!("/sandboxes/{}/pause", sandbox.id)).send().unwrap();
+            assert_eq!(pause.status(), 204, "{}", pause.text().unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            pollers.into_iter().flat_map(|p| p.join().unwrap()).collect::<Vec<_>>()
+        });
+        seen.extend(statuses);
+        let resume = server
+            .post(&format!("/sandboxes/{}/connect", sandbox.id))
+            .send()
+            .unwrap();
+        assert_eq!(resume.status(), 201, "{}", resume.text().unwrap());
+    }
+    let failed: Vec<_> = seen.iter().filter(|(status, _)| *status >= 500).collect();
+    assert!(failed.is_empty(), "requests during a pause failed: {failed:?}");
+    assert!(seen.iter().any(|(status, _)| *status == 200));
+    assert!(
+        seen.iter().any(|(status, _)| *status == 409),
+        "no request saw the pause: {seen:?}"
+    );
+}
