@@ -49,10 +49,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/exec", post(exec))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
-        .route(
-            "/sandboxes/{id}/envd/{*path}",
-            get(envd_passthrough).post(envd_passthrough),
-        )
+        .route("/sandboxes/{id}/envd/files", get(envd_files).post(envd_files))
+        .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
@@ -776,15 +774,36 @@ fn is_envd_route(path: &str) -> bool {
     }
 }
 
-/// Forwards an envd route (`/process.Process/*`, `/filesystem.Filesystem/*`, `/files`) to the
+/// envd's `/files` (GET a file, POST an upload), passed through.
+async fn envd_files(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    envd_passthrough(state, id, "files", request).await
+}
+
+/// A Connect call of envd's `process.Process` or `filesystem.Filesystem`, passed through.
+/// Other paths under `/envd/` (the host's own agent routes `init`, `build/*` and `tunnel`
+/// among them) are 404s.
+async fn envd_call(
+    State(state): State<AppState>,
+    ApiPath((id, service, method)): ApiPath<(String, String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let path = format!("{service}/{method}");
+    envd_passthrough(state, id, &path, request).await
+}
+
+/// Forwards an envd route (`process.Process/*`, `filesystem.Filesystem/*`, `files`) to the
 /// sandbox's agent, adding its access token. An error the agent answers without a JSON body
 /// (such as a method its services do not have) becomes an [`ApiError`] with its status.
 async fn envd_passthrough(
-    State(state): State<AppState>,
-    ApiPath((id, path)): ApiPath<(String, String)>,
+    state: AppState,
+    id: String,
+    path_in_agent: &str,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let path_in_agent = path.trim_start_matches('/');
     if !is_envd_route(path_in_agent) {
         return Err(ApiError::NotFound(format!(
             "no envd route '{path_in_agent}': use process.Process/METHOD, filesystem.Filesystem/METHOD or files"

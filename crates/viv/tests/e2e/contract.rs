@@ -161,12 +161,27 @@ fn bodies_and_nested_objects_must_be_objects() {
 fn envd_pass_through_reaches_only_envd_routes() {
     let server = TestServer::shared();
     // Anything but envd's services and files is refused before the sandbox is looked up.
-    for route in ["0", "init", "build/copy", "tunnel", "metrics", "process.Process/"] {
+    for route in [
+        "0",
+        "init",
+        "build/copy",
+        "tunnel",
+        "metrics",
+        "process.Process/",
+        "other.Service/Call",
+    ] {
         let response = server.post(&format!("/sandboxes/x/envd/{route}")).send().unwrap();
-        assert_error(response, 404, "no envd route");
+        assert_error(response, 404, "route");
     }
     let delete = server.delete("/sandboxes/x/envd/files").send().unwrap();
     assert_error(delete, 405, "DELETE is not allowed");
+    // Connect calls are POSTs (a GET reached the agent, whose 405 the document did not allow).
+    let get = server
+        .get("/sandboxes/x/envd/filesystem.Filesystem/ListDir")
+        .send()
+        .unwrap();
+    assert_eq!(get.headers()["allow"], "POST");
+    assert_error(get, 405, "GET is not allowed");
     // A method envd's services lack: the agent's empty 404 becomes a JSON error.
     let sandbox = server.sandbox();
     let missing = server
