@@ -199,7 +199,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromR
     }
 }
 
-/// Like [`JsonBody`], but an empty body means `T::default()` (for routes whose body is optional).
+/// Like [`JsonBody`], but no body means `T::default()` (for routes whose body is optional).
 struct OptionalJsonBody<T>(T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::FromRequest<S> for OptionalJsonBody<T> {
@@ -208,7 +208,8 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        // No body at all; whitespace is not JSON.
+        if bytes.is_empty() {
             return Ok(Self(T::default()));
         }
         json_object(&bytes).map(Self)

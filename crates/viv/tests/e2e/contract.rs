@@ -148,6 +148,14 @@ fn bodies_and_nested_objects_must_be_objects() {
     assert_error(timeout, 400, "expected an object");
     let connect = server.post("/sandboxes/x/connect").json(&json!([60])).send().unwrap();
     assert_error(connect, 400, "expected an object");
+    // A body of whitespace is not JSON (it was taken for no body).
+    let blank = server
+        .post("/sandboxes/x/connect")
+        .header("content-type", "application/json")
+        .body("\n")
+        .send()
+        .unwrap();
+    assert_error(blank, 400, "invalid JSON body");
     // DNS servers are checked even when no allowed domain uses them (they were stored as given).
     let dns = server
         .put("/sandboxes/x/network")
