@@ -9,8 +9,34 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The OpenAPI 3 document describing every route.
+/// The OpenAPI 3 document describing every route, with the absolute caps of VM shapes; a server
+/// serves [`openapi_yaml`] with its own host's limits.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
+
+/// The OpenAPI document of a server whose host runs VMs of at most `max_vcpus` vCPUs and
+/// `max_memory_mib` MiB: the `maximum` of every `cpuCount` and `memoryMB` is replaced (the lines
+/// marked `# host: max vCPUs` and `# host: max memory`).
+pub fn openapi_yaml(max_vcpus: u32, max_memory_mib: u32) -> String {
+    let mut out = String::with_capacity(OPENAPI_YAML.len());
+    for line in OPENAPI_YAML.lines() {
+        let limit = if line.ends_with("# host: max vCPUs") {
+            Some(max_vcpus)
+        } else if line.ends_with("# host: max memory") {
+            Some(max_memory_mib)
+        } else {
+            None
+        };
+        match (limit, line.find("maximum: ")) {
+            (Some(limit), Some(at)) => {
+                let comment = &line[line.rfind('#').unwrap_or(line.len())..];
+                out.push_str(&format!("{}maximum: {limit} {comment}", &line[..at]));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 /// Header carrying the API key.
 pub const API_KEY_HEADER: &str = "X-API-Key";
@@ -23,6 +49,16 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
 
 /// Longest sandbox lifetime in seconds (24 hours, as E2B allows).
 pub const MAX_TIMEOUT_SECS: u64 = 86_400;
+
+/// Most vCPUs a sandbox or template may ask for (a server allows at most its host's CPUs).
+pub const MAX_VCPUS: u32 = 64;
+
+/// Least memory a sandbox or template may ask for, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 128;
+
+/// Most memory a sandbox or template may ask for, in MiB (a server allows at most what its host
+/// can give).
+pub const MAX_MEMORY_MIB: u32 = 65_536;
 
 /// An error response body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -78,8 +114,27 @@ pub struct NewSandbox {
     )]
     pub allow_internet_access: Option<bool>,
     /// Egress rules (E2B's `network`; needs the server's `isolated` network mode unless empty).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_or_null"
+    )]
     pub network: Option<NetworkConfig>,
+}
+
+/// A nested struct that must be a JSON object or `null`: serde would also read a struct from an
+/// array of its fields, which no client means.
+fn object_or_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error as _;
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(value @ serde_json::Value::Object(_)) => serde_json::from_value(value).map(Some).map_err(D::Error::custom),
+        Some(other) => Err(D::Error::custom(format!("expected an object or null, got {other}"))),
+    }
 }
 
 /// A sandbox's egress rules, as E2B's `SandboxNetworkConfig` names them.
@@ -529,4 +584,44 @@ pub struct NewApiKey {
     pub info: ApiKeyInfo,
     /// The key itself; store it now, it cannot be shown again.
     pub key: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_objects_must_be_objects() {
+        let ok: NewSandbox = serde_json::from_str(r#"{"network": {"allowOut": ["1.2.3.4"]}}"#).unwrap();
+        assert_eq!(ok.network.unwrap().allow_out.unwrap(), ["1.2.3.4"]);
+        let null: NewSandbox = serde_json::from_str(r#"{"network": null}"#).unwrap();
+        assert!(null.network.is_none());
+        // serde alone reads a struct from an array of its fields.
+        let err = serde_json::from_str::<NewSandbox>(r#"{"network": [null, null]}"#).unwrap_err();
+        assert!(err.to_string().contains("expected an object"), "{err}");
+    }
+
+    #[test]
+    fn the_served_document_states_the_hosts_limits() {
+        let doc = openapi_yaml(2, 21000);
+        let vcpus = doc.matches("maximum: 2 # host: max vCPUs").count();
+        let memory = doc.matches("maximum: 21000 # host: max memory").count();
+        // NewSandbox, TemplateBuildRequest and the query of POST /templates.
+        assert_eq!((vcpus, memory), (3, 3), "{doc}");
+        assert!(!doc.contains("maximum: 64 # host"));
+        assert!(!doc.contains("maximum: 65536 # host"));
+        assert_eq!(doc.lines().count(), OPENAPI_YAML.lines().count());
+        assert_eq!(
+            OPENAPI_YAML
+                .matches(&format!("maximum: {MAX_VCPUS} # host: max vCPUs"))
+                .count(),
+            3
+        );
+        assert_eq!(
+            OPENAPI_YAML
+                .matches(&format!("maximum: {MAX_MEMORY_MIB} # host: max memory"))
+                .count(),
+            3
+        );
+    }
 }

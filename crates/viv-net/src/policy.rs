@@ -314,14 +314,26 @@ impl Policy {
         if !spec.internet {
             policy.deny_cidrs.push(Cidr::new(Ipv4Addr::UNSPECIFIED, 0));
         }
-        // As E2B: with a domain allowed, DNS servers become reachable directly.
-        if !policy.allow_domains.is_empty() {
-            let servers = spec.dns_servers.clone().unwrap_or_else(|| vec!["8.8.8.8".to_owned()]);
-            for server in servers {
-                let addr: Ipv4Addr = server.parse().map_err(|_| PolicyError {
+        // Checked whether or not they are used, so a wrong entry is never stored silently.
+        let servers = spec
+            .dns_servers
+            .iter()
+            .flatten()
+            .map(|server| {
+                server.parse::<Ipv4Addr>().map_err(|_| PolicyError {
                     list: "dnsServers",
                     message: format!("'{server}' is not an IPv4 address"),
-                })?;
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // As E2B: with a domain allowed, DNS servers become reachable directly.
+        if !policy.allow_domains.is_empty() {
+            let servers = if spec.dns_servers.is_some() {
+                servers
+            } else {
+                vec![Ipv4Addr::new(8, 8, 8, 8)]
+            };
+            for addr in servers {
                 policy.allow_cidrs.push(Cidr::new(addr, 32));
             }
         }
@@ -446,6 +458,13 @@ mod tests {
         assert_eq!(err.list, "denyOut");
         assert!(Target::parse("::1").unwrap_err().contains("IPv6"));
         assert!(Target::parse("*").is_err());
+        // DNS servers are checked even when no allowed domain makes them reachable.
+        let err = Policy::from_spec(&PolicySpec {
+            dns_servers: Some(vec!["dns.example".into()]),
+            ..PolicySpec::open()
+        })
+        .unwrap_err();
+        assert_eq!(err.list, "dnsServers");
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub enum ApiError {
     /// The request is malformed or asks for something impossible.
     #[error("{0}")]
     BadRequest(String),
+    /// The route exists, but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The request body is of a media type the route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// The request conflicts with the current state.
     #[error("{0}")]
     Conflict(String),
@@ -29,6 +35,9 @@ pub enum ApiError {
     /// The request body is larger than the route accepts.
     #[error("{0}")]
     TooLarge(String),
+    /// The host has no room for this now (memory, network slots); retrying later may work.
+    #[error("{0}")]
+    NoRoom(String),
     /// The server is short of a resource.
     #[error("{0}")]
     Unavailable(String),
@@ -45,9 +54,12 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Sandbox(_) => StatusCode::BAD_GATEWAY,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoRoom(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,5 +105,11 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(err: axum::extract::rejection::QueryRejection) -> Self {
         Self::BadRequest(format!("invalid query: {}", err.body_text()))
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(err: axum::extract::rejection::PathRejection) -> Self {
+        Self::BadRequest(format!("invalid path: {}", err.body_text()))
     }
 }

@@ -3,11 +3,13 @@
 //! Code map:
 //! - [`routes`]: the axum router, authentication, request handlers;
 //! - [`manager`]: sandbox lifecycle (boot, watch, timeouts, kill, recovery);
+//! - [`capacity`]: the largest VM the host can run and whether it has room for one more;
 //! - [`agent_client`]: HTTP/2 client for a sandbox's agent over its virtio-serial socket;
 //! - [`store`]: SQLite persistence with embedded migrations;
 //! - [`error`]: [`ApiError`], the one error type routes return, mapped to HTTP statuses.
 
 pub mod agent_client;
+pub mod capacity;
 pub mod error;
 pub mod manager;
 pub mod metrics;

@@ -129,6 +129,11 @@ pub struct LiveSandbox {
 }
 
 impl LiveSandbox {
+    /// Waits for a pause, fork, snapshot or kill of this sandbox in progress to end.
+    pub async fn settled(&self) {
+        drop(self.op.lock().await);
+    }
+
     /// The network slot, while the VM has one.
     fn slot(&self) -> Option<Arc<viv_net::Slot>> {
         self.slot.lock().expect("slot lock").clone()
@@ -251,19 +256,10 @@ fn lifetime(timeout: Option<u64>) -> Result<u64, ApiError> {
     Ok(timeout)
 }
 
-/// Checks a VM shape asked for by a client: `cpuCount` and `memoryMB` within bounds.
+/// Checks a VM shape asked for by a client: `cpuCount` and `memoryMB` within what the host can
+/// run.
 fn check_shape(vcpus: u32, memory_mib: u32) -> Result<(), ApiError> {
-    if !(1..=64).contains(&vcpus) {
-        return Err(ApiError::BadRequest(format!(
-            "cpuCount must be between 1 and 64, got {vcpus}"
-        )));
-    }
-    if !(128..=65536).contains(&memory_mib) {
-        return Err(ApiError::BadRequest(format!(
-            "memoryMB must be between 128 and 65536, got {memory_mib}"
-        )));
-    }
-    Ok(())
+    crate::capacity::HostLimits::host().check_shape(vcpus, memory_mib)
 }
 
 /// The policy egress `rules` describe; 400 naming the list when an entry is wrong.
@@ -401,7 +397,7 @@ impl Manager {
                     .ok_or_else(|| ApiError::Unavailable("isolated networking is not set up".into()))?;
                 let policy = checked_policy(rules)?;
                 let slot = net.acquire(policy).await.map_err(|e| match e {
-                    viv_net::NetError::Exhausted(_) => ApiError::Unavailable(e.to_string()),
+                    viv_net::NetError::Exhausted(_) => ApiError::NoRoom(e.to_string()),
                     other => ApiError::Internal(format!("setting up the sandbox's network: {other}")),
                 })?;
                 let card = viv_vmm::Network::Tap {
@@ -594,7 +590,11 @@ impl Manager {
                 } else {
                     None
                 };
-                self.refill_pool(recipe, vcpus, memory_mib);
+                // Warm VMs are kept for the template's own shape only: a pool per shape that
+                // clients ask for would grow without bound.
+                if (vcpus, memory_mib) == (recipe.cpu_count, recipe.memory_mb) {
+                    self.refill_pool(recipe, vcpus, memory_mib);
+                }
                 taken
             }
             _ => None,
@@ -735,6 +735,7 @@ impl Manager {
         memory_mib: u32,
         rules: &viv_net::PolicySpec,
     ) -> Result<Arc<LiveSandbox>, ApiError> {
+        crate::capacity::check_room(memory_mib)?;
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
         let overlay = run_dir.join("root.qcow2");

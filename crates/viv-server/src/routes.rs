@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -49,19 +49,24 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/exec", post(exec))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
-        .route("/sandboxes/{id}/envd/{*path}", any(envd_passthrough))
+        .route("/sandboxes/{id}/envd/files", get(envd_files).post(envd_files))
+        .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route(
-            "/openapi.yaml",
-            get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], viv_api::OPENAPI_YAML) }),
-        )
+        .route("/openapi.yaml", get(openapi))
         .merge(authed)
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
+        .method_not_allowed_fallback(|request: Request| async move {
+            ApiError::MethodNotAllowed(format!(
+                "{} is not allowed on {}; see /openapi.yaml",
+                request.method(),
+                request.uri().path()
+            ))
+        })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             proxy::route_sandbox_traffic,
@@ -69,6 +74,16 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The OpenAPI document, with the largest VM shape this host can run.
+async fn openapi() -> Response {
+    let limits = crate::capacity::HostLimits::host();
+    (
+        [(header::CONTENT_TYPE, "application/yaml")],
+        viv_api::openapi_yaml(limits.max_vcpus, limits.max_memory_mib),
+    )
+        .into_response()
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -125,18 +140,67 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// A JSON body extractor whose rejection is an [`ApiError`].
+/// A JSON body extractor whose rejection is an [`ApiError`]. The body must be a JSON object
+/// (serde would also read a struct from an array of its fields, which no client means).
 struct JsonBody<T>(T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let Json(value) = Json::<T>::from_request(req, state).await?;
+        let essence = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
+        if !json {
+            return Err(ApiError::BadRequest(
+                "the body must be JSON, sent with Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+        json_object(&bytes).map(Self)
+    }
+}
+
+/// `T` from a body that must hold a JSON object.
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: expected an object ({...})".into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// A query extractor whose rejection is an [`ApiError`] (a JSON `{code, message}` body).
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))
     }
 }
 
-/// Like [`JsonBody`], but an empty body means `T::default()` (for routes whose body is optional).
+/// A path extractor whose rejection is an [`ApiError`] (a JSON `{code, message}` body).
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}
+
+/// Like [`JsonBody`], but no body means `T::default()` (for routes whose body is optional).
 struct OptionalJsonBody<T>(T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::FromRequest<S> for OptionalJsonBody<T> {
@@ -145,16 +209,15 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        // No body at all; whitespace is not JSON.
+        if bytes.is_empty() {
             return Ok(Self(T::default()));
         }
-        serde_json::from_slice(&bytes)
-            .map(Self)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        json_object(&bytes).map(Self)
     }
 }
 
-async fn pause_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn pause_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     state.manager.pause(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -162,7 +225,7 @@ async fn pause_sandbox(State(state): State<AppState>, Path(id): Path<String>) ->
 /// E2B's `connect`: 200 with the sandbox if it runs, 201 once a paused one is resumed.
 async fn connect_sandbox(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ConnectSandbox>,
 ) -> Result<Response, ApiError> {
     let (sandbox, resumed) = state.manager.resume(&id, req.timeout).await?;
@@ -173,7 +236,7 @@ async fn connect_sandbox(
 /// E2B's older `resume`: only for paused sandboxes.
 async fn resume_sandbox(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ConnectSandbox>,
 ) -> Result<Response, ApiError> {
     if state.manager.get(&id)?.state == viv_api::SandboxState::Running {
@@ -185,7 +248,7 @@ async fn resume_sandbox(
 
 async fn fork_sandbox(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ForkRequest>,
 ) -> Result<Response, ApiError> {
     let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
@@ -194,7 +257,7 @@ async fn fork_sandbox(
 
 async fn snapshot_sandbox(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::SnapshotRequest>,
 ) -> Result<Response, ApiError> {
     let info = state.manager.snapshot(&id, req.name).await?;
@@ -203,17 +266,17 @@ async fn snapshot_sandbox(
 
 async fn list_snapshots(
     State(state): State<AppState>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let sandbox = query.get("sandboxID").map(String::as_str);
     Ok(Json(state.manager.list_snapshots(sandbox)?).into_response())
 }
 
-async fn get_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_snapshot(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     Ok(Json(state.manager.get_snapshot(&id)?).into_response())
 }
 
-async fn delete_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_snapshot(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     state.manager.delete_snapshot(&id)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -230,7 +293,7 @@ async fn create_sandbox(
 /// `?state=` (comma-separated; `failed` lists the dead with their reasons).
 async fn list_sandboxes(
     State(state): State<AppState>,
-    Query(query): Query<BTreeMap<String, String>>,
+    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let filter = metadata_filter(query.get("metadata"))?;
     let states = match query.get("state").filter(|s| !s.is_empty()) {
@@ -254,8 +317,10 @@ async fn list_sandboxes(
 fn parse_states(list: &str) -> Result<Vec<viv_api::SandboxState>, ApiError> {
     list.split(',')
         .map(|s| {
-            viv_api::SandboxState::parse(s.trim()).ok_or_else(|| {
-                ApiError::BadRequest(format!("unknown state '{s}'; use running, paused, starting or failed"))
+            viv_api::SandboxState::parse(s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown state '{s}'; give a comma-separated list of starting, running, paused and failed"
+                ))
             })
         })
         .collect()
@@ -288,7 +353,7 @@ struct ListQuery {
 /// oldest first, `limit` at a time; the `x-next-token` header carries the next page's token.
 async fn list_sandboxes_v2(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
     let filter = metadata_filter(query.metadata.as_ref())?;
     let states: Vec<viv_api::SandboxState> = match query.state.as_deref().filter(|s| !s.is_empty()) {
@@ -337,7 +402,7 @@ struct RefreshBody {
 /// would live longer anyway.
 async fn refresh_sandbox(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJsonBody(body): OptionalJsonBody<RefreshBody>,
 ) -> Result<Response, ApiError> {
     state.manager.refresh(&id, body.duration.unwrap_or(60))?;
@@ -345,22 +410,22 @@ async fn refresh_sandbox(
 }
 
 /// E2B's sandbox metrics: one sample of the guest's CPU, memory and disk use, taken now.
-async fn sandbox_metrics(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn sandbox_metrics(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     let live = state.manager.live(&id)?;
     let request = hyper::Request::get("http://agent/metrics")
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let body = agent_body(&state, &live, request).await?;
     let sample: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Sandbox(format!("unexpected metrics from the sandbox: {e}")))?;
     Ok(Json(vec![sample]).into_response())
 }
 
-async fn get_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     Ok(Json(state.manager.get(&id)?).into_response())
 }
 
-async fn kill_sandbox(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn kill_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     state.manager.kill(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -372,7 +437,7 @@ struct TimeoutBody {
 
 async fn set_timeout(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     JsonBody(body): JsonBody<TimeoutBody>,
 ) -> Result<Response, ApiError> {
     state.manager.set_timeout(&id, body.timeout)?;
@@ -382,7 +447,7 @@ async fn set_timeout(
 /// E2B's `PUT /sandboxes/{id}/network`: replaces the sandbox's egress rules.
 async fn set_network(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     JsonBody(body): JsonBody<viv_api::NetworkUpdate>,
 ) -> Result<Response, ApiError> {
     state.manager.update_network(&id, body).await?;
@@ -405,10 +470,45 @@ fn agent_error(err: AgentError) -> ApiError {
 
 /// Sends a request to the sandbox's agent; a non-2xx answer becomes the matching [`ApiError`].
 async fn agent_ok(
+    state: &AppState,
     live: &LiveSandbox,
     request: hyper::Request<Body>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
-    live.agent.send_ok(request).await.map_err(agent_error)
+    match live.agent.send_ok(request).await {
+        Ok(response) => Ok(response),
+        Err(err) => Err(agent_failure(state, live, err).await),
+    }
+}
+
+/// [`agent_ok`] and the whole body of its answer.
+async fn agent_body(state: &AppState, live: &LiveSandbox, request: hyper::Request<Body>) -> Result<Bytes, ApiError> {
+    let response = agent_ok(state, live, request).await?;
+    match collect(response).await {
+        Ok(body) => Ok(body),
+        Err(err) => Err(agent_failure(state, live, err).await),
+    }
+}
+
+/// The error for a request to a sandbox's agent that failed. A pause (or a kill, or a timeout)
+/// stops the VM under requests in flight on purpose: once it is done, the sandbox's state says
+/// why (409 paused, 404 gone) instead of a 502 for a broken channel. A VM that stopped by
+/// itself is a 502 with its reason.
+async fn agent_failure(state: &AppState, live: &LiveSandbox, err: AgentError) -> ApiError {
+    if matches!(err, AgentError::Rpc { .. }) {
+        return agent_error(err);
+    }
+    live.settled().await;
+    match state.manager.live(&live.id) {
+        Err(now) => now,
+        Ok(current) if !std::ptr::eq(current.as_ref(), live) => ApiError::Conflict(format!(
+            "sandbox '{}' was paused and resumed while the request ran; send it again",
+            live.id
+        )),
+        Ok(_) => match live.vm.exit().borrow().as_ref() {
+            Some(exit) => ApiError::Sandbox(format!("sandbox '{}' stopped: {}", live.id, exit.reason)),
+            None => agent_error(err),
+        },
+    }
 }
 
 fn basic_user(user: Option<&str>) -> Option<String> {
@@ -423,10 +523,9 @@ fn basic_user(user: Option<&str>) -> Option<String> {
 /// Runs a command through the agent's `process.Process/Start` and streams NDJSON events.
 async fn exec(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     JsonBody(req): JsonBody<ExecRequest>,
 ) -> Result<Response, ApiError> {
-    let live = state.manager.live(&id)?;
     let (cmd, args) = match (req.argv.split_first(), &req.command) {
         (Some((cmd, args)), _) => (cmd.clone(), args.to_vec()),
         (None, Some(command)) => ("/bin/bash".to_owned(), vec!["-l".into(), "-c".into(), command.clone()]),
@@ -442,6 +541,7 @@ async fn exec(
         .map(|b| base64::engine::general_purpose::STANDARD.decode(b))
         .transpose()
         .map_err(|e| ApiError::BadRequest(format!("stdin is not valid base64: {e}")))?;
+    let live = state.manager.live(&id)?;
     let start = StartRequest {
         process: ProcessConfig {
             cmd,
@@ -462,7 +562,7 @@ async fn exec(
     let request = request
         .body(Body::from(envelope::encode_json(&start)))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = agent_ok(&live, request).await?;
+    let response = agent_ok(&state, &live, request).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
     tokio::spawn(relay_exec(live, response.into_body(), stdin, tx));
     let body =
@@ -591,6 +691,9 @@ async fn feed_stdin(live: &LiveSandbox, pid: u32, bytes: Vec<u8>) {
         .await;
 }
 
+/// Deepest directory listing `GET /sandboxes/{id}/files/list` walks.
+const MAX_LIST_DEPTH: u32 = 64;
+
 #[derive(Deserialize)]
 struct FileQuery {
     path: Option<String>,
@@ -618,38 +721,39 @@ impl FileQuery {
 
 async fn download(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
 ) -> Result<Response, ApiError> {
+    let query = q.agent_query()?;
     let live = state.manager.live(&id)?;
-    let request = hyper::Request::get(format!("http://agent/files?{}", q.agent_query()?))
+    let request = hyper::Request::get(format!("http://agent/files?{query}"))
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = agent_ok(&live, request).await?;
+    let response = agent_ok(&state, &live, request).await?;
     Ok(response.map(Body::new).into_response())
 }
 
 async fn upload(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let query = q.agent_query()?;
     let live = state.manager.live(&id)?;
-    let request = hyper::Request::post(format!("http://agent/files?{}", q.agent_query()?))
+    let request = hyper::Request::post(format!("http://agent/files?{query}"))
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(body)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let body = agent_body(&state, &live, request).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn list_files(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<FileQuery>,
 ) -> Result<Response, ApiError> {
-    let live = state.manager.live(&id)?;
     let mut headers = HeaderMap::new();
     if let Some(auth) = basic_user(q.user.as_deref()) {
         headers.insert(
@@ -658,33 +762,81 @@ async fn list_files(
                 .map_err(|_| ApiError::BadRequest("invalid user name".into()))?,
         );
     }
-    let body = serde_json::json!({ "path": q.path()?, "depth": q.depth.unwrap_or(1) });
+    let depth = q.depth.unwrap_or(1);
+    if !(1..=MAX_LIST_DEPTH).contains(&depth) {
+        return Err(ApiError::BadRequest(format!(
+            "depth must be between 1 and {MAX_LIST_DEPTH}, got {depth}"
+        )));
+    }
+    let body = serde_json::json!({ "path": q.path()?, "depth": depth });
+    let live = state.manager.live(&id)?;
     let mut request = hyper::Request::post("http://agent/filesystem.Filesystem/ListDir")
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body.to_string()))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     request.headers_mut().extend(headers);
-    let body = collect(agent_ok(&live, request).await?).await.map_err(agent_error)?;
+    let body = agent_body(&state, &live, request).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// Forwards any envd route (`/process.Process/*`, `/filesystem.Filesystem/*`, `/files`) to the
-/// sandbox's agent, adding its access token. `/init` is the host's alone and is refused.
-async fn envd_passthrough(
+/// Whether `path` (without its leading `/`) is an envd route clients may call through
+/// `/sandboxes/{id}/envd/`: a method of the `process.Process` or `filesystem.Filesystem`
+/// Connect services, or `files`. The host's own routes (`init`, `build/*`, `tunnel`) are not.
+fn is_envd_route(path: &str) -> bool {
+    if path == "files" {
+        return true;
+    }
+    match path.split_once('/') {
+        Some((service, method)) => {
+            matches!(service, "process.Process" | "filesystem.Filesystem")
+                && !method.is_empty()
+                && method.bytes().all(|b| b.is_ascii_alphanumeric())
+        }
+        None => false,
+    }
+}
+
+/// envd's `/files` (GET a file, POST an upload), passed through.
+async fn envd_files(
     State(state): State<AppState>,
-    Path((id, path)): Path<(String, String)>,
+    ApiPath(id): ApiPath<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let path_in_agent = path.trim_start_matches('/');
-    if path_in_agent.starts_with("init") || path_in_agent.starts_with("build/") {
-        return Err(ApiError::NotFound("no such agent route".into()));
+    envd_passthrough(state, id, "files", request).await
+}
+
+/// A Connect call of envd's `process.Process` or `filesystem.Filesystem`, passed through.
+/// Other paths under `/envd/` (the host's own agent routes `init`, `build/*` and `tunnel`
+/// among them) are 404s.
+async fn envd_call(
+    State(state): State<AppState>,
+    ApiPath((id, service, method)): ApiPath<(String, String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let path = format!("{service}/{method}");
+    envd_passthrough(state, id, &path, request).await
+}
+
+/// Forwards an envd route (`process.Process/*`, `filesystem.Filesystem/*`, `files`) to the
+/// sandbox's agent, adding its access token. An error the agent answers without a JSON body
+/// (such as a method its services do not have) becomes an [`ApiError`] with its status.
+async fn envd_passthrough(
+    state: AppState,
+    id: String,
+    path_in_agent: &str,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if !is_envd_route(path_in_agent) {
+        return Err(ApiError::NotFound(format!(
+            "no envd route '{path_in_agent}': use process.Process/METHOD, filesystem.Filesystem/METHOD or files"
+        )));
     }
     let live = state.manager.live(&id)?;
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let mut forward = hyper::Request::builder()
         .method(parts.method.clone())
-        .uri(format!("http://agent/{}{query}", path.trim_start_matches('/')));
+        .uri(format!("http://agent/{path_in_agent}{query}"));
     for (name, value) in &parts.headers {
         if matches!(
             name.as_str(),
@@ -695,6 +847,64 @@ async fn envd_passthrough(
         forward = forward.header(name, value);
     }
     let forward = forward.body(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let response = live.agent.send(forward).await.map_err(agent_error)?;
+    let response = match live.agent.send(forward).await {
+        Ok(response) => response,
+        Err(err) => return Err(agent_failure(&state, &live, err).await),
+    };
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !status.is_success() && !json {
+        let body = match collect(response).await {
+            Ok(body) => body,
+            Err(err) => return Err(agent_failure(&state, &live, err).await),
+        };
+        let text = String::from_utf8_lossy(&body);
+        let message = format!(
+            "the sandbox's agent answered {status} to {} /{path_in_agent}{}",
+            parts.method,
+            if text.trim().is_empty() {
+                String::new()
+            } else {
+                format!(": {}", text.trim())
+            }
+        );
+        return Err(match status.as_u16() {
+            404 => ApiError::NotFound(message),
+            405 => ApiError::MethodNotAllowed(message),
+            415 => ApiError::UnsupportedMediaType(message),
+            400..=499 => ApiError::BadRequest(message),
+            _ => ApiError::Sandbox(message),
+        });
+    }
     Ok(response.map(Body::new).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_envd_route;
+
+    #[test]
+    fn only_envd_services_and_files_pass_through() {
+        for ok in ["files", "process.Process/Start", "filesystem.Filesystem/ListDir"] {
+            assert!(is_envd_route(ok), "{ok}");
+        }
+        for refused in [
+            "init",
+            "build/copy",
+            "tunnel",
+            "metrics",
+            "",
+            "0",
+            "process.Process/",
+            "process.Process/Start/x",
+            "filesystem.Filesystem/../init",
+            "other.Service/Call",
+        ] {
+            assert!(!is_envd_route(refused), "{refused}");
+        }
+    }
 }

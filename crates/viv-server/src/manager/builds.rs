@@ -254,10 +254,13 @@ impl Manager {
         }
         match self.images.find_named(template) {
             Ok(layer) => Ok(plain(layer)),
-            Err(viv_image::ImageError::NotFound(_)) => Err(ApiError::NotFound(format!(
-                "template '{template}' not found; `viv template list` shows the templates (build one with \
+            // A name no image could have names no template either.
+            Err(viv_image::ImageError::NotFound(_) | viv_image::ImageError::Invalid(_)) => {
+                Err(ApiError::NotFound(format!(
+                    "template '{template}' not found; `viv template list` shows the templates (build one with \
                  `viv template build`)"
-            ))),
+                )))
+            }
             Err(other) => Err(ApiError::BadRequest(other.to_string())),
         }
     }
@@ -684,7 +687,7 @@ impl Manager {
     /// Deletes a built template nothing uses, with its layers and snapshots.
     pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
         if name == viv_api::DEFAULT_TEMPLATE {
-            return Err(ApiError::BadRequest(
+            return Err(ApiError::Conflict(
                 "the built-in template 'base' cannot be deleted".into(),
             ));
         }

@@ -10,6 +10,12 @@
 //! memory, accelerator, QEMU version), so a change to any of them builds a new snapshot. Each
 //! snapshot directory names the layer it was booted from in a `layer` file, so it is collected
 //! with that layer.
+//!
+//! Memory files stay on tmpfs, so they are a cache with a budget (an eighth of the host's RAM):
+//! when a new snapshot is saved, the memory of the least recently used others that no start
+//! holds is dropped until the rest fits. Such a snapshot is saved again on its next use, as a
+//! snapshot whose memory was lost is (a client asking for many VM shapes would otherwise fill
+//! the host's memory with one template snapshot per shape).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +66,8 @@ pub struct TemplateSnapshot {
 /// Known snapshots, and the lock that serializes builds.
 pub struct TemplateCache {
     ready: Mutex<HashMap<String, Arc<TemplateSnapshot>>>,
+    /// When each snapshot was last used, for the memory budget.
+    last_used: Mutex<HashMap<String, std::time::Instant>>,
     pub(super) build: tokio::sync::Mutex<()>,
     qemu_version: String,
 }
@@ -69,6 +77,7 @@ impl TemplateCache {
     pub fn new(qemu_version: String) -> Self {
         Self {
             ready: Mutex::new(HashMap::new()),
+            last_used: Mutex::new(HashMap::new()),
             build: tokio::sync::Mutex::new(()),
             qemu_version,
         }
@@ -175,6 +184,12 @@ impl Manager {
         memory_mib: u32,
     ) -> Result<Arc<TemplateSnapshot>, ApiError> {
         let key = self.template_key(recipe, vcpus, memory_mib);
+        let now = std::time::Instant::now();
+        self.templates
+            .last_used
+            .lock()
+            .expect("template lock")
+            .insert(key.clone(), now);
         if let Some(found) = self.templates.ready.lock().expect("template lock").get(&key) {
             return Ok(found.clone());
         }
@@ -219,6 +234,7 @@ impl Manager {
                 return Err(err);
             }
             tracing::info!(template = %recipe.name, ms = started.elapsed().as_millis() as u64, "template snapshot ready");
+            self.trim_template_memory(&key);
         }
         let (_, snapshot) = self.snapshot_paths(&key);
         let snapshot = Arc::new(snapshot);
@@ -228,6 +244,49 @@ impl Manager {
             .expect("template lock")
             .insert(key, snapshot.clone());
         Ok(snapshot)
+    }
+
+    /// Drops the memory files of the least recently used template snapshots (never `keep`'s,
+    /// nor one a start holds) while all of them take more tmpfs than the budget.
+    fn trim_template_memory(&self, keep: &str) {
+        let budget = crate::capacity::template_memory_budget();
+        let dir = self.shm_dir.join("templates");
+        let mut files: Vec<(PathBuf, String, u64)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "mem"))
+            .filter_map(|e| {
+                use std::os::unix::fs::MetadataExt as _;
+                let bytes = e.metadata().ok()?.blocks() * 512;
+                let name = e.path().file_stem()?.to_string_lossy().into_owned();
+                // `KEY.mem`, or `KEY-GENERATION.mem`.
+                let key = name.split('-').next().unwrap_or_default().to_owned();
+                Some((e.path(), key, bytes))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|(_, _, bytes)| bytes).sum();
+        let last_used = self.templates.last_used.lock().expect("template lock").clone();
+        // Oldest first; snapshots of earlier server processes count as oldest.
+        files.sort_by_key(|(_, key, _)| last_used.get(key).copied());
+        for (path, key, bytes) in files {
+            if total <= budget {
+                break;
+            }
+            if key == keep {
+                continue;
+            }
+            let mut ready = self.templates.ready.lock().expect("template lock");
+            if ready.get(&key).is_some_and(|s| Arc::strong_count(s) > 1) {
+                continue;
+            }
+            ready.remove(&key);
+            drop(ready);
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::info!(snapshot = %key, mib = bytes >> 20, "dropped the memory of a template snapshot not used lately");
+                total = total.saturating_sub(bytes);
+            }
+        }
     }
 
     /// Boots `boot_layer`, runs `steps` (freezing a layer after each that changes the disk),

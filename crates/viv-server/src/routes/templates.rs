@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use viv_api::{BuildEvent, TemplateBuildRequest};
 
+use super::{ApiPath, ApiQuery};
 use crate::error::ApiError;
 use crate::manager::BuildLog;
 use crate::AppState;
@@ -23,7 +24,7 @@ const MAX_CONTEXT_BYTES: usize = 1 << 30;
 /// [`BuildEvent`]s; the build goes on if the client goes away.
 pub(super) async fn build(
     State(state): State<AppState>,
-    Query(query): Query<std::collections::HashMap<String, String>>,
+    ApiQuery(query): ApiQuery<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -38,8 +39,7 @@ pub(super) async fn build(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/json"));
     let (request, spec_text, context, spec_name) = if json {
-        let request: TemplateBuildRequest =
-            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+        let request: TemplateBuildRequest = super::json_object(&body)?;
         let spec = request
             .spec
             .clone()
@@ -109,15 +109,21 @@ pub(super) async fn build(
 }
 
 fn request_from_query(query: &std::collections::HashMap<String, String>) -> Result<TemplateBuildRequest, ApiError> {
-    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+    fn number<N: std::str::FromStr>(
+        query: &std::collections::HashMap<String, String>,
+        key: &str,
+    ) -> Result<Option<N>, ApiError> {
         query
             .get(key)
             .map(|v| {
-                v.parse()
-                    .map_err(|_| ApiError::BadRequest(format!("query parameter {key} must be a number, got '{v}'")))
+                v.parse().map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "query parameter {key} must be a whole number in range, got '{v}'"
+                    ))
+                })
             })
             .transpose()
-    };
+    }
     let name = query
         .get("name")
         .filter(|n| !n.is_empty())
@@ -126,9 +132,9 @@ fn request_from_query(query: &std::collections::HashMap<String, String>) -> Resu
         name: name.clone(),
         spec: None,
         dockerfile: query.get("dockerfile").cloned(),
-        cpu_count: number("cpuCount")?.map(|n| n as u32),
-        memory_mb: number("memoryMB")?.map(|n| n as u32),
-        timeout: number("timeout")?,
+        cpu_count: number(query, "cpuCount")?,
+        memory_mb: number(query, "memoryMB")?,
+        timeout: number(query, "timeout")?,
     })
 }
 
@@ -151,11 +157,14 @@ pub(super) async fn list(State(state): State<AppState>) -> Result<Response, ApiE
     Ok(Json(state.manager.list_templates()?).into_response())
 }
 
-pub(super) async fn get(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn get(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
     Ok(Json(state.manager.get_template(&name)?).into_response())
 }
 
-pub(super) async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
     state.manager.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -57,9 +57,14 @@ impl TestServer {
     }
 
     fn start_with(pool_size: usize, extra: &[&str]) -> Self {
+        Self::start_with_env(pool_size, extra, &[])
+    }
+
+    /// Starts a server on a fresh data directory with extra options and environment variables.
+    pub fn start_with_env(pool_size: usize, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
         let data_dir = temp.path().to_path_buf();
-        let mut server = Self::launch(&data_dir, None, pool_size, extra);
+        let mut server = Self::launch_binary(Path::new(VIV), &data_dir, None, pool_size, extra, env);
         server._temp = Some(temp);
         server
     }
@@ -82,11 +87,11 @@ impl TestServer {
     /// Starts a server without warm VMs on an existing data directory, running `binary` (a
     /// copy of `viv` elsewhere stands for an upgraded one).
     pub fn start_binary_on(binary: &Path, data_dir: &Path, extra: &[&str]) -> Self {
-        Self::launch_binary(binary, data_dir, None, 0, extra)
+        Self::launch_binary(binary, data_dir, None, 0, extra, &[])
     }
 
     fn launch(data_dir: &Path, parent_death: Option<i32>, pool_size: usize, extra: &[&str]) -> Self {
-        Self::launch_binary(Path::new(VIV), data_dir, parent_death, pool_size, extra)
+        Self::launch_binary(Path::new(VIV), data_dir, parent_death, pool_size, extra, &[])
     }
 
     fn launch_binary(
@@ -95,6 +100,7 @@ impl TestServer {
         parent_death: Option<i32>,
         pool_size: usize,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Self {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
@@ -112,6 +118,7 @@ impl TestServer {
             .arg(pool_size.to_string())
             .args(extra)
             .env("VIV_LOG", "info,viv_net=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         // Servers of one test run must not share an address pool (as root, `auto` networking is

@@ -5,6 +5,7 @@ mod fixture;
 
 mod api;
 mod cli;
+mod contract;
 mod faults;
 mod isolation;
 mod jail;
