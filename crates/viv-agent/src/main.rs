@@ -11,6 +11,7 @@ mod codec;
 mod files;
 mod init;
 mod metrics;
+mod multipart;
 mod process;
 mod reaper;
 mod server;
