@@ -5,6 +5,7 @@ mod fixture;
 
 mod api;
 mod cli;
+mod data_path;
 mod faults;
 mod isolation;
 mod network;
