@@ -4,6 +4,10 @@
 //! acting user's home, `..` is resolved lexically and cannot climb above `/`. Every operation runs
 //! with the acting user's file-system identity, so the kernel enforces permissions and new files
 //! belong to that user.
+//!
+//! Uploads are all or nothing: a file reaches its target (by rename) only once the whole
+//! request body arrived and checked out ([`CheckedBody`]); a cut or malformed body is a 400 and
+//! leaves the target as it was and no temporary file.
 
 use std::fs;
 use std::io;
@@ -639,11 +643,10 @@ async fn write_temp(user: &User, path: &Path, chunks: &mut impl Chunks, temps: &
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
         .to_string_lossy()
         .into_owned();
-    let temp = dir.join(format!(
-        ".{name}{UPLOAD_TEMP_MARK}{}-{}",
-        std::process::id() ^ rand_u32(),
-        temps.len()
-    ));
+    // Unique among the agent's uploads (a counter), and unlikely to meet a user's file.
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = dir.join(format!(".{name}{UPLOAD_TEMP_MARK}{:08x}-{serial}", rand_u32()));
     let file = {
         let (dir, temp, target) = (dir.clone(), temp.clone(), path.to_path_buf());
         as_user(user, move || {
