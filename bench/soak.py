@@ -110,6 +110,8 @@ class Worker:
         self.index = index
         self.rnd = random.Random(SEED * 1000 + index)
         self.boxes = []
+        # The sandbox the running operation works on.
+        self.current = None
 
     def pick(self):
         kinds, weights = zip(*WEIGHTS.items())
@@ -127,6 +129,7 @@ class Worker:
     def run(self):
         while STATS.claim() is not None:
             kind = self.pick()
+            self.current = None
             start = time.perf_counter()
             error = None
             try:
@@ -138,6 +141,14 @@ class Worker:
             STATS.record(kind, time.perf_counter() - start, error)
             if error is not None:
                 print(f"worker {self.index}: {kind} FAILED: {error}", file=sys.stderr, flush=True)
+                # Count each failure once: a sandbox an operation failed on is dropped (and
+                # killed if it still exists), so its later operations do not fail in its wake.
+                if self.current in self.boxes:
+                    self.boxes.remove(self.current)
+                    try:
+                        self.current.sandbox.kill()
+                    except Exception:
+                        pass
         for box in self.boxes:
             try:
                 box.sandbox.kill()
@@ -145,11 +156,12 @@ class Worker:
                 pass
 
     def box(self):
-        return self.rnd.choice(self.boxes)
+        self.current = self.rnd.choice(self.boxes)
+        return self.current
 
     def op_create(self):
         sandbox = Sandbox.create(timeout=TIMEOUT)
-        box = Box(sandbox)
+        box = self.current = Box(sandbox)
         self.boxes.append(box)
         if sandbox.commands.run("echo ready").stdout != "ready\n":
             raise Failure(f"new sandbox {box.id} did not answer echo")
@@ -195,7 +207,7 @@ class Worker:
             raise Failure(f"{box.id}: {path} read back {len(back)} B differing from the {len(data)} B written")
 
     def op_read(self):
-        box = self.rnd.choice([b for b in self.boxes if b.files])
+        box = self.current = self.rnd.choice([b for b in self.boxes if b.files])
         path, (digest, size) = self.rnd.choice(sorted(box.files.items()))
         back = bytes(box.sandbox.files.read(path, format="bytes"))
         with STATS.lock:
