@@ -1,9 +1,15 @@
 # Shared by the benchmark scripts: builds Vivarium and prepares the guest images; `start_server
 # PORT [serve options]` starts a server on a scratch data directory (the image cache is shared)
 # and sets VIV_API_URL / VIV_API_KEY for it. Servers and their data go when the script exits.
-bash scripts/install-deps
-bash scripts/build
-viv=target/release/viv
+# VIV_BIN names a `viv` binary already built (scripts/test passes its debug build); without it
+# the release build is made.
+if [ -n "${VIV_BIN:-}" ]; then
+  viv=$VIV_BIN
+else
+  bash scripts/install-deps
+  bash scripts/build
+  viv=target/release/viv
+fi
 export VIV_CACHE_DIR="${VIV_CACHE_DIR:-/var/cache/vivarium}"
 "$viv" image build >/dev/null
 servers=()

@@ -1,5 +1,5 @@
 //! The agent's upload route (`POST /files`, `viv-agent`'s `files::upload` behind the agent's real
-//! router): multipart bodies (parsed by axum/multer, handled by us), raw and gzip-encoded bodies,
+//! router): multipart bodies (our streaming parser, `multipart.rs`), raw and gzip-encoded bodies,
 //! with fuzzed boundaries and content types, arriving in pieces of a fuzzed size.
 //!
 //! Every upload targets a file in a scratch directory (`?path=`; a part's own file name is never

@@ -3,14 +3,24 @@
 //! A virtio-serial port is one byte stream that the host may connect to and disconnect from at
 //! any time. While no host is connected, `read` returns 0 at once; while one is, it blocks until
 //! data arrives. The port can be opened only once, so the agent keeps one fd for its lifetime and
-//! serves each host connection as one HTTP/2 connection, bridged to hyper through an in-memory
-//! duplex pipe.
+//! serves each host connection as one HTTP/2 connection (a *session*), bridged to hyper through
+//! an in-memory duplex pipe.
 //!
-//! A connection starts with the reset handshake of [`viv_proto::channel`] and ends at a hang-up
-//! or at the next reset. Snapshots are why: a restored (or forked) VM meets a new host without
-//! necessarily seeing a hang-up. So the port is non-blocking, every chunk written is tagged with
-//! its connection's number, and chunks of an ended connection are dropped rather than sent to the
-//! next host. Bytes before an HTTP/2 preface are ignored likewise.
+//! Invariants:
+//! - a session starts only at the reset handshake of [`viv_proto::channel`] followed by an
+//!   HTTP/2 client preface, and ends only at the next reset: a new host always opens with one,
+//!   and nothing else reliably tells hosts apart. In particular the port's hang-up state is not
+//!   used: the guest learns of a host's arrival and departure through control messages that
+//!   may be processed after the next host's first bytes were already read, so a "hang-up" seen
+//!   by `read` returning 0 can belong to the previous host and must not end a live session;
+//! - an ended session is closed: its pipe is dropped, so hyper sees the end of its connection
+//!   and every request still open on it fails instead of waiting forever;
+//! - every chunk written to the port carries the number of the session it belongs to, and
+//!   chunks of an ended session are dropped (even half-written), so a new host never receives
+//!   bytes of an older session after the answer to its reset; bytes before that answer the host
+//!   discards itself;
+//! - bytes before an HTTP/2 preface (the tail of a connection cut by a snapshot or a restore)
+//!   are dropped, so a session never starts mid-stream.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -26,12 +36,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use viv_proto::channel;
-
-/// What the port reader thread reports.
-enum PortEvent {
-    Data(Vec<u8>),
-    HangUp,
-}
 
 /// Finds the character device of the virtio-serial port with the given name.
 fn find_port(name: &str) -> Option<PathBuf> {
@@ -71,28 +75,17 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
     tracing::info!(device = %device.display(), "agent channel open");
     let port = std::sync::Arc::new(port);
 
-    let (events_tx, mut events_rx) = mpsc::channel::<PortEvent>(64);
+    let (events_tx, mut events_rx) = mpsc::channel::<Vec<u8>>(64);
     let reader_port = port.clone();
     std::thread::Builder::new().name("port-reader".into()).spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
-        let mut connected = false;
         loop {
             match read_gathering(&reader_port, &mut buf) {
-                PortRead::Nothing => continue,
-                PortRead::HungUp => {
-                    if connected {
-                        connected = false;
-                        // Ends the connection before anything else can be queued for it.
-                        GENERATION.fetch_add(1, Ordering::SeqCst);
-                        if events_tx.blocking_send(PortEvent::HangUp).is_err() {
-                            return;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                PortRead::Nothing => {}
+                // No host right now; the next one announces itself with a reset.
+                PortRead::HungUp => std::thread::sleep(Duration::from_millis(2)),
                 PortRead::Data(n) => {
-                    connected = true;
-                    if events_tx.blocking_send(PortEvent::Data(buf[..n].to_vec())).is_err() {
+                    if events_tx.blocking_send(buf[..n].to_vec()).is_err() {
                         return;
                     }
                 }
@@ -117,61 +110,55 @@ pub async fn serve_port(name: &str, app: Router) -> Result<()> {
         }
     })?;
 
-    let mut session: Option<tokio::io::WriteHalf<tokio::io::DuplexStream>> = None;
+    let mut session: Option<Session> = None;
     // Bytes received while no session runs, kept until an HTTP/2 preface shows up in them.
     let mut pending: Vec<u8> = Vec::new();
     // Reset markers may span any number of reads.
     let mut resets = channel::ResetScanner::default();
-    while let Some(event) = events_rx.recv().await {
-        match event {
-            PortEvent::HangUp => {
-                tracing::debug!("host hung up");
-                session = None;
-                pending.clear();
-                resets.clear();
-            }
-            PortEvent::Data(data) => {
-                let data = match resets.scan(&channel_key(), &data) {
-                    Some(channel::Reset { after, nonce }) => {
-                        // A new host: forget the old session and whatever it still had to send.
-                        let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
-                        session = None;
-                        pending.clear();
-                        let _ = out_tx.send((generation, channel::ready_marker(&nonce)));
-                        tracing::debug!("host connection reset");
-                        data[after..].to_vec()
-                    }
-                    None => data,
-                };
-                let data = if session.is_some() {
-                    data
-                } else {
-                    // A new host connection starts with the client preface. Anything before it
-                    // is the tail of an earlier connection (for example one cut by a snapshot or
-                    // a restore) and is dropped, so a new session never starts mid-stream.
-                    pending.extend_from_slice(&data);
-                    match find_preface(&pending) {
-                        Some(at) => {
-                            let data = pending.split_off(at);
-                            pending.clear();
-                            tracing::debug!(skipped = at, "host connected");
-                            session = Some(start_session(app.clone(), out_tx.clone()));
-                            data
-                        }
-                        None => {
-                            // Keep only what could be the start of a preface.
-                            let keep = pending.len().min(PREFACE.len() - 1);
-                            pending.drain(..pending.len() - keep);
-                            continue;
-                        }
-                    }
-                };
-                let to_hyper = session.as_mut().expect("session running");
-                if to_hyper.write_all(&data).await.is_err() {
-                    // hyper closed the connection (protocol error); wait for the host's next one.
-                    tracing::debug!("session closed by the agent");
-                    session = None;
+    while let Some(data) = events_rx.recv().await {
+        let data = match resets.scan(&channel_key(), &data) {
+            Some(channel::Reset { after, nonce }) => {
+                // A new host: end the old session and drop whatever it still had to send.
+                let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(old) = session.take() {
+                    old.close();
                 }
+                pending.clear();
+                let _ = out_tx.send((generation, channel::ready_marker(&nonce)));
+                tracing::debug!(generation, "host connection reset");
+                data[after..].to_vec()
+            }
+            None => data,
+        };
+        let data = if session.is_some() {
+            data
+        } else {
+            // A new host connection starts with the client preface. Anything before it is the
+            // tail of an earlier connection (for example one cut by a snapshot or a restore)
+            // and is dropped, so a new session never starts mid-stream.
+            pending.extend_from_slice(&data);
+            match find_preface(&pending) {
+                Some(at) => {
+                    let data = pending.split_off(at);
+                    pending.clear();
+                    tracing::debug!(skipped = at, "host connected");
+                    session = Some(Session::start(app.clone(), out_tx.clone()));
+                    data
+                }
+                None => {
+                    // Keep only what could be the start of a preface.
+                    let keep = pending.len().min(PREFACE.len() - 1);
+                    pending.drain(..pending.len() - keep);
+                    continue;
+                }
+            }
+        };
+        let live = session.as_mut().expect("session running");
+        if live.input.write_all(&data).await.is_err() {
+            // hyper closed the connection (a protocol error); wait for the host's next one.
+            tracing::debug!("session closed by the agent");
+            if let Some(old) = session.take() {
+                old.close();
             }
         }
     }
@@ -226,7 +213,7 @@ fn channel_key() -> String {
     CHANNEL_KEY.read().expect("key lock").clone()
 }
 
-/// Number of the current host connection; bumped at every hang-up and reset.
+/// Number of the current host connection; bumped at every reset.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// Waits up to `timeout_ms` for `events` (or a hang-up) on the port.
@@ -254,34 +241,49 @@ fn readable_now(port: &std::fs::File) -> bool {
     ready == 1 && pfd.revents & libc::POLLIN != 0
 }
 
-/// Starts one HTTP/2 connection over an in-memory pipe; returns the half that feeds it.
-fn start_session(
-    app: Router,
-    out_tx: std::sync::mpsc::Sender<(u64, Vec<u8>)>,
-) -> tokio::io::WriteHalf<tokio::io::DuplexStream> {
-    let generation = GENERATION.load(Ordering::SeqCst);
-    let (ours, theirs) = tokio::io::duplex(1 << 20);
-    let (mut from_hyper, to_hyper) = tokio::io::split(ours);
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match from_hyper.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if out_tx.send((generation, buf[..n].to_vec())).is_err() {
-                        break;
+/// One host connection served by hyper over an in-memory pipe.
+struct Session {
+    /// Feeds hyper the host's bytes.
+    input: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    /// Carries hyper's bytes to the port writer; owns the other half of the pipe.
+    output: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Starts one HTTP/2 connection; its output goes to the port tagged with the current
+    /// connection number.
+    fn start(app: Router, out_tx: std::sync::mpsc::Sender<(u64, Vec<u8>)>) -> Self {
+        let generation = GENERATION.load(Ordering::SeqCst);
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (mut from_hyper, input) = tokio::io::split(ours);
+        let output = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match from_hyper.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if out_tx.send((generation, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
                     }
                 }
             }
-        }
-    });
-    tokio::spawn(async move {
-        let service = TowerToHyperService::new(app);
-        if let Err(err) = http2_builder().serve_connection(TokioIo::new(theirs), service).await {
-            tracing::debug!(error = ?err, "host connection ended");
-        }
-    });
-    to_hyper
+        });
+        tokio::spawn(async move {
+            let service = TowerToHyperService::new(app);
+            if let Err(err) = http2_builder().serve_connection(TokioIo::new(theirs), service).await {
+                tracing::debug!(error = ?err, "host connection ended");
+            }
+        });
+        Self { input, output }
+    }
+
+    /// Ends the session: with both halves of the pipe dropped, hyper reads the end of its
+    /// connection, fails the requests still open on it and stops.
+    fn close(self) {
+        self.output.abort();
+        drop(self.input);
+    }
 }
 
 fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {

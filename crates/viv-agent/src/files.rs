@@ -4,6 +4,10 @@
 //! acting user's home, `..` is resolved lexically and cannot climb above `/`. Every operation runs
 //! with the acting user's file-system identity, so the kernel enforces permissions and new files
 //! belong to that user.
+//!
+//! Uploads are all or nothing: a file reaches its target (by rename) only once the whole
+//! request body arrived and checked out ([`CheckedBody`]); a cut or malformed body is a 400 and
+//! leaves the target as it was and no temporary file.
 
 use std::fs;
 use std::io;
@@ -11,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -89,6 +93,7 @@ fn io_status(err: &io::Error) -> StatusCode {
         io::ErrorKind::IsADirectory
         | io::ErrorKind::NotADirectory
         | io::ErrorKind::InvalidInput
+        // A body that failed its checks or a gzip stream that does not decode.
         | io::ErrorKind::InvalidData
         | io::ErrorKind::UnexpectedEof => StatusCode::BAD_REQUEST,
         io::ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
@@ -350,10 +355,166 @@ struct WriteInfo {
     path: String,
 }
 
+/// Why an upload's body was refused: it ended early, carried more than it declared, or failed
+/// on the way. Always the client's (or the connection's) fault, so a 400.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the upload ended after {got} of the {declared} bytes its Content-Length declares")]
+    Short { got: u64, declared: u64 },
+    #[error("the upload carried more than the {declared} bytes its Content-Length declares")]
+    Long { declared: u64 },
+    #[error("the upload ended after {got} bytes without the host's end-of-body length, so it was cut short")]
+    NoTrailer { got: u64 },
+    #[error("the upload ended after {got} of the {sent} bytes the host sent")]
+    TrailerMismatch { got: u64, sent: u64 },
+    #[error("the upload was cut short after {got} bytes: {reason}")]
+    Broken { got: u64, reason: String },
+}
+
+/// The data of a request body as a stream that ends only if the body was complete: its byte
+/// count matches `Content-Length` when one was given, and the host's
+/// [`viv_proto::UPLOAD_LENGTH_TRAILER`] when it announced one. Anything else (a body error, a
+/// short or long body, a missing or wrong trailer) ends the stream with an
+/// [`io::ErrorKind::InvalidData`] error carrying a [`BodyError`].
+struct CheckedBody {
+    body: Body,
+    received: u64,
+    declared: Option<u64>,
+    trailer_announced: bool,
+    trailer: Option<u64>,
+    finished: bool,
+}
+
+impl CheckedBody {
+    fn new(body: Body, headers: &HeaderMap) -> Result<Self, String> {
+        let declared = match headers.get(header::CONTENT_LENGTH) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| format!("invalid Content-Length {value:?}"))?,
+            ),
+        };
+        Ok(Self {
+            body,
+            received: 0,
+            declared,
+            trailer_announced: headers.contains_key(viv_proto::UPLOAD_LENGTH_ANNOUNCE),
+            trailer: None,
+            finished: false,
+        })
+    }
+
+    fn fail(&mut self, err: BodyError) -> Option<io::Result<Bytes>> {
+        self.finished = true;
+        Some(Err(io::Error::new(io::ErrorKind::InvalidData, err)))
+    }
+
+    /// Checks a body that ended cleanly.
+    fn at_end(&mut self) -> Option<io::Result<Bytes>> {
+        let got = self.received;
+        if let Some(declared) = self.declared.filter(|d| *d != got) {
+            return self.fail(BodyError::Short { got, declared });
+        }
+        if self.trailer_announced {
+            match self.trailer {
+                None => return self.fail(BodyError::NoTrailer { got }),
+                Some(sent) if sent != got => return self.fail(BodyError::TrailerMismatch { got, sent }),
+                Some(_) => {}
+            }
+        }
+        self.finished = true;
+        None
+    }
+}
+
+impl futures::Stream for CheckedBody {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use http_body::Body as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            let frame = match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(this.at_end()),
+                Poll::Ready(Some(Err(err))) => {
+                    let got = this.received;
+                    return Poll::Ready(this.fail(BodyError::Broken {
+                        got,
+                        reason: err.to_string(),
+                    }));
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    this.received += data.len() as u64;
+                    if let Some(declared) = this.declared.filter(|d| this.received > *d) {
+                        return Poll::Ready(this.fail(BodyError::Long { declared }));
+                    }
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                Err(frame) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        this.trailer = trailers
+                            .get(viv_proto::UPLOAD_LENGTH_TRAILER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What hands out an upload's bytes: a plain body, or one part of a multipart body.
+trait Chunks {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>>;
+}
+
+/// A stream of chunks (a plain or decompressed body).
+struct StreamChunks<S>(S);
+
+impl<S: futures::Stream<Item = io::Result<Bytes>> + Unpin> Chunks for StreamChunks<S> {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        self.0.next().await.transpose()
+    }
+}
+
+impl<S: futures::Stream<Item = io::Result<Bytes>> + Unpin> Chunks for crate::multipart::Multipart<S> {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        crate::multipart::Multipart::next_chunk(self)
+            .await
+            .map_err(multipart_io)
+    }
+}
+
+fn multipart_io(err: crate::multipart::MultipartError) -> io::Error {
+    match err {
+        crate::multipart::MultipartError::Read(err) => err,
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
+}
+
 /// `POST /files?path=`: writes the body (raw bytes, or each part of a multipart form) to `path`.
-/// Each file is written to a temporary name beside its target, and all are renamed over their
-/// targets only once the whole body has arrived, so a body that is cut or malformed anywhere
-/// changes no file (and never leaves a truncated one in place of a good one).
+/// Every file is written to a temporary name beside its target, and all of them are renamed
+/// into place only once the whole body has arrived and checked out (see [`CheckedBody`]; a
+/// multipart body must also end with its closing delimiter). So a failed or cut upload leaves
+/// the targets as they were and no temporary file behind, and answers 400 when the body was at
+/// fault. The work runs in a task of its own: hyper drops a handler whose request stream the
+/// host resets, and the temporary files must go even then.
 pub async fn upload(
     State(state): State<AgentState>,
     headers: HeaderMap,
@@ -364,148 +525,181 @@ pub async fn upload(
         Ok(user) => user,
         Err(err) => return json_error(StatusCode::BAD_REQUEST, err.message),
     };
-    let is_multipart = headers
+    let body = match CheckedBody::new(request.into_body(), &headers) {
+        Ok(body) => body,
+        Err(err) => return json_error(StatusCode::BAD_REQUEST, err),
+    };
+    let received = tokio::spawn(async move {
+        let mut temps: Vec<TempFile> = Vec::new();
+        let written = match receive(&user, q.path.as_deref(), &headers, body, &mut temps).await {
+            Ok(()) => commit(&user, &temps).await,
+            Err(err) => Err(err),
+        };
+        if written.is_err() {
+            discard(&user, &temps).await;
+        }
+        written
+    })
+    .await;
+    match received {
+        Ok(Ok(written)) => Json(written).into_response(),
+        Ok(Err((status, message))) => json_error(status, message),
+        Err(err) => json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("the upload failed: {err}")),
+    }
+}
+
+/// Receives an upload's body into temporary files (listed in `temps`).
+async fn receive(
+    user: &User,
+    path: Option<&str>,
+    headers: &HeaderMap,
+    body: CheckedBody,
+    temps: &mut Vec<TempFile>,
+) -> Result<(), (StatusCode, String)> {
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("multipart/form-data"));
-    let mut staged = Vec::new();
+        .unwrap_or_default();
+    let is_multipart = content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data");
     if is_multipart {
-        let mut form = match Multipart::from_request(request, &()).await {
-            Ok(form) => form,
-            Err(err) => return json_error(StatusCode::BAD_REQUEST, err.body_text()),
-        };
-        loop {
-            let field = match form.next_field().await {
-                Ok(Some(field)) => field,
-                Ok(None) => break,
-                Err(err) => return discard(&user, staged, json_error(StatusCode::BAD_REQUEST, err.body_text())).await,
-            };
-            let target = match (&q.path, field.file_name()) {
-                (Some(p), _) if !p.is_empty() => p.clone(),
-                (_, Some(name)) => name.to_owned(),
-                _ => {
-                    let error = json_error(StatusCode::BAD_REQUEST, "a path or a file name is required");
-                    return discard(&user, staged, error).await;
-                }
-            };
-            let path = resolve_path(&user, &target);
-            // A broken body is the client's error.
-            let chunks = field.map(|c| c.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)));
-            match write_file(&user, &path, chunks).await {
-                Ok(file) => staged.push(file),
-                Err(err) => {
-                    let error = json_error(io_status(&err), format!("{}: {err}", path.display()));
-                    return discard(&user, staged, error).await;
-                }
-            }
-        }
+        let boundary =
+            crate::multipart::boundary(content_type).map_err(|err| (StatusCode::BAD_REQUEST, err.to_string()))?;
+        let mut form = crate::multipart::Multipart::new(body, &boundary);
+        return receive_parts(user, path, &mut form, temps).await;
+    }
+    let Some(raw) = path.filter(|p| !p.is_empty()) else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the path query parameter is required".to_owned(),
+        ));
+    };
+    let path = resolve_path(user, raw);
+    let gzipped = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gzip"));
+    // A gzip-encoded upload (envd 0.5.7) is stored decompressed; the decoder refuses a gzip
+    // stream that ends early, and reads the body to its end (and so to its checks) because it
+    // looks for further members.
+    let chunks: std::pin::Pin<Box<dyn futures::Stream<Item = io::Result<Bytes>> + Send>> = if gzipped {
+        let reader = tokio_util::io::StreamReader::new(body);
+        let mut decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
+        decoder.multiple_members(true);
+        Box::pin(tokio_util::io::ReaderStream::new(decoder))
     } else {
-        let Some(raw) = q.path.filter(|p| !p.is_empty()) else {
-            return json_error(StatusCode::BAD_REQUEST, "the path query parameter is required");
-        };
-        let path = resolve_path(&user, &raw);
-        let gzipped = headers
-            .get(header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|e| e.eq_ignore_ascii_case("gzip"));
-        let chunks = request
-            .into_body()
-            .into_data_stream()
-            .map(|c| c.map_err(io::Error::other));
-        // A gzip-encoded upload (envd 0.5.7) is stored decompressed.
-        let chunks: std::pin::Pin<Box<dyn futures::Stream<Item = io::Result<Bytes>> + Send>> = if gzipped {
-            let reader = tokio_util::io::StreamReader::new(chunks);
-            let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
-            Box::pin(tokio_util::io::ReaderStream::new(decoder))
-        } else {
-            Box::pin(chunks)
-        };
-        match write_file(&user, &path, chunks).await {
-            Ok(file) => staged.push(file),
-            Err(err) => return json_error(io_status(&err), format!("{}: {err}", path.display())),
-        }
-    }
-    let mut written = Vec::new();
-    let mut staged = staged.into_iter();
-    while let Some(file) = staged.next() {
-        let (temp, target) = (file.temp.clone(), file.target.clone());
-        if let Err(err) = as_user(&user, move || fs::rename(&temp, &target)).await {
-            let error = json_error(io_status(&err), format!("{}: {err}", file.target.display()));
-            return discard(&user, std::iter::once(file).chain(staged).collect(), error).await;
-        }
-        written.push(file.info);
-    }
-    Json(written).into_response()
+        Box::pin(body)
+    };
+    write_temp(user, &path, &mut StreamChunks(chunks), temps)
+        .await
+        .map_err(|err| (io_status(&err), format!("{}: {err}", path.display())))
 }
 
-/// A file of an upload, written under a temporary name.
-struct Staged {
-    temp: PathBuf,
-    target: PathBuf,
-    info: WriteInfo,
-}
-
-/// Removes the temporary files of a failed upload; answers `error`.
-async fn discard(user: &User, staged: Vec<Staged>, error: Response) -> Response {
-    for file in staged {
-        let _ = as_user(user, move || fs::remove_file(&file.temp)).await;
-    }
-    error
-}
-
-/// Writes `chunks` to a temporary file beside `path` (removed again if that fails).
-async fn write_file<S>(user: &User, path: &Path, mut chunks: S) -> io::Result<Staged>
+/// Receives every part of a multipart body into temporary files, then the rest of the body.
+async fn receive_parts<S>(
+    user: &User,
+    path: Option<&str>,
+    form: &mut crate::multipart::Multipart<S>,
+    temps: &mut Vec<TempFile>,
+) -> Result<(), (StatusCode, String)>
 where
     S: futures::Stream<Item = io::Result<Bytes>> + Unpin,
 {
+    let refused = |err: io::Error| (io_status(&err), err.to_string());
+    loop {
+        let part = match form.next_part().await {
+            Ok(Some(part)) => part,
+            Ok(None) => break,
+            Err(err) => return Err(refused(multipart_io(err))),
+        };
+        let target = match (path, part.file_name.as_deref()) {
+            (Some(p), _) if !p.is_empty() => p.to_owned(),
+            (_, Some(name)) if !name.is_empty() => name.to_owned(),
+            _ => return Err((StatusCode::BAD_REQUEST, "a path or a file name is required".to_owned())),
+        };
+        let path = resolve_path(user, &target);
+        write_temp(user, &path, form, temps)
+            .await
+            .map_err(|err| (io_status(&err), format!("{}: {err}", path.display())))?;
+    }
+    // The closing delimiter is not the end: the length checks run when the body ends.
+    form.finish().await.map_err(|err| refused(multipart_io(err)))
+}
+
+/// A complete upload waiting in a temporary file beside its target.
+struct TempFile {
+    temp: PathBuf,
+    target: PathBuf,
+}
+
+/// Writes all of `chunks` to a new temporary file beside `path` (recorded in `temps` as soon
+/// as it exists, so that the caller removes it on any error).
+async fn write_temp(user: &User, path: &Path, chunks: &mut impl Chunks, temps: &mut Vec<TempFile>) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?
         .to_string_lossy()
         .into_owned();
-    // Unique among the files of one upload, which may all target the same path.
-    static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let temp = dir.join(format!(
-        ".{name}{UPLOAD_TEMP_MARK}{}-{sequence}",
-        std::process::id() ^ rand_u32()
-    ));
-    let (file, temp_path) = {
+    // Unique among the agent's uploads (a counter), and unlikely to meet a user's file.
+    static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = dir.join(format!(".{name}{UPLOAD_TEMP_MARK}{:08x}-{serial}", rand_u32()));
+    let file = {
         let (dir, temp, target) = (dir.clone(), temp.clone(), path.to_path_buf());
         as_user(user, move || {
             fs::create_dir_all(&dir)?;
             if target.is_dir() {
                 return Err(io::Error::new(io::ErrorKind::IsADirectory, "is a directory"));
             }
-            let file = fs::OpenOptions::new().write(true).create_new(true).open(&temp)?;
-            Ok((file, temp))
+            fs::OpenOptions::new().write(true).create_new(true).open(&temp)
         })
         .await?
     };
-    let mut file = tokio::fs::File::from_std(file);
-    let copied = async {
-        while let Some(chunk) = chunks.next().await {
-            file.write_all(&chunk?).await?;
-        }
-        file.flush().await
-    }
-    .await;
-    drop(file);
-    if let Err(err) = copied {
-        let temp = temp_path.clone();
-        let _ = as_user(user, move || fs::remove_file(&temp)).await;
-        return Err(err);
-    }
-    Ok(Staged {
-        temp: temp_path,
+    temps.push(TempFile {
+        temp,
         target: path.to_path_buf(),
-        info: WriteInfo {
-            name,
+    });
+    let mut file = tokio::fs::File::from_std(file);
+    while let Some(chunk) = chunks.next_chunk().await? {
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await
+}
+
+/// Renames every complete upload into place.
+async fn commit(user: &User, temps: &[TempFile]) -> Result<Vec<WriteInfo>, (StatusCode, String)> {
+    let mut written = Vec::new();
+    for file in temps {
+        let (temp, target) = (file.temp.clone(), file.target.clone());
+        as_user(user, move || fs::rename(&temp, &target))
+            .await
+            .map_err(|err| (io_status(&err), format!("{}: {err}", file.target.display())))?;
+        written.push(WriteInfo {
+            name: file
+                .target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             kind: "file",
-            path: path.to_string_lossy().into_owned(),
-        },
+            path: file.target.to_string_lossy().into_owned(),
+        });
+    }
+    Ok(written)
+}
+
+/// Removes the temporary files of a failed upload (those already renamed are gone).
+async fn discard(user: &User, temps: &[TempFile]) {
+    let paths: Vec<PathBuf> = temps.iter().map(|t| t.temp.clone()).collect();
+    let _ = as_user(user, move || {
+        for path in paths {
+            let _ = fs::remove_file(path);
+        }
+        Ok(())
     })
+    .await;
 }
 
 fn rand_u32() -> u32 {
@@ -519,6 +713,92 @@ fn rand_u32() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body of `chunks`, then `trailer` (the host's length trailer) if given, then `error`.
+    fn body(chunks: &[&[u8]], trailer: Option<&str>, error: bool) -> Body {
+        let mut frames: Vec<Result<http_body::Frame<Bytes>, io::Error>> = chunks
+            .iter()
+            .map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        if let Some(value) = trailer {
+            let mut map = HeaderMap::new();
+            map.insert(viv_proto::UPLOAD_LENGTH_TRAILER, value.parse().unwrap());
+            frames.push(Ok(http_body::Frame::trailers(map)));
+        }
+        if error {
+            frames.push(Err(io::Error::other("stream reset")));
+        }
+        Body::new(http_body_util::StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    fn headers(length: Option<&str>, announced: bool) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        if let Some(length) = length {
+            map.insert(header::CONTENT_LENGTH, length.parse().unwrap());
+        }
+        if announced {
+            map.insert(viv_proto::UPLOAD_LENGTH_ANNOUNCE, "1".parse().unwrap());
+        }
+        map
+    }
+
+    /// Reads a checked body: its bytes, or the message of the error that ended it.
+    fn read(body: Body, headers: &HeaderMap) -> Result<Vec<u8>, String> {
+        let mut checked = CheckedBody::new(body, headers)?;
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mut out = Vec::new();
+                while let Some(chunk) = checked.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                        e.to_string()
+                    })?;
+                    out.extend_from_slice(&chunk);
+                }
+                // Once ended (well or not), it stays ended.
+                assert!(checked.next().await.is_none());
+                Ok(out)
+            })
+    }
+
+    #[test]
+    fn a_checked_body_ends_only_when_it_is_whole() {
+        let parts: &[&[u8]] = &[b"hello ", b"", b"world"];
+        assert_eq!(
+            read(body(parts, None, false), &headers(Some("11"), false)).unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            read(body(parts, None, false), &headers(None, false)).unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            read(body(parts, Some("11"), false), &headers(Some("11"), true)).unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            read(body(parts, Some("11"), false), &headers(None, true)).unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            read(body(&[], Some("0"), false), &headers(Some("0"), true)).unwrap(),
+            b""
+        );
+
+        let short = read(body(parts, None, false), &headers(Some("12"), false)).unwrap_err();
+        assert!(short.contains("after 11 of the 12 bytes"), "{short}");
+        let long = read(body(parts, None, false), &headers(Some("10"), false)).unwrap_err();
+        assert!(long.contains("more than the 10 bytes"), "{long}");
+        let no_trailer = read(body(parts, None, false), &headers(None, true)).unwrap_err();
+        assert!(no_trailer.contains("cut short"), "{no_trailer}");
+        let mismatch = read(body(parts, Some("20"), false), &headers(None, true)).unwrap_err();
+        assert!(mismatch.contains("11 of the 20 bytes the host sent"), "{mismatch}");
+        let broken = read(body(parts, None, true), &headers(None, false)).unwrap_err();
+        assert!(broken.contains("cut short after 11 bytes: stream reset"), "{broken}");
+        assert!(read(body(parts, None, false), &headers(Some("eleven"), false)).is_err());
+    }
 
     fn user() -> User {
         User {

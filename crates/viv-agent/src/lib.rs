@@ -7,6 +7,7 @@ mod codec;
 mod files;
 pub mod init;
 mod metrics;
+mod multipart;
 mod process;
 pub mod reaper;
 pub mod server;

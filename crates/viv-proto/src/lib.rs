@@ -22,6 +22,15 @@ pub const ENVD_VERSION: &str = "0.5.7";
 /// The port envd listens on inside an E2B sandbox; SDKs address the agent through it.
 pub const ENVD_PORT: u16 = 49983;
 
+/// Request header with which the host announces that an upload's body ends with the
+/// [`UPLOAD_LENGTH_TRAILER`] trailer.
+pub const UPLOAD_LENGTH_ANNOUNCE: &str = "viv-upload-length-trailer";
+
+/// Trailer the host ends a forwarded upload with: the number of body bytes it sent. The agent
+/// keeps the file only if it received exactly that many, so a body that stops early on the way
+/// (even one that looks properly ended) never becomes a shorter file.
+pub const UPLOAD_LENGTH_TRAILER: &str = "viv-upload-length";
+
 /// A Connect error as sent in a unary error body or in a stream's end-of-stream message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 #[error("{code}: {message}")]

@@ -1,5 +1,15 @@
 //! The host side of the agent channel: one multiplexed HTTP/2 connection per sandbox over the
 //! Unix socket QEMU exposes for the virtio-serial port.
+//!
+//! Invariants:
+//! - every connection starts with the reset handshake of [`viv_proto::channel`];
+//! - one connection is shared by all requests to a sandbox; it is replaced only when it is
+//!   closed (or does not answer while the guest boots), never because one request failed, since
+//!   a request's stream can fail alone while others still run on the connection (and QEMU
+//!   serves one connection at a time, so a second one would wait behind the first);
+//! - a forwarded upload ([`UploadBody`]) ends with the length trailer the agent checks, and
+//!   remembers whether the client's body broke, so the caller can tell a cut upload (400) from
+//!   a broken channel (502).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -46,11 +56,19 @@ pub enum AgentError {
 /// it bounds the wait when bytes were lost to a channel reset.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The open connection to an agent: its number and the handle that sends requests on it.
+#[derive(Debug)]
+struct Connection {
+    id: u64,
+    sender: SendRequest<Body>,
+}
+
 /// A client for one sandbox's agent.
 #[derive(Debug)]
 pub struct AgentClient {
     socket: PathBuf,
-    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    sender: tokio::sync::Mutex<Option<Connection>>,
+    connections: std::sync::atomic::AtomicU64,
     token: std::sync::RwLock<Option<String>>,
     channel_key: std::sync::RwLock<String>,
 }
@@ -61,6 +79,7 @@ impl AgentClient {
         Self {
             socket,
             sender: tokio::sync::Mutex::new(None),
+            connections: std::sync::atomic::AtomicU64::new(0),
             token: std::sync::RwLock::new(None),
             channel_key: std::sync::RwLock::new(String::new()),
         }
@@ -71,11 +90,12 @@ impl AgentClient {
         *self.token.write().expect("token lock") = token;
     }
 
-    async fn sender(&self) -> Result<SendRequest<Body>, AgentError> {
+    /// The open connection (its number and a sender), opened if there is none or it closed.
+    async fn sender(&self) -> Result<(u64, SendRequest<Body>), AgentError> {
         let mut guard = self.sender.lock().await;
-        if let Some(sender) = guard.as_ref() {
-            if !sender.is_closed() {
-                return Ok(sender.clone());
+        if let Some(open) = guard.as_ref() {
+            if !open.sender.is_closed() {
+                return Ok((open.id, open.sender.clone()));
             }
         }
         let mut stream = UnixStream::connect(&self.socket)
@@ -91,13 +111,26 @@ impl AgentClient {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
+        let socket = self.socket.clone();
         tokio::spawn(async move {
             if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "agent connection ended");
+                tracing::debug!(socket = %socket.display(), error = %describe(&err), "agent connection ended");
             }
         });
-        *guard = Some(sender.clone());
-        Ok(sender)
+        let id = self.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        *guard = Some(Connection {
+            id,
+            sender: sender.clone(),
+        });
+        Ok((id, sender))
+    }
+
+    /// Forgets connection `id` if it is still the open one, so the next request opens another.
+    async fn forget(&self, id: u64) {
+        let mut guard = self.sender.lock().await;
+        if guard.as_ref().is_some_and(|open| open.id == id) {
+            guard.take();
+        }
     }
 
     /// Opens a connection on the channel: sends the reset marker and skips whatever the agent
@@ -163,14 +196,20 @@ impl AgentClient {
     /// Sends a request without adding the access token: a client's request passed through,
     /// which the agent accepts only with the client's own token.
     pub async fn send_as_is(&self, request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
-        let mut sender = self.sender().await?;
-        sender.ready().await.map_err(|e| AgentError::Channel(e.to_string()))?;
+        let (id, mut sender) = self.sender().await?;
+        if let Err(err) = sender.ready().await {
+            self.forget(id).await;
+            return Err(AgentError::Channel(describe(&err)));
+        }
         match sender.send_request(request).await {
             Ok(response) => Ok(response),
             Err(err) => {
-                // Drop a broken connection so the next call reconnects.
-                self.sender.lock().await.take();
-                Err(AgentError::Channel(err.to_string()))
+                // One request can fail while the connection serves others (a reset stream, a
+                // client body that broke): only a closed connection is replaced.
+                if sender.is_closed() {
+                    self.forget(id).await;
+                }
+                Err(AgentError::Channel(describe(&err)))
             }
         }
     }
@@ -192,6 +231,7 @@ impl AgentClient {
             match tokio::time::timeout(attempt, self.send(request)).await {
                 Ok(Ok(response)) if response.status().is_success() => return Ok(()),
                 _ => {
+                    // Booting: whatever connection is open has not answered in time.
                     self.sender.lock().await.take();
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -328,7 +368,7 @@ async fn next_event(body: &mut Incoming, decoder: &mut envelope::Decoder) -> Res
                     decoder.push(&data);
                 }
             }
-            Some(Err(err)) => return Err(AgentError::Channel(err.to_string())),
+            Some(Err(err)) => return Err(AgentError::Channel(describe(&err))),
             None => return Ok(None),
         }
     }
@@ -341,7 +381,151 @@ pub async fn collect(response: Response<Incoming>) -> Result<Bytes, AgentError> 
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|e| AgentError::Channel(e.to_string()))
+        .map_err(|e| AgentError::Channel(describe(&e)))
+}
+
+/// An error with its causes (hyper's own message is only "http2 error" and the like).
+pub fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What became of a client's upload body forwarded by an [`UploadBody`].
+#[derive(Debug, Default)]
+pub struct UploadOutcome {
+    /// Bytes forwarded so far.
+    sent: std::sync::atomic::AtomicU64,
+    /// Why the client's body broke, if it did.
+    broken: std::sync::Mutex<Option<String>>,
+}
+
+impl UploadOutcome {
+    /// Bytes forwarded so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Why the client's body broke (it sent less than it declared, or its connection failed),
+    /// as a message for the client.
+    pub fn broken(&self) -> Option<String> {
+        let why = self.broken.lock().expect("outcome lock").clone()?;
+        Some(format!("the upload was cut short after {} bytes: {why}", self.sent()))
+    }
+}
+
+/// Prepares the body of a request for the agent: an upload (`POST /files`) becomes an
+/// [`UploadBody`] announced in `headers`; anything else passes as it is.
+pub fn forward_body(
+    method: &hyper::Method,
+    path: &str,
+    headers: &mut hyper::HeaderMap,
+    body: Body,
+) -> (Body, Option<std::sync::Arc<UploadOutcome>>) {
+    // A client must not announce a trailer the host does not send.
+    headers.remove(viv_proto::UPLOAD_LENGTH_ANNOUNCE);
+    if method != hyper::Method::POST || path.trim_end_matches('/') != "/files" {
+        return (body, None);
+    }
+    let (body, outcome) = UploadBody::new(body);
+    UploadBody::announce(headers);
+    (Body::new(body), Some(outcome))
+}
+
+/// A client's upload body on its way to the agent: passed through as it comes (its exact
+/// length, when known, stays the request's Content-Length), ended by the
+/// [`viv_proto::UPLOAD_LENGTH_TRAILER`] trailer with the number of bytes sent, which the agent
+/// checks before it keeps the file. A body that breaks ends with its error, which hyper turns
+/// into a reset of the request's stream, and is recorded in the [`UploadOutcome`].
+pub struct UploadBody {
+    inner: Body,
+    outcome: std::sync::Arc<UploadOutcome>,
+    trailer_sent: bool,
+}
+
+impl UploadBody {
+    /// Wraps `body`; mark the request with [`UploadBody::announce`].
+    pub fn new(body: Body) -> (Self, std::sync::Arc<UploadOutcome>) {
+        let outcome = std::sync::Arc::new(UploadOutcome::default());
+        let body = Self {
+            inner: body,
+            outcome: outcome.clone(),
+            trailer_sent: false,
+        };
+        (body, outcome)
+    }
+
+    /// Tells the agent that the body ends with the length trailer.
+    pub fn announce(headers: &mut hyper::HeaderMap) {
+        headers.insert(
+            viv_proto::UPLOAD_LENGTH_ANNOUNCE,
+            hyper::header::HeaderValue::from_static("1"),
+        );
+    }
+
+    fn length_trailer(&self) -> hyper::header::HeaderValue {
+        hyper::header::HeaderValue::from(self.outcome.sent())
+    }
+}
+
+impl http_body::Body for UploadBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        if self.trailer_sent {
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    self.outcome
+                        .sent
+                        .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+                }
+                Err(frame) => {
+                    // The client's own trailers end the body: ours joins them (and wins).
+                    let mut trailers = frame.into_trailers().unwrap_or_default();
+                    trailers.insert(viv_proto::UPLOAD_LENGTH_TRAILER, self.length_trailer());
+                    self.trailer_sent = true;
+                    Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                }
+            },
+            Poll::Ready(Some(Err(err))) => {
+                *self.outcome.broken.lock().expect("outcome lock") = Some(describe(&err));
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert(viv_proto::UPLOAD_LENGTH_TRAILER, self.length_trailer());
+                self.trailer_sent = true;
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Even an empty body has its trailer still to send.
+        self.trailer_sent
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Turns an agent error body (Connect or envd JSON error) into an [`AgentError`].

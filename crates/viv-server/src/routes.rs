@@ -741,11 +741,21 @@ async fn upload(
 ) -> Result<Response, ApiError> {
     let query = q.agent_query()?;
     let live = state.manager.live(&id)?;
-    let request = hyper::Request::post(format!("http://agent/files?{query}"))
-        .header(header::CONTENT_TYPE, "application/octet-stream")
+    // The agent keeps the file only if every byte arrived (see `UploadBody`); a client whose
+    // body breaks gets a 400 rather than a 502.
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        "application/octet-stream".parse().expect("static value"),
+    );
+    let (body, upload) = crate::agent_client::forward_body(&hyper::Method::POST, "/files", &mut headers, body);
+    let mut request = hyper::Request::post(format!("http://agent/files?{query}"))
         .body(body)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = agent_body(&state, &live, request).await?;
+    *request.headers_mut() = headers;
+    let body = agent_body(&state, &live, request)
+        .await
+        .map_err(|err| cut_upload(&upload, err))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -834,9 +844,7 @@ async fn envd_passthrough(
     let live = state.manager.live(&id)?;
     let (parts, body) = request.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let mut forward = hyper::Request::builder()
-        .method(parts.method.clone())
-        .uri(format!("http://agent/{path_in_agent}{query}"));
+    let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
         if matches!(
             name.as_str(),
@@ -844,12 +852,19 @@ async fn envd_passthrough(
         ) {
             continue;
         }
-        forward = forward.header(name, value);
+        headers.append(name.clone(), value.clone());
     }
-    let forward = forward.body(body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let (body, upload) =
+        crate::agent_client::forward_body(&parts.method, &format!("/{path_in_agent}"), &mut headers, body);
+    let mut forward = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("http://agent/{path_in_agent}{query}"))
+        .body(body)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    *forward.headers_mut() = headers;
     let response = match live.agent.send(forward).await {
         Ok(response) => response,
-        Err(err) => return Err(agent_failure(&state, &live, err).await),
+        Err(err) => return Err(cut_upload(&upload, agent_failure(&state, &live, err).await)),
     };
     let status = response.status();
     let json = response
@@ -881,6 +896,15 @@ async fn envd_passthrough(
         });
     }
     Ok(response.map(Body::new).into_response())
+}
+
+/// The error of a request whose upload body broke on the client's side is the client's (400),
+/// whatever the agent channel reported.
+fn cut_upload(upload: &Option<std::sync::Arc<crate::agent_client::UploadOutcome>>, err: ApiError) -> ApiError {
+    match upload.as_ref().and_then(|u| u.broken()) {
+        Some(cut) => ApiError::BadRequest(cut),
+        None => err,
+    }
 }
 
 #[cfg(test)]

@@ -330,9 +330,13 @@ impl Store {
         Ok(stmt.query_row(params![id], row_to_sandbox).optional()?)
     }
 
-    /// Records a snapshot node.
+    /// Records a new node and points the sandbox it was taken of at it, in one transaction:
+    /// the collector, which deletes `pause` and `fork` nodes nothing uses, must never see a new
+    /// node before its sandbox uses it (it did, between two statements, under concurrent kills).
     pub fn put_snapshot(&self, row: &SnapshotRow) -> Result<(), StoreError> {
-        self.conn().execute(
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.execute(
             "INSERT INTO snapshots
              (id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, created_at, guest_token,
               network)
@@ -352,6 +356,11 @@ impl Store {
                 row.network,
             ],
         )?;
+        tx.execute(
+            "UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1",
+            params![row.sandbox_id, row.id],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -59,11 +59,13 @@ impl Manager {
                 return Err(ApiError::Conflict(format!("sandbox '{id}' is already paused")));
             }
         }
-        let (live, mut row) = self.running(id)?;
+        let (live, _) = self.running(id)?;
         let _op = live.op.lock().await;
         if !self.live.lock().expect("live lock").contains_key(id) {
             return Err(ApiError::sandbox_not_found(id));
         }
+        // Read under the lock: an operation that held it may have moved the sandbox to a node.
+        let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
         let node = self.save_node(&live, &row, SnapshotKind::Pause, None).await?;
         self.live.lock().expect("live lock").remove(id);
@@ -215,8 +217,10 @@ impl Manager {
         kind: SnapshotKind,
         name: Option<String>,
     ) -> Result<(SnapshotRow, SandboxRow), ApiError> {
-        let (live, mut row) = self.running(id)?;
+        let (live, _) = self.running(id)?;
         let _op = live.op.lock().await;
+        // Read under the lock: an operation that held it may have moved the sandbox to a node.
+        let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
         let node = self.save_node(&live, &row, kind, name).await?;
         row.snapshot_id = Some(node.id.clone());

@@ -345,8 +345,8 @@ impl Manager {
             let _ = live.vm.kill().await;
             return Err(err);
         }
-        // The host hangs up first, so the agent drops the session and anything it still had
-        // to send; a restored agent starts afresh with the next host's preface.
+        // The host hangs up first, so nothing of its connection is in flight when the VM is
+        // saved; a restored agent ends that session at the next host's reset.
         live.agent.close().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         let state = building.join("state");

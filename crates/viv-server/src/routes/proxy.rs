@@ -8,6 +8,10 @@
 //! splices upgraded connections (WebSocket) through, so no guest networking is involved.
 //!
 //! A sandbox that is not running answers 502, which the SDKs read as "not running".
+//!
+//! Uploads (`POST /files`) travel as an [`crate::agent_client::UploadBody`]: the agent keeps a file only if it
+//! received every byte the client sent, and a client whose body breaks (fewer bytes than its
+//! Content-Length, a chunked body without its end) gets a 400 that says so, not a 502.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,6 +25,7 @@ use http_body_util::BodyExt as _;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use crate::agent_client::forward_body;
 use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
@@ -68,26 +73,31 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
         return Err(ApiError::NotFound(format!("no route {path} in the sandbox")));
     }
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut forward = hyper::Request::builder()
-        .method(parts.method.clone())
-        .uri(format!("http://agent{path_and_query}"));
+    let mut headers = hyper::HeaderMap::new();
     for (name, value) in &parts.headers {
         let hop_by_hop = matches!(
             name.as_str(),
             "host" | "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade" | "content-length"
         );
         if !hop_by_hop && !name.as_str().starts_with("e2b-sandbox-") {
-            forward = forward.header(name, value);
+            headers.append(name.clone(), value.clone());
         }
     }
-    let forward = forward
+    let (body, upload) = forward_body(&parts.method, path, &mut headers, body);
+    let mut forward = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(format!("http://agent{path_and_query}"))
         .body(body)
         .map_err(|e| ApiError::BadRequest(format!("forwarding the request: {e}")))?;
-    let response = live
-        .agent
-        .send_as_is(forward)
-        .await
-        .map_err(|e| ApiError::Sandbox(format!("sandbox {id}: {e}")))?;
+    *forward.headers_mut() = headers;
+    let response =
+        live.agent
+            .send_as_is(forward)
+            .await
+            .map_err(|err| match upload.as_ref().and_then(|u| u.broken()) {
+                Some(cut) => ApiError::BadRequest(cut),
+                None => ApiError::Sandbox(format!("sandbox {id}: {err}")),
+            })?;
     Ok(response.map(Body::new).into_response())
 }
 

@@ -6,6 +6,7 @@ mod fixture;
 mod api;
 mod cli;
 mod contract;
+mod data_path;
 mod faults;
 mod isolation;
 mod jail;

@@ -289,3 +289,62 @@ fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart(
     assert!(server.stop(libc::SIGTERM).success());
     crate::fixture::remove_template_memory(temp.path());
 }
+
+#[test]
+fn pauses_and_forks_racing_the_collector_keep_their_nodes() {
+    // Every kill runs the collector, which deletes pause and fork nodes nothing uses. A new
+    // node used to be visible to it for a moment before its sandbox pointed at it: a pause
+    // then failed ("FOREIGN KEY constraint failed") and took the sandbox with it.
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    let id = sandbox.id.clone();
+    assert_eq!(sandbox.sh("echo kept > /home/user/kept.txt").exit_code, Some(0));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let other = server.create(json!({ "templateID": "base", "timeout": 120 }));
+                let killed = server.delete(&format!("/sandboxes/{other}")).send().unwrap();
+                assert_eq!(killed.status(), 204);
+            }
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for round in 0..6 {
+                let paused = server.post(&format!("/sandboxes/{id}/pause")).send().unwrap();
+                assert_eq!(paused.status(), 204, "round {round}: {}", paused.text().unwrap());
+                let resumed = server
+                    .post(&format!("/sandboxes/{id}/connect"))
+                    .json(&json!({ "timeout": 600 }))
+                    .send()
+                    .unwrap();
+                assert_eq!(resumed.status(), 201, "round {round}: {}", resumed.text().unwrap());
+                let forked: Value = server
+                    .post(&format!("/sandboxes/{id}/fork"))
+                    .json(&json!({ "count": 1, "timeout": 120 }))
+                    .send()
+                    .unwrap()
+                    .json()
+                    .unwrap();
+                let child = forked[0]["sandbox"]["sandboxID"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("round {round}: {forked}"))
+                    .to_owned();
+                assert_eq!(
+                    server
+                        .exec(&child, json!({ "command": "cat /home/user/kept.txt" }))
+                        .out(),
+                    "kept\n"
+                );
+                assert_eq!(
+                    server.delete(&format!("/sandboxes/{child}")).send().unwrap().status(),
+                    204
+                );
+                assert_eq!(sandbox.sh("cat /home/user/kept.txt").out(), "kept\n", "round {round}");
+            }
+        }));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
