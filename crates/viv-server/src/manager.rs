@@ -891,21 +891,51 @@ impl Manager {
         let manager = Arc::downgrade(self);
         let mut exit = live.vm.exit();
         tokio::spawn(async move {
-            if exit.wait_for(Option::is_some).await.is_err() {
+            let Ok(vm_exit) = exit.wait_for(Option::is_some).await.map(|e| e.clone()) else {
                 return;
-            }
-            let Some(vm_exit) = exit.borrow().clone() else { return };
-            if vm_exit.requested {
-                return;
-            }
+            };
             let Some(manager) = manager.upgrade() else { return };
-            tracing::warn!(sandbox = %live.id, reason = %vm_exit.reason, "sandbox VM stopped unexpectedly");
-            manager.live.lock().expect("live lock").remove(&live.id);
-            let _ = manager.store.fail_sandbox(&live.id, &vm_exit.reason);
-            remove_files(&live.run_dir, &live.memory_file);
-            live.release_network().await;
-            manager.metrics.sandbox_failures.inc();
+            if let Some(vm_exit) = vm_exit.filter(|e| !e.requested) {
+                manager.vm_stopped(&live, &vm_exit).await;
+            }
         });
+    }
+
+    /// Records that the VM of `live` stopped without being asked to: the sandbox fails with the
+    /// reason and its resources are freed. Idempotent: the watcher and a request that saw the
+    /// agent channel break may both get here. A pause, fork or snapshot in progress finishes
+    /// first: a pause whose save completed before QEMU died has the whole sandbox and makes it
+    /// paused, and then (as after a kill) this VM is no longer the sandbox's.
+    async fn vm_stopped(&self, live: &Arc<LiveSandbox>, vm_exit: &viv_vmm::VmExit) {
+        let _op = live.op.lock().await;
+        {
+            let mut lives = self.live.lock().expect("live lock");
+            if !lives.get(&live.id).is_some_and(|current| Arc::ptr_eq(current, live)) {
+                return;
+            }
+            lives.remove(&live.id);
+        }
+        tracing::warn!(sandbox = %live.id, reason = %vm_exit.reason, "sandbox VM stopped unexpectedly");
+        let _ = self.store.fail_sandbox(&live.id, &vm_exit.reason);
+        remove_files(&live.run_dir, &live.memory_file);
+        live.release_network().await;
+        self.metrics.sandbox_failures.inc();
+    }
+
+    /// After a request to the agent of `live` failed on its channel: waits for a pause, fork,
+    /// snapshot or kill in progress, and for a VM that stopped by itself records that now (the
+    /// channel breaks a moment before QEMU's exit is seen), so that the sandbox's state then
+    /// says why the request failed and a client never sees a sandbox unreachable yet running.
+    pub async fn settle(&self, live: &Arc<LiveSandbox>) {
+        live.settled().await;
+        let mut exit = live.vm.exit();
+        let vm_exit = match tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some)).await {
+            Ok(Ok(exit)) => exit.clone(),
+            _ => None,
+        };
+        if let Some(vm_exit) = vm_exit.filter(|e| !e.requested) {
+            self.vm_stopped(live, &vm_exit).await;
+        }
     }
 
     /// The live sandbox with this id.

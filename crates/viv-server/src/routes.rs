@@ -1,6 +1,7 @@
 //! The REST API: routes, API-key authentication and request handlers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
@@ -471,7 +472,7 @@ fn agent_error(err: AgentError) -> ApiError {
 /// Sends a request to the sandbox's agent; a non-2xx answer becomes the matching [`ApiError`].
 async fn agent_ok(
     state: &AppState,
-    live: &LiveSandbox,
+    live: &Arc<LiveSandbox>,
     request: hyper::Request<Body>,
 ) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
     match live.agent.send_ok(request).await {
@@ -481,7 +482,11 @@ async fn agent_ok(
 }
 
 /// [`agent_ok`] and the whole body of its answer.
-async fn agent_body(state: &AppState, live: &LiveSandbox, request: hyper::Request<Body>) -> Result<Bytes, ApiError> {
+async fn agent_body(
+    state: &AppState,
+    live: &Arc<LiveSandbox>,
+    request: hyper::Request<Body>,
+) -> Result<Bytes, ApiError> {
     let response = agent_ok(state, live, request).await?;
     match collect(response).await {
         Ok(body) => Ok(body),
@@ -493,14 +498,14 @@ async fn agent_body(state: &AppState, live: &LiveSandbox, request: hyper::Reques
 /// stops the VM under requests in flight on purpose: once it is done, the sandbox's state says
 /// why (409 paused, 404 gone) instead of a 502 for a broken channel. A VM that stopped by
 /// itself is a 502 with its reason.
-async fn agent_failure(state: &AppState, live: &LiveSandbox, err: AgentError) -> ApiError {
+async fn agent_failure(state: &AppState, live: &Arc<LiveSandbox>, err: AgentError) -> ApiError {
     if matches!(err, AgentError::Rpc { .. }) {
         return agent_error(err);
     }
-    live.settled().await;
+    state.manager.settle(live).await;
     match state.manager.live(&live.id) {
         Err(now) => now,
-        Ok(current) if !std::ptr::eq(current.as_ref(), live) => ApiError::Conflict(format!(
+        Ok(current) if !Arc::ptr_eq(&current, live) => ApiError::Conflict(format!(
             "sandbox '{}' was paused and resumed while the request ran; send it again",
             live.id
         )),

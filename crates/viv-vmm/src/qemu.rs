@@ -684,8 +684,9 @@ async fn supervise(
         },
     };
     recorder.abort();
-    if let Some(jail) = &jail {
-        jail.release();
+    if let Some(jail) = jail {
+        // Removing the cgroup may wait (up to 2 s) for the kernel to let go of it.
+        let _ = tokio::task::spawn_blocking(move || jail.release()).await;
     }
     let mut reason = match &status {
         Some(s) => format!("QEMU exited ({s})"),

@@ -17,7 +17,8 @@
 //!   fork, snapshot) runs again once taken over; the unfinished node is removed like any
 //!   `.building` directory;
 //! - stopping leaves VMs running ([`ShutdownMode::Leave`], the default), pauses them into
-//!   snapshot nodes, or kills them; only the last two release this server's host resources.
+//!   snapshot nodes, or kills them; only the last two (or leaving with nothing running) release
+//!   this server's host resources.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
@@ -311,7 +312,9 @@ impl Manager {
     /// paused or killed as `mode` says.
     pub async fn shutdown(&self, mode: ShutdownMode) {
         self.empty_pool(None).await;
-        if mode == ShutdownMode::Leave {
+        // With nothing running there is nothing to leave: the host's network state goes too.
+        let running = !self.live.lock().expect("live lock").is_empty();
+        if mode == ShutdownMode::Leave && running {
             let lives: Vec<Arc<LiveSandbox>> = self.live.lock().expect("live lock").drain().map(|(_, l)| l).collect();
             for live in &lives {
                 live.vm.detach();

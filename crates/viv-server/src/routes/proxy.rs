@@ -90,14 +90,18 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
         .body(body)
         .map_err(|e| ApiError::BadRequest(format!("forwarding the request: {e}")))?;
     *forward.headers_mut() = headers;
-    let response =
-        live.agent
-            .send_as_is(forward)
-            .await
-            .map_err(|err| match upload.as_ref().and_then(|u| u.broken()) {
-                Some(cut) => ApiError::BadRequest(cut),
-                None => ApiError::Sandbox(format!("sandbox {id}: {err}")),
-            })?;
+    let response = match live.agent.send_as_is(forward).await {
+        Ok(response) => response,
+        Err(err) => {
+            if let Some(cut) = upload.as_ref().and_then(|u| u.broken()) {
+                return Err(ApiError::BadRequest(cut));
+            }
+            // A VM that died is recorded as failed before the client hears of it, so that what
+            // it asks next (the sandbox's info, a list) agrees.
+            state.manager.settle(&live).await;
+            return Err(ApiError::Sandbox(format!("sandbox {id}: {err}")));
+        }
+    };
     Ok(response.map(Body::new).into_response())
 }
 
