@@ -854,6 +854,18 @@ impl QemuVm {
     }
 }
 
+/// A handle dropped without a kill or a detach (a start abandoned when the server stops, say)
+/// kills its QEMU at once, whether or not the supervisor task ever runs again: a VM nobody
+/// holds must not outlive its server. The supervisor, if it runs, then releases the jail; if
+/// not, the next server removes the stale cgroup and uid record.
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if self.control.lock().map(|c| c.is_some()).unwrap_or(true) {
+            let _ = self.process.signal(libc::SIGKILL);
+        }
+    }
+}
+
 impl Vm for QemuVm {
     fn pid(&self) -> Option<u32> {
         Some(self.process.identity().pid)

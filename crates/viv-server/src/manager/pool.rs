@@ -26,6 +26,8 @@ use crate::error::ApiError;
 pub struct Pool {
     ready: Mutex<HashMap<String, PoolEntry>>,
     filling: Mutex<HashSet<String>>,
+    /// Set when the server stops: no VM is warmed any more, and one warming is killed.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -74,6 +76,9 @@ impl Manager {
         tokio::spawn(async move {
             loop {
                 let Some(manager) = manager.upgrade() else { return };
+                if manager.pool.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 let have = manager
                     .pool
                     .ready
@@ -85,6 +90,11 @@ impl Manager {
                     break;
                 }
                 match manager.warm_vm(&recipe, vcpus, memory_mib).await {
+                    Ok(live) if manager.pool.closing.load(std::sync::atomic::Ordering::SeqCst) => {
+                        let _ = live.vm.kill().await;
+                        remove_files(&live.run_dir, &live.memory_file);
+                        break;
+                    }
                     Ok(live) => {
                         let mut ready = manager.pool.ready.lock().expect("pool lock");
                         let entry = ready.entry(key.clone()).or_default();
@@ -143,6 +153,17 @@ impl Manager {
             let _ = live.agent.run(&warm_up, None, |_, _| {}).await;
         }
         Ok(live)
+    }
+
+    /// Stops filling the pool for good (the server is stopping): waits for VMs being warmed
+    /// (a minute at most), which are then killed, and kills the pooled ones.
+    pub(super) async fn close_pool(&self) {
+        self.pool.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.pool.filling.lock().expect("pool lock").is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.empty_pool(None).await;
     }
 
     /// Kills the pooled VMs of `template` (all when `None`).

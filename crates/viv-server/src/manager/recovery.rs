@@ -311,7 +311,7 @@ impl Manager {
     /// Server shutdown: warm VMs are killed; the VMs of running sandboxes are left running,
     /// paused or killed as `mode` says.
     pub async fn shutdown(&self, mode: ShutdownMode) {
-        self.empty_pool(None).await;
+        self.close_pool().await;
         // With nothing running there is nothing to leave: the host's network state goes too.
         let running = !self.live.lock().expect("live lock").is_empty();
         if mode == ShutdownMode::Leave && running {

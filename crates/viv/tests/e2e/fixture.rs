@@ -79,6 +79,12 @@ impl TestServer {
         Self::launch(data_dir, None, pool_size, &[])
     }
 
+    /// Starts a server keeping `pool_size` warm VMs on an existing data directory with extra
+    /// options.
+    pub fn start_pooled_on_with(data_dir: &Path, pool_size: usize, extra: &[&str]) -> Self {
+        Self::launch(data_dir, None, pool_size, extra)
+    }
+
     /// Starts a server without warm VMs on an existing data directory with extra options.
     pub fn start_on_with(data_dir: &Path, extra: &[&str]) -> Self {
         Self::launch(data_dir, None, 0, extra)

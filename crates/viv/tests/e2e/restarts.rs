@@ -260,3 +260,34 @@ fn a_stopped_server_leaves_its_sandboxes_running_or_pauses_them_as_asked() {
     drop(last);
     crate::fixture::remove_template_memory(temp.path());
 }
+
+/// A server stopped while it warms a pooled VM (the create before took the warm one, so the pool
+/// is refilling) leaves no VM, run directory, cgroup, uid record or network state behind: in the
+/// default mode, with no sandbox left running, as when it kills its sandboxes. Before, the VM
+/// being warmed outlived its server.
+#[test]
+fn a_server_stopped_while_it_warms_its_pool_leaves_nothing_behind() {
+    for mode in ["leave", "kill"] {
+        let temp = tempfile::Builder::new()
+            .prefix("viv-e2e-warming-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let server = TestServer::start_pooled_on_with(temp.path(), 1, &["--on-shutdown", mode]);
+        let first = server.create(json!({ "timeout": 300 }));
+        // Once the pool holds a VM, the next create takes it and the pool starts warming another.
+        assert!(
+            wait_until(Duration::from_secs(120), || qemu_processes_under(temp.path()).len()
+                >= 2),
+            "the pool did not fill"
+        );
+        let taken = server.create(json!({ "timeout": 300 }));
+        for id in [&first, &taken] {
+            let killed = server.delete(&format!("/sandboxes/{id}")).send().unwrap();
+            assert_eq!(killed.status(), 204);
+        }
+        assert!(server.stop(libc::SIGTERM).success(), "{mode}");
+        drop(server);
+        crate::fixture::remove_template_memory(temp.path());
+        crate::fixture::assert_no_leftovers(temp.path());
+    }
+}
