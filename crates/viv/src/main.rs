@@ -101,8 +101,11 @@ fn main() {
             1
         }
     };
-    // Tasks still in flight (a VM being started, a build) are dropped now, so that what they
-    // hold is released (a VM handle nobody detached kills its QEMU) before the process ends.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    // A server's tasks still in flight (a VM being started, a build) are dropped now, so that
+    // what they hold is released (a VM handle nobody detached kills its QEMU) before the process
+    // ends. Other commands exit at once (a terminal's stdin reader may block for ever).
+    if is_serve {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    }
     std::process::exit(code);
 }
