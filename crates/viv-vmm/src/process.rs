@@ -241,6 +241,17 @@ mod tests {
         command.arg("-c").arg("sleep 30; : \"$0\"").arg(&marker);
         let spawned = VmProcess::spawn(&mut command).unwrap();
         let identity = spawned.identity();
+        // `spawn` returns once the child is past the point of no return of its exec, a moment
+        // before the kernel has set up its arguments: `/proc/PID/cmdline` is empty until then.
+        // Adoption is of VMs that have run for a while; wait for that here.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !command_line(identity.pid).is_some_and(|c| c.contains(&*marker.to_string_lossy())) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never showed its arguments"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let wrong_time = ProcessIdentity {
             start_time: identity.start_time + 1,
             ..identity
