@@ -26,7 +26,8 @@ use crate::error::ApiError;
 pub struct Pool {
     ready: Mutex<HashMap<String, PoolEntry>>,
     filling: Mutex<HashSet<String>>,
-    /// Set when the server stops: no VM is warmed any more, and one warming is killed.
+    /// Set when the server stops: no VM is warmed any more (one being warmed still joins the
+    /// pool, which `close_pool` empties once no filling is left).
     closing: std::sync::atomic::AtomicBool,
 }
 
@@ -90,11 +91,6 @@ impl Manager {
                     break;
                 }
                 match manager.warm_vm(&recipe, vcpus, memory_mib).await {
-                    Ok(live) if manager.pool.closing.load(std::sync::atomic::Ordering::SeqCst) => {
-                        let _ = live.vm.kill().await;
-                        remove_files(&live.run_dir, &live.memory_file);
-                        break;
-                    }
                     Ok(live) => {
                         let mut ready = manager.pool.ready.lock().expect("pool lock");
                         let entry = ready.entry(key.clone()).or_default();
