@@ -142,7 +142,7 @@ impl CgroupTree {
     fn ensure(&self) -> Result<(), JailError> {
         for ((_, mount), (_, dir)) in self.mounts.iter().zip(&self.groups) {
             if self.version == Version::V1 {
-                std::fs::create_dir_all(dir).map_err(io_error(format!("creating {}", dir.display())))?;
+                make_dir_all(dir)?;
                 continue;
             }
             let enable: String = self.delegated.iter().map(|c| format!("+{c} ")).collect();
@@ -150,7 +150,7 @@ impl CgroupTree {
             for part in self.group.components() {
                 let _ = std::fs::write(level.join("cgroup.subtree_control"), enable.trim_end());
                 level.push(part);
-                std::fs::create_dir_all(&level).map_err(io_error(format!("creating {}", level.display())))?;
+                make_dir_all(&level)?;
             }
             write(&dir.join("cgroup.subtree_control"), enable.trim_end())?;
         }
@@ -182,7 +182,16 @@ impl CgroupTree {
                         let _ = std::fs::remove_dir(&vm);
                     }
                 }
-                let _ = std::fs::remove_dir(&path);
+                // A live server's tree is empty between its VMs: only one idle for `min_age`
+                // goes (and a server racing this recreates its tree, see `create`).
+                let idle_tree = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= min_age);
+                if idle_tree {
+                    let _ = std::fs::remove_dir(&path);
+                }
             }
         }
     }
@@ -198,22 +207,31 @@ impl CgroupTree {
     }
 
     /// Creates the cgroup `name` with `limits` (replacing an empty one left behind).
+    ///
+    /// Another server's sweep of stale trees (`remove_stale_siblings`) may remove this tree's
+    /// empty directory at any moment: a cgroup whose parent vanished is made again, a few times.
     pub fn create(&self, name: &str, limits: &Limits) -> Result<Cgroup, JailError> {
         check_name(name)?;
-        self.ensure()?;
         let cgroup = Cgroup {
             version: self.version,
             dirs: self.groups.iter().map(|(c, d)| (c.clone(), d.join(name))).collect(),
         };
-        for (_, dir) in &cgroup.dirs {
-            match std::fs::create_dir(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    let _ = cgroup.remove();
-                    return Err(io_error(format!("creating {}", dir.display()))(e));
+        let mut attempts = 0;
+        'again: loop {
+            attempts += 1;
+            self.ensure()?;
+            for (_, dir) in &cgroup.dirs {
+                match std::fs::create_dir(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => continue 'again,
+                    Err(e) => {
+                        let _ = cgroup.remove();
+                        return Err(io_error(format!("creating {}", dir.display()))(e));
+                    }
                 }
             }
+            break;
         }
         if let Err(err) = cgroup.set_limits(limits) {
             let _ = cgroup.remove();
@@ -258,6 +276,17 @@ impl CgroupTree {
                 }
             }
         }
+    }
+}
+
+/// `create_dir_all` that accepts a directory another process makes or removes meanwhile (the
+/// standard one reports `AlreadyExists` when the directory vanishes between its two checks).
+fn make_dir_all(dir: &Path) -> Result<(), JailError> {
+    match std::fs::create_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(io_error(format!("creating {}", dir.display()))(e))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -517,5 +546,42 @@ mod tests {
         assert!(tree.get("vm-1").is_none());
         tree.remove_if_empty();
         assert!(tree.children().is_empty());
+    }
+
+    /// Another server's sweep leaves a live server's tree alone even when it holds no VM, and a
+    /// tree removed under a server anyway is made again when that server creates a cgroup.
+    #[test]
+    fn a_sweep_spares_a_fresh_empty_tree_and_a_removed_tree_comes_back() {
+        if !root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let base = format!("vivarium-sweep-test-{}", std::process::id());
+        let (Some(live), Some(sweeper)) = (
+            CgroupTree::open(&format!("{base}/live")).unwrap(),
+            CgroupTree::open(&format!("{base}/sweeper")).unwrap(),
+        ) else {
+            eprintln!("skipped: no memory controller on this host");
+            return;
+        };
+        sweeper.remove_stale_siblings(std::time::Duration::from_secs(600));
+        assert!(live.groups.iter().all(|(_, dir)| dir.is_dir()), "a fresh empty tree was swept");
+        sweeper.remove_stale_siblings(std::time::Duration::ZERO);
+        assert!(live.groups.iter().all(|(_, dir)| !dir.exists()), "an idle tree stays");
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            cpu_percent: 50,
+            cpu_weight: 100,
+            pids: 16,
+            io_weight: 100,
+        };
+        let cgroup = live.create("vm-1", &limits).unwrap();
+        assert!(cgroup.paths().iter().all(|p| p.is_dir()));
+        cgroup.remove().unwrap();
+        live.remove_if_empty();
+        sweeper.remove_if_empty();
+        for (_, dir) in &live.groups {
+            let _ = std::fs::remove_dir(dir.parent().unwrap());
+        }
     }
 }

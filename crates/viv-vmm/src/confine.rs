@@ -122,6 +122,21 @@ impl JailResources {
         }
     }
 
+    /// Frees what VM `vm_id` of this server held when its process is gone and nothing holds
+    /// its resources any more (a VM that died while no server ran, or one a server failed to
+    /// take over): its cgroup (killing what is left in it) and the uid records in its name that
+    /// no process runs as.
+    pub fn release_gone(config: &JailConfig, vm_id: &str) {
+        if let Some(cgroup) = config.cgroups.as_ref().and_then(|tree| tree.get(vm_id)) {
+            cgroup.kill_all();
+            if let Err(err) = cgroup.remove() {
+                tracing::warn!(error = %err, "removing the cgroup of a VM that is gone");
+            }
+        }
+        let owner = format!("{} {vm_id}", config.key);
+        let _ = config.uids.remove_stale(|_, recorded, _| recorded != owner);
+    }
+
     /// Frees the uid and removes the cgroup (killing what is left in it). Only once the VM's
     /// process is gone.
     pub fn release(&self) {

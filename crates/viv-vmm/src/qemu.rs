@@ -387,7 +387,27 @@ impl Qemu {
         Ok(Box::new(vm))
     }
 
+    /// Takes over VM `vm`; when that fails, its process is gone or killed and what its jail
+    /// held is freed, since no handle will ever release it.
     async fn take_over(&self, vm: &Adoption) -> Result<Adopted, AdoptError> {
+        let result = self.try_take_over(vm).await;
+        if result.is_err() {
+            if let Confinement::Jail(config) = &self.confinement {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline
+                    && crate::process::start_time(vm.identity.pid) == Some(vm.identity.start_time)
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let config = config.clone();
+                let vm_id = vm.vm_id.clone();
+                let _ = tokio::task::spawn_blocking(move || JailResources::release_gone(&config, &vm_id)).await;
+            }
+        }
+        result
+    }
+
+    async fn try_take_over(&self, vm: &Adoption) -> Result<Adopted, AdoptError> {
         let socket = vm.control_socket();
         let process = match VmProcess::adopt(vm.identity, &socket) {
             Ok(Some(process)) => Arc::new(process),

@@ -291,3 +291,50 @@ fn a_server_stopped_while_it_warms_its_pool_leaves_nothing_behind() {
         crate::fixture::assert_no_leftovers(temp.path());
     }
 }
+
+/// A VM that a restarted server cannot take over (here its QEMU is frozen, so it never answers)
+/// is killed, its sandbox is reported lost with the reason, and what its jail held (cgroup, uid
+/// record) is freed at once. Before, a failed take-over left both behind for good.
+#[test]
+fn a_vm_that_cannot_be_taken_over_is_killed_and_its_jail_freed() {
+    let temp = tempfile::Builder::new()
+        .prefix("viv-e2e-frozen-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let first = TestServer::start_on(temp.path(), None);
+    let id = first.create(json!({ "timeout": 900 }));
+    let qemu = qemu_of(temp.path(), &id);
+    first.stop(libc::SIGKILL);
+    drop(first);
+    // SAFETY: plain kill of a QEMU this test's server started.
+    unsafe { libc::kill(qemu as i32, libc::SIGSTOP) };
+
+    let second = TestServer::start_on(temp.path(), None);
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(qemu)),
+        "the frozen VM was killed"
+    );
+    let reason = failure_of(&second, &id).expect("the sandbox is reported lost");
+    assert!(reason.contains("taking over its VM failed"), "{reason}");
+    let key = crate::fixture::data_key(temp.path());
+    let cgroups: Vec<_> = ["memory", "cpu", "pids", "blkio", "unified", ""]
+        .iter()
+        .map(|c| {
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join("vivarium")
+                .join(&key)
+                .join(&id)
+        })
+        .filter(|p| p.exists())
+        .collect();
+    assert!(cgroups.is_empty(), "the lost VM's cgroup is left: {cgroups:?}");
+    let uids = crate::fixture::jail_resources(temp.path());
+    assert!(
+        !uids.iter().any(|r| r.contains(&format!("{key} {id}"))),
+        "the lost VM's uid is still recorded: {uids:?}"
+    );
+    drop(second);
+    crate::fixture::remove_template_memory(temp.path());
+    crate::fixture::assert_no_leftovers(temp.path());
+}
