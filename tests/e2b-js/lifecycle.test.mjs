@@ -1,0 +1,124 @@
+// Sandbox lifecycle through the JS SDK: create with metadata, getInfo, list, kill; pause and
+// connect with files and a running process kept; fork; named snapshots (create, list, start new
+// sandboxes from one, delete).
+
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { Sandbox, NotFoundError, AuthenticationError } from 'e2b'
+import { withSandbox, sleep, slow } from './helpers.mjs'
+
+test('create with metadata, getInfo, list and kill', slow, async () => {
+  const sbx = await Sandbox.create({ metadata: { suite: 'e2b-js', case: 'lifecycle' }, timeoutMs: 600_000 })
+  try {
+    assert.equal(await sbx.isRunning(), true)
+    const info = await sbx.getInfo()
+    assert.equal(info.sandboxId, sbx.sandboxId)
+    assert.equal(info.templateId, 'base')
+    assert.deepEqual(info.metadata, { suite: 'e2b-js', case: 'lifecycle' })
+    assert.equal(info.state, 'running')
+    assert.ok(info.endAt > info.startedAt)
+    const listed = await Sandbox.list({ query: { metadata: { case: 'lifecycle' } } }).nextItems()
+    assert.deepEqual(listed.map((s) => s.sandboxId), [sbx.sandboxId])
+    assert.deepEqual(await Sandbox.list({ query: { metadata: { case: 'no-such' } } }).nextItems(), [])
+  } finally {
+    assert.equal(await sbx.kill(), true)
+  }
+  assert.equal(await sbx.isRunning(), false)
+  await assert.rejects(Sandbox.getInfo(sbx.sandboxId), NotFoundError)
+  assert.equal(await Sandbox.kill(sbx.sandboxId), false, 'killing a gone sandbox reports false')
+})
+
+test('a wrong API key is refused', slow, async () => {
+  await assert.rejects(Sandbox.create({ apiKey: 'e2b_' + '0'.repeat(40) }), AuthenticationError)
+  await assert.rejects(Sandbox.list({ apiKey: 'e2b_' + '1'.repeat(40) }).nextItems(), AuthenticationError)
+})
+
+test('pause and connect keep files and a running process', slow, () =>
+  withSandbox(async (sbx) => {
+    await sbx.files.write('/home/user/kept.txt', 'still here')
+    const counter = await sbx.commands.run(
+      'i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done',
+      { background: true },
+    )
+    await sbx.commands.run('while [ ! -s /tmp/count ]; do sleep 0.1; done')
+    assert.equal(await sbx.pause(), true)
+    assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'paused')
+    const resumed = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 600_000 })
+    assert.equal(resumed.sandboxId, sbx.sandboxId)
+    assert.equal((await Sandbox.getInfo(sbx.sandboxId)).state, 'running')
+    assert.equal(await resumed.files.read('/home/user/kept.txt'), 'still here')
+    const before = Number((await resumed.commands.run('cat /tmp/count')).stdout)
+    await sleep(500)
+    const after = Number((await resumed.commands.run('cat /tmp/count')).stdout)
+    assert.ok(after > before, `the loop runs again after the resume (${before} then ${after})`)
+    assert.ok((await resumed.commands.list()).some((p) => p.pid === counter.pid))
+  }))
+
+test('fork copies files and running processes, and the forks diverge', slow, () =>
+  withSandbox(async (sbx) => {
+    await sbx.files.write('/home/user/state.txt', 'before fork')
+    await sbx.commands.run('sleep 600', { background: true })
+    const forks = await sbx.fork({ count: 2, timeoutMs: 300_000 })
+    try {
+      assert.equal(forks.length, 2)
+      for (const fork of forks) {
+        assert.ok(fork instanceof Sandbox, String(fork))
+        assert.notEqual(fork.sandboxId, sbx.sandboxId)
+        assert.equal(await fork.files.read('/home/user/state.txt'), 'before fork')
+        assert.match((await fork.commands.run('ps -eo args')).stdout, /sleep 600/)
+      }
+      assert.notEqual(forks[0].sandboxId, forks[1].sandboxId)
+      await forks[0].files.write('/home/user/state.txt', 'changed in fork 0')
+      assert.equal(await forks[1].files.read('/home/user/state.txt'), 'before fork')
+      assert.equal(await sbx.files.read('/home/user/state.txt'), 'before fork')
+      assert.equal(await sbx.isRunning(), true)
+      const single = await Sandbox.fork(sbx.sandboxId, { timeoutMs: 300_000 })
+      assert.equal(single.length, 1)
+      assert.ok(single[0] instanceof Sandbox, String(single[0]))
+      forks.push(single[0])
+      assert.equal(await single[0].files.read('/home/user/state.txt'), 'before fork')
+    } finally {
+      for (const fork of forks) if (fork instanceof Sandbox) await fork.kill().catch(() => {})
+    }
+  }))
+
+test('a named snapshot starts new sandboxes and is listed', slow, () =>
+  withSandbox(async (sbx) => {
+    await sbx.files.write('/home/user/data.txt', 'snapshotted')
+    const name = `js-suite-${Date.now()}`
+    const snapshot = await sbx.createSnapshot({ name })
+    assert.ok(snapshot.names.some((n) => n === name || n.startsWith(`${name}:`)), JSON.stringify(snapshot))
+    const listed = await sbx.listSnapshots().nextItems()
+    assert.ok(listed.some((s) => s.snapshotId === snapshot.snapshotId), JSON.stringify(listed))
+    assert.equal(await sbx.isRunning(), true, 'the sandbox keeps running')
+    const child = await Sandbox.create(name, { timeoutMs: 300_000 })
+    try {
+      assert.equal(await child.files.read('/home/user/data.txt'), 'snapshotted')
+    } finally {
+      await child.kill()
+    }
+  }))
+
+test('snapshots are listed by name', {
+  ...slow,
+  todo: 'expected failure until GET /snapshots filters by name (issue 12, snapshots API)',
+}, () =>
+  withSandbox(async (sbx) => {
+    const name = `js-named-${Date.now()}`
+    const snapshot = await sbx.createSnapshot({ name })
+    await sbx.createSnapshot({ name: `${name}-other` })
+    const byName = await Sandbox.listSnapshots({ name }).nextItems()
+    assert.deepEqual(byName.map((s) => s.snapshotId), [snapshot.snapshotId])
+  }))
+
+test('a snapshot is deleted through the SDK, and a second delete reports false', {
+  ...slow,
+  todo: 'expected failure until DELETE /templates/{id} deletes a snapshot as E2B does (the SDK gets 404 today; issue 12, snapshots API)',
+}, () =>
+  withSandbox(async (sbx) => {
+    const snapshot = await sbx.createSnapshot({ name: `js-deleted-${Date.now()}` })
+    assert.equal(await Sandbox.deleteSnapshot(snapshot.snapshotId), true)
+    const after = await Sandbox.listSnapshots({ sandboxId: sbx.sandboxId }).nextItems()
+    assert.ok(!after.some((s) => s.snapshotId === snapshot.snapshotId), JSON.stringify(after))
+    assert.equal(await Sandbox.deleteSnapshot(snapshot.snapshotId), false)
+  }))
