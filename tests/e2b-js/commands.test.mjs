@@ -1,11 +1,11 @@
 // Commands through the JS SDK: foreground runs with streamed output, exit codes as
 // CommandExitError, background handles (wait, list, kill), stdin, environment, working directory
-// and user, and a command timeout.
+// and user, a command timeout, reconnecting by pid, and the sandbox killed under a stream.
 
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { CommandExitError, TimeoutError } from 'e2b'
-import { withSandbox, slow } from './helpers.mjs'
+import { CommandExitError, Sandbox, SandboxNotFoundError, TimeoutError } from 'e2b'
+import { withSandbox, until, slow } from './helpers.mjs'
 
 test('a foreground run streams stdout and stderr and reports exit codes', slow, () =>
   withSandbox(async (sbx) => {
@@ -89,3 +89,20 @@ test('a background handle reconnects by pid', slow, () =>
     const result = await again.wait()
     assert.equal(result.stdout, 'late\n')
   }))
+
+test('killing the sandbox while a command streams ends the stream as E2B does', slow, async () => {
+  const sbx = await Sandbox.create({ timeoutMs: 600_000 })
+  try {
+    const ticks = []
+    const handle = await sbx.commands.run('while true; do echo tick; sleep 0.2; done', {
+      background: true,
+      onStdout: (d) => ticks.push(d),
+    })
+    await until(() => ticks.length > 0, 'the first tick')
+    assert.equal(await Sandbox.kill(sbx.sandboxId), true)
+    await assert.rejects(handle.wait(), /sandbox was killed or reached its end of life/i)
+    await assert.rejects(sbx.commands.run('true'), SandboxNotFoundError)
+  } finally {
+    await sbx.kill().catch(() => {})
+  }
+})

@@ -105,8 +105,8 @@ async function stopServer(server, showLog) {
     clearTimeout(timer)
   }
   if (showLog) {
-    const lines = readFileSync(join(server.data, 'serve.log'), 'utf8').split('\n')
-    console.log(`e2b-js: the last lines of the server's log:\n${lines.slice(-40).join('\n')}`)
+    const lines = readFileSync(join(server.data, 'serve.log'), 'utf8').trimEnd().split('\n')
+    if (lines.join('') !== '') console.log(`e2b-js: the last lines of the server's log:\n${lines.slice(-40).join('\n')}`)
   }
   const shm = '/dev/shm/vivarium-' + createHash('sha256').update(server.data).digest('hex').slice(0, 8)
   rmSync(shm, { recursive: true, force: true })
