@@ -8,8 +8,10 @@
 // Runs every *.test.mjs beside this file with Node's test runner (one file at a time; the tests
 // of a file in order), prints the runner's own report, the number of tests marked `todo`
 // (expected failures of a known gap: they run and are reported, but do not fail the suite), and
-// last the line `e2b-js: N passed, N failed` (a run that could not report counts as 1 failed). Exits non-zero when a test failed or was cancelled.
-// Arguments, when given, name the test files to run instead of all of them.
+// last the line `e2b-js: N passed, N failed` (a run that could not report counts as 1 failed;
+// cancelled tests count as failed). Exits non-zero when anything failed. Arguments, when given,
+// name the test files to run instead of all of them. Whatever happens, the server stops (taking
+// its sandboxes along) and its data directory goes.
 
 import { spawn, execFileSync } from 'node:child_process'
 import { createWriteStream, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs'
@@ -50,7 +52,7 @@ async function startServer() {
   ]
   // Root gets the production network mode (a namespace per sandbox, egress rules).
   if (process.getuid() === 0) {
-    args.push('--network', 'isolated', '--net-pool', process.env.VIV_TEST_NET_POOL || '10.237.0.0/24')
+    args.push('--network', 'isolated', '--net-pool', process.env.VIV_TEST_NET_POOL || '10.235.0.0/24')
   }
   // Egress here may intercept TLS with a CA the host added to its trust store; sandboxes get it.
   const extra = '/usr/local/share/ca-certificates'
