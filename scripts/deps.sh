@@ -16,5 +16,12 @@ VIV_DEPS=(
   nftables:nft
   g++:g++
 )
+# package:command pairs needed only when the command is missing: another source (NodeSource, a
+# Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's
+# engines; tests/e2b-js/run then runs it on a Node from the npm registry.
+VIV_CMD_DEPS=(
+  nodejs:node
+  npm:npm
+)
 # The oldest QEMU the jail works with (private mappings of read-only memory files).
 VIV_QEMU_MIN=10.0
