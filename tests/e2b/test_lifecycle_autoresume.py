@@ -103,6 +103,20 @@ def test_without_auto_resume_a_paused_sandbox_stays_paused_until_connect():
         sbx.kill()
 
 
+def test_a_fork_keeps_the_lifecycle_of_its_source():
+    sbx = Sandbox.create(timeout=600, lifecycle=AUTO)
+    forks = []
+    try:
+        forks = sbx.fork(timeout=600)
+        assert not isinstance(forks[0], Exception), forks[0]
+        assert forks[0].get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
+    finally:
+        for fork in forks:
+            if not isinstance(fork, Exception):
+                fork.kill()
+        sbx.kill()
+
+
 def test_a_sandbox_without_lifecycle_options_is_killed_at_its_timeout_and_says_so():
     sbx = Sandbox.create(timeout=600)
     assert sbx.get_info().lifecycle == {"on_timeout": "kill", "auto_resume": False}

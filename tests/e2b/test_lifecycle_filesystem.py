@@ -1,6 +1,10 @@
 """Filesystem-only pauses and snapshots (no memory): resuming, or starting from the snapshot,
 boots the saved disk afresh: a new kernel, the files kept, the processes gone."""
 
+import json
+import os
+import urllib.request
+
 from e2b import Sandbox
 
 from lifecycle_helpers import boot_id, raw_info, wait_for_state
@@ -92,3 +96,36 @@ def test_a_timeout_pause_in_filesystem_mode_is_not_resumed_by_traffic_but_by_con
     finally:
         sbx.kill()
 
+
+
+def test_a_boot_of_a_saved_disk_starts_like_its_template_with_its_environment_and_start_command():
+    spec = (
+        "FROM base\n"
+        "ENV SITE=/home/user/site\n"
+        "RUN mkdir -p /home/user/site && echo from-the-template > /home/user/site/index.html\n"
+        "CMD python3 -m http.server 8002 --directory /home/user/site\n"
+        "HEALTHCHECK CMD curl -sf localhost:8002/index.html\n"
+    )
+    request = urllib.request.Request(
+        f"{os.environ['E2B_API_URL']}/templates",
+        data=json.dumps({"name": "lifecycle-web", "spec": spec}).encode(),
+        headers={"X-API-Key": os.environ["E2B_API_KEY"], "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=1800) as response:
+        events = [json.loads(line) for line in response.read().decode().splitlines()]
+    assert events[-1]["type"] == "done", events[-1]
+
+    sbx = Sandbox.create("lifecycle-web", timeout=600)
+    started = None
+    try:
+        snapshot = sbx.create_snapshot(mode="filesystem")
+        started = Sandbox.create(snapshot.snapshot_id, timeout=600)
+        assert boot_id(started) != boot_id(sbx)
+        assert started.commands.run("echo $SITE").stdout == "/home/user/site\n"
+        page = urllib.request.Request(f"{os.environ['E2B_API_URL']}/index.html", headers={"Host": started.get_host(8002)})
+        with urllib.request.urlopen(page, timeout=300) as response:
+            assert response.read() == b"from-the-template\n"
+    finally:
+        if started is not None:
+            started.kill()
+        sbx.kill()

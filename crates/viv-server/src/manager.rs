@@ -702,14 +702,17 @@ impl Manager {
             // A freshly booted agent has no token yet.
             live.agent
                 .set_token(if disk_boot { None } else { start.guest_token.clone() });
-            self.init_agent(&live, token.clone(), start.env_vars.clone()).await?;
+            let (booted_recipe, env_vars) = self.disk_boot_plan(start.source, disk_boot, start.env_vars.clone());
+            self.init_agent(&live, token.clone(), env_vars).await?;
             // A booted template runs its start command now (a restored one already runs it).
-            if let Source::Template(recipe) = start.source {
-                if start.cold_boot || !self.config.snapshots {
-                    if let Err(err) = self.start_template(&live, recipe, &BuildLog::default()).await {
-                        let _ = live.vm.kill().await;
-                        return Err(err);
-                    }
+            let booted = match start.source {
+                Source::Template(recipe) if start.cold_boot || !self.config.snapshots => Some(&**recipe),
+                _ => booted_recipe.as_ref(),
+            };
+            if let Some(recipe) = booted {
+                if let Err(err) = self.start_template(&live, recipe, &BuildLog::default()).await {
+                    let _ = live.vm.kill().await;
+                    return Err(err);
                 }
             }
             Ok::<_, ApiError>(live)

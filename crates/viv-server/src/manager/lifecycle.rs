@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use viv_api::{NewSandbox, SandboxLifecycle, SandboxState};
 
-use super::{LiveSandbox, Manager};
+use super::templates::Recipe;
+use super::{LiveSandbox, Manager, Source};
 use crate::error::ApiError;
 use crate::store::{LifecycleRow, SandboxRow, SnapshotRow};
 
@@ -109,6 +110,29 @@ impl Manager {
     /// was saved.
     pub(super) fn boots_from_disk(&self, node: &SnapshotRow, cold: bool) -> bool {
         cold || !self.node_has_memory(&node.id)
+    }
+
+    /// How a start from `source` boots when it boots a node's disk (`disk_boot`): like a cold
+    /// boot of the template the node's chain starts from, if it still exists (its environment
+    /// under `env_vars`, then its start command). Returns that template and the environment.
+    pub(super) fn disk_boot_plan(
+        &self,
+        source: &Source,
+        disk_boot: bool,
+        env_vars: Option<BTreeMap<String, String>>,
+    ) -> (Option<Recipe>, Option<BTreeMap<String, String>>) {
+        let Source::Node(node) = source else {
+            return (None, env_vars);
+        };
+        if !disk_boot {
+            return (None, env_vars);
+        }
+        let Ok(recipe) = self.recipe(&node.template_id) else {
+            return (None, env_vars);
+        };
+        let mut env = recipe.config.env.clone();
+        env.extend(env_vars.unwrap_or_default());
+        (Some(recipe), Some(env))
     }
 
     /// The environment a boot of sandbox `id`'s saved disk gives its agent: the one it was

@@ -206,6 +206,10 @@ impl Manager {
             auto_pause: source.auto_pause,
             network: source.network.clone(),
         };
+        // Its lifecycle options are the source's.
+        if let Some(lifecycle) = self.store.lifecycle(&source.id)? {
+            self.record_lifecycle(&row.id, &lifecycle)?;
+        }
         let source = Source::Node(Box::new(node.clone()));
         self.start_sandbox(row, StartRequest::new(&source, timeout), OnFailure::Delete)
             .await
