@@ -172,10 +172,18 @@ impl Manager {
         (lifecycle, pause_mode)
     }
 
-    /// Pauses a sandbox whose timeout passed, keeping what it asked to keep.
+    /// Pauses a sandbox whose timeout passed, keeping what it asked to keep. A filesystem-only
+    /// pause that fails (its agent did not flush the guest's writes) keeps the memory instead:
+    /// the alternative at a timeout is losing the sandbox.
     pub(super) async fn pause_at_timeout(&self, id: &str) -> Result<(), ApiError> {
         let memory = self.store.lifecycle(id)?.is_none_or(|l| l.pause_memory);
-        self.pause_keeping(id, memory).await.map(drop)
+        match self.pause_keeping(id, memory).await {
+            Err(err) if !memory && self.live(id).is_ok() => {
+                tracing::warn!(sandbox = %id, error = %err, "filesystem-only pause failed; pausing with memory");
+                self.pause_keeping(id, true).await.map(drop)
+            }
+            result => result.map(drop),
+        }
     }
 
     /// The live sandbox `id` for traffic the proxy forwards: a pause in progress ends first, and
