@@ -105,6 +105,17 @@ pub struct NewSandbox {
     /// Pause instead of kill when the timeout passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause: Option<bool>,
+    /// What a pause at the timeout keeps: memory and disk (true, the default) or only the disk
+    /// (false: resuming boots the saved disk afresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause_memory: Option<bool>,
+    /// Resume a paused sandbox when traffic for it arrives (E2B's `autoResume`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_or_null"
+    )]
+    pub auto_resume: Option<AutoResume>,
     /// Whether the sandbox may reach the internet (default true; E2B's field name).
     #[serde(
         rename = "allow_internet_access",
@@ -120,6 +131,38 @@ pub struct NewSandbox {
         deserialize_with = "object_or_null"
     )]
     pub network: Option<NetworkConfig>,
+}
+
+/// E2B's `autoResume` of a create request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoResume {
+    /// Whether traffic for the sandbox (an envd call or a request to one of its ports) resumes
+    /// it while it is paused.
+    pub enabled: bool,
+}
+
+/// A sandbox's lifecycle policy, as E2B's sandbox info shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxLifecycle {
+    /// Whether traffic resumes it while it is paused.
+    pub auto_resume: bool,
+    /// What its timeout does: `kill` or `pause`.
+    pub on_timeout: String,
+}
+
+/// `POST /sandboxes/{id}/pause`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseRequest {
+    /// Keep the memory (true, the default: resuming continues where it stopped) or only the
+    /// disk (false: resuming boots the saved disk afresh; processes are gone, files are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+    /// Refuse the pause unless the sandbox's agent answers (a pause always needs it here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_healthy_guest: Option<bool>,
 }
 
 /// A nested struct that must be a JSON object or `null`: serde would also read a struct from an
@@ -208,6 +251,9 @@ pub struct ConnectSandbox {
     /// Seconds from now until the sandbox is killed (or paused, with auto-pause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
+    /// Restore the saved memory (true, the default) or boot the saved disk afresh (false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
 }
 
 /// `POST /sandboxes/{id}/fork`.
@@ -241,6 +287,10 @@ pub struct SnapshotRequest {
     /// A unique name to start sandboxes from (`templateID`) instead of the id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Keep the memory (true, the default) or only the disk (false: sandboxes started from the
+    /// snapshot boot its disk afresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
 }
 
 /// A snapshot node as `POST /sandboxes/{id}/snapshots` and `GET /snapshots` show it.
@@ -497,6 +547,12 @@ pub struct SandboxInfo {
     /// Its egress rules, when it has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// What its timeout does and whether traffic resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<SandboxLifecycle>,
+    /// For a paused sandbox, what its pause kept: `full` (memory and disk) or `filesystem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_mode: Option<String>,
 }
 
 fn default_true() -> bool {

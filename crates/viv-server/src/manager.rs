@@ -26,6 +26,7 @@ use crate::store::{now_rfc3339, SandboxRow, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
+mod lifecycle;
 mod pool;
 mod recovery;
 mod snapshots;
@@ -231,6 +232,8 @@ pub struct Manager {
     /// Key of the agent channel's reset markers, the same for every VM of this data directory
     /// (restored VMs keep the key their snapshot's agent was given).
     channel_key: String,
+    /// Serializes resumes of each sandbox.
+    resume_gates: lifecycle::ResumeGates,
 }
 
 fn now_ms() -> i64 {
@@ -341,6 +344,7 @@ impl Manager {
             net: std::sync::OnceLock::new(),
             data_key,
             channel_key,
+            resume_gates: lifecycle::ResumeGates::default(),
         })
     }
 
@@ -579,6 +583,7 @@ impl Manager {
                 ("rules", network.and_then(|n| n.rules.as_ref())),
             ],
         )?;
+        let lifecycle = lifecycle::lifecycle_of(&req, timeout, &env_vars)?;
         let pooled = match &source {
             Source::Template(recipe) if self.config.snapshots && !cold_boot => {
                 let key = self.template_key(recipe, vcpus, memory_mib);
@@ -625,6 +630,7 @@ impl Manager {
             pooled,
             ..StartRequest::new(&source, timeout)
         };
+        self.record_lifecycle(&row.id, &lifecycle)?;
         self.start_sandbox(row, start, OnFailure::Delete).await
     }
 
@@ -641,6 +647,8 @@ impl Manager {
         self.store.put_sandbox(&row)?;
         let started = std::time::Instant::now();
         let token = row.access_token.clone();
+        // A node saved without memory (or a cold start asked for) boots its disk afresh.
+        let disk_boot = matches!(start.source, Source::Node(node) if self.boots_from_disk(node, start.cold_boot));
         let started_vm = async {
             let run_dir = self.run_dir(&id);
             let (vcpus, memory_mib) = (row.cpu_count, row.memory_mb);
@@ -654,6 +662,15 @@ impl Manager {
                         }
                     }
                     live
+                }
+                Source::Node(node) if disk_boot => {
+                    let layer = self.node_dir(&node.id).join("disk.qcow2");
+                    let origin = Origin::Boot {
+                        layer: &layer,
+                        memory_file: self.memory_file(&id),
+                    };
+                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib, &row.network)
+                        .await?
                 }
                 Source::Node(node) => {
                     self.check_device_set(node)?;
@@ -682,15 +699,20 @@ impl Manager {
                     .await?
                 }
             };
-            live.agent.set_token(start.guest_token.clone());
-            self.init_agent(&live, token.clone(), start.env_vars.clone()).await?;
+            // A freshly booted agent has no token yet.
+            live.agent
+                .set_token(if disk_boot { None } else { start.guest_token.clone() });
+            let (booted_recipe, env_vars) = self.disk_boot_plan(start.source, disk_boot, start.env_vars.clone());
+            self.init_agent(&live, token.clone(), env_vars).await?;
             // A booted template runs its start command now (a restored one already runs it).
-            if let Source::Template(recipe) = start.source {
-                if start.cold_boot || !self.config.snapshots {
-                    if let Err(err) = self.start_template(&live, recipe, &BuildLog::default()).await {
-                        let _ = live.vm.kill().await;
-                        return Err(err);
-                    }
+            let booted = match start.source {
+                Source::Template(recipe) if start.cold_boot || !self.config.snapshots => Some(&**recipe),
+                _ => booted_recipe.as_ref(),
+            };
+            if let Some(recipe) = booted {
+                if let Err(err) = self.start_template(&live, recipe, &BuildLog::default()).await {
+                    let _ = live.vm.kill().await;
+                    return Err(err);
                 }
             }
             Ok::<_, ApiError>(live)
@@ -1017,7 +1039,10 @@ impl Manager {
     }
 
     fn info(&self, row: SandboxRow) -> SandboxInfo {
+        let (lifecycle, pause_mode) = self.lifecycle_view(&row);
         SandboxInfo {
+            lifecycle: Some(lifecycle),
+            pause_mode,
             sandbox_id: row.id,
             template_id: row.template_id,
             client_id: self.config.node_name.clone(),
@@ -1103,7 +1128,7 @@ impl Manager {
                     manager.metrics.sandboxes_timed_out.inc();
                     if row.auto_pause && row.state == SandboxState::Running {
                         tracing::info!(sandbox = %row.id, "sandbox timed out; pausing it");
-                        match manager.pause(&row.id).await {
+                        match manager.pause_at_timeout(&row.id).await {
                             Ok(_) => continue,
                             Err(err) => tracing::warn!(sandbox = %row.id, error = %err, "auto-pause failed; killing"),
                         }

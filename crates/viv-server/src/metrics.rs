@@ -65,6 +65,8 @@ pub struct Metrics {
     pub sandboxes_taken_over: Counter,
     /// VMs no sandbox owned, killed at start.
     pub orphan_vms_killed: Counter,
+    /// Paused sandboxes resumed by traffic for them (auto-resume).
+    pub sandboxes_auto_resumed: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,7 @@ impl Default for Metrics {
             http_requests: Counter::default(),
             sandboxes_taken_over: Counter::default(),
             orphan_vms_killed: Counter::default(),
+            sandboxes_auto_resumed: Counter::default(),
         }
     }
 }
@@ -118,6 +121,11 @@ impl Metrics {
             "vivarium_orphan_vms_killed_total",
             "VMs no sandbox owned (warm VMs, interrupted starts of a previous server), killed at start.",
             self.orphan_vms_killed.get(),
+        );
+        counter(
+            "vivarium_sandboxes_auto_resumed_total",
+            "Paused sandboxes resumed by traffic for them (auto-resume).",
+            self.sandboxes_auto_resumed.get(),
         );
         counter(
             "vivarium_http_requests_total",

@@ -218,8 +218,13 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
     }
 }
 
-async fn pause_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    state.manager.pause(&id).await?;
+/// Pauses a sandbox with its memory or, with `memory: false`, only its disk.
+async fn pause_sandbox(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    OptionalJsonBody(req): OptionalJsonBody<viv_api::PauseRequest>,
+) -> Result<Response, ApiError> {
+    state.manager.pause_keeping(&id, req.memory.unwrap_or(true)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -229,7 +234,10 @@ async fn connect_sandbox(
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ConnectSandbox>,
 ) -> Result<Response, ApiError> {
-    let (sandbox, resumed) = state.manager.resume(&id, req.timeout).await?;
+    let (sandbox, resumed) = state
+        .manager
+        .resume(&id, req.timeout, req.memory.unwrap_or(true))
+        .await?;
     let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(sandbox)).into_response())
 }
@@ -243,7 +251,10 @@ async fn resume_sandbox(
     if state.manager.get(&id)?.state == viv_api::SandboxState::Running {
         return Err(ApiError::Conflict(format!("sandbox '{id}' is already running")));
     }
-    let (sandbox, _) = state.manager.resume(&id, req.timeout).await?;
+    let (sandbox, _) = state
+        .manager
+        .resume(&id, req.timeout, req.memory.unwrap_or(true))
+        .await?;
     Ok((StatusCode::CREATED, Json(sandbox)).into_response())
 }
 
@@ -261,7 +272,10 @@ async fn snapshot_sandbox(
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::SnapshotRequest>,
 ) -> Result<Response, ApiError> {
-    let info = state.manager.snapshot(&id, req.name).await?;
+    let info = state
+        .manager
+        .snapshot(&id, req.name, req.memory.unwrap_or(true))
+        .await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 

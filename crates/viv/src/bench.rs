@@ -182,7 +182,10 @@ async fn cycle(client: &Client, pool: bool) -> Result<Cycle> {
             .await?;
         let pause = start.elapsed();
         let start = Instant::now();
-        let body = viv_api::ConnectSandbox { timeout: Some(300) };
+        let body = viv_api::ConnectSandbox {
+            timeout: Some(300),
+            ..Default::default()
+        };
         client
             .send(
                 client

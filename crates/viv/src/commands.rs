@@ -98,6 +98,12 @@ pub enum SandboxCommand {
         /// Pause instead of kill when the timeout passes.
         #[arg(long)]
         auto_pause: bool,
+        /// With --auto-pause: keep only the disk at the timeout (resuming boots it afresh).
+        #[arg(long, requires = "auto_pause")]
+        auto_pause_filesystem: bool,
+        /// With --auto-pause: resume the paused sandbox when traffic for it arrives.
+        #[arg(long, requires = "auto_pause", conflicts_with = "auto_pause_filesystem")]
+        auto_resume: bool,
         /// Cut the sandbox off from every network (commands and files still work).
         #[arg(long)]
         no_internet: bool,
@@ -119,6 +125,9 @@ pub enum SandboxCommand {
     Pause {
         /// Sandbox id.
         id: String,
+        /// Keep only the disk (no memory): resuming boots it afresh, processes are gone.
+        #[arg(long)]
+        filesystem: bool,
     },
     /// Resume a paused sandbox (does nothing to a running one).
     Resume {
@@ -127,6 +136,9 @@ pub enum SandboxCommand {
         /// Seconds until it is killed (or paused again, with auto-pause).
         #[arg(long)]
         timeout: Option<u64>,
+        /// Boot the saved disk afresh instead of restoring the saved memory.
+        #[arg(long)]
+        reboot: bool,
     },
     /// Fork a running sandbox: snapshot it once and start COUNT copies; it keeps running.
     Fork {
@@ -147,6 +159,9 @@ pub enum SandboxCommand {
         /// A unique name for the snapshot.
         #[arg(long)]
         name: Option<String>,
+        /// Keep only the disk (no memory): sandboxes started from it boot it afresh.
+        #[arg(long)]
+        filesystem: bool,
     },
     /// List sandboxes.
     #[command(alias = "ls")]
@@ -479,6 +494,8 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             memory,
             cold_boot,
             auto_pause,
+            auto_pause_filesystem,
+            auto_resume,
             no_internet,
             rules,
         } => {
@@ -493,6 +510,8 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 cold_boot: cold_boot.then_some(true),
                 pooled: None,
                 auto_pause: auto_pause.then_some(true),
+                auto_pause_memory: auto_pause_filesystem.then_some(false),
+                auto_resume: auto_resume.then_some(viv_api::AutoResume { enabled: true }),
                 allow_internet_access: no_internet.then_some(false),
                 network: rules.network(),
             };
@@ -577,16 +596,27 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 println!("{id}: {}", network_summary(&info));
             }
         }
-        SandboxCommand::Pause { id } => {
+        SandboxCommand::Pause { id, filesystem } => {
+            let body = viv_api::PauseRequest {
+                memory: filesystem.then_some(false),
+                ..Default::default()
+            };
             client
-                .send(client.request(Method::POST, &format!("/sandboxes/{id}/pause")))
+                .send(
+                    client
+                        .request(Method::POST, &format!("/sandboxes/{id}/pause"))
+                        .json(&body),
+                )
                 .await?;
             if !json {
                 println!("paused {id}");
             }
         }
-        SandboxCommand::Resume { id, timeout } => {
-            let body = viv_api::ConnectSandbox { timeout };
+        SandboxCommand::Resume { id, timeout, reboot } => {
+            let body = viv_api::ConnectSandbox {
+                timeout,
+                memory: reboot.then_some(false),
+            };
             let resumed: CreatedSandbox = client
                 .json(
                     client
@@ -631,8 +661,11 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 );
             }
         }
-        SandboxCommand::Snapshot { id, name } => {
-            let body = viv_api::SnapshotRequest { name };
+        SandboxCommand::Snapshot { id, name, filesystem } => {
+            let body = viv_api::SnapshotRequest {
+                name,
+                memory: filesystem.then_some(false),
+            };
             let info: viv_api::SnapshotInfo = client
                 .json(
                     client

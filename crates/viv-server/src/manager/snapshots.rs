@@ -2,7 +2,8 @@
 //!
 //! A node is a directory `snapshots/<id>/` holding `disk.qcow2` (the sandbox's disk overlay,
 //! frozen: its backing file is the parent node's layer or the template's) and `state` (device
-//! state and guest memory, as QEMU's migration stream). A sandbox restored from a node writes to a
+//! state and guest memory, as QEMU's migration stream) or, saved without memory, a `disk-only`
+//! marker instead (a start from it boots the disk; see `lifecycle.rs`). A sandbox restored from a node writes to a
 //! new overlay on the node's layer, so a node costs the blocks changed since its parent plus its
 //! memory, never a copy of the disk.
 //!
@@ -51,8 +52,13 @@ impl Manager {
         Ok((live, row))
     }
 
-    /// Pauses a running sandbox: saves it into a new node and stops its VM.
+    /// Pauses a running sandbox: saves it (memory included) into a new node and stops its VM.
     pub async fn pause(&self, id: &str) -> Result<SnapshotInfo, ApiError> {
+        self.pause_keeping(id, true).await
+    }
+
+    /// Pauses a running sandbox, keeping its memory or (`memory` false) only its disk.
+    pub async fn pause_keeping(&self, id: &str, memory: bool) -> Result<SnapshotInfo, ApiError> {
         self.require_snapshots()?;
         if let Some(row) = self.store.sandbox(id)? {
             if row.state == SandboxState::Paused {
@@ -67,7 +73,7 @@ impl Manager {
         // Read under the lock: an operation that held it may have moved the sandbox to a node.
         let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
-        let node = self.save_node(&live, &row, SnapshotKind::Pause, None).await?;
+        let node = self.save_node(&live, &row, SnapshotKind::Pause, None, memory).await?;
         self.live.lock().expect("live lock").remove(id);
         row.state = SandboxState::Paused;
         row.snapshot_id = Some(node.id.clone());
@@ -80,11 +86,19 @@ impl Manager {
         self.snapshot_info(node)
     }
 
-    /// Resumes a paused sandbox from its node (a running one is left as it is). Returns the
-    /// sandbox and whether it was resumed.
-    pub async fn resume(self: &Arc<Self>, id: &str, timeout: Option<u64>) -> Result<(CreatedSandbox, bool), ApiError> {
-        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+    /// Resumes a paused sandbox from its node (a running one is left as it is): its memory
+    /// restored, or (`memory` false, or a node saved without it) its disk booted afresh. Returns
+    /// the sandbox and whether it was resumed. Resumes of one sandbox happen one at a time.
+    pub async fn resume(
+        self: &Arc<Self>,
+        id: &str,
+        timeout: Option<u64>,
+        memory: bool,
+    ) -> Result<(CreatedSandbox, bool), ApiError> {
         let timeout = lifetime(timeout)?;
+        let gate = self.resume_gates.gate(id);
+        let _resuming = gate.lock().await;
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
         match row.state {
             SandboxState::Running => {
                 self.store.set_end(id, now_ms() + timeout as i64 * 1000)?;
@@ -103,18 +117,33 @@ impl Manager {
                 )))
             }
         }
+        Ok((self.resume_locked(row, timeout, memory).await?, true))
+    }
+
+    /// Resumes paused sandbox `row` under its resume gate.
+    pub(super) async fn resume_locked(
+        self: &Arc<Self>,
+        row: SandboxRow,
+        timeout: u64,
+        memory: bool,
+    ) -> Result<CreatedSandbox, ApiError> {
+        let id = row.id.clone();
         let node_id = row.snapshot_id.clone().unwrap_or_default();
         let node = self.store.snapshot(&node_id)?.ok_or_else(|| {
             ApiError::NotFound(format!(
                 "the snapshot holding paused sandbox '{id}' ({node_id}) no longer exists"
             ))
         })?;
+        let disk_boot = self.boots_from_disk(&node, !memory);
         let source = Source::Node(Box::new(node));
-        let start = StartRequest::new(&source, timeout);
-        let created = self
-            .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
-            .await?;
-        Ok((created, true))
+        let start = StartRequest {
+            cold_boot: disk_boot,
+            // A booted agent gets the environment the sandbox was created with again.
+            env_vars: disk_boot.then(|| self.boot_env(&id)),
+            ..StartRequest::new(&source, timeout)
+        };
+        self.start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
+            .await
     }
 
     /// Snapshots a running sandbox once (it keeps running) and starts `count` sandboxes from
@@ -132,7 +161,7 @@ impl Manager {
             )));
         }
         let timeout = lifetime(timeout)?;
-        let (node, source) = self.snapshot_running(id, SnapshotKind::Fork, None).await?;
+        let (node, source) = self.snapshot_running(id, SnapshotKind::Fork, None, true).await?;
         let mut results = Vec::new();
         for _ in 0..count {
             let result = match self.start_fork(&node, &source, timeout).await {
@@ -178,14 +207,19 @@ impl Manager {
             auto_pause: source.auto_pause,
             network: source.network.clone(),
         };
+        // Its lifecycle options are the source's.
+        if let Some(lifecycle) = self.store.lifecycle(&source.id)? {
+            self.record_lifecycle(&row.id, &lifecycle)?;
+        }
         let source = Source::Node(Box::new(node.clone()));
         self.start_sandbox(row, StartRequest::new(&source, timeout), OnFailure::Delete)
             .await
     }
 
-    /// Takes a named (or anonymous) snapshot of a running sandbox, which keeps running. Start
-    /// sandboxes from it by passing its id or name as `templateID`.
-    pub async fn snapshot(&self, id: &str, name: Option<String>) -> Result<SnapshotInfo, ApiError> {
+    /// Takes a named (or anonymous) snapshot of a running sandbox, which keeps running, with its
+    /// memory or (`memory` false) only its disk. Start sandboxes from it by passing its id or
+    /// name as `templateID`.
+    pub async fn snapshot(&self, id: &str, name: Option<String>, memory: bool) -> Result<SnapshotInfo, ApiError> {
         self.require_snapshots()?;
         if let Some(name) = &name {
             let valid = !name.is_empty()
@@ -207,7 +241,7 @@ impl Manager {
                 )));
             }
         }
-        let (node, _) = self.snapshot_running(id, SnapshotKind::Snapshot, name).await?;
+        let (node, _) = self.snapshot_running(id, SnapshotKind::Snapshot, name, memory).await?;
         self.snapshot_info(node)
     }
 
@@ -216,27 +250,30 @@ impl Manager {
         id: &str,
         kind: SnapshotKind,
         name: Option<String>,
+        memory: bool,
     ) -> Result<(SnapshotRow, SandboxRow), ApiError> {
         let (live, _) = self.running(id)?;
         let _op = live.op.lock().await;
         // Read under the lock: an operation that held it may have moved the sandbox to a node.
         let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
-        let node = self.save_node(&live, &row, kind, name).await?;
+        let node = self.save_node(&live, &row, kind, name, memory).await?;
         row.snapshot_id = Some(node.id.clone());
         self.store.set_sandbox_snapshot(id, &node.id)?;
         tracing::info!(sandbox = %id, snapshot = %node.id, kind = kind.as_str(), bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "snapshot taken");
         Ok((node, row))
     }
 
-    /// Saves a running sandbox into a new node. A pause stops the VM and its overlay becomes the
-    /// node's layer; otherwise the VM continues on a fresh overlay on top of that layer.
+    /// Saves a running sandbox into a new node, with its memory or only its disk. A pause stops
+    /// the VM and its overlay becomes the node's layer; otherwise the VM continues on a fresh
+    /// overlay on top of that layer.
     async fn save_node(
         &self,
         live: &LiveSandbox,
         row: &SandboxRow,
         kind: SnapshotKind,
         name: Option<String>,
+        memory: bool,
     ) -> Result<SnapshotRow, ApiError> {
         let id = random_id(20);
         let dir = self.node_dir(&id);
@@ -245,10 +282,10 @@ impl Manager {
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", building.display())))?;
         let keep_running = kind != SnapshotKind::Pause;
         let disk_before = live.root_disk.lock().expect("disk lock").clone();
-        let result = if keep_running {
-            self.save_running(live, &dir, &building).await
-        } else {
-            self.save_stopping(live, &building).await
+        let result = match (memory, keep_running) {
+            (false, _) => self.save_disk(live, &dir, &building, keep_running).await,
+            (true, true) => self.save_running(live, &dir, &building).await,
+            (true, false) => self.save_stopping(live, &building).await,
         };
         if let Err(err) = result {
             if *live.root_disk.lock().expect("disk lock") == disk_before {
@@ -259,6 +296,7 @@ impl Manager {
             // the layer is kept as a node without saved state (a restore of it is refused); it
             // is collected once the sandbox no longer needs it.
             let _ = std::fs::remove_file(building.join("state"));
+            let _ = std::fs::remove_file(building.join(super::lifecycle::DISK_ONLY));
             let node = self.store_node(&building, &dir, row, SnapshotKind::Fork, None)?;
             self.store.set_sandbox_snapshot(&row.id, &node.id)?;
             return Err(err);
@@ -299,8 +337,11 @@ impl Manager {
         Ok(node)
     }
 
-    /// Pause: hang up the agent, save the VM (memory included), stop it, keep its overlay.
+    /// Pause: flush the guest's writes (so a later boot of the disk finds them; a guest that
+    /// does not answer is paused anyway), hang up the agent, save the VM (memory included), stop
+    /// it, keep its overlay.
     async fn save_stopping(&self, live: &LiveSandbox, building: &Path) -> Result<(), ApiError> {
+        super::lifecycle::flush_guest(live).await;
         live.agent.close().await;
         if let Err(err) = live
             .vm

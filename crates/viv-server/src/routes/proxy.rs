@@ -7,7 +7,9 @@
 //! opens to `127.0.0.1:PORT` (`/tunnel`); the server speaks HTTP/1.1 to the service over it and
 //! splices upgraded connections (WebSocket) through, so no guest networking is involved.
 //!
-//! A sandbox that is not running answers 502, which the SDKs read as "not running".
+//! A paused sandbox created with auto-resume is resumed before its request goes through (the
+//! request waits; see `manager/lifecycle.rs`). A sandbox that is not running answers 502, which
+//! the SDKs read as "not running".
 //!
 //! Uploads (`POST /files`) travel as an [`crate::agent_client::UploadBody`]: the agent keeps a file only if it
 //! received every byte the client sent, and a client whose body breaks (fewer bytes than its
@@ -59,8 +61,9 @@ pub(super) async fn route_sandbox_traffic(State(state): State<AppState>, request
 }
 
 async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Result<Response, ApiError> {
-    // Any state but running is "not running" for the SDKs, which only understand 502 here.
-    let live = state.manager.live(id).map_err(|err| match err {
+    // A paused sandbox with auto-resume is resumed first. Any state but running is "not
+    // running" for the SDKs, which only understand 502 here.
+    let live = state.manager.wake(id).await.map_err(|err| match err {
         ApiError::Sandbox(message) => ApiError::Sandbox(message),
         other => ApiError::Sandbox(format!("sandbox {id} is not running: {other}")),
     })?;
