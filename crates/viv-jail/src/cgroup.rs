@@ -565,7 +565,10 @@ mod tests {
             return;
         };
         sweeper.remove_stale_siblings(std::time::Duration::from_secs(600));
-        assert!(live.groups.iter().all(|(_, dir)| dir.is_dir()), "a fresh empty tree was swept");
+        assert!(
+            live.groups.iter().all(|(_, dir)| dir.is_dir()),
+            "a fresh empty tree was swept"
+        );
         sweeper.remove_stale_siblings(std::time::Duration::ZERO);
         assert!(live.groups.iter().all(|(_, dir)| !dir.exists()), "an idle tree stays");
         let limits = Limits {

@@ -26,14 +26,15 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod listing;
 mod proxy;
 mod templates;
 
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
-        .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
-        .route("/v2/sandboxes", post(create_sandbox).get(list_sandboxes_v2))
+        .route("/sandboxes", post(create_sandbox).get(listing::list_sandboxes))
+        .route("/v2/sandboxes", post(create_sandbox).get(listing::list_sandboxes_v2))
         .route("/v2/sandboxes/{id}/connect", post(connect_sandbox))
         .route("/sandboxes/{id}/refreshes", post(refresh_sandbox))
         .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
@@ -290,30 +291,6 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-/// Every sandbox but those whose VM died (gone, as E2B has it), or those of the states in
-/// `?state=` (comma-separated; `failed` lists the dead with their reasons).
-async fn list_sandboxes(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let filter = metadata_filter(query.get("metadata"))?;
-    let states = match query.get("state").filter(|s| !s.is_empty()) {
-        Some(list) => parse_states(list)?,
-        None => vec![
-            viv_api::SandboxState::Starting,
-            viv_api::SandboxState::Running,
-            viv_api::SandboxState::Paused,
-        ],
-    };
-    let listed: Vec<viv_api::SandboxInfo> = state
-        .manager
-        .list(&filter)?
-        .into_iter()
-        .filter(|s| states.contains(&s.state))
-        .collect();
-    Ok(Json(listed).into_response())
-}
-
 /// States named in a `state=` query.
 fn parse_states(list: &str) -> Result<Vec<viv_api::SandboxState>, ApiError> {
     list.split(',')
@@ -334,63 +311,6 @@ fn metadata_filter(encoded: Option<&String>) -> Result<BTreeMap<String, String>,
             .map_err(|e| ApiError::BadRequest(format!("invalid metadata filter: {e}"))),
         None => Ok(BTreeMap::new()),
     }
-}
-
-/// Query of `GET /v2/sandboxes`.
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct ListQuery {
-    /// `k1=v1&k2=v2`, URL-encoded.
-    metadata: Option<String>,
-    /// Comma-separated states (`running`, `paused`).
-    state: Option<String>,
-    /// Page size (default 100).
-    limit: Option<usize>,
-    /// Where the previous page ended.
-    next_token: Option<String>,
-}
-
-/// E2B's paginated list: sandboxes with the given states (running and paused by default),
-/// oldest first, `limit` at a time; the `x-next-token` header carries the next page's token.
-async fn list_sandboxes_v2(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Response, ApiError> {
-    let filter = metadata_filter(query.metadata.as_ref())?;
-    let states: Vec<viv_api::SandboxState> = match query.state.as_deref().filter(|s| !s.is_empty()) {
-        Some(list) => parse_states(list)?,
-        None => vec![viv_api::SandboxState::Running, viv_api::SandboxState::Paused],
-    };
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and 1000, got {limit}"
-        )));
-    }
-    let all: Vec<viv_api::SandboxInfo> = state
-        .manager
-        .list(&filter)?
-        .into_iter()
-        .filter(|s| states.contains(&s.state))
-        .collect();
-    // The token is the id of the last sandbox of the previous page (the list is ordered).
-    let start = match &query.next_token {
-        Some(token) => all
-            .iter()
-            .position(|s| &s.sandbox_id == token)
-            .map_or(all.len(), |i| i + 1),
-        None => 0,
-    };
-    let page: Vec<viv_api::SandboxInfo> = all.iter().skip(start).take(limit).cloned().collect();
-    let mut response = Json(&page).into_response();
-    if start + page.len() < all.len() {
-        if let Some(last) = page.last() {
-            if let Ok(value) = last.sandbox_id.parse() {
-                response.headers_mut().insert("x-next-token", value);
-            }
-        }
-    }
-    Ok(response)
 }
 
 #[derive(Deserialize, Default)]

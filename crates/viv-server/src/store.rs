@@ -178,6 +178,11 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// Now in RFC 3339 with milliseconds (sandbox start times, which order lists).
+pub fn now_rfc3339_ms() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
 impl Store {
     /// Opens (creating) the database and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {

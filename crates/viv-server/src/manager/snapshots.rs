@@ -87,7 +87,9 @@ impl Manager {
         let timeout = lifetime(timeout)?;
         match row.state {
             SandboxState::Running => {
-                self.store.set_end(id, now_ms() + timeout as i64 * 1000)?;
+                // Connecting may extend a running sandbox's life, never shorten it (as E2B).
+                self.store
+                    .set_end(id, row.end_at_ms.max(now_ms() + timeout as i64 * 1000))?;
                 return Ok((self.created(&row), false));
             }
             SandboxState::Paused => {}
@@ -165,7 +167,7 @@ impl Manager {
             id: random_id(20),
             template_id: source.template_id.clone(),
             state: SandboxState::Starting,
-            started_at: now_rfc3339(),
+            started_at: crate::store::now_rfc3339_ms(),
             end_at_ms: now_ms() + timeout as i64 * 1000,
             cpu_count: node.cpu_count,
             memory_mb: node.memory_mb,
