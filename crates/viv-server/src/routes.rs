@@ -27,7 +27,9 @@ use crate::manager::LiveSandbox;
 use crate::AppState;
 
 mod listing;
+mod metric_history;
 mod proxy;
+mod snapshots;
 mod templates;
 
 /// Builds the application router.
@@ -37,7 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/sandboxes", post(create_sandbox).get(listing::list_sandboxes_v2))
         .route("/v2/sandboxes/{id}/connect", post(connect_sandbox))
         .route("/sandboxes/{id}/refreshes", post(refresh_sandbox))
-        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
+        .route("/sandboxes/{id}/metrics", get(metric_history::sandbox_metrics))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/network", put(set_network))
@@ -46,8 +48,11 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/sandboxes/{id}/fork", post(fork_sandbox))
         .route("/sandboxes/{id}/snapshots", post(snapshot_sandbox))
-        .route("/snapshots", get(list_snapshots))
-        .route("/snapshots/{id}", get(get_snapshot).delete(delete_snapshot))
+        .route("/snapshots", get(snapshots::list_snapshots))
+        .route(
+            "/snapshots/{id}",
+            get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
+        )
         .route("/sandboxes/{id}/exec", post(exec))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
@@ -55,7 +60,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
-        .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        .layer(axum::Extension(metric_history::History::start(&state)));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -266,23 +272,6 @@ async fn snapshot_sandbox(
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn list_snapshots(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let sandbox = query.get("sandboxID").map(String::as_str);
-    Ok(Json(state.manager.list_snapshots(sandbox)?).into_response())
-}
-
-async fn get_snapshot(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    Ok(Json(state.manager.get_snapshot(&id)?).into_response())
-}
-
-async fn delete_snapshot(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    state.manager.delete_snapshot(&id)?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
 async fn create_sandbox(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<NewSandbox>,
@@ -328,18 +317,6 @@ async fn refresh_sandbox(
 ) -> Result<Response, ApiError> {
     state.manager.refresh(&id, body.duration.unwrap_or(60))?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// E2B's sandbox metrics: one sample of the guest's CPU, memory and disk use, taken now.
-async fn sandbox_metrics(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let live = state.manager.live(&id)?;
-    let request = hyper::Request::get("http://agent/metrics")
-        .body(Body::empty())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = agent_body(&state, &live, request).await?;
-    let sample: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Sandbox(format!("unexpected metrics from the sandbox: {e}")))?;
-    Ok(Json(vec![sample]).into_response())
 }
 
 async fn get_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
