@@ -202,41 +202,76 @@ pub(super) async fn list_sandboxes_v2(
 }
 
 /// Unix milliseconds of an RFC 3339 time (`2025-01-31T12:00:00.123+02:00`, `...Z`, or without
-/// an offset for UTC). A `+` of the offset that a query string turned into a space is taken as
-/// `+`.
+/// an offset for UTC), years 0000 to 9999 and leap seconds included. A `+` of the offset that a
+/// query string turned into a space is taken as `+`.
 pub(crate) fn parse_rfc3339_ms(text: &str) -> Option<i64> {
-    let text = text.trim_end();
-    let (local, offset_secs) = if let Some(local) = text.strip_suffix(['Z', 'z']) {
-        (local, 0)
-    } else if text.len() > 19 && text.is_char_boundary(text.len() - 6) {
-        let (local, offset) = text.split_at(text.len() - 6);
-        match offset.as_bytes() {
-            [sign @ (b'+' | b'-' | b' '), h1, h2, b':', m1, m2]
-                if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit()) =>
-            {
-                let hours = i64::from((h1 - b'0') * 10 + (h2 - b'0'));
-                let minutes = i64::from((m1 - b'0') * 10 + (m2 - b'0'));
-                if hours > 23 || minutes > 59 {
-                    return None;
-                }
-                let secs = hours * 3600 + minutes * 60;
-                (local, if *sign == b'-' { -secs } else { secs })
-            }
-            _ => (text, 0),
+    let b = text.trim_end().as_bytes();
+    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = b.get(range)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
         }
-    } else {
-        (text, 0)
+        std::str::from_utf8(part).ok()?.parse().ok()
     };
-    // humantime takes `YYYY-MM-DDTHH:MM:SS[.frac]` as UTC.
-    if local.len() < 19 || !matches!(local.as_bytes().get(10), Some(b'T' | b't')) {
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
-    let time = humantime::parse_rfc3339_weak(local).ok()?;
-    let ms = match time.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).ok()?,
-        Err(e) => -i64::try_from(e.duration().as_millis()).ok()?,
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&month) || day < 1 || day > month_days[(month - 1) as usize] {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0;
+    if b.get(at) == Some(&b'.') {
+        let start = at + 1;
+        at = start;
+        while b.get(at).is_some_and(u8::is_ascii_digit) {
+            at += 1;
+        }
+        if at == start {
+            return None;
+        }
+        let frac = &b[start..at.min(start + 3)];
+        millis = frac.iter().fold(0, |acc, d| acc * 10 + i64::from(d - b'0')) * 10_i64.pow(3 - frac.len() as u32);
+    }
+    let offset_secs = match &b[at..] {
+        [] | [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-' | b' '), _, _, b':', _, _] => {
+            let (h, m) = (digits(at + 1..at + 3)?, digits(at + 4..at + 6)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let secs = h * 3600 + m * 60;
+            if *sign == b'-' {
+                -secs
+            } else {
+                secs
+            }
+        }
+        _ => return None,
     };
-    Some(ms - offset_secs * 1000)
+    // Days from 1970-01-01 to the date (proleptic Gregorian; Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1000 + millis)
 }
 
 #[cfg(test)]
