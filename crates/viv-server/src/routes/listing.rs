@@ -74,7 +74,6 @@ impl Filter {
         let time = |name: &str, value: &Option<String>| {
             value
                 .as_deref()
-                .filter(|v| !v.is_empty())
                 .map(|v| {
                     parse_rfc3339_ms(v).ok_or_else(|| {
                         ApiError::BadRequest(format!(

@@ -139,8 +139,8 @@ async fn read_quietly(live: &LiveSandbox) -> Option<serde_json::Value> {
 /// Query of `GET /sandboxes/{id}/metrics`: Unix seconds.
 #[derive(Deserialize, Default)]
 pub(super) struct MetricsQuery {
-    start: Option<u64>,
-    end: Option<u64>,
+    start: Option<i64>,
+    end: Option<i64>,
 }
 
 /// E2B's sandbox metrics: the samples in `[start, end]` (default: all kept, up to now), a
@@ -152,8 +152,13 @@ pub(super) async fn sandbox_metrics(
     ApiQuery(query): ApiQuery<MetricsQuery>,
 ) -> Result<Response, ApiError> {
     // A range that ends before it starts holds no sample.
-    let start = query.start.unwrap_or(0);
-    let end = query.end.unwrap_or(u64::MAX);
+    let seconds = |name: &str, value: Option<i64>, default: u64| match value {
+        None => Ok(default),
+        Some(v) => u64::try_from(v)
+            .map_err(|_| ApiError::BadRequest(format!("{name} must be Unix seconds (0 or more), got {v}"))),
+    };
+    let start = seconds("start", query.start, 0)?;
+    let end = seconds("end", query.end, u64::MAX)?;
     let live = state.manager.live(&id)?;
     let request = hyper::Request::get("http://agent/metrics")
         .body(Body::empty())
