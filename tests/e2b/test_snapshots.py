@@ -31,7 +31,7 @@ def test_named_snapshot_starts_new_sandboxes(sandbox):
     sandbox.files.write("/home/user/data.txt", "snapshotted")
     name = f"suite-{int(time.time() * 1000)}"
     snapshot = sandbox.create_snapshot(name=name)
-    assert name in snapshot.names
+    assert f"{name}:default" in snapshot.names
     listed = [s.snapshot_id for s in sandbox.list_snapshots().next_items()]
     assert snapshot.snapshot_id in listed
     child = Sandbox.create(template=name, timeout=300)

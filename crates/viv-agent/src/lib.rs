@@ -4,6 +4,7 @@
 mod build;
 pub mod channel;
 mod codec;
+mod deadline;
 mod files;
 pub mod init;
 mod metrics;

@@ -117,14 +117,49 @@ pub fn routes() -> Router<AgentState> {
 
 async fn start(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
+        let deadline = crate::deadline::from_headers(&headers)?;
         let req: StartRequest = decode_request(&headers, &body)?;
         let user = state.request_user(&headers, None)?;
-        spawn_process(&state, &user, req)
+        let (pid, events) = spawn_process(&state, &user, req)?;
+        if let Some(deadline) = deadline {
+            tokio::spawn(kill_at(state.clone(), pid, deadline));
+        }
+        Ok((pid, events, deadline))
     }
     .await;
     match result {
-        Ok((pid, events)) => event_stream(pid, events),
+        Ok((pid, events, deadline)) => event_stream(pid, events, deadline),
         Err(err) => stream_response(futures::stream::once(async { Err(err) })),
+    }
+}
+
+/// Kills a process started with a deadline (its whole group, as envd's process context does
+/// to its process) once the deadline passes, if it still runs.
+async fn kill_at(state: AgentState, pid: u32, deadline: tokio::time::Instant) {
+    let Ok(proc) = state.processes().find(&ProcessSelector::Pid(pid)) else {
+        return;
+    };
+    tokio::time::sleep_until(deadline).await;
+    // The table still holding this very process means it has not been reaped, so its pid is
+    // still its own.
+    let running = state
+        .processes()
+        .find(&ProcessSelector::Pid(pid))
+        .is_ok_and(|now| Arc::ptr_eq(&now, &proc));
+    if running {
+        signal_group(pid, libc::SIGKILL);
+    }
+}
+
+/// Sends `sig` to the group a process leads (setsid at spawn), or to the process alone.
+fn signal_group(pid: u32, sig: libc::c_int) {
+    let pid = pid as libc::pid_t;
+    // SAFETY: kill takes plain integers. The process leads its own group (setsid at spawn), so
+    // the negative pid reaches its children too; fall back to the pid alone.
+    unsafe {
+        if libc::kill(-pid, sig) < 0 {
+            libc::kill(pid, sig);
+        }
     }
 }
 
@@ -375,8 +410,13 @@ fn window_size(size: PtySize) -> libc::winsize {
     }
 }
 
-/// Streams a process's events: its start, then output and end as they happen.
-fn event_stream(pid: u32, mut events: mpsc::Receiver<ProcessEvent>) -> Response {
+/// Streams a process's events: its start, then output and end as they happen; at `deadline`
+/// (the request's `Connect-Timeout-Ms`) the stream ends with `deadline_exceeded`.
+fn event_stream(
+    pid: u32,
+    mut events: mpsc::Receiver<ProcessEvent>,
+    deadline: Option<tokio::time::Instant>,
+) -> Response {
     let stream = async_stream(move |tx| async move {
         let start = StreamResponse {
             event: ProcessEvent::Start(StartEvent { pid }),
@@ -391,6 +431,10 @@ fn event_stream(pid: u32, mut events: mpsc::Receiver<ProcessEvent>) -> Response 
                     None => return,
                 },
                 () = tokio::time::sleep(KEEPALIVE) => ProcessEvent::Keepalive(Default::default()),
+                () = until(deadline) => {
+                    let _ = tx.send(Err(crate::deadline::exceeded(&format!("process {pid}")))).await;
+                    return;
+                }
             };
             let done = matches!(event, ProcessEvent::End(_));
             if tx
@@ -406,6 +450,14 @@ fn event_stream(pid: u32, mut events: mpsc::Receiver<ProcessEvent>) -> Response 
     stream_response(stream)
 }
 
+/// Waits until `deadline`, or forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A stream fed by a task through a channel.
 fn async_stream<F, Fut>(body: F) -> impl futures::Stream<Item = Result<Bytes, ConnectError>>
 where
@@ -418,9 +470,12 @@ where
 }
 
 async fn connect(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
-    let result = decode_request::<ConnectRequest>(&headers, &body).and_then(|req| state.processes().find(&req.process));
+    let result = crate::deadline::from_headers(&headers).and_then(|deadline| {
+        let req = decode_request::<ConnectRequest>(&headers, &body)?;
+        Ok((state.processes().find(&req.process)?, deadline))
+    });
     match result {
-        Ok(proc) => event_stream(proc.info.pid, proc.subscribe()),
+        Ok((proc, deadline)) => event_stream(proc.info.pid, proc.subscribe(), deadline),
         Err(err) => stream_response(futures::stream::once(async { Err(err) })),
     }
 }
@@ -530,14 +585,7 @@ async fn send_signal(State(state): State<AgentState>, headers: HeaderMap, body: 
                 return Err(ConnectError::new("invalid_argument", "no signal given"));
             }
         };
-        let pid = proc.info.pid as libc::pid_t;
-        // SAFETY: kill takes plain integers. The process leads its own group (setsid at spawn), so
-        // the negative pid reaches its children too; fall back to the pid alone.
-        unsafe {
-            if libc::kill(-pid, sig) < 0 {
-                libc::kill(pid, sig);
-            }
-        }
+        signal_group(proc.info.pid, sig);
         Ok(Empty {})
     })();
     unary_result(result)

@@ -34,6 +34,12 @@ impl Default for DebianRecipe {
             packages: [
                 "python3",
                 "python3-pip",
+                // `python` and `pip` as E2B's base (a python image) has them.
+                "python-is-python3",
+                // E2B's base also has a C toolchain and Node.js with npm.
+                "build-essential",
+                "nodejs",
+                "npm",
                 "ca-certificates",
                 "curl",
                 "git",

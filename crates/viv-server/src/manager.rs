@@ -22,7 +22,7 @@ use viv_vmm::{Accel, GuestMemory, Restore, SnapshotMemory, Vm, VmSpec, Vmm};
 
 use crate::agent_client::AgentClient;
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, SandboxRow, SnapshotRow, Store};
+use crate::store::{now_rfc3339_ms, SandboxRow, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
@@ -608,7 +608,7 @@ impl Manager {
             id: pooled.as_ref().map_or_else(|| random_id(20), |live| live.id.clone()),
             template_id: template,
             state: SandboxState::Starting,
-            started_at: now_rfc3339(),
+            started_at: now_rfc3339_ms(),
             end_at_ms: now_ms() + (timeout as i64) * 1000,
             cpu_count: vcpus,
             memory_mb: memory_mib,

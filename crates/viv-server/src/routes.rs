@@ -26,17 +26,20 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod listing;
+mod metric_history;
 mod proxy;
+mod snapshots;
 mod templates;
 
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
-        .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
-        .route("/v2/sandboxes", post(create_sandbox).get(list_sandboxes_v2))
+        .route("/sandboxes", post(create_sandbox).get(listing::list_sandboxes))
+        .route("/v2/sandboxes", post(create_sandbox).get(listing::list_sandboxes_v2))
         .route("/v2/sandboxes/{id}/connect", post(connect_sandbox))
         .route("/sandboxes/{id}/refreshes", post(refresh_sandbox))
-        .route("/sandboxes/{id}/metrics", get(sandbox_metrics))
+        .route("/sandboxes/{id}/metrics", get(metric_history::sandbox_metrics))
         .route("/sandboxes/{id}", get(get_sandbox).delete(kill_sandbox))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/network", put(set_network))
@@ -45,8 +48,11 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/sandboxes/{id}/fork", post(fork_sandbox))
         .route("/sandboxes/{id}/snapshots", post(snapshot_sandbox))
-        .route("/snapshots", get(list_snapshots))
-        .route("/snapshots/{id}", get(get_snapshot).delete(delete_snapshot))
+        .route("/snapshots", get(snapshots::list_snapshots))
+        .route(
+            "/snapshots/{id}",
+            get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
+        )
         .route("/sandboxes/{id}/exec", post(exec))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
@@ -54,7 +60,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
-        .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        .layer(axum::Extension(metric_history::History::start(&state)));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -279,53 +286,12 @@ async fn snapshot_sandbox(
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn list_snapshots(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let sandbox = query.get("sandboxID").map(String::as_str);
-    Ok(Json(state.manager.list_snapshots(sandbox)?).into_response())
-}
-
-async fn get_snapshot(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    Ok(Json(state.manager.get_snapshot(&id)?).into_response())
-}
-
-async fn delete_snapshot(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    state.manager.delete_snapshot(&id)?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
 async fn create_sandbox(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
     let created = state.manager.create(req).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
-}
-
-/// Every sandbox but those whose VM died (gone, as E2B has it), or those of the states in
-/// `?state=` (comma-separated; `failed` lists the dead with their reasons).
-async fn list_sandboxes(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<BTreeMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let filter = metadata_filter(query.get("metadata"))?;
-    let states = match query.get("state").filter(|s| !s.is_empty()) {
-        Some(list) => parse_states(list)?,
-        None => vec![
-            viv_api::SandboxState::Starting,
-            viv_api::SandboxState::Running,
-            viv_api::SandboxState::Paused,
-        ],
-    };
-    let listed: Vec<viv_api::SandboxInfo> = state
-        .manager
-        .list(&filter)?
-        .into_iter()
-        .filter(|s| states.contains(&s.state))
-        .collect();
-    Ok(Json(listed).into_response())
 }
 
 /// States named in a `state=` query.
@@ -350,63 +316,6 @@ fn metadata_filter(encoded: Option<&String>) -> Result<BTreeMap<String, String>,
     }
 }
 
-/// Query of `GET /v2/sandboxes`.
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct ListQuery {
-    /// `k1=v1&k2=v2`, URL-encoded.
-    metadata: Option<String>,
-    /// Comma-separated states (`running`, `paused`).
-    state: Option<String>,
-    /// Page size (default 100).
-    limit: Option<usize>,
-    /// Where the previous page ended.
-    next_token: Option<String>,
-}
-
-/// E2B's paginated list: sandboxes with the given states (running and paused by default),
-/// oldest first, `limit` at a time; the `x-next-token` header carries the next page's token.
-async fn list_sandboxes_v2(
-    State(state): State<AppState>,
-    ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<Response, ApiError> {
-    let filter = metadata_filter(query.metadata.as_ref())?;
-    let states: Vec<viv_api::SandboxState> = match query.state.as_deref().filter(|s| !s.is_empty()) {
-        Some(list) => parse_states(list)?,
-        None => vec![viv_api::SandboxState::Running, viv_api::SandboxState::Paused],
-    };
-    let limit = query.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and 1000, got {limit}"
-        )));
-    }
-    let all: Vec<viv_api::SandboxInfo> = state
-        .manager
-        .list(&filter)?
-        .into_iter()
-        .filter(|s| states.contains(&s.state))
-        .collect();
-    // The token is the id of the last sandbox of the previous page (the list is ordered).
-    let start = match &query.next_token {
-        Some(token) => all
-            .iter()
-            .position(|s| &s.sandbox_id == token)
-            .map_or(all.len(), |i| i + 1),
-        None => 0,
-    };
-    let page: Vec<viv_api::SandboxInfo> = all.iter().skip(start).take(limit).cloned().collect();
-    let mut response = Json(&page).into_response();
-    if start + page.len() < all.len() {
-        if let Some(last) = page.last() {
-            if let Ok(value) = last.sandbox_id.parse() {
-                response.headers_mut().insert("x-next-token", value);
-            }
-        }
-    }
-    Ok(response)
-}
-
 #[derive(Deserialize, Default)]
 struct RefreshBody {
     /// Seconds to add from now.
@@ -422,18 +331,6 @@ async fn refresh_sandbox(
 ) -> Result<Response, ApiError> {
     state.manager.refresh(&id, body.duration.unwrap_or(60))?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// E2B's sandbox metrics: one sample of the guest's CPU, memory and disk use, taken now.
-async fn sandbox_metrics(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let live = state.manager.live(&id)?;
-    let request = hyper::Request::get("http://agent/metrics")
-        .body(Body::empty())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let body = agent_body(&state, &live, request).await?;
-    let sample: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Sandbox(format!("unexpected metrics from the sandbox: {e}")))?;
-    Ok(Json(vec![sample]).into_response())
 }
 
 async fn get_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {

@@ -182,6 +182,16 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// A snapshot id or name without E2B's `:default` tag (ids and names never hold a `:`).
+pub fn untagged(id_or_name: &str) -> &str {
+    id_or_name.strip_suffix(":default").unwrap_or(id_or_name)
+}
+
+/// Now in RFC 3339 with milliseconds (sandbox start times, which order lists).
+pub fn now_rfc3339_ms() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
 impl Store {
     /// Opens (creating) the database and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -370,6 +380,7 @@ impl Store {
 
     /// One snapshot node, by id or name.
     pub fn snapshot(&self, id_or_name: &str) -> Result<Option<SnapshotRow>, StoreError> {
+        let id_or_name = untagged(id_or_name);
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("{SELECT_SNAPSHOT} WHERE id = ?1 OR name = ?1"))?;
         Ok(stmt.query_row(params![id_or_name], row_to_snapshot).optional()?)
@@ -398,6 +409,16 @@ impl Store {
     }
 
     /// Deletes a node row (and clears references of failed sandboxes to it).
+    /// Turns a named snapshot that sandboxes still need into an unnamed `fork` node, which the
+    /// collector deletes once nothing needs it (a user's delete of a snapshot in use).
+    pub fn demote_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET kind = 'fork', name = NULL WHERE id = ?1",
+            params![id],
+        )?;
+        Ok(())
+    }
+
     pub fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute(

@@ -30,6 +30,9 @@ use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow};
 /// Most forks one request may ask for.
 const MAX_FORKS: u32 = 64;
 
+/// The tag of every snapshot (E2B names snapshots `NAME:TAG`; a snapshot here has one tag).
+pub const SNAPSHOT_TAG: &str = "default";
+
 impl Manager {
     pub(super) fn node_dir(&self, id: &str) -> PathBuf {
         self.config.data_dir.join("snapshots").join(id)
@@ -101,7 +104,9 @@ impl Manager {
         let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
         match row.state {
             SandboxState::Running => {
-                self.store.set_end(id, now_ms() + timeout as i64 * 1000)?;
+                // Connecting may extend a running sandbox's life, never shorten it (as E2B).
+                self.store
+                    .set_end(id, row.end_at_ms.max(now_ms() + timeout as i64 * 1000))?;
                 return Ok((self.created(&row), false));
             }
             SandboxState::Paused => {}
@@ -194,7 +199,7 @@ impl Manager {
             id: random_id(20),
             template_id: source.template_id.clone(),
             state: SandboxState::Starting,
-            started_at: now_rfc3339(),
+            started_at: crate::store::now_rfc3339_ms(),
             end_at_ms: now_ms() + timeout as i64 * 1000,
             cpu_count: node.cpu_count,
             memory_mb: node.memory_mb,
@@ -404,10 +409,14 @@ impl Manager {
 
     fn snapshot_info(&self, node: SnapshotRow) -> Result<SnapshotInfo, ApiError> {
         let (children, sandboxes) = self.store.snapshot_users(&node.id)?;
-        let mut names = vec![node.id.clone()];
-        names.extend(node.name.clone());
+        // E2B's form: `NAME:default`, or `ID:default` for a snapshot without a name.
+        let names: Vec<String> = node.name.iter().map(|n| format!("{n}:{SNAPSHOT_TAG}")).collect();
+        let snapshot_id = names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("{}:{SNAPSHOT_TAG}", node.id));
         Ok(SnapshotInfo {
-            snapshot_id: node.id,
+            snapshot_id,
             names,
             parent_id: node.parent_id,
             sandbox_id: node.sandbox_id,
@@ -420,13 +429,20 @@ impl Manager {
         })
     }
 
-    /// Snapshot nodes, optionally only those taken of one sandbox.
-    pub fn list_snapshots(&self, sandbox_id: Option<&str>) -> Result<Vec<SnapshotInfo>, ApiError> {
+    /// Snapshot nodes, oldest first, optionally only those taken of one sandbox or the one of
+    /// a name (`NAME` or `NAME:default`), with what `GET /snapshots` shows of each.
+    pub fn snapshot_nodes(
+        &self,
+        sandbox_id: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<(SnapshotRow, SnapshotInfo)>, ApiError> {
+        let name = name.map(crate::store::untagged);
         self.store
             .snapshots()?
             .into_iter()
             .filter(|n| sandbox_id.is_none_or(|s| n.sandbox_id == s))
-            .map(|n| self.snapshot_info(n))
+            .filter(|n| name.is_none_or(|name| n.name.as_deref() == Some(name)))
+            .map(|n| Ok((n.clone(), self.snapshot_info(n)?)))
             .collect()
     }
 
@@ -436,10 +452,18 @@ impl Manager {
         self.snapshot_info(node)
     }
 
-    /// Deletes a node nothing depends on.
+    /// Deletes a node nothing depends on, or takes the name of a named snapshot still in use
+    /// (it is collected once nothing needs it).
     pub fn delete_snapshot(&self, id: &str) -> Result<(), ApiError> {
         let node = self.store.snapshot(id)?.ok_or_else(|| snapshot_not_found(id))?;
         let (children, sandboxes) = self.store.snapshot_users(&node.id)?;
+        if (!children.is_empty() || !sandboxes.is_empty()) && node.kind == SnapshotKind::Snapshot {
+            // As in E2B, a snapshot is deleted while sandboxes run from it: its name goes at
+            // once, its disk and state when nothing needs them any more.
+            self.store.demote_snapshot(&node.id)?;
+            tracing::info!(snapshot = %node.id, "snapshot deleted; kept as a fork node while in use");
+            return Ok(());
+        }
         if !children.is_empty() || !sandboxes.is_empty() {
             let mut users = Vec::new();
             if !children.is_empty() {

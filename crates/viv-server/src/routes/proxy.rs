@@ -9,7 +9,8 @@
 //!
 //! A paused sandbox created with auto-resume is resumed before its request goes through (the
 //! request waits; see `manager/lifecycle.rs`). A sandbox that is not running answers 502, which
-//! the SDKs read as "not running".
+//! the SDKs read as "not running"; one that is gone or paused says it "was not found", as E2B's
+//! proxy does.
 //!
 //! Uploads (`POST /files`) travel as an [`crate::agent_client::UploadBody`]: the agent keeps a file only if it
 //! received every byte the client sent, and a client whose body breaks (fewer bytes than its
@@ -62,10 +63,18 @@ pub(super) async fn route_sandbox_traffic(State(state): State<AppState>, request
 
 async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Result<Response, ApiError> {
     // A paused sandbox with auto-resume is resumed first. Any state but running is "not
-    // running" for the SDKs, which only understand 502 here.
-    let live = state.manager.wake(id).await.map_err(|err| match err {
-        ApiError::Sandbox(message) => ApiError::Sandbox(message),
-        other => ApiError::Sandbox(format!("sandbox {id} is not running: {other}")),
+    // running" for the SDKs, which only understand 502 here. As E2B's proxy says it, a sandbox
+    // that is gone (killed, timed out, failed) or paused "was not found": the SDKs read that
+    // phrase as "the sandbox is not running any more" (a stream cut by a kill then ends with
+    // "killed or reached its end of life"). One still starting is not gone; a failed resume
+    // says why after that phrase.
+    let live = state.manager.wake(id).await.map_err(|err| {
+        let starting = matches!(state.manager.get(id), Ok(info) if info.state == viv_api::SandboxState::Starting);
+        if starting {
+            ApiError::Sandbox(format!("sandbox {id} is not running yet: {err}"))
+        } else {
+            ApiError::Sandbox(format!("the sandbox {id} was not found: {err}"))
+        }
     })?;
     if port != viv_proto::ENVD_PORT {
         return forward_to_port(&live, id, port, request).await;

@@ -165,6 +165,11 @@ pub(super) async fn delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
+    // E2B's SDKs delete snapshots through this route.
+    if state.manager.get_snapshot(&name).is_ok_and(|s| s.kind == "snapshot") {
+        state.manager.delete_snapshot(&name)?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     state.manager.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -140,7 +140,7 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
         .unwrap();
     assert_eq!(snap.status(), 201);
     let snap: Value = snap.json().unwrap();
-    assert!(snap["names"].as_array().unwrap().iter().any(|n| n == "with-p"));
+    assert!(snap["names"].as_array().unwrap().iter().any(|n| n == "with-p:default"));
     let duplicate = server
         .post(&format!("/sandboxes/{id}/snapshots"))
         .json(&json!({ "name": "with-p" }))
@@ -165,7 +165,7 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
     let left = snapshots(&server);
     assert!(left
         .iter()
-        .any(|n| n["names"].as_array().unwrap().iter().any(|x| x == "with-p")));
+        .any(|n| n["names"].as_array().unwrap().iter().any(|x| x == "with-p:default")));
     assert!(
         left.iter().all(|n| n["sandboxes"].as_array().unwrap().is_empty()),
         "{left:?}"
