@@ -27,6 +27,7 @@ use crate::manager::LiveSandbox;
 use crate::AppState;
 
 mod proxy;
+mod signed;
 mod templates;
 
 /// Builds the application router.

@@ -9,6 +9,9 @@
 //!
 //! A sandbox that is not running answers 502, which the SDKs read as "not running".
 //!
+//! Signed file URLs without a sandbox header (`/files?...&signature=`) are routed by their
+//! signature (`routes/signed.rs`).
+//!
 //! Uploads (`POST /files`) travel as an [`crate::agent_client::UploadBody`]: the agent keeps a file only if it
 //! received every byte the client sent, and a client whose body breaks (fewer bytes than its
 //! Content-Length, a chunked body without its end) gets a 400 that says so, not a 502.
@@ -54,7 +57,13 @@ pub(super) async fn route_sandbox_traffic(State(state): State<AppState>, request
         Some((id, port)) => forward(&state, &id, port, request)
             .await
             .unwrap_or_else(IntoResponse::into_response),
-        None => next.run(request).await,
+        None => match super::signed::sandbox_for(&state, &request) {
+            Some(Ok(id)) => forward(&state, &id, viv_proto::ENVD_PORT, request)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            Some(Err(err)) => err.into_response(),
+            None => next.run(request).await,
+        },
     }
 }
 
