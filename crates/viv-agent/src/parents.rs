@@ -49,3 +49,26 @@ fn make_owned(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn makes_only_the_missing_directories_and_gives_them_away() {
+        let base = std::env::temp_dir().join(format!("viv-agent-parents-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let before = fs::metadata(&base).unwrap();
+        let (uid, gid) = (before.uid(), before.gid());
+        make_owned(&base.join("a/b/c"), uid, gid).unwrap();
+        assert!(base.join("a/b/c").is_dir());
+        // Already there: nothing to do, no error.
+        make_owned(&base.join("a/b"), uid, gid).unwrap();
+        // A file in the way is an error, not a directory made around it.
+        fs::write(base.join("file"), "x").unwrap();
+        assert!(make_owned(&base.join("file/sub"), uid, gid).is_err());
+        fs::remove_dir_all(&base).unwrap();
+    }
+}

@@ -392,3 +392,21 @@ fn add_tree(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_a_new_tree_parents_first_without_upload_temporaries() {
+        let root = std::env::temp_dir().join(format!("viv-agent-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("new/deep")).unwrap();
+        std::fs::write(root.join("new/deep/f.txt"), "x").unwrap();
+        std::fs::write(root.join("new/.g.txt.viv-upload-0-1"), "partial").unwrap();
+        let mut found = Vec::new();
+        contents(&root, Path::new("new"), &mut found);
+        assert_eq!(found, [PathBuf::from("new/deep"), PathBuf::from("new/deep/f.txt")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
