@@ -76,6 +76,11 @@ pub fn sign(path: &str, operation: Operation, username: &str, token: &str, expir
     format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
 }
 
+/// Whether two secrets are equal, in time that depends only on their lengths.
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Checks a signed query against `token` at `now` (unix seconds).
 pub fn verify(query: &SignedQuery, operation: Operation, token: &str, now: i64) -> Result<(), SignatureError> {
     let given = query.signature.as_deref().ok_or(SignatureError::Missing)?;
@@ -94,13 +99,7 @@ pub fn verify(query: &SignedQuery, operation: Operation, token: &str, now: i64) 
         token,
         expiration,
     );
-    let same = expected.len() == given.len()
-        && expected
-            .bytes()
-            .zip(given.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !same {
+    if !same(expected.as_bytes(), given.as_bytes()) {
         return Err(SignatureError::Invalid);
     }
     if expiration.is_some_and(|exp| exp < now) {

@@ -74,6 +74,19 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
         other => ApiError::Sandbox(format!("sandbox {id} is not running: {other}")),
     })?;
     if port != viv_proto::ENVD_PORT {
+        // `allowPublicTraffic: false`: the sandbox's ports need its traffic token.
+        if let Some(token) = state.store.traffic_token(id)? {
+            let given = request
+                .headers()
+                .get("e2b-traffic-access-token")
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !viv_proto::signing::same(given, token.as_bytes()) {
+                return Err(ApiError::Forbidden(format!(
+                    "port {port} of sandbox {id} needs its traffic access token in the E2B-Traffic-Access-Token header"
+                )));
+            }
+        }
         return forward_to_port(&live, id, port, request).await;
     }
     let (parts, body) = request.into_parts();
