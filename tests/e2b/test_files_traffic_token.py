@@ -1,6 +1,7 @@
 """`allowPublicTraffic: false`: the create answer (and connect's) carries a `trafficAccessToken`,
 and the sandbox's ports answer only requests carrying it in `E2B-Traffic-Access-Token` (403
-otherwise); envd traffic keeps its own access token; sandboxes are public by default."""
+otherwise); envd traffic keeps its own access token; sandboxes are public by default. Sandbox info carries
+the domain of its host names (`sandboxDomain` in the SDK)."""
 
 import os
 import time
@@ -46,3 +47,9 @@ def test_private_traffic_needs_the_traffic_access_token():
 
 def test_sandboxes_are_public_by_default(sandbox):
     assert sandbox.traffic_access_token is None
+
+
+def test_sandbox_info_carries_the_sandbox_domain(sandbox):
+    info = Sandbox.get_info(sandbox.sandbox_id)
+    assert info.sandbox_domain == "localhost"
+    assert sandbox.get_host(8000) == f"8000-{sandbox.sandbox_id}.{info.sandbox_domain}"

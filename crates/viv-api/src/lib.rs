@@ -502,6 +502,9 @@ pub struct SandboxInfo {
     /// Its egress rules, when it has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// Domain of its host names (`PORT-ID.DOMAIN`), as in the create answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 fn default_true() -> bool {

@@ -1047,6 +1047,7 @@ impl Manager {
                 dns_servers: row.network.dns_servers.clone(),
                 ..viv_api::NetworkConfig::default()
             }),
+            domain: Some(self.config.domain.clone()),
         }
     }
 
