@@ -44,7 +44,11 @@ fn target(request: &Request) -> Option<(String, u16)> {
             .unwrap_or(viv_proto::ENVD_PORT);
         return Some((id.to_owned(), port));
     }
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok())?;
+    // HTTP/2 carries the host name in the URI's authority, not in a Host header.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))?;
     let (label, _) = host.split_once('.')?;
     let (port, id) = label.split_once('-')?;
     let port = port.parse().ok()?;
