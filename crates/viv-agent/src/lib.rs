@@ -4,6 +4,7 @@
 mod build;
 pub mod channel;
 mod codec;
+mod entry;
 mod files;
 pub mod init;
 mod metadata;
