@@ -51,6 +51,10 @@ def server():
     if pems:
         (data / "guest-ca.pem").write_bytes(pems)
         args += ["--guest-ca-file", str(data / "guest-ca.pem")]
+    # HTTPS for sandbox host names (tests/e2b/test_files_tls.py), with Vivarium's own CA.
+    tls_port = _free_port()
+    args += ["--tls-listen", f"127.0.0.1:{tls_port}"]
+    os.environ.update(VIV_TEST_TLS_PORT=str(tls_port), VIV_TEST_TLS_CA=str(data / "tls" / "ca.pem"))
     proc = subprocess.Popen(
         args,
         stdout=log, stderr=subprocess.STDOUT, env=env,

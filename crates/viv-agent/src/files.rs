@@ -11,7 +11,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use axum::body::{Body, Bytes};
@@ -29,8 +28,9 @@ use viv_proto::filesystem::{
 use viv_proto::process::Empty;
 use viv_proto::ConnectError;
 
+pub use crate::entry::entry_info;
 use crate::server::{connect_error, decode_request, json_error, unary_ok, AgentState};
-use crate::users::{self, User};
+use crate::users::User;
 
 /// Part of the name of the temporary file an upload is written to before it is renamed into
 /// place.
@@ -99,71 +99,6 @@ fn io_status(err: &io::Error) -> StatusCode {
         io::ErrorKind::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
-}
-
-/// Describes one path, following nothing (a symlink is described as itself, with its target).
-pub fn entry_info(path: &Path) -> io::Result<EntryInfo> {
-    let meta = fs::symlink_metadata(path)?;
-    let symlink_target = meta
-        .file_type()
-        .is_symlink()
-        .then(|| fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned()))
-        .flatten();
-    let target_meta = if meta.file_type().is_symlink() {
-        fs::metadata(path).ok()
-    } else {
-        None
-    };
-    let kind_meta = target_meta.as_ref().unwrap_or(&meta);
-    let file_type = if kind_meta.is_dir() {
-        FileType::Directory
-    } else if kind_meta.is_file() {
-        FileType::File
-    } else if kind_meta.file_type().is_symlink() {
-        FileType::Symlink
-    } else {
-        FileType::Unspecified
-    };
-    Ok(EntryInfo {
-        name: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "/".into()),
-        file_type,
-        path: path.to_string_lossy().into_owned(),
-        size: meta.len() as i64,
-        mode: meta.permissions().mode() & 0o7777,
-        permissions: permissions_string(meta.mode()),
-        owner: users::user_name(meta.uid()),
-        group: users::group_name(meta.gid()),
-        modified_time: meta
-            .modified()
-            .ok()
-            .map(|t| humantime::format_rfc3339_nanos(t).to_string()),
-        is_symlink: meta.file_type().is_symlink(),
-        symlink_target,
-    })
-}
-
-fn permissions_string(mode: u32) -> String {
-    let kind = match mode & libc::S_IFMT {
-        libc::S_IFDIR => 'd',
-        libc::S_IFLNK => 'l',
-        libc::S_IFCHR => 'c',
-        libc::S_IFBLK => 'b',
-        libc::S_IFIFO => 'p',
-        libc::S_IFSOCK => 's',
-        _ => '-',
-    };
-    let mut out = String::with_capacity(10);
-    out.push(kind);
-    for shift in [6, 3, 0] {
-        let bits = (mode >> shift) & 7;
-        out.push(if bits & 4 != 0 { 'r' } else { '-' });
-        out.push(if bits & 2 != 0 { 'w' } else { '-' });
-        out.push(if bits & 1 != 0 { 'x' } else { '-' });
-    }
-    out
 }
 
 /// Routes of the `filesystem.Filesystem` service.
@@ -282,13 +217,21 @@ async fn remove(State(state): State<AgentState>, headers: HeaderMap, body: Bytes
         if path == Path::new("/") {
             return Err(ConnectError::new("invalid_argument", "refusing to remove /"));
         }
-        let meta = fs::symlink_metadata(&path).map_err(|e| io_to_connect(&e, &path))?;
+        // As envd (Go's RemoveAll): a path that is already gone is removed.
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Empty {}),
+            Err(err) => return Err(io_to_connect(&err, &path)),
+        };
         let result = if meta.is_dir() {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)
         };
-        result.map_err(|e| io_to_connect(&e, &path))?;
+        match result {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(io_to_connect(&err, &path)),
+            _ => {}
+        }
         Ok(Empty {})
     })
     .await
@@ -353,6 +296,8 @@ struct WriteInfo {
     #[serde(rename = "type")]
     kind: &'static str,
     path: String,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// Why an upload's body was refused: it ended early, carried more than it declared, or failed
@@ -525,6 +470,10 @@ pub async fn upload(
         Ok(user) => user,
         Err(err) => return json_error(StatusCode::BAD_REQUEST, err.message),
     };
+    let metadata = match crate::metadata::from_headers(&headers) {
+        Ok(metadata) => metadata,
+        Err(err) => return json_error(StatusCode::BAD_REQUEST, err.to_string()),
+    };
     let body = match CheckedBody::new(request.into_body(), &headers) {
         Ok(body) => body,
         Err(err) => return json_error(StatusCode::BAD_REQUEST, err),
@@ -532,7 +481,7 @@ pub async fn upload(
     let received = tokio::spawn(async move {
         let mut temps: Vec<TempFile> = Vec::new();
         let written = match receive(&user, q.path.as_deref(), &headers, body, &mut temps).await {
-            Ok(()) => commit(&user, &temps).await,
+            Ok(()) => commit(&user, &temps, &metadata).await,
             Err(err) => Err(err),
         };
         if written.is_err() {
@@ -647,10 +596,10 @@ async fn write_temp(user: &User, path: &Path, chunks: &mut impl Chunks, temps: &
     static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let serial = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temp = dir.join(format!(".{name}{UPLOAD_TEMP_MARK}{:08x}-{serial}", rand_u32()));
+    crate::parents::ensure(user, &dir).await?;
     let file = {
-        let (dir, temp, target) = (dir.clone(), temp.clone(), path.to_path_buf());
+        let (temp, target) = (temp.clone(), path.to_path_buf());
         as_user(user, move || {
-            fs::create_dir_all(&dir)?;
             if target.is_dir() {
                 return Err(io::Error::new(io::ErrorKind::IsADirectory, "is a directory"));
             }
@@ -669,8 +618,24 @@ async fn write_temp(user: &User, path: &Path, chunks: &mut impl Chunks, temps: &
     file.flush().await
 }
 
-/// Renames every complete upload into place.
-async fn commit(user: &User, temps: &[TempFile]) -> Result<Vec<WriteInfo>, (StatusCode, String)> {
+/// Stores the upload's metadata on every complete upload and renames it into place.
+async fn commit(
+    user: &User,
+    temps: &[TempFile],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<WriteInfo>, (StatusCode, String)> {
+    // Metadata first, on every file, so that a refusal leaves all the targets as they were.
+    if !metadata.is_empty() {
+        let (paths, stored) = (
+            temps.iter().map(|t| t.temp.clone()).collect::<Vec<_>>(),
+            metadata.clone(),
+        );
+        as_user(user, move || {
+            paths.iter().try_for_each(|p| crate::metadata::write(p, &stored))
+        })
+        .await
+        .map_err(|err| (io_status(&err), err.to_string()))?;
+    }
     let mut written = Vec::new();
     for file in temps {
         let (temp, target) = (file.temp.clone(), file.target.clone());
@@ -685,6 +650,7 @@ async fn commit(user: &User, temps: &[TempFile]) -> Result<Vec<WriteInfo>, (Stat
                 .unwrap_or_default(),
             kind: "file",
             path: file.target.to_string_lossy().into_owned(),
+            metadata: metadata.clone(),
         });
     }
     Ok(written)
@@ -829,11 +795,15 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let target = dir.join("file.bin");
+        let other = dir.join("other.bin");
         fs::write(&target, "old").unwrap();
+        // Each part names its own target, as the SDKs' multi-file uploads do.
         let form = |second: &str| {
             format!(
-                "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nfirst\r\n\
-                 --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b\"\r\n\r\n{second}"
+                "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\nfirst\r\n\
+                 --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{}\"\r\n\r\n{second}",
+                target.display(),
+                other.display()
             )
         };
         let upload_form = |body: String| {
@@ -842,7 +812,7 @@ mod tests {
                 .body(Body::from(body))
                 .unwrap();
             let query = FileQuery {
-                path: Some(target.display().to_string()),
+                path: None,
                 username: Some("root".into()),
             };
             upload(
@@ -856,16 +826,12 @@ mod tests {
         assert_eq!(cut.status(), StatusCode::BAD_REQUEST);
         assert_eq!(fs::read_to_string(&target).unwrap(), "old");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left");
+        assert!(!other.exists());
         let whole = upload_form(form("second\r\n--b--\r\n")).await;
         assert_eq!(whole.status(), StatusCode::OK);
-        assert_eq!(fs::read_to_string(&target).unwrap(), "second");
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "a temporary file was left");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "first");
+        assert_eq!(fs::read_to_string(&other).unwrap(), "second");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 2, "a temporary file was left");
         fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn formats_permissions_like_ls() {
-        assert_eq!(permissions_string(libc::S_IFDIR | 0o755), "drwxr-xr-x");
-        assert_eq!(permissions_string(libc::S_IFREG | 0o640), "-rw-r-----");
     }
 }

@@ -139,7 +139,14 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
             .get("x-access-token")
             .map(HeaderValue::as_bytes)
             .unwrap_or_default();
-        if !constant_time_eq(given, expected.as_bytes()) {
+        // A signed `/files` URL (the SDKs' download_url / upload_url) stands in for the token
+        // when the request carries none, as with envd.
+        let signed = given.is_empty() && request.uri().path() == "/files";
+        if signed {
+            if let Err(err) = check_signature(&request, &expected) {
+                return json_error(StatusCode::UNAUTHORIZED, err.to_string());
+            }
+        } else if !constant_time_eq(given, expected.as_bytes()) {
             return json_error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong X-Access-Token for this sandbox",
@@ -147,6 +154,18 @@ async fn require_token(State(state): State<AgentState>, request: Request, next: 
         }
     }
     next.run(request).await
+}
+
+/// Checks the signature of a signed `/files` request against the sandbox's access token.
+fn check_signature(request: &Request, token: &str) -> Result<(), viv_proto::signing::SignatureError> {
+    use viv_proto::signing::{verify, Operation, SignatureError, SignedQuery};
+    let axum::extract::Query(query) =
+        axum::extract::Query::<SignedQuery>::try_from_uri(request.uri()).map_err(|_| SignatureError::Invalid)?;
+    let operation = Operation::of_method(request.method().as_str()).ok_or(SignatureError::Invalid)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    verify(&query, operation, token, now)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -2,8 +2,13 @@
 //! `GetWatcherEvents` and `RemoveWatcher` collect them for clients that poll.
 //!
 //! Event names are paths relative to the watched directory. Recursive watchers also watch
-//! directories created after they started. A watcher ends when its stream's client goes away or
-//! it is removed; its inotify descriptor closes with it.
+//! directories created after they started, and report what such a directory already held when
+//! its watch was added (created between its creation and the watch, which inotify cannot see).
+//! With `include_entry` (envd 0.6.3) each event carries the entry's description when the entry
+//! still exists. A directory on a network file system (NFS, CIFS/SMB, FUSE, as envd tells them)
+//! is watched only with `allow_network_mounts` (envd 0.6.4); inotify then reports the changes
+//! made inside this guest. A watcher ends when its stream's client goes away or it is removed;
+//! its inotify descriptor closes with it.
 
 use std::collections::HashMap;
 use std::io;
@@ -58,15 +63,49 @@ pub fn routes() -> Router<AgentState> {
         .route(&format!("{s}/RemoveWatcher"), post(remove_watcher))
 }
 
+/// Filesystem magic numbers (statfs `f_type`) of the network file systems envd refuses to watch
+/// without `allow_network_mounts`: NFS, CIFS, SMB, SMB2, FUSE.
+const NETWORK_FS_MAGIC: [i64; 5] = [0x6969, 0xFF53_4D42, 0x517B, 0xFE53_4D42, 0x6573_5546];
+
+/// Whether `path` lies on a network file system.
+fn on_network_mount(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs buffer, both outliving the call.
+    if unsafe { libc::statfs(c.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = stat.f_type as i64;
+    Ok(NETWORK_FS_MAGIC.contains(&kind))
+}
+
 /// Resolves and checks the directory of a watch request as the requesting user.
-async fn watched_dir(state: &AgentState, headers: &HeaderMap, body: &Bytes) -> Result<(PathBuf, bool), ConnectError> {
+async fn watched_dir(
+    state: &AgentState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(PathBuf, WatchRequest), ConnectError> {
     let req: WatchRequest = decode_request(headers, body)?;
     let user = state.request_user(headers, None)?;
     let path = crate::files::resolve_path(&user, &req.path);
     let check = path.clone();
-    let readable = crate::files::as_user(&user, move || std::fs::read_dir(&check).map(|_| ())).await;
+    let readable = crate::files::as_user(&user, move || {
+        std::fs::read_dir(&check)?;
+        on_network_mount(&check)
+    })
+    .await;
     match readable {
-        Ok(()) => Ok((path, req.recursive)),
+        Ok(true) if !req.allow_network_mounts => Err(ConnectError::new(
+            "invalid_argument",
+            format!(
+                "cannot watch path on network filesystem: {} (set allow_network_mounts to watch it)",
+                path.display()
+            ),
+        )),
+        Ok(_) => Ok((path, req)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Err(ConnectError::new(
             "not_found",
             format!("directory {} does not exist", path.display()),
@@ -80,8 +119,9 @@ async fn watched_dir(state: &AgentState, headers: &HeaderMap, body: &Bytes) -> R
 
 async fn watch_dir(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = async {
-        let (path, recursive) = watched_dir(&state, &headers, &body).await?;
-        watch(path, recursive).map_err(|e| ConnectError::new("internal", format!("watching: {e}")))
+        let (path, req) = watched_dir(&state, &headers, &body).await?;
+        watch(path, req.recursive, req.include_entry)
+            .map_err(|e| ConnectError::new("internal", format!("watching: {e}")))
     }
     .await;
     let mut events = match started {
@@ -112,8 +152,9 @@ async fn watch_dir(State(state): State<AgentState>, headers: HeaderMap, body: By
 
 async fn create_watcher(State(state): State<AgentState>, headers: HeaderMap, body: Bytes) -> Response {
     let created = async {
-        let (path, recursive) = watched_dir(&state, &headers, &body).await?;
-        let mut events = watch(path, recursive).map_err(|e| ConnectError::new("internal", format!("watching: {e}")))?;
+        let (path, req) = watched_dir(&state, &headers, &body).await?;
+        let mut events = watch(path, req.recursive, req.include_entry)
+            .map_err(|e| ConnectError::new("internal", format!("watching: {e}")))?;
         let pending = Arc::new(Mutex::new(Vec::new()));
         let sink = pending.clone();
         let task = tokio::spawn(async move {
@@ -192,8 +233,8 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_DONT_FOLLOW;
 
 /// Watches `root` (and, if `recursive`, its subdirectories); events arrive on the receiver
-/// until it is dropped.
-fn watch(root: PathBuf, recursive: bool) -> io::Result<mpsc::Receiver<FilesystemEvent>> {
+/// until it is dropped, with the entry's description if `include_entry`.
+fn watch(root: PathBuf, recursive: bool, include_entry: bool) -> io::Result<mpsc::Receiver<FilesystemEvent>> {
     // SAFETY: inotify_init1 takes flags and returns a new descriptor or -1.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
     if fd < 0 {
@@ -246,8 +287,15 @@ fn watch(root: PathBuf, recursive: bool) -> io::Result<mpsc::Receiver<Filesystem
                 };
                 let relative = if name.is_empty() { dir.clone() } else { dir.join(&name) };
                 let is_dir = event.mask & libc::IN_ISDIR != 0;
+                // What a new directory held before its watch was in place is reported as created
+                // (after the directory's own event).
+                let mut found = Vec::new();
                 if recursive && is_dir && event.mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                    let before = dirs.len();
                     let _ = add_tree(fd.get_ref(), &root.join(&relative), &relative, true, &mut dirs);
+                    if dirs.len() > before {
+                        contents(&root, &relative, &mut found);
+                    }
                 }
                 // An upload is written to a temporary file and renamed into place: watchers see
                 // it as the file being created and written, as when a client writes in place.
@@ -265,10 +313,15 @@ fn watch(root: PathBuf, recursive: bool) -> io::Result<mpsc::Receiver<Filesystem
                     uploads.retain(|c| *c != event.cookie);
                     types.push(EventType::Write);
                 }
-                for event_type in types {
+                let later = found.into_iter().map(|p| (p, EventType::Create));
+                for (relative, event_type) in types.into_iter().map(|t| (relative.clone(), t)).chain(later) {
+                    let entry = include_entry
+                        .then(|| crate::files::entry_info(&root.join(&relative)).ok().map(Box::new))
+                        .flatten();
                     let event = FilesystemEvent {
                         name: relative.to_string_lossy().into_owned(),
                         event_type,
+                        entry,
                     };
                     if tx.send(event).await.is_err() {
                         return;
@@ -296,6 +349,24 @@ fn event_type(mask: u32) -> Option<EventType> {
     }
 }
 
+/// Every path below `root/relative` (as paths relative to `root`), parents before children.
+fn contents(root: &Path, relative: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(items) = std::fs::read_dir(root.join(relative)) else {
+        return;
+    };
+    for item in items.flatten() {
+        let name = item.file_name();
+        if crate::files::is_upload_temp(&name.to_string_lossy()) {
+            continue;
+        }
+        let path = relative.join(&name);
+        out.push(path.clone());
+        if item.file_type().is_ok_and(|t| t.is_dir()) && out.len() < MAX_PENDING {
+            contents(root, &path, out);
+        }
+    }
+}
+
 /// Watches `dir` (known as `relative`) and, if `recursive`, every directory below it.
 fn add_tree(
     fd: &OwnedFd,
@@ -320,4 +391,22 @@ fn add_tree(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_a_new_tree_parents_first_without_upload_temporaries() {
+        let root = std::env::temp_dir().join(format!("viv-agent-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("new/deep")).unwrap();
+        std::fs::write(root.join("new/deep/f.txt"), "x").unwrap();
+        std::fs::write(root.join("new/.g.txt.viv-upload-0-1"), "partial").unwrap();
+        let mut found = Vec::new();
+        contents(&root, Path::new("new"), &mut found);
+        assert_eq!(found, [PathBuf::from("new/deep"), PathBuf::from("new/deep/f.txt")]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -200,7 +200,9 @@ pub struct NetworkConfig {
     /// sandbox's own resolver (`10.0.2.3`) answers allowed names either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_servers: Option<Vec<String>>,
-    /// Accepted and ignored: sandbox URLs always need the sandbox's access token when it has one.
+    /// `false`: requests to the sandbox's ports (other than envd's, which has its own access
+    /// token) must carry `E2B-Traffic-Access-Token` with the create answer's
+    /// `trafficAccessToken`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_public_traffic: Option<bool>,
     /// Accepted and ignored (host names are `PORT-ID.DOMAIN`).
@@ -467,6 +469,9 @@ pub struct CreatedSandbox {
     /// Domain for sandbox host names, if any.
     #[serde(default)]
     pub domain: Option<String>,
+    /// With `allowPublicTraffic: false`: the `E2B-Traffic-Access-Token` its ports require.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_access_token: Option<String>,
 }
 
 /// Lifecycle state of a sandbox.
@@ -553,6 +558,9 @@ pub struct SandboxInfo {
     /// For a paused sandbox, what its pause kept: `full` (memory and disk) or `filesystem`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_mode: Option<String>,
+    /// Domain of its host names (`PORT-ID.DOMAIN`), as in the create answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 fn default_true() -> bool {

@@ -50,6 +50,9 @@ pub struct EntryInfo {
     /// Where a symlink points.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub symlink_target: Option<String>,
+    /// User metadata: the file's `user.e2b.*` extended attributes, without that prefix.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty", default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
     /// Whether the path itself is a symbolic link.
     #[serde(default)]
     pub is_symlink: bool,
@@ -148,6 +151,9 @@ pub struct FilesystemEvent {
     /// What happened.
     #[serde(rename = "type")]
     pub event_type: EventType,
+    /// The entry as it is after the event, when the watch asked for it and it still exists.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entry: Option<Box<EntryInfo>>,
 }
 
 /// `WatchDir` and `CreateWatcher`: watch a directory.
@@ -158,6 +164,10 @@ pub struct WatchRequest {
     pub path: String,
     /// Also watch its subdirectories (and those created later).
     pub recursive: bool,
+    /// Attach the entry's description to each event (envd 0.6.3).
+    pub include_entry: bool,
+    /// Allow watching a directory on a network file system (envd 0.6.4).
+    pub allow_network_mounts: bool,
 }
 
 /// A watcher's id.

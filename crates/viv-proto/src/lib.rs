@@ -12,12 +12,14 @@ pub mod envelope;
 pub mod filesystem;
 pub mod process;
 pub mod protobuf;
+pub mod signing;
 
 /// The version of the envd protocol the agent implements, reported to clients. The E2B SDKs
 /// switch features on it: 0.3.0 stdin for commands, 0.4.0 a default user, 0.5.2 closing stdin,
-/// 0.5.7 octet-stream (and gzip) uploads; 0.6.x (file metadata, entry info in watch events) is
-/// not implemented.
-pub const ENVD_VERSION: &str = "0.5.7";
+/// 0.5.7 octet-stream (and gzip) uploads, 0.6.2 file metadata (`X-Metadata-*` upload headers,
+/// kept as `user.e2b.*` extended attributes), 0.6.3 entry info in watch events, 0.6.4 watches of
+/// directories on network mounts.
+pub const ENVD_VERSION: &str = "0.6.4";
 
 /// The port envd listens on inside an E2B sandbox; SDKs address the agent through it.
 pub const ENVD_PORT: u16 = 49983;

@@ -573,6 +573,7 @@ impl Manager {
         let secure = req.secure.unwrap_or(true);
         let cold_boot = req.cold_boot.unwrap_or(false);
         let network = req.network.as_ref();
+        let private_traffic = network.and_then(|n| n.allow_public_traffic) == Some(false);
         let rules = self.egress_rules(
             req.allow_internet_access,
             network.and_then(|n| n.allow_out.as_ref()),
@@ -631,7 +632,16 @@ impl Manager {
             ..StartRequest::new(&source, timeout)
         };
         self.record_lifecycle(&row.id, &lifecycle)?;
-        self.start_sandbox(row, start, OnFailure::Delete).await
+        let created = self.start_sandbox(row, start, OnFailure::Delete).await?;
+        if private_traffic {
+            let token = random_id(32);
+            self.store.set_traffic_token(&created.sandbox_id, &token)?;
+            return Ok(CreatedSandbox {
+                traffic_access_token: Some(token),
+                ..created
+            });
+        }
+        Ok(created)
     }
 
     /// Starts the VM of `row` (a new sandbox, a fork, or a paused sandbox resuming), initializes
@@ -1062,6 +1072,7 @@ impl Manager {
                 dns_servers: row.network.dns_servers.clone(),
                 ..viv_api::NetworkConfig::default()
             }),
+            domain: Some(self.config.domain.clone()),
         }
     }
 
@@ -1099,6 +1110,7 @@ impl Manager {
             envd_version: viv_proto::ENVD_VERSION.to_owned(),
             envd_access_token: row.access_token.clone(),
             domain: Some(self.config.domain.clone()),
+            traffic_access_token: self.store.traffic_token(&row.id).ok().flatten(),
         }
     }
 

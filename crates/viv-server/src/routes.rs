@@ -30,6 +30,7 @@ mod listing;
 mod metric_history;
 mod proxy;
 mod snapshots;
+mod signed;
 mod templates;
 
 /// Builds the application router.

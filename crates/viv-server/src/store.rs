@@ -24,7 +24,10 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_snapshot_network.sql"),
     include_str!("migrations/0007_vm_identity.sql"),
     include_str!("migrations/0008_lifecycle.sql"),
+    include_str!("migrations/0009_files_traffic.sql"),
 ];
+
+mod traffic;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@ mod commands;
 mod output;
 mod serve;
 mod template;
+mod tls;
 
 use std::path::PathBuf;
 

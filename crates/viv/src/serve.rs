@@ -23,6 +23,8 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub dirs: Dirs,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Accelerator: auto, kvm or tcg.
     #[arg(long, env = "VIV_ACCEL", default_value = "auto")]
     pub accel: Accel,
@@ -143,7 +145,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         node_name: hostname(),
         snapshots: args.snapshots,
         pool_size: args.pool_size,
-        domain: args.domain,
+        domain: args.domain.clone(),
         network: network_mode(&args.network)?,
         net_pool: args.net_pool,
         guest_ca_certificates: match &args.guest_ca_file {
@@ -201,6 +203,29 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         listener.local_addr()?,
         manager.accel()
     );
+    if let Some(addr) = args.tls.tls_listen {
+        let (config, ca) = crate::tls::server_config(&args.tls, &args.dirs.data_dir, &args.domain)?;
+        let tls = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--tls-listen)"))?;
+        println!(
+            "Sandbox host names over TLS: https://PORT-SANDBOXID.{}:{}",
+            args.domain,
+            tls.local_addr()?.port()
+        );
+        if let Some(ca) = ca {
+            println!(
+                "  issued by Vivarium's CA {}: trust it (e.g. copy it to /usr/local/share/ca-certificates/vivarium.crt \
+                 and run update-ca-certificates, or set SSL_CERT_FILE / NODE_EXTRA_CA_CERTS)",
+                ca.display()
+            );
+        }
+        tokio::spawn(crate::tls::serve(
+            tls,
+            config,
+            viv_server::routes::router(state.clone()),
+        ));
+    }
     let stopping = Arc::new(tokio::sync::Notify::new());
     let serve = {
         let stopping = stopping.clone();

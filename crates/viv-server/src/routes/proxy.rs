@@ -12,6 +12,9 @@
 //! the SDKs read as "not running"; one that is gone or paused says it "was not found", as E2B's
 //! proxy does.
 //!
+//! Signed file URLs without a sandbox header (`/files?...&signature=`) are routed by their
+//! signature (`routes/signed.rs`).
+//!
 //! Uploads (`POST /files`) travel as an [`crate::agent_client::UploadBody`]: the agent keeps a file only if it
 //! received every byte the client sent, and a client whose body breaks (fewer bytes than its
 //! Content-Length, a chunked body without its end) gets a 400 that says so, not a 502.
@@ -44,7 +47,11 @@ fn target(request: &Request) -> Option<(String, u16)> {
             .unwrap_or(viv_proto::ENVD_PORT);
         return Some((id.to_owned(), port));
     }
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok())?;
+    // HTTP/2 carries the host name in the URI's authority, not in a Host header.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))?;
     let (label, _) = host.split_once('.')?;
     let (port, id) = label.split_once('-')?;
     let port = port.parse().ok()?;
@@ -57,7 +64,13 @@ pub(super) async fn route_sandbox_traffic(State(state): State<AppState>, request
         Some((id, port)) => forward(&state, &id, port, request)
             .await
             .unwrap_or_else(IntoResponse::into_response),
-        None => next.run(request).await,
+        None => match super::signed::sandbox_for(&state, &request) {
+            Some(Ok(id)) => forward(&state, &id, viv_proto::ENVD_PORT, request)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+            Some(Err(err)) => err.into_response(),
+            None => next.run(request).await,
+        },
     }
 }
 
@@ -77,6 +90,19 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
         }
     })?;
     if port != viv_proto::ENVD_PORT {
+        // `allowPublicTraffic: false`: the sandbox's ports need its traffic token.
+        if let Some(token) = state.store.traffic_token(id)? {
+            let given = request
+                .headers()
+                .get("e2b-traffic-access-token")
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !viv_proto::signing::same(given, token.as_bytes()) {
+                return Err(ApiError::Forbidden(format!(
+                    "port {port} of sandbox {id} needs its traffic access token in the E2B-Traffic-Access-Token header"
+                )));
+            }
+        }
         return forward_to_port(&live, id, port, request).await;
     }
     let (parts, body) = request.into_parts();
