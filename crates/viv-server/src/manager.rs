@@ -28,11 +28,15 @@ use crate::Metrics;
 mod builds;
 mod pool;
 mod recovery;
+mod sdk_builds;
+mod sdk_spec;
 mod snapshots;
 mod templates;
 
 pub use builds::{BuildJob, BuildLog};
 pub use recovery::{Recovery, ShutdownMode};
+pub use sdk_builds::BuildStatusQuery;
+pub use sdk_spec::StartBuild;
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -222,6 +226,7 @@ pub struct Manager {
     metrics: Arc<Metrics>,
     templates: templates::TemplateCache,
     builds: builds::Builds,
+    sdk_builds: sdk_builds::SdkBuilds,
     pool: pool::Pool,
     /// Isolated networking, once started.
     net: std::sync::OnceLock<viv_net::Network>,
@@ -337,6 +342,7 @@ impl Manager {
             metrics,
             templates: templates::TemplateCache::new(qemu_version()),
             builds: builds::Builds::default(),
+            sdk_builds: sdk_builds::SdkBuilds::default(),
             pool: pool::Pool::default(),
             net: std::sync::OnceLock::new(),
             data_key,
