@@ -15,6 +15,9 @@ VIV_DEPS=(
   iproute2:ip
   nftables:nft
   g++:g++
+  # The from_image tests' local registry and the tool that pushes to it.
+  docker-registry:docker-registry
+  skopeo:skopeo
 )
 # The oldest QEMU the jail works with (private mappings of read-only memory files).
 VIV_QEMU_MIN=10.0

@@ -76,6 +76,8 @@ pub struct Config {
     pub jail: bool,
     /// The host-wide uid range jailed VMMs run as: first uid and count.
     pub jail_uids: (u32, u32),
+    /// Registry mirrors tried first for Docker Hub images (Docker's `registry-mirrors`).
+    pub registry_mirrors: Vec<String>,
 }
 
 /// How sandboxes reach networks outside their VM.

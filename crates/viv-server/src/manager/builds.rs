@@ -66,6 +66,11 @@ impl BuildLog {
         }
     }
 
+    /// Sends an event as it is (the SDK's builds end their logs with `done` or `error`).
+    pub fn send_event(&self, event: BuildEvent) {
+        self.send(event);
+    }
+
     fn send(&self, event: BuildEvent) {
         if let Some(events) = &self.events {
             let _ = events.send(event);

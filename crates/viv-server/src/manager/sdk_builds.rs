@@ -22,7 +22,7 @@ use serde::Serialize;
 use viv_api::BuildEvent;
 use viv_template::{ImageConfig, Instruction};
 
-use super::builds::{valid_template_name, BuildLog, JobOptions};
+use super::builds::{valid_template_name, BuildJob, BuildLog, JobOptions};
 use super::sdk_spec::{self, Base, StartBuild};
 use super::Manager;
 use crate::error::ApiError;
@@ -357,6 +357,8 @@ impl Manager {
     }
 
     /// `POST /v2/templates/{id}/builds/{build}`: starts a requested build in the background.
+    /// A definition the server cannot build is refused here; an image to pull is pulled in the
+    /// background, as part of the build.
     pub async fn sdk_start_build(
         self: &std::sync::Arc<Self>,
         template: &str,
@@ -375,39 +377,107 @@ impl Manager {
             }
             (record.tags.clone(), record.cpu_count, record.memory_mb)
         };
+        let rows: Vec<String> = tags.iter().map(|t| sdk_spec::row_name(template, t)).collect();
+        let shape = (cpu_count, memory_mb, None);
         let base = sdk_spec::base_of(&start).map_err(ApiError::BadRequest)?;
-        let (from, mut options) = match base {
-            Base::E2bImage => (
-                viv_api::DEFAULT_TEMPLATE.to_owned(),
-                JobOptions {
-                    base_config: Some(ImageConfig {
-                        env: BTreeMap::new(),
-                        workdir: Some(sdk_spec::DEFAULT_WORKDIR.into()),
-                        user: Some(sdk_spec::DEFAULT_USER.into()),
-                    }),
-                    ..JobOptions::default()
-                },
-            ),
-            Base::Template(row) => {
-                if self.store.template(&row)?.is_none() {
-                    return Err(ApiError::BadRequest(format!(
-                        "fromTemplate: no template or tag '{row}'; build it first (Template.exists tells)"
-                    )));
-                }
-                (row, JobOptions::default())
-            }
+        // The steps must convert whatever the base turns out to be.
+        sdk_spec::convert(&start, "base", None).map_err(ApiError::BadRequest)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let log = BuildLog::new(tx);
+        match base {
             Base::Image(image) => {
-                return Err(ApiError::BadRequest(format!(
-                    "fromImage '{image}': this server builds from E2B's base image (from_base_image) and from \
-                     templates (from_template); it does not pull images"
-                )))
+                let credentials = registry_credentials(&start)?;
+                let reference = viv_oci::Reference::parse(&image).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                self.update_record(build_id, |r| r.status = Status::Building);
+                self.record_events(build_id, rx);
+                let manager = self.clone();
+                let (template, build_id) = (template.to_owned(), build_id.to_owned());
+                tokio::spawn(async move {
+                    let prepared = async {
+                        let (from, config) = manager.sdk_pull(&reference, credentials, &log).await?;
+                        let options = JobOptions {
+                            base_config: Some(config),
+                            ..JobOptions::default()
+                        };
+                        manager
+                            .sdk_prepare(&template, &rows[0], &start, from, options, shape)
+                            .await
+                    }
+                    .await;
+                    manager.sdk_run(prepared, rows, build_id, log).await;
+                });
             }
-        };
+            base => {
+                let (from, options) = match base {
+                    Base::Template(row) => {
+                        if self.store.template(&row)?.is_none() {
+                            return Err(ApiError::BadRequest(format!(
+                                "fromTemplate: no template or tag '{row}'; build it first (Template.exists tells)"
+                            )));
+                        }
+                        (row, JobOptions::default())
+                    }
+                    _ => (
+                        viv_api::DEFAULT_TEMPLATE.to_owned(),
+                        JobOptions {
+                            base_config: Some(ImageConfig {
+                                env: BTreeMap::new(),
+                                workdir: Some(sdk_spec::DEFAULT_WORKDIR.into()),
+                                user: Some(sdk_spec::DEFAULT_USER.into()),
+                            }),
+                            ..JobOptions::default()
+                        },
+                    ),
+                };
+                let prepared = self
+                    .sdk_prepare(template, &rows[0], &start, from, options, shape)
+                    .await?;
+                self.update_record(build_id, |r| r.status = Status::Building);
+                self.record_events(build_id, rx);
+                let manager = self.clone();
+                let build_id = build_id.to_owned();
+                tokio::spawn(async move { manager.sdk_run(Ok(prepared), rows, build_id, log).await });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a build's events in order; its last event (done or error) sets its status, so a
+    /// status never turns terminal before the logs before it are in.
+    fn record_events(
+        self: &std::sync::Arc<Self>,
+        build_id: &str,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<BuildEvent>,
+    ) {
+        let manager = self.clone();
+        let id = build_id.to_owned();
+        tokio::spawn(async move {
+            let mut step = None;
+            while let Some(event) = rx.recv().await {
+                let last = matches!(event, BuildEvent::Done { .. } | BuildEvent::Error { .. });
+                manager.update_record(&id, |r| record_event(r, &event, &mut step));
+                if last {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Converts the definition onto `from`, unpacks and matches its files, and checks the job.
+    async fn sdk_prepare(
+        &self,
+        template: &str,
+        row: &str,
+        start: &StartBuild,
+        from: String,
+        mut options: JobOptions,
+        shape: (Option<u32>, Option<u32>, Option<u64>),
+    ) -> Result<(BuildJob, Option<PathBuf>), ApiError> {
         let user = match &options.base_config {
             Some(config) => config.user.clone(),
             None => self.store.template(&from)?.and_then(|row| row.config.user),
         };
-        let mut converted = sdk_spec::convert(&start, &from, user.as_deref()).map_err(ApiError::BadRequest)?;
+        let mut converted = sdk_spec::convert(start, &from, user.as_deref()).map_err(ApiError::BadRequest)?;
         options.force_from = converted.force_from;
         options.follow_source_links = false;
         let context = if converted.copies.is_empty() {
@@ -447,63 +517,101 @@ impl Manager {
             "readyCmd": start.ready_cmd,
         }))
         .unwrap_or_default();
-        let rows: Vec<String> = tags.iter().map(|t| sdk_spec::row_name(template, t)).collect();
-        let job = self.prepare_job(
-            &rows[0],
-            spec_text,
-            converted.spec,
-            context.clone(),
-            (cpu_count, memory_mb, None),
-            options,
-        );
-        let job = match job {
-            Ok(job) => job,
+        match self.prepare_job(row, spec_text, converted.spec, context.clone(), shape, options) {
+            Ok(job) => Ok((job, context)),
             Err(err) => {
                 if let Some(dir) = &context {
                     let _ = std::fs::remove_dir_all(dir);
                 }
-                return Err(err);
+                Err(err)
             }
-        };
-        self.update_record(build_id, |r| r.status = Status::Building);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let manager = self.clone();
-        let id = build_id.to_owned();
-        {
-            // Events are recorded in order; the build's last event (done or error) sets its
-            // status, so a status never turns terminal before the logs before it are in.
-            let manager = self.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                let mut step = None;
-                while let Some(event) = rx.recv().await {
-                    let last = matches!(event, BuildEvent::Done { .. } | BuildEvent::Error { .. });
-                    manager.update_record(&id, |r| record_event(r, &event, &mut step));
-                    if last {
-                        break;
-                    }
-                }
-            });
         }
-        tokio::spawn(async move {
-            let log = BuildLog::new(tx.clone());
-            let outcome = match manager.build_template(job, &log).await {
-                Ok(info) => manager.sdk_finish(&id, &rows).await.map(|()| info),
-                Err(err) => Err(err),
-            };
-            let event = match outcome {
-                Ok(info) => BuildEvent::Done {
-                    build_ms: info.build_ms.unwrap_or_default(),
-                    template: Box::new(info),
-                },
-                Err(err) => log.failure(&err),
-            };
-            let _ = tx.send(event);
-            if let Some(dir) = context {
-                let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Runs a prepared build to its end; its last event says how it ended.
+    async fn sdk_run(
+        self: std::sync::Arc<Self>,
+        prepared: Result<(BuildJob, Option<PathBuf>), ApiError>,
+        rows: Vec<String>,
+        build_id: String,
+        log: BuildLog,
+    ) {
+        let (outcome, context) = match prepared {
+            Ok((job, context)) => {
+                let outcome = match self.build_template(job, &log).await {
+                    Ok(info) => self.sdk_finish(&build_id, &rows).await.map(|()| info),
+                    Err(err) => Err(err),
+                };
+                (outcome, context)
             }
-        });
-        Ok(())
+            Err(err) => (Err(err), None),
+        };
+        let event = match outcome {
+            Ok(info) => BuildEvent::Done {
+                build_ms: info.build_ms.unwrap_or_default(),
+                template: Box::new(info),
+            },
+            Err(err) => log.failure(&err),
+        };
+        log.send_event(event);
+        if let Some(dir) = context {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Pulls `reference` (through the mirrors) and imports it as an image template, unless an
+    /// image of the same manifest is here already; returns its name and configuration.
+    async fn sdk_pull(
+        &self,
+        reference: &viv_oci::Reference,
+        credentials: Option<viv_oci::Credentials>,
+        log: &BuildLog,
+    ) -> Result<(String, ImageConfig), ApiError> {
+        log.info(&format!("pulling {reference}"));
+        let work = self.config.data_dir.join("oci").join(super::random_id(12));
+        let puller = viv_oci::Puller::new(self.config.registry_mirrors.clone());
+        let pulled = puller.pull(reference, credentials.as_ref(), &work.join("blobs")).await;
+        let result = async {
+            let pulled = pulled.map_err(|e| match e {
+                viv_oci::OciError::Unauthorized(m) => ApiError::BadRequest(m),
+                other => ApiError::BadRequest(other.to_string()),
+            })?;
+            let name = format!("oci-{}", &pulled.digest.trim_start_matches("sha256:")[..24]);
+            log.info(&format!(
+                "pulled {reference} ({}) from {}",
+                pulled.digest, pulled.source
+            ));
+            if self.images.find_named(&name).is_err() {
+                log.info(&format!(
+                    "unpacking {} layers into a root file system",
+                    pulled.layers.len()
+                ));
+                let (images, layers, tree, image) = (
+                    self.images.clone(),
+                    pulled.layers.clone(),
+                    work.join("root"),
+                    name.clone(),
+                );
+                tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+                    viv_oci::unpack_layers(&layers, &tree).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                    images
+                        .import_dir(&image, &tree, &viv_image::LogProgress)
+                        .map(drop)
+                        .map_err(|e| ApiError::Internal(format!("importing the image: {e}")))
+                })
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+            }
+            let config = ImageConfig {
+                env: pulled.config.env,
+                workdir: pulled.config.workdir,
+                user: pulled.config.user,
+            };
+            Ok((name, config))
+        }
+        .await;
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        result
     }
 
     /// After the build wrote its first row: the other tags' rows and every row's build id.
@@ -707,6 +815,26 @@ impl Manager {
             self.delete_template(&row).await?;
         }
         Ok(())
+    }
+}
+
+/// `fromImageRegistry` as credentials (only the generic registry kind).
+fn registry_credentials(start: &StartBuild) -> Result<Option<viv_oci::Credentials>, ApiError> {
+    let Some(registry) = &start.from_image_registry else {
+        return Ok(None);
+    };
+    match (registry.kind.as_str(), &registry.username, &registry.password) {
+        ("registry", Some(username), Some(password)) => Ok(Some(viv_oci::Credentials {
+            username: username.clone(),
+            password: password.clone(),
+        })),
+        ("registry", _, _) => Err(ApiError::BadRequest(
+            "fromImageRegistry of type registry needs username and password".into(),
+        )),
+        (other, _, _) => Err(ApiError::BadRequest(format!(
+            "fromImageRegistry of type '{other}' is not supported (AWS and GCP registries need their \
+             cloud's credentials exchange); use type registry with a user name and password or token"
+        ))),
     }
 }
 
