@@ -73,9 +73,9 @@ impl Reference {
                 return Err(bad("tags are up to 128 letters, digits, '.', '_' and '-'"));
             }
         }
-        let port_ok = registry.rsplit_once(':').is_none_or(|(_, port)| {
-            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
-        });
+        let port_ok = registry
+            .rsplit_once(':')
+            .is_none_or(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()));
         if registry.contains(['/', '@', '?', '#']) || !port_ok {
             return Err(bad("the registry is a host name with an optional port"));
         }

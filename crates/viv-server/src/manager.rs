@@ -29,7 +29,9 @@ mod builds;
 mod pool;
 mod recovery;
 mod sdk_builds;
+mod sdk_files;
 mod sdk_spec;
+mod sdk_tags;
 mod snapshots;
 mod templates;
 

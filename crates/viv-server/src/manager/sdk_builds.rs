@@ -1,21 +1,19 @@
-//! Template builds through E2B's SDK (`Template.build`): the build requests, the uploads of
-//! `COPY` files by content hash, build status with logs, and tags, mapped onto the layer builder
-//! ([`super::builds`]).
+//! Template builds through E2B's SDK (`Template.build`): the build requests, their start and
+//! build status with logs, mapped onto the layer builder ([`super::builds`]); the uploads of
+//! `COPY` files and image pulls are in [`super::sdk_files`], tags in [`super::sdk_tags`].
 //!
 //! A build of `name` with tags `t1, t2` (`default` when none) runs as a build of the template
 //! row of its first tag and, once done, writes the same recipe to the rows of the other tags
 //! (`name` for `default`, `name:tag` otherwise); `Sandbox.create("name:tag")` starts from that
 //! row. Rows share layers and snapshots, so a tag costs a row.
 //!
-//! Invariants: uploaded files are written under a temporary name and renamed, so a file whose
-//! hash is reported present is complete; an upload is accepted only with the token its link
-//! carries; build records live in memory (the last [`MAX_RECORDS`], each with at most
+//! Invariants: build records live in memory (the last [`MAX_RECORDS`], each with at most
 //! [`MAX_LOG_ENTRIES`] log entries); which build made a row is in the store, so tags keep their
 //! build ids across restarts; a tag row whose template has sandboxes keeps their layers when it
 //! is replaced.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -23,10 +21,10 @@ use viv_api::BuildEvent;
 use viv_template::{ImageConfig, Instruction};
 
 use super::builds::{valid_template_name, BuildJob, BuildLog, JobOptions};
+use super::sdk_files::{registry_credentials, unpack_copies};
 use super::sdk_spec::{self, Base, StartBuild};
 use super::Manager;
 use crate::error::ApiError;
-use crate::store::TemplateRow;
 
 /// Build records kept in memory.
 const MAX_RECORDS: usize = 256;
@@ -34,8 +32,6 @@ const MAX_RECORDS: usize = 256;
 const MAX_LOG_ENTRIES: usize = 20_000;
 /// Log entries one status call returns at most (E2B's page size).
 const MAX_LOG_PAGE: usize = 100;
-/// The largest upload of a `COPY` step's files.
-const MAX_FILES_BYTES: usize = 1 << 30;
 
 /// `POST /v3/templates` answer.
 #[derive(Debug, Serialize)]
@@ -49,13 +45,6 @@ pub struct BuildRequested {
     names: Vec<String>,
     tags: Vec<String>,
     aliases: Vec<String>,
-}
-
-/// `GET /templates/{id}/files/{hash}` answer: where to upload, and whether it is needed.
-#[derive(Debug, Serialize)]
-pub struct FileUpload {
-    present: bool,
-    url: String,
 }
 
 /// One log entry of a build.
@@ -108,24 +97,6 @@ pub struct BuildStatusQuery {
     pub level: Option<String>,
 }
 
-/// A tag of a template.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TagInfo {
-    tag: String,
-    #[serde(rename = "buildID")]
-    build_id: String,
-    created_at: String,
-}
-
-/// `POST /templates/tags` answer.
-#[derive(Debug, Serialize)]
-pub struct AssignedTags {
-    tags: Vec<String>,
-    #[serde(rename = "buildID")]
-    build_id: String,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Waiting,
@@ -149,7 +120,7 @@ struct Record {
 pub struct SdkBuilds {
     records: Mutex<(HashMap<String, Record>, VecDeque<String>)>,
     /// Upload token → (template, hash).
-    uploads: Mutex<HashMap<String, (String, String)>>,
+    pub(super) uploads: Mutex<HashMap<String, (String, String)>>,
 }
 
 fn uuid_v4() -> String {
@@ -158,21 +129,6 @@ fn uuid_v4() -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
-}
-
-/// A stable build id for a row the SDK did not build (a Dockerfile build).
-fn derived_build_id(row: &TemplateRow) -> String {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(format!("{}\0{}\0{}", row.name, row.layer, row.created_at));
-    let hex = hex::encode(&digest[..16]);
     format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],
@@ -196,19 +152,11 @@ fn level_rank(level: &str) -> u8 {
     }
 }
 
-fn valid_hash(hash: &str) -> bool {
-    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 fn not_found_build(build_id: &str, template: &str) -> ApiError {
     ApiError::NotFound(format!("build '{build_id}' of template '{template}' not found"))
 }
 
 impl Manager {
-    fn files_dir(&self, template: &str) -> PathBuf {
-        self.config.data_dir.join("template-files").join(template)
-    }
-
     fn update_record(&self, build_id: &str, update: impl FnOnce(&mut Record)) {
         if let Some(record) = self
             .sdk_builds
@@ -292,68 +240,6 @@ impl Manager {
             tags: all,
             aliases: vec![base.to_owned()],
         })
-    }
-
-    /// `GET /templates/{id}/files/{hash}`: an upload link for the files of a `COPY` step, and
-    /// whether they are here already. `base_url` is how the client reaches this server.
-    pub fn sdk_file_upload(&self, template: &str, hash: &str, base_url: &str) -> Result<FileUpload, ApiError> {
-        if !valid_template_name(template) {
-            return Err(ApiError::NotFound(format!("template '{template}' not found")));
-        }
-        if !valid_hash(hash) {
-            return Err(ApiError::BadRequest(format!(
-                "'{hash}' is not a files hash (64 hex digits of SHA-256)"
-            )));
-        }
-        let hash = hash.to_ascii_lowercase();
-        let present = self.files_dir(template).join(&hash).is_file();
-        let token = super::random_id(32);
-        self.sdk_builds
-            .uploads
-            .lock()
-            .expect("uploads lock")
-            .insert(token.clone(), (template.to_owned(), hash.clone()));
-        Ok(FileUpload {
-            present,
-            url: format!("{base_url}/template-files/{template}/{hash}?token={token}"),
-        })
-    }
-
-    /// `PUT /template-files/{template}/{hash}?token=`: stores the uploaded archive.
-    pub async fn sdk_store_file(
-        &self,
-        template: &str,
-        hash: &str,
-        token: &str,
-        body: axum::body::Body,
-    ) -> Result<(), ApiError> {
-        let known = self
-            .sdk_builds
-            .uploads
-            .lock()
-            .expect("uploads lock")
-            .get(token)
-            .cloned();
-        if known.as_ref().map(|(t, h)| (t.as_str(), h.as_str())) != Some((template, hash)) {
-            return Err(ApiError::Forbidden(
-                "this upload link is not valid; ask for one with GET /templates/{id}/files/{hash}".into(),
-            ));
-        }
-        let dir = self.files_dir(template);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))?;
-        let partial = dir.join(format!(".{hash}.{}", super::random_id(8)));
-        let written = write_body(&partial, body).await;
-        if let Err(err) = written {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(err);
-        }
-        tokio::fs::rename(&partial, dir.join(hash))
-            .await
-            .map_err(|e| ApiError::Internal(format!("storing the upload: {e}")))?;
-        self.sdk_builds.uploads.lock().expect("uploads lock").remove(token);
-        Ok(())
     }
 
     /// `POST /v2/templates/{id}/builds/{build}`: starts a requested build in the background.
@@ -559,61 +445,6 @@ impl Manager {
         }
     }
 
-    /// Pulls `reference` (through the mirrors) and imports it as an image template, unless an
-    /// image of the same manifest is here already; returns its name and configuration.
-    async fn sdk_pull(
-        &self,
-        reference: &viv_oci::Reference,
-        credentials: Option<viv_oci::Credentials>,
-        log: &BuildLog,
-    ) -> Result<(String, ImageConfig), ApiError> {
-        log.info(&format!("pulling {reference}"));
-        let work = self.config.data_dir.join("oci").join(super::random_id(12));
-        let puller = viv_oci::Puller::new(self.config.registry_mirrors.clone());
-        let pulled = puller.pull(reference, credentials.as_ref(), &work.join("blobs")).await;
-        let result = async {
-            let pulled = pulled.map_err(|e| match e {
-                viv_oci::OciError::Unauthorized(m) => ApiError::BadRequest(m),
-                other => ApiError::BadRequest(other.to_string()),
-            })?;
-            let name = format!("oci-{}", &pulled.digest.trim_start_matches("sha256:")[..24]);
-            log.info(&format!(
-                "pulled {reference} ({}) from {}",
-                pulled.digest, pulled.source
-            ));
-            if self.images.find_named(&name).is_err() {
-                log.info(&format!(
-                    "unpacking {} layers into a root file system",
-                    pulled.layers.len()
-                ));
-                let (images, layers, tree, image) = (
-                    self.images.clone(),
-                    pulled.layers.clone(),
-                    work.join("root"),
-                    name.clone(),
-                );
-                tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-                    viv_oci::unpack_layers(&layers, &tree).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                    images
-                        .import_dir(&image, &tree, &viv_image::LogProgress)
-                        .map(drop)
-                        .map_err(|e| ApiError::Internal(format!("importing the image: {e}")))
-                })
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
-            }
-            let config = ImageConfig {
-                env: pulled.config.env,
-                workdir: pulled.config.workdir,
-                user: pulled.config.user,
-            };
-            Ok((name, config))
-        }
-        .await;
-        let _ = tokio::fs::remove_dir_all(&work).await;
-        result
-    }
-
     /// After the build wrote its first row: the other tags' rows and every row's build id.
     async fn sdk_finish(&self, build_id: &str, rows: &[String]) -> Result<(), ApiError> {
         let built = self
@@ -624,25 +455,6 @@ impl Manager {
         for row in &rows[1..] {
             self.put_tag_row(&built, row, build_id).await?;
         }
-        Ok(())
-    }
-
-    /// Writes `source`'s recipe as row `name`, keeping the layers the old row's users sit on.
-    async fn put_tag_row(&self, source: &TemplateRow, name: &str, build_id: &str) -> Result<(), ApiError> {
-        let mut row = source.clone();
-        row.name = name.to_owned();
-        if let Some(previous) = self.store.template(name)? {
-            if self.template_users(name)?.is_some() {
-                for key in previous.layers {
-                    if !row.layers.contains(&key) {
-                        row.layers.push(key);
-                    }
-                }
-            }
-        }
-        self.store.put_template(&row)?;
-        self.store.put_template_build(name, build_id)?;
-        self.empty_pool(Some(name)).await;
         Ok(())
     }
 
@@ -706,136 +518,6 @@ impl Manager {
         }
         Err(not_found_build(build_id, template))
     }
-
-    /// The rows of template `name`: `name` and `name:*`.
-    fn template_rows(&self, name: &str) -> Result<Vec<TemplateRow>, ApiError> {
-        let prefix = format!("{name}:");
-        Ok(self
-            .store
-            .templates()?
-            .into_iter()
-            .filter(|row| row.name == name || row.name.starts_with(&prefix))
-            .collect())
-    }
-
-    /// `GET /templates/aliases/{alias}`: whether a template (or one of its tags) has that name.
-    pub fn sdk_alias_exists(&self, alias: &str) -> Result<bool, ApiError> {
-        let (name, tag) = sdk_spec::split_ref(alias);
-        if name == viv_api::DEFAULT_TEMPLATE {
-            return Ok(true);
-        }
-        if alias.contains(':') {
-            return Ok(self.store.template(&sdk_spec::row_name(name, tag))?.is_some());
-        }
-        Ok(!self.template_rows(name)?.is_empty())
-    }
-
-    /// `GET /templates/{id}/tags`.
-    pub fn sdk_tags(&self, template: &str) -> Result<Vec<TagInfo>, ApiError> {
-        let rows = self.template_rows(template)?;
-        if rows.is_empty() {
-            return Err(ApiError::NotFound(format!("template '{template}' not found")));
-        }
-        rows.iter()
-            .map(|row| {
-                let tag = row
-                    .name
-                    .split_once(':')
-                    .map(|(_, t)| t.to_owned())
-                    .unwrap_or_else(|| sdk_spec::DEFAULT_TAG.to_owned());
-                Ok(TagInfo {
-                    tag,
-                    build_id: self
-                        .store
-                        .template_build(&row.name)?
-                        .unwrap_or_else(|| derived_build_id(row)),
-                    created_at: row.created_at.clone(),
-                })
-            })
-            .collect()
-    }
-
-    /// `POST /templates/tags`: points `tags` at the build `target` (`name:tag`) names.
-    pub async fn sdk_assign_tags(&self, target: &str, tags: Vec<String>) -> Result<AssignedTags, ApiError> {
-        let (name, tag) = sdk_spec::split_ref(target);
-        let source = self
-            .store
-            .template(&sdk_spec::row_name(name, tag))?
-            .ok_or_else(|| ApiError::NotFound(format!("template '{target}' not found")))?;
-        if tags.is_empty() {
-            return Err(ApiError::BadRequest("give at least one tag".into()));
-        }
-        let build_id = self
-            .store
-            .template_build(&source.name)?
-            .unwrap_or_else(|| derived_build_id(&source));
-        let mut assigned = Vec::new();
-        for given in tags {
-            let tag = given
-                .rsplit_once(':')
-                .map(|(_, t)| t.to_owned())
-                .unwrap_or(given.clone());
-            if !sdk_spec::valid_tag(&tag) {
-                return Err(ApiError::BadRequest(format!("tag '{given}' is invalid")));
-            }
-            let row = sdk_spec::row_name(name, &tag);
-            if row != source.name {
-                if self.builds.running.lock().expect("builds lock").contains_key(&row) {
-                    return Err(ApiError::Conflict(format!("tag '{tag}' of '{name}' is being built")));
-                }
-                self.put_tag_row(&source, &row, &build_id).await?;
-            }
-            assigned.push(given);
-        }
-        Ok(AssignedTags {
-            tags: assigned,
-            build_id,
-        })
-    }
-
-    /// `DELETE /templates/tags`: removes tags of template `name` (refused while used).
-    pub async fn sdk_delete_tags(&self, name: &str, tags: Vec<String>) -> Result<(), ApiError> {
-        if tags.is_empty() {
-            return Err(ApiError::BadRequest("give at least one tag".into()));
-        }
-        let name = sdk_spec::split_ref(name).0;
-        let rows: Vec<String> = tags
-            .iter()
-            .map(|given| {
-                let tag = given.rsplit_once(':').map(|(_, t)| t).unwrap_or(given);
-                sdk_spec::row_name(name, tag)
-            })
-            .collect();
-        for (row, given) in rows.iter().zip(&tags) {
-            if self.store.template(row)?.is_none() {
-                return Err(ApiError::NotFound(format!("template '{name}' has no tag '{given}'")));
-            }
-        }
-        for row in rows {
-            self.delete_template(&row).await?;
-        }
-        Ok(())
-    }
-}
-
-/// `fromImageRegistry` as credentials (only the generic registry kind).
-fn registry_credentials(start: &StartBuild) -> Result<Option<viv_oci::Credentials>, ApiError> {
-    let Some(registry) = &start.from_image_registry else {
-        return Ok(None);
-    };
-    match (registry.kind.as_str(), &registry.username, &registry.password) {
-        ("registry", Some(username), Some(password)) => Ok(Some(viv_oci::Credentials {
-            username: username.clone(),
-            password: password.clone(),
-        })),
-        ("registry", _, _) => Err(ApiError::BadRequest(
-            "fromImageRegistry of type registry needs username and password".into(),
-        )),
-        (other, _, _) => Err(ApiError::BadRequest(format!(
-            "fromImageRegistry of type '{other}' is not supported (AWS and GCP registries need their \
-             cloud's credentials exchange); use type registry with a user name and password or token"
-        ))),
-    }
 }
 
 /// Appends a build event to a record as log entries.
@@ -898,119 +580,6 @@ fn record_event(record: &mut Record, event: &BuildEvent, step: &mut Option<Strin
                 step: line.map(|l| l.to_string()),
                 log_entries: tail,
             });
-        }
-    }
-}
-
-async fn write_body(path: &Path, body: axum::body::Body) -> Result<(), ApiError> {
-    use futures::StreamExt as _;
-    use tokio::io::AsyncWriteExt as _;
-    let mut file = tokio::fs::File::create(path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("creating {}: {e}", path.display())))?;
-    let mut stream = body.into_data_stream();
-    let mut size = 0usize;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))?;
-        size += chunk.len();
-        if size > MAX_FILES_BYTES {
-            return Err(ApiError::TooLarge(format!(
-                "the files are larger than {} MiB",
-                MAX_FILES_BYTES >> 20
-            )));
-        }
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::Internal(format!("writing the upload: {e}")))?;
-    }
-    file.sync_all()
-        .await
-        .map_err(|e| ApiError::Internal(format!("writing the upload: {e}")))
-}
-
-/// Unpacks each `COPY` step's archive into `<dir>/<n>/` and matches its pattern there; returns
-/// each step's sources (relative to `dir`), entries that match the pattern but not those only
-/// under a matching directory.
-fn unpack_copies(files: &Path, dir: &Path, copies: &[sdk_spec::CopyFiles]) -> Result<Vec<Vec<String>>, ApiError> {
-    let mut all = Vec::new();
-    for (n, copy) in copies.iter().enumerate() {
-        let line = n + 1;
-        let archive = files.join(copy.files_hash.to_ascii_lowercase());
-        let bytes = std::fs::read(&archive).map_err(|_| {
-            ApiError::BadRequest(format!(
-                "COPY {}: its files (hash {}) were not uploaded; upload them first",
-                copy.pattern, copy.files_hash
-            ))
-        })?;
-        let target = dir.join(n.to_string());
-        std::fs::create_dir_all(&target).map_err(|e| ApiError::Internal(format!("creating the context: {e}")))?;
-        let unpacked = if bytes.starts_with(&[0x1f, 0x8b]) {
-            unpack(flate2::read::GzDecoder::new(bytes.as_slice()), &target)
-        } else {
-            unpack(bytes.as_slice(), &target)
-        };
-        unpacked.map_err(|e| {
-            ApiError::BadRequest(format!(
-                "COPY {}: the uploaded files are not a usable tar archive: {e}",
-                copy.pattern
-            ))
-        })?;
-        let mut entries = Vec::new();
-        walk(&target, "", &mut entries);
-        let mut sources: Vec<String> = entries
-            .iter()
-            .filter(|(path, _)| sdk_spec::glob_match(&copy.pattern, path))
-            .map(|(path, _)| path.clone())
-            .collect();
-        // Nothing under a match is a source of its own.
-        let matched = sources.clone();
-        sources.retain(|s| !matched.iter().any(|m| s.starts_with(&format!("{m}/"))));
-        if sources.is_empty() {
-            return Err(ApiError::BadRequest(format!(
-                "COPY {} (step {line} of the copies): no uploaded file matches",
-                copy.pattern
-            )));
-        }
-        if let Some(mode) = copy.mode {
-            use std::os::unix::fs::PermissionsExt as _;
-            for (path, is_link) in &entries {
-                let under = sources.iter().any(|s| path == s || path.starts_with(&format!("{s}/")));
-                if under && !is_link {
-                    let _ = std::fs::set_permissions(target.join(path), std::fs::Permissions::from_mode(mode));
-                }
-            }
-        }
-        all.push(sources.into_iter().map(|s| format!("{n}/{s}")).collect());
-    }
-    Ok(all)
-}
-
-fn unpack(reader: impl std::io::Read, target: &Path) -> std::io::Result<()> {
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    // `unpack` refuses entries that would land outside `target`.
-    archive.unpack(target)
-}
-
-/// Every entry under `dir` (not following symlinks), as paths relative to it, with whether it
-/// is a symlink.
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, bool)>) {
-    let Ok(read) = std::fs::read_dir(dir) else { return };
-    let mut entries: Vec<_> = read.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{name}")
-        };
-        let kind = entry.file_type();
-        let is_link = kind.as_ref().is_ok_and(|k| k.is_symlink());
-        let is_dir = kind.as_ref().is_ok_and(|k| k.is_dir());
-        out.push((path.clone(), is_link));
-        if is_dir {
-            walk(&entry.path(), &path, out);
         }
     }
 }
