@@ -33,6 +33,9 @@ pub(super) struct RequestBuild {
     cpu_count: Option<u32>,
     #[serde(default, rename = "memoryMB")]
     memory_mb: Option<u32>,
+    /// Accepted and ignored (disks grow as the layers need), but checked.
+    #[serde(default, rename = "minFreeDiskMB")]
+    min_free_disk_mb: Option<i64>,
 }
 
 /// `POST /v3/templates` → 202 with the template and build ids.
@@ -40,6 +43,9 @@ pub(super) async fn request_build(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<RequestBuild>,
 ) -> Result<Response, ApiError> {
+    if req.min_free_disk_mb.is_some_and(|mb| mb < 0) {
+        return Err(ApiError::BadRequest("minFreeDiskMB must not be negative".into()));
+    }
     let name = req
         .name
         .or(req.alias)
