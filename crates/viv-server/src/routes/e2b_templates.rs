@@ -28,7 +28,7 @@ pub(super) struct RequestBuild {
     #[serde(default)]
     alias: Option<String>,
     #[serde(default)]
-    tags: Vec<String>,
+    tags: Option<Vec<String>>,
     #[serde(default)]
     cpu_count: Option<u32>,
     #[serde(default, rename = "memoryMB")]
@@ -51,9 +51,10 @@ pub(super) async fn request_build(
         .or(req.alias)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::BadRequest("name is required (name or name:tag)".into()))?;
-    let requested = state
-        .manager
-        .sdk_request_build(&name, req.tags, req.cpu_count, req.memory_mb)?;
+    let requested =
+        state
+            .manager
+            .sdk_request_build(&name, req.tags.unwrap_or_default(), req.cpu_count, req.memory_mb)?;
     Ok((StatusCode::ACCEPTED, Json(requested)).into_response())
 }
 
