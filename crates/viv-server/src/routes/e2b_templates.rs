@@ -43,6 +43,17 @@ pub(super) async fn request_build(
     State(state): State<AppState>,
     JsonBody(req): JsonBody<RequestBuild>,
 ) -> Result<Response, ApiError> {
+    let plain_name = |n: &str| {
+        (1..=63).contains(&n.len())
+            && n.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    };
+    if let Some(alias) = req.alias.as_deref().filter(|a| !plain_name(a)) {
+        return Err(ApiError::BadRequest(format!(
+            "alias '{alias}' is not a template name (1 to 63 lowercase letters, digits, '-' or '_')"
+        )));
+    }
     if req.min_free_disk_mb.is_some_and(|mb| mb < 0) {
         return Err(ApiError::BadRequest("minFreeDiskMB must not be negative".into()));
     }
