@@ -15,6 +15,9 @@ VIV_DEPS=(
   iproute2:ip
   nftables:nft
   g++:g++
+  # The from_image tests' local registry and the tool that pushes to it.
+  docker-registry:docker-registry
+  skopeo:skopeo
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

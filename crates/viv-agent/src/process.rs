@@ -174,7 +174,11 @@ fn spawn_process(
     }
     let cwd = match &config.cwd {
         Some(dir) if !dir.is_empty() => crate::files::resolve_path(user, dir),
-        _ => user.home.clone().into(),
+        _ => state
+            .default_workdir()
+            .map(std::path::PathBuf::from)
+            .filter(|dir| dir.is_dir())
+            .unwrap_or_else(|| user.home.clone().into()),
     };
     if !cwd.is_dir() {
         return Err(ConnectError::new(

@@ -30,6 +30,9 @@ struct Inner {
     access_token: RwLock<Option<String>>,
     env_vars: RwLock<BTreeMap<String, String>>,
     default_user: RwLock<Option<String>>,
+    /// The working directory of processes whose request names none (a template's last
+    /// `WORKDIR`); the user's home when unset or missing.
+    default_workdir: RwLock<Option<String>>,
     processes: ProcessTable,
     watchers: crate::watch::Watchers,
 }
@@ -48,10 +51,16 @@ impl AgentState {
                 access_token: RwLock::new(None),
                 env_vars: RwLock::new(BTreeMap::new()),
                 default_user: RwLock::new(None),
+                default_workdir: RwLock::new(None),
                 processes: ProcessTable::default(),
                 watchers: crate::watch::Watchers::default(),
             }),
         }
+    }
+
+    /// The working directory of processes that name none, if the host set one.
+    pub fn default_workdir(&self) -> Option<String> {
+        self.inner.default_workdir.read().expect("workdir lock").clone()
     }
 
     /// Environment variables every process gets, set by the host at init.
@@ -188,6 +197,9 @@ struct InitRequest {
     /// The user processes run as when a request names none.
     #[serde(default)]
     default_user: Option<String>,
+    /// The working directory of processes whose request names none (absolute).
+    #[serde(default)]
+    default_workdir: Option<String>,
     /// The guest's host name.
     #[serde(default)]
     hostname: Option<String>,
@@ -224,6 +236,9 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
     }
     if let Some(user) = req.default_user {
         *state.inner.default_user.write().expect("user lock") = Some(user);
+    }
+    if let Some(dir) = req.default_workdir.filter(|d| d.starts_with('/')) {
+        *state.inner.default_workdir.write().expect("workdir lock") = Some(dir);
     }
     if let Some(name) = req.hostname {
         let _ = crate::sys::set_hostname(&name);

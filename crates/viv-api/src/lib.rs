@@ -670,8 +670,8 @@ mod tests {
         let doc = openapi_yaml(2, 21000);
         let vcpus = doc.matches("maximum: 2 # host: max vCPUs").count();
         let memory = doc.matches("maximum: 21000 # host: max memory").count();
-        // NewSandbox, TemplateBuildRequest and the query of POST /templates.
-        assert_eq!((vcpus, memory), (3, 3), "{doc}");
+        // NewSandbox, TemplateBuildRequest, the query of POST /templates, SdkBuildRequest.
+        assert_eq!((vcpus, memory), (4, 4), "{doc}");
         assert!(!doc.contains("maximum: 64 # host"));
         assert!(!doc.contains("maximum: 65536 # host"));
         assert_eq!(doc.lines().count(), OPENAPI_YAML.lines().count());
@@ -679,13 +679,13 @@ mod tests {
             OPENAPI_YAML
                 .matches(&format!("maximum: {MAX_VCPUS} # host: max vCPUs"))
                 .count(),
-            3
+            4
         );
         assert_eq!(
             OPENAPI_YAML
                 .matches(&format!("maximum: {MAX_MEMORY_MIB} # host: max memory"))
                 .count(),
-            3
+            4
         );
     }
 }

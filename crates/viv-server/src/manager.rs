@@ -29,11 +29,17 @@ mod builds;
 mod lifecycle;
 mod pool;
 mod recovery;
+mod sdk_builds;
+mod sdk_files;
+mod sdk_spec;
+mod sdk_tags;
 mod snapshots;
 mod templates;
 
 pub use builds::{BuildJob, BuildLog};
 pub use recovery::{Recovery, ShutdownMode};
+pub use sdk_builds::BuildStatusQuery;
+pub use sdk_spec::StartBuild;
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -73,6 +79,8 @@ pub struct Config {
     pub jail: bool,
     /// The host-wide uid range jailed VMMs run as: first uid and count.
     pub jail_uids: (u32, u32),
+    /// Registry mirrors tried first for Docker Hub images (Docker's `registry-mirrors`).
+    pub registry_mirrors: Vec<String>,
 }
 
 /// How sandboxes reach networks outside their VM.
@@ -223,6 +231,7 @@ pub struct Manager {
     metrics: Arc<Metrics>,
     templates: templates::TemplateCache,
     builds: builds::Builds,
+    sdk_builds: sdk_builds::SdkBuilds,
     pool: pool::Pool,
     /// Isolated networking, once started.
     net: std::sync::OnceLock<viv_net::Network>,
@@ -340,6 +349,7 @@ impl Manager {
             metrics,
             templates: templates::TemplateCache::new(qemu_version()),
             builds: builds::Builds::default(),
+            sdk_builds: sdk_builds::SdkBuilds::default(),
             pool: pool::Pool::default(),
             net: std::sync::OnceLock::new(),
             data_key,

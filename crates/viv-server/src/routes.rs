@@ -26,6 +26,7 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod e2b_templates;
 mod listing;
 mod metric_history;
 mod proxy;
@@ -61,12 +62,27 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
+        .route("/v3/templates", post(e2b_templates::request_build))
+        .route("/templates/{id}/files/{hash}", get(e2b_templates::file_link))
+        .route("/v2/templates/{id}/builds/{build}", post(e2b_templates::start_build))
+        .route(
+            "/templates/{id}/builds/{build}/status",
+            get(e2b_templates::build_status),
+        )
+        .route("/templates/aliases/{alias}", get(e2b_templates::alias))
+        .route(
+            "/templates/tags",
+            post(e2b_templates::assign_tags).delete(e2b_templates::delete_tags),
+        )
+        .route("/templates/{id}/tags", get(e2b_templates::tags))
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.yaml", get(openapi))
+        // Authorized by the token of a link `GET /templates/{id}/files/{hash}` handed out.
+        .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
         .method_not_allowed_fallback(|request: Request| async move {

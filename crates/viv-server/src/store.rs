@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_vm_identity.sql"),
     include_str!("migrations/0008_lifecycle.sql"),
     include_str!("migrations/0009_files_traffic.sql"),
+    include_str!("migrations/0010_template_builds.sql"),
 ];
 
 mod traffic;
@@ -471,11 +472,28 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Deletes a template row.
+    /// Deletes a template row (and the build it records).
     pub fn delete_template(&self, name: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM templates WHERE name = ?1", params![name])?;
+        let conn = self.conn();
+        conn.execute("DELETE FROM templates WHERE name = ?1", params![name])?;
+        conn.execute("DELETE FROM template_builds WHERE name = ?1", params![name])?;
         Ok(())
+    }
+
+    /// Records which build made template row `name`.
+    pub fn put_template_build(&self, name: &str, build_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO template_builds (name, build_id) VALUES (?1, ?2)",
+            params![name, build_id],
+        )?;
+        Ok(())
+    }
+
+    /// The build that made template row `name`, if recorded.
+    pub fn template_build(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT build_id FROM template_builds WHERE name = ?1")?;
+        Ok(stmt.query_row(params![name], |r| r.get(0)).optional()?)
     }
 
     /// All sandboxes, oldest first.

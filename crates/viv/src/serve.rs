@@ -67,6 +67,11 @@ pub struct ServeArgs {
     /// the host's networks or another server's pool.
     #[arg(long, env = "VIV_NET_POOL", default_value = "10.200.0.0/16")]
     pub net_pool: viv_net::Cidr,
+    /// A registry mirror (base URL, e.g. `http://10.0.0.5:5000`) tried before Docker Hub for
+    /// images templates are built from, as Docker's `registry-mirrors` (for air-gapped hosts);
+    /// repeat for several, tried in order.
+    #[arg(long = "registry-mirror", env = "VIV_REGISTRY_MIRRORS", value_delimiter = ',')]
+    pub registry_mirrors: Vec<String>,
     /// PEM file of CA certificates every sandbox trusts besides its image's own (for egress
     /// through a TLS-intercepting proxy), added to the guest's system bundle.
     #[arg(long, env = "VIV_GUEST_CA_FILE")]
@@ -157,6 +162,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         jail: args.jail,
         jail_uids: args.jail_uids,
+        registry_mirrors: args.registry_mirrors,
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {

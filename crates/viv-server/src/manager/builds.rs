@@ -66,6 +66,11 @@ impl BuildLog {
         }
     }
 
+    /// Sends an event as it is (the SDK's builds end their logs with `done` or `error`).
+    pub fn send_event(&self, event: BuildEvent) {
+        self.send(event);
+    }
+
     fn send(&self, event: BuildEvent) {
         if let Some(events) = &self.events {
             let _ = events.send(event);
@@ -157,7 +162,7 @@ pub struct PendingStep {
 
 /// The files of a `COPY` step as a tar archive to unpack into `target` in the guest.
 #[derive(Debug)]
-struct CopyArchive {
+pub(super) struct CopyArchive {
     target: String,
     tar: Vec<u8>,
     digest: String,
@@ -175,12 +180,34 @@ pub struct BuildJob {
     from_layer: PathBuf,
     plan: Vec<PlannedStep>,
     base_config: ImageConfig,
+    options: JobOptions,
+}
+
+/// How a build differs from a spec build (the SDK's builds set these).
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// The configuration the first step starts from, instead of the `FROM` template's.
+    pub base_config: Option<ImageConfig>,
+    /// The plan step from which the cache is skipped (that step and every later one rebuild).
+    pub force_from: Option<usize>,
+    /// Whether a `COPY` source that is itself a symlink is followed (Docker) or copied as a link.
+    pub follow_source_links: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        Self {
+            base_config: None,
+            force_from: None,
+            follow_source_links: true,
+        }
+    }
 }
 
 /// The builds running, by template name, and the layer keys they use (kept from collection).
 #[derive(Default)]
 pub struct Builds {
-    running: Mutex<BTreeMap<String, Vec<String>>>,
+    pub(super) running: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 /// Releases a build's name and layers when the build ends.
@@ -195,8 +222,12 @@ impl Drop for BuildSlot<'_> {
     }
 }
 
-fn valid_template_name(name: &str) -> bool {
-    !name.is_empty()
+/// Names the routes of E2B's tags and aliases take (`/templates/tags`, `/templates/aliases/..`).
+const RESERVED_NAMES: &[&str] = &["tags", "aliases"];
+
+pub(super) fn valid_template_name(name: &str) -> bool {
+    !RESERVED_NAMES.contains(&name)
+        && !name.is_empty()
         && name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && name
@@ -277,15 +308,37 @@ impl Manager {
         memory_mb: Option<u32>,
         timeout: Option<u64>,
     ) -> Result<BuildJob, ApiError> {
+        if !valid_template_name(name) {
+            return Err(ApiError::BadRequest(format!(
+                "template name '{name}' is invalid: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit{}",
+                if RESERVED_NAMES.contains(&name) { " (and not tags or aliases)" } else { "" }
+            )));
+        }
+        self.prepare_job(
+            name,
+            spec_text,
+            spec,
+            context,
+            (cpu_count, memory_mb, timeout),
+            JobOptions::default(),
+        )
+    }
+
+    /// [`Manager::prepare_build`] for a name already checked (a template row name, which for
+    /// the SDK's tagged builds is `name:tag`), with `options`.
+    pub(super) fn prepare_job(
+        &self,
+        name: &str,
+        spec_text: String,
+        spec: Spec,
+        context: Option<PathBuf>,
+        (cpu_count, memory_mb, timeout): (Option<u32>, Option<u32>, Option<u64>),
+        options: JobOptions,
+    ) -> Result<BuildJob, ApiError> {
         self.require_template_snapshots()?;
         if self.builds.running.lock().expect("builds lock").contains_key(name) {
             return Err(ApiError::Conflict(format!(
                 "template '{name}' is being built already; wait for that build to end"
-            )));
-        }
-        if !valid_template_name(name) {
-            return Err(ApiError::BadRequest(format!(
-                "template name '{name}' is invalid: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
             )));
         }
         if name == viv_api::DEFAULT_TEMPLATE {
@@ -313,7 +366,10 @@ impl Manager {
                 "line 1: template '{name}' cannot be built FROM itself"
             )));
         }
-        let (from_layer, base_config) = self.resolve_from(&spec.from)?;
+        let (from_layer, mut base_config) = self.resolve_from(&spec.from)?;
+        if let Some(config) = &options.base_config {
+            base_config = config.clone();
+        }
         let plan = spec
             .plan(&base_config)
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -336,6 +392,7 @@ impl Manager {
             from_layer,
             plan,
             base_config,
+            options,
         })
     }
 
@@ -466,7 +523,8 @@ impl Manager {
                 match &planned.instruction {
                     Instruction::Copy { sources, dest, .. } => {
                         let context = job.context.as_deref().expect("checked: COPY has a context");
-                        Some(copy_archive(context, sources, dest).map_err(|message| {
+                        let follow = job.options.follow_source_links;
+                        Some(copy_archive(context, sources, dest, follow).map_err(|message| {
                             ApiError::BadRequest(format!("line {}: {message}", planned.step.line))
                         })?)
                     }
@@ -478,6 +536,10 @@ impl Manager {
             hash.update(serde_json::to_vec(&planned.config).expect("config serializes"));
             if let Some(copy) = &copy {
                 hash.update(copy.digest.as_bytes());
+            }
+            if job.options.force_from == Some(index) {
+                // A key no earlier build had: this step and every later one rebuild.
+                hash.update(super::random_id(32).as_bytes());
             }
             key = hex::encode(&hash.finalize()[..16]);
             let changes_disk = matches!(
@@ -538,7 +600,10 @@ impl Manager {
         };
         let snapshot_key = self.template_key(&recipe, job.cpu_count, job.memory_mb);
         let _building = self.templates.build.lock().await;
-        if first_pending == pending.len() && self.snapshot_usable(&snapshot_key, job.memory_mb) {
+        if first_pending == pending.len()
+            && job.options.force_from.is_none()
+            && self.snapshot_usable(&snapshot_key, job.memory_mb)
+        {
             log.info("every step and the snapshot are cached; nothing to rebuild");
             return Ok((recipe, layer_keys));
         }
@@ -659,7 +724,7 @@ impl Manager {
     }
 
     /// Who uses a template: a description of the sandboxes and snapshot nodes started from it.
-    fn template_users(&self, name: &str) -> Result<Option<String>, ApiError> {
+    pub(super) fn template_users(&self, name: &str) -> Result<Option<String>, ApiError> {
         let sandboxes: Vec<String> = self
             .store
             .sandboxes()?
@@ -838,12 +903,19 @@ impl Manager {
 
 /// Builds the archive of a `COPY` step: its target directory in the guest, the tar, and a digest
 /// of names, types, modes and contents (not times, so a touched file hits the cache).
-fn copy_archive(context: &Path, sources: &[String], dest: &str) -> Result<CopyArchive, String> {
+/// A source that is a symlink is followed when `follow` is set (as Docker does), else copied
+/// as the link itself (sources are then paths without `..` that no symlink leads through).
+fn copy_archive(context: &Path, sources: &[String], dest: &str, follow: bool) -> Result<CopyArchive, String> {
     let root = context
         .canonicalize()
         .map_err(|e| format!("reading the build context: {e}"))?;
+    let is_link = |source: &str| -> bool {
+        !follow && std::fs::symlink_metadata(root.join(source)).is_ok_and(|m| m.file_type().is_symlink())
+    };
     let single_file = |source: &str| -> bool {
-        sources.len() == 1 && !dest.ends_with('/') && root.join(source).canonicalize().is_ok_and(|p| p.is_file())
+        sources.len() == 1
+            && !dest.ends_with('/')
+            && (is_link(source) || root.join(source).canonicalize().is_ok_and(|p| p.is_file()))
     };
     let (target, rename) = if single_file(&sources[0]) {
         let dest_path = Path::new(dest);
@@ -865,6 +937,14 @@ fn copy_archive(context: &Path, sources: &[String], dest: &str) -> Result<CopyAr
     let mut digest = Sha256::new();
     for source in sources {
         let path = root.join(source);
+        if is_link(source) {
+            let name = match &rename {
+                Some(name) => PathBuf::from(name),
+                None => PathBuf::from(path.file_name().ok_or("a source has no file name")?),
+            };
+            add_entry(&mut builder, &mut digest, &path, &name)?;
+            continue;
+        }
         let real = path
             .canonicalize()
             .map_err(|_| format!("source '{source}' does not exist in the build context"))?;
@@ -953,7 +1033,7 @@ mod tests {
         std::fs::write(dir.join("app/sub/b.txt"), "b").unwrap();
         std::fs::write(dir.join("top.txt"), "t").unwrap();
 
-        let file = copy_archive(&dir, &["top.txt".into()], "/etc/renamed.txt").unwrap();
+        let file = copy_archive(&dir, &["top.txt".into()], "/etc/renamed.txt", true).unwrap();
         assert_eq!(file.target, "/etc");
         let names = |tar: &[u8]| -> Vec<String> {
             tar::Archive::new(tar)
@@ -964,28 +1044,28 @@ mod tests {
         };
         assert_eq!(names(&file.tar), ["renamed.txt"]);
 
-        let tree = copy_archive(&dir, &["app".into()], "/srv/app").unwrap();
+        let tree = copy_archive(&dir, &["app".into()], "/srv/app", true).unwrap();
         assert_eq!(tree.target, "/srv/app");
         assert_eq!(names(&tree.tar), ["a.py", "sub", "sub/b.txt"]);
 
-        let into = copy_archive(&dir, &["top.txt".into(), "app/a.py".into()], "/opt/").unwrap();
+        let into = copy_archive(&dir, &["top.txt".into(), "app/a.py".into()], "/opt/", true).unwrap();
         assert_eq!(into.target, "/opt");
         assert_eq!(names(&into.tar), ["top.txt", "a.py"]);
 
         // Times do not change the digest; contents do.
-        let again = copy_archive(&dir, &["app".into()], "/srv/app").unwrap();
+        let again = copy_archive(&dir, &["app".into()], "/srv/app", true).unwrap();
         assert_eq!(again.digest, tree.digest);
         std::fs::write(dir.join("app/a.py"), "print(2)").unwrap();
         assert_ne!(
-            copy_archive(&dir, &["app".into()], "/srv/app").unwrap().digest,
+            copy_archive(&dir, &["app".into()], "/srv/app", true).unwrap().digest,
             tree.digest
         );
 
-        assert!(copy_archive(&dir, &["missing".into()], "/x")
+        assert!(copy_archive(&dir, &["missing".into()], "/x", true)
             .unwrap_err()
             .contains("does not exist"));
         std::os::unix::fs::symlink("/etc", dir.join("escape")).unwrap();
-        assert!(copy_archive(&dir, &["escape/passwd".into()], "/x")
+        assert!(copy_archive(&dir, &["escape/passwd".into()], "/x", true)
             .unwrap_err()
             .contains("outside"));
         std::fs::remove_dir_all(&dir).unwrap();

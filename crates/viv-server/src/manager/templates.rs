@@ -31,7 +31,7 @@ use super::{Manager, Origin};
 use crate::error::ApiError;
 
 /// Bumped when the snapshot layout or the steps before it change.
-const SNAPSHOT_FORMAT: u32 = 5;
+const SNAPSHOT_FORMAT: u32 = 6;
 
 /// What a template's sandboxes start from.
 #[derive(Debug, Clone)]
@@ -398,6 +398,18 @@ impl Manager {
         let user = build_user(&recipe.config);
         if let Some(dir) = &recipe.config.workdir {
             self.ensure_dir(live, dir).await?;
+        }
+        if recipe.config.user.is_some() || recipe.config.workdir.is_some() {
+            // The last USER and WORKDIR are the sandboxes' defaults; the agent keeps them in
+            // the snapshot's memory.
+            let defaults = serde_json::json!({
+                "defaultUser": recipe.config.user,
+                "defaultWorkdir": recipe.config.workdir,
+            });
+            live.agent
+                .call::<_, serde_json::Value>("/init", &defaults)
+                .await
+                .map_err(|e| ApiError::Sandbox(format!("setting the default user and directory: {e}")))?;
         }
         let Some(start) = &recipe.start else {
             return Ok(());
