@@ -142,10 +142,36 @@ def _trim():
         _api("DELETE", f"/snapshots/{snapshot['snapshotID']}")
 
 
+# Volume content routes take a volume's own token: most of their requests go to this volume.
+_CONTENT_VOLUME = "schemathesis-content"
+
+
+def _content_volume():
+    """(id, token) of the volume content requests are pointed at, made again if destroyed."""
+    for volume in _api("GET", "/volumes") or []:
+        if volume.get("name") == _CONTENT_VOLUME:
+            found = _api("GET", f"/volumes/{volume['volumeID']}")
+            return (found["volumeID"], found["token"]) if found else None
+    made = _api("POST", "/volumes", {"name": _CONTENT_VOLUME})
+    return (made["volumeID"], made["token"]) if made else None
+
+
+def _point_at_volume(case):
+    """Four in five volume content requests go to a volume that exists, with its token."""
+    if not case.operation.path.startswith("/volumecontent/") or CHOICE.random() >= 0.8:
+        return
+    volume = _content_volume()
+    if volume:
+        case.path_parameters["volumeID"] = volume[0]
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {volume[1]}"}
+
+
 @schemathesis.hook
 def before_call(context, case, kwargs):
     """Points four in five sandbox-scoped requests at a sandbox that exists (starting one when
-    none does: the fuzzer's own live only as long as the `timeout` it drew)."""
+    none does: the fuzzer's own live only as long as the `timeout` it drew), and volume content
+    requests at a volume (`_point_at_volume`)."""
+    _point_at_volume(case)
     if "sandboxID" in (case.path_parameters or {}) and CHOICE.random() < 0.8:
         known = _known_sandboxes()
         if not known:

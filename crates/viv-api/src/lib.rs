@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod volumes;
+
 /// The OpenAPI 3 document describing every route, with the absolute caps of VM shapes; a server
 /// serves [`openapi_yaml`] with its own host's limits.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");

@@ -30,6 +30,8 @@ mod pool;
 mod recovery;
 mod snapshots;
 mod templates;
+pub mod volume_fs;
+mod volumes;
 
 pub use builds::{BuildJob, BuildLog};
 pub use recovery::{Recovery, ShutdownMode};

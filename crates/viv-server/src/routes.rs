@@ -28,6 +28,7 @@ use crate::AppState;
 
 mod proxy;
 mod templates;
+mod volumes;
 
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
@@ -54,12 +55,14 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
+        .merge(volumes::control())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.yaml", get(openapi))
         .merge(authed)
+        .merge(volumes::content())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
         .method_not_allowed_fallback(|request: Request| async move {
             ApiError::MethodNotAllowed(format!(

@@ -11,6 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use viv_api::{ApiKeyInfo, SandboxState};
 
+mod volumes;
+pub use volumes::{VolumeDeletion, VolumeRow};
+
 /// Embedded migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
@@ -20,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_network_rules.sql"),
     include_str!("migrations/0006_snapshot_network.sql"),
     include_str!("migrations/0007_vm_identity.sql"),
+    include_str!("migrations/0008_volumes.sql"),
 ];
 
 /// A store failure.
