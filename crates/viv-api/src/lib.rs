@@ -122,6 +122,9 @@ pub struct NewSandbox {
         deserialize_with = "object_or_null"
     )]
     pub network: Option<NetworkConfig>,
+    /// Volumes to mount (E2B's `volumeMounts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Vec<volumes::SandboxVolumeMount>>,
 }
 
 /// A nested struct that must be a JSON object or `null`: serde would also read a struct from an

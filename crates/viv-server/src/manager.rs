@@ -31,6 +31,7 @@ mod recovery;
 mod snapshots;
 mod templates;
 pub mod volume_fs;
+pub mod volume_fuse;
 mod volumes;
 
 pub use builds::{BuildJob, BuildLog};
@@ -532,6 +533,7 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
         let timeout = lifetime(req.timeout)?;
+        let mounts = self.check_mounts(req.volume_mounts.as_deref())?;
         let node = self.store.snapshot(&template)?;
         let recipe = match &node {
             Some(_) => None,
@@ -627,7 +629,12 @@ impl Manager {
             pooled,
             ..StartRequest::new(&source, timeout)
         };
-        self.start_sandbox(row, start, OnFailure::Delete).await
+        let created = self.start_sandbox(row, start, OnFailure::Delete).await?;
+        if let Err(err) = self.mount_volumes(&created.sandbox_id, &mounts).await {
+            let _ = self.kill(&created.sandbox_id).await;
+            return Err(err);
+        }
+        Ok(created)
     }
 
     /// Starts the VM of `row` (a new sandbox, a fork, or a paused sandbox resuming), initializes

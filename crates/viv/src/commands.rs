@@ -495,6 +495,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 auto_pause: auto_pause.then_some(true),
                 allow_internet_access: no_internet.then_some(false),
                 network: rules.network(),
+                volume_mounts: None,
             };
             let created: CreatedSandbox = client
                 .json(client.request(Method::POST, "/sandboxes").json(&req))

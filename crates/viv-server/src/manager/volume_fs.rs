@@ -351,6 +351,11 @@ impl VolumeDir {
         Ok(Self { root })
     }
 
+    /// The volume's directory.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
     /// The directory at `path` (resolved beneath the root), as an `O_PATH` descriptor.
     fn dir(&self, path: &VolPath) -> Result<OwnedFd, FsError> {
         openat2(self.root.as_fd(), &path.relative(), libc::O_PATH | libc::O_DIRECTORY, 0)

@@ -7,19 +7,35 @@
 //! - names and ids from clients are only ever compared with rows: a directory is named by the
 //!   id of a row this server created (letters, digits and `-`), never by client input;
 //! - the content API reaches a volume only with its token, compared in constant time;
-//! - a volume mounted by a sandbox that is not gone cannot be destroyed (409 naming them).
+//! - a volume mounted by a sandbox that is not gone cannot be destroyed (409 naming them);
+//! - a mount is a FUSE file system in the guest whose requests the agent relays over one
+//!   exchange of the agent channel to a [`FuseSession`] here (one thread per mount); it lives
+//!   as long as that exchange (the sandbox's VM and the agent session), so every sandbox
+//!   mounting a volume reads and writes the same host directory.
 
 use std::path::PathBuf;
 
-use viv_api::volumes::{Volume, VolumeAndToken};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt as _;
+use http_body_util::BodyExt as _;
+use viv_api::volumes::{SandboxVolumeMount, Volume, VolumeAndToken};
 
-use super::volume_fs::{FsError, VolumeDir};
+use super::volume_fs::{FsError, VolPath, VolumeDir};
+use super::volume_fuse::{FuseSession, IN_HEADER, MAX_WRITE};
 use super::Manager;
 use crate::error::ApiError;
 use crate::store::{VolumeDeletion, VolumeRow};
 
 /// Longest volume name.
 const MAX_NAME: usize = 128;
+/// Most volumes one sandbox mounts.
+const MAX_MOUNTS: usize = 16;
+
+/// A volume to mount, checked: its row and the mount point.
+pub struct Mount {
+    volume: VolumeRow,
+    path: String,
+}
 
 /// Checks a volume name: 1–128 of letters, digits, `-`, `_` and `.`, starting with a letter or
 /// digit.
@@ -93,7 +109,13 @@ impl Manager {
             token: format!("vol_{}", hex::encode(rand::random::<[u8; 24]>())),
         };
         let dir = self.volumes_dir().join(&row.id);
+        // Every guest user may write at the volume's root (the data directory keeps host users
+        // out).
         std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+            })
             .map_err(|e| ApiError::Internal(format!("creating the volume directory {}: {e}", dir.display())))?;
         match self.store.insert_volume(&row) {
             Ok(true) => Ok(with_token(row)),
@@ -150,6 +172,104 @@ impl Manager {
                     .map_err(|e| ApiError::Internal(format!("removing {}: {e}", dir.display())))
             }
         }
+    }
+
+    /// Checks `volumeMounts` of a create: volumes that exist, absolute normalized mount points
+    /// other than `/`, no mount point twice.
+    pub fn check_mounts(&self, mounts: Option<&[SandboxVolumeMount]>) -> Result<Vec<Mount>, ApiError> {
+        let mounts = mounts.unwrap_or_default();
+        if mounts.len() > MAX_MOUNTS {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_MOUNTS} volume mounts per sandbox"
+            )));
+        }
+        let mut checked: Vec<Mount> = Vec::new();
+        for m in mounts {
+            let normal = VolPath::parse(&m.path).map(|p| p.display()).ok();
+            if !m.path.starts_with('/') || m.path == "/" || normal.as_deref() != Some(m.path.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "volumeMounts: '{}' is not an absolute, normalized mount point other than /",
+                    m.path
+                )));
+            }
+            if checked.iter().any(|c| c.path == m.path) {
+                return Err(ApiError::BadRequest(format!(
+                    "volumeMounts: '{}' is given twice",
+                    m.path
+                )));
+            }
+            let volume = self
+                .store
+                .volume_by_name(&m.name)?
+                .ok_or_else(|| ApiError::BadRequest(format!("volumeMounts: no volume named '{}'", m.name)))?;
+            checked.push(Mount {
+                volume,
+                path: m.path.clone(),
+            });
+        }
+        Ok(checked)
+    }
+
+    /// Records and mounts `mounts` into the running sandbox `id`.
+    pub async fn mount_volumes(&self, id: &str, mounts: &[Mount]) -> Result<(), ApiError> {
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(String, String)> = mounts.iter().map(|m| (m.volume.id.clone(), m.path.clone())).collect();
+        self.store.insert_sandbox_volumes(id, &pairs)?;
+        let live = self.live(id)?;
+        for m in mounts {
+            let dir = VolumeDir::open(&self.volumes_dir().join(&m.volume.id))?;
+            let session = FuseSession::new(dir.root())
+                .map_err(|e| ApiError::Internal(format!("serving volume '{}': {e}", m.volume.name)))?;
+            let failed =
+                |e: String| ApiError::Sandbox(format!("mounting volume '{}' at {}: {e}", m.volume.name, m.path));
+            let (to_guest, replies) = tokio::sync::mpsc::channel::<Bytes>(64);
+            let body = axum::body::Body::from_stream(
+                tokio_stream::wrappers::ReceiverStream::new(replies).map(Ok::<_, std::convert::Infallible>),
+            );
+            let query = serde_urlencoded::to_string([("path", &m.path)]).map_err(|e| failed(e.to_string()))?;
+            let request = hyper::Request::post(format!("http://agent/volume/mount?{query}"))
+                .body(body)
+                .map_err(|e| failed(e.to_string()))?;
+            let response = live.agent.send_ok(request).await.map_err(|e| failed(e.to_string()))?;
+            let (requests, inbox) = std::sync::mpsc::channel::<Bytes>();
+            std::thread::Builder::new()
+                .name(format!("volume-{id}"))
+                .spawn(move || {
+                    let mut session = session;
+                    while let Ok(msg) = inbox.recv() {
+                        if let Some(reply) = session.handle(&msg) {
+                            if to_guest.blocking_send(Bytes::from(reply)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| failed(e.to_string()))?;
+            let mut output = response.into_body();
+            tokio::spawn(async move {
+                let mut pending = BytesMut::new();
+                while let Some(Ok(frame)) = output.frame().await {
+                    let Ok(data) = frame.into_data() else { continue };
+                    pending.extend_from_slice(&data);
+                    while pending.len() >= 4 {
+                        let len = u32::from_le_bytes(pending[..4].try_into().expect("4 bytes")) as usize;
+                        // Not a FUSE request: the relay is broken; dropping it ends the mount.
+                        if !(IN_HEADER..=MAX_WRITE as usize + 4096).contains(&len) {
+                            return;
+                        }
+                        if pending.len() < len {
+                            break;
+                        }
+                        if requests.send(pending.split_to(len).freeze()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(())
     }
 
     /// The directory of the volume `id` if `token` is its content token: 401 without a token or
