@@ -83,3 +83,21 @@ def test_bad_volume_mounts_are_refused(volume, mounts):
     with pytest.raises(SandboxException) as err:
         Sandbox.create(timeout=60, volume_mounts=mounts)
     assert "400" in str(err.value)
+
+
+def test_a_resumed_sandbox_mounts_its_volume_again(volume):
+    sbx = Sandbox.create(timeout=600, volume_mounts={"/mnt/v": volume})
+    try:
+        sbx.files.write("/mnt/v/before.txt", "before the pause")
+        sbx.pause()
+        # Paused, it still holds the volume.
+        with pytest.raises(VolumeException):
+            Volume.destroy(volume.volume_id)
+        volume.write_file("/while-paused.txt", "written while paused")
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=600)
+        assert resumed.files.read("/mnt/v/while-paused.txt") == "written while paused"
+        assert resumed.files.read("/mnt/v/before.txt") == "before the pause"
+        resumed.files.write("/mnt/v/after.txt", "after the resume")
+        assert volume.read_file("/after.txt") == "after the resume"
+    finally:
+        sbx.kill()

@@ -3,6 +3,10 @@
 //! request body carries the host's replies, each written back to `/dev/fuse` whole (a reply
 //! starts with its own length, so the byte stream needs no other framing).
 //!
+//! The agent is a client of the mounts it serves (envd's file routes on volume paths), so a
+//! request a close waits for (`FUSE_FLUSH`, a no-op for the host) is answered here: a file the
+//! agent's connection task drops would otherwise wait for a reply only that task can relay.
+//!
 //! Invariants: the mount lives exactly as long as this exchange. When the host's side ends (the
 //! sandbox's server went away, or a restore reset the channel), the FUSE connection is aborted
 //! (every waiting and later file operation fails with `ENOTCONN` instead of hanging) and the
@@ -23,6 +27,8 @@ use crate::server::json_error;
 
 /// A reply's header: length, error, unique.
 const OUT_HEADER: usize = 16;
+/// `FUSE_FLUSH`, sent (and waited for) at every close of a file on the mount.
+const FUSE_FLUSH: u32 = 25;
 /// The kernel's largest request: the largest write the host allows (128 KiB) and a header page.
 const READ_BUFFER: usize = 128 * 1024 + 4096;
 
@@ -79,14 +85,18 @@ fn fuse_mount(path: &str) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Ends a FUSE connection (through the fusectl file system) and detaches its mount point.
-fn abort(path: &str) {
+/// Ends the FUSE connection `dev` (through the fusectl file system) and detaches its mount
+/// point if it is still the top one there (a newer mount may sit on it: a remount after a
+/// restore).
+fn abort(path: &str, dev: Option<u64>) {
     let connections = "/sys/fs/fuse/connections";
-    if let Some(dev) = connection(path) {
-        if !std::path::Path::new(connections).join(dev.to_string()).exists() {
-            let _ = crate::sys::mount("fusectl", connections, Some("fusectl"), 0, None);
-        }
-        let _ = std::fs::write(format!("{connections}/{dev}/abort"), b"1");
+    let Some(dev) = dev else { return };
+    if !std::path::Path::new(connections).join(dev.to_string()).exists() {
+        let _ = crate::sys::mount("fusectl", connections, Some("fusectl"), 0, None);
+    }
+    let _ = std::fs::write(format!("{connections}/{dev}/abort"), b"1");
+    if connection(path) != Some(dev) {
+        return;
     }
     if let Ok(target) = std::ffi::CString::new(path) {
         // SAFETY: `target` is a valid C string.
@@ -100,8 +110,8 @@ pub async fn mount(Query(q): Query<MountQuery>, body: Body) -> Response {
     }
     let path = q.path.clone();
     let mounted = tokio::task::spawn_blocking(move || fuse_mount(&path)).await;
-    let fd = match mounted {
-        Ok(Ok(mounted)) => mounted,
+    let (fd, dev) = match mounted {
+        Ok(Ok(fd)) => (fd, connection(&q.path)),
         Ok(Err(err)) => {
             return json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -110,16 +120,17 @@ pub async fn mount(Query(q): Query<MountQuery>, body: Body) -> Response {
         }
         Err(err) => return json_error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
     };
-    // SAFETY: `dup` of an open descriptor returns a new one that nothing else owns.
-    let writer = unsafe { libc::dup(fd.as_raw_fd()) };
+    // SAFETY: duplicating an open descriptor (close-on-exec, so commands the agent starts never
+    // hold it) returns a new one that nothing else owns.
+    let writer = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if writer < 0 {
-        abort(&q.path);
+        abort(&q.path, dev);
         return json_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             std::io::Error::last_os_error().to_string(),
         );
     }
-    // SAFETY: just returned by `dup`, owned by nothing else.
+    // SAFETY: just returned by `fcntl`, owned by nothing else.
     let mut writer = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(writer) });
     let (requests, to_host) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let mut reader = std::fs::File::from(fd);
@@ -128,6 +139,15 @@ pub async fn mount(Query(q): Query<MountQuery>, body: Body) -> Response {
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => return,
+                Ok(n) if n >= 16 && buf[4..8] == FUSE_FLUSH.to_le_bytes() => {
+                    // Answered here: the host has nothing to do for it, and a close (which
+                    // waits for it) may run inside the agent's own connection task, which must
+                    // go on to relay everything else.
+                    let mut reply = [0u8; OUT_HEADER];
+                    reply[0..4].copy_from_slice(&(OUT_HEADER as u32).to_le_bytes());
+                    reply[8..16].copy_from_slice(&buf[8..16]);
+                    let _ = (&reader).write(&reply);
+                }
                 Ok(n) => {
                     if requests.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n]))).is_err() {
                         return;
@@ -161,7 +181,7 @@ pub async fn mount(Query(q): Query<MountQuery>, body: Body) -> Response {
                 pending.advance(len);
             }
         }
-        let _ = tokio::task::spawn_blocking(move || abort(&path)).await;
+        let _ = tokio::task::spawn_blocking(move || abort(&path, dev)).await;
     });
     let stream = tokio_stream::wrappers::ReceiverStream::new(to_host);
     (StatusCode::OK, Body::from_stream(stream)).into_response()

@@ -114,6 +114,7 @@ impl Manager {
         let created = self
             .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
             .await?;
+        self.remount_volumes(id).await;
         Ok((created, true))
     }
 

@@ -31,6 +31,15 @@ const MAX_NAME: usize = 128;
 /// Most volumes one sandbox mounts.
 const MAX_MOUNTS: usize = 16;
 
+/// Logs the end of a mount's relay when dropped.
+struct EndLog(String, String);
+
+impl Drop for EndLog {
+    fn drop(&mut self) {
+        tracing::info!(sandbox = %self.0, path = %self.1, "volume mount relay ended");
+    }
+}
+
 /// A volume to mount, checked: its row and the mount point.
 pub struct Mount {
     volume: VolumeRow,
@@ -239,7 +248,10 @@ impl Manager {
                 .spawn(move || {
                     let mut session = session;
                     while let Ok(msg) = inbox.recv() {
-                        if let Some(reply) = session.handle(&msg) {
+                        let opcode = msg.get(4..8).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                        let reply = session.handle(&msg);
+                        tracing::debug!(?opcode, len = msg.len(), reply = ?reply.as_ref().map(|r| (r.len(), r.get(4..8).map(|e| i32::from_le_bytes(e.try_into().expect("4 bytes"))))), "fuse request");
+                        if let Some(reply) = reply {
                             if to_guest.blocking_send(Bytes::from(reply)).is_err() {
                                 return;
                             }
@@ -248,7 +260,9 @@ impl Manager {
                 })
                 .map_err(|e| failed(e.to_string()))?;
             let mut output = response.into_body();
+            let (sandbox, path) = (id.to_owned(), m.path.clone());
             tokio::spawn(async move {
+                let _ended = EndLog(sandbox, path);
                 let mut pending = BytesMut::new();
                 while let Some(Ok(frame)) = output.frame().await {
                     let Ok(data) = frame.into_data() else { continue };
@@ -270,6 +284,27 @@ impl Manager {
             });
         }
         Ok(())
+    }
+
+    /// Mounts again the volumes of a sandbox that resumed (a restore ends the mounts' relays,
+    /// and with them the mounts). A volume that cannot be mounted is logged, not fatal.
+    pub async fn remount_volumes(&self, id: &str) {
+        let mounts: Vec<Mount> = match self.store.sandbox_volumes(id) {
+            Ok(rows) => rows
+                .into_iter()
+                .filter_map(|(name, path)| {
+                    let volume = self.store.volume_by_name(&name).ok().flatten()?;
+                    Some(Mount { volume, path })
+                })
+                .collect(),
+            Err(err) => {
+                tracing::warn!(sandbox = %id, error = %err, "reading the sandbox's volume mounts");
+                return;
+            }
+        };
+        if let Err(err) = self.mount_volumes(id, &mounts).await {
+            tracing::warn!(sandbox = %id, error = %err, "mounting volumes again after a resume");
+        }
     }
 
     /// The directory of the volume `id` if `token` is its content token: 401 without a token or
