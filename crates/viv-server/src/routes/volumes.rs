@@ -83,6 +83,10 @@ impl ContentQuery {
                 "mode must be permission bits, at most 0o7777 (4095)".into(),
             ));
         }
+        // (u32::MAX is chown's "leave unchanged", not an id.)
+        if self.uid == Some(u32::MAX) || self.gid == Some(u32::MAX) {
+            return Err(ApiError::BadRequest("uid and gid must be at most 4294967294".into()));
+        }
         Ok(Meta {
             uid: self.uid,
             gid: self.gid,
