@@ -142,10 +142,28 @@ def _trim():
         _api("DELETE", f"/snapshots/{snapshot['snapshotID']}")
 
 
+# Volume content routes take a volume's own token: the run script creates one volume and passes
+# its token as the run's `Authorization` header (so the auth checks still alter or drop it).
+_CONTENT_VOLUME = os.environ.get("VIV_ST_VOLUME", "")
+
+
+def _point_at_volume(case):
+    """Four in five volume content requests go to the run's volume."""
+    if not _CONTENT_VOLUME or not case.operation.path.startswith("/volumecontent/"):
+        return
+    if CHOICE.random() < 0.8:
+        case.path_parameters["volumeID"] = _CONTENT_VOLUME
+
+
 @schemathesis.hook
 def before_call(context, case, kwargs):
     """Points four in five sandbox-scoped requests at a sandbox that exists (starting one when
-    none does: the fuzzer's own live only as long as the `timeout` it drew)."""
+    none does: the fuzzer's own live only as long as the `timeout` it drew), and volume content
+    requests at a volume (`_point_at_volume`). Generated `volumeMounts` name volumes that do not
+    exist (a 400 by design), so they are dropped."""
+    _point_at_volume(case)
+    if isinstance(case.body, dict) and "volumeMounts" in case.body:
+        case.body = {k: v for k, v in case.body.items() if k != "volumeMounts"}
     if "sandboxID" in (case.path_parameters or {}) and CHOICE.random() < 0.8:
         known = _known_sandboxes()
         if not known:

@@ -18,6 +18,7 @@ pub mod server;
 mod sys;
 mod tunnel;
 mod users;
+mod volume;
 mod watch;
 
 /// Entry points for the fuzz targets: the binary protobuf middleware, and what tells an upload's

@@ -121,6 +121,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/build/copy", post(crate::build::copy))
         .route("/build/sync", post(crate::build::sync))
         .route("/tunnel", post(crate::tunnel::tunnel))
+        .route("/volume/mount", post(crate::volume::mount))
         .route("/envs", get(envs))
         .route("/metrics", get(crate::metrics::metrics))
         .route("/files", get(crate::files::download).post(crate::files::upload))

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod volumes;
+
 /// The OpenAPI 3 document describing every route, with the absolute caps of VM shapes; a server
 /// serves [`openapi_yaml`] with its own host's limits.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
@@ -131,6 +133,9 @@ pub struct NewSandbox {
         deserialize_with = "object_or_null"
     )]
     pub network: Option<NetworkConfig>,
+    /// Volumes to mount (E2B's `volumeMounts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mounts: Option<Vec<volumes::SandboxVolumeMount>>,
 }
 
 /// E2B's `autoResume` of a create request.

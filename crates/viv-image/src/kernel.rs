@@ -19,6 +19,8 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_console",
     "virtio_net",
     "virtio_rng",
+    // Volumes mounted into sandboxes (a FUSE file system served by the host).
+    "fuse",
 ];
 
 /// An unpacked kernel.
@@ -43,7 +45,8 @@ impl ImageStore {
         if !package.chars().all(|c| c.is_ascii_alphanumeric() || "-.+_".contains(c)) {
             return Err(ImageError::Invalid(format!("'{package}' is not a Debian package name")));
         }
-        let dest = self.dir("kernels").join(&package);
+        // The module set is part of the name, so a cache unpacked with fewer modules is not taken.
+        let dest = self.dir("kernels").join(format!("{package}-m{}", modules_key()));
         if let Some(k) = existing(&package, &dest) {
             return Ok(k);
         }
@@ -106,6 +109,13 @@ impl ImageStore {
         progress.done(&format!("Kernel {package} ready ({} modules)", order.len()));
         existing(package, dest).ok_or_else(|| ImageError::Invalid("kernel vanished after unpacking".into()))
     }
+}
+
+/// A short hash of [`GUEST_MODULES`].
+fn modules_key() -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(GUEST_MODULES.join(",").as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn existing(package: &str, dest: &Path) -> Option<Kernel> {

@@ -72,7 +72,8 @@ impl ImageStore {
         for entry in fs::read_dir(&tmp).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             // Each temporary is named after the lock of its build; skip builds still running.
-            let lock_name = name.split('.').next().unwrap_or_default().to_owned();
+            // (`LOCK.WHAT.PID`; lock names may hold dots, as kernel package names do.)
+            let lock_name = name.rsplitn(3, '.').nth(2).unwrap_or_default().to_owned();
             if let Ok(Some(_held)) = self.try_lock_nowait(&lock_name) {
                 remove_any(&entry.path());
             }

@@ -35,6 +35,9 @@ mod sdk_spec;
 mod sdk_tags;
 mod snapshots;
 mod templates;
+pub mod volume_fs;
+pub mod volume_fuse;
+mod volumes;
 
 pub use builds::{BuildJob, BuildLog};
 pub use recovery::{Recovery, ShutdownMode};
@@ -544,6 +547,7 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
         let timeout = lifetime(req.timeout)?;
+        let mounts = self.check_mounts(req.volume_mounts.as_deref())?;
         let node = self.store.snapshot(&template)?;
         let recipe = match &node {
             Some(_) => None,
@@ -643,6 +647,10 @@ impl Manager {
         };
         self.record_lifecycle(&row.id, &lifecycle)?;
         let created = self.start_sandbox(row, start, OnFailure::Delete).await?;
+        if let Err(err) = self.mount_volumes(&created.sandbox_id, &mounts).await {
+            let _ = self.kill(&created.sandbox_id).await;
+            return Err(err);
+        }
         if private_traffic {
             let token = random_id(32);
             self.store.set_traffic_token(&created.sandbox_id, &token)?;

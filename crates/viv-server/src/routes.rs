@@ -33,6 +33,7 @@ mod proxy;
 mod snapshots;
 mod signed;
 mod templates;
+mod volumes;
 
 /// Builds the application router.
 pub fn router(state: AppState) -> Router {
@@ -75,6 +76,7 @@ pub fn router(state: AppState) -> Router {
             post(e2b_templates::assign_tags).delete(e2b_templates::delete_tags),
         )
         .route("/templates/{id}/tags", get(e2b_templates::tags))
+        .merge(volumes::control())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));
     Router::new()
@@ -84,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         // Authorized by the token of a link `GET /templates/{id}/files/{hash}` handed out.
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
+        .merge(volumes::content())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
         .method_not_allowed_fallback(|request: Request| async move {
             ApiError::MethodNotAllowed(format!(

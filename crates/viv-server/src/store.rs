@@ -13,6 +13,8 @@ use viv_api::{ApiKeyInfo, SandboxState};
 
 mod lifecycle;
 pub use lifecycle::LifecycleRow;
+mod volumes;
+pub use volumes::{VolumeDeletion, VolumeRow};
 
 /// Embedded migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -26,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0008_lifecycle.sql"),
     include_str!("migrations/0009_files_traffic.sql"),
     include_str!("migrations/0010_template_builds.sql"),
+    include_str!("migrations/0011_volumes.sql"),
 ];
 
 mod traffic;

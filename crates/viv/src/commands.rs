@@ -514,6 +514,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 auto_resume: auto_resume.then_some(viv_api::AutoResume { enabled: true }),
                 allow_internet_access: no_internet.then_some(false),
                 network: rules.network(),
+                volume_mounts: None,
             };
             let created: CreatedSandbox = client
                 .json(client.request(Method::POST, "/sandboxes").json(&req))

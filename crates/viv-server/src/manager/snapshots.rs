@@ -147,8 +147,11 @@ impl Manager {
             env_vars: disk_boot.then(|| self.boot_env(&id)),
             ..StartRequest::new(&source, timeout)
         };
-        self.start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
-            .await
+        let created = self
+            .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
+            .await?;
+        self.remount_volumes(&id).await;
+        Ok(created)
     }
 
     /// Snapshots a running sandbox once (it keeps running) and starts `count` sandboxes from

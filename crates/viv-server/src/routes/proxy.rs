@@ -107,7 +107,7 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
     }
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
-    if path.starts_with("/init") || path.starts_with("/build/") {
+    if path.starts_with("/init") || path.starts_with("/build/") || path.starts_with("/volume/") {
         return Err(ApiError::NotFound(format!("no route {path} in the sandbox")));
     }
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());

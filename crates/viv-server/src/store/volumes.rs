@@ -1,0 +1,216 @@
+//! Volume rows and the record of which sandbox mounts which volume.
+//!
+//! Invariant: a volume is in use while a `sandbox_volumes` row names it for a sandbox whose row
+//! is starting, running or paused; [`Store::delete_volume`] refuses such a volume in the same
+//! statement that would delete it, so a mount recorded concurrently is never lost.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{now_rfc3339, Store, StoreError};
+
+/// A volume row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRow {
+    /// Id (also its directory's name under `volumes/`).
+    pub id: String,
+    /// Name, unique.
+    pub name: String,
+    /// Bearer token of the content API.
+    pub token: String,
+}
+
+/// What [`Store::delete_volume`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeDeletion {
+    /// The row is gone.
+    Deleted,
+    /// No such volume.
+    Missing,
+    /// Sandboxes that are not gone mount it (their ids).
+    InUse(Vec<String>),
+}
+
+/// States of a sandbox whose mounts count.
+const LIVE_STATES: &str = "('starting', 'running', 'paused')";
+
+impl Store {
+    /// Records a new volume; `Ok(false)` when its name is taken.
+    pub fn insert_volume(&self, row: &VolumeRow) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO volumes (id, name, token, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            params![row.id, row.name, row.token, now_rfc3339()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// A volume by id.
+    pub fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT id, name, token FROM volumes WHERE id = ?1", params![id], |r| {
+                Ok(VolumeRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    token: r.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// A volume by name.
+    pub fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, name, token FROM volumes WHERE name = ?1",
+                params![name],
+                |r| {
+                    Ok(VolumeRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        token: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Every volume, oldest first.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, name, token FROM volumes ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(VolumeRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                token: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a volume's row unless a sandbox that is not gone mounts it; mount records of
+    /// gone sandboxes go with it.
+    pub fn delete_volume(&self, id: &str) -> Result<VolumeDeletion, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let exists: Option<i64> = tx
+            .query_row("SELECT 1 FROM volumes WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?;
+        if exists.is_none() {
+            return Ok(VolumeDeletion::Missing);
+        }
+        let users: Vec<String> = {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT DISTINCT m.sandbox_id FROM sandbox_volumes m JOIN sandboxes s ON s.id = m.sandbox_id \
+                 WHERE m.volume_id = ?1 AND s.state IN {LIVE_STATES} ORDER BY m.sandbox_id"
+            ))?;
+            let rows = stmt.query_map(params![id], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if !users.is_empty() {
+            return Ok(VolumeDeletion::InUse(users));
+        }
+        tx.execute("DELETE FROM sandbox_volumes WHERE volume_id = ?1", params![id])?;
+        tx.execute("DELETE FROM volumes WHERE id = ?1", params![id])?;
+        tx.commit()?;
+        Ok(VolumeDeletion::Deleted)
+    }
+
+    /// Records that `sandbox` mounts each `(volume id, path)`.
+    pub fn insert_sandbox_volumes(&self, sandbox: &str, mounts: &[(String, String)]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (volume, path) in mounts {
+            tx.execute(
+                "INSERT OR REPLACE INTO sandbox_volumes (sandbox_id, volume_id, path) VALUES (?1, ?2, ?3)",
+                params![sandbox, volume, path],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The `(volume name, path)` mounts of a sandbox, by path.
+    pub fn sandbox_volumes(&self, sandbox: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT v.name, m.path FROM sandbox_volumes m JOIN volumes v ON v.id = m.volume_id \
+             WHERE m.sandbox_id = ?1 ORDER BY m.path",
+        )?;
+        let rows = stmt.query_map(params![sandbox], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a sandbox's mounts (its row is gone or failed).
+    pub fn delete_sandbox_volumes(&self, sandbox: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM sandbox_volumes WHERE sandbox_id = ?1", params![sandbox])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("viv-store-volumes-{}", crate::manager::random_id(8)));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir.join("db.sqlite")).unwrap(), dir)
+    }
+
+    fn row(id: &str, name: &str) -> VolumeRow {
+        VolumeRow {
+            id: id.into(),
+            name: name.into(),
+            token: format!("t-{id}"),
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_rows_round_trip() {
+        let (store, dir) = store();
+        assert!(store.insert_volume(&row("a", "one")).unwrap());
+        assert!(!store.insert_volume(&row("b", "one")).unwrap());
+        assert_eq!(store.volume("a").unwrap(), Some(row("a", "one")));
+        assert_eq!(store.volume_by_name("one").unwrap(), Some(row("a", "one")));
+        assert_eq!(store.volume("b").unwrap(), None);
+        assert_eq!(store.list_volumes().unwrap(), vec![row("a", "one")]);
+        assert_eq!(store.delete_volume("a").unwrap(), VolumeDeletion::Deleted);
+        assert_eq!(store.delete_volume("a").unwrap(), VolumeDeletion::Missing);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_volume_mounted_by_a_live_sandbox_is_kept() {
+        let (store, dir) = store();
+        store.insert_volume(&row("v", "data")).unwrap();
+        store
+            .conn()
+            .execute(
+                "INSERT INTO sandboxes (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata) \
+                 VALUES ('s1', 'base', 'running', '', 0, 1, 512, '{}')",
+                [],
+            )
+            .unwrap();
+        store
+            .insert_sandbox_volumes("s1", &[("v".into(), "/mnt/data".into())])
+            .unwrap();
+        assert_eq!(
+            store.sandbox_volumes("s1").unwrap(),
+            vec![("data".into(), "/mnt/data".into())]
+        );
+        assert_eq!(
+            store.delete_volume("v").unwrap(),
+            VolumeDeletion::InUse(vec!["s1".into()])
+        );
+        store
+            .conn()
+            .execute("UPDATE sandboxes SET state = 'failed' WHERE id = 's1'", [])
+            .unwrap();
+        assert_eq!(store.delete_volume("v").unwrap(), VolumeDeletion::Deleted);
+        assert!(store.sandbox_volumes("s1").unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
