@@ -101,7 +101,6 @@ test('a named snapshot starts new sandboxes and is listed', slow, () =>
 
 test('snapshots are listed by name', {
   ...slow,
-  todo: 'expected failure until GET /snapshots filters by name (issue 12, snapshots API)',
 }, () =>
   withSandbox(async (sbx) => {
     const name = `js-named-${Date.now()}`
@@ -113,7 +112,6 @@ test('snapshots are listed by name', {
 
 test('a snapshot is deleted through the SDK, and a second delete reports false', {
   ...slow,
-  todo: 'expected failure until DELETE /templates/{id} deletes a snapshot as E2B does (the SDK gets 404 today; issue 12, snapshots API)',
 }, () =>
   withSandbox(async (sbx) => {
     const snapshot = await sbx.createSnapshot({ name: `js-deleted-${Date.now()}` })
@@ -144,7 +142,6 @@ test('a sandbox dies at its timeout, and setTimeout extends one', slow, async ()
 
 test('connect to a running sandbox never shortens its lifetime', {
   ...slow,
-  todo: 'expected failure until connect only ever extends a running sandbox\'s timeout (issue 12, timeouts)',
 }, () =>
   withSandbox(async (sbx) => {
     const before = (await sbx.getInfo()).endAt.getTime()
@@ -169,7 +166,6 @@ test('metrics report CPU, memory and disk', slow, () =>
 
 test('signed download and upload URLs work without the sandbox header, and a forged one is refused', {
   ...slow,
-  todo: 'expected failure until signed file URLs are served on E2B_SANDBOX_URL without a sandbox header (issue 12, signed URLs)',
 }, () =>
   withSandbox(async (sbx) => {
     await sbx.files.write('/home/user/signed.txt', 'signed content')

@@ -11,7 +11,6 @@ import { withSandbox } from './helpers.mjs'
 
 test('Template.build from the base image, then a sandbox from the built template', {
   timeout: 240_000,
-  todo: 'expected failure until E2B\'s template routes (/v3/templates, file uploads, build status) map onto Vivarium\'s builder (issue 12, template builds)',
 }, async (t) => {
   const name = `js-suite-tpl-${Date.now()}`
   const context = mkdtempSync(join(tmpdir(), 'viv-e2b-js-context-'))

@@ -59,7 +59,6 @@ test('watchDir of a missing directory is refused', slow, () =>
 
 test('watch events carry entry info when asked', {
   ...slow,
-  todo: 'expected failure until the agent reports envd 0.6.3 and sends entry info in watch events (issue 12, files)',
 }, () =>
   withSandbox(async (sbx) => {
     await sbx.files.makeDir('/home/user/we')

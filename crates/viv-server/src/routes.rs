@@ -30,8 +30,8 @@ mod e2b_templates;
 mod listing;
 mod metric_history;
 mod proxy;
-mod snapshots;
 mod signed;
+mod snapshots;
 mod templates;
 mod volumes;
 
