@@ -291,6 +291,27 @@ pub fn random_id(len: usize) -> String {
         .collect()
 }
 
+/// 16 bytes written as a UUID (`8-4-4-4-12` hex digits), the shape E2B's ids have.
+pub fn uuid_shaped(bytes: [u8; 16]) -> String {
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// A random (version 4) UUID.
+pub fn random_uuid() -> String {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid_shaped(bytes)
+}
+
 impl Manager {
     /// Prepares the guest images (building what is missing) and the directories.
     pub fn prepare(

@@ -167,13 +167,5 @@ impl Manager {
 fn derived_build_id(row: &TemplateRow) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(format!("{}\0{}\0{}", row.name, row.layer, row.created_at));
-    let hex = hex::encode(&digest[..16]);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    super::uuid_shaped(digest[..16].try_into().expect("a SHA-256 digest has 32 bytes"))
 }

@@ -66,15 +66,7 @@ pub fn check_name(name: &str) -> Result<(), ApiError> {
 
 /// A new volume id, shaped like a UUID as E2B's are.
 fn new_id() -> String {
-    let hex = hex::encode(rand::random::<[u8; 16]>());
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    super::random_uuid()
 }
 
 /// Equal byte strings, in time that depends only on their lengths.
