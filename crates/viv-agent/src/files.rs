@@ -264,20 +264,28 @@ pub async fn download(State(state): State<AgentState>, headers: HeaderMap, Query
             if meta.is_dir() {
                 return Err(io::Error::new(io::ErrorKind::IsADirectory, "is a directory"));
             }
-            Ok((file, meta.len()))
+            let sized = meta.is_file() && !on_pseudo_fs(&file);
+            Ok((file, sized.then_some(meta.len())))
         })
         .await
     };
     match opened {
         Ok((file, len)) => {
-            let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
+            use tokio::io::AsyncReadExt as _;
+            // A regular file is sent as long as it was when opened (a file that grows meanwhile
+            // is cut there, so the body always matches its Content-Length); procfs, sysfs and
+            // device files, whose size says nothing, are read to their end.
+            let reader = tokio::fs::File::from_std(file).take(len.unwrap_or(u64::MAX));
+            let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            Response::builder()
-                .header(header::CONTENT_TYPE, "application/octet-stream")
-                .header(header::CONTENT_LENGTH, len)
+            let mut response = Response::builder().header(header::CONTENT_TYPE, "application/octet-stream");
+            if let Some(len) = len {
+                response = response.header(header::CONTENT_LENGTH, len);
+            }
+            response
                 .header(
                     header::CONTENT_DISPOSITION,
                     format!("inline; filename=\"{}\"", name.replace('"', "")),
@@ -287,6 +295,37 @@ pub async fn download(State(state): State<AgentState>, headers: HeaderMap, Query
         }
         Err(err) => json_error(io_status(&err), format!("{}: {err}", path.display())),
     }
+}
+
+/// Whether `file` lives on a file system whose sizes say nothing of the bytes a read returns
+/// (procfs and sysfs report 0 or a page for files of any length).
+fn on_pseudo_fs(file: &fs::File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+    const SYSFS_MAGIC: i64 = 0x6265_6572;
+    const DEBUGFS_MAGIC: i64 = 0x6462_6720;
+    const TRACEFS_MAGIC: i64 = 0x7472_6163;
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    const CGROUP_SUPER_MAGIC: i64 = 0x27e0eb;
+    const SECURITYFS_MAGIC: i64 = 0x7363_6673;
+    // SAFETY: an all-zero statfs is a valid value for the kernel to overwrite.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a descriptor `file` owns and a statfs buffer, both outliving the call.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let kind = stat.f_type as i64;
+    [
+        PROC_SUPER_MAGIC,
+        SYSFS_MAGIC,
+        DEBUGFS_MAGIC,
+        TRACEFS_MAGIC,
+        CGROUP2_SUPER_MAGIC,
+        CGROUP_SUPER_MAGIC,
+        SECURITYFS_MAGIC,
+    ]
+    .contains(&kind)
 }
 
 /// One written file, as envd reports uploads.
