@@ -26,15 +26,19 @@ use crate::store::{now_rfc3339_ms, SandboxRow, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
+mod info;
 mod lifecycle;
+mod network;
 mod pool;
 mod recovery;
 mod sdk_builds;
 mod sdk_files;
 mod sdk_spec;
 mod sdk_tags;
+mod setup;
 mod snapshots;
 mod templates;
+mod timeouts;
 pub mod volume_fs;
 pub mod volume_fuse;
 mod volumes;
@@ -313,232 +317,9 @@ pub fn random_uuid() -> String {
 }
 
 impl Manager {
-    /// Prepares the guest images (building what is missing) and the directories.
-    pub fn prepare(
-        config: Config,
-        store: Arc<Store>,
-        metrics: Arc<Metrics>,
-        progress: &dyn Progress,
-    ) -> Result<Self, ImageError> {
-        let images = ImageStore::open(&config.cache_dir)?;
-        let kernel = images.kernel(config.kernel_package.as_deref(), progress)?;
-        let initramfs = images.initramfs(&kernel, &config.agent_binary)?;
-        let rootfs = images.debian_rootfs(&viv_image::rootfs::DebianRecipe::default(), progress)?;
-        let boot = BootImages {
-            kernel: kernel.image,
-            initramfs,
-            rootfs,
-        };
-        let data_key = hex::encode(&Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..4]);
-        let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{}", data_key));
-        // Snapshots hold guest memory and disks: nobody else's to read.
-        for dir in [
-            config.data_dir.clone(),
-            config.data_dir.join("sandboxes"),
-            shm_dir.clone(),
-        ] {
-            std::fs::create_dir_all(&dir)
-                .and_then(|()| {
-                    use std::os::unix::fs::PermissionsExt as _;
-                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                })
-                .map_err(|source| ImageError::Io {
-                    context: format!("creating {}", dir.display()),
-                    source,
-                })?;
-        }
-        let accel = config.accel.resolve();
-        let key_file = config.data_dir.join("channel.key");
-        let channel_key = match std::fs::read_to_string(&key_file) {
-            Ok(key) if key.trim().len() == 32 => key.trim().to_owned(),
-            _ => {
-                let key = random_id(32);
-                std::fs::write(&key_file, &key).map_err(|source| ImageError::Io {
-                    context: format!("writing {}", key_file.display()),
-                    source,
-                })?;
-                key
-            }
-        };
-        let vmm = viv_vmm::qemu::Qemu::default().confined(confinement(&config, &data_key)?);
-        Ok(Self {
-            config,
-            store,
-            images,
-            boot,
-            vmm: Arc::new(vmm),
-            accel,
-            shm_dir,
-            live: Mutex::new(HashMap::new()),
-            metrics,
-            templates: templates::TemplateCache::new(qemu_version()),
-            builds: builds::Builds::default(),
-            sdk_builds: sdk_builds::SdkBuilds::default(),
-            pool: pool::Pool::default(),
-            net: std::sync::OnceLock::new(),
-            data_key,
-            channel_key,
-            resume_gates: lifecycle::ResumeGates::default(),
-        })
-    }
-
-    /// Sets up isolated networking when the server runs in that mode (removing namespaces and
-    /// links a crashed server left, but the slots in `keep`, whose VMs still run).
-    async fn start_network(&self, keep: std::collections::BTreeSet<u32>) -> Result<(), viv_net::NetError> {
-        if self.config.network == NetworkMode::Isolated && self.net.get().is_none() {
-            let net = viv_net::Network::start(
-                viv_net::NetworkConfig {
-                    pool: self.config.net_pool,
-                    key: self.data_key[..6].to_owned(),
-                },
-                keep,
-            )
-            .await?;
-            let _ = self.net.set(net);
-        }
-        Ok(())
-    }
-
     /// How VMM processes are confined, for a person.
     pub fn confinement(&self) -> String {
         self.vmm.confinement()
-    }
-
-    /// How sandboxes are networked.
-    pub fn network_mode(&self) -> NetworkMode {
-        self.config.network
-    }
-
-    /// Network slots (namespaces) in use, in the isolated mode.
-    pub fn network_slots(&self) -> usize {
-        self.net.get().map_or(0, viv_net::Network::slots_in_use)
-    }
-
-    /// The network card of a VM with egress `rules`, as the server's network mode has it, and
-    /// in the isolated mode the slot its QEMU runs in.
-    async fn network(
-        &self,
-        rules: &viv_net::PolicySpec,
-    ) -> Result<(Option<viv_vmm::Network>, Option<viv_net::Slot>), ApiError> {
-        match self.config.network {
-            NetworkMode::None => Ok((None, None)),
-            NetworkMode::User => Ok((
-                Some(viv_vmm::Network::User {
-                    internet: rules.internet,
-                }),
-                None,
-            )),
-            NetworkMode::Isolated => {
-                let net = self
-                    .net
-                    .get()
-                    .ok_or_else(|| ApiError::Unavailable("isolated networking is not set up".into()))?;
-                let policy = checked_policy(rules)?;
-                let slot = net.acquire(policy).await.map_err(|e| match e {
-                    viv_net::NetError::Exhausted(_) => ApiError::NoRoom(e.to_string()),
-                    other => ApiError::Internal(format!("setting up the sandbox's network: {other}")),
-                })?;
-                let card = viv_vmm::Network::Tap {
-                    netns: slot.netns_path(),
-                    ifname: viv_net::rules::TAP.to_owned(),
-                };
-                Ok((Some(card), Some(slot)))
-            }
-        }
-    }
-
-    /// Refuses to restore a node saved under another network mode (the card and its backend are
-    /// part of the saved state), which QEMU would reject with a message about device state.
-    fn check_device_set(&self, node: &SnapshotRow) -> Result<(), ApiError> {
-        let current = self.config.network.to_string();
-        match &node.network {
-            Some(saved) if *saved != current => Err(ApiError::Conflict(format!(
-                "snapshot {} was saved by a server running `--network {saved}`, but this one runs `--network {current}`; restart it with `--network {saved}` to start from this snapshot",
-                node.id
-            ))),
-            _ => Ok(()),
-        }
-    }
-
-    /// Egress rules from a request's `allow_internet_access` and `network`, checked against what
-    /// this server's network mode can enforce.
-    fn egress_rules(
-        &self,
-        internet: Option<bool>,
-        allow_out: Option<&Vec<String>>,
-        deny_out: Option<&Vec<String>>,
-        dns_servers: Option<&Vec<String>>,
-        unsupported: [(&str, Option<&serde_json::Value>); 2],
-    ) -> Result<viv_net::PolicySpec, ApiError> {
-        for (field, value) in unsupported {
-            let set = match value {
-                None | Some(serde_json::Value::Null) => false,
-                Some(serde_json::Value::Object(map)) => !map.is_empty(),
-                Some(_) => true,
-            };
-            if set {
-                return Err(ApiError::BadRequest(format!(
-                    "network.{field} is not supported by Vivarium"
-                )));
-            }
-        }
-        let rules = viv_net::PolicySpec {
-            internet: internet.unwrap_or(true),
-            allow_out: allow_out.cloned().unwrap_or_default(),
-            deny_out: deny_out.cloned().unwrap_or_default(),
-            dns_servers: dns_servers.cloned(),
-        };
-        checked_policy(&rules)?;
-        if rules.has_rules() && self.config.network != NetworkMode::Isolated {
-            return Err(ApiError::BadRequest(format!(
-                "allowOut and denyOut need the isolated network mode; this server runs `--network {}`, which can only turn a sandbox's internet access on or off",
-                self.config.network
-            )));
-        }
-        Ok(rules)
-    }
-
-    /// Replaces the egress rules of a sandbox (`PUT /sandboxes/{id}/network`): at once for a
-    /// running sandbox in the isolated mode, at resume for a paused one.
-    pub async fn update_network(&self, id: &str, update: viv_api::NetworkUpdate) -> Result<(), ApiError> {
-        let rules = self.egress_rules(
-            update.allow_internet_access,
-            update.allow_out.as_ref(),
-            update.deny_out.as_ref(),
-            update.dns_servers.as_ref(),
-            [
-                ("egressProxy", update.egress_proxy.as_ref()),
-                ("rules", update.rules.as_ref()),
-            ],
-        )?;
-        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
-        match row.state {
-            SandboxState::Paused => {}
-            SandboxState::Running => {
-                let live = self.live(id)?;
-                let _op = live.op.lock().await;
-                match live.slot() {
-                    Some(slot) => slot
-                        .apply(checked_policy(&rules)?)
-                        .await
-                        .map_err(|e| ApiError::Internal(format!("changing the sandbox's rules: {e}")))?,
-                    None if rules.internet != row.network.internet && self.config.network == NetworkMode::User => {
-                        return Err(ApiError::Conflict(
-                            "a running sandbox's internet access can only change in the isolated network mode (pause and resume it to apply the change)".into(),
-                        ));
-                    }
-                    None => {}
-                }
-            }
-            state => {
-                return Err(ApiError::Conflict(format!(
-                    "sandbox {id} is {}; only running and paused sandboxes have a network",
-                    state.as_str()
-                )))
-            }
-        }
-        self.store.put_sandbox(&SandboxRow { network: rules, ..row })?;
-        Ok(())
     }
 
     /// Whether sandboxes start from template snapshots.
@@ -1059,100 +840,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Changes a sandbox's remaining lifetime.
-    pub fn set_timeout(&self, id: &str, seconds: u64) -> Result<(), ApiError> {
-        if seconds > viv_api::MAX_TIMEOUT_SECS {
-            return Err(ApiError::BadRequest(format!(
-                "timeout must be at most {} seconds",
-                viv_api::MAX_TIMEOUT_SECS
-            )));
-        }
-        self.live(id)?;
-        self.store.set_end(id, now_ms() + seconds as i64 * 1000)?;
-        Ok(())
-    }
-
-    /// Extends a sandbox's lifetime to at least `seconds` from now (E2B's refresh).
-    pub fn refresh(&self, id: &str, seconds: u64) -> Result<(), ApiError> {
-        if seconds > viv_api::MAX_TIMEOUT_SECS {
-            return Err(ApiError::BadRequest(format!(
-                "duration must be at most {} seconds",
-                viv_api::MAX_TIMEOUT_SECS
-            )));
-        }
-        self.live(id)?;
-        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
-        self.store
-            .set_end(id, row.end_at_ms.max(now_ms() + seconds as i64 * 1000))?;
-        Ok(())
-    }
-
-    fn info(&self, row: SandboxRow) -> SandboxInfo {
-        let (lifecycle, pause_mode) = self.lifecycle_view(&row);
-        SandboxInfo {
-            lifecycle: Some(lifecycle),
-            pause_mode,
-            sandbox_id: row.id,
-            template_id: row.template_id,
-            client_id: self.config.node_name.clone(),
-            started_at: row.started_at,
-            end_at: rfc3339_ms(row.end_at_ms),
-            cpu_count: row.cpu_count,
-            memory_mb: row.memory_mb,
-            disk_size_mb: viv_image::rootfs::DebianRecipe::default().size_mib,
-            metadata: row.metadata,
-            state: row.state,
-            envd_version: viv_proto::ENVD_VERSION.to_owned(),
-            error: row.error,
-            allow_internet_access: row.network.internet,
-            network: (!row.network.is_plain()).then(|| viv_api::NetworkConfig {
-                allow_out: Some(row.network.allow_out.clone()),
-                deny_out: Some(row.network.deny_out.clone()),
-                dns_servers: row.network.dns_servers.clone(),
-                ..viv_api::NetworkConfig::default()
-            }),
-            domain: Some(self.config.domain.clone()),
-        }
-    }
-
-    /// One sandbox. A sandbox whose VM died is gone, as E2B has it (404), and the message says
-    /// why.
-    pub fn get(&self, id: &str) -> Result<SandboxInfo, ApiError> {
-        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
-        if row.state == SandboxState::Failed {
-            return Err(ApiError::NotFound(format!(
-                "sandbox '{id}' is gone: {}",
-                row.error.as_deref().unwrap_or("its VM stopped")
-            )));
-        }
-        Ok(self.info(row))
-    }
-
-    /// All sandboxes (failed ones too: callers filter by state), optionally only those whose
-    /// metadata contains every pair in `filter`.
-    pub fn list(&self, filter: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ApiError> {
-        Ok(self
-            .store
-            .sandboxes()?
-            .into_iter()
-            .filter(|row| filter.iter().all(|(k, v)| row.metadata.get(k) == Some(v)))
-            .map(|row| self.info(row))
-            .collect())
-    }
-
-    /// The create response for a sandbox row.
-    fn created(&self, row: &SandboxRow) -> CreatedSandbox {
-        CreatedSandbox {
-            sandbox_id: row.id.clone(),
-            template_id: row.template_id.clone(),
-            client_id: self.config.node_name.clone(),
-            envd_version: viv_proto::ENVD_VERSION.to_owned(),
-            envd_access_token: row.access_token.clone(),
-            domain: Some(self.config.domain.clone()),
-            traffic_access_token: self.store.traffic_token(&row.id).ok().flatten(),
-        }
-    }
-
     /// Number of warm VMs in the pool.
     pub fn pooled_count(&self) -> usize {
         self.pool.ready_count()
@@ -1161,35 +848,6 @@ impl Manager {
     /// Number of live sandboxes.
     pub fn live_count(&self) -> usize {
         self.live.lock().expect("live lock").len()
-    }
-
-    /// Kills sandboxes whose deadline has passed, every second, for as long as the manager lives.
-    pub fn start_deadline_enforcer(self: &Arc<Self>) {
-        let manager = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let Some(manager) = manager.upgrade() else { return };
-                let Ok(rows) = manager.store.sandboxes() else { continue };
-                let expired = rows.into_iter().filter(|r| {
-                    matches!(r.state, SandboxState::Running | SandboxState::Failed) && r.end_at_ms <= now_ms()
-                });
-                for row in expired {
-                    manager.metrics.sandboxes_timed_out.inc();
-                    if row.auto_pause && row.state == SandboxState::Running {
-                        tracing::info!(sandbox = %row.id, "sandbox timed out; pausing it");
-                        match manager.pause_at_timeout(&row.id).await {
-                            Ok(_) => continue,
-                            Err(err) => tracing::warn!(sandbox = %row.id, error = %err, "auto-pause failed; killing"),
-                        }
-                    } else {
-                        tracing::info!(sandbox = %row.id, "sandbox timed out");
-                    }
-                    let _ = manager.kill(&row.id).await;
-                }
-            }
-        });
     }
 }
 
@@ -1231,56 +889,4 @@ async fn qemu_img_create(base: &Path, overlay: &Path, unchecked_size: Option<u64
 fn remove_files(run_dir: &Path, memory_file: &Path) {
     let _ = std::fs::remove_dir_all(run_dir);
     let _ = std::fs::remove_file(memory_file);
-}
-
-/// How VMMs are confined: the full jail as root, QEMU's seccomp filter alone otherwise, and
-/// nothing only when asked (to measure what the jail costs).
-fn confinement(config: &Config, data_key: &str) -> Result<viv_vmm::confine::Confinement, ImageError> {
-    use viv_vmm::confine::{Confinement, JailConfig};
-    if !config.jail {
-        tracing::warn!("VMs run without a jail (--jail=false): for measurements only, never with untrusted guests");
-        return Ok(Confinement::None);
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        tracing::warn!(
-            "VMs run with QEMU's seccomp filter only: the jail (a uid per VM, a mount namespace, a cgroup) needs root"
-        );
-        return Ok(Confinement::Seccomp);
-    }
-    let error = |e: viv_jail::JailError| ImageError::Io {
-        context: "setting up the VM jail".into(),
-        source: std::io::Error::other(e.to_string()),
-    };
-    let uids = viv_jail::uids::UidPool::new(config.jail_uids.0, config.jail_uids.1).map_err(error)?;
-    let cgroups = viv_jail::cgroup::CgroupTree::open(&format!("vivarium/{data_key}")).map_err(error)?;
-    if cgroups.is_none() {
-        tracing::warn!("this host offers no cgroup memory controller: VMs run without cgroup limits");
-    }
-    std::fs::create_dir_all(viv_jail::JAIL_ROOT_MOUNT).map_err(|source| ImageError::Io {
-        context: format!("creating {}", viv_jail::JAIL_ROOT_MOUNT),
-        source,
-    })?;
-    Ok(Confinement::Jail(Arc::new(JailConfig {
-        jailer: PathBuf::from("/proc/self/exe"),
-        uids,
-        cgroups,
-        key: data_key.to_owned(),
-    })))
-}
-
-/// The QEMU version, part of every template key: device state is only loadable by the same
-/// QEMU.
-fn qemu_version() -> String {
-    std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .unwrap_or_default()
 }

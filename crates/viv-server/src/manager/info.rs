@@ -1,0 +1,75 @@
+//! What clients see of a sandbox: its info (`GET /sandboxes/{id}`, lists) and its create
+//! answer, built from its store row.
+//!
+//! Invariants: a failed sandbox is gone for clients (404 with its reason); nothing here
+//! changes state.
+
+use super::*;
+
+impl Manager {
+    pub(super) fn info(&self, row: SandboxRow) -> SandboxInfo {
+        let (lifecycle, pause_mode) = self.lifecycle_view(&row);
+        SandboxInfo {
+            lifecycle: Some(lifecycle),
+            pause_mode,
+            sandbox_id: row.id,
+            template_id: row.template_id,
+            client_id: self.config.node_name.clone(),
+            started_at: row.started_at,
+            end_at: rfc3339_ms(row.end_at_ms),
+            cpu_count: row.cpu_count,
+            memory_mb: row.memory_mb,
+            disk_size_mb: viv_image::rootfs::DebianRecipe::default().size_mib,
+            metadata: row.metadata,
+            state: row.state,
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            error: row.error,
+            allow_internet_access: row.network.internet,
+            network: (!row.network.is_plain()).then(|| viv_api::NetworkConfig {
+                allow_out: Some(row.network.allow_out.clone()),
+                deny_out: Some(row.network.deny_out.clone()),
+                dns_servers: row.network.dns_servers.clone(),
+                ..viv_api::NetworkConfig::default()
+            }),
+            domain: Some(self.config.domain.clone()),
+        }
+    }
+
+    /// One sandbox. A sandbox whose VM died is gone, as E2B has it (404), and the message says
+    /// why.
+    pub fn get(&self, id: &str) -> Result<SandboxInfo, ApiError> {
+        let row = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        if row.state == SandboxState::Failed {
+            return Err(ApiError::NotFound(format!(
+                "sandbox '{id}' is gone: {}",
+                row.error.as_deref().unwrap_or("its VM stopped")
+            )));
+        }
+        Ok(self.info(row))
+    }
+
+    /// All sandboxes (failed ones too: callers filter by state), optionally only those whose
+    /// metadata contains every pair in `filter`.
+    pub fn list(&self, filter: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ApiError> {
+        Ok(self
+            .store
+            .sandboxes()?
+            .into_iter()
+            .filter(|row| filter.iter().all(|(k, v)| row.metadata.get(k) == Some(v)))
+            .map(|row| self.info(row))
+            .collect())
+    }
+
+    /// The create response for a sandbox row.
+    pub(super) fn created(&self, row: &SandboxRow) -> CreatedSandbox {
+        CreatedSandbox {
+            sandbox_id: row.id.clone(),
+            template_id: row.template_id.clone(),
+            client_id: self.config.node_name.clone(),
+            envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            envd_access_token: row.access_token.clone(),
+            domain: Some(self.config.domain.clone()),
+            traffic_access_token: self.store.traffic_token(&row.id).ok().flatten(),
+        }
+    }
+}
