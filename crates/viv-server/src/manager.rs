@@ -26,6 +26,7 @@ use crate::store::{now_rfc3339_ms, SandboxRow, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
+mod copy_archive;
 mod info;
 mod lifecycle;
 mod network;
