@@ -10,8 +10,11 @@
 //! Invariants: every blob's SHA-256 is checked against its digest before it is used; layer
 //! entries are unpacked only inside the target (the `tar` crate refuses `..` and paths through
 //! symlinks that leave it) and whiteouts remove only paths inside it; registries are reached over
-//! plain HTTP only on loopback hosts and mirrors given with `http://`, since this build has no TLS
-//! client (HTTPS registries are refused with a message that says so).
+//! HTTPS (rustls with the ring provider) verified against the host's CA store plus the extra CA
+//! bundle given to [`Puller::new`], never with verification off; plain HTTP is used only for
+//! mirrors given with `http://` and for loopback registries whose HTTPS port does not speak TLS
+//! (as Docker treats them) — a certificate that fails verification is an error, never a reason
+//! to fall back.
 
 mod reference;
 
@@ -36,6 +39,9 @@ pub enum OciError {
     /// The registry asks for credentials that were not given or were refused.
     #[error("{0}")]
     Unauthorized(String),
+    /// The puller's own configuration (the extra CA bundle) is unusable.
+    #[error("{0}")]
+    Config(String),
     /// The image has no manifest for this platform, or a layer format this puller lacks.
     #[error("{0}")]
     Unsupported(String),
@@ -153,12 +159,16 @@ struct Session<'a> {
     repository: String,
     credentials: Option<&'a Credentials>,
     authorization: Option<String>,
+    /// The plain HTTP base tried once if the first request over `base` fails for a reason other
+    /// than an untrusted certificate (a loopback registry without TLS).
+    fallback: Option<String>,
 }
 
 impl Session<'_> {
     async fn get(&mut self, path: &str, accept: Option<&str>) -> Result<reqwest::Response, OciError> {
-        let url = format!("{}/v2/{}/{path}", self.base, self.repository);
-        for attempt in 0..2 {
+        let mut attempt = 0;
+        loop {
+            let url = format!("{}/v2/{}/{path}", self.base, self.repository);
             let mut request = self.client.get(&url);
             if let Some(accept) = accept {
                 request = request.header("Accept", accept);
@@ -166,11 +176,21 @@ impl Session<'_> {
             if let Some(auth) = &self.authorization {
                 request = request.header("Authorization", auth);
             }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| OciError::Registry(format!("GET {url}: {e}")))?;
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(err) => {
+                    let fallback = self.fallback.take();
+                    if let Some(plain) = fallback.filter(|_| untrusted_certificate(&err).is_none()) {
+                        tracing::info!(base = %self.base, error = %describe(&err), fallback = %plain, "no TLS; trying plain HTTP");
+                        self.base = plain;
+                        continue;
+                    }
+                    return Err(send_error(&url, &err));
+                }
+            };
+            self.fallback = None;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+                attempt += 1;
                 let challenge = response
                     .headers()
                     .get("www-authenticate")
@@ -196,7 +216,6 @@ impl Session<'_> {
             }
             return Ok(response);
         }
-        unreachable!("the loop returns on its second attempt")
     }
 
     /// The `Authorization` header a challenge asks for.
@@ -242,7 +261,7 @@ impl Session<'_> {
         let response = request
             .send()
             .await
-            .map_err(|e| OciError::Registry(format!("getting a token from {realm}: {e}")))?;
+            .map_err(|e| OciError::Registry(format!("getting a token: {}", send_error(realm, &e))))?;
         if !response.status().is_success() {
             return Err(OciError::Unauthorized(format!(
                 "{realm} refused a token for {}: {}",
@@ -299,6 +318,51 @@ impl Session<'_> {
     }
 }
 
+/// The certificate problem behind a failed request, if verifying the peer's certificate is what
+/// failed.
+fn untrusted_certificate(err: &reqwest::Error) -> Option<&rustls::CertificateError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(rustls::Error::InvalidCertificate(cert)) = e.downcast_ref::<rustls::Error>() {
+            return Some(cert);
+        }
+        // An I/O error's `source` skips the error it wraps (rustls' among them, sometimes inside
+        // another I/O error), so step into it instead.
+        source = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+/// An error and its causes, outermost first (reqwest's own message hides the cause).
+fn describe(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// The error for a request to `url` that got no response.
+fn send_error(url: &str, err: &reqwest::Error) -> OciError {
+    match untrusted_certificate(err) {
+        Some(cert) => OciError::Registry(format!(
+            "this server does not trust the TLS certificate of {} ({cert}); it trusts the host's \
+             CA store and `viv serve --registry-ca`: give the latter the CA that signed it",
+            url.split("/v2/").next().unwrap_or(url)
+        )),
+        None => OciError::Registry(format!("GET {url}: {}", describe(err))),
+    }
+}
+
 /// `key="value"` pairs of a challenge.
 fn challenge_params(text: &str) -> BTreeMap<String, String> {
     let mut params = BTreeMap::new();
@@ -324,19 +388,34 @@ fn challenge_params(text: &str) -> BTreeMap<String, String> {
 
 impl Puller {
     /// A puller that tries `mirrors` (base URLs such as `http://10.0.0.5:5000`) first for Docker
-    /// Hub images.
-    pub fn new(mirrors: Vec<String>) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(15))
+    /// Hub images, and trusts the host's CA store plus the certificates of `extra_ca` (PEM) for
+    /// HTTPS registries and mirrors.
+    pub fn new(mirrors: Vec<String>, extra_ca: Option<&str>) -> Result<Self, OciError> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(std::time::Duration::from_secs(15));
+        if let Some(pem) = extra_ca {
+            let certificates = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|e| OciError::Config(format!("the registry CA bundle: {e}")))?;
+            if certificates.is_empty() {
+                return Err(OciError::Config(
+                    "the registry CA bundle holds no PEM certificate".to_owned(),
+                ));
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder
             .build()
-            .unwrap_or_default();
-        Self {
+            .map_err(|e| OciError::Config(format!("the HTTPS client: {}", describe(&e))))?;
+        Ok(Self {
             client,
             mirrors: mirrors
                 .into_iter()
                 .map(|m| m.trim_end_matches('/').to_owned())
                 .collect(),
-        }
+        })
     }
 
     /// Resolves and downloads `reference` into `blobs` (a directory that may hold blobs of earlier
@@ -352,23 +431,22 @@ impl Puller {
         if reference.registry == reference::DOCKER_HUB {
             bases.extend(self.mirrors.iter().cloned());
         }
-        bases.push(reference.base_url());
+        let registry = reference.base_url();
+        bases.push(registry.clone());
         let mut errors = Vec::new();
         let mut unauthorized = false;
         for base in bases {
-            if base.starts_with("https://") {
-                errors.push(format!(
-                    "{base}: this build pulls over plain HTTP only (loopback registries and http:// mirrors); \
-                     serve the image through `viv serve --registry-mirror http://...`"
-                ));
-                continue;
-            }
             let mut session = Session {
                 client: &self.client,
                 base: base.clone(),
                 repository: reference.repository.clone(),
                 credentials,
                 authorization: None,
+                fallback: if base == registry {
+                    reference.plain_fallback()
+                } else {
+                    None
+                },
             };
             match self.pull_from(&mut session, reference, blobs).await {
                 Ok(pulled) => return Ok(pulled),
@@ -589,6 +667,21 @@ fn remove(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registry_ca_bundle_must_hold_certificates() {
+        assert!(Puller::new(vec!["http://m:5000/".into()], None).is_ok());
+        for bad in [
+            "",
+            "not a certificate",
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        ] {
+            assert!(
+                matches!(Puller::new(Vec::new(), Some(bad)), Err(OciError::Config(_))),
+                "{bad}"
+            );
+        }
+    }
 
     fn layer(entries: &[(&str, Option<&str>)]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());

@@ -97,8 +97,8 @@ impl Reference {
         self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
     }
 
-    /// Whether the registry is reached over plain HTTP: loopback hosts, as Docker's default
-    /// insecure registries.
+    /// Whether the registry may be reached over plain HTTP when it does not speak TLS: loopback
+    /// hosts, as Docker's default insecure registries.
     pub fn plain_http(&self) -> bool {
         let host = self
             .registry
@@ -107,15 +107,19 @@ impl Reference {
         host == "localhost" || host.starts_with("127.") || host == "[::1]"
     }
 
-    /// The registry's API base URL.
+    /// The registry's API base URL (always HTTPS; see [`Reference::plain_fallback`]).
     pub fn base_url(&self) -> String {
         if self.registry == DOCKER_HUB {
             "https://registry-1.docker.io".to_owned()
-        } else if self.plain_http() {
-            format!("http://{}", self.registry)
         } else {
             format!("https://{}", self.registry)
         }
+    }
+
+    /// The plain HTTP base URL tried when [`Reference::base_url`] does not answer TLS: only
+    /// for loopback registries.
+    pub fn plain_fallback(&self) -> Option<String> {
+        self.plain_http().then(|| format!("http://{}", self.registry))
     }
 }
 
@@ -151,11 +155,13 @@ mod tests {
         assert_eq!(r.registry, "127.0.0.1:5000");
         assert_eq!(r.repository, "team/app");
         assert!(r.plain_http());
-        assert_eq!(r.base_url(), "http://127.0.0.1:5000");
+        assert_eq!(r.base_url(), "https://127.0.0.1:5000");
+        assert_eq!(r.plain_fallback().as_deref(), Some("http://127.0.0.1:5000"));
         let digest = format!("sha256:{}", "a".repeat(64));
         let r = Reference::parse(&format!("ghcr.io/o/app@{digest}")).unwrap();
         assert_eq!((r.tag.as_deref(), r.manifest_ref()), (None, digest.as_str()));
         assert!(!r.plain_http());
+        assert_eq!(r.plain_fallback(), None);
         assert_eq!(r.to_string(), format!("ghcr.io/o/app@{digest}"));
         for bad in ["", "UPPER", "a b", "x@sha256:12", "x:bad/tag", "host.io/", "x:-tag"] {
             assert!(Reference::parse(bad).is_err(), "{bad}");

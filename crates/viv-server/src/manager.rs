@@ -89,6 +89,8 @@ pub struct Config {
     pub jail_uids: (u32, u32),
     /// Registry mirrors tried first for Docker Hub images (Docker's `registry-mirrors`).
     pub registry_mirrors: Vec<String>,
+    /// PEM CA certificates trusted for HTTPS registries and mirrors besides the host's store.
+    pub registry_ca_certificates: Option<String>,
 }
 
 /// How sandboxes reach networks outside their VM.

@@ -301,7 +301,7 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 pub async fn run(cli: Cli) -> Result<i32> {
     let client = Client::new(&cli.api_url, cli.api_key.clone());
     match cli.command {
-        Command::Serve(args) => crate::serve::run(args).await.map(|()| 0),
+        Command::Serve(args) => crate::serve::run(*args).await.map(|()| 0),
         Command::Image(cmd) => image(cmd, cli.json).map(|()| 0),
         Command::Keys(cmd) => keys(cmd, cli.json).map(|()| 0),
         Command::Sandbox(cmd) => sandbox(&client, cmd, cli.json).await.map(|()| 0),

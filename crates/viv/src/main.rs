@@ -44,7 +44,7 @@ pub struct Dirs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (control plane and node).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Build or import guest images.
     #[command(subcommand)]
     Image(commands::ImageCommand),

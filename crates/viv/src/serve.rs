@@ -72,6 +72,10 @@ pub struct ServeArgs {
     /// repeat for several, tried in order.
     #[arg(long = "registry-mirror", env = "VIV_REGISTRY_MIRRORS", value_delimiter = ',')]
     pub registry_mirrors: Vec<String>,
+    /// PEM file of CA certificates trusted for HTTPS registries and mirrors besides the host's
+    /// CA store (a private registry's or a mirror's own CA).
+    #[arg(long, env = "VIV_REGISTRY_CA")]
+    pub registry_ca: Option<PathBuf>,
     /// PEM file of CA certificates every sandbox trusts besides its image's own (for egress
     /// through a TLS-intercepting proxy), added to the guest's system bundle.
     #[arg(long, env = "VIV_GUEST_CA_FILE")]
@@ -163,6 +167,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         jail: args.jail,
         jail_uids: args.jail_uids,
         registry_mirrors: args.registry_mirrors,
+        registry_ca_certificates: match &args.registry_ca {
+            Some(path) => Some(registry_ca(path)?),
+            None => None,
+        },
     };
     let metrics = Arc::new(Metrics::default());
     let manager = {
@@ -255,6 +263,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
 /// The network mode `--network` asks for, with `auto` resolved: the isolated mode where it can
 /// work (root, iproute2 and nftables), else the user-mode stack.
+/// Reads `--registry-ca` and checks that a puller can trust it, so a bad bundle stops the
+/// server at start rather than failing builds later.
+fn registry_ca(path: &std::path::Path) -> Result<String> {
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the registry CA certificates {}", path.display()))?;
+    viv_oci::Puller::new(Vec::new(), Some(&pem))
+        .with_context(|| format!("the registry CA certificates {}", path.display()))?;
+    Ok(pem)
+}
+
 fn network_mode(asked: &str) -> Result<viv_server::NetworkMode> {
     use viv_server::NetworkMode;
     if asked != "auto" {

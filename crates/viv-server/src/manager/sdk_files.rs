@@ -110,7 +110,11 @@ impl Manager {
     ) -> Result<(String, ImageConfig), ApiError> {
         log.info(&format!("pulling {reference}"));
         let work = self.config.data_dir.join("oci").join(super::random_id(12));
-        let puller = viv_oci::Puller::new(self.config.registry_mirrors.clone());
+        let puller = viv_oci::Puller::new(
+            self.config.registry_mirrors.clone(),
+            self.config.registry_ca_certificates.as_deref(),
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         let pulled = puller.pull(reference, credentials.as_ref(), &work.join("blobs")).await;
         let result = async {
             let pulled = pulled.map_err(|e| match e {
