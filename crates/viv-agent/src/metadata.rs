@@ -124,39 +124,34 @@ pub fn read(path: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// The NUL-separated attribute names of a file; a list that grows between the two calls is
-/// read again.
+/// The NUL-separated attribute names of a file (`None` when it has none).
 fn list(path: &CString) -> Option<Vec<u8>> {
-    for _ in 0..4 {
-        // SAFETY: a NUL-terminated path; a null buffer of size 0 asks for the needed size.
-        let size = unsafe { libc::listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
-        if size <= 0 {
-            return None;
-        }
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: the buffer has `buf.len()` writable bytes.
-        let n = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Some(buf);
-        }
-        if io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
-            return None;
-        }
-    }
-    None
+    sized_read(|buf, len| {
+        // SAFETY: a NUL-terminated path and a buffer of `len` writable bytes (or null with 0,
+        // which asks for the size).
+        unsafe { libc::listxattr(path.as_ptr(), buf, len) }
+    })
+    .filter(|names| !names.is_empty())
 }
 
 fn get(path: &CString, name: &CString) -> Option<Vec<u8>> {
+    sized_read(|buf, len| {
+        // SAFETY: NUL-terminated path and name and a buffer of `len` writable bytes (or null
+        // with 0, which asks for the size).
+        unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.cast(), len) }
+    })
+}
+
+/// Reads a value whose size the same call reports when given no buffer (`listxattr`,
+/// `getxattr`); a value that grows between the two calls is read again, a few times.
+fn sized_read(call: impl Fn(*mut libc::c_char, usize) -> isize) -> Option<Vec<u8>> {
     for _ in 0..4 {
-        // SAFETY: NUL-terminated path and name; a null buffer of size 0 asks for the size.
-        let size = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        let size = call(std::ptr::null_mut(), 0);
         if size < 0 {
             return None;
         }
         let mut buf = vec![0u8; size as usize];
-        // SAFETY: the buffer has `buf.len()` writable bytes.
-        let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = call(buf.as_mut_ptr().cast(), buf.len());
         if n >= 0 {
             buf.truncate(n as usize);
             return Some(buf);
