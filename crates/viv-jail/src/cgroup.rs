@@ -492,6 +492,17 @@ impl Cgroup {
 mod tests {
     use super::*;
 
+    /// 64 MiB, half a CPU, 16 processes.
+    fn test_limits() -> Limits {
+        Limits {
+            memory_bytes: 64 << 20,
+            cpu_percent: 50,
+            cpu_weight: 100,
+            pids: 16,
+            io_weight: 100,
+        }
+    }
+
     fn root() -> bool {
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() == 0 }
@@ -508,13 +519,7 @@ mod tests {
             eprintln!("skipped: no memory controller on this host");
             return;
         };
-        let limits = Limits {
-            memory_bytes: 64 << 20,
-            cpu_percent: 50,
-            cpu_weight: 100,
-            pids: 16,
-            io_weight: 100,
-        };
+        let limits = test_limits();
         let cgroup = tree.create("vm-1", &limits).unwrap();
         assert_eq!(tree.children(), vec!["vm-1".to_owned()]);
         let read = |controller: &str, name: &str| {
@@ -571,13 +576,7 @@ mod tests {
         );
         sweeper.remove_stale_siblings(std::time::Duration::ZERO);
         assert!(live.groups.iter().all(|(_, dir)| !dir.exists()), "an idle tree stays");
-        let limits = Limits {
-            memory_bytes: 64 << 20,
-            cpu_percent: 50,
-            cpu_weight: 100,
-            pids: 16,
-            io_weight: 100,
-        };
+        let limits = test_limits();
         let cgroup = live.create("vm-1", &limits).unwrap();
         assert!(cgroup.paths().iter().all(|p| p.is_dir()));
         cgroup.remove().unwrap();
