@@ -1,0 +1,3 @@
+#!/bin/sh
+# Installs the kernel specs (placeholder: ipykernel's python3 spec comes with its pip package).
+set -eu

@@ -1,0 +1,3 @@
+#!/bin/sh
+# Installs the server (placeholder).
+set -eu
