@@ -5,6 +5,12 @@
 // server uses the isolated network mode with the pool in VIV_TEST_NET_POOL. VIV_BIN names the
 // binary (default: target/debug/viv of this checkout).
 //
+// E2B_JS_SUITE=code-interpreter runs the suite of the `@e2b/code-interpreter` package instead
+// (code-interpreter/*.test.mjs): its server also gets the host layer cache in
+// $VIV_CACHE_DIR/layers and builds the built-in template `code-interpreter-v1` with
+// `viv template build --builtin code-interpreter` before the tests (its output in build.log of
+// the data directory, and in the report when it fails); its last line says `code-interpreter-js:`.
+//
 // Runs every *.test.mjs beside this file with Node's test runner (one file at a time; the tests
 // of a file in order), prints the runner's own report, the number of tests marked `todo`
 // (expected failures of a known gap: they run and are reported, but do not fail the suite), and
@@ -24,6 +30,11 @@ import { run } from 'node:test'
 import { spec } from 'node:test/reporters'
 
 const here = dirname(fileURLToPath(import.meta.url))
+const suite = process.env.E2B_JS_SUITE || 'e2b-js'
+if (!['e2b-js', 'code-interpreter'].includes(suite)) throw new Error(`unknown E2B_JS_SUITE '${suite}'`)
+const codeInterpreter = suite === 'code-interpreter'
+const testDir = codeInterpreter ? join(here, 'code-interpreter') : here
+const label = codeInterpreter ? 'code-interpreter-js' : 'e2b-js'
 const root = resolve(here, '..', '..')
 const viv = process.env.VIV_BIN || join(root, 'target', 'debug', 'viv')
 
@@ -46,13 +57,17 @@ async function startServer() {
   const url = `http://127.0.0.1:${port}`
   const args = [
     'serve', '--listen', `127.0.0.1:${port}`, '--data-dir', data,
-    '--accel', process.env.VIV_ACCEL || 'auto', '--memory-mib', '512',
+    '--accel', process.env.VIV_ACCEL || 'auto', '--memory-mib', codeInterpreter ? '1024' : '512',
     // The suite's server takes its sandboxes along when it stops.
     '--on-shutdown', 'kill',
   ]
+  if (codeInterpreter) {
+    args.push('--layer-cache-dir', join(process.env.VIV_CACHE_DIR || '/var/cache/vivarium', 'layers'))
+  }
   // Root gets the production network mode (a namespace per sandbox, egress rules).
   if (process.getuid() === 0) {
-    args.push('--network', 'isolated', '--net-pool', process.env.VIV_TEST_NET_POOL || '10.235.0.0/24')
+    const pool = process.env.VIV_TEST_NET_POOL || (codeInterpreter ? '10.234.0.0/24' : '10.235.0.0/24')
+    args.push('--network', 'isolated', '--net-pool', pool)
   }
   // Egress here may intercept TLS with a CA the host added to its trust store; sandboxes get it.
   const extra = '/usr/local/share/ca-certificates'
@@ -97,6 +112,23 @@ async function startServer() {
   return { ...server, key }
 }
 
+/** Builds the built-in code interpreter template through the CLI; throws with the build's end on failure. */
+async function buildCodeInterpreter(server) {
+  const started = Date.now()
+  const log = join(server.data, 'build.log')
+  const out = createWriteStream(log)
+  await new Promise((ok) => out.once('open', ok))
+  const build = spawn(viv, ['template', 'build', '--builtin', 'code-interpreter'], {
+    stdio: ['ignore', out, out],
+    env: { ...process.env, VIV_API_URL: server.url, VIV_API_KEY: server.key },
+  })
+  const code = await new Promise((ok) => build.once('exit', ok))
+  if (code !== 0) {
+    throw new Error('building the code interpreter template failed:\n' + readFileSync(log, 'utf8').slice(-6000))
+  }
+  console.log(`${label}: code-interpreter template built in ${Math.round((Date.now() - started) / 1000)} s`)
+}
+
 /** Stops the server (its sandboxes go with it) and removes its data; `showLog`: print the end of its log first. */
 async function stopServer(server, showLog) {
   if (!server.exited) {
@@ -108,15 +140,15 @@ async function stopServer(server, showLog) {
   }
   if (showLog) {
     const lines = readFileSync(join(server.data, 'serve.log'), 'utf8').trimEnd().split('\n')
-    if (lines.join('') !== '') console.log(`e2b-js: the last lines of the server's log:\n${lines.slice(-40).join('\n')}`)
+    if (lines.join('') !== '') console.log(`${label}: the last lines of the server's log:\n${lines.slice(-40).join('\n')}`)
   }
   const shm = '/dev/shm/vivarium-' + createHash('sha256').update(server.data).digest('hex').slice(0, 8)
   rmSync(shm, { recursive: true, force: true })
   rmSync(server.data, { recursive: true, force: true })
 }
 
-const files = (process.argv.length > 2 ? process.argv.slice(2) : readdirSync(here).filter((f) => f.endsWith('.test.mjs')).sort())
-  .map((f) => resolve(here, f))
+const files = (process.argv.length > 2 ? process.argv.slice(2) : readdirSync(testDir).filter((f) => f.endsWith('.test.mjs')).sort())
+  .map((f) => resolve(testDir, f))
 const started = Date.now()
 const server = await startServer()
 let stopping = false
@@ -127,6 +159,17 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
     await stopServer(server, false)
     process.exit(130)
   })
+}
+if (codeInterpreter) {
+  try {
+    await buildCodeInterpreter(server)
+  } catch (err) {
+    console.error(`${label}: ${err.message}`)
+    stopping = true
+    await stopServer(server, true)
+    console.log(`${label}: 0 passed, 1 failed`)
+    process.exit(1)
+  }
 }
 process.env.E2B_API_URL = server.url
 process.env.E2B_SANDBOX_URL = server.url
@@ -142,7 +185,7 @@ try {
   })
   for await (const chunk of stream.compose(spec)) process.stdout.write(chunk)
 } catch (err) {
-  console.error('e2b-js: the test runner failed:', err)
+  console.error(`${label}: the test runner failed:`, err)
 }
 const passed = counts.pass ?? 0
 const reported = 'pass' in counts
@@ -151,7 +194,7 @@ if (!stopping) {
   stopping = true
   await stopServer(server, failed > 0)
 }
-console.log(`e2b-js suite took ${Math.round((Date.now() - started) / 1000)} s`)
-console.log(`e2b-js: ${counts.todo ?? 0} todo (expected failures of known gaps, marked # in the report above)`)
-console.log(`e2b-js: ${passed} passed, ${failed} failed`)
+console.log(`${label} suite took ${Math.round((Date.now() - started) / 1000)} s`)
+console.log(`${label}: ${counts.todo ?? 0} todo (expected failures of known gaps, marked # in the report above)`)
+console.log(`${label}: ${passed} passed, ${failed} failed`)
 process.exit(failed === 0 ? 0 : 1)

@@ -230,6 +230,9 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
         }
     }
     if let Some(vars) = req.env_vars {
+        if let Err(err) = publish_env_vars(&vars) {
+            tracing::warn!(error = %err, "cannot write {SANDBOX_ENV_FILE}");
+        }
         *state.inner.env_vars.write().expect("env lock") = vars;
     }
     if let Some(token) = req.access_token {
@@ -258,6 +261,23 @@ async fn init(State(state): State<AgentState>, Json(req): Json<InitRequest>) -> 
         clock_ms,
     })
     .into_response()
+}
+
+/// Where programs that started before the sandbox existed (a template's start command, restored
+/// from its snapshot, such as the code interpreter's server) find the sandbox's environment
+/// variables: a JSON object, replaced whole (written aside, then renamed) at every `/init`.
+pub const SANDBOX_ENV_FILE: &str = "/run/vivarium/sandbox-env.json";
+
+fn publish_env_vars(vars: &BTreeMap<String, String>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::path::Path::new(SANDBOX_ENV_FILE);
+    let dir = path.parent().expect("an absolute file path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let staged = dir.join(".sandbox-env.json.new");
+    std::fs::write(&staged, serde_json::to_vec(vars).expect("a string map serializes"))?;
+    // Every process in the sandbox sees these variables anyway; readable by all, written by root.
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&staged, path)
 }
 
 /// Where the guest's TLS clients (OpenSSL, curl, Debian's pip) find their trusted certificates.

@@ -26,8 +26,11 @@ use crate::store::{now_rfc3339_ms, SandboxRow, SnapshotRow, Store};
 use crate::Metrics;
 
 mod builds;
+mod builtin;
+pub use builtin::{builtin_named, canonical_template_name, BUILTINS};
 mod copy_archive;
 mod info;
+mod layer_cache;
 mod lifecycle;
 mod network;
 mod pool;
@@ -91,6 +94,8 @@ pub struct Config {
     pub registry_mirrors: Vec<String>,
     /// PEM CA certificates trusted for HTTPS registries and mirrors besides the host's store.
     pub registry_ca_certificates: Option<String>,
+    /// Template build layers shared with other servers of this host (`--layer-cache-dir`).
+    pub layer_cache_dir: Option<PathBuf>,
 }
 
 /// How sandboxes reach networks outside their VM.
@@ -242,6 +247,7 @@ pub struct Manager {
     templates: templates::TemplateCache,
     builds: builds::Builds,
     sdk_builds: sdk_builds::SdkBuilds,
+    builtin_builds: builtin::BuiltinBuilds,
     pool: pool::Pool,
     /// Isolated networking, once started.
     net: std::sync::OnceLock<viv_net::Network>,
@@ -349,14 +355,18 @@ impl Manager {
     pub async fn create(self: &Arc<Self>, req: NewSandbox) -> Result<CreatedSandbox, ApiError> {
         let template = req
             .template_id
-            .clone()
-            .unwrap_or_else(|| viv_api::DEFAULT_TEMPLATE.to_owned());
+            .as_deref()
+            .map_or(viv_api::DEFAULT_TEMPLATE, builtin::canonical_template_name);
+        let template = template.to_owned();
         let timeout = lifetime(req.timeout)?;
         let mounts = self.check_mounts(req.volume_mounts.as_deref())?;
         let node = self.store.snapshot(&template)?;
         let recipe = match &node {
             Some(_) => None,
-            None => Some(self.recipe(&template)?),
+            None => Some(self.recipe(&template).map_err(|err| match err {
+                ApiError::NotFound(_) => self.build_missing_builtin(&template).unwrap_or(err),
+                other => other,
+            })?),
         };
         let vcpus = req
             .cpu_count

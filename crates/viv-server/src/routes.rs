@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/{id}/envd/{service}/{method}", post(envd_call))
         .route("/templates", post(templates::build).get(templates::list))
         .route("/templates/{name}", get(templates::get).delete(templates::delete))
+        .route("/templates/builtin/{key}", post(templates::build_builtin))
         .route("/v3/templates", post(e2b_templates::request_build))
         .route("/templates/{id}/files/{hash}", get(e2b_templates::file_link))
         .route("/v2/templates/{id}/builds/{build}", post(e2b_templates::start_build))

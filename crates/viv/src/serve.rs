@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// CA store (a private registry's or a mirror's own CA).
     #[arg(long, env = "VIV_REGISTRY_CA")]
     pub registry_ca: Option<PathBuf>,
+    /// A directory of template build layers shared with other servers on this host (a build
+    /// takes a step's layer from it instead of running the step; finished builds add theirs).
+    /// Off by default: a server's own data directory already caches its layers.
+    #[arg(long, env = "VIV_LAYER_CACHE_DIR")]
+    pub layer_cache_dir: Option<PathBuf>,
     /// PEM file of CA certificates every sandbox trusts besides its image's own (for egress
     /// through a TLS-intercepting proxy), added to the guest's system bundle.
     #[arg(long, env = "VIV_GUEST_CA_FILE")]
@@ -167,6 +172,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         jail: args.jail,
         jail_uids: args.jail_uids,
         registry_mirrors: args.registry_mirrors,
+        layer_cache_dir: args.layer_cache_dir.clone(),
         registry_ca_certificates: match &args.registry_ca {
             Some(path) => Some(registry_ca(path)?),
             None => None,

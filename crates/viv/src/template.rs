@@ -24,8 +24,12 @@ pub enum TemplateCommand {
         #[arg(default_value = ".")]
         dir: PathBuf,
         /// The template's name (sandboxes start from it with `--template NAME`).
-        #[arg(long, short)]
-        name: String,
+        #[arg(long, short, required_unless_present = "builtin")]
+        name: Option<String>,
+        /// Build a template that ships with Vivarium instead (`code-interpreter`: E2B's
+        /// `code-interpreter-v1`), or follow its build if one runs.
+        #[arg(long, conflicts_with_all = ["name", "file", "cpus", "memory", "timeout"])]
+        builtin: Option<String>,
         /// The spec file (default: DIR/Dockerfile).
         #[arg(long = "file", short = 'f')]
         file: Option<PathBuf>,
@@ -62,6 +66,15 @@ pub async fn run(client: &Client, cmd: TemplateCommand, json: bool) -> Result<i3
         "NAME", "KIND", "FROM", "CPUS", "MEMORY", "LAYERS", "SIZE", "START", "CREATED",
     ];
     match cmd {
+        TemplateCommand::Build { builtin: Some(key), .. } => {
+            if !json {
+                eprintln!("Building the built-in template '{key}' (or following its build)");
+            }
+            let response = client
+                .send(client.request(Method::POST, &format!("/templates/builtin/{key}")))
+                .await?;
+            return follow_build(response, json).await;
+        }
         TemplateCommand::Build {
             dir,
             name,
@@ -69,7 +82,11 @@ pub async fn run(client: &Client, cmd: TemplateCommand, json: bool) -> Result<i3
             cpus,
             memory,
             timeout,
-        } => return build(client, &dir, &name, file, cpus, memory, timeout, json).await,
+            builtin: None,
+        } => {
+            let name = name.context("--name is required")?;
+            return build(client, &dir, &name, file, cpus, memory, timeout, json).await;
+        }
         TemplateCommand::List => {
             let list: Vec<TemplateInfo> = client.json(client.request(Method::GET, "/templates")).await?;
             if json {
@@ -182,6 +199,12 @@ async fn build(
                 .body(context),
         )
         .await?;
+    follow_build(response, json).await
+}
+
+/// Prints a build's NDJSON events as they come (steps, output, the end); the exit code is 0 for
+/// `done`, 1 for `error`.
+async fn follow_build(response: reqwest::Response, json: bool) -> Result<i32> {
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     while let Some(chunk) = stream.next().await {

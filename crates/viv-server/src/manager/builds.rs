@@ -11,7 +11,9 @@
 //!
 //! Invariants:
 //! - a build that fails, is cancelled or exceeds its time limit kills its VM and removes every
-//!   file it created (layers included), so nothing of it is left or reused;
+//!   file it created (layers included) from the data directory; with a host layer cache
+//!   (`--layer-cache-dir`) the layers of its finished steps are copied there first, so a retry
+//!   starts after them;
 //! - a layer file exists only while a template row lists its key (or a build is running that
 //!   made or uses it); others are collected after builds and deletes and at server start;
 //! - a template used by sandboxes or snapshot nodes keeps its layers when rebuilt or deleted
@@ -130,18 +132,27 @@ impl BuildLog {
     }
 }
 
-/// Files and directories a build created, removed if it does not finish.
+/// Files and directories a build created, removed if it does not finish; and the layers it
+/// froze completely, which a failed build still offers to the host's layer cache.
 #[derive(Default)]
-pub struct Scratch(Mutex<Vec<PathBuf>>);
+pub struct Scratch {
+    paths: Mutex<Vec<PathBuf>>,
+    frozen: Mutex<Vec<String>>,
+}
 
 impl Scratch {
     pub(super) fn add(&self, path: PathBuf) {
-        self.0.lock().expect("scratch lock").push(path);
+        self.paths.lock().expect("scratch lock").push(path);
+    }
+
+    /// Keys of the layers frozen whole (the VM paused while its disk was switched).
+    fn frozen_keys(&self) -> Vec<String> {
+        self.frozen.lock().expect("scratch lock").clone()
     }
 
     /// Removes everything registered.
     pub(super) fn remove_all(&self) {
-        for path in self.0.lock().expect("scratch lock").drain(..) {
+        for path in self.paths.lock().expect("scratch lock").drain(..) {
             if path.is_dir() {
                 let _ = std::fs::remove_dir_all(&path);
             } else {
@@ -215,8 +226,17 @@ impl Drop for BuildSlot<'_> {
     }
 }
 
-/// Names the routes of E2B's tags and aliases take (`/templates/tags`, `/templates/aliases/..`).
-const RESERVED_NAMES: &[&str] = &["tags", "aliases"];
+/// Names the routes of E2B's tags and aliases take (`/templates/tags`, `/templates/aliases/..`)
+/// and the built-in templates' route (`/templates/builtin/..`).
+const RESERVED_NAMES: &[&str] = &["tags", "aliases", "builtin"];
+
+/// The key of a layer file (`layers/<key>.qcow2`).
+fn layer_key_of(layer: &Path) -> String {
+    layer
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
 
 pub(super) fn valid_template_name(name: &str) -> bool {
     !RESERVED_NAMES.contains(&name)
@@ -304,7 +324,7 @@ impl Manager {
         if !valid_template_name(name) {
             return Err(ApiError::BadRequest(format!(
                 "template name '{name}' is invalid: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit{}",
-                if RESERVED_NAMES.contains(&name) { " (and not tags or aliases)" } else { "" }
+                if RESERVED_NAMES.contains(&name) { " (and not tags, aliases or builtin)" } else { "" }
             )));
         }
         self.prepare_job(
@@ -450,6 +470,9 @@ impl Manager {
         let (recipe, layers) = match result {
             Ok(done) => done,
             Err(err) => {
+                // Steps that finished are valid cache entries (their keys name all they are
+                // made of): the next attempt, here or on another server, starts after them.
+                self.offer_layers(scratch.frozen_keys()).await;
                 scratch.remove_all();
                 tracing::warn!(template = %job.name, error = %err, "template build failed");
                 return Err(err);
@@ -483,6 +506,7 @@ impl Manager {
             build_ms,
         };
         self.store.put_template(&row)?;
+        self.offer_layers(row.layers.clone()).await;
         self.empty_pool(Some(&job.name)).await;
         drop(_slot);
         self.collect_layers();
@@ -505,6 +529,15 @@ impl Manager {
         let mut key = {
             let mut hash = Sha256::new();
             hash.update(job.from_layer.to_string_lossy().as_bytes());
+            // Which file is there too: a base image rebuilt in place gets new keys, so no layer
+            // built on the old one (here or in the host's layer cache) is taken for it.
+            if let Ok(meta) = std::fs::metadata(&job.from_layer) {
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                hash.update(format!("{}:{:?}", meta.len(), modified).as_bytes());
+            }
             hash.update(serde_json::to_vec(&job.base_config).expect("config serializes"));
             hash.update(LAYER_FORMAT.to_le_bytes());
             hex::encode(&hash.finalize()[..16])
@@ -560,7 +593,7 @@ impl Manager {
         let mut first_pending = 0;
         for (i, step) in pending.iter().enumerate() {
             match &step.layer {
-                Some(layer) if layer.is_file() => {
+                Some(layer) if layer.is_file() || self.fetch_cached_layer(&layer_key_of(layer), layer) => {
                     boot_layer = layer.clone();
                     first_pending = i + 1;
                 }
@@ -713,6 +746,7 @@ impl Manager {
         let swapped = self.swap_disk(live, layer, layer).await;
         let resumed = live.vm.resume().await;
         swapped?;
+        scratch.frozen.lock().expect("scratch lock").push(layer_key_of(layer));
         resumed.map_err(|e| ApiError::Sandbox(format!("resuming the build VM: {e}")))
     }
 

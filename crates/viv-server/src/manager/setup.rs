@@ -67,6 +67,7 @@ impl Manager {
             templates: templates::TemplateCache::new(qemu_version()),
             builds: builds::Builds::default(),
             sdk_builds: sdk_builds::SdkBuilds::default(),
+            builtin_builds: builtin::BuiltinBuilds::default(),
             pool: pool::Pool::default(),
             net: std::sync::OnceLock::new(),
             data_key,

@@ -96,16 +96,9 @@ pub(super) async fn build(
         let _ = tx.send(event);
         cleanup(&context);
     });
-    let lines = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|event| {
-        let mut line = serde_json::to_vec(&event).expect("events serialize");
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(Bytes::from(line))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
-    )
-        .into_response())
+    Ok(ndjson_response(tokio_stream::wrappers::UnboundedReceiverStream::new(
+        rx,
+    )))
 }
 
 fn request_from_query(query: &std::collections::HashMap<String, String>) -> Result<TemplateBuildRequest, ApiError> {
@@ -138,6 +131,30 @@ fn request_from_query(query: &std::collections::HashMap<String, String>) -> Resu
     })
 }
 
+/// `POST /templates/builtin/{key}`: builds a built-in template (the code interpreter) from the
+/// context inside the binary, or follows its build when one runs (a first create may have
+/// started it); NDJSON [`BuildEvent`]s from the build's first to its `done` or `error`.
+pub(super) async fn build_builtin(
+    State(state): State<AppState>,
+    ApiPath(key): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let events = state.manager.follow_builtin_build(&key)?;
+    Ok(ndjson_response(events))
+}
+
+fn ndjson_response(events: impl futures::Stream<Item = BuildEvent> + Send + 'static) -> Response {
+    let lines = events.map(|event| {
+        let mut line = serde_json::to_vec(&event).expect("events serialize");
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
 /// Reads the spec from the unpacked context; `name` must stay inside it.
 fn read_spec(context: &std::path::Path, name: &str) -> Result<String, ApiError> {
     let relative = std::path::Path::new(name);
@@ -158,7 +175,12 @@ pub(super) async fn list(State(state): State<AppState>) -> Result<Response, ApiE
 }
 
 pub(super) async fn get(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> Result<Response, ApiError> {
-    Ok(Json(state.manager.get_template(&name)?).into_response())
+    Ok(Json(
+        state
+            .manager
+            .get_template(crate::manager::canonical_template_name(&name))?,
+    )
+    .into_response())
 }
 
 pub(super) async fn delete(

@@ -229,3 +229,51 @@ fn template_build_failures_name_the_line_and_leave_nothing_behind() {
     );
     nothing_left("failed start command");
 }
+
+#[test]
+fn servers_sharing_a_layer_cache_reuse_each_others_layers_even_from_failed_builds() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().to_str().unwrap();
+    // A nonce makes this run's keys new, whatever earlier runs left in other caches.
+    let nonce = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let first = TestServer::start_with_env(0, &["--layer-cache-dir", cache_arg], &[]);
+
+    // A build that fails at its third step still leaves its first two layers in the cache.
+    let failing = format!(
+        "FROM base\nENV NONCE={nonce}\nRUN echo first-marker > /first\nRUN echo second-marker > /second\nRUN exit 3\n"
+    );
+    let (status, events, text) = build_json(&first, json!({ "name": "cached", "spec": failing }));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(events.last().unwrap()["type"], "error", "{text}");
+    assert!(
+        files_in(&first.data_dir.join("layers")).is_empty(),
+        "the data directory keeps nothing"
+    );
+    assert_eq!(files_in(cache.path()).len(), 2, "{:?}", files_in(cache.path()));
+    drop(first);
+
+    // Another server (another data directory) builds the fixed spec: the two steps come from the
+    // cache (no output, marked cached), the new one runs, and sandboxes see all three.
+    let second = TestServer::start_with_env(0, &["--layer-cache-dir", cache_arg], &[]);
+    let fixed = format!("FROM base\nENV NONCE={nonce}\nRUN echo first-marker > /first\nRUN echo second-marker > /second\nRUN echo third-marker > /third\n");
+    let (status, events, text) = build_json(&second, json!({ "name": "cached", "spec": fixed }));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(events.last().unwrap()["type"], "done", "{text}");
+    let cached: Vec<bool> = events
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .map(|e| e["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(cached, [true, true, true, false], "{text}");
+    assert_eq!(files_in(cache.path()).len(), 3, "the new layer is offered too");
+    let id = second.create(json!({ "templateID": "cached" }));
+    let run = second.exec(&id, json!({ "command": "cat /first /second /third" }));
+    assert_eq!(run.out(), "first-marker\nsecond-marker\nthird-marker\n", "{run:?}");
+    assert_eq!(second.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+}

@@ -1,0 +1,53 @@
+"""Code Interpreter suite: E2B's `e2b-code-interpreter` Python SDK, unchanged, against Vivarium.
+
+The session starts its own `viv serve` (tests/e2b/vivserver.py) with a host layer cache in
+$VIV_CACHE_DIR/layers (so the template's package layers are built once per host, not per run),
+then builds the built-in template `code-interpreter-v1` through the CLI, as a user would
+(`viv template build --builtin code-interpreter`); its output goes to build.log in the server's
+data directory and, when the build fails, into the failure. `Sandbox.create()` of the SDK then
+starts from that template's snapshot, warm kernels included.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2b"))
+import vivserver  # noqa: E402
+
+CACHE = Path(os.environ.get("VIV_CACHE_DIR", "/var/cache/vivarium"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server():
+    srv = vivserver.start(
+        "viv-ci-", "10.237.0.0/24", ["--layer-cache-dir", str(CACHE / "layers")], memory_mib=1024,
+    )
+    try:
+        started = time.monotonic()
+        with open(srv.data / "build.log", "wb") as log:
+            built = srv.cli("template", "build", "--builtin", "code-interpreter", stdout=log, stderr=subprocess.STDOUT)
+        output = (srv.data / "build.log").read_text(errors="replace")
+        if built.returncode != 0:
+            raise RuntimeError("building the code interpreter template failed:\n" + output[-6000:])
+        print(f"\ncode-interpreter template built in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.key)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def sandbox():
+    from e2b_code_interpreter import Sandbox
+
+    sbx = Sandbox.create(timeout=600)
+    yield sbx
+    try:
+        sbx.kill()
+    except Exception:
+        pass
