@@ -28,6 +28,8 @@ from .languages import JAVASCRIPT, PYTHON, Language
 from .results import Translator, error_event
 
 END = object()
+STARTUP_ATTEMPTS = 3
+STARTUP_RETRY_DELAY = 5.0
 DEFAULT_CWD = "/home/user"
 IPYTHON_EXT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ipython")
 log = logging.getLogger(__name__)
@@ -274,14 +276,21 @@ class Registry:
             return ctx
 
     async def start_defaults(self, languages) -> None:
-        """Start the default contexts (at server start: they are warm in the template snapshot)."""
+        """Start the default contexts (at server start: they are warm in the template snapshot).
+        A kernel that fails to start is tried again (STARTUP_ATTEMPTS in all) unless its spec is
+        missing; the last error is kept for /health."""
         async def one(language):
-            try:
-                await self.default_for(language)
-                log.info("default %s context ready", language.name)
-            except Exception as e:
-                log.error("default %s context: %s", language.name, e)
-                self.startup_errors[language.name] = str(e)
+            for attempt in range(1, STARTUP_ATTEMPTS + 1):
+                try:
+                    await self.default_for(language)
+                    log.info("default %s context ready", language.name)
+                    return
+                except Exception as e:
+                    log.error("default %s context (attempt %d): %s", language.name, attempt, e)
+                    self.startup_errors[language.name] = str(e)
+                    if isinstance(e, KernelUnavailable) and e.missing:
+                        return
+                    await asyncio.sleep(STARTUP_RETRY_DELAY)
         await asyncio.gather(*(one(lang) for lang in languages))
 
     def ready(self, languages) -> bool:

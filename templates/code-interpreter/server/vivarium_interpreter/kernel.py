@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class KernelUnavailable(RuntimeError):
-    """The kernel could not be started (spec absent, crashed at start, never became ready)."""
+    """The kernel could not be started (spec absent, crashed at start, never became ready);
+    `missing` tells the first case, which retrying cannot fix."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 class KernelDied(RuntimeError):
@@ -77,7 +82,8 @@ class Kernel:
         except NoSuchKernel:
             raise KernelUnavailable(
                 f"the {self.spec_name!r} Jupyter kernel is not installed in this sandbox"
-                " (no kernel spec of that name)"
+                " (no kernel spec of that name)",
+                missing=True,
             ) from None
         except Exception as e:
             raise KernelUnavailable(f"the {self.spec_name!r} kernel failed to start: {e}") from e
