@@ -26,7 +26,7 @@ plt.pie([30, 70], labels=['cats', 'dogs'])
 plt.title('Pie chart')
 """,
     "box_and_whisker": """
-plt.boxplot([[1, 2, 3, 4, 5, 9], [2, 3, 3, 4, 6]], tick_labels=['first', 'second'])
+plt.boxplot([[1, 2, 3, 4, 5, 6], [1, 3, 4, 5, 7]], tick_labels=['first', 'second'], patch_artist=True)
 plt.title('Box chart'); plt.ylabel('value')
 """,
 }

@@ -18,9 +18,9 @@ def test_contexts_isolate_state_and_have_their_own_cwd(sandbox):
     assert sandbox.run_code("secret = 'only here'", context=first).error is None
     missing = sandbox.run_code("secret", context=second)
     assert missing.error is not None and missing.error.name == "NameError"
-    assert sandbox.run_code("secret", context=first).text == "'only here'"
-    assert sandbox.run_code("import os; os.getcwd()", context=second).text == "'/tmp'"
-    assert sandbox.run_code("import os; os.getcwd()", context=first).text == "'/home/user'"
+    assert sandbox.run_code("secret", context=first).text == "only here"
+    assert sandbox.run_code("import os; os.getcwd()", context=second).text == "/tmp"
+    assert sandbox.run_code("import os; os.getcwd()", context=first).text == "/home/user"
     # Listed after the defaults, in creation order.
     ids = [c.id for c in sandbox.list_code_contexts()]
     assert ids.index(first.id) < ids.index(second.id), ids
@@ -29,7 +29,7 @@ def test_contexts_isolate_state_and_have_their_own_cwd(sandbox):
 def test_a_context_of_another_language(sandbox):
     js = sandbox.create_code_context(language="javascript", cwd="/tmp")
     assert js.language == "javascript"
-    assert sandbox.run_code("process.cwd()", context=js).text == "'/tmp'"
+    assert sandbox.run_code("process.cwd()", context=js).text == "/tmp"
     r = sandbox.create_code_context(language="r")
     assert sandbox.run_code("getwd()", context=r).text.strip() == '[1] "/home/user"'
 

@@ -18,7 +18,7 @@ def test_timeout_interrupts_the_kernel_which_answers_again_at_once(sandbox):
     assert time.monotonic() - started < 30
     # The loop was interrupted when the client went away: the kernel answers, state intact.
     after = sandbox.run_code("state", timeout=30)
-    assert after.text == "'kept'", after
+    assert after.text == "kept", after
     # The same for a busy loop in JavaScript.
     with pytest.raises(TimeoutException):
         sandbox.run_code("for (;;) {}", language="javascript", timeout=3)
@@ -28,7 +28,7 @@ def test_timeout_interrupts_the_kernel_which_answers_again_at_once(sandbox):
 def test_silent_long_runs_are_kept_alive(sandbox):
     # No output for longer than idle proxies allow: keepalive lines carry the stream.
     execution = sandbox.run_code("import time; time.sleep(12); 'done'", timeout=120)
-    assert execution.text == "'done'"
+    assert execution.text == "done"
 
 
 def test_a_killed_kernel_is_restarted(sandbox):

@@ -35,7 +35,7 @@ display({'text/plain': 'plain and extra', 'application/x-custom+json': {'k': 1}}
     assert pdf.pdf == "JVBERi0xLjQK"
     assert extra.text == "plain and extra"
     assert extra.extra and json.loads(json.dumps(extra.extra)), extra.extra
-    assert main.text == "'the value'"
+    assert main.text == "the value"
     assert [r.is_main_result for r in results] == [False] * 8 + [True]
 
 

@@ -15,7 +15,7 @@ test('contexts: create, isolate, list, restart, remove', slow, () => withSandbox
   assert.equal(second.cwd, '/tmp')
   await sbx.runCode("secret = 'here'", { context: first })
   assert.equal((await sbx.runCode('secret', { context: second })).error.name, 'NameError')
-  assert.equal((await sbx.runCode('import os; os.getcwd()', { context: second })).text, "'/tmp'")
+  assert.equal((await sbx.runCode('import os; os.getcwd()', { context: second })).text, '/tmp')
   const ids = (await sbx.listCodeContexts()).map((c) => c.id)
   assert.ok(ids.indexOf(first.id) < ids.indexOf(second.id))
   await sbx.restartCodeContext(first)
@@ -28,7 +28,7 @@ test('contexts: create, isolate, list, restart, remove', slow, () => withSandbox
 test('a timeout interrupts the kernel, which answers again at once', slow, () => withSandbox(async (sbx) => {
   await sbx.runCode("state = 'kept'")
   await assert.rejects(sbx.runCode('while True:\n    pass', { timeoutMs: 3000 }), (err) => err.name === 'TimeoutError')
-  assert.equal((await sbx.runCode('state', { timeoutMs: 30_000 })).text, "'kept'")
+  assert.equal((await sbx.runCode('state', { timeoutMs: 30_000 })).text, 'kept')
 }))
 
 test('a sandbox killed mid-execution ends the call with the SDK\'s error', slow, async () => {

@@ -41,7 +41,7 @@ test('env vars: per run and the sandbox\'s', slow, async () => {
     assert.equal((await sbx.runCode(read)).text, "('sandbox-value', None)")
     assert.equal((await sbx.runCode(read, { envs: { PER_RUN: 'yes' } })).text, "('sandbox-value', 'yes')")
     assert.equal((await sbx.runCode(read)).text, "('sandbox-value', None)")
-    assert.equal((await sbx.runCode('process.env.FROM_SANDBOX', { language: 'js' })).text, "'sandbox-value'")
+    assert.equal((await sbx.runCode('process.env.FROM_SANDBOX', { language: 'js' })).text, 'sandbox-value')
   } finally {
     await sbx.kill().catch(() => {})
   }
