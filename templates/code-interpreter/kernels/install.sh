@@ -14,11 +14,12 @@ JAVA=$(command -v java)
 GLOBAL_MODULES=$(npm root -g)
 JAR="$HERE/java/vivjshell.jar"
 CDS="$HERE/java/vivjshell.jsa"
+TS_CACHE="$HERE/js/typescript.cache"
 
 test -f "$GLOBAL_MODULES/typescript/package.json" || { echo "typescript is not installed globally" >&2; exit 1; }
 
 BUILD=$(mktemp -d)
-rm -f "$JAR" "$CDS"
+rm -f "$JAR" "$CDS" "$TS_CACHE"
 javac -nowarn -XDignore.symbol.file -d "$BUILD" "$HERE/java/VivJShell.java"
 jar --create --file "$JAR" -C "$BUILD" .
 rm -rf "$BUILD"
@@ -37,10 +38,29 @@ if ! test -s "$CDS"; then
     echo "warning: no class data sharing archive for the java kernel (it still works, slower)" >&2
     CDS=""
 fi
+
+# A V8 code cache of the TypeScript compiler, which the javascript/typescript kernels load at start.
+"$NODE" "$HERE/js/tsload.js" "$GLOBAL_MODULES/typescript" "$TS_CACHE"
+
+# pip installed the packages without byte-code and the kernels run as a user who cannot write
+# __pycache__ there, so every kernel start would compile ipykernel & co. from source (about 5 s
+# under emulation): compile the modules the kernels import (python3's ipykernel included).
+"$PYTHON" -c '
+import py_compile, sys
+import bash_kernel.kernel, ipykernel.ipkernel, ipykernel.kernelapp, jupyter_client
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None) or ""
+    if path.endswith(".py") and "-packages/" in path:
+        try:
+            py_compile.compile(path, doraise=True)
+        except (OSError, py_compile.PyCompileError) as exc:
+            print("not compiled:", path, exc, file=sys.stderr)
+'
+"$PYTHON" -m compileall -q "$HERE"
 chmod -R a+rX "$HERE"
 
 "$PYTHON" "$HERE/specs.py" --dest "$DEST" --python "$PYTHON" --node "$NODE" \
-    --typescript "$GLOBAL_MODULES/typescript" --global-modules "$GLOBAL_MODULES" \
+    --typescript "$GLOBAL_MODULES/typescript" --typescript-cache "$TS_CACHE" --global-modules "$GLOBAL_MODULES" \
     --java "$JAVA" --java-classpath "$JAR" --java-cds "$CDS" --r "$(command -v R)"
 chmod -R a+rX "$DEST"
 echo "kernels installed in $DEST: $(ls "$DEST" | tr '\n' ' ')"

@@ -3,7 +3,8 @@
 Usage: python3 selftest.py [--dev] [--only NAME,...]
   (no flag)  the installed specs (/usr/local/share/jupyter/kernels, as in the guest);
   --dev      builds specs from this source tree into a temporary JUPYTER_PATH first (javac,
-             specs.py; typescript from `npm root -g` or $VIV_TYPESCRIPT), for a development host.
+             the TypeScript code cache, specs.py; typescript from `npm root -g` or
+             $VIV_TYPESCRIPT), for a development host.
 Each kernel is started, then checked for: results, stdout/stderr streams, errors, state across
 executions, silent executions (no output, no count), execution counts, hostile input (an
 unterminated string, 5 MB of output, non-UTF-8 bytes, a child that exits), interrupting an
@@ -14,6 +15,7 @@ any check failed. Invariant: every wait is bounded (TIMEOUT), so a hung kernel f
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -335,8 +337,10 @@ def build_dev_specs(root):
     subprocess.run(["jar", "--create", "--file", jar, "-C", classes, "."], check=True)
     global_modules = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True).stdout.strip()
     typescript = os.environ.get("VIV_TYPESCRIPT") or os.path.join(global_modules, "typescript")
+    cache = os.path.join(root, "typescript.cache")
+    subprocess.run(["node", os.path.join(HERE, "js", "tsload.js"), typescript, cache], check=True)
     subprocess.run([sys.executable, os.path.join(HERE, "specs.py"), "--dest", os.path.join(root, "kernels"),
-                    "--python", sys.executable, "--typescript", typescript,
+                    "--python", sys.executable, "--typescript", typescript, "--typescript-cache", cache,
                     "--global-modules", global_modules, "--java-classpath", jar], check=True)
     return root
 
@@ -348,6 +352,17 @@ def main():
     args = parser.parse_args()
     if args.dev:
         os.environ["JUPYTER_PATH"] = build_dev_specs(tempfile.mkdtemp(prefix="kernels-selftest-"))
+    try:
+        failures = run_checks(args.only.split(","))
+    finally:
+        if args.dev:
+            shutil.rmtree(os.environ["JUPYTER_PATH"], ignore_errors=True)
+    print("FAILED: " + ", ".join(f"{k}/{l}" for k, l in failures) if failures else "ALL OK")
+    sys.exit(1 if failures else 0)
+
+
+def run_checks(names):
+    """Checks each named kernel; returns the failed (kernel, check) pairs."""
     failures = []
 
     def report(kernel, label, detail, failed=False):
@@ -355,13 +370,12 @@ def main():
         if failed:
             failures.append((kernel, label))
 
-    for name in args.only.split(","):
+    for name in names:
         try:
             check_kernel(name, CASES[name], report)
         except Exception as exc:  # a kernel that does not start fails its own checks only
             report(name, "kernel", f"FAIL {type(exc).__name__}: {exc}", failed=True)
-    print("FAILED: " + ", ".join(f"{k}/{l}" for k, l in failures) if failures else "ALL OK")
-    sys.exit(1 if failures else 0)
+    return failures
 
 
 if __name__ == "__main__":

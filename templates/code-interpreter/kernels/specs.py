@@ -4,7 +4,7 @@ Used by install.sh (DEST=/usr/local/share/jupyter/kernels, in the guest) and by 
 --dev (a temporary DEST on a development host). Every spec uses ``interrupt_mode: signal``.
 The python3 spec is not written here: ipykernel's pip package installs it.
 
-Usage: python3 specs.py --dest DIR --python PY --node NODE --typescript DIR
+Usage: python3 specs.py --dest DIR --python PY --node NODE --typescript DIR [--typescript-cache FILE]
                         [--global-modules DIR] --java JAVA --java-classpath JAR [--java-cds FILE]
        python3 specs.py --print-cds-dump-command FILE --java JAVA --java-classpath JAR
 (the second form prints, space-separated, the JVM command that dumps the CDS archive FILE).
@@ -37,6 +37,8 @@ def java_command(java, classpath, cds="", dump_cds=""):
 def kernel_specs(args):
     childkernel = os.path.join(HERE, "childkernel.py")
     node_child = [args.node, os.path.join(HERE, "js", "driver.js"), "--typescript", args.typescript]
+    if args.typescript_cache:
+        node_child += ["--typescript-cache", args.typescript_cache]
     if args.global_modules:
         node_child += ["--global-modules", args.global_modules]
     specs = {
@@ -67,6 +69,7 @@ def main():
     parser.add_argument("--python")
     parser.add_argument("--node", default="node")
     parser.add_argument("--typescript")
+    parser.add_argument("--typescript-cache", default="")
     parser.add_argument("--global-modules", default="")
     parser.add_argument("--java", default="java")
     parser.add_argument("--java-classpath", required=True)

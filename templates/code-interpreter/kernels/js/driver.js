@@ -2,7 +2,7 @@
 /**
  * The Node.js side of the javascript and typescript kernels (driven by kernels/childkernel.py).
  *
- * Usage: node driver.js --lang js|ts --typescript DIR [--global-modules DIR]
+ * Usage: node driver.js --lang js|ts --typescript DIR [--typescript-cache FILE] [--global-modules DIR]
  * Protocol (see childkernel.py): requests "OP BASE64" on stdin, JSON answers on the fd named by
  * VIV_KERNEL_FD, user output on fd 1 / fd 2.
  *
@@ -28,9 +28,10 @@ const Module = require('module');
 const readline = require('readline');
 const { pathToFileURL } = require('url');
 const { rewriteCell } = require('./rewrite');
+const { loadTypeScript } = require('./tsload');
 
 const options = parseArgs(process.argv.slice(2));
-const ts = require(options.typescript);
+const ts = loadTypeScript(options.typescript, options.typescriptCache);
 const protocolFd = Number(process.env.VIV_KERNEL_FD);
 delete process.env.VIV_KERNEL_FD;
 const stringify = JSON.stringify;
@@ -38,10 +39,11 @@ const inspect = util.inspect;
 const DRIVER_DIR = __dirname;
 
 function parseArgs(argv) {
-  const parsed = { lang: 'js', typescript: 'typescript', globalModules: '' };
+  const parsed = { lang: 'js', typescript: 'typescript', typescriptCache: '', globalModules: '' };
   for (let i = 0; i + 1 < argv.length; i += 2) {
     if (argv[i] === '--lang') parsed.lang = argv[i + 1];
     else if (argv[i] === '--typescript') parsed.typescript = argv[i + 1];
+    else if (argv[i] === '--typescript-cache') parsed.typescriptCache = argv[i + 1];
     else if (argv[i] === '--global-modules') parsed.globalModules = argv[i + 1];
   }
   return parsed;
