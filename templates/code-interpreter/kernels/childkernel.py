@@ -23,8 +23,9 @@ Invariants:
   silent runs and of idle times is dropped;
 - the child runs in its own session and gets SIGKILL when this process dies (PR_SET_PDEATHSIG),
   so jupyter's SIGINT to the kernel's process group reaches only the kernel, which forwards it;
-- the reader thread reports the child's exit as an ("exit", code) event after EOF on all pipes,
-  so a waiting request never blocks forever on a dead child.
+- the reader thread reports the child's exit as an ("exit", code) event after EOF on the protocol
+  pipe (then kills what is left of the child's process group), so a waiting request never blocks
+  forever on a dead child, even if the child's own children keep fd 1 / fd 2 open.
 """
 
 import base64
@@ -93,51 +94,64 @@ class ChildProcess:
         except subprocess.TimeoutExpired:
             pass
 
-    def alive(self):
-        return self.proc.poll() is None
-
     def _read_loop(self):
+        pipes = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr",
+                 self.proto.fileno(): "proto"}  # all three non-blocking, read only when ready
+        decoders = {name: codecs.getincrementaldecoder("utf-8")("replace")
+                    for name in ("stdout", "stderr")}
         sel = selectors.DefaultSelector()
-        decoders = {}
-        for name, f in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
-            sel.register(f, selectors.EVENT_READ, name)
-            decoders[name] = codecs.getincrementaldecoder("utf-8")("replace")
-        sel.register(self.proto, selectors.EVENT_READ, "proto")
+        for fd, name in pipes.items():
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ, name)
         pending = b""
-        open_count = 3
-        while open_count:
-            ready = sorted((key.data, key.fileobj) for key, _ in sel.select())
-            # "proto" sorts after "stderr"/"stdout": output written first is published first.
-            for name, f in ready:
-                if name == "proto":
-                    self._drain_output(sel, decoders)
-                chunk = os.read(f.fileno(), READ_CHUNK)
-                if not chunk:
-                    sel.unregister(f)
-                    open_count -= 1
-                    continue
-                if name != "proto":
-                    self._output(name, decoders[name].decode(chunk))
-                    continue
-                pending += chunk
+        while self.proto.fileno() in sel.get_map():
+            names = {key.data for key, _ in sel.select()}
+            # Output before protocol lines: what the child wrote before a result or "done" is
+            # already in the output pipes when the protocol line arrives.
+            for name in ("stdout", "stderr"):
+                if name in names or "proto" in names:
+                    self._read_output(sel, name, decoders[name])
+            if "proto" in names:
+                chunk = self._read(sel, "proto")
+                pending += chunk or b""
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
                     self._protocol_line(line)
                 if len(pending) > MAX_PROTOCOL_LINE:
                     self.kill()
-        self.proc.wait()
+        # The protocol pipe closed: the child is gone (or broke the protocol). Its own children
+        # may still hold fd 1 / fd 2 open, so do not wait for those: take what they hold, make
+        # sure the child and its process group are gone, and report the exit.
+        for name in ("stdout", "stderr"):
+            self._read_output(sel, name, decoders[name])
+        sel.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
         self.events.put(("exit", self.proc.returncode))
 
-    def _drain_output(self, sel, decoders):
-        """Reads whatever fd 1 and fd 2 hold right now, without blocking."""
-        for key in list(sel.get_map().values()):
-            if key.data == "proto":
-                continue
-            while sel.get_map().get(key.fd) and _readable(key.fileobj):
-                chunk = os.read(key.fd, READ_CHUNK)
-                if not chunk:
-                    break  # EOF: the main loop sees it again and unregisters
-                self._output(key.data, decoders[key.data].decode(chunk))
+    def _read(self, sel, name):
+        """One non-blocking read of the named pipe: bytes, b"" at EOF (unregistered), or None."""
+        fd = next((key.fd for key in sel.get_map().values() if key.data == name), None)
+        if fd is None:
+            return None
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return None
+        if not chunk:
+            sel.unregister(fd)
+        return chunk
+
+    def _read_output(self, sel, name, decoder):
+        """Reads everything the output pipe NAME holds right now."""
+        while True:
+            chunk = self._read(sel, name)
+            if not chunk:
+                return
+            self._output(name, decoder.decode(chunk))
 
     def _output(self, name, text):
         if text and self.forwarding:
@@ -150,15 +164,6 @@ class ChildProcess:
             return
         if isinstance(msg, dict):
             self.events.put(("msg", msg))
-
-
-def _readable(f):
-    sel = selectors.DefaultSelector()
-    sel.register(f, selectors.EVENT_READ)
-    try:
-        return bool(sel.select(timeout=0))
-    finally:
-        sel.close()
 
 
 def main(argv):

@@ -24,7 +24,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 120  # seconds any single step may take (TCG guests are slow)
 
-# Per kernel: code snippets for each check. "result" values are substrings of text/plain.
+# Per kernel: code snippets for each check. "result" values are substrings of text/plain (or of
+# stdout); an "extra" entry (code, expected, "error") expects an error mentioning `expected`.
 CASES = {
     "javascript": {
         "result": ("1 + 1", "2"),
@@ -36,7 +37,12 @@ CASES = {
         "error": ("throw new RangeError('boom')", "RangeError"),
         "extra": [("await new Promise(r => setTimeout(() => r(7), 50))", "7"),
                   ("import path from 'path'; path.join('a', 'b')", "a/b"),
-                  ("process.chdir('/tmp'); process.cwd()", "/tmp")],
+                  ("process.chdir('/tmp'); process.cwd()", "/tmp"),
+                  ("try { throw new Error('y'.repeat(5e6)) } catch (e) { e.message.length }", "5000000"),
+                  ("function deep(n) { return deep(n + 1) }\ntry { deep(0) } catch (e) { e.name }", "RangeError"),
+                  ("require('child_process').spawn('sleep', ['600'], { stdio: 'inherit' }); process.exit(4)",
+                   "exited (code 4)", "error"),
+                  ("process.stdin.destroy(); 'stdin closed'", "stdin closed")],
         "silent": ("process.env.VIV_SELFTEST = 'yes'", "process.env.VIV_SELFTEST", "yes"),
         "unterminated": "'abc",
         "huge": "console.log('x'.repeat(5000000))",
@@ -74,7 +80,8 @@ CASES = {
         "error": ("throw new IllegalStateException(\"boom\")", "IllegalStateException"),
         "extra": [("import java.util.*;\nList<Integer> l = new ArrayList<>(List.of(3, 1, 2));\n"
                    "Collections.sort(l);\nl", "[1, 2, 3]"),
-                  ("String s = \"a\" + 1;\ns", "a1")],
+                  ("String s = \"a\" + 1;\ns", "a1"),
+                  ("vivWarmUp", "cannot find symbol", "error")],
         "silent": ("int silentValue = 5;", "silentValue", "5"),
         "unterminated": "String s = \"abc",
         "huge": "System.out.print(\"x\".repeat(5000000))",
@@ -135,7 +142,8 @@ class Session:
 
     def run(self, code, silent=False, timeout=TIMEOUT):
         """Returns (reply content, {"stdout","stderr","results","errors","other"})."""
-        msg_id = self.kc.execute(code, silent=silent, store_history=not silent)
+        # stop_on_error=False: ipykernel otherwise aborts requests that arrive just after an error
+        msg_id = self.kc.execute(code, silent=silent, store_history=not silent, stop_on_error=False)
         out = {"stdout": "", "stderr": "", "results": [], "errors": [], "other": []}
         deadline = time.monotonic() + timeout
         while True:
@@ -225,8 +233,9 @@ def kernel_steps(s, c):
     if "stderr" in c:
         steps.append(("stderr", lambda: expect_stream(s, "stderr", *c["stderr"])))
     steps.append(("error", lambda: check_error(s, *c["error"])))
-    for index, (code, expected) in enumerate(c.get("extra", [])):
-        steps.append((f"extra {index + 1}", lambda code=code, expected=expected: check_result(s, code, expected) and None))
+    for index, (code, expected, *kind) in enumerate(c.get("extra", [])):
+        check = check_error if kind == ["error"] else check_result
+        steps.append((f"extra {index + 1}", lambda check=check, code=code, expected=expected: check(s, code, expected) and None))
     steps.append(("silent", lambda: check_silent(s, *c["silent"])))
     steps.append(("unterminated", lambda: expect_no_hang(s, c["unterminated"], want_error=True)))
     steps.append(("huge output", lambda: check_huge(s, c["huge"])))
@@ -291,7 +300,7 @@ def check_exit(session, code, stdout_case):
 
 
 def check_interrupt(session, loop, stdout_case):
-    msg_id = session.kc.execute(loop)
+    msg_id = session.kc.execute(loop, stop_on_error=False)
     time.sleep(3)
     started = time.monotonic()
     session.km.interrupt_kernel()

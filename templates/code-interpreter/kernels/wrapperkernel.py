@@ -20,6 +20,7 @@ from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 
 INTERRUPT_GRACE = 5.0  # seconds a child gets to stop after SIGINT before it is restarted
+START_TIMEOUT = 300  # seconds a child may take to answer "ready" (a JVM under emulation: ~10)
 
 LANGUAGES = {
     "javascript": {
@@ -71,8 +72,14 @@ class ChildKernel(Kernel):
         """Waits for the child's ready line; returns an error reply dict if it died first."""
         if self._ready:
             return None
+        deadline = time.monotonic() + START_TIMEOUT
         while True:
-            kind, value = self.child.events.get()
+            try:
+                kind, value = self.child.events.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self._restart_child()
+                return self._error("KernelStartError", "the %s process did not start within %d s; "
+                                   "a new one was started" % (self.language, START_TIMEOUT), [])
             if kind == "msg" and value.get("type") == "ready":
                 self._ready = True
                 return None
@@ -144,8 +151,15 @@ class ChildKernel(Kernel):
                                     [str(line) for line in value.get("traceback") or []])
 
     def _wait_exit(self):
+        """The exit code of a child that stopped reading requests (killed after 5 s if alive)."""
+        deadline = time.monotonic() + 5
         while True:
-            kind, value = self.child.events.get()
+            try:
+                kind, value = self.child.events.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    self.child.kill()
+                continue
             if kind == "exit":
                 return value
 

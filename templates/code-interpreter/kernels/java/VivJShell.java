@@ -12,6 +12,7 @@
  * - the value of the last snippet, when it is an expression, is the result (text/plain);
  * - System.out/System.err are flushed before every answer line, so output written before a
  *   result or "done" reaches the kernel before it; System.in is empty for user code;
+ * - a warm-up snippet is evaluated and dropped before "ready" (it leaves no state behind);
  * - SIGINT calls JShell.stop(), which stops the running snippet (and does nothing when idle);
  * - every request gets exactly one "done".
  */
@@ -40,6 +41,8 @@ import jdk.jshell.UnresolvedReferenceException;
 import jdk.jshell.VarSnippet;
 
 public final class VivJShell {
+    private static final int MAX_ERROR_TEXT = 100000; // characters of an exception message reported
+    private static final int MAX_FRAMES = 200; // stack frames reported per exception
     private final JShell shell;
     private final OutputStream protocol;
 
@@ -60,11 +63,22 @@ public final class VivJShell {
         System.setErr(new PrintStream(new FileOutputStream(java.io.FileDescriptor.err), true, StandardCharsets.UTF_8));
         VivJShell kernel = new VivJShell(new FileOutputStream("/proc/self/fd/" + fd));
         sun.misc.Signal.handle(new sun.misc.Signal("INT"), signal -> kernel.shell.stop());
+        kernel.warmUp();
         kernel.send("{\"type\":\"ready\"}");
         for (String line; (line = requests.readLine()) != null; ) {
             kernel.serve(line);
         }
         System.exit(0);
+    }
+
+    /**
+     * Evaluates and drops a snippet, so that the compiler is loaded before the first request
+     * (seconds under emulation, overlapping the Python kernel's own start-up).
+     */
+    private void warmUp() {
+        for (SnippetEvent event : shell.eval("int vivWarmUp = 1 + 1;")) {
+            shell.drop(event.snippet());
+        }
     }
 
     private void serve(String line) throws IOException {
@@ -172,13 +186,20 @@ public final class VivJShell {
         String name = exception instanceof EvalException
             ? ((EvalException) exception).getExceptionClassName() : exception.getClass().getName();
         String message = exception.getMessage() == null ? "" : exception.getMessage();
+        if (message.length() > MAX_ERROR_TEXT) {
+            message = message.substring(0, MAX_ERROR_TEXT);
+        }
         List<String> traceback = new ArrayList<>();
         Throwable current = exception;
         String header = name + (message.isEmpty() ? "" : ": " + message);
         while (current != null) {
-            traceback.add(header);
-            for (StackTraceElement frame : current.getStackTrace()) {
-                traceback.add("\tat " + frame);
+            traceback.add(header.length() > MAX_ERROR_TEXT ? header.substring(0, MAX_ERROR_TEXT) : header);
+            StackTraceElement[] frames = current.getStackTrace();
+            for (int i = 0; i < Math.min(frames.length, MAX_FRAMES); i++) {
+                traceback.add("\tat " + frames[i]);
+            }
+            if (frames.length > MAX_FRAMES) {
+                traceback.add("\t... " + (frames.length - MAX_FRAMES) + " more");
             }
             current = current.getCause();
             if (current != null) {

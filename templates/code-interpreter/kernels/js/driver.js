@@ -37,6 +37,7 @@ delete process.env.VIV_KERNEL_FD;
 const stringify = JSON.stringify;
 const inspect = util.inspect;
 const DRIVER_DIR = __dirname;
+const MAX_ERROR_TEXT = 100000; // characters of an error's name, message or stack that are reported
 
 function parseArgs(argv) {
   const parsed = { lang: 'js', typescript: 'typescript', typescriptCache: '', globalModules: '' };
@@ -124,12 +125,12 @@ function reportBackground(what, err) {
 function describe(err) {
   try {
     if (err !== null && typeof err === 'object' && typeof err.stack === 'string') {
-      const name = String(err.name || 'Error');
-      const message = String(err.message === undefined ? '' : err.message);
-      const lines = err.stack.split('\n').filter((line) => !isInternalFrame(line));
+      const name = String(err.name || 'Error').slice(0, MAX_ERROR_TEXT);
+      const message = String(err.message === undefined ? '' : err.message).slice(0, MAX_ERROR_TEXT);
+      const lines = err.stack.slice(0, MAX_ERROR_TEXT).split('\n').filter((line) => !isInternalFrame(line));
       return { ename: name, evalue: message, traceback: lines };
     }
-    const text = inspect(err);
+    const text = inspect(err, { maxStringLength: MAX_ERROR_TEXT });
     return { ename: 'Uncaught', evalue: text, traceback: [`Uncaught ${text}`] };
   } catch (_) {
     return { ename: 'Error', evalue: 'an error that cannot be described', traceback: [] };

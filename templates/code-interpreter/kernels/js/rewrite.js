@@ -11,8 +11,9 @@
  *   call whose promise resolves to `{ value }` of the last expression statement, with function
  *   declarations moved to its start (they keep their hoisting);
  * - dynamic import(x) calls anywhere become __vivDynamicImport(x);
- * - hasResult: the cell ends with an expression statement, whose value is the cell's result
- *   (for a synchronous body, the script's completion value).
+ * - hasResult: the cell's value is its result: for a synchronous body, the script's completion
+ *   value unless the cell ends with a declaration; for an async body, the value of a final
+ *   expression statement.
  * Invariants: code the TypeScript parser rejects is returned unchanged (V8 then reports the
  * syntax error itself); every replacement starts with `;` so that automatic semicolon insertion
  * after the previous statement is unaffected.
@@ -64,6 +65,10 @@ function rewriteCell(ts, code) {
     }
   });
 
+  const lastStatement = statements[statements.length - 1];
+  if (!isAsync && lastStatement && !isDeclaration(ts, lastStatement)) {
+    hasResult = true; // if/try/for/blocks: the script's completion value, as in Node's REPL
+  }
   let body = code;
   for (const edit of edits.sort((a, b) => b.start - a.start)) {
     body = body.slice(0, edit.start) + edit.replacement + body.slice(edit.end);
@@ -152,6 +157,11 @@ function withoutExport(ts, node, code, source) {
     }
   }
   return code.slice(start, node.end).trim();
+}
+
+function isDeclaration(ts, node) {
+  return ts.isVariableStatement(node) || ts.isFunctionDeclaration(node) || ts.isClassDeclaration(node)
+    || ts.isImportDeclaration(node) || ts.isExportDeclaration(node);
 }
 
 function hasTopLevelAwait(ts, node) {
