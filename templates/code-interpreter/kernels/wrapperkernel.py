@@ -8,8 +8,9 @@ Invariants:
 - silent executions publish nothing and are not counted (the base class counts non-silent ones);
 - SIGINT (jupyter's interrupt) is forwarded to the child only while a request runs; a child that
   has not answered ``done`` INTERRUPT_GRACE seconds later is killed and replaced;
-- a child that exited is replaced before the next request, and the request that saw it exit
-  ends with a ProcessExited error; every request gets exactly one reply.
+- a child that exits during a request ends it with a ProcessExited error; one that exited while
+  idle is replaced before the next request runs, and the next non-silent execution is told on
+  stderr that the earlier state is lost; every request gets exactly one reply.
 """
 
 import queue
@@ -58,6 +59,7 @@ class ChildKernel(Kernel):
         self._interrupted_at = None
         self.child = self.first_child
         self._ready = False
+        self._lost_state_note = ""  # told to the next non-silent execution after an idle exit
 
     # --- the child -------------------------------------------------------------------------
     def _start_child(self):
@@ -105,7 +107,11 @@ class ChildKernel(Kernel):
         if error is None and not code.strip():
             return self._ok()
         if error is None:
-            self._drop_stale_events()
+            error = self._drop_stale_events()
+        if error is None and not silent and self._lost_state_note:
+            self.send_response(self.iopub_socket, "stream", {"name": "stderr", "text": self._lost_state_note})
+            self._lost_state_note = ""
+        if error is None:
             self.child.forwarding = not silent
             try:
                 self.child.send("execute", code)
@@ -169,20 +175,28 @@ class ChildKernel(Kernel):
                            "and a new one was started" % (self.language, returncode), [])
 
     def _drop_stale_events(self):
+        """Drops idle-time events; replaces a child that exited while idle (noting the lost state).
+
+        Returns an error dict if the replacement did not start, else None.
+        """
         while True:
             try:
                 kind, value = self.child.events.get_nowait()
             except queue.Empty:
-                return
+                if self.child.proc.poll() is None:
+                    return None
+                kind, value = "exit", self._wait_exit()  # exiting now: its event is on the way
             if kind == "exit":
+                self._lost_state_note = ("[the %s process had exited (code %s): a new one was started "
+                                         "and earlier state is lost]\n" % (self.language, value))
                 self._start_child()
-                self._wait_ready()
-                return
+                return self._wait_ready()
 
     async def do_is_complete(self, code):
         if self._wait_ready() is not None:
             return {"status": "unknown"}
-        self._drop_stale_events()
+        if self._drop_stale_events() is not None:
+            return {"status": "unknown"}
         status = "unknown"
         try:
             self.child.send("is_complete", code)
