@@ -149,9 +149,6 @@ class ChildKernel(Kernel):
                 data = value.get("data") or {}
                 self.send_response(self.iopub_socket, "execute_result", {
                     "execution_count": self.execution_count, "data": data, "metadata": {}})
-            elif value.get("type") == "display" and not silent:
-                self.send_response(self.iopub_socket, "display_data", {
-                    "data": value.get("data") or {}, "metadata": {}, "transient": {}})
             elif value.get("type") == "error" and error is None:
                 error = self._error(str(value.get("ename", "Error")), str(value.get("evalue", "")),
                                     [str(line) for line in value.get("traceback") or []])

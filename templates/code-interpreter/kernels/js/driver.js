@@ -16,6 +16,8 @@
  *   restarts this process);
  * - stdout/stderr are flushed (their queued writes reached the pipes) before a result or "done"
  *   is sent, so output always precedes them;
+ * - a result is text/plain (util.inspect, bounded depth/length); an object with a method
+ *   [Symbol.for('vivarium.mimebundle')]() adds the MIME bundle that method returns;
  * - every request gets exactly one "done", whatever the code throws (non-Error values too);
  * - uncaught exceptions and unhandled rejections from background callbacks are printed to stderr
  *   and never end the process; only process.exit() or stdin EOF do.
