@@ -10,6 +10,7 @@ starts from that template's snapshot, warm kernels included.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2b"))
 import vivserver  # noqa: E402
 
 CACHE = Path(os.environ.get("VIV_CACHE_DIR", "/var/cache/vivarium"))
+# A test's own time (its fixtures' set-up aside: the session's template build has its own limit).
+TEST_TIMEOUT_S = 240
+# The build of the template from an empty layer cache takes about 9 min here (TCG).
+BUILD_TIMEOUT_S = 1500
+
+
+def pytest_configure(config):
+    # A time budget ending the run (scripts/test) stops it like ^C: fixtures are torn down, so the
+    # server and its VMs go, and the summary line is still printed.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_S, method="signal", func_only=True))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,8 +58,16 @@ def server():
         )
         srv.first_use = (first.status_code, first.text, time.monotonic() - started)
         with open(srv.data / "build.log", "wb") as log:
-            built = srv.cli("template", "build", "--builtin", "code-interpreter", stdout=log, stderr=subprocess.STDOUT)
+            try:
+                built = srv.cli(
+                    "template", "build", "--builtin", "code-interpreter",
+                    stdout=log, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S,
+                )
+            except subprocess.TimeoutExpired:
+                built = None
         output = (srv.data / "build.log").read_text(errors="replace")
+        if built is None:
+            raise RuntimeError(f"the code interpreter template was not built within {BUILD_TIMEOUT_S} s:\n" + output[-6000:])
         if built.returncode != 0:
             raise RuntimeError("building the code interpreter template failed:\n" + output[-6000:])
         print(f"\ncode-interpreter template built in {time.monotonic() - started:.0f} s", file=sys.stderr)

@@ -10,7 +10,8 @@ LANGUAGES = {
     "typescript": ("const base: number = 40", "base + 2", "42", "console.log('hi from ts' as string)",
                    "hi from ts\n", "throw new RangeError('too far')", "RangeError"),
     "r": ("base <- 40", "base + 2", "[1] 42", "cat('hi from r\\n')", "hi from r\n",
-          "stop('r failed')", "Error"),
+          # IRkernel names every R condition ERROR.
+          "stop('r failed')", "ERROR"),
     "java": ("int base = 40;", "base + 2", "42", "System.out.println(\"hi from java\");", "hi from java\n",
              "Integer.parseInt(\"forty\")", "NumberFormatException"),
     # bash_kernel reports a failing command by its exit status (no exception name or traceback).

@@ -428,19 +428,44 @@ impl Manager {
             };
             log.info(&format!("waiting for: {}", ready.command));
             let probe = process_request(&ready.command, &recipe.config);
-            let mut last_note = std::time::Instant::now();
+            let waiting_since = std::time::Instant::now();
+            let mut last_note = waiting_since;
             loop {
-                let code =
-                    live.agent.run(&probe, Some(&user), |_, _| {}).await.map_err(|e| {
-                        ApiError::BadRequest(format!("running the ready command ({}): {e}", ready.command))
-                    })?;
+                // The probe's own output (the last 2 KiB) explains a refusal: a health endpoint
+                // that says why it is not ready, a connection refused.
+                let mut output = Vec::<u8>::new();
+                let code = live
+                    .agent
+                    .run(&probe, Some(&user), |_, bytes| {
+                        output.extend_from_slice(bytes);
+                        let excess = output.len().saturating_sub(2048);
+                        output.drain(..excess);
+                    })
+                    .await
+                    .map_err(|e| ApiError::BadRequest(format!("running the ready command ({}): {e}", ready.command)))?;
                 if code == 0 {
                     log.info("ready");
                     return Ok(());
                 }
+                let said = String::from_utf8_lossy(&output)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let said = if said.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {said}")
+                };
+                if waiting_since.elapsed() >= READY_DEADLINE {
+                    return Err(ApiError::BadRequest(format!(
+                        "the template was not ready within {} s: the ready command ({}) still exits with {code}{said}",
+                        READY_DEADLINE.as_secs(),
+                        ready.command
+                    )));
+                }
                 if last_note.elapsed() >= Duration::from_secs(10) {
                     log.info(&format!(
-                        "not ready yet (the ready command exits with {code}); still waiting"
+                        "not ready yet (the ready command exits with {code}{said}); still waiting"
                     ));
                     last_note = std::time::Instant::now();
                 }
@@ -466,6 +491,9 @@ impl Manager {
         }
     }
 }
+
+/// How long a build waits for its ready command to succeed once the start command runs.
+const READY_DEADLINE: Duration = Duration::from_secs(600);
 
 /// A value as the JSON text hashed into a key.
 fn json<T: serde::Serialize>(value: &T) -> String {

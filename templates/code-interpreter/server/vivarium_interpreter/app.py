@@ -156,7 +156,7 @@ def _line(event: dict) -> bytes:
 
 
 async def list_contexts(request: web.Request) -> web.Response:
-    return web.json_response([c.to_json() for c in request.app[REGISTRY].contexts.values()])
+    return web.json_response([c.to_json() for c in request.app[REGISTRY].listed()])
 
 
 async def create_context(request: web.Request) -> web.Response:

@@ -191,18 +191,23 @@ class Execution:
         except KernelDied:
             await self._recover("died while its environment was being set up")
             return
-        translator = Translator()
+        translator = Translator(values_are_displays=ctx.language.values_are_displays)
         try:
             async for msg in ctx.kernel.execute(self.code, silent=False, abort=self.abort):
                 if msg is None or msg["msg_type"] == "execute_reply":
-                    for event in translator.reply(msg):
+                    for event in translator.finish(completed=True) + translator.reply(msg):
                         self._emit(event)
-                elif (event := translator.message(msg)) is not None:
-                    self._emit(event)
+                else:
+                    for event in translator.message(msg):
+                        self._emit(event)
         except KernelDied as e:
+            for event in translator.finish(completed=False):
+                self._emit(event)
             await self._recover(f"died while running this code ({e})", translator)
             return
         except KernelStuck:
+            for event in translator.finish(completed=False):
+                self._emit(event)
             await self._recover("did not stop when interrupted", translator)
             return
         if per_run and not ctx.closed:
@@ -295,6 +300,13 @@ class Registry:
 
     def ready(self, languages) -> bool:
         return all(self.defaults.get(lang.name) in self.contexts for lang in languages)
+
+    def listed(self) -> list:
+        """Every context: the default ones first (Python, then JavaScript, whichever kernel
+        started first), then the others in the order they were created."""
+        order = [self.defaults.get(lang.name) for lang in DEFAULT_LANGUAGES]
+        first = [self.contexts[i] for i in order if i in self.contexts]
+        return first + [c for i, c in self.contexts.items() if i not in order]
 
     def get(self, ctx_id: str) -> Context:
         try:

@@ -133,7 +133,7 @@ class Kernel:
         """Run `code`; yield its IOPub messages, then its execute_reply (or None if the kernel
         sent none in time). Raises KernelDied, or KernelStuck after an abort that did not take."""
         msg_id = self.client.execute(
-            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=True
+            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
         )
         interrupted_at = None
         while True:

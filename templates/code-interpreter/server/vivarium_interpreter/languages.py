@@ -29,13 +29,16 @@ def _r_literal(value: str) -> str:
 @dataclass(frozen=True)
 class Language:
     """One supported language: `name` as the API reports it, `kernel_spec` the Jupyter kernel spec
-    name, and helper code builders (None: the kernel takes no helper runs, e.g. Java)."""
+    name, and helper code builders (None: the kernel takes no helper runs, e.g. Java).
+    `values_are_displays`: the kernel shows a cell's values as display_data, never as an
+    execute_result (IRkernel); the last one is then the execution's main result."""
 
     name: str
     kernel_spec: str
     chdir: Optional[Callable[[str], str]]
     setenv: Optional[Callable[[str, str], str]]
     unsetenv: Optional[Callable[[str], str]]
+    values_are_displays: bool = False
 
     @property
     def takes_helpers(self) -> bool:
@@ -75,6 +78,7 @@ R = Language(
     chdir=lambda p: f"invisible(setwd({_r_literal(p)}))",
     setenv=lambda k, v: f"invisible(Sys.setenv({_r_literal(k)} = {_r_literal(v)}))",
     unsetenv=lambda k: f"invisible(Sys.unsetenv({_r_literal(k)}))",
+    values_are_displays=True,
 )
 BASH = Language(
     "bash",

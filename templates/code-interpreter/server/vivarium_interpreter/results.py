@@ -55,12 +55,33 @@ def error_event(name: str, value: str, traceback) -> dict:
 class Translator:
     """Turns one execution's messages into events, keeping the per-execution invariants."""
 
-    def __init__(self):
+    def __init__(self, values_are_displays: bool = False):
         self.error_sent = False
         self.count_sent = False
+        # For kernels that show values only as display_data (IRkernel), the latest display is
+        # held back: it is the main result if nothing else is shown after it (`finish`).
+        self.values_are_displays = values_are_displays
+        self.held: Optional[dict] = None
 
-    def message(self, msg: dict) -> Optional[dict]:
-        """The event for an IOPub message, or None if it has none."""
+    def message(self, msg: dict) -> list:
+        """The events for an IOPub message (none, one, or a held-back display and one)."""
+        event = self._event(msg)
+        if event is None:
+            return []
+        if not self.values_are_displays or event["type"] != "result":
+            return [event]
+        earlier, self.held = self.held, event
+        return [earlier] if earlier is not None else []
+
+    def finish(self, completed: bool) -> list:
+        """The held-back display, if any: the main result when the execution completed."""
+        held, self.held = self.held, None
+        if held is None:
+            return []
+        held["is_main_result"] = completed and "text" in held
+        return [held]
+
+    def _event(self, msg: dict) -> Optional[dict]:
         kind, content = msg["msg_type"], msg["content"]
         if kind == "stream":
             name = "stderr" if content.get("name") == "stderr" else "stdout"
