@@ -4,15 +4,21 @@
 
 import { Sandbox } from 'e2b'
 
-/** Runs `fn` with a fresh sandbox and kills it afterwards. */
-export async function withSandbox(fn, opts = {}) {
-  const sbx = await Sandbox.create({ timeoutMs: 600_000, ...opts })
-  try {
-    return await fn(sbx)
-  } finally {
-    await sbx.kill().catch(() => {})
+/** `withSandbox` for an SDK's `Sandbox` class: runs `fn` with a fresh sandbox of it and kills it
+ * afterwards. */
+export function withSandboxOf(SandboxClass) {
+  return async (fn, opts = {}) => {
+    const sbx = await SandboxClass.create({ timeoutMs: 600_000, ...opts })
+    try {
+      return await fn(sbx)
+    } finally {
+      await sbx.kill().catch(() => {})
+    }
   }
 }
+
+/** Runs `fn` with a fresh sandbox and kills it afterwards. */
+export const withSandbox = withSandboxOf(Sandbox)
 
 export const sleep = (ms) => new Promise((ok) => setTimeout(ok, ms))
 

@@ -27,9 +27,5 @@ def server():
 def sandbox():
     from e2b import Sandbox
 
-    sbx = Sandbox.create(timeout=600)
-    yield sbx
-    try:
-        sbx.kill()
-    except Exception:
-        pass
+    with vivserver.sandbox_of(Sandbox) as sbx:
+        yield sbx

@@ -7,6 +7,7 @@ with the pool in VIV_TEST_NET_POOL (else `default_pool`). VIV_BIN names the bina
 target/debug/viv of this checkout).
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -89,3 +90,17 @@ def start(prefix: str, default_pool: str, extra_args: list[str] = (), memory_mib
         check=True, capture_output=True, text=True,
     ).stdout.strip()
     return Server(url=url, key=key, data=data, proc=proc)
+
+
+@contextlib.contextmanager
+def sandbox_of(sandbox_class, **opts):
+    """A sandbox of an E2B SDK's `Sandbox` class with a generous lifetime for TCG, killed
+    afterwards whatever happened."""
+    sbx = sandbox_class.create(**{"timeout": 600, **opts})
+    try:
+        yield sbx
+    finally:
+        try:
+            sbx.kill()
+        except Exception:
+            pass

@@ -2,15 +2,9 @@
 // (killed afterwards, whatever happened), and per-test options generous enough for TCG.
 
 import { Sandbox } from '@e2b/code-interpreter'
+import { withSandboxOf } from '../helpers.mjs'
 
 /** Runs `fn` with a fresh code interpreter sandbox and kills it afterwards. */
-export async function withSandbox(fn, opts = {}) {
-  const sbx = await Sandbox.create({ timeoutMs: 600_000, ...opts })
-  try {
-    return await fn(sbx)
-  } finally {
-    await sbx.kill().catch(() => {})
-  }
-}
+export const withSandbox = withSandboxOf(Sandbox)
 
 export const slow = { timeout: 300_000 }
