@@ -43,6 +43,7 @@ mod setup;
 mod snapshots;
 mod templates;
 mod timeouts;
+mod vms;
 pub mod volume_fs;
 pub mod volume_fuse;
 mod volumes;
@@ -315,6 +316,27 @@ pub fn uuid_shaped(bytes: [u8; 16]) -> String {
         &hex[16..20],
         &hex[20..]
     )
+}
+
+/// Longest name of a volume, VM, disk or ISO.
+pub const MAX_NAME: usize = 128;
+
+/// Checks the name of a `what` (volume, VM, disk, ISO): 1–128 of letters, digits, `-`, `_` and
+/// `.`, starting with a letter or digit (so never a path, `.` or `..`).
+pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "invalid {what} name {name:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' and '.', starting with a letter or digit"
+        )))
+    }
 }
 
 /// A random (version 4) UUID.

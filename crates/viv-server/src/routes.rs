@@ -33,6 +33,7 @@ mod proxy;
 mod signed;
 mod snapshots;
 mod templates;
+mod vms;
 mod volumes;
 
 /// Builds the application router.
@@ -78,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/templates/{id}/tags", get(e2b_templates::tags))
         .merge(volumes::control())
+        .merge(vms::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));
     Router::new()

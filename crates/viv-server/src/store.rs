@@ -1,4 +1,5 @@
-//! Persistent state in SQLite: API keys (hashed), sandboxes, snapshot nodes and built templates.
+//! Persistent state in SQLite: API keys (hashed), sandboxes, snapshot nodes, built templates,
+//! volumes and VMs.
 //!
 //! Migrations are embedded in the binary and applied in order at open; `PRAGMA user_version`
 //! records how many have run. Calls are synchronous and short; the connection sits behind a mutex.
@@ -13,6 +14,8 @@ use viv_api::{ApiKeyInfo, SandboxState};
 
 mod lifecycle;
 pub use lifecycle::LifecycleRow;
+mod vms;
+pub use vms::VmRow;
 mod volumes;
 pub use volumes::{VolumeDeletion, VolumeRow};
 
@@ -29,6 +32,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_files_traffic.sql"),
     include_str!("migrations/0010_template_builds.sql"),
     include_str!("migrations/0011_volumes.sql"),
+    include_str!("migrations/0012_vms.sql"),
 ];
 
 mod traffic;

@@ -7,12 +7,13 @@ mod output;
 mod serve;
 mod template;
 mod tls;
+mod vm;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Self-hosted sandboxes: small Linux VMs with an E2B-compatible API.
+/// Self-hosted sandboxes (small Linux VMs with an E2B-compatible API) and long-lived VMs.
 #[derive(Debug, Parser)]
 #[command(name = "viv", version, about)]
 pub struct Cli {
@@ -65,6 +66,9 @@ pub enum Command {
     /// Build templates from specs (a Dockerfile subset); list and delete them.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Define, list, edit and delete long-lived VMs (the VM manager).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

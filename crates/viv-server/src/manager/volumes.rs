@@ -26,8 +26,6 @@ use super::Manager;
 use crate::error::ApiError;
 use crate::store::{VolumeDeletion, VolumeRow};
 
-/// Longest volume name.
-const MAX_NAME: usize = 128;
 /// Most volumes one sandbox mounts.
 const MAX_MOUNTS: usize = 16;
 
@@ -46,22 +44,9 @@ pub struct Mount {
     path: String,
 }
 
-/// Checks a volume name: 1–128 of letters, digits, `-`, `_` and `.`, starting with a letter or
-/// digit.
+/// Checks a volume name (see [`super::check_name`]).
 pub fn check_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "invalid volume name {name:?}: use 1 to {MAX_NAME} letters, digits, '-', '_' and '.', starting with a letter or digit"
-        )))
-    }
+    super::check_name("volume", name)
 }
 
 /// A new volume id, shaped like a UUID as E2B's are.

@@ -253,6 +253,12 @@ impl TestServer {
             .header("X-API-Key", &self.key)
     }
 
+    pub fn patch(&self, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .patch(format!("{}{path}", self.url))
+            .header("X-API-Key", &self.key)
+    }
+
     pub fn delete(&self, path: &str) -> reqwest::blocking::RequestBuilder {
         self.http
             .delete(format!("{}{path}", self.url))

@@ -16,3 +16,4 @@ mod pool;
 mod restarts;
 mod snapshots;
 mod templates;
+mod vms;

@@ -1,0 +1,454 @@
+//! Wire types of the VM manager (`/vms`): long-lived, general-purpose VMs that boot from disks
+//! or ISOs, beside sandboxes. Field names are camelCase like the rest of the API.
+//!
+//! A VM is a [`VmDefinition`] (what it is made of) and a [`VmState`] (what it is doing). Every
+//! field of a definition has a default, so `{"name": "web"}` is a whole request; the server
+//! checks a definition as a whole (shape against the host, device conflicts) before storing it.
+
+use serde::{Deserialize, Serialize};
+
+/// The most disks, CD-ROM drives or NICs one VM has.
+pub const MAX_VM_DEVICES: usize = 16;
+/// The most serial ports one VM has.
+pub const MAX_VM_SERIAL_PORTS: u8 = 4;
+/// The most tags one VM has, and the longest tag.
+pub const MAX_VM_TAGS: usize = 32;
+/// Longest tag.
+pub const MAX_VM_TAG_LEN: usize = 64;
+/// Longest description.
+pub const MAX_VM_DESCRIPTION: usize = 4096;
+/// Longest ACPI power-off grace before a stop forces the VM off, in seconds.
+pub const MAX_VM_STOP_TIMEOUT_SECS: u32 = 3600;
+
+/// What a VM is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Defined, never started.
+    Defined,
+    /// Its QEMU is starting.
+    Starting,
+    /// Running.
+    Running,
+    /// Paused (vCPUs stopped, memory kept).
+    Paused,
+    /// An ACPI power-off was sent; it is forced off after the stop timeout.
+    Stopping,
+    /// Off after a stop, a kill or a guest power-off.
+    Stopped,
+    /// Its QEMU died, or the guest crashed, without being asked to stop.
+    Crashed,
+}
+
+impl VmState {
+    /// The name the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Defined => "defined",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a QEMU process exists for the VM in this state.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Paused | Self::Stopping)
+    }
+}
+
+impl std::str::FromStr for VmState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "defined" => Self::Defined,
+            "starting" => Self::Starting,
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "stopping" => Self::Stopping,
+            "stopped" => Self::Stopped,
+            "crashed" => Self::Crashed,
+            other => return Err(format!("unknown VM state '{other}'")),
+        })
+    }
+}
+
+/// The machine type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineType {
+    /// A PC with PCIe (QEMU's `q35`): every device kind, SeaBIOS or UEFI.
+    #[default]
+    Q35,
+    /// QEMU's minimal `microvm`: virtio devices only, SeaBIOS only, no CD-ROM, SATA or NVMe.
+    Microvm,
+}
+
+/// The firmware.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS (legacy BIOS).
+    #[default]
+    Bios,
+    /// UEFI (OVMF from Debian's `ovmf` package) with a per-VM NVRAM.
+    Uefi,
+}
+
+/// vCPU topology; the VM has `sockets × cores × threads` vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CpuTopology {
+    /// Sockets.
+    #[serde(default = "one")]
+    pub sockets: u32,
+    /// Cores per socket.
+    #[serde(default = "one")]
+    pub cores: u32,
+    /// Threads per core.
+    #[serde(default = "one")]
+    pub threads: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for CpuTopology {
+    fn default() -> Self {
+        Self {
+            sockets: 1,
+            cores: 1,
+            threads: 1,
+        }
+    }
+}
+
+impl CpuTopology {
+    /// vCPUs in all (saturating: an absurd topology is refused by its count).
+    pub fn vcpus(&self) -> u32 {
+        self.sockets.saturating_mul(self.cores).saturating_mul(self.threads)
+    }
+}
+
+/// The bus a disk is attached to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskBus {
+    /// virtio-blk.
+    #[default]
+    VirtioBlk,
+    /// A virtio-scsi controller's disk.
+    VirtioScsi,
+    /// An NVMe controller.
+    Nvme,
+    /// A SATA (AHCI) port.
+    Sata,
+}
+
+impl DiskBus {
+    /// The name the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VirtioBlk => "virtio-blk",
+            Self::VirtioScsi => "virtio-scsi",
+            Self::Nvme => "nvme",
+            Self::Sata => "sata",
+        }
+    }
+}
+
+/// A disk of the storage pool attached to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmDisk {
+    /// The disk's name in the storage pool.
+    pub disk: String,
+    /// Bus.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// Attached read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// May be attached to other VMs at the same time (the guests must coordinate).
+    #[serde(default)]
+    pub shareable: bool,
+}
+
+/// A CD-ROM drive, with or without a medium from the ISO library.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmCdrom {
+    /// The ISO's name in the library; none for an empty drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iso: Option<String>,
+    /// Eject the medium once the VM has booted the first time (installers).
+    #[serde(default)]
+    pub eject_after_first_boot: bool,
+}
+
+/// A boot device kind, in the order given by [`VmDefinition::boot_order`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    /// The disks, in their order.
+    Disk,
+    /// The CD-ROM drives, in their order.
+    Cdrom,
+    /// PXE from the NICs.
+    Network,
+}
+
+/// A network card.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmNic {
+    /// MAC address (`52:54:00:…`); generated at create when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The graphical display.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Display {
+    /// None: serial consoles only.
+    #[default]
+    None,
+    /// A VGA card shown over VNC (a WebSocket for noVNC, screenshots).
+    Vnc,
+}
+
+/// What happens when a VM crashes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// It stays crashed.
+    #[default]
+    Never,
+    /// It is started again, with a back-off that doubles from 1 s to 5 min.
+    OnFailure,
+}
+
+/// Starting with the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Autostart {
+    /// Started when the server starts.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Lower orders start first; equal orders by name.
+    #[serde(default)]
+    pub order: u32,
+    /// Seconds to wait after starting this VM before the next one.
+    #[serde(default)]
+    pub delay_secs: u32,
+}
+
+/// Host resources a VM may use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmResources {
+    /// Host CPUs the vCPUs run on (all when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_pinning: Vec<u32>,
+    /// cgroup CPU weight, 1–10000 (100 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// CPU quota in percent of one host CPU (200 = two CPUs' worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota_percent: Option<u32>,
+    /// Disk reads and writes per second, each disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u64>,
+    /// Disk bytes per second, each disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_per_sec: Option<u64>,
+}
+
+/// What a VM is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmDefinition {
+    /// vCPU topology.
+    #[serde(default)]
+    pub cpu: CpuTopology,
+    /// Memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    /// Machine type.
+    #[serde(default)]
+    pub machine: MachineType,
+    /// Firmware.
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// Boot device kinds, first tried first.
+    #[serde(default = "default_boot_order")]
+    pub boot_order: Vec<BootDevice>,
+    /// Disks.
+    #[serde(default)]
+    pub disks: Vec<VmDisk>,
+    /// CD-ROM drives.
+    #[serde(default)]
+    pub cdroms: Vec<VmCdrom>,
+    /// Network cards.
+    #[serde(default)]
+    pub nics: Vec<VmNic>,
+    /// Serial ports (consoles); the first is the console `viv console` attaches to.
+    #[serde(default = "default_serial_ports")]
+    pub serial_ports: u8,
+    /// Graphical display.
+    #[serde(default)]
+    pub display: Display,
+    /// Seconds an ACPI power-off may take before a stop forces the VM off.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_secs: u32,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Labels for listing and grouping.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Starting with the server.
+    #[serde(default)]
+    pub autostart: Autostart,
+    /// What happens when it crashes.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Host resources.
+    #[serde(default)]
+    pub resources: VmResources,
+}
+
+fn default_memory_mib() -> u32 {
+    512
+}
+
+fn default_boot_order() -> Vec<BootDevice> {
+    vec![BootDevice::Disk, BootDevice::Cdrom]
+}
+
+fn default_serial_ports() -> u8 {
+    1
+}
+
+fn default_stop_timeout() -> u32 {
+    60
+}
+
+impl Default for VmDefinition {
+    fn default() -> Self {
+        // Every field's serde default, so that `{}` and `VmDefinition::default()` agree.
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+/// `POST /vms` body: a name beside the fields of a definition (every one optional).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewVm {
+    /// Name, unique on the server.
+    pub name: String,
+    /// The definition.
+    #[serde(flatten)]
+    pub definition: VmDefinition,
+}
+
+impl<'de> Deserialize<'de> for NewVm {
+    // By hand: serde's `flatten` would accept unknown fields, and a misspelt field must be a
+    // 400 rather than a default silently taken.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let name = match fields.remove("name") {
+            Some(serde_json::Value::String(name)) => name,
+            Some(_) => return Err(D::Error::custom("name must be a string")),
+            None => return Err(D::Error::missing_field("name")),
+        };
+        let definition = serde_json::from_value(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
+        Ok(Self { name, definition })
+    }
+}
+
+/// A VM as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmInfo {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// What it is doing.
+    pub state: VmState,
+    /// The definition it runs with (while running) or will start with.
+    pub definition: VmDefinition,
+    /// Changes made while it ran that apply at its next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_definition: Option<VmDefinition>,
+    /// When it was created, RFC 3339.
+    pub created_at: String,
+    /// When its state last changed, RFC 3339.
+    pub state_changed_at: String,
+}
+
+/// `PATCH /vms/{id}` answer: the VM and how the change applies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmEdit {
+    /// The VM after the edit.
+    pub vm: VmInfo,
+    /// Fields that took effect at once.
+    pub applied_now: Vec<String>,
+    /// Fields that take effect at the VM's next start.
+    pub at_next_start: Vec<String>,
+}
+
+/// `POST /vms/{id}/rename` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRename {
+    /// The new name.
+    pub name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_alone_is_a_whole_request() {
+        let vm: NewVm = serde_json::from_str(r#"{"name": "web"}"#).unwrap();
+        assert_eq!(vm.definition, VmDefinition::default());
+        assert_eq!(vm.definition.cpu.vcpus(), 1);
+        assert_eq!(vm.definition.boot_order, vec![BootDevice::Disk, BootDevice::Cdrom]);
+    }
+
+    #[test]
+    fn a_create_round_trips_and_refuses_misspelt_fields() {
+        let vm: NewVm = serde_json::from_str(r#"{"name": "db", "memoryMib": 1024, "firmware": "uefi"}"#).unwrap();
+        assert_eq!((vm.name.as_str(), vm.definition.memory_mib), ("db", 1024));
+        let again: NewVm = serde_json::from_value(serde_json::to_value(&vm).unwrap()).unwrap();
+        assert_eq!(again.definition, vm.definition);
+        assert!(serde_json::from_str::<NewVm>(r#"{"name": "db", "memoryMB": 1024}"#).is_err());
+        assert!(serde_json::from_str::<NewVm>(r#"{"memoryMib": 1024}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(serde_json::from_str::<VmDefinition>(r#"{"memoryMb": 512}"#).is_err());
+        assert!(serde_json::from_str::<VmDefinition>(r#"{"disks": [{"disk": "a", "bus": "ide"}]}"#).is_err());
+    }
+
+    #[test]
+    fn an_absurd_topology_saturates() {
+        let cpu = CpuTopology {
+            sockets: u32::MAX,
+            cores: 2,
+            threads: 2,
+        };
+        assert_eq!(cpu.vcpus(), u32::MAX);
+    }
+}

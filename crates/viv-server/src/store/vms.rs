@@ -1,0 +1,108 @@
+//! VM rows: a definition (JSON written by this server), an optional pending definition and a
+//! state.
+//!
+//! Invariants: names are unique (the insert or rename that would break it changes nothing and
+//! reports the clash); a state change records its time in the same statement.
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::{now_rfc3339, Store, StoreError};
+
+/// A VM row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRow {
+    /// Id.
+    pub id: String,
+    /// Name, unique.
+    pub name: String,
+    /// JSON of its `VmDefinition`.
+    pub definition: String,
+    /// JSON of the definition its next start takes, when edited while running.
+    pub pending_definition: Option<String>,
+    /// `VmState` as the API names it.
+    pub state: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub state_changed_at: String,
+}
+
+const COLUMNS: &str = "id, name, definition, pending_definition, state, created_at, state_changed_at";
+
+fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
+    Ok(VmRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        definition: r.get(2)?,
+        pending_definition: r.get(3)?,
+        state: r.get(4)?,
+        created_at: r.get(5)?,
+        state_changed_at: r.get(6)?,
+    })
+}
+
+impl Store {
+    /// Records a new VM (its times are set here); `Ok(false)` when its name is taken.
+    pub fn insert_vm(&self, id: &str, name: &str, definition: &str, state: &str) -> Result<bool, StoreError> {
+        let now = now_rfc3339();
+        let n = self.conn().execute(
+            "INSERT INTO vms (id, name, definition, state, created_at, state_changed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT DO NOTHING",
+            params![id, name, definition, state, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// A VM by id or, failing that, by name.
+    pub fn vm(&self, id_or_name: &str) -> Result<Option<VmRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?1 UNION ALL SELECT {COLUMNS} FROM vms WHERE name = ?1 AND id <> ?1 LIMIT 1");
+        Ok(self.conn().query_row(&sql, params![id_or_name], vm_row).optional()?)
+    }
+
+    /// Every VM, by name.
+    pub fn list_vms(&self) -> Result<Vec<VmRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM vms ORDER BY name"))?;
+        let rows = stmt.query_map([], vm_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Replaces a VM's definition and pending definition; `Ok(false)` when it is gone.
+    pub fn update_vm_definition(&self, id: &str, definition: &str, pending: Option<&str>) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET definition = ?2, pending_definition = ?3 WHERE id = ?1",
+            params![id, definition, pending],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Sets a VM's state; `Ok(false)` when it is gone.
+    pub fn set_vm_state(&self, id: &str, state: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET state = ?2, state_changed_at = ?3 WHERE id = ?1",
+            params![id, state, now_rfc3339()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Renames a VM. `Ok(None)` when it is gone, `Ok(Some(false))` when the name is taken.
+    pub fn rename_vm(&self, id: &str, name: &str) -> Result<Option<bool>, StoreError> {
+        let conn = self.conn();
+        let exists: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM vms WHERE id = ?1)", params![id], |r| {
+            r.get(0)
+        })?;
+        if !exists {
+            return Ok(None);
+        }
+        let n = conn.execute(
+            "UPDATE vms SET name = ?2 WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM vms WHERE name = ?2 AND id <> ?1)",
+            params![id, name],
+        )?;
+        Ok(Some(n == 1))
+    }
+
+    /// Deletes a VM's row; `Ok(false)` when it was gone.
+    pub fn delete_vm(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute("DELETE FROM vms WHERE id = ?1", params![id])? == 1)
+    }
+}

@@ -1,0 +1,321 @@
+//! `viv vm`: define, list, show, edit, rename and delete the VM manager's long-lived VMs.
+//!
+//! Options map onto the fields of `viv_api::vms::VmDefinition`; `edit` sends only the fields
+//! given, as a JSON merge patch, and prints which changes apply at once and which at the VM's
+//! next start.
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use viv_api::vms::{VmEdit, VmInfo};
+
+use crate::client::Client;
+use crate::output;
+
+/// `viv vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Define a VM (it starts in state `defined`).
+    Create {
+        /// Name, unique on the server.
+        name: String,
+        #[command(flatten)]
+        fields: DefinitionArgs,
+    },
+    /// List VMs.
+    #[command(alias = "ls")]
+    List,
+    /// Show a VM with its whole definition.
+    Get {
+        /// VM id or name.
+        vm: String,
+    },
+    /// Change a VM's definition; a running VM takes some changes at once, the rest at its next
+    /// start.
+    Edit {
+        /// VM id or name.
+        vm: String,
+        #[command(flatten)]
+        fields: DefinitionArgs,
+    },
+    /// Rename a VM.
+    Rename {
+        /// VM id or name.
+        vm: String,
+        /// The new name.
+        name: String,
+    },
+    /// Delete VMs that are not running (their disks stay in the storage pool).
+    #[command(alias = "rm")]
+    Delete {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+}
+
+/// Definition fields settable from the command line (absent ones are left out of the request).
+#[derive(Debug, Args)]
+pub struct DefinitionArgs {
+    /// vCPUs (one socket of this many cores).
+    #[arg(long, conflicts_with_all = ["sockets", "cores", "threads"])]
+    vcpus: Option<u32>,
+    /// CPU sockets.
+    #[arg(long)]
+    sockets: Option<u32>,
+    /// Cores per socket.
+    #[arg(long)]
+    cores: Option<u32>,
+    /// Threads per core.
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Machine type: q35 or microvm.
+    #[arg(long)]
+    machine: Option<String>,
+    /// Firmware: bios or uefi.
+    #[arg(long)]
+    firmware: Option<String>,
+    /// Boot order, comma-separated: disk, cdrom, network.
+    #[arg(long, value_delimiter = ',')]
+    boot: Option<Vec<String>>,
+    /// A disk of the storage pool: NAME[,bus=virtio-blk|virtio-scsi|nvme|sata][,ro][,shareable]
+    /// (repeat for more; replaces the list on edit).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// A CD-ROM drive with an ISO of the library (NAME[,eject-after-boot]), or `empty`.
+    #[arg(long = "cdrom")]
+    cdroms: Vec<String>,
+    /// Network cards (MAC addresses are generated).
+    #[arg(long)]
+    nics: Option<usize>,
+    /// Serial ports.
+    #[arg(long)]
+    serial_ports: Option<u8>,
+    /// Display: none or vnc.
+    #[arg(long)]
+    display: Option<String>,
+    /// Seconds an ACPI power-off may take before a stop forces the VM off.
+    #[arg(long)]
+    stop_timeout: Option<u32>,
+    /// Description.
+    #[arg(long)]
+    description: Option<String>,
+    /// A tag (repeat for more; replaces the list on edit).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Start with the server.
+    #[arg(long)]
+    autostart: Option<bool>,
+    /// Restart policy: never or on-failure.
+    #[arg(long)]
+    restart: Option<String>,
+}
+
+impl DefinitionArgs {
+    /// The given fields as a JSON object of definition fields.
+    fn to_fields(&self) -> Result<Map<String, Value>> {
+        let mut f = Map::new();
+        if let Some(n) = self.vcpus {
+            f.insert("cpu".into(), json!({"sockets": 1, "cores": n, "threads": 1}));
+        } else if self.sockets.is_some() || self.cores.is_some() || self.threads.is_some() {
+            let mut cpu = Map::new();
+            for (k, v) in [
+                ("sockets", self.sockets),
+                ("cores", self.cores),
+                ("threads", self.threads),
+            ] {
+                if let Some(v) = v {
+                    cpu.insert(k.into(), json!(v));
+                }
+            }
+            f.insert("cpu".into(), Value::Object(cpu));
+        }
+        let mut put = |key: &str, value: Option<Value>| {
+            if let Some(v) = value {
+                f.insert(key.into(), v);
+            }
+        };
+        put("memoryMib", self.memory.map(|v| json!(v)));
+        put("machine", self.machine.as_ref().map(|v| json!(v)));
+        put("firmware", self.firmware.as_ref().map(|v| json!(v)));
+        put("bootOrder", self.boot.as_ref().map(|v| json!(v)));
+        put("nics", self.nics.map(|n| json!(vec![json!({}); n])));
+        put("serialPorts", self.serial_ports.map(|v| json!(v)));
+        put("display", self.display.as_ref().map(|v| json!(v)));
+        put("stopTimeoutSecs", self.stop_timeout.map(|v| json!(v)));
+        put("description", self.description.as_ref().map(|v| json!(v)));
+        put("autostart", self.autostart.map(|v| json!({"enabled": v})));
+        put("restartPolicy", self.restart.as_ref().map(|v| json!(v)));
+        if !self.disks.is_empty() {
+            let disks = self.disks.iter().map(|d| disk_spec(d)).collect::<Result<Vec<_>>>()?;
+            f.insert("disks".into(), Value::Array(disks));
+        }
+        if !self.cdroms.is_empty() {
+            let cdroms = self.cdroms.iter().map(|c| cdrom_spec(c)).collect::<Result<Vec<_>>>()?;
+            f.insert("cdroms".into(), Value::Array(cdroms));
+        }
+        if !self.tags.is_empty() {
+            f.insert("tags".into(), json!(self.tags));
+        }
+        Ok(f)
+    }
+}
+
+/// `NAME[,bus=B][,ro][,shareable]` → a disk attachment.
+fn disk_spec(text: &str) -> Result<Value> {
+    let mut parts = text.split(',');
+    let mut disk = Map::new();
+    disk.insert("disk".into(), json!(parts.next().unwrap_or_default()));
+    for option in parts {
+        match option.split_once('=') {
+            Some(("bus", bus)) => disk.insert("bus".into(), json!(bus)),
+            None if option == "ro" => disk.insert("readOnly".into(), json!(true)),
+            None if option == "shareable" => disk.insert("shareable".into(), json!(true)),
+            _ => bail!("unknown disk option '{option}' in '{text}': use bus=BUS, ro or shareable"),
+        };
+    }
+    Ok(Value::Object(disk))
+}
+
+/// `NAME[,eject-after-boot]` or `empty` → a CD-ROM drive.
+fn cdrom_spec(text: &str) -> Result<Value> {
+    if text == "empty" {
+        return Ok(json!({}));
+    }
+    let mut parts = text.split(',');
+    let mut cdrom = Map::new();
+    cdrom.insert("iso".into(), json!(parts.next().unwrap_or_default()));
+    for option in parts {
+        match option {
+            "eject-after-boot" => cdrom.insert("ejectAfterFirstBoot".into(), json!(true)),
+            _ => bail!("unknown CD-ROM option '{option}' in '{text}': use eject-after-boot"),
+        };
+    }
+    Ok(Value::Object(cdrom))
+}
+
+/// Runs `viv vm ...`.
+pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
+    match cmd {
+        VmCommand::Create { name, fields } => {
+            let mut body = fields.to_fields()?;
+            body.insert("name".into(), json!(name));
+            let vm: VmInfo = client.json(client.request(Method::POST, "/vms").json(&body)).await?;
+            if json {
+                output::json(&vm);
+            } else {
+                println!("{}", vm.id);
+            }
+        }
+        VmCommand::List => {
+            let vms: Vec<VmInfo> = client.json(client.request(Method::GET, "/vms")).await?;
+            if json {
+                output::json(&vms);
+            } else {
+                output::table(&HEADERS, &vms.iter().map(vm_row).collect::<Vec<_>>());
+            }
+        }
+        VmCommand::Get { vm } => {
+            let vm: VmInfo = client.json(client.request(Method::GET, &format!("/vms/{vm}"))).await?;
+            if json {
+                output::json(&vm);
+            } else {
+                output::table(&HEADERS, &[vm_row(&vm)]);
+                println!("{}", serde_json::to_string_pretty(&vm.definition)?);
+                if let Some(pending) = &vm.pending_definition {
+                    println!("at next start:\n{}", serde_json::to_string_pretty(pending)?);
+                }
+            }
+        }
+        VmCommand::Edit { vm, fields } => {
+            let patch = fields.to_fields()?;
+            if patch.is_empty() {
+                bail!("nothing to change: give at least one option (see `viv vm edit --help`)");
+            }
+            let edit: VmEdit = client
+                .json(client.request(Method::PATCH, &format!("/vms/{vm}")).json(&patch))
+                .await?;
+            if json {
+                output::json(&edit);
+            } else {
+                let list = |fields: &[String]| {
+                    if fields.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        fields.join(", ")
+                    }
+                };
+                println!("applied now: {}", list(&edit.applied_now));
+                println!("at next start: {}", list(&edit.at_next_start));
+            }
+        }
+        VmCommand::Rename { vm, name } => {
+            let info: VmInfo = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/rename"))
+                        .json(&json!({"name": name})),
+                )
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("renamed {} to {}", info.id, info.name);
+            }
+        }
+        VmCommand::Delete { vms } => {
+            for vm in vms {
+                client
+                    .send(client.request(Method::DELETE, &format!("/vms/{vm}")))
+                    .await?;
+                if !json {
+                    println!("deleted {vm}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+const HEADERS: [&str; 8] = ["ID", "NAME", "STATE", "VCPUS", "MEMORY", "MACHINE", "DISKS", "TAGS"];
+
+fn vm_row(vm: &VmInfo) -> Vec<String> {
+    let d = &vm.definition;
+    vec![
+        vm.id.clone(),
+        vm.name.clone(),
+        vm.state.as_str().to_owned(),
+        d.cpu.vcpus().to_string(),
+        format!("{} MiB", d.memory_mib),
+        format!(
+            "{}/{}",
+            json!(d.machine).as_str().unwrap_or("?"),
+            json!(d.firmware).as_str().unwrap_or("?")
+        ),
+        d.disks.iter().map(|x| x.disk.as_str()).collect::<Vec<_>>().join(","),
+        d.tags.join(","),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_and_cdrom_options_parse() {
+        assert_eq!(
+            disk_spec("root,bus=nvme,ro").unwrap(),
+            json!({"disk": "root", "bus": "nvme", "readOnly": true})
+        );
+        assert!(disk_spec("root,fast").is_err());
+        assert_eq!(
+            cdrom_spec("debian,eject-after-boot").unwrap(),
+            json!({"iso": "debian", "ejectAfterFirstBoot": true})
+        );
+        assert_eq!(cdrom_spec("empty").unwrap(), json!({}));
+    }
+}
