@@ -684,7 +684,7 @@ impl DirPool {
         }
         let image = qemu_img::probe(&upload.path).await??;
         let (stored, format) = match image.format.as_str() {
-            "raw" if len % 512 != 0 => return Err(UploadError::Unaligned(len)),
+            "raw" if !len.is_multiple_of(512) => return Err(UploadError::Unaligned(len)),
             "raw" => (upload, DiskFormat::Raw),
             "qcow2" => (upload, DiskFormat::Qcow2),
             other => {

@@ -55,7 +55,7 @@ pub fn check_disk_size(bytes: u64) -> Result<u64, SizeError> {
     if bytes > MAX_DISK_SIZE {
         return Err(SizeError::TooLarge(format!("{bytes} bytes")));
     }
-    if bytes % 512 != 0 {
+    if !bytes.is_multiple_of(512) {
         return Err(SizeError::NotSectorMultiple(bytes, bytes.div_ceil(512) * 512));
     }
     Ok(bytes)
