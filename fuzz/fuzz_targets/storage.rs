@@ -15,7 +15,9 @@ use libfuzzer_sys::fuzz_target;
 use viv_storage::{backing, name, qemu_img, size};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, input)) = data.split_first() else { return };
+    let Some((&mode, input)) = data.split_first() else {
+        return;
+    };
     let text = String::from_utf8_lossy(input);
     match mode % 5 {
         0 => {
