@@ -15,6 +15,8 @@ VIV_DEPS=(
   iproute2:ip
   nftables:nft
   g++:g++
+  # cloud-init NoCloud seed images for VMs (crates/viv-storage) and the ISO tests.
+  xorriso:xorriso
   # The from_image tests' local registry and the tool that pushes to it.
   docker-registry:docker-registry
   skopeo:skopeo
