@@ -20,6 +20,12 @@ fn gone(err: &QmpError) -> bool {
     matches!(err, QmpError::Closed | QmpError::Io(_))
 }
 
+/// Whether `qdev` (a device id, or a QOM path such as `/machine/peripheral/ID/...`, as
+/// `query-block` reports it) is device `id`.
+fn names_device(qdev: &str, id: &str) -> bool {
+    qdev == id || qdev.split('/').skip_while(|p| *p != "peripheral").nth(1) == Some(id)
+}
+
 /// Defines an operation's error type: the machine stopped, or QEMU refused the command, plus
 /// the operation's own variants.
 macro_rules! operation_error {
@@ -386,16 +392,17 @@ impl Machine {
         Ok(())
     }
 
-    /// The ISO in CD-ROM drive `drive` as QEMU reports it (`None` when empty).
-    pub async fn medium(&self, drive: &str) -> Result<Option<PathBuf>, MediumError> {
+    /// Whether CD-ROM drive `drive` holds a medium, as QEMU reports it (`query-block`).
+    pub async fn has_medium(&self, drive: &str) -> Result<bool, MediumError> {
         let blocks = self.qmp.execute("query-block", None).await?;
         let device = blocks
             .as_array()
-            .and_then(|all| all.iter().find(|b| b["qdev"].as_str() == Some(drive)))
+            .and_then(|all| {
+                all.iter()
+                    .find(|b| b["qdev"].as_str().is_some_and(|q| names_device(q, drive)))
+            })
             .ok_or_else(|| MediumError::UnknownDrive(drive.to_owned()))?;
-        Ok(device["inserted"]["node-name"]
-            .as_str()
-            .map(|_| PathBuf::from(device["inserted"]["image"]["filename"].as_str().unwrap_or_default())))
+        Ok(!device["inserted"].is_null())
     }
 
     /// Grows (or shrinks) disk `disk` to `bytes` while the machine runs (`block_resize`); the
