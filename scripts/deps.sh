@@ -20,6 +20,14 @@ VIV_DEPS=(
   # The from_image tests' local registry and the tool that pushes to it.
   docker-registry:docker-registry
   skopeo:skopeo
+  # General-purpose VMs: UEFI firmware, and the machine tests' bootable ISO
+  # (tests/fixtures/vm-iso/build: grub-mkrescue for BIOS and UEFI).
+  ovmf:-
+  grub-common:grub-mkrescue
+  grub-pc-bin:-
+  grub-efi-amd64-bin:-
+  xorriso:xorriso
+  mtools:mformat
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

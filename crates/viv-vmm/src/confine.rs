@@ -92,12 +92,21 @@ pub struct JailResources {
 impl JailResources {
     /// Takes a uid and makes a cgroup for VM `vm_id`.
     pub fn allocate(config: &std::sync::Arc<JailConfig>, spec: &VmSpec) -> Result<Self, LaunchError> {
+        Self::allocate_for(config, &spec.vm_id, &limits(spec))
+    }
+
+    /// Takes a uid and makes a cgroup with `limits` for VM `vm_id` (any kind of VM).
+    pub fn allocate_for(
+        config: &std::sync::Arc<JailConfig>,
+        vm_id: &str,
+        limits: &Limits,
+    ) -> Result<Self, LaunchError> {
         let uid = config
             .uids
-            .allocate(&format!("{} {}", config.key, spec.vm_id))
+            .allocate(&format!("{} {vm_id}", config.key))
             .map_err(jail_error)?;
         let cgroup = match &config.cgroups {
-            Some(tree) => match tree.create(&spec.vm_id, &limits(spec)) {
+            Some(tree) => match tree.create(vm_id, limits) {
                 Ok(cgroup) => Some(cgroup),
                 Err(err) => {
                     config.uids.release(uid);

@@ -4,7 +4,9 @@
 //! [`Vm::exit`] watch reports when and why the VM stopped, and whose [`Vm::kill`] stops it and
 //! waits until its process is gone. [`qemu::Qemu`] is the backend that runs everywhere (KVM
 //! where `/dev/kvm` works, TCG otherwise); Firecracker and Cloud Hypervisor can be added as
-//! further implementations. [`confine`] is how VMM processes are jailed.
+//! further implementations. [`confine`] is how VMM processes are jailed. [`machine`] runs
+//! general-purpose VMs (q35 or microvm, SeaBIOS or UEFI, disks, CD-ROMs, VNC) on the same
+//! QEMU backend and supervision.
 //!
 //! Invariants:
 //! - VMs outlive the server: a VMM process is started in a session of its own with no parent
@@ -16,6 +18,7 @@
 //!   only once its process is gone.
 
 pub mod confine;
+pub mod machine;
 pub mod process;
 pub mod qcow2;
 pub mod qemu;

@@ -40,10 +40,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Qemu {
     /// The QEMU binary (resolved on PATH when a bare name is given).
-    binary: PathBuf,
+    pub(crate) binary: PathBuf,
     /// The host's TSC frequency, which a TCG guest's TSC runs at.
     host_tsc_khz: Option<u64>,
-    confinement: Confinement,
+    pub(crate) confinement: Confinement,
 }
 
 impl Default for Qemu {
@@ -77,7 +77,7 @@ const TAP_FD: i32 = 3;
 
 /// QEMU's seccomp filter: no obsolete system calls, no privilege changes, no new processes, no
 /// scheduler or CPU-affinity changes.
-const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+pub(crate) const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// fdset ids of descriptors passed for migrations (one at a time per VM).
 static NEXT_FDSET: AtomicU64 = AtomicU64::new(1);
@@ -543,7 +543,7 @@ impl Qemu {
     }
 }
 
-fn current_uid() -> u32 {
+pub(crate) fn current_uid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
 }
@@ -614,7 +614,7 @@ fn open_tap(netns: &Path, ifname: &str) -> std::io::Result<OwnedFd> {
     })
 }
 
-async fn connect_qmp(socket: &Path, process: &VmProcess) -> Result<Qmp, String> {
+pub(crate) async fn connect_qmp(socket: &Path, process: &VmProcess) -> Result<Qmp, String> {
     let start = Instant::now();
     let exited = process.exited();
     tokio::pin!(exited);
@@ -812,13 +812,13 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join(" | ")
 }
 
-struct QemuVm {
+pub(crate) struct QemuVm {
     process: Arc<VmProcess>,
     uid: u32,
     exit_rx: watch::Receiver<Option<VmExit>>,
     port_rx: watch::Receiver<bool>,
     control: Mutex<Option<oneshot::Sender<Control>>>,
-    qmp: Arc<Qmp>,
+    pub(crate) qmp: Arc<Qmp>,
     /// How many times the root disk was replaced; names the block node the guest writes to.
     disk_swaps: tokio::sync::Mutex<u32>,
     /// The jail's owner of files this VM is given (none when not jailed).
@@ -828,7 +828,7 @@ struct QemuVm {
 impl QemuVm {
     /// A handle on a running QEMU whose process a supervisor task now watches.
     #[allow(clippy::too_many_arguments)]
-    fn supervised(
+    pub(crate) fn supervised(
         process: Arc<VmProcess>,
         qmp: Arc<Qmp>,
         events: tokio::sync::broadcast::Receiver<serde_json::Value>,
