@@ -21,12 +21,11 @@ VIV_DEPS=(
   docker-registry:docker-registry
   skopeo:skopeo
   # General-purpose VMs: UEFI firmware, and the machine tests' bootable ISO
-  # (tests/fixtures/vm-iso/build: grub-mkrescue for BIOS and UEFI).
+  # (tests/fixtures/vm-iso/build: grub-mkrescue for BIOS and UEFI, with xorriso above).
   ovmf:-
   grub-common:grub-mkrescue
   grub-pc-bin:-
   grub-efi-amd64-bin:-
-  xorriso:xorriso
   mtools:mformat
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
