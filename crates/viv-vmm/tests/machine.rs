@@ -30,15 +30,14 @@ fn qemu() -> Qemu {
     Qemu::default().confined(Confinement::Seccomp)
 }
 
-/// The test ISO, built (or taken from the cache) once per test binary.
+/// The test ISO, built (or taken from the cache) once per test binary: the cached file itself,
+/// which the tests only read (nothing is left behind in a temporary directory).
 fn iso() -> PathBuf {
     static ISO: OnceLock<PathBuf> = OnceLock::new();
     ISO.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vm-iso/build");
-        let out = std::env::temp_dir().join(format!("viv-vmm-machine-{}", std::process::id()));
         let built = std::process::Command::new("bash")
             .arg(&script)
-            .arg(&out)
             .output()
             .expect("running the vm-iso fixture builder");
         assert!(
