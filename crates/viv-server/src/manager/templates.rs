@@ -433,13 +433,15 @@ impl Manager {
             loop {
                 // The probe's own output (the last 2 KiB) explains a refusal: a health endpoint
                 // that says why it is not ready, a connection refused.
-                let mut output = Vec::<u8>::new();
+                // stdout and stderr apart: their chunks interleave on the way.
+                let mut output = [Vec::<u8>::new(), Vec::<u8>::new()];
                 let code = live
                     .agent
-                    .run(&probe, Some(&user), |_, bytes| {
-                        output.extend_from_slice(bytes);
-                        let excess = output.len().saturating_sub(2048);
-                        output.drain(..excess);
+                    .run(&probe, Some(&user), |stream, bytes| {
+                        let kept = &mut output[usize::from(stream != crate::agent_client::OutputStream::Stdout)];
+                        kept.extend_from_slice(bytes);
+                        let excess = kept.len().saturating_sub(1024);
+                        kept.drain(..excess);
                     })
                     .await
                     .map_err(|e| ApiError::BadRequest(format!("running the ready command ({}): {e}", ready.command)))?;
@@ -447,10 +449,17 @@ impl Manager {
                     log.info("ready");
                     return Ok(());
                 }
-                let said = String::from_utf8_lossy(&output)
-                    .split_whitespace()
+                let said = output
+                    .iter()
+                    .map(|bytes| {
+                        String::from_utf8_lossy(bytes)
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .filter(|text| !text.is_empty())
                     .collect::<Vec<_>>()
-                    .join(" ");
+                    .join(" | ");
                 let said = if said.is_empty() {
                     String::new()
                 } else {
