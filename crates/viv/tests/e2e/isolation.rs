@@ -446,4 +446,5 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
     // Stopping checks that nothing is left (namespaces, links and the table included).
     drop(restarted);
     assert!(network_resources(temp.path()).is_empty());
+    crate::fixture::remove_template_memory(temp.path());
 }
