@@ -29,6 +29,7 @@ mod builds;
 mod builtin;
 pub use builtin::{builtin_named, canonical_template_name, BUILTINS};
 mod copy_archive;
+pub mod events;
 mod info;
 mod layer_cache;
 mod lifecycle;
@@ -43,12 +44,16 @@ mod setup;
 mod snapshots;
 mod templates;
 mod timeouts;
+mod vm_console;
+mod vm_runtime;
 mod vms;
 pub mod volume_fs;
 pub mod volume_fuse;
 mod volumes;
 
 pub use builds::{BuildJob, BuildLog};
+pub use vm_console::ConsoleHub;
+pub use vm_runtime::LiveVm;
 pub use recovery::{Recovery, ShutdownMode};
 pub use sdk_builds::BuildStatusQuery;
 pub use sdk_spec::StartBuild;
@@ -260,6 +265,15 @@ pub struct Manager {
     channel_key: String,
     /// Serializes resumes of each sandbox.
     resume_gates: lifecycle::ResumeGates,
+    /// QEMU, for the VM manager's machines.
+    #[allow(dead_code)] // used by the VM runtime being built
+    qemu: viv_vmm::qemu::Qemu,
+    /// The directory storage pool of VM disks, ISOs and cloud-init seeds.
+    storage: Arc<viv_storage::DirPool>,
+    /// The VM manager's running VMs.
+    vm_runtime: vm_runtime::VmRuntime,
+    /// State changes, for `GET /events`.
+    events: events::EventBus,
 }
 
 fn now_ms() -> i64 {

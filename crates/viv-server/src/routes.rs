@@ -33,6 +33,7 @@ mod proxy;
 mod signed;
 mod snapshots;
 mod templates;
+mod events;
 mod vms;
 mod volumes;
 
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/tags", get(e2b_templates::tags))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(events::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));
     Router::new()

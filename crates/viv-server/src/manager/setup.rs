@@ -54,11 +54,17 @@ impl Manager {
             }
         };
         let vmm = viv_vmm::qemu::Qemu::default().confined(confinement(&config, &data_key)?);
+        let storage_dir = config.data_dir.join("storage");
+        let storage = viv_storage::DirPool::open(&storage_dir).map_err(|e| ImageError::Io {
+            context: format!("opening the storage pool {}", storage_dir.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         Ok(Self {
             config,
             store,
             images,
             boot,
+            qemu: vmm.clone(),
             vmm: Arc::new(vmm),
             accel,
             shm_dir,
@@ -73,6 +79,9 @@ impl Manager {
             data_key,
             channel_key,
             resume_gates: lifecycle::ResumeGates::default(),
+            storage: Arc::new(storage),
+            vm_runtime: vm_runtime::VmRuntime::default(),
+            events: events::EventBus::default(),
         })
     }
 }
