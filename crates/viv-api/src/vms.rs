@@ -392,6 +392,18 @@ pub struct VmInfo {
     pub created_at: String,
     /// When its state last changed, RFC 3339.
     pub state_changed_at: String,
+    /// Its QEMU's process id while it is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// When it last started, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// How many times it has started.
+    #[serde(default)]
+    pub starts: u32,
+    /// Why it last stopped, crashed or failed to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// `PATCH /vms/{id}` answer: the VM and how the change applies.
@@ -404,6 +416,39 @@ pub struct VmEdit {
     pub applied_now: Vec<String>,
     /// Fields that take effect at the VM's next start.
     pub at_next_start: Vec<String>,
+}
+
+/// `POST /vms/{id}/stop` query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmStopQuery {
+    /// Kill at once instead of pressing the power button.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds the guest gets to power off before it is forced (the definition's
+    /// `stopTimeoutSecs` by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
+}
+
+/// What `DELETE /vms/{id}` does with the VM's disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDisposal {
+    /// They stay in the storage pool.
+    #[default]
+    Keep,
+    /// Those attached read-write and not shareable are deleted with the VM.
+    Delete,
+}
+
+/// `DELETE /vms/{id}` query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmDeleteQuery {
+    /// What happens to its disks.
+    #[serde(default)]
+    pub disks: DiskDisposal,
 }
 
 /// `POST /vms/{id}/rename` body.

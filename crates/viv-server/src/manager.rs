@@ -45,18 +45,20 @@ mod snapshots;
 mod templates;
 mod timeouts;
 mod vm_console;
+mod vm_recovery;
 mod vm_runtime;
+mod vm_spec;
 mod vms;
 pub mod volume_fs;
 pub mod volume_fuse;
 mod volumes;
 
 pub use builds::{BuildJob, BuildLog};
-pub use vm_console::ConsoleHub;
-pub use vm_runtime::LiveVm;
 pub use recovery::{Recovery, ShutdownMode};
 pub use sdk_builds::BuildStatusQuery;
 pub use sdk_spec::StartBuild;
+pub use vm_console::ConsoleHub;
+pub use vm_runtime::LiveVm;
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -548,13 +550,13 @@ impl Manager {
                         layer: &layer,
                         memory_file: self.memory_file(&id),
                     };
-                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib, &row.network)
+                    self.start_sandbox_vm(&id, &run_dir, origin, vcpus, memory_mib, &row.network)
                         .await?
                 }
                 Source::Node(node) => {
                     self.check_device_set(node)?;
                     let dir = self.node_dir(&node.id);
-                    self.start_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib, &row.network)
+                    self.start_sandbox_vm(&id, &run_dir, Origin::Node(&dir), vcpus, memory_mib, &row.network)
                         .await?
                 }
                 Source::Template(recipe) if start.cold_boot || !self.config.snapshots => {
@@ -562,12 +564,12 @@ impl Manager {
                         layer: &recipe.layer,
                         memory_file: self.memory_file(&id),
                     };
-                    self.start_vm(&id, &run_dir, origin, vcpus, memory_mib, &row.network)
+                    self.start_sandbox_vm(&id, &run_dir, origin, vcpus, memory_mib, &row.network)
                         .await?
                 }
                 Source::Template(recipe) => {
                     let template = self.template(recipe, vcpus, memory_mib).await?;
-                    self.start_vm(
+                    self.start_sandbox_vm(
                         &id,
                         &run_dir,
                         Origin::Template(&template),
@@ -627,7 +629,7 @@ impl Manager {
     /// Starts a VM in `run_dir` from `origin` and waits until its agent answers (not yet
     /// initialized). On failure the VM is killed and the error carries the console's last lines.
     #[allow(clippy::too_many_arguments)]
-    async fn start_vm(
+    async fn start_sandbox_vm(
         &self,
         id: &str,
         run_dir: &Path,

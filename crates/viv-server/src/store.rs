@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0010_template_builds.sql"),
     include_str!("migrations/0011_volumes.sql"),
     include_str!("migrations/0012_vms.sql"),
+    include_str!("migrations/0015_vm_runtime.sql"),
 ];
 
 mod traffic;

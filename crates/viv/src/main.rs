@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod commands;
+mod events;
 mod output;
 mod serve;
 mod template;
@@ -66,9 +67,11 @@ pub enum Command {
     /// Build templates from specs (a Dockerfile subset); list and delete them.
     #[command(subcommand)]
     Template(template::TemplateCommand),
-    /// Define, list, edit and delete long-lived VMs (the VM manager).
+    /// Define, start, stop, edit and delete long-lived VMs (the VM manager).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Follow state changes of VMs, sandboxes and operations as they happen.
+    Events(events::EventsArgs),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

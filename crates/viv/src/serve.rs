@@ -200,8 +200,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             "took over from the previous server"
         );
     }
+    if !recovery.vms.adopted.is_empty() || !recovery.vms.lost.is_empty() {
+        tracing::info!(
+            taken_over = recovery.vms.adopted.len(),
+            lost = recovery.vms.lost.len(),
+            "took over the VM manager's VMs"
+        );
+    }
     tracing::info!(confinement = %manager.confinement(), "VMs are confined");
     manager.start_deadline_enforcer();
+    manager.autostart_vms();
     if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
         tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
     }

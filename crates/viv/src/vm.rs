@@ -1,4 +1,5 @@
-//! `viv vm`: define, list, show, edit, rename and delete the VM manager's long-lived VMs.
+//! `viv vm`: define, list, show, edit, rename and delete the VM manager's long-lived VMs, and
+//! start, stop, restart, pause, resume and kill them.
 //!
 //! Options map onto the fields of `viv_api::vms::VmDefinition`; `edit` sends only the fields
 //! given, as a JSON merge patch, and prints which changes apply at once and which at the VM's
@@ -46,13 +47,79 @@ pub enum VmCommand {
         /// The new name.
         name: String,
     },
-    /// Delete VMs that are not running (their disks stay in the storage pool).
+    /// Delete VMs that are not running (their disks stay in the storage pool unless
+    /// `--delete-disks`).
     #[command(alias = "rm")]
     Delete {
         /// VM ids or names.
         #[arg(required = true)]
         vms: Vec<String>,
+        /// Also delete the disks each VM alone attached read-write.
+        #[arg(long)]
+        delete_disks: bool,
     },
+    /// Start VMs (a pending definition takes effect).
+    Start {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Stop VMs: the ACPI power button, forced off after the stop timeout.
+    Stop {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[command(flatten)]
+        how: StopArgs,
+    },
+    /// Stop (as `stop`) and start VMs again; starts VMs that are not running.
+    Restart {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[command(flatten)]
+        how: StopArgs,
+    },
+    /// Pause VMs (vCPUs stop, memory is kept).
+    Pause {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Resume paused VMs.
+    Resume {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Kill VMs at once (pulling the plug).
+    Kill {
+        /// VM ids or names.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+}
+
+/// How a stop goes.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Power off at once instead of pressing the power button.
+    #[arg(long)]
+    force: bool,
+    /// Seconds the guest gets to power off before it is forced (the VM's stop timeout by
+    /// default).
+    #[arg(long)]
+    timeout: Option<u32>,
+}
+
+impl StopArgs {
+    fn query(&self) -> String {
+        let mut q = format!("?force={}", self.force);
+        if let Some(t) = self.timeout {
+            q.push_str(&format!("&timeoutSecs={t}"));
+        }
+        q
+    }
 }
 
 /// Definition fields settable from the command line (absent ones are left out of the request).
@@ -267,21 +334,57 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 println!("renamed {} to {}", info.id, info.name);
             }
         }
-        VmCommand::Delete { vms } => {
+        VmCommand::Delete { vms, delete_disks } => {
+            let disks = if delete_disks { "delete" } else { "keep" };
             for vm in vms {
                 client
-                    .send(client.request(Method::DELETE, &format!("/vms/{vm}")))
+                    .send(client.request(Method::DELETE, &format!("/vms/{vm}?disks={disks}")))
                     .await?;
                 if !json {
                     println!("deleted {vm}");
                 }
             }
         }
+        VmCommand::Start { vms } => act(client, &vms, "start", "", "starting", json).await?,
+        VmCommand::Stop { vms, how } => act(client, &vms, "stop", &how.query(), "stopping", json).await?,
+        VmCommand::Restart { vms, how } => act(client, &vms, "restart", &how.query(), "restarting", json).await?,
+        VmCommand::Pause { vms } => act(client, &vms, "pause", "", "pausing", json).await?,
+        VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
+        VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
     }
     Ok(0)
 }
 
-const HEADERS: [&str; 8] = ["ID", "NAME", "STATE", "VCPUS", "MEMORY", "MACHINE", "DISKS", "TAGS"];
+/// `POST /vms/{vm}/{action}{query}` for each VM, with a spinner on a terminal, then the VM's
+/// state (and why it last stopped, when a stop was forced or a start failed).
+async fn act(client: &Client, vms: &[String], action: &str, query: &str, doing: &str, json: bool) -> Result<()> {
+    for vm in vms {
+        use std::io::IsTerminal as _;
+        let progress = std::io::stderr().is_terminal().then(|| {
+            let progress = crate::output::TerminalProgress::new();
+            viv_image::Progress::stage(&progress, &format!("{doing} {vm}"));
+            progress
+        });
+        let info: Result<VmInfo> = client
+            .json(client.request(Method::POST, &format!("/vms/{vm}/{action}{query}")))
+            .await;
+        drop(progress);
+        let info = info?;
+        if json {
+            output::json(&info);
+        } else {
+            match info.last_exit.as_deref().filter(|_| !info.state.is_active()) {
+                Some(why) => println!("{} {}: {why}", info.name, info.state.as_str()),
+                None => println!("{} {}", info.name, info.state.as_str()),
+            }
+        }
+    }
+    Ok(())
+}
+
+const HEADERS: [&str; 9] = [
+    "ID", "NAME", "STATE", "VCPUS", "MEMORY", "MACHINE", "DISKS", "PID", "TAGS",
+];
 
 fn vm_row(vm: &VmInfo) -> Vec<String> {
     let d = &vm.definition;
@@ -297,6 +400,7 @@ fn vm_row(vm: &VmInfo) -> Vec<String> {
             json!(d.firmware).as_str().unwrap_or("?")
         ),
         d.disks.iter().map(|x| x.disk.as_str()).collect::<Vec<_>>().join(","),
+        vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
         d.tags.join(","),
     ]
 }

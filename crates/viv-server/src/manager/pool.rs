@@ -121,7 +121,7 @@ impl Manager {
             _ => viv_net::PolicySpec::open(),
         };
         let live = match self
-            .start_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib, &rules)
+            .start_sandbox_vm(&id, &run_dir, Origin::Template(&template), vcpus, memory_mib, &rules)
             .await
         {
             Ok(live) => live,

@@ -75,6 +75,8 @@ pub struct Recovery {
     pub failed: Vec<(String, String)>,
     /// VMs no sandbox owned (warm pool VMs, interrupted starts) that were killed.
     pub orphans: Vec<String>,
+    /// What happened to the VM manager's VMs.
+    pub vms: super::vm_recovery::VmRecovery,
 }
 
 /// How long a taken-over agent gets to answer.
@@ -135,7 +137,9 @@ impl Manager {
                 SandboxState::Paused | SandboxState::Failed => {}
             }
         }
-        let keep: HashSet<String> = candidates.iter().map(|r| r.id.clone()).collect();
+        let mut keep: HashSet<String> = candidates.iter().map(|r| r.id.clone()).collect();
+        let vms_running = self.vms_still_running()?;
+        keep.extend(vms_running.iter().cloned());
         let run_root = self.config.data_dir.join("sandboxes");
         report.orphans = self.vmm.remove_orphans(&run_root, &|id| keep.contains(id));
         let slots: BTreeSet<u32> = candidates.iter().filter_map(|r| r.net_slot).collect();
@@ -159,6 +163,7 @@ impl Manager {
             }
         }
         self.remove_unused_files(&report.adopted)?;
+        report.vms = self.recover_vms(&vms_running).await?;
         for id in &report.adopted {
             self.metrics.sandboxes_taken_over.inc();
             tracing::info!(sandbox = %id, "sandbox taken over: its VM ran on while no server was running");
@@ -311,6 +316,7 @@ impl Manager {
     /// Server shutdown: warm VMs are killed; the VMs of running sandboxes are left running,
     /// paused or killed as `mode` says.
     pub async fn shutdown(&self, mode: ShutdownMode) {
+        self.shutdown_vms(mode).await;
         self.close_pool().await;
         // With nothing running there is nothing to leave: the host's network state goes too.
         let running = !self.live.lock().expect("live lock").is_empty();

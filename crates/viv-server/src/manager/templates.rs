@@ -332,7 +332,7 @@ impl Manager {
         };
         // Build steps may download (apt-get, pip); the snapshot's device set includes the card.
         let live = self
-            .start_vm(&id, &building, origin, vcpus, memory_mib, &viv_net::PolicySpec::open())
+            .start_sandbox_vm(&id, &building, origin, vcpus, memory_mib, &viv_net::PolicySpec::open())
             .await?;
         let prepared = async {
             // Gives the agent the channel key that every restore of this snapshot will use.

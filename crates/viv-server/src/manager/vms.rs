@@ -59,7 +59,7 @@ impl Manager {
         info_of(&self.vm_row(id_or_name)?)
     }
 
-    fn vm_row(&self, id_or_name: &str) -> Result<VmRow, ApiError> {
+    pub(super) fn vm_row(&self, id_or_name: &str) -> Result<VmRow, ApiError> {
         self.store
             .vm(id_or_name)?
             .ok_or_else(|| ApiError::NotFound(format!("no VM '{id_or_name}'")))
@@ -135,10 +135,9 @@ impl Manager {
         }
     }
 
-    /// Deletes a VM that is not running. Its disks stay in the storage pool.
-    pub fn delete_vm(&self, id_or_name: &str) -> Result<(), ApiError> {
-        let row = self.vm_row(id_or_name)?;
-        let state = state_of(&row)?;
+    /// Deletes the row of a VM that is not running (its gate held).
+    pub(super) fn delete_vm_row(&self, row: &VmRow) -> Result<(), ApiError> {
+        let state = state_of(row)?;
         if state.is_active() {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' is {}: stop or kill it before deleting it",
@@ -156,15 +155,15 @@ fn internal(e: serde_json::Error) -> ApiError {
     ApiError::Internal(format!("VM definition: {e}"))
 }
 
-fn to_json(definition: &VmDefinition) -> Result<String, ApiError> {
+pub(super) fn to_json(definition: &VmDefinition) -> Result<String, ApiError> {
     serde_json::to_string(definition).map_err(internal)
 }
 
-fn definition_of(json: &str) -> Result<VmDefinition, ApiError> {
+pub(super) fn definition_of(json: &str) -> Result<VmDefinition, ApiError> {
     serde_json::from_str(json).map_err(internal)
 }
 
-fn state_of(row: &VmRow) -> Result<VmState, ApiError> {
+pub(super) fn state_of(row: &VmRow) -> Result<VmState, ApiError> {
     row.state
         .parse()
         .map_err(|e: String| ApiError::Internal(format!("VM {}: {e}", row.id)))
@@ -179,6 +178,10 @@ fn info_of(row: &VmRow) -> Result<VmInfo, ApiError> {
         pending_definition: row.pending_definition.as_deref().map(definition_of).transpose()?,
         created_at: row.created_at.clone(),
         state_changed_at: row.state_changed_at.clone(),
+        pid: row.process.map(|p| p.pid),
+        started_at: row.started_at.clone(),
+        starts: row.starts,
+        last_exit: row.last_exit.clone(),
     })
 }
 

@@ -1,14 +1,15 @@
 //! The VM manager's routes (`/vms`, API key): define, list, get, edit (a JSON merge patch),
-//! rename and delete VMs. `{id}` is a VM's id or its name.
+//! rename and delete VMs; start, stop, restart, pause, resume and kill them. `{id}` is a VM's
+//! id or its name. Every state change is also published on `GET /events`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::vms::{NewVm, VmRename};
+use viv_api::vms::{NewVm, VmDeleteQuery, VmRename, VmStopQuery};
 
-use super::{ApiPath, JsonBody};
+use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -18,6 +19,12 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms", get(list).post(create))
         .route("/vms/{id}", get(info).patch(edit).delete(delete))
         .route("/vms/{id}/rename", post(rename))
+        .route("/vms/{id}/start", post(start))
+        .route("/vms/{id}/stop", post(stop))
+        .route("/vms/{id}/restart", post(restart))
+        .route("/vms/{id}/pause", post(pause))
+        .route("/vms/{id}/resume", post(resume))
+        .route("/vms/{id}/kill", post(kill))
 }
 
 async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<NewVm>) -> Result<Response, ApiError> {
@@ -48,7 +55,43 @@ async fn rename(
     Ok(Json(state.manager.rename_vm(&id, &req.name)?).into_response())
 }
 
-async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    state.manager.delete_vm(&id)?;
+async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<VmDeleteQuery>,
+) -> Result<Response, ApiError> {
+    state.manager.delete_vm(&id, q.disks).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.start_vm(&id).await?).into_response())
+}
+
+async fn stop(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<VmStopQuery>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.stop_vm(&id, q.force, q.timeout_secs).await?).into_response())
+}
+
+async fn restart(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<VmStopQuery>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.restart_vm(&id, q.force, q.timeout_secs).await?).into_response())
+}
+
+async fn pause(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.pause_vm(&id).await?).into_response())
+}
+
+async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.resume_vm(&id).await?).into_response())
+}
+
+async fn kill(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.kill_vm(&id).await?).into_response())
 }

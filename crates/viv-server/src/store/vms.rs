@@ -25,9 +25,18 @@ pub struct VmRow {
     pub created_at: String,
     /// RFC 3339.
     pub state_changed_at: String,
+    /// Its QEMU process while active.
+    pub process: Option<viv_vmm::ProcessIdentity>,
+    /// When it last started, RFC 3339.
+    pub started_at: Option<String>,
+    /// How many times it has started.
+    pub starts: u32,
+    /// Why it last stopped (or failed to start).
+    pub last_exit: Option<String>,
 }
 
-const COLUMNS: &str = "id, name, definition, pending_definition, state, created_at, state_changed_at";
+const COLUMNS: &str = "id, name, definition, pending_definition, state, created_at, state_changed_at, \
+    pid, pid_start_time, started_at, starts, last_exit";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
     Ok(VmRow {
@@ -38,6 +47,16 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         state: r.get(4)?,
         created_at: r.get(5)?,
         state_changed_at: r.get(6)?,
+        process: match (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?) {
+            (Some(pid), Some(start_time)) => Some(viv_vmm::ProcessIdentity {
+                pid: pid as u32,
+                start_time: start_time as u64,
+            }),
+            _ => None,
+        },
+        started_at: r.get(9)?,
+        starts: r.get(10)?,
+        last_exit: r.get(11)?,
     })
 }
 
@@ -81,6 +100,43 @@ impl Store {
         let n = self.conn().execute(
             "UPDATE vms SET state = ?2, state_changed_at = ?3 WHERE id = ?1",
             params![id, state, now_rfc3339()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records that a VM's QEMU runs as `process`: its state becomes `state` (`running` or
+    /// `paused`), its start is counted, its pending definition (if any) became its definition.
+    pub fn set_vm_started(
+        &self,
+        id: &str,
+        definition: &str,
+        state: &str,
+        process: viv_vmm::ProcessIdentity,
+    ) -> Result<bool, StoreError> {
+        let now = now_rfc3339();
+        let n = self.conn().execute(
+            "UPDATE vms SET definition = ?2, pending_definition = NULL, state = ?3, state_changed_at = ?4,
+                pid = ?5, pid_start_time = ?6, started_at = ?4, starts = starts + 1, last_exit = NULL
+             WHERE id = ?1",
+            params![
+                id,
+                definition,
+                state,
+                now,
+                process.pid as i64,
+                process.start_time as i64
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records that a VM's QEMU is gone: its state becomes `state` (`stopped`, `crashed`, or
+    /// what it was before a start that failed), with why.
+    pub fn set_vm_exited(&self, id: &str, state: &str, last_exit: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET state = ?2, state_changed_at = ?3, pid = NULL, pid_start_time = NULL, last_exit = ?4
+             WHERE id = ?1",
+            params![id, state, now_rfc3339(), last_exit],
         )?;
         Ok(n == 1)
     }

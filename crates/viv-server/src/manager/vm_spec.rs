@@ -1,0 +1,201 @@
+//! From a stored VM definition to the machine QEMU runs: disks and ISOs looked up in the storage
+//! pool, boot indexes from the boot order, firmware with the VM's own NVRAM, and the errors a
+//! person can act on when something a definition names is missing.
+//!
+//! Invariants:
+//! - device ids are positional (`disk0`, `cd0`, `nic0`), so a VM's devices keep their ids across
+//!   starts and a restarted server knows them again from the definition alone;
+//! - a VM's files live in `DATA_DIR/vms/ID`: `nvram.fd` (UEFI variables, kept across starts),
+//!   `console.log` (the serial console, capped) and `run/` (QEMU's sockets and log, given to the
+//!   jailed QEMU's uid); nothing a user names becomes a path: disks and ISOs are looked up by
+//!   name in the pool.
+
+use std::path::PathBuf;
+
+use viv_api::vms::{BootDevice, DiskBus, Display, Firmware, MachineType, VmDefinition};
+use viv_vmm::machine::{self, LaunchMachineError, MachineSpec};
+
+use super::Manager;
+use crate::error::ApiError;
+
+impl Manager {
+    /// The directory of VM `id`'s files.
+    pub(super) fn vm_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("vms").join(id)
+    }
+
+    /// The run directory of VM `id` (sockets, QEMU's log).
+    pub(super) fn vm_run_dir(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("run")
+    }
+
+    /// The UEFI firmware files of VM `id`.
+    pub(super) fn vm_ovmf(&self, id: &str) -> machine::Ovmf {
+        machine::Ovmf::debian(self.vm_dir(id).join("nvram.fd"))
+    }
+
+    /// The machine VM `id` named `name` runs as with `def`.
+    pub(super) async fn machine_spec(&self, id: &str, name: &str, def: &VmDefinition) -> Result<MachineSpec, ApiError> {
+        let mut spec = MachineSpec::new(id, self.vm_run_dir(id), self.accel);
+        spec.name = name.to_owned();
+        spec.machine = match def.machine {
+            MachineType::Q35 => machine::MachineType::Q35,
+            MachineType::Microvm => machine::MachineType::Microvm,
+        };
+        spec.firmware = match def.firmware {
+            Firmware::Bios => machine::Firmware::SeaBios,
+            Firmware::Uefi => machine::Firmware::Uefi(self.vm_ovmf(id)),
+        };
+        spec.cpus = machine::CpuTopology {
+            sockets: def.cpu.sockets,
+            cores: def.cpu.cores,
+            threads: def.cpu.threads,
+        };
+        spec.memory_mib = def.memory_mib;
+        spec.display = match def.display {
+            Display::None => machine::Display::None,
+            Display::Vnc => machine::Display::Vnc,
+        };
+        let boot = BootIndexes::new(def);
+        for (i, disk) in def.disks.iter().enumerate() {
+            let info = self.storage.disk_info(&disk.disk).await.map_err(|e| {
+                let missing = e.kind() == viv_storage::ErrorKind::NotFound;
+                storage_error(
+                    e.kind(),
+                    if missing {
+                        format!("disk '{}' of VM '{name}' does not exist: create or upload it (viv disk create), or edit the VM", disk.disk)
+                    } else {
+                        format!("disk '{}' of VM '{name}': {e}", disk.disk)
+                    },
+                )
+            })?;
+            spec.disks.push(machine::Disk {
+                id: format!("disk{i}"),
+                path: info.path,
+                format: match info.format {
+                    viv_storage::DiskFormat::Qcow2 => machine::DiskFormat::Qcow2,
+                    viv_storage::DiskFormat::Raw => machine::DiskFormat::Raw,
+                },
+                bus: match disk.bus {
+                    DiskBus::VirtioBlk => machine::DiskBus::VirtioBlk,
+                    DiskBus::VirtioScsi => machine::DiskBus::VirtioScsi,
+                    DiskBus::Nvme => machine::DiskBus::Nvme,
+                    DiskBus::Sata => machine::DiskBus::Sata,
+                },
+                read_only: disk.read_only,
+                boot_index: boot.of(BootDevice::Disk, i),
+            });
+        }
+        for (i, cdrom) in def.cdroms.iter().enumerate() {
+            let iso = match &cdrom.iso {
+                Some(iso) => Some(self.iso_path(name, iso).await?),
+                None => None,
+            };
+            spec.cdroms.push(machine::Cdrom {
+                id: format!("cd{i}"),
+                iso,
+                boot_index: boot.of(BootDevice::Cdrom, i),
+            });
+        }
+        spec.validate().map_err(|e| launch_error(name, e))?;
+        Ok(spec)
+    }
+
+    /// The file of ISO `iso` that VM `vm` names.
+    pub(super) async fn iso_path(&self, vm: &str, iso: &str) -> Result<PathBuf, ApiError> {
+        match self.storage.iso(iso).await {
+            Ok(info) => Ok(info.path),
+            Err(e) if e.kind() == viv_storage::ErrorKind::NotFound => Err(ApiError::NotFound(format!(
+                "ISO '{iso}' of VM '{vm}' is not in the ISO library: upload it (viv iso add), or edit the VM"
+            ))),
+            Err(e) => Err(storage_error(e.kind(), format!("ISO '{iso}' of VM '{vm}': {e}"))),
+        }
+    }
+}
+
+/// Boot indexes: the kinds in the boot order, first first; within a kind, devices in their
+/// order. Kinds left out of the boot order are not booted from.
+struct BootIndexes {
+    order: Vec<(BootDevice, usize)>,
+}
+
+impl BootIndexes {
+    fn new(def: &VmDefinition) -> Self {
+        let count = |kind| match kind {
+            BootDevice::Disk => def.disks.len(),
+            BootDevice::Cdrom => def.cdroms.len(),
+            BootDevice::Network => def.nics.len(),
+        };
+        let order = def
+            .boot_order
+            .iter()
+            .flat_map(|&kind| (0..count(kind)).map(move |i| (kind, i)))
+            .collect();
+        Self { order }
+    }
+
+    fn of(&self, kind: BootDevice, index: usize) -> Option<u32> {
+        self.order
+            .iter()
+            .position(|&(k, i)| k == kind && i == index)
+            .map(|p| p as u32 + 1)
+    }
+}
+
+/// A storage failure as the API reports it.
+fn storage_error(kind: viv_storage::ErrorKind, message: String) -> ApiError {
+    match kind {
+        viv_storage::ErrorKind::NotFound => ApiError::NotFound(message),
+        viv_storage::ErrorKind::Conflict => ApiError::Conflict(message),
+        viv_storage::ErrorKind::BadRequest => ApiError::BadRequest(message),
+        viv_storage::ErrorKind::Internal => ApiError::Internal(message),
+    }
+}
+
+/// A machine that could not be launched, as the API reports it.
+pub(super) fn launch_error(vm: &str, e: LaunchMachineError) -> ApiError {
+    use viv_vmm::LaunchError;
+    match e {
+        // Definitions are checked when stored; what only the machine layer knows (SATA ports)
+        // is a conflict between devices.
+        LaunchMachineError::Invalid(why) => ApiError::Conflict(format!("VM '{vm}' cannot start: {why}")),
+        LaunchMachineError::FirmwareMissing { .. } => ApiError::Unavailable(format!("VM '{vm}' cannot start: {e}")),
+        LaunchMachineError::Launch(LaunchError::MissingBinary { .. } | LaunchError::AccelUnavailable(_)) => {
+            ApiError::Unavailable(format!("VM '{vm}' cannot start: {e}"))
+        }
+        LaunchMachineError::Launch(LaunchError::Exhausted(_)) => {
+            ApiError::NoRoom(format!("VM '{vm}' cannot start now: {e}"))
+        }
+        other => ApiError::Internal(format!("VM '{vm}' did not start: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use viv_api::vms::{VmCdrom, VmDisk};
+
+    #[test]
+    fn boot_indexes_follow_the_boot_order() {
+        let mut def = VmDefinition {
+            disks: vec![
+                VmDisk {
+                    disk: "a".into(),
+                    bus: DiskBus::VirtioBlk,
+                    read_only: false,
+                    shareable: false,
+                };
+                2
+            ],
+            cdroms: vec![VmCdrom::default()],
+            boot_order: vec![BootDevice::Cdrom, BootDevice::Disk],
+            ..VmDefinition::default()
+        };
+        let boot = BootIndexes::new(&def);
+        assert_eq!(boot.of(BootDevice::Cdrom, 0), Some(1));
+        assert_eq!(boot.of(BootDevice::Disk, 0), Some(2));
+        assert_eq!(boot.of(BootDevice::Disk, 1), Some(3));
+        def.boot_order = vec![BootDevice::Disk];
+        assert_eq!(BootIndexes::new(&def).of(BootDevice::Cdrom, 0), None);
+    }
+}
