@@ -608,6 +608,7 @@ impl Manager {
                 row.end_at_ms = now_ms() + (start.timeout as i64) * 1000;
                 self.store.put_sandbox(&row)?;
                 self.live.lock().expect("live lock").insert(id.clone(), live.clone());
+                self.publish_sandbox(&id, "running", None);
                 self.watch(live);
                 self.metrics.sandboxes_created.inc();
                 self.metrics.boot_seconds.observe(started.elapsed().as_secs_f64());
@@ -616,8 +617,14 @@ impl Manager {
             }
             Err(err) => {
                 match on_failure {
-                    OnFailure::Delete => self.store.delete_sandbox(&id)?,
-                    OnFailure::Restore(previous) => self.store.put_sandbox(&previous)?,
+                    OnFailure::Delete => {
+                        self.store.delete_sandbox(&id)?;
+                        self.publish_sandbox(&id, "failed", Some(err.to_string()));
+                    }
+                    OnFailure::Restore(previous) => {
+                        self.store.put_sandbox(&previous)?;
+                        self.publish_sandbox(&id, "paused", Some(format!("resuming failed: {err}")));
+                    }
                 }
                 remove_files(&self.run_dir(&id), &self.memory_file(&id));
                 self.metrics.sandbox_failures.inc();
@@ -820,6 +827,7 @@ impl Manager {
         }
         tracing::warn!(sandbox = %live.id, reason = %vm_exit.reason, "sandbox VM stopped unexpectedly");
         let _ = self.store.fail_sandbox(&live.id, &vm_exit.reason);
+        self.publish_sandbox(&live.id, "failed", Some(vm_exit.reason.clone()));
         remove_files(&live.run_dir, &live.memory_file);
         live.release_network().await;
         self.metrics.sandbox_failures.inc();
@@ -885,6 +893,7 @@ impl Manager {
         }
         remove_files(&self.run_dir(id), &self.memory_file(id));
         self.store.delete_sandbox(id)?;
+        self.publish_sandbox(id, "killed", None);
         self.collect_snapshots();
         self.metrics.sandboxes_killed.inc();
         tracing::info!(sandbox = %id, "sandbox killed");

@@ -74,6 +74,18 @@ impl super::Manager {
     pub fn events(&self) -> &EventBus {
         &self.events
     }
+
+    /// Publishes a sandbox's new state (`running`, `paused`, `failed`, `killed`).
+    pub(super) fn publish_sandbox(&self, id: &str, state: &str, message: Option<String>) {
+        self.events.publish(Change {
+            kind: EventKind::Sandbox,
+            id: id.to_owned(),
+            name: None,
+            state: state.to_owned(),
+            previous: None,
+            message,
+        });
+    }
 }
 
 #[cfg(test)]

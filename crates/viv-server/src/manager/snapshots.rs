@@ -83,6 +83,7 @@ impl Manager {
         row.vmm = None;
         row.net_slot = None;
         self.store.put_sandbox(&row)?;
+        self.publish_sandbox(id, "paused", Some(format!("snapshot {}", node.id)));
         remove_files(&live.run_dir, &live.memory_file);
         live.release_network().await;
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
