@@ -451,6 +451,46 @@ pub struct VmDeleteQuery {
     pub disks: DiskDisposal,
 }
 
+/// `POST /vms/{id}/snapshots` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewVmSnapshot {
+    /// Name, unique among the VM's snapshots.
+    pub name: String,
+    /// Include memory and device state (a running VM comes back running); by default when the
+    /// VM is running or paused. A stopped VM's snapshots hold its disks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<bool>,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A VM snapshot as the API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSnapshot {
+    /// Id.
+    pub id: String,
+    /// Name, unique among the VM's snapshots.
+    pub name: String,
+    /// The VM's id.
+    pub vm_id: String,
+    /// The snapshot it descends from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// Whether memory and device state are included.
+    pub memory: bool,
+    /// The VM's state when it was taken.
+    pub vm_state: VmState,
+    /// Whether the VM's state descends from it (the last taken or reverted to).
+    pub current: bool,
+    /// Free text.
+    pub description: String,
+    /// When it was taken, RFC 3339.
+    pub created_at: String,
+}
+
 /// `POST /vms/{id}/rename` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

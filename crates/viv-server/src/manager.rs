@@ -47,6 +47,7 @@ mod timeouts;
 mod vm_console;
 mod vm_recovery;
 mod vm_runtime;
+mod vm_snapshots;
 mod vm_spec;
 mod vms;
 pub mod volume_fs;

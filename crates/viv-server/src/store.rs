@@ -14,7 +14,9 @@ use viv_api::{ApiKeyInfo, SandboxState};
 
 mod lifecycle;
 pub use lifecycle::LifecycleRow;
+mod vm_snapshots;
 mod vms;
+pub use vm_snapshots::VmSnapshotRow;
 pub use vms::VmRow;
 mod volumes;
 pub use volumes::{VolumeDeletion, VolumeRow};
@@ -34,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0011_volumes.sql"),
     include_str!("migrations/0012_vms.sql"),
     include_str!("migrations/0015_vm_runtime.sql"),
+    include_str!("migrations/0016_vm_snapshots.sql"),
 ];
 
 mod traffic;

@@ -475,7 +475,7 @@ impl DeleteDiskError {
 
 impl DirPool {
     /// The path a disk has or would have.
-    fn disk_path(&self, name: &str, format: DiskFormat) -> PathBuf {
+    pub(crate) fn disk_path(&self, name: &str, format: DiskFormat) -> PathBuf {
         self.dir(DISKS).join(format!("{name}.{format}"))
     }
 

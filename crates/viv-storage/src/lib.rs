@@ -23,6 +23,7 @@ mod pool;
 pub mod qemu_img;
 pub mod seed;
 pub mod size;
+pub mod snapshot;
 
 pub use disk::{
     unused, CloneError, CreateDiskError, DeleteDiskError, DiskFormat, DiskInfo, DiskInfoError, DiskSummary, Download,

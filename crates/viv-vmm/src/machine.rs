@@ -28,6 +28,7 @@
 
 mod launch;
 mod ops;
+mod snapshot;
 
 pub use launch::machine_limits;
 
@@ -35,6 +36,7 @@ pub use ops::{
     EjectError, Machine, MachineStatus, MediumError, PauseError, PowerOffError, QuitError, ResizeError, ResumeError,
     ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
+pub use snapshot::SnapshotError;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

@@ -457,7 +457,7 @@ impl Manager {
     }
 
     /// The live VM of `row`, or 409 saying what state it is in.
-    fn live_of(&self, row: &crate::store::VmRow) -> Result<Arc<LiveVm>, ApiError> {
+    pub(super) fn live_of(&self, row: &crate::store::VmRow) -> Result<Arc<LiveVm>, ApiError> {
         self.vm_runtime.get(&row.id).ok_or_else(|| {
             ApiError::Conflict(format!(
                 "VM '{}' is {}, not running",
@@ -478,6 +478,7 @@ impl Manager {
         let def = definition_of(&row.definition)?;
         let pending = row.pending_definition.as_deref().map(definition_of).transpose()?;
         self.delete_vm_row(&row)?;
+        self.drop_vm_snapshots(&row).await;
         self.vm_runtime.gates.lock().expect("VM gates lock").remove(&id);
         self.vm_runtime.restart_delays.lock().expect("delays lock").remove(&id);
         let _ = std::fs::remove_dir_all(self.vm_dir(&id));

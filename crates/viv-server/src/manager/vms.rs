@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::store::VmRow;
 
 /// Top-level definition fields an edit applies to a running VM at once.
-const LIVE_FIELDS: &[&str] = &["description", "tags", "autostart", "restartPolicy", "stopTimeoutSecs"];
+pub(super) const LIVE_FIELDS: &[&str] = &["description", "tags", "autostart", "restartPolicy", "stopTimeoutSecs"];
 
 /// Largest CPU weight cgroups take.
 const MAX_CPU_WEIGHT: u32 = 10_000;

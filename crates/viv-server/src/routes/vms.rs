@@ -1,13 +1,14 @@
 //! The VM manager's routes (`/vms`, API key): define, list, get, edit (a JSON merge patch),
 //! rename and delete VMs; start, stop, restart, pause, resume and kill them. `{id}` is a VM's
-//! id or its name. Every state change is also published on `GET /events`.
+//! id or its name. Every state change is also published on `GET /events`. Snapshots:
+//! `/vms/{id}/snapshots[/{snapshot}[/revert]]`, `{snapshot}` an id or a name.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::vms::{NewVm, VmDeleteQuery, VmRename, VmStopQuery};
+use viv_api::vms::{NewVm, NewVmSnapshot, VmDeleteQuery, VmRename, VmStopQuery};
 
 use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
@@ -25,6 +26,9 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/pause", post(pause))
         .route("/vms/{id}/resume", post(resume))
         .route("/vms/{id}/kill", post(kill))
+        .route("/vms/{id}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/vms/{id}/snapshots/{snapshot}", get(snapshot).delete(delete_snapshot))
+        .route("/vms/{id}/snapshots/{snapshot}/revert", post(revert_snapshot))
 }
 
 async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<NewVm>) -> Result<Response, ApiError> {
@@ -94,4 +98,42 @@ async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> 
 
 async fn kill(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     Ok(Json(state.manager.kill_vm(&id).await?).into_response())
+}
+
+async fn list_snapshots(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.list_vm_snapshots(&id)?).into_response())
+}
+
+async fn create_snapshot(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<NewVmSnapshot>,
+) -> Result<Response, ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.create_vm_snapshot(&id, req).await?),
+    )
+        .into_response())
+}
+
+async fn snapshot(
+    State(state): State<AppState>,
+    ApiPath((id, snapshot)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.vm_snapshot(&id, &snapshot)?).into_response())
+}
+
+async fn delete_snapshot(
+    State(state): State<AppState>,
+    ApiPath((id, snapshot)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.manager.delete_vm_snapshot(&id, &snapshot).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn revert_snapshot(
+    State(state): State<AppState>,
+    ApiPath((id, snapshot)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.revert_vm_snapshot(&id, &snapshot).await?).into_response())
 }

@@ -136,11 +136,11 @@ struct Drive {
 /// A running machine. Dropping it without [`Machine::detach`] kills its QEMU.
 pub struct Machine {
     vm: QemuVm,
-    qmp: Arc<Qmp>,
+    pub(super) qmp: Arc<Qmp>,
     name: String,
     has_display: bool,
     /// Disk id → (block node, read-only).
-    disks: HashMap<String, (String, bool)>,
+    pub(super) disks: HashMap<String, (String, bool)>,
     /// CD-ROM drive id → its medium.
     drives: tokio::sync::Mutex<HashMap<String, Drive>>,
     /// Names media inserted at run time.
