@@ -643,3 +643,99 @@ async fn a_new_server_takes_over_a_running_machine() {
     let err = qemu().adopt_machine(&spec, identity).await.unwrap_err();
     assert!(matches!(err, viv_vmm::AdoptError::Gone), "{err}");
 }
+
+/// The jailer: the `viv` binary next to this test's directory (`viv __jail SPEC`).
+fn jailer() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let viv = exe.parent().and_then(Path::parent).unwrap().join("viv");
+    assert!(
+        viv.is_file(),
+        "{} is missing: the jailed machine test runs QEMU through it (cargo build -p viv)",
+        viv.display()
+    );
+    viv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_machine_gets_its_cgroup_limits_pinning_and_a_user_nic() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("the jailed machine test needs root (the jail sets uids and cgroups)");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let key = format!("machine-test-{}", std::process::id());
+    let cgroups = viv_jail::cgroup::CgroupTree::open(&format!("vivarium-test/{key}"))
+        .unwrap()
+        .expect("a memory cgroup controller");
+    let config = std::sync::Arc::new(viv_vmm::confine::JailConfig {
+        jailer: jailer(),
+        uids: viv_jail::uids::UidPool::with_dir(state.path().join("uids"), 3_100_001_000, 8).unwrap(),
+        cgroups: Some(cgroups.clone()),
+        key,
+    });
+    let qemu = Qemu::default().confined(Confinement::Jail(config));
+    let dir = run_dir();
+    let mut spec = MachineSpec::new("jailed", dir.path(), accel());
+    spec.cdroms = vec![cdrom(Some(iso()), Some(1))];
+    let mac = "52:54:00:12:ab:cd";
+    spec.nics = vec![Nic::user("net0", mac)];
+    let pinned = *viv_vmm::machine::online_cpus().unwrap().first().unwrap();
+    spec.resources.host_cpus = Some(vec![pinned]);
+    spec.resources.cpu_percent = Some(150);
+    spec.resources.cpu_weight = Some(200);
+    let machine = qemu.launch_machine(&spec).await.expect("launching the jailed machine");
+    let pid = machine.identity().pid;
+    assert_ne!(machine.uid(), 0, "QEMU runs as root");
+    assert_eq!(
+        proc_status(pid, &pid.to_string(), "Cpus_allowed_list:"),
+        pinned.to_string()
+    );
+
+    // Its cgroup holds it, with the quota and weight asked for.
+    let cgroup = cgroups.get("jailed").expect("the machine's cgroup");
+    assert!(cgroup.processes().contains(&pid), "QEMU is not in its cgroup");
+    let read = |name: &str| {
+        cgroup
+            .paths()
+            .iter()
+            .map(|d| d.join(name))
+            .find(|f| f.exists())
+            .map(|f| std::fs::read_to_string(f).unwrap().trim().to_owned())
+    };
+    match cgroup.version() {
+        viv_jail::cgroup::Version::V2 => {
+            assert_eq!(read("cpu.max").as_deref(), Some("150000 100000"));
+            assert_eq!(read("cpu.weight").as_deref(), Some("200"));
+        }
+        viv_jail::cgroup::Version::V1 => {
+            assert_eq!(read("cpu.cfs_quota_us").as_deref(), Some("150000"));
+            assert_eq!(read("cpu.shares").as_deref(), Some("2048"));
+        }
+    }
+
+    // The user-mode NIC works inside the jail's own network namespace.
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(netns(&pid.to_string()), netns("self"));
+    wait_line(&spec, &machine, READY, 0, BOOT_DEADLINE).await;
+    let mut console_in = serial(&spec);
+    let out = guest_run(&spec, &machine, &mut console_in, "cat /sys/class/net/eth0/address").await;
+    assert!(out.contains(mac), "the guest's eth0: {out}");
+    let out = guest_run(
+        &spec,
+        &machine,
+        &mut console_in,
+        "ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 -s /bin/true 2>&1",
+    )
+    .await;
+    assert!(out.contains("10.0.2.15"), "no DHCP lease in the jail: {out}");
+
+    let shutdown = machine.shutdown(Duration::from_secs(90)).await.expect("shutdown");
+    assert_eq!(
+        shutdown.exit.cause,
+        ExitCause::GuestShutdown,
+        "{}",
+        shutdown.exit.reason
+    );
+    assert!(cgroups.get("jailed").is_none(), "the jail's cgroup outlived QEMU");
+    cgroups.remove_if_empty();
+}
