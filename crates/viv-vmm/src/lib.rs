@@ -18,6 +18,7 @@
 //!   only once its process is gone.
 
 pub mod confine;
+mod exit;
 pub mod machine;
 pub mod process;
 pub mod qcow2;

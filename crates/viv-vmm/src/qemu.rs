@@ -29,6 +29,7 @@ use futures::FutureExt as _;
 use tokio::sync::{oneshot, watch};
 
 use crate::confine::{Confinement, JailResources};
+use crate::exit::{exit_cause, LastEvent};
 use crate::process::{ProcessIdentity, VmProcess};
 use crate::qmp::Qmp;
 use crate::{
@@ -741,31 +742,13 @@ async fn supervise(
                 if name == "VSERPORT_CHANGE" && event["data"]["id"] == "agentport" {
                     let _ = port_tx.send(event["data"]["open"].as_bool().unwrap_or(false));
                 }
-                if matches!(name.as_str(), "SHUTDOWN" | "RESET" | "GUEST_PANICKED") {
-                    let reason = event["data"]["reason"].as_str().unwrap_or_default().to_owned();
+                if let Some(event) = LastEvent::of(&event) {
                     let mut last = last_event.lock().expect("event lock");
                     // A panic stays the cause whatever follows it (the SHUTDOWN of
                     // `-action panic=exit-failure`, or a reset).
-                    if last
-                        .as_ref()
-                        .is_some_and(|e: &LastEvent| e.cause == ExitCause::GuestPanic)
-                    {
-                        continue;
+                    if !last.as_ref().is_some_and(|e| e.cause == ExitCause::GuestPanic) {
+                        *last = Some(event);
                     }
-                    let cause = match (name.as_str(), reason.as_str()) {
-                        ("GUEST_PANICKED", _) => ExitCause::GuestPanic,
-                        ("SHUTDOWN", "guest-shutdown") => ExitCause::GuestShutdown,
-                        ("SHUTDOWN", "guest-reset") => ExitCause::GuestReset,
-                        ("SHUTDOWN", "guest-panic") => ExitCause::GuestPanic,
-                        // SIGINT, SIGHUP or SIGTERM, which QEMU handles by exiting.
-                        ("SHUTDOWN", "host-signal") => ExitCause::Signal(libc::SIGTERM),
-                        ("SHUTDOWN", r) if r.starts_with("host-") => ExitCause::Host,
-                        _ => ExitCause::Other,
-                    };
-                    *last = Some(LastEvent {
-                        text: format!("{name} {reason}").trim().to_owned(),
-                        cause,
-                    });
                 }
             }
         })
@@ -832,32 +815,6 @@ async fn supervise(
         reason,
         cause,
     }));
-}
-
-/// The last QMP event that tells why QEMU is stopping.
-struct LastEvent {
-    /// `NAME reason`, for a person.
-    text: String,
-    /// What it means.
-    cause: ExitCause,
-}
-
-/// Why QEMU stopped: asked by the host, else what its last event said, else how it exited
-/// (`status` is [`VmProcess::exited`]'s description, such as `signal: 9 (SIGKILL)`).
-fn exit_cause(requested: bool, status: Option<&str>, last: Option<&LastEvent>) -> ExitCause {
-    if requested {
-        return ExitCause::Host;
-    }
-    let signal = status
-        .and_then(|s| s.strip_prefix("signal: "))
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok());
-    match (last.map(|e| e.cause), signal) {
-        // A SHUTDOWN event precedes QEMU's own orderly exit, never a signal's.
-        (Some(cause), None) => cause,
-        (_, Some(signal)) => ExitCause::Signal(signal),
-        (None, None) => ExitCause::Other,
-    }
 }
 
 /// With [`SnapshotMemory::External`], guest memory lives in a shared file the snapshot does not
