@@ -188,14 +188,7 @@ impl JailResources {
             // The user-mode stack forwards DNS to the host's resolvers.
             binds.push(Bind::read_only("/etc/resolv.conf"));
         }
-        let (mut devices, mut groups) = (Vec::new(), Vec::new());
-        if spec.accel == Accel::Kvm {
-            devices.push(PathBuf::from("/dev/kvm"));
-            if let Ok(meta) = std::fs::metadata("/dev/kvm") {
-                use std::os::unix::fs::MetadataExt as _;
-                groups.push(meta.gid());
-            }
-        }
+        let (devices, groups) = accel_access(spec.accel);
         Ok(JailSpec {
             uid: self.uid,
             gid: self.uid,
@@ -217,13 +210,7 @@ impl JailResources {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         };
         let give = || -> std::io::Result<()> {
-            owned(&spec.run_dir, 0o700)?;
-            for entry in std::fs::read_dir(&spec.run_dir)? {
-                let entry = entry?;
-                if entry.file_type()?.is_file() {
-                    owned(&entry.path(), 0o600)?;
-                }
-            }
+            self.give_run_dir(&spec.run_dir)?;
             if let GuestMemory::SharedFile(file) = &spec.memory {
                 let created = std::fs::OpenOptions::new()
                     .write(true)
@@ -238,11 +225,39 @@ impl JailResources {
         give().map_err(|e| LaunchError::Startup(format!("giving VM {} its files: {e}", spec.vm_id)))
     }
 
+    /// Gives the VM's uid its run directory (0700) and the files in it (0600); shared by
+    /// sandbox VMs and machines.
+    pub fn give_run_dir(&self, run_dir: &Path) -> std::io::Result<()> {
+        std::os::unix::fs::chown(run_dir, Some(self.uid), Some(self.uid))?;
+        std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))?;
+        for entry in std::fs::read_dir(run_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                self.give(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `path` (a file the VM's QEMU is about to open) the VM's.
     pub fn give(&self, path: &Path) -> std::io::Result<()> {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.uid))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
     }
+}
+
+/// The devices and groups a jailed QEMU needs for accelerator `accel` (`/dev/kvm` and its
+/// group under KVM, nothing under TCG); shared by sandbox VMs and machines.
+pub fn accel_access(accel: Accel) -> (Vec<PathBuf>, Vec<u32>) {
+    let (mut devices, mut groups) = (Vec::new(), Vec::new());
+    if accel == Accel::Kvm {
+        devices.push(PathBuf::from("/dev/kvm"));
+        if let Ok(meta) = std::fs::metadata("/dev/kvm") {
+            use std::os::unix::fs::MetadataExt as _;
+            groups.push(meta.gid());
+        }
+    }
+    (devices, groups)
 }
 
 fn jail_error(err: JailError) -> LaunchError {

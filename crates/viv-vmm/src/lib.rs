@@ -18,6 +18,7 @@
 //!   only once its process is gone.
 
 pub mod confine;
+mod exit;
 pub mod machine;
 pub mod process;
 pub mod qcow2;
@@ -206,6 +207,35 @@ pub struct VmExit {
     pub requested: bool,
     /// A description for a person: exit status, guest panic, and the console's last lines.
     pub reason: String,
+    /// What made it stop, for a program (a restart policy, a state machine).
+    pub cause: ExitCause,
+}
+
+/// What made a VM's process stop, from the last QMP event and its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCause {
+    /// The host asked: a kill through the handle, or QEMU told to quit.
+    Host,
+    /// The guest powered itself off (QMP `SHUTDOWN` with `guest: true`, reason
+    /// `guest-shutdown`), after an ACPI power button press or on its own.
+    GuestShutdown,
+    /// The guest reset itself and QEMU was told not to reboot (sandboxes run with `-no-reboot`;
+    /// a general-purpose machine reboots without exiting, see `Machine::resets`).
+    GuestReset,
+    /// The guest kernel panicked and said so (pvpanic: QMP `GUEST_PANICKED`).
+    GuestPanic,
+    /// QEMU was killed by this signal, which the host did not send through the handle.
+    Signal(i32),
+    /// QEMU exited on its own for another reason (an error; its log says which), or its exit
+    /// status is unknown (a process taken over is not this server's child).
+    Other,
+}
+
+impl ExitCause {
+    /// Whether the stop is a crash: not asked for by the host nor a guest powering off.
+    pub fn is_crash(self) -> bool {
+        !matches!(self, Self::Host | Self::GuestShutdown)
+    }
 }
 
 /// Why a VM could not be launched.

@@ -3,10 +3,24 @@
 //! restored from snapshots ([`crate::qemu`]).
 //!
 //! A [`MachineSpec`] describes one machine: machine type (`q35`, or `microvm` for virtio-only
-//! guests), firmware, CPU topology, memory, disks, CD-ROM drives, NICs, an optional VNC display.
+//! guests), firmware, CPU topology, memory, disks, CD-ROM drives, NICs, an optional VNC display,
+//! and its [`MachineResources`] (CPU pinning, CPU quota and weight, priority, disk I/O limits:
+//! see that module for how each is enforced).
 //! [`crate::qemu::Qemu::launch_machine`] starts it and returns a [`Machine`] handle with the QMP
 //! operations an operator needs (ACPI power button, pause, resume, quit, status, CD medium
-//! change and eject, online disk resize, PNG screenshot).
+//! change and eject, online disk resize, PNG screenshot, I/O limits in force, QMP events and a
+//! count of guest resets); [`crate::qemu::Qemu::adopt_machine`] takes over a machine a previous
+//! server started, reading back from QEMU what changed at run time (CD media, fd sets in use).
+//!
+//! NICs are on a tap device the server opened ([`NicBackend::Tap`]) or on QEMU's user-mode
+//! stack ([`NicBackend::User`]: DHCP for the guest, nothing beyond QEMU, since QEMU runs in a
+//! network namespace of its own), as virtio-net or e1000.
+//!
+//! How a machine ends is told apart ([`crate::VmExit::cause`]): the guest powering off, a guest
+//! kernel panic (q35 machines have a `pvpanic` device and QEMU exits on a reported panic,
+//! `-action panic=exit-failure`, rather than letting the guest reboot), QEMU killed by a
+//! signal, or the host's request. A guest reboot does not end a machine (QEMU resets it):
+//! [`Machine::resets`] counts them.
 //!
 //! Every machine has, in its run directory: `qmp.sock` (QMP), `serial.sock` (the first serial
 //! port, a socket server the host connects to, to read and write the console), `console.log`
@@ -24,17 +38,22 @@
 //! - a machine is supervised like a sandbox VM ([`crate::qemu`]'s supervisor): its QEMU runs in
 //!   its own session, outlives the server, is killed when its handle is dropped without
 //!   [`Machine::detach`], and its jail is released only once its process is gone;
+//! - a disk's format node is always `disk-ID`; a disk with I/O limits has a `throttle` filter
+//!   `io-ID` above it, which its device is attached to and which a resize addresses;
 //! - the microvm sandbox path is untouched: machines build their own command line.
 
+mod adopt;
 mod launch;
 mod ops;
+mod resources;
 mod snapshot;
 
 pub use launch::machine_limits;
+pub use resources::{online_cpus, parse_cpu_list, IoLimits, MachineResources};
 
 pub use ops::{
-    EjectError, Machine, MachineStatus, MediumError, PauseError, PowerOffError, QuitError, ResizeError, ResumeError,
-    ScreenshotError, Shutdown, ShutdownError, StatusError,
+    EjectError, IoLimitsError, Machine, MachineStatus, MediumError, PauseError, PowerOffError, QuitError, ResizeError,
+    ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
 pub use snapshot::SnapshotError;
 
@@ -217,17 +236,65 @@ pub struct Cdrom {
     pub boot_index: Option<u32>,
 }
 
-/// A network card on a tap device the server opened.
+/// Where a network card's frames go.
+#[derive(Debug, Clone)]
+pub enum NicBackend {
+    /// A tap device the server opened (with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), handed over
+    /// as a descriptor.
+    Tap(Arc<OwnedFd>),
+    /// QEMU's user-mode network stack (slirp): the guest gets an address by DHCP
+    /// (10.0.2.15/24). QEMU runs in a network namespace of its own (the jail's), which holds
+    /// nothing but a loopback device that is down, so the guest reaches nothing beyond QEMU.
+    User,
+}
+
+/// The network card model the guest sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NicModel {
+    /// virtio-net (PCI on q35, MMIO on microvm).
+    #[default]
+    VirtioNet,
+    /// An Intel e1000 (q35 only), for guests without virtio drivers.
+    E1000,
+}
+
+/// A network card.
 #[derive(Debug, Clone)]
 pub struct Nic {
     /// Its id, unique among the machine's devices (as for [`Disk::id`]).
     pub id: String,
-    /// The tap device (opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`).
-    pub tap: Arc<OwnedFd>,
+    /// Where its frames go.
+    pub backend: NicBackend,
+    /// The card model.
+    pub model: NicModel,
     /// Its MAC address (`52:54:00:xx:xx:xx`).
     pub mac: String,
     /// Its place in the boot order (network boot), if any.
     pub boot_index: Option<u32>,
+}
+
+impl Nic {
+    /// A virtio-net card on the tap device `tap`.
+    pub fn tap(id: impl Into<String>, tap: Arc<OwnedFd>, mac: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            backend: NicBackend::Tap(tap),
+            model: NicModel::VirtioNet,
+            mac: mac.into(),
+            boot_index: None,
+        }
+    }
+
+    /// A virtio-net card on QEMU's user-mode stack.
+    pub fn user(id: impl Into<String>, mac: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            backend: NicBackend::User,
+            model: NicModel::VirtioNet,
+            mac: mac.into(),
+            boot_index: None,
+        }
+    }
 }
 
 /// The graphical display.
@@ -268,6 +335,8 @@ pub struct MachineSpec {
     pub nics: Vec<Nic>,
     /// The graphical display.
     pub display: Display,
+    /// CPU pinning, CPU quota and weight, priority, disk I/O limits.
+    pub resources: MachineResources,
 }
 
 impl MachineSpec {
@@ -287,6 +356,7 @@ impl MachineSpec {
             cdroms: Vec::new(),
             nics: Vec::new(),
             display: Display::None,
+            resources: MachineResources::default(),
         }
     }
 
@@ -362,6 +432,10 @@ impl MachineSpec {
                 return invalid(format!("NIC {:?}: {:?} is not a unicast MAC address", nic.id, nic.mac));
             }
         }
+        let disk_ids: Vec<&str> = self.disks.iter().map(|d| d.id.as_str()).collect();
+        self.resources
+            .validate(&disk_ids)
+            .map_err(LaunchMachineError::Invalid)?;
         let sata = self.disks.iter().filter(|d| d.bus == DiskBus::Sata).count() + self.cdroms.len();
         if sata > SATA_PORTS {
             return invalid(format!(
@@ -383,6 +457,9 @@ impl MachineSpec {
             }
             if self.display != Display::None {
                 return invalid("microvm machines have no display".into());
+            }
+            if let Some(nic) = self.nics.iter().find(|n| n.model != NicModel::VirtioNet) {
+                return invalid(format!("NIC {:?}: microvm machines have virtio-net cards only", nic.id));
             }
         }
         for socket in [self.qmp_socket(), self.serial_socket(), self.vnc_socket()] {
@@ -567,6 +644,11 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<Strin
     if seccomp {
         cl.push("-sandbox", SECCOMP.into());
     }
+    if q35 {
+        // A guest kernel's panic is reported (pvpanic) and ends QEMU: a crash, not a reboot.
+        cl.push("-device", "pvpanic".into());
+        cl.push("-action", "panic=exit-failure".into());
+    }
     let mut sata_port = 0;
     if spec.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi) {
         cl.push("-device", "virtio-scsi-pci,id=scsi0".into());
@@ -577,14 +659,27 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<Strin
             DiskFormat::Qcow2 => "qcow2",
             DiskFormat::Raw => "raw",
         };
-        let node = format!("disk-{}", disk.id);
+        let format_node = format!("disk-{}", disk.id);
         let read_only = if disk.read_only { "on" } else { "off" };
         cl.push(
             "-blockdev",
             format!(
-                "driver={driver},node-name={node},read-only={read_only},discard=unmap,file.driver=file,file.filename={file}"
+                "driver={driver},node-name={format_node},read-only={read_only},discard=unmap,file.driver=file,file.filename={file}"
             ),
         );
+        // The device is attached to the throttle filter when the disk has I/O limits.
+        let node = match spec.resources.disk_io.get(&disk.id).filter(|l| l.is_limited()) {
+            Some(limits) => {
+                let filter = resources::throttle_node(&disk.id);
+                cl.push("-object", MachineResources::throttle_group(&disk.id, limits));
+                cl.push(
+                    "-blockdev",
+                    format!("driver=throttle,node-name={filter},throttle-group={filter},file={format_node}"),
+                );
+                filter
+            }
+            None => format_node,
+        };
         let id = &disk.id;
         let device = match (disk.bus, q35) {
             (DiskBus::VirtioBlk, true) => format!("virtio-blk-pci,drive={node},id={id}"),
@@ -613,10 +708,19 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<Strin
         cl.push("-device", format!("{device}{}", boot(cdrom.boot_index)));
     }
     for (n, nic) in spec.nics.iter().enumerate() {
-        let fd = fd_number(cl.handed.len());
-        cl.handed.push(Handed::Tap { nic: n });
-        cl.push("-netdev", format!("tap,id=net-{},fd={fd}", nic.id));
-        let model = if q35 { "virtio-net-pci" } else { "virtio-net-device" };
+        match nic.backend {
+            NicBackend::Tap(_) => {
+                let fd = fd_number(cl.handed.len());
+                cl.handed.push(Handed::Tap { nic: n });
+                cl.push("-netdev", format!("tap,id=net-{},fd={fd}", nic.id));
+            }
+            NicBackend::User => cl.push("-netdev", format!("user,id=net-{}", nic.id)),
+        }
+        let model = match (nic.model, q35) {
+            (NicModel::E1000, _) => "e1000",
+            (NicModel::VirtioNet, true) => "virtio-net-pci",
+            (NicModel::VirtioNet, false) => "virtio-net-device",
+        };
         cl.push(
             "-device",
             format!(
@@ -637,179 +741,4 @@ pub(crate) fn medium_node(id: &str, generation: u64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> MachineSpec {
-        let mut spec = MachineSpec::new("m1", "/run/m1", Accel::Tcg);
-        spec.cpus = CpuTopology {
-            sockets: 1,
-            cores: 2,
-            threads: 2,
-        };
-        spec.disks = vec![
-            Disk {
-                id: "root".into(),
-                path: "/d/root.qcow2".into(),
-                format: DiskFormat::Qcow2,
-                bus: DiskBus::VirtioBlk,
-                read_only: false,
-                boot_index: Some(1),
-            },
-            Disk {
-                id: "data".into(),
-                path: "/d/data.raw".into(),
-                format: DiskFormat::Raw,
-                bus: DiskBus::Sata,
-                read_only: true,
-                boot_index: None,
-            },
-        ];
-        spec.cdroms = vec![Cdrom {
-            id: "cd0".into(),
-            iso: Some("/isos/debian.iso".into()),
-            boot_index: Some(2),
-        }];
-        spec.display = Display::Vnc;
-        spec
-    }
-
-    #[test]
-    fn every_file_is_a_descriptor_with_the_guests_access() {
-        let mut spec = spec();
-        spec.firmware = Firmware::Uefi(Ovmf::debian("/run/m1/nvram.fd"));
-        let (args, handed) = machine_arguments(&spec, true);
-        let line = args.join(" ");
-        assert_eq!(
-            handed,
-            vec![
-                Handed::File {
-                    path: OVMF_CODE.into(),
-                    writable: false
-                },
-                Handed::File {
-                    path: "/run/m1/nvram.fd".into(),
-                    writable: true
-                },
-                Handed::File {
-                    path: "/d/root.qcow2".into(),
-                    writable: true
-                },
-                Handed::File {
-                    path: "/d/data.raw".into(),
-                    writable: false
-                },
-                Handed::File {
-                    path: "/isos/debian.iso".into(),
-                    writable: false
-                },
-            ]
-        );
-        for expected in [
-            "-add-fd fd=3,set=1,opaque=OVMF_CODE_4M.fd",
-            "-add-fd fd=7,set=5,opaque=debian.iso",
-            "-machine q35,pflash0=fw-code,pflash1=fw-vars",
-            "node-name=fw-code,read-only=on,file.driver=file,file.filename=/dev/fdset/1",
-            "driver=qcow2,node-name=disk-root,read-only=off,discard=unmap,file.driver=file,file.filename=/dev/fdset/3",
-            "-device virtio-blk-pci,drive=disk-root,id=root,bootindex=1",
-            "driver=raw,node-name=disk-data,read-only=on",
-            "-device ide-hd,bus=ide.0,drive=disk-data,id=data -",
-            "-device ide-cd,bus=ide.1,id=cd0,drive=cd-cd0-0,bootindex=2",
-            "-smp 4,sockets=1,cores=2,threads=2",
-            "-vnc unix:/run/m1/vnc.sock -device VGA",
-            "socket,id=serial0,path=/run/m1/serial.sock,server=on,wait=off,logfile=/run/m1/console.log",
-            &format!("-sandbox {SECCOMP}"),
-        ] {
-            assert!(line.contains(expected), "{expected:?} not in {line}");
-        }
-        // No path of the server's appears but the run directory's sockets and log.
-        for path in ["/d/", "/isos/", "/usr/share/OVMF"] {
-            assert!(!line.contains(&format!("={path}")), "{path} opened by name: {line}");
-        }
-        assert!(!line.contains("-no-reboot"), "a machine's guest may reboot");
-    }
-
-    #[test]
-    fn seabios_microvm_and_empty_drives() {
-        let mut spec = spec();
-        spec.cdroms[0].iso = None;
-        let (args, handed) = machine_arguments(&spec, false);
-        let line = args.join(" ");
-        assert_eq!(handed.len(), 2);
-        assert!(line.contains("-machine q35 "));
-        assert!(line.contains("-device ide-cd,bus=ide.1,id=cd0,bootindex=2"));
-        assert!(!line.contains("-sandbox"));
-
-        let mut micro = MachineSpec::new("m2", "/run/m2", Accel::Tcg);
-        micro.machine = MachineType::Microvm;
-        micro.disks = vec![spec.disks[0].clone()];
-        micro.validate().unwrap();
-        let line = machine_arguments(&micro, false).0.join(" ");
-        assert!(line.contains("-machine microvm,rtc=on"));
-        assert!(line.contains("virtio-blk-device,drive=disk-root"));
-    }
-
-    #[test]
-    fn bad_specs_are_refused_with_the_reason() {
-        let refused = |change: &dyn Fn(&mut MachineSpec), words: &str| {
-            let mut s = spec();
-            change(&mut s);
-            let err = s.validate().expect_err(words).to_string();
-            assert!(err.contains(words), "{err:?} does not say {words:?}");
-        };
-        refused(&|s| s.cdroms[0].id = "root".into(), "two devices have the id \"root\"");
-        refused(&|s| s.cdroms[0].boot_index = Some(1), "same boot index 1");
-        refused(&|s| s.disks[0].id = "a,b".into(), "device id");
-        refused(&|s| s.cpus.threads = 0, "CPU topology");
-        refused(&|s| s.memory_mib = 1, "too little");
-        refused(
-            &|s| {
-                s.machine = MachineType::Microvm;
-                s.cdroms.clear();
-                s.display = Display::None;
-            },
-            "virtio-blk disks only",
-        );
-        refused(
-            &|s| {
-                for n in 0..6 {
-                    s.cdroms.push(Cdrom {
-                        id: format!("cd{}", n + 1),
-                        iso: None,
-                        boot_index: None,
-                    });
-                }
-            },
-            "SATA ports",
-        );
-        refused(
-            &|s| s.run_dir = PathBuf::from(format!("/{}", "x".repeat(100))),
-            "socket path",
-        );
-        spec().validate().unwrap();
-    }
-
-    #[test]
-    fn missing_ovmf_names_the_debian_package() {
-        let dir = tempfile::tempdir().unwrap();
-        let ovmf = Ovmf {
-            code: dir.path().join("OVMF_CODE_4M.fd"),
-            vars_template: dir.path().join("OVMF_VARS_4M.fd"),
-            nvram: dir.path().join("nvram.fd"),
-        };
-        let err = ovmf.reset_nvram().unwrap_err().to_string();
-        assert!(err.contains("install the Debian package ovmf"), "{err}");
-        std::fs::write(&ovmf.code, b"code").unwrap();
-        std::fs::write(&ovmf.vars_template, b"vars").unwrap();
-        ovmf.ensure_nvram().unwrap();
-        std::fs::write(&ovmf.nvram, b"changed").unwrap();
-        ovmf.ensure_nvram().unwrap();
-        assert_eq!(
-            std::fs::read(&ovmf.nvram).unwrap(),
-            b"changed",
-            "an existing NVRAM is kept"
-        );
-        ovmf.reset_nvram().unwrap();
-        assert_eq!(std::fs::read(&ovmf.nvram).unwrap(), b"vars");
-    }
-}
+mod tests;

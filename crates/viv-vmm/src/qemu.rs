@@ -29,11 +29,12 @@ use futures::FutureExt as _;
 use tokio::sync::{oneshot, watch};
 
 use crate::confine::{Confinement, JailResources};
+use crate::exit::{exit_cause, LastEvent};
 use crate::process::{ProcessIdentity, VmProcess};
 use crate::qmp::Qmp;
 use crate::{
-    Accel, AdoptError, Adopted, AdoptedState, Adoption, GuestMemory, LaunchError, Restore, SnapshotMemory, Vm, VmError,
-    VmExit, VmSpec, Vmm, STARTUP_TIMEOUT,
+    Accel, AdoptError, Adopted, AdoptedState, Adoption, ExitCause, GuestMemory, LaunchError, Restore, SnapshotMemory,
+    Vm, VmError, VmExit, VmSpec, Vmm, STARTUP_TIMEOUT,
 };
 
 /// The QEMU backend.
@@ -392,22 +393,29 @@ impl Qemu {
     async fn take_over(&self, vm: &Adoption) -> Result<Adopted, AdoptError> {
         let result = self.try_take_over(vm).await;
         if result.is_err() {
-            if let Confinement::Jail(config) = &self.confinement {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < deadline
-                    && crate::process::start_time(vm.identity.pid) == Some(vm.identity.start_time)
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                let config = config.clone();
-                let vm_id = vm.vm_id.clone();
-                let _ = tokio::task::spawn_blocking(move || JailResources::release_gone(&config, &vm_id)).await;
-            }
+            self.release_failed_adoption(vm).await;
         }
         result
     }
 
-    async fn try_take_over(&self, vm: &Adoption) -> Result<Adopted, AdoptError> {
+    /// Frees what the jail of `vm`, whose adoption failed, held once its process is gone.
+    pub(crate) async fn release_failed_adoption(&self, vm: &Adoption) {
+        if let Confinement::Jail(config) = &self.confinement {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline
+                && crate::process::start_time(vm.identity.pid) == Some(vm.identity.start_time)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let config = config.clone();
+            let vm_id = vm.vm_id.clone();
+            let _ = tokio::task::spawn_blocking(move || JailResources::release_gone(&config, &vm_id)).await;
+        }
+    }
+
+    /// Finds the process of `vm`, its jail and its QMP socket (events subscribed to from the
+    /// start); a process that runs but does not answer is killed.
+    pub(crate) async fn reconnect(&self, vm: &Adoption) -> Result<Reconnected, AdoptError> {
         let socket = vm.control_socket();
         let process = match VmProcess::adopt(vm.identity, &socket) {
             Ok(Some(process)) => Arc::new(process),
@@ -419,20 +427,33 @@ impl Qemu {
             Confinement::Jail(config) => Some(JailResources::found(config, &vm.vm_id, uid)),
             _ => None,
         };
-        let unresponsive = |reason: String| {
-            let _ = process.signal(libc::SIGKILL);
-            AdoptError::Unresponsive(reason)
-        };
         let qmp = match tokio::time::timeout(STARTUP_TIMEOUT, Qmp::connect(&socket)).await {
             Ok(Ok(qmp)) => Arc::new(qmp),
-            Ok(Err(err)) => return Err(unresponsive(err.to_string())),
-            Err(_) => return Err(unresponsive(format!("no answer within {STARTUP_TIMEOUT:?}"))),
+            Ok(Err(err)) => return Err(unresponsive(&process, err.to_string())),
+            Err(_) => return Err(unresponsive(&process, format!("no answer within {STARTUP_TIMEOUT:?}"))),
         };
         let events = qmp.events();
+        Ok(Reconnected {
+            process,
+            qmp,
+            events,
+            jail,
+            uid,
+        })
+    }
+
+    async fn try_take_over(&self, vm: &Adoption) -> Result<Adopted, AdoptError> {
+        let Reconnected {
+            process,
+            qmp,
+            events,
+            jail,
+            uid,
+        } = self.reconnect(vm).await?;
         let status = qmp
             .execute("query-status", None)
             .await
-            .map_err(|e| unresponsive(e.to_string()))?;
+            .map_err(|e| unresponsive(&process, e.to_string()))?;
         let state = if status["running"].as_bool() == Some(true) {
             AdoptedState::Running
         } else {
@@ -541,6 +562,21 @@ impl Qemu {
         killed.dedup();
         killed
     }
+}
+
+/// A VM's process, jail and QMP connection found again after a server restart.
+pub(crate) struct Reconnected {
+    pub(crate) process: Arc<VmProcess>,
+    pub(crate) qmp: Arc<Qmp>,
+    pub(crate) events: tokio::sync::broadcast::Receiver<serde_json::Value>,
+    pub(crate) jail: Option<JailResources>,
+    pub(crate) uid: u32,
+}
+
+/// Kills a process taken over that cannot be controlled, and says why.
+pub(crate) fn unresponsive(process: &VmProcess, reason: String) -> AdoptError {
+    let _ = process.signal(libc::SIGKILL);
+    AdoptError::Unresponsive(reason)
 }
 
 pub(crate) fn current_uid() -> u32 {
@@ -667,24 +703,52 @@ async fn supervise(
     process: Arc<VmProcess>,
     jail: Option<JailResources>,
     mut events: tokio::sync::broadcast::Receiver<serde_json::Value>,
+    mut qmp_closed: watch::Receiver<bool>,
     control: oneshot::Receiver<Control>,
     exit_tx: watch::Sender<Option<VmExit>>,
     port_tx: watch::Sender<bool>,
     console_log: PathBuf,
     stderr_log: PathBuf,
 ) {
-    let last_event = Arc::new(Mutex::new(None::<String>));
+    let last_event = Arc::new(Mutex::new(None::<LastEvent>));
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
     let recorder = {
         let last_event = last_event.clone();
         tokio::spawn(async move {
-            while let Ok(event) = events.recv().await {
+            // Until told to stop; then what is still queued (QEMU's last events) is read too.
+            use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+            let mut stopping = false;
+            loop {
+                let event = if stopping {
+                    match events.try_recv() {
+                        Ok(event) => event,
+                        Err(TryRecvError::Lagged(_)) => continue,
+                        Err(_) => break,
+                    }
+                } else {
+                    tokio::select! {
+                        event = events.recv() => match event {
+                            Ok(event) => event,
+                            Err(RecvError::Lagged(_)) => continue,
+                            Err(RecvError::Closed) => break,
+                        },
+                        _ = &mut stop_rx => {
+                            stopping = true;
+                            continue;
+                        }
+                    }
+                };
                 let name = event["event"].as_str().unwrap_or_default().to_owned();
                 if name == "VSERPORT_CHANGE" && event["data"]["id"] == "agentport" {
                     let _ = port_tx.send(event["data"]["open"].as_bool().unwrap_or(false));
                 }
-                if matches!(name.as_str(), "SHUTDOWN" | "RESET" | "GUEST_PANICKED") {
-                    let reason = event["data"]["reason"].as_str().unwrap_or_default().to_owned();
-                    *last_event.lock().expect("event lock") = Some(format!("{name} {reason}").trim().to_owned());
+                if let Some(event) = LastEvent::of(&event) {
+                    let mut last = last_event.lock().expect("event lock");
+                    // A panic stays the cause whatever follows it (the SHUTDOWN of
+                    // `-action panic=exit-failure`, or a reset).
+                    if !last.as_ref().is_some_and(|e| e.cause == ExitCause::GuestPanic) {
+                        *last = Some(event);
+                    }
                 }
             }
         })
@@ -703,7 +767,12 @@ async fn supervise(
             }
         },
     };
-    recorder.abort();
+    // QEMU's last events (the SHUTDOWN it sends before exiting) may still be on their way:
+    // once its QMP connection is closed, all it sent is queued for the recorder, which reads
+    // the rest and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(2), qmp_closed.wait_for(|closed| *closed)).await;
+    let _ = stop_tx.send(());
+    let _ = recorder.await;
     if let Some(jail) = jail {
         // Removing the cgroup may wait (up to 2 s) for the kernel to let go of it.
         let _ = tokio::task::spawn_blocking(move || jail.release()).await;
@@ -712,8 +781,10 @@ async fn supervise(
         Some(s) => format!("QEMU exited ({s})"),
         None => "QEMU exited".to_owned(),
     };
+    let last = last_event.lock().expect("event lock").take();
+    let cause = exit_cause(requested, status.as_deref(), last.as_ref());
     if !requested {
-        if let Some(event) = last_event.lock().expect("event lock").take() {
+        if let Some(LastEvent { text: event, .. }) = last {
             let what = match event.as_str() {
                 e if e.contains("guest-reset") || e.contains("GUEST_PANICKED") => {
                     "the guest kernel panicked or rebooted"
@@ -739,7 +810,11 @@ async fn supervise(
             reason.push_str(&format!("; console: {}", tail(&console, 5)));
         }
     }
-    let _ = exit_tx.send(Some(VmExit { requested, reason }));
+    let _ = exit_tx.send(Some(VmExit {
+        requested,
+        reason,
+        cause,
+    }));
 }
 
 /// With [`SnapshotMemory::External`], guest memory lives in a shared file the snapshot does not
@@ -849,6 +924,7 @@ impl QemuVm {
             process.clone(),
             jail,
             events,
+            qmp.closed(),
             control_rx,
             exit_tx,
             port_tx,

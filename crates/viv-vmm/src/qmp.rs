@@ -48,6 +48,8 @@ pub struct Qmp {
     pending: Pending,
     next_id: AtomicU64,
     events: broadcast::Sender<Value>,
+    /// Turns true once QEMU closed the connection and every event it sent was published.
+    closed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Qmp {
@@ -62,11 +64,13 @@ impl Qmp {
         }
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(64);
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
         let qmp = Self {
             writer: tokio::sync::Mutex::new(write),
             pending: pending.clone(),
             next_id: AtomicU64::new(1),
             events: events.clone(),
+            closed,
         };
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -94,6 +98,7 @@ impl Qmp {
             }
             // Connection gone: fail everyone still waiting.
             pending.lock().expect("qmp lock").clear();
+            let _ = closed_tx.send(true);
         });
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -153,6 +158,12 @@ impl Qmp {
     /// Subscribes to asynchronous events (`SHUTDOWN`, `RESET`, `STOP`, ...).
     pub fn events(&self) -> broadcast::Receiver<Value> {
         self.events.subscribe()
+    }
+
+    /// Watches the connection: true once QEMU closed it and every event it sent before was
+    /// published to the subscribers.
+    pub fn closed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed.clone()
     }
 }
 

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use viv_vmm::confine::Confinement;
 use viv_vmm::machine::{
-    Cdrom, Disk, DiskBus, DiskFormat, Display, Firmware, LaunchMachineError, Machine, MachineSpec, Ovmf,
+    Cdrom, Disk, DiskBus, DiskFormat, Display, Firmware, IoLimits, LaunchMachineError, Machine, MachineSpec, Nic, Ovmf,
 };
 use viv_vmm::qemu::Qemu;
-use viv_vmm::Accel;
+use viv_vmm::{Accel, ExitCause};
 
 /// Boot under TCG on a busy 2-core host takes seconds; this bounds a hang, not a slow boot.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
@@ -197,6 +197,12 @@ async fn acpi_stop(spec: &MachineSpec, machine: &Machine, label: &str) {
         shutdown.exit.reason
     );
     assert!(!shutdown.exit.requested);
+    assert_eq!(
+        shutdown.exit.cause,
+        ExitCause::GuestShutdown,
+        "{}",
+        shutdown.exit.reason
+    );
     assert!(
         console(spec).contains("VIVARIUM-POWER-BUTTON"),
         "acpid did not run its action"
@@ -437,5 +443,299 @@ async fn a_guest_that_ignores_the_power_button_is_forced_after_the_timeout() {
     let shutdown = machine.shutdown(Duration::from_secs(2)).await.expect("shutdown");
     assert!(shutdown.forced, "{shutdown:?}");
     assert!(shutdown.exit.requested, "{shutdown:?}");
+    assert_eq!(shutdown.exit.cause, ExitCause::Host, "{shutdown:?}");
     assert!(shutdown.took >= Duration::from_secs(2));
+}
+
+/// Sends `command` to the guest's `run` loop and returns what it printed up to `VIV-RUN-END`.
+async fn guest_run(spec: &MachineSpec, machine: &Machine, serial: &mut UnixStream, command: &str) -> String {
+    let from = console(spec).len();
+    serial.write_all(format!("run {command}\n").as_bytes()).unwrap();
+    let (_, end) = wait_line(spec, machine, "VIV-RUN-END", from, Duration::from_secs(90)).await;
+    console(spec)[from..end].to_owned()
+}
+
+/// A line of `/proc/PID/status`.
+fn proc_status(pid: u32, task: &str, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_controls_a_user_nic_and_reboots_on_a_running_machine() {
+    let dir = run_dir();
+    let mut spec = MachineSpec::new("limits", dir.path(), accel());
+    let blank = blank_disk(dir.path(), 64);
+    spec.disks = vec![disk("vda", &blank, DiskBus::VirtioBlk, None)];
+    spec.cdroms = vec![cdrom(Some(iso()), Some(1))];
+    let mac = "52:54:00:ab:cd:ef";
+    spec.nics = vec![Nic::user("net0", mac)];
+    let limits = IoLimits {
+        iops: Some(200),
+        bps: Some(8 << 20),
+    };
+    spec.resources.disk_io.insert("vda".into(), limits);
+    let online = viv_vmm::machine::online_cpus().expect("/sys/devices/system/cpu/online");
+    let pinned = *online.last().unwrap();
+    spec.resources.host_cpus = Some(vec![pinned]);
+    spec.resources.nice = Some(7);
+    let (machine, _, _) = boot(&spec).await;
+    let pid = machine.identity().pid;
+
+    // Pinning and priority: every QEMU thread runs on the asked CPU only, at nice 7.
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(tasks.len() > 1, "QEMU runs threads");
+    for task in &tasks {
+        assert_eq!(
+            proc_status(pid, task, "Cpus_allowed_list:"),
+            pinned.to_string(),
+            "thread {task}"
+        );
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let nice: i32 = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(nice, 7, "{stat}");
+
+    // The user-mode NIC's QEMU is in a network namespace of its own.
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(netns(&pid.to_string()), netns("self"), "QEMU shares the host's network");
+
+    // QEMU enforces the disk's limits (its throttle group), and the disk's format node keeps
+    // its name: the guest sees an online resize through the throttle filter.
+    assert_eq!(machine.io_limits("vda").await.unwrap(), limits);
+    wait_line(&spec, &machine, READY, 0, Duration::from_secs(90)).await;
+    let mut console_in = serial(&spec);
+    machine.resize_disk("vda", 96 << 20).await.expect("block_resize");
+    let start = Instant::now();
+    loop {
+        let sizes = guest_sizes(&spec, &machine, &mut console_in).await;
+        if sizes.iter().any(|(d, s)| d == "vda" && *s == 96 << 11) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "guest sizes {sizes:?}");
+    }
+
+    // The guest sees its NIC with the given MAC and gets an address from QEMU's DHCP server.
+    let out = guest_run(&spec, &machine, &mut console_in, "cat /sys/class/net/eth0/address").await;
+    assert!(out.contains(mac), "the guest's eth0: {out}\n{}", diagnostics(&spec));
+    let out = guest_run(
+        &spec,
+        &machine,
+        &mut console_in,
+        "ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 -s /bin/true 2>&1",
+    )
+    .await;
+    assert!(out.contains("10.0.2.15"), "no DHCP lease: {out}");
+
+    // A reboot does not end the machine: it is counted, and the guest boots again.
+    let mut resets = machine.resets();
+    assert_eq!(*resets.borrow(), 0);
+    let from = console(&spec).len();
+    console_in.write_all(b"run reboot -f\n").unwrap();
+    tokio::time::timeout(BOOT_DEADLINE, resets.wait_for(|n| *n == 1))
+        .await
+        .expect("no RESET event after the guest rebooted")
+        .unwrap();
+    wait_line(&spec, &machine, MARKER, from, BOOT_DEADLINE).await;
+    let exit = machine.quit().await.expect("quit");
+    assert_eq!(exit.cause, ExitCause::Host, "{}", exit.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_panic_and_a_killed_qemu_are_told_apart() {
+    let dir = run_dir();
+    let mut spec = MachineSpec::new("panic", dir.path(), accel());
+    spec.cdroms = vec![cdrom(Some(iso()), Some(1))];
+    let (machine, _, _) = boot(&spec).await;
+    wait_line(&spec, &machine, READY, 0, Duration::from_secs(90)).await;
+    let mut console_in = serial(&spec);
+    console_in.write_all(b"run echo c >/proc/sysrq-trigger\n").unwrap();
+    let exit = tokio::time::timeout(BOOT_DEADLINE, machine.wait_exit())
+        .await
+        .expect("QEMU did not exit after the guest panicked");
+    assert_eq!(
+        exit.cause,
+        ExitCause::GuestPanic,
+        "{}\n{}",
+        exit.reason,
+        diagnostics(&spec)
+    );
+    assert!(exit.cause.is_crash() && !exit.requested);
+
+    // QEMU killed by someone else: the signal, not a guest event.
+    let dir = run_dir();
+    let spec = MachineSpec::new("killed", dir.path(), accel());
+    let machine = qemu().launch_machine(&spec).await.expect("launching the machine");
+    // SAFETY: kill with the pid of the QEMU this test started and still holds (not reaped).
+    assert_eq!(unsafe { libc::kill(machine.identity().pid as i32, libc::SIGKILL) }, 0);
+    let exit = tokio::time::timeout(Duration::from_secs(30), machine.wait_exit())
+        .await
+        .unwrap();
+    assert_eq!(exit.cause, ExitCause::Signal(libc::SIGKILL), "{}", exit.reason);
+    assert!(!exit.requested);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_server_takes_over_a_running_machine() {
+    let dir = run_dir();
+    let iso = iso();
+    let mut spec = MachineSpec::new("adopted", dir.path(), accel());
+    spec.cdroms = vec![cdrom(Some(iso.clone()), Some(1))];
+    let (machine, _, _) = boot(&spec).await;
+    wait_line(&spec, &machine, READY, 0, Duration::from_secs(90)).await;
+    // A medium inserted at run time: the new handle must know it, and name the next one apart.
+    let other = dir.path().join("other.iso");
+    std::fs::copy(&iso, &other).unwrap();
+    machine.change_medium("cd0", &other).await.expect("change medium");
+    let identity = machine.identity();
+    machine.detach();
+    drop(machine);
+    let alive = |id: viv_vmm::ProcessIdentity| viv_vmm::process::start_time(id.pid) == Some(id.start_time);
+    assert!(alive(identity), "a detached machine's QEMU was killed");
+
+    let machine = qemu()
+        .adopt_machine(&spec, identity)
+        .await
+        .expect("taking the machine over");
+    assert!(machine.has_medium("cd0").await.unwrap());
+    machine
+        .change_medium("cd0", &iso)
+        .await
+        .expect("a change after the takeover");
+    machine.eject("cd0").await.expect("eject after the takeover");
+    assert!(!machine.has_medium("cd0").await.unwrap());
+    machine.pause().await.unwrap();
+    assert_eq!(machine.status().await.unwrap().state, "paused");
+    machine.resume().await.unwrap();
+    assert!(machine.status().await.unwrap().running);
+    let shutdown = machine.shutdown(Duration::from_secs(90)).await.expect("shutdown");
+    assert!(!shutdown.forced, "{shutdown:?}\n{}", diagnostics(&spec));
+    assert_eq!(
+        shutdown.exit.cause,
+        ExitCause::GuestShutdown,
+        "{}",
+        shutdown.exit.reason
+    );
+    // This test process started QEMU, so it reaps it (a new server is not its parent).
+    let mut status = 0;
+    // SAFETY: waitpid on a child of this process with a pointer to a live integer.
+    let reaped = unsafe { libc::waitpid(identity.pid as i32, &mut status, libc::WNOHANG) };
+    assert_eq!(reaped, identity.pid as i32, "QEMU still runs");
+    assert!(!alive(identity));
+
+    // A process that is gone cannot be taken over.
+    let err = qemu().adopt_machine(&spec, identity).await.unwrap_err();
+    assert!(matches!(err, viv_vmm::AdoptError::Gone), "{err}");
+}
+
+/// The jailer: the `viv` binary next to this test's directory (`viv __jail SPEC`).
+fn jailer() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let viv = exe.parent().and_then(Path::parent).unwrap().join("viv");
+    assert!(
+        viv.is_file(),
+        "{} is missing: the jailed machine test runs QEMU through it (cargo build -p viv)",
+        viv.display()
+    );
+    viv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_machine_gets_its_cgroup_limits_pinning_and_a_user_nic() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("the jailed machine test needs root (the jail sets uids and cgroups)");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let key = format!("machine-test-{}", std::process::id());
+    let cgroups = viv_jail::cgroup::CgroupTree::open(&format!("vivarium-test/{key}"))
+        .unwrap()
+        .expect("a memory cgroup controller");
+    let config = std::sync::Arc::new(viv_vmm::confine::JailConfig {
+        jailer: jailer(),
+        uids: viv_jail::uids::UidPool::with_dir(state.path().join("uids"), 3_100_001_000, 8).unwrap(),
+        cgroups: Some(cgroups.clone()),
+        key,
+    });
+    let qemu = Qemu::default().confined(Confinement::Jail(config));
+    let dir = run_dir();
+    let mut spec = MachineSpec::new("jailed", dir.path(), accel());
+    spec.cdroms = vec![cdrom(Some(iso()), Some(1))];
+    let mac = "52:54:00:12:ab:cd";
+    spec.nics = vec![Nic::user("net0", mac)];
+    let pinned = *viv_vmm::machine::online_cpus().unwrap().first().unwrap();
+    spec.resources.host_cpus = Some(vec![pinned]);
+    spec.resources.cpu_percent = Some(150);
+    spec.resources.cpu_weight = Some(200);
+    let machine = qemu.launch_machine(&spec).await.expect("launching the jailed machine");
+    let pid = machine.identity().pid;
+    assert_ne!(machine.uid(), 0, "QEMU runs as root");
+    assert_eq!(
+        proc_status(pid, &pid.to_string(), "Cpus_allowed_list:"),
+        pinned.to_string()
+    );
+
+    // Its cgroup holds it, with the quota and weight asked for.
+    let cgroup = cgroups.get("jailed").expect("the machine's cgroup");
+    assert!(cgroup.processes().contains(&pid), "QEMU is not in its cgroup");
+    let read = |name: &str| {
+        cgroup
+            .paths()
+            .iter()
+            .map(|d| d.join(name))
+            .find(|f| f.exists())
+            .map(|f| std::fs::read_to_string(f).unwrap().trim().to_owned())
+    };
+    match cgroup.version() {
+        viv_jail::cgroup::Version::V2 => {
+            assert_eq!(read("cpu.max").as_deref(), Some("150000 100000"));
+            assert_eq!(read("cpu.weight").as_deref(), Some("200"));
+        }
+        viv_jail::cgroup::Version::V1 => {
+            assert_eq!(read("cpu.cfs_quota_us").as_deref(), Some("150000"));
+            assert_eq!(read("cpu.shares").as_deref(), Some("2048"));
+        }
+    }
+
+    // The user-mode NIC works inside the jail's own network namespace.
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(netns(&pid.to_string()), netns("self"));
+    wait_line(&spec, &machine, READY, 0, BOOT_DEADLINE).await;
+    let mut console_in = serial(&spec);
+    let out = guest_run(&spec, &machine, &mut console_in, "cat /sys/class/net/eth0/address").await;
+    assert!(out.contains(mac), "the guest's eth0: {out}");
+    let out = guest_run(
+        &spec,
+        &machine,
+        &mut console_in,
+        "ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 -s /bin/true 2>&1",
+    )
+    .await;
+    assert!(out.contains("10.0.2.15"), "no DHCP lease in the jail: {out}");
+
+    let shutdown = machine.shutdown(Duration::from_secs(90)).await.expect("shutdown");
+    assert_eq!(
+        shutdown.exit.cause,
+        ExitCause::GuestShutdown,
+        "{}",
+        shutdown.exit.reason
+    );
+    assert!(cgroups.get("jailed").is_none(), "the jail's cgroup outlived QEMU");
+    cgroups.remove_if_empty();
 }

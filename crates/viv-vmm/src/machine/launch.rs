@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use viv_jail::{Bind, JailSpec};
 
 use super::{
     fd_number, fdset_number, machine_arguments, DiskFormat, Firmware, Handed, LaunchMachineError, Machine, MachineSpec,
+    NicBackend,
 };
 use crate::confine::{Confinement, JailResources};
 use crate::process::VmProcess;
@@ -34,13 +35,15 @@ fn open_handed(spec: &MachineSpec, handed: &[Handed]) -> Result<Vec<OwnedFd>, La
                         source,
                     })?
                     .into(),
-                Handed::Tap { nic } => spec.nics[*nic]
-                    .tap
-                    .try_clone()
-                    .map_err(|source| LaunchMachineError::Io {
+                Handed::Tap { nic } => {
+                    let NicBackend::Tap(tap) = &spec.nics[*nic].backend else {
+                        unreachable!("only tap NICs hand a descriptor over");
+                    };
+                    tap.try_clone().map_err(|source| LaunchMachineError::Io {
                         what: format!("duplicating the tap of NIC {}", spec.nics[*nic].id),
                         source,
-                    })?,
+                    })?
+                }
             };
             // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor `fd` owns; it returns a new
             // descriptor or -1.
@@ -57,12 +60,14 @@ fn open_handed(spec: &MachineSpec, handed: &[Handed]) -> Result<Vec<OwnedFd>, La
         .collect()
 }
 
-/// The cgroup limits of a machine: its memory plus QEMU's overhead, its vCPUs' worth of CPU.
+/// The cgroup limits of a machine: its memory plus QEMU's overhead, the CPU quota and weight of
+/// its [`super::MachineResources`] (by default its vCPUs' worth of CPU at weight 100).
 pub fn machine_limits(spec: &MachineSpec) -> Limits {
+    let resources = &spec.resources;
     Limits {
         memory_bytes: (u64::from(spec.memory_mib) + crate::confine::memory_overhead_mib(spec.accel)) << 20,
-        cpu_percent: spec.cpus.vcpus().max(1) * 100,
-        cpu_weight: 100,
+        cpu_percent: resources.cpu_percent.unwrap_or_else(|| spec.cpus.vcpus().max(1) * 100),
+        cpu_weight: resources.cpu_weight.unwrap_or(100),
         pids: 256,
         io_weight: 100,
     }
@@ -85,14 +90,7 @@ fn jail_spec(
         })?;
         binds.extend(chain.into_iter().map(Bind::read_only));
     }
-    let (mut devices, mut groups) = (Vec::new(), Vec::new());
-    if spec.accel == Accel::Kvm {
-        devices.push(PathBuf::from("/dev/kvm"));
-        if let Ok(meta) = std::fs::metadata("/dev/kvm") {
-            use std::os::unix::fs::MetadataExt as _;
-            groups.push(meta.gid());
-        }
-    }
+    let (devices, groups) = crate::confine::accel_access(spec.accel);
     Ok(JailSpec {
         uid: jail.uid,
         gid: jail.uid,
@@ -178,15 +176,45 @@ impl Qemu {
         let moves: Vec<(i32, i32)> = fds.iter().map(|fd| fd.as_raw_fd()).zip(targets).collect();
         let jailed = jail.is_some();
         let no_new_privs = matches!(self.confinement, Confinement::Seccomp);
+        let affinity = spec.resources.host_cpus.as_ref().map(|cpus| {
+            // SAFETY: an all-zero cpu_set_t is the empty set.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            for &cpu in cpus {
+                // SAFETY: CPU_SET writes inside `set`; validate checked the numbers are below
+                // CPU_SETSIZE.
+                unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+            }
+            set
+        });
+        let nice = spec.resources.nice;
+        // Unjailed, a user-mode NIC gets a network namespace of its own all the same, where the
+        // host allows it (root); the jail makes one anyway.
+        let own_network = !jailed && spec.nics.iter().any(|n| matches!(n.backend, NicBackend::User));
         // SAFETY: runs in the child between fork and exec and calls only async-signal-safe
-        // functions (setsid, dup2, prctl) on integers read from `moves`, which was built before
-        // the fork and is not modified; the source descriptors stay open in the parent until
-        // spawn returns (`fds` lives until then), and each is above every target, so no dup2
-        // overwrites a source still to be moved.
+        // functions (setsid, dup2, prctl, sched_setaffinity, setpriority, unshare) on integers
+        // and a cpu_set_t copied before the fork (`moves`, `affinity`, `nice`), which are not
+        // modified; the source descriptors stay open in the parent until spawn returns (`fds`
+        // lives until then), and each is above every target, so no dup2 overwrites a source
+        // still to be moved.
         unsafe {
             command.pre_exec(move || {
                 if !jailed && libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Inherited through exec (and the jailer's) by every thread QEMU creates.
+                if let Some(set) = &affinity {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(nice) = nice {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if own_network {
+                    // Best effort: without the privilege, QEMU shares the server's network.
+                    let _ = libc::unshare(libc::CLONE_NEWNET);
                 }
                 for &(from, to) in &moves {
                     if libc::dup2(from, to) < 0 {
@@ -248,22 +276,11 @@ impl Qemu {
 
 /// Gives the machine's uid its run directory (0700) and the files in it (0600).
 fn give_run_dir(jail: &JailResources, spec: &MachineSpec) -> Result<(), LaunchMachineError> {
-    let give = || -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::os::unix::fs::chown(&spec.run_dir, Some(jail.uid), Some(jail.uid))?;
-        std::fs::set_permissions(&spec.run_dir, std::fs::Permissions::from_mode(0o700))?;
-        for entry in std::fs::read_dir(&spec.run_dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                jail.give(&entry.path())?;
-            }
-        }
-        Ok(())
-    };
-    give().map_err(|source| LaunchMachineError::Io {
-        what: format!("giving machine {} its run directory", spec.vm_id),
-        source,
-    })
+    jail.give_run_dir(&spec.run_dir)
+        .map_err(|source| LaunchMachineError::Io {
+            what: format!("giving machine {} its run directory", spec.vm_id),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -332,5 +349,60 @@ mod tests {
             assert_eq!((meta.uid(), meta.mode() & 0o777), (jail.uid, 0o600));
         }
         jail.release();
+    }
+
+    /// The CPU quota and weight of a machine's resources are what its jail's cgroup enforces.
+    #[test]
+    fn a_jailed_machine_gets_its_cpu_quota_and_weight_in_its_cgroup() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let group = format!("vivarium-test/machine-{}", std::process::id());
+        let Some(tree) = viv_jail::cgroup::CgroupTree::open(&group).unwrap() else {
+            eprintln!("skipped: no memory controller on this host");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(JailConfig {
+            jailer: "/proc/self/exe".into(),
+            uids: UidPool::with_dir(dir.path().join("uids"), 3_100_000_100, 4).unwrap(),
+            cgroups: Some(tree.clone()),
+            key: "k".into(),
+        });
+        let mut spec = MachineSpec::new("quota", dir.path(), Accel::Tcg);
+        spec.memory_mib = 128;
+        spec.resources.cpu_percent = Some(150);
+        spec.resources.cpu_weight = Some(300);
+        let jail = JailResources::allocate_for(&config, &spec.vm_id, &machine_limits(&spec)).unwrap();
+        let cgroup = jail.cgroup.clone().unwrap();
+        let read = |name: &str| {
+            cgroup
+                .paths()
+                .iter()
+                .map(|d| d.join(name))
+                .find(|f| f.exists())
+                .map(|f| std::fs::read_to_string(f).unwrap().trim().to_owned())
+        };
+        let memory = (128 + crate::confine::memory_overhead_mib(Accel::Tcg)) << 20;
+        match cgroup.version() {
+            viv_jail::cgroup::Version::V2 => {
+                assert_eq!(read("cpu.max").as_deref(), Some("150000 100000"));
+                assert_eq!(read("cpu.weight").as_deref(), Some("300"));
+                assert_eq!(read("memory.max"), Some(memory.to_string()));
+            }
+            viv_jail::cgroup::Version::V1 => {
+                assert_eq!(read("cpu.cfs_quota_us").as_deref(), Some("150000"));
+                assert_eq!(
+                    read("cpu.shares").as_deref(),
+                    Some("3072"),
+                    "weight 300 is 3 × 1024 shares"
+                );
+                assert_eq!(read("memory.limit_in_bytes"), Some(memory.to_string()));
+            }
+        }
+        jail.release();
+        tree.remove_if_empty();
     }
 }

@@ -22,7 +22,7 @@ fn gone(err: &QmpError) -> bool {
 
 /// Whether `qdev` (a device id, or a QOM path such as `/machine/peripheral/ID/...`, as
 /// `query-block` reports it) is device `id`.
-fn names_device(qdev: &str, id: &str) -> bool {
+pub(super) fn names_device(qdev: &str, id: &str) -> bool {
     qdev == id || qdev.split('/').skip_while(|p| *p != "peripheral").nth(1) == Some(id)
 }
 
@@ -93,6 +93,12 @@ operation_error!(
     ReadOnly(String) => "disk {0:?} is read-only"
 );
 operation_error!(
+    /// Why a disk's I/O limits could not be read.
+    IoLimitsError, "read the disk's I/O limits",
+    /// No disk has that id.
+    UnknownDisk(String) => "the machine has no disk {0:?}"
+);
+operation_error!(
     /// Why a screenshot could not be taken.
     ScreenshotError, "take a screenshot",
     /// The machine has no display.
@@ -141,6 +147,10 @@ pub struct Machine {
     has_display: bool,
     /// Disk id → (block node, read-only).
     pub(super) disks: HashMap<String, (String, bool)>,
+    /// Disks with a throttle group (named after the disk's filter node).
+    throttled: HashMap<String, String>,
+    /// How many times the guest reset (rebooted) since this handle was made.
+    resets: watch::Receiver<u64>,
     /// CD-ROM drive id → its medium.
     drives: tokio::sync::Mutex<HashMap<String, Drive>>,
     /// Names media inserted at run time.
@@ -161,15 +171,46 @@ impl std::fmt::Debug for Machine {
 
 impl Machine {
     pub(super) fn new(vm: QemuVm, qmp: Arc<Qmp>, spec: &MachineSpec, first_runtime_fdset: u64) -> Self {
+        let (resets_tx, resets) = watch::channel(0u64);
+        let mut events = qmp.events();
+        // Ends when QEMU's QMP connection closes (the event channel's sender goes with it).
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(event) if event["event"] == "RESET" => resets_tx.send_modify(|n| *n += 1),
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
         Self {
+            throttled: spec
+                .resources
+                .disk_io
+                .iter()
+                .filter(|(_, l)| l.is_limited())
+                .map(|(id, _)| (id.clone(), super::resources::throttle_node(id)))
+                .collect(),
+            resets,
             vm,
             qmp,
             name: spec.name.clone(),
             has_display: spec.display != super::Display::None,
+            // A resize is addressed to the node the device is attached to (the throttle filter
+            // of a limited disk, which passes it to the format node `disk-ID`): only its
+            // parents (the device) are told the new size.
             disks: spec
                 .disks
                 .iter()
-                .map(|d| (d.id.clone(), (format!("disk-{}", d.id), d.read_only)))
+                .map(|d| {
+                    let limited = spec.resources.disk_io.get(&d.id).is_some_and(|l| l.is_limited());
+                    let node = if limited {
+                        super::resources::throttle_node(&d.id)
+                    } else {
+                        format!("disk-{}", d.id)
+                    };
+                    (d.id.clone(), (node, d.read_only))
+                })
                 .collect(),
             drives: tokio::sync::Mutex::new(
                 spec.cdroms
@@ -184,6 +225,51 @@ impl Machine {
             next_fdset: AtomicU64::new(first_runtime_fdset),
             run_dir: spec.run_dir.clone(),
         }
+    }
+
+    /// A machine taken over: what its CD-ROM drives hold now (drive id → block node) and the
+    /// next generation of media names.
+    pub(super) fn with_media(self, media: HashMap<String, Option<String>>, generation: u64) -> Self {
+        *self.drives.try_lock().expect("a new machine's drives are free") =
+            media.into_iter().map(|(id, node)| (id, Drive { node })).collect();
+        self.generation.store(generation, Ordering::Relaxed);
+        self
+    }
+
+    /// Counts the guest's resets (reboots: QMP `RESET`) since this handle was made; a machine
+    /// reboots without QEMU exiting, so this is how a reboot is seen (to eject an installer's
+    /// CD after its first boot, say).
+    pub fn resets(&self) -> watch::Receiver<u64> {
+        self.resets.clone()
+    }
+
+    /// Every QMP event QEMU sends from now on (`RESET`, `STOP`, `RESUME`, `SHUTDOWN`,
+    /// `GUEST_PANICKED`, `DEVICE_TRAY_MOVED`, ...), as QEMU's JSON.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<serde_json::Value> {
+        self.qmp.events()
+    }
+
+    /// The I/O limits in force on disk `disk`, as QEMU reports them (its throttle group's
+    /// `limits`); none for a disk without limits.
+    pub async fn io_limits(&self, disk: &str) -> Result<super::IoLimits, IoLimitsError> {
+        if !self.disks.contains_key(disk) {
+            return Err(IoLimitsError::UnknownDisk(disk.to_owned()));
+        }
+        let Some(group) = self.throttled.get(disk) else {
+            return Ok(super::IoLimits::default());
+        };
+        let limits = self
+            .qmp
+            .execute(
+                "qom-get",
+                Some(json!({ "path": format!("/objects/{group}"), "property": "limits" })),
+            )
+            .await?;
+        let set = |key: &str| limits[key].as_u64().filter(|v| *v > 0);
+        Ok(super::IoLimits {
+            iops: set("iops-total"),
+            bps: set("bps-total"),
+        })
     }
 
     /// The QEMU process.
@@ -226,6 +312,7 @@ impl Machine {
         exit.unwrap_or_else(|| VmExit {
             requested: false,
             reason: "the machine's supervisor is gone".into(),
+            cause: crate::ExitCause::Other,
         })
     }
 
