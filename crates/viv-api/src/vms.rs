@@ -202,13 +202,28 @@ pub enum BootDevice {
     Network,
 }
 
-/// A network card.
+/// A network card's model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NicModel {
+    /// virtio-net.
+    #[default]
+    VirtioNet,
+    /// An Intel e1000 (`q35` only), for guests without virtio drivers.
+    E1000,
+}
+
+/// A network card. Until VMs have switches, each card is on QEMU's user-mode network inside the
+/// VM's own network namespace: the guest gets an address by DHCP and reaches nothing outside.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmNic {
     /// MAC address (`52:54:00:…`); generated at create when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Model.
+    #[serde(default)]
+    pub model: NicModel,
 }
 
 /// The graphical display.
@@ -267,6 +282,9 @@ pub struct VmResources {
     /// Disk bytes per second, each disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes_per_sec: Option<u64>,
+    /// Scheduling priority of the VM's QEMU: a nice value from -20 (most favoured) to 19.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nice: Option<i32>,
 }
 
 /// What a VM is made of.

@@ -6,7 +6,8 @@
 //! - a VM whose QEMU outlived the server is never killed as an orphan: its id is kept when the
 //!   starting server reclaims its jail cgroups;
 //! - a VM whose QEMU is gone when the server starts is recorded `crashed` (it did not stop
-//!   because anyone asked), and its restart policy applies;
+//!   because anyone asked), and its restart policy applies; one that runs is taken over with its
+//!   machine rebuilt from its stored definition, which is the one it was started with;
 //! - autostart starts only VMs that are not running (taken over ones are left alone), one at a
 //!   time, lowest order first, ties by name.
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use viv_api::vms::VmState;
 
+use super::vm_runtime::LiveVm;
 use super::vms::{definition_of, state_of};
 use super::{Manager, ShutdownMode};
 use crate::error::ApiError;
@@ -71,16 +73,39 @@ impl Manager {
         Ok(report)
     }
 
-    /// Takes over the running QEMU of VM `row`.
+    /// Takes over the running QEMU of VM `row`: its machine is rebuilt from its definition
+    /// (device ids are positional), its media and pause state are read back from QEMU.
     async fn adopt_vm(self: &Arc<Self>, row: &crate::store::VmRow) -> Result<(), String> {
         let identity = row.process.ok_or("no QEMU process is recorded")?;
-        // Until machines can be taken over, a VM the previous server left running is stopped
-        // here rather than left unmanaged.
-        if viv_vmm::process::start_time(identity.pid) == Some(identity.start_time) {
-            // SAFETY: kill with plain integers; the pid's start time was checked just above.
-            unsafe { libc::kill(identity.pid as i32, libc::SIGKILL) };
+        let def = definition_of(&row.definition).map_err(|e| e.to_string())?;
+        let spec = match self.machine_spec(&row.id, &row.name, &def).await {
+            Ok(spec) => spec,
+            Err(err) => {
+                if viv_vmm::process::start_time(identity.pid) == Some(identity.start_time) {
+                    // SAFETY: kill with plain integers; the pid's start time was checked just
+                    // above, so it is still the VM's QEMU.
+                    unsafe { libc::kill(identity.pid as i32, libc::SIGKILL) };
+                }
+                return Err(format!("its definition no longer describes a machine ({err}); it was killed"));
+            }
+        };
+        let machine = self
+            .qemu
+            .adopt_machine(&spec, identity)
+            .await
+            .map_err(|e| e.to_string())?;
+        let running = machine.status().await.map(|s| s.running).unwrap_or(true);
+        let live = LiveVm::new(&row.id, machine, &self.vm_dir(&row.id), spec.run_dir.clone());
+        let state = state_of(&row).map_err(|e| e.to_string())?;
+        let now = if running { VmState::Running } else { VmState::Paused };
+        self.vm_runtime.insert(live.clone());
+        if state != now {
+            // A start or stop the previous server did not finish.
+            let _ = self.vm_transition(&row.id, &row.name, state, now, Some("taken over".into()));
         }
-        Err("taking over a running machine is not supported by this server; it was killed".into())
+        self.supervise_vm(live);
+        tracing::info!(vm = %row.id, name = %row.name, pid = identity.pid, "VM taken over: it ran on while no server was running");
+        Ok(())
     }
 
     /// Starts the VMs marked autostart that are not running, lowest order first (ties by name),

@@ -65,6 +65,21 @@ pub struct LiveVm {
 }
 
 impl LiveVm {
+    /// A VM whose QEMU runs as `machine`, its console read into `DATA_DIR/vms/ID/console.log`.
+    pub(super) fn new(id: &str, machine: Machine, vm_dir: &std::path::Path, run_dir: PathBuf) -> Arc<Self> {
+        let console = ConsoleHub::start(machine.serial_socket(), vm_dir.join("console.log"));
+        Arc::new(Self {
+            id: id.to_owned(),
+            machine: Arc::new(machine),
+            console,
+            run_dir,
+            started: Instant::now(),
+            stop_reason: Mutex::new(None),
+            detached: AtomicBool::new(false),
+            recorded: tokio::sync::watch::channel(false).0,
+        })
+    }
+
     pub(super) fn ask_to_stop(&self, why: impl Into<String>) {
         self.stop_reason.lock().expect("stop reason lock").replace(why.into());
     }
@@ -209,6 +224,9 @@ impl Manager {
         self.vm_runtime.insert(live.clone());
         let message = (!ejected.is_empty()).then(|| format!("ejected after first boot: {}", ejected.join(", ")));
         self.publish_vm(&row.id, &row.name, VmState::Starting, VmState::Running, message);
+        if row.starts == 0 {
+            self.eject_at_first_reboot(&live, &def);
+        }
         self.supervise_vm(live);
         self.vm_info(&row.id)
     }
@@ -231,17 +249,55 @@ impl Manager {
             .launch_machine(&spec)
             .await
             .map_err(|e| super::vm_spec::launch_error(name, e))?;
-        let console = ConsoleHub::start(machine.serial_socket(), vm_dir.join("console.log"));
-        Ok(Arc::new(LiveVm {
-            id: id.to_owned(),
-            machine: Arc::new(machine),
-            console,
-            run_dir,
-            started: Instant::now(),
-            stop_reason: Mutex::new(None),
-            detached: AtomicBool::new(false),
-            recorded: tokio::sync::watch::channel(false).0,
-        }))
+        Ok(LiveVm::new(id, machine, &vm_dir, run_dir))
+    }
+
+    /// Installers reboot into what they installed: at the guest's first reboot, the drives marked
+    /// "eject after first boot" are emptied, in the running VM and in its stored definition.
+    fn eject_at_first_reboot(self: &Arc<Self>, live: &Arc<LiveVm>, def: &VmDefinition) {
+        let drives: Vec<usize> = def
+            .cdroms
+            .iter()
+            .enumerate()
+            .filter(|(_, cd)| cd.eject_after_first_boot && cd.iso.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        if drives.is_empty() {
+            return;
+        }
+        let (manager, live) = (self.clone(), live.clone());
+        tokio::spawn(async move {
+            let mut resets = live.machine.resets();
+            let mut exit = live.machine.exit();
+            tokio::select! {
+                changed = resets.changed() => if changed.is_err() { return },
+                _ = exit.wait_for(Option::is_some) => return,
+            }
+            let mut ejected = Vec::new();
+            for &i in &drives {
+                match live.machine.eject(&format!("cd{i}")).await {
+                    Ok(()) => ejected.push(i),
+                    Err(err) => tracing::warn!(vm = %live.id, drive = i, error = %err, "ejecting an installer failed"),
+                }
+            }
+            let Ok(row) = manager.vm_row(&live.id) else { return };
+            let empty = |json: &str| -> Option<String> {
+                let mut def = definition_of(json).ok()?;
+                for &i in &ejected {
+                    if let Some(cd) = def.cdroms.get_mut(i) {
+                        cd.iso = None;
+                        cd.eject_after_first_boot = false;
+                    }
+                }
+                to_json(&def).ok()
+            };
+            let (Some(now), pending) = (empty(&row.definition), row.pending_definition.as_deref().map(empty)) else {
+                return;
+            };
+            let _ = manager.store.update_vm_definition(&row.id, &now, pending.flatten().as_deref());
+            let state = state_of(&row).unwrap_or(VmState::Running);
+            manager.publish_vm(&row.id, &row.name, state, state, Some("installer media ejected at the first reboot".into()));
+        });
     }
 
     /// Watches `live`'s QEMU: records how it ended and applies the restart policy.
@@ -255,10 +311,13 @@ impl Manager {
             live.console.close();
             manager.vm_runtime.remove(&live);
             let asked = live.stop_reason.lock().expect("stop reason lock").take();
-            let guest_off = exit.reason.contains("guest-shutdown");
             let (state, reason) = match asked {
                 Some(why) => (VmState::Stopped, why),
-                None if guest_off => (VmState::Stopped, "the guest powered off".to_owned()),
+                None if !exit.cause.is_crash() => (VmState::Stopped, "the guest powered off".to_owned()),
+                None if exit.cause == viv_vmm::ExitCause::GuestPanic => (
+                    VmState::Crashed,
+                    format!("the guest kernel panicked ({})", exit.reason),
+                ),
                 None => (VmState::Crashed, exit.reason.clone()),
             };
             let ran = live.started.elapsed();

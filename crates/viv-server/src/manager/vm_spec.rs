@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use viv_api::vms::{BootDevice, DiskBus, Display, Firmware, MachineType, VmDefinition};
+use viv_api::vms::{BootDevice, DiskBus, Display, Firmware, MachineType, NicModel, VmDefinition};
 use viv_vmm::machine::{self, LaunchMachineError, MachineSpec};
 
 use super::Manager;
@@ -85,6 +85,32 @@ impl Manager {
                 read_only: disk.read_only,
                 boot_index: boot.of(BootDevice::Disk, i),
             });
+        }
+        for (i, nic) in def.nics.iter().enumerate() {
+            let mut card = machine::Nic::user(format!("nic{i}"), nic.mac.clone().unwrap_or_default());
+            card.model = match nic.model {
+                NicModel::VirtioNet => machine::NicModel::VirtioNet,
+                NicModel::E1000 => machine::NicModel::E1000,
+            };
+            card.boot_index = boot.of(BootDevice::Network, i);
+            spec.nics.push(card);
+        }
+        let r = &def.resources;
+        spec.resources = machine::MachineResources {
+            host_cpus: (!r.cpu_pinning.is_empty()).then(|| r.cpu_pinning.clone()),
+            cpu_percent: r.cpu_quota_percent,
+            cpu_weight: r.cpu_weight,
+            nice: r.nice,
+            disk_io: Default::default(),
+        };
+        let limits = machine::IoLimits {
+            iops: r.disk_iops,
+            bps: r.disk_bytes_per_sec,
+        };
+        if limits.is_limited() {
+            for disk in &spec.disks {
+                spec.resources.disk_io.insert(disk.id.clone(), limits);
+            }
         }
         for (i, cdrom) in def.cdroms.iter().enumerate() {
             let iso = match &cdrom.iso {

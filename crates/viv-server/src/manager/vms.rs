@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 
 use viv_api::vms::{
-    DiskBus, Display, Firmware, MachineType, NewVm, VmDefinition, VmEdit, VmInfo, VmState, MAX_VM_DESCRIPTION,
+    DiskBus, Display, Firmware, MachineType, NewVm, NicModel, VmDefinition, VmEdit, VmInfo, VmState, MAX_VM_DESCRIPTION,
     MAX_VM_DEVICES, MAX_VM_SERIAL_PORTS, MAX_VM_STOP_TIMEOUT_SECS, MAX_VM_TAGS, MAX_VM_TAG_LEN,
 };
 
@@ -349,6 +349,13 @@ fn check_resources(def: &VmDefinition, host_cpus: u32) -> Result<(), ApiError> {
             )));
         }
     }
+    if let Some(nice) = r.nice {
+        if !(-20..=19).contains(&nice) {
+            return Err(ApiError::BadRequest(format!(
+                "nice must be between -20 (most favoured) and 19, got {nice}"
+            )));
+        }
+    }
     if r.disk_iops == Some(0) || r.disk_bytes_per_sec == Some(0) {
         return Err(ApiError::BadRequest(
             "disk limits must be above 0 (leave them out for none)".into(),
@@ -375,6 +382,9 @@ fn check_machine(def: &VmDefinition) -> Result<(), ApiError> {
     }
     if def.display == Display::Vnc {
         return conflict("a VNC display");
+    }
+    if def.nics.iter().any(|n| n.model == NicModel::E1000) {
+        return conflict("an e1000 NIC");
     }
     if let Some(disk) = def.disks.iter().find(|d| !matches!(d.bus, DiskBus::VirtioBlk)) {
         return conflict(&format!("disk '{}' on bus {}", disk.disk, disk.bus.as_str()));
