@@ -149,13 +149,21 @@ async fn wait_line(
     }
 }
 
-/// A connection to the machine's serial socket whose output is drained (it is in the log too).
+/// The connection to the machine's serial socket (QEMU serves one client): its output is
+/// appended to `console.log` (QEMU keeps no log), the stream returned is for input.
 fn serial(spec: &MachineSpec) -> UnixStream {
     let stream = UnixStream::connect(spec.serial_socket()).expect("connecting to the serial socket");
     let mut reader = stream.try_clone().unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.console_log())
+        .unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
-        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            log.write_all(&buf[..n]).unwrap();
+        }
     });
     stream
 }
@@ -174,12 +182,14 @@ async fn guest_sizes(spec: &MachineSpec, machine: &Machine, serial: &mut UnixStr
         .collect()
 }
 
-/// Launches `spec` and waits for the boot marker; returns the marker line and the time it took.
-async fn boot(spec: &MachineSpec) -> (Machine, String, Duration) {
+/// Launches `spec` and waits for the boot marker; returns the serial console's input, the
+/// marker line and the time it took.
+async fn boot(spec: &MachineSpec) -> (Machine, UnixStream, String, Duration) {
     let started = Instant::now();
     let machine = qemu().launch_machine(spec).await.expect("launching the machine");
+    let console_in = serial(spec);
     let (line, _) = wait_line(spec, &machine, MARKER, 0, BOOT_DEADLINE).await;
-    (machine, line, started.elapsed())
+    (machine, console_in, line, started.elapsed())
 }
 
 /// Presses the power button once acpid runs and checks that the guest powered itself off.
@@ -197,10 +207,15 @@ async fn acpi_stop(spec: &MachineSpec, machine: &Machine, label: &str) {
         shutdown.exit.reason
     );
     assert!(!shutdown.exit.requested);
-    assert!(
-        console(spec).contains("VIVARIUM-POWER-BUTTON"),
-        "acpid did not run its action"
-    );
+    // Printed before the power-off; the reader may still be writing it to the log.
+    let start = Instant::now();
+    while !console(spec).contains("VIVARIUM-POWER-BUTTON") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "acpid did not run its action"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!(
         "FIGURE {label}: ACPI power button to QEMU exit {} ms (accel {})",
         shutdown.took.as_millis(),
@@ -282,7 +297,7 @@ async fn seabios_boots_the_cd_behind_a_blank_disk_and_serves_qmp_operations() {
     spec.disks = vec![disk("vda", &blank, DiskBus::VirtioBlk, Some(1))];
     spec.cdroms = vec![cdrom(Some(iso.clone()), Some(2))];
     spec.display = Display::Vnc;
-    let (machine, line, took) = boot(&spec).await;
+    let (machine, mut console_in, line, took) = boot(&spec).await;
     println!(
         "FIGURE SeaBIOS: start to serial marker {} ms (accel {})",
         took.as_millis(),
@@ -326,7 +341,6 @@ async fn seabios_boots_the_cd_behind_a_blank_disk_and_serves_qmp_operations() {
     assert!(unknown.to_string().contains("no CD-ROM drive \"cd9\""), "{unknown}");
 
     // Online resize: the guest's virtio disk grows from 64 to 96 MiB.
-    let mut console_in = serial(&spec);
     let sizes = guest_sizes(&spec, &machine, &mut console_in).await;
     let vda = |sizes: &[(String, u64)]| sizes.iter().find(|(d, _)| d == "vda").map(|(_, s)| *s);
     assert_eq!(vda(&sizes), Some(64 << 11), "guest sizes {sizes:?}");
@@ -370,7 +384,7 @@ async fn ovmf_boots_the_cd_behind_a_blank_disk_and_powers_off() {
     let blank = blank_disk(dir.path(), 64);
     spec.disks = vec![disk("vda", &blank, DiskBus::Nvme, Some(1))];
     spec.cdroms = vec![cdrom(Some(iso()), Some(2))];
-    let (machine, line, took) = boot(&spec).await;
+    let (machine, _console_in, line, took) = boot(&spec).await;
     println!(
         "FIGURE UEFI: start to serial marker {} ms (accel {})",
         took.as_millis(),
@@ -397,7 +411,7 @@ async fn a_bootable_disk_first_in_boot_order_wins_over_the_cd() {
     let mut spec = MachineSpec::new("diskboot", dir.path(), accel());
     spec.disks = vec![disk("sda", &image, DiskBus::Sata, Some(1))];
     spec.cdroms = vec![cdrom(Some(iso), Some(2))];
-    let (machine, line, took) = boot(&spec).await;
+    let (machine, _console_in, line, took) = boot(&spec).await;
     println!(
         "FIGURE SeaBIOS disk: start to serial marker {} ms (accel {})",
         took.as_millis(),
