@@ -27,13 +27,13 @@ use crate::manager::LiveSandbox;
 use crate::AppState;
 
 mod e2b_templates;
-mod events;
 mod listing;
 mod metric_history;
 mod proxy;
 mod signed;
 mod snapshots;
 mod templates;
+mod events;
 mod vms;
 mod volumes;
 

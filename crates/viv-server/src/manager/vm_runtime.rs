@@ -46,6 +46,12 @@ impl Manager {
             .expect("VM runtime lock")
             .get(&info.id)
             .cloned()
-            .ok_or_else(|| ApiError::Conflict(format!("VM '{}' is {}: start it first", info.name, info.state.as_str())))
+            .ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "VM '{}' is {}: start it first",
+                    info.name,
+                    info.state.as_str()
+                ))
+            })
     }
 }
