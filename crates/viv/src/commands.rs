@@ -310,6 +310,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
         Command::Template(cmd) => crate::template::run(&client, cmd, cli.json).await,
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
+        Command::Console(args) => crate::console::run(&client, args).await,
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
     }
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod commands;
+mod console;
 mod output;
 mod serve;
 mod template;
@@ -69,6 +70,8 @@ pub enum Command {
     /// Define, list, edit and delete long-lived VMs (the VM manager).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Attach to a running VM's serial console (Ctrl-] . detaches), or print its log.
+    Console(console::ConsoleArgs),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

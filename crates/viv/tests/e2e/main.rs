@@ -16,4 +16,5 @@ mod pool;
 mod restarts;
 mod snapshots;
 mod templates;
+mod vm_console;
 mod vms;
