@@ -622,7 +622,11 @@ fn a_running_vms_consoles_through_the_api_and_the_cli() {
     let out = server.cli(&["console", &name, "--log"]);
     assert!(out.stdout.contains(MARKER), "{}", out.stderr);
 
+    // Deleting the VM deletes its log.
+    let logs = server.data_dir.join("consoles").join(&id);
+    assert!(logs.join("console.log").is_file());
     assert_eq!(server.delete(&format!("/vms/{id}")).send().unwrap().status(), 204);
+    assert!(!logs.exists(), "{} left behind", logs.display());
     let _ = server.delete(&format!("/isos/{iso_name}")).send();
 }
 
