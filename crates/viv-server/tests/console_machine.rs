@@ -93,8 +93,14 @@ async fn a_booting_machine_is_seen_by_two_clients_the_replay_and_the_log() {
 
     first.wait_for(&machine, MARKER, 0, BOOT_DEADLINE).await;
     second.wait_for(&machine, MARKER, 0, Duration::from_secs(10)).await;
+    let attach = Instant::now();
     let mut late = Seen::new(hub.attach(true));
     late.wait_for(&machine, MARKER, 0, Duration::from_secs(10)).await;
+    println!(
+        "FIGURE console hub attach to replayed boot banner: {} us (accel {})",
+        attach.elapsed().as_micros(),
+        spec.accel
+    );
     let logged = String::from_utf8_lossy(&hub.read_log(None).unwrap()).into_owned();
     assert!(logged.contains(MARKER), "not in the log:\n{logged}");
     assert!(

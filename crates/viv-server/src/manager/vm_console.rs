@@ -443,7 +443,13 @@ impl ConsoleLog {
                 std::fs::write(&path, keep)?;
             }
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // What a guest printed may be private (a password typed at a prompt).
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)?;
         self.size = file.metadata()?.len();
         self.file = Some(file);
         Ok(())

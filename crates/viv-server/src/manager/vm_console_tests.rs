@@ -212,6 +212,9 @@ async fn the_log_never_exceeds_its_cap_keeps_the_newest_bytes_and_survives_a_res
     stream.write_all(b"second boot\n").await.unwrap();
     read_exactly(&mut client, 12).await;
     let log = read_log(&qemu.log(), None).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(qemu.log()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the log is readable by others");
     assert!(
         log.ends_with(b"line 00199\nsecond boot\n"),
         "{}",

@@ -469,9 +469,14 @@ fn a_running_vms_consoles_through_the_api_and_the_cli() {
     first.wait_for(READY, 0, Duration::from_secs(120));
 
     // A late client gets the boot banner replayed; one without replay only what comes next.
+    let attach = Instant::now();
     let (socket, _) = ws(server, &console, Auth::Header, &[]).unwrap();
     let mut late = Seen::new(socket);
     late.wait_for(MARKER, 0, Duration::from_secs(30));
+    println!(
+        "FIGURE console attach (WebSocket upgrade to the replayed boot banner): {} ms",
+        attach.elapsed().as_millis()
+    );
     let (socket, _) = ws(server, &format!("{console}?replay=false"), Auth::Header, &[]).unwrap();
     let mut fresh = Seen::new(socket);
 
