@@ -34,6 +34,7 @@ mod proxy;
 mod signed;
 mod snapshots;
 mod templates;
+mod vm_console;
 mod vms;
 mod volumes;
 
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/tags", get(e2b_templates::tags))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(vm_console::routes())
         .merge(events::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));
@@ -129,7 +131,9 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
         .headers()
         .get(viv_api::API_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(str::to_owned)
+        // Browsers cannot set headers on a WebSocket: the key as a subprotocol.
+        .or_else(|| vm_console::key_from_subprotocols(request.headers()));
     let verdict = match key {
         None => Err(ApiError::Unauthorized(format!(
             "missing {} header",

@@ -23,9 +23,9 @@
 //! [`Machine::resets`] counts them.
 //!
 //! Every machine has, in its run directory: `qmp.sock` (QMP), `serial.sock` (the first serial
-//! port, a socket server the host connects to, to read and write the console), `console.log`
-//! (everything the serial port printed, appended across starts), `vnc.sock` with a VNC display,
-//! and `qemu.log` (QEMU's stderr).
+//! port, a telnet-mode socket server the host connects to, to read and write the console and
+//! send a break; QEMU keeps no console log, which a guest could grow without bound: the host's
+//! reader does), `vnc.sock` with a VNC display, and `qemu.log` (QEMU's stderr).
 //!
 //! Invariants:
 //! - QEMU opens no file of the server's by name: every disk image, ISO and firmware file is
@@ -372,7 +372,7 @@ impl MachineSpec {
     pub fn vnc_socket(&self) -> PathBuf {
         self.run_dir.join("vnc.sock")
     }
-    /// Everything the serial console printed.
+    /// Where a host-side reader of the serial socket may log the console (QEMU does not).
     pub fn console_log(&self) -> PathBuf {
         self.run_dir.join("console.log")
     }
@@ -630,9 +630,8 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<Strin
     cl.push(
         "-chardev",
         format!(
-            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
-            path(&spec.serial_socket()),
-            path(&spec.console_log())
+            "socket,id=serial0,path={},server=on,wait=off,telnet=on",
+            path(&spec.serial_socket())
         ),
     );
     cl.push("-serial", "chardev:serial0".into());

@@ -149,13 +149,21 @@ async fn wait_line(
     }
 }
 
-/// A connection to the machine's serial socket whose output is drained (it is in the log too).
+/// The connection to the machine's serial socket (QEMU serves one client): its output is
+/// appended to `console.log` (QEMU keeps no log), the stream returned is for input.
 fn serial(spec: &MachineSpec) -> UnixStream {
     let stream = UnixStream::connect(spec.serial_socket()).expect("connecting to the serial socket");
     let mut reader = stream.try_clone().unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.console_log())
+        .unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
-        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            log.write_all(&buf[..n]).unwrap();
+        }
     });
     stream
 }
@@ -174,12 +182,14 @@ async fn guest_sizes(spec: &MachineSpec, machine: &Machine, serial: &mut UnixStr
         .collect()
 }
 
-/// Launches `spec` and waits for the boot marker; returns the marker line and the time it took.
-async fn boot(spec: &MachineSpec) -> (Machine, String, Duration) {
+/// Launches `spec` and waits for the boot marker; returns the serial console's input, the
+/// marker line and the time it took.
+async fn boot(spec: &MachineSpec) -> (Machine, UnixStream, String, Duration) {
     let started = Instant::now();
     let machine = qemu().launch_machine(spec).await.expect("launching the machine");
+    let console_in = serial(spec);
     let (line, _) = wait_line(spec, &machine, MARKER, 0, BOOT_DEADLINE).await;
-    (machine, line, started.elapsed())
+    (machine, console_in, line, started.elapsed())
 }
 
 /// Presses the power button once acpid runs and checks that the guest powered itself off.
@@ -203,10 +213,15 @@ async fn acpi_stop(spec: &MachineSpec, machine: &Machine, label: &str) {
         "{}",
         shutdown.exit.reason
     );
-    assert!(
-        console(spec).contains("VIVARIUM-POWER-BUTTON"),
-        "acpid did not run its action"
-    );
+    // Printed before the power-off; the reader may still be writing it to the log.
+    let start = Instant::now();
+    while !console(spec).contains("VIVARIUM-POWER-BUTTON") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "acpid did not run its action"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!(
         "FIGURE {label}: ACPI power button to QEMU exit {} ms (accel {})",
         shutdown.took.as_millis(),
@@ -288,7 +303,7 @@ async fn seabios_boots_the_cd_behind_a_blank_disk_and_serves_qmp_operations() {
     spec.disks = vec![disk("vda", &blank, DiskBus::VirtioBlk, Some(1))];
     spec.cdroms = vec![cdrom(Some(iso.clone()), Some(2))];
     spec.display = Display::Vnc;
-    let (machine, line, took) = boot(&spec).await;
+    let (machine, mut console_in, line, took) = boot(&spec).await;
     println!(
         "FIGURE SeaBIOS: start to serial marker {} ms (accel {})",
         took.as_millis(),
@@ -332,7 +347,6 @@ async fn seabios_boots_the_cd_behind_a_blank_disk_and_serves_qmp_operations() {
     assert!(unknown.to_string().contains("no CD-ROM drive \"cd9\""), "{unknown}");
 
     // Online resize: the guest's virtio disk grows from 64 to 96 MiB.
-    let mut console_in = serial(&spec);
     let sizes = guest_sizes(&spec, &machine, &mut console_in).await;
     let vda = |sizes: &[(String, u64)]| sizes.iter().find(|(d, _)| d == "vda").map(|(_, s)| *s);
     assert_eq!(vda(&sizes), Some(64 << 11), "guest sizes {sizes:?}");
@@ -376,7 +390,7 @@ async fn ovmf_boots_the_cd_behind_a_blank_disk_and_powers_off() {
     let blank = blank_disk(dir.path(), 64);
     spec.disks = vec![disk("vda", &blank, DiskBus::Nvme, Some(1))];
     spec.cdroms = vec![cdrom(Some(iso()), Some(2))];
-    let (machine, line, took) = boot(&spec).await;
+    let (machine, _console_in, line, took) = boot(&spec).await;
     println!(
         "FIGURE UEFI: start to serial marker {} ms (accel {})",
         took.as_millis(),
@@ -403,7 +417,7 @@ async fn a_bootable_disk_first_in_boot_order_wins_over_the_cd() {
     let mut spec = MachineSpec::new("diskboot", dir.path(), accel());
     spec.disks = vec![disk("sda", &image, DiskBus::Sata, Some(1))];
     spec.cdroms = vec![cdrom(Some(iso), Some(2))];
-    let (machine, line, took) = boot(&spec).await;
+    let (machine, _console_in, line, took) = boot(&spec).await;
     println!(
         "FIGURE SeaBIOS disk: start to serial marker {} ms (accel {})",
         took.as_millis(),
@@ -484,7 +498,7 @@ async fn resource_controls_a_user_nic_and_reboots_on_a_running_machine() {
     let pinned = *online.last().unwrap();
     spec.resources.host_cpus = Some(vec![pinned]);
     spec.resources.nice = Some(7);
-    let (machine, _, _) = boot(&spec).await;
+    let (machine, mut console_in, _, _) = boot(&spec).await;
     let pid = machine.identity().pid;
 
     // Pinning and priority: every QEMU thread runs on the asked CPU only, at nice 7.
@@ -520,7 +534,6 @@ async fn resource_controls_a_user_nic_and_reboots_on_a_running_machine() {
     // its name: the guest sees an online resize through the throttle filter.
     assert_eq!(machine.io_limits("vda").await.unwrap(), limits);
     wait_line(&spec, &machine, READY, 0, Duration::from_secs(90)).await;
-    let mut console_in = serial(&spec);
     machine.resize_disk("vda", 96 << 20).await.expect("block_resize");
     let start = Instant::now();
     loop {
@@ -562,9 +575,8 @@ async fn a_guest_panic_and_a_killed_qemu_are_told_apart() {
     let dir = run_dir();
     let mut spec = MachineSpec::new("panic", dir.path(), accel());
     spec.cdroms = vec![cdrom(Some(iso()), Some(1))];
-    let (machine, _, _) = boot(&spec).await;
+    let (machine, mut console_in, _, _) = boot(&spec).await;
     wait_line(&spec, &machine, READY, 0, Duration::from_secs(90)).await;
-    let mut console_in = serial(&spec);
     console_in.write_all(b"run echo c >/proc/sysrq-trigger\n").unwrap();
     let exit = tokio::time::timeout(BOOT_DEADLINE, machine.wait_exit())
         .await
@@ -597,7 +609,7 @@ async fn a_new_server_takes_over_a_running_machine() {
     let iso = iso();
     let mut spec = MachineSpec::new("adopted", dir.path(), accel());
     spec.cdroms = vec![cdrom(Some(iso.clone()), Some(1))];
-    let (machine, _, _) = boot(&spec).await;
+    let (machine, _console_in, _, _) = boot(&spec).await;
     wait_line(&spec, &machine, READY, 0, Duration::from_secs(90)).await;
     // A medium inserted at run time: the new handle must know it, and name the next one apart.
     let other = dir.path().join("other.iso");
@@ -684,6 +696,7 @@ async fn a_jailed_machine_gets_its_cgroup_limits_pinning_and_a_user_nic() {
     spec.resources.cpu_percent = Some(150);
     spec.resources.cpu_weight = Some(200);
     let machine = qemu.launch_machine(&spec).await.expect("launching the jailed machine");
+    let mut console_in = serial(&spec);
     let pid = machine.identity().pid;
     assert_ne!(machine.uid(), 0, "QEMU runs as root");
     assert_eq!(
@@ -717,7 +730,6 @@ async fn a_jailed_machine_gets_its_cgroup_limits_pinning_and_a_user_nic() {
     let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     assert_ne!(netns(&pid.to_string()), netns("self"));
     wait_line(&spec, &machine, READY, 0, BOOT_DEADLINE).await;
-    let mut console_in = serial(&spec);
     let out = guest_run(&spec, &machine, &mut console_in, "cat /sys/class/net/eth0/address").await;
     assert!(out.contains(mac), "the guest's eth0: {out}");
     let out = guest_run(

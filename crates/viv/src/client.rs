@@ -25,6 +25,16 @@ impl Client {
         }
     }
 
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The API key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// A request to `path`, with the API key.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let mut builder = self.http.request(method, format!("{}{path}", self.base));

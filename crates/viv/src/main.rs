@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod commands;
 mod events;
+mod console;
 mod output;
 mod serve;
 mod template;
@@ -72,6 +73,8 @@ pub enum Command {
     Vm(vm::VmCommand),
     /// Follow state changes of VMs, sandboxes and operations as they happen.
     Events(events::EventsArgs),
+    /// Attach to a running VM's serial console (Ctrl-] . detaches), or print its log.
+    Console(console::ConsoleArgs),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

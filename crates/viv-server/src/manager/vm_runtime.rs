@@ -65,9 +65,9 @@ pub struct LiveVm {
 }
 
 impl LiveVm {
-    /// A VM whose QEMU runs as `machine`, its console read into `DATA_DIR/vms/ID/console.log`.
-    pub(super) fn new(id: &str, machine: Machine, vm_dir: &std::path::Path, run_dir: PathBuf) -> Arc<Self> {
-        let console = ConsoleHub::start(machine.serial_socket(), vm_dir.join("console.log"));
+    /// A VM whose QEMU runs as `machine`, its console read into `console_log`.
+    pub(super) fn new(id: &str, machine: Machine, console_log: PathBuf, run_dir: PathBuf) -> Arc<Self> {
+        let console = ConsoleHub::start(machine.serial_socket(), console_log);
         Arc::new(Self {
             id: id.to_owned(),
             machine: Arc::new(machine),
@@ -249,7 +249,7 @@ impl Manager {
             .launch_machine(&spec)
             .await
             .map_err(|e| super::vm_spec::launch_error(name, e))?;
-        Ok(LiveVm::new(id, machine, &vm_dir, run_dir))
+        Ok(LiveVm::new(id, machine, self.vm_console_log_path(id), run_dir))
     }
 
     /// Installers reboot into what they installed: at the guest's first reboot, the drives marked

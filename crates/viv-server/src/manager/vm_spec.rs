@@ -5,9 +5,9 @@
 //! Invariants:
 //! - device ids are positional (`disk0`, `cd0`, `nic0`), so a VM's devices keep their ids across
 //!   starts and a restarted server knows them again from the definition alone;
-//! - a VM's files live in `DATA_DIR/vms/ID`: `nvram.fd` (UEFI variables, kept across starts),
-//!   `console.log` (the serial console, capped) and `run/` (QEMU's sockets and log, given to the
-//!   jailed QEMU's uid); nothing a user names becomes a path: disks and ISOs are looked up by
+//! - a VM's files live in `DATA_DIR/vms/ID`: `nvram.fd` (UEFI variables, kept across starts)
+//!   and `run/` (QEMU's sockets and log, given to the jailed QEMU's uid); its serial console's
+//!   capped log is `DATA_DIR/consoles/ID/` ([`super::vm_console`]); nothing a user names becomes a path: disks and ISOs are looked up by
 //!   name in the pool.
 
 use std::path::PathBuf;

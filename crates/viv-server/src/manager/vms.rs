@@ -146,6 +146,7 @@ impl Manager {
             )));
         }
         self.store.delete_vm(&row.id)?;
+        self.remove_vm_console(&row.id);
         tracing::info!(vm = %row.id, name = %row.name, "VM deleted");
         Ok(())
     }

@@ -79,7 +79,7 @@ fn every_file_is_a_descriptor_with_the_guests_access() {
         "-device ide-cd,bus=ide.1,id=cd0,drive=cd-cd0-0,bootindex=2",
         "-smp 4,sockets=1,cores=2,threads=2",
         "-vnc unix:/run/m1/vnc.sock -device VGA",
-        "socket,id=serial0,path=/run/m1/serial.sock,server=on,wait=off,logfile=/run/m1/console.log",
+        "socket,id=serial0,path=/run/m1/serial.sock,server=on,wait=off,telnet=on",
         &format!("-sandbox {SECCOMP}"),
     ] {
         assert!(line.contains(expected), "{expected:?} not in {line}");

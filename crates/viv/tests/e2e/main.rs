@@ -17,4 +17,5 @@ mod restarts;
 mod snapshots;
 mod templates;
 mod vm_lifecycle;
+mod vm_console;
 mod vms;
