@@ -32,6 +32,7 @@ mod metric_history;
 mod proxy;
 mod signed;
 mod snapshots;
+mod storage;
 mod templates;
 mod events;
 mod vms;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/tags", get(e2b_templates::tags))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(storage::routes())
         .merge(events::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));

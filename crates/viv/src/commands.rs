@@ -310,6 +310,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
         Command::Template(cmd) => crate::template::run(&client, cmd, cli.json).await,
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
+        Command::Disk(cmd) => crate::disk::run(&client, cmd, cli.json).await,
+        Command::Iso(cmd) => crate::iso::run(&client, cmd, cli.json).await,
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
     }
 }

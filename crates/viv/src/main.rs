@@ -3,10 +3,13 @@
 mod bench;
 mod client;
 mod commands;
+mod disk;
+mod iso;
 mod output;
 mod serve;
 mod template;
 mod tls;
+mod transfer;
 mod vm;
 
 use std::path::PathBuf;
@@ -69,6 +72,12 @@ pub enum Command {
     /// Define, list, edit and delete long-lived VMs (the VM manager).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Disks of the storage pool: create, import, upload, download, resize, clone, wipe.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+    /// The ISO library: add, list, delete.
+    #[command(subcommand)]
+    Iso(iso::IsoCommand),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

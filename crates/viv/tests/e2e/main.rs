@@ -15,5 +15,6 @@ mod network;
 mod pool;
 mod restarts;
 mod snapshots;
+mod storage;
 mod templates;
 mod vms;
