@@ -55,6 +55,20 @@ fn wire_format(format: viv_storage::DiskFormat) -> wire::DiskFormat {
     }
 }
 
+/// A `qemu-img` failure because the file system cannot hold a file that large (a raw disk
+/// beyond ext4's 16 TiB): the request's fault, not the host's.
+fn file_too_large(tool: &viv_storage::qemu_img::ToolError) -> Option<ApiError> {
+    match tool {
+        viv_storage::qemu_img::ToolError::Failed { stderr, .. } if stderr.contains("too large") => {
+            Some(ApiError::BadRequest(format!(
+                "the pool's file system cannot hold a disk file this large ({}); use qcow2 or a smaller size",
+                stderr.trim()
+            )))
+        }
+        _ => None,
+    }
+}
+
 /// Checks a pool name (400 naming the rule).
 fn check_pool_name(what: &str, name: &str) -> Result<(), ApiError> {
     viv_storage::name::check(name).map_err(|e| ApiError::BadRequest(format!("invalid {what} name {name:?}: {e}")))
@@ -220,7 +234,10 @@ impl Manager {
             .storage()
             .create_disk(&req.name, format_of(req.format), req.size)
             .await
-            .map_err(api!())?;
+            .map_err(|e| match &e {
+                viv_storage::CreateDiskError::Tool(t) => file_too_large(t).unwrap_or_else(|| api(e.kind(), &e)),
+                _ => api(e.kind(), e),
+            })?;
         tracing::info!(disk = %req.name, size = req.size, "disk created");
         self.disk_result(info)
     }
@@ -245,7 +262,14 @@ impl Manager {
     /// Changes a disk's virtual size; shrinking needs `force`. (A disk of a running VM is to be
     /// resized through its QEMU; the VM runtime adds that case here.)
     pub async fn resize_disk(&self, name: &str, size: u64, force: bool) -> Result<wire::DiskInfo, ApiError> {
-        let info = self.storage().resize_disk(name, size, force).await.map_err(api!())?;
+        let info = self
+            .storage()
+            .resize_disk(name, size, force)
+            .await
+            .map_err(|e| match &e {
+                viv_storage::ResizeError::Tool(t) => file_too_large(t).unwrap_or_else(|| api(e.kind(), &e)),
+                _ => api(e.kind(), e),
+            })?;
         tracing::info!(disk = %name, size, force, "disk resized");
         self.disk_result(info)
     }
