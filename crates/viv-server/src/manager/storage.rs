@@ -245,9 +245,13 @@ impl Manager {
     /// Deletes a disk no VM definition names and no clone is backed by.
     pub async fn delete_disk(&self, name: &str) -> Result<(), ApiError> {
         check_pool_name("disk", name)?;
-        let devices = self.vm_devices()?;
+        self.vm_devices()?;
+        // Read under the pool's commit lock, so a definition stored meanwhile is seen.
         self.storage()
-            .delete_disk(name, |disk| describe_vms(&devices.disk_users(disk)))
+            .delete_disk(name, |disk| match self.vm_devices() {
+                Ok(devices) => describe_vms(&devices.disk_users(disk)),
+                Err(e) => Some(format!("a VM, perhaps (the VM definitions could not be read: {e})")),
+            })
             .await
             .map_err(|e| match e {
                 viv_storage::DeleteDiskError::InUse { name, user } => {
@@ -508,9 +512,12 @@ impl Manager {
     /// Deletes an ISO no VM's CD-ROM drive names.
     pub async fn delete_iso(&self, name: &str) -> Result<(), ApiError> {
         check_pool_name("ISO", name)?;
-        let devices = self.vm_devices()?;
+        self.vm_devices()?;
         self.storage()
-            .delete_iso(name, |iso| describe_vms(&devices.iso_users(iso)))
+            .delete_iso(name, |iso| match self.vm_devices() {
+                Ok(devices) => describe_vms(&devices.iso_users(iso)),
+                Err(e) => Some(format!("a VM, perhaps (the VM definitions could not be read: {e})")),
+            })
             .await
             .map_err(|e| match e {
                 viv_storage::IsoError::InUse { name, user } => ApiError::Conflict(format!(

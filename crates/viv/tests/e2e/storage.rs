@@ -136,7 +136,16 @@ fn disks_are_created_uploaded_downloaded_resized_and_deleted() {
     );
     assert_eq!(status, 400);
     assert!(message.contains("512"), "{message}");
-    for bad in ["..", ".hidden", "a b"] {
+    let (status, message) = error_of(
+        server
+            .post("/disks")
+            .json(&json!({"name": "huge", "size": (64u64 << 40) + 512}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 400);
+    assert!(message.contains("64 TiB"), "{message}");
+    for bad in ["", "..", "../x", ".hidden", "a b", "x/y"] {
         let resp = server
             .post("/disks")
             .json(&json!({"name": bad, "size": 1024}))
@@ -566,6 +575,11 @@ fn disks_and_isos_named_by_a_vm_cannot_be_deleted() {
     );
     assert_eq!(status, 400);
     assert_eq!(error_of(server.get("/isos/other").send().unwrap()).0, 404);
+    let isos_dir: Vec<_> = std::fs::read_dir(server.data_dir.join("storage/isos"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(isos_dir.len(), 2, "only installer.iso and its sidecar: {isos_dir:?}");
     let (status, message) = error_of(server.put("/isos/notiso").body(pattern(64 * 1024)).send().unwrap());
     assert_eq!(status, 400);
     assert!(message.contains("ISO 9660"), "{message}");
