@@ -130,6 +130,21 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
+/// Whether a write failed for want of space or quota.
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::FileTooLarge
+    )
+}
+
+/// The 413 of a body that did not fit (it was discarded).
+fn pool_full(e: &std::io::Error) -> ApiError {
+    ApiError::TooLarge(format!(
+        "the storage pool has no room for this upload ({e}); it was discarded, free some space first"
+    ))
+}
+
 /// A dot-named temporary file in the pool's disk directory, removed when dropped.
 struct Incoming {
     path: PathBuf,
@@ -358,6 +373,7 @@ impl Manager {
             .await
             .map_err(|e| match e {
                 viv_storage::UploadError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
+                viv_storage::UploadError::Io(io) if is_full(&io.source) => pool_full(&io.source),
                 other => api(other.kind(), other),
             })?;
         tracing::info!(disk = %name, "disk uploaded");
@@ -400,7 +416,13 @@ impl Manager {
                 .join("disks")
                 .join(format!(".import-{}-{name}", super::random_id(12))),
         };
-        let io = |e: std::io::Error| ApiError::Internal(format!("writing {}: {e}", incoming.path.display()));
+        let io = |e: std::io::Error| {
+            if is_full(&e) {
+                pool_full(&e)
+            } else {
+                ApiError::Internal(format!("writing {}: {e}", incoming.path.display()))
+            }
+        };
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -503,6 +525,7 @@ impl Manager {
         self.check_room(announced)?;
         let info = self.storage().add_iso(name, body, sha256).await.map_err(|e| match e {
             viv_storage::IsoAddError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
+            viv_storage::IsoAddError::Io(io) if is_full(&io.source) => pool_full(&io.source),
             other => api(other.kind(), other),
         })?;
         tracing::info!(iso = %name, "ISO added");

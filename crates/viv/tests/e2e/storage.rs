@@ -636,3 +636,105 @@ fn disks_and_isos_named_by_a_vm_cannot_be_deleted() {
         .next()
         .is_none());
 }
+
+/// Unmounts a test's file system when dropped (after the server on it stopped).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn uploads_that_do_not_fit_are_refused_and_leave_nothing() {
+    // The server's data directory on a 40 MiB file system.
+    let dir = tempfile::Builder::new()
+        .prefix("viv-e2e-full-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs (the e2e tests run as root)");
+    let _mounted = Mounted(dir.path().to_path_buf());
+    let server = TestServer::start_on(dir.path(), None);
+    let image = pattern(48 * MIB);
+
+    // Announced larger than the free space: refused before a byte is stored.
+    let (status, message) = error_of(
+        server
+            .put("/disks/big/upload")
+            .header("X-Content-SHA256", sha256(&image))
+            .body(image.clone())
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 413);
+    assert!(message.contains("free"), "{message}");
+    // Not announced (chunked): the file system fills up, and the partial file goes.
+    for route in ["/disks/big/upload", "/disks/big/import", "/isos/big"] {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = image.chunks(MIB).map(|c| Ok(c.to_vec())).collect();
+        let body = reqwest::blocking::Body::new(ChunkedReader::new(chunks));
+        let sent = server
+            .put(&format!("{route}?sha256={}", sha256(&image)))
+            .body(body)
+            .send();
+        // The server answers as soon as the file system is full; a client still sending may
+        // see the connection close before it reads the answer.
+        match sent {
+            Ok(resp) => {
+                let (status, message) = error_of(resp);
+                assert_eq!(status, 413, "{route}: {message}");
+                assert!(message.contains("no room"), "{route}: {message}");
+            }
+            Err(e) => assert!(e.is_body() || e.is_request(), "{route}: {e}"),
+        }
+        assert!(
+            crate::fixture::wait_until(Duration::from_secs(30), || temporaries(&server).is_empty()),
+            "{route}: {:?}",
+            temporaries(&server)
+        );
+    }
+    let isos: Vec<Value> = server.get("/isos").send().unwrap().json().unwrap();
+    assert!(isos.is_empty(), "{isos:?}");
+    assert!(std::fs::read_dir(server.data_dir.join("storage/isos"))
+        .unwrap()
+        .next()
+        .is_none());
+    let disks: Vec<Value> = server.get("/disks").send().unwrap().json().unwrap();
+    assert!(disks.is_empty(), "{disks:?}");
+    drop(server);
+}
+
+/// A body of unknown length (sent chunked): reads `chunks` one after the other.
+struct ChunkedReader {
+    chunks: std::vec::IntoIter<Result<Vec<u8>, std::io::Error>>,
+    current: std::io::Cursor<Vec<u8>>,
+}
+
+impl ChunkedReader {
+    fn new(chunks: Vec<Result<Vec<u8>, std::io::Error>>) -> Self {
+        Self {
+            chunks: chunks.into_iter(),
+            current: std::io::Cursor::new(Vec::new()),
+        }
+    }
+}
+
+impl std::io::Read for ChunkedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            match self.chunks.next() {
+                Some(chunk) => self.current = std::io::Cursor::new(chunk?),
+                None => return Ok(0),
+            }
+        }
+    }
+}
