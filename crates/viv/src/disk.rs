@@ -206,6 +206,8 @@ pub async fn run(client: &Client, cmd: DiskCommand, json: bool) -> Result<i32> {
             detach,
         } => {
             let f = format(&f)?;
+            transfer::local_file(&file)?;
+            transfer::ensure_absent(client, &format!("/disks/{name}"), &format!("a disk named '{name}'")).await?;
             let sha256 = transfer::sha256_file(&file).await?;
             let route = format!("/disks/{name}/import?format={f}");
             let response = transfer::send_file(client, Method::PUT, &route, &file, Some(&sha256)).await?;
@@ -213,6 +215,8 @@ pub async fn run(client: &Client, cmd: DiskCommand, json: bool) -> Result<i32> {
             finish(client, op, detach, json).await?;
         }
         DiskCommand::Upload { name, file } => {
+            transfer::local_file(&file)?;
+            transfer::ensure_absent(client, &format!("/disks/{name}"), &format!("a disk named '{name}'")).await?;
             let sha256 = transfer::sha256_file(&file).await?;
             let route = format!("/disks/{name}/upload");
             let response = transfer::send_file(client, Method::PUT, &route, &file, Some(&sha256)).await?;

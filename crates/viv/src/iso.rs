@@ -59,6 +59,8 @@ fn name_of(file: &std::path::Path) -> Result<String> {
 }
 
 async fn upload(client: &Client, name: &str, file: &std::path::Path, json: bool) -> Result<()> {
+    transfer::local_file(file)?;
+    transfer::ensure_absent(client, &format!("/isos/{name}"), &format!("an ISO named '{name}'")).await?;
     let sha256 = transfer::sha256_file(file).await?;
     let response = transfer::send_file(client, Method::PUT, &format!("/isos/{name}"), file, Some(&sha256)).await?;
     let iso: IsoInfo = response.json().await?;

@@ -43,6 +43,20 @@ pub fn local_file(path: &Path) -> Result<u64> {
     Ok(meta.len())
 }
 
+/// Fails when `route` (a disk or ISO) exists already: the server would refuse the upload
+/// before reading it, and a client still sending may then see only a closed connection.
+pub async fn ensure_absent(client: &Client, route: &str, what: &str) -> Result<()> {
+    let response = client
+        .request(Method::GET, route)
+        .send()
+        .await
+        .context("cannot reach the Vivarium server")?;
+    if response.status().is_success() {
+        bail!("{what} already exists; choose another name or delete it first");
+    }
+    Ok(())
+}
+
 /// The SHA-256 of a local file, in hex, with a bar.
 pub async fn sha256_file(path: &Path) -> Result<String> {
     let len = local_file(path)?;
