@@ -9,6 +9,7 @@
 //! - progress only grows, from 0 to 1;
 //! - every state change is published on the event bus (kind `operation`), as are progress steps
 //!   of at least [`PROGRESS_STEP`];
+//! - at most [`MAX_RUNNING`] run at once; more are refused (429) before any work is done;
 //! - operations live in memory only (a server restart forgets them; the pool removes the
 //!   temporary files of work cut short when it opens), and at most [`MAX_FINISHED`] finished
 //!   ones are kept, the oldest dropped first.
@@ -31,6 +32,9 @@ pub const MAX_FINISHED: usize = 256;
 
 /// Progress steps (of 1) worth an event.
 pub const PROGRESS_STEP: f64 = 0.1;
+
+/// Operations that may run at once (each runs `qemu-img`); more are refused with 429.
+pub const MAX_RUNNING: usize = 16;
 
 /// The longest `wait` a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: u64 = 600;
@@ -105,8 +109,13 @@ fn change(op: &Operation, previous: Option<OperationState>, message: Option<Stri
 
 impl Manager {
     /// Registers an operation of `kind` on disk `target` and runs `work` in a task of its own;
-    /// returns the operation as it starts.
-    pub fn start_operation<F, Fut>(self: &Arc<Self>, kind: OperationKind, target: &str, work: F) -> Operation
+    /// returns the operation as it starts, or 429 when [`MAX_RUNNING`] already run.
+    pub fn start_operation<F, Fut>(
+        self: &Arc<Self>,
+        kind: OperationKind,
+        target: &str,
+        work: F,
+    ) -> Result<Operation, ApiError>
     where
         F: FnOnce(OperationHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<DiskInfo, ApiError>> + Send + 'static,
@@ -124,7 +133,7 @@ impl Manager {
             finished_at: None,
         };
         let (sender, _) = watch::channel(op.clone());
-        self.operations.insert(&op.id, sender.clone());
+        self.operations.insert(&op.id, sender.clone())?;
         self.events().publish(change(&op, None, None));
         tracing::info!(operation = %op.id, kind = kind.as_str(), target, "operation started");
         let handle = OperationHandle {
@@ -160,7 +169,12 @@ impl Manager {
                 .publish(change(&op, Some(OperationState::Running), op.error.clone()));
             manager.operations.prune();
         });
-        op
+        Ok(op)
+    }
+
+    /// 429 when no operation may start now.
+    pub fn check_operation_room(&self) -> Result<(), ApiError> {
+        self.operations.check_room(&self.operations.lock())
     }
 
     /// Every operation kept, oldest first.
@@ -190,10 +204,23 @@ impl Operations {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn insert(&self, id: &str, sender: watch::Sender<Operation>) {
+    fn check_room(&self, entries: &HashMap<String, Entry>) -> Result<(), ApiError> {
+        let running = entries.values().filter(|e| !e.sender.borrow().is_done()).count();
+        if running >= MAX_RUNNING {
+            return Err(ApiError::NoRoom(format!(
+                "{running} storage operations are running, the most at once; wait for one to end (GET /operations)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn insert(&self, id: &str, sender: watch::Sender<Operation>) -> Result<(), ApiError> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().insert(id.to_owned(), Entry { seq, sender });
+        let mut entries = self.lock();
+        self.check_room(&entries)?;
+        entries.insert(id.to_owned(), Entry { seq, sender });
+        Ok(())
     }
 
     fn sender(&self, id: &str) -> Result<watch::Sender<Operation>, ApiError> {
@@ -220,5 +247,60 @@ impl Operations {
         for (_, id) in finished.into_iter().take(excess) {
             entries.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(id: &str) -> watch::Sender<Operation> {
+        watch::channel(Operation {
+            id: id.into(),
+            kind: OperationKind::Clone,
+            target: "d".into(),
+            state: OperationState::Running,
+            progress: 0.0,
+            error: None,
+            error_code: None,
+            result: None,
+            created_at: String::new(),
+            finished_at: None,
+        })
+        .0
+    }
+
+    fn finish(sender: &watch::Sender<Operation>) {
+        sender.send_modify(|o| o.state = OperationState::Succeeded);
+    }
+
+    #[test]
+    fn at_most_max_running_run_at_once() {
+        let ops = Operations::default();
+        let senders: Vec<_> = (0..MAX_RUNNING).map(|i| op(&format!("op-{i}"))).collect();
+        for (i, s) in senders.iter().enumerate() {
+            ops.insert(&format!("op-{i}"), s.clone()).unwrap();
+        }
+        let refused = ops.insert("op-more", op("op-more")).unwrap_err();
+        assert_eq!(refused.status().as_u16(), 429, "{refused}");
+        finish(&senders[0]);
+        ops.insert("op-more", op("op-more")).unwrap();
+    }
+
+    #[test]
+    fn only_the_newest_finished_are_kept() {
+        let ops = Operations::default();
+        for i in 0..MAX_FINISHED + 5 {
+            let sender = op(&format!("op-{i}"));
+            finish(&sender);
+            ops.insert(&format!("op-{i}"), sender).unwrap();
+        }
+        let running = op("op-running");
+        ops.insert("op-running", running).unwrap();
+        ops.prune();
+        let entries = ops.lock();
+        assert_eq!(entries.len(), MAX_FINISHED + 1);
+        assert!(!entries.contains_key("op-0") && !entries.contains_key("op-4"));
+        assert!(entries.contains_key("op-5") && entries.contains_key("op-running"));
     }
 }

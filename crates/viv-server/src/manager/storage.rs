@@ -318,7 +318,7 @@ impl Manager {
                 manager.storage().full_clone(&source, &req.name, &mut progress).await
             };
             manager.disk_result(info.map_err(api!())?)
-        });
+        })?;
         Ok(op)
     }
 
@@ -343,18 +343,16 @@ impl Manager {
             )));
         }
         let name = name.to_owned();
-        Ok(
-            self.start_operation(OperationKind::Wipe, &name.clone(), move |op| async move {
-                let manager = op.manager().clone();
-                let devices = manager.vm_devices()?;
-                let info = manager
-                    .storage()
-                    .wipe_disk(&name, |disk| describe_vms(&devices.active_disk_users(disk)))
-                    .await
-                    .map_err(api!())?;
-                manager.disk_result(info)
-            }),
-        )
+        self.start_operation(OperationKind::Wipe, &name.clone(), move |op| async move {
+            let manager = op.manager().clone();
+            let devices = manager.vm_devices()?;
+            let info = manager
+                .storage()
+                .wipe_disk(&name, |disk| describe_vms(&devices.active_disk_users(disk)))
+                .await
+                .map_err(api!())?;
+            manager.disk_result(info)
+        })
     }
 
     /// Stores the image arriving on `body` as disk `name` once its SHA-256 is `sha256`.
@@ -409,6 +407,7 @@ impl Manager {
             )));
         }
         self.check_room(announced)?;
+        self.check_operation_room()?;
         let incoming = Incoming {
             path: self
                 .storage()
@@ -466,19 +465,17 @@ impl Manager {
             }
         }
         let name = name.to_owned();
-        Ok(
-            self.start_operation(OperationKind::Import, &name.clone(), move |op| async move {
-                let manager = op.manager().clone();
-                let mut progress = |percent: f64| op.progress(percent / 100.0);
-                let info = manager
-                    .storage()
-                    .import_disk(&name, &incoming.path, format_of(format), &mut progress)
-                    .await
-                    .map_err(api!());
-                drop(incoming);
-                manager.disk_result(info?)
-            }),
-        )
+        self.start_operation(OperationKind::Import, &name.clone(), move |op| async move {
+            let manager = op.manager().clone();
+            let mut progress = |percent: f64| op.progress(percent / 100.0);
+            let info = manager
+                .storage()
+                .import_disk(&name, &incoming.path, format_of(format), &mut progress)
+                .await
+                .map_err(api!());
+            drop(incoming);
+            manager.disk_result(info?)
+        })
     }
 
     /// Opens a disk for download.

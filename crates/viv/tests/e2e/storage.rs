@@ -509,6 +509,17 @@ fn clones_and_wipes_are_operations_whose_events_are_published() {
     let (status, message) = error_of(server.post("/disks/base/wipe").send().unwrap());
     assert_eq!(status, 409);
     assert!(message.contains("thin"), "{message}");
+    let (status, message) = error_of(
+        server
+            .get(&format!(
+                "/operations/{}/wait?timeout=601",
+                wiped["id"].as_str().unwrap()
+            ))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 400);
+    assert!(message.contains("600"), "{message}");
     let listed: Vec<Value> = server.get("/operations").send().unwrap().json().unwrap();
     assert!(listed.iter().any(|o| o["id"] == wiped["id"]), "{listed:?}");
 
