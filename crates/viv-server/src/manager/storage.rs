@@ -5,8 +5,9 @@
 //! - no user input becomes a path but a pool name, which `viv_storage` checks; an import's
 //!   image arrives as a request body, never as a server path;
 //! - a disk named by any VM definition (or pending definition) is not deleted, and an ISO named
-//!   by any VM's CD-ROM drive is not deleted (409 naming the VM); a disk of an active VM is not
-//!   wiped;
+//!   by any VM's CD-ROM drive is not deleted (409 naming the VM): the definitions are read under
+//!   the pool's commit lock, the moment of the delete; a disk of an active VM or one backing a
+//!   linked clone is not wiped;
 //! - a body that fails (wrong checksum, broken off, refused image) leaves no file: bodies are
 //!   streamed (never held in memory) into dot-named temporaries the pool removes when it opens,
 //!   and which are removed when the request or operation ends;
@@ -169,7 +170,7 @@ impl Manager {
             }
             vms.push((row.name, row.state.parse().ok(), defs));
         }
-        Ok(vms).map(|vms| VmDevices { vms })
+        Ok(VmDevices { vms })
     }
 
     fn wire_disk(info: viv_storage::DiskInfo, devices: &VmDevices) -> wire::DiskInfo {
@@ -183,8 +184,13 @@ impl Manager {
         }
     }
 
+    /// A disk made or changed, for the answer: its users are best effort (the change is done).
     fn disk_result(&self, info: viv_storage::DiskInfo) -> Result<wire::DiskInfo, ApiError> {
-        Ok(Self::wire_disk(info, &self.vm_devices()?))
+        let devices = self.vm_devices().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the VM definitions");
+            VmDevices { vms: Vec::new() }
+        });
+        Ok(Self::wire_disk(info, &devices))
     }
 
     /// Refuses a body larger than the pool's free space.
