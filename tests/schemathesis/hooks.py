@@ -8,15 +8,20 @@
   the newest VIV_ST_MAX_SANDBOXES are killed, and named snapshots beyond the newest
   VIV_ST_MAX_SNAPSHOTS are deleted, through the API (the fuzzer itself never cleans up);
 - points most sandbox-scoped requests at sandboxes that exist, so that operations on running
-  and paused sandboxes are exercised rather than only their 404s.
+  and paused sandboxes are exercised rather than only their 404s;
+- gives disk and ISO uploads a body the server can store (a small raw image, an ISO 9660
+  header) and its real SHA-256 where the request carries a well-formed one, so that uploads are
+  exercised rather than only their checksum mismatches (`_storage_upload`).
 
 VIV_ST_URL and VIV_ST_KEY name the server and its API key.
 """
 
 import base64
+import hashlib
 import json
 import os
 import random
+import re
 
 import requests
 import schemathesis
@@ -155,6 +160,48 @@ def _point_at_volume(case):
         case.path_parameters["volumeID"] = _CONTENT_VOLUME
 
 
+# --- storage uploads ------------------------------------------------------------------------
+
+_RAW_IMAGE = bytes(64 * 1024)
+_ISO_IMAGE = bytearray(64 * 1024)
+_ISO_IMAGE[0x8000:0x8006] = b"\x01CD001"
+_ISO_IMAGE = bytes(_ISO_IMAGE)
+_SHA256 = re.compile(r"^(sha256:)?[0-9a-fA-F]{64}$")
+
+
+def _storage_upload(case):
+    """A disk upload or import, or an ISO upload, gets a body the pool accepts; a well-formed
+    checksum it carries (query or header) becomes the body's, a malformed one stays (a 400)."""
+    path, method = case.operation.path, case.method.upper()
+    if method != "PUT":
+        return
+    if path in ("/disks/{name}/upload", "/disks/{name}/import"):
+        body = _RAW_IMAGE
+    elif path == "/isos/{name}":
+        body = _ISO_IMAGE
+    else:
+        return
+    case.body = body
+    digest = hashlib.sha256(body).hexdigest()
+    query = case.query if isinstance(case.query, dict) else None
+    headers = case.headers if isinstance(case.headers, dict) else None
+    for params in (query, headers):
+        if params is None:
+            continue
+        for key in list(params):
+            if key.lower() in ("sha256", "x-content-sha256"):
+                value = params[key]
+                if isinstance(value, str) and _SHA256.match(value):
+                    params[key] = digest
+    if path.endswith("/upload") and not any(
+        k.lower() in ("sha256", "x-content-sha256") for p in (query, headers) if p for k in p
+    ):
+        if case.query is None:
+            case.query = {}
+        if isinstance(case.query, dict):
+            case.query["sha256"] = digest
+
+
 @schemathesis.hook
 def before_call(context, case, kwargs):
     """Points four in five sandbox-scoped requests at a sandbox that exists (starting one when
@@ -162,6 +209,7 @@ def before_call(context, case, kwargs):
     requests at a volume (`_point_at_volume`). Generated `volumeMounts` name volumes that do not
     exist (a 400 by design), so they are dropped."""
     _point_at_volume(case)
+    _storage_upload(case)
     if isinstance(case.body, dict) and "volumeMounts" in case.body:
         case.body = {k: v for k, v in case.body.items() if k != "volumeMounts"}
     if "sandboxID" in (case.path_parameters or {}) and CHOICE.random() < 0.8:

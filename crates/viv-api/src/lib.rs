@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod events;
+pub mod storage;
 pub mod vms;
 pub mod volumes;
 

@@ -34,6 +34,7 @@ mod info;
 mod layer_cache;
 mod lifecycle;
 mod network;
+pub mod operations;
 mod pool;
 mod recovery;
 mod sdk_builds;
@@ -42,6 +43,7 @@ mod sdk_spec;
 mod sdk_tags;
 mod setup;
 mod snapshots;
+mod storage;
 mod templates;
 mod timeouts;
 mod vm_console;
@@ -277,6 +279,8 @@ pub struct Manager {
     vm_runtime: vm_runtime::VmRuntime,
     /// State changes, for `GET /events`.
     events: events::EventBus,
+    /// Asynchronous operations (clone, import, wipe).
+    operations: operations::Operations,
 }
 
 fn now_ms() -> i64 {

@@ -33,6 +33,7 @@ mod metric_history;
 mod proxy;
 mod signed;
 mod snapshots;
+mod storage;
 mod templates;
 mod vm_console;
 mod vms;
@@ -83,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .merge(volumes::control())
         .merge(vms::routes())
         .merge(vm_console::routes())
+        .merge(storage::routes())
         .merge(events::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)));

@@ -312,6 +312,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
         Command::Events(args) => crate::events::run(&client, args, cli.json).await,
         Command::Console(args) => crate::console::run(&client, args).await,
+        Command::Disk(cmd) => crate::disk::run(&client, cmd, cli.json).await,
+        Command::Iso(cmd) => crate::iso::run(&client, cmd, cli.json).await,
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
     }
 }

@@ -5,10 +5,13 @@ mod client;
 mod commands;
 mod events;
 mod console;
+mod disk;
+mod iso;
 mod output;
 mod serve;
 mod template;
 mod tls;
+mod transfer;
 mod vm;
 
 use std::path::PathBuf;
@@ -75,6 +78,12 @@ pub enum Command {
     Events(events::EventsArgs),
     /// Attach to a running VM's serial console (Ctrl-] . detaches), or print its log.
     Console(console::ConsoleArgs),
+    /// Disks of the storage pool: create, import, upload, download, resize, clone, wipe.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+    /// The ISO library: add, list, delete.
+    #[command(subcommand)]
+    Iso(iso::IsoCommand),
     /// Measure boots, snapshot restores, pause/resume/fork, round trips and file throughput.
     Bench(bench::BenchArgs),
 }

@@ -82,6 +82,7 @@ impl Manager {
             storage: Arc::new(storage),
             vm_runtime: vm_runtime::VmRuntime::default(),
             events: events::EventBus::default(),
+            operations: Default::default(),
         })
     }
 }
