@@ -3,9 +3,9 @@
 mod bench;
 mod client;
 mod commands;
-mod events;
 mod console;
 mod disk;
+mod events;
 mod iso;
 mod output;
 mod serve;

@@ -284,9 +284,36 @@ impl Manager {
         Ok(())
     }
 
-    /// Changes a disk's virtual size; shrinking needs `force`. (A disk of a running VM is to be
-    /// resized through its QEMU; the VM runtime adds that case here.)
+    /// Changes a disk's virtual size; shrinking needs `force`. A disk a running VM attaches
+    /// grows online through its QEMU (the guest sees the new size); it cannot shrink.
     pub async fn resize_disk(&self, name: &str, size: u64, force: bool) -> Result<wire::DiskInfo, ApiError> {
+        if let Some((live, device, vm)) = self.running_vm_with_disk(name)? {
+            let now = self
+                .storage()
+                .disk_info(name)
+                .await
+                .map_err(|e| api(e.kind(), e))?
+                .virtual_size;
+            if size < now {
+                return Err(ApiError::Conflict(format!(
+                    "disk '{name}' is attached to running VM '{vm}': stop the VM to shrink it (running disks only grow)"
+                )));
+            }
+            if size % 512 != 0 {
+                return Err(ApiError::BadRequest(format!(
+                    "size {size} is not a multiple of 512 bytes"
+                )));
+            }
+            if size > now {
+                live.machine
+                    .resize_disk(&device, size)
+                    .await
+                    .map_err(|e| ApiError::Conflict(format!("resizing disk '{name}' of running VM '{vm}': {e}")))?;
+            }
+            tracing::info!(disk = %name, size, vm = %vm, "disk grown online");
+            let info = self.storage().disk_info(name).await.map_err(|e| api(e.kind(), e))?;
+            return self.disk_result(info);
+        }
         let info = self
             .storage()
             .resize_disk(name, size, force)

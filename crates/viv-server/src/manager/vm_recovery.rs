@@ -86,7 +86,9 @@ impl Manager {
                     // above, so it is still the VM's QEMU.
                     unsafe { libc::kill(identity.pid as i32, libc::SIGKILL) };
                 }
-                return Err(format!("its definition no longer describes a machine ({err}); it was killed"));
+                return Err(format!(
+                    "its definition no longer describes a machine ({err}); it was killed"
+                ));
             }
         };
         let machine = self
@@ -95,7 +97,12 @@ impl Manager {
             .await
             .map_err(|e| e.to_string())?;
         let running = machine.status().await.map(|s| s.running).unwrap_or(true);
-        let live = LiveVm::new(&row.id, machine, self.vm_console_log_path(&row.id), spec.run_dir.clone());
+        let live = LiveVm::new(
+            &row.id,
+            machine,
+            self.vm_console_log_path(&row.id),
+            spec.run_dir.clone(),
+        );
         let state = state_of(&row).map_err(|e| e.to_string())?;
         let now = if running { VmState::Running } else { VmState::Paused };
         self.vm_runtime.insert(live.clone());

@@ -155,6 +155,21 @@ impl Manager {
             .ok_or_else(|| ApiError::Conflict(format!("VM '{}' is {}: start it first", info.name, info.state.as_str())))
     }
 
+    /// The running VM that attaches pool disk `disk` read-write, its device id for the disk and
+    /// its name.
+    pub(super) fn running_vm_with_disk(&self, disk: &str) -> Result<Option<(Arc<LiveVm>, String, String)>, ApiError> {
+        for row in self.store.list_vms()? {
+            let Some(live) = self.vm_runtime.get(&row.id) else {
+                continue;
+            };
+            let def = definition_of(&row.definition)?;
+            if let Some(i) = def.disks.iter().position(|d| d.disk == disk && !d.read_only) {
+                return Ok(Some((live, format!("disk{i}"), row.name)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Records a VM's new state and publishes it.
     pub(super) fn vm_transition(
         &self,
@@ -294,9 +309,17 @@ impl Manager {
             let (Some(now), pending) = (empty(&row.definition), row.pending_definition.as_deref().map(empty)) else {
                 return;
             };
-            let _ = manager.store.update_vm_definition(&row.id, &now, pending.flatten().as_deref());
+            let _ = manager
+                .store
+                .update_vm_definition(&row.id, &now, pending.flatten().as_deref());
             let state = state_of(&row).unwrap_or(VmState::Running);
-            manager.publish_vm(&row.id, &row.name, state, state, Some("installer media ejected at the first reboot".into()));
+            manager.publish_vm(
+                &row.id,
+                &row.name,
+                state,
+                state,
+                Some("installer media ejected at the first reboot".into()),
+            );
         });
     }
 
@@ -314,10 +337,9 @@ impl Manager {
             let (state, reason) = match asked {
                 Some(why) => (VmState::Stopped, why),
                 None if !exit.cause.is_crash() => (VmState::Stopped, "the guest powered off".to_owned()),
-                None if exit.cause == viv_vmm::ExitCause::GuestPanic => (
-                    VmState::Crashed,
-                    format!("the guest kernel panicked ({})", exit.reason),
-                ),
+                None if exit.cause == viv_vmm::ExitCause::GuestPanic => {
+                    (VmState::Crashed, format!("the guest kernel panicked ({})", exit.reason))
+                }
                 None => (VmState::Crashed, exit.reason.clone()),
             };
             let ran = live.started.elapsed();

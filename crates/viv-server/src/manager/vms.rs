@@ -14,8 +14,8 @@
 use std::collections::HashSet;
 
 use viv_api::vms::{
-    DiskBus, Display, Firmware, MachineType, NewVm, NicModel, VmDefinition, VmEdit, VmInfo, VmState, MAX_VM_DESCRIPTION,
-    MAX_VM_DEVICES, MAX_VM_SERIAL_PORTS, MAX_VM_STOP_TIMEOUT_SECS, MAX_VM_TAGS, MAX_VM_TAG_LEN,
+    DiskBus, Display, Firmware, MachineType, NewVm, NicModel, VmDefinition, VmEdit, VmInfo, VmState,
+    MAX_VM_DESCRIPTION, MAX_VM_DEVICES, MAX_VM_SERIAL_PORTS, MAX_VM_STOP_TIMEOUT_SECS, MAX_VM_TAGS, MAX_VM_TAG_LEN,
 };
 
 use super::Manager;

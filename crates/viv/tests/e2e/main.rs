@@ -17,6 +17,6 @@ mod restarts;
 mod snapshots;
 mod storage;
 mod templates;
-mod vm_lifecycle;
 mod vm_console;
+mod vm_lifecycle;
 mod vms;

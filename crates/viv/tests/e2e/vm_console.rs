@@ -210,8 +210,8 @@ fn iso() -> PathBuf {
 /// from a local path).
 fn add_iso(server: &TestServer, name: &str) {
     let added = server
-        .post("/isos")
-        .json(&json!({"name": name, "path": iso()}))
+        .put(&format!("/isos/{name}"))
+        .body(std::fs::read(iso()).unwrap())
         .send()
         .unwrap();
     assert!(added.status().is_success(), "adding the ISO: {}", added.text().unwrap());
@@ -435,7 +435,6 @@ impl Drop for CliConsole {
 }
 
 #[test]
-#[ignore = "needs the VM runtime (lead)"]
 fn a_running_vms_consoles_through_the_api_and_the_cli() {
     let server = TestServer::shared();
     let name = unique("console");
@@ -636,7 +635,6 @@ fn a_running_vms_consoles_through_the_api_and_the_cli() {
 }
 
 #[test]
-#[ignore = "needs the VM runtime (lead)"]
 fn a_vm_without_a_display_has_no_vnc_or_screenshot() {
     let server = TestServer::shared();
     let name = unique("headless");
