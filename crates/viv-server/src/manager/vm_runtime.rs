@@ -349,7 +349,9 @@ impl Manager {
                 manager.publish_vm(&row.id, &row.name, previous, state, Some(reason.clone()));
                 Ok(row)
             });
-            let _ = live.recorded.send(true);
+            // `send_replace` stores the value even while nobody subscribes yet (a stop subscribes
+            // after it killed QEMU, which may be after this).
+            live.recorded.send_replace(true);
             match recorded {
                 Ok(row) if state == VmState::Crashed => manager.after_crash(&row.id, ran),
                 Ok(_) => {}
