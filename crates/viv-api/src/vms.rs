@@ -410,6 +410,9 @@ pub struct VmInfo {
     pub created_at: String,
     /// When its state last changed, RFC 3339.
     pub state_changed_at: String,
+    /// The SMBIOS system UUID its guest sees (`/sys/class/dmi/id/product_uuid`).
+    #[serde(default)]
+    pub uuid: String,
     /// Its QEMU's process id while it is active.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
@@ -467,6 +470,22 @@ pub struct VmDeleteQuery {
     /// What happens to its disks.
     #[serde(default)]
     pub disks: DiskDisposal,
+}
+
+/// `POST /vms/{id}/clone` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmClone {
+    /// The new VM's name.
+    pub name: String,
+    /// Linked clones of the disks (qcow2 overlays, made at once; the source's disks must then
+    /// not change) rather than full copies.
+    #[serde(default = "yes")]
+    pub linked: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /vms/{id}/snapshots` body.

@@ -335,6 +335,9 @@ pub struct MachineSpec {
     pub nics: Vec<Nic>,
     /// The graphical display.
     pub display: Display,
+    /// The SMBIOS system UUID the guest reads (`/sys/class/dmi/id/product_uuid`); QEMU's
+    /// all-zero one when absent.
+    pub uuid: Option<String>,
     /// CPU pinning, CPU quota and weight, priority, disk I/O limits.
     pub resources: MachineResources,
 }
@@ -356,6 +359,7 @@ impl MachineSpec {
             cdroms: Vec::new(),
             nics: Vec::new(),
             display: Display::None,
+            uuid: None,
             resources: MachineResources::default(),
         }
     }
@@ -392,6 +396,12 @@ impl MachineSpec {
         }
         if self.name.is_empty() || self.name.contains([',', '\n', '\0']) {
             return invalid(format!("machine name {:?} must be non-empty without commas", self.name));
+        }
+        if let Some(uuid) = &self.uuid {
+            let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+            if uuid.len() != 36 || hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return invalid(format!("{uuid:?} is not a UUID"));
+            }
         }
         let t = self.cpus;
         if t.sockets == 0 || t.cores == 0 || t.threads == 0 || t.vcpus() > 288 {
@@ -579,9 +589,48 @@ fn boot(index: Option<u32>) -> String {
     index.map(|i| format!(",bootindex={i}")).unwrap_or_default()
 }
 
+/// The backing chains of a machine's qcow2 disks: disk id → its backing files, nearest first,
+/// each with its format as the image above it records it.
+pub(crate) type Backings = std::collections::HashMap<String, Vec<(PathBuf, DiskFormat)>>;
+
+/// Reads the backing chains of `spec`'s qcow2 disks. A backing file whose format its overlay
+/// does not record is refused (never probed).
+pub(crate) fn read_backings(spec: &MachineSpec) -> Result<Backings, LaunchMachineError> {
+    let mut backings = Backings::new();
+    for disk in spec.disks.iter().filter(|d| d.format == DiskFormat::Qcow2) {
+        let io = |source| LaunchMachineError::Io {
+            what: format!("reading the backing chain of {}", disk.path.display()),
+            source,
+        };
+        let chain = crate::qcow2::backing_chain(&disk.path).map_err(io)?;
+        let mut above = disk.path.clone();
+        let mut levels = Vec::new();
+        for path in chain {
+            let format = match crate::qcow2::backing_format(&above).map_err(io)?.as_deref() {
+                Some("qcow2") => DiskFormat::Qcow2,
+                Some("raw") => DiskFormat::Raw,
+                other => {
+                    return Err(LaunchMachineError::Invalid(format!(
+                        "{} names backing file {} with format {other:?}; only qcow2 and raw, recorded with the image, are opened",
+                        above.display(),
+                        path.display()
+                    )))
+                }
+            };
+            levels.push((path.clone(), format));
+            above = path;
+        }
+        if !levels.is_empty() {
+            backings.insert(disk.id.clone(), levels);
+        }
+    }
+    Ok(backings)
+}
+
 /// The QEMU arguments for `spec` and the files and taps they expect as descriptors
-/// ([`FIRST_FD`] onwards, in order).
-pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<String>, Vec<Handed>) {
+/// ([`FIRST_FD`] onwards, in order). The backing files of qcow2 disks (`backings`) are handed
+/// over read-only like every other file, named explicitly rather than found by QEMU.
+pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Backings) -> (Vec<String>, Vec<Handed>) {
     let path = |p: &Path| p.display().to_string();
     let mut cl = CommandLine {
         args: Vec::new(),
@@ -589,6 +638,9 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<Strin
     };
     let q35 = spec.machine == MachineType::Q35;
     cl.push("-name", spec.name.clone());
+    if let Some(uuid) = &spec.uuid {
+        cl.push("-uuid", uuid.clone());
+    }
     let mut machine = match spec.machine {
         MachineType::Q35 => "q35".to_owned(),
         MachineType::Microvm => "microvm,rtc=on".to_owned(),
@@ -660,12 +712,22 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool) -> (Vec<Strin
         };
         let format_node = format!("disk-{}", disk.id);
         let read_only = if disk.read_only { "on" } else { "off" };
-        cl.push(
-            "-blockdev",
-            format!(
-                "driver={driver},node-name={format_node},read-only={read_only},discard=unmap,file.driver=file,file.filename={file}"
-            ),
+        let mut options = format!(
+            "driver={driver},node-name={format_node},read-only={read_only},discard=unmap,file.driver=file,file.filename={file}"
         );
+        let mut level = String::from("backing");
+        for (path, format) in backings.get(&disk.id).map(Vec::as_slice).unwrap_or_default() {
+            let file = cl.file(path, false);
+            let driver = match format {
+                DiskFormat::Qcow2 => "qcow2",
+                DiskFormat::Raw => "raw",
+            };
+            options.push_str(&format!(
+                ",{level}.driver={driver},{level}.read-only=on,{level}.file.driver=file,{level}.file.filename={file}"
+            ));
+            level.push_str(".backing");
+        }
+        cl.push("-blockdev", options);
         // The device is attached to the throttle filter when the disk has I/O limits.
         let node = match spec.resources.disk_io.get(&disk.id).filter(|l| l.is_limited()) {
             Some(limits) => {

@@ -104,6 +104,57 @@ fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize
     Ok(filled)
 }
 
+/// The backing file format recorded in a qcow2 image's header extensions (`qemu-img create -F`),
+/// if any. A format that is not recorded is never probed: probing lets a guest that writes a
+/// qcow2 header into a raw disk choose how the host reads it.
+pub fn backing_format(path: &Path) -> std::io::Result<Option<String>> {
+    const BACKING_FORMAT: u32 = 0xE279_2ACA;
+    let mut file = std::fs::File::open(path)?;
+    let mut head = vec![0u8; 104];
+    let n = read_up_to(&mut file, &mut head)?;
+    head.truncate(n);
+    if head.len() < 72 || &head[..4] != b"QFI\xfb" {
+        return Err(invalid(path, "not a qcow2 image"));
+    }
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let version = be32(&head, 4);
+    let header_length = match version {
+        2 => 72,
+        3 if head.len() >= 104 => be32(&head, 100) as u64,
+        _ => return Err(invalid(path, format!("qcow2 version {version} is not supported"))),
+    };
+    // Extensions end at the first cluster (the backing file name follows them there).
+    let cluster_bits = be32(&head, 20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(invalid(path, format!("cluster bits {cluster_bits}")));
+    }
+    let limit = 1u64 << cluster_bits;
+    let mut at = header_length;
+    while at + 8 <= limit {
+        let mut ext = [0u8; 8];
+        file.seek(SeekFrom::Start(at))?;
+        file.read_exact(&mut ext)?;
+        let (kind, len) = (be32(&ext, 0), be32(&ext, 4) as u64);
+        if kind == 0 {
+            break;
+        }
+        if at + 8 + len > limit {
+            return Err(invalid(path, "header extension beyond the first cluster"));
+        }
+        if kind == BACKING_FORMAT {
+            if len > 32 {
+                return Err(invalid(path, "backing format name too long"));
+            }
+            let mut name = vec![0u8; len as usize];
+            file.read_exact(&mut name)?;
+            let name = String::from_utf8(name).map_err(|_| invalid(path, "backing format is not UTF-8"))?;
+            return Ok(Some(name));
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    Ok(None)
+}
+
 /// The backing files under `image`, nearest first, with relative names resolved. A backing
 /// file that is not qcow2 (a raw base) ends the chain.
 pub fn backing_chain(image: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -180,5 +231,50 @@ mod tests {
         std::fs::write(path("a.qcow2"), image(9, Some("b.qcow2"))).unwrap();
         std::fs::write(path("b.qcow2"), image(9, Some("a.qcow2"))).unwrap();
         assert!(backing_chain(&path("a.qcow2")).is_err());
+    }
+
+    #[test]
+    fn the_backing_format_is_read_from_the_header_extensions() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = |args: &[&str]| {
+            std::process::Command::new("qemu-img")
+                .args(args)
+                .current_dir(dir.path())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !img(&["create", "-q", "-f", "raw", "base.raw", "1M"]) {
+            eprintln!("qemu-img is missing; skipping");
+            return;
+        }
+        assert!(img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "base.raw",
+            "mid.qcow2"
+        ]));
+        assert!(img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "top.qcow2"
+        ]));
+        assert!(img(&["create", "-q", "-f", "qcow2", "alone.qcow2", "1M"]));
+        let at = |name: &str| backing_format(&dir.path().join(name)).unwrap();
+        assert_eq!(at("top.qcow2").as_deref(), Some("qcow2"));
+        assert_eq!(at("mid.qcow2").as_deref(), Some("raw"));
+        assert_eq!(at("alone.qcow2"), None);
+        assert!(backing_format(&dir.path().join("base.raw")).is_err());
     }
 }

@@ -98,6 +98,18 @@ pub enum VmCommand {
         #[arg(required = true)]
         vms: Vec<String>,
     },
+    /// Clone a stopped VM: new MACs and UUID, linked clones of its writable disks (`--full`
+    /// copies them).
+    Clone {
+        /// VM id or name.
+        vm: String,
+        /// The new VM's name.
+        name: String,
+        /// Full copies of the disks instead of linked clones (the source's disks may then
+        /// change).
+        #[arg(long)]
+        full: bool,
+    },
     /// Take, list, revert to and delete a VM's snapshots.
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCommand),
@@ -395,6 +407,17 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
+        VmCommand::Clone { vm, name, full } => {
+            let body = json!({"name": name, "linked": !full});
+            let info: VmInfo = client
+                .json(client.request(Method::POST, &format!("/vms/{vm}/clone")).json(&body))
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("{}", info.id);
+            }
+        }
     }
     Ok(0)
 }

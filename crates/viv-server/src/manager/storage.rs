@@ -299,7 +299,7 @@ impl Manager {
                     "disk '{name}' is attached to running VM '{vm}': stop the VM to shrink it (running disks only grow)"
                 )));
             }
-            if size % 512 != 0 {
+            if !size.is_multiple_of(512) {
                 return Err(ApiError::BadRequest(format!(
                     "size {size} is not a multiple of 512 bytes"
                 )));

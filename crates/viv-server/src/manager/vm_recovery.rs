@@ -103,7 +103,7 @@ impl Manager {
             self.vm_console_log_path(&row.id),
             spec.run_dir.clone(),
         );
-        let state = state_of(&row).map_err(|e| e.to_string())?;
+        let state = state_of(row).map_err(|e| e.to_string())?;
         let now = if running { VmState::Running } else { VmState::Paused };
         self.vm_runtime.insert(live.clone());
         if state != now {

@@ -216,6 +216,13 @@ impl Manager {
             )));
         }
         let mut def = definition_of(row.pending_definition.as_deref().unwrap_or(&row.definition))?;
+        let writable: Vec<String> = def
+            .disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| d.disk.clone())
+            .collect();
+        self.check_not_a_base(&row.name, &writable)?;
         let ejected = eject_after_first_boot(&mut def, row.starts);
         self.vm_transition(&row.id, &row.name, before, VmState::Starting, None)?;
         let live = match self.launch_vm(&row.id, &row.name, &def).await {

@@ -182,7 +182,9 @@ impl Manager {
                     snap.name
                 )));
             }
-            self.disks_snapshot(&row.name, &writable_disks(&taken_with), &snap.id, SnapshotAction::Apply)
+            let disks = writable_disks(&taken_with);
+            self.check_not_a_base(&row.name, &disks)?;
+            self.disks_snapshot(&row.name, &disks, &snap.id, SnapshotAction::Apply)
                 .await?;
         }
         self.store.set_vm_current_snapshot(&row.id, Some(&snap.id))?;

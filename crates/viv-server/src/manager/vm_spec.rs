@@ -12,6 +12,8 @@
 
 use std::path::PathBuf;
 
+use sha2::Digest as _;
+
 use viv_api::vms::{BootDevice, DiskBus, Display, Firmware, MachineType, NicModel, VmDefinition};
 use viv_vmm::machine::{self, LaunchMachineError, MachineSpec};
 
@@ -38,6 +40,7 @@ impl Manager {
     pub(super) async fn machine_spec(&self, id: &str, name: &str, def: &VmDefinition) -> Result<MachineSpec, ApiError> {
         let mut spec = MachineSpec::new(id, self.vm_run_dir(id), self.accel);
         spec.name = name.to_owned();
+        spec.uuid = Some(vm_uuid(id));
         spec.machine = match def.machine {
             MachineType::Q35 => machine::MachineType::Q35,
             MachineType::Microvm => machine::MachineType::Microvm,
@@ -137,6 +140,17 @@ impl Manager {
             Err(e) => Err(storage_error(e.kind(), format!("ISO '{iso}' of VM '{vm}': {e}"))),
         }
     }
+}
+
+/// The SMBIOS system UUID of VM `id`: stable for the VM, different for every VM (so a clone is
+/// told apart from its source).
+pub(super) fn vm_uuid(id: &str) -> String {
+    let digest: [u8; 32] = sha2::Sha256::digest(format!("vivarium-vm-uuid:{id}").as_bytes()).into();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x50; // name-based (version 5 layout)
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    super::uuid_shaped(bytes)
 }
 
 /// Boot indexes: the kinds in the boot order, first first; within a kind, devices in their

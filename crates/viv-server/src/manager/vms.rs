@@ -179,6 +179,7 @@ fn info_of(row: &VmRow) -> Result<VmInfo, ApiError> {
         pending_definition: row.pending_definition.as_deref().map(definition_of).transpose()?,
         created_at: row.created_at.clone(),
         state_changed_at: row.state_changed_at.clone(),
+        uuid: super::vm_spec::vm_uuid(&row.id),
         pid: row.process.map(|p| p.pid),
         started_at: row.started_at.clone(),
         starts: row.starts,

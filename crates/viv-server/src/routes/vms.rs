@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::vms::{NewVm, NewVmSnapshot, VmDeleteQuery, VmRename, VmStopQuery};
+use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmRename, VmStopQuery};
 
 use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
@@ -26,6 +26,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/pause", post(pause))
         .route("/vms/{id}/resume", post(resume))
         .route("/vms/{id}/kill", post(kill))
+        .route("/vms/{id}/clone", post(clone))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}", get(snapshot).delete(delete_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}/revert", post(revert_snapshot))
@@ -136,4 +137,12 @@ async fn revert_snapshot(
     ApiPath((id, snapshot)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.manager.revert_vm_snapshot(&id, &snapshot).await?).into_response())
+}
+
+async fn clone(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<VmClone>,
+) -> Result<Response, ApiError> {
+    Ok((StatusCode::CREATED, Json(state.manager.clone_vm(&id, req).await?)).into_response())
 }

@@ -63,7 +63,8 @@ impl Qemu {
             .filter_map(|set| set["fdset-id"].as_u64())
             .max()
             .unwrap_or(0);
-        let command_line = machine_arguments(spec, false).1.len();
+        let backings = super::read_backings(spec).unwrap_or_default();
+        let command_line = machine_arguments(spec, false, &backings).1.len();
         let next_fdset = (in_use + 1).max(fdset_number(command_line));
         let vm = QemuVm::supervised(
             process,

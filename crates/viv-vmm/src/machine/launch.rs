@@ -138,7 +138,8 @@ impl Qemu {
             let _ = std::fs::remove_file(stale);
         }
         let confined = !matches!(self.confinement, Confinement::None);
-        let (args, handed) = machine_arguments(spec, confined);
+        let backings = super::read_backings(spec)?;
+        let (args, handed) = machine_arguments(spec, confined, &backings);
         let fds = open_handed(spec, &handed)?;
         let qemu_log = spec.qemu_log();
         let log = std::fs::File::create(&qemu_log).map_err(|source| LaunchMachineError::Io {
@@ -334,7 +335,7 @@ mod tests {
             boot_index: None,
         }];
         let jail = JailResources::allocate_for(&config, &spec.vm_id, &machine_limits(&spec)).unwrap();
-        let (args, handed) = machine_arguments(&spec, true);
+        let (args, handed) = machine_arguments(&spec, true, &crate::machine::Backings::new());
         let jailed = jail_spec(&jail, &spec, Path::new("/usr/bin/qemu"), args, vec![3]).unwrap();
         assert_eq!(handed.len(), 1);
         assert_eq!(jailed.keep_fds, vec![3]);

@@ -40,7 +40,7 @@ fn spec() -> MachineSpec {
 fn every_file_is_a_descriptor_with_the_guests_access() {
     let mut spec = spec();
     spec.firmware = Firmware::Uefi(Ovmf::debian("/run/m1/nvram.fd"));
-    let (args, handed) = machine_arguments(&spec, true);
+    let (args, handed) = machine_arguments(&spec, true, &Backings::new());
     let line = args.join(" ");
     assert_eq!(
         handed,
@@ -95,7 +95,7 @@ fn every_file_is_a_descriptor_with_the_guests_access() {
 fn seabios_microvm_and_empty_drives() {
     let mut spec = spec();
     spec.cdroms[0].iso = None;
-    let (args, handed) = machine_arguments(&spec, false);
+    let (args, handed) = machine_arguments(&spec, false, &Backings::new());
     let line = args.join(" ");
     assert_eq!(handed.len(), 2);
     assert!(line.contains("-machine q35 "));
@@ -106,7 +106,7 @@ fn seabios_microvm_and_empty_drives() {
     micro.machine = MachineType::Microvm;
     micro.disks = vec![spec.disks[0].clone()];
     micro.validate().unwrap();
-    let line = machine_arguments(&micro, false).0.join(" ");
+    let line = machine_arguments(&micro, false, &Backings::new()).0.join(" ");
     assert!(line.contains("-machine microvm,rtc=on"));
     assert!(line.contains("virtio-blk-device,drive=disk-root"));
 }
@@ -191,7 +191,7 @@ fn resources_nics_and_panic_handling_on_the_command_line() {
         nic
     }];
     spec.validate().unwrap();
-    let (args, handed) = machine_arguments(&spec, false);
+    let (args, handed) = machine_arguments(&spec, false, &Backings::new());
     let line = args.join(" ");
     for expected in [
         "-object throttle-group,id=io-root,x-iops-total=100",
@@ -216,7 +216,7 @@ fn resources_nics_and_panic_handling_on_the_command_line() {
     let err = micro.validate().unwrap_err().to_string();
     assert!(err.contains("virtio-net cards only"), "{err}");
     micro.nics.truncate(1);
-    let line = machine_arguments(&micro, false).0.join(" ");
+    let line = machine_arguments(&micro, false, &Backings::new()).0.join(" ");
     assert!(line.contains("virtio-net-device,netdev=net-net0"), "{line}");
     assert!(!line.contains("pvpanic"), "microvm has no ISA bus: {line}");
 }

@@ -21,11 +21,11 @@ use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
 use crate::fixture::{TestServer, VIV};
 
 /// Boot under TCG on a busy 2-core host takes seconds; this bounds a hang, not a slow boot.
-const BOOT_DEADLINE: Duration = Duration::from_secs(240);
-const MARKER: &str = "VIVARIUM-ISO-BOOTED";
-const READY: &str = "VIVARIUM-ACPID-READY";
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+pub const MARKER: &str = "VIVARIUM-ISO-BOOTED";
+pub const READY: &str = "VIVARIUM-ACPID-READY";
 
-type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
+pub type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// A name no other test uses (the shared server outlives each test).
 fn unique(prefix: &str) -> String {
@@ -36,7 +36,7 @@ fn unique(prefix: &str) -> String {
 
 /// How a WebSocket request authenticates.
 #[derive(Clone, Copy)]
-enum Auth<'a> {
+pub enum Auth<'a> {
     /// The `X-API-Key` header.
     Header,
     /// A `viv-key.KEY` subprotocol (what a browser does).
@@ -47,7 +47,7 @@ enum Auth<'a> {
 
 /// Opens a WebSocket on `path`, offering `protocols`; the error is the refusal's status and
 /// JSON body.
-fn ws(
+pub fn ws(
     server: &TestServer,
     path: &str,
     auth: Auth,
@@ -192,7 +192,7 @@ fn console_routes_answer_for_unknown_and_stopped_vms() {
 }
 
 /// The test ISO (`tests/fixtures/vm-iso/build`, cached).
-fn iso() -> PathBuf {
+pub fn iso() -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vm-iso/build");
     let built = Command::new("bash")
         .arg(&script)
@@ -208,7 +208,7 @@ fn iso() -> PathBuf {
 
 /// Adds the test ISO to the server's library under `name` (the storage API's `POST /isos`
 /// from a local path).
-fn add_iso(server: &TestServer, name: &str) {
+pub fn add_iso(server: &TestServer, name: &str) {
     let added = server
         .put(&format!("/isos/{name}"))
         .body(std::fs::read(iso()).unwrap())
@@ -218,14 +218,15 @@ fn add_iso(server: &TestServer, name: &str) {
 }
 
 /// Output read from a console WebSocket.
-struct Seen {
+pub struct Seen {
     socket: Socket,
-    text: Vec<u8>,
+    /// Everything read so far.
+    pub text: Vec<u8>,
     closed: Option<String>,
 }
 
 impl Seen {
-    fn new(socket: Socket) -> Self {
+    pub fn new(socket: Socket) -> Self {
         Self {
             socket,
             text: Vec::new(),
@@ -233,12 +234,12 @@ impl Seen {
         }
     }
 
-    fn lossy(&self) -> String {
+    pub fn lossy(&self) -> String {
         String::from_utf8_lossy(&self.text).into_owned()
     }
 
     /// Reads one message (up to the socket's read timeout); false once closed.
-    fn pump(&mut self) -> Option<Message> {
+    pub fn pump(&mut self) -> Option<Message> {
         match self.socket.read() {
             Ok(Message::Binary(bytes)) => {
                 self.text.extend_from_slice(&bytes);
@@ -263,7 +264,7 @@ impl Seen {
     }
 
     /// Reads until `needle` appears after byte `from`.
-    fn wait_for(&mut self, needle: &str, from: usize, limit: Duration) {
+    pub fn wait_for(&mut self, needle: &str, from: usize, limit: Duration) {
         let start = Instant::now();
         while !String::from_utf8_lossy(&self.text[from.min(self.text.len())..]).contains(needle) {
             assert!(self.closed.is_none(), "closed before {needle:?}:\n{}", self.lossy());
@@ -277,7 +278,7 @@ impl Seen {
     }
 
     /// Reads until the server closes the socket; returns the close reason.
-    fn wait_closed(&mut self, limit: Duration) -> String {
+    pub fn wait_closed(&mut self, limit: Duration) -> String {
         let start = Instant::now();
         while self.closed.is_none() {
             assert!(start.elapsed() < limit, "the console did not close within {limit:?}");
@@ -286,7 +287,7 @@ impl Seen {
         self.closed.clone().unwrap()
     }
 
-    fn send(&mut self, message: Message) {
+    pub fn send(&mut self, message: Message) {
         self.socket.send(message).unwrap();
     }
 }
