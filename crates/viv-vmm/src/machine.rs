@@ -602,7 +602,16 @@ pub(crate) fn read_backings(spec: &MachineSpec) -> Result<Backings, LaunchMachin
             what: format!("reading the backing chain of {}", disk.path.display()),
             source,
         };
-        let chain = crate::qcow2::backing_chain(&disk.path).map_err(io)?;
+        let chain = crate::qcow2::backing_chain(&disk.path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound && !disk.path.exists() {
+                LaunchMachineError::Open {
+                    path: disk.path.clone(),
+                    source,
+                }
+            } else {
+                io(source)
+            }
+        })?;
         let mut above = disk.path.clone();
         let mut levels = Vec::new();
         for path in chain {
