@@ -472,6 +472,14 @@ pub struct VmDeleteQuery {
     pub disks: DiskDisposal,
 }
 
+/// `PUT /vms/{id}/cdroms/{drive}` body: the medium a CD-ROM drive holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMedium {
+    /// The ISO of the library to insert; `null` ejects.
+    pub iso: Option<String>,
+}
+
 /// `POST /vms/{id}/clone` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -48,6 +48,7 @@ mod templates;
 mod timeouts;
 mod vm_clone;
 mod vm_console;
+mod vm_media;
 mod vm_recovery;
 mod vm_runtime;
 mod vm_snapshots;

@@ -110,6 +110,24 @@ pub enum VmCommand {
         #[arg(long)]
         full: bool,
     },
+    /// Put an ISO into a CD-ROM drive (running or not), or eject its medium.
+    Media {
+        /// VM id or name.
+        vm: String,
+        /// The drive's index (0 for the first).
+        drive: usize,
+        /// The ISO of the library to insert.
+        #[arg(required_unless_present = "eject", conflicts_with = "eject")]
+        iso: Option<String>,
+        /// Eject the medium.
+        #[arg(long)]
+        eject: bool,
+    },
+    /// Reset a stopped UEFI VM's variable store (NVRAM) to the firmware's defaults.
+    NvramReset {
+        /// VM id or name.
+        vm: String,
+    },
     /// Take, list, revert to and delete a VM's snapshots.
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCommand),
@@ -407,6 +425,38 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
+        VmCommand::Media {
+            vm,
+            drive,
+            iso,
+            eject: _,
+        } => {
+            let info: VmInfo = client
+                .json(
+                    client
+                        .request(Method::PUT, &format!("/vms/{vm}/cdroms/{drive}"))
+                        .json(&json!({ "iso": iso })),
+                )
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                match info.definition.cdroms.get(drive).and_then(|c| c.iso.as_deref()) {
+                    Some(iso) => println!("{} drive {drive}: {iso}", info.name),
+                    None => println!("{} drive {drive}: empty", info.name),
+                }
+            }
+        }
+        VmCommand::NvramReset { vm } => {
+            let info: VmInfo = client
+                .json(client.request(Method::POST, &format!("/vms/{vm}/nvram/reset")))
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("{}: NVRAM reset", info.name);
+            }
+        }
         VmCommand::Clone { vm, name, full } => {
             let body = json!({"name": name, "linked": !full});
             let info: VmInfo = client

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmRename, VmStopQuery};
+use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmMedium, VmRename, VmStopQuery};
 
 use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
@@ -27,6 +27,8 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/resume", post(resume))
         .route("/vms/{id}/kill", post(kill))
         .route("/vms/{id}/clone", post(clone))
+        .route("/vms/{id}/cdroms/{drive}", axum::routing::put(change_medium))
+        .route("/vms/{id}/nvram/reset", post(reset_nvram))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}", get(snapshot).delete(delete_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}/revert", post(revert_snapshot))
@@ -145,4 +147,16 @@ async fn clone(
     JsonBody(req): JsonBody<VmClone>,
 ) -> Result<Response, ApiError> {
     Ok((StatusCode::CREATED, Json(state.manager.clone_vm(&id, req).await?)).into_response())
+}
+
+async fn change_medium(
+    State(state): State<AppState>,
+    ApiPath((id, drive)): ApiPath<(String, usize)>,
+    JsonBody(req): JsonBody<VmMedium>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.change_vm_medium(&id, drive, req.iso.as_deref()).await?).into_response())
+}
+
+async fn reset_nvram(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.reset_vm_nvram(&id).await?).into_response())
 }

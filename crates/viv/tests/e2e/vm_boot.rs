@@ -420,3 +420,90 @@ fn a_running_vms_disk_grows_online_and_the_guest_sees_it() {
         204
     );
 }
+
+#[test]
+fn a_cd_is_changed_and_ejected_while_the_vm_runs_and_a_uefi_nvram_resets() {
+    let server = TestServer::shared();
+    let iso = library_iso(server);
+    let id = define(
+        server,
+        &unique("media"),
+        json!({"firmware": "uefi", "memoryMib": 256, "cdroms": [{"iso": iso}, {}]}),
+    );
+    act(server, &id, "start", "");
+    let mut guest = Guest::attach(server, &id);
+    guest.wait_for(READY);
+    // The guest's view of the second drive: its size in 512-byte sectors (0 when empty).
+    let sectors = |guest: &mut Guest| -> u64 {
+        let out = guest.run("cat /sys/block/sr1/size");
+        out.lines()
+            .rev()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the guest has no second CD-ROM drive: {out}"))
+    };
+    assert_eq!(sectors(&mut guest), 0, "the drive starts empty");
+    let put = |body: Value| server.put(&format!("/vms/{id}/cdroms/1")).json(&body).send().unwrap();
+    let inserted = put(json!({"iso": iso}));
+    assert_eq!(inserted.status(), 200);
+    let inserted: Value = inserted.json().unwrap();
+    assert_eq!(inserted["definition"]["cdroms"][1]["iso"], iso.as_str());
+    let iso_bytes = std::fs::metadata(crate::vm_console::iso()).unwrap().len();
+    assert!(
+        wait_until(Duration::from_secs(60), || sectors(&mut guest) == iso_bytes / 512),
+        "the guest did not see the inserted ISO"
+    );
+    let ejected: Value = put(json!({"iso": null})).json().unwrap();
+    assert!(ejected["definition"]["cdroms"][1].get("iso").is_none(), "{ejected}");
+    assert!(
+        wait_until(Duration::from_secs(60), || sectors(&mut guest) == 0),
+        "the guest still sees a medium"
+    );
+    assert_eq!(put(json!({"iso": "no-such-iso"})).status(), 404);
+    assert_eq!(
+        server
+            .put(&format!("/vms/{id}/cdroms/7"))
+            .json(&json!({"iso": null}))
+            .send()
+            .unwrap()
+            .status(),
+        404
+    );
+    let (status, message) = refused(server.post(&format!("/vms/{id}/nvram/reset")).send().unwrap());
+    assert_eq!((status, message.contains("stop it")), (409, true), "{message}");
+    act(server, &id, "kill", "");
+    let reset = server.post(&format!("/vms/{id}/nvram/reset")).send().unwrap();
+    assert_eq!(reset.status(), 200, "{}", reset.text().unwrap());
+    // It boots again from the fresh variable store.
+    act(server, &id, "start", "");
+    let mut guest = Guest::attach(server, &id);
+    guest.wait_for(READY);
+    act(server, &id, "kill", "");
+    assert_eq!(server.delete(&format!("/vms/{id}")).send().unwrap().status(), 204);
+}
+
+#[test]
+fn a_guest_kernel_panic_is_a_crash() {
+    let server = TestServer::shared();
+    let iso = library_iso(server);
+    let id = define(
+        server,
+        &unique("panic"),
+        json!({"memoryMib": 256, "cdroms": [{"iso": iso}]}),
+    );
+    act(server, &id, "start", "");
+    let mut guest = Guest::attach(server, &id);
+    guest.wait_for(READY);
+    guest
+        .seen
+        .send(Message::Binary(b"run echo c >/proc/sysrq-trigger\n".to_vec().into()));
+    assert!(wait_until(BOOT_DEADLINE, || vm(server, &id)["state"] == "crashed"));
+    let crashed = vm(server, &id);
+    assert!(
+        crashed["lastExit"]
+            .as_str()
+            .unwrap()
+            .contains("the guest kernel panicked"),
+        "{crashed}"
+    );
+    assert_eq!(server.delete(&format!("/vms/{id}")).send().unwrap().status(), 204);
+}
