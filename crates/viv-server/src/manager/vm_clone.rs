@@ -21,10 +21,7 @@ impl Manager {
     /// Clones a VM that is not running into a new VM named `req.name`.
     pub async fn clone_vm(self: &Arc<Self>, source: &str, req: VmClone) -> Result<VmInfo, ApiError> {
         super::check_name("VM", &req.name)?;
-        let id = self.vm_row(source)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(source).await?;
         let state = state_of(&row)?;
         if state.is_active() {
             return Err(ApiError::Conflict(format!(

@@ -26,10 +26,7 @@ impl Manager {
         if let Some(iso) = iso {
             super::check_name("ISO", iso)?;
         }
-        let id = self.vm_row(vm)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(vm).await?;
         let mut def = definition_of(&row.definition)?;
         if drive >= def.cdroms.len() {
             return Err(ApiError::NotFound(format!(
@@ -81,10 +78,7 @@ impl Manager {
     /// Replaces a stopped UEFI VM's variable store with a fresh copy of the firmware's template
     /// (boot entries and every other variable are forgotten).
     pub async fn reset_vm_nvram(self: &Arc<Self>, vm: &str) -> Result<VmInfo, ApiError> {
-        let id = self.vm_row(vm)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(vm).await?;
         let state = state_of(&row)?;
         if state.is_active() {
             return Err(ApiError::Conflict(format!(

@@ -141,7 +141,17 @@ impl VmRuntime {
     }
 }
 
+/// Held while an operation on one VM runs.
+pub(super) type VmGuard = tokio::sync::OwnedMutexGuard<()>;
+
 impl Manager {
+    /// Waits for VM `id_or_name`'s gate and returns its row as read under it.
+    pub(super) async fn lock_vm(&self, id_or_name: &str) -> Result<(crate::store::VmRow, VmGuard), ApiError> {
+        let id = self.vm_row(id_or_name)?.id;
+        let held = self.vm_runtime.gate(&id).lock_owned().await;
+        Ok((self.vm_row(&id)?, held))
+    }
+
     /// The directory storage pool (disks, ISOs, cloud-init seeds).
     pub fn storage(&self) -> &Arc<viv_storage::DirPool> {
         &self.storage
@@ -198,9 +208,8 @@ impl Manager {
 
     /// Starts a VM that is not running; its pending definition, if any, takes effect.
     pub async fn start_vm(self: &Arc<Self>, id_or_name: &str) -> Result<VmInfo, ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
+        let (row, _held) = self.lock_vm(id_or_name).await?;
+        let id = row.id;
         self.start_vm_locked(&id).await
     }
 
@@ -415,9 +424,8 @@ impl Manager {
         force: bool,
         timeout_secs: Option<u32>,
     ) -> Result<VmInfo, ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
+        let (row, _held) = self.lock_vm(id_or_name).await?;
+        let id = row.id;
         self.stop_vm_locked(&id, force, timeout_secs).await?;
         self.vm_info(&id)
     }
@@ -475,10 +483,8 @@ impl Manager {
 
     /// Kills a VM at once (pulling the plug).
     pub async fn kill_vm(self: &Arc<Self>, id_or_name: &str) -> Result<VmInfo, ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(id_or_name).await?;
+        let id = row.id.clone();
         let live = self.live_of(&row)?;
         live.ask_to_stop("killed");
         live.machine
@@ -497,9 +503,8 @@ impl Manager {
         force: bool,
         timeout_secs: Option<u32>,
     ) -> Result<VmInfo, ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
+        let (row, _held) = self.lock_vm(id_or_name).await?;
+        let id = row.id;
         if self.vm_runtime.get(&id).is_some() {
             self.stop_vm_locked(&id, force, timeout_secs).await?;
         }
@@ -517,10 +522,8 @@ impl Manager {
     }
 
     async fn pause_or_resume(self: &Arc<Self>, id_or_name: &str, pause: bool) -> Result<VmInfo, ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(id_or_name).await?;
+        let id = row.id.clone();
         let live = self.live_of(&row)?;
         let state = state_of(&row)?;
         let (from, to) = if pause {
@@ -561,10 +564,8 @@ impl Manager {
     /// the storage pool or, with [`DiskDisposal::Delete`], those it alone attached read-write
     /// are deleted too. Returns the disks deleted.
     pub async fn delete_vm(self: &Arc<Self>, id_or_name: &str, disks: DiskDisposal) -> Result<Vec<String>, ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(id_or_name).await?;
+        let id = row.id.clone();
         let def = definition_of(&row.definition)?;
         let pending = row.pending_definition.as_deref().map(definition_of).transpose()?;
         self.delete_vm_row(&row)?;

@@ -61,10 +61,7 @@ impl Manager {
                 viv_api::vms::MAX_VM_DESCRIPTION
             )));
         }
-        let id = self.vm_row(vm)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(vm).await?;
         if self.store.vm_snapshot(&row.id, &req.name)?.is_some() {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' has a snapshot named '{}' already",
@@ -128,10 +125,8 @@ impl Manager {
     /// ends in the state it had when the snapshot was taken; a disk-only snapshot needs the VM
     /// stopped.
     pub async fn revert_vm_snapshot(self: &Arc<Self>, vm: &str, snapshot: &str) -> Result<VmSnapshot, ApiError> {
-        let id = self.vm_row(vm)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(vm).await?;
+        let id = row.id.clone();
         let snap = self.snapshot_row(&row, snapshot)?;
         let taken_with = definition_of(&snap.definition)?;
         if snap.memory {
@@ -194,10 +189,7 @@ impl Manager {
 
     /// Deletes a snapshot of a VM; its children move to its parent.
     pub async fn delete_vm_snapshot(self: &Arc<Self>, vm: &str, snapshot: &str) -> Result<(), ApiError> {
-        let id = self.vm_row(vm)?.id;
-        let gate = self.vm_runtime.gate(&id);
-        let _held = gate.lock().await;
-        let row = self.vm_row(&id)?;
+        let (row, _held) = self.lock_vm(vm).await?;
         let snap = self.snapshot_row(&row, snapshot)?;
         self.drop_snapshot_data(&row, &snap).await;
         self.store.delete_vm_snapshot(&snap)?;

@@ -57,6 +57,15 @@ impl Guest {
     }
 }
 
+/// Defines a VM from `body`, starts it and waits until its guest's acpid runs.
+fn booted(server: &TestServer, prefix: &str, body: Value) -> (String, Guest) {
+    let id = define(server, &unique(prefix), body);
+    act(server, &id, "start", "");
+    let mut guest = Guest::attach(server, &id);
+    guest.wait_for(READY);
+    (id, guest)
+}
+
 fn vm(server: &TestServer, id: &str) -> Value {
     server.get(&format!("/vms/{id}")).send().unwrap().json().unwrap()
 }
@@ -194,14 +203,11 @@ fn a_snapshot_revert_brings_back_a_disk_marker_and_a_running_counter() {
     let iso = library_iso(server);
     let disk = unique("snapdisk");
     create_disk(server, &disk, 64 << 20);
-    let id = define(
+    let (id, mut guest) = booted(
         server,
-        &unique("snap"),
+        "snap",
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
-    act(server, &id, "start", "");
-    let mut guest = Guest::attach(server, &id);
-    guest.wait_for(READY);
     guest.run("printf MARK-ONE | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
     guest.run("(i=0; while true; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 &");
     let count = |guest: &mut Guest| -> u64 {
@@ -377,14 +383,11 @@ fn a_running_vms_disk_grows_online_and_the_guest_sees_it() {
     let iso = library_iso(server);
     let disk = unique("grow");
     create_disk(server, &disk, 32 << 20);
-    let id = define(
+    let (id, mut guest) = booted(
         server,
-        &unique("grow"),
+        "grow",
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
-    act(server, &id, "start", "");
-    let mut guest = Guest::attach(server, &id);
-    guest.wait_for(READY);
     let sectors = |guest: &mut Guest| guest.run("cat /sys/block/vda/size").trim().to_owned();
     assert!(sectors(&mut guest).contains(&(32u64 << 11).to_string()));
     let (status, message) = refused(
@@ -425,14 +428,11 @@ fn a_running_vms_disk_grows_online_and_the_guest_sees_it() {
 fn a_cd_is_changed_and_ejected_while_the_vm_runs_and_a_uefi_nvram_resets() {
     let server = TestServer::shared();
     let iso = library_iso(server);
-    let id = define(
+    let (id, mut guest) = booted(
         server,
-        &unique("media"),
+        "media",
         json!({"firmware": "uefi", "memoryMib": 256, "cdroms": [{"iso": iso}, {}]}),
     );
-    act(server, &id, "start", "");
-    let mut guest = Guest::attach(server, &id);
-    guest.wait_for(READY);
     // The guest's view of the second drive: its size in 512-byte sectors (0 when empty).
     let sectors = |guest: &mut Guest| -> u64 {
         let out = guest.run("cat /sys/block/sr1/size");
@@ -485,14 +485,7 @@ fn a_cd_is_changed_and_ejected_while_the_vm_runs_and_a_uefi_nvram_resets() {
 fn a_guest_kernel_panic_is_a_crash() {
     let server = TestServer::shared();
     let iso = library_iso(server);
-    let id = define(
-        server,
-        &unique("panic"),
-        json!({"memoryMib": 256, "cdroms": [{"iso": iso}]}),
-    );
-    act(server, &id, "start", "");
-    let mut guest = Guest::attach(server, &id);
-    guest.wait_for(READY);
+    let (id, mut guest) = booted(server, "panic", json!({"memoryMib": 256, "cdroms": [{"iso": iso}]}));
     guest
         .seen
         .send(Message::Binary(b"run echo c >/proc/sysrq-trigger\n".to_vec().into()));
