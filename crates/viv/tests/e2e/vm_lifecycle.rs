@@ -354,3 +354,47 @@ fn autostart_starts_vms_in_their_order_with_their_delays_after_a_server_restart(
         act(&server, id, "kill", "");
     }
 }
+
+#[test]
+fn the_cli_clones_vms_and_names_what_blocks_snapshots_and_media() {
+    let server = TestServer::shared();
+    let name = unique("tmpl");
+    let created = server.cli(&[
+        "vm", "create", &name, "--memory", "128", "--nics", "1", "--cdrom", "empty",
+    ]);
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let copy = unique("copy");
+    let cloned = server.cli(&["vm", "clone", &name, &copy]);
+    assert_eq!(cloned.code, 0, "{}", cloned.stderr);
+    let get = |vm: &str| -> Value { serde_json::from_str(&server.cli(&["--json", "vm", "get", vm]).stdout).unwrap() };
+    let (a, b) = (get(&name), get(&copy));
+    assert_ne!(a["definition"]["nics"][0]["mac"], b["definition"]["nics"][0]["mac"]);
+    assert_ne!(a["uuid"], b["uuid"]);
+    assert_eq!(b["id"].as_str(), Some(cloned.stdout.trim()));
+
+    let snap = server.cli(&["vm", "snapshot", "create", &name, "first"]);
+    assert_ne!(snap.code, 0);
+    assert!(snap.stderr.contains("no writable disk"), "{}", snap.stderr);
+    let listed = server.cli(&["vm", "snapshot", "list", &name]);
+    assert_eq!(
+        (listed.code, listed.stdout.lines().count()),
+        (0, 1),
+        "a header only: {}",
+        listed.stdout
+    );
+    let media = server.cli(&["vm", "media", &name, "0", "no-such-iso"]);
+    assert_ne!(media.code, 0);
+    assert!(media.stderr.contains("not in the ISO library"), "{}", media.stderr);
+    let eject = server.cli(&["vm", "media", &name, "0", "--eject"]);
+    assert_eq!(
+        (eject.code, eject.stdout.trim()),
+        (0, format!("{name} drive 0: empty").as_str()),
+        "{}",
+        eject.stderr
+    );
+    let nvram = server.cli(&["vm", "nvram-reset", &name]);
+    assert!(nvram.stderr.contains("SeaBIOS"), "{}", nvram.stderr);
+    for vm in [&name, &copy] {
+        assert_eq!(server.cli(&["vm", "delete", vm]).code, 0);
+    }
+}
