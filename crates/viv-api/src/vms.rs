@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 /// The most disks, CD-ROM drives or NICs one VM has.
 pub const MAX_VM_DEVICES: usize = 16;
-/// The most serial ports one VM has.
-pub const MAX_VM_SERIAL_PORTS: u8 = 4;
+/// The serial ports one VM has: its console (more are not wired yet).
+pub const MAX_VM_SERIAL_PORTS: u8 = 1;
 /// The most tags one VM has, and the longest tag.
 pub const MAX_VM_TAGS: usize = 32;
 /// Longest tag.
@@ -315,7 +315,7 @@ pub struct VmDefinition {
     /// Network cards.
     #[serde(default)]
     pub nics: Vec<VmNic>,
-    /// Serial ports (consoles); the first is the console `viv console` attaches to.
+    /// Serial ports: 1, the console `viv console` attaches to (more are not supported yet).
     #[serde(default = "default_serial_ports")]
     pub serial_ports: u8,
     /// Graphical display.

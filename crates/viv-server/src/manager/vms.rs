@@ -275,9 +275,9 @@ pub(super) fn check_definition(def: &VmDefinition, vms: &[VmRow], this_vm: Optio
             )));
         }
     }
-    if def.serial_ports > MAX_VM_SERIAL_PORTS {
+    if def.serial_ports != MAX_VM_SERIAL_PORTS {
         return Err(ApiError::BadRequest(format!(
-            "a VM has at most {MAX_VM_SERIAL_PORTS} serial ports, got {}",
+            "a VM has exactly {MAX_VM_SERIAL_PORTS} serial port (its console) for now, got serialPorts {}",
             def.serial_ports
         )));
     }
