@@ -424,6 +424,7 @@ impl Manager {
         force: bool,
         timeout_secs: Option<u32>,
     ) -> Result<VmInfo, ApiError> {
+        check_stop_timeout(timeout_secs)?;
         let (row, _held) = self.lock_vm(id_or_name).await?;
         let id = row.id;
         self.stop_vm_locked(&id, force, timeout_secs).await?;
@@ -431,14 +432,6 @@ impl Manager {
     }
 
     async fn stop_vm_locked(&self, id: &str, force: bool, timeout_secs: Option<u32>) -> Result<(), ApiError> {
-        if let Some(t) = timeout_secs {
-            if !(1..=viv_api::vms::MAX_VM_STOP_TIMEOUT_SECS).contains(&t) {
-                return Err(ApiError::BadRequest(format!(
-                    "timeoutSecs must be between 1 and {}, got {t}",
-                    viv_api::vms::MAX_VM_STOP_TIMEOUT_SECS
-                )));
-            }
-        }
         let row = self.vm_row(id)?;
         let live = self.live_of(&row)?;
         if force {
@@ -503,6 +496,7 @@ impl Manager {
         force: bool,
         timeout_secs: Option<u32>,
     ) -> Result<VmInfo, ApiError> {
+        check_stop_timeout(timeout_secs)?;
         let (row, _held) = self.lock_vm(id_or_name).await?;
         let id = row.id;
         if self.vm_runtime.get(&id).is_some() {
@@ -605,6 +599,17 @@ impl Manager {
             }
         }
         Ok(deleted)
+    }
+}
+
+/// Refuses a stop timeout out of range.
+fn check_stop_timeout(timeout_secs: Option<u32>) -> Result<(), ApiError> {
+    match timeout_secs {
+        Some(t) if !(1..=viv_api::vms::MAX_VM_STOP_TIMEOUT_SECS).contains(&t) => Err(ApiError::BadRequest(format!(
+            "timeoutSecs must be between 1 and {}, got {t}",
+            viv_api::vms::MAX_VM_STOP_TIMEOUT_SECS
+        ))),
+        _ => Ok(()),
     }
 }
 
