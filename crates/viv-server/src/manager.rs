@@ -46,6 +46,7 @@ mod snapshots;
 mod storage;
 mod templates;
 mod timeouts;
+mod vm_cloudinit;
 mod vm_console;
 mod vm_recovery;
 mod vm_runtime;

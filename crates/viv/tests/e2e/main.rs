@@ -17,6 +17,7 @@ mod restarts;
 mod snapshots;
 mod storage;
 mod templates;
+mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;
 mod vms;
