@@ -48,6 +48,7 @@ mod templates;
 mod timeouts;
 mod vm_cloudinit;
 mod vm_console;
+mod vm_metrics;
 mod vm_recovery;
 mod vm_runtime;
 mod vm_snapshots;

@@ -47,6 +47,7 @@ mod launch;
 mod ops;
 mod resources;
 mod snapshot;
+mod stats;
 
 pub use launch::machine_limits;
 pub use resources::{online_cpus, parse_cpu_list, IoLimits, MachineResources};
@@ -56,6 +57,7 @@ pub use ops::{
     ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
 pub use snapshot::SnapshotError;
+pub use stats::{BlockStats, BlockStatsError};
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};

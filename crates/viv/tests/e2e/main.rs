@@ -20,4 +20,5 @@ mod templates;
 mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;
+mod vm_metrics;
 mod vms;
