@@ -121,6 +121,7 @@ impl Manager {
             hash.update(doc);
         }
         if let Some(network) = &docs.network_config {
+            hash.update([1]);
             hash.update(network);
         }
         let digest = hex::encode(hash.finalize());

@@ -303,3 +303,58 @@ fn bad_cloud_init_is_refused() {
     assert_eq!(vm["definition"].get("cloudInit"), None, "{vm}");
     assert_eq!(server.delete(&format!("/vms/{name}")).send().unwrap().status(), 204);
 }
+
+#[test]
+fn a_vm_running_with_its_seed_is_taken_over_by_the_next_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_on_with(dir.path(), &["--on-shutdown", "leave"]);
+    let name = unique("ci-adopt");
+    let iso = format!("{name}-iso");
+    add_test_iso(&server, &iso);
+    let user_data = "#!/bin/sh\necho hello from the seed\n";
+    let created = server
+        .post("/vms")
+        .json(&json!({"name": name, "memoryMib": 256, "cdroms": [{"iso": iso}], "cloudInit": {"userData": user_data}}))
+        .send()
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let id = created.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    let started = server.post(&format!("/vms/{id}/start")).send().unwrap();
+    assert!(started.status().is_success(), "start: {}", started.text().unwrap());
+    let mut console = Console::open(&server, &id);
+    console.wait_for("VIVARIUM-ACPID-READY", 0, BOOT_DEADLINE);
+    let pid = server
+        .get(&format!("/vms/{id}"))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap()["pid"]
+        .clone();
+    drop(console);
+    assert!(server.stop(libc::SIGTERM).success());
+    drop(server);
+
+    let server = TestServer::start_on_with(dir.path(), &["--on-shutdown", "kill"]);
+    let vm: Value = server.get(&format!("/vms/{id}")).send().unwrap().json().unwrap();
+    assert_eq!((vm["state"].as_str(), &vm["pid"]), (Some("running"), &pid), "{vm}");
+    // The taken-over machine still has its seed drive, and the guest reads it.
+    let mut console = Console::open(&server, &id);
+    let read = console.run(
+        "for i in $(seq 100); do d=$(findfs LABEL=cidata) && break; sleep 0.2; done; mkdir -p /ci && mount -t iso9660 -o ro $d /ci && cat /ci/user-data",
+        Duration::from_secs(60),
+    );
+    assert_eq!(read, user_data, "{}", console.text);
+    let metrics = server.get("/metrics").send().unwrap().text().unwrap();
+    let reads = format!("vivarium_vm_disk_read_bytes_total{{vm=\"{id}\",name=\"{name}\",disk=\"cidata\"}} ");
+    let line = metrics.lines().find_map(|l| l.strip_prefix(&reads));
+    assert!(
+        line.is_some_and(|v| v.parse::<f64>().unwrap() > 0.0),
+        "the seed drive's reads:\n{metrics}"
+    );
+    assert!(server
+        .post(&format!("/vms/{id}/kill"))
+        .send()
+        .unwrap()
+        .status()
+        .is_success());
+}
