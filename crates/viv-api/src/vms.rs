@@ -339,6 +339,27 @@ pub struct VmDefinition {
     /// Host resources.
     #[serde(default)]
     pub resources: VmResources,
+    /// cloud-init NoCloud data, given to the guest as a CD-ROM labelled `cidata` (q35 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+}
+
+/// The largest cloud-init document (`userData`, `metaData` or `networkConfig`), in bytes.
+pub const MAX_CLOUD_INIT_DOCUMENT: usize = 64 * 1024;
+
+/// cloud-init NoCloud data: built into a seed image at each start where it changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudInit {
+    /// The `user-data` document (`#cloud-config ...`, a `#!` script, ...).
+    pub user_data: String,
+    /// The `meta-data` YAML; `instance-id: <VM id>` is added when it names none, and
+    /// `local-hostname: <VM name>` when it is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<String>,
+    /// A `network-config` (version 1 or 2), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
 }
 
 fn default_memory_mib() -> u32 {

@@ -172,9 +172,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         format!(
-            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n",
+            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n{}",
             state.metrics.render(state.manager.live_count()),
-            state.manager.network_slots()
+            state.manager.network_slots(),
+            state.manager.render_vm_metrics().await
         ),
     )
 }

@@ -31,7 +31,7 @@ pub use disk::{
 };
 pub use iso::{IsoAddError, IsoError, IsoInfo};
 pub use pool::{DirPool, OpenPoolError, SourceError};
-pub use seed::{build_seed_iso, SeedConfig, SeedError};
+pub use seed::{build_seed_documents_iso, build_seed_iso, SeedConfig, SeedDocuments, SeedError};
 
 /// What kind of failure an error is, for a server to pick a status
 /// (404, 409, 400, 500).

@@ -158,6 +158,61 @@ fn check_text(what: &'static str, text: &str, limit: usize) -> Result<(), SeedEr
 /// directory beside it.
 pub async fn build_seed_iso(config: &SeedConfig, dest: &Path) -> Result<(), SeedError> {
     config.check()?;
+    let mut documents = vec![
+        ("user-data", config.user_data.clone()),
+        ("meta-data", config.meta_data()),
+    ];
+    if let Some(network) = &config.network_config {
+        documents.push(("network-config", network.clone()));
+    }
+    write_seed_image(&documents, dest).await
+}
+
+/// A seed whose documents are given whole, meta-data included (as a VM definition holds them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedDocuments {
+    /// The user-data document.
+    pub user_data: String,
+    /// The meta-data document (YAML).
+    pub meta_data: String,
+    /// A network configuration, if any.
+    pub network_config: Option<String>,
+}
+
+/// The largest meta-data accepted, in bytes.
+pub const MAX_META_DATA: usize = 64 * 1024;
+
+impl SeedDocuments {
+    /// Checks every document: text of bounded size, user-data with a header cloud-init acts on.
+    pub fn check(&self) -> Result<(), SeedError> {
+        check_text("user-data", &self.user_data, MAX_USER_DATA)?;
+        if !USER_DATA_HEADERS.iter().any(|h| self.user_data.starts_with(h)) {
+            return Err(SeedError::UserDataFormat);
+        }
+        check_text("meta-data", &self.meta_data, MAX_META_DATA)?;
+        if let Some(network) = &self.network_config {
+            check_text("network-config", network, MAX_NETWORK_CONFIG)?;
+        }
+        Ok(())
+    }
+}
+
+/// Builds the seed image holding `docs` at `dest` (replacing it).
+pub async fn build_seed_documents_iso(docs: &SeedDocuments, dest: &Path) -> Result<(), SeedError> {
+    docs.check()?;
+    let mut documents = vec![
+        ("user-data", docs.user_data.clone()),
+        ("meta-data", docs.meta_data.clone()),
+    ];
+    if let Some(network) = &docs.network_config {
+        documents.push(("network-config", network.clone()));
+    }
+    write_seed_image(&documents, dest).await
+}
+
+/// Writes `documents` (file name, text) into an ISO labelled `cidata` at `dest`, built in a
+/// temporary directory beside it and renamed into place whole.
+async fn write_seed_image(documents: &[(&'static str, String)], dest: &Path) -> Result<(), SeedError> {
     let parent = dest.parent().unwrap_or(Path::new("/"));
     let work = crate::pool::TempPath {
         path: parent.join(format!(".tmp-seed-{}-{}", std::process::id(), unique())),
@@ -166,14 +221,7 @@ pub async fn build_seed_iso(config: &SeedConfig, dest: &Path) -> Result<(), Seed
     std::fs::create_dir(&work.path).map_err(io(&work.path))?;
     let files = work.path.join("files");
     std::fs::create_dir(&files).map_err(io(&files))?;
-    let mut documents = vec![
-        ("user-data", config.user_data.clone()),
-        ("meta-data", config.meta_data()),
-    ];
-    if let Some(network) = &config.network_config {
-        documents.push(("network-config", network.clone()));
-    }
-    for (file, text) in &documents {
+    for (file, text) in documents {
         let path = files.join(file);
         std::fs::write(&path, text).map_err(io(&path))?;
     }
@@ -239,6 +287,20 @@ impl DirPool {
         Ok(dest)
     }
 
+    /// Builds (or rebuilds) the seed `name` from whole documents, returning its path.
+    pub async fn create_seed_documents(&self, name: &str, docs: &SeedDocuments) -> Result<PathBuf, SeedError> {
+        name::check(name)?;
+        let dest = self.seed_file(name);
+        build_seed_documents_iso(docs, &dest).await?;
+        Ok(dest)
+    }
+
+    /// The file of the seed `name` (which may not exist).
+    pub fn seed_path(&self, name: &str) -> Result<PathBuf, SeedError> {
+        name::check(name)?;
+        Ok(self.seed_file(name))
+    }
+
     /// Deletes the seed `name`.
     pub fn delete_seed(&self, name: &str) -> Result<(), SeedError> {
         name::check(name)?;
@@ -290,6 +352,20 @@ mod tests {
         assert!(matches!(
             bad(|c| c.user_data = format!("#!/bin/sh\n{}", "x".repeat(MAX_USER_DATA))),
             SeedError::TooLarge { .. }
+        ));
+        let docs = SeedDocuments {
+            user_data: "#cloud-config\n".into(),
+            meta_data: "instance-id: a\n".into(),
+            network_config: None,
+        };
+        assert!(docs.check().is_ok());
+        assert!(matches!(
+            SeedDocuments {
+                meta_data: "x\u{7}".into(),
+                ..docs.clone()
+            }
+            .check(),
+            Err(SeedError::NotText("meta-data"))
         ));
         assert_eq!(
             config().meta_data(),

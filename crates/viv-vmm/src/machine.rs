@@ -47,6 +47,7 @@ mod launch;
 mod ops;
 mod resources;
 mod snapshot;
+mod stats;
 
 pub use launch::machine_limits;
 pub use resources::{online_cpus, parse_cpu_list, IoLimits, MachineResources};
@@ -56,6 +57,7 @@ pub use ops::{
     ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
 pub use snapshot::SnapshotError;
+pub use stats::{BlockStats, BlockStatsError};
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -225,6 +227,9 @@ pub struct Disk {
     pub boot_index: Option<u32>,
 }
 
+/// The device id of a machine's cloud-init seed drive ([`MachineSpec::seed`]).
+pub const SEED_DRIVE: &str = "cidata";
+
 /// A CD-ROM drive (SATA on q35), whose medium can be changed or ejected while running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cdrom {
@@ -331,6 +336,10 @@ pub struct MachineSpec {
     pub disks: Vec<Disk>,
     /// CD-ROM drives.
     pub cdroms: Vec<Cdrom>,
+    /// A cloud-init seed image, attached read-only as a SCSI CD-ROM (id [`SEED_DRIVE`]) on a
+    /// virtio-scsi controller of its own, after every other drive and never booted from:
+    /// virtio-scsi, unlike SATA, is in every cloud kernel. q35 only.
+    pub seed: Option<PathBuf>,
     /// Network cards.
     pub nics: Vec<Nic>,
     /// The graphical display.
@@ -357,6 +366,7 @@ impl MachineSpec {
             accel,
             disks: Vec::new(),
             cdroms: Vec::new(),
+            seed: None,
             nics: Vec::new(),
             display: Display::None,
             uuid: None,
@@ -434,6 +444,9 @@ impl MachineSpec {
                 }
             }
         }
+        if self.seed.is_some() && ids.contains(SEED_DRIVE) {
+            return invalid(format!("the device id {SEED_DRIVE:?} is the seed drive's"));
+        }
         for nic in &self.nics {
             let octets: Vec<&str> = nic.mac.split(':').collect();
             let hex = octets.len() == 6 && octets.iter().all(|o| o.len() == 2 && u8::from_str_radix(o, 16).is_ok());
@@ -462,7 +475,7 @@ impl MachineSpec {
                     disk.id
                 ));
             }
-            if !self.cdroms.is_empty() {
+            if !self.cdroms.is_empty() || self.seed.is_some() {
                 return invalid("microvm machines have no CD-ROM drives".into());
             }
             if self.display != Display::None {
@@ -776,6 +789,18 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
             device.push_str(&format!(",drive={node}"));
         }
         cl.push("-device", format!("{device}{}", boot(cdrom.boot_index)));
+    }
+    if let Some(seed) = &spec.seed {
+        let file = cl.file(seed, false);
+        cl.push("-device", "virtio-scsi-pci,id=seedscsi".into());
+        cl.push(
+            "-blockdev",
+            format!("driver=raw,node-name=seed-{SEED_DRIVE},read-only=on,file.driver=file,file.filename={file}"),
+        );
+        cl.push(
+            "-device",
+            format!("scsi-cd,bus=seedscsi.0,drive=seed-{SEED_DRIVE},id={SEED_DRIVE}"),
+        );
     }
     for (n, nic) in spec.nics.iter().enumerate() {
         match nic.backend {

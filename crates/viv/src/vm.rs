@@ -5,7 +5,7 @@
 //! given, as a JSON merge patch, and prints which changes apply at once and which at the VM's
 //! next start.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Map, Value};
@@ -22,7 +22,7 @@ pub enum VmCommand {
         /// Name, unique on the server.
         name: String,
         #[command(flatten)]
-        fields: DefinitionArgs,
+        fields: Box<DefinitionArgs>,
     },
     /// List VMs.
     #[command(alias = "ls")]
@@ -38,7 +38,7 @@ pub enum VmCommand {
         /// VM id or name.
         vm: String,
         #[command(flatten)]
-        fields: DefinitionArgs,
+        fields: Box<DefinitionArgs>,
     },
     /// Rename a VM.
     Rename {
@@ -253,6 +253,18 @@ pub struct DefinitionArgs {
     /// Restart policy: never or on-failure.
     #[arg(long)]
     restart: Option<String>,
+    /// cloud-init user-data from FILE (`#cloud-config ...`); the VM gets a NoCloud seed CD-ROM.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<std::path::PathBuf>,
+    /// cloud-init meta-data (YAML) from FILE; `instance-id` defaults to the VM's id.
+    #[arg(long, value_name = "FILE")]
+    meta_data: Option<std::path::PathBuf>,
+    /// cloud-init network-config from FILE.
+    #[arg(long, value_name = "FILE")]
+    network_config: Option<std::path::PathBuf>,
+    /// Remove the VM's cloud-init data (edit).
+    #[arg(long, conflicts_with_all = ["user_data", "meta_data", "network_config"])]
+    no_cloud_init: bool,
 }
 
 impl DefinitionArgs {
@@ -300,6 +312,24 @@ impl DefinitionArgs {
         }
         if !self.tags.is_empty() {
             f.insert("tags".into(), json!(self.tags));
+        }
+        if self.no_cloud_init {
+            f.insert("cloudInit".into(), Value::Null);
+        }
+        let mut cloud_init = Map::new();
+        for (key, file) in [
+            ("userData", &self.user_data),
+            ("metaData", &self.meta_data),
+            ("networkConfig", &self.network_config),
+        ] {
+            if let Some(file) = file {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {} (cloud-init {key})", file.display()))?;
+                cloud_init.insert(key.into(), json!(text));
+            }
+        }
+        if !cloud_init.is_empty() {
+            f.insert("cloudInit".into(), Value::Object(cloud_init));
         }
         Ok(f)
     }

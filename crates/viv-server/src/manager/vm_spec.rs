@@ -126,6 +126,7 @@ impl Manager {
                 boot_index: boot.of(BootDevice::Cdrom, i),
             });
         }
+        spec.seed = self.cloud_init_seed(id, name, def).await?;
         spec.validate().map_err(|e| launch_error(name, e))?;
         Ok(spec)
     }

@@ -147,6 +147,7 @@ impl Manager {
         }
         self.store.delete_vm(&row.id)?;
         self.remove_vm_console(&row.id);
+        self.remove_cloud_init_seed(&row.id);
         tracing::info!(vm = %row.id, name = %row.name, "VM deleted");
         Ok(())
     }
@@ -319,6 +320,7 @@ pub(super) fn check_definition(def: &VmDefinition, vms: &[VmRow], this_vm: Optio
     }
     check_resources(def, host.max_vcpus)?;
     check_machine(def)?;
+    super::vm_cloudinit::check_cloud_init(def)?;
     check_devices(def, vms, this_vm)
 }
 

@@ -238,3 +238,29 @@ fn resource_limits_go_to_the_cgroup() {
     let err = spec.validate().unwrap_err().to_string();
     assert!(err.contains("not a disk of the machine"), "{err}");
 }
+
+#[test]
+fn a_seed_is_a_scsi_cd_of_its_own_after_the_other_drives() {
+    let mut spec = spec();
+    spec.seed = Some("/pool/seeds/vm-1.iso".into());
+    spec.validate().unwrap();
+    let (args, handed) = machine_arguments(&spec, false);
+    let line = args.join(" ");
+    assert!(handed.contains(&Handed::File {
+        path: "/pool/seeds/vm-1.iso".into(),
+        writable: false
+    }));
+    let cd = line.find("id=cd0").unwrap();
+    let seed = line
+        .find("-device scsi-cd,bus=seedscsi.0,drive=seed-cidata,id=cidata")
+        .unwrap();
+    assert!(cd < seed, "{line}");
+    assert!(line.contains("-device virtio-scsi-pci,id=seedscsi"));
+    assert!(!line[seed..].split(" -").next().unwrap().contains("bootindex"));
+    assert!(!line.contains("=/pool/"), "the seed is opened by name: {line}");
+
+    let mut micro = MachineSpec::new("m2", "/run/m2", Accel::Tcg);
+    micro.machine = MachineType::Microvm;
+    micro.seed = spec.seed.clone();
+    assert!(micro.validate().is_err());
+}

@@ -18,6 +18,8 @@ mod snapshots;
 mod storage;
 mod templates;
 mod vm_boot;
+mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;
+mod vm_metrics;
 mod vms;
