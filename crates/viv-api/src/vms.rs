@@ -178,6 +178,23 @@ pub struct VmDisk {
     pub shareable: bool,
 }
 
+/// The bus of a CD-ROM drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdromBus {
+    /// A SATA port (what installers of every OS expect).
+    #[default]
+    Sata,
+    /// The virtio-scsi controller (guests whose kernel lacks AHCI, as many cloud kernels do).
+    VirtioScsi,
+}
+
+impl CdromBus {
+    fn is_sata(&self) -> bool {
+        *self == Self::Sata
+    }
+}
+
 /// A CD-ROM drive, with or without a medium from the ISO library.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -188,6 +205,9 @@ pub struct VmCdrom {
     /// Eject the medium once the VM has booted the first time (installers).
     #[serde(default)]
     pub eject_after_first_boot: bool,
+    /// Bus.
+    #[serde(default, skip_serializing_if = "CdromBus::is_sata")]
+    pub bus: CdromBus,
 }
 
 /// A boot device kind, in the order given by [`VmDefinition::boot_order`].

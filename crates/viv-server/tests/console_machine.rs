@@ -80,6 +80,7 @@ async fn a_booting_machine_is_seen_by_two_clients_the_replay_and_the_log() {
         id: "cd0".into(),
         iso: Some(iso()),
         boot_index: Some(1),
+        bus: Default::default(),
     }];
     let machine = Qemu::default()
         .confined(Confinement::Seccomp)

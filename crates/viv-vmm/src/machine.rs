@@ -230,7 +230,18 @@ pub struct Disk {
 /// The device id of a machine's cloud-init seed drive ([`MachineSpec::seed`]).
 pub const SEED_DRIVE: &str = "cidata";
 
-/// A CD-ROM drive (SATA on q35), whose medium can be changed or ejected while running.
+/// The bus of a CD-ROM drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CdromBus {
+    /// A SATA port of q35's AHCI controller (what installers of every OS expect).
+    #[default]
+    Sata,
+    /// A SCSI CD-ROM on the virtio-scsi controller (guests whose kernel lacks AHCI, as many
+    /// cloud kernels do).
+    VirtioScsi,
+}
+
+/// A CD-ROM drive (q35), whose medium can be changed or ejected while running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cdrom {
     /// Its id, unique among the machine's devices (as for [`Disk::id`]).
@@ -239,6 +250,8 @@ pub struct Cdrom {
     pub iso: Option<PathBuf>,
     /// Its place in the boot order (lower first).
     pub boot_index: Option<u32>,
+    /// Its bus.
+    pub bus: CdromBus,
 }
 
 /// Where a network card's frames go.
@@ -459,7 +472,8 @@ impl MachineSpec {
         self.resources
             .validate(&disk_ids)
             .map_err(LaunchMachineError::Invalid)?;
-        let sata = self.disks.iter().filter(|d| d.bus == DiskBus::Sata).count() + self.cdroms.len();
+        let sata = self.disks.iter().filter(|d| d.bus == DiskBus::Sata).count()
+            + self.cdroms.iter().filter(|c| c.bus == CdromBus::Sata).count();
         if sata > SATA_PORTS {
             return invalid(format!(
                 "{sata} SATA disks and CD-ROM drives, but q35 has {SATA_PORTS} SATA ports"
@@ -723,7 +737,9 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
         cl.push("-action", "panic=exit-failure".into());
     }
     let mut sata_port = 0;
-    if spec.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi) {
+    if spec.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi)
+        || spec.cdroms.iter().any(|c| c.bus == CdromBus::VirtioScsi)
+    {
         cl.push("-device", "virtio-scsi-pci,id=scsi0".into());
     }
     for disk in &spec.disks {
@@ -777,8 +793,13 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
         cl.push("-device", format!("{device}{}", boot(disk.boot_index)));
     }
     for cdrom in &spec.cdroms {
-        let mut device = format!("ide-cd,bus=ide.{sata_port},id={}", cdrom.id);
-        sata_port += 1;
+        let mut device = match cdrom.bus {
+            CdromBus::Sata => {
+                sata_port += 1;
+                format!("ide-cd,bus=ide.{},id={}", sata_port - 1, cdrom.id)
+            }
+            CdromBus::VirtioScsi => format!("scsi-cd,bus=scsi0.0,id={}", cdrom.id),
+        };
         if let Some(iso) = &cdrom.iso {
             let file = cl.file(iso, false);
             let node = medium_node(&cdrom.id, 0);

@@ -88,6 +88,7 @@ fn cdrom(iso: Option<PathBuf>, boot_index: Option<u32>) -> Cdrom {
         id: "cd0".into(),
         iso,
         boot_index,
+        bus: Default::default(),
     }
 }
 

@@ -641,10 +641,12 @@ mod tests {
                 VmCdrom {
                     iso: Some("installer".into()),
                     eject_after_first_boot: true,
+                    ..VmCdrom::default()
                 },
                 VmCdrom {
                     iso: Some("drivers".into()),
                     eject_after_first_boot: false,
+                    ..VmCdrom::default()
                 },
             ],
             ..VmDefinition::default()

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use sha2::Digest as _;
 
-use viv_api::vms::{BootDevice, DiskBus, Display, Firmware, MachineType, NicModel, VmDefinition};
+use viv_api::vms::{BootDevice, CdromBus, DiskBus, Display, Firmware, MachineType, NicModel, VmDefinition};
 use viv_vmm::machine::{self, LaunchMachineError, MachineSpec};
 
 use super::Manager;
@@ -124,6 +124,10 @@ impl Manager {
                 id: format!("cd{i}"),
                 iso,
                 boot_index: boot.of(BootDevice::Cdrom, i),
+                bus: match cdrom.bus {
+                    CdromBus::Sata => machine::CdromBus::Sata,
+                    CdromBus::VirtioScsi => machine::CdromBus::VirtioScsi,
+                },
             });
         }
         spec.seed = self.cloud_init_seed(id, name, def).await?;

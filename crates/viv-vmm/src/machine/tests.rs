@@ -31,6 +31,7 @@ fn spec() -> MachineSpec {
         id: "cd0".into(),
         iso: Some("/isos/debian.iso".into()),
         boot_index: Some(2),
+        bus: Default::default(),
     }];
     spec.display = Display::Vnc;
     spec
@@ -139,6 +140,7 @@ fn bad_specs_are_refused_with_the_reason() {
                     id: format!("cd{}", n + 1),
                     iso: None,
                     boot_index: None,
+                    bus: Default::default(),
                 });
             }
         },
@@ -244,7 +246,7 @@ fn a_seed_is_a_scsi_cd_of_its_own_after_the_other_drives() {
     let mut spec = spec();
     spec.seed = Some("/pool/seeds/vm-1.iso".into());
     spec.validate().unwrap();
-    let (args, handed) = machine_arguments(&spec, false);
+    let (args, handed) = machine_arguments(&spec, false, &Backings::new());
     let line = args.join(" ");
     assert!(handed.contains(&Handed::File {
         path: "/pool/seeds/vm-1.iso".into(),
