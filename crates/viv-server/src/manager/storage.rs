@@ -25,7 +25,8 @@ use super::Manager;
 use crate::error::ApiError;
 
 /// A storage error as an API error.
-fn api(kind: ErrorKind, error: impl std::fmt::Display) -> ApiError {
+/// A storage failure as the API reports it: its `kind()` picks the status.
+pub(super) fn api(kind: ErrorKind, error: impl std::fmt::Display) -> ApiError {
     let message = error.to_string();
     match kind {
         ErrorKind::NotFound => ApiError::NotFound(message),
@@ -76,13 +77,13 @@ fn check_pool_name(what: &str, name: &str) -> Result<(), ApiError> {
 }
 
 /// The VMs' definitions: (VM name, state, the definition and the pending one).
-struct VmDevices {
+pub(super) struct VmDevices {
     vms: Vec<(String, Option<VmState>, Vec<VmDefinition>)>,
 }
 
 impl VmDevices {
     /// VMs attaching disk `name`.
-    fn disk_users(&self, name: &str) -> Vec<String> {
+    pub(super) fn disk_users(&self, name: &str) -> Vec<String> {
         self.users(|d| d.disks.iter().any(|x| x.disk == name), false)
     }
 
@@ -107,7 +108,7 @@ impl VmDevices {
 }
 
 /// "VM 'a'" or "VMs 'a', 'b'".
-fn describe_vms(names: &[String]) -> Option<String> {
+pub(super) fn describe_vms(names: &[String]) -> Option<String> {
     match names {
         [] => None,
         [one] => Some(format!("VM '{one}'")),
@@ -158,7 +159,7 @@ impl Drop for Incoming {
 }
 
 impl Manager {
-    fn vm_devices(&self) -> Result<VmDevices, ApiError> {
+    pub(super) fn vm_devices(&self) -> Result<VmDevices, ApiError> {
         let mut vms = Vec::new();
         for row in self.store.list_vms()? {
             let mut defs = Vec::new();

@@ -58,13 +58,10 @@ impl Manager {
                     disk.disk = name;
                 }
                 Err(err) => {
-                    let message = format!("cloning disk '{}' of VM '{}': {err}", disk.disk, row.name);
-                    outcome = Err(match err.kind() {
-                        viv_storage::ErrorKind::NotFound => ApiError::NotFound(message),
-                        viv_storage::ErrorKind::Conflict => ApiError::Conflict(message),
-                        viv_storage::ErrorKind::BadRequest => ApiError::BadRequest(message),
-                        viv_storage::ErrorKind::Internal => ApiError::Internal(message),
-                    });
+                    outcome = Err(super::storage::api(
+                        err.kind(),
+                        format!("cloning disk '{}' of VM '{}': {err}", disk.disk, row.name),
+                    ));
                     break;
                 }
             }

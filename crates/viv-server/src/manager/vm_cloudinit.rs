@@ -93,13 +93,7 @@ fn meta_data(id: &str, name: &str, given: &str) -> String {
 }
 
 fn seed_error(vm: &str, e: SeedError) -> ApiError {
-    let message = format!("cloud-init seed of VM '{vm}': {e}");
-    match e.kind() {
-        viv_storage::ErrorKind::NotFound => ApiError::NotFound(message),
-        viv_storage::ErrorKind::Conflict => ApiError::Conflict(message),
-        viv_storage::ErrorKind::BadRequest => ApiError::BadRequest(message),
-        viv_storage::ErrorKind::Internal => ApiError::Internal(message),
-    }
+    super::storage::api(e.kind(), format!("cloud-init seed of VM '{vm}': {e}"))
 }
 
 impl Manager {

@@ -13,6 +13,7 @@ use viv_api::vms::{Firmware, VmInfo};
 use super::vms::{definition_of, state_of, to_json};
 use super::Manager;
 use crate::error::ApiError;
+use crate::store::VmRow;
 
 impl Manager {
     /// Puts ISO `iso` of the library into CD-ROM drive `drive` (its index) of a VM, or ejects
@@ -27,7 +28,7 @@ impl Manager {
             super::check_name("ISO", iso)?;
         }
         let (row, _held) = self.lock_vm(vm).await?;
-        let mut def = definition_of(&row.definition)?;
+        let def = definition_of(&row.definition)?;
         if drive >= def.cdroms.len() {
             return Err(ApiError::NotFound(format!(
                 "VM '{}' has {} CD-ROM drive(s); there is no drive {drive}",
@@ -51,21 +52,7 @@ impl Manager {
             };
             changed.map_err(|e| ApiError::Conflict(format!("VM '{}' drive {drive}: {e}", row.name)))?;
         }
-        def.cdroms[drive].iso = iso.map(str::to_owned);
-        def.cdroms[drive].eject_after_first_boot = false;
-        let pending = match row.pending_definition.as_deref() {
-            Some(json) => {
-                let mut pending = definition_of(json)?;
-                if let Some(cd) = pending.cdroms.get_mut(drive) {
-                    cd.iso = iso.map(str::to_owned);
-                    cd.eject_after_first_boot = false;
-                }
-                Some(to_json(&pending)?)
-            }
-            None => None,
-        };
-        self.store
-            .update_vm_definition(&row.id, &to_json(&def)?, pending.as_deref())?;
+        self.store_media(&row, &[(drive, iso)])?;
         let state = state_of(&row)?;
         let what = match iso {
             Some(iso) => format!("drive {drive}: ISO '{iso}' inserted"),
@@ -73,6 +60,25 @@ impl Manager {
         };
         self.publish_vm(&row.id, &row.name, state, state, Some(what));
         self.vm_info(&row.id)
+    }
+
+    /// Records new media in a VM's definition and pending definition: drive index → the ISO it
+    /// holds (`None`: empty). A changed drive loses its "eject after first boot" mark.
+    pub(super) fn store_media(&self, row: &VmRow, media: &[(usize, Option<&str>)]) -> Result<(), ApiError> {
+        let set = |json: &str| -> Result<String, ApiError> {
+            let mut def = definition_of(json)?;
+            for &(drive, iso) in media {
+                if let Some(cd) = def.cdroms.get_mut(drive) {
+                    cd.iso = iso.map(str::to_owned);
+                    cd.eject_after_first_boot = false;
+                }
+            }
+            to_json(&def)
+        };
+        let now = set(&row.definition)?;
+        let pending = row.pending_definition.as_deref().map(set).transpose()?;
+        self.store.update_vm_definition(&row.id, &now, pending.as_deref())?;
+        Ok(())
     }
 
     /// Replaces a stopped UEFI VM's variable store with a fresh copy of the firmware's template

@@ -97,12 +97,7 @@ impl Manager {
             .await
             .map_err(|e| e.to_string())?;
         let running = machine.status().await.map(|s| s.running).unwrap_or(true);
-        let live = LiveVm::new(
-            &row.id,
-            machine,
-            self.vm_console_log_path(&row.id),
-            spec.run_dir.clone(),
-        );
+        let live = LiveVm::new(&row.id, machine, self.vm_console_log_path(&row.id));
         let state = state_of(row).map_err(|e| e.to_string())?;
         let now = if running { VmState::Running } else { VmState::Paused };
         self.vm_runtime.insert(live.clone());

@@ -32,7 +32,7 @@ use viv_vmm::machine::Machine;
 
 use super::events::Change;
 use super::vm_console::ConsoleHub;
-use super::vms::{definition_of, state_of, to_json};
+use super::vms::{definition_of, state_of, to_json, writable_disks};
 use super::Manager;
 use crate::error::ApiError;
 
@@ -52,8 +52,6 @@ pub struct LiveVm {
     pub machine: Arc<Machine>,
     /// Its serial console.
     pub console: Arc<ConsoleHub>,
-    /// Its run directory (sockets, QEMU's log).
-    pub run_dir: PathBuf,
     /// When its QEMU started (this server's clock).
     started: Instant,
     /// Why we asked QEMU to go, once we have: its exit is then a stop, not a crash.
@@ -66,13 +64,12 @@ pub struct LiveVm {
 
 impl LiveVm {
     /// A VM whose QEMU runs as `machine`, its console read into `console_log`.
-    pub(super) fn new(id: &str, machine: Machine, console_log: PathBuf, run_dir: PathBuf) -> Arc<Self> {
+    pub(super) fn new(id: &str, machine: Machine, console_log: PathBuf) -> Arc<Self> {
         let console = ConsoleHub::start(machine.serial_socket(), console_log);
         Arc::new(Self {
             id: id.to_owned(),
             machine: Arc::new(machine),
             console,
-            run_dir,
             started: Instant::now(),
             stop_reason: Mutex::new(None),
             detached: AtomicBool::new(false),
@@ -225,13 +222,7 @@ impl Manager {
             )));
         }
         let mut def = definition_of(row.pending_definition.as_deref().unwrap_or(&row.definition))?;
-        let writable: Vec<String> = def
-            .disks
-            .iter()
-            .filter(|d| !d.read_only)
-            .map(|d| d.disk.clone())
-            .collect();
-        self.check_not_a_base(&row.name, &writable)?;
+        self.check_not_a_base(&row.name, &writable_disks(&def))?;
         let ejected = eject_after_first_boot(&mut def, row.starts);
         self.vm_transition(&row.id, &row.name, before, VmState::Starting, None)?;
         let live = match self.launch_vm(&row.id, &row.name, &def).await {
@@ -280,7 +271,7 @@ impl Manager {
             .launch_machine(&spec)
             .await
             .map_err(|e| super::vm_spec::launch_error(name, e))?;
-        Ok(LiveVm::new(id, machine, self.vm_console_log_path(id), run_dir))
+        Ok(LiveVm::new(id, machine, self.vm_console_log_path(id)))
     }
 
     /// Installers reboot into what they installed: at the guest's first reboot, the drives marked
@@ -312,22 +303,11 @@ impl Manager {
                 }
             }
             let Ok(row) = manager.vm_row(&live.id) else { return };
-            let empty = |json: &str| -> Option<String> {
-                let mut def = definition_of(json).ok()?;
-                for &i in &ejected {
-                    if let Some(cd) = def.cdroms.get_mut(i) {
-                        cd.iso = None;
-                        cd.eject_after_first_boot = false;
-                    }
-                }
-                to_json(&def).ok()
-            };
-            let (Some(now), pending) = (empty(&row.definition), row.pending_definition.as_deref().map(empty)) else {
+            let media: Vec<(usize, Option<&str>)> = ejected.iter().map(|&i| (i, None)).collect();
+            if let Err(err) = manager.store_media(&row, &media) {
+                tracing::warn!(vm = %live.id, error = %err, "recording ejected installers failed");
                 return;
-            };
-            let _ = manager
-                .store
-                .update_vm_definition(&row.id, &now, pending.flatten().as_deref());
+            }
             let state = state_of(&row).unwrap_or(VmState::Running);
             manager.publish_vm(
                 &row.id,
@@ -569,7 +549,7 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.vm_dir(&id));
         let mut deleted = Vec::new();
         if disks == DiskDisposal::Delete {
-            let others = self.store.list_vms()?;
+            let others = self.vm_devices()?;
             let mut names: Vec<&str> = def
                 .disks
                 .iter()
@@ -580,18 +560,7 @@ impl Manager {
             names.sort();
             names.dedup();
             for name in names {
-                let user = |disk: &str| {
-                    others
-                        .iter()
-                        .find(|vm| {
-                            [Some(vm.definition.as_str()), vm.pending_definition.as_deref()]
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|d| definition_of(d).ok())
-                                .any(|d| d.disks.iter().any(|x| x.disk == disk))
-                        })
-                        .map(|vm| format!("VM '{}'", vm.name))
-                };
+                let user = |disk: &str| super::storage::describe_vms(&others.disk_users(disk));
                 match self.storage.delete_disk(name, user).await {
                     Ok(()) => deleted.push(name.to_owned()),
                     Err(err) => tracing::warn!(vm = %id, disk = %name, error = %err, "keeping a disk of a deleted VM"),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use viv_api::vms::{NewVmSnapshot, VmDefinition, VmSnapshot, VmState};
 use viv_storage::snapshot::SnapshotAction;
 
-use super::vms::{definition_of, state_of, to_json, LIVE_FIELDS};
+use super::vms::{definition_of, state_of, to_json, writable_disks, LIVE_FIELDS};
 use super::Manager;
 use crate::error::ApiError;
 use crate::store::{VmRow, VmSnapshotRow};
@@ -243,13 +243,7 @@ impl Manager {
                         let _ = self.storage.disk_snapshot(done, tag, SnapshotAction::Delete).await;
                     }
                 }
-                let message = format!("VM '{vm}': {err}");
-                return Err(match err.kind() {
-                    viv_storage::ErrorKind::NotFound => ApiError::NotFound(message),
-                    viv_storage::ErrorKind::Conflict => ApiError::Conflict(message),
-                    viv_storage::ErrorKind::BadRequest => ApiError::BadRequest(message),
-                    viv_storage::ErrorKind::Internal => ApiError::Internal(message),
-                });
+                return Err(super::storage::api(err.kind(), format!("VM '{vm}': {err}")));
             }
         }
         Ok(())
@@ -272,15 +266,6 @@ fn raw_disk(vm: &str, disk: &str) -> ApiError {
     ApiError::Conflict(format!(
         "VM '{vm}': disk '{disk}' is raw: snapshots need qcow2 disks (clone it to a qcow2 disk first)"
     ))
-}
-
-/// The names of a definition's writable disks, in order.
-fn writable_disks(def: &VmDefinition) -> Vec<String> {
-    def.disks
-        .iter()
-        .filter(|d| !d.read_only)
-        .map(|d| d.disk.clone())
-        .collect()
 }
 
 /// The fields, other than those a running VM takes at once, that differ.

@@ -63,7 +63,7 @@ impl Manager {
         for (i, disk) in def.disks.iter().enumerate() {
             let info = self.storage.disk_info(&disk.disk).await.map_err(|e| {
                 let missing = e.kind() == viv_storage::ErrorKind::NotFound;
-                storage_error(
+                super::storage::api(
                     e.kind(),
                     if missing {
                         format!("disk '{}' of VM '{name}' does not exist: create or upload it (viv disk create), or edit the VM", disk.disk)
@@ -142,7 +142,7 @@ impl Manager {
             Err(e) if e.kind() == viv_storage::ErrorKind::NotFound => Err(ApiError::NotFound(format!(
                 "ISO '{iso}' of VM '{vm}' is not in the ISO library: upload it (viv iso add), or edit the VM"
             ))),
-            Err(e) => Err(storage_error(e.kind(), format!("ISO '{iso}' of VM '{vm}': {e}"))),
+            Err(e) => Err(super::storage::api(e.kind(), format!("ISO '{iso}' of VM '{vm}': {e}"))),
         }
     }
 }
@@ -184,16 +184,6 @@ impl BootIndexes {
             .iter()
             .position(|&(k, i)| k == kind && i == index)
             .map(|p| p as u32 + 1)
-    }
-}
-
-/// A storage failure as the API reports it.
-fn storage_error(kind: viv_storage::ErrorKind, message: String) -> ApiError {
-    match kind {
-        viv_storage::ErrorKind::NotFound => ApiError::NotFound(message),
-        viv_storage::ErrorKind::Conflict => ApiError::Conflict(message),
-        viv_storage::ErrorKind::BadRequest => ApiError::BadRequest(message),
-        viv_storage::ErrorKind::Internal => ApiError::Internal(message),
     }
 }
 

@@ -188,6 +188,15 @@ fn info_of(row: &VmRow) -> Result<VmInfo, ApiError> {
     })
 }
 
+/// The names of a definition's writable disks, in order.
+pub(super) fn writable_disks(def: &VmDefinition) -> Vec<String> {
+    def.disks
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| d.disk.clone())
+        .collect()
+}
+
 /// RFC 7396: objects merge key by key, `null` removes a key, anything else replaces.
 fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
     let Some(fields) = patch.as_object() else {
