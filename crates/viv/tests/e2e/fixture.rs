@@ -24,6 +24,13 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A name no other test uses (the shared server outlives each test).
+pub fn unique(prefix: &str) -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}-{nanos:x}{}", std::process::id())
+}
+
 /// A running server.
 pub struct TestServer {
     pub url: String,

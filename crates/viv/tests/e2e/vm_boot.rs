@@ -8,34 +8,35 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sha2::Digest as _;
-use tokio_tungstenite::tungstenite::Message;
 
+use crate::fixture::unique;
 use crate::fixture::{wait_until, TestServer};
-use crate::vm_console::{add_iso, ws, Auth, Seen, BOOT_DEADLINE, MARKER, READY};
-use crate::vm_lifecycle::{act, define, refused, unique};
+use crate::vm_cloudinit::Console;
+use crate::vm_console::{add_iso, BOOT_DEADLINE, MARKER, READY};
+use crate::vm_lifecycle::{act, define, refused};
 
-/// A guest's serial console, through `GET /vms/{id}/console`.
+/// A guest's serial console, through `GET /vms/{id}/console` (the cloud-init tests' client).
 struct Guest {
-    seen: Seen,
+    console: Console,
 }
 
 impl Guest {
     fn attach(server: &TestServer, id: &str) -> Self {
-        let (socket, _) = ws(server, &format!("/vms/{id}/console"), Auth::Header, &[]).unwrap();
         Self {
-            seen: Seen::new(socket),
+            console: Console::open(server, id),
         }
     }
 
     /// Waits for `needle` anywhere in the console (the replay included).
     fn wait_for(&mut self, needle: &str) {
-        self.seen.wait_for(needle, 0, BOOT_DEADLINE);
+        self.console.wait_for(needle, 0, BOOT_DEADLINE);
     }
 
     /// The line holding `needle`.
     fn line_with(&self, needle: &str) -> String {
-        let text = self.seen.lossy();
-        text.lines()
+        self.console
+            .text
+            .lines()
             .find(|l| l.contains(needle))
             .unwrap_or_default()
             .trim()
@@ -44,16 +45,7 @@ impl Guest {
 
     /// Runs a shell command in the guest and returns what it printed.
     fn run(&mut self, command: &str) -> String {
-        let from = self.seen.text.len();
-        self.seen
-            .send(Message::Binary(format!("run {command}\n").into_bytes().into()));
-        self.seen.wait_for("VIV-RUN-END", from, Duration::from_secs(90));
-        let text = String::from_utf8_lossy(&self.seen.text[from..]).into_owned();
-        // The guest's tty echoes the command line first.
-        text.lines()
-            .filter(|l| !l.contains("run ") && !l.contains("VIV-RUN-END"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.console.run(command, Duration::from_secs(90))
     }
 }
 
@@ -209,7 +201,7 @@ fn a_snapshot_revert_brings_back_a_disk_marker_and_a_running_counter() {
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
     guest.run("printf MARK-ONE | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
-    guest.run("(i=0; while true; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 &");
+    guest.run("(i=0; while true; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true");
     let count = |guest: &mut Guest| -> u64 {
         let out = guest.run("cat /tmp/count");
         out.lines()
@@ -484,9 +476,7 @@ fn a_guest_kernel_panic_is_a_crash() {
     let server = TestServer::shared();
     let iso = library_iso(server);
     let (id, mut guest) = booted(server, "panic", json!({"memoryMib": 256, "cdroms": [{"iso": iso}]}));
-    guest
-        .seen
-        .send(Message::Binary(b"run echo c >/proc/sysrq-trigger\n".to_vec().into()));
+    guest.console.send_line("run echo c >/proc/sysrq-trigger");
     assert!(wait_until(BOOT_DEADLINE, || vm(server, &id)["state"] == "crashed"));
     let crashed = vm(server, &id);
     assert!(

@@ -3,8 +3,6 @@
 //! console from the test ISO's guest), and the refusals (bad documents: 400; microvm: 409).
 
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -13,34 +11,11 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::stream::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
 
-use crate::fixture::TestServer;
+use crate::fixture::{unique, TestServer};
+use crate::vm_console::add_iso;
 
 /// Boot under TCG on a busy 2-core host takes seconds; this bounds a hang, not a slow boot.
 const BOOT_DEADLINE: Duration = Duration::from_secs(300);
-
-pub(crate) fn unique(prefix: &str) -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}-{nanos:x}{}", std::process::id())
-}
-
-/// Adds the test ISO (`tests/fixtures/vm-iso/build`, cached) to the library as `name`.
-pub(crate) fn add_test_iso(server: &TestServer, name: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/vm-iso/build");
-    let built = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        built.status.success(),
-        "vm-iso build: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let iso = PathBuf::from(String::from_utf8(built.stdout).unwrap().trim());
-    let added = server
-        .put(&format!("/isos/{name}"))
-        .body(std::fs::read(iso).unwrap())
-        .send()
-        .unwrap();
-    assert!(added.status().is_success(), "adding the ISO: {}", added.text().unwrap());
-}
 
 /// A VM's serial console, read through its WebSocket.
 pub(crate) struct Console {
@@ -85,12 +60,18 @@ impl Console {
         }
     }
 
+    /// Types `line` (and a newline) on the console.
+    pub fn send_line(&mut self, line: &str) {
+        self.socket
+            .send(Message::Binary(format!("{line}\n").into_bytes().into()))
+            .unwrap();
+    }
+
     /// Runs a shell command in the test guest (its `run` command) and returns what it printed
     /// between `BEGIN` and `END` markers (written split so the echoed command line has neither).
     pub fn run(&mut self, command: &str, limit: Duration) -> String {
         let from = self.text.len();
-        let line = format!("run echo VIV-BEG''IN; {command}; echo VIV-E''ND\n");
-        self.socket.send(Message::Binary(line.into_bytes().into())).unwrap();
+        self.send_line(&format!("run echo VIV-BEG''IN; {command}; echo VIV-E''ND"));
         self.wait_for("VIV-RUN-END", from, limit);
         let out = &self.text[from..];
         let begin = out.rfind("VIV-BEGIN\n").expect("begin marker") + "VIV-BEGIN\n".len();
@@ -110,7 +91,7 @@ fn a_vm_boots_with_its_cloud_init_seed_and_reads_it_back() {
     let server = TestServer::shared();
     let name = unique("ci");
     let iso = format!("{name}-iso");
-    add_test_iso(server, &iso);
+    add_iso(server, &iso);
     let dir = tempfile::tempdir().unwrap();
     let user_data = "#cloud-config\nhostname: ci-guest\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOx7 test@viv\npackages: [curl, \"jq\"]\n";
     let file = dir.path().join("user-data");
@@ -310,7 +291,7 @@ fn a_vm_running_with_its_seed_is_taken_over_by_the_next_server() {
     let server = TestServer::start_on_with(dir.path(), &["--on-shutdown", "leave"]);
     let name = unique("ci-adopt");
     let iso = format!("{name}-iso");
-    add_test_iso(&server, &iso);
+    add_iso(&server, &iso);
     let user_data = "#!/bin/sh\necho hello from the seed\n";
     let created = server
         .post("/vms")

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::stream::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
 
-use crate::fixture::{TestServer, VIV};
+use crate::fixture::{unique, TestServer, VIV};
 
 /// Boot under TCG on a busy 2-core host takes seconds; this bounds a hang, not a slow boot.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(240);
@@ -26,13 +26,6 @@ pub const MARKER: &str = "VIVARIUM-ISO-BOOTED";
 pub const READY: &str = "VIVARIUM-ACPID-READY";
 
 pub type Socket = WebSocket<MaybeTlsStream<TcpStream>>;
-
-/// A name no other test uses (the shared server outlives each test).
-fn unique(prefix: &str) -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}-{nanos:x}{}", std::process::id())
-}
 
 /// How a WebSocket request authenticates.
 #[derive(Clone, Copy)]

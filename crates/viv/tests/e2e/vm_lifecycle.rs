@@ -12,14 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::fixture::{wait_until, TestServer};
-
-/// A name no other test uses (the shared server outlives each test).
-pub fn unique(prefix: &str) -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}-{nanos:x}{}", std::process::id())
-}
+use crate::fixture::{unique, wait_until, TestServer};
 
 /// The server's event stream, read on a thread: events arrive on the channel as JSON.
 pub struct EventStream {

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::fixture::{wait_until, TestServer};
-use crate::vm_cloudinit::{add_test_iso, unique, Console};
+use crate::fixture::{unique, wait_until, TestServer};
+use crate::vm_cloudinit::Console;
+use crate::vm_console::add_iso;
 
 fn scrape(server: &TestServer) -> String {
     let response = server.get("/metrics").send().unwrap();
@@ -53,7 +54,7 @@ fn a_running_vms_series_appear_rise_and_go_when_it_stops() {
     let server = TestServer::shared();
     let name = unique("metrics");
     let iso = format!("{name}-iso");
-    add_test_iso(server, &iso);
+    add_iso(server, &iso);
     let created = server
         .post("/vms")
         .json(&json!({"name": name, "memoryMib": 256, "cdroms": [{"iso": iso}]}))

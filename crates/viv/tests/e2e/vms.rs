@@ -3,18 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::fixture::TestServer;
-
-/// A name no other test uses (the shared server outlives each test).
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", rand_suffix())
-}
-
-fn rand_suffix() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{nanos:x}{}", std::process::id())
-}
+use crate::fixture::{unique, TestServer};
 
 fn error_of(resp: reqwest::blocking::Response) -> (u16, String) {
     let status = resp.status().as_u16();
