@@ -44,11 +44,7 @@ pub struct ShellArgs {
 /// Runs `viv shell`; returns the remote process's exit code.
 pub async fn run(client: &Client, args: ShellArgs) -> Result<i32> {
     let tty = std::io::stdin().is_terminal();
-    let (cols, rows) = if tty {
-        crossterm::terminal::size().unwrap_or((80, 24))
-    } else {
-        (80, 24)
-    };
+    let (cols, rows) = if tty { terminal_size() } else { (80, 24) };
     let url = terminal_url(client.base(), &args, tty, (cols, rows))?;
     let socket = connect(client, &url, SUBPROTOCOL).await?;
     let raw = if tty { Some(RawMode::enter()?) } else { None };
@@ -59,6 +55,15 @@ pub async fn run(client: &Client, args: ShellArgs) -> Result<i32> {
         Ending::Error(message) => Err(anyhow!("the shell ended: {message}")),
         Ending::Closed(reason) => Err(anyhow!("the connection to the server ended: {reason}")),
         Ending::Signal => Ok(129),
+    }
+}
+
+/// This terminal's size; 80×24 when it does not say (a size of zero, as a new pseudo-terminal
+/// has).
+fn terminal_size() -> (u16, u16) {
+    match crossterm::terminal::size() {
+        Ok((cols, rows)) if cols > 0 && rows > 0 => (cols, rows),
+        _ => (80, 24),
     }
 }
 
@@ -173,10 +178,9 @@ async fn bridge(socket: Socket, tty: bool) -> Result<Ending> {
                 }
             }
             _ = winch.recv(), if tty => {
-                if let Ok((cols, rows)) = crossterm::terminal::size() {
-                    let resize = serde_json::json!({"type": "resize", "cols": cols.max(1), "rows": rows.max(1)});
-                    let _ = tx.send(Message::Text(resize.to_string().into())).await;
-                }
+                let (cols, rows) = terminal_size();
+                let resize = serde_json::json!({"type": "resize", "cols": cols, "rows": rows});
+                let _ = tx.send(Message::Text(resize.to_string().into())).await;
             }
             _ = term.recv() => return Ok(Ending::Signal),
             _ = hangup.recv() => return Ok(Ending::Signal),

@@ -229,7 +229,7 @@ async fn refresh(live: &Arc<LiveSandbox>, index: &Arc<Mutex<LogIndex>>) -> Resul
 #[serde(deny_unknown_fields)]
 pub(super) struct LogsQuery {
     /// Only lines stamped at or after this time (Unix milliseconds).
-    start: Option<u64>,
+    start: Option<i64>,
     /// At most this many lines (1 to 10000, default 1000).
     limit: Option<usize>,
 }
@@ -265,13 +265,14 @@ pub(super) async fn logs(
             )))
         }
     };
+    let start = start_ms(q.start)?;
     let live = state.manager.live(&id)?;
     let index = logs.index(&live);
     refresh(&live, &index).await?;
     let lines: Vec<LogLine> = index
         .lock()
         .expect("index lock")
-        .since(q.start.unwrap_or(0), limit)
+        .since(start, limit)
         .into_iter()
         .map(LogLine::from)
         .collect();
@@ -282,7 +283,16 @@ pub(super) async fn logs(
 #[serde(deny_unknown_fields)]
 pub(super) struct StreamQuery {
     /// Only lines stamped at or after this time (Unix milliseconds); all kept lines when absent.
-    start: Option<u64>,
+    start: Option<i64>,
+}
+
+/// `start` as the document has it: Unix milliseconds, an int64 of 0 or more.
+fn start_ms(start: Option<i64>) -> Result<u64, ApiError> {
+    match start {
+        None => Ok(0),
+        Some(ms) => u64::try_from(ms)
+            .map_err(|_| ApiError::BadRequest(format!("start must be Unix milliseconds (0 or more), got {ms}"))),
+    }
 }
 
 pub(super) async fn stream(
@@ -291,11 +301,12 @@ pub(super) async fn stream(
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let start = start_ms(q.start)?;
     let live = state.manager.live(&id)?;
     let index = logs.index(&live);
     refresh(&live, &index).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
-    tokio::spawn(follow(state, live, index, q.start.unwrap_or(0), tx));
+    tokio::spawn(follow(state, live, index, start, tx));
     let events = tokio_stream::wrappers::ReceiverStream::new(rx);
     Ok(Sse::new(futures::StreamExt::map(events, Ok::<_, Infallible>)).keep_alive(KeepAlive::default()))
 }
