@@ -595,3 +595,61 @@ fn viv_top_shows_sandboxes_kills_the_selected_one_and_quits() {
     assert_eq!(piped.code, 1);
     assert!(piped.stderr.contains("needs a terminal"), "{piped:?}");
 }
+
+#[test]
+fn a_client_that_does_not_read_holds_its_process_back() {
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    // A writer that records how many 64 KiB chunks it got out.
+    let script = "i=0; while :; do head -c 65536 /dev/zero; i=$((i+1)); echo $i > /tmp/progress; done";
+    let path = format!("/sandboxes/{}/terminal?pty=false&cmd={}", sandbox.id, encode(script));
+    let (mut socket, _) = ws(server, &path, Auth::Header, &[]).unwrap();
+    let progress = || {
+        sandbox
+            .sh("cat /tmp/progress 2>/dev/null || echo 0")
+            .out()
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    // Nobody reads: the writer stalls once every buffer on the way is full.
+    let start = Instant::now();
+    let mut last = progress();
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = progress();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the writer never stalled: {now} chunks"
+        );
+    }
+    // Pipes, the agent's queue, the HTTP/2 stream window (8 MiB), the socket buffers: bounded.
+    eprintln!("with nobody reading, the writer stalled after {} KiB", last * 64);
+    assert!(last * 64 < 64 * 1024, "{} KiB went out with nobody reading", last * 64);
+    // Reading again lets it go on.
+    let mut transcript = Transcript::default();
+    let mut received = 0usize;
+    while received < 2 * (last as usize) * 65536 {
+        assert!(transcript.pump(&mut socket), "{transcript:?}");
+        received += std::mem::take(&mut transcript.output).len();
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "reading stalled at {received} bytes"
+        );
+    }
+    assert!(wait_until(LIMIT, || progress() > last), "the writer did not resume");
+}
+
+/// `text` percent-encoded for a query (everything but unreserved characters).
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
