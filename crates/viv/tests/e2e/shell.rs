@@ -113,6 +113,73 @@ impl PtyCli {
         }
     }
 
+    /// The screen as a full-screen program (ratatui over crossterm) drew it, lines of
+    /// characters: cursor moves (`CSI row;col H`) and clears (`CSI 2 J`) are followed, other
+    /// escape sequences (styles, modes) skipped. A program that redraws only changed cells
+    /// leaves words split across its writes; the screen puts them back together.
+    pub fn screen(&self) -> Vec<String> {
+        let text = self.text();
+        let mut grid: Vec<Vec<char>> = Vec::new();
+        let (mut row, mut col) = (0usize, 0usize);
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\x1b' => {
+                    if chars.peek() != Some(&'[') {
+                        chars.next();
+                        continue;
+                    }
+                    chars.next();
+                    let mut params = String::new();
+                    let mut end = ' ';
+                    for c in chars.by_ref() {
+                        if ('\x40'..='\x7e').contains(&c) {
+                            end = c;
+                            break;
+                        }
+                        params.push(c);
+                    }
+                    match end {
+                        'H' => {
+                            let mut it = params.split(';').map(|n| n.parse::<usize>().unwrap_or(1));
+                            row = it.next().unwrap_or(1).saturating_sub(1);
+                            col = it.next().unwrap_or(1).saturating_sub(1);
+                        }
+                        'J' if params == "2" => grid.clear(),
+                        _ => {}
+                    }
+                }
+                '\r' => col = 0,
+                '\n' => row += 1,
+                c => {
+                    while grid.len() <= row {
+                        grid.push(Vec::new());
+                    }
+                    let line = &mut grid[row];
+                    while line.len() <= col {
+                        line.push(' ');
+                    }
+                    line[col] = c;
+                    col += 1;
+                }
+            }
+        }
+        grid.into_iter().map(|l| l.into_iter().collect()).collect()
+    }
+
+    /// Waits until the screen (see [`PtyCli::screen`]) shows `needle` on some line.
+    pub fn wait_for_screen(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.screen().iter().any(|l| l.contains(needle)) {
+            assert!(
+                start.elapsed() < limit,
+                "no {needle:?} on the screen within {limit:?}:\n{}",
+                self.screen().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Types on the terminal.
     pub fn type_in(&mut self, bytes: &[u8]) {
         self.master.write_all(bytes).unwrap();
@@ -560,20 +627,31 @@ fn viv_sandbox_logs_shows_and_follows_the_console() {
 }
 
 #[test]
-fn viv_top_shows_sandboxes_kills_the_selected_one_and_quits() {
+fn viv_top_shows_sandboxes_and_pauses_resumes_and_kills_the_selected_one() {
     // A server of its own: the only sandbox there is the first row.
     let server = TestServer::start();
     let id = server.create(json!({ "templateID": "base", "timeout": 600 }));
     let mut top = PtyCli::spawn(&server, &["top", "--interval", "0.5"], (120, 30));
-    top.wait_for(&id, 0, LIMIT);
-    top.wait_for("running", 0, LIMIT);
+    top.wait_for_screen(&id, LIMIT);
+    top.wait_for_screen("running", LIMIT);
     assert!(!top.canonical(), "raw mode while the table shows");
-    // The screen is drawn as a diff: only words arrive whole (cells that stay blank are
-    // skipped), so the checks look for words.
-    let mark = top.len();
+    let state = || -> Value { server.get(&format!("/sandboxes/{id}")).send().unwrap().json().unwrap() };
+    // Pause asks first; any key but `y` declines.
+    top.type_in(b"p");
+    top.wait_for_screen(&format!("Pause sandbox {id}? y: yes"), LIMIT);
+    top.type_in(b"n");
+    top.wait_for_screen("cancelled", LIMIT);
+    assert_eq!(state()["state"], "running", "a declined pause does nothing");
+    top.type_in(b"py");
+    assert!(wait_until(LIMIT, || state()["state"] == "paused"), "not paused");
+    top.wait_for_screen("paused", LIMIT);
+    top.type_in(b"p");
+    top.wait_for_screen(&format!("Resume sandbox {id}?"), LIMIT);
+    top.type_in(b"y");
+    assert!(wait_until(LIMIT, || state()["state"] == "running"), "not resumed");
+    top.wait_for_screen(&format!("Resume sandbox {id}: done"), LIMIT);
     top.type_in(b"k");
-    top.wait_for("Kill", mark, LIMIT);
-    top.wait_for(&format!("{id}?"), mark, LIMIT);
+    top.wait_for_screen(&format!("Kill sandbox {id}?"), LIMIT);
     top.type_in(b"y");
     assert!(
         wait_until(LIMIT, || server
@@ -583,9 +661,10 @@ fn viv_top_shows_sandboxes_kills_the_selected_one_and_quits() {
             .status()
             == 404),
         "the sandbox was not killed:\n{}",
-        top.text()
+        top.screen().join("\n")
     );
-    top.wait_for("done", 0, LIMIT);
+    top.wait_for_screen(&format!("Kill sandbox {id}: done"), LIMIT);
+    top.wait_for_screen("0 sandboxes", LIMIT);
     top.type_in(b"q");
     assert_eq!(top.wait_exit(LIMIT), 0, "{}", top.text());
     assert!(top.canonical(), "the terminal is restored");
