@@ -9,6 +9,7 @@ mod events;
 mod iso;
 mod output;
 mod serve;
+mod ssh_keys;
 mod template;
 mod tls;
 mod transfer;
