@@ -15,7 +15,8 @@ use crate::{output, Dirs};
 pub enum SshKeysCommand {
     /// Register SSH public keys for an API key: `ssh -p PORT SANDBOXID@HOST` then reaches the
     /// sandboxes that API key creates.
-    SshAdd {
+    #[command(name = "ssh-add")]
+    Add {
         /// The API key (id or prefix) the SSH keys sign in as; may be left out while only one
         /// key is active.
         #[arg(long)]
@@ -27,7 +28,8 @@ pub enum SshKeysCommand {
         dirs: Dirs,
     },
     /// List registered SSH keys.
-    SshList {
+    #[command(name = "ssh-list")]
+    List {
         /// Only the SSH keys of this API key (id or prefix).
         #[arg(long)]
         key_id: Option<String>,
@@ -35,7 +37,8 @@ pub enum SshKeysCommand {
         dirs: Dirs,
     },
     /// Remove a registered SSH key by its id or fingerprint (SHA256:...).
-    SshRemove {
+    #[command(name = "ssh-remove")]
+    Remove {
         /// SSH key id or fingerprint.
         id: String,
         #[command(flatten)]
@@ -61,7 +64,7 @@ fn api_key(store: &viv_server::Store, given: Option<&str>) -> Result<String> {
 /// Runs an SSH key subcommand.
 pub fn run(cmd: SshKeysCommand, json: bool) -> Result<()> {
     match cmd {
-        SshKeysCommand::SshAdd { key_id, file, dirs } => {
+        SshKeysCommand::Add { key_id, file, dirs } => {
             let text = if file == "-" {
                 let mut text = String::new();
                 std::io::stdin()
@@ -116,7 +119,7 @@ pub fn run(cmd: SshKeysCommand, json: bool) -> Result<()> {
                 }
             }
         }
-        SshKeysCommand::SshList { key_id, dirs } => {
+        SshKeysCommand::List { key_id, dirs } => {
             let store = open_store(&dirs)?;
             let owner = key_id.map(|k| api_key(&store, Some(&k))).transpose()?;
             let rows = store.ssh_keys(owner.as_deref())?;
@@ -139,7 +142,7 @@ pub fn run(cmd: SshKeysCommand, json: bool) -> Result<()> {
                 output::table(&["ID", "FINGERPRINT", "TYPE", "COMMENT", "API KEY", "ADDED"], &table);
             }
         }
-        SshKeysCommand::SshRemove { id, dirs } => {
+        SshKeysCommand::Remove { id, dirs } => {
             if !open_store(&dirs)?.remove_ssh_key(&id)? {
                 bail!("no SSH key with id or fingerprint '{id}' (see `viv keys ssh-list`)");
             }
