@@ -69,7 +69,11 @@ pub(crate) async fn run(
             return;
         }
         Err(_) => {
-            tracing::info!(sandbox, port, "SSH forward refused: the sandbox did not connect in time");
+            tracing::info!(
+                sandbox,
+                port,
+                "SSH forward refused: the sandbox did not connect in time"
+            );
             shared.state.metrics.ssh.channel("refused");
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return;

@@ -47,7 +47,12 @@ pub(crate) struct ChannelSlot {
 
 impl ChannelSlot {
     /// Takes a slot of a kind whose count is `kind`, unless `max` are taken.
-    fn take(kind: &Arc<AtomicUsize>, max: usize, open: &Arc<watch::Sender<usize>>, shared: &Arc<Shared>) -> Option<Self> {
+    fn take(
+        kind: &Arc<AtomicUsize>,
+        max: usize,
+        open: &Arc<watch::Sender<usize>>,
+        shared: &Arc<Shared>,
+    ) -> Option<Self> {
         kind.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
             .ok()?;
         open.send_modify(|n| *n += 1);
@@ -187,11 +192,7 @@ impl russh::server::Handler for Handler {
         if algorithm_allowed(offer.algorithm) && self.authorize(user, offer.public_key).is_some() {
             return Ok(Auth::Accept);
         }
-        Ok(self.refuse(
-            user,
-            "publickey",
-            Some(public_key::fingerprint(offer.public_key)),
-        ))
+        Ok(self.refuse(user, "publickey", Some(public_key::fingerprint(offer.public_key))))
     }
 
     async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
@@ -341,11 +342,21 @@ impl russh::server::Handler for Handler {
         self.start_request(channel, session, true)
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, _data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start_request(channel, session, true)
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.start_request(channel, session, name == session::SFTP)
     }
 

@@ -53,7 +53,8 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKey, GatewayError> {
 }
 
 fn create(path: &Path) -> Result<(), GatewayError> {
-    let io = |what: &str, p: &Path, err: std::io::Error| GatewayError::HostKey(format!("{what} {}: {err}", p.display()));
+    let io =
+        |what: &str, p: &Path, err: std::io::Error| GatewayError::HostKey(format!("{what} {}: {err}", p.display()));
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("securing", dir, e))?;

@@ -96,8 +96,7 @@ mod tests {
     use super::*;
 
     // Made with `ssh-keygen -t ed25519 -C me@laptop` (public half only).
-    const ED25519: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPmBeFEFYDnKlCBxQWXkUvW1up0gC9sg+XhHN2BdGmtd me@laptop";
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPmBeFEFYDnKlCBxQWXkUvW1up0gC9sg+XhHN2BdGmtd me@laptop";
 
     #[test]
     fn reads_a_pub_file() {
@@ -106,7 +105,10 @@ mod tests {
         assert_eq!(keys[0].algorithm, "ssh-ed25519");
         assert_eq!(keys[0].comment, "me@laptop");
         // As `ssh-keygen -l` prints it.
-        assert_eq!(keys[0].fingerprint, "SHA256:fkoJHR76Eudb1CF2F0GSjYu/ED2BpCh17jBGvJ2hlPI");
+        assert_eq!(
+            keys[0].fingerprint,
+            "SHA256:fkoJHR76Eudb1CF2F0GSjYu/ED2BpCh17jBGvJ2hlPI"
+        );
         assert_eq!(
             keys[0].public_key,
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPmBeFEFYDnKlCBxQWXkUvW1up0gC9sg+XhHN2BdGmtd"

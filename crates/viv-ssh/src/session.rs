@@ -149,7 +149,7 @@ pub(crate) async fn run(channel: Channel<Msg>, ctx: Context) {
         Ok(live) => live,
         Err(err) => return fail(&write, pty.is_some(), &err.to_string()).await,
     };
-    let session = match ProcessSession::open(live, Some(USER), spec, pty).await {
+    let session = match ProcessSession::open(live.clone(), Some(USER), spec, pty).await {
         Ok(session) => session,
         Err(err) => return fail(&write, pty.is_some(), &format!("cannot start: {err}")).await,
     };
@@ -175,9 +175,7 @@ pub(crate) async fn run(channel: Channel<Msg>, ctx: Context) {
                     col_width, row_height, ..
                 }) => {
                     if has_pty {
-                        let _ = input
-                            .resize(dimension(col_width, 80), dimension(row_height, 24))
-                            .await;
+                        let _ = input.resize(dimension(col_width, 80), dimension(row_height, 24)).await;
                     }
                 }
                 Some(ChannelMsg::Signal { signal }) => {
@@ -212,7 +210,9 @@ pub(crate) async fn run(channel: Channel<Msg>, ctx: Context) {
     };
     match ended {
         // The client closed the channel: dropping the events kills the process.
-        None => tracing::info!(%sandbox, kind, secs = started_at.elapsed().as_secs(), "SSH session closed by the client"),
+        None => {
+            tracing::info!(%sandbox, kind, secs = started_at.elapsed().as_secs(), "SSH session closed by the client")
+        }
         Some(Ok(status)) => {
             tracing::info!(%sandbox, kind, status = %status.status, secs = started_at.elapsed().as_secs(), "SSH session ended");
             let _ = write.eof().await;
@@ -220,6 +220,14 @@ pub(crate) async fn run(channel: Channel<Msg>, ctx: Context) {
             let _ = write.close().await;
         }
         Some(Err(message)) => {
+            // A broken channel is most often a sandbox that was killed, paused or stopped:
+            // once the manager settled it, its state says so better than the channel's error.
+            ctx.shared.state.manager.settle(&live).await;
+            let message = match ctx.shared.state.manager.live(&sandbox) {
+                Err(now) => now.to_string(),
+                Ok(current) if !Arc::ptr_eq(&current, &live) => "the sandbox was paused and resumed".to_owned(),
+                Ok(_) => message,
+            };
             tracing::info!(%sandbox, kind, error = %message, "SSH session broke");
             fail(&write, has_pty, &message).await;
         }
@@ -234,7 +242,10 @@ fn spec(start: Start, mut env: BTreeMap<String, String>, endpoints: &Endpoints) 
             "SSH_CONNECTION".into(),
             format!("{} {} {} {}", peer.ip(), peer.port(), local.ip(), local.port()),
         );
-        env.insert("SSH_CLIENT".into(), format!("{} {} {}", peer.ip(), peer.port(), local.port()));
+        env.insert(
+            "SSH_CLIENT".into(),
+            format!("{} {} {}", peer.ip(), peer.port(), local.port()),
+        );
     }
     let script = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
     let args = match start {
@@ -329,7 +340,12 @@ mod tests {
             peer: "10.1.2.3:5555".parse().unwrap(),
             local: Some("127.0.0.1:2222".parse().unwrap()),
         };
-        let exec = spec(Start::Exec(b"echo 'hi there'; exit 3".to_vec()), BTreeMap::new(), &endpoints).unwrap();
+        let exec = spec(
+            Start::Exec(b"echo 'hi there'; exit 3".to_vec()),
+            BTreeMap::new(),
+            &endpoints,
+        )
+        .unwrap();
         assert_eq!(exec.cmd, "/bin/sh");
         assert_eq!(exec.args.last().unwrap(), "echo 'hi there'; exit 3");
         assert_eq!(exec.envs["SSH_CONNECTION"], "10.1.2.3 5555 127.0.0.1 2222");

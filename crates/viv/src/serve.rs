@@ -267,7 +267,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr} (--ssh-listen)"))?;
         let port = ssh.local_addr()?.port();
-        println!("SSH gateway on {} (host key {fingerprint}): ssh -p {port} SANDBOXID@HOST", ssh.local_addr()?);
+        println!(
+            "SSH gateway on {} (host key {fingerprint}): ssh -p {port} SANDBOXID@HOST",
+            ssh.local_addr()?
+        );
         tokio::spawn(viv_ssh::serve(
             ssh,
             state.clone(),

@@ -45,7 +45,8 @@ pub struct SshKeyRow {
     pub created_at: String,
 }
 
-const SELECT: &str = "SELECT s.id, s.api_key_id, k.name, s.algorithm, s.fingerprint, s.public_key, s.comment, s.created_at \
+const SELECT: &str =
+    "SELECT s.id, s.api_key_id, k.name, s.algorithm, s.fingerprint, s.public_key, s.comment, s.created_at \
      FROM ssh_keys s JOIN api_keys k ON k.id = s.api_key_id AND k.revoked_at IS NULL";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SshKeyRow> {
