@@ -15,6 +15,7 @@ mod network;
 mod pool;
 mod restarts;
 mod snapshots;
+mod ssh;
 mod storage;
 mod templates;
 mod vm_boot;
