@@ -391,6 +391,25 @@ fn ssh_refuses_unknown_keys_and_other_keys_sandboxes() {
         text(&missing.stderr).replace("nosuchsandbox0", "ID")
     );
 
+    // A fork belongs to the key that forked it.
+    let forked: Value = server
+        .post(&format!("/sandboxes/{}/fork", mine.id))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let child = forked[0]["sandbox"]["sandboxID"]
+        .as_str()
+        .unwrap_or_else(|| panic!("fork failed: {forked}"))
+        .to_owned();
+    let _child = crate::fixture::Sandbox {
+        server,
+        id: child.clone(),
+    };
+    assert_eq!(text(&client.run(&child, "echo forked", b"").stdout), "forked\n");
+    assert_eq!(other.run(&child, "true", b"").status.code(), Some(255));
+
     // An unregistered key, and passwords, are refused.
     let stranger = Client::new(server);
     let refused = stranger.run(&mine.id, "echo should-not-run", b"");
@@ -468,6 +487,75 @@ fn ssh_session_ends_with_a_message_when_its_sandbox_dies() {
         stderr.contains("vivarium: ") && stderr.contains("not found"),
         "{stderr}"
     );
+}
+
+#[test]
+fn ssh_bounds_the_sessions_of_a_connection() {
+    let server = TestServer::shared();
+    let (sandbox, client) = sandbox_and_client(server);
+    let target = format!("{}@127.0.0.1", sandbox.id);
+    // One connection (an OpenSSH control master) carries every session below.
+    let socket = client.dir.path().join("control");
+    let mut master = client
+        .ssh()
+        .args(["-M", "-N", "-S"])
+        .arg(&socket)
+        .arg(&target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(120), || socket.exists()),
+        "no control master"
+    );
+    let session = |command: &str| {
+        let mut ssh = client.ssh();
+        ssh.arg("-S").arg(&socket).arg(&target).arg(command);
+        ssh
+    };
+    let mut holders: Vec<std::process::Child> = (0..10)
+        .map(|_| {
+            session("sleep 600")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let sleeping = || sandbox.sh("pgrep -cx sleep || true").out().trim().to_owned();
+    assert!(
+        wait_until(Duration::from_secs(120), || sleeping() == "10"),
+        "ten sessions never ran: {}",
+        sleeping()
+    );
+    // The eleventh is refused on this connection (OpenSSH then opens a connection of its own
+    // for it, which is admitted).
+    let refused = bounded(session("echo eleventh"), b"", Duration::from_secs(60));
+    assert!(
+        text(&refused.stderr).contains("Session open refused by peer"),
+        "{refused:?}"
+    );
+    // A session that ends frees its place, and its process goes with it.
+    let mut first = holders.remove(0);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || sleeping() == "9"),
+        "a closed session's process lived on: {}",
+        sleeping()
+    );
+    let admitted = bounded(session("echo admitted"), b"", Duration::from_secs(60));
+    assert_eq!(text(&admitted.stdout), "admitted\n", "{admitted:?}");
+    assert!(!text(&admitted.stderr).contains("refused"), "{admitted:?}");
+    for mut holder in holders {
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+    let _ = master.kill();
+    let _ = master.wait();
 }
 
 /// Connect-to-prompt time and keystroke echo latency through the gateway (figures for
