@@ -129,6 +129,7 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
 }
 
 /// The API key a request was authenticated with (its id), for handlers that record ownership.
+/// Any other way of authenticating a request that creates sandboxes should insert it too.
 #[derive(Debug, Clone)]
 pub struct AuthedKey(pub String);
 
@@ -306,13 +307,15 @@ async fn resume_sandbox(
 
 async fn fork_sandbox(
     State(state): State<AppState>,
-    axum::Extension(owner): axum::Extension<AuthedKey>,
+    owner: Option<axum::Extension<AuthedKey>>,
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ForkRequest>,
 ) -> Result<Response, ApiError> {
     let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
-    for forked in results.iter().filter_map(|r| r.sandbox.as_ref()) {
-        state.store.set_sandbox_owner(&forked.sandbox_id, &owner.0)?;
+    if let Some(axum::Extension(owner)) = owner {
+        for forked in results.iter().filter_map(|r| r.sandbox.as_ref()) {
+            state.store.set_sandbox_owner(&forked.sandbox_id, &owner.0)?;
+        }
     }
     Ok((StatusCode::CREATED, Json(results)).into_response())
 }
@@ -331,12 +334,15 @@ async fn snapshot_sandbox(
 
 async fn create_sandbox(
     State(state): State<AppState>,
-    axum::Extension(owner): axum::Extension<AuthedKey>,
+    owner: Option<axum::Extension<AuthedKey>>,
     JsonBody(req): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
     let created = state.manager.create(req).await?;
-    // The creating key owns it: only that key's SSH keys reach it (crates/viv-ssh).
-    state.store.set_sandbox_owner(&created.sandbox_id, &owner.0)?;
+    // The creating key owns it: only that key's SSH keys reach it (crates/viv-ssh). A request
+    // authenticated otherwise (no AuthedKey) creates a sandbox no SSH key reaches.
+    if let Some(axum::Extension(owner)) = owner {
+        state.store.set_sandbox_owner(&created.sandbox_id, &owner.0)?;
+    }
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
