@@ -27,6 +27,9 @@ VIV_DEPS=(
   grub-pc-bin:-
   grub-efi-amd64-bin:-
   mtools:mformat
+  # The SSH gateway's tests drive OpenSSH's clients (ssh, scp, sftp, ssh-keygen) and rsync.
+  openssh-client:ssh
+  rsync:rsync
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

@@ -134,7 +134,12 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     next.run(request).await
 }
 
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The API key a request was authenticated with (its id), for handlers that record ownership.
+/// Any other way of authenticating a request that creates sandboxes should insert it too.
+#[derive(Debug, Clone)]
+pub struct AuthedKey(pub String);
+
+async fn require_api_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let key = request
         .headers()
         .get(viv_api::API_KEY_HEADER)
@@ -147,14 +152,17 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
             "missing {} header",
             viv_api::API_KEY_HEADER
         ))),
-        Some(key) => match state.store.key_is_valid(&key) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
+        Some(key) => match state.store.key_id(&key) {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
             Err(err) => Err(err.into()),
         },
     };
     match verdict {
-        Ok(()) => next.run(request).await,
+        Ok(id) => {
+            request.extensions_mut().insert(AuthedKey(id));
+            next.run(request).await
+        }
         Err(err) => err.into_response(),
     }
 }
@@ -305,10 +313,16 @@ async fn resume_sandbox(
 
 async fn fork_sandbox(
     State(state): State<AppState>,
+    owner: Option<axum::Extension<AuthedKey>>,
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ForkRequest>,
 ) -> Result<Response, ApiError> {
     let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
+    if let Some(axum::Extension(owner)) = owner {
+        for forked in results.iter().filter_map(|r| r.sandbox.as_ref()) {
+            state.store.set_sandbox_owner(&forked.sandbox_id, &owner.0)?;
+        }
+    }
     Ok((StatusCode::CREATED, Json(results)).into_response())
 }
 
@@ -326,9 +340,15 @@ async fn snapshot_sandbox(
 
 async fn create_sandbox(
     State(state): State<AppState>,
+    owner: Option<axum::Extension<AuthedKey>>,
     JsonBody(req): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
     let created = state.manager.create(req).await?;
+    // The creating key owns it: only that key's SSH keys reach it (crates/viv-ssh). A request
+    // authenticated otherwise (no AuthedKey) creates a sandbox no SSH key reaches.
+    if let Some(axum::Extension(owner)) = owner {
+        state.store.set_sandbox_owner(&created.sandbox_id, &owner.0)?;
+    }
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 

@@ -67,6 +67,8 @@ pub enum KeysCommand {
         #[command(flatten)]
         dirs: Dirs,
     },
+    #[command(flatten)]
+    Ssh(crate::ssh_keys::SshKeysCommand),
 }
 
 /// `viv sandbox ...`
@@ -387,7 +389,7 @@ fn image(cmd: ImageCommand, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn open_store(dirs: &Dirs) -> Result<viv_server::Store> {
+pub(crate) fn open_store(dirs: &Dirs) -> Result<viv_server::Store> {
     std::fs::create_dir_all(&dirs.data_dir).with_context(|| format!("creating {}", dirs.data_dir.display()))?;
     Ok(viv_server::Store::open(&dirs.data_dir.join("vivarium.db"))?)
 }
@@ -421,6 +423,7 @@ fn keys(cmd: KeysCommand, json: bool) -> Result<()> {
             }
             println!("revoked {id}");
         }
+        KeysCommand::Ssh(cmd) => crate::ssh_keys::run(cmd, json)?,
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod logs;
 mod output;
 mod serve;
 mod shell;
+mod ssh_keys;
 mod template;
 mod tls;
 mod top;

@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// without it.
     #[arg(long, env = "VIV_JAIL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub jail: bool,
+    /// Also serve SSH on this address (`ssh SANDBOXID@HOST -p PORT`): sign-in by public keys
+    /// registered with `viv keys ssh-add`, to sandboxes the key's API key created. The host key
+    /// is made on first start in DATA_DIR/ssh.
+    #[arg(long, env = "VIV_SSH_LISTEN")]
+    pub ssh_listen: Option<SocketAddr>,
     /// The host-wide range of uids jailed QEMUs run as, `FIRST-LAST` (shared by every server on
     /// the host; must not overlap real users or subuid ranges).
     #[arg(long, env = "VIV_JAIL_UIDS", default_value = "1879048192-1879113727", value_parser = parse_uid_range)]
@@ -254,6 +259,26 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             viv_server::routes::router(state.clone()),
         ));
     }
+    let ssh_shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.ssh_listen {
+        let key = viv_ssh::host_key::load_or_create(&viv_ssh::host_key::host_key_path(&args.dirs.data_dir))?;
+        let fingerprint = key.fingerprint(viv_ssh::HashAlg::Sha256);
+        let ssh = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--ssh-listen)"))?;
+        let port = ssh.local_addr()?.port();
+        println!(
+            "SSH gateway on {} (host key {fingerprint}): ssh -p {port} SANDBOXID@HOST",
+            ssh.local_addr()?
+        );
+        tokio::spawn(viv_ssh::serve(
+            ssh,
+            state.clone(),
+            key,
+            viv_ssh::Limits::default(),
+            ssh_shutdown.clone(),
+        ));
+    }
     let stopping = Arc::new(tokio::sync::Notify::new());
     let serve = {
         let stopping = stopping.clone();
@@ -270,6 +295,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             tokio::time::sleep(GRACE).await;
         } => tracing::warn!("requests still open {GRACE:?} after the signal; closing them"),
     }
+    ssh_shutdown.cancel();
     tracing::info!(on_shutdown = %args.on_shutdown, "shutting down");
     manager.shutdown(args.on_shutdown).await;
     Ok(())

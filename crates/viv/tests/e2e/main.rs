@@ -16,6 +16,7 @@ mod pool;
 mod restarts;
 mod shell;
 mod snapshots;
+mod ssh;
 mod storage;
 mod templates;
 mod vm_boot;
