@@ -225,7 +225,7 @@ fn network_summary(info: &SandboxInfo) -> String {
 /// `viv exec ID -- CMD...`
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// Sandbox id.
+    /// Sandbox id (under `viv vm exec`, the VM's id or name).
     pub id: String,
     /// Run as this user.
     #[arg(long, short)]
@@ -718,8 +718,14 @@ fn sandbox_row(s: &SandboxInfo) -> Vec<String> {
     ]
 }
 
-/// Runs a command and relays its output; returns its exit code.
+/// Runs a command in a sandbox and relays its output; returns its exit code.
 pub async fn exec(client: &Client, args: ExecArgs) -> Result<i32> {
+    let path = format!("/sandboxes/{}/exec", args.id);
+    exec_at(client, args, &path).await
+}
+
+/// Runs a command through the exec route `path` and relays its output; returns its exit code.
+pub async fn exec_at(client: &Client, args: ExecArgs, path: &str) -> Result<i32> {
     let stdin = if args.interactive {
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
@@ -735,13 +741,7 @@ pub async fn exec(client: &Client, args: ExecArgs) -> Result<i32> {
         user: args.user,
         stdin,
     };
-    let response = client
-        .send(
-            client
-                .request(Method::POST, &format!("/sandboxes/{}/exec", args.id))
-                .json(&req),
-        )
-        .await?;
+    let response = client.send(client.request(Method::POST, path).json(&req)).await?;
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     let decode = |d: &str| base64::engine::general_purpose::STANDARD.decode(d).unwrap_or_default();

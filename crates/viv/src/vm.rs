@@ -17,10 +17,18 @@ use crate::output;
 /// `viv vm ...`
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Define a VM (it starts in state `defined`).
+    /// Define a VM (it starts in state `defined`); with --from-snapshot or --from-template, its
+    /// first disk is a copy of that sandbox root file system, booted with the sandbox kernel
+    /// and agent (`viv vm exec` runs commands in it).
     Create {
         /// Name, unique on the server.
         name: String,
+        /// A sandbox snapshot (id or name) to make the VM from.
+        #[arg(long, conflicts_with = "from_template")]
+        from_snapshot: Option<String>,
+        /// A sandbox template (name) to make the VM from.
+        #[arg(long)]
+        from_template: Option<String>,
         #[command(flatten)]
         fields: Box<DefinitionArgs>,
     },
@@ -110,6 +118,16 @@ pub enum VmCommand {
         #[arg(long)]
         full: bool,
     },
+    /// Fork a running or paused VM: a new VM whose disks are copies of the source's at this
+    /// instant and whose memory continues from it; both run on.
+    Fork {
+        /// VM id or name.
+        vm: String,
+        /// The new VM's name.
+        name: String,
+    },
+    /// Run a command in a VM made from a sandbox (it runs the sandbox agent).
+    Exec(crate::commands::ExecArgs),
     /// Put an ISO into a CD-ROM drive (running or not), or eject its medium.
     Media {
         /// VM id or name.
@@ -371,9 +389,20 @@ fn cdrom_spec(text: &str) -> Result<Value> {
 /// Runs `viv vm ...`.
 pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
     match cmd {
-        VmCommand::Create { name, fields } => {
+        VmCommand::Create {
+            name,
+            from_snapshot,
+            from_template,
+            fields,
+        } => {
             let mut body = fields.to_fields()?;
             body.insert("name".into(), json!(name));
+            if let Some(snapshot) = from_snapshot {
+                body.insert("fromSnapshot".into(), json!(snapshot));
+            }
+            if let Some(template) = from_template {
+                body.insert("fromTemplate".into(), json!(template));
+            }
             let vm: VmInfo = client.json(client.request(Method::POST, "/vms").json(&body)).await?;
             if json {
                 output::json(&vm);
@@ -486,6 +515,24 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
             } else {
                 println!("{}: NVRAM reset", info.name);
             }
+        }
+        VmCommand::Fork { vm, name } => {
+            let info: VmInfo = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/fork"))
+                        .json(&json!({ "name": name })),
+                )
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("{}", info.id);
+            }
+        }
+        VmCommand::Exec(args) => {
+            let path = format!("/vms/{}/exec", args.id);
+            return crate::commands::exec_at(client, args, &path).await;
         }
         VmCommand::Clone { vm, name, full } => {
             let body = json!({"name": name, "linked": !full});

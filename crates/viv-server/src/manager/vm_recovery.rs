@@ -97,7 +97,8 @@ impl Manager {
             .await
             .map_err(|e| e.to_string())?;
         let running = machine.status().await.map(|s| s.running).unwrap_or(true);
-        let live = LiveVm::new(&row.id, machine, self.vm_console_log_path(&row.id));
+        let agent = definition_of(&row.definition).is_ok_and(|d| d.sandbox_kernel);
+        let live = LiveVm::new(&row.id, machine, self.vm_console_log_path(&row.id), agent, true);
         let state = state_of(row).map_err(|e| e.to_string())?;
         let now = if running { VmState::Running } else { VmState::Paused };
         self.vm_runtime.insert(live.clone());
