@@ -18,6 +18,7 @@ mod snapshots;
 mod storage;
 mod templates;
 mod vm_boot;
+mod vm_bridge;
 mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;
