@@ -62,15 +62,16 @@ impl Manager {
     /// at most the boot timeout). 404 for no such VM; 409 when it is not running or has no agent.
     pub async fn vm_agent(&self, id_or_name: &str) -> Result<(Arc<LiveVm>, Arc<VmAgent>), ApiError> {
         let row = self.vm_row(id_or_name)?;
-        let live = self.live_of(&row)?;
         let state = super::vms::state_of(&row)?;
         if state != viv_api::vms::VmState::Running {
             return Err(ApiError::Conflict(format!(
-                "VM '{}' is {}: exec needs it running",
+                "VM '{}' is {}: exec needs it running (viv vm start {})",
                 row.name,
-                state.as_str()
+                state.as_str(),
+                row.name
             )));
         }
+        let live = self.live_of(&row)?;
         let agent = live.agent.clone().ok_or_else(|| {
             ApiError::Conflict(format!(
                 "VM '{}' does not run the sandbox agent: only VMs made from a sandbox snapshot or template (sandboxKernel) answer exec",
@@ -173,6 +174,9 @@ impl Manager {
                 shareable: false,
             },
         );
+        for nic in &mut def.nics {
+            nic.mac.get_or_insert_with(super::vms::random_mac);
+        }
         // Checked before the copy, so a bad definition costs nothing.
         super::vms::check_definition(&def, &self.store.list_vms()?, None).or_else(|e| match e {
             // The root disk does not exist yet.

@@ -234,7 +234,7 @@ fn changed_fields(before: &VmDefinition, after: &VmDefinition) -> Result<Vec<Str
 }
 
 /// A random locally administered unicast MAC in QEMU's `52:54:00` range.
-fn random_mac() -> String {
+pub(super) fn random_mac() -> String {
     let [a, b, c] = rand::random::<[u8; 3]>();
     format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
 }
