@@ -644,6 +644,35 @@ pub struct VmSnapshot {
     pub created_at: String,
 }
 
+/// A node of the snapshot tree (`GET /snapshot-tree`): a sandbox snapshot node or a VM
+/// snapshot, in one listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotTreeNode {
+    /// The snapshot's id.
+    pub id: String,
+    /// `sandbox` (a snapshot node: pause, fork or named snapshot) or `vm` (a VM snapshot).
+    pub kind: String,
+    /// Why it exists: `pause`, `fork`, `snapshot` (sandboxes) or `vm-snapshot`.
+    pub reason: String,
+    /// Its name, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The node it descends from: its parent snapshot, or for a VM's first snapshots the sandbox
+    /// snapshot the VM was made from (when that node still exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The sandbox or VM it was taken of.
+    pub owner_id: String,
+    /// Whether memory and device state are included.
+    pub memory: bool,
+    /// Bytes it holds of its own: a sandbox node's layer and state; a VM snapshot's memory and
+    /// device state (its disk blocks are shared with the VM's disks).
+    pub size_bytes: u64,
+    /// When it was taken, RFC 3339.
+    pub created_at: String,
+}
+
 /// `POST /vms/{id}/rename` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

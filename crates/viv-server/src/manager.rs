@@ -42,6 +42,7 @@ mod sdk_files;
 mod sdk_spec;
 mod sdk_tags;
 mod setup;
+mod snapshot_tree;
 mod snapshots;
 mod storage;
 mod templates;

@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_vms.sql"),
     include_str!("migrations/0015_vm_runtime.sql"),
     include_str!("migrations/0016_vm_snapshots.sql"),
+    include_str!("migrations/0019_vm_origin.sql"),
 ];
 
 mod traffic;

@@ -426,6 +426,9 @@ pub enum SnapshotCommand {
         /// Snapshot id or name.
         id: String,
     },
+    /// Every snapshot of sandboxes and VMs as one tree (a VM made from a sandbox snapshot
+    /// hangs under it).
+    Tree,
     /// Delete snapshot nodes (refused while sandboxes or other snapshots depend on them).
     #[command(alias = "rm")]
     Delete {
@@ -450,6 +453,7 @@ async fn snapshot(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<(
                 output::table(&headers, &list.iter().map(snapshot_row).collect::<Vec<_>>());
             }
         }
+        SnapshotCommand::Tree => crate::vm::print_snapshot_tree(client, json).await?,
         SnapshotCommand::Get { id } => {
             let info: viv_api::SnapshotInfo = client
                 .json(client.request(Method::GET, &format!("/snapshots/{id}")))

@@ -128,6 +128,13 @@ pub enum VmCommand {
     },
     /// Run a command in a VM made from a sandbox (it runs the sandbox agent).
     Exec(crate::commands::ExecArgs),
+    /// Make a sandbox template of a stopped VM made from a sandbox (its root file system).
+    Template {
+        /// VM id or name.
+        vm: String,
+        /// The template's name.
+        name: String,
+    },
     /// Put an ISO into a CD-ROM drive (running or not), or eject its medium.
     Media {
         /// VM id or name.
@@ -530,6 +537,20 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 println!("{}", info.id);
             }
         }
+        VmCommand::Template { vm, name } => {
+            let made: viv_api::vms::VmTemplateInfo = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/template"))
+                        .json(&json!({ "name": name })),
+                )
+                .await?;
+            if json {
+                output::json(&made);
+            } else {
+                println!("{}", made.name);
+            }
+        }
         VmCommand::Exec(args) => {
             let path = format!("/vms/{}/exec", args.id);
             return crate::commands::exec_at(client, args, &path).await;
@@ -547,6 +568,49 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `viv snapshot tree`: sandbox snapshot nodes and VM snapshots, children indented under
+/// their parents.
+pub async fn print_snapshot_tree(client: &Client, json: bool) -> Result<()> {
+    let nodes: Vec<viv_api::vms::SnapshotTreeNode> =
+        client.json(client.request(Method::GET, "/snapshot-tree")).await?;
+    if json {
+        output::json(&nodes);
+        return Ok(());
+    }
+    let known: std::collections::HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    let mut rows = Vec::new();
+    let mut stack: Vec<(&viv_api::vms::SnapshotTreeNode, usize)> = nodes
+        .iter()
+        .rev()
+        .filter(|n| n.parent_id.as_deref().is_none_or(|p| !known.contains(p)))
+        .map(|n| (n, 0))
+        .collect();
+    while let Some((node, depth)) = stack.pop() {
+        rows.push(vec![
+            format!("{}{}", "  ".repeat(depth), node.id),
+            node.kind.clone(),
+            node.reason.clone(),
+            node.name.clone().unwrap_or_default(),
+            node.owner_id.clone(),
+            if node.memory { "yes" } else { "no" }.into(),
+            format!("{:.1} MiB", node.size_bytes as f64 / (1 << 20) as f64),
+            node.created_at.clone(),
+        ]);
+        stack.extend(
+            nodes
+                .iter()
+                .rev()
+                .filter(|c| c.parent_id.as_deref() == Some(node.id.as_str()))
+                .map(|c| (c, depth + 1)),
+        );
+    }
+    output::table(
+        &["ID", "KIND", "REASON", "NAME", "OWNER", "MEMORY", "SIZE", "CREATED"],
+        &rows,
+    );
+    Ok(())
 }
 
 /// `POST /vms/{vm}/{action}{query}` for each VM, with a spinner on a terminal, then the VM's

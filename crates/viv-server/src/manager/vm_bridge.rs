@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use viv_api::vms::{BootDevice, DiskBus, Firmware, MachineType, NewVm, VmDisk, VmInfo};
+use viv_api::vms::{BootDevice, DiskBus, Firmware, MachineType, NewVm, VmDisk, VmInfo, VmTemplate, VmTemplateInfo};
 
 use super::vm_runtime::LiveVm;
 use super::Manager;
@@ -130,7 +130,7 @@ impl Manager {
         if self.store.vm(&req.name)?.is_some() {
             return Err(ApiError::Conflict(format!("a VM named '{}' already exists", req.name)));
         }
-        let layer = match (&req.from_snapshot, &req.from_template) {
+        let (layer, origin) = match (&req.from_snapshot, &req.from_template) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::BadRequest(
                     "give fromSnapshot or fromTemplate, not both".into(),
@@ -140,11 +140,11 @@ impl Manager {
                 let node = self.store.snapshot(snapshot)?.ok_or_else(|| {
                     ApiError::NotFound(format!("no sandbox snapshot '{snapshot}' (see viv snapshot list)"))
                 })?;
-                self.node_dir(&node.id).join("disk.qcow2")
+                (self.node_dir(&node.id).join("disk.qcow2"), format!("snapshot:{}", node.id))
             }
             (None, Some(template)) => {
                 let name = super::builtin::canonical_template_name(template);
-                self.recipe(name)?.layer
+                (self.recipe(name)?.layer, format!("template:{name}"))
             }
             (None, None) => return Err(ApiError::BadRequest("no sandbox snapshot or template given".into())),
         };
@@ -188,7 +188,12 @@ impl Manager {
             .import_own_image(&disk, &layer, &mut |_| {})
             .await
             .map_err(|e| super::storage::api(e.kind(), format!("copying the root file system into disk '{disk}': {e}")))?;
-        let created = self.create_vm(NewVm::new(req.name.clone(), def));
+        let created = self
+            .create_vm(NewVm::new(req.name.clone(), def))
+            .and_then(|info| {
+                self.store.set_vm_origin(&info.id, &origin)?;
+                Ok(info)
+            });
         match &created {
             Ok(info) => tracing::info!(
                 vm = %info.id,
@@ -201,5 +206,89 @@ impl Manager {
             }
         }
         created
+    }
+
+    /// Makes a sandbox template of stopped VM `vm`'s root file system: the first disk,
+    /// flattened into a layer of its own, which sandboxes boot (and snapshot at first use) as
+    /// they do any template. Only VMs that boot the sandbox kernel have a disk sandboxes can
+    /// boot (an ext4 root file system with the agent on `/dev/vda`); others are refused.
+    pub async fn template_from_vm(&self, vm: &str, req: VmTemplate) -> Result<VmTemplateInfo, ApiError> {
+        if !super::builds::valid_template_name(&req.name) {
+            return Err(ApiError::BadRequest(format!(
+                "template name '{}' must be 1 to 63 of a-z, 0-9, '-' and '_', starting with a letter or digit",
+                req.name
+            )));
+        }
+        let (row, _held) = self.lock_vm(vm).await?;
+        let state = super::vms::state_of(&row)?;
+        if state.is_active() {
+            return Err(ApiError::Conflict(format!(
+                "VM '{}' is {}: stop it first (its disk must not change while it is copied)",
+                row.name,
+                state.as_str()
+            )));
+        }
+        let def = super::vms::definition_of(&row.definition)?;
+        if !def.sandbox_kernel {
+            return Err(ApiError::Conflict(format!(
+                "VM '{}' does not boot the sandbox kernel: a sandbox template needs an ext4 root file system with the sandbox agent as the first disk, which only VMs made from a sandbox snapshot or template (sandboxKernel) are known to have",
+                row.name
+            )));
+        }
+        if self.store.template(&req.name)?.is_some()
+            || super::builtin::builtin_named(&req.name).is_some()
+            || req.name == viv_api::DEFAULT_TEMPLATE
+        {
+            return Err(ApiError::Conflict(format!("a template named '{}' exists already", req.name)));
+        }
+        let disk = &def.disks[0].disk;
+        let info = self
+            .storage
+            .disk_info(disk)
+            .await
+            .map_err(|e| super::storage::api(e.kind(), format!("disk '{disk}' of VM '{}': {e}", row.name)))?;
+        let started = std::time::Instant::now();
+        let key = format!("vm-{}", super::random_id(20));
+        let layers = self.config.data_dir.join("layers");
+        let layer = layers.join(format!("{key}.qcow2"));
+        let partial = layers.join(format!(".{key}.partial"));
+        let copied = async {
+            std::fs::create_dir_all(&layers).map_err(|e| e.to_string())?;
+            viv_storage::qemu_img::convert(&info.path, info.format.as_str(), &partial, "qcow2", &mut |_| {})
+                .await
+                .map_err(|e| e.to_string())?;
+            std::fs::rename(&partial, &layer).map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(err) = copied {
+            let _ = std::fs::remove_file(&partial);
+            return Err(ApiError::Internal(format!("copying disk '{disk}' into a layer: {err}")));
+        }
+        super::snapshots::seal(&layer)?;
+        let bytes = std::fs::metadata(&layer).map(|m| m.len()).unwrap_or(0);
+        let template = crate::store::TemplateRow {
+            name: req.name.clone(),
+            from: format!("vm:{}", row.name),
+            layer: layer.to_string_lossy().into_owned(),
+            config: Default::default(),
+            start: None,
+            ready: None,
+            cpu_count: def.cpu.vcpus(),
+            memory_mb: def.memory_mib,
+            spec: format!("# the root file system of VM '{}' ({})\n", row.name, row.id),
+            layers: vec![key],
+            created_at: crate::store::now_rfc3339(),
+            build_ms: started.elapsed().as_millis() as u64,
+        };
+        if let Err(err) = self.store.put_template(&template) {
+            let _ = std::fs::remove_file(&layer);
+            return Err(err.into());
+        }
+        tracing::info!(vm = %row.id, template = %req.name, bytes, ms = template.build_ms, "template made from a VM");
+        Ok(VmTemplateInfo {
+            name: req.name,
+            vm_id: row.id,
+            bytes,
+        })
     }
 }

@@ -3,14 +3,15 @@
 //! id or its name. Every state change is also published on `GET /events`. Snapshots:
 //! `/vms/{id}/snapshots[/{snapshot}[/revert]]`, `{snapshot}` an id or a name. Bridges to
 //! sandboxes: `POST /vms` with `fromSnapshot`/`fromTemplate`, `POST /vms/{id}/exec`;
-//! `POST /vms/{id}/fork` forks a running VM.
+//! `POST /vms/{id}/template` makes a sandbox template of one; `POST /vms/{id}/fork` forks a
+//! running VM; `GET /snapshot-tree` lists sandbox and VM snapshots together.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmFork, VmMedium, VmRename, VmStopQuery};
+use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmFork, VmMedium, VmRename, VmStopQuery, VmTemplate};
 
 use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
@@ -30,12 +31,14 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/kill", post(kill))
         .route("/vms/{id}/clone", post(clone))
         .route("/vms/{id}/fork", post(fork))
+        .route("/vms/{id}/template", post(make_template))
         .route("/vms/{id}/exec", post(super::exec::vm_exec))
         .route("/vms/{id}/cdroms/{drive}", axum::routing::put(change_medium))
         .route("/vms/{id}/nvram/reset", post(reset_nvram))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}", get(snapshot).delete(delete_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}/revert", post(revert_snapshot))
+        .route("/snapshot-tree", get(snapshot_tree))
 }
 
 async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<NewVm>) -> Result<Response, ApiError> {
@@ -45,6 +48,19 @@ async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<NewVm>) -
         state.manager.create_vm(req)?
     };
     Ok((StatusCode::CREATED, Json(vm)).into_response())
+}
+
+/// Sandbox snapshot nodes and VM snapshots in one listing.
+async fn snapshot_tree(State(state): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.snapshot_tree().await?).into_response())
+}
+
+async fn make_template(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<VmTemplate>,
+) -> Result<Response, ApiError> {
+    Ok((StatusCode::CREATED, Json(state.manager.template_from_vm(&id, req).await?)).into_response())
 }
 
 async fn fork(

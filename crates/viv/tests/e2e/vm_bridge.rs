@@ -184,11 +184,6 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     let disk: Value = server.get(&format!("/disks/{root}")).send().unwrap().json().unwrap();
     assert!(disk.get("backing").is_none(), "a standalone copy: {disk}");
 
-    // The snapshot may go now: the VM depends on nothing of it.
-    assert_eq!(
-        server.delete(&format!("/snapshots/{snapshot_id}")).send().unwrap().status(),
-        204
-    );
     let (status, message) = refused(
         server
             .post(&format!("/vms/{id}/exec"))
@@ -221,9 +216,80 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     );
     assert_eq!((status, message.contains("sandbox agent")), (409, true), "{message}");
     act(server, &plain, "kill", "");
-    delete_with_disks(server, &plain);
 
+    // One tree: the VM's snapshot hangs under the sandbox snapshot it was made from.
+    let taken = server
+        .post(&format!("/vms/{id}/snapshots"))
+        .json(&json!({"name": "in-vm"}))
+        .send()
+        .unwrap();
+    assert_eq!(taken.status(), 201, "{}", taken.text().unwrap());
+    let taken: Value = taken.json().unwrap();
+    let tree: Vec<Value> = server.get("/snapshot-tree").send().unwrap().json().unwrap();
+    let node = |want: &str| tree.iter().find(|n| n["id"] == want).cloned();
+    let vm_node = node(taken["id"].as_str().unwrap()).expect("the VM snapshot is in the tree");
+    assert_eq!(
+        (vm_node["kind"].as_str(), vm_node["parentId"].as_str(), vm_node["ownerId"].as_str()),
+        (Some("vm"), Some(snapshot_id.as_str()), Some(id.as_str())),
+        "{vm_node}"
+    );
+    assert!(vm_node["sizeBytes"].as_u64().unwrap() > 0, "its memory: {vm_node}");
+    let sandbox_node = node(&snapshot_id).expect("the sandbox snapshot is in the tree");
+    assert_eq!(sandbox_node["kind"], "sandbox");
+    let cli = server.cli(&["snapshot", "tree"]);
+    assert_eq!(cli.code, 0, "{cli:?}");
+    let under = cli.stdout.lines().position(|l| l.contains(&snapshot_id)).unwrap();
+    let child = cli.stdout.lines().position(|l| l.contains(taken["id"].as_str().unwrap())).unwrap();
+    assert!(child > under, "{}", cli.stdout);
+
+    // The sandbox snapshot may go: the VM holds a copy; the VM snapshot becomes a root.
+    assert_eq!(
+        server.delete(&format!("/snapshots/{snapshot_id}")).send().unwrap().status(),
+        204
+    );
+    let tree: Vec<Value> = server.get("/snapshot-tree").send().unwrap().json().unwrap();
+    let vm_node = tree.iter().find(|n| n["id"] == taken["id"]).unwrap();
+    assert!(vm_node.get("parentId").is_none(), "{vm_node}");
+
+    // A sandbox template from the VM: refused while it runs, then sandboxes boot its files.
+    let template = unique("fromvm");
+    let (status, message) = refused(
+        server
+            .post(&format!("/vms/{id}/template"))
+            .json(&json!({"name": template}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!((status, message.contains("stop it")), (409, true), "{message}");
+    assert_eq!(
+        server
+            .exec_at(&format!("/vms/{id}/exec"), json!({"command": "echo from-the-vm > /home/user/vm.txt; sync"}))
+            .exit_code,
+        Some(0)
+    );
     act(server, &id, "kill", "");
+    let made = server
+        .post(&format!("/vms/{id}/template"))
+        .json(&json!({"name": template}))
+        .send()
+        .unwrap();
+    assert_eq!(made.status(), 201, "{}", made.text().unwrap());
+    let sandbox = server.sandbox_with(json!({"templateID": template, "timeout": 300}));
+    let read = sandbox.sh("cat /home/user/marker.txt /home/user/vm.txt");
+    assert_eq!(read.out(), "from-the-sandbox\nfrom-the-vm\n", "{read:?}");
+    drop(sandbox);
+    let (status, message) = refused(
+        server
+            .post(&format!("/vms/{plain}/template"))
+            .json(&json!({"name": unique("x")}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!((status, message.contains("sandbox kernel")), (409, true), "{message}");
+    delete_with_disks(server, &plain);
+    assert_eq!(server.delete(&format!("/templates/{template}")).send().unwrap().status(), 204);
+
     delete_with_disks(server, &id);
     assert_eq!(server.get(&format!("/disks/{root}")).send().unwrap().status(), 404);
+
 }
