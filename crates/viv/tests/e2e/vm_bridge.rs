@@ -227,18 +227,24 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     let taken: Value = taken.json().unwrap();
     let tree: Vec<Value> = server.get("/snapshot-tree").send().unwrap().json().unwrap();
     let node = |want: &str| tree.iter().find(|n| n["id"] == want).cloned();
+    let node_id = tree
+        .iter()
+        .find(|n| n["kind"] == "sandbox" && n["name"] == snapshot_name.as_str())
+        .and_then(|n| n["id"].as_str())
+        .expect("the sandbox snapshot is in the tree")
+        .to_owned();
     let vm_node = node(taken["id"].as_str().unwrap()).expect("the VM snapshot is in the tree");
     assert_eq!(
         (vm_node["kind"].as_str(), vm_node["parentId"].as_str(), vm_node["ownerId"].as_str()),
-        (Some("vm"), Some(snapshot_id.as_str()), Some(id.as_str())),
+        (Some("vm"), Some(node_id.as_str()), Some(id.as_str())),
         "{vm_node}"
     );
     assert!(vm_node["sizeBytes"].as_u64().unwrap() > 0, "its memory: {vm_node}");
-    let sandbox_node = node(&snapshot_id).expect("the sandbox snapshot is in the tree");
+    let sandbox_node = node(&node_id).unwrap();
     assert_eq!(sandbox_node["kind"], "sandbox");
     let cli = server.cli(&["snapshot", "tree"]);
     assert_eq!(cli.code, 0, "{cli:?}");
-    let under = cli.stdout.lines().position(|l| l.contains(&snapshot_id)).unwrap();
+    let under = cli.stdout.lines().position(|l| l.contains(&node_id)).unwrap();
     let child = cli.stdout.lines().position(|l| l.contains(taken["id"].as_str().unwrap())).unwrap();
     assert!(child > under, "{}", cli.stdout);
 
