@@ -67,8 +67,8 @@ pub use builds::{BuildJob, BuildLog};
 pub use recovery::{Recovery, ShutdownMode};
 pub use sdk_builds::BuildStatusQuery;
 pub use sdk_spec::StartBuild;
-pub use vm_console::{ConsoleClient, ConsoleHub, HubLimits, CONSOLE_LOG_CAP};
 pub use vm_bridge::VmAgent;
+pub use vm_console::{ConsoleClient, ConsoleHub, HubLimits, CONSOLE_LOG_CAP};
 pub use vm_runtime::LiveVm;
 
 /// Server settings that shape sandboxes.

@@ -573,8 +573,7 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
 /// `viv snapshot tree`: sandbox snapshot nodes and VM snapshots, children indented under
 /// their parents.
 pub async fn print_snapshot_tree(client: &Client, json: bool) -> Result<()> {
-    let nodes: Vec<viv_api::vms::SnapshotTreeNode> =
-        client.json(client.request(Method::GET, "/snapshot-tree")).await?;
+    let nodes: Vec<viv_api::vms::SnapshotTreeNode> = client.json(client.request(Method::GET, "/snapshot-tree")).await?;
     if json {
         output::json(&nodes);
         return Ok(());

@@ -140,7 +140,10 @@ impl Manager {
                 let node = self.store.snapshot(snapshot)?.ok_or_else(|| {
                     ApiError::NotFound(format!("no sandbox snapshot '{snapshot}' (see viv snapshot list)"))
                 })?;
-                (self.node_dir(&node.id).join("disk.qcow2"), format!("snapshot:{}", node.id))
+                (
+                    self.node_dir(&node.id).join("disk.qcow2"),
+                    format!("snapshot:{}", node.id),
+                )
             }
             (None, Some(template)) => {
                 let name = super::builtin::canonical_template_name(template);
@@ -187,13 +190,16 @@ impl Manager {
         self.storage
             .import_own_image(&disk, &layer, &mut |_| {})
             .await
-            .map_err(|e| super::storage::api(e.kind(), format!("copying the root file system into disk '{disk}': {e}")))?;
-        let created = self
-            .create_vm(NewVm::new(req.name.clone(), def))
-            .and_then(|info| {
-                self.store.set_vm_origin(&info.id, &origin)?;
-                Ok(info)
-            });
+            .map_err(|e| {
+                super::storage::api(
+                    e.kind(),
+                    format!("copying the root file system into disk '{disk}': {e}"),
+                )
+            })?;
+        let created = self.create_vm(NewVm::new(req.name.clone(), def)).and_then(|info| {
+            self.store.set_vm_origin(&info.id, &origin)?;
+            Ok(info)
+        });
         match &created {
             Ok(info) => tracing::info!(
                 vm = %info.id,
@@ -239,7 +245,10 @@ impl Manager {
             || super::builtin::builtin_named(&req.name).is_some()
             || req.name == viv_api::DEFAULT_TEMPLATE
         {
-            return Err(ApiError::Conflict(format!("a template named '{}' exists already", req.name)));
+            return Err(ApiError::Conflict(format!(
+                "a template named '{}' exists already",
+                req.name
+            )));
         }
         let disk = &def.disks[0].disk;
         let info = self

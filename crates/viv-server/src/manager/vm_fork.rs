@@ -32,8 +32,8 @@ use std::time::Instant;
 
 use viv_api::vms::{Firmware, NewVm, VmFork, VmInfo, VmState};
 
-use super::vms::{definition_of, state_of};
 use super::vm_runtime::LiveVm;
+use super::vms::{definition_of, state_of};
 use super::Manager;
 use crate::error::ApiError;
 
@@ -70,11 +70,9 @@ impl Manager {
             if disk.read_only || disk.shareable {
                 continue;
             }
-            let info = self
-                .storage
-                .disk_info(&disk.disk)
-                .await
-                .map_err(|e| super::storage::api(e.kind(), format!("disk '{}' of VM '{}': {e}", disk.disk, row.name)))?;
+            let info = self.storage.disk_info(&disk.disk).await.map_err(|e| {
+                super::storage::api(e.kind(), format!("disk '{}' of VM '{}': {e}", disk.disk, row.name))
+            })?;
             if info.format != viv_storage::DiskFormat::Qcow2 {
                 return Err(ApiError::Conflict(format!(
                     "VM '{}': disk '{}' is raw: a fork needs qcow2 disks (clone it to a qcow2 disk first)",
@@ -134,7 +132,11 @@ impl Manager {
             .fork_point(live, tag, &state_file, nvram.as_deref(), source_id)
             .await;
         let resumed = match state {
-            VmState::Running => live.machine.resume().await.map_err(|e| internal("resuming the source", &e)),
+            VmState::Running => live
+                .machine
+                .resume()
+                .await
+                .map_err(|e| internal("resuming the source", &e)),
             _ => Ok(()),
         };
         let paused_ms = pause_started.elapsed().as_millis() as u64;

@@ -385,9 +385,14 @@ fn check_machine(def: &VmDefinition) -> Result<(), ApiError> {
                 "sandboxKernel needs machine microvm (the sandbox kernel has virtio-mmio drivers only)".into(),
             ));
         }
-        if !def.disks.first().is_some_and(|d| !d.read_only && d.bus == DiskBus::VirtioBlk) {
+        if !def
+            .disks
+            .first()
+            .is_some_and(|d| !d.read_only && d.bus == DiskBus::VirtioBlk)
+        {
             return Err(ApiError::Conflict(
-                "sandboxKernel boots the first disk as its root file system: it must be a writable virtio-blk disk".into(),
+                "sandboxKernel boots the first disk as its root file system: it must be a writable virtio-blk disk"
+                    .into(),
             ));
         }
     }

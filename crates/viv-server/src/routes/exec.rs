@@ -69,7 +69,7 @@ pub(super) async fn vm_exec(
     ApiPath(id): ApiPath<String>,
     JsonBody(req): JsonBody<ExecRequest>,
 ) -> Result<Response, ApiError> {
-    let (start, stdin, auth) = start_request(req)?;
+    let AgentExec { start, stdin, auth } = start_request(req)?;
     let (live, agent) = state.manager.vm_agent(&id).await?;
     let response = agent
         .client
@@ -79,8 +79,18 @@ pub(super) async fn vm_exec(
     Ok(relay(Arc::new(VmTarget { live, agent }), response, stdin))
 }
 
+/// An exec request as the agent sees it.
+pub(super) struct AgentExec {
+    /// `process.Process/Start`'s request.
+    start: StartRequest,
+    /// Bytes for the process's stdin.
+    stdin: Option<Vec<u8>>,
+    /// The `Authorization` header naming the user.
+    auth: Option<String>,
+}
+
 /// An exec request as the agent's start request, its stdin and its `Authorization` header.
-pub(super) fn start_request(req: ExecRequest) -> Result<(StartRequest, Option<Vec<u8>>, Option<String>), ApiError> {
+pub(super) fn start_request(req: ExecRequest) -> Result<AgentExec, ApiError> {
     let (cmd, args) = match (req.argv.split_first(), &req.command) {
         (Some((cmd, args)), _) => (cmd.clone(), args.to_vec()),
         (None, Some(command)) => ("/bin/bash".to_owned(), vec!["-l".into(), "-c".into(), command.clone()]),
@@ -107,7 +117,11 @@ pub(super) fn start_request(req: ExecRequest) -> Result<(StartRequest, Option<Ve
         tag: None,
         stdin: Some(stdin.is_some()),
     };
-    Ok((start, stdin, basic_user(req.user.as_deref())))
+    Ok(AgentExec {
+        start,
+        stdin,
+        auth: basic_user(req.user.as_deref()),
+    })
 }
 
 /// The agent's `process.Process/Start` request for `start`.
@@ -142,7 +156,7 @@ pub(super) async fn exec(
     ApiPath(id): ApiPath<String>,
     JsonBody(req): JsonBody<ExecRequest>,
 ) -> Result<Response, ApiError> {
-    let (start, stdin, auth) = start_request(req)?;
+    let AgentExec { start, stdin, auth } = start_request(req)?;
     let live = state.manager.live(&id)?;
     let response = agent_ok(&state, &live, agent_request(&start, auth)?).await?;
     Ok(relay(live, response, stdin))

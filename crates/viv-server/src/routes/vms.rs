@@ -60,7 +60,11 @@ async fn make_template(
     ApiPath(id): ApiPath<String>,
     JsonBody(req): JsonBody<VmTemplate>,
 ) -> Result<Response, ApiError> {
-    Ok((StatusCode::CREATED, Json(state.manager.template_from_vm(&id, req).await?)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.template_from_vm(&id, req).await?),
+    )
+        .into_response())
 }
 
 async fn fork(

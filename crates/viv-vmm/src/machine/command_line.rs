@@ -203,7 +203,11 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
             "-chardev",
             format!("socket,id=agent,path={},server=on,wait=off", path(&spec.agent_socket())),
         );
-        let bus = if q35 { "virtio-serial-pci" } else { "virtio-serial-device" };
+        let bus = if q35 {
+            "virtio-serial-pci"
+        } else {
+            "virtio-serial-device"
+        };
         cl.push("-device", format!("{bus},id=vser0,max_ports=2"));
         cl.push(
             "-device",

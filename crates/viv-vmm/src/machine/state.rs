@@ -94,19 +94,14 @@ impl Machine {
     pub async fn save_state(&self, file: std::fs::File) -> Result<(), StateError> {
         // A local file, not a network: no bandwidth limit; guest memory is all in the stream.
         self.qmp
-            .execute(
-                "migrate-set-parameters",
-                Some(json!({ "max-bandwidth": i64::MAX / 2 })),
-            )
+            .execute("migrate-set-parameters", Some(json!({ "max-bandwidth": i64::MAX / 2 })))
             .await?;
         let fdset = self.pass(&file).await?;
         let saved = async {
             self.qmp
                 .execute("migrate", Some(json!({ "uri": format!("file:/dev/fdset/{fdset}") })))
                 .await?;
-            crate::qemu::wait_migration(&self.qmp)
-                .await
-                .map_err(StateError::Failed)
+            crate::qemu::wait_migration(&self.qmp).await.map_err(StateError::Failed)
         }
         .await;
         self.forget_fdset(fdset).await;
@@ -135,9 +130,7 @@ impl Machine {
                     Some(json!({ "uri": format!("file:/dev/fdset/{fdset}") })),
                 )
                 .await?;
-            crate::qemu::wait_migration(&self.qmp)
-                .await
-                .map_err(StateError::Failed)
+            crate::qemu::wait_migration(&self.qmp).await.map_err(StateError::Failed)
         }
         .await;
         self.forget_fdset(fdset).await;

@@ -123,7 +123,10 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
             .unwrap(),
     );
     assert_eq!(status, 409, "{message}");
-    assert!(message.contains("start it first") && message.contains("clone"), "{message}");
+    assert!(
+        message.contains("start it first") && message.contains("clone"),
+        "{message}"
+    );
 
     for id in [&second, &fork_id, &source] {
         if vm(server, id)["state"] != "stopped" {
@@ -194,7 +197,10 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     assert_eq!((status, message.contains("start")), (409, true), "{message}");
 
     act(server, &id, "start", "");
-    let read = server.exec_at(&format!("/vms/{id}/exec"), json!({"command": "cat /home/user/marker.txt"}));
+    let read = server.exec_at(
+        &format!("/vms/{id}/exec"),
+        json!({"command": "cat /home/user/marker.txt"}),
+    );
     eprintln!(
         "VM from a sandbox snapshot, create to exec answer: {} ms",
         started.elapsed().as_millis()
@@ -235,7 +241,11 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
         .to_owned();
     let vm_node = node(taken["id"].as_str().unwrap()).expect("the VM snapshot is in the tree");
     assert_eq!(
-        (vm_node["kind"].as_str(), vm_node["parentId"].as_str(), vm_node["ownerId"].as_str()),
+        (
+            vm_node["kind"].as_str(),
+            vm_node["parentId"].as_str(),
+            vm_node["ownerId"].as_str()
+        ),
         (Some("vm"), Some(node_id.as_str()), Some(id.as_str())),
         "{vm_node}"
     );
@@ -245,12 +255,20 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     let cli = server.cli(&["snapshot", "tree"]);
     assert_eq!(cli.code, 0, "{cli:?}");
     let under = cli.stdout.lines().position(|l| l.contains(&node_id)).unwrap();
-    let child = cli.stdout.lines().position(|l| l.contains(taken["id"].as_str().unwrap())).unwrap();
+    let child = cli
+        .stdout
+        .lines()
+        .position(|l| l.contains(taken["id"].as_str().unwrap()))
+        .unwrap();
     assert!(child > under, "{}", cli.stdout);
 
     // The sandbox snapshot may go: the VM holds a copy; the VM snapshot becomes a root.
     assert_eq!(
-        server.delete(&format!("/snapshots/{snapshot_id}")).send().unwrap().status(),
+        server
+            .delete(&format!("/snapshots/{snapshot_id}"))
+            .send()
+            .unwrap()
+            .status(),
         204
     );
     let tree: Vec<Value> = server.get("/snapshot-tree").send().unwrap().json().unwrap();
@@ -269,7 +287,10 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     assert_eq!((status, message.contains("stop it")), (409, true), "{message}");
     assert_eq!(
         server
-            .exec_at(&format!("/vms/{id}/exec"), json!({"command": "echo from-the-vm > /home/user/vm.txt; sync"}))
+            .exec_at(
+                &format!("/vms/{id}/exec"),
+                json!({"command": "echo from-the-vm > /home/user/vm.txt; sync"})
+            )
             .exit_code,
         Some(0)
     );
@@ -293,9 +314,15 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     );
     assert_eq!((status, message.contains("sandbox kernel")), (409, true), "{message}");
     delete_with_disks(server, &plain);
-    assert_eq!(server.delete(&format!("/templates/{template}")).send().unwrap().status(), 204);
+    assert_eq!(
+        server
+            .delete(&format!("/templates/{template}"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
 
     delete_with_disks(server, &id);
     assert_eq!(server.get(&format!("/disks/{root}")).send().unwrap().status(), 404);
-
 }
