@@ -704,6 +704,19 @@ mod tests {
     }
 
     #[test]
+    fn a_sandbox_source_is_taken_beside_the_definition() {
+        let vm: NewVm = serde_json::from_str(r#"{"name": "dev", "fromSnapshot": "snap", "memoryMib": 512}"#).unwrap();
+        assert_eq!(
+            (vm.from_snapshot.as_deref(), vm.from_template.as_deref(), vm.definition.memory_mib),
+            (Some("snap"), None, 512)
+        );
+        assert!(!vm.definition.sandbox_kernel);
+        assert!(serde_json::from_str::<NewVm>(r#"{"name": "dev", "fromTemplate": 3}"#).is_err());
+        let again: NewVm = serde_json::from_value(serde_json::to_value(&vm).unwrap()).unwrap();
+        assert_eq!(again.from_snapshot.as_deref(), Some("snap"));
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         assert!(serde_json::from_str::<VmDefinition>(r#"{"memoryMb": 512}"#).is_err());
         assert!(serde_json::from_str::<VmDefinition>(r#"{"disks": [{"disk": "a", "bus": "ide"}]}"#).is_err());

@@ -249,6 +249,19 @@ impl Manager {
         .await
     }
 
+    /// At start: removes the scratch directories (saved state, NVRAM copy) of forks a stopped
+    /// server left unfinished. (Their internal snapshots stay in the source's disks, named
+    /// `vmfork-*`; they cost space only.)
+    pub(super) fn remove_fork_leftovers(&self) {
+        let dir = self.config.data_dir.join("vms");
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".vmfork-") {
+                tracing::info!(dir = %entry.path().display(), "removing an unfinished fork's files");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
     /// Launches VM `id` waiting for a state, loads `incoming` into it and lets it run unless
     /// it stays paused. A machine that fails to load is killed.
     pub(super) async fn launch_vm_incoming(

@@ -49,6 +49,7 @@ impl Manager {
     /// Takes over the VMs the previous server left running; records the others as crashed.
     pub(super) async fn recover_vms(self: &Arc<Self>, running: &HashSet<String>) -> Result<VmRecovery, ApiError> {
         let mut report = VmRecovery::default();
+        self.remove_fork_leftovers();
         for row in self.store.list_vms()? {
             let state = state_of(&row)?;
             if !state.is_active() {
