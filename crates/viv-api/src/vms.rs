@@ -707,7 +707,11 @@ mod tests {
     fn a_sandbox_source_is_taken_beside_the_definition() {
         let vm: NewVm = serde_json::from_str(r#"{"name": "dev", "fromSnapshot": "snap", "memoryMib": 512}"#).unwrap();
         assert_eq!(
-            (vm.from_snapshot.as_deref(), vm.from_template.as_deref(), vm.definition.memory_mib),
+            (
+                vm.from_snapshot.as_deref(),
+                vm.from_template.as_deref(),
+                vm.definition.memory_mib
+            ),
             (Some("snap"), None, 512)
         );
         assert!(!vm.definition.sandbox_kernel);
