@@ -13,7 +13,10 @@ the server's accelerator, p50/p95 of REPS repetitions (default 5) of:
 - VM snapshots of a running VM with a qcow2 disk: revert with memory, save with memory right
   after a revert and right after another save (the first costs far more), disk-only save while
   running and while stopped, disk-only revert and delete (stopped);
-- console attach latency: WebSocket connect (TCP, upgrade) to the first replayed byte.
+- console attach latency: WebSocket connect (TCP, upgrade) to the first replayed byte;
+- fork of a running VM (512 MiB guest, 1 GiB qcow2 disk): `POST /vms/{id}/fork` until the fork
+  runs; and a VM made from a sandbox snapshot: `POST /vms` with `fromSnapshot`, start, until its
+  first `POST /vms/{id}/exec` answers (`--only bridge` measures these two alone).
 
 Every VM, disk and ISO it creates is killed and deleted on the way out, on failure and on ^C
 too. The WebSocket client is a minimal RFC 6455 one over a socket (python3's stdlib has none).
@@ -195,6 +198,7 @@ class Bench:
         self.api = api
         self.reps = reps
         self.vms, self.disks, self.isos = [], [], []
+        self.sandboxes, self.snapshots_made = [], []
         self.figures = {}
 
     def record(self, key, values):
@@ -259,6 +263,16 @@ class Bench:
                 self.api.call("DELETE", f"/vms/{vm}", expect=(204, 404), timeout=60)
             except (BenchError, OSError) as e:
                 log(f"cleanup: VM {vm}: {e}")
+        for sandbox in self.sandboxes:
+            try:
+                self.api.call("DELETE", f"/sandboxes/{sandbox}", expect=(204, 404), timeout=60)
+            except (BenchError, OSError) as e:
+                log(f"cleanup: sandbox {sandbox}: {e}")
+        for snapshot in self.snapshots_made:
+            try:
+                self.api.call("DELETE", f"/snapshots/{snapshot}", expect=(204, 404), timeout=60)
+            except (BenchError, OSError) as e:
+                log(f"cleanup: snapshot {snapshot}: {e}")
         for disk in reversed(self.disks):
             try:
                 self.api.call("DELETE", f"/disks/{disk}", expect=(204, 404), timeout=60)
@@ -432,9 +446,56 @@ class Bench:
         self.record("snapshot delete disk-only (stopped)", times["delete"])
         self.record("console attach → first replayed byte", attach)
 
+    def bridge(self, iso):
+        """Forks of a running VM, and VMs made from a sandbox snapshot until they answer exec."""
+        disk = f"{PREFIX}-fork-disk"
+        self.api.call("POST", "/disks", {"name": disk, "size": 1 << 30, "format": "qcow2"})
+        self.disks.append(disk)
+        vm = self.define(
+            f"{PREFIX}-fork",
+            {"cdroms": [{"iso": iso}], "disks": [{"disk": disk}], "bootOrder": ["cdrom", "disk"], "memoryMib": 512},
+        )
+        self.start_to_markers(vm)
+        forks = []
+        for i in range(self.reps):
+            ms, fork = self.api.timed("POST", f"/vms/{vm}/fork", {"name": f"{PREFIX}-twin-{i}"})
+            self.vms.append(fork["id"])
+            if fork["state"] != "running":
+                raise BenchError(f"fork: {fork['state']}")
+            forks.append(ms)
+            log(f"  fork {i + 1}/{self.reps}: {ms:.0f} ms")
+            self.api.call("POST", f"/vms/{fork['id']}/kill")
+            self.api.call("DELETE", f"/vms/{fork['id']}?disks=delete")
+            self.vms.remove(fork["id"])
+        self.record("fork of a running VM (512 MiB guest, 1 GiB qcow2)", forks)
+
+        sandbox = self.api.call("POST", "/sandboxes", {"templateID": "base", "timeout": 3600})["sandboxID"]
+        self.sandboxes.append(sandbox)
+        snap = self.api.call("POST", f"/sandboxes/{sandbox}/snapshots", {"name": f"{PREFIX}-snap"})
+        self.snapshots_made.append(snap["snapshotID"])
+        made = []
+        for i in range(self.reps):
+            start = time.perf_counter()
+            created = self.api.call(
+                "POST", "/vms", {"name": f"{PREFIX}-fromsnap-{i}", "fromSnapshot": snap["snapshotID"], "memoryMib": 512}
+            )
+            self.vms.append(created["id"])
+            self.api.call("POST", f"/vms/{created['id']}/start")
+            out = self.api.call("POST", f"/vms/{created['id']}/exec", {"command": "echo ok"})
+            ms = (time.perf_counter() - start) * 1000
+            if b'"exitCode":0' not in out:
+                raise BenchError(f"exec in a VM from a sandbox snapshot: {out[:300]!r}")
+            made.append(ms)
+            log(f"  VM from a sandbox snapshot {i + 1}/{self.reps}: {ms:.0f} ms to the exec answer")
+            self.api.call("POST", f"/vms/{created['id']}/kill")
+            self.api.call("DELETE", f"/vms/{created['id']}?disks=delete")
+            self.vms.remove(created["id"])
+        self.record("VM from a sandbox snapshot: create → start → exec answers", made)
+
 
 def main():
     as_json = "--json" in sys.argv[1:]
+    only_bridge = "--only" in sys.argv[1:] and "bridge" in sys.argv[1:]
     reps = max(1, int(os.environ.get("REPS", "5")))
     data_mib = int(os.environ.get("DATA_MIB", "256"))
     iso_path = os.environ["VM_ISO"]
@@ -448,10 +509,12 @@ def main():
     scratch = tempfile.mkdtemp(prefix="viv-bench-vm.")
     try:
         iso = bench.upload_iso(iso_path)
-        for firmware in ("bios", "uefi"):
-            bench.lifecycle(firmware, iso)
-        bench.clones(data_mib, scratch)
-        bench.snapshots(iso)
+        if not only_bridge:
+            for firmware in ("bios", "uefi"):
+                bench.lifecycle(firmware, iso)
+            bench.clones(data_mib, scratch)
+            bench.snapshots(iso)
+        bench.bridge(iso)
     finally:
         bench.cleanup()
         subprocess.run(["rm", "-rf", scratch], check=False)
@@ -459,7 +522,8 @@ def main():
         print(json.dumps({"accel": accel, "repetitions": reps, "figures": bench.figures}, indent=2))
         return
     width = max(len(k) for k in bench.figures)
-    print(f"VM manager benchmark — accel {accel}, {reps} repetitions (console attach: {bench.figures['console attach → first replayed byte']['n']})")
+    attach = bench.figures.get("console attach → first replayed byte", {}).get("n", 0)
+    print(f"VM manager benchmark — accel {accel}, {reps} repetitions (console attach: {attach})")
     print(f"{'measure':<{width}}  {'p50 ms':>9}  {'p95 ms':>9}")
     for key, s in bench.figures.items():
         if isinstance(s, dict):

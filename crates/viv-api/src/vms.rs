@@ -362,6 +362,12 @@ pub struct VmDefinition {
     /// cloud-init NoCloud data, given to the guest as a CD-ROM labelled `cidata` (q35 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
+    /// Boot Vivarium's sandbox kernel and initramfs directly, the first disk (virtio-blk,
+    /// writable, ext4) as the root file system, with the sandbox agent's channel: `POST
+    /// /vms/{id}/exec` runs commands in the guest. Set for VMs made from sandbox snapshots and
+    /// templates; needs machine `microvm`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox_kernel: bool,
 }
 
 /// The largest cloud-init document (`userData`, `metaData` or `networkConfig`), in bytes.
@@ -405,15 +411,36 @@ impl Default for VmDefinition {
     }
 }
 
-/// `POST /vms` body: a name beside the fields of a definition (every one optional).
+/// `POST /vms` body: a name beside the fields of a definition (every one optional), and
+/// optionally a sandbox snapshot or template to make the VM's root disk from.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NewVm {
     /// Name, unique on the server.
     pub name: String,
+    /// A sandbox snapshot (id or name) whose disk becomes the VM's first disk (a copy), booted
+    /// with the sandbox kernel and agent (`sandboxKernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+    /// A sandbox template (name or alias) whose root file system becomes the VM's first disk,
+    /// likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_template: Option<String>,
     /// The definition.
     #[serde(flatten)]
     pub definition: VmDefinition,
+}
+
+impl NewVm {
+    /// A VM named `name` defined by `definition`.
+    pub fn new(name: impl Into<String>, definition: VmDefinition) -> Self {
+        Self {
+            name: name.into(),
+            from_snapshot: None,
+            from_template: None,
+            definition,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for NewVm {
@@ -427,8 +454,20 @@ impl<'de> Deserialize<'de> for NewVm {
             Some(_) => return Err(D::Error::custom("name must be a string")),
             None => return Err(D::Error::missing_field("name")),
         };
+        let mut source = |field: &'static str| match fields.remove(field) {
+            Some(serde_json::Value::String(s)) => Ok(Some(s)),
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(_) => Err(D::Error::custom(format!("{field} must be a string"))),
+        };
+        let from_snapshot = source("fromSnapshot")?;
+        let from_template = source("fromTemplate")?;
         let definition = serde_json::from_value(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
-        Ok(Self { name, definition })
+        Ok(Self {
+            name,
+            from_snapshot,
+            from_template,
+            definition,
+        })
     }
 }
 
@@ -537,6 +576,34 @@ fn yes() -> bool {
     true
 }
 
+/// `POST /vms/{id}/fork` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmFork {
+    /// The new VM's name.
+    pub name: String,
+}
+
+/// `POST /vms/{id}/template` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmTemplate {
+    /// The template's name (sandboxes are created from it as `templateID`).
+    pub name: String,
+}
+
+/// `POST /vms/{id}/template` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmTemplateInfo {
+    /// The template's name.
+    pub name: String,
+    /// The VM it was made from.
+    pub vm_id: String,
+    /// Bytes of its root file system layer.
+    pub bytes: u64,
+}
+
 /// `POST /vms/{id}/snapshots` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -577,6 +644,35 @@ pub struct VmSnapshot {
     pub created_at: String,
 }
 
+/// A node of the snapshot tree (`GET /snapshot-tree`): a sandbox snapshot node or a VM
+/// snapshot, in one listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotTreeNode {
+    /// The snapshot's id.
+    pub id: String,
+    /// `sandbox` (a snapshot node: pause, fork or named snapshot) or `vm` (a VM snapshot).
+    pub kind: String,
+    /// Why it exists: `pause`, `fork`, `snapshot` (sandboxes) or `vm-snapshot`.
+    pub reason: String,
+    /// Its name, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The node it descends from: its parent snapshot, or for a VM's first snapshots the sandbox
+    /// snapshot the VM was made from (when that node still exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The sandbox or VM it was taken of.
+    pub owner_id: String,
+    /// Whether memory and device state are included.
+    pub memory: bool,
+    /// Bytes it holds of its own: a sandbox node's layer and state; a VM snapshot's memory and
+    /// device state (its disk blocks are shared with the VM's disks).
+    pub size_bytes: u64,
+    /// When it was taken, RFC 3339.
+    pub created_at: String,
+}
+
 /// `POST /vms/{id}/rename` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -605,6 +701,23 @@ mod tests {
         assert_eq!(again.definition, vm.definition);
         assert!(serde_json::from_str::<NewVm>(r#"{"name": "db", "memoryMB": 1024}"#).is_err());
         assert!(serde_json::from_str::<NewVm>(r#"{"memoryMib": 1024}"#).is_err());
+    }
+
+    #[test]
+    fn a_sandbox_source_is_taken_beside_the_definition() {
+        let vm: NewVm = serde_json::from_str(r#"{"name": "dev", "fromSnapshot": "snap", "memoryMib": 512}"#).unwrap();
+        assert_eq!(
+            (
+                vm.from_snapshot.as_deref(),
+                vm.from_template.as_deref(),
+                vm.definition.memory_mib
+            ),
+            (Some("snap"), None, 512)
+        );
+        assert!(!vm.definition.sandbox_kernel);
+        assert!(serde_json::from_str::<NewVm>(r#"{"name": "dev", "fromTemplate": 3}"#).is_err());
+        let again: NewVm = serde_json::from_value(serde_json::to_value(&vm).unwrap()).unwrap();
+        assert_eq!(again.from_snapshot.as_deref(), Some("snap"));
     }
 
     #[test]

@@ -42,13 +42,16 @@ mod sdk_files;
 mod sdk_spec;
 mod sdk_tags;
 mod setup;
+mod snapshot_tree;
 mod snapshots;
 mod storage;
 mod templates;
 mod timeouts;
+mod vm_bridge;
 mod vm_clone;
 mod vm_cloudinit;
 mod vm_console;
+mod vm_fork;
 mod vm_media;
 mod vm_metrics;
 mod vm_recovery;
@@ -64,6 +67,7 @@ pub use builds::{BuildJob, BuildLog};
 pub use recovery::{Recovery, ShutdownMode};
 pub use sdk_builds::BuildStatusQuery;
 pub use sdk_spec::StartBuild;
+pub use vm_bridge::VmAgent;
 pub use vm_console::{ConsoleClient, ConsoleHub, HubLimits, CONSOLE_LOG_CAP};
 pub use vm_runtime::LiveVm;
 
@@ -292,7 +296,7 @@ pub struct Manager {
     operations: operations::Operations,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

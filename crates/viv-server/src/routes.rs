@@ -12,14 +12,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
-use futures::StreamExt as _;
-use http_body_util::BodyExt as _;
 use serde::Deserialize;
-use viv_api::{ExecEvent, ExecRequest, NewSandbox};
-use viv_proto::envelope;
-use viv_proto::process::{
-    DataEvent, ProcessConfig, ProcessEvent, ProcessInput, ProcessSelector, StartRequest, StreamResponse,
-};
+use viv_api::NewSandbox;
 
 use crate::agent_client::{collect, AgentError};
 use crate::error::ApiError;
@@ -28,6 +22,7 @@ use crate::AppState;
 
 mod e2b_templates;
 mod events;
+mod exec;
 mod listing;
 mod metric_history;
 mod proxy;
@@ -62,7 +57,7 @@ pub fn router(state: AppState) -> Router {
             "/snapshots/{id}",
             get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
         )
-        .route("/sandboxes/{id}/exec", post(exec))
+        .route("/sandboxes/{id}/exec", post(exec::exec))
         .route("/sandboxes/{id}/terminal", get(terminal::terminal))
         .route("/sandboxes/{id}/logs", get(sandbox_logs::logs))
         .route("/sandboxes/{id}/logs/stream", get(sandbox_logs::stream))
@@ -492,177 +487,6 @@ fn basic_user(user: Option<&str>) -> Option<String> {
             base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))
         )
     })
-}
-
-/// Runs a command through the agent's `process.Process/Start` and streams NDJSON events.
-async fn exec(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    JsonBody(req): JsonBody<ExecRequest>,
-) -> Result<Response, ApiError> {
-    let (cmd, args) = match (req.argv.split_first(), &req.command) {
-        (Some((cmd, args)), _) => (cmd.clone(), args.to_vec()),
-        (None, Some(command)) => ("/bin/bash".to_owned(), vec!["-l".into(), "-c".into(), command.clone()]),
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "give either argv (a non-empty list) or command".into(),
-            ))
-        }
-    };
-    let stdin = req
-        .stdin
-        .as_deref()
-        .map(|b| base64::engine::general_purpose::STANDARD.decode(b))
-        .transpose()
-        .map_err(|e| ApiError::BadRequest(format!("stdin is not valid base64: {e}")))?;
-    let live = state.manager.live(&id)?;
-    let start = StartRequest {
-        process: ProcessConfig {
-            cmd,
-            args,
-            envs: req.env,
-            cwd: req.cwd,
-        },
-        pty: None,
-        tag: None,
-        stdin: Some(stdin.is_some()),
-    };
-    let mut request = hyper::Request::post("http://agent/process.Process/Start")
-        .header(header::CONTENT_TYPE, "application/connect+json")
-        .header("connect-protocol-version", "1");
-    if let Some(auth) = basic_user(req.user.as_deref()) {
-        request = request.header(header::AUTHORIZATION, auth);
-    }
-    let request = request
-        .body(Body::from(envelope::encode_json(&start)))
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let response = agent_ok(&state, &live, request).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(32);
-    tokio::spawn(relay_exec(live, response.into_body(), stdin, tx));
-    let body =
-        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
-}
-
-/// Turns the agent's Connect event stream into NDJSON lines, feeding stdin once the process runs.
-async fn relay_exec(
-    live: std::sync::Arc<LiveSandbox>,
-    mut body: hyper::body::Incoming,
-    mut stdin: Option<Vec<u8>>,
-    tx: tokio::sync::mpsc::Sender<Bytes>,
-) {
-    let send = |event: ExecEvent| {
-        let mut line = serde_json::to_vec(&event).expect("events serialize");
-        line.push(b'\n');
-        let tx = tx.clone();
-        async move { tx.send(Bytes::from(line)).await.is_ok() }
-    };
-    let b64 = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
-    let mut decoder = envelope::Decoder::default();
-    let mut ended = false;
-    let mut vm_exit = live.vm.exit();
-    loop {
-        let stopped = tokio::select! {
-            frame = body.frame() => Err(frame),
-            result = vm_exit.wait_for(Option::is_some) => Ok(result.is_ok()),
-        };
-        let frame = match stopped {
-            Err(Some(frame)) => frame,
-            Err(None) => break,
-            Ok(_) => {
-                let reason = vm_exit.borrow().as_ref().map(|e| e.reason.clone()).unwrap_or_default();
-                send(ExecEvent::Error {
-                    message: format!("the sandbox stopped: {reason}"),
-                })
-                .await;
-                return;
-            }
-        };
-        let data = match frame {
-            Ok(frame) => match frame.into_data() {
-                Ok(data) => data,
-                Err(_) => continue,
-            },
-            Err(err) => {
-                send(ExecEvent::Error {
-                    message: format!("stream from the sandbox broke: {err}"),
-                })
-                .await;
-                return;
-            }
-        };
-        decoder.push(&data);
-        loop {
-            let frame = match decoder.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(err) => {
-                    send(ExecEvent::Error {
-                        message: err.to_string(),
-                    })
-                    .await;
-                    return;
-                }
-            };
-            if frame.is_end() {
-                let end: envelope::EndOfStream = serde_json::from_slice(&frame.data).unwrap_or_default();
-                if let Some(err) = end.error {
-                    send(ExecEvent::Error { message: err.message }).await;
-                } else if !ended {
-                    send(ExecEvent::Error {
-                        message: "the process stream ended without an exit status".into(),
-                    })
-                    .await;
-                }
-                return;
-            }
-            let Ok(message) = serde_json::from_slice::<StreamResponse>(&frame.data) else {
-                continue;
-            };
-            let event = match message.event {
-                ProcessEvent::Start(s) => {
-                    if let Some(bytes) = stdin.take() {
-                        feed_stdin(&live, s.pid, bytes).await;
-                    }
-                    ExecEvent::Start { pid: s.pid }
-                }
-                ProcessEvent::Data(DataEvent::Stdout(d) | DataEvent::Pty(d)) => ExecEvent::Stdout { data: b64(&d) },
-                ProcessEvent::Data(DataEvent::Stderr(d)) => ExecEvent::Stderr { data: b64(&d) },
-                ProcessEvent::End(end) => {
-                    ended = true;
-                    ExecEvent::End {
-                        exit_code: end.exit_code,
-                        status: end.status,
-                    }
-                }
-                ProcessEvent::Keepalive(_) => continue,
-            };
-            if !send(event).await {
-                return;
-            }
-        }
-    }
-}
-
-async fn feed_stdin(live: &LiveSandbox, pid: u32, bytes: Vec<u8>) {
-    let input = viv_proto::process::SendInputRequest {
-        process: ProcessSelector::Pid(pid),
-        input: ProcessInput::Stdin(bytes),
-    };
-    if let Err(err) = live
-        .agent
-        .call::<_, serde_json::Value>("/process.Process/SendInput", &input)
-        .await
-    {
-        tracing::debug!(error = %err, "writing stdin");
-    }
-    let close = viv_proto::process::SelectorRequest {
-        process: ProcessSelector::Pid(pid),
-    };
-    let _ = live
-        .agent
-        .call::<_, serde_json::Value>("/process.Process/CloseStdin", &close)
-        .await;
 }
 
 /// Deepest directory listing `GET /sandboxes/{id}/files/list` walks.

@@ -38,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0015_vm_runtime.sql"),
     include_str!("migrations/0016_vm_snapshots.sql"),
     include_str!("migrations/0017_ssh_keys.sql"),
+    include_str!("migrations/0019_vm_origin.sql"),
 ];
 
 mod ssh_keys;

@@ -289,16 +289,21 @@ pub async fn convert(
     to: &str,
     progress: &mut (dyn FnMut(f64) + Send),
 ) -> Result<(), ToolError> {
-    let args: Vec<OsString> = vec![
-        "convert".into(),
-        "-p".into(),
-        "-f".into(),
-        from.into(),
-        "-O".into(),
-        to.into(),
-        source.into(),
-        target.into(),
-    ];
+    convert_with(source, from, &[], target, to, progress).await
+}
+
+/// [`convert`] with options about the source (`-U`, `-l snapshot.name=TAG`) before it.
+pub async fn convert_with(
+    source: &Path,
+    from: &str,
+    source_options: &[&str],
+    target: &Path,
+    to: &str,
+    progress: &mut (dyn FnMut(f64) + Send),
+) -> Result<(), ToolError> {
+    let mut args: Vec<OsString> = vec!["convert".into(), "-p".into(), "-f".into(), from.into()];
+    args.extend(source_options.iter().map(OsString::from));
+    args.extend(["-O".into(), to.into(), source.into(), target.into()]);
     let mut child = command(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -85,4 +85,34 @@ impl DirPool {
             Err(err) => Err(DiskSnapshotError::Tool(err)),
         }
     }
+
+    /// The internal snapshots of qcow2 disk `name`: tag → bytes of memory and device state it
+    /// holds (0 for a disk-only one). Read without taking the image's lock, so a disk in use by
+    /// a running VM is listed too (snapshot metadata is written only by snapshot operations).
+    pub async fn disk_snapshot_sizes(
+        &self,
+        name: &str,
+    ) -> Result<std::collections::HashMap<String, u64>, DiskSnapshotError> {
+        name::check(name)?;
+        let path = self.disk_path(name, DiskFormat::Qcow2);
+        if !path.is_file() {
+            return Err(DiskSnapshotError::NotFound(name.into()));
+        }
+        let args: Vec<OsString> = vec![
+            "info".into(),
+            "-U".into(),
+            "--output=json".into(),
+            "-f".into(),
+            "qcow2".into(),
+            path.into_os_string(),
+        ];
+        let json = qemu_img::run(&args).await.map_err(DiskSnapshotError::Tool)?;
+        let info: serde_json::Value = serde_json::from_slice(&json).unwrap_or_default();
+        Ok(info["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["vm-state-size"].as_u64().unwrap_or(0))))
+            .collect())
+    }
 }

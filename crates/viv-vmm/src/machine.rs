@@ -48,6 +48,7 @@ mod launch;
 mod ops;
 mod resources;
 mod snapshot;
+mod state;
 mod stats;
 
 pub use launch::machine_limits;
@@ -62,6 +63,7 @@ pub use ops::{
     ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
 pub use snapshot::SnapshotError;
+pub use state::StateError;
 pub use stats::{BlockStats, BlockStatsError};
 
 use std::os::fd::OwnedFd;
@@ -367,6 +369,25 @@ pub struct MachineSpec {
     pub uuid: Option<String>,
     /// CPU pinning, CPU quota and weight, priority, disk I/O limits.
     pub resources: MachineResources,
+    /// A kernel booted directly (`-kernel`, `-initrd`, `-append`) instead of firmware booting
+    /// a disk: the sandbox kernel for VMs made from sandboxes. On microvm it is loaded by qboot.
+    pub kernel: Option<KernelBoot>,
+    /// A virtio-serial port `vivarium.agent` on [`MachineSpec::agent_socket`]: the sandbox
+    /// agent's channel.
+    pub agent_channel: bool,
+    /// Start waiting for a saved state (`-incoming defer`), loaded by [`Machine::load_state`].
+    pub incoming: bool,
+}
+
+/// A kernel a machine boots directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    /// The kernel image (shown read-only in the jail: QEMU reads it by path).
+    pub kernel: PathBuf,
+    /// The initramfs (likewise).
+    pub initramfs: PathBuf,
+    /// The kernel command line.
+    pub cmdline: String,
 }
 
 impl MachineSpec {
@@ -389,7 +410,15 @@ impl MachineSpec {
             display: Display::None,
             uuid: None,
             resources: MachineResources::default(),
+            kernel: None,
+            agent_channel: false,
+            incoming: false,
         }
+    }
+
+    /// The agent channel's socket (QEMU listens), with [`MachineSpec::agent_channel`].
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
     }
 
     /// The QMP socket.
@@ -504,7 +533,17 @@ impl MachineSpec {
                 return invalid(format!("NIC {:?}: microvm machines have virtio-net cards only", nic.id));
             }
         }
-        for socket in [self.qmp_socket(), self.serial_socket(), self.vnc_socket()] {
+        if let Some(boot) = &self.kernel {
+            if boot.cmdline.contains(['\n', '\0']) {
+                return invalid("the kernel command line must be one line".into());
+            }
+        }
+        for socket in [
+            self.qmp_socket(),
+            self.serial_socket(),
+            self.vnc_socket(),
+            self.agent_socket(),
+        ] {
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 return invalid(format!(
                     "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter run directory",

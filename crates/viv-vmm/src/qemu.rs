@@ -107,34 +107,43 @@ impl Qemu {
         self
     }
 
-    /// The full argument list for `spec`.
-    pub fn arguments(&self, spec: &VmSpec) -> Vec<String> {
-        let mem = spec.memory_mib;
-        let (accel, cpu, clock_args) = match spec.accel {
-            Accel::Kvm => ("kvm".to_owned(), "host", String::new()),
+    /// The kernel command line of a guest booting the sandbox kernel with `accel`: root on
+    /// `/dev/vda`, the serial console, the clock settings TCG needs, and with `network` the
+    /// agent's fixed address (see [`crate::Network::GUEST_CONFIG`]).
+    pub fn guest_cmdline(&self, accel: Accel, hostname: &str, network: bool, extra: &str) -> String {
+        let clock_args = match accel {
+            Accel::Kvm => String::new(),
             // microvm has no HPET, and under TCG the kernel's TSC calibration against the PIT
             // fails whenever the host is busy; the guest then marks the TSC unstable and hangs
             // waiting for timer ticks. A TCG guest's TSC runs at the host's TSC rate, so tell
             // the kernel that rate, and skip the delay-loop calibration too.
-            _ => (
-                "tcg,thread=multi,tb-size=128".to_owned(),
-                "max",
-                format!(
-                    " tsc=reliable lpj=8000000{}",
-                    self.host_tsc_khz
-                        .map(|k| format!(" tsc_early_khz={k}"))
-                        .unwrap_or_default()
-                ),
+            _ => format!(
+                " tsc=reliable lpj=8000000{}",
+                self.host_tsc_khz
+                    .map(|k| format!(" tsc_early_khz={k}"))
+                    .unwrap_or_default()
             ),
         };
-        let net_arg = match spec.network {
-            Some(_) => format!(" viv.net={}", crate::Network::GUEST_CONFIG),
-            None => String::new(),
+        let net_arg = if network {
+            format!(" viv.net={}", crate::Network::GUEST_CONFIG)
+        } else {
+            String::new()
         };
-        let cmdline = format!(
-            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 reboot=t quiet{clock_args}{net_arg} viv.hostname={} {}",
-            spec.name, spec.extra_cmdline
-        );
+        format!(
+            "console=ttyS0 root=/dev/vda rootfstype=ext4 panic=-1 reboot=t quiet{clock_args}{net_arg} viv.hostname={hostname} {extra}"
+        )
+        .trim_end()
+        .to_owned()
+    }
+
+    /// The full argument list for `spec`.
+    pub fn arguments(&self, spec: &VmSpec) -> Vec<String> {
+        let mem = spec.memory_mib;
+        let (accel, cpu) = match spec.accel {
+            Accel::Kvm => ("kvm".to_owned(), "host"),
+            _ => ("tcg,thread=multi,tb-size=128".to_owned(), "max"),
+        };
+        let cmdline = self.guest_cmdline(spec.accel, &spec.name, spec.network.is_some(), &spec.extra_cmdline);
         let path = |p: &Path| p.display().to_string();
         let mut args: Vec<String> = vec![
             "-name".into(),
@@ -181,7 +190,7 @@ impl Qemu {
             "-initrd".into(),
             path(&spec.initramfs),
             "-append".into(),
-            cmdline.trim_end().to_owned(),
+            cmdline,
             "-serial".into(),
             format!("file:{}", path(&spec.console_log())),
             "-chardev".into(),
@@ -826,7 +835,7 @@ async fn set_memory_mode(qmp: &Qmp, memory: SnapshotMemory) -> Result<(), crate:
 }
 
 /// Polls `query-migrate` until the migration completes or fails.
-async fn wait_migration(qmp: &Qmp) -> Result<(), String> {
+pub(crate) async fn wait_migration(qmp: &Qmp) -> Result<(), String> {
     let start = Instant::now();
     loop {
         let status = qmp.execute("query-migrate", None).await.map_err(|e| e.to_string())?;

@@ -239,7 +239,7 @@ fn network_summary(info: &SandboxInfo) -> String {
 /// `viv exec ID -- CMD...`
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// Sandbox id.
+    /// Sandbox id (under `viv vm exec`, the VM's id or name).
     pub id: String,
     /// Run as this user.
     #[arg(long, short)]
@@ -443,6 +443,9 @@ pub enum SnapshotCommand {
         /// Snapshot id or name.
         id: String,
     },
+    /// Every snapshot of sandboxes and VMs as one tree (a VM made from a sandbox snapshot
+    /// hangs under it).
+    Tree,
     /// Delete snapshot nodes (refused while sandboxes or other snapshots depend on them).
     #[command(alias = "rm")]
     Delete {
@@ -467,6 +470,7 @@ async fn snapshot(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<(
                 output::table(&headers, &list.iter().map(snapshot_row).collect::<Vec<_>>());
             }
         }
+        SnapshotCommand::Tree => crate::vm::print_snapshot_tree(client, json).await?,
         SnapshotCommand::Get { id } => {
             let info: viv_api::SnapshotInfo = client
                 .json(client.request(Method::GET, &format!("/snapshots/{id}")))
@@ -738,8 +742,14 @@ fn sandbox_row(s: &SandboxInfo) -> Vec<String> {
     ]
 }
 
-/// Runs a command and relays its output; returns its exit code.
+/// Runs a command in a sandbox and relays its output; returns its exit code.
 pub async fn exec(client: &Client, args: ExecArgs) -> Result<i32> {
+    let path = format!("/sandboxes/{}/exec", args.id);
+    exec_at(client, args, &path).await
+}
+
+/// Runs a command through the exec route `path` and relays its output; returns its exit code.
+pub async fn exec_at(client: &Client, args: ExecArgs, path: &str) -> Result<i32> {
     let stdin = if args.interactive {
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
@@ -755,13 +765,7 @@ pub async fn exec(client: &Client, args: ExecArgs) -> Result<i32> {
         user: args.user,
         stdin,
     };
-    let response = client
-        .send(
-            client
-                .request(Method::POST, &format!("/sandboxes/{}/exec", args.id))
-                .json(&req),
-        )
-        .await?;
+    let response = client.send(client.request(Method::POST, path).json(&req)).await?;
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     let decode = |d: &str| base64::engine::general_purpose::STANDARD.decode(d).unwrap_or_default();

@@ -17,10 +17,18 @@ use crate::output;
 /// `viv vm ...`
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Define a VM (it starts in state `defined`).
+    /// Define a VM (it starts in state `defined`); with --from-snapshot or --from-template, its
+    /// first disk is a copy of that sandbox root file system, booted with the sandbox kernel
+    /// and agent (`viv vm exec` runs commands in it).
     Create {
         /// Name, unique on the server.
         name: String,
+        /// A sandbox snapshot (id or name) to make the VM from.
+        #[arg(long, conflicts_with = "from_template")]
+        from_snapshot: Option<String>,
+        /// A sandbox template (name) to make the VM from.
+        #[arg(long)]
+        from_template: Option<String>,
         #[command(flatten)]
         fields: Box<DefinitionArgs>,
     },
@@ -109,6 +117,23 @@ pub enum VmCommand {
         /// change).
         #[arg(long)]
         full: bool,
+    },
+    /// Fork a running or paused VM: a new VM whose disks are copies of the source's at this
+    /// instant and whose memory continues from it; both run on.
+    Fork {
+        /// VM id or name.
+        vm: String,
+        /// The new VM's name.
+        name: String,
+    },
+    /// Run a command in a VM made from a sandbox (it runs the sandbox agent).
+    Exec(crate::commands::ExecArgs),
+    /// Make a sandbox template of a stopped VM made from a sandbox (its root file system).
+    Template {
+        /// VM id or name.
+        vm: String,
+        /// The template's name.
+        name: String,
     },
     /// Put an ISO into a CD-ROM drive (running or not), or eject its medium.
     Media {
@@ -371,9 +396,20 @@ fn cdrom_spec(text: &str) -> Result<Value> {
 /// Runs `viv vm ...`.
 pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
     match cmd {
-        VmCommand::Create { name, fields } => {
+        VmCommand::Create {
+            name,
+            from_snapshot,
+            from_template,
+            fields,
+        } => {
             let mut body = fields.to_fields()?;
             body.insert("name".into(), json!(name));
+            if let Some(snapshot) = from_snapshot {
+                body.insert("fromSnapshot".into(), json!(snapshot));
+            }
+            if let Some(template) = from_template {
+                body.insert("fromTemplate".into(), json!(template));
+            }
             let vm: VmInfo = client.json(client.request(Method::POST, "/vms").json(&body)).await?;
             if json {
                 output::json(&vm);
@@ -487,6 +523,38 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 println!("{}: NVRAM reset", info.name);
             }
         }
+        VmCommand::Fork { vm, name } => {
+            let info: VmInfo = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/fork"))
+                        .json(&json!({ "name": name })),
+                )
+                .await?;
+            if json {
+                output::json(&info);
+            } else {
+                println!("{}", info.id);
+            }
+        }
+        VmCommand::Template { vm, name } => {
+            let made: viv_api::vms::VmTemplateInfo = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/template"))
+                        .json(&json!({ "name": name })),
+                )
+                .await?;
+            if json {
+                output::json(&made);
+            } else {
+                println!("{}", made.name);
+            }
+        }
+        VmCommand::Exec(args) => {
+            let path = format!("/vms/{}/exec", args.id);
+            return crate::commands::exec_at(client, args, &path).await;
+        }
         VmCommand::Clone { vm, name, full } => {
             let body = json!({"name": name, "linked": !full});
             let info: VmInfo = client
@@ -500,6 +568,48 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `viv snapshot tree`: sandbox snapshot nodes and VM snapshots, children indented under
+/// their parents.
+pub async fn print_snapshot_tree(client: &Client, json: bool) -> Result<()> {
+    let nodes: Vec<viv_api::vms::SnapshotTreeNode> = client.json(client.request(Method::GET, "/snapshot-tree")).await?;
+    if json {
+        output::json(&nodes);
+        return Ok(());
+    }
+    let known: std::collections::HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+    let mut rows = Vec::new();
+    let mut stack: Vec<(&viv_api::vms::SnapshotTreeNode, usize)> = nodes
+        .iter()
+        .rev()
+        .filter(|n| n.parent_id.as_deref().is_none_or(|p| !known.contains(p)))
+        .map(|n| (n, 0))
+        .collect();
+    while let Some((node, depth)) = stack.pop() {
+        rows.push(vec![
+            format!("{}{}", "  ".repeat(depth), node.id),
+            node.kind.clone(),
+            node.reason.clone(),
+            node.name.clone().unwrap_or_default(),
+            node.owner_id.clone(),
+            if node.memory { "yes" } else { "no" }.into(),
+            format!("{:.1} MiB", node.size_bytes as f64 / (1 << 20) as f64),
+            node.created_at.clone(),
+        ]);
+        stack.extend(
+            nodes
+                .iter()
+                .rev()
+                .filter(|c| c.parent_id.as_deref() == Some(node.id.as_str()))
+                .map(|c| (c, depth + 1)),
+        );
+    }
+    output::table(
+        &["ID", "KIND", "REASON", "NAME", "OWNER", "MEMORY", "SIZE", "CREATED"],
+        &rows,
+    );
+    Ok(())
 }
 
 /// `POST /vms/{vm}/{action}{query}` for each VM, with a spinner on a terminal, then the VM's

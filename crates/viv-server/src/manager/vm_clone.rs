@@ -71,10 +71,7 @@ impl Manager {
         }
         def.autostart.enabled = false;
         let created = match outcome {
-            Ok(()) => self.create_vm(NewVm {
-                name: req.name.clone(),
-                definition: def,
-            }),
+            Ok(()) => self.create_vm(NewVm::new(req.name.clone(), def)),
             Err(err) => Err(err),
         };
         if created.is_err() {

@@ -49,6 +49,7 @@ impl Manager {
     /// Takes over the VMs the previous server left running; records the others as crashed.
     pub(super) async fn recover_vms(self: &Arc<Self>, running: &HashSet<String>) -> Result<VmRecovery, ApiError> {
         let mut report = VmRecovery::default();
+        self.remove_fork_leftovers();
         for row in self.store.list_vms()? {
             let state = state_of(&row)?;
             if !state.is_active() {
@@ -97,7 +98,8 @@ impl Manager {
             .await
             .map_err(|e| e.to_string())?;
         let running = machine.status().await.map(|s| s.running).unwrap_or(true);
-        let live = LiveVm::new(&row.id, machine, self.vm_console_log_path(&row.id));
+        let agent = definition_of(&row.definition).is_ok_and(|d| d.sandbox_kernel);
+        let live = LiveVm::new(&row.id, machine, self.vm_console_log_path(&row.id), agent, true);
         let state = state_of(row).map_err(|e| e.to_string())?;
         let now = if running { VmState::Running } else { VmState::Paused };
         self.vm_runtime.insert(live.clone());

@@ -52,6 +52,8 @@ pub struct LiveVm {
     pub machine: Arc<Machine>,
     /// Its serial console.
     pub console: Arc<ConsoleHub>,
+    /// The sandbox agent's channel, for VMs that boot the sandbox kernel.
+    pub agent: Option<Arc<super::vm_bridge::VmAgent>>,
     /// When its QEMU started (this server's clock).
     started: Instant,
     /// Why we asked QEMU to go, once we have: its exit is then a stop, not a crash.
@@ -63,13 +65,16 @@ pub struct LiveVm {
 }
 
 impl LiveVm {
-    /// A VM whose QEMU runs as `machine`, its console read into `console_log`.
-    pub(super) fn new(id: &str, machine: Machine, console_log: PathBuf) -> Arc<Self> {
+    /// A VM whose QEMU runs as `machine`, its console read into `console_log`; with `agent`,
+    /// it runs the sandbox agent (`adopted`: one a previous server may have initialized).
+    pub(super) fn new(id: &str, machine: Machine, console_log: PathBuf, agent: bool, adopted: bool) -> Arc<Self> {
         let console = ConsoleHub::start(machine.serial_socket(), console_log);
+        let agent = agent.then(|| Arc::new(super::vm_bridge::VmAgent::new(machine.agent_socket(), adopted)));
         Arc::new(Self {
             id: id.to_owned(),
             machine: Arc::new(machine),
             console,
+            agent,
             started: Instant::now(),
             stop_reason: Mutex::new(None),
             detached: AtomicBool::new(false),
@@ -212,6 +217,16 @@ impl Manager {
 
     /// Starts VM `id`, its gate held.
     pub(super) async fn start_vm_locked(self: &Arc<Self>, id: &str) -> Result<VmInfo, ApiError> {
+        self.start_vm_from(id, None).await
+    }
+
+    /// Starts VM `id`, its gate held: booted, or (`incoming`) continuing from a saved state,
+    /// running or paused as it says.
+    pub(super) async fn start_vm_from(
+        self: &Arc<Self>,
+        id: &str,
+        incoming: Option<super::vm_fork::Incoming<'_>>,
+    ) -> Result<VmInfo, ApiError> {
         let row = self.vm_row(id)?;
         let before = state_of(&row)?;
         if before.is_active() {
@@ -225,7 +240,15 @@ impl Manager {
         self.check_not_a_base(&row.name, &writable_disks(&def))?;
         let ejected = eject_after_first_boot(&mut def, row.starts);
         self.vm_transition(&row.id, &row.name, before, VmState::Starting, None)?;
-        let live = match self.launch_vm(&row.id, &row.name, &def).await {
+        let launched = match incoming {
+            None => self.launch_vm(&row.id, &row.name, &def, false).await,
+            Some(incoming) => self.launch_vm_incoming(&row.id, &row.name, &def, incoming).await,
+        };
+        let now = match incoming {
+            Some(i) if i.paused => VmState::Paused,
+            _ => VmState::Running,
+        };
+        let live = match launched {
             Ok(live) => live,
             Err(err) => {
                 self.store
@@ -242,10 +265,13 @@ impl Manager {
         };
         let identity = live.machine.identity();
         self.store
-            .set_vm_started(&row.id, &to_json(&def)?, VmState::Running.as_str(), identity)?;
+            .set_vm_started(&row.id, &to_json(&def)?, now.as_str(), identity)?;
         self.vm_runtime.insert(live.clone());
-        let message = (!ejected.is_empty()).then(|| format!("ejected after first boot: {}", ejected.join(", ")));
-        self.publish_vm(&row.id, &row.name, VmState::Starting, VmState::Running, message);
+        let message = match incoming {
+            Some(_) => Some("continued from a saved state (fork)".to_owned()),
+            None => (!ejected.is_empty()).then(|| format!("ejected after first boot: {}", ejected.join(", "))),
+        };
+        self.publish_vm(&row.id, &row.name, VmState::Starting, now, message);
         if row.starts == 0 {
             self.eject_at_first_reboot(&live, &def);
         }
@@ -253,8 +279,14 @@ impl Manager {
         self.vm_info(&row.id)
     }
 
-    /// Launches VM `id`'s QEMU and attaches its console.
-    async fn launch_vm(&self, id: &str, name: &str, def: &VmDefinition) -> Result<Arc<LiveVm>, ApiError> {
+    /// Launches VM `id`'s QEMU (`incoming`: waiting for a saved state) and attaches its console.
+    pub(super) async fn launch_vm(
+        &self,
+        id: &str,
+        name: &str,
+        def: &VmDefinition,
+        incoming: bool,
+    ) -> Result<Arc<LiveVm>, ApiError> {
         let vm_dir = self.vm_dir(id);
         let run_dir = self.vm_run_dir(id);
         for dir in [&vm_dir, &run_dir] {
@@ -265,13 +297,20 @@ impl Manager {
                 })
                 .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))?;
         }
-        let spec = self.machine_spec(id, name, def).await?;
+        let mut spec = self.machine_spec(id, name, def).await?;
+        spec.incoming = incoming;
         let machine = self
             .qemu
             .launch_machine(&spec)
             .await
             .map_err(|e| super::vm_spec::launch_error(name, e))?;
-        Ok(LiveVm::new(id, machine, self.vm_console_log_path(id)))
+        Ok(LiveVm::new(
+            id,
+            machine,
+            self.vm_console_log_path(id),
+            def.sandbox_kernel,
+            false,
+        ))
     }
 
     /// Installers reboot into what they installed: at the guest's first reboot, the drives marked

@@ -131,6 +131,14 @@ impl Manager {
             });
         }
         spec.seed = self.cloud_init_seed(id, name, def).await?;
+        if def.sandbox_kernel {
+            spec.kernel = Some(machine::KernelBoot {
+                kernel: self.boot.kernel.clone(),
+                initramfs: self.boot.initramfs.clone(),
+                cmdline: self.qemu.guest_cmdline(self.accel, name, !def.nics.is_empty(), ""),
+            });
+            spec.agent_channel = true;
+        }
         spec.validate().map_err(|e| launch_error(name, e))?;
         Ok(spec)
     }

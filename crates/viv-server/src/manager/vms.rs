@@ -234,7 +234,7 @@ fn changed_fields(before: &VmDefinition, after: &VmDefinition) -> Result<Vec<Str
 }
 
 /// A random locally administered unicast MAC in QEMU's `52:54:00` range.
-fn random_mac() -> String {
+pub(super) fn random_mac() -> String {
     let [a, b, c] = rand::random::<[u8; 3]>();
     format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
 }
@@ -379,6 +379,23 @@ fn check_resources(def: &VmDefinition, host_cpus: u32) -> Result<(), ApiError> {
 
 /// What the machine type allows.
 fn check_machine(def: &VmDefinition) -> Result<(), ApiError> {
+    if def.sandbox_kernel {
+        if def.machine != MachineType::Microvm {
+            return Err(ApiError::Conflict(
+                "sandboxKernel needs machine microvm (the sandbox kernel has virtio-mmio drivers only)".into(),
+            ));
+        }
+        if !def
+            .disks
+            .first()
+            .is_some_and(|d| !d.read_only && d.bus == DiskBus::VirtioBlk)
+        {
+            return Err(ApiError::Conflict(
+                "sandboxKernel boots the first disk as its root file system: it must be a writable virtio-blk disk"
+                    .into(),
+            ));
+        }
+    }
     if def.machine != MachineType::Microvm {
         return Ok(());
     }

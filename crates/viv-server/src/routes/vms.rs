@@ -1,14 +1,17 @@
 //! The VM manager's routes (`/vms`, API key): define, list, get, edit (a JSON merge patch),
 //! rename and delete VMs; start, stop, restart, pause, resume and kill them. `{id}` is a VM's
 //! id or its name. Every state change is also published on `GET /events`. Snapshots:
-//! `/vms/{id}/snapshots[/{snapshot}[/revert]]`, `{snapshot}` an id or a name.
+//! `/vms/{id}/snapshots[/{snapshot}[/revert]]`, `{snapshot}` an id or a name. Bridges to
+//! sandboxes: `POST /vms` with `fromSnapshot`/`fromTemplate`, `POST /vms/{id}/exec`;
+//! `POST /vms/{id}/template` makes a sandbox template of one; `POST /vms/{id}/fork` forks a
+//! running VM; `GET /snapshot-tree` lists sandbox and VM snapshots together.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmMedium, VmRename, VmStopQuery};
+use viv_api::vms::{NewVm, NewVmSnapshot, VmClone, VmDeleteQuery, VmFork, VmMedium, VmRename, VmStopQuery, VmTemplate};
 
 use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
@@ -27,15 +30,49 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/resume", post(resume))
         .route("/vms/{id}/kill", post(kill))
         .route("/vms/{id}/clone", post(clone))
+        .route("/vms/{id}/fork", post(fork))
+        .route("/vms/{id}/template", post(make_template))
+        .route("/vms/{id}/exec", post(super::exec::vm_exec))
         .route("/vms/{id}/cdroms/{drive}", axum::routing::put(change_medium))
         .route("/vms/{id}/nvram/reset", post(reset_nvram))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}", get(snapshot).delete(delete_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}/revert", post(revert_snapshot))
+        .route("/snapshot-tree", get(snapshot_tree))
 }
 
 async fn create(State(state): State<AppState>, JsonBody(req): JsonBody<NewVm>) -> Result<Response, ApiError> {
-    Ok((StatusCode::CREATED, Json(state.manager.create_vm(req)?)).into_response())
+    let vm = if req.from_snapshot.is_some() || req.from_template.is_some() {
+        state.manager.create_vm_from_sandbox(req).await?
+    } else {
+        state.manager.create_vm(req)?
+    };
+    Ok((StatusCode::CREATED, Json(vm)).into_response())
+}
+
+/// Sandbox snapshot nodes and VM snapshots in one listing.
+async fn snapshot_tree(State(state): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.snapshot_tree().await?).into_response())
+}
+
+async fn make_template(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<VmTemplate>,
+) -> Result<Response, ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.template_from_vm(&id, req).await?),
+    )
+        .into_response())
+}
+
+async fn fork(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<VmFork>,
+) -> Result<Response, ApiError> {
+    Ok((StatusCode::CREATED, Json(state.manager.fork_vm(&id, req).await?)).into_response())
 }
 
 async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -116,6 +116,23 @@ impl Store {
             .flatten())
     }
 
+    /// Where a VM's root disk came from (`snapshot:ID`, `template:NAME`), for VMs made from
+    /// sandboxes.
+    pub fn vm_origin(&self, vm_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT origin FROM vms WHERE id = ?1", params![vm_id], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+
+    /// Records where a VM's root disk came from.
+    pub fn set_vm_origin(&self, vm_id: &str, origin: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE vms SET origin = ?2 WHERE id = ?1", params![vm_id, origin])?;
+        Ok(())
+    }
+
     /// Makes `snapshot` a VM's current snapshot.
     pub fn set_vm_current_snapshot(&self, vm_id: &str, snapshot: Option<&str>) -> Result<(), StoreError> {
         self.conn().execute(

@@ -134,9 +134,11 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
     if let Some(uuid) = &spec.uuid {
         cl.push("-uuid", uuid.clone());
     }
-    let mut machine = match spec.machine {
-        MachineType::Q35 => "q35".to_owned(),
-        MachineType::Microvm => "microvm,rtc=on".to_owned(),
+    let mut machine = match (spec.machine, &spec.kernel) {
+        (MachineType::Q35, _) => "q35".to_owned(),
+        (MachineType::Microvm, None) => "microvm,rtc=on".to_owned(),
+        // As sandboxes boot: qboot loads the kernel from fw_cfg, no option ROMs needed.
+        (MachineType::Microvm, Some(_)) => "microvm,x-option-roms=off,rtc=on".to_owned(),
     };
     if let Firmware::Uefi(ovmf) = &spec.firmware {
         let code = cl.file(&ovmf.code, false);
@@ -152,6 +154,14 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
         machine.push_str(",pflash0=fw-code,pflash1=fw-vars");
     }
     cl.push("-machine", machine);
+    if let Some(boot) = &spec.kernel {
+        if spec.machine == MachineType::Microvm {
+            cl.push("-bios", "qboot.rom".into());
+        }
+        cl.push("-kernel", path(&boot.kernel));
+        cl.push("-initrd", path(&boot.initramfs));
+        cl.push("-append", boot.cmdline.clone());
+    }
     let (accel, cpu) = match spec.accel {
         Accel::Kvm => ("kvm", "host"),
         _ => ("tcg,thread=multi,tb-size=128", "max"),
@@ -187,6 +197,27 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
     }
     if seccomp {
         cl.push("-sandbox", SECCOMP.into());
+    }
+    if spec.agent_channel {
+        cl.push(
+            "-chardev",
+            format!("socket,id=agent,path={},server=on,wait=off", path(&spec.agent_socket())),
+        );
+        let bus = if q35 {
+            "virtio-serial-pci"
+        } else {
+            "virtio-serial-device"
+        };
+        cl.push("-device", format!("{bus},id=vser0,max_ports=2"));
+        cl.push(
+            "-device",
+            "virtserialport,chardev=agent,name=vivarium.agent,id=agentport".into(),
+        );
+    }
+    if spec.incoming {
+        // Stopped after the load (`-S`) until told to run: a fork of a paused VM stays paused.
+        cl.args.push("-S".into());
+        cl.push("-incoming", "defer".into());
     }
     if q35 {
         // A guest kernel's panic is reported (pvpanic) and ends QEMU: a crash, not a reboot.

@@ -90,6 +90,10 @@ fn jail_spec(
         })?;
         binds.extend(chain.into_iter().map(Bind::read_only));
     }
+    if let Some(boot) = &spec.kernel {
+        binds.push(Bind::read_only(&boot.kernel));
+        binds.push(Bind::read_only(&boot.initramfs));
+    }
     let (devices, groups) = crate::confine::accel_access(spec.accel);
     Ok(JailSpec {
         uid: jail.uid,
@@ -134,7 +138,12 @@ impl Qemu {
             ovmf.check()?;
             ovmf.ensure_nvram()?;
         }
-        for stale in [spec.qmp_socket(), spec.serial_socket(), spec.vnc_socket()] {
+        for stale in [
+            spec.qmp_socket(),
+            spec.serial_socket(),
+            spec.vnc_socket(),
+            spec.agent_socket(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         let confined = !matches!(self.confinement, Confinement::None);

@@ -157,7 +157,7 @@ pub struct Machine {
     generation: AtomicU64,
     /// The next fd set for a file passed at run time (those of the command line come first).
     next_fdset: AtomicU64,
-    run_dir: PathBuf,
+    pub(super) run_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Machine {
@@ -389,13 +389,13 @@ impl Machine {
     /// Passes `file` to QEMU as a new fd set and returns its id. QEMU keeps the set while a
     /// block node or command that opened `/dev/fdset/ID` uses it, so the caller removes it
     /// ([`Machine::forget_fdset`]) right after that use began.
-    async fn pass(&self, file: &std::fs::File) -> Result<u64, QmpError> {
+    pub(super) async fn pass(&self, file: &std::fs::File) -> Result<u64, QmpError> {
         let id = self.next_fdset.fetch_add(1, Ordering::Relaxed);
         self.qmp.pass_fdset(id, file.as_fd()).await?;
         Ok(id)
     }
 
-    async fn forget_fdset(&self, id: u64) {
+    pub(super) async fn forget_fdset(&self, id: u64) {
         let _ = self.qmp.execute("remove-fd", Some(json!({ "fdset-id": id }))).await;
     }
 

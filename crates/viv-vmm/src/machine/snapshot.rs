@@ -47,7 +47,7 @@ impl From<QmpError> for SnapshotError {
 
 impl Machine {
     /// The block nodes of the writable disks, in disk id order.
-    fn writable_nodes(&self) -> Vec<String> {
+    pub(super) fn writable_nodes(&self) -> Vec<String> {
         let mut disks: Vec<(&String, &(String, bool))> = self.disks.iter().filter(|(_, (_, ro))| !ro).collect();
         disks.sort_by_key(|(id, _)| natural_key(id));
         disks.into_iter().map(|(_, (node, _))| node.clone()).collect()

@@ -266,3 +266,45 @@ fn a_seed_is_a_scsi_cd_of_its_own_after_the_other_drives() {
     micro.seed = spec.seed.clone();
     assert!(micro.validate().is_err());
 }
+
+#[test]
+fn a_sandbox_kernel_machine_boots_the_kernel_with_the_agent_port_and_may_wait_for_a_state() {
+    let mut spec = MachineSpec::new("m2", "/run/m2", Accel::Tcg);
+    spec.machine = MachineType::Microvm;
+    spec.disks = vec![Disk {
+        id: "disk0".into(),
+        path: "/d/root.qcow2".into(),
+        format: DiskFormat::Qcow2,
+        bus: DiskBus::VirtioBlk,
+        read_only: false,
+        boot_index: None,
+    }];
+    let (args, _) = machine_arguments(&spec, true, &Backings::new());
+    let plain = args.join(" ");
+    assert!(!plain.contains("-kernel") && !plain.contains("vivarium.agent") && !plain.contains("-incoming"));
+    spec.kernel = Some(KernelBoot {
+        kernel: "/img/vmlinuz".into(),
+        initramfs: "/img/initrd".into(),
+        cmdline: "console=ttyS0 root=/dev/vda".into(),
+    });
+    spec.agent_channel = true;
+    spec.incoming = true;
+    spec.validate().unwrap();
+    let (args, _) = machine_arguments(&spec, true, &Backings::new());
+    let line = args.join(" ");
+    for part in [
+        "-machine microvm,x-option-roms=off,rtc=on",
+        "-bios qboot.rom",
+        "-kernel /img/vmlinuz -initrd /img/initrd",
+        "socket,id=agent,path=/run/m2/agent.sock,server=on,wait=off",
+        "virtio-serial-device,id=vser0",
+        "virtserialport,chardev=agent,name=vivarium.agent,id=agentport",
+        "-S -incoming defer",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    let append = args.iter().position(|a| a == "-append").unwrap();
+    assert_eq!(args[append + 1], "console=ttyS0 root=/dev/vda", "one argument");
+    spec.kernel.as_mut().unwrap().cmdline = "a\nb".into();
+    assert!(spec.validate().is_err(), "a command line of one line only");
+}

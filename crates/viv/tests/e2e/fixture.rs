@@ -321,7 +321,12 @@ impl TestServer {
 
     /// Runs a command through the exec route; returns (stdout, stderr, exit code or error).
     pub fn exec(&self, id: &str, body: Value) -> ExecResult {
-        let response = self.post(&format!("/sandboxes/{id}/exec")).json(&body).send().unwrap();
+        self.exec_at(&format!("/sandboxes/{id}/exec"), body)
+    }
+
+    /// Runs a command through exec route `path` (a sandbox's or a VM's).
+    pub fn exec_at(&self, path: &str, body: Value) -> ExecResult {
+        let response = self.post(path).json(&body).send().unwrap();
         assert_eq!(response.status(), 200, "exec failed: {}", response.text().unwrap());
         let text = response.text().unwrap();
         let mut result = ExecResult::default();

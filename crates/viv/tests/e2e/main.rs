@@ -20,6 +20,7 @@ mod ssh;
 mod storage;
 mod templates;
 mod vm_boot;
+mod vm_bridge;
 mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;

@@ -16,19 +16,19 @@ use crate::vm_console::{add_iso, BOOT_DEADLINE, MARKER, READY};
 use crate::vm_lifecycle::{act, define, refused};
 
 /// A guest's serial console, through `GET /vms/{id}/console` (the cloud-init tests' client).
-struct Guest {
+pub(crate) struct Guest {
     console: Console,
 }
 
 impl Guest {
-    fn attach(server: &TestServer, id: &str) -> Self {
+    pub(crate) fn attach(server: &TestServer, id: &str) -> Self {
         Self {
             console: Console::open(server, id),
         }
     }
 
     /// Waits for `needle` anywhere in the console (the replay included).
-    fn wait_for(&mut self, needle: &str) {
+    pub(crate) fn wait_for(&mut self, needle: &str) {
         self.console.wait_for(needle, 0, BOOT_DEADLINE);
     }
 
@@ -44,13 +44,13 @@ impl Guest {
     }
 
     /// Runs a shell command in the guest and returns what it printed.
-    fn run(&mut self, command: &str) -> String {
+    pub(crate) fn run(&mut self, command: &str) -> String {
         self.console.run(command, Duration::from_secs(90))
     }
 }
 
 /// Defines a VM from `body`, starts it and waits until its guest's acpid runs.
-fn booted(server: &TestServer, prefix: &str, body: Value) -> (String, Guest) {
+pub(crate) fn booted(server: &TestServer, prefix: &str, body: Value) -> (String, Guest) {
     let id = define(server, &unique(prefix), body);
     act(server, &id, "start", "");
     let mut guest = Guest::attach(server, &id);
@@ -58,7 +58,7 @@ fn booted(server: &TestServer, prefix: &str, body: Value) -> (String, Guest) {
     (id, guest)
 }
 
-fn vm(server: &TestServer, id: &str) -> Value {
+pub(crate) fn vm(server: &TestServer, id: &str) -> Value {
     server.get(&format!("/vms/{id}")).send().unwrap().json().unwrap()
 }
 
@@ -74,7 +74,7 @@ fn upload_disk(server: &TestServer, name: &str, bytes: Vec<u8>) {
     assert_eq!(response.status(), 201, "{}", response.text().unwrap());
 }
 
-fn create_disk(server: &TestServer, name: &str, size: u64) {
+pub(crate) fn create_disk(server: &TestServer, name: &str, size: u64) {
     let response = server
         .post("/disks")
         .json(&json!({"name": name, "size": size, "format": "qcow2"}))
@@ -84,7 +84,7 @@ fn create_disk(server: &TestServer, name: &str, size: u64) {
 }
 
 /// An ISO in the library under a unique name.
-fn library_iso(server: &TestServer) -> String {
+pub(crate) fn library_iso(server: &TestServer) -> String {
     let name = unique("iso");
     add_iso(server, &name);
     name
