@@ -20,6 +20,7 @@ pub use vm_snapshots::VmSnapshotRow;
 pub use vms::VmRow;
 mod volumes;
 pub use volumes::{VolumeDeletion, VolumeRow};
+mod web_sessions;
 
 /// Embedded migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -37,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_vms.sql"),
     include_str!("migrations/0015_vm_runtime.sql"),
     include_str!("migrations/0016_vm_snapshots.sql"),
+    include_str!("migrations/0018_web_sessions.sql"),
 ];
 
 mod traffic;
