@@ -27,6 +27,8 @@ VIV_DEPS=(
   grub-pc-bin:-
   grub-efi-amd64-bin:-
   mtools:mformat
+  # The web console's browser tests (tests/web): Playwright drives Debian's Chromium headless.
+  chromium:chromium
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

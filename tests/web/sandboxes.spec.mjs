@@ -1,0 +1,106 @@
+// The sandboxes pages against real sandboxes: the live list, the terminal, files, the snapshot
+// graph; with the figures the issue asks for (time to a usable terminal, keystroke echo).
+import { writeFileSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { api, cli, expect, figure, shot, signIn, terminalText, test, url } from './helpers.mjs';
+
+test('a sandbox created through the API appears in the list without a reload', async ({ page, newSandbox }) => {
+  await signIn(page);
+  await expect(page.getByTestId('sandboxes').or(page.getByText('No sandbox is running.'))).toBeVisible();
+  const created = await newSandbox();
+  const row = page.locator(`tr[data-key="${created.sandboxID}"]`);
+  await expect(row).toBeVisible();
+  await expect(row).toContainText('running');
+  await shot(page, 'sandboxes-list');
+  // Killed through the API: it leaves the list.
+  await api('DELETE', `/sandboxes/${created.sandboxID}`);
+  await expect(row).toHaveCount(0);
+});
+
+test('the terminal runs `echo hi`; time to a usable terminal and keystroke echo measured', async ({ page, newSandbox }) => {
+  const created = await newSandbox();
+  const started = Date.now();
+  await signIn(page);
+  await page.goto(`${url}/#/sandboxes/${created.sandboxID}`);
+  const status = page.getByTestId('terminal-status');
+  await expect(status).toContainText('running (pid');
+  // Usable: the shell printed its prompt.
+  await expect.poll(() => terminalText(page)).toMatch(/[$#]\s*$/m);
+  figure('time from sign-in to a usable terminal (ms)', Date.now() - started);
+  await page.getByTestId('terminal').click();
+  await page.keyboard.type('echo hi\n');
+  await expect.poll(() => terminalText(page)).toMatch(/^hi\s*$/m);
+  await shot(page, 'sandbox-terminal');
+  // Keystroke echo latency: one character typed, until the terminal shows it (median of 15).
+  const samples = [];
+  for (let i = 0; i < 15; i++) {
+    const ch = String.fromCharCode(97 + (i % 26));
+    const before = await page.evaluate(() => document.querySelector('.xterm-rows').innerText.replace(/\s+$/, '').length);
+    const t0 = Date.now();
+    await page.keyboard.type(ch);
+    await page.waitForFunction((n) => document.querySelector('.xterm-rows').innerText.replace(/\s+$/, '').length > n, before, { polling: 'raf' });
+    samples.push(Date.now() - t0);
+  }
+  samples.sort((a, b) => a - b);
+  figure('keystroke echo latency through the web terminal, median of 15 (ms)', samples[7]);
+  figure('keystroke echo latency through the web terminal, max of 15 (ms)', samples[14]);
+  await page.keyboard.press('Control+U');
+  await page.keyboard.type('exit 3\n');
+  await expect(status).toContainText('exited with code 3');
+});
+
+test('a file uploaded through the page is seen by `viv files ls`, and can be deleted', async ({ page, newSandbox }) => {
+  const created = await newSandbox();
+  const dir = mkdtempSync(join(tmpdir(), 'viv-web-upload-'));
+  const file = join(dir, 'hello-from-the-browser.txt');
+  writeFileSync(file, 'x'.repeat(3 << 20));
+  await signIn(page);
+  await page.goto(`${url}/#/sandboxes/${created.sandboxID}`);
+  await page.getByRole('tab', { name: 'Files' }).click();
+  await page.getByTestId('upload').setInputFiles(file);
+  const row = page.getByTestId('file-list').locator('tr', { hasText: 'hello-from-the-browser.txt' });
+  await expect(row).toBeVisible();
+  await expect(row).toContainText('3.0 MiB');
+  await shot(page, 'sandbox-files');
+  const listed = cli('files', 'ls', created.sandboxID, '/home/user');
+  expect(listed).toContain('hello-from-the-browser.txt');
+  page.once('dialog', (d) => d.accept());
+  await row.getByRole('button', { name: 'Delete' }).click();
+  await expect(row).toHaveCount(0);
+  expect(cli('files', 'ls', created.sandboxID, '/home/user')).not.toContain('hello-from-the-browser.txt');
+});
+
+test('the other tabs of a sandbox: processes, metrics, console log', async ({ page, newSandbox }) => {
+  const created = await newSandbox();
+  await signIn(page);
+  await page.goto(`${url}/#/sandboxes/${created.sandboxID}`);
+  await page.getByRole('tab', { name: 'Processes' }).click();
+  await expect(page.locator('table, .empty').first()).toBeVisible();
+  await page.getByRole('tab', { name: 'Metrics' }).click();
+  // Two samples (the sampler runs every 5 s) make a chart.
+  await expect(page.locator('.uplot').first()).toBeVisible({ timeout: 30_000 });
+  await shot(page, 'sandbox-metrics');
+  await page.getByRole('tab', { name: 'Console log' }).click();
+  await expect(page.getByTestId('console-log').or(page.getByText('keeps no console log'))).toBeVisible();
+  await shot(page, 'sandbox-log');
+});
+
+test('pausing a sandbox adds a node to the snapshot graph', async ({ page, newSandbox }) => {
+  const created = await newSandbox();
+  await signIn(page);
+  await page.goto(`${url}/#/snapshots`);
+  const nodes = page.locator('[data-node]');
+  await expect(page.getByText('Snapshot tree')).toBeVisible();
+  const before = await nodes.count();
+  await page.goto(`${url}/#/sandboxes/${created.sandboxID}`);
+  await page.getByRole('button', { name: 'Pause' }).click();
+  await expect(page.getByTestId('sandbox-state')).toHaveText('paused');
+  await page.goto(`${url}/#/snapshots`);
+  const pause = page.locator('[data-kind="pause"]', { hasText: created.sandboxID.slice(0, 10) });
+  await expect(pause).toBeVisible();
+  expect(await nodes.count()).toBeGreaterThan(before);
+  await shot(page, 'snapshots');
+  // Resumed, the sandbox leaves the pause node (the node itself is collected).
+  await api('POST', `/sandboxes/${created.sandboxID}/resume`, {});
+});
