@@ -82,7 +82,6 @@ test('a WebSocket or state change with the session but another Origin is refused
   expect(await upgrade('/vms/no-such-vm/console', { Cookie: jar, Origin: 'http://evil.example' })).toBe(403);
   expect(await upgrade('/vms/no-such-vm/console', { Cookie: jar })).toBe(403);
   expect(await upgrade('/vms/no-such-vm/console', { Cookie: jar, Origin: own })).toBe(404);
-  expect(await upgrade('/sandboxes/nosuchsandbox/terminal?cols=80&rows=24', { Cookie: jar, Origin: 'http://evil.example' })).toBe(403);
   // A state-changing REST call: same rule (CSRF defense); a read needs no Origin.
   const del = (origin) => fetch(`${url}/sandboxes/nosuchsandbox`, { method: 'DELETE', headers: { Cookie: jar, ...(origin ? { Origin: origin } : {}) } });
   const refused = await del('http://evil.example');
@@ -92,6 +91,16 @@ test('a WebSocket or state change with the session but another Origin is refused
   expect((await fetch(`${url}/sandboxes`, { headers: { Cookie: jar } })).status).toBe(200);
   // No cookie, no key: 401.
   expect(await upgrade('/vms/no-such-vm/console', { Origin: own })).toBe(401);
+});
+
+test('the sandbox terminal WebSocket refuses the session from another Origin', async ({ page, context }) => {
+  await signIn(page);
+  const [cookie] = await context.cookies();
+  const jar = `viv_session=${cookie.value}`;
+  const path = '/sandboxes/nosuchsandbox/terminal?cols=80&rows=24';
+  expect(await upgrade(path, { Cookie: jar, Origin: 'http://evil.example' })).toBe(403);
+  // Past the checks, the sandbox does not exist.
+  expect(await upgrade(path, { Cookie: jar, Origin: new URL(url).origin })).toBe(404);
 });
 
 test('sign out ends the session on the server', async ({ page, context }) => {
@@ -108,7 +117,7 @@ test('sign out ends the session on the server', async ({ page, context }) => {
 
 test('a session expires after --session-ttl', async ({ browser }) => {
   // A server of its own with a two-second session.
-  const server = await startServer({ extra: ['--session-ttl', '2s', '--pool-size', '0'], pool: process.env.VIV_WEB_NET_POOL_2 || '10.233.1.0/24' });
+  const server = await startServer({ extra: ['--session-ttl', '2s', '--pool-size', '0'], pool: process.env.VIV_WEB_NET_POOL_2 || '10.237.1.0/24' });
   try {
     const context = await browser.newContext();
     const page = await context.newPage();
@@ -118,8 +127,12 @@ test('a session expires after --session-ttl', async ({ browser }) => {
     expect(await status()).toBe(200);
     // The session ends by the clock; poll until then (with a deadline well past it).
     await expect.poll(status, { timeout: 15_000, intervals: [250] }).toBe(401);
-    // The page notices at its next request and asks to sign in again.
-    await page.goto(server.url + '/#/host');
+    // The page notices at its next API request and asks to sign in again.
+    await page.goto(server.url + '/#/vms');
+    await expect(page.getByLabel('API key')).toBeVisible();
+    await shot(page, 'session-expired');
+    // And so does a fresh load.
+    await page.reload();
     await expect(page.getByLabel('API key')).toBeVisible();
     await context.close();
   } finally {

@@ -18,5 +18,6 @@ export default defineConfig({
     launchOptions: { executablePath: process.env.VIV_CHROMIUM || '/usr/bin/chromium', args: ['--no-sandbox'] },
     viewport: { width: 1280, height: 800 },
     trace: 'off',
+    screenshot: 'only-on-failure',
   },
 });

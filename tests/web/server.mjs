@@ -29,7 +29,7 @@ const sleep = (ms) => new Promise((ok) => setTimeout(ok, ms));
  * Starts a server; `extra` are more `viv serve` arguments, `pool` its network pool (isolated
  * mode as root). Answers { url, key, data, stop() }.
  */
-export async function startServer({ extra = [], pool = process.env.VIV_WEB_NET_POOL || '10.233.0.0/24' } = {}) {
+export async function startServer({ extra = [], pool = process.env.VIV_WEB_NET_POOL || '10.237.0.0/24' } = {}) {
   const data = mkdtempSync(join(tmpdir(), 'viv-web-'));
   const port = await freePort();
   // The console's origin: a host name browsers treat as secure (so `Secure` cookies work on

@@ -144,8 +144,8 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
         // A browser signed in to the console: its session cookie (and, for what changes state,
         // its Origin) instead of a key.
         None => match session::authorize(&state, &request) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ApiError::Unauthorized(format!(
+            Ok(Some(_session)) => Ok(()),
+            Ok(None) => Err(ApiError::Unauthorized(format!(
                 "missing {} header",
                 viv_api::API_KEY_HEADER
             ))),

@@ -21,6 +21,7 @@ pub use vms::VmRow;
 mod volumes;
 pub use volumes::{VolumeDeletion, VolumeRow};
 mod web_sessions;
+pub use web_sessions::{NewSession, WebSession};
 
 /// Embedded migrations, applied in order.
 const MIGRATIONS: &[&str] = &[

@@ -18,7 +18,11 @@ export function SandboxActions({ sandbox, compact }) {
   const [timeout, setTimeoutValue] = useState('300');
   const [snapName, setSnapName] = useState('');
   const [net, setNet] = useState({ allowOut: '', denyOut: '', internet: true });
-  const act = (fn, done) => run(async () => setNote(done ? done(await fn()) : null));
+  const act = (fn, done) =>
+    run(async () => {
+      const result = await fn();
+      setNote(done ? done(result) : null);
+    });
   const paused = sandbox.state === 'paused';
   return (
     <div class="sandbox-actions">

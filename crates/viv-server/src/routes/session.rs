@@ -19,6 +19,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 
 use crate::error::ApiError;
+use crate::store::WebSession;
 use crate::AppState;
 
 /// The session cookie's name.
@@ -82,8 +83,8 @@ async fn sign_in(
 
 async fn session(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let token = cookie_token(&headers).ok_or_else(signed_out)?;
-    let expires = state.store.web_session(&token)?.ok_or_else(signed_out)?;
-    Ok(Json(info(expires)).into_response())
+    let session = state.store.web_session(&token)?.ok_or_else(signed_out)?;
+    Ok(Json(info(session.expires_at_ms)).into_response())
 }
 
 async fn sign_out(State(state): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
@@ -154,18 +155,18 @@ pub(super) fn check_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), ApiErro
     }
 }
 
-/// Checks a request that carries no API key against its session cookie: `Ok(true)` when the
-/// session is valid (and, for a state-changing request, its origin is this server's),
-/// `Ok(false)` when it has no cookie.
-pub(super) fn authorize(state: &AppState, request: &Request) -> Result<bool, ApiError> {
+/// Checks a request that carries no API key against its session cookie: the session when it is
+/// valid (and, for a state-changing request, its origin is this server's), `None` when the
+/// request has no cookie.
+pub(super) fn authorize(state: &AppState, request: &Request) -> Result<Option<WebSession>, ApiError> {
     let Some(token) = cookie_token(request.headers()) else {
-        return Ok(false);
+        return Ok(None);
     };
-    state.store.web_session(&token)?.ok_or_else(signed_out)?;
+    let session = state.store.web_session(&token)?.ok_or_else(signed_out)?;
     if needs_origin(request) {
         check_origin(request.headers(), request.uri())?;
     }
-    Ok(true)
+    Ok(Some(session))
 }
 
 #[cfg(test)]

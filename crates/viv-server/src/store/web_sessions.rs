@@ -26,6 +26,15 @@ pub struct NewSession {
     pub expires_at_ms: i64,
 }
 
+/// A valid session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSession {
+    /// The id of the API key it was opened with (whose sandboxes it reaches).
+    pub key_id: String,
+    /// Its expiry, milliseconds since the epoch.
+    pub expires_at_ms: i64,
+}
+
 impl Store {
     /// Opens a session for `key` lasting `ttl`, or `None` when the key is unknown or revoked.
     pub fn create_web_session(&self, key: &str, ttl: std::time::Duration) -> Result<Option<NewSession>, StoreError> {
@@ -54,15 +63,20 @@ impl Store {
         Ok(Some(NewSession { token, expires_at_ms }))
     }
 
-    /// The expiry (ms since the epoch) of the session with this token, if it is valid now.
-    pub fn web_session(&self, token: &str) -> Result<Option<i64>, StoreError> {
+    /// The session with this token, if it is valid now.
+    pub fn web_session(&self, token: &str) -> Result<Option<WebSession>, StoreError> {
         Ok(self
             .conn()
             .query_row(
-                "SELECT s.expires_at_ms FROM web_sessions s JOIN api_keys k ON k.id = s.key_id \
+                "SELECT s.key_id, s.expires_at_ms FROM web_sessions s JOIN api_keys k ON k.id = s.key_id \
                  WHERE s.token_sha256 = ?1 AND s.expires_at_ms > ?2 AND k.revoked_at IS NULL",
                 params![hash_key(token), now_ms()],
-                |r| r.get(0),
+                |r| {
+                    Ok(WebSession {
+                        key_id: r.get(0)?,
+                        expires_at_ms: r.get(1)?,
+                    })
+                },
             )
             .optional()?)
     }
@@ -102,7 +116,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(s.token.len(), 64);
-        assert_eq!(store.web_session(&s.token).unwrap(), Some(s.expires_at_ms));
+        let valid = store.web_session(&s.token).unwrap().unwrap();
+        assert_eq!((valid.key_id.as_str(), valid.expires_at_ms), ("k1", s.expires_at_ms));
         assert_eq!(store.web_session("other").unwrap(), None);
         // Logout.
         assert!(store.delete_web_session(&s.token).unwrap());
