@@ -104,3 +104,33 @@ test('pausing a sandbox adds a node to the snapshot graph', async ({ page, newSa
   // Resumed, the sandbox leaves the pause node (the node itself is collected).
   await api('POST', `/sandboxes/${created.sandboxID}/resume`, {});
 });
+
+test('a named snapshot taken in the page: a sandbox started from its node, then the node deleted', async ({ page, newSandbox }) => {
+  const created = await newSandbox();
+  const name = `web-snap-${Date.now().toString(36)}`;
+  await signIn(page);
+  await page.goto(`${url}/#/sandboxes/${created.sandboxID}`);
+  await page.getByPlaceholder('snapshot name (optional)').fill(name);
+  await page.getByRole('button', { name: 'Snapshot' }).click();
+  await expect(page.getByText(/^snapshot \w+/)).toBeVisible();
+  await page.goto(`${url}/#/snapshots`);
+  const node = page.locator('[data-kind="snapshot"]', { hasText: name.slice(0, 14) });
+  await expect(node).toBeVisible();
+  await node.click();
+  await expect(page.getByTestId('snapshot-selection')).toContainText(name);
+  await page.getByRole('button', { name: 'Start a sandbox from it' }).click();
+  await expect(page).toHaveURL(/#\/sandboxes\/\w+$/);
+  const started = decodeURIComponent(new URL(page.url()).hash.split('/').pop());
+  try {
+    await expect(page.getByTestId('sandbox-state')).toHaveText('running');
+  } finally {
+    await api('DELETE', `/sandboxes/${started}`);
+  }
+  await page.goto(`${url}/#/snapshots`);
+  await node.click();
+  page.once('dialog', (d) => d.accept());
+  await page.getByTestId('snapshot-selection').getByRole('button', { name: 'Delete' }).click();
+  await expect(node).toHaveCount(0);
+  const left = await api('GET', '/snapshots?limit=100');
+  expect(left.flatMap((s) => s.names)).not.toContain(`${name}:default`);
+});

@@ -2,7 +2,7 @@
 // from their parents, and the sandboxes sitting on a node are listed in it. A node can be
 // started (a sandbox created from it) or deleted. Redrawn when a sandbox changes state.
 import { useEffect, useState } from 'preact/hooks';
-import { bytes, del, post, request, seg, subscribe } from '../api.js';
+import { bytes, del, get, post, request, seg, subscribe } from '../api.js';
 import { href, useAction, useLoad } from '../hooks.js';
 import { ErrorLine, Section } from '../components/ui.jsx';
 
@@ -24,14 +24,15 @@ async function allSnapshots() {
 }
 
 /** Lays the forest out left to right: x by depth, y by leaf order. */
-function layout(snapshots) {
+function layout(snapshots, templates) {
+  const templateSize = new Map((templates || []).map((t) => [t.templateID, t.sizeBytes]));
   const byId = new Map(snapshots.map((s) => [s.snapshotID, s]));
   const nodes = new Map();
   const roots = [];
   for (const s of snapshots) {
     const parent = s.parentID && byId.has(s.parentID) ? s.parentID : `template:${s.templateID}`;
     if (parent.startsWith('template:') && !nodes.has(parent)) {
-      nodes.set(parent, { id: parent, label: s.templateID, kind: 'template', children: [] });
+      nodes.set(parent, { id: parent, label: s.templateID, kind: 'template', size: templateSize.get(s.templateID), children: [] });
       roots.push(parent);
     }
   }
@@ -58,10 +59,11 @@ function layout(snapshots) {
 
 export function Snapshots() {
   const list = useLoad(allSnapshots, []);
+  const templates = useLoad(() => get('/templates'), []);
   const [selected, setSelected] = useState(null);
   const [run, busy, error] = useAction();
   useEffect(() => subscribe('sandbox', () => list.reload()), []);
-  const { nodes, height } = layout(list.data || []);
+  const { nodes, height } = layout(list.data || [], templates.data);
   const width = Math.max(1, ...nodes.map((n) => n.x + W));
   const sel = nodes.find((n) => n.id === selected)?.snap;
   const start = () =>
@@ -94,15 +96,20 @@ export function Snapshots() {
               <g key={n.id} class={`node node-${n.kind} ${selected === n.id ? 'selected' : ''}`} transform={`translate(${n.x},${n.y})`} data-node={n.id} data-kind={n.kind} onClick={() => n.snap && setSelected(n.id)}>
                 <rect width={W} height={H} rx="6" />
                 <text x="8" y="18" class="title">
-                  {n.kind}: {n.label.length > 20 ? n.label.slice(0, 19) + '…' : n.label}
+                  {n.kind}: {n.label.length > 15 ? n.label.slice(0, 14) + '…' : n.label}
                 </text>
+                {n.kind === 'template' && n.size != null && (
+                  <text x="8" y="36">
+                    {bytes(n.size)}
+                  </text>
+                )}
                 {n.snap && (
                   <>
                     <text x="8" y="36">
                       {bytes(n.snap.sizeBytes)}
                     </text>
                     <text x="8" y="54">
-                      {n.snap.sandboxes.length ? `on it: ${n.snap.sandboxes.join(', ').slice(0, 22)}` : ''}
+                      {n.snap.sandboxes.length ? `on it: ${n.snap.sandboxes.join(', ').slice(0, 20)}` : ''}
                     </text>
                   </>
                 )}

@@ -7,7 +7,11 @@ import { ErrorLine, Section, State, Table } from '../components/ui.jsx';
 
 export function VmButtons({ vm, onDone }) {
   const [run, busy, error] = useAction();
-  const act = (verb) => run(async () => onDone?.(await post(`/vms/${seg(vm.id)}/${verb}`)));
+  const act = (verb) =>
+    run(async () => {
+      const result = await post(`/vms/${seg(vm.id)}/${verb}`);
+      if (onDone) onDone(result);
+    });
   const up = vm.state === 'running' || vm.state === 'paused' || vm.state === 'starting';
   return (
     <span class="buttons">
