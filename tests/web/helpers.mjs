@@ -54,7 +54,6 @@ export function figure(name, value) {
  * and kills it when the test ends, whatever happened.
  */
 export const test = base.extend({
-  // eslint-disable-next-line no-empty-pattern
   newSandbox: async ({}, use) => {
     const made = [];
     await use(async (body = {}) => {

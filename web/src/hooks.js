@@ -15,7 +15,6 @@ export function useLoad(fn, deps) {
     return () => {
       live = false;
     };
-    // eslint-disable-next-line react-hooks/exhaustive-deps
   }, [...deps, tick]);
   const reload = useCallback(() => setTick((t) => t + 1), []);
   const setData = useCallback((f) => setState((s) => ({ ...s, data: f(s.data) })), []);

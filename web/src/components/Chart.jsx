@@ -15,7 +15,7 @@ export function Chart({ title, times, series, unit }) {
         width,
         height: 200,
         series: [{}, ...series.map(([label], i) => ({ label, stroke: COLORS[i % COLORS.length], width: 2 }))],
-        axes: [{}, { values: (_, ticks) => ticks.map((v) => `${v}${unit}`) }],
+        axes: [{}, { size: 72, values: (_, ticks) => ticks.map((v) => `${v}${unit}`) }],
       },
       [times, ...series.map(([, values]) => values)],
       host.current,

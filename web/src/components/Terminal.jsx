@@ -49,7 +49,6 @@ export function Terminal({ open, onText, resize, label }) {
       term.dispose();
     };
     // The socket is opened once per mounted terminal.
-    // eslint-disable-next-line react-hooks/exhaustive-deps
   }, []);
   return (
     <div class="terminal-box">

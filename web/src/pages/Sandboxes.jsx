@@ -108,7 +108,7 @@ export function Sandboxes() {
   return (
     <>
       <Section title="New sandbox">
-        <CreateForm onCreated={() => {}} />
+        <CreateForm onCreated={(created) => (location.hash = href('sandboxes', created.sandboxID))} />
       </Section>
       <Section title="Sandboxes">
         <ErrorLine error={list.error} />
