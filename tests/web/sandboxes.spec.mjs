@@ -134,3 +134,59 @@ test('a named snapshot taken in the page: a sandbox started from its node, then 
   const left = await api('GET', '/snapshots?limit=100');
   expect(left.flatMap((s) => s.names)).not.toContain(`${name}:default`);
 });
+
+test('a sandbox created in the page with options; timeout, network rules, pause, resume and kill from its page', async ({ page }) => {
+  await signIn(page);
+  const form = page.getByTestId('create-sandbox');
+  await form.getByLabel('Template').fill('base');
+  await form.getByLabel('Timeout (s)').fill('240');
+  await form.getByLabel('Metadata (KEY=VALUE lines)').fill('owner=web-test\npurpose=console');
+  await form.getByLabel('Environment (KEY=VALUE lines)').fill('WEB_GREETING=hello-from-the-form');
+  await form.getByRole('button', { name: 'Create sandbox' }).click();
+  await expect(page).toHaveURL(/#\/sandboxes\/\w+$/);
+  const id = decodeURIComponent(new URL(page.url()).hash.split('/').pop());
+  try {
+    await expect(page.getByTestId('sandbox-state')).toHaveText('running');
+    await expect(page.getByText('owner=web-test, purpose=console')).toBeVisible();
+    const info = await api('GET', `/sandboxes/${id}`);
+    expect(info.metadata).toEqual({ owner: 'web-test', purpose: 'console' });
+    const out = await fetch(`${url}/sandboxes/${id}/exec`, {
+      method: 'POST',
+      headers: { 'X-API-Key': process.env.VIV_WEB_KEY, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ command: 'echo $WEB_GREETING' }),
+    }).then((r) => r.text());
+    // NDJSON events; stdout's data is base64.
+    const stdout = out
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l))
+      .filter((e) => e.type === 'stdout')
+      .map((e) => Buffer.from(e.data, 'base64').toString())
+      .join('');
+    expect(stdout).toBe('hello-from-the-form\n');
+    // Timeout: the page's answer, and the API's end time moves.
+    await page.getByLabel('timeout in seconds').fill('1200');
+    await page.getByRole('button', { name: 'Set timeout' }).click();
+    await expect(page.getByText('ends in 1200 s')).toBeVisible();
+    const later = await api('GET', `/sandboxes/${id}`);
+    expect(Date.parse(later.endAt) - Date.now()).toBeGreaterThan(900_000);
+    // Network rules, and an error worded by the API for a bad one.
+    await page.getByPlaceholder('deny out').fill('not a destination!');
+    await page.getByRole('button', { name: 'Set network rules' }).click();
+    await expect(page.getByRole('alert')).not.toBeEmpty();
+    await page.getByPlaceholder('deny out').fill('10.0.0.0/8');
+    await page.getByRole('button', { name: 'Set network rules' }).click();
+    await expect(page.getByText('network rules replaced')).toBeVisible();
+    // Pause and resume, the state following the event stream.
+    await page.getByRole('button', { name: 'Pause' }).click();
+    await expect(page.getByTestId('sandbox-state')).toHaveText('paused');
+    await page.getByRole('button', { name: 'Resume' }).click();
+    await expect(page.getByTestId('sandbox-state')).toHaveText('running');
+    await shot(page, 'sandbox-page');
+    page.once('dialog', (d) => d.accept());
+    await page.getByRole('button', { name: 'Kill' }).click();
+    await expect(page.getByTestId('sandbox-state')).toHaveText('killed');
+  } finally {
+    await api('DELETE', `/sandboxes/${id}`).catch(() => {});
+  }
+});
