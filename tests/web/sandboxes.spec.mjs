@@ -1,6 +1,6 @@
 // The sandboxes pages against real sandboxes: the live list, the terminal, files, the snapshot
 // graph; with the figures the issue asks for (time to a usable terminal, keystroke echo).
-import { writeFileSync, mkdtempSync } from 'node:fs';
+import { mkdtempSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { api, cli, expect, figure, shot, signIn, terminalText, test, url } from './helpers.mjs';
@@ -65,6 +65,11 @@ test('a file uploaded through the page is seen by `viv files ls`, and can be del
   await shot(page, 'sandbox-files');
   const listed = cli('files', 'ls', created.sandboxID, '/home/user');
   expect(listed).toContain('hello-from-the-browser.txt');
+  // The download link serves the same bytes, with the session cookie.
+  const download = page.waitForEvent('download');
+  await row.getByRole('link', { name: 'Download' }).click();
+  const saved = await (await download).path();
+  expect(statSync(saved).size).toBe(3 << 20);
   page.once('dialog', (d) => d.accept());
   await row.getByRole('button', { name: 'Delete' }).click();
   await expect(row).toHaveCount(0);

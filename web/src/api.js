@@ -120,17 +120,12 @@ export function socket(path, protocols) {
 /** The server's event stream, shared by every page: `subscribe(kind, fn)`. */
 const eventListeners = new Set();
 let source = null;
-export const eventStatus = { connected: false };
 
 function ensureSource() {
   if (source) return;
+  // EventSource reconnects by itself after a network error; a 401 (session over) ends it, and
+  // the next API call shows the sign-in form.
   source = new EventSource('/events');
-  source.onopen = () => {
-    eventStatus.connected = true;
-  };
-  source.onerror = () => {
-    eventStatus.connected = false;
-  };
   for (const kind of ['sandbox', 'vm', 'operation']) {
     source.addEventListener(kind, (e) => {
       const event = JSON.parse(e.data);

@@ -245,6 +245,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         listener.local_addr()?,
         manager.accel()
     );
+    println!(
+        "Web console: http://{}/ (sign in with an API key)",
+        listener.local_addr()?
+    );
     if let Some(addr) = args.tls.tls_listen {
         let (config, ca) = crate::tls::server_config(&args.tls, &args.dirs.data_dir, &args.domain)?;
         let tls = tokio::net::TcpListener::bind(addr)
