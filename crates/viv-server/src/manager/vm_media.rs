@@ -25,7 +25,7 @@ impl Manager {
         iso: Option<&str>,
     ) -> Result<VmInfo, ApiError> {
         if let Some(iso) = iso {
-            super::check_name("ISO", iso)?;
+            super::vms::check_pool_name("ISO", iso)?;
         }
         let (row, _held) = self.lock_vm(vm).await?;
         let def = definition_of(&row.definition)?;

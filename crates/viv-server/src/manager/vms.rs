@@ -405,11 +405,17 @@ fn check_machine(def: &VmDefinition) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A disk or ISO name checked by the storage pool's own rule (the one that names its files), so
+/// a definition never refers to a name the pool could not hold.
+pub(super) fn check_pool_name(what: &str, name: &str) -> Result<(), ApiError> {
+    viv_storage::name::check(name).map_err(|err| ApiError::BadRequest(format!("invalid {what} name: {err}")))
+}
+
 /// Names of disks and ISOs, and conflicts between devices: within the VM and with other VMs.
 fn check_devices(def: &VmDefinition, vms: &[VmRow], this_vm: Option<&str>) -> Result<(), ApiError> {
     let mut disks = HashSet::new();
     for disk in &def.disks {
-        super::check_name("disk", &disk.disk)?;
+        check_pool_name("disk", &disk.disk)?;
         if !disks.insert(disk.disk.as_str()) {
             return Err(ApiError::Conflict(format!(
                 "disk '{}' is attached twice to this VM",
@@ -419,7 +425,7 @@ fn check_devices(def: &VmDefinition, vms: &[VmRow], this_vm: Option<&str>) -> Re
     }
     for cdrom in &def.cdroms {
         if let Some(iso) = &cdrom.iso {
-            super::check_name("ISO", iso)?;
+            check_pool_name("ISO", iso)?;
         }
     }
     let mut macs = HashSet::new();

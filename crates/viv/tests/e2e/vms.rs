@@ -102,6 +102,14 @@ fn bad_definitions_are_refused_with_what_to_change() {
     let (status, message) = refuse(json!({"name": name, "disks": [{"disk": "../../passwd"}]}));
     assert_eq!(status, 400);
     assert!(message.contains("invalid disk name"), "{message}");
+    // The pool's own rule: a name the pool could not hold is refused at definition time.
+    let too_long = "d".repeat(viv_storage::name::MAX_LEN + 1);
+    let (status, message) = refuse(json!({"name": name, "disks": [{"disk": too_long}]}));
+    assert_eq!(status, 400);
+    assert!(message.contains("too long"), "{message}");
+    let (status, message) = refuse(json!({"name": name, "cdroms": [{"iso": ".hidden.iso"}]}));
+    assert_eq!(status, 400);
+    assert!(message.contains("invalid ISO name"), "{message}");
     let (status, message) = refuse(json!({"name": name, "memoryMB": 512}));
     assert_eq!(status, 400, "a misspelt field is not silently ignored");
     assert!(message.contains("memoryMB"), "{message}");
