@@ -8,7 +8,13 @@
 
 # The Node used when the host's does not fit (exact version: reproducible runs).
 viv_fallback_node=22.23.5
-VIV_NODE_CACHE="${VIV_NODE_CACHE:-${VIV_CACHE_DIR:-/var/cache/vivarium}/node}"
+# A user who cannot write the shared cache (a build without root) gets one in their home.
+if [ -z "${VIV_NODE_CACHE:-}" ]; then
+  VIV_NODE_CACHE="${VIV_CACHE_DIR:-/var/cache/vivarium}/node"
+  if ! mkdir -p "$VIV_NODE_CACHE" 2>/dev/null || [ ! -w "$VIV_NODE_CACHE" ]; then
+    VIV_NODE_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/vivarium/node"
+  fi
+fi
 export npm_config_cache="$VIV_NODE_CACHE/npm-cache" npm_config_update_notifier=false npm_config_fund=false \
   npm_config_audit=false
 
