@@ -45,4 +45,6 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// How long a web console session lasts after sign-in.
+    pub session_ttl: std::time::Duration,
 }

@@ -20,6 +20,7 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod console;
 mod e2b_templates;
 mod events;
 mod exec;
@@ -27,6 +28,7 @@ mod listing;
 mod metric_history;
 mod proxy;
 mod sandbox_logs;
+pub mod session;
 mod signed;
 mod snapshots;
 mod storage;
@@ -97,6 +99,8 @@ pub fn router(state: AppState) -> Router {
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
         .merge(volumes::content())
+        .merge(session::routes())
+        .merge(console::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
         .method_not_allowed_fallback(|request: Request| async move {
             ApiError::MethodNotAllowed(format!(
@@ -143,10 +147,16 @@ async fn require_api_key(State(state): State<AppState>, mut request: Request, ne
         // Browsers cannot set headers on a WebSocket: the key as a subprotocol.
         .or_else(|| vm_console::key_from_subprotocols(request.headers()));
     let verdict = match key {
-        None => Err(ApiError::Unauthorized(format!(
-            "missing {} header",
-            viv_api::API_KEY_HEADER
-        ))),
+        // A browser signed in to the console: its session cookie (and, for what changes state,
+        // its Origin) instead of a key; the session stands for the key it was opened with.
+        None => match session::authorize(&state, &request) {
+            Ok(Some(session)) => Ok(session.key_id),
+            Ok(None) => Err(ApiError::Unauthorized(format!(
+                "missing {} header",
+                viv_api::API_KEY_HEADER
+            ))),
+            Err(err) => Err(err),
+        },
         Some(key) => match state.store.key_id(&key) {
             Ok(Some(id)) => Ok(id),
             Ok(None) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),

@@ -20,6 +20,8 @@ pub use vm_snapshots::VmSnapshotRow;
 pub use vms::VmRow;
 mod volumes;
 pub use volumes::{VolumeDeletion, VolumeRow};
+mod web_sessions;
+pub use web_sessions::{NewSession, WebSession};
 
 /// Embedded migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -38,6 +40,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0015_vm_runtime.sql"),
     include_str!("migrations/0016_vm_snapshots.sql"),
     include_str!("migrations/0017_ssh_keys.sql"),
+    include_str!("migrations/0018_web_sessions.sql"),
     include_str!("migrations/0019_vm_origin.sql"),
 ];
 

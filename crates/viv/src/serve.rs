@@ -104,6 +104,19 @@ pub struct ServeArgs {
     /// the host; must not overlap real users or subuid ranges).
     #[arg(long, env = "VIV_JAIL_UIDS", default_value = "1879048192-1879113727", value_parser = parse_uid_range)]
     pub jail_uids: (u32, u32),
+    /// How long a web console session lasts after signing in with an API key (e.g. `12h`,
+    /// `30m`); the browser signs in again after it.
+    #[arg(long, env = "VIV_SESSION_TTL", default_value = "12h", value_parser = parse_ttl)]
+    pub session_ttl: Duration,
+}
+
+/// A session lifetime such as `12h` or `90s`: at least a second, at most a year.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 12h, 30m, 90s)"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(366 * 86_400) {
+        return Err("a session lasts between 1s and a year".into());
+    }
+    Ok(d)
 }
 
 /// A `FIRST-LAST` uid range as first uid and count.
@@ -222,6 +235,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         manager: manager.clone(),
         store,
         metrics,
+        session_ttl: args.session_ttl,
     };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
@@ -235,6 +249,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "Vivarium listening on http://{} (accel {})",
         listener.local_addr()?,
         manager.accel()
+    );
+    println!(
+        "Web console: http://{}/ (sign in with an API key)",
+        listener.local_addr()?
     );
     if let Some(addr) = args.tls.tls_listen {
         let (config, ca) = crate::tls::server_config(&args.tls, &args.dirs.data_dir, &args.domain)?;
