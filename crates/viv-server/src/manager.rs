@@ -28,6 +28,7 @@ use crate::Metrics;
 mod builds;
 mod builtin;
 pub use builtin::{builtin_named, canonical_template_name, BUILTINS};
+mod console_cap;
 mod copy_archive;
 pub mod events;
 mod info;

@@ -191,8 +191,12 @@ impl Qemu {
             path(&spec.initramfs),
             "-append".into(),
             cmdline,
+            // Appending, so that the server can cut a log grown past its cap and QEMU goes on
+            // at the new end (see the server's console cap).
+            "-chardev".into(),
+            format!("file,id=console,path={},append=on", path(&spec.console_log())),
             "-serial".into(),
-            format!("file:{}", path(&spec.console_log())),
+            "chardev:console".into(),
             "-chardev".into(),
             format!("socket,id=agent,path={},server=on,wait=off", path(&spec.agent_socket())),
             "-device".into(),

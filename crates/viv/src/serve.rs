@@ -227,6 +227,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     tracing::info!(confinement = %manager.confinement(), "VMs are confined");
     manager.start_deadline_enforcer();
+    manager.start_console_log_cap();
     manager.autostart_vms();
     if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
         tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");

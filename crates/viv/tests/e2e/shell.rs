@@ -607,6 +607,29 @@ fn viv_sandbox_logs_shows_and_follows_the_console() {
     let longest = follow.out().lines().map(str::len).max().unwrap();
     assert!(longest < 9000, "a line of {longest} bytes");
 
+    // A flood (root writing 6 MiB to the console) is cut back on the host: the log file stays
+    // under its cap once the flood is over, and what the guest writes afterwards is still shown.
+    let console = server.data_dir.join("sandboxes").join(id).join("console.log");
+    assert!(console.is_file(), "{}", console.display());
+    let flood = server.exec(
+        id,
+        json!({ "command": "head -c 6291456 /dev/zero | tr '\\0' x | fold -w 128 > /dev/console", "user": "root" }),
+    );
+    assert_eq!(flood.exit_code, Some(0), "{flood:?}");
+    let size = || std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(10), || size() <= 4 << 20),
+        "the console log holds {} bytes after a 6 MiB flood",
+        size()
+    );
+    let after = format!("VIV-AFTER-FLOOD-{}", std::process::id());
+    let wrote = server.exec(
+        id,
+        json!({ "command": format!("echo {after} > /dev/console"), "user": "root" }),
+    );
+    assert_eq!(wrote.exit_code, Some(0), "{wrote:?}");
+    assert!(wait_until(LIMIT, || follow.out().contains(&after)), "{}", follow.err());
+
     // The sandbox killed: the follow ends, saying why.
     let mut follow = follow;
     server.delete(&format!("/sandboxes/{id}")).send().unwrap();
