@@ -31,10 +31,12 @@ mod events;
 mod listing;
 mod metric_history;
 mod proxy;
+mod sandbox_logs;
 mod signed;
 mod snapshots;
 mod storage;
 mod templates;
+mod terminal;
 mod vm_console;
 mod vms;
 mod volumes;
@@ -61,6 +63,9 @@ pub fn router(state: AppState) -> Router {
             get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
         )
         .route("/sandboxes/{id}/exec", post(exec))
+        .route("/sandboxes/{id}/terminal", get(terminal::terminal))
+        .route("/sandboxes/{id}/logs", get(sandbox_logs::logs))
+        .route("/sandboxes/{id}/logs/stream", get(sandbox_logs::stream))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
         .route("/sandboxes/{id}/envd/files", get(envd_files).post(envd_files))
@@ -87,7 +92,8 @@ pub fn router(state: AppState) -> Router {
         .merge(storage::routes())
         .merge(events::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
-        .layer(axum::Extension(metric_history::History::start(&state)));
+        .layer(axum::Extension(metric_history::History::start(&state)))
+        .layer(axum::Extension(Arc::new(sandbox_logs::ConsoleLogs::default())));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))

@@ -131,6 +131,18 @@ pub enum SandboxCommand {
         #[arg(long)]
         filesystem: bool,
     },
+    /// Show a running sandbox's console log (kernel and boot messages, whatever the guest
+    /// writes to /dev/console); -f follows it until the sandbox stops.
+    Logs {
+        /// Sandbox id.
+        id: String,
+        /// Keep printing lines as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// Prefix each line with its timestamp.
+        #[arg(long, short)]
+        timestamps: bool,
+    },
     /// Resume a paused sandbox (does nothing to a running one).
     Resume {
         /// Sandbox id.
@@ -308,12 +320,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Keys(cmd) => keys(cmd, cli.json).map(|()| 0),
         Command::Sandbox(cmd) => sandbox(&client, cmd, cli.json).await.map(|()| 0),
         Command::Exec(args) => exec(&client, args).await,
+        Command::Shell(args) => crate::shell::run(&client, args).await,
         Command::Files(cmd) => files(&client, cmd, cli.json).await.map(|()| 0),
         Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
         Command::Template(cmd) => crate::template::run(&client, cmd, cli.json).await,
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
         Command::Events(args) => crate::events::run(&client, args, cli.json).await,
         Command::Console(args) => crate::console::run(&client, args).await,
+        Command::Top(args) => crate::top::run(&client, args).await,
         Command::Disk(cmd) => crate::disk::run(&client, cmd, cli.json).await,
         Command::Iso(cmd) => crate::iso::run(&client, cmd, cli.json).await,
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
@@ -620,6 +634,9 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             if !json {
                 println!("paused {id}");
             }
+        }
+        SandboxCommand::Logs { id, follow, timestamps } => {
+            crate::logs::run(client, &id, follow, timestamps, json).await?
         }
         SandboxCommand::Resume { id, timeout, reboot } => {
             let body = viv_api::ConnectSandbox {

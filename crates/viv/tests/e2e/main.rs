@@ -14,6 +14,7 @@ mod leaks;
 mod network;
 mod pool;
 mod restarts;
+mod shell;
 mod snapshots;
 mod ssh;
 mod storage;
