@@ -326,3 +326,47 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
     delete_with_disks(server, &id);
     assert_eq!(server.get(&format!("/disks/{root}")).send().unwrap().status(), 404);
 }
+
+#[test]
+fn a_vm_from_a_template_answers_exec_after_a_server_restart_and_in_its_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let leave = ["--on-shutdown", "leave"];
+    let server = TestServer::start_on_with(dir.path(), &leave);
+    let made = server
+        .post("/vms")
+        .json(&json!({"name": "from-base", "fromTemplate": "base", "memoryMib": 512}))
+        .send()
+        .unwrap();
+    assert_eq!(made.status(), 201, "{}", made.text().unwrap());
+    let id = made.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    act(&server, &id, "start", "");
+    let exec = |server: &TestServer, vm: &str, command: &str| {
+        server.exec_at(&format!("/vms/{vm}/exec"), json!({ "command": command }))
+    };
+    let wrote = exec(&server, &id, "echo before-restart > /tmp/mark; cat /tmp/mark");
+    assert_eq!(wrote.out(), "before-restart\n", "{wrote:?}");
+    server.stop(libc::SIGTERM);
+    drop(server);
+
+    // Taken over: its agent answers the server's key, and its memory (/tmp) is the same.
+    let server = TestServer::start_on_with(dir.path(), &["--on-shutdown", "kill"]);
+    assert_eq!(vm(&server, &id)["state"], "running");
+    let read = exec(&server, &id, "cat /tmp/mark");
+    assert_eq!(read.out(), "before-restart\n", "{read:?}");
+
+    // A fork's agent continues its source's.
+    let fork = server
+        .post(&format!("/vms/{id}/fork"))
+        .json(&json!({"name": "from-base-twin"}))
+        .send()
+        .unwrap();
+    assert_eq!(fork.status(), 201, "{}", fork.text().unwrap());
+    let twin = fork.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    let read = exec(&server, &twin, "cat /tmp/mark; echo twin > /tmp/mark");
+    assert_eq!(read.out(), "before-restart\n", "{read:?}");
+    assert_eq!(exec(&server, &id, "cat /tmp/mark").out(), "before-restart\n");
+    for vm in [&twin, &id] {
+        act(&server, vm, "kill", "");
+        delete_with_disks(&server, vm);
+    }
+}
