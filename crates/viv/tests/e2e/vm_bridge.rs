@@ -104,13 +104,9 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
 
     // A paused VM forks into a paused VM; a stopped one is refused with what to do.
     act(server, &fork_id, "pause", "");
-    let paused_fork = server
-        .post(&format!("/vms/{fork_id}/fork"))
-        .json(&json!({"name": unique("fork2")}))
-        .send()
-        .unwrap();
-    assert_eq!(paused_fork.status(), 201, "{}", paused_fork.text().unwrap());
-    let paused_fork: Value = paused_fork.json().unwrap();
+    let cli = server.cli(&["--json", "vm", "fork", &fork_id, &unique("fork2")]);
+    assert_eq!(cli.code, 0, "{cli:?}");
+    let paused_fork: Value = serde_json::from_str(&cli.stdout).unwrap();
     assert_eq!(paused_fork["state"], "paused");
     assert_eq!(vm(server, &fork_id)["state"], "paused");
     let second = paused_fork["id"].as_str().unwrap().to_owned();
