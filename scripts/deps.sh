@@ -27,6 +27,11 @@ VIV_DEPS=(
   grub-pc-bin:-
   grub-efi-amd64-bin:-
   mtools:mformat
+  # The SSH gateway's tests drive OpenSSH's clients (ssh, scp, sftp, ssh-keygen) and rsync.
+  openssh-client:ssh
+  rsync:rsync
+  # The web console's browser tests (tests/web): Playwright drives Debian's Chromium headless.
+  chromium:chromium
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

@@ -61,3 +61,18 @@ def test_metrics_over_a_time_range_return_the_samples_in_it(sandbox):
     assert len(ranged) < len(history)
     later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
     assert sandbox.get_metrics(start=later) == []
+
+
+def test_metrics_of_a_paused_sandbox_are_its_history_up_to_the_pause():
+    sbx = Sandbox.create(timeout=300)
+    try:
+        before = sbx.get_metrics()
+        assert before, "a running sandbox has at least the sample the request took"
+        sbx.pause()
+        # No agent to ask while paused: the samples taken before the pause, and no error.
+        during = sbx.get_metrics()
+        assert [m.timestamp for m in during][: len(before)] == [m.timestamp for m in before]
+        assert during[-1].timestamp <= datetime.datetime.now(datetime.timezone.utc)
+        assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+    finally:
+        sbx.kill()

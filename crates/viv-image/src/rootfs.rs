@@ -47,6 +47,10 @@ impl Default for DebianRecipe {
                 "procps",
                 "iproute2",
                 "less",
+                // The SSH gateway runs the guest's sftp-server for SFTP and scp (it brings
+                // openssh-client, so `scp -O` works too); rsync over SSH needs rsync at both ends.
+                "openssh-sftp-server",
+                "rsync",
             ]
             .map(String::from)
             .to_vec(),

@@ -279,7 +279,7 @@ pub enum OutputStream {
 impl AgentClient {
     /// Starts a process through `process.Process/Start` as `user` (the agent's default when
     /// `None`) and returns its event stream, already past the start event, with its pid.
-    async fn start_process(
+    pub(crate) async fn start_process(
         &self,
         start: &StartRequest,
         user: Option<&str>,
@@ -344,7 +344,10 @@ impl AgentClient {
 }
 
 /// The next event of a process stream; `None` at its end (an error end becomes an error).
-async fn next_event(body: &mut Incoming, decoder: &mut envelope::Decoder) -> Result<Option<ProcessEvent>, AgentError> {
+pub(crate) async fn next_event(
+    body: &mut Incoming,
+    decoder: &mut envelope::Decoder,
+) -> Result<Option<ProcessEvent>, AgentError> {
     loop {
         if let Some(frame) = decoder.next_frame().map_err(|e| AgentError::Decode(e.to_string()))? {
             if frame.is_end() {

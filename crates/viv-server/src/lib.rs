@@ -5,6 +5,7 @@
 //! - [`manager`]: sandbox lifecycle (boot, watch, timeouts, kill, recovery);
 //! - [`capacity`]: the largest VM the host can run and whether it has room for one more;
 //! - [`agent_client`]: HTTP/2 client for a sandbox's agent over its virtio-serial socket;
+//! - [`process_session`]: an interactive process (PTY or pipes) in a sandbox, for terminals and SSH;
 //! - [`store`]: SQLite persistence with embedded migrations;
 //! - [`error`]: [`ApiError`], the one error type routes return, mapped to HTTP statuses.
 
@@ -13,12 +14,14 @@ pub mod capacity;
 pub mod error;
 pub mod manager;
 pub mod metrics;
+pub mod process_session;
 pub mod routes;
 pub mod store;
 
 pub use error::ApiError;
 pub use manager::{Config, Manager, NetworkMode, Recovery, ShutdownMode};
 pub use metrics::Metrics;
+pub use process_session::{ProcessSession, ProcessSpec, SessionEvent, SessionInput};
 pub use store::Store;
 
 use std::sync::Arc;
@@ -42,4 +45,6 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// How long a web console session lasts after sign-in.
+    pub session_ttl: std::time::Duration,
 }

@@ -172,6 +172,11 @@ pub struct LiveSandbox {
 }
 
 impl LiveSandbox {
+    /// Where QEMU writes the guest's serial console (a file the guest fills: read it bounded).
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+
     /// Waits for a pause, fork, snapshot or kill of this sandbox in progress to end.
     pub async fn settled(&self) {
         drop(self.op.lock().await);

@@ -46,6 +46,96 @@ impl Histogram {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(std::sync::atomic::AtomicI64);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Kinds of SSH channels the gateway counts.
+pub const SSH_CHANNEL_KINDS: [&str; 5] = ["shell", "exec", "sftp", "direct-tcpip", "refused"];
+
+/// The SSH gateway's metrics (`crates/viv-ssh`).
+#[derive(Debug, Default)]
+pub struct SshMetrics {
+    /// TCP connections accepted.
+    pub connections: Counter,
+    /// Connections open now.
+    pub connections_open: Gauge,
+    /// Sign-ins refused (unknown key, a sandbox not the key's, other methods).
+    pub auth_failures: Counter,
+    /// Channels started, by kind (indexes of [`SSH_CHANNEL_KINDS`]).
+    pub channels: [Counter; 5],
+    /// Channels open now.
+    pub channels_open: Gauge,
+}
+
+impl SshMetrics {
+    /// Counts a channel of `kind` (one of [`SSH_CHANNEL_KINDS`]).
+    pub fn channel(&self, kind: &str) {
+        if let Some(i) = SSH_CHANNEL_KINDS.iter().position(|k| *k == kind) {
+            self.channels[i].inc();
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, i64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let one = |v: i64| [(String::new(), v)];
+        metric(
+            "vivarium_ssh_connections_total",
+            "counter",
+            "SSH connections accepted.",
+            &one(self.connections.get() as i64),
+        );
+        metric(
+            "vivarium_ssh_connections_open",
+            "gauge",
+            "SSH connections open.",
+            &one(self.connections_open.get()),
+        );
+        metric(
+            "vivarium_ssh_auth_failures_total",
+            "counter",
+            "SSH sign-ins refused.",
+            &one(self.auth_failures.get() as i64),
+        );
+        let by_kind: Vec<(String, i64)> = SSH_CHANNEL_KINDS
+            .iter()
+            .zip(&self.channels)
+            .map(|(kind, c)| (format!("{{kind=\"{kind}\"}}"), c.get() as i64))
+            .collect();
+        metric(
+            "vivarium_ssh_channels_total",
+            "counter",
+            "SSH channels opened, by kind (refused: open or request refused).",
+            &by_kind,
+        );
+        metric(
+            "vivarium_ssh_channels_open",
+            "gauge",
+            "SSH channels open.",
+            &one(self.channels_open.get()),
+        );
+    }
+}
+
 /// The server's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -67,6 +157,8 @@ pub struct Metrics {
     pub orphan_vms_killed: Counter,
     /// Paused sandboxes resumed by traffic for them (auto-resume).
     pub sandboxes_auto_resumed: Counter,
+    /// The SSH gateway.
+    pub ssh: SshMetrics,
 }
 
 impl Default for Metrics {
@@ -81,6 +173,7 @@ impl Default for Metrics {
             sandboxes_taken_over: Counter::default(),
             orphan_vms_killed: Counter::default(),
             sandboxes_auto_resumed: Counter::default(),
+            ssh: SshMetrics::default(),
         }
     }
 }
@@ -147,6 +240,8 @@ impl Metrics {
             "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
             state.2, state.1, state.2
         );
+        drop(state);
+        self.ssh.render(&mut out);
         out
     }
 }

@@ -20,16 +20,20 @@ use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
 
+mod console;
 mod e2b_templates;
 mod events;
 mod exec;
 mod listing;
 mod metric_history;
 mod proxy;
+mod sandbox_logs;
+pub mod session;
 mod signed;
 mod snapshots;
 mod storage;
 mod templates;
+mod terminal;
 mod vm_console;
 mod vms;
 mod volumes;
@@ -56,6 +60,9 @@ pub fn router(state: AppState) -> Router {
             get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
         )
         .route("/sandboxes/{id}/exec", post(exec::exec))
+        .route("/sandboxes/{id}/terminal", get(terminal::terminal))
+        .route("/sandboxes/{id}/logs", get(sandbox_logs::logs))
+        .route("/sandboxes/{id}/logs/stream", get(sandbox_logs::stream))
         .route("/sandboxes/{id}/files", get(download).put(upload))
         .route("/sandboxes/{id}/files/list", get(list_files))
         .route("/sandboxes/{id}/envd/files", get(envd_files).post(envd_files))
@@ -82,7 +89,8 @@ pub fn router(state: AppState) -> Router {
         .merge(storage::routes())
         .merge(events::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
-        .layer(axum::Extension(metric_history::History::start(&state)));
+        .layer(axum::Extension(metric_history::History::start(&state)))
+        .layer(axum::Extension(Arc::new(sandbox_logs::ConsoleLogs::default())));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -91,6 +99,8 @@ pub fn router(state: AppState) -> Router {
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
         .merge(volumes::content())
+        .merge(session::routes())
+        .merge(console::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
         .method_not_allowed_fallback(|request: Request| async move {
             ApiError::MethodNotAllowed(format!(
@@ -123,7 +133,12 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     next.run(request).await
 }
 
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The API key a request was authenticated with (its id), for handlers that record ownership.
+/// Any other way of authenticating a request that creates sandboxes should insert it too.
+#[derive(Debug, Clone)]
+pub struct AuthedKey(pub String);
+
+async fn require_api_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let key = request
         .headers()
         .get(viv_api::API_KEY_HEADER)
@@ -132,18 +147,27 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
         // Browsers cannot set headers on a WebSocket: the key as a subprotocol.
         .or_else(|| vm_console::key_from_subprotocols(request.headers()));
     let verdict = match key {
-        None => Err(ApiError::Unauthorized(format!(
-            "missing {} header",
-            viv_api::API_KEY_HEADER
-        ))),
-        Some(key) => match state.store.key_is_valid(&key) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
+        // A browser signed in to the console: its session cookie (and, for what changes state,
+        // its Origin) instead of a key; the session stands for the key it was opened with.
+        None => match session::authorize(&state, &request) {
+            Ok(Some(session)) => Ok(session.key_id),
+            Ok(None) => Err(ApiError::Unauthorized(format!(
+                "missing {} header",
+                viv_api::API_KEY_HEADER
+            ))),
+            Err(err) => Err(err),
+        },
+        Some(key) => match state.store.key_id(&key) {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
             Err(err) => Err(err.into()),
         },
     };
     match verdict {
-        Ok(()) => next.run(request).await,
+        Ok(id) => {
+            request.extensions_mut().insert(AuthedKey(id));
+            next.run(request).await
+        }
         Err(err) => err.into_response(),
     }
 }
@@ -294,10 +318,16 @@ async fn resume_sandbox(
 
 async fn fork_sandbox(
     State(state): State<AppState>,
+    owner: Option<axum::Extension<AuthedKey>>,
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ForkRequest>,
 ) -> Result<Response, ApiError> {
     let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
+    if let Some(axum::Extension(owner)) = owner {
+        for forked in results.iter().filter_map(|r| r.sandbox.as_ref()) {
+            state.store.set_sandbox_owner(&forked.sandbox_id, &owner.0)?;
+        }
+    }
     Ok((StatusCode::CREATED, Json(results)).into_response())
 }
 
@@ -315,9 +345,15 @@ async fn snapshot_sandbox(
 
 async fn create_sandbox(
     State(state): State<AppState>,
+    owner: Option<axum::Extension<AuthedKey>>,
     JsonBody(req): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
     let created = state.manager.create(req).await?;
+    // The creating key owns it: only that key's SSH keys reach it (crates/viv-ssh). A request
+    // authenticated otherwise (no AuthedKey) creates a sandbox no SSH key reaches.
+    if let Some(axum::Extension(owner)) = owner {
+        state.store.set_sandbox_owner(&created.sandbox_id, &owner.0)?;
+    }
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 

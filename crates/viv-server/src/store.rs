@@ -1,5 +1,5 @@
-//! Persistent state in SQLite: API keys (hashed), sandboxes, snapshot nodes, built templates,
-//! volumes and VMs.
+//! Persistent state in SQLite: API keys (hashed), SSH keys and sandbox owners, sandboxes,
+//! snapshot nodes, built templates, volumes and VMs.
 //!
 //! Migrations are embedded in the binary and applied in order at open; `PRAGMA user_version`
 //! records how many have run. Calls are synchronous and short; the connection sits behind a mutex.
@@ -20,6 +20,8 @@ pub use vm_snapshots::VmSnapshotRow;
 pub use vms::VmRow;
 mod volumes;
 pub use volumes::{VolumeDeletion, VolumeRow};
+mod web_sessions;
+pub use web_sessions::{NewSession, WebSession};
 
 /// Embedded migrations, applied in order.
 const MIGRATIONS: &[&str] = &[
@@ -37,9 +39,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_vms.sql"),
     include_str!("migrations/0015_vm_runtime.sql"),
     include_str!("migrations/0016_vm_snapshots.sql"),
+    include_str!("migrations/0017_ssh_keys.sql"),
+    include_str!("migrations/0018_web_sessions.sql"),
     include_str!("migrations/0019_vm_origin.sql"),
 ];
 
+mod ssh_keys;
+pub use ssh_keys::{NewSshKey, SshKeyRow};
 mod traffic;
 
 /// A store failure.

@@ -37,6 +37,16 @@ pub struct BenchArgs {
     /// costs (0 skips this part). Memory figures need the server on this host.
     #[arg(long, default_value_t = 50)]
     pub idle: usize,
+    /// Terminals to open (`GET /sandboxes/{id}/terminal`, time to the shell's prompt), the
+    /// last one then timing keystroke echoes (0 skips this part).
+    #[arg(long, default_value_t = 10)]
+    pub terminals: usize,
+    /// Keystrokes whose echo is timed.
+    #[arg(long, default_value_t = 100)]
+    pub keystrokes: usize,
+    /// Measure only the terminals.
+    #[arg(long)]
+    pub terminal_only: bool,
 }
 
 /// What `--idle` measured.
@@ -353,6 +363,15 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
     let accel = health["accel"].as_str().unwrap_or("unknown").to_owned();
     eprintln!("benchmarking {} (accel {accel})", health["vmm"].as_str().unwrap_or("?"));
+    if args.terminal_only {
+        let terminal = terminals(client, &args).await?;
+        if json {
+            output::json(&serde_json::json!({ "accel": accel, "terminal": terminal }));
+        } else {
+            output::table(&["METRIC", "VALUE", "ACCEL"], &terminal_rows(&terminal, &accel));
+        }
+        return Ok(());
+    }
 
     let mut boots = Vec::new();
     for i in 0..args.boots {
@@ -517,6 +536,11 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     .await;
     kill(client, &id).await?;
     let (trips, write, read) = result?;
+    let terminal = if args.terminals > 0 {
+        terminals(client, &args).await?
+    } else {
+        serde_json::Value::Null
+    };
     let mib = args.file_mib as f64;
     let report = serde_json::json!({
         "accel": accel,
@@ -530,6 +554,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "fileMiB": args.file_mib,
         "writeMiBps": (mib / write.as_secs_f64() * 10.0).round() / 10.0,
         "readMiBps": (mib / read.as_secs_f64() * 10.0).round() / 10.0,
+        "terminal": terminal,
     });
     if json {
         output::json(&report);
@@ -618,10 +643,46 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                 vec![
                     format!("file read {} MiB", args.file_mib),
                     format!("{} MiB/s", report["readMiBps"]),
-                    accel,
+                    accel.clone(),
                 ],
-            ],
+            ]
+            .into_iter()
+            .chain(terminal_rows(&terminal, &accel))
+            .collect::<Vec<_>>(),
         );
     }
     Ok(())
+}
+
+/// The terminal figures in a sandbox of its own (see [`crate::bench_terminal`]).
+async fn terminals(client: &Client, args: &BenchArgs) -> Result<serde_json::Value> {
+    ensure!(args.terminals > 0, "--terminals must be positive to measure terminals");
+    let id = create(client, Start::Pooled).await?;
+    let result = crate::bench_terminal::measure(client, &id, args.terminals, args.keystrokes).await;
+    kill(client, &id).await?;
+    let figures = result.context("terminals")?;
+    eprintln!("  terminals: {figures}");
+    Ok(figures)
+}
+
+fn terminal_rows(terminal: &serde_json::Value, accel: &str) -> Vec<Vec<String>> {
+    let cell = |v: &serde_json::Value| match v.as_object() {
+        Some(v) => format!("{} / {} ms (n={})", v["p50"], v["p95"], v["n"]),
+        None => "-".into(),
+    };
+    if terminal.is_null() {
+        return Vec::new();
+    }
+    vec![
+        vec![
+            "terminal WebSocket open to shell prompt, p50 / p95".into(),
+            cell(&terminal["openToPromptMs"]),
+            accel.to_owned(),
+        ],
+        vec![
+            "keystroke echo through the terminal WebSocket, p50 / p95".into(),
+            cell(&terminal["keystrokeEchoMs"]),
+            accel.to_owned(),
+        ],
+    ]
 }

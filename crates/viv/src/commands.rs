@@ -67,6 +67,8 @@ pub enum KeysCommand {
         #[command(flatten)]
         dirs: Dirs,
     },
+    #[command(flatten)]
+    Ssh(crate::ssh_keys::SshKeysCommand),
 }
 
 /// `viv sandbox ...`
@@ -128,6 +130,18 @@ pub enum SandboxCommand {
         /// Keep only the disk (no memory): resuming boots it afresh, processes are gone.
         #[arg(long)]
         filesystem: bool,
+    },
+    /// Show a running sandbox's console log (kernel and boot messages, whatever the guest
+    /// writes to /dev/console); -f follows it until the sandbox stops.
+    Logs {
+        /// Sandbox id.
+        id: String,
+        /// Keep printing lines as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// Prefix each line with its timestamp.
+        #[arg(long, short)]
+        timestamps: bool,
     },
     /// Resume a paused sandbox (does nothing to a running one).
     Resume {
@@ -306,12 +320,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Keys(cmd) => keys(cmd, cli.json).map(|()| 0),
         Command::Sandbox(cmd) => sandbox(&client, cmd, cli.json).await.map(|()| 0),
         Command::Exec(args) => exec(&client, args).await,
+        Command::Shell(args) => crate::shell::run(&client, args).await,
         Command::Files(cmd) => files(&client, cmd, cli.json).await.map(|()| 0),
         Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
         Command::Template(cmd) => crate::template::run(&client, cmd, cli.json).await,
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
         Command::Events(args) => crate::events::run(&client, args, cli.json).await,
         Command::Console(args) => crate::console::run(&client, args).await,
+        Command::Top(args) => crate::top::run(&client, args).await,
         Command::Disk(cmd) => crate::disk::run(&client, cmd, cli.json).await,
         Command::Iso(cmd) => crate::iso::run(&client, cmd, cli.json).await,
         Command::Bench(args) => crate::bench::run(&client, args, cli.json).await.map(|()| 0),
@@ -373,7 +389,7 @@ fn image(cmd: ImageCommand, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn open_store(dirs: &Dirs) -> Result<viv_server::Store> {
+pub(crate) fn open_store(dirs: &Dirs) -> Result<viv_server::Store> {
     std::fs::create_dir_all(&dirs.data_dir).with_context(|| format!("creating {}", dirs.data_dir.display()))?;
     Ok(viv_server::Store::open(&dirs.data_dir.join("vivarium.db"))?)
 }
@@ -407,6 +423,7 @@ fn keys(cmd: KeysCommand, json: bool) -> Result<()> {
             }
             println!("revoked {id}");
         }
+        KeysCommand::Ssh(cmd) => crate::ssh_keys::run(cmd, json)?,
     }
     Ok(())
 }
@@ -621,6 +638,9 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             if !json {
                 println!("paused {id}");
             }
+        }
+        SandboxCommand::Logs { id, follow, timestamps } => {
+            crate::logs::run(client, &id, follow, timestamps, json).await?
         }
         SandboxCommand::Resume { id, timeout, reboot } => {
             let body = viv_api::ConnectSandbox {

@@ -63,7 +63,7 @@ pub async fn run(client: &Client, args: ConsoleArgs) -> Result<i32> {
 }
 
 /// A path segment: everything but unreserved characters percent-encoded.
-fn segment(text: &str) -> String {
+pub(crate) fn segment(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
@@ -73,7 +73,7 @@ fn segment(text: &str) -> String {
 }
 
 /// The WebSocket URL of `path` on the server at `base` (`http` → `ws`, `https` → `wss`).
-fn ws_url(base: &str, path: &str) -> Result<String> {
+pub(crate) fn ws_url(base: &str, path: &str) -> Result<String> {
     let rest = if let Some(rest) = base.strip_prefix("https://") {
         format!("wss://{rest}")
     } else if let Some(rest) = base.strip_prefix("http://") {
@@ -84,13 +84,13 @@ fn ws_url(base: &str, path: &str) -> Result<String> {
     Ok(format!("{}{path}", rest.trim_end_matches('/')))
 }
 
-async fn attach(client: &Client, path: &str, args: &ConsoleArgs) -> Result<i32> {
-    let query = if args.no_replay { "?replay=false" } else { "" };
-    let url = ws_url(client.base(), &format!("{path}{query}"))?;
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .context("building the console request")?;
+/// A WebSocket connection to the server.
+pub(crate) type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the WebSocket at `url` (from [`ws_url`]) with the API key in the `X-API-Key` header,
+/// offering `protocol`; a refused upgrade becomes an error with the server's message.
+pub(crate) async fn connect(client: &Client, url: &str, protocol: &'static str) -> Result<Socket> {
+    let mut request = url.into_client_request().context("building the WebSocket request")?;
     let headers = request.headers_mut();
     if let Some(key) = client.key() {
         headers.insert(
@@ -98,9 +98,9 @@ async fn attach(client: &Client, path: &str, args: &ConsoleArgs) -> Result<i32> 
             HeaderValue::from_str(key).context("the API key is not a valid header value")?,
         );
     }
-    headers.insert("Sec-WebSocket-Protocol", HeaderValue::from_static("viv-console"));
-    let (socket, _) = match tokio_tungstenite::connect_async(request).await {
-        Ok(connected) => connected,
+    headers.insert("Sec-WebSocket-Protocol", HeaderValue::from_static(protocol));
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
             let body = response.into_body().unwrap_or_default();
@@ -112,12 +112,16 @@ async fn attach(client: &Client, path: &str, args: &ConsoleArgs) -> Result<i32> 
             } else {
                 ""
             };
-            return Err(anyhow!("{message} (HTTP {status}){hint}"));
+            Err(anyhow!("{message} (HTTP {status}){hint}"))
         }
-        Err(e) => {
-            return Err(anyhow!(e)).with_context(|| format!("cannot reach the Vivarium server at {}", client.base()))
-        }
-    };
+        Err(e) => Err(anyhow!(e)).with_context(|| format!("cannot reach the Vivarium server at {}", client.base())),
+    }
+}
+
+async fn attach(client: &Client, path: &str, args: &ConsoleArgs) -> Result<i32> {
+    let query = if args.no_replay { "?replay=false" } else { "" };
+    let url = ws_url(client.base(), &format!("{path}{query}"))?;
+    let socket = connect(client, &url, "viv-console").await?;
     let terminal = RawTerminal::enter()?;
     let nl = if terminal.is_some() { "\r\n" } else { "\n" };
     eprint!(
@@ -142,10 +146,7 @@ enum Ending {
     Closed(String),
 }
 
-async fn bridge(
-    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    nl: &str,
-) -> Result<Ending> {
+async fn bridge(socket: Socket, nl: &str) -> Result<Ending> {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut tx, mut rx) = socket.split();
     let mut stdin = tokio::io::stdin();

@@ -1,16 +1,21 @@
 //! `viv`: the Vivarium server (`viv serve`) and command-line client in one binary.
 
 mod bench;
+mod bench_terminal;
 mod client;
 mod commands;
 mod console;
 mod disk;
 mod events;
 mod iso;
+mod logs;
 mod output;
 mod serve;
+mod shell;
+mod ssh_keys;
 mod template;
 mod tls;
+mod top;
 mod transfer;
 mod vm;
 
@@ -62,6 +67,9 @@ pub enum Command {
     Sandbox(commands::SandboxCommand),
     /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
     Exec(commands::ExecArgs),
+    /// An interactive shell (a terminal) in a sandbox, or a command under one; exits with its
+    /// exit code. Without a terminal on stdin, runs what is piped in.
+    Shell(shell::ShellArgs),
     /// Copy files into and out of a sandbox, list directories.
     #[command(subcommand)]
     Files(commands::FilesCommand),
@@ -76,6 +84,8 @@ pub enum Command {
     Vm(vm::VmCommand),
     /// Follow state changes of VMs, sandboxes and operations as they happen.
     Events(events::EventsArgs),
+    /// A live table of sandboxes and VMs (CPU, memory, state, age); sort, kill, pause, resume.
+    Top(top::TopArgs),
     /// Attach to a running VM's serial console (Ctrl-] . detaches), or print its log.
     Console(console::ConsoleArgs),
     /// Disks of the storage pool: create, import, upload, download, resize, clone, wipe.

@@ -95,10 +95,28 @@ pub struct ServeArgs {
     /// without it.
     #[arg(long, env = "VIV_JAIL", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub jail: bool,
+    /// Also serve SSH on this address (`ssh SANDBOXID@HOST -p PORT`): sign-in by public keys
+    /// registered with `viv keys ssh-add`, to sandboxes the key's API key created. The host key
+    /// is made on first start in DATA_DIR/ssh.
+    #[arg(long, env = "VIV_SSH_LISTEN")]
+    pub ssh_listen: Option<SocketAddr>,
     /// The host-wide range of uids jailed QEMUs run as, `FIRST-LAST` (shared by every server on
     /// the host; must not overlap real users or subuid ranges).
     #[arg(long, env = "VIV_JAIL_UIDS", default_value = "1879048192-1879113727", value_parser = parse_uid_range)]
     pub jail_uids: (u32, u32),
+    /// How long a web console session lasts after signing in with an API key (e.g. `12h`,
+    /// `30m`); the browser signs in again after it.
+    #[arg(long, env = "VIV_SESSION_TTL", default_value = "12h", value_parser = parse_ttl)]
+    pub session_ttl: Duration,
+}
+
+/// A session lifetime such as `12h` or `90s`: at least a second, at most a year.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 12h, 30m, 90s)"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(366 * 86_400) {
+        return Err("a session lasts between 1s and a year".into());
+    }
+    Ok(d)
 }
 
 /// A `FIRST-LAST` uid range as first uid and count.
@@ -217,6 +235,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         manager: manager.clone(),
         store,
         metrics,
+        session_ttl: args.session_ttl,
     };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
@@ -230,6 +249,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "Vivarium listening on http://{} (accel {})",
         listener.local_addr()?,
         manager.accel()
+    );
+    println!(
+        "Web console: http://{}/ (sign in with an API key)",
+        listener.local_addr()?
     );
     if let Some(addr) = args.tls.tls_listen {
         let (config, ca) = crate::tls::server_config(&args.tls, &args.dirs.data_dir, &args.domain)?;
@@ -254,6 +277,26 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             viv_server::routes::router(state.clone()),
         ));
     }
+    let ssh_shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.ssh_listen {
+        let key = viv_ssh::host_key::load_or_create(&viv_ssh::host_key::host_key_path(&args.dirs.data_dir))?;
+        let fingerprint = key.fingerprint(viv_ssh::HashAlg::Sha256);
+        let ssh = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--ssh-listen)"))?;
+        let port = ssh.local_addr()?.port();
+        println!(
+            "SSH gateway on {} (host key {fingerprint}): ssh -p {port} SANDBOXID@HOST",
+            ssh.local_addr()?
+        );
+        tokio::spawn(viv_ssh::serve(
+            ssh,
+            state.clone(),
+            key,
+            viv_ssh::Limits::default(),
+            ssh_shutdown.clone(),
+        ));
+    }
     let stopping = Arc::new(tokio::sync::Notify::new());
     let serve = {
         let stopping = stopping.clone();
@@ -270,6 +313,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             tokio::time::sleep(GRACE).await;
         } => tracing::warn!("requests still open {GRACE:?} after the signal; closing them"),
     }
+    ssh_shutdown.cancel();
     tracing::info!(on_shutdown = %args.on_shutdown, "shutting down");
     manager.shutdown(args.on_shutdown).await;
     Ok(())

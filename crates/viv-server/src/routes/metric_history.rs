@@ -159,7 +159,13 @@ pub(super) async fn sandbox_metrics(
     };
     let start = seconds("start", query.start, 0)?;
     let end = seconds("end", query.end, u64::MAX)?;
-    let live = state.manager.live(&id)?;
+    let live = match state.manager.live(&id) {
+        Ok(live) => live,
+        // A paused (or still starting) sandbox has no agent to ask for a new sample; what was
+        // recorded before is still its history.
+        Err(ApiError::Conflict(_)) => return Ok(Json(history.range(&id, start, end)).into_response()),
+        Err(err) => return Err(err),
+    };
     let request = hyper::Request::get("http://agent/metrics")
         .body(Body::empty())
         .map_err(|e| ApiError::Internal(e.to_string()))?;

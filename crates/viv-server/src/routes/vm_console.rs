@@ -76,7 +76,7 @@ pub(super) fn key_from_subprotocols(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The upgrade of a WebSocket route, or 400 for a plain request.
-fn upgrade(
+pub(super) fn upgrade(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     route: &str,
 ) -> Result<WebSocketUpgrade, ApiError> {

@@ -35,6 +35,8 @@ pub fn unique(prefix: &str) -> String {
 pub struct TestServer {
     pub url: String,
     pub key: String,
+    /// The SSH gateway's port, for servers started with `--ssh-listen` (the shared one is).
+    pub ssh_port: Option<u16>,
     pub data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
     child: Mutex<Option<Child>>,
@@ -145,7 +147,8 @@ impl TestServer {
             let base: u32 = std::env::var("VIV_TEST_NET_BASE")
                 .ok()
                 .and_then(|b| b.parse().ok())
-                .filter(|b| (1..=234).contains(b))
+                // The last /26 of a run is at BASE + 19, so 236 is the highest base.
+                .filter(|b| (1..=236).contains(b))
                 .unwrap_or(160);
             command
                 .arg("--net-pool")
@@ -206,9 +209,14 @@ impl TestServer {
             .trim()
             .to_owned();
         assert!(key.starts_with("e2b_"), "unexpected key {key}");
+        let ssh_port = extra
+            .iter()
+            .position(|a| *a == "--ssh-listen")
+            .and_then(|i| extra.get(i + 1)?.rsplit(':').next()?.parse().ok());
         Self {
             url,
             key,
+            ssh_port,
             data_dir: data_dir.to_path_buf(),
             _temp: None,
             child: Mutex::new(Some(child)),
@@ -232,8 +240,10 @@ impl TestServer {
                 let _ = std::fs::remove_dir_all(&dir);
                 remove_template_memory(&dir);
                 std::fs::create_dir_all(&dir).unwrap();
-                // The server's defaults: warm VMs from the pool serve most creates.
-                let _ = tx.send(Self::launch(&dir, Some(libc::SIGTERM), 1, &[]));
+                // The server's defaults: warm VMs from the pool serve most creates. Its SSH
+                // gateway serves the ssh tests.
+                let ssh = format!("127.0.0.1:{}", free_port());
+                let _ = tx.send(Self::launch(&dir, Some(libc::SIGTERM), 1, &["--ssh-listen", &ssh]));
                 loop {
                     std::thread::park();
                 }
