@@ -11,7 +11,7 @@ use crate::fixture::{unique, wait_until, TestServer};
 use crate::vm_boot::{booted, create_disk, library_iso, vm, Guest};
 use crate::vm_lifecycle::{act, define, refused};
 
-/// The value of the guest's counter (`/tmp/count`, bumped every 100 ms).
+/// The value of the guest's counter (`/tmp/count`, bumped every 100 ms, renamed into place).
 fn count(guest: &mut Guest) -> u64 {
     let out = guest.run("cat /tmp/count");
     out.lines()
@@ -37,7 +37,10 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "nics": [{}]}),
     );
     guest.run("printf MARK-SRC | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
-    guest.run("(i=0; while true; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true");
+    // Renamed into place: a read never sees the file truncated and not yet written.
+    guest.run(
+        "(i=0; while true; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true",
+    );
     assert!(wait_until(Duration::from_secs(30), || count(&mut guest) > 2));
 
     // Bad input first: an unknown VM, a name in use.
