@@ -23,6 +23,8 @@ use crate::qemu_img::{self, ImageCheckError, InfoParseError, ToolError};
 use crate::size::{check_disk_size, SizeError, MAX_DISK_SIZE};
 use crate::{DirPool, ErrorKind, IoError};
 
+mod copies;
+
 /// A disk's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DiskFormat {
@@ -824,66 +826,6 @@ impl DirPool {
         )
         .await?;
         if !self.publish_disk(temp, name, format).await? {
-            return Err(CloneError::Exists(name.into()));
-        }
-        Ok(self.disk_info(name).await?)
-    }
-
-    /// Stores an image the server made itself (a sandbox's root file system layer, whose
-    /// backing chain names server files) as standalone qcow2 disk `name`: the chain is
-    /// flattened, so the disk depends on nothing outside the pool. Never for images from
-    /// outside (their backing files would be followed): those go through [`DirPool::import_disk`].
-    pub async fn import_own_image(
-        &self,
-        name: &str,
-        source: &Path,
-        progress: &mut (dyn FnMut(f64) + Send),
-    ) -> Result<DiskInfo, ImportError> {
-        name::check(name)?;
-        if self.disk_exists(name) {
-            return Err(ImportError::Exists(name.into()));
-        }
-        let temp = self.temp(DISKS, name, DiskFormat::Qcow2.as_str());
-        qemu_img::convert(source, "qcow2", &temp.path, "qcow2", progress).await?;
-        if !self.publish_disk(temp, name, DiskFormat::Qcow2).await? {
-            return Err(ImportError::Exists(name.into()));
-        }
-        self.disk_info(name).await.map_err(|e| info_as_io(name, e))
-    }
-
-    /// Copies internal snapshot `tag` of qcow2 disk `source` into a new standalone qcow2 disk
-    /// `name` (its other snapshots stay behind). `source` may be in use by a running VM: an
-    /// internal snapshot's clusters are shared copy-on-write, so the VM never changes them,
-    /// and the image is read without taking its lock (`-U`).
-    pub async fn copy_disk_snapshot(
-        &self,
-        source: &str,
-        tag: &str,
-        name: &str,
-        progress: &mut (dyn FnMut(f64) + Send),
-    ) -> Result<DiskInfo, CloneError> {
-        name::check(source)?;
-        name::check(tag)?;
-        name::check(name)?;
-        let source_info = self.disk_info(source).await.map_err(|e| match e {
-            DiskInfoError::NotFound(n) => CloneError::SourceNotFound(n),
-            other => CloneError::Info(other),
-        })?;
-        if self.disk_exists(name) {
-            return Err(CloneError::Exists(name.into()));
-        }
-        let temp = self.temp(DISKS, name, DiskFormat::Qcow2.as_str());
-        let snapshot = format!("snapshot.name={tag}");
-        qemu_img::convert_with(
-            &source_info.path,
-            source_info.format.as_str(),
-            &["-U", "-l", &snapshot],
-            &temp.path,
-            DiskFormat::Qcow2.as_str(),
-            progress,
-        )
-        .await?;
-        if !self.publish_disk(temp, name, DiskFormat::Qcow2).await? {
             return Err(CloneError::Exists(name.into()));
         }
         Ok(self.disk_info(name).await?)

@@ -19,9 +19,9 @@
 //! - a VM's agent is initialized once per QEMU process, on first use, under a lock: the first
 //!   exec waits for the guest to boot; the agent gets the server's channel key (as sandboxes'
 //!   agents do) and no access token (only the server reaches the port);
-//! - after a server restart the agent of a taken-over VM may have been initialized already:
-//!   the server's key is tried first, and an agent that does not answer to it is initialized
-//!   afresh.
+//! - after a server restart the agent of a taken-over VM may have been initialized already, and
+//!   a fork's agent continues its source's: the server's key is tried first, and an agent that
+//!   does not answer to it is initialized afresh.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,7 +43,7 @@ pub struct VmAgent {
     pub client: AgentClient,
     /// Whether the agent was initialized (by this server, or found to answer its key).
     ready: tokio::sync::Mutex<bool>,
-    /// The VM was taken over from a previous server.
+    /// The VM was taken over from a previous server, or continues a saved state (a fork).
     adopted: bool,
 }
 

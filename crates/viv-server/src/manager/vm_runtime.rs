@@ -304,12 +304,13 @@ impl Manager {
             .launch_machine(&spec)
             .await
             .map_err(|e| super::vm_spec::launch_error(name, e))?;
+        // A fork continues an agent that may have been initialized: probed like a taken-over one.
         Ok(LiveVm::new(
             id,
             machine,
             self.vm_console_log_path(id),
             def.sandbox_kernel,
-            false,
+            incoming,
         ))
     }
 

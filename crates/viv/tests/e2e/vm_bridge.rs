@@ -11,7 +11,7 @@ use crate::fixture::{unique, wait_until, TestServer};
 use crate::vm_boot::{booted, create_disk, library_iso, vm, Guest};
 use crate::vm_lifecycle::{act, define, refused};
 
-/// The value of the guest's counter (`/tmp/count`, bumped every 100 ms).
+/// The value of the guest's counter (`/tmp/count`, bumped every 100 ms, renamed into place).
 fn count(guest: &mut Guest) -> u64 {
     let out = guest.run("cat /tmp/count");
     out.lines()
@@ -37,7 +37,10 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "nics": [{}]}),
     );
     guest.run("printf MARK-SRC | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
-    guest.run("(i=0; while true; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true");
+    // Renamed into place: a read never sees the file truncated and not yet written.
+    guest.run(
+        "(i=0; while true; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true",
+    );
     assert!(wait_until(Duration::from_secs(30), || count(&mut guest) > 2));
 
     // Bad input first: an unknown VM, a name in use.
@@ -104,13 +107,9 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
 
     // A paused VM forks into a paused VM; a stopped one is refused with what to do.
     act(server, &fork_id, "pause", "");
-    let paused_fork = server
-        .post(&format!("/vms/{fork_id}/fork"))
-        .json(&json!({"name": unique("fork2")}))
-        .send()
-        .unwrap();
-    assert_eq!(paused_fork.status(), 201, "{}", paused_fork.text().unwrap());
-    let paused_fork: Value = paused_fork.json().unwrap();
+    let cli = server.cli(&["--json", "vm", "fork", &fork_id, &unique("fork2")]);
+    assert_eq!(cli.code, 0, "{cli:?}");
+    let paused_fork: Value = serde_json::from_str(&cli.stdout).unwrap();
     assert_eq!(paused_fork["state"], "paused");
     assert_eq!(vm(server, &fork_id)["state"], "paused");
     let second = paused_fork["id"].as_str().unwrap().to_owned();
@@ -325,4 +324,48 @@ fn a_vm_made_from_a_sandbox_snapshot_answers_exec_and_keeps_the_snapshots_files(
 
     delete_with_disks(server, &id);
     assert_eq!(server.get(&format!("/disks/{root}")).send().unwrap().status(), 404);
+}
+
+#[test]
+fn a_vm_from_a_template_answers_exec_after_a_server_restart_and_in_its_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let leave = ["--on-shutdown", "leave"];
+    let server = TestServer::start_on_with(dir.path(), &leave);
+    let made = server
+        .post("/vms")
+        .json(&json!({"name": "from-base", "fromTemplate": "base", "memoryMib": 512}))
+        .send()
+        .unwrap();
+    assert_eq!(made.status(), 201, "{}", made.text().unwrap());
+    let id = made.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    act(&server, &id, "start", "");
+    let exec = |server: &TestServer, vm: &str, command: &str| {
+        server.exec_at(&format!("/vms/{vm}/exec"), json!({ "command": command }))
+    };
+    let wrote = exec(&server, &id, "echo before-restart > /tmp/mark; cat /tmp/mark");
+    assert_eq!(wrote.out(), "before-restart\n", "{wrote:?}");
+    server.stop(libc::SIGTERM);
+    drop(server);
+
+    // Taken over: its agent answers the server's key, and its memory (/tmp) is the same.
+    let server = TestServer::start_on_with(dir.path(), &["--on-shutdown", "kill"]);
+    assert_eq!(vm(&server, &id)["state"], "running");
+    let read = exec(&server, &id, "cat /tmp/mark");
+    assert_eq!(read.out(), "before-restart\n", "{read:?}");
+
+    // A fork's agent continues its source's.
+    let fork = server
+        .post(&format!("/vms/{id}/fork"))
+        .json(&json!({"name": "from-base-twin"}))
+        .send()
+        .unwrap();
+    assert_eq!(fork.status(), 201, "{}", fork.text().unwrap());
+    let twin = fork.json::<Value>().unwrap()["id"].as_str().unwrap().to_owned();
+    let read = exec(&server, &twin, "cat /tmp/mark; echo twin > /tmp/mark");
+    assert_eq!(read.out(), "before-restart\n", "{read:?}");
+    assert_eq!(exec(&server, &id, "cat /tmp/mark").out(), "before-restart\n");
+    for vm in [&twin, &id] {
+        act(&server, vm, "kill", "");
+        delete_with_disks(&server, vm);
+    }
 }
