@@ -757,18 +757,25 @@ impl DirPool {
         Ok(self.disk_info(name).await?)
     }
 
-    /// Makes `name` a linked clone of `parent`: a thin qcow2 whose backing file is the parent
-    /// (which then cannot change until the clone is deleted).
-    pub async fn linked_clone(&self, parent: &str, name: &str) -> Result<DiskInfo, CloneError> {
-        name::check(parent)?;
+    /// What every copy of a disk checks first: both names, that `source` exists (its info),
+    /// and that nothing is called `name` yet (checked again when the copy is published).
+    pub(crate) async fn clone_source(&self, source: &str, name: &str) -> Result<DiskInfo, CloneError> {
+        name::check(source)?;
         name::check(name)?;
-        let parent_info = self.disk_info(parent).await.map_err(|e| match e {
+        let info = self.disk_info(source).await.map_err(|e| match e {
             DiskInfoError::NotFound(n) => CloneError::SourceNotFound(n),
             other => CloneError::Info(other),
         })?;
         if self.disk_exists(name) {
             return Err(CloneError::Exists(name.into()));
         }
+        Ok(info)
+    }
+
+    /// Makes `name` a linked clone of `parent`: a thin qcow2 whose backing file is the parent
+    /// (which then cannot change until the clone is deleted).
+    pub async fn linked_clone(&self, parent: &str, name: &str) -> Result<DiskInfo, CloneError> {
+        let parent_info = self.clone_source(parent, name).await?;
         let parent_file = format!("{parent}.{}", parent_info.format);
         let temp = self.temp(DISKS, name, "qcow2");
         qemu_img::run(&[
@@ -806,15 +813,7 @@ impl DirPool {
         name: &str,
         progress: &mut (dyn FnMut(f64) + Send),
     ) -> Result<DiskInfo, CloneError> {
-        name::check(source)?;
-        name::check(name)?;
-        let source_info = self.disk_info(source).await.map_err(|e| match e {
-            DiskInfoError::NotFound(n) => CloneError::SourceNotFound(n),
-            other => CloneError::Info(other),
-        })?;
-        if self.disk_exists(name) {
-            return Err(CloneError::Exists(name.into()));
-        }
+        let source_info = self.clone_source(source, name).await?;
         let format = source_info.format;
         let temp = self.temp(DISKS, name, format.as_str());
         qemu_img::convert(

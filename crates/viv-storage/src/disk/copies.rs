@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::{info_as_io, CloneError, DiskFormat, DiskInfo, DiskInfoError, ImportError};
+use super::{info_as_io, CloneError, DiskFormat, DiskInfo, ImportError};
 use crate::name;
 use crate::pool::DISKS;
 use crate::qemu_img;
@@ -47,16 +47,8 @@ impl DirPool {
         name: &str,
         progress: &mut (dyn FnMut(f64) + Send),
     ) -> Result<DiskInfo, CloneError> {
-        name::check(source)?;
         name::check(tag)?;
-        name::check(name)?;
-        let source_info = self.disk_info(source).await.map_err(|e| match e {
-            DiskInfoError::NotFound(n) => CloneError::SourceNotFound(n),
-            other => CloneError::Info(other),
-        })?;
-        if self.disk_exists(name) {
-            return Err(CloneError::Exists(name.into()));
-        }
+        let source_info = self.clone_source(source, name).await?;
         let temp = self.temp(DISKS, name, DiskFormat::Qcow2.as_str());
         let snapshot = format!("snapshot.name={tag}");
         qemu_img::convert_with(
