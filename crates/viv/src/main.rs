@@ -7,6 +7,7 @@ mod commands;
 mod console;
 mod disk;
 mod events;
+mod files;
 mod iso;
 mod logs;
 mod output;
@@ -72,7 +73,7 @@ pub enum Command {
     Shell(shell::ShellArgs),
     /// Copy files into and out of a sandbox, list directories.
     #[command(subcommand)]
-    Files(commands::FilesCommand),
+    Files(files::FilesCommand),
     /// List and delete snapshot nodes (pause, fork and named snapshots).
     #[command(subcommand, alias = "snap")]
     Snapshot(commands::SnapshotCommand),
