@@ -47,6 +47,23 @@ impl Guest {
     pub(crate) fn run(&mut self, command: &str) -> String {
         self.console.run(command, Duration::from_secs(90))
     }
+
+    /// Starts a counter in the guest, bumped every 100 ms in `/tmp/count` (renamed into place:
+    /// a read never sees the file truncated and not yet written).
+    pub(crate) fn start_counter(&mut self) {
+        self.run(
+            "(i=0; while true; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true",
+        );
+    }
+
+    /// The counter's value now (see [`Guest::start_counter`]).
+    pub(crate) fn count(&mut self) -> u64 {
+        let out = self.run("cat /tmp/count");
+        out.lines()
+            .rev()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("count: {out}"))
+    }
 }
 
 /// Defines a VM from `body`, starts it and waits until its guest's acpid runs.
@@ -201,15 +218,8 @@ fn a_snapshot_revert_brings_back_a_disk_marker_and_a_running_counter() {
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
     guest.run("printf MARK-ONE | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
-    guest.run("(i=0; while true; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true");
-    let count = |guest: &mut Guest| -> u64 {
-        let out = guest.run("cat /tmp/count");
-        out.lines()
-            .rev()
-            .find_map(|l| l.trim().parse().ok())
-            .unwrap_or_else(|| panic!("count: {out}"))
-    };
-    assert!(wait_until(Duration::from_secs(30), || count(&mut guest) > 2));
+    guest.start_counter();
+    assert!(wait_until(Duration::from_secs(30), || guest.count() > 2));
     let taken: Value = server
         .post(&format!("/vms/{id}/snapshots"))
         .json(&json!({"name": "one"}))
@@ -222,23 +232,23 @@ fn a_snapshot_revert_brings_back_a_disk_marker_and_a_running_counter() {
         (Some(true), Some(true)),
         "{taken}"
     );
-    let at_snapshot = count(&mut guest);
+    let at_snapshot = guest.count();
     guest.run("printf MARK-TWO | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
-    assert!(wait_until(Duration::from_secs(60), || count(&mut guest) > at_snapshot + 20));
-    let before_revert = count(&mut guest);
+    assert!(wait_until(Duration::from_secs(60), || guest.count() > at_snapshot + 20));
+    let before_revert = guest.count();
 
     let reverted = act(server, &id, "snapshots/one/revert", "");
     assert_eq!(reverted["current"], true);
     assert_eq!(vm(server, &id)["state"], "running");
     let disk_now = guest.run("dd if=/dev/vda bs=8 count=1 2>/dev/null; echo");
     assert!(disk_now.contains("MARK-ONE"), "the disk after the revert: {disk_now}");
-    let after = count(&mut guest);
+    let after = guest.count();
     assert!(
         after < before_revert,
         "the counter went back: {after} vs {before_revert} before the revert"
     );
     assert!(
-        wait_until(Duration::from_secs(30), || count(&mut guest) > after),
+        wait_until(Duration::from_secs(30), || guest.count() > after),
         "the counter runs on"
     );
 

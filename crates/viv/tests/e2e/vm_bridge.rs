@@ -11,15 +11,6 @@ use crate::fixture::{unique, wait_until, TestServer};
 use crate::vm_boot::{booted, create_disk, library_iso, vm, Guest};
 use crate::vm_lifecycle::{act, define, refused};
 
-/// The value of the guest's counter (`/tmp/count`, bumped every 100 ms, renamed into place).
-fn count(guest: &mut Guest) -> u64 {
-    let out = guest.run("cat /tmp/count");
-    out.lines()
-        .rev()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("count: {out}"))
-}
-
 fn delete_with_disks(server: &TestServer, id: &str) {
     let response = server.delete(&format!("/vms/{id}?disks=delete")).send().unwrap();
     assert_eq!(response.status(), 204, "{}", response.text().unwrap());
@@ -37,11 +28,8 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "nics": [{}]}),
     );
     guest.run("printf MARK-SRC | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
-    // Renamed into place: a read never sees the file truncated and not yet written.
-    guest.run(
-        "(i=0; while true; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true",
-    );
-    assert!(wait_until(Duration::from_secs(30), || count(&mut guest) > 2));
+    guest.start_counter();
+    assert!(wait_until(Duration::from_secs(30), || guest.count() > 2));
 
     // Bad input first: an unknown VM, a name in use.
     assert_eq!(
@@ -63,7 +51,7 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
     );
     assert_eq!((status, message.contains("already exists")), (409, true), "{message}");
 
-    let before = count(&mut guest);
+    let before = guest.count();
     let fork_name = unique("fork");
     let started = Instant::now();
     let forked = server
@@ -86,15 +74,15 @@ fn a_forked_vm_continues_the_counter_in_both_with_its_own_disk_and_mac() {
 
     // The counter continues from where it was in both.
     let mut twin = Guest::attach(server, &fork_id);
-    let in_fork = count(&mut twin);
+    let in_fork = twin.count();
     assert!(in_fork >= before, "the fork's counter went on from {before}: {in_fork}");
     assert!(
-        wait_until(Duration::from_secs(60), || count(&mut twin) > in_fork + 5),
+        wait_until(Duration::from_secs(60), || twin.count() > in_fork + 5),
         "the fork's counter runs"
     );
-    let in_source = count(&mut guest);
+    let in_source = guest.count();
     assert!(
-        wait_until(Duration::from_secs(60), || count(&mut guest) > in_source + 5),
+        wait_until(Duration::from_secs(60), || guest.count() > in_source + 5),
         "the source's counter runs"
     );
 
