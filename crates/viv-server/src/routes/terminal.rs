@@ -17,8 +17,9 @@
 //!   close with code 1011; a control message the server does not understand is an error frame
 //!   and a close with code 1003.
 //!
-//! Authentication is the API middleware's (the `X-API-Key` header, or the `viv-key.KEY`
-//! subprotocol browsers offer beside `viv-terminal.v1`).
+//! Authentication is the API middleware's (the `X-API-Key` header, the `viv-key.KEY`
+//! subprotocol browsers offer beside `viv-terminal.v1`, or the web console's session cookie,
+//! which a WebSocket upgrade carries only with the server's own `Origin`).
 //!
 //! Invariants: the upgrade is answered only for a running sandbox (404 unknown, 409 paused or
 //! starting) with valid query parameters (400); the process lives as long as the socket: a
