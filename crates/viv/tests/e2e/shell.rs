@@ -4,7 +4,7 @@
 //! (the console log, `-f`), and `viv top` on a pseudo-terminal.
 
 use std::io::{Read as _, Write as _};
-use std::os::fd::AsRawFd as _;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
@@ -187,15 +187,7 @@ impl PtyCli {
 
     /// Resizes the terminal (the kernel sends SIGWINCH to the command).
     fn resize(&self, cols: u16, rows: u16) {
-        let size = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer on an open descriptor.
-        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
-        assert_eq!(rc, 0);
+        set_window_size(&self.master, cols, rows);
     }
 
     /// Whether the terminal is in canonical (cooked) mode with echo.
@@ -754,4 +746,18 @@ fn encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Sets the size of the terminal whose master side is `master` (the kernel sends SIGWINCH to
+/// its foreground process group).
+pub(crate) fn set_window_size(master: &impl AsRawFd, cols: u16, rows: u16) {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer on an open descriptor.
+    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    assert_eq!(rc, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
 }

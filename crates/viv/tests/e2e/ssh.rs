@@ -685,17 +685,7 @@ impl Terminal {
     }
 
     fn resize(&self, rows: u16, cols: u16) {
-        use std::os::fd::AsRawFd as _;
-        let size = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads a winsize from a live pointer; the kernel signals SIGWINCH
-        // to the terminal's foreground process group.
-        let done = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
-        assert_eq!(done, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+        crate::shell::set_window_size(&self.master, cols, rows);
     }
 
     fn screen(&self) -> String {
