@@ -135,6 +135,28 @@ pub fn router(state: AgentState) -> Router {
         .with_state(state)
         .layer(middleware::from_fn(crate::codec::protobuf))
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(answer_panics))
+}
+
+/// A handler that panics answers 500 with what it said, rather than leaving the host a reset
+/// stream it cannot tell from a broken channel. (A panic is a bug all the same.)
+async fn answer_panics(request: Request, next: Next) -> Response {
+    use futures::FutureExt as _;
+    let route = request.uri().path().to_owned();
+    match std::panic::AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the sandbox agent failed at {route}: {what}"),
+            )
+        }
+    }
 }
 
 async fn health() -> impl IntoResponse {
@@ -382,4 +404,35 @@ where
         .header(header::CONTENT_TYPE, "application/connect+json")
         .body(Body::from_stream(framed))
         .expect("static response parts")
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_with_its_message() {
+        let app = Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if true {
+                        panic!("wait() should either return Ok or panic");
+                    }
+                    StatusCode::OK
+                }),
+            )
+            .layer(middleware::from_fn(answer_panics));
+        let request = Request::get("/boom").body(Body::empty()).unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            error["message"],
+            "the sandbox agent failed at /boom: wait() should either return Ok or panic"
+        );
+    }
 }
