@@ -32,6 +32,8 @@ VIV_DEPS=(
   rsync:rsync
   # The web console's browser tests (tests/web): Playwright drives Debian's Chromium headless.
   chromium:chromium
+  # gVisor, the benchmark's reference (`viv bench --gvisor`), from bookworm-backports like QEMU.
+  runsc:runsc
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's
@@ -42,3 +44,5 @@ VIV_CMD_DEPS=(
 )
 # The oldest QEMU the jail works with (private mappings of read-only memory files).
 VIV_QEMU_MIN=10.0
+# The oldest gVisor the benchmark runs on (its systrap platform; Debian 12's own runsc predates it).
+VIV_RUNSC_MIN=0.0~20240729

@@ -37,6 +37,7 @@ mod lifecycle;
 mod network;
 pub mod operations;
 mod pool;
+pub use pool::PoolPolicy;
 mod recovery;
 mod sdk_builds;
 mod sdk_files;
@@ -96,8 +97,8 @@ pub struct Config {
     /// Start sandboxes by restoring template snapshots (experimental; otherwise every sandbox
     /// boots).
     pub snapshots: bool,
-    /// Warm VMs kept ready per template snapshot (0 disables the pool).
-    pub pool_size: usize,
+    /// How many warm VMs are kept ready per template snapshot (see [`PoolPolicy`]).
+    pub pool: PoolPolicy,
     /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
     pub domain: String,
     /// How sandboxes are networked.
@@ -922,6 +923,16 @@ impl Manager {
     /// Number of warm VMs in the pool.
     pub fn pooled_count(&self) -> usize {
         self.pool.ready_count()
+    }
+
+    /// Number of template snapshots whose pool is being filled now.
+    pub fn pool_warming(&self) -> usize {
+        self.pool.warming_count()
+    }
+
+    /// The warm pool's metrics in the Prometheus text format.
+    pub fn render_pool_metrics(&self) -> String {
+        self.pool.render_metrics()
     }
 
     /// Number of live sandboxes.

@@ -181,6 +181,7 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "snapshots": state.manager.snapshots(),
         "sandboxes": state.manager.live_count(),
         "pooled": state.manager.pooled_count(),
+        "poolWarming": state.manager.pool_warming(),
         "network": state.manager.network_mode().to_string(),
         "confinement": state.manager.confinement(),
         "networkSlots": state.manager.network_slots(),
@@ -191,9 +192,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         format!(
-            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n{}",
+            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n{}{}",
             state.metrics.render(state.manager.live_count()),
             state.manager.network_slots(),
+            state.manager.render_pool_metrics(),
             state.manager.render_vm_metrics().await
         ),
     )

@@ -47,14 +47,28 @@ pub struct BenchArgs {
     /// Measure only the terminals.
     #[arg(long)]
     pub terminal_only: bool,
+    /// gVisor side by side: alternating `runsc run` of `python3 -c 'print(6*7)'` and a pooled
+    /// create + exec of the same, this many each (0 skips; skipped too without `runsc`). Its
+    /// idle part holds `--idle` containers. Needs root and the image cache on this host.
+    #[arg(long, default_value_t = 10)]
+    pub gvisor: usize,
+    /// gVisor's platform.
+    #[arg(long, default_value = "systrap")]
+    pub gvisor_platform: String,
+    /// Measure only the gVisor comparison (with `--idle` idle sandboxes beside its containers).
+    #[arg(long)]
+    pub gvisor_only: bool,
+    /// Image cache directory (the guests' root file system, exported for gVisor).
+    #[arg(long, env = "VIV_CACHE_DIR", default_value = "/var/cache/vivarium")]
+    pub cache_dir: std::path::PathBuf,
 }
 
 /// What `--idle` measured.
-struct Idle {
+pub(crate) struct Idle {
     n: usize,
     echo_p50: Duration,
     echo_max: Duration,
-    pss_mib_per_sandbox: Option<f64>,
+    pub(crate) pss_mib_per_sandbox: Option<f64>,
     available_mib_per_sandbox: Option<f64>,
 }
 
@@ -96,7 +110,7 @@ fn sandbox_pss_kib(id: &str) -> Option<u64> {
 
 /// Starts `n` sandboxes, lets them idle, then has each answer `echo` and measures what they
 /// cost in host memory.
-async fn idle_sandboxes(client: &Client, n: usize) -> Result<Idle> {
+pub(crate) async fn idle_sandboxes(client: &Client, n: usize) -> Result<Idle> {
     let available_before = mem_available_kib();
     let mut ids = Vec::new();
     let result = async {
@@ -141,7 +155,7 @@ async fn idle_sandboxes(client: &Client, n: usize) -> Result<Idle> {
 
 /// How a benchmark creates a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Start {
+pub(crate) enum Start {
     /// Boot the kernel.
     ColdBoot,
     /// Restore the template snapshot into a new VM (the pool bypassed).
@@ -268,16 +282,16 @@ fn creates_cell(summary: &serde_json::Value) -> String {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-async fn create(client: &Client, start: Start) -> Result<String> {
+pub(crate) async fn create(client: &Client, start: Start) -> Result<String> {
     let req = NewSandbox {
         timeout: Some(600),
         cold_boot: (start == Start::ColdBoot).then_some(true),
@@ -302,12 +316,13 @@ async fn create_and_run(client: &Client, mode: Start) -> Result<(Duration, Durat
     Ok((created, first_result))
 }
 
-/// Waits (up to 30 s) until the server has a warm VM; false if it keeps none.
-async fn pool_ready(client: &Client) -> Result<bool> {
+/// Waits (up to 60 s) until the server has a warm VM and warms no more (so that warming does
+/// not compete with what is timed next); false if it keeps none.
+pub(crate) async fn pool_ready(client: &Client) -> Result<bool> {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
+    while start.elapsed() < Duration::from_secs(60) {
         let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
-        if health["pooled"].as_u64().unwrap_or(0) > 0 {
+        if health["pooled"].as_u64().unwrap_or(0) > 0 && health["poolWarming"].as_u64().unwrap_or(0) == 0 {
             return Ok(true);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -315,7 +330,7 @@ async fn pool_ready(client: &Client) -> Result<bool> {
     Ok(false)
 }
 
-async fn kill(client: &Client, id: &str) -> Result<()> {
+pub(crate) async fn kill(client: &Client, id: &str) -> Result<()> {
     client
         .send(client.request(Method::DELETE, &format!("/sandboxes/{id}")))
         .await
@@ -328,7 +343,7 @@ async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
 }
 
 /// Runs a command through the exec route; returns its exit code and stdout.
-async fn run_command(client: &Client, id: &str, argv: &[&str]) -> Result<(i32, String)> {
+pub(crate) async fn run_command(client: &Client, id: &str, argv: &[&str]) -> Result<(i32, String)> {
     let req = ExecRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
@@ -369,6 +384,22 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
             output::json(&serde_json::json!({ "accel": accel, "terminal": terminal }));
         } else {
             output::table(&["METRIC", "VALUE", "ACCEL"], &terminal_rows(&terminal, &accel));
+        }
+        return Ok(());
+    }
+    if args.gvisor_only {
+        let mut gvisor = gvisor(client, &args).await?;
+        if args.idle > 0 && !gvisor.is_null() {
+            let idle = idle_sandboxes(client, args.idle).await.context("idle sandboxes")?;
+            gvisor["idle"]["vivariumPssMiBPerSandbox"] = idle.pss_mib_per_sandbox.into();
+        }
+        if json {
+            output::json(&serde_json::json!({ "accel": accel, "gvisor": gvisor }));
+        } else {
+            output::table(
+                &["METRIC", "VALUE", "ACCEL"],
+                &crate::bench_gvisor::rows(&gvisor, &accel),
+            );
         }
         return Ok(());
     }
@@ -541,6 +572,10 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     } else {
         serde_json::Value::Null
     };
+    let mut gvisor = gvisor(client, &args).await?;
+    if !gvisor["idle"].is_null() {
+        gvisor["idle"]["vivariumPssMiBPerSandbox"] = idle["pssMiBPerSandbox"].clone();
+    }
     let mib = args.file_mib as f64;
     let report = serde_json::json!({
         "accel": accel,
@@ -555,6 +590,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "writeMiBps": (mib / write.as_secs_f64() * 10.0).round() / 10.0,
         "readMiBps": (mib / read.as_secs_f64() * 10.0).round() / 10.0,
         "terminal": terminal,
+        "gvisor": gvisor,
     });
     if json {
         output::json(&report);
@@ -648,10 +684,27 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
             ]
             .into_iter()
             .chain(terminal_rows(&terminal, &accel))
+            .chain(crate::bench_gvisor::rows(&gvisor, &accel))
             .collect::<Vec<_>>(),
         );
     }
     Ok(())
+}
+
+/// The gVisor comparison (see [`crate::bench_gvisor`]); `Null` when skipped.
+async fn gvisor(client: &Client, args: &BenchArgs) -> Result<serde_json::Value> {
+    if args.gvisor == 0 {
+        return Ok(serde_json::Value::Null);
+    }
+    let opts = crate::bench_gvisor::Options {
+        runs: args.gvisor,
+        idle: args.idle,
+        platform: &args.gvisor_platform,
+        cache_dir: &args.cache_dir,
+    };
+    crate::bench_gvisor::measure(client, &opts)
+        .await
+        .context("gVisor comparison")
 }
 
 /// The terminal figures in a sandbox of its own (see [`crate::bench_terminal`]).

@@ -51,6 +51,16 @@ pub struct ServeArgs {
     /// that creates take over (0 disables the pool).
     #[arg(long, env = "VIV_POOL_SIZE", default_value_t = 1)]
     pub pool_size: usize,
+    /// Most warm VMs per template and VM shape: a template's pool grows to the creates of the
+    /// last `--pool-window` seconds, up to this (and while the host has room for another VM).
+    #[arg(long, env = "VIV_POOL_MAX", default_value_t = 4)]
+    pub pool_max: usize,
+    /// Seconds over which creates count as demand for the warm pool.
+    #[arg(long, env = "VIV_POOL_WINDOW", default_value_t = 60)]
+    pub pool_window: u64,
+    /// Seconds a warm VM beyond `--pool-size` waits for a create before it is killed.
+    #[arg(long, env = "VIV_POOL_IDLE", default_value_t = 300)]
+    pub pool_idle: u64,
     /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
     /// (point a wildcard DNS record at this server; `*.localhost` resolves to loopback in
     /// browsers).
@@ -176,7 +186,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         boot_timeout: Duration::from_secs(args.boot_timeout),
         node_name: hostname(),
         snapshots: args.snapshots,
-        pool_size: args.pool_size,
+        pool: viv_server::manager::PoolPolicy {
+            min: args.pool_size,
+            max: args.pool_max,
+            window: Duration::from_secs(args.pool_window),
+            idle: Duration::from_secs(args.pool_idle),
+        },
         domain: args.domain.clone(),
         network: network_mode(&args.network)?,
         net_pool: args.net_pool,
