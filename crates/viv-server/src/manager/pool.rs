@@ -165,6 +165,16 @@ impl Manager {
         }
     }
 
+    /// Warm VMs of `key` now.
+    fn pool_len(&self, key: &str) -> usize {
+        self.pool
+            .ready
+            .lock()
+            .expect("pool lock")
+            .get(key)
+            .map_or(0, |e| e.vms.len())
+    }
+
     /// The size the pool of `key` should have now.
     fn pool_target(&self, key: &str) -> usize {
         let policy = &self.config.pool;
@@ -190,15 +200,18 @@ impl Manager {
                 if manager.pool.closing.load(Ordering::SeqCst) {
                     break;
                 }
-                let have = manager
-                    .pool
-                    .ready
-                    .lock()
-                    .expect("pool lock")
-                    .get(&key)
-                    .map_or(0, |e| e.vms.len());
+                let have = manager.pool_len(&key);
                 if have >= manager.pool_target(&key) {
-                    break;
+                    // A create that counted itself after the target was read would find this
+                    // filler still registered and leave the pool short: look again once it is
+                    // unregistered.
+                    manager.pool.filling.lock().expect("pool lock").remove(&key);
+                    if manager.pool_len(&key) >= manager.pool_target(&key)
+                        || !manager.pool.filling.lock().expect("pool lock").insert(key.clone())
+                    {
+                        return;
+                    }
+                    continue;
                 }
                 // Beyond the minimum, only while the host has room for one more VM.
                 if have >= manager.config.pool.min && crate::capacity::check_room(memory_mib).is_err() {
@@ -290,19 +303,27 @@ impl Manager {
             remove_files(&run_dir, &self.memory_file(&id));
             return Err(err);
         }
-        // The command line clients use most (E2B's SDKs run `bash -l -c`); best effort, since an
-        // image may have no bash.
-        let warm_up = StartRequest {
+        // The command line clients use most (E2B's SDKs run `bash -l -c`) and the interpreter
+        // code runs in most (Python): under TCG a program's first run in a VM pays for
+        // translating its code, which stays cached for the next process that runs the same
+        // pages. Best effort, since an image may have neither.
+        let warm_up = |cmd: &str, args: &[&str]| StartRequest {
             process: ProcessConfig {
-                cmd: "/bin/bash".into(),
-                args: vec!["-l".into(), "-c".into(), "true".into()],
+                cmd: cmd.into(),
+                args: args.iter().map(|a| a.to_string()).collect(),
                 ..ProcessConfig::default()
             },
             stdin: Some(false),
             ..StartRequest::default()
         };
-        for _ in 0..2 {
-            let _ = live.agent.run(&warm_up, None, |_, _| {}).await;
+        let runs = [
+            warm_up("/bin/bash", &["-l", "-c", "true"]),
+            warm_up("/bin/bash", &["-l", "-c", "true"]),
+            warm_up("python3", &["-c", "pass"]),
+            warm_up("python3", &["-c", "pass"]),
+        ];
+        for run in &runs {
+            let _ = live.agent.run(run, None, |_, _| {}).await;
         }
         Ok(live)
     }

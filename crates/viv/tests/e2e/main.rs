@@ -13,6 +13,7 @@ mod jail;
 mod leaks;
 mod network;
 mod pool;
+mod pool_demand;
 mod restarts;
 mod shell;
 mod snapshots;
