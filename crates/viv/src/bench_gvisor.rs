@@ -165,23 +165,26 @@ impl Runsc {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Starts the container of `bundle` in the background.
+    /// Starts the container of `bundle` in the background. Its sandbox and gofer inherit
+    /// runsc's output, so that goes to a file (a pipe would stay open while they run).
     async fn start_detached(&self, bundle: &Path, id: &str) -> Result<()> {
-        let out = self
+        let log_path = self.state.with_file_name(format!("{id}.log"));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let status = self
             .command()
             .arg("run")
             .arg("--detach")
             .arg(format!("--bundle={}", bundle.display()))
             .arg(id)
             .stdout(Stdio::null())
-            .output()
+            .stderr(log)
+            .status()
             .await
             .context("running runsc")?;
         ensure!(
-            out.status.success(),
-            "runsc run --detach failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            status.success(),
+            "runsc run --detach failed ({status}): {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default().trim()
         );
         Ok(())
     }
