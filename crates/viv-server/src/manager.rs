@@ -37,6 +37,7 @@ mod lifecycle;
 mod network;
 pub mod operations;
 mod pool;
+mod pool_cpu;
 pub use pool::PoolPolicy;
 mod recovery;
 mod sdk_builds;

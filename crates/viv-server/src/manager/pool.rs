@@ -20,6 +20,8 @@
 //!   snapshot;
 //! - the newest warm VM is handed out first, so the ones that waited longest are the ones that
 //!   expire;
+//! - a warm VM runs at a low CPU weight from its restore until a create takes it, which puts
+//!   its weight back before the sandbox is handed out ([`super::pool_cpu`]);
 //! - pooled VMs are killed at shutdown; their run directories have no row, so a server that
 //!   crashed removes them at its next start.
 
@@ -79,8 +81,17 @@ pub struct Pool {
 struct PoolEntry {
     /// The template the VMs are of.
     template: String,
-    /// Oldest first, each with the time it joined the pool.
-    vms: Vec<(Arc<LiveSandbox>, Instant)>,
+    /// Oldest first.
+    vms: Vec<Warm>,
+}
+
+/// A VM waiting in the pool.
+struct Warm {
+    live: Arc<LiveSandbox>,
+    /// When it joined the pool.
+    since: Instant,
+    /// Its CPU weight before it was lowered for the wait (see [`super::pool_cpu`]).
+    weight: Option<super::pool_cpu::SavedWeight>,
 }
 
 impl Pool {
@@ -152,11 +163,14 @@ impl Manager {
                 .expect("pool lock")
                 .get_mut(key)
                 .and_then(|e| e.vms.pop());
-            let Some((live, _)) = taken else {
+            let Some(Warm { live, weight, .. }) = taken else {
                 self.pool.misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             };
             if live.vm.exit().borrow().is_none() {
+                if let Some(weight) = weight {
+                    weight.restore();
+                }
                 self.pool.hits.fetch_add(1, Ordering::Relaxed);
                 return Some(live);
             }
@@ -219,11 +233,15 @@ impl Manager {
                     break;
                 }
                 match manager.warm_vm(&recipe, vcpus, memory_mib).await {
-                    Ok(live) => {
+                    Ok((live, weight)) => {
                         let mut ready = manager.pool.ready.lock().expect("pool lock");
                         let entry = ready.entry(key.clone()).or_default();
                         entry.template = recipe.name.clone();
-                        entry.vms.push((live, Instant::now()));
+                        entry.vms.push(Warm {
+                            live,
+                            since: Instant::now(),
+                            weight,
+                        });
                     }
                     Err(err) => {
                         tracing::warn!(template = %recipe.name, error = %err, "warming a pooled VM failed");
@@ -264,8 +282,8 @@ impl Manager {
             let mut ready = self.pool.ready.lock().expect("pool lock");
             let mut expired = Vec::new();
             for entry in ready.values_mut() {
-                while entry.vms.len() > policy.min && entry.vms[0].1.elapsed() > policy.idle {
-                    expired.push(entry.vms.remove(0).0);
+                while entry.vms.len() > policy.min && entry.vms[0].since.elapsed() > policy.idle {
+                    expired.push(entry.vms.remove(0).live);
                 }
             }
             expired
@@ -278,8 +296,14 @@ impl Manager {
         }
     }
 
-    /// Restores one VM of `recipe`, initializes its agent and runs a first command in it.
-    async fn warm_vm(&self, recipe: &Recipe, vcpus: u32, memory_mib: u32) -> Result<Arc<LiveSandbox>, ApiError> {
+    /// Restores one VM of `recipe`, initializes its agent and runs the warm-up commands in it,
+    /// its CPU weight lowered from the start (returned to restore when it is taken).
+    async fn warm_vm(
+        &self,
+        recipe: &Recipe,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Result<(Arc<LiveSandbox>, Option<super::pool_cpu::SavedWeight>), ApiError> {
         let template = self.template(recipe, vcpus, memory_mib).await?;
         let id = super::random_id(20);
         let run_dir = self.run_dir(&id);
@@ -299,6 +323,7 @@ impl Manager {
                 return Err(err);
             }
         };
+        let weight = live.vm.pid().and_then(super::pool_cpu::lower);
         if let Err(err) = self.init_agent(&live, None, None).await {
             remove_files(&run_dir, &self.memory_file(&id));
             return Err(err);
@@ -325,7 +350,7 @@ impl Manager {
         for run in &runs {
             let _ = live.agent.run(run, None, |_, _| {}).await;
         }
-        Ok(live)
+        Ok((live, weight))
     }
 
     /// Stops filling the pool for good (the server is stopping): waits for VMs being warmed
@@ -350,7 +375,7 @@ impl Manager {
                 .collect();
             keys.iter()
                 .filter_map(|k| ready.remove(k))
-                .flat_map(|e| e.vms.into_iter().map(|(live, _)| live))
+                .flat_map(|e| e.vms.into_iter().map(|w| w.live))
                 .collect()
         };
         for live in drained {
