@@ -321,11 +321,12 @@ async fn create_and_run(client: &Client, mode: Start) -> Result<(Duration, Durat
     Ok((created, first_result))
 }
 
-/// Waits (up to 60 s) until the server has a warm VM and warms no more (so that warming does
-/// not compete with what is timed next); false if it keeps none.
+/// Waits (up to 5 minutes: a loaded host warms slowly) until the server has a warm VM and
+/// warms no more (so that warming does not compete with what is timed next); false if it keeps
+/// none by then.
 pub(crate) async fn pool_ready(client: &Client) -> Result<bool> {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
+    while start.elapsed() < Duration::from_secs(300) {
         let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
         if health["pooled"].as_u64().unwrap_or(0) > 0 && health["poolWarming"].as_u64().unwrap_or(0) == 0 {
             return Ok(true);

@@ -189,17 +189,17 @@ impl Runsc {
         Ok(())
     }
 
-    /// Kills and deletes every container of this state directory.
+    /// Kills and deletes every container of this state directory (as `runsc list` names them),
+    /// then kills whatever process of it is left (by pid, found by its `--root`).
     async fn remove_all(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.state) else {
-            return;
-        };
-        let ids: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".state").map(str::to_owned))
-            .collect();
-        for id in ids {
-            let _ = self.command().args(["delete", "--force", &id]).output().await;
+        if let Ok(out) = self.command().args(["list", "--quiet"]).output().await {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.command().args(["delete", "--force", id]).output().await;
+            }
+        }
+        for pid in runsc_processes(&self.state) {
+            // SAFETY: kill takes plain integers; the pid is a runsc process of our own --root.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     }
 }
@@ -226,7 +226,7 @@ async fn alternate(
         // `runsc run` deletes its container when it ends.
 
         if !pool_ready(client).await? {
-            bail!("the server keeps no warm VMs (--pool-size 0)");
+            bail!("the server had no warm VM within 5 minutes (--pool-size 0, or a host too loaded to warm one)");
         }
         let start = Instant::now();
         let id = create(client, Start::Pooled).await?;
@@ -266,9 +266,27 @@ async fn idle_memory(runsc: &Runsc, bundle: &Path, n: usize) -> Result<f64> {
     Ok(gvisor)
 }
 
-/// The PSS in KiB of every host process of the containers under `state`: the sandbox and gofer
-/// processes (found by their `--root`) and all their descendants (the platform's stubs).
+/// The PSS in KiB of every host process of the containers under `state` (see
+/// [`runsc_processes`]).
 fn runsc_pss_kib(state: &Path) -> u64 {
+    runsc_processes(state)
+        .iter()
+        .filter_map(|pid| {
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The host processes of the containers under `state`: the sandbox and gofer processes (found
+/// by their `--root`) and all their descendants (the platform's stubs).
+fn runsc_processes(state: &Path) -> Vec<u32> {
     let root_flag = format!("--root={}", state.display());
     let mut procs: Vec<(u32, u32, String)> = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -302,18 +320,7 @@ fn runsc_pss_kib(state: &Path) -> u64 {
         }
         i += 1;
     }
-    ours.iter()
-        .filter_map(|pid| {
-            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-            rollup
-                .lines()
-                .find_map(|l| l.strip_prefix("Pss:"))?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
+    ours
 }
 
 /// Writes an OCI bundle at `dir` running `argv` on `rootfs` (read-only), from `runsc spec`'s
