@@ -94,7 +94,10 @@ fn sandbox_pss_kib(id: &str) -> Option<u64> {
         };
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.starts_with("qemu-system") && cmdline.split('\0').any(|arg| arg == name) {
+        // The jail starts QEMU by its full path.
+        let program = cmdline.split('\0').next().unwrap_or_default();
+        let program = program.rsplit('/').next().unwrap_or_default();
+        if program.starts_with("qemu-system") && cmdline.split('\0').any(|arg| arg == name) {
             let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
             return rollup
                 .lines()
