@@ -46,6 +46,8 @@ mod setup;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
+mod template_commit;
+mod template_versions;
 mod templates;
 mod timeouts;
 mod vm_bridge;
