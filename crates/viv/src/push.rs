@@ -56,7 +56,11 @@ struct Project {
 /// `rel`, a path from the project file, joined to `dir` if it stays inside `dir`.
 fn inside(dir: &Path, rel: &str, what: &str) -> Result<PathBuf> {
     let path = Path::new(rel);
-    if path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir | Component::Prefix(_))) {
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+    {
         bail!("{PROJECT_FILE}: {what} '{rel}' must be a path inside the project directory (relative, without '..')");
     }
     let joined = dir.join(path);
@@ -79,11 +83,12 @@ fn read_project(dir: &Path, doc: &DocumentMut) -> Result<Project> {
                 .with_context(|| format!("{PROJECT_FILE}: `{key}` must be a string")),
         }
     };
-    let name = text("name")?.with_context(|| {
-        format!("{PROJECT_FILE} has no `name` (the template's name); for example:\n\n{EXAMPLE}\n")
-    })?;
+    let name = text("name")?
+        .with_context(|| format!("{PROJECT_FILE} has no `name` (the template's name); for example:\n\n{EXAMPLE}\n"))?;
     let (spec_path, spec) = match (text("spec")?, text("spec_text")?) {
-        (Some(_), Some(_)) => bail!("{PROJECT_FILE}: give either `spec` (a file) or `spec_text` (the spec inline), not both"),
+        (Some(_), Some(_)) => {
+            bail!("{PROJECT_FILE}: give either `spec` (a file) or `spec_text` (the spec inline), not both")
+        }
         // A name no file has: the spec travels as an entry of its own.
         (None, Some(inline)) => (dir.join(format!("{PROJECT_FILE}#spec_text")), inline.into_bytes()),
         (file, None) => {

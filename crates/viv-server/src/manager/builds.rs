@@ -365,6 +365,11 @@ impl Manager {
                 "a snapshot or imported image is already named '{name}'; choose another name"
             )));
         }
+        if self.store.version(name)?.is_some() {
+            return Err(ApiError::Conflict(format!(
+                "'{name}' is a version of a template (`viv template history`); choose another name"
+            )));
+        }
         let cpu_count = cpu_count.unwrap_or(self.config.vcpus);
         let memory_mb = memory_mb.unwrap_or(self.config.memory_mib);
         super::check_shape(cpu_count, memory_mb)?;
@@ -507,7 +512,10 @@ impl Manager {
             created_at: now_rfc3339(),
             build_ms,
         };
-        let unchanged = self.store.template(&job.name)?.is_some_and(|old| same_recipe(&old, &row));
+        let unchanged = self
+            .store
+            .template(&job.name)?
+            .is_some_and(|old| same_recipe(&old, &row));
         let (version, created) = self.record_version(&row, &built_layers)?;
         if !unchanged {
             self.store.put_template(&row)?;

@@ -32,9 +32,12 @@ impl Manager {
                 "template name '{template}' is invalid: use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
             )));
         }
-        if self.store.snapshot(template)?.is_some() || self.images.find_named(template).is_ok() {
+        if self.store.snapshot(template)?.is_some()
+            || self.images.find_named(template).is_ok()
+            || self.store.version(template)?.is_some()
+        {
             return Err(ApiError::Conflict(format!(
-                "a snapshot or imported image is already named '{template}'; choose another name"
+                "a snapshot, imported image or template version is already named '{template}'; choose another name"
             )));
         }
         let key = format!("commit-{}", super::random_id(24));
@@ -53,10 +56,7 @@ impl Manager {
                 name: template.to_owned(),
             }
         };
-        let sandbox = self
-            .store
-            .sandbox(id)?
-            .ok_or_else(|| ApiError::sandbox_not_found(id))?;
+        let sandbox = self.store.sandbox(id)?.ok_or_else(|| ApiError::sandbox_not_found(id))?;
         let recipe = self.recipe(&sandbox.template_id)?;
         let base = self.store.template(&sandbox.template_id)?;
         let started = std::time::Instant::now();

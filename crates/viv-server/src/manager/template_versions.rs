@@ -37,7 +37,10 @@ pub(super) fn same_recipe(a: &TemplateRow, b: &TemplateRow) -> bool {
 fn version_id(template: &str, row: &TemplateRow) -> String {
     let mut hash = Sha256::new();
     let layer = PathBuf::from(&row.layer);
-    let key = layer.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let key = layer
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     for part in [
         key,
         serde_json::to_string(&row.config).expect("config serializes"),

@@ -27,8 +27,16 @@ fn history(server: &TestServer, name: &str) -> Vec<Value> {
 }
 
 fn version_of(server: &TestServer, name: &str) -> String {
-    let info: Value = server.get(&format!("/templates/{name}")).send().unwrap().json().unwrap();
-    info["versionID"].as_str().unwrap_or_else(|| panic!("{info}")).to_owned()
+    let info: Value = server
+        .get(&format!("/templates/{name}"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    info["versionID"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{info}"))
+        .to_owned()
 }
 
 fn cat(server: &TestServer, template: &str, file: &str) -> String {
@@ -77,7 +85,10 @@ fn template_versions_history_tags_and_deletes() {
     let from_v1 = server.cli(&["sandbox", "create", &v1]);
     assert_eq!(from_v1.code, 0, "{from_v1:?}");
     let old = from_v1.stdout.trim().to_owned();
-    assert_eq!(server.exec(&old, json!({ "command": "cat /version.txt" })).out(), "one\n");
+    assert_eq!(
+        server.exec(&old, json!({ "command": "cat /version.txt" })).out(),
+        "one\n"
+    );
     assert_eq!(cat(&server, &v2, "/version.txt"), "two\n");
     assert_eq!(cat(&server, "ver", "/version.txt"), "two\n");
 
@@ -103,7 +114,10 @@ fn template_versions_history_tags_and_deletes() {
     let in_use = server.delete(&format!("/templates/ver/versions/{v1}")).send().unwrap();
     assert_eq!(in_use.status(), 409);
     assert!(in_use.text().unwrap().contains(&old));
-    assert_eq!(server.delete(&format!("/sandboxes/{old}")).send().unwrap().status(), 204);
+    assert_eq!(
+        server.delete(&format!("/sandboxes/{old}")).send().unwrap().status(),
+        204
+    );
 
     // Untagged and unused: deleted, and its own layer freed (the other version's stays).
     let deleted = server.delete(&format!("/templates/ver/versions/{v1}")).send().unwrap();
@@ -112,8 +126,20 @@ fn template_versions_history_tags_and_deletes() {
     let listed = history(&server, "ver");
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["tags"], json!(["default", "stable"]));
-    assert_eq!(server.post("/sandboxes").json(&json!({ "templateID": v1 })).send().unwrap().status(), 404);
-    let gone = server.put("/templates/ver/tags/old").json(&json!({ "versionID": v1 })).send().unwrap();
+    assert_eq!(
+        server
+            .post("/sandboxes")
+            .json(&json!({ "templateID": v1 }))
+            .send()
+            .unwrap()
+            .status(),
+        404
+    );
+    let gone = server
+        .put("/templates/ver/tags/old")
+        .json(&json!({ "versionID": v1 }))
+        .send()
+        .unwrap();
     assert_eq!(gone.status(), 404);
 
     // Deleting the template's tags deletes its unused versions, and every layer goes.
@@ -152,8 +178,12 @@ fn template_versions_push_and_commit() {
     let version = first.stdout.trim().to_owned();
     assert!(version.starts_with("proj-"), "{first:?}");
     let written = std::fs::read_to_string(dir.join("vivarium.toml")).unwrap();
-    assert!(written.starts_with(toml), "comments and formatting kept: {written}");
-    assert!(written.contains(&format!("version = \"{version}\"")), "{written}");
+    // The version joins the top-level keys; comments and formatting stay as they were.
+    let expected = toml.replace(
+        "spec = \"Dockerfile\"\n",
+        &format!("spec = \"Dockerfile\"\nversion = \"{version}\"\n"),
+    );
+    assert_eq!(written, expected);
 
     // Unchanged (the recorded version in vivarium.toml is not an input): nothing new.
     let second = server.cli(&["push", dir_arg]);
@@ -165,12 +195,18 @@ fn template_versions_push_and_commit() {
 
     // A sandbox's setup saved as a new version of the template; new sandboxes of it see it.
     let id = server.create(json!({ "templateID": "proj", "timeout": 600 }));
-    let setup = server.exec(&id, json!({ "command": "echo set up by hand > /root/committed.txt && sync" }));
+    let setup = server.exec(
+        &id,
+        json!({ "command": "echo set up by hand > /home/user/committed.txt && sync" }),
+    );
     assert_eq!(setup.exit_code, Some(0), "{setup:?}");
     let committed = server.cli(&["sandbox", "commit", &id, "--template", "proj"]);
     assert_eq!(committed.code, 0, "{committed:?}");
     let commit_version = committed.stdout.trim().to_owned();
-    assert!(commit_version.starts_with("proj-") && commit_version != version, "{committed:?}");
+    assert!(
+        commit_version.starts_with("proj-") && commit_version != version,
+        "{committed:?}"
+    );
     // The sandbox goes on running.
     assert_eq!(server.exec(&id, json!({ "command": "echo alive" })).out(), "alive\n");
     let listed = history(&server, "proj");
@@ -181,13 +217,13 @@ fn template_versions_push_and_commit() {
     let child = server.create(json!({ "templateID": "proj", "timeout": 600 }));
     assert_eq!(
         server
-            .exec(&child, json!({ "command": "cat /root/committed.txt /hello.txt" }))
+            .exec(&child, json!({ "command": "cat /home/user/committed.txt /hello.txt" }))
             .out(),
         "set up by hand\nhello from the project\n"
     );
     // The version before the commit still starts without the file.
     let before = server.create(json!({ "templateID": version, "timeout": 600 }));
-    let absent = server.exec(&before, json!({ "command": "test -e /root/committed.txt" }));
+    let absent = server.exec(&before, json!({ "command": "test -e /home/user/committed.txt" }));
     assert_eq!(absent.exit_code, Some(1), "{absent:?}");
     // A commit of a sandbox that does not exist: 404.
     let missing = server
