@@ -523,6 +523,9 @@ impl Manager {
         }
         self.offer_layers(row.layers.clone()).await;
         drop(_slot);
+        if let Err(err) = self.apply_retention(super::sdk_spec::split_ref(&job.name).0).await {
+            tracing::warn!(template = %job.name, error = %err, "applying the version retention policy");
+        }
         self.collect_layers();
         tracing::info!(template = %job.name, ms = build_ms, version = %version, created, "template built");
         let mut info = self.template_info_of(row);

@@ -96,7 +96,14 @@ impl Manager {
         };
         tracing::info!(sandbox = %id, template, version = %version, ms = row.build_ms, "sandbox committed");
         drop(_slot);
-        self.tag_version(template, super::sdk_spec::DEFAULT_TAG, &version).await
+        let tagged = self
+            .tag_version(template, super::sdk_spec::DEFAULT_TAG, &version)
+            .await?;
+        if let Err(err) = self.apply_retention(template).await {
+            tracing::warn!(template, error = %err, "applying the version retention policy");
+        }
+        self.collect_layers();
+        Ok(tagged)
     }
 }
 

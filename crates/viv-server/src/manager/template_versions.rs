@@ -83,8 +83,12 @@ impl Manager {
         Ok((id, created))
     }
 
-    /// The version template row `name` (`NAME` or `NAME:TAG`) is a copy of, if known.
+    /// The version template row `name` (`NAME` or `NAME:TAG`) is a copy of, if known (a
+    /// version's own row is itself).
     pub(super) fn version_of_row(&self, name: &str) -> Result<Option<String>, ApiError> {
+        if self.store.version(name)?.is_some() {
+            return Ok(Some(name.to_owned()));
+        }
         let (template, tag) = split_ref(name);
         Ok(self.store.tag(template, tag)?)
     }
@@ -110,6 +114,30 @@ impl Manager {
         match self.version_of_row(source)? {
             Some(version) => self.store.put_tag(template, tag, &version)?,
             None => self.store.delete_tag(template, tag)?,
+        }
+        Ok(())
+    }
+
+    /// The retention policy (`--keep-versions N`): deletes the oldest versions of `template`
+    /// beyond N that no tag points at and nothing uses.
+    pub(super) async fn apply_retention(&self, template: &str) -> Result<(), ApiError> {
+        let Some(keep) = self.config.keep_versions else {
+            return Ok(());
+        };
+        let versions = self.store.versions(template)?;
+        let tagged: HashSet<String> = self.store.tags(template)?.into_iter().map(|(_, v)| v).collect();
+        let mut excess = versions.len().saturating_sub(keep as usize);
+        for version in versions {
+            if excess == 0 {
+                break;
+            }
+            if tagged.contains(&version.id) || self.template_users(&version.id)?.is_some() {
+                continue;
+            }
+            self.store.delete_version(&version.id)?;
+            self.empty_pool(Some(&version.id)).await;
+            tracing::info!(template, version = %version.id, "version deleted by the retention policy");
+            excess -= 1;
         }
         Ok(())
     }

@@ -233,3 +233,34 @@ fn template_versions_push_and_commit() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 }
+
+#[test]
+fn template_versions_beyond_the_retention_are_deleted_unless_tagged() {
+    let server = TestServer::start_with_env(0, &["--keep-versions", "1"], &[]);
+    let context = tempfile::tempdir().unwrap();
+    build(&server, context.path(), "FROM base\nRUN echo one > /version.txt\n");
+    let v1 = version_of(&server, "ver");
+    let tagged = server.cli(&["template", "tag", "ver:pinned", &v1]);
+    assert_eq!(tagged.code, 0, "{tagged:?}");
+    build(&server, context.path(), "FROM base\nRUN echo two > /version.txt\n");
+    let v2 = version_of(&server, "ver");
+    // v1 is beyond the limit but a tag points at it: kept.
+    assert_eq!(history(&server, "ver").len(), 2);
+    let deleted = server.cli(&["template", "delete", "ver:pinned"]);
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    let layers_v2 = layer_files(&server);
+    build(&server, context.path(), "FROM base\nRUN echo three > /version.txt\n");
+    let v3 = version_of(&server, "ver");
+    let listed: Vec<String> = history(&server, "ver")
+        .iter()
+        .map(|v| v["versionID"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, [v3.clone()], "v1 and v2 untagged beyond the limit: deleted");
+    assert_eq!(
+        layer_files(&server).intersection(&layers_v2).count(),
+        0,
+        "their layers went too"
+    );
+    assert_eq!(cat(&server, "ver", "/version.txt"), "three\n");
+    assert_ne!(v2, v3);
+}
