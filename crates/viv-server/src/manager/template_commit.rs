@@ -128,7 +128,7 @@ async fn write_layer(disk: &Path, backing: &Path, partial: &Path, layer: &Path) 
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    std::fs::rename(&partial, layer).map_err(|e| {
+    std::fs::rename(partial, layer).map_err(|e| {
         let _ = std::fs::remove_file(partial);
         ApiError::Internal(format!("storing {}: {e}", layer.display()))
     })

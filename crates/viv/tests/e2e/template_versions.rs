@@ -255,7 +255,11 @@ fn template_versions_beyond_the_retention_are_deleted_unless_tagged() {
         .iter()
         .map(|v| v["versionID"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(listed, [v3.clone()], "v1 and v2 untagged beyond the limit: deleted");
+    assert_eq!(
+        listed,
+        std::slice::from_ref(&v3),
+        "v1 and v2 untagged beyond the limit: deleted"
+    );
     assert_eq!(
         layer_files(&server).intersection(&layers_v2).count(),
         0,
