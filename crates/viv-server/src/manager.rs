@@ -46,6 +46,8 @@ mod setup;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
+mod template_commit;
+mod template_versions;
 mod templates;
 mod timeouts;
 mod vm_bridge;
@@ -98,6 +100,9 @@ pub struct Config {
     pub snapshots: bool,
     /// Warm VMs kept ready per template snapshot (0 disables the pool).
     pub pool_size: usize,
+    /// Versions kept per template (the oldest untagged, unused ones beyond it are deleted after
+    /// each build or commit); `None` keeps all.
+    pub keep_versions: Option<u32>,
     /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
     pub domain: String,
     /// How sandboxes are networked.

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// that creates take over (0 disables the pool).
     #[arg(long, env = "VIV_POOL_SIZE", default_value_t = 1)]
     pub pool_size: usize,
+    /// Versions kept per template: after each build or commit, the oldest versions beyond this
+    /// number that no tag points at and nothing uses are deleted (unset: all are kept).
+    #[arg(long, env = "VIV_KEEP_VERSIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_versions: Option<u32>,
     /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
     /// (point a wildcard DNS record at this server; `*.localhost` resolves to loopback in
     /// browsers).
@@ -177,6 +181,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         node_name: hostname(),
         snapshots: args.snapshots,
         pool_size: args.pool_size,
+        keep_versions: args.keep_versions,
         domain: args.domain.clone(),
         network: network_mode(&args.network)?,
         net_pool: args.net_pool,

@@ -254,7 +254,7 @@ impl Manager {
         self.snapshot_info(node)
     }
 
-    async fn snapshot_running(
+    pub(super) async fn snapshot_running(
         &self,
         id: &str,
         kind: SnapshotKind,

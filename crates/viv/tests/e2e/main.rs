@@ -18,6 +18,7 @@ mod shell;
 mod snapshots;
 mod ssh;
 mod storage;
+mod template_versions;
 mod templates;
 mod vm_boot;
 mod vm_bridge;
