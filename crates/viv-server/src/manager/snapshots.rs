@@ -296,6 +296,10 @@ impl Manager {
             (true, true) => self.save_running(live, &dir, &building).await,
             (true, false) => self.save_stopping(live, &building).await,
         };
+        if memory && result.is_ok() {
+            self.diff_node_memory(&live.run_dir, &building, row.snapshot_id.as_deref())
+                .await;
+        }
         if let Err(err) = result {
             if *live.root_disk.lock().expect("disk lock") == disk_before {
                 let _ = std::fs::remove_dir_all(&building);
@@ -306,6 +310,7 @@ impl Manager {
             // is collected once the sandbox no longer needs it.
             let _ = std::fs::remove_file(building.join("state"));
             let _ = std::fs::remove_file(building.join(super::lifecycle::DISK_ONLY));
+            let _ = std::fs::remove_file(building.join("memory.base"));
             let node = self.store_node(&building, &dir, row, SnapshotKind::Fork, None)?;
             self.store.set_sandbox_snapshot(&row.id, &node.id)?;
             return Err(err);
@@ -506,6 +511,7 @@ impl Manager {
                 }
             }
             if !removed {
+                self.collect_memory_bases();
                 return;
             }
         }
