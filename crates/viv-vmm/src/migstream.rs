@@ -413,7 +413,7 @@ mod tests {
         s.extend([7, 0, 0, 0, 7]);
         s.extend(b"microvm");
         s.extend([SECTION_START, 0, 0, 0, 2, 3, b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 4]);
-        s.extend((3 * PAGE_SIZE as u64 | FLAG_MEM_SIZE).to_be_bytes());
+        s.extend(((3 * PAGE_SIZE as u64) | FLAG_MEM_SIZE).to_be_bytes());
         s.extend([3, b'm', b'e', b'm']);
         s.extend((2 * PAGE_SIZE as u64).to_be_bytes());
         s.extend([3, b'r', b'o', b'm']);
@@ -474,7 +474,7 @@ mod tests {
         let mut buf = sample();
         // The ZERO record's offset (at the start of the first PART section's records).
         let at = buf.windows(9).position(|w| w == [0, 0, 0, 0, 0, 0, 0, 2, 3]).unwrap();
-        buf[at..at + 8].copy_from_slice(&(8 * PAGE_SIZE as u64 | FLAG_ZERO).to_be_bytes());
+        buf[at..at + 8].copy_from_slice(&((8 * PAGE_SIZE as u64) | FLAG_ZERO).to_be_bytes());
         assert!(matches!(parse(&buf), Err(StreamError::Unexpected { .. })));
     }
 }
