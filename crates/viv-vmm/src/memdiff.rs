@@ -292,9 +292,11 @@ impl Chain {
 }
 
 /// Copies memory file `from` to `to` (a temporary name, synced, sealed read-only, then renamed),
-/// writing only its non-zero pages: the copy is sparse.
+/// writing only its non-zero pages: the copy is sparse. Holes of `from` are skipped without
+/// reading them (`SEEK_DATA`/`SEEK_HOLE`).
 pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
-    let source = Mapping::new(from)?;
+    let source = File::open(from).map_err(io(from))?;
+    let len = source.metadata().map_err(io(from))?.len();
     let tmp = to.with_extension("tmp");
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -303,13 +305,38 @@ pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io(&tmp))?;
-    file.set_len(source.len as u64).map_err(io(&tmp))?;
-    let mut offset = 0u64;
-    while let Some(page) = source.page(offset) {
-        if !is_zero(page) {
-            file.write_all_at(page, offset).map_err(io(&tmp))?;
+    file.set_len(len).map_err(io(&tmp))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&source);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at: u64 = 0;
+    while at < len {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // Only a hole remains.
+            }
+            return Err(io(from)(err));
         }
-        offset += PAGE_SIZE as u64;
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io(from)(std::io::Error::last_os_error()));
+        }
+        let (mut offset, end) = (data as u64, (hole as u64).min(len));
+        while offset < end {
+            let n = chunk.len().min((end - offset) as usize);
+            source.read_exact_at(&mut chunk[..n], offset).map_err(io(from))?;
+            for (i, page) in chunk[..n].chunks(PAGE_SIZE).enumerate() {
+                if !is_zero(page) {
+                    file.write_all_at(page, offset + (i * PAGE_SIZE) as u64)
+                        .map_err(io(&tmp))?;
+                }
+            }
+            offset += n as u64;
+        }
+        at = end;
     }
     file.sync_all().map_err(io(&tmp))?;
     drop(file);
@@ -321,5 +348,94 @@ pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
             let _ = dir.sync_all();
         }
     }
-    Ok(source.len as u64)
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migstream::Writer;
+
+    /// A stream of `pages` (offset, byte; 0 = a zero record) of block `mem` (4 pages).
+    fn stream(pages: &[(u64, u8)]) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend(0x5145_564du32.to_be_bytes());
+        s.extend(3u32.to_be_bytes());
+        s.extend([1, 0, 0, 0, 2, 3, b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 4]);
+        s.extend(((4 * PAGE_SIZE as u64) | 4).to_be_bytes());
+        s.extend([3, b'm', b'e', b'm']);
+        s.extend((4 * PAGE_SIZE as u64).to_be_bytes());
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2]);
+        let mut empty = s;
+        empty.extend([3, 0, 0, 0, 2]);
+        empty.extend(0x10u64.to_be_bytes());
+        empty.extend([0x7e, 0, 0, 0, 2]);
+        let parsed = migstream::parse(&empty).unwrap();
+        let mut w = Writer::new(Vec::new(), &parsed).unwrap();
+        for &(page, byte) in pages {
+            let data = [byte; PAGE_SIZE];
+            w.page("mem", page * PAGE_SIZE as u64, (byte != 0).then_some(&data[..]))
+                .unwrap();
+        }
+        w.finish(&[], &[4, 0xee]).unwrap()
+    }
+
+    /// The guest memory QEMU would load: `base` then every record of `streams` in order.
+    fn load(base: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
+        let mut memory = base.to_vec();
+        memory.resize(4 * PAGE_SIZE, 0);
+        for buf in streams {
+            let s = migstream::parse(buf).unwrap();
+            for r in &s.records {
+                let at = r.offset as usize;
+                match r.content {
+                    Content::Zero => memory[at..at + PAGE_SIZE].fill(0),
+                    Content::Data(d) => memory[at..at + PAGE_SIZE].copy_from_slice(&buf[d..d + PAGE_SIZE]),
+                }
+            }
+        }
+        memory
+    }
+
+    #[test]
+    fn diffs_keep_only_changed_pages_and_chains_compose_to_the_saved_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        // Base: page 0 = 1, page 1 = 2, pages 2 and 3 a hole (zero).
+        let mut base = vec![1u8; PAGE_SIZE];
+        base.extend([2u8; PAGE_SIZE]);
+        base.resize(4 * PAGE_SIZE, 0);
+        std::fs::write(path("memory"), &base).unwrap();
+        persist_base(&path("memory"), &path("base.mem")).unwrap();
+        assert_eq!(std::fs::read(path("base.mem")).unwrap(), base);
+        // First save: page 1 cleared, page 2 written; pages 0 and 3 as in the base.
+        let full1 = stream(&[(0, 1), (1, 0), (2, 7), (3, 0)]);
+        std::fs::write(path("full1"), &full1).unwrap();
+        let stats = make_diff(&path("full1"), &path("base.mem"), &[], &path("d1")).unwrap();
+        assert_eq!((stats.records, stats.kept), (4, 2));
+        // Second save on top: page 2 back to zero, page 3 written.
+        let full2 = stream(&[(0, 1), (1, 0), (2, 0), (3, 9)]);
+        std::fs::write(path("full2"), &full2).unwrap();
+        let stats = make_diff(&path("full2"), &path("base.mem"), &[path("d1")], &path("d2")).unwrap();
+        assert_eq!(stats.kept, 2);
+        let chain = Chain::load(&[path("d1"), path("d2")]).unwrap();
+        let mut composed = Vec::new();
+        chain.compose(&mut composed).unwrap();
+        assert_eq!(load(&base, &[composed.clone()]), load(&[], &[full2]));
+        assert_eq!(migstream::parse(&composed).unwrap().tail, &[4, 0xee]);
+    }
+
+    #[test]
+    fn a_damaged_part_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        let bad = dir.path().join("bad");
+        std::fs::write(&good, stream(&[(0, 1)])).unwrap();
+        std::fs::write(&bad, &stream(&[(0, 1)])[..40]).unwrap();
+        let err = Chain::load(&[bad.clone(), good.clone()]).unwrap_err().to_string();
+        assert!(err.contains(&bad.display().to_string()), "{err}");
+        let err = Chain::load(&[dir.path().join("gone"), good]).unwrap_err().to_string();
+        assert!(err.contains("gone"), "{err}");
+    }
 }
