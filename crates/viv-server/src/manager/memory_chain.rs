@@ -195,6 +195,20 @@ impl Manager {
         Ok(Some(stats))
     }
 
+    /// At start: removes base copies a crash interrupted (no save runs yet).
+    pub(super) fn recover_memory_bases(&self) {
+        for entry in std::fs::read_dir(self.memory_bases_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.path().extension().is_some_and(|e| e == "tmp") {
+                tracing::warn!(file = %entry.path().display(), "removing an unfinished memory base");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     /// Removes memory bases that no node, node being built or VM run directory names.
     pub(super) fn collect_memory_bases(&self) {
         let bases = self.memory_bases_dir();

@@ -2,7 +2,8 @@
 //!
 //! A node is a directory `snapshots/<id>/` holding `disk.qcow2` (the sandbox's disk overlay,
 //! frozen: its backing file is the parent node's layer or the template's) and `state` (device
-//! state and guest memory, as QEMU's migration stream) or, saved without memory, a `disk-only`
+//! state and guest memory, as QEMU's migration stream; for a sandbox whose memory has a base,
+//! only the pages that differ from its parent's, see `memory_chain.rs`) or, saved without memory, a `disk-only`
 //! marker instead (a start from it boots the disk; see `lifecycle.rs`). A sandbox restored from a node writes to a
 //! new overlay on the node's layer, so a node costs the blocks changed since its parent plus its
 //! memory, never a copy of the disk.
@@ -529,6 +530,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        self.recover_memory_bases();
         self.collect_snapshots();
         Ok(())
     }
