@@ -34,6 +34,7 @@ pub mod events;
 mod info;
 mod layer_cache;
 mod lifecycle;
+mod memory_chain;
 mod network;
 pub mod operations;
 mod pool;
@@ -675,14 +676,18 @@ impl Manager {
         let overlay = run_dir.join("root.qcow2");
         let (layer, memory, restore_from) = match origin {
             Origin::Boot { layer, memory_file } => (layer.to_path_buf(), GuestMemory::SharedFile(memory_file), None),
-            Origin::Template(template) => (
-                template.disk.clone(),
-                GuestMemory::PrivateFile(template.memory_file.clone()),
-                Some(Restore {
-                    state: template.state.clone(),
-                    memory: SnapshotMemory::External,
-                }),
-            ),
+            Origin::Template(template) => {
+                self.record_memory_base(run_dir, &template.memory_file);
+                (
+                    template.disk.clone(),
+                    GuestMemory::PrivateFile(template.memory_file.clone()),
+                    Some(Restore {
+                        state: template.state.clone(),
+                        memory: SnapshotMemory::External,
+                        chain: None,
+                    }),
+                )
+            }
             Origin::Node(dir) => {
                 let state = dir.join("state");
                 if !state.is_file() {
@@ -691,12 +696,21 @@ impl Manager {
                         dir.display()
                     )));
                 }
+                // A diff chain restores onto its base, mapped privately as a template's memory.
+                let (memory, chain) = match self.node_memory(dir).await? {
+                    Some((base, chain)) => {
+                        self.record_memory_base(run_dir, &base);
+                        (GuestMemory::PrivateFile(base), Some(chain))
+                    }
+                    None => (GuestMemory::Anonymous, None),
+                };
                 (
                     dir.join("disk.qcow2"),
-                    GuestMemory::Anonymous,
+                    memory,
                     Some(Restore {
                         state,
                         memory: SnapshotMemory::Included,
+                        chain,
                     }),
                 )
             }

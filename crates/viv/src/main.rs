@@ -1,6 +1,7 @@
 //! `viv`: the Vivarium server (`viv serve`) and command-line client in one binary.
 
 mod bench;
+mod bench_snapshots;
 mod bench_terminal;
 mod client;
 mod commands;

@@ -11,6 +11,7 @@ mod faults;
 mod isolation;
 mod jail;
 mod leaks;
+mod memory_diff;
 mod network;
 mod pool;
 mod restarts;
