@@ -104,6 +104,8 @@ pub struct Config {
     /// Versions kept per template (the oldest untagged, unused ones beyond it are deleted after
     /// each build or commit); `None` keeps all.
     pub keep_versions: Option<u32>,
+    /// Longest chain of memory diffs a node save extends; 0 saves nodes' memory whole.
+    pub memory_diff_chain: usize,
     /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
     pub domain: String,
     /// How sandboxes are networked.

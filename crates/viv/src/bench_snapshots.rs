@@ -1,6 +1,6 @@
 //! `viv bench`'s memory diff figures: bytes on disk per pause node of an idle sandbox and after
 //! writing 50 MiB in the guest, and the time to resume at chain depths 1, 10 and 50 (a chain
-//! grows by one diff per pause; the server must allow 50, `VIV_MEMORY_CHAIN_LIMIT`).
+//! grows by one diff per pause; the server must allow 50, `--memory-diff-chain`).
 
 use std::time::{Duration, Instant};
 

@@ -37,18 +37,6 @@ pub(super) const MEMORY_BASE: &str = "memory-base";
 const NODE_BASE: &str = "memory.base";
 /// A node's memory parent (absent: a diff against the base alone).
 const NODE_PARENT: &str = "memory.parent";
-/// Longest chain a save extends (`VIV_MEMORY_CHAIN_LIMIT` overrides it).
-const DEFAULT_CHAIN_LIMIT: usize = 16;
-
-/// Longest chain of diffs a save extends before it diffs against the base alone.
-pub(super) fn chain_limit() -> usize {
-    std::env::var("VIV_MEMORY_CHAIN_LIMIT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(DEFAULT_CHAIN_LIMIT)
-}
-
 impl Manager {
     fn memory_bases_dir(&self) -> PathBuf {
         self.config.data_dir.join("memory-bases")
@@ -175,7 +163,7 @@ impl Manager {
             let same_base = std::fs::read_to_string(dir.join(NODE_BASE)).is_ok_and(|b| b.trim() == base_id);
             if same_base {
                 if let Ok(parts) = self.chain_parts(&dir) {
-                    if parts.len() < chain_limit() {
+                    if parts.len() < self.config.memory_diff_chain {
                         chain = parts;
                         std::fs::write(building.join(NODE_PARENT), parent).map_err(|e| e.to_string())?;
                     }

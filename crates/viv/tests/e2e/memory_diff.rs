@@ -77,7 +77,7 @@ fn checksum(server: &TestServer, id: &str) -> String {
 
 #[test]
 fn memory_diff_chains_restore_the_guest_exactly_and_nodes_are_small() {
-    let server = TestServer::start_with_env(0, &[], &[("VIV_MEMORY_CHAIN_LIMIT", "64")]);
+    let server = TestServer::start_with_env(0, &["--memory-diff-chain", "64"], &[]);
     let id = server.create(json!({ "templateID": "base", "timeout": 600 }));
     let setup = server.exec(
         &id,
@@ -158,7 +158,7 @@ fn memory_diff_chains_restore_the_guest_exactly_and_nodes_are_small() {
 
 #[test]
 fn memory_diff_damaged_chain_is_refused_by_name_and_parents_live_while_needed() {
-    let server = TestServer::start();
+    let server = TestServer::start_with_env(0, &["--memory-diff-chain", "16"], &[]);
     let a = server.create(json!({ "templateID": "base", "timeout": 600 }));
     let b = server.create(json!({ "templateID": "base", "timeout": 600 }));
     for id in [&a, &b] {
