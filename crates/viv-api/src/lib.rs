@@ -454,6 +454,52 @@ pub struct TemplateInfo {
     pub build_ms: Option<u64>,
     /// The envd version its sandboxes speak.
     pub envd_version: String,
+    /// The version this name (or tag) points at, for templates with versions.
+    #[serde(default, rename = "versionID", skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
+    /// In a build's `done` event: whether the build made a new version (false: the spec's
+    /// inputs matched an existing version, which the name now points at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_created: Option<bool>,
+}
+
+/// One version of a template (`GET /templates/{name}/versions`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateVersion {
+    /// `NAME-<content hash>`; sandboxes can start from it.
+    #[serde(rename = "versionID")]
+    pub version_id: String,
+    /// The template it belongs to.
+    pub template: String,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// The tags pointing at it (`default` is the template's plain name).
+    pub tags: Vec<String>,
+    /// Bytes on disk of the layers it does not share with its parent.
+    pub size_bytes: u64,
+    /// The version the template pointed at when this one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// What it was built `FROM` (`sandbox:ID` for a commit).
+    pub from: String,
+    /// Number of disk layers it keeps.
+    pub layers: usize,
+}
+
+/// Body of `PUT /templates/{name}/tags/{tag}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TagVersion {
+    /// The version the tag is to point at.
+    #[serde(rename = "versionID")]
+    pub version_id: String,
+}
+
+/// Body of `POST /sandboxes/{id}/commit`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitSandbox {
+    /// The template the sandbox's disk becomes a new version of.
+    pub template: String,
 }
 
 /// Response of `POST /sandboxes`.

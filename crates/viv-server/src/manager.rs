@@ -34,6 +34,7 @@ pub mod events;
 mod info;
 mod layer_cache;
 mod lifecycle;
+mod memory_chain;
 mod network;
 pub mod operations;
 mod pool;
@@ -48,6 +49,8 @@ mod setup;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
+mod template_commit;
+mod template_versions;
 mod templates;
 mod timeouts;
 mod vm_bridge;
@@ -100,6 +103,11 @@ pub struct Config {
     pub snapshots: bool,
     /// How many warm VMs are kept ready per template snapshot (see [`PoolPolicy`]).
     pub pool: PoolPolicy,
+    /// Versions kept per template (the oldest untagged, unused ones beyond it are deleted after
+    /// each build or commit); `None` keeps all.
+    pub keep_versions: Option<u32>,
+    /// Longest chain of memory diffs a node save extends; 0 saves nodes' memory whole.
+    pub memory_diff_chain: usize,
     /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
     pub domain: String,
     /// How sandboxes are networked.
@@ -672,14 +680,18 @@ impl Manager {
         let overlay = run_dir.join("root.qcow2");
         let (layer, memory, restore_from) = match origin {
             Origin::Boot { layer, memory_file } => (layer.to_path_buf(), GuestMemory::SharedFile(memory_file), None),
-            Origin::Template(template) => (
-                template.disk.clone(),
-                GuestMemory::PrivateFile(template.memory_file.clone()),
-                Some(Restore {
-                    state: template.state.clone(),
-                    memory: SnapshotMemory::External,
-                }),
-            ),
+            Origin::Template(template) => {
+                self.record_memory_base(run_dir, &template.memory_file);
+                (
+                    template.disk.clone(),
+                    GuestMemory::PrivateFile(template.memory_file.clone()),
+                    Some(Restore {
+                        state: template.state.clone(),
+                        memory: SnapshotMemory::External,
+                        chain: None,
+                    }),
+                )
+            }
             Origin::Node(dir) => {
                 let state = dir.join("state");
                 if !state.is_file() {
@@ -688,12 +700,21 @@ impl Manager {
                         dir.display()
                     )));
                 }
+                // A diff chain restores onto its base, mapped privately as a template's memory.
+                let (memory, chain) = match self.node_memory(dir).await? {
+                    Some((base, chain)) => {
+                        self.record_memory_base(run_dir, &base);
+                        (GuestMemory::PrivateFile(base), Some(chain))
+                    }
+                    None => (GuestMemory::Anonymous, None),
+                };
                 (
                     dir.join("disk.qcow2"),
-                    GuestMemory::Anonymous,
+                    memory,
                     Some(Restore {
                         state,
                         memory: SnapshotMemory::Included,
+                        chain,
                     }),
                 )
             }

@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
             "/snapshots/{id}",
             get(snapshots::get_snapshot).delete(snapshots::delete_snapshot),
         )
+        .route("/sandboxes/{id}/commit", post(templates::commit))
         .route("/sandboxes/{id}/exec", post(exec::exec))
         .route("/sandboxes/{id}/terminal", get(terminal::terminal))
         .route("/sandboxes/{id}/logs", get(sandbox_logs::logs))
@@ -83,6 +84,9 @@ pub fn router(state: AppState) -> Router {
             post(e2b_templates::assign_tags).delete(e2b_templates::delete_tags),
         )
         .route("/templates/{id}/tags", get(e2b_templates::tags))
+        .route("/templates/{id}/tags/{tag}", put(templates::tag_version))
+        .route("/templates/{id}/versions", get(templates::versions))
+        .route("/templates/{id}/versions/{version}", delete(templates::delete_version))
         .merge(volumes::control())
         .merge(vms::routes())
         .merge(vm_console::routes())

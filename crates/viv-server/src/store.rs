@@ -42,10 +42,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0017_ssh_keys.sql"),
     include_str!("migrations/0018_web_sessions.sql"),
     include_str!("migrations/0019_vm_origin.sql"),
+    include_str!("migrations/0020_template_versions.sql"),
 ];
 
 mod ssh_keys;
 pub use ssh_keys::{NewSshKey, SshKeyRow};
+mod template_versions;
+pub use template_versions::VersionRow;
 mod traffic;
 
 /// A store failure.

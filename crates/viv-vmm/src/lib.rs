@@ -20,6 +20,8 @@
 pub mod confine;
 mod exit;
 pub mod machine;
+pub mod memdiff;
+pub mod migstream;
 pub mod process;
 pub mod qcow2;
 pub mod qemu;
@@ -173,6 +175,9 @@ pub struct Restore {
     pub state: PathBuf,
     /// Where the guest memory of that state is.
     pub memory: SnapshotMemory,
+    /// A memory diff chain (loaded and checked) to feed QEMU instead of `state`: its composed
+    /// stream goes through a pipe onto the base file the VM maps privately.
+    pub chain: Option<std::sync::Arc<memdiff::Chain>>,
 }
 
 /// Where a snapshot keeps guest memory.

@@ -873,10 +873,25 @@ async fn drop_fdset(qmp: &Qmp, id: u64) {
 /// Loads device state into a QEMU started with `-incoming defer`, then lets the guest run.
 async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
     let state = &from.state;
-    let file = std::fs::File::open(state).map_err(|e| format!("opening {}: {e}", state.display()))?;
+    let (file, writer) = match &from.chain {
+        None => (
+            std::fs::File::open(state).map_err(|e| format!("opening {}: {e}", state.display()))?,
+            None,
+        ),
+        Some(chain) => {
+            let (read, write) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
+            let chain = chain.clone();
+            // QEMU reads as this writes; when QEMU stops reading (it failed), the write fails.
+            let writer = std::thread::spawn(move || chain.compose(write));
+            (std::fs::File::from(OwnedFd::from(read)), Some(writer))
+        }
+    };
     set_memory_mode(qmp, from.memory).await.map_err(|e| e.to_string())?;
-    tracing::debug!(state = %state.display(), "loading device state");
-    let fdset = pass_file(qmp, &file).await?;
+    tracing::debug!(state = %state.display(), chained = writer.is_some(), "loading device state");
+    let fdset = pass_file(qmp, &file).await;
+    // QEMU holds its own copy now: ours would keep the pipe open if QEMU dies.
+    drop(file);
+    let fdset = fdset?;
     let loaded = async {
         qmp.execute(
             "migrate-incoming",
@@ -888,6 +903,16 @@ async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
     }
     .await;
     drop_fdset(qmp, fdset).await;
+    // A load that completed read the whole composed stream (the writer may still fail on
+    // bytes after QEMU's end marker: ignored). A failed load is explained by the writer's error
+    // if it has one; a writer still blocked ends when the caller kills this QEMU.
+    if let (Err(err), Some(writer)) = (&loaded, writer) {
+        if writer.is_finished() {
+            if let Ok(Err(composing)) = writer.join() {
+                return Err(format!("{err} (composing the memory chain: {composing})"));
+            }
+        }
+    }
     loaded?;
     tracing::debug!("device state loaded");
     qmp.execute("cont", None).await.map_err(|e| e.to_string())?;

@@ -593,6 +593,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "restore": restore,
         "createFromPool": from_pool,
         "snapshotTree": tree,
+        "memoryDiff": if tree.is_null() { serde_json::Value::Null } else { crate::bench_snapshots::memory_diff(client).await.context("memory diff figures")? },
         "idleSandboxes": idle,
         "guestMemoryMiB": memory_mb,
         "fileMiB": args.file_mib,

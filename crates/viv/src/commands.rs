@@ -76,7 +76,10 @@ pub enum KeysCommand {
 pub enum SandboxCommand {
     /// Create a sandbox and print its id.
     Create {
-        /// Template or image to start from.
+        /// Template, tag (`NAME:TAG`), version id or image to start from (as --template).
+        #[arg(conflicts_with = "template")]
+        from: Option<String>,
+        /// Template, tag (`NAME:TAG`), version id or image to start from.
         #[arg(long, short, default_value = viv_api::DEFAULT_TEMPLATE)]
         template: String,
         /// Seconds until the sandbox is killed.
@@ -122,6 +125,15 @@ pub enum SandboxCommand {
         no_internet: bool,
         #[command(flatten)]
         rules: RuleArgs,
+    },
+    /// Save a running sandbox's disk as a new version of a template (which NAME then starts);
+    /// the sandbox goes on running.
+    Commit {
+        /// Sandbox id.
+        id: String,
+        /// The template (new or existing) the version belongs to.
+        #[arg(long, short)]
+        template: String,
     },
     /// Pause a sandbox: save it (disk, memory, processes) into a snapshot node and stop its VM.
     Pause {
@@ -281,6 +293,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Files(cmd) => crate::files::run(&client, cmd, cli.json).await.map(|()| 0),
         Command::Snapshot(cmd) => snapshot(&client, cmd, cli.json).await.map(|()| 0),
         Command::Template(cmd) => crate::template::run(&client, cmd, cli.json).await,
+        Command::Push(args) => crate::push::run(&client, args, cli.json).await,
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
         Command::Events(args) => crate::events::run(&client, args, cli.json).await,
         Command::Console(args) => crate::console::run(&client, args).await,
@@ -468,7 +481,22 @@ fn snapshot_row(s: &viv_api::SnapshotInfo) -> Vec<String> {
 
 async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()> {
     match cmd {
+        SandboxCommand::Commit { id, template } => {
+            let version: viv_api::TemplateVersion = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/sandboxes/{id}/commit"))
+                        .json(&viv_api::CommitSandbox { template }),
+                )
+                .await?;
+            if json {
+                output::json(&version);
+            } else {
+                println!("{}", version.version_id);
+            }
+        }
         SandboxCommand::Create {
+            from,
             template,
             timeout,
             metadata,
@@ -483,7 +511,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             rules,
         } => {
             let req = NewSandbox {
-                template_id: Some(template),
+                template_id: Some(from.unwrap_or(template)),
                 timeout,
                 metadata: (!metadata.is_empty()).then(|| metadata.into_iter().collect()),
                 env_vars: (!env.is_empty()).then(|| env.into_iter().collect()),

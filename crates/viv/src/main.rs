@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_gvisor;
+mod bench_snapshots;
 mod bench_terminal;
 mod client;
 mod commands;
@@ -12,6 +13,7 @@ mod files;
 mod iso;
 mod logs;
 mod output;
+mod push;
 mod serve;
 mod shell;
 mod ssh_keys;
@@ -81,6 +83,9 @@ pub enum Command {
     /// Build templates from specs (a Dockerfile subset); list and delete them.
     #[command(subcommand)]
     Template(template::TemplateCommand),
+    /// Build the template a directory's vivarium.toml describes (only what changed) and record
+    /// the new version's id in that file.
+    Push(push::PushArgs),
     /// Define, start, stop, edit and delete long-lived VMs (the VM manager).
     #[command(subcommand)]
     Vm(vm::VmCommand),

@@ -61,6 +61,16 @@ pub struct ServeArgs {
     /// Seconds a warm VM beyond `--pool-size` waits for a create before it is killed.
     #[arg(long, env = "VIV_POOL_IDLE", default_value_t = 300)]
     pub pool_idle: u64,
+    /// Versions kept per template: after each build or commit, the oldest versions beyond this
+    /// number that no tag points at and nothing uses are deleted (unset: all are kept).
+    #[arg(long, env = "VIV_KEEP_VERSIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_versions: Option<u32>,
+    /// Sandbox pause, fork and snapshot nodes store only the memory pages that differ from their
+    /// parent, in chains of at most this many diffs (a save past it diffs against the template's
+    /// memory alone). 0 stores each node's memory whole, the default for now: the diff is
+    /// computed inside the save, which makes a pause slower.
+    #[arg(long, env = "VIV_MEMORY_DIFF_CHAIN", default_value_t = 0)]
+    pub memory_diff_chain: usize,
     /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
     /// (point a wildcard DNS record at this server; `*.localhost` resolves to loopback in
     /// browsers).
@@ -192,6 +202,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             window: Duration::from_secs(args.pool_window),
             idle: Duration::from_secs(args.pool_idle),
         },
+        keep_versions: args.keep_versions,
+        memory_diff_chain: args.memory_diff_chain,
         domain: args.domain.clone(),
         network: network_mode(&args.network)?,
         net_pool: args.net_pool,

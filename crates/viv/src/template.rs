@@ -1,4 +1,5 @@
-//! `viv template`: build templates from specs (streaming the build), list, show and delete them.
+//! `viv template`: build templates from specs (streaming the build), list, show and delete them;
+//! the history of a template's versions and its tags.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use futures::StreamExt as _;
 use reqwest::Method;
-use viv_api::{BuildEvent, TemplateInfo};
+use viv_api::{BuildEvent, TemplateInfo, TemplateVersion};
 
 use crate::client::Client;
 use crate::output;
@@ -51,12 +52,25 @@ pub enum TemplateCommand {
         /// Template name.
         name: String,
     },
-    /// Delete built templates (refused while sandboxes or snapshots use them).
+    /// Delete built templates or versions (refused while sandboxes or snapshots use them, and
+    /// for a version while a tag points at it).
     #[command(alias = "rm")]
     Delete {
-        /// Template names.
+        /// Template names or version ids.
         #[arg(required = true)]
         names: Vec<String>,
+    },
+    /// The versions of a template, oldest first: id, creation time, tags, own size, parent.
+    History {
+        /// Template name.
+        name: String,
+    },
+    /// Point a tag at a version (`NAME` alone is the tag `default`, what `NAME` starts).
+    Tag {
+        /// `NAME` or `NAME:TAG`.
+        reference: String,
+        /// The version id (`viv template history NAME` lists them).
+        version: String,
     },
 }
 
@@ -105,6 +119,31 @@ pub async fn run(client: &Client, cmd: TemplateCommand, json: bool) -> Result<i3
                 output::table(&headers, &[template_row(&info)]);
             }
         }
+        TemplateCommand::History { name } => {
+            let versions: Vec<TemplateVersion> = client
+                .json(client.request(Method::GET, &format!("/templates/{name}/versions")))
+                .await?;
+            if json {
+                output::json(&versions);
+            } else {
+                print_versions(&versions);
+            }
+        }
+        TemplateCommand::Tag { reference, version } => {
+            let (name, tag) = reference.split_once(':').unwrap_or((&reference, "default"));
+            let tagged: TemplateVersion = client
+                .json(
+                    client
+                        .request(Method::PUT, &format!("/templates/{name}/tags/{tag}"))
+                        .json(&viv_api::TagVersion { version_id: version }),
+                )
+                .await?;
+            if json {
+                output::json(&tagged);
+            } else {
+                println!("{reference} -> {}", tagged.version_id);
+            }
+        }
         TemplateCommand::Delete { names } => {
             for name in names {
                 client
@@ -117,6 +156,24 @@ pub async fn run(client: &Client, cmd: TemplateCommand, json: bool) -> Result<i3
         }
     }
     Ok(0)
+}
+
+/// The table of `viv template history`.
+pub fn print_versions(versions: &[TemplateVersion]) {
+    let rows: Vec<Vec<String>> = versions
+        .iter()
+        .map(|v| {
+            vec![
+                v.version_id.clone(),
+                v.created_at.clone(),
+                v.tags.join(","),
+                format!("{:.1} MiB", v.size_bytes as f64 / (1 << 20) as f64),
+                v.parent.clone().unwrap_or_default(),
+                v.from.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["VERSION", "CREATED", "TAGS", "SIZE", "PARENT", "FROM"], &rows);
 }
 
 fn template_row(t: &TemplateInfo) -> Vec<String> {
@@ -133,13 +190,36 @@ fn template_row(t: &TemplateInfo) -> Vec<String> {
     ]
 }
 
-/// Packs `dir` (symlinks as symlinks), with `spec` added under [`SPEC_ENTRY`] if given.
-fn pack_context(dir: &Path, spec: Option<&[u8]>) -> Result<Vec<u8>> {
+/// Packs `dir` (symlinks as symlinks) except the entry `skip`, with `spec` added under
+/// [`SPEC_ENTRY`] if given.
+fn pack_context(dir: &Path, spec: Option<&[u8]>, skip: Option<&Path>) -> Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
-    builder
-        .append_dir_all(".", dir)
-        .with_context(|| format!("packing the build context {}", dir.display()))?;
+    match skip {
+        None => builder
+            .append_dir_all(".", dir)
+            .with_context(|| format!("packing the build context {}", dir.display()))?,
+        Some(skip) => {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading the build context {}", dir.display()))?
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("reading the build context {}", dir.display()))?;
+            entries.sort_by_key(|e| e.file_name());
+            for entry in entries {
+                let name = PathBuf::from(entry.file_name());
+                if name == skip {
+                    continue;
+                }
+                let path = entry.path();
+                let packed = if entry.file_type()?.is_dir() {
+                    builder.append_dir_all(&name, &path)
+                } else {
+                    builder.append_path_with_name(&path, &name)
+                };
+                packed.with_context(|| format!("packing {}", path.display()))?;
+            }
+        }
+    }
     if let Some(spec) = spec {
         let mut header = tar::Header::new_gnu();
         header.set_size(spec.len() as u64);
@@ -163,11 +243,50 @@ async fn build(
     timeout: Option<u64>,
     json: bool,
 ) -> Result<i32> {
+    let spec_path = file.unwrap_or_else(|| dir.join("Dockerfile"));
+    let spec = std::fs::read(&spec_path).with_context(|| format!("reading the spec {}", spec_path.display()))?;
+    let response = send_build(
+        client,
+        &BuildSource {
+            dir,
+            spec_path: &spec_path,
+            spec: &spec,
+            skip: None,
+        },
+        name,
+        (cpus, memory, timeout),
+        json,
+    )
+    .await?;
+    follow_build(response, json).await
+}
+
+/// What a build sends: the context directory and the spec (from `spec_path` inside or outside
+/// the directory), leaving out the entry `skip` (a path relative to `dir`).
+pub struct BuildSource<'a> {
+    pub dir: &'a Path,
+    pub spec_path: &'a Path,
+    pub spec: &'a [u8],
+    pub skip: Option<&'a Path>,
+}
+
+/// Starts a build on the server and returns its NDJSON event stream.
+pub async fn send_build(
+    client: &Client,
+    source: &BuildSource<'_>,
+    name: &str,
+    (cpus, memory, timeout): (Option<u32>, Option<u32>, Option<u64>),
+    json: bool,
+) -> Result<reqwest::Response> {
+    let BuildSource {
+        dir,
+        spec_path,
+        spec,
+        skip,
+    } = *source;
     if !dir.is_dir() {
         bail!("the build context {} is not a directory", dir.display());
     }
-    let spec_path = file.unwrap_or_else(|| dir.join("Dockerfile"));
-    let spec = std::fs::read(&spec_path).with_context(|| format!("reading the spec {}", spec_path.display()))?;
     // A spec inside the context travels as itself (errors then name it); one from elsewhere is
     // added to the archive.
     let inside = spec_path
@@ -176,8 +295,8 @@ async fn build(
         .zip(dir.canonicalize().ok())
         .and_then(|(spec, dir)| spec.strip_prefix(dir).ok().map(Path::to_path_buf));
     let (context, dockerfile) = match inside {
-        Some(relative) => (pack_context(dir, None)?, relative.to_string_lossy().into_owned()),
-        None => (pack_context(dir, Some(&spec))?, SPEC_ENTRY.to_owned()),
+        Some(relative) => (pack_context(dir, None, skip)?, relative.to_string_lossy().into_owned()),
+        None => (pack_context(dir, Some(spec), skip)?, SPEC_ENTRY.to_owned()),
     };
     if !json {
         eprintln!(
@@ -199,12 +318,20 @@ async fn build(
                 .body(context),
         )
         .await?;
-    follow_build(response, json).await
+    Ok(response)
 }
 
 /// Prints a build's NDJSON events as they come (steps, output, the end); the exit code is 0 for
 /// `done`, 1 for `error`.
 async fn follow_build(response: reqwest::Response, json: bool) -> Result<i32> {
+    Ok(match follow_build_events(response, json).await? {
+        Some(_) => 0,
+        None => 1,
+    })
+}
+
+/// [`follow_build`], returning the built template (`None` when the build failed).
+pub async fn follow_build_events(response: reqwest::Response, json: bool) -> Result<Option<TemplateInfo>> {
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -226,13 +353,13 @@ async fn follow_build(response: reqwest::Response, json: bool) -> Result<i32> {
                             template.size_bytes as f64 / (1 << 20) as f64
                         );
                     }
-                    return Ok(0);
+                    return Ok(Some(*template));
                 }
                 BuildEvent::Error { message, .. } => {
                     if !json {
                         eprintln!("error: {message}");
                     }
-                    return Ok(1);
+                    return Ok(None);
                 }
                 _ if json => {}
                 BuildEvent::Step {

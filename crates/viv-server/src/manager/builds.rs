@@ -30,6 +30,7 @@ use viv_api::{BuildEvent, TemplateInfo};
 use viv_template::{ImageConfig, Instruction, PlannedStep, Spec};
 
 use super::copy_archive::{copy_archive, CopyArchive};
+use super::template_versions::same_recipe;
 use super::templates::{build_user, process_request, Recipe};
 use super::{LiveSandbox, Manager};
 use crate::agent_client::OutputStream;
@@ -215,9 +216,9 @@ pub struct Builds {
 }
 
 /// Releases a build's name and layers when the build ends.
-struct BuildSlot<'a> {
-    builds: &'a Builds,
-    name: String,
+pub(super) struct BuildSlot<'a> {
+    pub(super) builds: &'a Builds,
+    pub(super) name: String,
 }
 
 impl Drop for BuildSlot<'_> {
@@ -364,6 +365,11 @@ impl Manager {
                 "a snapshot or imported image is already named '{name}'; choose another name"
             )));
         }
+        if self.store.version(name)?.is_some() {
+            return Err(ApiError::Conflict(format!(
+                "'{name}' is a version of a template (`viv template history`); choose another name"
+            )));
+        }
         let cpu_count = cpu_count.unwrap_or(self.config.vcpus);
         let memory_mb = memory_mb.unwrap_or(self.config.memory_mib);
         super::check_shape(cpu_count, memory_mb)?;
@@ -479,6 +485,7 @@ impl Manager {
             }
         };
         let build_ms = started.elapsed().as_millis() as u64;
+        let built_layers = layers.clone();
         let mut keep = layers;
         if let Some(previous) = self.store.template(&job.name)? {
             if self.template_users(&job.name)?.is_some() {
@@ -505,13 +512,26 @@ impl Manager {
             created_at: now_rfc3339(),
             build_ms,
         };
-        self.store.put_template(&row)?;
+        let unchanged = self
+            .store
+            .template(&job.name)?
+            .is_some_and(|old| same_recipe(&old, &row));
+        let (version, created) = self.record_version(&row, &built_layers)?;
+        if !unchanged {
+            self.store.put_template(&row)?;
+            self.empty_pool(Some(&job.name)).await;
+        }
         self.offer_layers(row.layers.clone()).await;
-        self.empty_pool(Some(&job.name)).await;
         drop(_slot);
+        if let Err(err) = self.apply_retention(super::sdk_spec::split_ref(&job.name).0).await {
+            tracing::warn!(template = %job.name, error = %err, "applying the version retention policy");
+        }
         self.collect_layers();
-        tracing::info!(template = %job.name, ms = build_ms, "template built");
-        Ok(self.template_info_of(row))
+        tracing::info!(template = %job.name, ms = build_ms, version = %version, created, "template built");
+        let mut info = self.template_info_of(row);
+        info.version_id = Some(version);
+        info.version_created = Some(created);
+        Ok(info)
     }
 
     /// The build proper: keys, cache lookup, steps and snapshot. Returns the recipe and the keys
@@ -776,8 +796,12 @@ impl Manager {
         Ok((!users.is_empty()).then(|| users.join(" and ")))
     }
 
-    /// Deletes a built template nothing uses, with its layers and snapshots.
+    /// Deletes a built template nothing uses, with its layers and snapshots (a version id
+    /// deletes that version).
     pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
+        if let Some(version) = self.store.version(name)? {
+            return self.delete_version(&version.template, name).await;
+        }
         if name == viv_api::DEFAULT_TEMPLATE {
             return Err(ApiError::Conflict(
                 "the built-in template 'base' cannot be deleted".into(),
@@ -799,6 +823,7 @@ impl Manager {
             )));
         }
         self.store.delete_template(name)?;
+        self.forget_tag_row(name)?;
         self.empty_pool(Some(name)).await;
         self.collect_layers();
         tracing::info!(template = %name, "template deleted");
@@ -853,7 +878,8 @@ impl Manager {
         self.templates.forget(&dropped);
     }
 
-    fn template_info_of(&self, row: TemplateRow) -> TemplateInfo {
+    pub(super) fn template_info_of(&self, row: TemplateRow) -> TemplateInfo {
+        let row_name = row.name.clone();
         let size_bytes = row
             .layers
             .iter()
@@ -879,6 +905,8 @@ impl Manager {
             created_at: Some(row.created_at),
             build_ms: Some(row.build_ms),
             envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            version_id: self.version_of_row(&row_name).ok().flatten(),
+            version_created: None,
         }
     }
 
@@ -899,13 +927,23 @@ impl Manager {
             created_at: None,
             build_ms: None,
             envd_version: viv_proto::ENVD_VERSION.to_owned(),
+            version_id: None,
+            version_created: None,
         }
     }
 
     /// Every template: `base`, the built ones and the imported images.
     pub fn list_templates(&self) -> Result<Vec<TemplateInfo>, ApiError> {
         let mut all = vec![self.plain_template_info(viv_api::DEFAULT_TEMPLATE, "builtin")];
-        all.extend(self.store.templates()?.into_iter().map(|r| self.template_info_of(r)));
+        // Versions are listed by `GET /templates/{name}/versions`, not as templates of their own.
+        let versions: HashSet<String> = self.store.version_ids()?.into_iter().collect();
+        all.extend(
+            self.store
+                .templates()?
+                .into_iter()
+                .filter(|r| !versions.contains(&r.name))
+                .map(|r| self.template_info_of(r)),
+        );
         all.extend(
             self.images
                 .named_images()

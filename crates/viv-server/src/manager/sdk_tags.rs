@@ -43,6 +43,7 @@ impl Manager {
             }
         }
         self.store.put_template(&row)?;
+        self.retag_row(name, &source.name)?;
         self.store.put_template_build(name, build_id)?;
         self.empty_pool(Some(name)).await;
         Ok(())

@@ -2,7 +2,8 @@
 //!
 //! A node is a directory `snapshots/<id>/` holding `disk.qcow2` (the sandbox's disk overlay,
 //! frozen: its backing file is the parent node's layer or the template's) and `state` (device
-//! state and guest memory, as QEMU's migration stream) or, saved without memory, a `disk-only`
+//! state and guest memory, as QEMU's migration stream; for a sandbox whose memory has a base,
+//! only the pages that differ from its parent's, see `memory_chain.rs`) or, saved without memory, a `disk-only`
 //! marker instead (a start from it boots the disk; see `lifecycle.rs`). A sandbox restored from a node writes to a
 //! new overlay on the node's layer, so a node costs the blocks changed since its parent plus its
 //! memory, never a copy of the disk.
@@ -254,7 +255,7 @@ impl Manager {
         self.snapshot_info(node)
     }
 
-    async fn snapshot_running(
+    pub(super) async fn snapshot_running(
         &self,
         id: &str,
         kind: SnapshotKind,
@@ -296,6 +297,10 @@ impl Manager {
             (true, true) => self.save_running(live, &dir, &building).await,
             (true, false) => self.save_stopping(live, &building).await,
         };
+        if memory && result.is_ok() {
+            self.diff_node_memory(&live.run_dir, &building, row.snapshot_id.as_deref())
+                .await;
+        }
         if let Err(err) = result {
             if *live.root_disk.lock().expect("disk lock") == disk_before {
                 let _ = std::fs::remove_dir_all(&building);
@@ -306,6 +311,7 @@ impl Manager {
             // is collected once the sandbox no longer needs it.
             let _ = std::fs::remove_file(building.join("state"));
             let _ = std::fs::remove_file(building.join(super::lifecycle::DISK_ONLY));
+            let _ = std::fs::remove_file(building.join("memory.base"));
             let node = self.store_node(&building, &dir, row, SnapshotKind::Fork, None)?;
             self.store.set_sandbox_snapshot(&row.id, &node.id)?;
             return Err(err);
@@ -506,6 +512,7 @@ impl Manager {
                 }
             }
             if !removed {
+                self.collect_memory_bases();
                 return;
             }
         }
@@ -523,6 +530,7 @@ impl Manager {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        self.recover_memory_bases();
         self.collect_snapshots();
         Ok(())
     }

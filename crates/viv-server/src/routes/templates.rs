@@ -1,4 +1,5 @@
-//! Template routes: build from a spec (streaming the build's events), list, get, delete.
+//! Template routes: build from a spec (streaming the build's events), list, get, delete; the
+//! versions of a template, its tags, and commits of sandboxes into new versions.
 
 use std::path::PathBuf;
 
@@ -194,4 +195,40 @@ pub(super) async fn delete(
     }
     state.manager.delete_template(&name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /templates/{name}/versions`: the template's versions, oldest first.
+pub(super) async fn versions(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.template_history(&name)?).into_response())
+}
+
+/// `PUT /templates/{name}/tags/{tag}`: points a tag (`default`: the plain name) at a version.
+pub(super) async fn tag_version(
+    State(state): State<AppState>,
+    ApiPath((name, tag)): ApiPath<(String, String)>,
+    super::JsonBody(req): super::JsonBody<viv_api::TagVersion>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.tag_version(&name, &tag, &req.version_id).await?).into_response())
+}
+
+/// `DELETE /templates/{name}/versions/{version}`: 409 while a tag points at it or it is used.
+pub(super) async fn delete_version(
+    State(state): State<AppState>,
+    ApiPath((name, version)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.manager.delete_version(&name, &version).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /sandboxes/{id}/commit`: saves a running sandbox's disk as a new version of a template.
+pub(super) async fn commit(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    super::JsonBody(req): super::JsonBody<viv_api::CommitSandbox>,
+) -> Result<Response, ApiError> {
+    let version = state.manager.commit_sandbox(&id, &req.template).await?;
+    Ok((StatusCode::CREATED, Json(version)).into_response())
 }

@@ -105,8 +105,13 @@ fn templates_build_from_specs_with_cached_layers_and_start_running() {
         );
     }
 
-    // A changed COPY source: the steps before it are cached, it and the later ones rebuild, and
-    // the replaced layers are collected (the WORKDIR layer stays: it is still used).
+    // A changed COPY source: the steps before it are cached, it and the later ones rebuild; the
+    // first build stays as a version until deleted, then its own layers are collected (the
+    // WORKDIR layer stays: the new version uses it).
+    let first_version = {
+        let info: Value = server.get("/templates/web").send().unwrap().json().unwrap();
+        info["versionID"].as_str().unwrap().to_owned()
+    };
     std::fs::write(dir.join("app/run.sh"), "echo second version\n").unwrap();
     let changed = server.cli(&["template", "build", dir_arg, "--name", "web"]);
     assert_eq!(changed.code, 0, "{changed:?}");
@@ -121,6 +126,12 @@ fn templates_build_from_specs_with_cached_layers_and_start_running() {
         changed.stderr
     );
     assert!(!changed.stderr.contains("Step 5/6 (line 7): RUN echo \"built by $(id -un)\" > built.txt && chmod 755 run.sh && echo step-output-marker (cached)"));
+    assert_eq!(files_in(&server.data_dir.join("layers")).len(), 7);
+    let deleted = server
+        .delete(&format!("/templates/web/versions/{first_version}"))
+        .send()
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
     let new_layers = files_in(&server.data_dir.join("layers"));
     assert_eq!(new_layers.len(), 4, "{new_layers:?}");
     let kept = new_layers.iter().filter(|l| layers.contains(l)).count();

@@ -1,0 +1,441 @@
+//! Memory diff snapshots: a saved state that keeps only the guest pages that differ from its
+//! parent's memory, and the stream that restores a chain of them.
+//!
+//! A chain is a *base* (a raw image of the guest's memory backend block, e.g. a template's
+//! memory file; mapped privately by the restoring QEMU) and diff states, root first. Every diff
+//! is itself a complete migration stream ([`crate::migstream`]) whose page records are those of
+//! the full save that differ from the composed memory of base plus the diffs before it; pages of
+//! other RAM blocks (firmware, ROMs) are always kept. Composing writes the leaf's prefix and
+//! setup, every diff's records root to leaf (later records overwrite earlier ones as QEMU loads
+//! them; a zero record clears a page only if it is not already zero), then the leaf's RAM end
+//! and device sections.
+//!
+//! Invariants: a diff is written to a temporary name, synced and renamed, so a crash never
+//! leaves a partial one under its final name; every error names the file it concerns; the base
+//! and the chain are only read.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use crate::migstream::{self, Content, Stream, PAGE_SIZE};
+
+/// The RAM block of the guest's memory backend (`-object memory-backend-*,id=mem`).
+pub const BASE_BLOCK: &str = "mem";
+
+/// Why a diff could not be made or a chain composed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not a stream this module understands (damaged, or another format).
+    #[error("{} is damaged or not a memory state: {source}", path.display())]
+    Stream {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: migstream::StreamError,
+    },
+    /// The parts of a chain do not fit together.
+    #[error("{}: {what}", path.display())]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// How.
+        what: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiffError + '_ {
+    move |source| DiffError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, DiffError> {
+    std::fs::read(path).map_err(io(path))
+}
+
+fn parse<'a>(path: &Path, buf: &'a [u8]) -> Result<Stream<'a>, DiffError> {
+    migstream::parse(buf).map_err(|source| DiffError::Stream {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What a diff kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiffStats {
+    /// Page records in the full save.
+    pub records: usize,
+    /// Page records kept.
+    pub kept: usize,
+    /// Bytes of the diff file.
+    pub bytes: u64,
+}
+
+/// A read-only private mapping of a base file.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(path: &Path) -> Result<Self, DiffError> {
+        let file = File::open(path).map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len() as usize;
+        if len == 0 {
+            return Ok(Self {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a fresh read-only private mapping of a file we opened; the kernel picks the
+        // address; the result is checked before use and unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io(path)(std::io::Error::last_os_error()));
+        }
+        Ok(Self { ptr, len })
+    }
+
+    /// The page at `offset`, or None past the end (reads as zeros).
+    fn page(&self, offset: u64) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(PAGE_SIZE)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `ptr..ptr+len` is a live read-only mapping (unmapped only in Drop, which
+        // needs `&mut self`), and `start..end` lies inside it. Base files are never written
+        // while in use (they are immutable once persisted), so the bytes do not change.
+        Some(unsafe { std::slice::from_raw_parts((self.ptr as *const u8).add(start), PAGE_SIZE) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping made in `new`; no slice of it outlives `self`.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+/// Writes `out` from the full save `full`: only its records that differ from the memory
+/// composed of `base` and the diffs `chain` (root first). Written to `out` + `.tmp`, synced,
+/// renamed.
+pub fn make_diff(full: &Path, base: &Path, chain: &[PathBuf], out: &Path) -> Result<DiffStats, DiffError> {
+    let full_buf = read(full)?;
+    let stream = parse(full, &full_buf)?;
+    let base_index = stream.block(BASE_BLOCK).ok_or_else(|| DiffError::Mismatch {
+        path: full.to_path_buf(),
+        what: format!("no RAM block '{BASE_BLOCK}'"),
+    })?;
+    let base_map = Mapping::new(base)?;
+    let block_len = stream.blocks[base_index].length as usize;
+    if base_map.len > block_len {
+        return Err(DiffError::Mismatch {
+            path: base.to_path_buf(),
+            what: format!(
+                "the base is larger ({} bytes) than the guest's memory ({block_len})",
+                base_map.len
+            ),
+        });
+    }
+    // The parents' pages of the base block: (chain file, content), the last writer winning.
+    let chain_bufs: Vec<Vec<u8>> = chain.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    let mut parents: HashMap<u64, (usize, Content)> = HashMap::new();
+    for (i, (path, buf)) in chain.iter().zip(&chain_bufs).enumerate() {
+        let parent = parse(path, buf)?;
+        check_blocks(path, &parent, &stream)?;
+        let index = parent.block(BASE_BLOCK).expect("blocks checked");
+        for r in parent.records.iter().filter(|r| r.block == index) {
+            parents.insert(r.offset, (i, r.content));
+        }
+    }
+    let zero = [0u8; PAGE_SIZE];
+    let tmp = out.with_extension("tmp");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    let mut writer = migstream::Writer::new(BufWriter::with_capacity(1 << 20, file), &stream).map_err(io(&tmp))?;
+    let mut stats = DiffStats {
+        records: stream.records.len(),
+        ..DiffStats::default()
+    };
+    for record in &stream.records {
+        let data = match record.content {
+            Content::Zero => None,
+            Content::Data(at) => Some(&full_buf[at..at + PAGE_SIZE]),
+        };
+        if record.block == base_index {
+            let parent: &[u8] = match parents.get(&record.offset) {
+                Some((_, Content::Zero)) => &zero,
+                Some((i, Content::Data(at))) => &chain_bufs[*i][*at..*at + PAGE_SIZE],
+                None => base_map.page(record.offset).unwrap_or(&zero),
+            };
+            let same = match data {
+                None => is_zero(parent),
+                Some(data) => data == parent,
+            };
+            if same {
+                continue;
+            }
+        }
+        stats.kept += 1;
+        writer
+            .page(&stream.blocks[record.block].name, record.offset, data)
+            .map_err(io(&tmp))?;
+    }
+    let file = writer
+        .finish(&stream.commands, stream.tail)
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    stats.bytes = file.metadata().map_err(io(&tmp))?.len();
+    drop(file);
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(stats)
+}
+
+fn check_blocks(path: &Path, part: &Stream<'_>, leaf: &Stream<'_>) -> Result<(), DiffError> {
+    if part.blocks != leaf.blocks {
+        return Err(DiffError::Mismatch {
+            path: path.to_path_buf(),
+            what: "its RAM blocks differ from the rest of the chain's".into(),
+        });
+    }
+    if part.block(BASE_BLOCK).is_none() {
+        return Err(DiffError::Mismatch {
+            path: path.to_path_buf(),
+            what: format!("no RAM block '{BASE_BLOCK}'"),
+        });
+    }
+    Ok(())
+}
+
+/// The parts of a chain, read and checked: a restore fails before QEMU starts loading if one
+/// is missing or damaged, and the error names it.
+pub struct Chain {
+    parts: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.parts.iter().map(|(p, _)| p)).finish()
+    }
+}
+
+impl Chain {
+    /// Reads and checks diffs `parts` (root first, the leaf last).
+    pub fn load(parts: &[PathBuf]) -> Result<Self, DiffError> {
+        let parts: Vec<(PathBuf, Vec<u8>)> = parts
+            .iter()
+            .map(|p| Ok((p.clone(), read(p)?)))
+            .collect::<Result<_, DiffError>>()?;
+        let (leaf_path, leaf_buf) = parts.last().ok_or_else(|| DiffError::Mismatch {
+            path: PathBuf::new(),
+            what: "an empty chain".into(),
+        })?;
+        let leaf = parse(leaf_path, leaf_buf)?;
+        for (path, buf) in &parts {
+            check_blocks(path, &parse(path, buf)?, &leaf)?;
+        }
+        Ok(Self { parts })
+    }
+
+    /// Writes the composed stream (the leaf's prefix, setup and device state; every part's
+    /// pages, root first) to `out`.
+    pub fn compose(&self, out: impl std::io::Write) -> Result<(), DiffError> {
+        let (leaf_path, leaf_buf) = self.parts.last().expect("a loaded chain is not empty");
+        let leaf = parse(leaf_path, leaf_buf)?;
+        let mut writer =
+            migstream::Writer::new(BufWriter::with_capacity(1 << 20, out), &leaf).map_err(io(leaf_path))?;
+        for (path, buf) in &self.parts {
+            let part = parse(path, buf)?;
+            migstream::copy_records(&mut writer, &part, buf).map_err(io(path))?;
+        }
+        writer
+            .finish(&leaf.commands, leaf.tail)
+            .and_then(|mut w| w.flush())
+            .map_err(io(leaf_path))
+    }
+}
+
+/// Copies memory file `from` to `to` (a temporary name, synced, sealed read-only, then renamed),
+/// writing only its non-zero pages: the copy is sparse. Holes of `from` are skipped without
+/// reading them (`SEEK_DATA`/`SEEK_HOLE`).
+pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
+    let source = File::open(from).map_err(io(from))?;
+    let len = source.metadata().map_err(io(from))?.len();
+    let tmp = to.with_extension("tmp");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.set_len(len).map_err(io(&tmp))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&source);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at: u64 = 0;
+    while at < len {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // Only a hole remains.
+            }
+            return Err(io(from)(err));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io(from)(std::io::Error::last_os_error()));
+        }
+        let (mut offset, end) = (data as u64, (hole as u64).min(len));
+        while offset < end {
+            let n = chunk.len().min((end - offset) as usize);
+            source.read_exact_at(&mut chunk[..n], offset).map_err(io(from))?;
+            for (i, page) in chunk[..n].chunks(PAGE_SIZE).enumerate() {
+                if !is_zero(page) {
+                    file.write_all_at(page, offset + (i * PAGE_SIZE) as u64)
+                        .map_err(io(&tmp))?;
+                }
+            }
+            offset += n as u64;
+        }
+        at = end;
+    }
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    // Frozen like a disk layer: root's, readable by the (jailed) VMs that map it.
+    crate::confine::seal(&tmp).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, to).map_err(io(to))?;
+    if let Some(dir) = to.parent() {
+        if let Ok(dir) = File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migstream::Writer;
+
+    /// A stream of `pages` (offset, byte; 0 = a zero record) of block `mem` (4 pages).
+    fn stream(pages: &[(u64, u8)]) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend(0x5145_564du32.to_be_bytes());
+        s.extend(3u32.to_be_bytes());
+        s.extend([1, 0, 0, 0, 2, 3, b'r', b'a', b'm', 0, 0, 0, 0, 0, 0, 0, 4]);
+        s.extend(((4 * PAGE_SIZE as u64) | 4).to_be_bytes());
+        s.extend([3, b'm', b'e', b'm']);
+        s.extend((4 * PAGE_SIZE as u64).to_be_bytes());
+        s.extend(0x10u64.to_be_bytes());
+        s.extend([0x7e, 0, 0, 0, 2]);
+        let mut empty = s;
+        empty.extend([3, 0, 0, 0, 2]);
+        empty.extend(0x10u64.to_be_bytes());
+        empty.extend([0x7e, 0, 0, 0, 2]);
+        let parsed = migstream::parse(&empty).unwrap();
+        let mut w = Writer::new(Vec::new(), &parsed).unwrap();
+        for &(page, byte) in pages {
+            let data = [byte; PAGE_SIZE];
+            w.page("mem", page * PAGE_SIZE as u64, (byte != 0).then_some(&data[..]))
+                .unwrap();
+        }
+        w.finish(&[], &[4, 0xee]).unwrap()
+    }
+
+    /// The guest memory QEMU would load: `base` then every record of `streams` in order.
+    fn load(base: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
+        let mut memory = base.to_vec();
+        memory.resize(4 * PAGE_SIZE, 0);
+        for buf in streams {
+            let s = migstream::parse(buf).unwrap();
+            for r in &s.records {
+                let at = r.offset as usize;
+                match r.content {
+                    Content::Zero => memory[at..at + PAGE_SIZE].fill(0),
+                    Content::Data(d) => memory[at..at + PAGE_SIZE].copy_from_slice(&buf[d..d + PAGE_SIZE]),
+                }
+            }
+        }
+        memory
+    }
+
+    #[test]
+    fn diffs_keep_only_changed_pages_and_chains_compose_to_the_saved_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        // Base: page 0 = 1, page 1 = 2, pages 2 and 3 a hole (zero).
+        let mut base = vec![1u8; PAGE_SIZE];
+        base.extend([2u8; PAGE_SIZE]);
+        base.resize(4 * PAGE_SIZE, 0);
+        std::fs::write(path("memory"), &base).unwrap();
+        persist_base(&path("memory"), &path("base.mem")).unwrap();
+        assert_eq!(std::fs::read(path("base.mem")).unwrap(), base);
+        // First save: page 1 cleared, page 2 written; pages 0 and 3 as in the base.
+        let full1 = stream(&[(0, 1), (1, 0), (2, 7), (3, 0)]);
+        std::fs::write(path("full1"), &full1).unwrap();
+        let stats = make_diff(&path("full1"), &path("base.mem"), &[], &path("d1")).unwrap();
+        assert_eq!((stats.records, stats.kept), (4, 2));
+        // Second save on top: page 2 back to zero, page 3 written.
+        let full2 = stream(&[(0, 1), (1, 0), (2, 0), (3, 9)]);
+        std::fs::write(path("full2"), &full2).unwrap();
+        let stats = make_diff(&path("full2"), &path("base.mem"), &[path("d1")], &path("d2")).unwrap();
+        assert_eq!(stats.kept, 2);
+        let chain = Chain::load(&[path("d1"), path("d2")]).unwrap();
+        let mut composed = Vec::new();
+        chain.compose(&mut composed).unwrap();
+        assert_eq!(load(&base, &[composed.clone()]), load(&[], &[full2]));
+        assert_eq!(migstream::parse(&composed).unwrap().tail, &[4, 0xee]);
+    }
+
+    #[test]
+    fn a_damaged_part_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        let bad = dir.path().join("bad");
+        std::fs::write(&good, stream(&[(0, 1)])).unwrap();
+        std::fs::write(&bad, &stream(&[(0, 1)])[..40]).unwrap();
+        let err = Chain::load(&[bad.clone(), good.clone()]).unwrap_err().to_string();
+        assert!(err.contains(&bad.display().to_string()), "{err}");
+        let err = Chain::load(&[dir.path().join("gone"), good]).unwrap_err().to_string();
+        assert!(err.contains("gone"), "{err}");
+    }
+}
