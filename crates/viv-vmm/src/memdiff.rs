@@ -180,13 +180,7 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[PathBuf], out: &Path) -> Res
     }
     let zero = [0u8; PAGE_SIZE];
     let tmp = out.with_extension("tmp");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let file = create_private(&tmp)?;
     let mut writer = migstream::Writer::new(BufWriter::with_capacity(1 << 20, file), &stream).map_err(io(&tmp))?;
     let mut stats = DiffStats {
         records: stream.records.len(),
@@ -298,13 +292,7 @@ pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
     let source = File::open(from).map_err(io(from))?;
     let len = source.metadata().map_err(io(from))?.len();
     let tmp = to.with_extension("tmp");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let file = create_private(&tmp)?;
     file.set_len(len).map_err(io(&tmp))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&source);
     let mut chunk = vec![0u8; 1 << 20];
@@ -349,6 +337,17 @@ pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
         }
     }
     Ok(len)
+}
+
+/// Creates (or truncates) `path` for writing, readable only by its owner (it holds guest memory).
+fn create_private(path: &Path) -> Result<File, DiffError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
 }
 
 #[cfg(test)]

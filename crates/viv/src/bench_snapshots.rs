@@ -45,27 +45,7 @@ async fn resume(client: &Client, id: &str) -> Result<Duration> {
 
 /// Runs `argv` in sandbox `id` and returns its exit code.
 async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
-    let req = viv_api::ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let text = client
-        .send(
-            client
-                .request(Method::POST, &format!("/sandboxes/{id}/exec"))
-                .json(&req),
-        )
-        .await?
-        .text()
-        .await?;
-    for line in text.lines() {
-        match serde_json::from_str::<viv_api::ExecEvent>(line)? {
-            viv_api::ExecEvent::End { exit_code, .. } => return Ok(exit_code),
-            viv_api::ExecEvent::Error { message } => anyhow::bail!(message),
-            _ => {}
-        }
-    }
-    anyhow::bail!("no exit status")
+    Ok(crate::bench::run_command(client, id, argv).await?.0)
 }
 
 /// Measures the memory diff figures in a sandbox of its own (killed at the end).
