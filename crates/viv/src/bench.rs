@@ -214,17 +214,7 @@ async fn cycle(client: &Client, pool: bool) -> Result<Cycle> {
             .await?;
         let pause = start.elapsed();
         let start = Instant::now();
-        let body = viv_api::ConnectSandbox {
-            timeout: Some(300),
-            ..Default::default()
-        };
-        client
-            .send(
-                client
-                    .request(Method::POST, &format!("/sandboxes/{id}/connect"))
-                    .json(&body),
-            )
-            .await?;
+        connect(client, &id, 300).await?;
         let resume = start.elapsed();
         let sent = now_ms();
         let guest = output(client, &id, &["date", "+%s%N"]).await?;
@@ -349,6 +339,22 @@ pub(crate) async fn kill(client: &Client, id: &str) -> Result<()> {
 /// Runs `argv` and returns its exit code.
 async fn exec(client: &Client, id: &str, argv: &[&str]) -> Result<i32> {
     Ok(run_command(client, id, argv).await?.0)
+}
+
+/// Resumes sandbox `id` (`POST /sandboxes/{id}/connect`) with `timeout` seconds to live.
+pub(crate) async fn connect(client: &Client, id: &str, timeout: u64) -> Result<()> {
+    let body = viv_api::ConnectSandbox {
+        timeout: Some(timeout),
+        ..Default::default()
+    };
+    client
+        .send(
+            client
+                .request(Method::POST, &format!("/sandboxes/{id}/connect"))
+                .json(&body),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Runs a command through the exec route; returns its exit code and stdout.

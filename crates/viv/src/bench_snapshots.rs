@@ -24,18 +24,8 @@ async fn pause(client: &Client, id: &str) -> Result<u64> {
 }
 
 async fn resume(client: &Client, id: &str) -> Result<Duration> {
-    let body = viv_api::ConnectSandbox {
-        timeout: Some(600),
-        ..Default::default()
-    };
     let start = Instant::now();
-    client
-        .send(
-            client
-                .request(Method::POST, &format!("/sandboxes/{id}/connect"))
-                .json(&body),
-        )
-        .await?;
+    crate::bench::connect(client, id, 600).await?;
     ensure!(
         exec(client, id, &["true"]).await? == 0,
         "a command failed after the resume"

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use crate::fixture::{wait_until, TestServer};
 
-fn run_dirs(server: &TestServer) -> Vec<String> {
+/// Names of the server's sandbox run directories (pooled VMs included).
+pub(crate) fn run_dirs(server: &TestServer) -> Vec<String> {
     std::fs::read_dir(server.data_dir.join("sandboxes"))
         .unwrap()
         .flatten()

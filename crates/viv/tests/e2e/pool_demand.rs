@@ -7,14 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::fixture::{wait_until, TestServer};
-
-fn run_dirs(server: &TestServer) -> Vec<String> {
-    std::fs::read_dir(server.data_dir.join("sandboxes"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
+use crate::pool::run_dirs;
 
 /// A counter of `GET /metrics`.
 fn metric(server: &TestServer, name: &str) -> u64 {
