@@ -113,6 +113,8 @@ pub enum OperationKind {
     Import,
     /// Zeroing a disk.
     Wipe,
+    /// Live migration of a VM to another server (its target is the VM's name).
+    Migrate,
 }
 
 impl OperationKind {
@@ -122,6 +124,7 @@ impl OperationKind {
             Self::Clone => "clone",
             Self::Import => "import",
             Self::Wipe => "wipe",
+            Self::Migrate => "migrate",
         }
     }
 }
@@ -172,6 +175,9 @@ pub struct Operation {
     /// The disk it made or changed, once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<DiskInfo>,
+    /// A migration's figures, once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::vms::MigrationFigures>,
     /// When it began, RFC 3339.
     pub created_at: String,
     /// When it ended, RFC 3339.

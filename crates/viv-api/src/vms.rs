@@ -584,6 +584,74 @@ pub struct VmFork {
     pub name: String,
 }
 
+/// `POST /vms/{id}/migrate` body: where to move the VM.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMigrate {
+    /// The destination server's base URL, `http://HOST:PORT`.
+    pub target: String,
+    /// An API key of the destination server (used for this migration only, never stored).
+    pub target_key: String,
+}
+
+impl std::fmt::Debug for VmMigrate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmMigrate")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A completed live migration's figures (QEMU's `query-migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationFigures {
+    /// From the start of the operation to the VM running on the destination, in ms.
+    pub total_ms: u64,
+    /// Copying the disks (until every mirror was in sync), in ms.
+    pub disk_copy_ms: u64,
+    /// QEMU's RAM migration, start to completion, in ms.
+    pub ram_ms: u64,
+    /// How long the guest was stopped (QEMU's figure), in ms.
+    pub downtime_ms: u64,
+    /// Bytes of RAM sent.
+    pub ram_bytes: u64,
+}
+
+/// A disk of a VM migrating in: created empty on the destination, then filled over NBD.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingDisk {
+    /// Its name in the pool (the VM's definition names it).
+    pub name: String,
+    /// Its virtual size in bytes.
+    pub size_bytes: u64,
+    /// Its format.
+    pub format: crate::storage::DiskFormat,
+}
+
+/// `POST /migrations/incoming` body (server to server): a VM to receive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingVm {
+    /// The VM's name (kept on the destination).
+    pub name: String,
+    /// Its definition.
+    pub definition: VmDefinition,
+    /// Its writable disks, to create empty.
+    pub disks: Vec<IncomingDisk>,
+}
+
+/// A VM waiting for its migration stream on the destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingMigration {
+    /// The incoming migration's id (`in-...`).
+    pub id: String,
+    /// The VM as the destination holds it (state `starting`).
+    pub vm: VmInfo,
+}
+
 /// `POST /vms/{id}/template` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

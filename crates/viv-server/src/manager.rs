@@ -57,7 +57,10 @@ mod vm_bridge;
 mod vm_clone;
 mod vm_cloudinit;
 mod vm_console;
+mod migrate_remote;
 mod vm_fork;
+mod vm_incoming;
+mod vm_migrate;
 mod vm_media;
 mod vm_metrics;
 mod vm_recovery;
@@ -75,6 +78,7 @@ pub use sdk_builds::BuildStatusQuery;
 pub use sdk_spec::StartBuild;
 pub use vm_bridge::VmAgent;
 pub use vm_console::{ConsoleClient, ConsoleHub, HubLimits, CONSOLE_LOG_CAP};
+pub use vm_incoming::Channel as IncomingChannel;
 pub use vm_runtime::LiveVm;
 
 /// Server settings that shape sandboxes.
@@ -301,6 +305,8 @@ pub struct Manager {
     storage: Arc<viv_storage::DirPool>,
     /// The VM manager's running VMs.
     vm_runtime: vm_runtime::VmRuntime,
+    /// VMs migrating in from other servers.
+    incoming: vm_incoming::IncomingRegistry,
     /// State changes, for `GET /events`.
     events: events::EventBus,
     /// Asynchronous operations (clone, import, wipe).

@@ -35,10 +35,13 @@ mod storage;
 mod templates;
 mod terminal;
 mod vm_console;
+mod vm_migrate;
 mod vms;
 mod volumes;
 
 /// Builds the application router.
+pub use vm_migrate::MIGRATION_PROTOCOL;
+
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
         .route("/sandboxes", post(create_sandbox).get(listing::list_sandboxes))
@@ -89,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/versions/{version}", delete(templates::delete_version))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(vm_migrate::routes())
         .merge(vm_console::routes())
         .merge(storage::routes())
         .merge(events::routes())

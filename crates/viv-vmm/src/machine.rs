@@ -45,6 +45,7 @@
 mod adopt;
 mod command_line;
 mod launch;
+mod migrate;
 mod ops;
 mod resources;
 mod snapshot;
@@ -63,6 +64,7 @@ pub use ops::{
     ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
 pub use snapshot::SnapshotError;
+pub use migrate::{MigrationProgress, MigrationStats, MIGRATE_SOCKET, NBD_SOCKET};
 pub use state::StateError;
 pub use stats::{BlockStats, BlockStatsError};
 

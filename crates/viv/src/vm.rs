@@ -126,6 +126,18 @@ pub enum VmCommand {
         /// The new VM's name.
         name: String,
     },
+    /// Move a running VM, with its disks, to another Vivarium server while it runs (live
+    /// migration); it is then gone from this server.
+    Migrate {
+        /// VM id or name.
+        vm: String,
+        /// The destination server, http://HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// An API key of the destination server (used for this migration only).
+        #[arg(long, env = "VIV_TARGET_KEY", hide_env_values = true)]
+        to_key: String,
+    },
     /// Run a command in a VM made from a sandbox (it runs the sandbox agent).
     Exec(crate::commands::ExecArgs),
     /// Make a sandbox template of a stopped VM made from a sandbox (its root file system).
@@ -521,6 +533,30 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 output::json(&info);
             } else {
                 println!("{}: NVRAM reset", info.name);
+            }
+        }
+        VmCommand::Migrate { vm, to, to_key } => {
+            let op: viv_api::storage::Operation = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/migrate"))
+                        .json(&json!({ "target": to, "targetKey": to_key })),
+                )
+                .await?;
+            let op = crate::transfer::follow(client, op).await?;
+            if json {
+                output::json(&op);
+            } else {
+                match op.migration {
+                    Some(m) => println!(
+                        "{vm}: migrated to {to} in {:.1} s (disks {:.1} s, memory {:.1} s, downtime {} ms)",
+                        m.total_ms as f64 / 1000.0,
+                        m.disk_copy_ms as f64 / 1000.0,
+                        m.ram_ms as f64 / 1000.0,
+                        m.downtime_ms
+                    ),
+                    None => println!("{vm}: migrated to {to}"),
+                }
             }
         }
         VmCommand::Fork { vm, name } => {

@@ -39,6 +39,14 @@ pub const MAX_RUNNING: usize = 16;
 /// The longest `wait` a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: u64 = 600;
 
+/// What a successful operation made.
+pub enum OperationResult {
+    /// A disk made or changed.
+    Disk(Box<DiskInfo>),
+    /// A VM moved to another server.
+    Migration(viv_api::vms::MigrationFigures),
+}
+
 /// The registry of operations.
 #[derive(Default)]
 pub struct Operations {
@@ -120,6 +128,23 @@ impl Manager {
         F: FnOnce(OperationHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<DiskInfo, ApiError>> + Send + 'static,
     {
+        self.start_operation_with(kind, target, move |handle| {
+            let work = work(handle);
+            async move { work.await.map(|disk| OperationResult::Disk(Box::new(disk))) }
+        })
+    }
+
+    /// [`Manager::start_operation`] for work whose result is not a disk.
+    pub fn start_operation_with<F, Fut>(
+        self: &Arc<Self>,
+        kind: OperationKind,
+        target: &str,
+        work: F,
+    ) -> Result<Operation, ApiError>
+    where
+        F: FnOnce(OperationHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<OperationResult, ApiError>> + Send + 'static,
+    {
         let op = Operation {
             id: format!("op-{}", super::random_id(16)),
             kind,
@@ -129,6 +154,7 @@ impl Manager {
             error: None,
             error_code: None,
             result: None,
+            migration: None,
             created_at: crate::store::now_rfc3339_ms(),
             finished_at: None,
         };
@@ -153,7 +179,10 @@ impl Manager {
                     Ok(result) => {
                         op.state = OperationState::Succeeded;
                         op.progress = 1.0;
-                        op.result = Some(result);
+                        match result {
+                            OperationResult::Disk(disk) => op.result = Some(*disk),
+                            OperationResult::Migration(figures) => op.migration = Some(figures),
+                        }
                     }
                     Err(e) => {
                         op.state = OperationState::Failed;
@@ -264,6 +293,7 @@ mod tests {
             error: None,
             error_code: None,
             result: None,
+            migration: None,
             created_at: String::new(),
             finished_at: None,
         })
