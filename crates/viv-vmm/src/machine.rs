@@ -59,12 +59,12 @@ pub(crate) use command_line::Backings;
 pub(crate) use command_line::{fd_number, fdset_number, machine_arguments, read_backings, Handed};
 pub use resources::{online_cpus, parse_cpu_list, IoLimits, MachineResources};
 
+pub use migrate::{MigrationProgress, MigrationStats, MIGRATE_SOCKET, NBD_SOCKET};
 pub use ops::{
     EjectError, IoLimitsError, Machine, MachineStatus, MediumError, PauseError, PowerOffError, QuitError, ResizeError,
     ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
 };
 pub use snapshot::SnapshotError;
-pub use migrate::{MigrationProgress, MigrationStats, MIGRATE_SOCKET, NBD_SOCKET};
 pub use state::StateError;
 pub use stats::{BlockStats, BlockStatsError};
 

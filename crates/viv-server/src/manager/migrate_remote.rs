@@ -35,7 +35,9 @@ pub(super) struct Remote {
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Remote").field("authority", &self.authority).finish_non_exhaustive()
+        f.debug_struct("Remote")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
     }
 }
 
@@ -126,7 +128,10 @@ impl Remote {
                 .await
                 .map_err(|e| self.unreachable(format!("reading its answer: {e}")))?
                 .to_bytes();
-            Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+            Ok((
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+            ))
         };
         tokio::time::timeout(CALL_TIMEOUT, work)
             .await
@@ -146,8 +151,17 @@ impl Remote {
             let mut response = sender.send_request(request).await.map_err(|e| self.unreachable(e))?;
             if response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 let status = response.status();
-                let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                return Err(remote_error(status, &serde_json::from_slice(&body).unwrap_or_default(), "opening a channel"));
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(remote_error(
+                    status,
+                    &serde_json::from_slice(&body).unwrap_or_default(),
+                    "opening a channel",
+                ));
             }
             hyper::upgrade::on(&mut response)
                 .await

@@ -134,7 +134,11 @@ impl Manager {
         let mut made = Vec::new();
         let mut outcome = Ok(());
         for disk in &req.disks {
-            match self.storage.create_disk(&disk.name, super::storage::format_of(disk.format), disk.size_bytes).await {
+            match self
+                .storage
+                .create_disk(&disk.name, super::storage::format_of(disk.format), disk.size_bytes)
+                .await
+            {
                 Ok(_) => made.push(disk.name.clone()),
                 Err(err) => {
                     outcome = Err(super::storage::api(
@@ -277,7 +281,9 @@ impl Manager {
     /// Deletes an incoming VM that never ran here: its row, files and the disks made for it.
     async fn remove_incoming_vm(&self, vm_id: &str, disks: &[String]) {
         if let Ok(row) = self.vm_row(vm_id) {
-            let _ = self.store.set_vm_exited(&row.id, VmState::Stopped.as_str(), "migration aborted");
+            let _ = self
+                .store
+                .set_vm_exited(&row.id, VmState::Stopped.as_str(), "migration aborted");
             if let Ok(row) = self.vm_row(vm_id) {
                 if let Err(err) = self.delete_vm_row(&row) {
                     tracing::warn!(vm = %vm_id, error = %err, "deleting an aborted incoming VM");

@@ -151,7 +151,7 @@ impl Manager {
             .ok_or_else(|| ApiError::Sandbox("the target server answered without a valid incoming id".into()))?
             .to_owned();
         tracing::info!(vm = %row.id, target = %remote.url(), incoming = %incoming_id, "VM migration started");
-        let moved = self.send_vm(&live, remote, &incoming_id, handle, started).await;
+        let moved = self.send_vm(&live, remote, &incoming_id, handle).await;
         let figures = match moved {
             Ok(figures) => figures,
             Err(err) => {
@@ -195,7 +195,6 @@ impl Manager {
         remote: &Remote,
         incoming: &str,
         handle: &OperationHandle,
-        started: Instant,
     ) -> Result<MigrationFigures, ApiError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| ApiError::Internal(format!("migrating: {what}: {e}"));
         let mut relays = JoinSet::new();
@@ -216,11 +215,12 @@ impl Manager {
                     handle.progress(0.5 * done as f64 / total as f64);
                 }
             };
+            let copy_started = Instant::now();
             live.machine
                 .mirror_disks(&nbd, DISK_COPY_TIMEOUT, &mut disk_progress)
                 .await
                 .map_err(|e| failed("copying the disks", &e))?;
-            let disk_copy_ms = started.elapsed().as_millis() as u64;
+            let disk_copy_ms = copy_started.elapsed().as_millis() as u64;
             let mut ram_progress = |p: viv_vmm::machine::MigrationProgress| {
                 if p.total > 0 {
                     handle.progress(0.5 + 0.45 * (p.transferred as f64 / p.total as f64).min(1.0));
@@ -273,7 +273,9 @@ fn listen(path: &Path, uid: u32) -> std::io::Result<tokio::net::UnixListener> {
 async fn relay(listener: tokio::net::UnixListener, remote: Remote, path: String) {
     let mut copies = JoinSet::new();
     loop {
-        let Ok((mut local, _)) = listener.accept().await else { return };
+        let Ok((mut local, _)) = listener.accept().await else {
+            return;
+        };
         let remote = remote.clone();
         let path = path.clone();
         copies.spawn(async move {

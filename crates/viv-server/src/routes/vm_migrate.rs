@@ -68,7 +68,11 @@ async fn channel(
     let which = match channel.as_str() {
         "ram" => IncomingChannel::Ram,
         "nbd" => IncomingChannel::Nbd,
-        other => return Err(ApiError::NotFound(format!("no migration channel '{other}' (ram or nbd)"))),
+        other => {
+            return Err(ApiError::NotFound(format!(
+                "no migration channel '{other}' (ram or nbd)"
+            )))
+        }
     };
     let wants = request
         .headers()

@@ -72,7 +72,7 @@ impl Machine {
         self.qmp
             .execute(
                 "nbd-server-start",
-                Some(json!({ "addr": { "type": "unix", "path": nbd.to_string_lossy() } })),
+                Some(json!({ "addr": { "type": "unix", "data": { "path": nbd.to_string_lossy() } } })),
             )
             .await?;
         for node in self.writable_nodes() {
@@ -81,7 +81,7 @@ impl Machine {
                     "block-export-add",
                     Some(json!({
                         "type": "nbd", "id": format!("{MIRROR_PREFIX}{node}"), "node-name": node,
-                        "name": node, "writable": true, "allow-inactive": true,
+                        "name": node, "writable": true,
                     })),
                 )
                 .await?;
@@ -126,7 +126,10 @@ impl Machine {
         for node in self.writable_nodes() {
             let _ = self
                 .qmp
-                .execute("block-export-del", Some(json!({ "id": format!("{MIRROR_PREFIX}{node}") })))
+                .execute(
+                    "block-export-del",
+                    Some(json!({ "id": format!("{MIRROR_PREFIX}{node}") })),
+                )
                 .await;
         }
         let _ = self.qmp.execute("nbd-server-stop", None).await;
@@ -182,7 +185,10 @@ impl Machine {
                         .collect()
                 })
                 .unwrap_or_default();
-            if let Some(failed) = ours.iter().find(|j| j["status"] == "concluded" || j["error"].is_string()) {
+            if let Some(failed) = ours
+                .iter()
+                .find(|j| j["status"] == "concluded" || j["error"].is_string())
+            {
                 return Err(StateError::Failed(format!(
                     "copying disk node {}: {}",
                     failed["device"].as_str().unwrap_or("?"),
@@ -193,7 +199,10 @@ impl Machine {
                 return Err(StateError::Failed("a disk's mirror job vanished".into()));
             }
             let (done, total) = ours.iter().fold((0, 0), |(d, t), j| {
-                (d + j["offset"].as_u64().unwrap_or(0), t + j["len"].as_u64().unwrap_or(0))
+                (
+                    d + j["offset"].as_u64().unwrap_or(0),
+                    t + j["len"].as_u64().unwrap_or(0),
+                )
             });
             progress(done, total);
             if ours.iter().all(|j| j["ready"] == true) {
@@ -239,7 +248,10 @@ impl Machine {
                 }
                 "failed" | "cancelled" => {
                     return Err(StateError::Failed(
-                        status["error-desc"].as_str().unwrap_or("the migration failed").to_owned(),
+                        status["error-desc"]
+                            .as_str()
+                            .unwrap_or("the migration failed")
+                            .to_owned(),
                     ))
                 }
                 _ if started.elapsed() > timeout => {
@@ -259,7 +271,9 @@ impl Machine {
     pub async fn end_mirrors(&self) -> Result<(), StateError> {
         for node in self.writable_nodes() {
             let job = format!("{MIRROR_PREFIX}{node}");
-            self.qmp.execute("block-job-cancel", Some(json!({ "device": job }))).await?;
+            self.qmp
+                .execute("block-job-cancel", Some(json!({ "device": job })))
+                .await?;
         }
         self.reap_mirrors().await
     }
@@ -306,7 +320,12 @@ impl Machine {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|j| j["device"].as_str().filter(|d| d.starts_with(MIRROR_PREFIX)).map(|d| (d, j)))
+                .filter_map(|j| {
+                    j["device"]
+                        .as_str()
+                        .filter(|d| d.starts_with(MIRROR_PREFIX))
+                        .map(|d| (d, j))
+                })
                 .filter_map(|(d, j)| {
                     if j["status"] == "concluded" {
                         None
@@ -324,7 +343,11 @@ impl Machine {
         for node in self.writable_nodes() {
             let name = format!("{MIRROR_PREFIX}{node}");
             let _ = self.qmp.execute("job-dismiss", Some(json!({ "id": name }))).await;
-            if let Err(err) = self.qmp.execute("blockdev-del", Some(json!({ "node-name": name }))).await {
+            if let Err(err) = self
+                .qmp
+                .execute("blockdev-del", Some(json!({ "node-name": name })))
+                .await
+            {
                 failed.get_or_insert(err);
             }
         }

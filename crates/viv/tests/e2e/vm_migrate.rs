@@ -67,11 +67,18 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
         "mig",
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
-    let name = source.get(&format!("/vms/{id}")).send().unwrap().json::<Value>().unwrap()["name"]
+    let name = source
+        .get(&format!("/vms/{id}"))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap()["name"]
         .as_str()
         .unwrap()
         .to_owned();
-    guest.run(&format!("printf {MARK} | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"));
+    guest.run(&format!(
+        "printf {MARK} | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"
+    ));
     guest.start_counter();
 
     // Refusals: the VM stays where it is, the target gets nothing.
@@ -103,7 +110,16 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     // The move, through the CLI.
     add_iso(&target, &iso);
     let before = guest.count();
-    let out = source.cli(&["vm", "migrate", &id, "--to", &target.url, "--to-key", &target.key, "--json"]);
+    let out = source.cli(&[
+        "vm",
+        "migrate",
+        &id,
+        "--to",
+        &target.url,
+        "--to-key",
+        &target.key,
+        "--json",
+    ]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(!out.stdout.contains(&target.key), "the key was echoed");
     let op: Value = serde_json::from_str(&out.stdout).unwrap();
@@ -119,7 +135,8 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     assert_eq!(source.get(&format!("/vms/{id}")).send().unwrap().status(), 404);
     assert_eq!(source.get(&format!("/disks/{disk}")).send().unwrap().status(), 404);
     assert!(
-        wait_until(Duration::from_secs(10), || qemu_processes_under(&source.data_dir).is_empty()),
+        wait_until(Duration::from_secs(10), || qemu_processes_under(&source.data_dir)
+            .is_empty()),
         "the source's QEMU still runs"
     );
 
