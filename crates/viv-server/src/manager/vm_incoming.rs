@@ -12,8 +12,9 @@
 //! - until it is finished, an incoming VM is this server's only through the registry here: it is
 //!   `starting`, no start, stop or delete can take its gate from the receiver (held throughout
 //!   by the registry entry), and it is not supervised (its QEMU's exit is not recorded as a crash);
-//! - an incoming migration that fails, is aborted ([`Manager::abort_incoming`]) or is not
-//!   finished within [`INCOMING_DEADLINE`] leaves nothing: its QEMU is killed, its disks, VM row
+//! - an incoming migration that fails, is aborted ([`Manager::abort_incoming`]), is not
+//!   finished within [`INCOMING_DEADLINE`] or is pending when the server shuts down leaves
+//!   nothing: its QEMU is killed, its disks, VM row
 //!   and files are deleted;
 //! - only disks it created are deleted on failure: a name clash (VM or disk) is refused before
 //!   anything is made.
@@ -276,6 +277,21 @@ impl Manager {
         self.remove_incoming_vm(&pending.vm_id, &pending.disks).await;
         tracing::info!(incoming = %id, vm = %pending.vm_id, "incoming VM migration aborted");
         Ok(())
+    }
+
+    /// Aborts every incoming migration (server shutdown).
+    pub(super) async fn abort_all_incoming(&self) {
+        let ids: Vec<String> = self
+            .incoming
+            .pending
+            .lock()
+            .expect("incoming lock")
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            let _ = self.abort_incoming(&id).await;
+        }
     }
 
     /// Deletes an incoming VM that never ran here: its row, files and the disks made for it.

@@ -227,6 +227,14 @@ impl Machine {
         timeout: Duration,
         progress: &mut (dyn FnMut(MigrationProgress) + Send),
     ) -> Result<MigrationStats, StateError> {
+        // A guest dirtying memory faster than it is sent gets its vCPUs throttled until the
+        // migration converges, rather than migrating forever.
+        self.qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] })),
+            )
+            .await?;
         self.qmp
             .execute("migrate", Some(json!({ "uri": format!("unix:{}", to.display()) })))
             .await?;

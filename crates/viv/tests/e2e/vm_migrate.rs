@@ -1,9 +1,10 @@
 //! Live migration between two servers on one host (two data directories, each with its own
 //! jailed QEMUs): the test ISO's guest with a counter and a disk holding a marker moves from one
 //! to the other while it runs (`viv vm migrate`); its counter continues, its disk comes along,
-//! and it is gone from the source. The refusals (wrong key, unreachable target, name clash, a VM
-//! not running, a target lacking the VM's ISO) leave the VM running on the source and nothing on
-//! the target.
+//! and it is gone from the source; then it moves back while its guest rewrites memory, bringing
+//! what it wrote on the target. The refusals (wrong key, unreachable target, name clash, a VM
+//! not running, a target lacking the VM's ISO or holding a disk of its disk's name) leave the VM
+//! running on the source and nothing on the target.
 
 use std::time::Duration;
 
@@ -107,8 +108,19 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     assert!(op["error"].as_str().unwrap().contains("ISO"), "{op}");
     still_at_source(&source, &target, &id, &name, &disk, &mut guest);
 
-    // The move, through the CLI.
+    // The target has a disk of that name: refused there, nothing made, the VM runs on here.
     add_iso(&target, &iso);
+    create_disk(&target, &disk, 1 << 20);
+    let response = migrate(&source, &id, &target.url, &target.key);
+    assert_eq!(response.status(), 202);
+    let op = finished(&source, response.json::<Value>().unwrap()["id"].as_str().unwrap());
+    assert_eq!(op["state"], "failed", "{op}");
+    assert_eq!(op["errorCode"], 409, "{op}");
+    assert!(op["error"].as_str().unwrap().contains(&disk), "{op}");
+    assert_eq!(target.delete(&format!("/disks/{disk}")).send().unwrap().status(), 204);
+    still_at_source(&source, &target, &id, &name, &disk, &mut guest);
+
+    // The move, through the CLI.
     let before = guest.count();
     let out = source.cli(&[
         "vm",
@@ -158,10 +170,36 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     let back = guest.run("dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 5; echo");
     assert!(back.contains("AFTER"), "{back}");
 
-    act(&target, &moved_id, "kill", "");
+    // And back, while the guest keeps rewriting a 32 MiB buffer in memory.
+    guest.run("(while true; do dd if=/dev/zero of=/tmp/dirty bs=1M count=32 2>/dev/null; done) >/dev/null 2>&1 & true");
+    let before = guest.count();
+    let response = migrate(&target, &moved_id, &source.url, &source.key);
+    assert_eq!(response.status(), 202);
+    let op = finished(&target, response.json::<Value>().unwrap()["id"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let figures = &op["migration"];
+    eprintln!(
+        "FIGURE live migration back, memory-writing loop: total {} ms, disks {} ms, RAM {} ms, downtime {} ms, RAM sent {} bytes",
+        figures["totalMs"], figures["diskCopyMs"], figures["ramMs"], figures["downtimeMs"], figures["ramBytes"]
+    );
+    assert_eq!(target.get(&format!("/vms/{moved_id}")).send().unwrap().status(), 404);
+    assert_eq!(target.get(&format!("/disks/{disk}")).send().unwrap().status(), 404);
+    let back: Value = source.get(&format!("/vms/{name}")).send().unwrap().json().unwrap();
+    assert_eq!(back["state"], "running", "{back}");
+    let back_id = back["id"].as_str().unwrap().to_owned();
+    let mut guest = Guest::attach(&source, &back_id);
+    let after = guest.count();
+    assert!(after >= before, "the counter went back: {before} then {after}");
+    let mark = guest.run("dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 5; echo");
+    assert!(
+        mark.contains("AFTER"),
+        "the write made on the target did not come back: {mark}"
+    );
+
+    act(&source, &back_id, "kill", "");
     assert_eq!(
-        target
-            .delete(&format!("/vms/{moved_id}?disks=delete"))
+        source
+            .delete(&format!("/vms/{back_id}?disks=delete"))
             .send()
             .unwrap()
             .status(),
