@@ -227,8 +227,24 @@ impl Manager {
     }
 
     /// Waits for incoming migration `id`'s stream to complete and lets the VM run; on failure
-    /// the VM is deleted.
+    /// the VM is deleted. 409, changing nothing, while no stream has arrived.
     pub async fn finish_incoming(self: &Arc<Self>, id: &str) -> Result<VmInfo, ApiError> {
+        let machine = {
+            let pending = self.incoming.pending.lock().expect("incoming lock");
+            let entry = pending
+                .get(id)
+                .ok_or_else(|| ApiError::NotFound(format!("no incoming migration '{id}'")))?;
+            entry.live.machine.clone()
+        };
+        if !machine
+            .stream_arrived()
+            .await
+            .map_err(|e| ApiError::Internal(format!("asking the incoming VM's QEMU: {e}")))?
+        {
+            return Err(ApiError::Conflict(format!(
+                "incoming migration '{id}': no migration stream has arrived yet"
+            )));
+        }
         let pending = self.incoming.take(id)?;
         let live = pending.live.clone();
         let ran = async {

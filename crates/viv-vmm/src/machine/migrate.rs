@@ -98,6 +98,15 @@ impl Machine {
         Ok(())
     }
 
+    /// Destination: whether a RAM stream has arrived (it is being received, or was).
+    pub async fn stream_arrived(&self) -> Result<bool, StateError> {
+        let status = self.qmp.execute("query-migrate", None).await?;
+        Ok(!matches!(
+            status["status"].as_str().unwrap_or_default(),
+            "" | "none" | "setup"
+        ))
+    }
+
     /// Destination: waits (up to `timeout`) for the RAM stream to complete, then removes the NBD
     /// exports and server. The vCPUs stay stopped.
     pub async fn finish_receiving(&self, timeout: Duration) -> Result<(), StateError> {
