@@ -171,7 +171,7 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     assert!(back.contains("AFTER"), "{back}");
 
     // And back, while the guest keeps rewriting a 32 MiB buffer in memory.
-    guest.run("(while true; do dd if=/dev/zero of=/tmp/dirty bs=1M count=32 2>/dev/null; done) >/dev/null 2>&1 & true");
+    guest.run("(while true; do yes migrating | head -c 33554432 >/tmp/dirty; done) >/dev/null 2>&1 & true");
     let before = guest.count();
     let response = migrate(&target, &moved_id, &source.url, &source.key);
     assert_eq!(response.status(), 202);
@@ -257,7 +257,7 @@ fn migration_figures() {
         (to_id, guest)
     };
     let (_, mut guest) = moved(&one, &two, "idle");
-    guest.run("(while true; do dd if=/dev/zero of=/tmp/dirty bs=1M count=64 2>/dev/null; done) >/dev/null 2>&1 & true");
+    guest.run("(while true; do yes migrating | head -c 67108864 >/tmp/dirty; done) >/dev/null 2>&1 & true");
     let (back, mut guest) = moved(&two, &one, "with a loop rewriting 64 MiB");
     assert!(guest.count() > 0);
     act(&one, &back, "kill", "");
