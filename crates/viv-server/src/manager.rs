@@ -49,6 +49,7 @@ mod setup;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
+mod template_catalog;
 mod template_commit;
 mod template_versions;
 mod templates;
