@@ -688,6 +688,7 @@ impl Manager {
                     GuestMemory::PrivateFile(template.memory_file.clone()),
                     Some(Restore {
                         state: template.state.clone(),
+                        opened: None,
                         memory: SnapshotMemory::External,
                         chain: None,
                     }),
@@ -702,18 +703,25 @@ impl Manager {
                     )));
                 }
                 // A diff chain restores onto its base, mapped privately as a template's memory.
-                let (memory, chain) = match self.node_memory(dir).await? {
-                    Some((base, chain)) => {
+                let (memory, opened, chain) = match self.node_memory(dir).await? {
+                    memory_chain::NodeMemory::Chain { base, chain } => {
                         self.record_memory_base(run_dir, &base);
-                        (GuestMemory::PrivateFile(base), Some(chain))
+                        (GuestMemory::PrivateFile(base), None, Some(chain))
                     }
-                    None => (GuestMemory::Anonymous, None),
+                    memory_chain::NodeMemory::Whole { file, source } => {
+                        // Saves of this VM still diff against the base its parent's VM mapped.
+                        if let Some(source) = source {
+                            self.record_memory_base(run_dir, &source);
+                        }
+                        (GuestMemory::Anonymous, Some(file), None)
+                    }
                 };
                 (
                     dir.join("disk.qcow2"),
                     memory,
                     Some(Restore {
                         state,
+                        opened,
                         memory: SnapshotMemory::Included,
                         chain,
                     }),

@@ -874,10 +874,13 @@ async fn drop_fdset(qmp: &Qmp, id: u64) {
 async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
     let state = &from.state;
     let (file, writer) = match &from.chain {
-        None => (
-            std::fs::File::open(state).map_err(|e| format!("opening {}: {e}", state.display()))?,
-            None,
-        ),
+        None => {
+            let file = match &from.opened {
+                Some(file) => file.try_clone(),
+                None => std::fs::File::open(state),
+            };
+            (file.map_err(|e| format!("opening {}: {e}", state.display()))?, None)
+        }
         Some(chain) => {
             let (read, write) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
             let chain = chain.clone();

@@ -67,8 +67,8 @@ pub struct ServeArgs {
     pub keep_versions: Option<u32>,
     /// Sandbox pause, fork and snapshot nodes store only the memory pages that differ from their
     /// parent, in chains of at most this many diffs (a save past it diffs against the template's
-    /// memory alone). 0 stores each node's memory whole, the default for now: the diff is
-    /// computed inside the save, which makes a pause slower.
+    /// memory alone). Nodes are saved whole and rewritten as diffs in the background. 0 keeps
+    /// each node's memory whole (the default for now).
     #[arg(long, env = "VIV_MEMORY_DIFF_CHAIN", default_value_t = 0)]
     pub memory_diff_chain: usize,
     /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
