@@ -426,7 +426,9 @@ pub enum SnapshotCommand {
 }
 
 async fn snapshot(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<()> {
-    let headers = ["ID", "NAME", "KIND", "PARENT", "SANDBOX", "SIZE", "MEMORY", "CREATED", "USED BY"];
+    let headers = [
+        "ID", "NAME", "KIND", "PARENT", "SANDBOX", "SIZE", "MEMORY", "CREATED", "USED BY",
+    ];
     match cmd {
         SnapshotCommand::List { sandbox } => {
             let mut request = client.request(Method::GET, "/snapshots");
