@@ -329,6 +329,10 @@ pub struct VmDefinition {
     /// Disks.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// PCIe root ports reserved at start for disks attached while the VM runs (`q35` only;
+    /// at most 16). VMs defined without it get 4; those defined before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_ports: Option<u8>,
     /// CD-ROM drives.
     #[serde(default)]
     pub cdroms: Vec<VmCdrom>,

@@ -22,6 +22,7 @@ mod tls;
 mod top;
 mod transfer;
 mod vm;
+mod vm_disk;
 
 use std::path::PathBuf;
 

@@ -168,6 +168,9 @@ pub enum VmCommand {
     /// Take, list, revert to and delete a VM's snapshots.
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCommand),
+    /// Attach and detach pool disks (at once while a q35 VM runs).
+    #[command(subcommand)]
+    Disk(crate::vm_disk::DiskCommand),
 }
 
 /// `viv vm snapshot ...`
@@ -503,6 +506,7 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
+        VmCommand::Disk(cmd) => crate::vm_disk::run(client, cmd, json).await?,
         VmCommand::Media {
             vm,
             drive,

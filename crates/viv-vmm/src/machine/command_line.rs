@@ -82,6 +82,20 @@ pub(crate) type Backings = std::collections::HashMap<String, Vec<(PathBuf, DiskF
 pub(crate) fn read_backings(spec: &MachineSpec) -> Result<Backings, LaunchMachineError> {
     let mut backings = Backings::new();
     for disk in spec.disks.iter().filter(|d| d.format == DiskFormat::Qcow2) {
+        let levels = disk_backings(disk)?;
+        if !levels.is_empty() {
+            backings.insert(disk.id.clone(), levels);
+        }
+    }
+    Ok(backings)
+}
+
+/// The backing chain of one disk, nearest first (empty for a raw disk or a qcow2 without one).
+pub(crate) fn disk_backings(disk: &Disk) -> Result<Vec<(PathBuf, DiskFormat)>, LaunchMachineError> {
+    if disk.format != DiskFormat::Qcow2 {
+        return Ok(Vec::new());
+    }
+    {
         let io = |source| LaunchMachineError::Io {
             what: format!("reading the backing chain of {}", disk.path.display()),
             source,
@@ -113,11 +127,8 @@ pub(crate) fn read_backings(spec: &MachineSpec) -> Result<Backings, LaunchMachin
             levels.push((path.clone(), format));
             above = path;
         }
-        if !levels.is_empty() {
-            backings.insert(disk.id.clone(), levels);
-        }
+        Ok(levels)
     }
-    Ok(backings)
 }
 
 /// The QEMU arguments for `spec` and the files and taps they expect as descriptors
@@ -336,5 +347,24 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
             ),
         );
     }
+    // Hotplug ports last, so that every other device keeps the PCI address it had before
+    // machines had them (guests name NICs after their slot).
+    if q35 {
+        for port in 0..spec.hotplug_ports {
+            cl.push(
+                "-device",
+                format!(
+                    "pcie-root-port,id={},chassis={},slot={port}",
+                    hotplug_port(port),
+                    100 + u32::from(port)
+                ),
+            );
+        }
+    }
     (cl.args, cl.handed)
+}
+
+/// The id of hotplug root port `n` of a q35 machine.
+pub(crate) fn hotplug_port(n: u8) -> String {
+    format!("hp{n}")
 }
