@@ -121,6 +121,13 @@ impl Manager {
         }
         self.check_migratable(&row).await?;
         let def = definition_of(&row.definition)?;
+        let writable = def.disks.iter().filter(|d| !d.read_only).count();
+        if live.machine.started_writable_disks() != writable {
+            return Err(ApiError::Conflict(format!(
+                "VM '{}' had disks added or removed while it runs: restart it before migrating",
+                row.name
+            )));
+        }
         let mut disks = Vec::new();
         for disk in def.disks.iter().filter(|d| !d.read_only) {
             let info = self.storage.disk_info(&disk.disk).await.map_err(|e| {

@@ -64,6 +64,12 @@ impl Machine {
         self.run_dir.join(name)
     }
 
+    /// How many writable disks the machine started with (those a migration copies; disks
+    /// hot-added or removed since are not counted).
+    pub fn started_writable_disks(&self) -> usize {
+        self.writable_nodes().len()
+    }
+
     /// Destination: listens for the RAM stream on [`MIGRATE_SOCKET`] and exports the writable
     /// disks over NBD on [`NBD_SOCKET`]. The machine must have been launched `incoming`.
     pub async fn receive(&self) -> Result<(), StateError> {
