@@ -3,8 +3,8 @@
 //! to the other while it runs (`viv vm migrate`); its counter continues, its disk comes along,
 //! and it is gone from the source; then it moves back while its guest rewrites memory, bringing
 //! what it wrote on the target. The refusals (wrong key, unreachable target, name clash, a VM
-//! not running, a target lacking the VM's ISO or holding a disk of its disk's name) leave the VM
-//! running on the source and nothing on the target.
+//! not running, a target lacking the VM's ISO or holding a disk of its disk's name, the target's
+//! QEMU dying while it receives) leave the VM running on the source and nothing on the target.
 
 use std::time::Duration;
 
@@ -119,6 +119,37 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     assert!(op["error"].as_str().unwrap().contains(&disk), "{op}");
     assert_eq!(target.delete(&format!("/disks/{disk}")).send().unwrap().status(), 204);
     still_at_source(&source, &target, &id, &name, &disk, &mut guest);
+
+    // The target's QEMU dies as soon as it appears (while it receives): the migration fails,
+    // the VM runs on here, the target deletes what it made.
+    let watching = target.data_dir.clone();
+    let killer = std::thread::spawn(move || {
+        // Polled tightly: the whole migration takes about a second from this QEMU's start.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let pids = qemu_processes_under(&watching);
+            for pid in &pids {
+                // SAFETY: kill has no memory-safety preconditions; the pid is a QEMU of the target.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+            }
+            if !pids.is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    });
+    let response = migrate(&source, &id, &target.url, &target.key);
+    assert_eq!(response.status(), 202);
+    let op = finished(&source, response.json::<Value>().unwrap()["id"].as_str().unwrap());
+    assert!(killer.join().unwrap(), "the target's QEMU never started");
+    assert_eq!(op["state"], "failed", "{op}");
+    still_at_source(&source, &target, &id, &name, &disk, &mut guest);
+    assert!(
+        wait_until(Duration::from_secs(10), || qemu_processes_under(&target.data_dir)
+            .is_empty()),
+        "a QEMU is left on the target"
+    );
 
     // The move, through the CLI.
     let before = guest.count();
