@@ -1,5 +1,5 @@
 //! Live migration between two servers on one host (two data directories, each with its own
-//! jailed QEMUs): the test ISO's guest with a counter and a disk holding a marker moves from one
+//! jailed QEMUs): the test ISO's guest (user-mode NIC) with a counter and a disk holding a marker moves from one
 //! to the other while it runs (`viv vm migrate`); its counter continues, its disk comes along,
 //! and it is gone from the source; then it moves back while its guest rewrites memory, bringing
 //! what it wrote on the target. The refusals (wrong key, unreachable target, name clash, a VM
@@ -66,7 +66,7 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
     let (id, mut guest) = booted(
         &source,
         "mig",
-        json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
+        json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "nics": [{}]}),
     );
     let name = source
         .get(&format!("/vms/{id}"))
