@@ -1,10 +1,11 @@
 //! Live migration between two servers on one host (two data directories, each with its own
-//! jailed QEMUs): the test ISO's guest (user-mode NIC) with a counter and a disk holding a marker moves from one
-//! to the other while it runs (`viv vm migrate`); its counter continues, its disk comes along,
-//! and it is gone from the source; then it moves back while its guest rewrites memory, bringing
-//! what it wrote on the target. The refusals (wrong key, unreachable target, name clash, a VM
-//! not running, a target lacking the VM's ISO or holding a disk of its disk's name, the target's
-//! QEMU dying while it receives) leave the VM running on the source and nothing on the target.
+//! jailed QEMUs): the test ISO's guest (user-mode NIC) with a counter and a disk holding a
+//! marker moves from one to the other while it runs (`viv vm migrate`); its counter continues,
+//! its disk comes along, and it is gone from the source; then it moves back while its guest
+//! rewrites memory, bringing what it wrote on the target. The refusals (wrong key, unreachable
+//! target, name clash, a VM not running, a target lacking the VM's ISO or holding a disk of its
+//! disk's name, the target's QEMU dying while it receives) leave the VM running on the source
+//! and nothing on the target.
 
 use std::time::Duration;
 
