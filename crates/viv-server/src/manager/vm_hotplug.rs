@@ -1,5 +1,6 @@
 //! Disks attached to and detached from VMs, while they run when they can be: `POST
-//! /vms/{id}/disks` and `DELETE /vms/{id}/disks/{disk}`.
+//! /vms/{id}/disks` and `DELETE /vms/{id}/disks/{disk}`; and vCPUs, `PUT /vms/{id}/vcpus`:
+//! added to a running VM up to its `maxVcpus`, set freely on a stopped one.
 //!
 //! A stopped VM's definition simply changes. A running `q35` VM started with hotplug ports
 //! (`hotplugPorts`, 4 for VMs defined since) gets the disk at once as a virtio-blk device on a
@@ -147,6 +148,53 @@ impl Manager {
         })
     }
 
+    /// Sets VM `id_or_name`'s vCPUs: a running VM gets more at once (up to its `maxVcpus`; the
+    /// guest brings them online), a stopped one any count at its next start.
+    pub async fn set_vm_vcpus(self: &Arc<Self>, id_or_name: &str, count: u32) -> Result<VmEdit, ApiError> {
+        let (row, _gate) = self.lock_vm(id_or_name).await?;
+        let current = definition_of(&row.definition)?;
+        let mut wanted = current.clone();
+        wanted.cpu = viv_api::vms::CpuTopology {
+            sockets: count,
+            cores: 1,
+            threads: 1,
+        };
+        let others = self.store.list_vms()?;
+        check_definition(&wanted, &others, Some(&row.id))?;
+        let pending = match &row.pending_definition {
+            Some(json) => {
+                let mut pending = definition_of(json)?;
+                pending.cpu = wanted.cpu;
+                Some(pending)
+            }
+            None => None,
+        };
+        let live = state_of(&row)?.is_active();
+        if live && count != current.cpu.vcpus() {
+            if current.max_vcpus.is_none_or(|max| max <= current.cpu.vcpus())
+                || current.cpu.cores != 1
+                || current.cpu.threads != 1
+            {
+                return Err(ApiError::Conflict(format!(
+                    "VM '{}' was started without room for more vCPUs (set maxVcpus, with cores and threads 1, and restart it), or stop it to change them",
+                    row.name
+                )));
+            }
+            let running = self.live_vm(&row.id)?;
+            running.machine.set_vcpus(count).await.map_err(|e| match e {
+                HotplugError::Vcpus(m) => ApiError::Conflict(format!("VM '{}': {m}", row.name)),
+                other => ApiError::Sandbox(format!("VM '{}': {other}", row.name)),
+            })?;
+            tracing::info!(vm = %row.id, vcpus = count, "vCPUs hot-added");
+        }
+        self.store_definitions(&row.id, &wanted, pending.as_ref())?;
+        Ok(VmEdit {
+            vm: self.vm_info(&row.id)?,
+            applied_now: if live { vec!["cpu".into()] } else { Vec::new() },
+            at_next_start: Vec::new(),
+        })
+    }
+
     fn store_definitions(
         &self,
         id: &str,
@@ -172,7 +220,9 @@ fn hotplug_error(vm: &str, disk: &str, err: HotplugError) -> ApiError {
         HotplugError::UnknownDisk(_) => ApiError::Conflict(format!(
             "disk '{disk}' was attached at VM '{vm}''s start, on a bus without hotplug: stop the VM to detach it"
         )),
-        HotplugError::Image(_) => ApiError::Conflict(format!("VM '{vm}', disk '{disk}': {err}")),
+        HotplugError::Image(_) | HotplugError::Vcpus(_) => {
+            ApiError::Conflict(format!("VM '{vm}', disk '{disk}': {err}"))
+        }
         HotplugError::Qmp(_) => ApiError::Sandbox(format!("VM '{vm}', disk '{disk}': {err}")),
     }
 }

@@ -269,6 +269,21 @@ pub(super) fn check_definition(def: &VmDefinition, vms: &[VmRow], this_vm: Optio
         }
     }
     let cpu = def.cpu;
+    if let Some(max) = def.max_vcpus {
+        if def.machine != viv_api::vms::MachineType::Q35 || cpu.cores != 1 || cpu.threads != 1 {
+            return Err(ApiError::BadRequest(
+                "maxVcpus needs machine q35 and cpu cores 1, threads 1 (each vCPU added while the VM runs is a socket)"
+                    .into(),
+            ));
+        }
+        if max < cpu.vcpus() || max > host.max_vcpus {
+            return Err(ApiError::BadRequest(format!(
+                "maxVcpus must be between the VM's vCPUs ({}) and the host's CPUs ({}), got {max}",
+                cpu.vcpus(),
+                host.max_vcpus
+            )));
+        }
+    }
     if cpu.sockets == 0 || cpu.cores == 0 || cpu.threads == 0 {
         return Err(ApiError::BadRequest(format!(
             "cpu sockets, cores and threads must each be at least 1, got {}/{}/{}",

@@ -1,5 +1,6 @@
-//! `viv vm disk attach|detach`: a pool disk attached to or detached from a VM, at once when the
-//! VM runs and can take it (q35 with hotplug ports), else at its next start.
+//! `viv vm disk attach|detach` and `viv vm vcpus`: a pool disk attached to or detached from a
+//! VM, and its vCPUs set, at once when the VM runs and can take the change (q35 with hotplug
+//! ports, `maxVcpus`), else at its next start.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -34,6 +35,29 @@ pub enum DiskCommand {
     },
 }
 
+/// `viv vm vcpus VM COUNT`.
+pub async fn set_vcpus(client: &Client, vm: &str, count: u32, json: bool) -> Result<()> {
+    let edit: VmEdit = client
+        .json(
+            client
+                .request(Method::PUT, &format!("/vms/{vm}/vcpus"))
+                .json(&viv_api::vms::VmVcpus { count }),
+        )
+        .await?;
+    print_edit(&edit, &format!("{count} vCPUs"), json);
+    Ok(())
+}
+
+fn print_edit(edit: &VmEdit, what: &str, json: bool) {
+    if json {
+        output::json(edit);
+    } else if edit.applied_now.is_empty() {
+        println!("{}: {what} (takes effect at its next start)", edit.vm.name);
+    } else {
+        println!("{}: {what} (now, while it runs)", edit.vm.name);
+    }
+}
+
 pub async fn run(client: &Client, cmd: DiskCommand, json: bool) -> Result<()> {
     let (edit, what): (VmEdit, _) = match cmd {
         DiskCommand::Attach {
@@ -60,12 +84,6 @@ pub async fn run(client: &Client, cmd: DiskCommand, json: bool) -> Result<()> {
             (edit, format!("detached {disk}"))
         }
     };
-    if json {
-        output::json(&edit);
-    } else if edit.applied_now.is_empty() {
-        println!("{}: {what} (takes effect at its next start)", edit.vm.name);
-    } else {
-        println!("{}: {what} (now, while it runs)", edit.vm.name);
-    }
+    print_edit(&edit, &what, json);
     Ok(())
 }
