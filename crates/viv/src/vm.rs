@@ -167,6 +167,14 @@ pub enum VmCommand {
         /// How many vCPUs.
         count: u32,
     },
+    /// Show a running VM's memory, or have its balloon leave the guest TARGET_MIB (the guest
+    /// gets there over the next moments; back up likewise).
+    Memory {
+        /// VM id or name.
+        vm: String,
+        /// The memory the guest should have, in MiB (64 to the VM's memory).
+        target_mib: Option<u32>,
+    },
 }
 
 /// `viv vm snapshot ...`
@@ -513,6 +521,7 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
         VmCommand::Disk(cmd) => crate::vm_hotplug::run(client, cmd, json).await?,
         VmCommand::Vcpus { vm, count } => crate::vm_hotplug::set_vcpus(client, &vm, count, json).await?,
+        VmCommand::Memory { vm, target_mib } => crate::vm_hotplug::memory(client, &vm, target_mib, json).await?,
         VmCommand::Media {
             vm,
             drive,

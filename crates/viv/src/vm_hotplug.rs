@@ -48,6 +48,33 @@ pub async fn set_vcpus(client: &Client, vm: &str, count: u32, json: bool) -> Res
     Ok(())
 }
 
+/// `viv vm memory VM [TARGET_MIB]`: the running VM's memory as its balloon has it, after
+/// setting the balloon's target when one is given.
+pub async fn memory(client: &Client, vm: &str, target_mib: Option<u32>, json: bool) -> Result<()> {
+    let info: viv_api::vms::VmMemory = match target_mib {
+        Some(target_mib) => {
+            client
+                .json(
+                    client
+                        .request(Method::PUT, &format!("/vms/{vm}/memory"))
+                        .json(&viv_api::vms::VmMemoryTarget { target_mib }),
+                )
+                .await?
+        }
+        None => {
+            client
+                .json(client.request(Method::GET, &format!("/vms/{vm}/memory")))
+                .await?
+        }
+    };
+    if json {
+        output::json(&info);
+    } else {
+        println!("{vm}: {} MiB of {} MiB", info.actual_mib, info.memory_mib);
+    }
+    Ok(())
+}
+
 fn print_edit(edit: &VmEdit, what: &str, json: bool) {
     if json {
         output::json(edit);

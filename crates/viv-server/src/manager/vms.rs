@@ -33,8 +33,11 @@ impl Manager {
     pub fn create_vm(&self, req: NewVm) -> Result<VmInfo, ApiError> {
         super::check_name("VM", &req.name)?;
         let mut definition = req.definition;
-        if definition.machine == viv_api::vms::MachineType::Q35 && definition.hotplug_ports.is_none() {
-            definition.hotplug_ports = Some(super::vm_hotplug::DEFAULT_HOTPLUG_PORTS);
+        if definition.machine == viv_api::vms::MachineType::Q35 {
+            if definition.hotplug_ports.is_none() {
+                definition.hotplug_ports = Some(super::vm_hotplug::DEFAULT_HOTPLUG_PORTS);
+            }
+            definition.balloon.get_or_insert(true);
         }
         for nic in &mut definition.nics {
             if nic.mac.is_none() {

@@ -359,6 +359,9 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
     }
     // Hotplug ports last, so that every other device keeps the PCI address it had before
     // machines had them (guests name NICs after their slot).
+    if q35 && spec.balloon {
+        cl.push("-device", "virtio-balloon-pci,id=balloon0".into());
+    }
     if q35 {
         for port in 0..spec.hotplug_ports {
             cl.push(

@@ -1,7 +1,8 @@
 //! Disks added to and removed from a running `q35` machine, on the PCIe root ports it reserved
 //! at start ([`super::MachineSpec::hotplug_ports`], ids `hp0`…), and vCPUs added up to its
 //! [`super::MachineSpec::max_vcpus`] (one socket each, in the order QEMU lists the free slots;
-//! the guest brings each online, as a Linux guest does when ACPI tells it or when told to).
+//! the guest brings each online, as a Linux guest does when ACPI tells it or when told to), and
+//! the memory a guest keeps through its virtio-balloon device (`balloon0`).
 //!
 //! A hot-added disk is opened by the server like every other file: the image and each file of
 //! its backing chain are passed as descriptors (`add-fd`) and named `/dev/fdset/N` in one
@@ -228,6 +229,21 @@ impl Machine {
             self.qmp.execute("device_add", Some(device)).await?;
         }
         Ok(target)
+    }
+
+    /// Asks the guest's balloon driver to leave it `target_mib` of memory (it inflates or
+    /// deflates over the next moments; [`Machine::balloon_mib`] reads where it is).
+    pub async fn set_balloon(&self, target_mib: u32) -> Result<(), HotplugError> {
+        self.qmp
+            .execute("balloon", Some(json!({ "value": u64::from(target_mib) << 20 })))
+            .await?;
+        Ok(())
+    }
+
+    /// The memory the guest has now, as its balloon reports it, in MiB.
+    pub async fn balloon_mib(&self) -> Result<u32, HotplugError> {
+        let info = self.qmp.execute("query-balloon", None).await?;
+        Ok(u32::try_from(info["actual"].as_u64().unwrap_or_default() >> 20).unwrap_or(u32::MAX))
     }
 
     async fn forget_fdsets(&self, ids: &[u64]) {
