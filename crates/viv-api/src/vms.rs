@@ -329,6 +329,15 @@ pub struct VmDefinition {
     /// Disks.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// The most vCPUs the VM may have while it runs (`q35`, one core of one thread per socket):
+    /// `PUT /vms/{id}/vcpus` adds vCPUs up to it without a restart. Unset: no vCPU hotplug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// A virtio-balloon device (`q35`): `PUT /vms/{id}/memory` takes memory back from the
+    /// running guest and gives it again. VMs defined without it get one; those defined before
+    /// it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<bool>,
     /// PCIe root ports reserved at start for disks attached while the VM runs (`q35` only;
     /// at most 16). VMs defined without it get 4; those defined before it existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -521,6 +530,32 @@ pub struct VmEdit {
     pub applied_now: Vec<String>,
     /// Fields that take effect at the VM's next start.
     pub at_next_start: Vec<String>,
+}
+
+/// `PUT /vms/{id}/vcpus`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmVcpus {
+    /// How many vCPUs (one core of one thread per socket).
+    pub count: u32,
+}
+
+/// `PUT /vms/{id}/memory`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMemoryTarget {
+    /// The memory the guest should have, in MiB (at most the VM's `memoryMib`).
+    pub target_mib: u32,
+}
+
+/// A running VM's memory as its balloon sets it (`GET`/`PUT /vms/{id}/memory`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmMemory {
+    /// The VM's memory (its definition's `memoryMib`).
+    pub memory_mib: u32,
+    /// What the guest has now: `memoryMib` less what its balloon holds.
+    pub actual_mib: u32,
 }
 
 /// `POST /vms/{id}/stop` query.

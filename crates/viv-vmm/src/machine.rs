@@ -381,6 +381,11 @@ pub struct MachineSpec {
     pub agent_channel: bool,
     /// Start waiting for a saved state (`-incoming defer`), loaded by [`Machine::load_state`].
     pub incoming: bool,
+    /// The most vCPUs the machine may have (`-smp maxcpus`), for vCPUs added while it runs
+    /// ([`Machine::set_vcpus`]); only with one core of one thread per socket.
+    pub max_vcpus: Option<u32>,
+    /// A virtio-balloon device (`q35`), for [`Machine::set_balloon`].
+    pub balloon: bool,
     /// PCIe root ports reserved for hotplug on a `q35` machine (`hp0`…): each takes one disk
     /// added while the machine runs ([`Machine::hot_add_disk`]). Part of the machine's device
     /// set, so a saved state restores only into a machine with as many.
@@ -422,6 +427,8 @@ impl MachineSpec {
             agent_channel: false,
             incoming: false,
             hotplug_ports: 0,
+            max_vcpus: None,
+            balloon: false,
         }
     }
 

@@ -22,7 +22,7 @@ mod tls;
 mod top;
 mod transfer;
 mod vm;
-mod vm_disk;
+mod vm_hotplug;
 
 use std::path::PathBuf;
 

@@ -1,5 +1,7 @@
 //! Disks attached to and detached from VMs, while they run when they can be: `POST
-//! /vms/{id}/disks` and `DELETE /vms/{id}/disks/{disk}`.
+//! /vms/{id}/disks` and `DELETE /vms/{id}/disks/{disk}`; and vCPUs, `PUT /vms/{id}/vcpus`:
+//! added to a running VM up to its `maxVcpus`, set freely on a stopped one; and the memory a
+//! running VM's guest keeps, through its balloon: `GET`/`PUT /vms/{id}/memory`.
 //!
 //! A stopped VM's definition simply changes. A running `q35` VM started with hotplug ports
 //! (`hotplugPorts`, 4 for VMs defined since) gets the disk at once as a virtio-blk device on a
@@ -23,6 +25,9 @@ use crate::error::ApiError;
 
 /// Hotplug ports a VM defined without `hotplugPorts` gets.
 pub(super) const DEFAULT_HOTPLUG_PORTS: u8 = 4;
+
+/// The least memory a balloon may leave a guest.
+const MIN_BALLOON_TARGET_MIB: u32 = 64;
 
 /// Most hotplug ports a VM may ask for.
 pub(super) const MAX_HOTPLUG_PORTS: u8 = 16;
@@ -147,6 +152,104 @@ impl Manager {
         })
     }
 
+    /// Sets VM `id_or_name`'s vCPUs: a running VM gets more at once (up to its `maxVcpus`; the
+    /// guest brings them online), a stopped one any count at its next start.
+    pub async fn set_vm_vcpus(self: &Arc<Self>, id_or_name: &str, count: u32) -> Result<VmEdit, ApiError> {
+        let (row, _gate) = self.lock_vm(id_or_name).await?;
+        let current = definition_of(&row.definition)?;
+        let mut wanted = current.clone();
+        wanted.cpu = viv_api::vms::CpuTopology {
+            sockets: count,
+            cores: 1,
+            threads: 1,
+        };
+        let others = self.store.list_vms()?;
+        check_definition(&wanted, &others, Some(&row.id))?;
+        let pending = match &row.pending_definition {
+            Some(json) => {
+                let mut pending = definition_of(json)?;
+                pending.cpu = wanted.cpu;
+                Some(pending)
+            }
+            None => None,
+        };
+        let live = state_of(&row)?.is_active();
+        if live && count != current.cpu.vcpus() {
+            if current.max_vcpus.is_none_or(|max| max <= current.cpu.vcpus())
+                || current.cpu.cores != 1
+                || current.cpu.threads != 1
+            {
+                return Err(ApiError::Conflict(format!(
+                    "VM '{}' was started without room for more vCPUs (set maxVcpus, with cores and threads 1, and restart it), or stop it to change them",
+                    row.name
+                )));
+            }
+            let running = self.live_vm(&row.id)?;
+            running.machine.set_vcpus(count).await.map_err(|e| match e {
+                HotplugError::Vcpus(m) => ApiError::Conflict(format!("VM '{}': {m}", row.name)),
+                other => ApiError::Sandbox(format!("VM '{}': {other}", row.name)),
+            })?;
+            tracing::info!(vm = %row.id, vcpus = count, "vCPUs hot-added");
+        }
+        self.store_definitions(&row.id, &wanted, pending.as_ref())?;
+        Ok(VmEdit {
+            vm: self.vm_info(&row.id)?,
+            applied_now: if live { vec!["cpu".into()] } else { Vec::new() },
+            at_next_start: Vec::new(),
+        })
+    }
+
+    /// A running VM's memory as its balloon has it.
+    pub async fn vm_memory(&self, id_or_name: &str) -> Result<viv_api::vms::VmMemory, ApiError> {
+        let (running, def) = self.ballooned_vm(id_or_name)?;
+        let actual_mib = running
+            .machine
+            .balloon_mib()
+            .await
+            .map_err(|e| ApiError::Sandbox(format!("reading the balloon: {e}")))?;
+        Ok(viv_api::vms::VmMemory {
+            memory_mib: def.memory_mib,
+            actual_mib,
+        })
+    }
+
+    /// Asks a running VM's balloon to leave its guest `target_mib` (64 MiB to its `memoryMib`);
+    /// the guest gets there over the next moments, and back up likewise. Not kept across a
+    /// restart: a VM starts with all its memory.
+    pub async fn set_vm_memory(&self, id_or_name: &str, target_mib: u32) -> Result<viv_api::vms::VmMemory, ApiError> {
+        let (running, def) = self.ballooned_vm(id_or_name)?;
+        if !(MIN_BALLOON_TARGET_MIB..=def.memory_mib).contains(&target_mib) {
+            return Err(ApiError::BadRequest(format!(
+                "targetMib must be between {MIN_BALLOON_TARGET_MIB} and the VM's memoryMib ({}), got {target_mib}",
+                def.memory_mib
+            )));
+        }
+        running
+            .machine
+            .set_balloon(target_mib)
+            .await
+            .map_err(|e| ApiError::Sandbox(format!("setting the balloon: {e}")))?;
+        tracing::info!(vm = %running.id, target_mib, "balloon target set");
+        self.vm_memory(&running.id).await
+    }
+
+    /// A running VM with a balloon, and its running definition.
+    fn ballooned_vm(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(Arc<super::vm_runtime::LiveVm>, viv_api::vms::VmDefinition), ApiError> {
+        let row = self.vm_row(id_or_name)?;
+        let def = definition_of(&row.definition)?;
+        let running = self.live_vm(&row.id)?;
+        if !(def.balloon.unwrap_or(false) && def.machine == MachineType::Q35) {
+            return Err(ApiError::Conflict(format!(
+                "VM '{}' has no balloon device (q35 VMs defined with `balloon: true`, the default for new ones, have one from their next start)",
+                row.name
+            )));
+        }
+        Ok((running, def))
+    }
+
     fn store_definitions(
         &self,
         id: &str,
@@ -172,7 +275,9 @@ fn hotplug_error(vm: &str, disk: &str, err: HotplugError) -> ApiError {
         HotplugError::UnknownDisk(_) => ApiError::Conflict(format!(
             "disk '{disk}' was attached at VM '{vm}''s start, on a bus without hotplug: stop the VM to detach it"
         )),
-        HotplugError::Image(_) => ApiError::Conflict(format!("VM '{vm}', disk '{disk}': {err}")),
+        HotplugError::Image(_) | HotplugError::Vcpus(_) => {
+            ApiError::Conflict(format!("VM '{vm}', disk '{disk}': {err}"))
+        }
         HotplugError::Qmp(_) => ApiError::Sandbox(format!("VM '{vm}', disk '{disk}': {err}")),
     }
 }

@@ -180,16 +180,26 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
     cl.push("-accel", accel.into());
     cl.push("-cpu", cpu.into());
     let t = spec.cpus;
-    cl.push(
-        "-smp",
-        format!(
-            "{},sockets={},cores={},threads={}",
-            t.vcpus(),
-            t.sockets,
-            t.cores,
-            t.threads
+    match spec
+        .max_vcpus
+        .filter(|max| q35 && *max > t.vcpus() && t.cores == 1 && t.threads == 1)
+    {
+        // Room for vCPUs added while it runs: one socket each, `sockets` the most there can be.
+        Some(max) => cl.push(
+            "-smp",
+            format!("{},sockets={max},cores=1,threads=1,maxcpus={max}", t.vcpus()),
         ),
-    );
+        None => cl.push(
+            "-smp",
+            format!(
+                "{},sockets={},cores={},threads={}",
+                t.vcpus(),
+                t.sockets,
+                t.cores,
+                t.threads
+            ),
+        ),
+    }
     cl.push("-m", format!("{}M", spec.memory_mib));
     cl.args
         .extend(["-nodefaults", "-no-user-config", "-display", "none"].map(String::from));
@@ -349,6 +359,9 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
     }
     // Hotplug ports last, so that every other device keeps the PCI address it had before
     // machines had them (guests name NICs after their slot).
+    if q35 && spec.balloon {
+        cl.push("-device", "virtio-balloon-pci,id=balloon0".into());
+    }
     if q35 {
         for port in 0..spec.hotplug_ports {
             cl.push(

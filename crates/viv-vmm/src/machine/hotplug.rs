@@ -1,5 +1,8 @@
 //! Disks added to and removed from a running `q35` machine, on the PCIe root ports it reserved
-//! at start ([`super::MachineSpec::hotplug_ports`], ids `hp0`…).
+//! at start ([`super::MachineSpec::hotplug_ports`], ids `hp0`…), and vCPUs added up to its
+//! [`super::MachineSpec::max_vcpus`] (one socket each, in the order QEMU lists the free slots;
+//! the guest brings each online, as a Linux guest does when ACPI tells it or when told to), and
+//! the memory a guest keeps through its virtio-balloon device (`balloon0`).
 //!
 //! A hot-added disk is opened by the server like every other file: the image and each file of
 //! its backing chain are passed as descriptors (`add-fd`) and named `/dev/fdset/N` in one
@@ -50,6 +53,9 @@ pub enum HotplugError {
     /// No such disk on a hotplug port (absent, or attached at start on the root bus).
     #[error("no disk '{0}' is on a hotplug port of the running machine")]
     UnknownDisk(String),
+    /// vCPUs cannot be removed while the machine runs, nor added past its maximum.
+    #[error("{0}")]
+    Vcpus(String),
     /// The guest did not release the disk in time.
     #[error("the guest did not release disk '{0}' within {1:?}; it stays attached")]
     NotReleased(String, Duration),
@@ -194,6 +200,50 @@ impl Machine {
             .execute("blockdev-del", Some(json!({ "node-name": node_name })))
             .await?;
         Ok(())
+    }
+
+    /// Brings the machine to `target` vCPUs by adding them (never removing); returns how many
+    /// it has.
+    pub async fn set_vcpus(&self, target: u32) -> Result<u32, HotplugError> {
+        let slots = self.qmp.execute("query-hotpluggable-cpus", None).await?;
+        let slots = slots.as_array().cloned().unwrap_or_default();
+        let plugged = slots.iter().filter(|s| s.get("qom-path").is_some()).count() as u32;
+        if target < plugged {
+            return Err(HotplugError::Vcpus(format!(
+                "the machine runs {plugged} vCPUs; removing vCPUs needs a stop"
+            )));
+        }
+        let mut free: Vec<&Value> = slots.iter().filter(|s| s.get("qom-path").is_none()).collect();
+        if target > plugged + free.len() as u32 {
+            return Err(HotplugError::Vcpus(format!(
+                "the machine can have at most {} vCPUs (its maxVcpus)",
+                plugged + free.len() as u32
+            )));
+        }
+        free.sort_by_key(|s| s["props"]["socket-id"].as_u64().unwrap_or(u64::MAX));
+        for slot in free.into_iter().take((target - plugged) as usize) {
+            let mut device = slot["props"].clone();
+            let socket = device["socket-id"].as_u64().unwrap_or_default();
+            device["driver"] = slot["type"].clone();
+            device["id"] = json!(format!("vcpu{socket}"));
+            self.qmp.execute("device_add", Some(device)).await?;
+        }
+        Ok(target)
+    }
+
+    /// Asks the guest's balloon driver to leave it `target_mib` of memory (it inflates or
+    /// deflates over the next moments; [`Machine::balloon_mib`] reads where it is).
+    pub async fn set_balloon(&self, target_mib: u32) -> Result<(), HotplugError> {
+        self.qmp
+            .execute("balloon", Some(json!({ "value": u64::from(target_mib) << 20 })))
+            .await?;
+        Ok(())
+    }
+
+    /// The memory the guest has now, as its balloon reports it, in MiB.
+    pub async fn balloon_mib(&self) -> Result<u32, HotplugError> {
+        let info = self.qmp.execute("query-balloon", None).await?;
+        Ok(u32::try_from(info["actual"].as_u64().unwrap_or_default() >> 20).unwrap_or(u32::MAX))
     }
 
     async fn forget_fdsets(&self, ids: &[u64]) {
