@@ -63,6 +63,7 @@ impl Manager {
             return Err(ApiError::Conflict(format!("a VM named '{}' already exists", req.name)));
         }
         let live = self.live_of(&row)?;
+        self.check_devices_as_started(&row.name, &live).await?;
         let mut def = definition_of(&row.definition)?;
         // (index in the definition, source disk, fork's disk)
         let mut copies: Vec<(usize, String, String)> = Vec::new();

@@ -250,6 +250,25 @@ impl Manager {
         Ok((running, def))
     }
 
+    /// 409 when disks or vCPUs were added to running VM `name` since it started: a saved state
+    /// of it (a fork, a snapshot with memory, a migration) loads only into a machine with the
+    /// same devices, which its definition (the added disks and vCPUs as boot devices) does not
+    /// describe. A restart makes them boot devices.
+    pub(super) async fn check_devices_as_started(
+        &self,
+        name: &str,
+        live: &super::vm_runtime::LiveVm,
+    ) -> Result<(), ApiError> {
+        let disks = live.machine.hot_added_disks().await.unwrap_or(0);
+        let vcpus = live.machine.hot_added_vcpus().await.unwrap_or(0);
+        if disks + vcpus > 0 {
+            return Err(ApiError::Conflict(format!(
+                "VM '{name}' had {disks} disk(s) and {vcpus} vCPU(s) added while it runs, and its saved state would only load into a machine started that way: restart it first"
+            )));
+        }
+        Ok(())
+    }
+
     fn store_definitions(
         &self,
         id: &str,

@@ -128,6 +128,8 @@ impl Manager {
                 row.name
             )));
         }
+        // The target starts every disk and vCPU of the definition at boot.
+        self.check_devices_as_started(&row.name, &live).await?;
         let mut disks = Vec::new();
         for disk in def.disks.iter().filter(|d| !d.read_only) {
             let info = self.storage.disk_info(&disk.disk).await.map_err(|e| {

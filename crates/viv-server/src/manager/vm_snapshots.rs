@@ -85,6 +85,9 @@ impl Manager {
                 if let Some(raw) = self.raw_disk(&disks).await? {
                     return Err(raw_disk(&row.name, &raw));
                 }
+                if memory {
+                    self.check_devices_as_started(&row.name, live).await?;
+                }
                 live.machine
                     .save_snapshot(&tag, memory)
                     .await

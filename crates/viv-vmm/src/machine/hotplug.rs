@@ -231,6 +231,27 @@ impl Machine {
         Ok(target)
     }
 
+    /// How many disks were added while the machine runs (devices on its hotplug ports).
+    pub async fn hot_added_disks(&self) -> Result<u32, HotplugError> {
+        Ok(self.hotplug_ports().await?.iter().map(|(_, d)| d.len() as u32).sum())
+    }
+
+    /// How many vCPUs were added while the machine runs (devices of ours, under
+    /// `/machine/peripheral`; those of the command line are not).
+    pub async fn hot_added_vcpus(&self) -> Result<u32, HotplugError> {
+        let slots = self.qmp.execute("query-hotpluggable-cpus", None).await?;
+        Ok(slots
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                s["qom-path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/machine/peripheral/"))
+            })
+            .count() as u32)
+    }
+
     /// Asks the guest's balloon driver to leave it `target_mib` of memory (it inflates or
     /// deflates over the next moments; [`Machine::balloon_mib`] reads where it is).
     pub async fn set_balloon(&self, target_mib: u32) -> Result<(), HotplugError> {

@@ -88,6 +88,16 @@ fn a_disk_hot_added_to_a_running_vm_appears_takes_writes_and_goes_when_detached(
             .unwrap(),
     );
     assert_eq!(status, 409, "{message}");
+    // Its saved state would not load into the machine its definition now describes.
+    let (status, message) = refused(
+        server
+            .post(&format!("/vms/{id}/fork"))
+            .json(&json!({"name": unique("hpfork")}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("restart it first"), "{message}");
 
     // The disk attached at start is not on a hotplug port: refused while the VM runs.
     let (status, message) = refused(server.delete(&format!("/vms/{id}/disks/{root}")).send().unwrap());
@@ -140,10 +150,12 @@ fn online_cpus(guest: &mut crate::vm_boot::Guest) -> u32 {
 fn vcpus_added_to_a_running_vm_come_online_up_to_its_maximum() {
     let server = TestServer::shared();
     let iso = library_iso(server);
+    let disk = unique("hpcpudisk");
+    create_disk(server, &disk, 16 << 20);
     let (id, mut guest) = booted(
         server,
         "hotcpu",
-        json!({"memoryMib": 256, "cpu": {"sockets": 1}, "maxVcpus": 2, "cdroms": [{"iso": iso}]}),
+        json!({"memoryMib": 256, "cpu": {"sockets": 1}, "maxVcpus": 2, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
     assert_eq!(online_cpus(&mut guest), 1);
 
@@ -184,6 +196,15 @@ fn vcpus_added_to_a_running_vm_come_online_up_to_its_maximum() {
     );
     assert_eq!(status, 409, "{message}");
     assert!(message.contains("stop"), "{message}");
+    let (status, message) = refused(
+        server
+            .post(&format!("/vms/{id}/snapshots"))
+            .json(&json!({"name": "with-cpus"}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 409, "a snapshot with memory of a changed machine: {message}");
+    assert!(message.contains("restart it first"), "{message}");
 
     let killed = server.post(&format!("/vms/{id}/kill")).send().unwrap();
     assert_eq!(killed.status(), 200);
@@ -197,7 +218,14 @@ fn vcpus_added_to_a_running_vm_come_online_up_to_its_maximum() {
     let set: Value = set.json().unwrap();
     assert_eq!(set["appliedNow"], json!([]));
     assert_eq!(set["vm"]["definition"]["cpu"]["sockets"], 1);
-    assert_eq!(server.delete(&format!("/vms/{id}")).send().unwrap().status(), 204);
+    assert_eq!(
+        server
+            .delete(&format!("/vms/{id}?disks=delete"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
 }
 
 /// The guest's `MemTotal`, in MiB.
