@@ -233,8 +233,9 @@ pub enum NicModel {
     E1000,
 }
 
-/// A network card. Until VMs have switches, each card is on QEMU's user-mode network inside the
-/// VM's own network namespace: the guest gets an address by DHCP and reaches nothing outside.
+/// A network card: on a switch (a tap device on the switch's bridge), or without one on QEMU's
+/// user-mode network inside the VM's own network namespace (the guest gets an address by DHCP
+/// and reaches nothing outside).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmNic {
@@ -244,6 +245,9 @@ pub struct VmNic {
     /// Model.
     #[serde(default)]
     pub model: NicModel,
+    /// The switch it is on (a name); none: QEMU's user-mode network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
 }
 
 /// The graphical display.

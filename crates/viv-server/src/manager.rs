@@ -49,6 +49,7 @@ mod setup;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
+mod switches;
 mod template_commit;
 mod template_versions;
 mod templates;
@@ -114,6 +115,8 @@ pub struct Config {
     pub network: NetworkMode,
     /// Host-side addresses of the `isolated` mode (a `/30` per running sandbox).
     pub net_pool: viv_net::Cidr,
+    /// Where VM switches created without a subnet get theirs (a /24 each).
+    pub switch_range: viv_net::Cidr,
     /// PEM certificates sandboxes trust besides their image's (for TLS-intercepting egress).
     pub guest_ca_certificates: Option<String>,
     /// Jail every VMM (off only to measure what the jail costs).
@@ -305,6 +308,8 @@ pub struct Manager {
     events: events::EventBus,
     /// Asynchronous operations (clone, import, wipe).
     operations: operations::Operations,
+    /// VM switches: serializes their changes on the host.
+    switches: switches::Switches,
 }
 
 pub(crate) fn now_ms() -> i64 {

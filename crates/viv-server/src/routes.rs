@@ -32,6 +32,7 @@ pub mod session;
 mod signed;
 mod snapshots;
 mod storage;
+mod switches;
 mod templates;
 mod terminal;
 mod vm_console;
@@ -89,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/versions/{version}", delete(templates::delete_version))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(switches::routes())
         .merge(vm_console::routes())
         .merge(storage::routes())
         .merge(events::routes())

@@ -83,6 +83,7 @@ impl Manager {
             vm_runtime: vm_runtime::VmRuntime::default(),
             events: events::EventBus::default(),
             operations: Default::default(),
+            switches: Default::default(),
         })
     }
 }

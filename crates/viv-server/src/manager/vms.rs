@@ -38,6 +38,8 @@ impl Manager {
                 nic.mac = Some(random_mac());
             }
         }
+        let _names = self.switches.names.lock().expect("switch names lock");
+        self.check_nic_switches(&definition)?;
         let others = self.store.list_vms()?;
         check_definition(&definition, &others, None)?;
         let id = format!("vm-{}", super::random_id(16));
@@ -90,6 +92,8 @@ impl Manager {
                 nic.mac = Some(random_mac());
             }
         }
+        let _names = self.switches.names.lock().expect("switch names lock");
+        self.check_nic_switches(&wanted)?;
         let others = self.store.list_vms()?;
         check_definition(&wanted, &others, Some(&row.id))?;
         let changed = changed_fields(&current, &wanted)?;
@@ -198,7 +202,7 @@ pub(super) fn writable_disks(def: &VmDefinition) -> Vec<String> {
 }
 
 /// RFC 7396: objects merge key by key, `null` removes a key, anything else replaces.
-fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+pub(super) fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
     let Some(fields) = patch.as_object() else {
         *target = patch.clone();
         return;
