@@ -21,6 +21,7 @@ mod template;
 mod tls;
 mod top;
 mod transfer;
+mod switch;
 mod vm;
 
 use std::path::PathBuf;
@@ -89,6 +90,9 @@ pub enum Command {
     /// Define, start, stop, edit and delete long-lived VMs (the VM manager).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Create, list, edit and delete VM switches (bridges VM NICs attach to).
+    #[command(subcommand)]
+    Switch(switch::SwitchCommand),
     /// Follow state changes of VMs, sandboxes and operations as they happen.
     Events(events::EventsArgs),
     /// A live table of sandboxes and VMs (CPU, memory, state, age); sort, kill, pause, resume.

@@ -28,4 +28,5 @@ mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;
 mod vm_metrics;
+mod vm_switches;
 mod vms;
