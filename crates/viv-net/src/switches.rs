@@ -93,7 +93,10 @@ impl SwitchHost {
         link_names()
             .unwrap_or_default()
             .into_iter()
-            .filter(|n| n.strip_prefix(&prefix).is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())))
+            .filter(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+            })
             .collect()
     }
 
@@ -124,7 +127,11 @@ impl SwitchHost {
         let flag = if bridge.port_isolation { "on" } else { "off" };
         for port in ports.lines().filter_map(|l| l.split(':').nth(1)) {
             let port = port.trim().split('@').next().unwrap_or_default();
-            run("ip", &["link", "set", "dev", port, "type", "bridge_slave", "isolated", flag], None)?;
+            run(
+                "ip",
+                &["link", "set", "dev", port, "type", "bridge_slave", "isolated", flag],
+                None,
+            )?;
         }
         Ok(())
     }
@@ -160,6 +167,7 @@ impl SwitchHost {
     pub fn remove_all(&self) {
         self.remove_unknown(&[]);
         let _ = run("nft", &["delete", "table", "inet", &self.table()], None);
+        let _ = std::fs::remove_dir(self.run_dir());
     }
 
     /// Replaces the table with the rules of `bridges` (deletes it when there are none).
@@ -172,7 +180,11 @@ impl SwitchHost {
             }
             return Ok(());
         }
-        run("nft", &["-f", "-"], Some(&rules(&table, &format!("vs{}", self.key), bridges)))
+        run(
+            "nft",
+            &["-f", "-"],
+            Some(&rules(&table, &format!("vs{}", self.key), bridges)),
+        )
     }
 
     /// (Re)starts the dnsmasq of `bridge`: DHCP on it, and on `nat` switches DNS (forwarding to
@@ -195,14 +207,21 @@ impl SwitchHost {
             format!("--interface={}", bridge.name),
             format!("--listen-address={host}"),
             format!("--pid-file={}", self.pid_file(&bridge.name).display()),
-            format!("--dhcp-leasefile={}", dir.join(format!("{}.leases", bridge.name)).display()),
+            format!(
+                "--dhcp-leasefile={}",
+                dir.join(format!("{}.leases", bridge.name)).display()
+            ),
             format!("--dhcp-range={},{last},{mask},1h", bridge.subnet.nth(2)),
             "--dhcp-authoritative".to_owned(),
             "--dhcp-no-override".to_owned(),
         ];
         if bridge.forwarding == Forwarding::None {
             // No DNS service, no gateway, no name server: the guests configure only their address.
-            args.extend(["--port=0".to_owned(), "--dhcp-option=3".to_owned(), "--dhcp-option=6".to_owned()]);
+            args.extend([
+                "--port=0".to_owned(),
+                "--dhcp-option=3".to_owned(),
+                "--dhcp-option=6".to_owned(),
+            ]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run("dnsmasq", &args, None).map_err(|e| match e {
@@ -268,7 +287,11 @@ impl SwitchHost {
             .collect();
         run("ip", &["link", "set", &name, "master", bridge, "up"], None)?;
         if isolated {
-            run("ip", &["link", "set", "dev", &name, "type", "bridge_slave", "isolated", "on"], None)?;
+            run(
+                "ip",
+                &["link", "set", "dev", &name, "type", "bridge_slave", "isolated", "on"],
+                None,
+            )?;
         }
         Ok((OwnedFd::from(tun), name))
     }
@@ -293,7 +316,10 @@ fn rules(table: &str, prefix: &str, bridges: &[Bridge]) -> String {
             Forwarding::Nat => {
                 let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} udp dport 53 accept");
                 let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} tcp dport 53 accept");
-                let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} icmp type echo-request accept");
+                let _ = writeln!(
+                    input,
+                    "    iifname \"{name}\" ip daddr {host} icmp type echo-request accept"
+                );
                 let _ = writeln!(forward, "    iifname \"{name}\" oifname {ours} drop");
                 let _ = writeln!(forward, "    iifname \"{name}\" ip saddr {} accept", b.subnet);
                 let _ = writeln!(forward, "    oifname \"{name}\" ct state established,related accept");

@@ -77,6 +77,7 @@ pub use sdk_spec::StartBuild;
 pub use vm_bridge::VmAgent;
 pub use vm_console::{ConsoleClient, ConsoleHub, HubLimits, CONSOLE_LOG_CAP};
 pub use vm_runtime::LiveVm;
+pub use vms::valid_mac_prefix;
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -117,6 +118,8 @@ pub struct Config {
     pub net_pool: viv_net::Cidr,
     /// Where VM switches created without a subnet get theirs (a /24 each).
     pub switch_range: viv_net::Cidr,
+    /// The first three pairs of generated VM MAC addresses (`52:54:00`).
+    pub mac_prefix: String,
     /// PEM certificates sandboxes trust besides their image's (for TLS-intercepting egress).
     pub guest_ca_certificates: Option<String>,
     /// Jail every VMM (off only to measure what the jail costs).

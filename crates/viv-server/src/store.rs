@@ -48,8 +48,8 @@ const MIGRATIONS: &[&str] = &[
 
 mod ssh_keys;
 mod switches;
-pub use switches::SwitchRow;
 pub use ssh_keys::{NewSshKey, SshKeyRow};
+pub use switches::SwitchRow;
 mod template_versions;
 pub use template_versions::VersionRow;
 mod traffic;

@@ -17,12 +17,13 @@ mod push;
 mod serve;
 mod shell;
 mod ssh_keys;
+mod switch;
 mod template;
 mod tls;
 mod top;
 mod transfer;
-mod switch;
 mod vm;
+mod vm_nic;
 
 use std::path::PathBuf;
 

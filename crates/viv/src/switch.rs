@@ -67,7 +67,11 @@ fn row(s: &SwitchInfo) -> Vec<String> {
         s.subnet.clone(),
         if s.port_isolation { "yes" } else { "no" }.to_owned(),
         s.bridge.clone(),
-        if s.vms.is_empty() { "-".to_owned() } else { s.vms.join(",") },
+        if s.vms.is_empty() {
+            "-".to_owned()
+        } else {
+            s.vms.join(",")
+        },
     ]
 }
 
@@ -91,7 +95,9 @@ pub async fn run(client: &Client, cmd: SwitchCommand, json: bool) -> Result<i32>
             if let Some(subnet) = subnet {
                 body["subnet"] = json!(subnet);
             }
-            let made: SwitchInfo = client.json(client.request(Method::POST, "/switches").json(&body)).await?;
+            let made: SwitchInfo = client
+                .json(client.request(Method::POST, "/switches").json(&body))
+                .await?;
             if json {
                 output::json(&made);
             } else {
@@ -107,7 +113,9 @@ pub async fn run(client: &Client, cmd: SwitchCommand, json: bool) -> Result<i32>
             }
         }
         SwitchCommand::Get { name } => {
-            let one: SwitchInfo = client.json(client.request(Method::GET, &format!("/switches/{name}"))).await?;
+            let one: SwitchInfo = client
+                .json(client.request(Method::GET, &format!("/switches/{name}")))
+                .await?;
             if json {
                 output::json(&one);
             } else {
@@ -134,7 +142,11 @@ pub async fn run(client: &Client, cmd: SwitchCommand, json: bool) -> Result<i32>
                 anyhow::bail!("nothing to change: give --kind, --subnet or --port-isolation");
             }
             let one: SwitchInfo = client
-                .json(client.request(Method::PATCH, &format!("/switches/{name}")).json(&Value::Object(patch)))
+                .json(
+                    client
+                        .request(Method::PATCH, &format!("/switches/{name}"))
+                        .json(&Value::Object(patch)),
+                )
                 .await?;
             if json {
                 output::json(&one);
@@ -145,7 +157,10 @@ pub async fn run(client: &Client, cmd: SwitchCommand, json: bool) -> Result<i32>
         SwitchCommand::Delete { names } => {
             let mut failed = 0;
             for name in names {
-                match client.send(client.request(Method::DELETE, &format!("/switches/{name}"))).await {
+                match client
+                    .send(client.request(Method::DELETE, &format!("/switches/{name}")))
+                    .await
+                {
                     Ok(_) => {
                         if !json {
                             println!("{name}");

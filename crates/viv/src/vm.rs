@@ -156,6 +156,9 @@ pub enum VmCommand {
     /// Take, list, revert to and delete a VM's snapshots.
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCommand),
+    /// Add, change and remove a VM's network cards.
+    #[command(subcommand)]
+    Nic(crate::vm_nic::NicCommand),
 }
 
 /// `viv vm snapshot ...`
@@ -520,6 +523,7 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
+        VmCommand::Nic(cmd) => crate::vm_nic::run(client, cmd, json).await?,
         VmCommand::Media {
             vm,
             drive,

@@ -145,7 +145,11 @@ impl Manager {
     /// The first /24 of the switch range no switch uses.
     fn allocate_subnet(&self) -> Result<Cidr, ApiError> {
         let range = self.config.switch_range;
-        let blocks = if range.prefix > 24 { 0 } else { 1u64 << (24 - range.prefix) };
+        let blocks = if range.prefix > 24 {
+            0
+        } else {
+            1u64 << (24 - range.prefix)
+        };
         let taken: Vec<Cidr> = self
             .store
             .list_switches()?
@@ -231,7 +235,11 @@ impl Manager {
 
     /// Every switch, by name.
     pub fn list_switches(&self) -> Result<Vec<SwitchInfo>, ApiError> {
-        self.store.list_switches()?.iter().map(|r| self.switch_info(r)).collect()
+        self.store
+            .list_switches()?
+            .iter()
+            .map(|r| self.switch_info(r))
+            .collect()
     }
 
     /// A switch by name.
@@ -352,7 +360,9 @@ impl Manager {
     /// A tap on switch `name`'s bridge for a NIC of VM `vm`, and the tap's name.
     pub(super) async fn switch_tap(&self, vm: &str, name: &str) -> Result<(std::os::fd::OwnedFd, String), ApiError> {
         let row = self.store.switch(name)?.ok_or_else(|| {
-            ApiError::Conflict(format!("VM '{vm}' has a NIC on switch '{name}', which does not exist: edit the VM"))
+            ApiError::Conflict(format!(
+                "VM '{vm}' has a NIC on switch '{name}', which does not exist: edit the VM"
+            ))
         })?;
         let bridge = self.bridge_of(&row)?;
         let host = self.switch_host();

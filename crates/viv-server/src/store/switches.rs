@@ -36,7 +36,9 @@ impl Store {
             // One connection guard: the index read and the insert are not interleaved with another.
             let conn = self.conn();
             let mut stmt = conn.prepare("SELECT idx FROM switches ORDER BY idx")?;
-            let used = stmt.query_map([], |r| r.get::<_, u32>(0))?.collect::<Result<Vec<_>, _>>()?;
+            let used = stmt
+                .query_map([], |r| r.get::<_, u32>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
             drop(stmt);
             let index = (0u32..).find(|i| used.binary_search(i).is_err()).unwrap_or_default();
             let n = conn.execute(
@@ -83,6 +85,9 @@ impl Store {
 
     /// Deletes a switch; `Ok(false)` when there was none.
     pub fn delete_switch(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute("DELETE FROM switches WHERE name = ?1", params![name])? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM switches WHERE name = ?1", params![name])?
+            > 0)
     }
 }

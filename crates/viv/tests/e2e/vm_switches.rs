@@ -54,13 +54,26 @@ impl Internet {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("index.html"), "VIV-INTERNET-REACHED\n").unwrap();
         let server = Command::new("ip")
-            .args(["netns", "exec", &netns, "busybox", "httpd", "-f", "-p", &format!("{INTERNET}:8080"), "-h"])
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                &format!("{INTERNET}:8080"),
+                "-h",
+            ])
             .arg(&root)
             .spawn()
             .unwrap();
         let up = wait_until(Duration::from_secs(10), || {
             Command::new("ip")
-                .args(["netns", "exec", &netns, "busybox", "wget", "-q", "-O", "-", &format!("http://{INTERNET}:8080/")])
+                .args(["netns", "exec", &netns, "sh", "-c"])
+                .arg(format!(
+                    "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 2 {INTERNET} 8080"
+                ))
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("VIV-INTERNET-REACHED"))
         });
@@ -91,7 +104,11 @@ fn switch_resources(key: &str) -> Vec<String> {
     let links = Command::new("ip").args(["-o", "link", "show"]).output().unwrap();
     let mut found: Vec<String> = String::from_utf8_lossy(&links.stdout)
         .lines()
-        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_owned()))
+        .filter_map(|l| {
+            l.split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        })
         .filter(|n| n.starts_with(&format!("vs{key}")) || n.starts_with(&format!("vt{key}")))
         .collect();
     let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
@@ -112,7 +129,10 @@ fn switch_resources(key: &str) -> Vec<String> {
 }
 
 fn taps(key: &str) -> usize {
-    switch_resources(key).iter().filter(|r| r.starts_with(&format!("vt{key}"))).count()
+    switch_resources(key)
+        .iter()
+        .filter(|r| r.starts_with(&format!("vt{key}")))
+        .count()
 }
 
 /// A MAC address unique to this test run.
@@ -151,8 +171,11 @@ fn pings(guest: &mut Guest, address: &str) -> bool {
 }
 
 fn fetches(guest: &mut Guest) -> bool {
+    // busybox nc, not wget: the static busybox's wget crashes with a timeout option.
     guest
-        .run(&format!("wget -q -T 5 -O - http://{INTERNET}:8080/ 2>&1"))
+        .run(&format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {INTERNET} 8080 2>&1"
+        ))
         .contains("VIV-INTERNET-REACHED")
 }
 
@@ -161,8 +184,14 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
     let server = TestServer::shared();
     let internet = Internet::start();
     let names = [unique("nat"), unique("iso"), unique("pis")];
-    let nat = create_switch(server, json!({"name": names[0], "kind": "nat", "subnet": "10.250.1.0/24"}));
-    create_switch(server, json!({"name": names[1], "kind": "isolated", "subnet": "10.250.2.0/24"}));
+    let nat = create_switch(
+        server,
+        json!({"name": names[0], "kind": "nat", "subnet": "10.250.1.0/24"}),
+    );
+    create_switch(
+        server,
+        json!({"name": names[1], "kind": "isolated", "subnet": "10.250.2.0/24"}),
+    );
     create_switch(
         server,
         json!({"name": names[2], "kind": "isolated", "subnet": "10.250.3.0/24", "portIsolation": true}),
@@ -226,7 +255,10 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
     let (a_nat_if, a_nat) = dhcp(&mut a, &mac(1, 0));
     eprintln!("DHCP lease on a nat switch (TCG): {} ms", started.elapsed().as_millis());
     let (_, b_nat) = dhcp(&mut b, &mac(2, 0));
-    assert!(a_nat.starts_with("10.250.1.") && b_nat.starts_with("10.250.1."), "{a_nat} {b_nat}");
+    assert!(
+        a_nat.starts_with("10.250.1.") && b_nat.starts_with("10.250.1."),
+        "{a_nat} {b_nat}"
+    );
     assert_ne!(a_nat, b_nat);
     assert!(pings(&mut a, &b_nat), "VM to VM on the nat switch");
     assert!(!fetches(&mut a), "no route yet: the check below is the masquerade's");
@@ -241,7 +273,10 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
     a.run("ip route del default");
     a.run(&format!("ip route add 10.250.200.0/30 via 10.250.2.1 dev {a_iso_if}"));
     assert!(!fetches(&mut a), "the isolated switch forwards nothing");
-    assert!(!pings(&mut a, "10.250.2.1"), "the host answers nothing but DHCP on an isolated switch");
+    assert!(
+        !pings(&mut a, "10.250.2.1"),
+        "the host answers nothing but DHCP on an isolated switch"
+    );
 
     // Port isolation: addresses by DHCP (the host's side is reachable), not each other.
     let (_, _) = dhcp(&mut a, &mac(1, 2));
@@ -272,7 +307,10 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
         assert_eq!(server.delete(&format!("/vms/{id}")).send().unwrap().status(), 204);
     }
     for name in &names {
-        assert_eq!(server.delete(&format!("/switches/{name}")).send().unwrap().status(), 204);
+        assert_eq!(
+            server.delete(&format!("/switches/{name}")).send().unwrap().status(),
+            204
+        );
     }
     drop(internet);
     let left = switch_resources(&key);
@@ -296,7 +334,11 @@ fn switches_survive_a_restart_and_a_crashed_servers_leftovers_are_removed() {
     let bridge = made["bridge"].as_str().unwrap().to_owned();
     let key = bridge[2..8].to_owned();
     let listed = server.cli(&["switch", "list"]);
-    assert!(listed.stdout.contains(&name) && listed.stdout.contains("10.250.32.0/24"), "{}", listed.stdout);
+    assert!(
+        listed.stdout.contains(&name) && listed.stdout.contains("10.250.32.0/24"),
+        "{}",
+        listed.stdout
+    );
 
     // A crash leaves the bridge, dnsmasq and table; add a bridge the store does not know.
     server.stop(libc::SIGKILL);
@@ -307,7 +349,11 @@ fn switches_survive_a_restart_and_a_crashed_servers_leftovers_are_removed() {
     let now = switch_resources(&key);
     assert!(!now.contains(&stale), "the stale bridge is removed: {now:?}");
     assert!(now.contains(&bridge), "the switch is back: {now:?}");
-    assert_eq!(now.iter().filter(|r| r.starts_with("dnsmasq")).count(), 1, "one dnsmasq: {now:?}");
+    assert_eq!(
+        now.iter().filter(|r| r.starts_with("dnsmasq")).count(),
+        1,
+        "one dnsmasq: {now:?}"
+    );
     let got = server.cli(&["--json", "switch", "get", &name]);
     assert!(got.code == 0, "{}", got.stderr);
 
@@ -316,7 +362,11 @@ fn switches_survive_a_restart_and_a_crashed_servers_leftovers_are_removed() {
     assert!(deleted.code == 0, "{}", deleted.stderr);
     assert_eq!(switch_resources(&key), Vec::<String>::new());
     let missing = server.cli(&["switch", "get", &name]);
-    assert!(missing.code != 0 && missing.stderr.contains("no switch"), "{}", missing.stderr);
+    assert!(
+        missing.code != 0 && missing.stderr.contains("no switch"),
+        "{}",
+        missing.stderr
+    );
 
     // A clean shutdown with switches (and no VM running) leaves nothing on the host.
     let again = server.cli(&["switch", "create", &unique("last"), "--kind", "isolated"]);
