@@ -297,6 +297,33 @@ impl SwitchHost {
     }
 }
 
+/// The host's IPv4 routes of its main table but the default route and those through links named
+/// `skip*`: destination and device.
+pub fn host_routes(skip: &str) -> Vec<(Cidr, String)> {
+    output("ip", &["-4", "route", "show"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let dest = words.next()?;
+            let dev = line
+                .split_whitespace()
+                .skip_while(|w| *w != "dev")
+                .nth(1)
+                .unwrap_or_default();
+            if dest == "default" || dev.starts_with(skip) {
+                return None;
+            }
+            let cidr = if dest.contains('/') {
+                dest.parse().ok()?
+            } else {
+                format!("{dest}/32").parse().ok()?
+            };
+            Some((cidr, dev.to_owned()))
+        })
+        .collect()
+}
+
 /// The table `table` for `bridges` (all named `prefix*`).
 fn rules(table: &str, prefix: &str, bridges: &[Bridge]) -> String {
     let ours = format!("\"{prefix}*\"");

@@ -11,7 +11,8 @@
 //! - a switch is deleted only when no VM definition (current or pending) names it, checked and
 //!   deleted under [`Switches::names`], which VM creates and edits take to check the switches
 //!   they name;
-//! - subnets of switches never overlap each other or the sandbox pool.
+//! - subnets of switches never overlap each other, the sandbox pool or a network the host
+//!   routes elsewhere (checked when given or allocated).
 
 use viv_api::switches::{NewSwitch, SwitchDefinition, SwitchInfo, SwitchKind};
 use viv_net::switches::{Bridge, Forwarding, SwitchHost};
@@ -127,6 +128,15 @@ impl Manager {
                 self.config.net_pool
             )));
         }
+        let ours = format!("vs{}", &self.data_key[..6]);
+        if let Some((net, dev)) = viv_net::switches::host_routes(&ours)
+            .into_iter()
+            .find(|(net, _)| net.overlaps(&subnet))
+        {
+            return Err(ApiError::Conflict(format!(
+                "subnet {subnet} overlaps the host's network {net} (on {dev}); choose another"
+            )));
+        }
         for row in self.store.list_switches()? {
             if Some(row.name.as_str()) == this {
                 continue;
@@ -156,9 +166,14 @@ impl Manager {
             .iter()
             .map(|r| self.bridge_of(r).map(|b| b.subnet))
             .collect::<Result<_, _>>()?;
+        let routes = viv_net::switches::host_routes(&format!("vs{}", &self.data_key[..6]));
         (0..blocks)
             .map(|i| Cidr::new(range.nth((i * 256) as u32), 24))
-            .find(|c| !taken.iter().any(|t| t.overlaps(c)) && !c.overlaps(&self.config.net_pool))
+            .find(|c| {
+                !taken.iter().any(|t| t.overlaps(c))
+                    && !c.overlaps(&self.config.net_pool)
+                    && !routes.iter().any(|(r, _)| r.overlaps(c))
+            })
             .ok_or_else(|| {
                 ApiError::NoRoom(format!(
                     "every /24 of the switch range {range} is taken; give a subnet or use a larger --switch-range"
