@@ -33,6 +33,14 @@ pub(super) struct Switches {
     pub(super) names: std::sync::Mutex<()>,
 }
 
+/// Blocks no switch may use: they mean something else to every host.
+const RESERVED: [(&str, &str); 4] = [
+    ("0.0.0.0/8", "this network"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/3", "multicast and reserved"),
+];
+
 /// The prefix lengths a switch's subnet may have.
 const PREFIXES: std::ops::RangeInclusive<u8> = 16..=29;
 
@@ -44,6 +52,7 @@ fn definition(row: &SwitchRow) -> Result<SwitchDefinition, ApiError> {
     serde_json::from_str(&row.definition).map_err(|e| ApiError::Internal(format!("switch '{}': {e}", row.name)))
 }
 
+/// The subnet of `def` (host bits cleared).
 fn subnet_of(def: &SwitchDefinition) -> Result<Cidr, ApiError> {
     let text = def.subnet.as_deref().unwrap_or_default();
     let cidr: Cidr = text
@@ -54,11 +63,6 @@ fn subnet_of(def: &SwitchDefinition) -> Result<Cidr, ApiError> {
             "subnet {text}: the prefix length must be between {} and {}",
             PREFIXES.start(),
             PREFIXES.end()
-        )));
-    }
-    if cidr.to_string() != text {
-        return Err(ApiError::BadRequest(format!(
-            "subnet {text} has host bits set; did you mean {cidr}?"
         )));
     }
     Ok(cidr)
@@ -122,6 +126,14 @@ impl Manager {
 
     /// Checks that `subnet` overlaps no other switch's (but `this`'s) and not the sandbox pool.
     fn check_subnet(&self, subnet: Cidr, this: Option<&str>) -> Result<(), ApiError> {
+        for (reserved, what) in RESERVED {
+            let reserved: Cidr = reserved.parse().map_err(internal)?;
+            if reserved.overlaps(&subnet) {
+                return Err(ApiError::Conflict(format!(
+                    "subnet {subnet} overlaps {reserved} ({what}), which no switch may use"
+                )));
+            }
+        }
         if subnet.overlaps(&self.config.net_pool) {
             return Err(ApiError::Conflict(format!(
                 "subnet {subnet} overlaps the sandbox address pool {} (--net-pool)",
@@ -192,6 +204,7 @@ impl Manager {
                 Some(_) => {
                     let subnet = subnet_of(&def)?;
                     self.check_subnet(subnet, None)?;
+                    def.subnet = Some(subnet.to_string());
                 }
                 None => def.subnet = Some(self.allocate_subnet()?.to_string()),
             }
@@ -275,7 +288,11 @@ impl Manager {
         let mut def: SwitchDefinition =
             serde_json::from_value(merged).map_err(|e| ApiError::BadRequest(format!("invalid switch: {e}")))?;
         match &def.subnet {
-            Some(_) => self.check_subnet(subnet_of(&def)?, Some(name))?,
+            Some(_) => {
+                let subnet = subnet_of(&def)?;
+                self.check_subnet(subnet, Some(name))?;
+                def.subnet = Some(subnet.to_string());
+            }
             None => def.subnet = Some(self.allocate_subnet()?.to_string()),
         }
         let json = serde_json::to_string(&def).map_err(internal)?;
