@@ -248,7 +248,13 @@ pub struct VmNic {
     /// The switch it is on (a name); none: QEMU's user-mode network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<String>,
+    /// Most kbit/s the guest receives through it (shaped on its tap; a NIC on a switch only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_in_kbps: Option<u32>,
 }
+
+/// Lowest and highest NIC rate limits, kbit/s.
+pub const NIC_RATE_KBPS: std::ops::RangeInclusive<u32> = 64..=100_000_000;
 
 /// The graphical display.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

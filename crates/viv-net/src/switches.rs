@@ -258,7 +258,7 @@ impl SwitchHost {
     /// Creates a tap on `bridge` (its ports isolated when `isolated`) and returns its
     /// descriptor, with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, and its name. The tap goes away
     /// when the last copy of the descriptor is closed.
-    pub fn open_tap(&self, bridge: &str, isolated: bool) -> Result<(OwnedFd, String), NetError> {
+    pub fn open_tap(&self, bridge: &str, isolated: bool, limits: RateLimits) -> Result<(OwnedFd, String), NetError> {
         let io = |context: &str| {
             let context = context.to_owned();
             move |source| NetError::Io { context, source }
@@ -293,7 +293,33 @@ impl SwitchHost {
                 None,
             )?;
         }
+        limits.apply(&name)?;
         Ok((OwnedFd::from(tun), name))
+    }
+}
+
+/// Rate limits of a tap, kbit/s, from the guest's side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    /// What the guest receives: the tap's egress, shaped by a token bucket. (What it sends would
+    /// be the tap's ingress, which needs tc's police action or an IFB device; not there yet.)
+    pub into_guest: Option<u32>,
+}
+
+impl RateLimits {
+    /// Puts the limits on tap `tap` (which has no qdisc of ours yet).
+    fn apply(self, tap: &str) -> Result<(), NetError> {
+        if let Some(kbps) = self.into_guest {
+            // A burst of 10 ms at the rate (at least 4 KiB), a queue of 200 ms.
+            let burst = (u64::from(kbps) * 1000 / 8 / 100).max(4096);
+            let rate = format!("{kbps}kbit");
+            let burst = burst.to_string();
+            let args = [
+                "qdisc", "add", "dev", tap, "root", "tbf", "rate", &rate, "burst", &burst, "latency", "200ms",
+            ];
+            run("tc", &args, None)?;
+        }
+        Ok(())
     }
 }
 

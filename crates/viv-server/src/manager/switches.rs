@@ -377,6 +377,21 @@ impl Manager {
     /// [`Switches::names`] until its definition is stored).
     pub(super) fn check_nic_switches(&self, def: &viv_api::vms::VmDefinition) -> Result<(), ApiError> {
         for nic in &def.nics {
+            if let Some(rate) = nic.rate_in_kbps {
+                let field = "rateInKbps";
+                if nic.switch.is_none() {
+                    return Err(ApiError::Conflict(format!(
+                        "{field} needs a NIC on a switch (QEMU's user-mode network has no limits)"
+                    )));
+                }
+                if !viv_api::vms::NIC_RATE_KBPS.contains(&rate) {
+                    return Err(ApiError::BadRequest(format!(
+                        "{field} must be between {} and {} kbit/s, got {rate}",
+                        viv_api::vms::NIC_RATE_KBPS.start(),
+                        viv_api::vms::NIC_RATE_KBPS.end()
+                    )));
+                }
+            }
             if let Some(name) = &nic.switch {
                 super::check_name("switch", name)?;
                 if self.store.switch(name)?.is_none() {
@@ -389,8 +404,13 @@ impl Manager {
         Ok(())
     }
 
-    /// A tap on switch `name`'s bridge for a NIC of VM `vm`, and the tap's name.
-    pub(super) async fn switch_tap(&self, vm: &str, name: &str) -> Result<(std::os::fd::OwnedFd, String), ApiError> {
+    /// A tap on switch `name`'s bridge for a NIC of VM `vm`, with `limits`, and the tap's name.
+    pub(super) async fn switch_tap(
+        &self,
+        vm: &str,
+        name: &str,
+        limits: viv_net::switches::RateLimits,
+    ) -> Result<(std::os::fd::OwnedFd, String), ApiError> {
         let row = self.store.switch(name)?.ok_or_else(|| {
             ApiError::Conflict(format!(
                 "VM '{vm}' has a NIC on switch '{name}', which does not exist: edit the VM"
@@ -398,7 +418,7 @@ impl Manager {
         })?;
         let bridge = self.bridge_of(&row)?;
         let host = self.switch_host();
-        tokio::task::spawn_blocking(move || host.open_tap(&bridge.name, bridge.port_isolation))
+        tokio::task::spawn_blocking(move || host.open_tap(&bridge.name, bridge.port_isolation, limits))
             .await
             .map_err(internal)?
             .map_err(|e| ApiError::Internal(format!("attaching VM '{vm}' to switch '{name}': {e}")))

@@ -96,7 +96,10 @@ impl Manager {
                 // The tap lives while a descriptor of it is open: the spec's until QEMU has its
                 // own copy, then QEMU's alone.
                 Some(switch) => {
-                    let (tap, ifname) = self.switch_tap(name, switch).await?;
+                    let limits = viv_net::switches::RateLimits {
+                        into_guest: nic.rate_in_kbps,
+                    };
+                    let (tap, ifname) = self.switch_tap(name, switch, limits).await?;
                     tracing::debug!(vm = %name, nic = i, tap = %ifname, switch = %switch, "NIC on a switch");
                     machine::Nic::tap(format!("nic{i}"), std::sync::Arc::new(tap), mac)
                 }

@@ -27,6 +27,10 @@ struct Internet {
 }
 
 const INTERNET: &str = "10.250.200.2";
+/// Bytes of the file the rate limit is measured with.
+const BIG: usize = 1_000_000;
+/// The rate limit into VM a's nat NIC, kbit/s.
+const RATE_IN_KBPS: u32 = 2_000;
 
 fn sh(command: &str) {
     let out = Command::new("sh").args(["-c", command]).output().unwrap();
@@ -53,6 +57,7 @@ impl Internet {
         let root = std::env::temp_dir().join(&netns);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("index.html"), "VIV-INTERNET-REACHED\n").unwrap();
+        std::fs::write(root.join("big"), vec![b'x'; BIG]).unwrap();
         let server = Command::new("ip")
             .args([
                 "netns",
@@ -211,7 +216,7 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
     let iso = library_iso(server);
     let body = |vm: u8| {
         json!({"memoryMib": 192, "cdroms": [{"iso": iso}], "nics": [
-            {"switch": names[0], "mac": mac(vm, 0)},
+            {"switch": names[0], "mac": mac(vm, 0), "rateInKbps": if vm == 1 { Some(RATE_IN_KBPS) } else { None }},
             {"switch": names[1], "mac": mac(vm, 1)},
             {"switch": names[2], "mac": mac(vm, 2)},
         ]})
@@ -243,6 +248,15 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
     let (b_id, mut b) = booted(server, "b", body(2));
     a.wait_for(crate::vm_console::READY);
     assert_eq!(taps(&key), 6, "a tap per NIC: {:?}", switch_resources(&key));
+    let qdiscs =
+        String::from_utf8_lossy(&Command::new("tc").args(["qdisc", "show"]).output().unwrap().stdout).into_owned();
+    let on_taps = |kind: &str| {
+        qdiscs
+            .lines()
+            .filter(|l| l.starts_with(&format!("qdisc {kind}")) && l.contains(&format!("dev vt{key}")))
+            .count()
+    };
+    assert_eq!(on_taps("tbf"), 1, "one rate limit: {qdiscs}");
 
     // A switch in use is not deleted; the refusal names its VMs.
     let (status, message) = refused(server.delete(&format!("/switches/{}", names[0])).send().unwrap());
@@ -264,6 +278,30 @@ fn vms_on_nat_isolated_and_port_isolated_switches_reach_what_their_switch_allows
     assert!(!fetches(&mut a), "no route yet: the check below is the masquerade's");
     a.run(&format!("ip route add default via 10.250.1.1 dev {a_nat_if}"));
     assert!(fetches(&mut a), "a VM on the nat switch reaches the internet namespace");
+    // The rate limit into a: a download of BIG bytes, timed by the guest's /proc/uptime.
+    let out = a.run(&format!(
+        "t0=$(cut -d' ' -f1 /proc/uptime); n=$(printf 'GET /big HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {INTERNET} 8080 | wc -c); \
+         t1=$(cut -d' ' -f1 /proc/uptime); echo VIV-RATE $n $t0 $t1"
+    ));
+    let words: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("VIV-RATE "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split_whitespace()
+        .collect();
+    let (bytes, t0, t1): (f64, f64, f64) = (
+        words[0].parse().unwrap(),
+        words[1].parse().unwrap(),
+        words[2].parse().unwrap(),
+    );
+    assert!(bytes >= BIG as f64, "the whole file: {out}");
+    let kbps = bytes * 8.0 / 1000.0 / (t1 - t0);
+    eprintln!("download into a VM limited to {RATE_IN_KBPS} kbit/s (TCG): {kbps:.0} kbit/s");
+    let wanted = f64::from(RATE_IN_KBPS);
+    assert!(
+        (wanted * 0.8..=wanted * 1.2).contains(&kbps),
+        "rate limit {wanted} kbit/s, measured {kbps:.0} kbit/s"
+    );
 
     // isolated: each other only, even with a route through the host.
     let (a_iso_if, _) = dhcp(&mut a, &mac(1, 1));
