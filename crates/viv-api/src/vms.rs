@@ -339,6 +339,14 @@ pub struct VmDefinition {
     /// Disks.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// The most vCPUs the VM may have while it runs (`q35`, one core of one thread per socket):
+    /// `PUT /vms/{id}/vcpus` adds vCPUs up to it without a restart. Unset: no vCPU hotplug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// PCIe root ports reserved at start for disks attached while the VM runs (`q35` only;
+    /// at most 16). VMs defined without it get 4; those defined before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_ports: Option<u8>,
     /// CD-ROM drives.
     #[serde(default)]
     pub cdroms: Vec<VmCdrom>,
@@ -527,6 +535,14 @@ pub struct VmEdit {
     pub applied_now: Vec<String>,
     /// Fields that take effect at the VM's next start.
     pub at_next_start: Vec<String>,
+}
+
+/// `PUT /vms/{id}/vcpus`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmVcpus {
+    /// How many vCPUs (one core of one thread per socket).
+    pub count: u32,
 }
 
 /// `POST /vms/{id}/stop` query.

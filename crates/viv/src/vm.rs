@@ -159,6 +159,17 @@ pub enum VmCommand {
     /// Add, change and remove a VM's network cards.
     #[command(subcommand)]
     Nic(crate::vm_nic::NicCommand),
+    /// Attach and detach pool disks (at once while a q35 VM runs).
+    #[command(subcommand)]
+    Disk(crate::vm_hotplug::DiskCommand),
+    /// Set a VM's vCPUs: a running q35 VM gets more at once, up to its maxVcpus (the guest
+    /// brings them online); a stopped VM any count at its next start.
+    Vcpus {
+        /// VM id or name.
+        vm: String,
+        /// How many vCPUs.
+        count: u32,
+    },
 }
 
 /// `viv vm snapshot ...`
@@ -229,6 +240,10 @@ pub struct DefinitionArgs {
     /// vCPUs (one socket of this many cores).
     #[arg(long, conflicts_with_all = ["sockets", "cores", "threads"])]
     vcpus: Option<u32>,
+    /// The most vCPUs the VM may have while it runs (q35; `viv vm vcpus` adds them without a
+    /// restart). With it, `--vcpus N` makes N sockets of one core.
+    #[arg(long)]
+    max_vcpus: Option<u32>,
     /// CPU sockets.
     #[arg(long)]
     sockets: Option<u32>,
@@ -305,7 +320,11 @@ impl DefinitionArgs {
     fn to_fields(&self) -> Result<Map<String, Value>> {
         let mut f = Map::new();
         if let Some(n) = self.vcpus {
-            f.insert("cpu".into(), json!({"sockets": 1, "cores": n, "threads": 1}));
+            let cpu = match self.max_vcpus {
+                Some(_) => json!({"sockets": n, "cores": 1, "threads": 1}),
+                None => json!({"sockets": 1, "cores": n, "threads": 1}),
+            };
+            f.insert("cpu".into(), cpu);
         } else if self.sockets.is_some() || self.cores.is_some() || self.threads.is_some() {
             let mut cpu = Map::new();
             for (k, v) in [
@@ -325,6 +344,7 @@ impl DefinitionArgs {
             }
         };
         put("memoryMib", self.memory.map(|v| json!(v)));
+        put("maxVcpus", self.max_vcpus.map(|v| json!(v)));
         put("machine", self.machine.as_ref().map(|v| json!(v)));
         put("firmware", self.firmware.as_ref().map(|v| json!(v)));
         put("bootOrder", self.boot.as_ref().map(|v| json!(v)));
@@ -524,6 +544,8 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
         VmCommand::Nic(cmd) => crate::vm_nic::run(client, cmd, json).await?,
+        VmCommand::Disk(cmd) => crate::vm_hotplug::run(client, cmd, json).await?,
+        VmCommand::Vcpus { vm, count } => crate::vm_hotplug::set_vcpus(client, &vm, count, json).await?,
         VmCommand::Media {
             vm,
             drive,

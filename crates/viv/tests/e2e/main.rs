@@ -26,6 +26,7 @@ mod vm_boot;
 mod vm_bridge;
 mod vm_cloudinit;
 mod vm_console;
+mod vm_hotplug;
 mod vm_lifecycle;
 mod vm_metrics;
 mod vm_switches;
