@@ -28,7 +28,7 @@ struct Internet {
 
 const INTERNET: &str = "10.250.200.2";
 /// Bytes of the file the rate limit is measured with.
-const BIG: usize = 1_000_000;
+const BIG: usize = 2_000_000;
 /// The rate limit into VM a's nat NIC, kbit/s.
 const RATE_IN_KBPS: u32 = 2_000;
 
