@@ -395,6 +395,31 @@ fn switches_survive_a_restart_and_a_crashed_servers_leftovers_are_removed() {
     let got = server.cli(&["--json", "switch", "get", &name]);
     assert!(got.code == 0, "{}", got.stderr);
 
+    // NICs through the CLI: on the switch at create, one added, moved to user mode, removed.
+    let vm = unique("nics");
+    let made = server.cli(&["vm", "create", &vm, "--nic", &format!("switch={name},model=e1000")]);
+    assert!(made.code == 0, "{}", made.stderr);
+    for args in [
+        vec!["vm", "nic", "add", &vm, "--switch", &name],
+        vec!["vm", "nic", "edit", &vm, "1", "--user"],
+        vec!["vm", "nic", "remove", &vm, "0"],
+    ] {
+        let out = server.cli(&args);
+        assert!(out.code == 0, "{args:?}: {}", out.stderr);
+    }
+    let nics: Value = server.get(&format!("/vms/{vm}")).send().unwrap().json().unwrap();
+    let nics = &nics["definition"]["nics"];
+    assert_eq!(nics.as_array().map(Vec::len), Some(1), "{nics}");
+    assert!(
+        nics[0].get("switch").is_none() && nics[0]["mac"].as_str().is_some_and(|m| m.starts_with("52:54:00:")),
+        "{nics}"
+    );
+    let on_switch = server.cli(&["vm", "nic", "edit", &vm, "0", "--switch", &name]);
+    assert!(on_switch.code == 0, "{}", on_switch.stderr);
+    let in_use = server.cli(&["switch", "delete", &name]);
+    assert!(in_use.code != 0 && in_use.stderr.contains(&vm), "{}", in_use.stderr);
+    assert!(server.cli(&["vm", "delete", &vm]).code == 0);
+
     // Deleting removes the bridge and dnsmasq; the table goes with the last switch.
     let deleted = server.cli(&["switch", "delete", &name]);
     assert!(deleted.code == 0, "{}", deleted.stderr);
