@@ -14,6 +14,8 @@ VIV_DEPS=(
   python3-venv:-
   iproute2:ip
   nftables:nft
+  # VM switches: DHCP (and DNS on nat switches) per switch, run by the server.
+  dnsmasq-base:dnsmasq
   g++:g++
   # cloud-init NoCloud seed images for VMs (crates/viv-storage) and the ISO tests.
   xorriso:xorriso

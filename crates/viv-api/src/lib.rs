@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod events;
 pub mod storage;
+pub mod switches;
 pub mod vms;
 pub mod volumes;
 

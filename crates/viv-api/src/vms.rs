@@ -233,8 +233,9 @@ pub enum NicModel {
     E1000,
 }
 
-/// A network card. Until VMs have switches, each card is on QEMU's user-mode network inside the
-/// VM's own network namespace: the guest gets an address by DHCP and reaches nothing outside.
+/// A network card: on a switch (a tap device on the switch's bridge), or without one on QEMU's
+/// user-mode network inside the VM's own network namespace (the guest gets an address by DHCP
+/// and reaches nothing outside).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmNic {
@@ -244,7 +245,16 @@ pub struct VmNic {
     /// Model.
     #[serde(default)]
     pub model: NicModel,
+    /// The switch it is on (a name); none: QEMU's user-mode network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    /// Most kbit/s the guest receives through it (shaped on its tap; a NIC on a switch only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_in_kbps: Option<u32>,
 }
+
+/// Lowest and highest NIC rate limits, kbit/s.
+pub const NIC_RATE_KBPS: std::ops::RangeInclusive<u32> = 64..=100_000_000;
 
 /// The graphical display.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub mod policy;
 pub mod rules;
+pub mod switches;
 
 mod dns;
 mod proxy;

@@ -51,6 +51,7 @@ mod setup;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
+mod switches;
 mod template_catalog;
 mod template_commit;
 mod template_versions;
@@ -83,6 +84,7 @@ pub use vm_bridge::VmAgent;
 pub use vm_console::{ConsoleClient, ConsoleHub, HubLimits, CONSOLE_LOG_CAP};
 pub use vm_incoming::Channel as IncomingChannel;
 pub use vm_runtime::LiveVm;
+pub use vms::valid_mac_prefix;
 
 /// Server settings that shape sandboxes.
 #[derive(Debug, Clone)]
@@ -121,6 +123,10 @@ pub struct Config {
     pub network: NetworkMode,
     /// Host-side addresses of the `isolated` mode (a `/30` per running sandbox).
     pub net_pool: viv_net::Cidr,
+    /// Where VM switches created without a subnet get theirs (a /24 each).
+    pub switch_range: viv_net::Cidr,
+    /// The first three pairs of generated VM MAC addresses (`52:54:00`).
+    pub mac_prefix: String,
     /// PEM certificates sandboxes trust besides their image's (for TLS-intercepting egress).
     pub guest_ca_certificates: Option<String>,
     /// Jail every VMM (off only to measure what the jail costs).
@@ -314,6 +320,8 @@ pub struct Manager {
     events: events::EventBus,
     /// Asynchronous operations (clone, import, wipe).
     operations: operations::Operations,
+    /// VM switches: serializes their changes on the host.
+    switches: switches::Switches,
 }
 
 pub(crate) fn now_ms() -> i64 {

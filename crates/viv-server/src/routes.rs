@@ -32,6 +32,7 @@ pub mod session;
 mod signed;
 mod snapshots;
 mod storage;
+mod switches;
 mod templates;
 mod terminal;
 mod vm_console;
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .merge(volumes::control())
         .merge(vms::routes())
         .merge(vm_migrate::routes())
+        .merge(switches::routes())
         .merge(vm_console::routes())
         .merge(storage::routes())
         .merge(events::routes());

@@ -43,10 +43,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0018_web_sessions.sql"),
     include_str!("migrations/0019_vm_origin.sql"),
     include_str!("migrations/0020_template_versions.sql"),
+    include_str!("migrations/0021_switches.sql"),
 ];
 
 mod ssh_keys;
+mod switches;
 pub use ssh_keys::{NewSshKey, SshKeyRow};
+pub use switches::SwitchRow;
 mod template_versions;
 pub use template_versions::VersionRow;
 mod traffic;

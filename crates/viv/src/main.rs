@@ -17,12 +17,14 @@ mod push;
 mod serve;
 mod shell;
 mod ssh_keys;
+mod switch;
 mod template;
 mod tls;
 mod top;
 mod transfer;
 mod vm;
 mod vm_hotplug;
+mod vm_nic;
 
 use std::path::PathBuf;
 
@@ -90,6 +92,9 @@ pub enum Command {
     /// Define, start, stop, edit and delete long-lived VMs (the VM manager).
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Create, list, edit and delete VM switches (bridges VM NICs attach to).
+    #[command(subcommand)]
+    Switch(switch::SwitchCommand),
     /// Follow state changes of VMs, sandboxes and operations as they happen.
     Events(events::EventsArgs),
     /// A live table of sandboxes and VMs (CPU, memory, state, age); sort, kill, pause, resume.

@@ -87,6 +87,13 @@ pub struct ServeArgs {
     /// the host's networks or another server's pool.
     #[arg(long, env = "VIV_NET_POOL", default_value = "10.200.0.0/16")]
     pub net_pool: viv_net::Cidr,
+    /// Where VM switches created without a subnet get theirs (a /24 each). Must not overlap the
+    /// host's networks, the sandbox pool (--net-pool) or another server's range.
+    #[arg(long, env = "VIV_SWITCH_RANGE", default_value = "10.201.0.0/16")]
+    pub switch_range: viv_net::Cidr,
+    /// The first three pairs of the MAC addresses generated for VM NICs (unicast).
+    #[arg(long, env = "VIV_MAC_PREFIX", default_value = "52:54:00")]
+    pub mac_prefix: String,
     /// A registry mirror (base URL, e.g. `http://10.0.0.5:5000`) tried before Docker Hub for
     /// images templates are built from, as Docker's `registry-mirrors` (for air-gapped hosts);
     /// repeat for several, tried in order.
@@ -212,6 +219,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         domain: args.domain.clone(),
         network: network_mode(&args.network)?,
         net_pool: args.net_pool,
+        switch_range: args.switch_range,
+        mac_prefix: {
+            if !viv_server::manager::valid_mac_prefix(&args.mac_prefix) {
+                anyhow::bail!(
+                    "--mac-prefix {}: expected three hex pairs with a unicast first byte, such as 52:54:00",
+                    args.mac_prefix
+                );
+            }
+            args.mac_prefix.clone()
+        },
         guest_ca_certificates: match &args.guest_ca_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)

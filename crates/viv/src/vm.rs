@@ -168,6 +168,9 @@ pub enum VmCommand {
     /// Take, list, revert to and delete a VM's snapshots.
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCommand),
+    /// Add, change and remove a VM's network cards.
+    #[command(subcommand)]
+    Nic(crate::vm_nic::NicCommand),
     /// Attach and detach pool disks (at once while a q35 VM runs).
     #[command(subcommand)]
     Disk(crate::vm_hotplug::DiskCommand),
@@ -289,9 +292,14 @@ pub struct DefinitionArgs {
     /// A CD-ROM drive with an ISO of the library (NAME[,eject-after-boot]), or `empty`.
     #[arg(long = "cdrom")]
     cdroms: Vec<String>,
-    /// Network cards (MAC addresses are generated).
-    #[arg(long)]
+    /// Network cards on QEMU's user-mode network (MAC addresses are generated).
+    #[arg(long, conflicts_with = "nic_specs")]
     nics: Option<usize>,
+    /// A network card: `user` (QEMU's user-mode network) or
+    /// `switch=NAME[,model=virtio-net|e1000][,mac=MAC]` (repeat for more; replaces the list on
+    /// edit).
+    #[arg(long = "nic", value_name = "SPEC")]
+    nic_specs: Vec<String>,
     /// Serial ports.
     #[arg(long)]
     serial_ports: Option<u8>,
@@ -361,6 +369,10 @@ impl DefinitionArgs {
         put("firmware", self.firmware.as_ref().map(|v| json!(v)));
         put("bootOrder", self.boot.as_ref().map(|v| json!(v)));
         put("nics", self.nics.map(|n| json!(vec![json!({}); n])));
+        if !self.nic_specs.is_empty() {
+            let nics = self.nic_specs.iter().map(|s| nic_spec(s)).collect::<Result<Vec<_>>>()?;
+            put("nics", Some(Value::Array(nics)));
+        }
         put("serialPorts", self.serial_ports.map(|v| json!(v)));
         put("display", self.display.as_ref().map(|v| json!(v)));
         put("stopTimeoutSecs", self.stop_timeout.map(|v| json!(v)));
@@ -431,6 +443,26 @@ fn cdrom_spec(text: &str) -> Result<Value> {
         };
     }
     Ok(Value::Object(cdrom))
+}
+
+/// A NIC of `--nic`: `user`, or `key=value` pairs of `switch`, `model` and `mac`.
+fn nic_spec(spec: &str) -> Result<Value> {
+    let mut nic = Map::new();
+    if spec == "user" {
+        return Ok(Value::Object(nic));
+    }
+    for part in spec.split(',') {
+        let Some((key, value)) = part.split_once('=') else {
+            bail!("--nic {spec}: expected `user` or switch=NAME[,model=MODEL][,mac=MAC], got {part:?}");
+        };
+        match key {
+            "switch" | "model" | "mac" => {
+                nic.insert(key.into(), json!(value));
+            }
+            _ => bail!("--nic {spec}: unknown key {key:?} (switch, model, mac)"),
+        }
+    }
+    Ok(Value::Object(nic))
 }
 
 /// Runs `viv vm ...`.
@@ -531,6 +563,7 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
+        VmCommand::Nic(cmd) => crate::vm_nic::run(client, cmd, json).await?,
         VmCommand::Disk(cmd) => crate::vm_hotplug::run(client, cmd, json).await?,
         VmCommand::Vcpus { vm, count } => crate::vm_hotplug::set_vcpus(client, &vm, count, json).await?,
         VmCommand::Memory { vm, target_mib } => crate::vm_hotplug::memory(client, &vm, target_mib, json).await?,

@@ -146,6 +146,7 @@ impl Manager {
         self.start_network(slots)
             .await
             .map_err(|e| ApiError::Unavailable(format!("setting up isolated networking: {e}")))?;
+        self.start_switches().await?;
         for row in candidates {
             match self.adopt(&row).await {
                 Ok(live) => {
@@ -316,7 +317,8 @@ impl Manager {
     /// Server shutdown: warm VMs are killed; the VMs of running sandboxes are left running,
     /// paused or killed as `mode` says.
     pub async fn shutdown(&self, mode: ShutdownMode) {
-        self.shutdown_vms(mode).await;
+        let vms_left_running = self.shutdown_vms(mode).await;
+        self.stop_switches(vms_left_running).await;
         self.close_pool().await;
         // With nothing running there is nothing to leave: the host's network state goes too.
         let running = !self.live.lock().expect("live lock").is_empty();

@@ -84,6 +84,7 @@ impl Manager {
             incoming: super::vm_incoming::IncomingRegistry::default(),
             events: events::EventBus::default(),
             operations: Default::default(),
+            switches: Default::default(),
         })
     }
 }

@@ -177,9 +177,7 @@ impl Manager {
                 shareable: false,
             },
         );
-        for nic in &mut def.nics {
-            nic.mac.get_or_insert_with(super::vms::random_mac);
-        }
+        self.fill_macs(&mut def)?;
         // Checked before the copy, so a bad definition costs nothing.
         super::vms::check_definition(&def, &self.store.list_vms()?, None).or_else(|e| match e {
             // The root disk does not exist yet.

@@ -151,13 +151,14 @@ impl Manager {
         })
     }
 
-    /// Server shutdown: VMs run on for the next server, except with `kill`.
-    pub(super) async fn shutdown_vms(&self, mode: ShutdownMode) {
+    /// Server shutdown: VMs run on for the next server, except with `kill`. Whether some were
+    /// left running.
+    pub(super) async fn shutdown_vms(&self, mode: ShutdownMode) -> bool {
         // A VM migrating in is nobody's yet: no next server could finish receiving it.
         self.abort_all_incoming().await;
         let lives = self.vm_runtime.drain();
         if lives.is_empty() {
-            return;
+            return false;
         }
         if mode != ShutdownMode::Kill {
             for live in &lives {
@@ -167,7 +168,7 @@ impl Manager {
                 vms = lives.len(),
                 "leaving VMs running; the next server on this data directory takes them over"
             );
-            return;
+            return true;
         }
         for live in &lives {
             live.ask_to_stop("killed: the server stopped with --on-shutdown kill");
@@ -178,5 +179,6 @@ impl Manager {
         for live in &lives {
             live.exit_recorded().await;
         }
+        false
     }
 }

@@ -93,7 +93,20 @@ impl Manager {
             });
         }
         for (i, nic) in def.nics.iter().enumerate() {
-            let mut card = machine::Nic::user(format!("nic{i}"), nic.mac.clone().unwrap_or_default());
+            let mac = nic.mac.clone().unwrap_or_default();
+            let mut card = match &nic.switch {
+                None => machine::Nic::user(format!("nic{i}"), mac),
+                // The tap lives while a descriptor of it is open: the spec's until QEMU has its
+                // own copy, then QEMU's alone.
+                Some(switch) => {
+                    let limits = viv_net::switches::RateLimits {
+                        into_guest: nic.rate_in_kbps,
+                    };
+                    let (tap, ifname) = self.switch_tap(name, switch, limits).await?;
+                    tracing::debug!(vm = %name, nic = i, tap = %ifname, switch = %switch, "NIC on a switch");
+                    machine::Nic::tap(format!("nic{i}"), std::sync::Arc::new(tap), mac)
+                }
+            };
             card.model = match nic.model {
                 NicModel::VirtioNet => machine::NicModel::VirtioNet,
                 NicModel::E1000 => machine::NicModel::E1000,

@@ -39,11 +39,9 @@ impl Manager {
             }
             definition.balloon.get_or_insert(true);
         }
-        for nic in &mut definition.nics {
-            if nic.mac.is_none() {
-                nic.mac = Some(random_mac());
-            }
-        }
+        self.fill_macs(&mut definition)?;
+        let _names = self.switches.names.lock().expect("switch names lock");
+        self.check_nic_switches(&definition)?;
         let others = self.store.list_vms()?;
         check_definition(&definition, &others, None)?;
         let id = format!("vm-{}", super::random_id(16));
@@ -91,11 +89,9 @@ impl Manager {
         merge_patch(&mut merged, &patch);
         let mut wanted: VmDefinition =
             serde_json::from_value(merged).map_err(|e| ApiError::BadRequest(format!("invalid VM definition: {e}")))?;
-        for nic in &mut wanted.nics {
-            if nic.mac.is_none() {
-                nic.mac = Some(random_mac());
-            }
-        }
+        self.fill_macs(&mut wanted)?;
+        let _names = self.switches.names.lock().expect("switch names lock");
+        self.check_nic_switches(&wanted)?;
         let others = self.store.list_vms()?;
         check_definition(&wanted, &others, Some(&row.id))?;
         let changed = changed_fields(&current, &wanted)?;
@@ -204,7 +200,7 @@ pub(super) fn writable_disks(def: &VmDefinition) -> Vec<String> {
 }
 
 /// RFC 7396: objects merge key by key, `null` removes a key, anything else replaces.
-fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+pub(super) fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
     let Some(fields) = patch.as_object() else {
         *target = patch.clone();
         return;
@@ -239,10 +235,52 @@ fn changed_fields(before: &VmDefinition, after: &VmDefinition) -> Result<Vec<Str
     Ok(keys.into_iter().filter(|k| b.get(*k) != a.get(*k)).cloned().collect())
 }
 
-/// A random locally administered unicast MAC in QEMU's `52:54:00` range.
-pub(super) fn random_mac() -> String {
+impl Manager {
+    /// Gives every NIC of `def` without a MAC one from the server's MAC prefix that no VM
+    /// (nor another NIC of `def`) has.
+    pub(super) fn fill_macs(&self, def: &mut VmDefinition) -> Result<(), ApiError> {
+        if def.nics.iter().all(|n| n.mac.is_some()) {
+            return Ok(());
+        }
+        let mut taken: HashSet<String> = HashSet::new();
+        for row in self.store.list_vms()? {
+            for text in std::iter::once(&row.definition).chain(row.pending_definition.as_ref()) {
+                if let Ok(theirs) = definition_of(text) {
+                    taken.extend(
+                        theirs
+                            .nics
+                            .iter()
+                            .filter_map(|n| n.mac.as_deref().map(str::to_ascii_lowercase)),
+                    );
+                }
+            }
+        }
+        taken.extend(
+            def.nics
+                .iter()
+                .filter_map(|n| n.mac.as_deref().map(str::to_ascii_lowercase)),
+        );
+        for nic in def.nics.iter_mut().filter(|n| n.mac.is_none()) {
+            let mac = (0..64)
+                .map(|_| mac_with_prefix(&self.config.mac_prefix))
+                .find(|m| !taken.contains(m))
+                .ok_or_else(|| ApiError::NoRoom("no free MAC address found under the server's --mac-prefix".into()))?;
+            taken.insert(mac.clone());
+            nic.mac = Some(mac);
+        }
+        Ok(())
+    }
+}
+
+/// A random MAC address under `prefix` (three pairs, `52:54:00` by default).
+pub(super) fn mac_with_prefix(prefix: &str) -> String {
     let [a, b, c] = rand::random::<[u8; 3]>();
-    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+    format!("{}:{a:02x}:{b:02x}:{c:02x}", prefix.to_ascii_lowercase())
+}
+
+/// Whether `prefix` is a valid MAC prefix: three hex pairs, a unicast first byte.
+pub fn valid_mac_prefix(prefix: &str) -> bool {
+    valid_mac(&format!("{prefix}:00:00:00"))
 }
 
 fn valid_mac(mac: &str) -> bool {
@@ -538,7 +576,8 @@ mod tests {
 
     #[test]
     fn macs_are_checked() {
-        assert!(valid_mac(&random_mac()));
+        assert!(valid_mac(&mac_with_prefix("52:54:00")));
+        assert!(valid_mac_prefix("52:54:00") && !valid_mac_prefix("53:54:00") && !valid_mac_prefix("52:54"));
         assert!(valid_mac("52:54:00:ab:cd:ef"));
         assert!(!valid_mac("53:54:00:ab:cd:ef"), "multicast");
         assert!(!valid_mac("52:54:00:ab:cd"));

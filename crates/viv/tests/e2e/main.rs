@@ -30,4 +30,5 @@ mod vm_hotplug;
 mod vm_lifecycle;
 mod vm_metrics;
 mod vm_migrate;
+mod vm_switches;
 mod vms;
