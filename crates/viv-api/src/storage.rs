@@ -113,6 +113,10 @@ pub enum OperationKind {
     Import,
     /// Zeroing a disk.
     Wipe,
+    /// A backup of a VM's disks (`target` is the VM).
+    Backup,
+    /// Restoring a VM backup into disks (`target` is the VM).
+    Restore,
 }
 
 impl OperationKind {
@@ -122,6 +126,8 @@ impl OperationKind {
             Self::Clone => "clone",
             Self::Import => "import",
             Self::Wipe => "wipe",
+            Self::Backup => "backup",
+            Self::Restore => "restore",
         }
     }
 }
@@ -172,6 +178,12 @@ pub struct Operation {
     /// The disk it made or changed, once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<DiskInfo>,
+    /// The backup it made (kind `backup`), once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backups::VmBackup>,
+    /// The disks it wrote (kind `restore`), once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<String>>,
     /// When it began, RFC 3339.
     pub created_at: String,
     /// When it ended, RFC 3339.

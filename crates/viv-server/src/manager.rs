@@ -62,6 +62,7 @@ mod vm_media;
 mod vm_metrics;
 mod vm_recovery;
 mod vm_runtime;
+mod vm_backups;
 mod vm_snapshots;
 mod vm_spec;
 mod vms;

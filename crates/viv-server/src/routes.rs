@@ -35,6 +35,7 @@ mod storage;
 mod templates;
 mod terminal;
 mod vm_console;
+mod vm_backups;
 mod vms;
 mod volumes;
 
@@ -89,6 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/versions/{version}", delete(templates::delete_version))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(vm_backups::routes())
         .merge(vm_console::routes())
         .merge(storage::routes())
         .merge(events::routes())

@@ -27,7 +27,7 @@ pub mod snapshot;
 
 pub use disk::{
     unused, CloneError, CreateDiskError, DeleteDiskError, DiskFormat, DiskInfo, DiskInfoError, DiskSummary, Download,
-    DownloadError, ImportError, ResizeError, UploadError, WipeError,
+    DownloadError, Export, ExportError, ExportFormat, ImportError, ResizeError, UploadError, WipeError,
 };
 pub use iso::{IsoAddError, IsoError, IsoInfo};
 pub use pool::{DirPool, OpenPoolError, SourceError};

@@ -22,6 +22,7 @@ mod tls;
 mod top;
 mod transfer;
 mod vm;
+mod vm_backup;
 
 use std::path::PathBuf;
 

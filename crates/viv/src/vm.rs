@@ -156,6 +156,9 @@ pub enum VmCommand {
     /// Take, list, revert to and delete a VM's snapshots.
     #[command(subcommand, alias = "snap")]
     Snapshot(SnapshotCommand),
+    /// Back up a VM's disks (full and incremental), list, delete and restore backups.
+    #[command(subcommand)]
+    Backup(crate::vm_backup::BackupCommand),
 }
 
 /// `viv vm snapshot ...`
@@ -491,6 +494,7 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Resume { vms } => act(client, &vms, "resume", "", "resuming", json).await?,
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
+        VmCommand::Backup(cmd) => crate::vm_backup::run(client, cmd, json).await?,
         VmCommand::Media {
             vm,
             drive,

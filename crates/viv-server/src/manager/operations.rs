@@ -39,6 +39,34 @@ pub const MAX_RUNNING: usize = 16;
 /// The longest `wait` a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: u64 = 600;
 
+/// What a succeeded operation made.
+pub enum OperationOutput {
+    /// A disk (clone, import, wipe).
+    Disk(DiskInfo),
+    /// A VM backup.
+    Backup(viv_api::backups::VmBackup),
+    /// Disks written (restore).
+    Disks(Vec<String>),
+}
+
+impl From<DiskInfo> for OperationOutput {
+    fn from(disk: DiskInfo) -> Self {
+        Self::Disk(disk)
+    }
+}
+
+impl From<viv_api::backups::VmBackup> for OperationOutput {
+    fn from(backup: viv_api::backups::VmBackup) -> Self {
+        Self::Backup(backup)
+    }
+}
+
+impl From<Vec<String>> for OperationOutput {
+    fn from(disks: Vec<String>) -> Self {
+        Self::Disks(disks)
+    }
+}
+
 /// The registry of operations.
 #[derive(Default)]
 pub struct Operations {
@@ -110,7 +138,7 @@ fn change(op: &Operation, previous: Option<OperationState>, message: Option<Stri
 impl Manager {
     /// Registers an operation of `kind` on disk `target` and runs `work` in a task of its own;
     /// returns the operation as it starts, or 429 when [`MAX_RUNNING`] already run.
-    pub fn start_operation<F, Fut>(
+    pub fn start_operation<F, Fut, R>(
         self: &Arc<Self>,
         kind: OperationKind,
         target: &str,
@@ -118,7 +146,8 @@ impl Manager {
     ) -> Result<Operation, ApiError>
     where
         F: FnOnce(OperationHandle) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<DiskInfo, ApiError>> + Send + 'static,
+        Fut: Future<Output = Result<R, ApiError>> + Send + 'static,
+        R: Into<OperationOutput> + Send + 'static,
     {
         let op = Operation {
             id: format!("op-{}", super::random_id(16)),
@@ -129,6 +158,8 @@ impl Manager {
             error: None,
             error_code: None,
             result: None,
+            backup: None,
+            disks: None,
             created_at: crate::store::now_rfc3339_ms(),
             finished_at: None,
         };
@@ -153,7 +184,11 @@ impl Manager {
                     Ok(result) => {
                         op.state = OperationState::Succeeded;
                         op.progress = 1.0;
-                        op.result = Some(result);
+                        match result.into() {
+                            OperationOutput::Disk(disk) => op.result = Some(disk),
+                            OperationOutput::Backup(backup) => op.backup = Some(backup),
+                            OperationOutput::Disks(disks) => op.disks = Some(disks),
+                        }
                     }
                     Err(e) => {
                         op.state = OperationState::Failed;
@@ -264,6 +299,8 @@ mod tests {
             error: None,
             error_code: None,
             result: None,
+            backup: None,
+            disks: None,
             created_at: String::new(),
             finished_at: None,
         })
