@@ -34,8 +34,8 @@ mod snapshots;
 mod storage;
 mod templates;
 mod terminal;
-mod vm_console;
 mod vm_backups;
+mod vm_console;
 mod vms;
 mod volumes;
 

@@ -5,8 +5,8 @@
 //!
 //! Invariants:
 //! - every disk of one backup is copied from the same instant: the bitmaps are added and the
-//!   jobs started in one `transaction`, with `completion-mode: grouped` (one job failing cancels
-//!   the others);
+//!   jobs started in one `transaction` (a job failing fails the backup as a whole; since no job
+//!   clears a bitmap, the others' success changes nothing either);
 //! - a backup never clears the bitmap it reads (`sync: bitmap`, `bitmap-mode: never`) and adds
 //!   the bitmap the next one reads in the same transaction; the caller removes the older bitmap
 //!   only once the new backup is recorded, so a backup lost to a crash never loses a change;
@@ -207,11 +207,7 @@ pub async fn run_backup(
             }
             actions.push(json!({"type": "blockdev-backup", "data": backup}));
         }
-        qmp.execute(
-            "transaction",
-            Some(json!({"actions": actions, "properties": {"completion-mode": "grouped"}})),
-        )
-        .await?;
+        qmp.execute("transaction", Some(json!({"actions": actions}))).await?;
         wait_jobs(qmp, &jobs, progress).await
     }
     .await;
@@ -250,7 +246,11 @@ async fn wait_jobs(qmp: &Qmp, ids: &[String], progress: &mut (dyn FnMut(f64) + S
         }
         let mut still = Vec::new();
         for id in pending {
-            let job = jobs.iter().find(|j| j["id"] == id.as_str()).cloned().unwrap_or(Value::Null);
+            let job = jobs
+                .iter()
+                .find(|j| j["id"] == id.as_str())
+                .cloned()
+                .unwrap_or(Value::Null);
             match job["status"].as_str() {
                 Some("concluded") => {
                     let _ = qmp.execute("job-dismiss", Some(json!({"id": id}))).await;

@@ -192,23 +192,41 @@ impl Manager {
                     .map(|((id, _), path)| (viv_vmm::machine::Machine::disk_format_node(id), path.clone()))
                     .collect();
                 let socket = dir.join(format!(".tmp-{backup_id}.qsd"));
-                Some(StorageDaemon::start(&socket, &nodes).await.map_err(|e| backup_error(&row.name, e))?)
+                Some(
+                    StorageDaemon::start(&socket, &nodes)
+                        .await
+                        .map_err(|e| backup_error(&row.name, e))?,
+                )
             }
         };
         let result = self
-            .run_backup_jobs(&row, &disks, &stored, parent.as_ref(), &temps, &bitmap, live.as_ref(), daemon.as_ref(), &mut progress)
+            .run_backup_jobs(
+                &row,
+                &disks,
+                &stored,
+                parent.as_ref(),
+                kind,
+                &temps,
+                &bitmap,
+                live.as_ref(),
+                daemon.as_ref(),
+                &mut progress,
+            )
             .await;
         let outcome = match result {
             Ok(sync_parent) => {
-                let published = self.publish_backup(&row, &temps, &backup_id, sync_parent, &stored, &bitmap, live.is_some());
+                let published =
+                    self.publish_backup(&row, &temps, &backup_id, sync_parent, &stored, &bitmap, live.is_some());
                 if published.is_ok() {
                     // The new bitmap now follows the newest backup; older ones are not needed.
                     let ids: Vec<String> = disks.iter().map(|(id, _)| id.clone()).collect();
                     let pruned = match (&live, &daemon) {
                         (Some(live), _) => live.machine.prune_backup_bitmaps(&ids, Some(&bitmap)).await,
                         (None, Some(daemon)) => {
-                            let nodes: Vec<String> =
-                                ids.iter().map(|id| viv_vmm::machine::Machine::disk_format_node(id)).collect();
+                            let nodes: Vec<String> = ids
+                                .iter()
+                                .map(|id| viv_vmm::machine::Machine::disk_format_node(id))
+                                .collect();
                             vmm_backup::remove_bitmaps_except(&daemon.qmp, &nodes, Some(&bitmap)).await
                         }
                         (None, None) => Ok(()),
@@ -240,6 +258,7 @@ impl Manager {
         disks: &[(String, String)],
         stored: &[StoredDisk],
         parent: Option<&VmBackupRow>,
+        kind: BackupKind,
         temps: &TempFiles,
         bitmap: &str,
         live: Option<&Arc<super::vm_runtime::LiveVm>>,
@@ -265,6 +284,8 @@ impl Manager {
                 };
                 match usable {
                     Ok(()) => Some(p),
+                    // `auto`: no bitmap to follow (a restore, an unclean stop) means a full backup.
+                    Err(BackupError::NoBitmap { .. }) if kind == BackupKind::Auto => None,
                     Err(e @ BackupError::NoBitmap { .. }) => {
                         return Err(ApiError::Conflict(format!("VM '{}': {e}", row.name)));
                     }
@@ -274,8 +295,7 @@ impl Manager {
             None => None,
         };
         for (n, disk) in stored.iter().enumerate() {
-            let mut args: Vec<std::ffi::OsString> =
-                vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+            let mut args: Vec<std::ffi::OsString> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
             if let Some(p) = parent {
                 args.extend([
                     "-b".into(),
@@ -284,7 +304,10 @@ impl Manager {
                     "qcow2".into(),
                 ]);
             }
-            args.extend([temps.0[n].clone().into_os_string(), disk.virtual_size.to_string().into()]);
+            args.extend([
+                temps.0[n].clone().into_os_string(),
+                disk.virtual_size.to_string().into(),
+            ]);
             viv_storage::qemu_img::run(&args)
                 .await
                 .map_err(|e| ApiError::Internal(format!("VM '{}': creating a backup file: {e}", row.name)))?;
@@ -381,8 +404,14 @@ impl Manager {
                     .as_ref()
                     .map(|p| backup_file_name(p, n))
                     .unwrap_or_default();
-                let mut args: Vec<std::ffi::OsString> =
-                    vec!["rebase".into(), "-q".into(), "-f".into(), "qcow2".into(), "-b".into(), new_backing.into()];
+                let mut args: Vec<std::ffi::OsString> = vec![
+                    "rebase".into(),
+                    "-q".into(),
+                    "-f".into(),
+                    "qcow2".into(),
+                    "-b".into(),
+                    new_backing.into(),
+                ];
                 if target.parent_id.is_some() {
                     args.extend(["-F".into(), "qcow2".into()]);
                 }

@@ -9,12 +9,12 @@
 use std::path::Path;
 
 use super::{info_as_io, CloneError, DiskFormat, DiskInfo, DiskInfoError, ImportError, WipeError};
-use crate::pool::is_regular_file;
-use crate::IoError;
 use crate::name;
+use crate::pool::is_regular_file;
 use crate::pool::DISKS;
 use crate::qemu_img;
 use crate::DirPool;
+use crate::IoError;
 
 impl DirPool {
     /// Stores an image the server made itself (a sandbox's root file system layer, whose

@@ -22,6 +22,7 @@ mod ssh;
 mod storage;
 mod template_versions;
 mod templates;
+mod vm_backup;
 mod vm_boot;
 mod vm_bridge;
 mod vm_cloudinit;
