@@ -61,6 +61,7 @@ mod vm_console;
 mod vm_fork;
 mod vm_media;
 mod vm_metrics;
+mod vm_ova;
 mod vm_recovery;
 mod vm_runtime;
 mod vm_snapshots;

@@ -19,6 +19,7 @@ pub mod backing;
 pub mod disk;
 pub mod iso;
 pub mod name;
+pub mod ovf;
 mod pool;
 pub mod qemu_img;
 pub mod seed;

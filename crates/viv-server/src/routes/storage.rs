@@ -80,7 +80,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// The body as a byte reader.
-fn reader(body: Body) -> impl tokio::io::AsyncRead + Unpin {
+pub(super) fn reader(body: Body) -> impl tokio::io::AsyncRead + Unpin {
     tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other))
 }
 

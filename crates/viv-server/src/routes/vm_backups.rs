@@ -1,9 +1,13 @@
 //! Backups of VMs' disks (API key): `POST /vms/{id}/backups` starts one (202 with an
 //! operation), `GET /vms/{id}/backups` lists them, `DELETE /vms/{id}/backups/{backup}` deletes
 //! one (a later backup based on it is merged first), `POST /vms/{id}/backups/{backup}/restore`
-//! restores one into new disks or over the VM's own (202 with an operation).
+//! restores one into new disks or over the VM's own (202 with an operation). OVA packages:
+//! `GET /vms/{id}/export.ova` streams a stopped VM as an OVA, `POST /vms/import?name=` creates
+//! a VM and its disks from an uploaded one (201 with the VM).
 
+use axum::body::Body;
 use axum::extract::State;
+use axum::http::header;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -11,7 +15,7 @@ use axum::{Json, Router};
 use viv_api::backups::{NewVmBackup, RestoreVmBackup};
 
 use super::storage::accepted;
-use super::{ApiPath, JsonBody};
+use super::{ApiPath, ApiQuery, JsonBody};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -21,6 +25,44 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/backups", get(list).post(create))
         .route("/vms/{id}/backups/{backup}", delete(remove))
         .route("/vms/{id}/backups/{backup}/restore", post(restore))
+        .route("/vms/{id}/export.ova", get(export_ova))
+        .route("/vms/import", post(import_ova))
+}
+
+async fn export_ova(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    let (file, len, name) = state.manager.export_vm_ova(&id).await?;
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-tar".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}.ova\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `?name=` of `POST /vms/import`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    name: Option<String>,
+}
+
+async fn import_ova(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ImportQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let info = state
+        .manager
+        .import_vm_ova(query.name, &mut super::storage::reader(body))
+        .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
 async fn list(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {

@@ -29,4 +29,5 @@ mod vm_cloudinit;
 mod vm_console;
 mod vm_lifecycle;
 mod vm_metrics;
+mod vm_ova;
 mod vms;
