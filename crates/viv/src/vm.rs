@@ -159,6 +159,21 @@ pub enum VmCommand {
     /// Back up a VM's disks (full and incremental), list, delete and restore backups.
     #[command(subcommand)]
     Backup(crate::vm_backup::BackupCommand),
+    /// Export a stopped VM as an OVA package (OVF descriptor and streamOptimized VMDKs).
+    Export {
+        /// VM id or name.
+        vm: String,
+        /// The local .ova file to write.
+        file: std::path::PathBuf,
+    },
+    /// Create a VM and its disks from an OVA package.
+    Import {
+        /// The local .ova file.
+        file: std::path::PathBuf,
+        /// The VM's name (default: the package's).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 /// `viv vm snapshot ...`
@@ -495,6 +510,27 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
         VmCommand::Backup(cmd) => crate::vm_backup::run(client, cmd, json).await?,
+        VmCommand::Export { vm, file } => {
+            let bytes = crate::transfer::download(client, &format!("/vms/{vm}/export.ova"), &file).await?;
+            if json {
+                output::json(&json!({"vm": vm, "file": file, "bytes": bytes}));
+            } else {
+                println!("exported {vm} to {} ({bytes} bytes)", file.display());
+            }
+        }
+        VmCommand::Import { file, name } => {
+            let route = match &name {
+                Some(name) => format!("/vms/import?name={name}"),
+                None => "/vms/import".to_owned(),
+            };
+            let response = crate::transfer::send_file(client, Method::POST, &route, &file, None).await?;
+            let vm: VmInfo = response.json().await?;
+            if json {
+                output::json(&vm);
+            } else {
+                output::table(&HEADERS, &[vm_row(&vm)]);
+            }
+        }
         VmCommand::Media {
             vm,
             drive,

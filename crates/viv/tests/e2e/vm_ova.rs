@@ -29,9 +29,12 @@ fn an_exported_ova_imports_and_boots_with_its_disk() {
     assert_eq!(status, 409, "a running VM is not exported: {message}");
     act(server, &id, "stop", "");
 
-    let response = server.get(&format!("/vms/{id}/export.ova")).send().unwrap();
-    assert_eq!(response.status(), 200);
-    let ova = response.bytes().unwrap().to_vec();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vm.ova");
+    let file_arg = file.to_str().unwrap();
+    let exported = server.cli(&["vm", "export", &id, file_arg]);
+    assert_eq!(exported.code, 0, "{exported:?}");
+    let ova = std::fs::read(&file).unwrap();
     let first = String::from_utf8_lossy(&ova[..100]);
     assert!(
         first.trim_end_matches('\0').ends_with(".ovf"),
