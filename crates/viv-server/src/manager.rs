@@ -59,6 +59,7 @@ mod vm_clone;
 mod vm_cloudinit;
 mod vm_console;
 mod vm_fork;
+mod vm_libvirt;
 mod vm_media;
 mod vm_metrics;
 mod vm_ova;

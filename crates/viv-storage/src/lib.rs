@@ -18,6 +18,7 @@
 pub mod backing;
 pub mod disk;
 pub mod iso;
+pub mod libvirt;
 pub mod name;
 pub mod ovf;
 mod pool;

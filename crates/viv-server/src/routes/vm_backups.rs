@@ -3,7 +3,8 @@
 //! one (a later backup based on it is merged first), `POST /vms/{id}/backups/{backup}/restore`
 //! restores one into new disks or over the VM's own (202 with an operation). OVA packages:
 //! `GET /vms/{id}/export.ova` streams a stopped VM as an OVA, `POST /vms/import?name=` creates
-//! a VM and its disks from an uploaded one (201 with the VM).
+//! a VM and its disks from an uploaded one (201 with the VM), or, with an XML content type, a VM
+//! from libvirt domain XML whose files are in the pool.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -56,8 +57,22 @@ struct ImportQuery {
 async fn import_ova(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ImportQuery>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let xml = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("xml"));
+    if xml {
+        // libvirt domain XML: read at most the limit (one byte more tells it was exceeded).
+        let limit = viv_storage::libvirt::MAX_DOMAIN_SIZE;
+        let bytes = axum::body::to_bytes(body, limit + 1)
+            .await
+            .map_err(|_| ApiError::TooLarge(format!("the domain XML is larger than {limit} bytes")))?;
+        let info = state.manager.import_vm_libvirt(query.name, &bytes)?;
+        return Ok((StatusCode::CREATED, Json(info)).into_response());
+    }
     let info = state
         .manager
         .import_vm_ova(query.name, &mut super::storage::reader(body))

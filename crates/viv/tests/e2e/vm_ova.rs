@@ -126,3 +126,68 @@ fn tar_entry(name: &str, data: &[u8]) -> Vec<u8> {
     out.resize(out.len().div_ceil(512) * 512, 0);
     out
 }
+
+#[test]
+fn a_libvirt_domain_becomes_a_vm_of_pool_files_only() {
+    let server = TestServer::shared();
+    let iso = library_iso(server);
+    let disk = unique("lvdisk");
+    create_disk(server, &disk, 16 << 20);
+    let pool = server.data_dir.join("storage");
+    let name = unique("lvvm");
+    let mac = "52:54:00:7a:01:02";
+    let domain = |disk_path: &str| {
+        format!(
+            r#"<domain type='kvm'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>2</vcpu>
+  <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk_path}'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><source file='{}/isos/{iso}.iso'/><target dev='sda' bus='sata'/><readonly/></disk>
+    <interface type='network'><mac address='{mac}'/><model type='e1000'/></interface>
+  </devices></domain>"#,
+            pool.display()
+        )
+    };
+    let import = |xml: String| {
+        server
+            .post("/vms/import")
+            .header("Content-Type", "application/xml")
+            .body(xml)
+            .send()
+            .unwrap()
+    };
+    let (status, message) = refused(import(domain("/etc/shadow")));
+    assert_eq!((status, message.contains("storage pool")), (400, true), "{message}");
+    let sneaky = format!("{}/disks/../../../etc/{disk}.qcow2", pool.display());
+    assert_eq!(refused(import(domain(&sneaky))).0, 400);
+    let dtd = format!("<!DOCTYPE d [<!ENTITY x 'y'>]>{}", domain("/x"));
+    assert_eq!(refused(import(dtd)).0, 400);
+
+    let response = import(domain(&format!("{}/disks/{disk}.qcow2", pool.display())));
+    let status = response.status().as_u16();
+    let vm: Value = response.json().unwrap();
+    assert_eq!(status, 201, "{vm}");
+    let def = &vm["definition"];
+    assert_eq!(vm["name"], name.as_str());
+    assert_eq!(
+        (def["memoryMib"].as_u64(), def["cpu"]["cores"].as_u64()),
+        (Some(256), Some(2)),
+        "{def}"
+    );
+    assert_eq!(def["firmware"], "uefi");
+    assert_eq!(def["disks"][0]["disk"], disk.as_str());
+    assert_eq!(def["cdroms"][0]["iso"], iso.as_str());
+    assert_eq!(
+        (def["nics"][0]["model"].as_str(), def["nics"][0]["mac"].as_str()),
+        (Some("e1000"), Some(mac))
+    );
+    let id = vm["id"].as_str().unwrap();
+    assert_eq!(
+        server
+            .delete(&format!("/vms/{id}?disks=delete"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
+}
