@@ -278,7 +278,8 @@ async fn wait_jobs(qmp: &Qmp, ids: &[String], progress: &mut (dyn FnMut(f64) + S
 /// A `qemu-storage-daemon` serving a stopped VM's qcow2 disks over QMP, so its backups run the
 /// same jobs as a running VM's. It opens the disks itself (they are pool disks the caller
 /// checked; their backing files are pool disks too) and writes their bitmaps back when it quits.
-/// Dropped without [`StorageDaemon::quit`], it is killed.
+/// Dropped without [`StorageDaemon::quit`], it is killed; it is killed too when the server dies
+/// (parent-death signal), and its bitmaps are then inconsistent, so the next backup is full.
 #[derive(Debug)]
 pub struct StorageDaemon {
     child: tokio::process::Child,
@@ -308,6 +309,17 @@ impl StorageDaemon {
                 "file": {"driver": "file", "filename": path},
             });
             command.arg("--blockdev").arg(spec.to_string());
+        }
+        // SAFETY: between fork and exec the closure only calls prctl, which is async-signal-safe
+        // and touches nothing of the parent: the daemon is killed when the server dies (a crash
+        // mid-backup must not leave it holding the VM's disks).
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         let mut child = command.spawn().map_err(|e| {
             BackupError::Daemon(if e.kind() == std::io::ErrorKind::NotFound {

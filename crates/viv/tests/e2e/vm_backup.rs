@@ -207,3 +207,69 @@ fn an_incremental_backup_restored_equals_the_disk_at_its_moment() {
         assert_eq!(server.delete(&format!("/disks/{name}")).send().unwrap().status(), 204);
     }
 }
+
+/// A server killed while a backup runs lists, after its restart, only complete backups: every
+/// listed backup restores, and files of backups never recorded (left by the crash, or planted
+/// as such a crash would leave them) are gone; the storage daemon died with the server.
+#[test]
+fn a_crash_mid_backup_leaves_no_half_written_backup() {
+    let temp = tempfile::Builder::new()
+        .prefix("viv-e2e-backup-crash-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let first = TestServer::start_on(temp.path(), None);
+    let disk = unique("crashdisk");
+    create_disk(&first, &disk, 64 << 20);
+    let id = crate::vm_lifecycle::define(
+        &first,
+        &unique("crash"),
+        json!({"memoryMib": 128, "disks": [{"disk": disk}]}),
+    );
+    let full = backup(&first, &id, "full");
+    let started = first
+        .post(&format!("/vms/{id}/backups"))
+        .json(&json!({"kind": "full"}))
+        .send()
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    first.stop(libc::SIGKILL);
+    drop(first);
+    let dir = temp.path().join("backups").join(&id);
+    std::fs::write(dir.join(".tmp-bk-crashed-0.qcow2"), b"partial").unwrap();
+    std::fs::write(dir.join("bk-unrecorded-0.qcow2"), b"linked, never recorded").unwrap();
+
+    let second = TestServer::start_on(temp.path(), None);
+    assert!(
+        crate::fixture::wait_until(std::time::Duration::from_secs(10), || {
+            std::process::Command::new("pgrep")
+                .args(["-f", &format!("qemu-storage-daemon.*{}", temp.path().display())])
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+        }),
+        "no storage daemon outlives the server"
+    );
+    let listed: Vec<Value> = second
+        .get(&format!("/vms/{id}/backups"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(!listed.is_empty() && listed[0]["id"] == full["id"], "{listed:?}");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = listed
+        .iter()
+        .map(|b| format!("{}-0.qcow2", b["id"].as_str().unwrap()))
+        .collect();
+    expected.sort();
+    assert_eq!(files, expected, "only listed backups keep files");
+    for b in &listed {
+        let name = unique("crashrestored");
+        restore_new(&second, &id, b["id"].as_str().unwrap(), &name);
+        assert_eq!(raw_sha256(&second, &name), raw_sha256(&second, &disk));
+    }
+}
