@@ -432,6 +432,56 @@ impl Manager {
         Ok(())
     }
 
+    /// Removes the VM's backup bitmaps from its disks (its gate held), after something changed
+    /// the disks behind QEMU's back (a snapshot revert): the bitmaps no longer say what differs
+    /// from the last backup, so the next backup must be full (and `auto` makes it so).
+    pub(super) async fn forget_backup_bitmaps(&self, row: &VmRow) {
+        if self.store.vm_backups(&row.id).map(|b| b.is_empty()).unwrap_or(true) {
+            return;
+        }
+        let Ok(def) = definition_of(&row.definition) else {
+            return;
+        };
+        let ids: Vec<String> = def
+            .disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.read_only && !d.shareable)
+            .map(|(i, _)| format!("disk{i}"))
+            .collect();
+        let outcome = match self.vm_runtime.get(&row.id) {
+            Some(live) => live.machine.prune_backup_bitmaps(&ids, None).await,
+            None => {
+                let mut nodes = Vec::new();
+                for (id, d) in ids
+                    .iter()
+                    .zip(def.disks.iter().filter(|d| !d.read_only && !d.shareable))
+                {
+                    if let Ok(info) = self.storage.disk_info(&d.disk).await {
+                        if info.format == viv_storage::DiskFormat::Qcow2 {
+                            nodes.push((viv_vmm::machine::Machine::disk_format_node(id), info.path));
+                        }
+                    }
+                }
+                let socket = self
+                    .backups_dir(&row.id)
+                    .join(format!(".tmp-{}.qsd", super::random_id(8)));
+                match StorageDaemon::start(&socket, &nodes).await {
+                    Ok(daemon) => {
+                        let names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+                        let removed = vmm_backup::remove_bitmaps_except(&daemon.qmp, &names, None).await;
+                        let quit = daemon.quit().await;
+                        removed.and(quit)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(err) = outcome {
+            tracing::warn!(vm = %row.id, error = %err, "removing backup bitmaps after a revert; the next incremental backup may copy too little, take a full one");
+        }
+    }
+
     /// Deletes every backup of a VM being deleted (its gate held).
     pub(super) fn drop_vm_backups(&self, row: &VmRow) {
         let _ = self.store.delete_vm_backups(&row.id);

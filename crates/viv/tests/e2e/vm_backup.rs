@@ -186,6 +186,25 @@ fn an_incremental_backup_restored_equals_the_disk_at_its_moment() {
     assert!(op["error"].as_str().unwrap().contains("full backup"), "{op}");
     let auto = backup(server, &id, "auto");
     assert_eq!(auto["kind"], "full", "{auto}");
+    // A snapshot revert changes the disk behind the bitmaps' back: they go, the next is full.
+    let snap = server
+        .post(&format!("/vms/{id}/snapshots"))
+        .json(&json!({"name": "s1", "memory": false}))
+        .send()
+        .unwrap();
+    assert_eq!(snap.status(), 201);
+    let before_revert = backup(server, &id, "incremental");
+    assert_eq!(before_revert["kind"], "incremental", "{before_revert}");
+    act(server, &id, "snapshots/s1/revert", "");
+    let op = ended(
+        server,
+        server
+            .post(&format!("/vms/{id}/backups"))
+            .json(&json!({"kind": "incremental"}))
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(op["errorCode"].as_u64(), Some(409), "after a revert: {op}");
     let (status, message) = refused(
         server
             .post(&format!("/vms/{id}/backups/nope/restore"))
