@@ -32,7 +32,10 @@ def raw_info(sandbox_id):
 
 def metric(name):
     """A counter of the server's `/metrics`."""
-    with urllib.request.urlopen(f"{os.environ['E2B_API_URL']}/metrics") as response:
+    request = urllib.request.Request(
+        f"{os.environ['E2B_API_URL']}/metrics", headers={"X-API-Key": os.environ["E2B_API_KEY"]}
+    )
+    with urllib.request.urlopen(request) as response:
         text = response.read().decode()
     found = re.search(rf"^{name} (\d+)$", text, re.M)
     assert found, f"no metric {name}"

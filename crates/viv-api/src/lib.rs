@@ -326,6 +326,11 @@ pub struct SnapshotInfo {
     pub kind: String,
     /// Bytes on disk: its disk layer (the blocks changed since its parent) and its saved state.
     pub size_bytes: u64,
+    /// How it keeps the guest's memory: `whole`, `diff` (only the pages that differ from its
+    /// parent's memory; a node is saved whole and rewritten as a diff in the background when
+    /// the server keeps diffs) or `none` (disk only).
+    #[serde(default)]
+    pub memory: String,
     /// When it was taken (RFC 3339).
     pub created_at: String,
     /// Nodes taken from it.

@@ -117,6 +117,8 @@ pub enum OperationKind {
     Backup,
     /// Restoring a VM backup into disks (`target` is the VM).
     Restore,
+    /// Live migration of a VM to another server (its target is the VM's name).
+    Migrate,
 }
 
 impl OperationKind {
@@ -128,6 +130,7 @@ impl OperationKind {
             Self::Wipe => "wipe",
             Self::Backup => "backup",
             Self::Restore => "restore",
+            Self::Migrate => "migrate",
         }
     }
 }
@@ -184,6 +187,9 @@ pub struct Operation {
     /// The disks it wrote (kind `restore`), once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<String>>,
+    /// A migration's figures, once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::vms::MigrationFigures>,
     /// When it began, RFC 3339.
     pub created_at: String,
     /// When it ended, RFC 3339.

@@ -329,6 +329,19 @@ pub struct VmDefinition {
     /// Disks.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// The most vCPUs the VM may have while it runs (`q35`, one core of one thread per socket):
+    /// `PUT /vms/{id}/vcpus` adds vCPUs up to it without a restart. Unset: no vCPU hotplug.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// A virtio-balloon device (`q35`): `PUT /vms/{id}/memory` takes memory back from the
+    /// running guest and gives it again. VMs defined without it get one; those defined before
+    /// it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<bool>,
+    /// PCIe root ports reserved at start for disks attached while the VM runs (`q35` only;
+    /// at most 16). VMs defined without it get 4; those defined before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_ports: Option<u8>,
     /// CD-ROM drives.
     #[serde(default)]
     pub cdroms: Vec<VmCdrom>,
@@ -519,6 +532,32 @@ pub struct VmEdit {
     pub at_next_start: Vec<String>,
 }
 
+/// `PUT /vms/{id}/vcpus`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmVcpus {
+    /// How many vCPUs (one core of one thread per socket).
+    pub count: u32,
+}
+
+/// `PUT /vms/{id}/memory`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMemoryTarget {
+    /// The memory the guest should have, in MiB (at most the VM's `memoryMib`).
+    pub target_mib: u32,
+}
+
+/// A running VM's memory as its balloon sets it (`GET`/`PUT /vms/{id}/memory`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmMemory {
+    /// The VM's memory (its definition's `memoryMib`).
+    pub memory_mib: u32,
+    /// What the guest has now: `memoryMib` less what its balloon holds.
+    pub actual_mib: u32,
+}
+
 /// `POST /vms/{id}/stop` query.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -582,6 +621,74 @@ fn yes() -> bool {
 pub struct VmFork {
     /// The new VM's name.
     pub name: String,
+}
+
+/// `POST /vms/{id}/migrate` body: where to move the VM.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMigrate {
+    /// The destination server's base URL, `http://HOST:PORT`.
+    pub target: String,
+    /// An API key of the destination server (used for this migration only, never stored).
+    pub target_key: String,
+}
+
+impl std::fmt::Debug for VmMigrate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmMigrate")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A completed live migration's figures (QEMU's `query-migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationFigures {
+    /// From the start of the operation to the VM running on the destination, in ms.
+    pub total_ms: u64,
+    /// Copying the disks (until every mirror was in sync), in ms.
+    pub disk_copy_ms: u64,
+    /// QEMU's RAM migration, start to completion, in ms.
+    pub ram_ms: u64,
+    /// How long the guest was stopped (QEMU's figure), in ms.
+    pub downtime_ms: u64,
+    /// Bytes of RAM sent.
+    pub ram_bytes: u64,
+}
+
+/// A disk of a VM migrating in: created empty on the destination, then filled over NBD.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingDisk {
+    /// Its name in the pool (the VM's definition names it).
+    pub name: String,
+    /// Its virtual size in bytes.
+    pub size_bytes: u64,
+    /// Its format.
+    pub format: crate::storage::DiskFormat,
+}
+
+/// `POST /migrations/incoming` body (server to server): a VM to receive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingVm {
+    /// The VM's name (kept on the destination).
+    pub name: String,
+    /// Its definition.
+    pub definition: VmDefinition,
+    /// Its writable disks, to create empty.
+    pub disks: Vec<IncomingDisk>,
+}
+
+/// A VM waiting for its migration stream on the destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingMigration {
+    /// The incoming migration's id (`in-...`).
+    pub id: String,
+    /// The VM as the destination holds it (state `starting`).
+    pub vm: VmInfo,
 }
 
 /// `POST /vms/{id}/template` body.

@@ -47,4 +47,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// How long a web console session lasts after sign-in.
     pub session_ttl: std::time::Duration,
+    /// `GET /metrics` answers without an API key (`viv serve --public-metrics`).
+    pub public_metrics: bool,
 }

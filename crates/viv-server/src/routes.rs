@@ -36,10 +36,13 @@ mod templates;
 mod terminal;
 mod vm_backups;
 mod vm_console;
+mod vm_migrate;
 mod vms;
 mod volumes;
 
 /// Builds the application router.
+pub use vm_migrate::MIGRATION_PROTOCOL;
+
 pub fn router(state: AppState) -> Router {
     let authed = Router::new()
         .route("/sandboxes", post(create_sandbox).get(listing::list_sandboxes))
@@ -91,15 +94,23 @@ pub fn router(state: AppState) -> Router {
         .merge(volumes::control())
         .merge(vms::routes())
         .merge(vm_backups::routes())
+        .merge(vm_migrate::routes())
         .merge(vm_console::routes())
         .merge(storage::routes())
-        .merge(events::routes())
+        .merge(events::routes());
+    // Metrics name VMs and count sandboxes: behind the key unless the operator made them public.
+    let (authed, public) = if state.public_metrics {
+        (authed, Router::new().route("/metrics", get(metrics)))
+    } else {
+        (authed.route("/metrics", get(metrics)), Router::new())
+    };
+    let authed = authed
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key))
         .layer(axum::Extension(metric_history::History::start(&state)))
         .layer(axum::Extension(Arc::new(sandbox_logs::ConsoleLogs::default())));
     Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .merge(public)
         .route("/openapi.yaml", get(openapi))
         // Authorized by the token of a link `GET /templates/{id}/files/{hash}` handed out.
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
@@ -144,12 +155,21 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
 #[derive(Debug, Clone)]
 pub struct AuthedKey(pub String);
 
+/// The token of an `Authorization: Bearer TOKEN` header, if any.
+fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+}
+
 async fn require_api_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let key = request
         .headers()
         .get(viv_api::API_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
+        // Scrapers such as Prometheus send credentials as a bearer token.
+        .or_else(|| bearer_token(request.headers()))
         // Browsers cannot set headers on a WebSocket: the key as a subprotocol.
         .or_else(|| vm_console::key_from_subprotocols(request.headers()));
     let verdict = match key {

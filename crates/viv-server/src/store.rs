@@ -406,6 +406,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records a node's new size on disk (its memory was rewritten as a diff).
+    pub fn set_snapshot_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET bytes = ?2 WHERE id = ?1",
+            params![id, bytes as i64],
+        )?;
+        Ok(())
+    }
+
     /// One snapshot node, by id or name.
     pub fn snapshot(&self, id_or_name: &str) -> Result<Option<SnapshotRow>, StoreError> {
         let id_or_name = untagged(id_or_name);

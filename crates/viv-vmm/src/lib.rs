@@ -174,6 +174,9 @@ pub enum GuestMemory {
 pub struct Restore {
     /// The saved state.
     pub state: PathBuf,
+    /// `state` already opened by the caller, read instead of opening the path (a diff renamed
+    /// over a node's full state later must not change what this restore reads).
+    pub opened: Option<std::sync::Arc<std::fs::File>>,
     /// Where the guest memory of that state is.
     pub memory: SnapshotMemory,
     /// A memory diff chain (loaded and checked) to feed QEMU instead of `state`: its composed

@@ -45,7 +45,9 @@
 mod adopt;
 mod backup;
 mod command_line;
+mod hotplug;
 mod launch;
+mod migrate;
 mod ops;
 mod resources;
 mod snapshot;
@@ -57,8 +59,10 @@ pub use launch::machine_limits;
 #[cfg(test)]
 pub(crate) use command_line::Backings;
 pub(crate) use command_line::{fd_number, fdset_number, machine_arguments, read_backings, Handed};
+pub use hotplug::{HotDisk, HotplugError};
 pub use resources::{online_cpus, parse_cpu_list, IoLimits, MachineResources};
 
+pub use migrate::{MigrationProgress, MigrationStats, MIGRATE_SOCKET, NBD_SOCKET};
 pub use ops::{
     EjectError, IoLimitsError, Machine, MachineStatus, MediumError, PauseError, PowerOffError, QuitError, ResizeError,
     ResumeError, ScreenshotError, Shutdown, ShutdownError, StatusError,
@@ -378,6 +382,15 @@ pub struct MachineSpec {
     pub agent_channel: bool,
     /// Start waiting for a saved state (`-incoming defer`), loaded by [`Machine::load_state`].
     pub incoming: bool,
+    /// The most vCPUs the machine may have (`-smp maxcpus`), for vCPUs added while it runs
+    /// ([`Machine::set_vcpus`]); only with one core of one thread per socket.
+    pub max_vcpus: Option<u32>,
+    /// A virtio-balloon device (`q35`), for [`Machine::set_balloon`].
+    pub balloon: bool,
+    /// PCIe root ports reserved for hotplug on a `q35` machine (`hp0`…): each takes one disk
+    /// added while the machine runs ([`Machine::hot_add_disk`]). Part of the machine's device
+    /// set, so a saved state restores only into a machine with as many.
+    pub hotplug_ports: u8,
 }
 
 /// A kernel a machine boots directly.
@@ -414,6 +427,9 @@ impl MachineSpec {
             kernel: None,
             agent_channel: false,
             incoming: false,
+            hotplug_ports: 0,
+            max_vcpus: None,
+            balloon: false,
         }
     }
 

@@ -146,10 +146,26 @@ fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
+/// The parts of a chain read into memory (file name, bytes), root first.
+pub type Parts = Vec<(PathBuf, Vec<u8>)>;
+
+/// Reads the parts of a chain from files the caller opened (a file later renamed over one of
+/// their names does not change what is read).
+pub fn read_parts(files: Vec<(PathBuf, File)>) -> Result<Parts, DiffError> {
+    files
+        .into_iter()
+        .map(|(path, mut file)| {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut buf).map_err(io(&path))?;
+            Ok((path, buf))
+        })
+        .collect()
+}
+
 /// Writes `out` from the full save `full`: only its records that differ from the memory
-/// composed of `base` and the diffs `chain` (root first). Written to `out` + `.tmp`, synced,
-/// renamed.
-pub fn make_diff(full: &Path, base: &Path, chain: &[PathBuf], out: &Path) -> Result<DiffStats, DiffError> {
+/// composed of `base` and the diffs `chain` (read with [`read_parts`], root first). Written to
+/// `out` + `.tmp`, synced, renamed.
+pub fn make_diff(full: &Path, base: &Path, chain: &[(PathBuf, Vec<u8>)], out: &Path) -> Result<DiffStats, DiffError> {
     let full_buf = read(full)?;
     let stream = parse(full, &full_buf)?;
     let base_index = stream.block(BASE_BLOCK).ok_or_else(|| DiffError::Mismatch {
@@ -168,9 +184,8 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[PathBuf], out: &Path) -> Res
         });
     }
     // The parents' pages of the base block: (chain file, content), the last writer winning.
-    let chain_bufs: Vec<Vec<u8>> = chain.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
     let mut parents: HashMap<u64, (usize, Content)> = HashMap::new();
-    for (i, (path, buf)) in chain.iter().zip(&chain_bufs).enumerate() {
+    for (i, (path, buf)) in chain.iter().enumerate() {
         let parent = parse(path, buf)?;
         check_blocks(path, &parent, &stream)?;
         let index = parent.block(BASE_BLOCK).expect("blocks checked");
@@ -194,7 +209,7 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[PathBuf], out: &Path) -> Res
         if record.block == base_index {
             let parent: &[u8] = match parents.get(&record.offset) {
                 Some((_, Content::Zero)) => &zero,
-                Some((i, Content::Data(at))) => &chain_bufs[*i][*at..*at + PAGE_SIZE],
+                Some((i, Content::Data(at))) => &chain[*i].1[*at..*at + PAGE_SIZE],
                 None => base_map.page(record.offset).unwrap_or(&zero),
             };
             let same = match data {
@@ -252,10 +267,15 @@ impl std::fmt::Debug for Chain {
 impl Chain {
     /// Reads and checks diffs `parts` (root first, the leaf last).
     pub fn load(parts: &[PathBuf]) -> Result<Self, DiffError> {
-        let parts: Vec<(PathBuf, Vec<u8>)> = parts
+        let parts: Parts = parts
             .iter()
             .map(|p| Ok((p.clone(), read(p)?)))
             .collect::<Result<_, DiffError>>()?;
+        Self::from_parts(parts)
+    }
+
+    /// Checks diffs already read (root first, the leaf last).
+    pub fn from_parts(parts: Parts) -> Result<Self, DiffError> {
         let (leaf_path, leaf_buf) = parts.last().ok_or_else(|| DiffError::Mismatch {
             path: PathBuf::new(),
             what: "an empty chain".into(),
@@ -380,6 +400,11 @@ mod tests {
         w.finish(&[], &[4, 0xee]).unwrap()
     }
 
+    /// Parts read the way a caller reads them: opened first, read from the open files.
+    fn opened(paths: &[PathBuf]) -> Parts {
+        read_parts(paths.iter().map(|p| (p.clone(), File::open(p).unwrap())).collect()).unwrap()
+    }
+
     /// The guest memory QEMU would load: `base` then every record of `streams` in order.
     fn load(base: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
         let mut memory = base.to_vec();
@@ -416,7 +441,7 @@ mod tests {
         // Second save on top: page 2 back to zero, page 3 written.
         let full2 = stream(&[(0, 1), (1, 0), (2, 0), (3, 9)]);
         std::fs::write(path("full2"), &full2).unwrap();
-        let stats = make_diff(&path("full2"), &path("base.mem"), &[path("d1")], &path("d2")).unwrap();
+        let stats = make_diff(&path("full2"), &path("base.mem"), &opened(&[path("d1")]), &path("d2")).unwrap();
         assert_eq!(stats.kept, 2);
         let chain = Chain::load(&[path("d1"), path("d2")]).unwrap();
         let mut composed = Vec::new();

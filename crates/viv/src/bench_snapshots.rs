@@ -12,15 +12,34 @@ use crate::client::Client;
 /// Chain depths whose resume is timed.
 const DEPTHS: [usize; 3] = [1, 10, 50];
 
+/// Pauses sandbox `id` and returns its new node's size once the server has rewritten it as a
+/// diff (in the background, after the pause returned).
 async fn pause(client: &Client, id: &str) -> Result<u64> {
     client
         .send(client.request(Method::POST, &format!("/sandboxes/{id}/pause")))
         .await?;
-    let nodes: Vec<viv_api::SnapshotInfo> = client
-        .json(client.request(Method::GET, "/snapshots").query(&[("sandboxID", id)]))
-        .await?;
-    let node = nodes.iter().rfind(|n| n.kind == "pause").context("no pause node")?;
-    Ok(node.size_bytes)
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut node_id = None;
+    loop {
+        let nodes: Vec<viv_api::SnapshotInfo> = client
+            .json(client.request(Method::GET, "/snapshots").query(&[("sandboxID", id)]))
+            .await?;
+        let node = match &node_id {
+            None => nodes.iter().rfind(|n| n.kind == "pause"),
+            Some(wanted) => nodes.iter().find(|n| &n.snapshot_id == wanted),
+        }
+        .context("no pause node")?;
+        node_id = Some(node.snapshot_id.clone());
+        if node.memory == "diff" {
+            return Ok(node.size_bytes);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node {} was not rewritten as a diff within 300 s (is the server's --memory-diff-chain 0?)",
+            node.snapshot_id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn resume(client: &Client, id: &str) -> Result<Duration> {

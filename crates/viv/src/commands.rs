@@ -426,7 +426,9 @@ pub enum SnapshotCommand {
 }
 
 async fn snapshot(client: &Client, cmd: SnapshotCommand, json: bool) -> Result<()> {
-    let headers = ["ID", "NAME", "KIND", "PARENT", "SANDBOX", "SIZE", "CREATED", "USED BY"];
+    let headers = [
+        "ID", "NAME", "KIND", "PARENT", "SANDBOX", "SIZE", "MEMORY", "CREATED", "USED BY",
+    ];
     match cmd {
         SnapshotCommand::List { sandbox } => {
             let mut request = client.request(Method::GET, "/snapshots");
@@ -474,6 +476,7 @@ fn snapshot_row(s: &viv_api::SnapshotInfo) -> Vec<String> {
         s.parent_id.clone().unwrap_or_else(|| format!("({})", s.template_id)),
         s.sandbox_id.clone(),
         format!("{:.1} MiB", s.size_bytes as f64 / (1 << 20) as f64),
+        s.memory.clone(),
         s.created_at.clone(),
         users.join(","),
     ]

@@ -23,6 +23,7 @@ mod top;
 mod transfer;
 mod vm;
 mod vm_backup;
+mod vm_hotplug;
 
 use std::path::PathBuf;
 

@@ -67,8 +67,8 @@ pub struct ServeArgs {
     pub keep_versions: Option<u32>,
     /// Sandbox pause, fork and snapshot nodes store only the memory pages that differ from their
     /// parent, in chains of at most this many diffs (a save past it diffs against the template's
-    /// memory alone). 0 stores each node's memory whole, the default for now: the diff is
-    /// computed inside the save, which makes a pause slower.
+    /// memory alone). Nodes are saved whole and rewritten as diffs in the background. 0 keeps
+    /// each node's memory whole (the default for now).
     #[arg(long, env = "VIV_MEMORY_DIFF_CHAIN", default_value_t = 0)]
     pub memory_diff_chain: usize,
     /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
@@ -120,6 +120,11 @@ pub struct ServeArgs {
     /// is made on first start in DATA_DIR/ssh.
     #[arg(long, env = "VIV_SSH_LISTEN")]
     pub ssh_listen: Option<SocketAddr>,
+    /// Serve `GET /metrics` without an API key. By default a scraper authenticates like any
+    /// client (`X-API-Key`, or `Authorization: Bearer KEY` as Prometheus sends it): the metrics
+    /// name VMs and count sandboxes.
+    #[arg(long, env = "VIV_PUBLIC_METRICS")]
+    pub public_metrics: bool,
     /// The host-wide range of uids jailed QEMUs run as, `FIRST-LAST` (shared by every server on
     /// the host; must not overlap real users or subuid ranges).
     #[arg(long, env = "VIV_JAIL_UIDS", default_value = "1879048192-1879113727", value_parser = parse_uid_range)]
@@ -264,6 +269,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         store,
         metrics,
         session_ttl: args.session_ttl,
+        public_metrics: args.public_metrics,
     };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,

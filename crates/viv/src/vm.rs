@@ -126,6 +126,18 @@ pub enum VmCommand {
         /// The new VM's name.
         name: String,
     },
+    /// Move a running VM, with its disks, to another Vivarium server while it runs (live
+    /// migration); it is then gone from this server.
+    Migrate {
+        /// VM id or name.
+        vm: String,
+        /// The destination server, http://HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// An API key of the destination server (used for this migration only).
+        #[arg(long, env = "VIV_TARGET_KEY", hide_env_values = true)]
+        to_key: String,
+    },
     /// Run a command in a VM made from a sandbox (it runs the sandbox agent).
     Exec(crate::commands::ExecArgs),
     /// Make a sandbox template of a stopped VM made from a sandbox (its root file system).
@@ -173,6 +185,25 @@ pub enum VmCommand {
         /// The VM's name (default: the package's).
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Attach and detach pool disks (at once while a q35 VM runs).
+    #[command(subcommand)]
+    Disk(crate::vm_hotplug::DiskCommand),
+    /// Set a VM's vCPUs: a running q35 VM gets more at once, up to its maxVcpus (the guest
+    /// brings them online); a stopped VM any count at its next start.
+    Vcpus {
+        /// VM id or name.
+        vm: String,
+        /// How many vCPUs.
+        count: u32,
+    },
+    /// Show a running VM's memory, or have its balloon leave the guest TARGET_MIB (the guest
+    /// gets there over the next moments; back up likewise).
+    Memory {
+        /// VM id or name.
+        vm: String,
+        /// The memory the guest should have, in MiB (64 to the VM's memory).
+        target_mib: Option<u32>,
     },
 }
 
@@ -244,6 +275,10 @@ pub struct DefinitionArgs {
     /// vCPUs (one socket of this many cores).
     #[arg(long, conflicts_with_all = ["sockets", "cores", "threads"])]
     vcpus: Option<u32>,
+    /// The most vCPUs the VM may have while it runs (q35; `viv vm vcpus` adds them without a
+    /// restart). With it, `--vcpus N` makes N sockets of one core.
+    #[arg(long)]
+    max_vcpus: Option<u32>,
     /// CPU sockets.
     #[arg(long)]
     sockets: Option<u32>,
@@ -315,7 +350,11 @@ impl DefinitionArgs {
     fn to_fields(&self) -> Result<Map<String, Value>> {
         let mut f = Map::new();
         if let Some(n) = self.vcpus {
-            f.insert("cpu".into(), json!({"sockets": 1, "cores": n, "threads": 1}));
+            let cpu = match self.max_vcpus {
+                Some(_) => json!({"sockets": n, "cores": 1, "threads": 1}),
+                None => json!({"sockets": 1, "cores": n, "threads": 1}),
+            };
+            f.insert("cpu".into(), cpu);
         } else if self.sockets.is_some() || self.cores.is_some() || self.threads.is_some() {
             let mut cpu = Map::new();
             for (k, v) in [
@@ -335,6 +374,7 @@ impl DefinitionArgs {
             }
         };
         put("memoryMib", self.memory.map(|v| json!(v)));
+        put("maxVcpus", self.max_vcpus.map(|v| json!(v)));
         put("machine", self.machine.as_ref().map(|v| json!(v)));
         put("firmware", self.firmware.as_ref().map(|v| json!(v)));
         put("bootOrder", self.boot.as_ref().map(|v| json!(v)));
@@ -531,6 +571,9 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 output::table(&HEADERS, &[vm_row(&vm)]);
             }
         }
+        VmCommand::Disk(cmd) => crate::vm_hotplug::run(client, cmd, json).await?,
+        VmCommand::Vcpus { vm, count } => crate::vm_hotplug::set_vcpus(client, &vm, count, json).await?,
+        VmCommand::Memory { vm, target_mib } => crate::vm_hotplug::memory(client, &vm, target_mib, json).await?,
         VmCommand::Media {
             vm,
             drive,
@@ -561,6 +604,30 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 output::json(&info);
             } else {
                 println!("{}: NVRAM reset", info.name);
+            }
+        }
+        VmCommand::Migrate { vm, to, to_key } => {
+            let op: viv_api::storage::Operation = client
+                .json(
+                    client
+                        .request(Method::POST, &format!("/vms/{vm}/migrate"))
+                        .json(&json!({ "target": to, "targetKey": to_key })),
+                )
+                .await?;
+            let op = crate::transfer::follow(client, op).await?;
+            if json {
+                output::json(&op);
+            } else {
+                match op.migration {
+                    Some(m) => println!(
+                        "{vm}: migrated to {to} in {:.1} s (disks {:.1} s, memory {:.1} s, downtime {} ms)",
+                        m.total_ms as f64 / 1000.0,
+                        m.disk_copy_ms as f64 / 1000.0,
+                        m.ram_ms as f64 / 1000.0,
+                        m.downtime_ms
+                    ),
+                    None => println!("{vm}: migrated to {to}"),
+                }
             }
         }
         VmCommand::Fork { vm, name } => {

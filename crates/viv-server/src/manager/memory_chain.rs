@@ -3,33 +3,47 @@
 //!
 //! A sandbox VM started from a template maps the template's memory file privately; one restored
 //! from a chain maps the chain's base. That file's path is recorded in the VM's run directory
-//! (`memory-base`). When such a sandbox is saved, QEMU writes its whole memory as today; the
-//! template's memory file is then copied once to `memory-bases/<id>.mem` (sparse; the id hashes
-//! the file's path, inode, size and time, so a new generation gets a new base) and the saved
-//! state is rewritten as a diff ([`viv_vmm::memdiff`]) against the parent node's composed memory
-//! (its chain: the parent, its `memory.parent`, … up to the base) or, when the parent has no
-//! chain on this base or its chain is [`chain_limit`] long, against the base alone (this bounds
-//! the depth: a long chain is cut by the next save, never rewritten in place). The node gets
-//! `memory.base` (the base id) and, when chained, `memory.parent` (the parent node's id).
+//! (`memory-base`). When such a sandbox is saved, QEMU writes its whole memory as before and the
+//! node is stored and usable at once: the save does not wait for the diff. A background job
+//! (one at a time) then copies the template's memory file once to `memory-bases/<id>.mem`
+//! (sparse; the id hashes the file's path, inode, size and time, so a new generation gets a new
+//! base), writes a diff ([`viv_vmm::memdiff`]) of the node's state against its parent node's
+//! composed memory (its chain: the parent, its `memory.parent`, … up to the base) or, when the
+//! parent has no chain on this base or its chain is [`Config::memory_diff_chain`] long, against
+//! the base alone (this bounds the depth: a long chain is cut by the next save, never rewritten
+//! in place), and installs it: `memory.parent` (when chained), then `memory.base`, then the diff
+//! renamed over `state`. The node also keeps the path of the memory file its VM mapped
+//! (`memory.source`), so a sandbox restored from it before the diff is installed (from the
+//! whole state, on anonymous memory) still saves diffs against the same base.
 //!
 //! Invariants:
-//! - a diff is made in the node's `.building` directory and renamed with it; any failure keeps
-//!   the full state (the node then restores as before, with anonymous memory);
-//! - `memory.base` is written before the base is persisted, so the collector (which keeps every
-//!   base named by a node, a `.building` node or a run directory) never removes a base a save
-//!   is about to use;
+//! - a node is consistent at every instant: a whole state restores alone or as the last part of
+//!   a chain (it holds every page), and a diff is renamed in only after the files naming its
+//!   chain; readers open a node's `state` *before* reading those files and read the opened file,
+//!   so a rename between the two never pairs a diff with a missing chain;
+//! - a job's files live in `memory-diffs/` until installed, so a node directory holds only
+//!   finished files; a crash or a failed job leaves the whole state; `memory-diffs/` is emptied
+//!   at start;
+//! - a base is persisted before any node names it in `memory.base`; a job names the base it
+//!   is about to use in `memory-diffs/NODE.base`, and the collector keeps every base named there,
+//!   by a node or by a run directory;
 //! - a node's memory parent is its parent in the snapshot tree, which the tree's collector keeps
 //!   while the node exists, so a chain loses a part only by damage; a restore whose chain lacks a
 //!   part or has a damaged one fails with a 409 naming that file, before any VM starts.
+//!
+//! [`Config::memory_diff_chain`]: super::Config::memory_diff_chain
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::Digest as _;
+use tokio::sync::Semaphore;
 use viv_vmm::memdiff::{self, Chain};
 
 use super::Manager;
 use crate::error::ApiError;
+use crate::store::Store;
 
 /// The file in a VM's run directory naming the memory file it maps privately.
 pub(super) const MEMORY_BASE: &str = "memory-base";
@@ -37,9 +51,29 @@ pub(super) const MEMORY_BASE: &str = "memory-base";
 const NODE_BASE: &str = "memory.base";
 /// A node's memory parent (absent: a diff against the base alone).
 const NODE_PARENT: &str = "memory.parent";
+/// The memory file a node's VM mapped (the `memory-base` of its run directory), kept so that a
+/// sandbox restored from the node while it is whole still saves diffs against that base.
+const NODE_SOURCE: &str = "memory.source";
+
+/// One diff job at a time: each reads a whole state and its parents' into memory.
+static DIFF_JOBS: Semaphore = Semaphore::const_new(1);
+
+/// What a restore of a node loads.
+pub(super) enum NodeMemory {
+    /// The node's state holds all its memory (opened: see the module's invariants); `source` is
+    /// the memory file its VM mapped, for the restored VM's run directory.
+    Whole { file: Arc<File>, source: Option<PathBuf> },
+    /// A chain of diffs onto a base the VM maps privately.
+    Chain { base: PathBuf, chain: Arc<Chain> },
+}
+
 impl Manager {
     fn memory_bases_dir(&self) -> PathBuf {
         self.config.data_dir.join("memory-bases")
+    }
+
+    fn memory_diffs_dir(&self) -> PathBuf {
+        self.config.data_dir.join("memory-diffs")
     }
 
     /// Records in `run_dir` which memory file the VM started there maps privately.
@@ -49,141 +83,116 @@ impl Manager {
         }
     }
 
-    /// The chain of node `id`: its diffs root first (its own last) and its base file, or None
-    /// for a node whose state holds all its memory. Missing or damaged parts are a 409 naming
-    /// them.
-    pub(super) async fn node_memory(&self, dir: &Path) -> Result<Option<(PathBuf, Arc<Chain>)>, ApiError> {
-        let Ok(base_id) = std::fs::read_to_string(dir.join(NODE_BASE)) else {
-            return Ok(None);
-        };
+    /// What a restore of node `dir` loads: its whole state, or its chain (diffs root first, its
+    /// own last) and base. Missing or damaged parts are a 409 naming them.
+    pub(super) async fn node_memory(&self, dir: &Path) -> Result<NodeMemory, ApiError> {
         let id = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let base = self.memory_bases_dir().join(format!("{}.mem", base_id.trim()));
-        if !base.is_file() {
-            return Err(ApiError::Conflict(format!(
-                "snapshot {id} cannot be restored: its memory base {} is missing",
-                base.display()
-            )));
-        }
-        let parts = self.chain_parts(dir)?;
-        let chain = tokio::task::spawn_blocking(move || Chain::load(&parts))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Conflict(format!("snapshot {id} cannot be restored: {e}")))?;
-        Ok(Some((base, Arc::new(chain))))
-    }
-
-    /// The state files of node `dir`'s chain, root first.
-    fn chain_parts(&self, dir: &Path) -> Result<Vec<PathBuf>, ApiError> {
-        let leaf = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let mut parts = Vec::new();
-        let mut current = dir.to_path_buf();
-        loop {
-            let state = current.join("state");
-            if !state.is_file() {
+        let snapshots = self.config.data_dir.join("snapshots");
+        let bases = self.memory_bases_dir();
+        let dir = dir.to_path_buf();
+        let opened = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            // The state first, then the files naming its chain (see the module's invariants).
+            let leaf = open_state(&dir, &id)?;
+            let Ok(base_id) = std::fs::read_to_string(dir.join(NODE_BASE)) else {
+                let source = std::fs::read(dir.join(NODE_SOURCE))
+                    .ok()
+                    .map(|p| PathBuf::from(String::from_utf8_lossy(&p).into_owned()));
+                return Ok(NodeMemory::Whole {
+                    file: Arc::new(leaf),
+                    source,
+                });
+            };
+            let base = bases.join(format!("{}.mem", base_id.trim()));
+            if !base.is_file() {
                 return Err(ApiError::Conflict(format!(
-                    "snapshot {leaf} cannot be restored: part {} of its memory chain is missing",
-                    state.display()
+                    "snapshot {id} cannot be restored: its memory base {} is missing",
+                    base.display()
                 )));
             }
-            parts.push(state);
-            if parts.len() > 10_000 {
-                return Err(ApiError::Internal(format!("the memory chain of snapshot {leaf} loops")));
-            }
-            match std::fs::read_to_string(current.join(NODE_PARENT)) {
-                Ok(parent) => current = self.node_dir(parent.trim()),
-                Err(_) => break,
-            }
-        }
-        parts.reverse();
-        Ok(parts)
+            let files = open_chain(&snapshots, &dir, leaf, &id)?;
+            let chain = memdiff::read_parts(files)
+                .and_then(Chain::from_parts)
+                .map_err(|e| ApiError::Conflict(format!("snapshot {id} cannot be restored: {e}")))?;
+            Ok(NodeMemory::Chain {
+                base,
+                chain: Arc::new(chain),
+            })
+        });
+        opened.await.map_err(|e| ApiError::Internal(e.to_string()))?
     }
 
-    /// Rewrites the full state just saved in `building` (a node of sandbox `run_dir`'s VM,
-    /// whose parent node is `parent`) as a diff. On any failure the full state stays.
-    pub(super) async fn diff_node_memory(&self, run_dir: &Path, building: &Path, parent: Option<&str>) {
-        let started = std::time::Instant::now();
-        match self.try_diff(run_dir, building, parent).await {
-            Ok(Some(stats)) => tracing::info!(
-                node = %building.display(),
-                pages = stats.records,
-                kept = stats.kept,
-                bytes = stats.bytes,
-                ms = started.elapsed().as_millis() as u64,
-                "memory saved as a diff"
-            ),
-            Ok(None) => {}
-            Err(err) => {
-                let _ = std::fs::remove_file(building.join(NODE_BASE));
-                let _ = std::fs::remove_file(building.join(NODE_PARENT));
-                let _ = std::fs::remove_file(building.join("state.tmp"));
-                tracing::warn!(node = %building.display(), %err, "memory kept whole: no diff");
-            }
-        }
-    }
-
-    async fn try_diff(
-        &self,
-        run_dir: &Path,
-        building: &Path,
-        parent: Option<&str>,
-    ) -> Result<Option<memdiff::DiffStats>, String> {
-        let Ok(mapped) = std::fs::read(run_dir.join(MEMORY_BASE)) else {
-            return Ok(None);
-        };
-        let mapped = PathBuf::from(String::from_utf8(mapped).map_err(|_| "a memory base path is not UTF-8")?);
-        let bases = self.memory_bases_dir();
-        let (base_id, persisted) = if mapped.parent() == Some(bases.as_path()) {
-            let id = mapped
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .ok_or("a base without a name")?;
-            (id, true)
+    /// How node `id` keeps the guest's memory: `diff`, `whole` (also while its diff is being
+    /// made) or `none`.
+    pub(super) fn node_memory_kind(&self, id: &str) -> &'static str {
+        let dir = self.node_dir(id);
+        if !dir.join("state").is_file() {
+            "none"
+        } else if dir.join(NODE_BASE).is_file() && !self.memory_diffs_dir().join(format!("{id}.base")).exists() {
+            // Installed, and its job (which records the new size last) is over.
+            "diff"
         } else {
-            (base_id_of(&mapped)?, false)
-        };
-        let base = bases.join(format!("{base_id}.mem"));
-        // Named before it is made: the collector keeps it from now on.
-        std::fs::write(building.join(NODE_BASE), &base_id).map_err(|e| e.to_string())?;
-        if !base.is_file() {
-            if persisted {
-                return Err(format!("memory base {} is gone", base.display()));
-            }
-            std::fs::create_dir_all(&bases).map_err(|e| e.to_string())?;
-            let (from, to) = (mapped.clone(), base.clone());
-            let bytes = tokio::task::spawn_blocking(move || memdiff::persist_base(&from, &to))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            tracing::info!(base = %base.display(), bytes, "memory base persisted");
+            "whole"
         }
-        // The parent's chain, if it is on the same base and not too long.
-        let mut chain = Vec::new();
-        if let Some(parent) = parent {
-            let dir = self.node_dir(parent);
-            let same_base = std::fs::read_to_string(dir.join(NODE_BASE)).is_ok_and(|b| b.trim() == base_id);
-            if same_base {
-                if let Ok(parts) = self.chain_parts(&dir) {
-                    if parts.len() < self.config.memory_diff_chain {
-                        chain = parts;
-                        std::fs::write(building.join(NODE_PARENT), parent).map_err(|e| e.to_string())?;
-                    }
-                }
-            }
-        }
-        let full = building.join("state");
-        let diff = building.join("state.diff");
-        let stats = tokio::task::spawn_blocking(move || {
-            let stats = memdiff::make_diff(&full, &base, &chain, &diff)?;
-            std::fs::rename(&diff, &full).map_err(|source| memdiff::DiffError::Io { path: full, source })?;
-            Ok::<_, memdiff::DiffError>(stats)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        Ok(Some(stats))
     }
 
-    /// At start: removes base copies a crash interrupted (no save runs yet).
+    /// Queues the diff of node `node`, just stored with its whole state, of the sandbox VM in
+    /// `run_dir` whose parent node is `parent`. Does nothing when diffs are off or the VM maps
+    /// no memory file.
+    pub(super) fn queue_memory_diff(&self, run_dir: &Path, node: &str, parent: Option<&str>) {
+        if self.config.memory_diff_chain == 0 {
+            return;
+        }
+        let Ok(mapped) = std::fs::read(run_dir.join(MEMORY_BASE)) else {
+            return;
+        };
+        let work = self.memory_diffs_dir();
+        let source = work.join(format!("{node}.source"));
+        let recorded = std::fs::create_dir_all(&work).and_then(|()| {
+            write_atomically(
+                &source,
+                &self.node_dir(node).join(NODE_SOURCE),
+                &String::from_utf8_lossy(&mapped),
+            )
+        });
+        if let Err(err) = recorded {
+            tracing::warn!(node, %err, "recording the node's memory source");
+        }
+        let job = DiffJob {
+            snapshots: self.config.data_dir.join("snapshots"),
+            bases: self.memory_bases_dir(),
+            work: self.memory_diffs_dir(),
+            node: node.to_owned(),
+            parent: parent.map(str::to_owned),
+            mapped: PathBuf::from(String::from_utf8_lossy(&mapped).into_owned()),
+            limit: self.config.memory_diff_chain,
+            store: self.store.clone(),
+        };
+        tokio::spawn(async move {
+            let Ok(_turn) = DIFF_JOBS.acquire().await else { return };
+            let node = job.node.clone();
+            let work = job.work.clone();
+            let started = std::time::Instant::now();
+            match tokio::task::spawn_blocking(move || job.run()).await {
+                Ok(Ok(Some(stats))) => tracing::info!(
+                    node,
+                    pages = stats.records,
+                    kept = stats.kept,
+                    bytes = stats.bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "memory saved as a diff"
+                ),
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => tracing::warn!(node, %err, "memory kept whole: no diff"),
+                Err(err) => tracing::warn!(node, %err, "memory kept whole: the diff job failed"),
+            }
+            for suffix in ["diff", "tmp", "base", "parent", "basename"] {
+                let _ = std::fs::remove_file(work.join(format!("{node}.{suffix}")));
+            }
+        });
+    }
+
+    /// At start: removes base copies and diff jobs a crash interrupted (no save runs yet), and
+    /// the `memory.parent` of nodes whose diff was not installed.
     pub(super) fn recover_memory_bases(&self) {
         for entry in std::fs::read_dir(self.memory_bases_dir())
             .into_iter()
@@ -195,9 +204,17 @@ impl Manager {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+        let _ = std::fs::remove_dir_all(self.memory_diffs_dir());
+        let nodes = self.config.data_dir.join("snapshots");
+        for entry in std::fs::read_dir(&nodes).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            if dir.join(NODE_PARENT).exists() && !dir.join(NODE_BASE).exists() {
+                let _ = std::fs::remove_file(dir.join(NODE_PARENT));
+            }
+        }
     }
 
-    /// Removes memory bases that no node, node being built or VM run directory names.
+    /// Removes memory bases that no node, diff job or VM run directory names.
     pub(super) fn collect_memory_bases(&self) {
         let bases = self.memory_bases_dir();
         let Ok(entries) = std::fs::read_dir(&bases) else { return };
@@ -206,6 +223,17 @@ impl Manager {
         for entry in std::fs::read_dir(&nodes).into_iter().flatten().flatten() {
             if let Ok(id) = std::fs::read_to_string(entry.path().join(NODE_BASE)) {
                 used.insert(id.trim().to_owned());
+            }
+        }
+        for entry in std::fs::read_dir(self.memory_diffs_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.path().extension().is_some_and(|e| e == "base") {
+                if let Ok(id) = std::fs::read_to_string(entry.path()) {
+                    used.insert(id.trim().to_owned());
+                }
             }
         }
         let runs = self.config.data_dir.join("sandboxes");
@@ -232,6 +260,120 @@ impl Manager {
                 let _ = std::fs::remove_file(&path);
             }
         }
+    }
+}
+
+/// Opens node `dir`'s state (`leaf` names the node a restore is for, in errors).
+fn open_state(dir: &Path, leaf: &str) -> Result<File, ApiError> {
+    let state = dir.join("state");
+    File::open(&state).map_err(|_| {
+        ApiError::Conflict(format!(
+            "snapshot {leaf} cannot be restored: part {} of its memory chain is missing",
+            state.display()
+        ))
+    })
+}
+
+/// The opened state files of node `dir`'s chain, root first; `opened` is `dir`'s own state,
+/// already open. Each state is opened before its `memory.parent` is read.
+fn open_chain(snapshots: &Path, dir: &Path, opened: File, leaf: &str) -> Result<Vec<(PathBuf, File)>, ApiError> {
+    let mut parts = vec![(dir.join("state"), opened)];
+    let mut current = dir.to_path_buf();
+    while let Ok(parent) = std::fs::read_to_string(current.join(NODE_PARENT)) {
+        if parts.len() > 10_000 {
+            return Err(ApiError::Internal(format!("the memory chain of snapshot {leaf} loops")));
+        }
+        current = snapshots.join(parent.trim());
+        let file = open_state(&current, leaf)?;
+        parts.push((current.join("state"), file));
+    }
+    parts.reverse();
+    Ok(parts)
+}
+
+/// Writes `contents` to `to` atomically, through `tmp`.
+fn write_atomically(tmp: &Path, to: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(tmp, contents)?;
+    std::fs::rename(tmp, to)
+}
+
+/// A node's diff, made in the background (see the module's doc).
+struct DiffJob {
+    snapshots: PathBuf,
+    bases: PathBuf,
+    work: PathBuf,
+    node: String,
+    parent: Option<String>,
+    /// The memory file the node's VM mapped privately.
+    mapped: PathBuf,
+    limit: usize,
+    store: Arc<Store>,
+}
+
+impl DiffJob {
+    fn run(&self) -> Result<Option<memdiff::DiffStats>, String> {
+        let dir = self.snapshots.join(&self.node);
+        let state = dir.join("state");
+        let (base_id, persisted) = if self.mapped.parent() == Some(self.bases.as_path()) {
+            let id = self
+                .mapped
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .ok_or("a base without a name")?;
+            (id, true)
+        } else {
+            (base_id_of(&self.mapped)?, false)
+        };
+        let work = |suffix: &str| self.work.join(format!("{}.{suffix}", self.node));
+        std::fs::create_dir_all(&self.work).map_err(|e| e.to_string())?;
+        // Named before it is made: the collector keeps it from now on.
+        std::fs::write(work("base"), &base_id).map_err(|e| e.to_string())?;
+        if !state.is_file() {
+            return Ok(None); // deleted meanwhile
+        }
+        let base = self.bases.join(format!("{base_id}.mem"));
+        if !base.is_file() {
+            if persisted {
+                return Err(format!("memory base {} is gone", base.display()));
+            }
+            std::fs::create_dir_all(&self.bases).map_err(|e| e.to_string())?;
+            let bytes = memdiff::persist_base(&self.mapped, &base).map_err(|e| e.to_string())?;
+            tracing::info!(base = %base.display(), bytes, "memory base persisted");
+        }
+        // The parent's chain, if it is on the same base and not too long.
+        let mut chain = Vec::new();
+        let mut chained = None;
+        if let Some(parent) = &self.parent {
+            let parent_dir = self.snapshots.join(parent);
+            if let Ok(file) = open_state(&parent_dir, &self.node) {
+                let same_base = std::fs::read_to_string(parent_dir.join(NODE_BASE)).is_ok_and(|b| b.trim() == base_id);
+                if same_base {
+                    if let Ok(files) = open_chain(&self.snapshots, &parent_dir, file, &self.node) {
+                        if files.len() < self.limit {
+                            chain = memdiff::read_parts(files).map_err(|e| e.to_string())?;
+                            chained = Some(parent.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let stats = memdiff::make_diff(&state, &base, &chain, &work("diff")).map_err(|e| e.to_string())?;
+        if !state.is_file() {
+            return Ok(None); // deleted meanwhile
+        }
+        // Install: the files naming the chain, then the diff (see the module's invariants).
+        if let Some(parent) = &chained {
+            write_atomically(&work("parent"), &dir.join(NODE_PARENT), parent).map_err(|e| e.to_string())?;
+        }
+        write_atomically(&work("basename"), &dir.join(NODE_BASE), &base_id).map_err(|e| e.to_string())?;
+        std::fs::rename(work("diff"), &state).map_err(|e| e.to_string())?;
+        if let Err(err) = self
+            .store
+            .set_snapshot_bytes(&self.node, super::snapshots::allocated_bytes(&dir))
+        {
+            tracing::warn!(node = %self.node, %err, "recording the node's new size");
+        }
+        Ok(Some(stats))
     }
 }
 

@@ -39,32 +39,16 @@ pub const MAX_RUNNING: usize = 16;
 /// The longest `wait` a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: u64 = 600;
 
-/// What a succeeded operation made.
-pub enum OperationOutput {
-    /// A disk (clone, import, wipe).
-    Disk(DiskInfo),
+/// What a successful operation made.
+pub enum OperationResult {
+    /// A disk made or changed.
+    Disk(Box<DiskInfo>),
+    /// A VM moved to another server.
+    Migration(viv_api::vms::MigrationFigures),
     /// A VM backup.
-    Backup(viv_api::backups::VmBackup),
-    /// Disks written (restore).
+    Backup(Box<viv_api::backups::VmBackup>),
+    /// The disks a restore wrote.
     Disks(Vec<String>),
-}
-
-impl From<DiskInfo> for OperationOutput {
-    fn from(disk: DiskInfo) -> Self {
-        Self::Disk(disk)
-    }
-}
-
-impl From<viv_api::backups::VmBackup> for OperationOutput {
-    fn from(backup: viv_api::backups::VmBackup) -> Self {
-        Self::Backup(backup)
-    }
-}
-
-impl From<Vec<String>> for OperationOutput {
-    fn from(disks: Vec<String>) -> Self {
-        Self::Disks(disks)
-    }
 }
 
 /// The registry of operations.
@@ -138,7 +122,7 @@ fn change(op: &Operation, previous: Option<OperationState>, message: Option<Stri
 impl Manager {
     /// Registers an operation of `kind` on disk `target` and runs `work` in a task of its own;
     /// returns the operation as it starts, or 429 when [`MAX_RUNNING`] already run.
-    pub fn start_operation<F, Fut, R>(
+    pub fn start_operation<F, Fut>(
         self: &Arc<Self>,
         kind: OperationKind,
         target: &str,
@@ -146,8 +130,24 @@ impl Manager {
     ) -> Result<Operation, ApiError>
     where
         F: FnOnce(OperationHandle) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<R, ApiError>> + Send + 'static,
-        R: Into<OperationOutput> + Send + 'static,
+        Fut: Future<Output = Result<DiskInfo, ApiError>> + Send + 'static,
+    {
+        self.start_operation_with(kind, target, move |handle| {
+            let work = work(handle);
+            async move { work.await.map(|disk| OperationResult::Disk(Box::new(disk))) }
+        })
+    }
+
+    /// [`Manager::start_operation`] for work whose result is not a disk.
+    pub fn start_operation_with<F, Fut>(
+        self: &Arc<Self>,
+        kind: OperationKind,
+        target: &str,
+        work: F,
+    ) -> Result<Operation, ApiError>
+    where
+        F: FnOnce(OperationHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<OperationResult, ApiError>> + Send + 'static,
     {
         let op = Operation {
             id: format!("op-{}", super::random_id(16)),
@@ -158,6 +158,7 @@ impl Manager {
             error: None,
             error_code: None,
             result: None,
+            migration: None,
             backup: None,
             disks: None,
             created_at: crate::store::now_rfc3339_ms(),
@@ -184,10 +185,11 @@ impl Manager {
                     Ok(result) => {
                         op.state = OperationState::Succeeded;
                         op.progress = 1.0;
-                        match result.into() {
-                            OperationOutput::Disk(disk) => op.result = Some(disk),
-                            OperationOutput::Backup(backup) => op.backup = Some(backup),
-                            OperationOutput::Disks(disks) => op.disks = Some(disks),
+                        match result {
+                            OperationResult::Disk(disk) => op.result = Some(*disk),
+                            OperationResult::Migration(figures) => op.migration = Some(figures),
+                            OperationResult::Backup(backup) => op.backup = Some(*backup),
+                            OperationResult::Disks(disks) => op.disks = Some(disks),
                         }
                     }
                     Err(e) => {
@@ -299,6 +301,7 @@ mod tests {
             error: None,
             error_code: None,
             result: None,
+            migration: None,
             backup: None,
             disks: None,
             created_at: String::new(),

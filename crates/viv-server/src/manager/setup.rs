@@ -81,6 +81,7 @@ impl Manager {
             resume_gates: lifecycle::ResumeGates::default(),
             storage: Arc::new(storage),
             vm_runtime: vm_runtime::VmRuntime::default(),
+            incoming: super::vm_incoming::IncomingRegistry::default(),
             events: events::EventBus::default(),
             operations: Default::default(),
         })

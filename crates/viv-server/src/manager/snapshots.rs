@@ -297,10 +297,6 @@ impl Manager {
             (true, true) => self.save_running(live, &dir, &building).await,
             (true, false) => self.save_stopping(live, &building).await,
         };
-        if memory && result.is_ok() {
-            self.diff_node_memory(&live.run_dir, &building, row.snapshot_id.as_deref())
-                .await;
-        }
         if let Err(err) = result {
             if *live.root_disk.lock().expect("disk lock") == disk_before {
                 let _ = std::fs::remove_dir_all(&building);
@@ -311,12 +307,15 @@ impl Manager {
             // is collected once the sandbox no longer needs it.
             let _ = std::fs::remove_file(building.join("state"));
             let _ = std::fs::remove_file(building.join(super::lifecycle::DISK_ONLY));
-            let _ = std::fs::remove_file(building.join("memory.base"));
             let node = self.store_node(&building, &dir, row, SnapshotKind::Fork, None)?;
             self.store.set_sandbox_snapshot(&row.id, &node.id)?;
             return Err(err);
         }
-        self.store_node(&building, &dir, row, kind, name)
+        let node = self.store_node(&building, &dir, row, kind, name)?;
+        if memory {
+            self.queue_memory_diff(&live.run_dir, &node.id, row.snapshot_id.as_deref());
+        }
+        Ok(node)
     }
 
     /// Moves a built node into place and records it.
@@ -433,6 +432,7 @@ impl Manager {
             template_id: node.template_id,
             kind: node.kind.as_str().to_owned(),
             size_bytes: node.bytes,
+            memory: self.node_memory_kind(&node.id).to_owned(),
             created_at: node.created_at,
             children,
             sandboxes,
@@ -543,7 +543,7 @@ fn snapshot_not_found(id: &str) -> ApiError {
 }
 
 /// Bytes the files of `dir` occupy on disk (allocated blocks, so sparse files count what they use).
-fn allocated_bytes(dir: &Path) -> u64 {
+pub(super) fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::read_dir(dir)
         .into_iter()

@@ -43,7 +43,7 @@ macro_rules! api {
     };
 }
 
-fn format_of(format: wire::DiskFormat) -> viv_storage::DiskFormat {
+pub(super) fn format_of(format: wire::DiskFormat) -> viv_storage::DiskFormat {
     match format {
         wire::DiskFormat::Qcow2 => viv_storage::DiskFormat::Qcow2,
         wire::DiskFormat::Raw => viv_storage::DiskFormat::Raw,

@@ -30,7 +30,7 @@ use viv_api::backups::{BackupDiskInfo, BackupKind, NewVmBackup, RestoreVmBackup,
 use viv_api::storage::{Operation, OperationKind};
 use viv_vmm::backup::{self as vmm_backup, BackupDisk, BackupError, BackupSync, StorageDaemon, BITMAP_PREFIX};
 
-use super::operations::OperationHandle;
+use super::operations::{OperationHandle, OperationResult};
 use super::storage::{api, describe_vms};
 use super::vms::{definition_of, state_of};
 use super::Manager;
@@ -102,9 +102,10 @@ impl Manager {
         let row = self.vm_row(vm)?;
         self.check_operation_room()?;
         let id = row.id.clone();
-        self.start_operation(OperationKind::Backup, &row.name, move |op| async move {
+        self.start_operation_with(OperationKind::Backup, &row.name, move |op| async move {
             let manager = op.manager().clone();
-            manager.take_vm_backup(&id, req.kind, &op).await
+            let backup = manager.take_vm_backup(&id, req.kind, &op).await?;
+            Ok(OperationResult::Backup(Box::new(backup)))
         })
     }
 
@@ -545,9 +546,10 @@ impl Manager {
         }
         self.check_operation_room()?;
         let (id, backup) = (row.id.clone(), target.id.clone());
-        self.start_operation(OperationKind::Restore, &row.name, move |op| async move {
+        self.start_operation_with(OperationKind::Restore, &row.name, move |op| async move {
             let manager = op.manager().clone();
-            manager.restore_vm_backup(&id, &backup, req, &op).await
+            let disks = manager.restore_vm_backup(&id, &backup, req, &op).await?;
+            Ok(OperationResult::Disks(disks))
         })
     }
 

@@ -153,6 +153,8 @@ impl Manager {
 
     /// Server shutdown: VMs run on for the next server, except with `kill`.
     pub(super) async fn shutdown_vms(&self, mode: ShutdownMode) {
+        // A VM migrating in is nobody's yet: no next server could finish receiving it.
+        self.abort_all_incoming().await;
         let lives = self.vm_runtime.drain();
         if lives.is_empty() {
             return;

@@ -55,6 +55,9 @@ impl Manager {
             threads: def.cpu.threads,
         };
         spec.memory_mib = def.memory_mib;
+        spec.hotplug_ports = def.hotplug_ports.unwrap_or(0);
+        spec.max_vcpus = def.max_vcpus;
+        spec.balloon = def.balloon.unwrap_or(false) && def.machine == MachineType::Q35;
         spec.display = match def.display {
             Display::None => machine::Display::None,
             Display::Vnc => machine::Display::Vnc,

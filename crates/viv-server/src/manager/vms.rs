@@ -33,6 +33,12 @@ impl Manager {
     pub fn create_vm(&self, req: NewVm) -> Result<VmInfo, ApiError> {
         super::check_name("VM", &req.name)?;
         let mut definition = req.definition;
+        if definition.machine == viv_api::vms::MachineType::Q35 {
+            if definition.hotplug_ports.is_none() {
+                definition.hotplug_ports = Some(super::vm_hotplug::DEFAULT_HOTPLUG_PORTS);
+            }
+            definition.balloon.get_or_insert(true);
+        }
         for nic in &mut definition.nics {
             if nic.mac.is_none() {
                 nic.mac = Some(random_mac());
@@ -252,7 +258,35 @@ fn valid_mac(mac: &str) -> bool {
 /// (within the VM, or with another VM than `this_vm`).
 pub(super) fn check_definition(def: &VmDefinition, vms: &[VmRow], this_vm: Option<&str>) -> Result<(), ApiError> {
     let host = crate::capacity::HostLimits::host();
+    if let Some(ports) = def.hotplug_ports.filter(|p| *p > 0) {
+        if def.machine != viv_api::vms::MachineType::Q35 {
+            return Err(ApiError::BadRequest(
+                "hotplugPorts needs machine q35 (microvm has no PCIe)".into(),
+            ));
+        }
+        if ports > super::vm_hotplug::MAX_HOTPLUG_PORTS {
+            return Err(ApiError::BadRequest(format!(
+                "hotplugPorts is at most {}, got {ports}",
+                super::vm_hotplug::MAX_HOTPLUG_PORTS
+            )));
+        }
+    }
     let cpu = def.cpu;
+    if let Some(max) = def.max_vcpus {
+        if def.machine != viv_api::vms::MachineType::Q35 || cpu.cores != 1 || cpu.threads != 1 {
+            return Err(ApiError::BadRequest(
+                "maxVcpus needs machine q35 and cpu cores 1, threads 1 (each vCPU added while the VM runs is a socket)"
+                    .into(),
+            ));
+        }
+        if max < cpu.vcpus() || max > host.max_vcpus {
+            return Err(ApiError::BadRequest(format!(
+                "maxVcpus must be between the VM's vCPUs ({}) and the host's CPUs ({}), got {max}",
+                cpu.vcpus(),
+                host.max_vcpus
+            )));
+        }
+    }
     if cpu.sockets == 0 || cpu.cores == 0 || cpu.threads == 0 {
         return Err(ApiError::BadRequest(format!(
             "cpu sockets, cores and threads must each be at least 1, got {}/{}/{}",

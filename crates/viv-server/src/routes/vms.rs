@@ -4,7 +4,8 @@
 //! `/vms/{id}/snapshots[/{snapshot}[/revert]]`, `{snapshot}` an id or a name. Bridges to
 //! sandboxes: `POST /vms` with `fromSnapshot`/`fromTemplate`, `POST /vms/{id}/exec`;
 //! `POST /vms/{id}/template` makes a sandbox template of one; `POST /vms/{id}/fork` forks a
-//! running VM; `GET /snapshot-tree` lists sandbox and VM snapshots together.
+//! running VM; `GET /snapshot-tree` lists sandbox and VM snapshots together. Disks:
+//! `POST /vms/{id}/disks`, `DELETE /vms/{id}/disks/{disk}` (live on q35 with hotplug ports); vCPUs: `PUT /vms/{id}/vcpus`; the balloon: `GET`/`PUT /vms/{id}/memory`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -34,6 +35,10 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/template", post(make_template))
         .route("/vms/{id}/exec", post(super::exec::vm_exec))
         .route("/vms/{id}/cdroms/{drive}", axum::routing::put(change_medium))
+        .route("/vms/{id}/disks", post(attach_disk))
+        .route("/vms/{id}/disks/{disk}", axum::routing::delete(detach_disk))
+        .route("/vms/{id}/vcpus", axum::routing::put(set_vcpus))
+        .route("/vms/{id}/memory", get(memory).put(set_memory))
         .route("/vms/{id}/nvram/reset", post(reset_nvram))
         .route("/vms/{id}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/vms/{id}/snapshots/{snapshot}", get(snapshot).delete(delete_snapshot))
@@ -192,6 +197,41 @@ async fn change_medium(
     JsonBody(req): JsonBody<VmMedium>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.manager.change_vm_medium(&id, drive, req.iso.as_deref()).await?).into_response())
+}
+
+async fn attach_disk(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(disk): JsonBody<viv_api::vms::VmDisk>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.attach_vm_disk(&id, disk).await?).into_response())
+}
+
+async fn detach_disk(
+    State(state): State<AppState>,
+    ApiPath((id, disk)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.detach_vm_disk(&id, &disk).await?).into_response())
+}
+
+async fn set_vcpus(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<viv_api::vms::VmVcpus>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.set_vm_vcpus(&id, req.count).await?).into_response())
+}
+
+async fn memory(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.vm_memory(&id).await?).into_response())
+}
+
+async fn set_memory(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(req): JsonBody<viv_api::vms::VmMemoryTarget>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.set_vm_memory(&id, req.target_mib).await?).into_response())
 }
 
 async fn reset_nvram(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {

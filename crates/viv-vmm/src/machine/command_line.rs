@@ -82,6 +82,20 @@ pub(crate) type Backings = std::collections::HashMap<String, Vec<(PathBuf, DiskF
 pub(crate) fn read_backings(spec: &MachineSpec) -> Result<Backings, LaunchMachineError> {
     let mut backings = Backings::new();
     for disk in spec.disks.iter().filter(|d| d.format == DiskFormat::Qcow2) {
+        let levels = disk_backings(disk)?;
+        if !levels.is_empty() {
+            backings.insert(disk.id.clone(), levels);
+        }
+    }
+    Ok(backings)
+}
+
+/// The backing chain of one disk, nearest first (empty for a raw disk or a qcow2 without one).
+pub(crate) fn disk_backings(disk: &Disk) -> Result<Vec<(PathBuf, DiskFormat)>, LaunchMachineError> {
+    if disk.format != DiskFormat::Qcow2 {
+        return Ok(Vec::new());
+    }
+    {
         let io = |source| LaunchMachineError::Io {
             what: format!("reading the backing chain of {}", disk.path.display()),
             source,
@@ -113,11 +127,8 @@ pub(crate) fn read_backings(spec: &MachineSpec) -> Result<Backings, LaunchMachin
             levels.push((path.clone(), format));
             above = path;
         }
-        if !levels.is_empty() {
-            backings.insert(disk.id.clone(), levels);
-        }
+        Ok(levels)
     }
-    Ok(backings)
 }
 
 /// The QEMU arguments for `spec` and the files and taps they expect as descriptors
@@ -169,16 +180,26 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
     cl.push("-accel", accel.into());
     cl.push("-cpu", cpu.into());
     let t = spec.cpus;
-    cl.push(
-        "-smp",
-        format!(
-            "{},sockets={},cores={},threads={}",
-            t.vcpus(),
-            t.sockets,
-            t.cores,
-            t.threads
+    match spec
+        .max_vcpus
+        .filter(|max| q35 && *max > t.vcpus() && t.cores == 1 && t.threads == 1)
+    {
+        // Room for vCPUs added while it runs: one socket each, `sockets` the most there can be.
+        Some(max) => cl.push(
+            "-smp",
+            format!("{},sockets={max},cores=1,threads=1,maxcpus={max}", t.vcpus()),
         ),
-    );
+        None => cl.push(
+            "-smp",
+            format!(
+                "{},sockets={},cores={},threads={}",
+                t.vcpus(),
+                t.sockets,
+                t.cores,
+                t.threads
+            ),
+        ),
+    }
     cl.push("-m", format!("{}M", spec.memory_mib));
     cl.args
         .extend(["-nodefaults", "-no-user-config", "-display", "none"].map(String::from));
@@ -336,5 +357,27 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
             ),
         );
     }
+    // Hotplug ports last, so that every other device keeps the PCI address it had before
+    // machines had them (guests name NICs after their slot).
+    if q35 && spec.balloon {
+        cl.push("-device", "virtio-balloon-pci,id=balloon0".into());
+    }
+    if q35 {
+        for port in 0..spec.hotplug_ports {
+            cl.push(
+                "-device",
+                format!(
+                    "pcie-root-port,id={},chassis={},slot={port}",
+                    hotplug_port(port),
+                    100 + u32::from(port)
+                ),
+            );
+        }
+    }
     (cl.args, cl.handed)
+}
+
+/// The id of hotplug root port `n` of a q35 machine.
+pub(crate) fn hotplug_port(n: u8) -> String {
+    format!("hp{n}")
 }

@@ -22,7 +22,8 @@ fn requests_without_a_valid_key_are_refused() {
         .send()
         .unwrap();
     assert_eq!(wrong.status(), 401);
-    // Health and metrics stay open for probes and scrapers.
+    // Health stays open for probes; metrics name VMs, so a scraper needs the key, which it may
+    // send as a bearer token (Prometheus' `authorization` setting).
     let health: Value = server
         .http
         .get(format!("{}/health", server.url))
@@ -31,14 +32,13 @@ fn requests_without_a_valid_key_are_refused() {
         .json()
         .unwrap();
     assert!(["kvm", "tcg"].contains(&health["accel"].as_str().unwrap()));
-    let metrics = server
-        .http
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    assert!(metrics.contains("vivarium_sandboxes_running"));
+    let metrics_url = format!("{}/metrics", server.url);
+    assert_eq!(server.http.get(&metrics_url).send().unwrap().status(), 401);
+    let wrong_bearer = server.http.get(&metrics_url).bearer_auth("e2b_0000").send().unwrap();
+    assert_eq!(wrong_bearer.status(), 401);
+    let metrics = server.http.get(&metrics_url).bearer_auth(&server.key).send().unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().unwrap().contains("vivarium_sandboxes_running"));
     let spec = server
         .http
         .get(format!("{}/openapi.yaml", server.url))

@@ -1,13 +1,16 @@
-//! Memory diff snapshots: pause and fork nodes keep only the pages that changed since their
-//! parent, chains of them restore the guest's memory exactly, a damaged chain is refused with a
+//! Memory diff snapshots: pause and fork nodes are saved whole and rewritten in the background
+//! to keep only the pages that changed since their parent; chains of them restore the guest's
+//! memory exactly, also when a resume races the rewrite; a damaged chain is refused with a
 //! message naming the part, and the collector keeps parents (and the base) while anything needs
 //! them.
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
-use crate::fixture::TestServer;
+use crate::fixture::{wait_until, TestServer};
 
 /// Bytes a pause node may take after a small change in an idle 256 MiB guest (measured: about
 /// 1–3 MiB of memory pages plus the disk layer's few blocks).
@@ -22,6 +25,26 @@ fn pause(server: &TestServer, id: &str) -> Value {
         .into_iter()
         .rfind(|n| n["sandboxID"] == id && n["kind"] == "pause")
         .unwrap_or_else(|| panic!("no pause node of {id}"))
+}
+
+/// Node `node` as `GET /snapshots` shows it now.
+fn node_now(server: &TestServer, node: &Value) -> Value {
+    let nodes: Vec<Value> = server.get("/snapshots").send().unwrap().json().unwrap();
+    nodes
+        .into_iter()
+        .find(|n| n["snapshotID"] == node["snapshotID"])
+        .unwrap_or_else(|| panic!("node {} is gone", node["snapshotID"]))
+}
+
+/// Waits for node `node`'s background diff to be installed and returns the node then.
+fn diffed(server: &TestServer, node: &Value) -> Value {
+    let mut last = Value::Null;
+    let done = wait_until(Duration::from_secs(180), || {
+        last = node_now(server, node);
+        last["memory"] == "diff"
+    });
+    assert!(done, "node {} was not rewritten as a diff: {last}", node["snapshotID"]);
+    last
 }
 
 fn resume(server: &TestServer, id: &str) -> reqwest::blocking::Response {
@@ -86,12 +109,15 @@ fn memory_diff_chains_restore_the_guest_exactly_and_nodes_are_small() {
     assert_eq!(setup.exit_code, Some(0), "{setup:?}");
     let mut expected = checksum(&server, &id);
     let first = pause(&server, &id);
+    assert_eq!(first["memory"], "whole", "a pause returns before its diff is made");
+    let first = diffed(&server, &first);
     assert!(
         node_dir(&server, &first).join("memory.base").is_file(),
         "a node of a template's sandbox is a diff"
     );
     assert_eq!(bases(&server).len(), 1, "the template's memory was persisted once");
     let mut last = first.clone();
+    let mut nodes = Vec::new();
     for round in 1..=11 {
         let resumed = resume(&server, &id);
         assert_eq!(
@@ -108,13 +134,23 @@ fn memory_diff_chains_restore_the_guest_exactly_and_nodes_are_small() {
         let changed = server.exec(&id, json!({ "command": format!("echo {round} >> /dev/shm/log") }));
         assert_eq!(changed.exit_code, Some(0));
         expected = checksum(&server, &id);
+        // Every other round resumes at once, racing the node's rewrite (the restore reads the
+        // whole state it opened, or the chain once the diff is in).
         last = pause(&server, &id);
-        let bytes = last["sizeBytes"].as_u64().unwrap();
+        if round % 2 == 0 {
+            last = diffed(&server, &last);
+        }
+        nodes.push(last.clone());
+    }
+    for (round, node) in nodes.iter().enumerate() {
+        let node = diffed(&server, node);
+        let bytes = node["sizeBytes"].as_u64().unwrap();
         assert!(
             bytes < SMALL_NODE,
-            "round {round}: a pause node after a small change took {bytes} bytes"
+            "round {}: a pause node after a small change took {bytes} bytes",
+            round + 1
         );
-        eprintln!("round {round}: node {} takes {bytes} bytes", node_id(&last));
+        eprintln!("round {}: node {} takes {bytes} bytes", round + 1, node_id(&node));
     }
     let dir = node_dir(&server, &last);
     assert!(
@@ -169,15 +205,15 @@ fn memory_diff_damaged_chain_is_refused_by_name_and_parents_live_while_needed() 
         assert_eq!(out.exit_code, Some(0));
     }
     let b_sum = checksum(&server, &b);
-    let a1 = pause(&server, &a);
+    let a1 = diffed(&server, &pause(&server, &a));
     assert_eq!(resume(&server, &a).status(), 201);
-    let a2 = pause(&server, &a);
+    let a2 = diffed(&server, &pause(&server, &a));
     assert_eq!(
         std::fs::read_to_string(node_dir(&server, &a2).join("memory.parent")).unwrap(),
         node_id(&a1),
         "the second pause is a diff against the first"
     );
-    let b1 = pause(&server, &b);
+    let b1 = diffed(&server, &pause(&server, &b));
 
     // The parent is kept while its child needs it.
     let refused = server.delete(&format!("/snapshots/{}", node_id(&a1))).send().unwrap();

@@ -54,6 +54,9 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
     let pause_node = nodes[0]["snapshotID"].as_str().unwrap().to_owned();
     assert_eq!(nodes[0]["kind"], "pause");
     assert!(nodes[0]["sizeBytes"].as_u64().unwrap() > 0);
+    // Memory diffs are off by default: the node keeps its memory whole, and no base is copied.
+    assert_eq!(nodes[0]["memory"], "whole");
+    assert!(!server.data_dir.join("memory-bases").exists());
     assert_eq!(server.qemu_processes().len(), 0, "a paused sandbox has no VM");
     let in_use = server.delete(&format!("/snapshots/{pause_node}")).send().unwrap();
     assert_eq!(in_use.status(), 409, "a node a paused sandbox needs cannot be deleted");
