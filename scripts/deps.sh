@@ -6,6 +6,8 @@
 VIV_DEPS=(
   qemu-system-x86:qemu-system-x86_64
   qemu-utils:qemu-img
+  # VM backups of stopped VMs run their block jobs in a storage daemon (from qemu-utils too).
+  qemu-utils:qemu-storage-daemon
   mmdebstrap:mmdebstrap
   e2fsprogs:mkfs.ext4
   busybox-static:busybox

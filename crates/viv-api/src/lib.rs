@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod backups;
 pub mod events;
 pub mod storage;
 pub mod switches;

@@ -113,6 +113,10 @@ pub enum OperationKind {
     Import,
     /// Zeroing a disk.
     Wipe,
+    /// A backup of a VM's disks (`target` is the VM).
+    Backup,
+    /// Restoring a VM backup into disks (`target` is the VM).
+    Restore,
     /// Live migration of a VM to another server (its target is the VM's name).
     Migrate,
 }
@@ -124,6 +128,8 @@ impl OperationKind {
             Self::Clone => "clone",
             Self::Import => "import",
             Self::Wipe => "wipe",
+            Self::Backup => "backup",
+            Self::Restore => "restore",
             Self::Migrate => "migrate",
         }
     }
@@ -175,6 +181,12 @@ pub struct Operation {
     /// The disk it made or changed, once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<DiskInfo>,
+    /// The backup it made (kind `backup`), once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backups::VmBackup>,
+    /// The disks it wrote (kind `restore`), once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<String>>,
     /// A migration's figures, once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::vms::MigrationFigures>,

@@ -35,6 +35,7 @@ mod storage;
 mod switches;
 mod templates;
 mod terminal;
+mod vm_backups;
 mod vm_console;
 mod vm_migrate;
 mod vms;
@@ -93,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/templates/{id}/versions/{version}", delete(templates::delete_version))
         .merge(volumes::control())
         .merge(vms::routes())
+        .merge(vm_backups::routes())
         .merge(vm_migrate::routes())
         .merge(switches::routes())
         .merge(vm_console::routes())

@@ -14,8 +14,10 @@ use viv_api::{ApiKeyInfo, SandboxState};
 
 mod lifecycle;
 pub use lifecycle::LifecycleRow;
+mod vm_backups;
 mod vm_snapshots;
 mod vms;
+pub use vm_backups::VmBackupRow;
 pub use vm_snapshots::VmSnapshotRow;
 pub use vms::VmRow;
 mod volumes;
@@ -44,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0019_vm_origin.sql"),
     include_str!("migrations/0020_template_versions.sql"),
     include_str!("migrations/0021_switches.sql"),
+    include_str!("migrations/0023_vm_backups.sql"),
 ];
 
 mod ssh_keys;

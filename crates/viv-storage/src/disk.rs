@@ -24,6 +24,8 @@ use crate::size::{check_disk_size, SizeError, MAX_DISK_SIZE};
 use crate::{DirPool, ErrorKind, IoError};
 
 mod copies;
+mod export;
+pub use export::{Export, ExportError, ExportFormat};
 
 /// A disk's format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

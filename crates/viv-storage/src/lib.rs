@@ -18,7 +18,9 @@
 pub mod backing;
 pub mod disk;
 pub mod iso;
+pub mod libvirt;
 pub mod name;
+pub mod ovf;
 mod pool;
 pub mod qemu_img;
 pub mod seed;
@@ -27,7 +29,7 @@ pub mod snapshot;
 
 pub use disk::{
     unused, CloneError, CreateDiskError, DeleteDiskError, DiskFormat, DiskInfo, DiskInfoError, DiskSummary, Download,
-    DownloadError, ImportError, ResizeError, UploadError, WipeError,
+    DownloadError, Export, ExportError, ExportFormat, ImportError, ResizeError, UploadError, WipeError,
 };
 pub use iso::{IsoAddError, IsoError, IsoInfo};
 pub use pool::{DirPool, OpenPoolError, SourceError};

@@ -17,6 +17,7 @@
 //! - [`Vm::exit`] reports every stop with a reason, and a VM's jail (uid, cgroup) is released
 //!   only once its process is gone.
 
+pub mod backup;
 pub mod confine;
 mod exit;
 pub mod machine;

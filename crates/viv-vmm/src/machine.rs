@@ -43,6 +43,7 @@
 //! - the microvm sandbox path is untouched: machines build their own command line.
 
 mod adopt;
+mod backup;
 mod command_line;
 mod hotplug;
 mod launch;

@@ -90,6 +90,16 @@ pub enum DiskCommand {
         /// The local file to write.
         file: PathBuf,
     },
+    /// Download a disk converted to a standalone image: qcow2, raw or vmdk (streamOptimized).
+    Export {
+        /// Disk name.
+        name: String,
+        /// The local file to write.
+        file: PathBuf,
+        /// qcow2 (default), raw or vmdk.
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+    },
     /// Replace a disk's contents with zeros (keeps its name, format and size).
     Wipe {
         /// Disk name.
@@ -222,6 +232,15 @@ pub async fn run(client: &Client, cmd: DiskCommand, json: bool) -> Result<i32> {
             let response = transfer::send_file(client, Method::PUT, &route, &file, Some(&sha256)).await?;
             let disk: DiskInfo = response.json().await?;
             print_disk(&disk, json);
+        }
+        DiskCommand::Export { name, file, format } => {
+            let route = format!("/disks/{name}/export?format={format}");
+            let bytes = transfer::download(client, &route, &file).await?;
+            if json {
+                output::json(&json!({"disk": name, "file": file, "format": format, "bytes": bytes}));
+            } else {
+                println!("exported {name} as {format} to {} ({bytes} bytes)", file.display());
+            }
         }
         DiskCommand::Download { name, file } => {
             let bytes = transfer::download(client, &format!("/disks/{name}/download"), &file).await?;

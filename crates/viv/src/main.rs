@@ -23,6 +23,7 @@ mod tls;
 mod top;
 mod transfer;
 mod vm;
+mod vm_backup;
 mod vm_hotplug;
 mod vm_nic;
 

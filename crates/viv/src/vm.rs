@@ -171,6 +171,24 @@ pub enum VmCommand {
     /// Add, change and remove a VM's network cards.
     #[command(subcommand)]
     Nic(crate::vm_nic::NicCommand),
+    /// Back up a VM's disks (full and incremental), list, delete and restore backups.
+    #[command(subcommand)]
+    Backup(crate::vm_backup::BackupCommand),
+    /// Export a stopped VM as an OVA package (OVF descriptor and streamOptimized VMDKs).
+    Export {
+        /// VM id or name.
+        vm: String,
+        /// The local .ova file to write.
+        file: std::path::PathBuf,
+    },
+    /// Create a VM and its disks from an OVA package.
+    Import {
+        /// The local .ova file.
+        file: std::path::PathBuf,
+        /// The VM's name (default: the package's).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Attach and detach pool disks (at once while a q35 VM runs).
     #[command(subcommand)]
     Disk(crate::vm_hotplug::DiskCommand),
@@ -564,6 +582,28 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
         VmCommand::Kill { vms } => act(client, &vms, "kill", "", "killing", json).await?,
         VmCommand::Snapshot(cmd) => snapshot(client, cmd, json).await?,
         VmCommand::Nic(cmd) => crate::vm_nic::run(client, cmd, json).await?,
+        VmCommand::Backup(cmd) => crate::vm_backup::run(client, cmd, json).await?,
+        VmCommand::Export { vm, file } => {
+            let bytes = crate::transfer::download(client, &format!("/vms/{vm}/export.ova"), &file).await?;
+            if json {
+                output::json(&json!({"vm": vm, "file": file, "bytes": bytes}));
+            } else {
+                println!("exported {vm} to {} ({bytes} bytes)", file.display());
+            }
+        }
+        VmCommand::Import { file, name } => {
+            let route = match &name {
+                Some(name) => format!("/vms/import?name={name}"),
+                None => "/vms/import".to_owned(),
+            };
+            let response = crate::transfer::send_file(client, Method::POST, &route, &file, None).await?;
+            let vm: VmInfo = response.json().await?;
+            if json {
+                output::json(&vm);
+            } else {
+                output::table(&HEADERS, &[vm_row(&vm)]);
+            }
+        }
         VmCommand::Disk(cmd) => crate::vm_hotplug::run(client, cmd, json).await?,
         VmCommand::Vcpus { vm, count } => crate::vm_hotplug::set_vcpus(client, &vm, count, json).await?,
         VmCommand::Memory { vm, target_mib } => crate::vm_hotplug::memory(client, &vm, target_mib, json).await?,

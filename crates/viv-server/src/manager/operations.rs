@@ -45,6 +45,10 @@ pub enum OperationResult {
     Disk(Box<DiskInfo>),
     /// A VM moved to another server.
     Migration(viv_api::vms::MigrationFigures),
+    /// A VM backup.
+    Backup(Box<viv_api::backups::VmBackup>),
+    /// The disks a restore wrote.
+    Disks(Vec<String>),
 }
 
 /// The registry of operations.
@@ -155,6 +159,8 @@ impl Manager {
             error_code: None,
             result: None,
             migration: None,
+            backup: None,
+            disks: None,
             created_at: crate::store::now_rfc3339_ms(),
             finished_at: None,
         };
@@ -182,6 +188,8 @@ impl Manager {
                         match result {
                             OperationResult::Disk(disk) => op.result = Some(*disk),
                             OperationResult::Migration(figures) => op.migration = Some(figures),
+                            OperationResult::Backup(backup) => op.backup = Some(*backup),
+                            OperationResult::Disks(disks) => op.disks = Some(disks),
                         }
                     }
                     Err(e) => {
@@ -294,6 +302,8 @@ mod tests {
             error_code: None,
             result: None,
             migration: None,
+            backup: None,
+            disks: None,
             created_at: String::new(),
             finished_at: None,
         })

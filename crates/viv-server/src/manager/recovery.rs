@@ -165,6 +165,7 @@ impl Manager {
         }
         self.remove_unused_files(&report.adopted)?;
         report.vms = self.recover_vms(&vms_running).await?;
+        self.sweep_vm_backups();
         for id in &report.adopted {
             self.metrics.sandboxes_taken_over.inc();
             tracing::info!(sandbox = %id, "sandbox taken over: its VM ran on while no server was running");

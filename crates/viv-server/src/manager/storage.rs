@@ -88,7 +88,7 @@ impl VmDevices {
     }
 
     /// Active VMs attaching disk `name`.
-    fn active_disk_users(&self, name: &str) -> Vec<String> {
+    pub(super) fn active_disk_users(&self, name: &str) -> Vec<String> {
         self.users(|d| d.disks.iter().any(|x| x.disk == name), true)
     }
 
@@ -515,6 +515,13 @@ impl Manager {
     /// Opens a disk for download.
     pub async fn download_disk(&self, name: &str) -> Result<viv_storage::Download, ApiError> {
         self.storage().download_disk(name).await.map_err(api!())
+    }
+
+    /// Disk `name` converted to `format` (`qcow2`, `raw` or `vmdk`) for download.
+    pub async fn export_disk(&self, name: &str, format: &str) -> Result<viv_storage::Export, ApiError> {
+        let format = viv_storage::ExportFormat::parse(format)
+            .ok_or_else(|| ApiError::BadRequest(format!("format must be qcow2, raw or vmdk, not {format:?}")))?;
+        self.storage().export_disk(name, format).await.map_err(api!())
     }
 
     fn wire_iso(info: viv_storage::IsoInfo, devices: &VmDevices) -> wire::IsoInfo {

@@ -584,6 +584,7 @@ impl Manager {
         let pending = row.pending_definition.as_deref().map(definition_of).transpose()?;
         self.delete_vm_row(&row)?;
         self.drop_vm_snapshots(&row).await;
+        self.drop_vm_backups(&row);
         self.vm_runtime.gates.lock().expect("VM gates lock").remove(&id);
         self.vm_runtime.restart_delays.lock().expect("delays lock").remove(&id);
         let _ = std::fs::remove_dir_all(self.vm_dir(&id));

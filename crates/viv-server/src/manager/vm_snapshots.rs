@@ -147,6 +147,9 @@ impl Manager {
                 self.start_vm_locked(&row.id).await?;
             }
             let live = self.live_of(&self.vm_row(&id)?)?;
+            // The disks change behind the backup bitmaps' back (and QEMU refuses to load a
+            // snapshot into disks with bitmaps): they go, and the next backup is full.
+            self.forget_backup_bitmaps(&self.vm_row(&id)?).await;
             live.machine
                 .load_snapshot(&snap.id)
                 .await
@@ -182,6 +185,8 @@ impl Manager {
             }
             let disks = writable_disks(&taken_with);
             self.check_not_a_base(&row.name, &disks)?;
+            // As above: bitmaps go before the disks change (qemu-img refuses otherwise).
+            self.forget_backup_bitmaps(&row).await;
             self.disks_snapshot(&row.name, &disks, &snap.id, SnapshotAction::Apply)
                 .await?;
         }

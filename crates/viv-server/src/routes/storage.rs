@@ -36,6 +36,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/disks/{name}/upload", put(upload_disk))
         .route("/disks/{name}/import", put(import_disk))
         .route("/disks/{name}/download", get(download_disk))
+        .route("/disks/{name}/export", get(export_disk))
         .route("/isos", get(list_isos))
         .route("/isos/{name}", get(iso).put(add_iso).delete(delete_iso))
         .route("/operations", get(list_operations))
@@ -79,11 +80,11 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// The body as a byte reader.
-fn reader(body: Body) -> impl tokio::io::AsyncRead + Unpin {
+pub(super) fn reader(body: Body) -> impl tokio::io::AsyncRead + Unpin {
     tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other))
 }
 
-fn accepted(op: Operation) -> Response {
+pub(super) fn accepted(op: Operation) -> Response {
     (
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/operations/{}", op.id))],
@@ -187,6 +188,36 @@ async fn download_disk(State(state): State<AppState>, ApiPath(name): ApiPath<Str
                 header::HeaderName::from_static("x-disk-format"),
                 download.format.to_string(),
             ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `?format=` of `GET /disks/{name}/export`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    format: Option<String>,
+}
+
+async fn export_disk(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    super::ApiQuery(query): super::ApiQuery<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let format = query.format.unwrap_or_else(|| "qcow2".into());
+    let export = state.manager.export_disk(&name, &format).await?;
+    let stream = tokio_util::io::ReaderStream::new(export.file);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, export.len.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}.{format}\""),
+            ),
+            (header::HeaderName::from_static("x-disk-format"), format),
         ],
         Body::from_stream(stream),
     )

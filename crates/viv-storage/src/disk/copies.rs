@@ -1,5 +1,6 @@
 //! Disks made from images the server holds: a sandbox's root file system layer flattened into
-//! the pool, and a copy of one internal snapshot of a disk (forks of running VMs).
+//! the pool, a copy of one internal snapshot of a disk (forks of running VMs), and a VM backup
+//! (a qcow2 chain the server wrote) restored into a new disk or over an existing one.
 //!
 //! Invariants: as every disk of the pool, each is written under a temporary name and linked
 //! into place without replacing anything; neither follows a backing file a user supplied (the
@@ -7,11 +8,13 @@
 
 use std::path::Path;
 
-use super::{info_as_io, CloneError, DiskFormat, DiskInfo, ImportError};
+use super::{info_as_io, CloneError, DiskFormat, DiskInfo, DiskInfoError, ImportError, WipeError};
 use crate::name;
+use crate::pool::is_regular_file;
 use crate::pool::DISKS;
 use crate::qemu_img;
 use crate::DirPool;
+use crate::IoError;
 
 impl DirPool {
     /// Stores an image the server made itself (a sandbox's root file system layer, whose
@@ -63,6 +66,67 @@ impl DirPool {
         if !self.publish_disk(temp, name, DiskFormat::Qcow2).await? {
             return Err(CloneError::Exists(name.into()));
         }
+        Ok(self.disk_info(name).await?)
+    }
+
+    /// Restores a backup file the server made (qcow2, whose backing chain is other backup files
+    /// beside it) into the new standalone disk `name` of `format`.
+    pub async fn import_backup(
+        &self,
+        name: &str,
+        source: &Path,
+        format: DiskFormat,
+        progress: &mut (dyn FnMut(f64) + Send),
+    ) -> Result<DiskInfo, ImportError> {
+        name::check(name)?;
+        if self.disk_exists(name) {
+            return Err(ImportError::Exists(name.into()));
+        }
+        let temp = self.temp(DISKS, name, format.as_str());
+        qemu_img::convert(source, "qcow2", &temp.path, format.as_str(), progress).await?;
+        if !self.publish_disk(temp, name, format).await? {
+            return Err(ImportError::Exists(name.into()));
+        }
+        self.disk_info(name).await.map_err(|e| info_as_io(name, e))
+    }
+
+    /// Replaces the contents of disk `name` with a backup file the server made (see
+    /// [`DirPool::import_backup`]), keeping its name and format; refused while `in_use` names a
+    /// user or another disk is backed by it. The old file is replaced only once the new one is
+    /// complete.
+    pub async fn restore_disk(
+        &self,
+        name: &str,
+        source: &Path,
+        in_use: impl Fn(&str) -> Option<String>,
+        progress: &mut (dyn FnMut(f64) + Send),
+    ) -> Result<DiskInfo, WipeError> {
+        name::check(name)?;
+        let info = self.disk_info(name).await.map_err(|e| match e {
+            DiskInfoError::NotFound(n) => WipeError::NotFound(n),
+            other => WipeError::Info(other),
+        })?;
+        let temp = self.temp(DISKS, name, info.format.as_str());
+        qemu_img::convert(source, "qcow2", &temp.path, info.format.as_str(), progress).await?;
+        let commit = self.commit.lock().await;
+        if let Some(user) = in_use(name) {
+            return Err(WipeError::InUse {
+                name: name.into(),
+                user,
+            });
+        }
+        if let Some(child) = self.disk_children(name)?.into_iter().next() {
+            return Err(WipeError::HasChildren {
+                name: name.into(),
+                child,
+            });
+        }
+        if !is_regular_file(&info.path) {
+            return Err(WipeError::NotFound(name.into()));
+        }
+        temp.replace(&info.path)
+            .map_err(IoError::with(format!("replacing {}", info.path.display())))?;
+        drop(commit);
         Ok(self.disk_info(name).await?)
     }
 }
