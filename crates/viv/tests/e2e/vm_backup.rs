@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sha2::Digest as _;
 
 use crate::fixture::{unique, TestServer};
-use crate::vm_boot::{booted, create_disk, library_iso, Guest};
+use crate::vm_boot::{booted_with_disk, create_disk, Guest};
 use crate::vm_lifecycle::{act, refused};
 
 /// Waits for a 202 answer's operation to end; asserts it succeeded and returns it.
@@ -89,13 +89,11 @@ fn guest_sha256(guest: &mut Guest) -> String {
 #[test]
 fn an_incremental_backup_restored_equals_the_disk_at_its_moment() {
     let server = TestServer::shared();
-    let iso = library_iso(server);
-    let disk = unique("bkdisk");
-    create_disk(server, &disk, 32 << 20);
-    let (id, mut guest) = booted(
+    let (id, mut guest, disk, _iso) = booted_with_disk(
         server,
         "backup",
-        json!({"memoryMib": 192, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "stopTimeoutSecs": 120}),
+        32 << 20,
+        json!({"memoryMib": 192, "stopTimeoutSecs": 120}),
     );
     scribble(&mut guest, 0, 40);
     let full = backup(server, &id, "auto");

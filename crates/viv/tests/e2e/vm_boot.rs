@@ -75,6 +75,24 @@ pub(crate) fn booted(server: &TestServer, prefix: &str, body: Value) -> (String,
     (id, guest)
 }
 
+/// Boots the test ISO (a new library copy) in a VM defined from `body` with a new empty pool
+/// disk of `bytes` as its only disk; returns the VM's id, its guest, the disk's name and the
+/// ISO's.
+pub(crate) fn booted_with_disk(
+    server: &TestServer,
+    prefix: &str,
+    bytes: u64,
+    mut body: Value,
+) -> (String, Guest, String, String) {
+    let iso = library_iso(server);
+    let disk = unique(&format!("{prefix}disk"));
+    create_disk(server, &disk, bytes);
+    body["disks"] = json!([{ "disk": disk }]);
+    body["cdroms"] = json!([{ "iso": iso }]);
+    let (id, guest) = booted(server, prefix, body);
+    (id, guest, disk, iso)
+}
+
 pub(crate) fn vm(server: &TestServer, id: &str) -> Value {
     server.get(&format!("/vms/{id}")).send().unwrap().json().unwrap()
 }
@@ -209,14 +227,7 @@ fn a_running_vm_outlives_its_server_and_is_taken_over() {
 #[test]
 fn a_snapshot_revert_brings_back_a_disk_marker_and_a_running_counter() {
     let server = TestServer::shared();
-    let iso = library_iso(server);
-    let disk = unique("snapdisk");
-    create_disk(server, &disk, 64 << 20);
-    let (id, mut guest) = booted(
-        server,
-        "snap",
-        json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
-    );
+    let (id, mut guest, disk, _iso) = booted_with_disk(server, "snap", 64 << 20, json!({"memoryMib": 256}));
     guest.run("printf MARK-ONE | dd of=/dev/vda conv=notrunc 2>/dev/null; sync");
     guest.start_counter();
     assert!(wait_until(Duration::from_secs(30), || guest.count() > 2));

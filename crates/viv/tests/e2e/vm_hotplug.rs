@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::fixture::{unique, wait_until, TestServer};
-use crate::vm_boot::{booted, create_disk, library_iso, vm};
+use crate::vm_boot::{booted, booted_with_disk, create_disk, library_iso, vm};
 use crate::vm_lifecycle::refused;
 
 fn disk_names(info: &Value) -> Vec<String> {
@@ -149,13 +149,11 @@ fn online_cpus(guest: &mut crate::vm_boot::Guest) -> u32 {
 #[test]
 fn vcpus_added_to_a_running_vm_come_online_up_to_its_maximum() {
     let server = TestServer::shared();
-    let iso = library_iso(server);
-    let disk = unique("hpcpudisk");
-    create_disk(server, &disk, 16 << 20);
-    let (id, mut guest) = booted(
+    let (id, mut guest, _disk, _iso) = booted_with_disk(
         server,
         "hotcpu",
-        json!({"memoryMib": 256, "cpu": {"sockets": 1}, "maxVcpus": 2, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
+        16 << 20,
+        json!({"memoryMib": 256, "cpu": {"sockets": 1}, "maxVcpus": 2}),
     );
     assert_eq!(online_cpus(&mut guest), 1);
 

@@ -6,20 +6,18 @@
 use serde_json::{json, Value};
 
 use crate::fixture::{unique, TestServer};
-use crate::vm_boot::{booted, create_disk, library_iso, Guest};
+use crate::vm_boot::{booted_with_disk, create_disk, library_iso, Guest};
 use crate::vm_console::READY;
 use crate::vm_lifecycle::{act, refused};
 
 #[test]
 fn an_exported_ova_imports_and_boots_with_its_disk() {
     let server = TestServer::shared();
-    let iso = library_iso(server);
-    let disk = unique("ovadisk");
-    create_disk(server, &disk, 16 << 20);
-    let (id, mut guest) = booted(
+    let (id, mut guest, _disk, iso) = booted_with_disk(
         server,
         "ova",
-        json!({"memoryMib": 192, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "stopTimeoutSecs": 120}),
+        16 << 20,
+        json!({"memoryMib": 192, "stopTimeoutSecs": 120}),
     );
     let marker = format!("OVA-MARK-{}", unique("m"));
     guest.run(&format!(
