@@ -286,11 +286,13 @@ impl Manager {
                     expired.push(entry.vms.remove(0).live);
                 }
             }
+            // Counted as they leave the pool, not as each is killed: a reader who sees the pool
+            // smaller sees the counter grown with it (it saw 1 of 2 while the first was killed).
+            self.pool.expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
             expired
         };
         for live in expired {
             tracing::info!(vm = %live.id, "a warm VM idled too long; killed");
-            self.pool.expired.fetch_add(1, Ordering::Relaxed);
             let _ = live.vm.kill().await;
             remove_files(&live.run_dir, &live.memory_file);
         }
