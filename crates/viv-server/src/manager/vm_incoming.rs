@@ -56,6 +56,16 @@ struct Pending {
 }
 
 impl IncomingRegistry {
+    /// The incoming migration receiving VM `vm_id`, if one is.
+    pub(super) fn receiving(&self, vm_id: &str) -> Option<String> {
+        self.pending
+            .lock()
+            .expect("incoming lock")
+            .iter()
+            .find(|(_, p)| p.vm_id == vm_id)
+            .map(|(id, _)| id.clone())
+    }
+
     fn take(&self, id: &str) -> Result<Pending, ApiError> {
         self.pending
             .lock()

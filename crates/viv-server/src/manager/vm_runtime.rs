@@ -149,8 +149,23 @@ pub(super) type VmGuard = tokio::sync::OwnedMutexGuard<()>;
 impl Manager {
     /// Waits for VM `id_or_name`'s gate and returns its row as read under it.
     pub(super) async fn lock_vm(&self, id_or_name: &str) -> Result<(crate::store::VmRow, VmGuard), ApiError> {
-        let id = self.vm_row(id_or_name)?.id;
-        let held = self.vm_runtime.gate(&id).lock_owned().await;
+        let row = self.vm_row(id_or_name)?;
+        let gate = self.vm_runtime.gate(&row.id);
+        let held = loop {
+            // A VM being received holds its gate until the migration finishes or is deleted
+            // (up to half an hour): say so rather than wait (looked at again every second, as
+            // the receiver takes the gate before it registers the migration).
+            if let Some(incoming) = self.incoming.receiving(&row.id) {
+                return Err(ApiError::Conflict(format!(
+                    "VM '{}' is being received by incoming migration '{incoming}': wait for it to finish, or delete it (DELETE /migrations/incoming/{incoming})",
+                    row.name
+                )));
+            }
+            if let Ok(held) = tokio::time::timeout(Duration::from_secs(1), gate.clone().lock_owned()).await {
+                break held;
+            }
+        };
+        let id = row.id;
         Ok((self.vm_row(&id)?, held))
     }
 
