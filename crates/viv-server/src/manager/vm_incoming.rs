@@ -11,7 +11,7 @@
 //! Invariants:
 //! - until it is finished, an incoming VM is this server's only through the registry here: it is
 //!   `starting`, no start, stop or delete can take its gate from the receiver (held throughout
-//!   by the registry entry), and it is not supervised (its QEMU's exit is not recorded as a crash);
+//!   by the registry entry; `lock_vm` answers them 409 naming the migration), and it is not supervised (its QEMU's exit is not recorded as a crash);
 //! - an incoming migration that fails, is aborted ([`Manager::abort_incoming`]), is not
 //!   finished within [`INCOMING_DEADLINE`] or is pending when the server shuts down leaves
 //!   nothing: its QEMU is killed, its disks, VM row
