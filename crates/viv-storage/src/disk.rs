@@ -850,6 +850,19 @@ impl DirPool {
             info.virtual_size.to_string().into(),
         ])
         .await?;
+        self.replace_disk_file(name, &info, temp, in_use).await
+    }
+
+    /// Puts complete file `temp` in place of disk `name` (described by `info`), under the
+    /// commit lock: refused while `in_use` names a user, another disk is backed by it, or it
+    /// is gone. Shared by wipe and backup restore.
+    pub(crate) async fn replace_disk_file(
+        &self,
+        name: &str,
+        info: &DiskInfo,
+        temp: pool::TempPath,
+        in_use: impl Fn(&str) -> Option<String>,
+    ) -> Result<DiskInfo, WipeError> {
         let commit = self.commit.lock().await;
         if let Some(user) = in_use(name) {
             return Err(WipeError::InUse {

@@ -10,11 +10,9 @@ use std::path::Path;
 
 use super::{info_as_io, CloneError, DiskFormat, DiskInfo, DiskInfoError, ImportError, WipeError};
 use crate::name;
-use crate::pool::is_regular_file;
 use crate::pool::DISKS;
 use crate::qemu_img;
 use crate::DirPool;
-use crate::IoError;
 
 impl DirPool {
     /// Stores an image the server made itself (a sandbox's root file system layer, whose
@@ -108,25 +106,6 @@ impl DirPool {
         })?;
         let temp = self.temp(DISKS, name, info.format.as_str());
         qemu_img::convert(source, "qcow2", &temp.path, info.format.as_str(), progress).await?;
-        let commit = self.commit.lock().await;
-        if let Some(user) = in_use(name) {
-            return Err(WipeError::InUse {
-                name: name.into(),
-                user,
-            });
-        }
-        if let Some(child) = self.disk_children(name)?.into_iter().next() {
-            return Err(WipeError::HasChildren {
-                name: name.into(),
-                child,
-            });
-        }
-        if !is_regular_file(&info.path) {
-            return Err(WipeError::NotFound(name.into()));
-        }
-        temp.replace(&info.path)
-            .map_err(IoError::with(format!("replacing {}", info.path.display())))?;
-        drop(commit);
-        Ok(self.disk_info(name).await?)
+        self.replace_disk_file(name, &info, temp, in_use).await
     }
 }
