@@ -13,6 +13,10 @@ pub enum SwitchKind {
     Nat,
     /// VMs reach only each other (and the switch's DHCP server); nothing is forwarded in or out.
     Isolated,
+    /// A subnet the host routes in both directions without translation: DHCP and DNS as on
+    /// `nat`, VMs keep their addresses out of the host, and whatever routes the subnet to the
+    /// host reaches them.
+    Routed,
 }
 
 impl SwitchKind {
@@ -21,6 +25,7 @@ impl SwitchKind {
         match self {
             Self::Nat => "nat",
             Self::Isolated => "isolated",
+            Self::Routed => "routed",
         }
     }
 }
@@ -62,7 +67,7 @@ pub struct SwitchInfo {
     pub kind: SwitchKind,
     /// IPv4 subnet.
     pub subnet: String,
-    /// The host's address on the switch (gateway and DNS of `nat` switches).
+    /// The host's address on the switch (gateway and DNS of `nat` and `routed` switches).
     pub host_address: String,
     /// Whether VMs on it are kept from reaching each other.
     pub port_isolation: bool,

@@ -251,6 +251,10 @@ pub struct VmNic {
     /// Most kbit/s the guest receives through it (shaped on its tap; a NIC on a switch only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_in_kbps: Option<u32>,
+    /// Most kbit/s the guest sends through it (policed on its tap: what passes the rate is
+    /// dropped; a NIC on a switch only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_out_kbps: Option<u32>,
 }
 
 /// Lowest and highest NIC rate limits, kbit/s.

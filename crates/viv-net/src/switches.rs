@@ -5,13 +5,16 @@
 //! Names (KEY: the server's 6-character key, shared with the sandbox network, whose names are
 //! `viv-KEY-N` namespaces, `vhKEYN` links and table `inet vivarium_KEY`):
 //! - bridges `vsKEYN` (N: the switch's index in the store), taps `vtKEYN` (N chosen by the
-//!   kernel), table `inet vivsw_KEY`, dnsmasq pid and lease files under
-//!   `/run/vivarium/switches/KEY/`.
+//!   kernel; alias `viv:VM:NIC`, see [`tap_label`]), table `inet vivsw_KEY`, table `netdev
+//!   vivnic_KEY` (a chain per tap whose guest's sending is limited), dnsmasq pid and lease files
+//!   under `/run/vivarium/switches/KEY/`.
 //!
 //! Invariants:
 //! - a tap is never persistent: it exists while a descriptor of it is open, that is while the
 //!   QEMU it was handed to runs (the server closes its own copy after the launch), so a QEMU or
 //!   server crash never leaves a tap behind;
+//! - a tap's limits are set whole each time ([`SwitchHost::limit_tap`]), also when the tap is
+//!   made, so a tap that got the name of a gone one never inherits its chain;
 //! - the table is replaced in one transaction with every switch's rules whenever a switch is
 //!   added, changed or removed; with no switch left it is deleted;
 //! - [`SwitchHost::remove_unknown`] removes every bridge and dnsmasq of this key that the caller
@@ -36,6 +39,8 @@ pub enum Forwarding {
     Nat,
     /// Nothing: VMs reach each other and the switch's DHCP server only.
     None,
+    /// Out of the host and in, addresses kept.
+    Routed,
 }
 
 /// A switch as the host sees it.
@@ -111,7 +116,7 @@ impl SwitchHost {
         let addr = format!("{}/{}", bridge.host_address(), bridge.subnet.prefix);
         run("ip", &["addr", "add", &addr, "dev", &bridge.name], None)?;
         run("ip", &["link", "set", &bridge.name, "up"], None)?;
-        if bridge.forwarding == Forwarding::Nat {
+        if bridge.forwarding != Forwarding::None {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|source| NetError::Io {
                 context: "enabling IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)".into(),
                 source,
@@ -167,6 +172,7 @@ impl SwitchHost {
     pub fn remove_all(&self) {
         self.remove_unknown(&[]);
         let _ = run("nft", &["delete", "table", "inet", &self.table()], None);
+        self.remove_limits_table();
         let _ = std::fs::remove_dir(self.run_dir());
     }
 
@@ -178,6 +184,8 @@ impl SwitchHost {
             if listed.lines().any(|l| l.trim() == format!("table inet {table}")) {
                 run("nft", &["delete", "table", "inet", &table], None)?;
             }
+            // No switch, no tap on one: the limits' chains are all stale.
+            self.remove_limits_table();
             return Ok(());
         }
         run(
@@ -187,7 +195,7 @@ impl SwitchHost {
         )
     }
 
-    /// (Re)starts the dnsmasq of `bridge`: DHCP on it, and on `nat` switches DNS (forwarding to
+    /// (Re)starts the dnsmasq of `bridge`: DHCP on it, and on `nat` and `routed` switches DNS (forwarding to
     /// the host's resolvers) with the host as gateway.
     pub fn start_dnsmasq(&self, bridge: &Bridge) -> Result<(), NetError> {
         self.stop_dnsmasq(&bridge.name);
@@ -257,8 +265,16 @@ impl SwitchHost {
 
     /// Creates a tap on `bridge` (its ports isolated when `isolated`) and returns its
     /// descriptor, with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, and its name. The tap goes away
-    /// when the last copy of the descriptor is closed.
-    pub fn open_tap(&self, bridge: &str, isolated: bool, limits: RateLimits) -> Result<(OwnedFd, String), NetError> {
+    /// when the last copy of the descriptor is closed. `label` (at most [`MAX_LABEL`] bytes,
+    /// see [`tap_label`]) becomes the tap's alias, by which [`SwitchHost::find_tap`] finds it
+    /// again, from this server or the next.
+    pub fn open_tap(
+        &self,
+        bridge: &str,
+        isolated: bool,
+        limits: RateLimits,
+        label: &str,
+    ) -> Result<(OwnedFd, String), NetError> {
         let io = |context: &str| {
             let context = context.to_owned();
             move |source| NetError::Io { context, source }
@@ -285,42 +301,110 @@ impl SwitchHost {
             .take_while(|&&c| c != 0)
             .map(|&c| c as u8 as char)
             .collect();
-        run("ip", &["link", "set", &name, "master", bridge, "up"], None)?;
-        if isolated {
-            run(
-                "ip",
-                &["link", "set", "dev", &name, "type", "bridge_slave", "isolated", "on"],
-                None,
-            )?;
-        }
-        limits.apply(&name)?;
+        run("ip", &["link", "set", "dev", &name, "alias", label], None)?;
+        self.attach_tap(&name, bridge, isolated)?;
+        run("ip", &["link", "set", &name, "up"], None)?;
+        self.limit_tap(&name, limits)?;
         Ok((OwnedFd::from(tun), name))
+    }
+
+    /// Puts tap `tap` on `bridge` (off the one it was on), its port isolated when `isolated`.
+    pub fn attach_tap(&self, tap: &str, bridge: &str, isolated: bool) -> Result<(), NetError> {
+        run("ip", &["link", "set", "dev", tap, "master", bridge], None)?;
+        let flag = if isolated { "on" } else { "off" };
+        run(
+            "ip",
+            &["link", "set", "dev", tap, "type", "bridge_slave", "isolated", flag],
+            None,
+        )
+    }
+
+    /// The tap of this key whose alias is `label`, if one exists.
+    pub fn find_tap(&self, label: &str) -> Option<String> {
+        let prefix = format!("vt{}", self.key);
+        link_names().unwrap_or_default().into_iter().find(|name| {
+            name.starts_with(&prefix)
+                && std::fs::read_to_string(format!("/sys/class/net/{name}/ifalias"))
+                    .is_ok_and(|alias| alias.trim_end() == label)
+        })
     }
 }
 
-/// Rate limits of a tap, kbit/s, from the guest's side.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateLimits {
-    /// What the guest receives: the tap's egress, shaped by a token bucket. (What it sends would
-    /// be the tap's ingress, which needs tc's police action or an IFB device; not there yet.)
-    pub into_guest: Option<u32>,
-}
+impl SwitchHost {
+    /// The netdev table of this key's tap chains (one chain per limited tap, named after it).
+    fn limits_table(&self) -> String {
+        format!("vivnic_{}", self.key)
+    }
 
-impl RateLimits {
-    /// Puts the limits on tap `tap` (which has no qdisc of ours yet).
-    fn apply(self, tap: &str) -> Result<(), NetError> {
-        if let Some(kbps) = self.into_guest {
+    /// Puts `limits` on tap `tap`, replacing any it had, so that a tap's limits change at once
+    /// and a new tap that got the name of a gone one never inherits its limits.
+    pub fn limit_tap(&self, tap: &str, limits: RateLimits) -> Result<(), NetError> {
+        // Removing what is absent fails; that is the common case, not an error.
+        let _ = run("tc", &["qdisc", "del", "dev", tap, "root"], None);
+        if let Some(kbps) = limits.into_guest {
             // A burst of 10 ms at the rate (at least 4 KiB), a queue of 200 ms.
-            let burst = (u64::from(kbps) * 1000 / 8 / 100).max(4096);
+            let burst = burst_bytes(kbps, 100).to_string();
             let rate = format!("{kbps}kbit");
-            let burst = burst.to_string();
             let args = [
                 "qdisc", "add", "dev", tap, "root", "tbf", "rate", &rate, "burst", &burst, "latency", "200ms",
             ];
             run("tc", &args, None)?;
         }
-        Ok(())
+        // The chain is created (if absent) and deleted in one transaction, then made again
+        // with the limit when there is one.
+        let table = self.limits_table();
+        let chain = format!(
+            "add chain netdev {table} {tap} {{ type filter hook ingress device \"{tap}\" priority 0; policy accept; }}\n"
+        );
+        let mut script = format!("add table netdev {table}\n{chain}delete chain netdev {table} {tap}\n");
+        if let Some(kbps) = limits.from_guest {
+            // A policer drops rather than queues, so its bucket holds more: 50 ms at the rate,
+            // enough for a TCP sender's window to settle near the rate instead of far below.
+            let bytes_per_second = u64::from(kbps) * 1000 / 8;
+            let burst = burst_bytes(kbps, 20);
+            script.push_str(&chain);
+            let _ = writeln!(
+                script,
+                "add rule netdev {table} {tap} limit rate over {bytes_per_second} bytes/second burst {burst} bytes drop"
+            );
+        }
+        run("nft", &["-f", "-"], Some(&script))
     }
+
+    fn remove_limits_table(&self) {
+        let listed = output("nft", &["list", "tables"]).unwrap_or_default();
+        let table = self.limits_table();
+        if listed.lines().any(|l| l.trim() == format!("table netdev {table}")) {
+            let _ = run("nft", &["delete", "table", "netdev", &table], None);
+        }
+    }
+}
+
+/// Longest tap label: what the kernel keeps of an interface alias is far longer, but a label
+/// names a VM and a NIC, no more.
+pub const MAX_LABEL: usize = 64;
+
+/// The label of NIC `nic` of VM `vm` (ids of `[0-9a-z-]`).
+pub fn tap_label(vm: &str, nic: &str) -> String {
+    let mut label = format!("viv:{vm}:{nic}");
+    label.truncate(MAX_LABEL);
+    label
+}
+
+/// Rate limits of a tap, kbit/s, from the guest's side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    /// What the guest receives: the tap's egress, shaped by tc's token bucket (packets wait).
+    pub into_guest: Option<u32>,
+    /// What the guest sends: the tap's ingress, policed by an nftables `limit` in a netdev
+    /// chain of the tap (packets over the rate are dropped, which TCP senders take as
+    /// congestion). Not tc's police action: kernels built without tc actions are common.
+    pub from_guest: Option<u32>,
+}
+
+/// A token bucket of 1/`per_second` s at `kbps` kbit/s, at least 4 KiB.
+fn burst_bytes(kbps: u32, per_second: u64) -> u64 {
+    (u64::from(kbps) * 1000 / 8 / per_second).max(4096)
 }
 
 /// The host's IPv4 routes of its main table but the default route and those through links named
@@ -359,24 +443,32 @@ fn rules(table: &str, prefix: &str, bridges: &[Bridge]) -> String {
     for b in bridges {
         let name = &b.name;
         let host = b.host_address();
-        // The host answers DHCP on every switch, DNS on nat switches; nothing else is opened
-        // towards it from a switch.
+        // The host answers DHCP on every switch, DNS and ping on nat and routed switches; nothing
+        // else is opened towards it from a switch.
         let _ = writeln!(input, "    iifname \"{name}\" udp dport 67 accept");
         // Bridged frames between ports pass the IP hooks when br_netfilter is loaded: they stay
         // on the switch and are no forwarding of ours.
         let _ = writeln!(forward, "    iifname \"{name}\" oifname \"{name}\" accept");
+        if b.forwarding != Forwarding::None {
+            let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} udp dport 53 accept");
+            let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} tcp dport 53 accept");
+            let _ = writeln!(
+                input,
+                "    iifname \"{name}\" ip daddr {host} icmp type echo-request accept"
+            );
+            // Out of the host, never into another switch.
+            let _ = writeln!(forward, "    iifname \"{name}\" oifname {ours} drop");
+            let _ = writeln!(forward, "    iifname \"{name}\" ip saddr {} accept", b.subnet);
+        }
         match b.forwarding {
             Forwarding::Nat => {
-                let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} udp dport 53 accept");
-                let _ = writeln!(input, "    iifname \"{name}\" ip daddr {host} tcp dport 53 accept");
-                let _ = writeln!(
-                    input,
-                    "    iifname \"{name}\" ip daddr {host} icmp type echo-request accept"
-                );
-                let _ = writeln!(forward, "    iifname \"{name}\" oifname {ours} drop");
-                let _ = writeln!(forward, "    iifname \"{name}\" ip saddr {} accept", b.subnet);
                 let _ = writeln!(forward, "    oifname \"{name}\" ct state established,related accept");
                 let _ = writeln!(nat, "    ip saddr {} oifname != \"{name}\" masquerade", b.subnet);
+            }
+            // In from anywhere but another switch, to the switch's addresses.
+            Forwarding::Routed => {
+                let _ = writeln!(forward, "    iifname {ours} oifname \"{name}\" drop");
+                let _ = writeln!(forward, "    oifname \"{name}\" ip daddr {} accept", b.subnet);
             }
             Forwarding::None => {}
         }
@@ -408,7 +500,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_rules_forward_only_nat_switches() {
+    fn the_rules_masquerade_nat_switches_and_route_routed_ones() {
         let bridges = [
             Bridge {
                 name: "vsabc1230".into(),
@@ -422,8 +514,29 @@ mod tests {
                 forwarding: Forwarding::None,
                 port_isolation: true,
             },
+            Bridge {
+                name: "vsabc1232".into(),
+                subnet: "10.250.3.0/24".parse().unwrap(),
+                forwarding: Forwarding::Routed,
+                port_isolation: false,
+            },
         ];
         let text = rules("vivsw_abc123", "vsabc123", &bridges);
+        // Routed: both ways, no translation, not from another switch.
+        assert!(
+            text.contains("oifname \"vsabc1232\" ip daddr 10.250.3.0/24 accept"),
+            "{text}"
+        );
+        assert!(
+            text.contains("iifname \"vsabc1232\" ip saddr 10.250.3.0/24 accept"),
+            "{text}"
+        );
+        assert!(!text.contains("10.250.3.0/24 oifname"), "{text}");
+        let from_switches = text.find("iifname \"vsabc123*\" oifname \"vsabc1232\" drop").unwrap();
+        assert!(
+            from_switches < text.find("ip daddr 10.250.3.0/24 accept").unwrap(),
+            "{text}"
+        );
         assert!(text.contains("ip saddr 10.250.1.0/24 oifname != \"vsabc1230\" masquerade"));
         assert!(!text.contains("10.250.2.0/24 oifname"), "{text}");
         assert!(text.contains("iifname \"vsabc1231\" drop"));

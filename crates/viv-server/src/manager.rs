@@ -69,6 +69,7 @@ mod vm_libvirt;
 mod vm_media;
 mod vm_metrics;
 mod vm_migrate;
+mod vm_nics;
 mod vm_ova;
 mod vm_recovery;
 mod vm_runtime;

@@ -118,6 +118,14 @@ impl Qmp {
             .map(|_| ())
     }
 
+    /// Hands QEMU a copy of descriptor `fd` under `name` (`getfd`), which a later command
+    /// consumes (a tap netdev's `fd`), or `closefd` drops.
+    pub async fn pass_named_fd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_passing("getfd", Some(json!({ "fdname": name })), Some(fd))
+            .await
+            .map(|_| ())
+    }
+
     async fn execute_passing(
         &self,
         command: &str,

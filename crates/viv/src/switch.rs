@@ -17,7 +17,8 @@ pub enum SwitchCommand {
     Create {
         /// Name, unique on the server.
         name: String,
-        /// nat (DHCP, DNS, masqueraded out of the host) or isolated (VMs reach only each other).
+        /// nat (DHCP, DNS, masqueraded out of the host), isolated (VMs reach only each other) or
+        /// routed (DHCP, DNS, routed in and out without translation).
         #[arg(long, default_value = "nat")]
         kind: String,
         /// IPv4 subnet (e.g. 10.250.1.0/24); allocated from the server's --switch-range if absent.
@@ -39,7 +40,7 @@ pub enum SwitchCommand {
     Edit {
         /// Switch name.
         name: String,
-        /// nat or isolated.
+        /// nat, isolated or routed.
         #[arg(long)]
         kind: Option<String>,
         /// IPv4 subnet.

@@ -314,8 +314,8 @@ pub struct DefinitionArgs {
     #[arg(long, conflicts_with = "nic_specs")]
     nics: Option<usize>,
     /// A network card: `user` (QEMU's user-mode network) or
-    /// `switch=NAME[,model=virtio-net|e1000][,mac=MAC]` (repeat for more; replaces the list on
-    /// edit).
+    /// `switch=NAME[,model=virtio-net|e1000][,mac=MAC][,rate-in=KBPS][,rate-out=KBPS]` (repeat
+    /// for more; replaces the list on edit).
     #[arg(long = "nic", value_name = "SPEC")]
     nic_specs: Vec<String>,
     /// Serial ports.
@@ -463,7 +463,8 @@ fn cdrom_spec(text: &str) -> Result<Value> {
     Ok(Value::Object(cdrom))
 }
 
-/// A NIC of `--nic`: `user`, or `key=value` pairs of `switch`, `model` and `mac`.
+/// A NIC of `--nic`: `user`, or `key=value` pairs of `switch`, `model`, `mac`, `rate-in` and
+/// `rate-out` (kbit/s).
 fn nic_spec(spec: &str) -> Result<Value> {
     let mut nic = Map::new();
     if spec == "user" {
@@ -477,7 +478,14 @@ fn nic_spec(spec: &str) -> Result<Value> {
             "switch" | "model" | "mac" => {
                 nic.insert(key.into(), json!(value));
             }
-            _ => bail!("--nic {spec}: unknown key {key:?} (switch, model, mac)"),
+            "rate-in" | "rate-out" => {
+                let kbps: u32 = value
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--nic {spec}: {key} is kbit/s, a whole number, not {value:?}"))?;
+                let field = if key == "rate-in" { "rateInKbps" } else { "rateOutKbps" };
+                nic.insert(field.into(), json!(kbps));
+            }
+            _ => bail!("--nic {spec}: unknown key {key:?} (switch, model, mac, rate-in, rate-out)"),
         }
     }
     Ok(Value::Object(nic))

@@ -1,12 +1,13 @@
-//! `viv vm nic`: add, change and remove one network card of a VM. Each is an edit of the VM's
-//! `nics` list (the pending definition's when there is one), sent as a JSON merge patch; a
-//! running VM takes the change at its next start.
+//! `viv vm nic`: add, change and remove one network card of a VM through `POST /vms/{id}/nics`
+//! and `PATCH`/`DELETE /vms/{id}/nics/{index}`. A running VM takes what it can at once (a NIC
+//! hot-added on q35, a move to another switch, new rate limits, a hot-added last NIC removed)
+//! and the rest at its next start; the output says which.
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use reqwest::Method;
-use serde_json::{json, Value};
-use viv_api::vms::{VmEdit, VmInfo};
+use serde_json::{json, Map, Value};
+use viv_api::vms::VmEdit;
 
 use crate::client::Client;
 use crate::output;
@@ -27,6 +28,12 @@ pub enum NicCommand {
         /// MAC address (generated when absent).
         #[arg(long)]
         mac: Option<String>,
+        /// Most kbit/s the guest receives (a NIC on a switch).
+        #[arg(long, value_name = "KBPS")]
+        rate_in: Option<u32>,
+        /// Most kbit/s the guest sends (a NIC on a switch).
+        #[arg(long, value_name = "KBPS")]
+        rate_out: Option<u32>,
     },
     /// Change NIC number INDEX (from 0, as `viv vm get` lists them).
     Edit {
@@ -46,6 +53,12 @@ pub enum NicCommand {
         /// MAC address.
         #[arg(long)]
         mac: Option<String>,
+        /// Most kbit/s the guest receives (0: no limit).
+        #[arg(long, value_name = "KBPS")]
+        rate_in: Option<u32>,
+        /// Most kbit/s the guest sends (0: no limit).
+        #[arg(long, value_name = "KBPS")]
+        rate_out: Option<u32>,
     },
     /// Remove NIC number INDEX.
     #[command(alias = "rm")]
@@ -62,21 +75,22 @@ pub async fn run(client: &Client, cmd: NicCommand, json: bool) -> Result<()> {
     let vm = match &cmd {
         NicCommand::Add { vm, .. } | NicCommand::Edit { vm, .. } | NicCommand::Remove { vm, .. } => vm.clone(),
     };
-    let info: VmInfo = client.json(client.request(Method::GET, &format!("/vms/{vm}"))).await?;
-    let definition = info.pending_definition.as_ref().unwrap_or(&info.definition);
-    let mut nics: Vec<Value> = definition.nics.iter().map(|n| json!(n)).collect();
-    let set = |nic: &mut Value, key: &str, value: &Option<String>| {
-        if let Some(v) = value {
-            nic[key] = json!(v);
-        }
-    };
-    match &cmd {
-        NicCommand::Add { switch, model, mac, .. } => {
-            let mut nic = json!({});
-            set(&mut nic, "switch", switch);
-            set(&mut nic, "model", model);
-            set(&mut nic, "mac", mac);
-            nics.push(nic);
+    let (method, path, body) = match &cmd {
+        NicCommand::Add {
+            switch,
+            model,
+            mac,
+            rate_in,
+            rate_out,
+            ..
+        } => {
+            let mut nic = Map::new();
+            put(&mut nic, "switch", switch.as_ref().map(|v| json!(v)));
+            put(&mut nic, "model", model.as_ref().map(|v| json!(v)));
+            put(&mut nic, "mac", mac.as_ref().map(|v| json!(v)));
+            put(&mut nic, "rateInKbps", rate_in.map(|v| json!(v)));
+            put(&mut nic, "rateOutKbps", rate_out.map(|v| json!(v)));
+            (Method::POST, format!("/vms/{vm}/nics"), Some(Value::Object(nic)))
         }
         NicCommand::Edit {
             index,
@@ -84,39 +98,49 @@ pub async fn run(client: &Client, cmd: NicCommand, json: bool) -> Result<()> {
             user,
             model,
             mac,
+            rate_in,
+            rate_out,
             ..
         } => {
-            let count = nics.len();
-            let Some(nic) = nics.get_mut(*index) else {
-                bail!("VM {vm} has {count} NIC(s); there is no NIC {index}");
-            };
-            set(nic, "switch", switch);
-            set(nic, "model", model);
-            set(nic, "mac", mac);
+            let mut patch = Map::new();
+            put(&mut patch, "switch", switch.as_ref().map(|v| json!(v)));
             if *user {
-                nic.as_object_mut().map(|o| o.remove("switch"));
+                patch.insert("switch".into(), Value::Null);
             }
-        }
-        NicCommand::Remove { index, .. } => {
-            if *index >= nics.len() {
-                bail!("VM {vm} has {} NIC(s); there is no NIC {index}", nics.len());
+            put(&mut patch, "model", model.as_ref().map(|v| json!(v)));
+            put(&mut patch, "mac", mac.as_ref().map(|v| json!(v)));
+            // 0 lifts a limit: null in a merge patch.
+            let limit = |kbps: &Option<u32>| kbps.map(|k| if k == 0 { Value::Null } else { json!(k) });
+            put(&mut patch, "rateInKbps", limit(rate_in));
+            put(&mut patch, "rateOutKbps", limit(rate_out));
+            if patch.is_empty() {
+                bail!("nothing to change: give --switch, --user, --model, --mac, --rate-in or --rate-out");
             }
-            nics.remove(*index);
+            (
+                Method::PATCH,
+                format!("/vms/{vm}/nics/{index}"),
+                Some(Value::Object(patch)),
+            )
         }
+        NicCommand::Remove { index, .. } => (Method::DELETE, format!("/vms/{vm}/nics/{index}"), None),
+    };
+    let mut request = client.request(method, &path);
+    if let Some(body) = body {
+        request = request.json(&body);
     }
-    let edit: VmEdit = client
-        .json(
-            client
-                .request(Method::PATCH, &format!("/vms/{vm}"))
-                .json(&json!({ "nics": nics })),
-        )
-        .await?;
+    let edit: VmEdit = client.json(request).await?;
     if json {
         output::json(&edit);
     } else if edit.at_next_start.is_empty() {
-        println!("NICs changed");
+        println!("NIC changed (at once when the VM runs)");
     } else {
-        println!("NICs changed; the running VM takes them at its next start");
+        println!("NIC changed; the running VM takes the change at its next start");
     }
     Ok(())
+}
+
+fn put(map: &mut Map<String, Value>, key: &str, value: Option<Value>) {
+    if let Some(value) = value {
+        map.insert(key.into(), value);
+    }
 }

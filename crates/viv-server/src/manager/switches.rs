@@ -81,6 +81,7 @@ impl Manager {
             forwarding: match def.kind {
                 SwitchKind::Nat => Forwarding::Nat,
                 SwitchKind::Isolated => Forwarding::None,
+                SwitchKind::Routed => Forwarding::Routed,
             },
             port_isolation: def.port_isolation,
         })
@@ -377,8 +378,8 @@ impl Manager {
     /// [`Switches::names`] until its definition is stored).
     pub(super) fn check_nic_switches(&self, def: &viv_api::vms::VmDefinition) -> Result<(), ApiError> {
         for nic in &def.nics {
-            if let Some(rate) = nic.rate_in_kbps {
-                let field = "rateInKbps";
+            for (field, rate) in [("rateInKbps", nic.rate_in_kbps), ("rateOutKbps", nic.rate_out_kbps)] {
+                let Some(rate) = rate else { continue };
                 if nic.switch.is_none() {
                     return Err(ApiError::Conflict(format!(
                         "{field} needs a NIC on a switch (QEMU's user-mode network has no limits)"
@@ -404,23 +405,59 @@ impl Manager {
         Ok(())
     }
 
-    /// A tap on switch `name`'s bridge for a NIC of VM `vm`, with `limits`, and the tap's name.
+    /// A tap on switch `name`'s bridge for NIC `nic` of VM `vm` (its id; `vm_name` for
+    /// messages), with `limits`, and the tap's name.
     pub(super) async fn switch_tap(
         &self,
-        vm: &str,
+        (vm, vm_name): (&str, &str),
+        nic: &str,
         name: &str,
         limits: viv_net::switches::RateLimits,
     ) -> Result<(std::os::fd::OwnedFd, String), ApiError> {
-        let row = self.store.switch(name)?.ok_or_else(|| {
-            ApiError::Conflict(format!(
-                "VM '{vm}' has a NIC on switch '{name}', which does not exist: edit the VM"
-            ))
-        })?;
-        let bridge = self.bridge_of(&row)?;
+        let bridge = self.switch_bridge(vm_name, name)?;
         let host = self.switch_host();
-        tokio::task::spawn_blocking(move || host.open_tap(&bridge.name, bridge.port_isolation, limits))
+        let label = viv_net::switches::tap_label(vm, nic);
+        tokio::task::spawn_blocking(move || host.open_tap(&bridge.name, bridge.port_isolation, limits, &label))
             .await
             .map_err(internal)?
-            .map_err(|e| ApiError::Internal(format!("attaching VM '{vm}' to switch '{name}': {e}")))
+            .map_err(|e| ApiError::Internal(format!("attaching VM '{vm_name}' to switch '{name}': {e}")))
+    }
+
+    /// Moves the tap of running VM `vm`'s NIC `nic` to switch `name`'s bridge and gives it
+    /// `limits`: the guest stays linked and is on the other switch at once.
+    pub(super) async fn retarget_tap(
+        &self,
+        (vm, vm_name): (&str, &str),
+        nic: &str,
+        name: &str,
+        limits: viv_net::switches::RateLimits,
+    ) -> Result<(), ApiError> {
+        let bridge = self.switch_bridge(vm_name, name)?;
+        let host = self.switch_host();
+        let label = viv_net::switches::tap_label(vm, nic);
+        let vm_name = vm_name.to_owned();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let tap = host.find_tap(&label).ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "VM '{vm_name}''s NIC {nic} has no tap on this host (was it started before this server knew labels? restart the VM)",
+                    nic = label.rsplit(':').next().unwrap_or_default()
+                ))
+            })?;
+            host.attach_tap(&tap, &bridge.name, bridge.port_isolation)
+                .and_then(|()| host.limit_tap(&tap, limits))
+                .map_err(|e| ApiError::Internal(format!("moving VM '{vm_name}''s tap {tap} to switch '{name}': {e}")))
+        })
+        .await
+        .map_err(internal)?
+    }
+
+    fn switch_bridge(&self, vm_name: &str, name: &str) -> Result<Bridge, ApiError> {
+        let row = self.store.switch(name)?.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "VM '{vm_name}' has a NIC on switch '{name}', which does not exist: edit the VM"
+            ))
+        })?;
+        self.bridge_of(&row)
     }
 }

@@ -96,7 +96,7 @@ impl Manager {
                 .machine
                 .hot_add_disk(&hot)
                 .await
-                .map_err(|e| hotplug_error(&row.name, &disk.disk, e))?;
+                .map_err(|e| hotplug_error(&row.name, &format!("disk '{}'", disk.disk), e))?;
             tracing::info!(vm = %row.id, disk = %disk.disk, device = %hot.id, "disk hot-added");
         }
         self.store_definitions(&row.id, &wanted, pending.as_ref())?;
@@ -141,7 +141,7 @@ impl Manager {
                 .machine
                 .hot_remove_disk(&format!("disk{position}"))
                 .await
-                .map_err(|e| hotplug_error(&row.name, disk, e))?;
+                .map_err(|e| hotplug_error(&row.name, &format!("disk '{disk}'"), e))?;
             tracing::info!(vm = %row.id, %disk, "disk hot-removed");
         }
         self.store_definitions(&row.id, &wanted, pending.as_ref())?;
@@ -259,17 +259,17 @@ impl Manager {
         name: &str,
         live: &super::vm_runtime::LiveVm,
     ) -> Result<(), ApiError> {
-        let disks = live.machine.hot_added_disks().await.unwrap_or(0);
+        let devices = live.machine.hot_added_devices().await.unwrap_or(0);
         let vcpus = live.machine.hot_added_vcpus().await.unwrap_or(0);
-        if disks + vcpus > 0 {
+        if devices + vcpus > 0 {
             return Err(ApiError::Conflict(format!(
-                "VM '{name}' had {disks} disk(s) and {vcpus} vCPU(s) added while it runs, and its saved state would only load into a machine started that way: restart it first"
+                "VM '{name}' had {devices} disk(s) or NIC(s) and {vcpus} vCPU(s) added while it runs, and its saved state would only load into a machine started that way: restart it first"
             )));
         }
         Ok(())
     }
 
-    fn store_definitions(
+    pub(super) fn store_definitions(
         &self,
         id: &str,
         definition: &viv_api::vms::VmDefinition,
@@ -286,17 +286,16 @@ impl Manager {
     }
 }
 
-fn hotplug_error(vm: &str, disk: &str, err: HotplugError) -> ApiError {
+/// The API's answer to a hotplug of `what` (`disk 'NAME'`, `NIC N`) that failed.
+pub(super) fn hotplug_error(vm: &str, what: &str, err: HotplugError) -> ApiError {
     match err {
         HotplugError::NoFreePort(_) | HotplugError::NotReleased(..) => {
-            ApiError::Conflict(format!("VM '{vm}', disk '{disk}': {err}"))
+            ApiError::Conflict(format!("VM '{vm}', {what}: {err}"))
         }
-        HotplugError::UnknownDisk(_) => ApiError::Conflict(format!(
-            "disk '{disk}' was attached at VM '{vm}''s start, on a bus without hotplug: stop the VM to detach it"
+        HotplugError::UnknownDisk(_) | HotplugError::UnknownDevice(_) => ApiError::Conflict(format!(
+            "{what} was attached at VM '{vm}''s start, on a bus without hotplug: stop the VM to remove it"
         )),
-        HotplugError::Image(_) | HotplugError::Vcpus(_) => {
-            ApiError::Conflict(format!("VM '{vm}', disk '{disk}': {err}"))
-        }
-        HotplugError::Qmp(_) => ApiError::Sandbox(format!("VM '{vm}', disk '{disk}': {err}")),
+        HotplugError::Image(_) | HotplugError::Vcpus(_) => ApiError::Conflict(format!("VM '{vm}', {what}: {err}")),
+        HotplugError::Qmp(_) => ApiError::Sandbox(format!("VM '{vm}', {what}: {err}")),
     }
 }

@@ -99,10 +99,9 @@ impl Manager {
                 // The tap lives while a descriptor of it is open: the spec's until QEMU has its
                 // own copy, then QEMU's alone.
                 Some(switch) => {
-                    let limits = viv_net::switches::RateLimits {
-                        into_guest: nic.rate_in_kbps,
-                    };
-                    let (tap, ifname) = self.switch_tap(name, switch, limits).await?;
+                    let (tap, ifname) = self
+                        .switch_tap((id, name), &format!("nic{i}"), switch, rate_limits(nic))
+                        .await?;
                     tracing::debug!(vm = %name, nic = i, tap = %ifname, switch = %switch, "NIC on a switch");
                     machine::Nic::tap(format!("nic{i}"), std::sync::Arc::new(tap), mac)
                 }
@@ -226,6 +225,14 @@ pub(super) fn launch_error(vm: &str, e: LaunchMachineError) -> ApiError {
             ApiError::NoRoom(format!("VM '{vm}' cannot start now: {e}"))
         }
         other => ApiError::Internal(format!("VM '{vm}' did not start: {other}")),
+    }
+}
+
+/// The rate limits of `nic`'s tap.
+pub(super) fn rate_limits(nic: &viv_api::vms::VmNic) -> viv_net::switches::RateLimits {
+    viv_net::switches::RateLimits {
+        into_guest: nic.rate_in_kbps,
+        from_guest: nic.rate_out_kbps,
     }
 }
 

@@ -5,7 +5,9 @@
 //! sandboxes: `POST /vms` with `fromSnapshot`/`fromTemplate`, `POST /vms/{id}/exec`;
 //! `POST /vms/{id}/template` makes a sandbox template of one; `POST /vms/{id}/fork` forks a
 //! running VM; `GET /snapshot-tree` lists sandbox and VM snapshots together. Disks:
-//! `POST /vms/{id}/disks`, `DELETE /vms/{id}/disks/{disk}` (live on q35 with hotplug ports); vCPUs: `PUT /vms/{id}/vcpus`; the balloon: `GET`/`PUT /vms/{id}/memory`.
+//! `POST /vms/{id}/disks`, `DELETE /vms/{id}/disks/{disk}` (live on q35 with hotplug ports); NICs:
+//! `POST /vms/{id}/nics`, `PATCH`/`DELETE /vms/{id}/nics/{index}` (switch moves and limits live,
+//! hotplug on q35); vCPUs: `PUT /vms/{id}/vcpus`; the balloon: `GET`/`PUT /vms/{id}/memory`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -37,6 +39,11 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/vms/{id}/cdroms/{drive}", axum::routing::put(change_medium))
         .route("/vms/{id}/disks", post(attach_disk))
         .route("/vms/{id}/disks/{disk}", axum::routing::delete(detach_disk))
+        .route("/vms/{id}/nics", post(add_nic))
+        .route(
+            "/vms/{id}/nics/{index}",
+            axum::routing::patch(edit_nic).delete(remove_nic),
+        )
         .route("/vms/{id}/vcpus", axum::routing::put(set_vcpus))
         .route("/vms/{id}/memory", get(memory).put(set_memory))
         .route("/vms/{id}/nvram/reset", post(reset_nvram))
@@ -212,6 +219,29 @@ async fn detach_disk(
     ApiPath((id, disk)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.manager.detach_vm_disk(&id, &disk).await?).into_response())
+}
+
+async fn add_nic(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    JsonBody(nic): JsonBody<viv_api::vms::VmNic>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.add_vm_nic(&id, nic).await?).into_response())
+}
+
+async fn edit_nic(
+    State(state): State<AppState>,
+    ApiPath((id, index)): ApiPath<(String, usize)>,
+    JsonBody(patch): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.edit_vm_nic(&id, index, patch).await?).into_response())
+}
+
+async fn remove_nic(
+    State(state): State<AppState>,
+    ApiPath((id, index)): ApiPath<(String, usize)>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.manager.remove_vm_nic(&id, index).await?).into_response())
 }
 
 async fn set_vcpus(

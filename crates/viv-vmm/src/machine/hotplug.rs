@@ -2,7 +2,9 @@
 //! at start ([`super::MachineSpec::hotplug_ports`], ids `hp0`…), and vCPUs added up to its
 //! [`super::MachineSpec::max_vcpus`] (one socket each, in the order QEMU lists the free slots;
 //! the guest brings each online, as a Linux guest does when ACPI tells it or when told to), and
-//! the memory a guest keeps through its virtio-balloon device (`balloon0`).
+//! the memory a guest keeps through its virtio-balloon device (`balloon0`), and NICs: a
+//! `virtio-net-pci` device `ID` on netdev `net-ID`, a tap the server opened and passed by
+//! `getfd`, or QEMU's user-mode network.
 //!
 //! A hot-added disk is opened by the server like every other file: the image and each file of
 //! its backing chain are passed as descriptors (`add-fd`) and named `/dev/fdset/N` in one
@@ -15,6 +17,7 @@
 //! over finds the ports in use without keeping state); a removal that the guest does not
 //! acknowledge in time keeps the disk attached and says so.
 
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,7 +28,7 @@ use super::ops::Machine;
 use super::{Disk, DiskBus, DiskFormat};
 use crate::qmp::QmpError;
 
-/// How long a guest has to release a disk asked to go.
+/// How long a guest has to release a device asked to go.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A disk to add to a running machine.
@@ -53,11 +56,14 @@ pub enum HotplugError {
     /// No such disk on a hotplug port (absent, or attached at start on the root bus).
     #[error("no disk '{0}' is on a hotplug port of the running machine")]
     UnknownDisk(String),
+    /// No such device on a hotplug port (a NIC of the machine's start is on the root bus).
+    #[error("no device '{0}' is on a hotplug port of the running machine")]
+    UnknownDevice(String),
     /// vCPUs cannot be removed while the machine runs, nor added past its maximum.
     #[error("{0}")]
     Vcpus(String),
-    /// The guest did not release the disk in time.
-    #[error("the guest did not release disk '{0}' within {1:?}; it stays attached")]
+    /// The guest did not release the device in time.
+    #[error("the guest did not release device '{0}' within {1:?}; it stays attached")]
     NotReleased(String, Duration),
     /// QEMU refused a command, or is gone.
     #[error("QEMU: {0}")]
@@ -89,12 +95,7 @@ impl Machine {
     /// Adds `disk` to the running machine as a virtio-blk device on a free hotplug port; the
     /// guest sees a new disk.
     pub async fn hot_add_disk(&self, disk: &HotDisk) -> Result<(), HotplugError> {
-        let ports = self.hotplug_ports().await?;
-        let port = ports
-            .iter()
-            .find(|(_, devices)| devices.is_empty())
-            .map(|(id, _)| id.clone())
-            .ok_or(HotplugError::NoFreePort(ports.len()))?;
+        let port = self.free_port().await?;
         let chain = disk_backings(&Disk {
             id: disk.id.clone(),
             path: disk.path.clone(),
@@ -165,15 +166,89 @@ impl Machine {
     /// Removes hot-added disk `id`: the guest is asked to release it, and once QEMU reports the
     /// device gone its block node is deleted.
     pub async fn hot_remove_disk(&self, id: &str) -> Result<(), HotplugError> {
-        let node_name = format!("disk-{id}");
-        let hot_added = self
+        if !self.is_hot_added(id).await? {
+            return Err(HotplugError::UnknownDisk(id.to_owned()));
+        }
+        self.unplug(id).await?;
+        self.qmp
+            .execute("blockdev-del", Some(json!({ "node-name": format!("disk-{id}") })))
+            .await?;
+        Ok(())
+    }
+
+    /// Adds a virtio-net NIC `id` with MAC `mac` on a free hotplug port: on tap `tap` (a copy
+    /// of its descriptor goes to QEMU), or on QEMU's user-mode network without one.
+    pub async fn hot_add_nic(&self, id: &str, mac: &str, tap: Option<&OwnedFd>) -> Result<(), HotplugError> {
+        let port = self.free_port().await?;
+        let netdev = format!("net-{id}");
+        let backend = match tap {
+            Some(tap) => {
+                let name = format!("tap-{id}");
+                self.qmp.pass_named_fd(&name, tap.as_fd()).await?;
+                let added = self
+                    .qmp
+                    .execute("netdev_add", Some(json!({ "type": "tap", "id": netdev, "fd": name })))
+                    .await;
+                if added.is_err() {
+                    let _ = self.qmp.execute("closefd", Some(json!({ "fdname": name }))).await;
+                }
+                added
+            }
+            None => {
+                self.qmp
+                    .execute("netdev_add", Some(json!({ "type": "user", "id": netdev })))
+                    .await
+            }
+        };
+        backend?;
+        let device = self
+            .qmp
+            .execute(
+                "device_add",
+                Some(json!({ "driver": "virtio-net-pci", "id": id, "netdev": netdev, "mac": mac, "bus": port })),
+            )
+            .await;
+        if let Err(err) = device {
+            let _ = self.qmp.execute("netdev_del", Some(json!({ "id": netdev }))).await;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// Removes hot-added NIC `id` (the guest is asked to release it), then its netdev, which
+    /// closes QEMU's copy of its tap.
+    pub async fn hot_remove_nic(&self, id: &str) -> Result<(), HotplugError> {
+        if !self.is_hot_added(id).await? {
+            return Err(HotplugError::UnknownDevice(id.to_owned()));
+        }
+        self.unplug(id).await?;
+        self.qmp
+            .execute("netdev_del", Some(json!({ "id": format!("net-{id}") })))
+            .await?;
+        Ok(())
+    }
+
+    /// The first hotplug port without a device.
+    async fn free_port(&self) -> Result<String, HotplugError> {
+        let ports = self.hotplug_ports().await?;
+        ports
+            .iter()
+            .find(|(_, devices)| devices.is_empty())
+            .map(|(id, _)| id.clone())
+            .ok_or(HotplugError::NoFreePort(ports.len()))
+    }
+
+    /// Whether device `id` sits on a hotplug port.
+    async fn is_hot_added(&self, id: &str) -> Result<bool, HotplugError> {
+        Ok(self
             .hotplug_ports()
             .await?
             .iter()
-            .any(|(_, devices)| devices.iter().any(|d| d == id));
-        if !hot_added {
-            return Err(HotplugError::UnknownDisk(id.to_owned()));
-        }
+            .any(|(_, devices)| devices.iter().any(|d| d == id)))
+    }
+
+    /// Asks the guest to release device `id` and waits for QEMU's `DEVICE_DELETED`.
+    async fn unplug(&self, id: &str) -> Result<(), HotplugError> {
         let mut events = self.events();
         match self.qmp.execute("device_del", Some(json!({ "id": id }))).await {
             Ok(_) => {}
@@ -196,9 +271,6 @@ impl Machine {
         if !matches!(deleted, Ok(true)) {
             return Err(HotplugError::NotReleased(id.to_owned(), REMOVE_TIMEOUT));
         }
-        self.qmp
-            .execute("blockdev-del", Some(json!({ "node-name": node_name })))
-            .await?;
         Ok(())
     }
 
@@ -231,8 +303,9 @@ impl Machine {
         Ok(target)
     }
 
-    /// How many disks were added while the machine runs (devices on its hotplug ports).
-    pub async fn hot_added_disks(&self) -> Result<u32, HotplugError> {
+    /// How many devices (disks, NICs) were added while the machine runs (devices on its hotplug
+    /// ports).
+    pub async fn hot_added_devices(&self) -> Result<u32, HotplugError> {
         Ok(self.hotplug_ports().await?.iter().map(|(_, d)| d.len() as u32).sum())
     }
 

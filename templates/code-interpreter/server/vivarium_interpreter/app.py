@@ -6,7 +6,9 @@ only; it is ignored).
 
 Invariants: every request is validated before any work starts, and bad input gets a plain-text
 message with 400 (malformed request), 404 (unknown context) or 422 (well-formed JSON with a wrong
-field); a language whose kernel is missing gets 503. Once an /execute stream has started it always
+field); a language whose kernel is missing gets 503 (or, when its first kernel takes longer than
+HEADERS_WITHIN to start, an `error` line in a stream already started, so that no client times out
+waiting for headers). Once an /execute stream has started it always
 ends with an `end_of_execution` line, and a `keepalive` line is sent after every 5 s of silence; a
 client that goes away aborts its execution (the kernel is interrupted).
 """
@@ -23,6 +25,8 @@ from .kernel import KernelUnavailable
 from .languages import ENV_NAME, UnknownLanguage, normalize
 
 KEEPALIVE = 5.0
+# How long /execute waits for a language's first kernel before it starts the stream anyway.
+HEADERS_WITHIN = 10.0
 MAX_BODY = 64 * 1024 * 1024
 REGISTRY = web.AppKey("registry", Registry)
 DEFAULTS = web.AppKey("default_languages", tuple)
@@ -123,14 +127,21 @@ async def execute(request: web.Request) -> web.StreamResponse:
     if context_id is not None and language is not None:
         raise BadRequest(400, "give either 'context_id' or 'language', not both")
     env_vars = _env_vars(body)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    response.enable_chunked_encoding()
     if context_id is not None:
         ctx = registry.get(context_id)
     else:
-        ctx = await registry.default_for(_language(language))
-
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    response.enable_chunked_encoding()
-    await response.prepare(request)
+        starting = asyncio.ensure_future(registry.default_for(_language(language)))
+        done, _ = await asyncio.wait({starting}, timeout=HEADERS_WITHIN)
+        if done:
+            ctx = starting.result()
+        else:
+            ctx = await _started_while_streaming(request, response, starting)
+            if ctx is None:
+                return response
+    if not response.prepared:
+        await response.prepare(request)
     execution = ctx.submit(code, env_vars)
     try:
         while True:
@@ -149,6 +160,35 @@ async def execute(request: web.Request) -> web.StreamResponse:
         if isinstance(e, asyncio.CancelledError):
             raise
     return response
+
+
+async def _started_while_streaming(request, response, starting):
+    """A language's first kernel is still starting after HEADERS_WITHIN: start the stream (so a
+    client's timeout for the response headers does not end the call) and send keepalives until it
+    is up. A kernel that then fails to start ends the stream with an `error` event naming it, and
+    None is returned."""
+    await response.prepare(request)
+    try:
+        while True:
+            done, _ = await asyncio.wait({starting}, timeout=KEEPALIVE)
+            if done:
+                break
+            await response.write(_line({"type": "keepalive"}))
+        return starting.result()
+    except (asyncio.CancelledError, ConnectionError):
+        # The kernel keeps starting: it becomes the language's default context for the next call.
+        raise
+    except Exception as e:
+        log.error("the kernel for this execution did not start: %s", e)
+        await response.write(_line({
+            "type": "error",
+            "name": type(e).__name__,
+            "value": f"the kernel did not start: {e}",
+            "traceback": "",
+        }))
+        await response.write(_line({"type": "end_of_execution"}))
+        await response.write_eof()
+        return None
 
 
 def _line(event: dict) -> bytes:
