@@ -17,6 +17,9 @@ pub enum SwitchKind {
     /// `nat`, VMs keep their addresses out of the host, and whatever routes the subnet to the
     /// host reaches them.
     Routed,
+    /// NICs on a bridge the operator owns (`uplink`), on whatever network it is part of: no
+    /// subnet, DHCP or rules of ours.
+    Bridged,
 }
 
 impl SwitchKind {
@@ -26,6 +29,7 @@ impl SwitchKind {
             Self::Nat => "nat",
             Self::Isolated => "isolated",
             Self::Routed => "routed",
+            Self::Bridged => "bridged",
         }
     }
 }
@@ -44,6 +48,10 @@ pub struct SwitchDefinition {
     /// VMs on the switch cannot reach each other (bridge ports isolated), only the host's side.
     #[serde(default)]
     pub port_isolation: bool,
+    /// The host's Linux bridge a `bridged` switch puts NICs on (it must exist; the server never
+    /// changes or removes it). Only for `bridged`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
 }
 
 /// `POST /switches` body.
@@ -65,10 +73,13 @@ pub struct SwitchInfo {
     pub name: String,
     /// Kind.
     pub kind: SwitchKind,
-    /// IPv4 subnet.
-    pub subnet: String,
-    /// The host's address on the switch (gateway and DNS of `nat` and `routed` switches).
-    pub host_address: String,
+    /// IPv4 subnet (none for `bridged`: the operator's network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// The host's address on the switch (gateway and DNS of `nat` and `routed` switches; none
+    /// for `bridged`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_address: Option<String>,
     /// Whether VMs on it are kept from reaching each other.
     pub port_isolation: bool,
     /// The Linux bridge.

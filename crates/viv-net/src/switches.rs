@@ -128,10 +128,20 @@ impl SwitchHost {
     /// Sets the isolation of every port of `bridge` as it asks (taps of running VMs after an
     /// edit, or after a restart).
     pub fn set_port_isolation(&self, bridge: &Bridge) -> Result<(), NetError> {
-        let ports = output("ip", &["-o", "link", "show", "master", &bridge.name])?;
-        let flag = if bridge.port_isolation { "on" } else { "off" };
+        self.set_tap_isolation(&bridge.name, bridge.port_isolation)
+    }
+
+    /// Sets the isolation of this key's taps on `bridge` (any bridge: a bridged switch's
+    /// uplink has ports that are not ours, which keep theirs).
+    pub fn set_tap_isolation(&self, bridge: &str, isolated: bool) -> Result<(), NetError> {
+        let ports = output("ip", &["-o", "link", "show", "master", bridge])?;
+        let flag = if isolated { "on" } else { "off" };
+        let ours = format!("vt{}", self.key);
         for port in ports.lines().filter_map(|l| l.split(':').nth(1)) {
             let port = port.trim().split('@').next().unwrap_or_default();
+            if !port.starts_with(&ours) {
+                continue;
+            }
             run(
                 "ip",
                 &["link", "set", "dev", port, "type", "bridge_slave", "isolated", flag],
@@ -405,6 +415,15 @@ pub struct RateLimits {
 /// A token bucket of 1/`per_second` s at `kbps` kbit/s, at least 4 KiB.
 fn burst_bytes(kbps: u32, per_second: u64) -> u64 {
     (u64::from(kbps) * 1000 / 8 / per_second).max(4096)
+}
+
+/// Whether `name` is a Linux bridge on the host.
+pub fn is_bridge(name: &str) -> bool {
+    !name.contains('/')
+        && std::path::Path::new("/sys/class/net")
+            .join(name)
+            .join("bridge")
+            .is_dir()
 }
 
 /// The host's IPv4 routes of its main table but the default route and those through links named

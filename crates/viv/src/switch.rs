@@ -17,13 +17,18 @@ pub enum SwitchCommand {
     Create {
         /// Name, unique on the server.
         name: String,
-        /// nat (DHCP, DNS, masqueraded out of the host), isolated (VMs reach only each other) or
-        /// routed (DHCP, DNS, routed in and out without translation).
+        /// nat (DHCP, DNS, masqueraded out of the host), isolated (VMs reach only each other),
+        /// routed (DHCP, DNS, routed in and out without translation) or bridged (NICs on the
+        /// host bridge --uplink, on the operator's network).
         #[arg(long, default_value = "nat")]
         kind: String,
-        /// IPv4 subnet (e.g. 10.250.1.0/24); allocated from the server's --switch-range if absent.
+        /// IPv4 subnet (e.g. 10.250.1.0/24); allocated from the server's --switch-range if absent
+        /// (not for bridged).
         #[arg(long)]
         subnet: Option<String>,
+        /// A bridged switch's Linux bridge on the host (it must exist).
+        #[arg(long)]
+        uplink: Option<String>,
         /// Keep VMs on the switch from reaching each other.
         #[arg(long)]
         port_isolation: bool,
@@ -65,7 +70,7 @@ fn row(s: &SwitchInfo) -> Vec<String> {
     vec![
         s.name.clone(),
         s.kind.as_str().to_owned(),
-        s.subnet.clone(),
+        s.subnet.clone().unwrap_or_else(|| "-".to_owned()),
         if s.port_isolation { "yes" } else { "no" }.to_owned(),
         s.bridge.clone(),
         if s.vms.is_empty() {
@@ -90,11 +95,15 @@ pub async fn run(client: &Client, cmd: SwitchCommand, json: bool) -> Result<i32>
             name,
             kind,
             subnet,
+            uplink,
             port_isolation,
         } => {
             let mut body = json!({"name": name, "kind": kind, "portIsolation": port_isolation});
             if let Some(subnet) = subnet {
                 body["subnet"] = json!(subnet);
+            }
+            if let Some(uplink) = uplink {
+                body["uplink"] = json!(uplink);
             }
             let made: SwitchInfo = client
                 .json(client.request(Method::POST, "/switches").json(&body))

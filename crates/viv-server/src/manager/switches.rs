@@ -52,6 +52,43 @@ fn definition(row: &SwitchRow) -> Result<SwitchDefinition, ApiError> {
     serde_json::from_str(&row.definition).map_err(|e| ApiError::Internal(format!("switch '{}': {e}", row.name)))
 }
 
+/// A bridged switch's uplink.
+fn uplink_of(def: &SwitchDefinition) -> Option<&str> {
+    (def.kind == SwitchKind::Bridged)
+        .then_some(def.uplink.as_deref())
+        .flatten()
+}
+
+/// Whether `def` is bridged, checking that `uplink` and `subnet` go with its kind (400 else).
+fn check_uplink(def: &SwitchDefinition) -> Result<bool, ApiError> {
+    match (def.kind == SwitchKind::Bridged, &def.uplink) {
+        (true, None) => Err(ApiError::BadRequest(
+            "a bridged switch needs an uplink: the name of a Linux bridge on the host".into(),
+        )),
+        (true, Some(uplink)) => {
+            if uplink.is_empty()
+                || uplink.len() > 15
+                || !uplink.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(ApiError::BadRequest(format!(
+                    "uplink {uplink:?} is no interface name (1 to 15 letters, digits, '.', '_' or '-')"
+                )));
+            }
+            if def.subnet.is_some() {
+                return Err(ApiError::BadRequest(
+                    "a bridged switch has no subnet of ours: its network is the uplink's".into(),
+                ));
+            }
+            Ok(true)
+        }
+        (false, Some(_)) => Err(ApiError::BadRequest(format!(
+            "only a bridged switch has an uplink, not a {} one",
+            def.kind.as_str()
+        ))),
+        (false, None) => Ok(false),
+    }
+}
+
 /// The subnet of `def` (host bits cleared).
 fn subnet_of(def: &SwitchDefinition) -> Result<Cidr, ApiError> {
     let text = def.subnet.as_deref().unwrap_or_default();
@@ -82,6 +119,8 @@ impl Manager {
                 SwitchKind::Nat => Forwarding::Nat,
                 SwitchKind::Isolated => Forwarding::None,
                 SwitchKind::Routed => Forwarding::Routed,
+                // Never asked: a bridged switch has no bridge of ours (see `our_switches`).
+                SwitchKind::Bridged => Forwarding::None,
             },
             port_isolation: def.port_isolation,
         })
@@ -106,14 +145,21 @@ impl Manager {
 
     fn switch_info(&self, row: &SwitchRow) -> Result<SwitchInfo, ApiError> {
         let def = definition(row)?;
-        let bridge = self.bridge_of(row)?;
+        let (bridge, subnet, host_address) = match uplink_of(&def) {
+            Some(uplink) => (uplink.to_owned(), None, None),
+            None => {
+                let bridge = self.bridge_of(row)?;
+                let host = bridge.host_address().to_string();
+                (bridge.name, Some(bridge.subnet.to_string()), Some(host))
+            }
+        };
         Ok(SwitchInfo {
             name: row.name.clone(),
             kind: def.kind,
-            subnet: bridge.subnet.to_string(),
-            host_address: bridge.host_address().to_string(),
+            subnet,
+            host_address,
             port_isolation: def.port_isolation,
-            bridge: bridge.name,
+            bridge,
             vms: self.vms_on_switch(&row.name)?,
             created_at: row.created_at.clone(),
         })
@@ -150,7 +196,7 @@ impl Manager {
                 "subnet {subnet} overlaps the host's network {net} (on {dev}); choose another"
             )));
         }
-        for row in self.store.list_switches()? {
+        for row in self.our_switches()? {
             if Some(row.name.as_str()) == this {
                 continue;
             }
@@ -174,8 +220,7 @@ impl Manager {
             1u64 << (24 - range.prefix)
         };
         let taken: Vec<Cidr> = self
-            .store
-            .list_switches()?
+            .our_switches()?
             .iter()
             .map(|r| self.bridge_of(r).map(|b| b.subnet))
             .collect::<Result<_, _>>()?;
@@ -201,19 +246,27 @@ impl Manager {
         let _host = self.switches.host.lock().await;
         let row = {
             let _names = self.switches.names.lock().expect("switch names lock");
-            match &def.subnet {
-                Some(_) => {
-                    let subnet = subnet_of(&def)?;
-                    self.check_subnet(subnet, None)?;
-                    def.subnet = Some(subnet.to_string());
+            if check_uplink(&def)? {
+                self.check_uplink_bridge(&def)?;
+            } else {
+                match &def.subnet {
+                    Some(_) => {
+                        let subnet = subnet_of(&def)?;
+                        self.check_subnet(subnet, None)?;
+                        def.subnet = Some(subnet.to_string());
+                    }
+                    None => def.subnet = Some(self.allocate_subnet()?.to_string()),
                 }
-                None => def.subnet = Some(self.allocate_subnet()?.to_string()),
             }
             let json = serde_json::to_string(&def).map_err(internal)?;
             self.store
                 .insert_switch(&req.name, &json)?
                 .ok_or_else(|| ApiError::Conflict(format!("a switch named '{}' already exists", req.name)))?
         };
+        if let Some(uplink) = uplink_of(&def) {
+            tracing::info!(switch = %row.name, %uplink, "bridged switch created");
+            return self.switch_info(&row);
+        }
         let bridge = self.bridge_of(&row)?;
         if let Err(err) = self.bring_up(&bridge).await {
             let _ = self.store.delete_switch(&row.name);
@@ -250,8 +303,7 @@ impl Manager {
     /// Replaces the host's switch table with the rules of every stored switch.
     async fn reload_switch_rules(&self) -> Result<(), ApiError> {
         let bridges: Vec<Bridge> = self
-            .store
-            .list_switches()?
+            .our_switches()?
             .iter()
             .map(|r| self.bridge_of(r))
             .collect::<Result<_, _>>()?;
@@ -288,20 +340,42 @@ impl Manager {
         super::vms::merge_patch(&mut merged, &patch);
         let mut def: SwitchDefinition =
             serde_json::from_value(merged).map_err(|e| ApiError::BadRequest(format!("invalid switch: {e}")))?;
-        match &def.subnet {
-            Some(_) => {
-                let subnet = subnet_of(&def)?;
-                self.check_subnet(subnet, Some(name))?;
-                def.subnet = Some(subnet.to_string());
+        let before = definition(&row)?;
+        let was_bridged = before.kind == SwitchKind::Bridged;
+        if (def.kind == SwitchKind::Bridged || def.uplink.is_some()) != was_bridged
+            || (was_bridged && def.uplink != before.uplink)
+        {
+            return Err(ApiError::Conflict(format!(
+                "switch '{name}': a switch does not become or stop being bridged, nor change its uplink: create another"
+            )));
+        }
+        let bridged = check_uplink(&def)?;
+        if !bridged {
+            match &def.subnet {
+                Some(_) => {
+                    let subnet = subnet_of(&def)?;
+                    self.check_subnet(subnet, Some(name))?;
+                    def.subnet = Some(subnet.to_string());
+                }
+                None => def.subnet = Some(self.allocate_subnet()?.to_string()),
             }
-            None => def.subnet = Some(self.allocate_subnet()?.to_string()),
         }
         let json = serde_json::to_string(&def).map_err(internal)?;
         if !self.store.update_switch(name, &json)? {
             return Err(ApiError::NotFound(format!("no switch '{name}'")));
         }
         let row = self.switch_row(name)?;
-        self.bring_up(&self.bridge_of(&row)?).await?;
+        match uplink_of(&def) {
+            // Our taps on it take the new port isolation; the operator's ports keep theirs.
+            Some(uplink) => {
+                let (host, uplink, isolated) = (self.switch_host(), uplink.to_owned(), def.port_isolation);
+                tokio::task::spawn_blocking(move || host.set_tap_isolation(&uplink, isolated))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| ApiError::Internal(format!("switch '{name}': {e}")))?;
+            }
+            None => self.bring_up(&self.bridge_of(&row)?).await?,
+        }
         self.switch_info(&row)
     }
 
@@ -319,14 +393,19 @@ impl Manager {
                     users.iter().map(|u| format!("'{u}'")).collect::<Vec<_>>().join(", ")
                 )));
             }
-            let bridge = self.switch_host().bridge_name(row.index);
+            // A bridged switch's uplink is the operator's: it stays.
+            let bridge = uplink_of(&definition(&row)?)
+                .is_none()
+                .then(|| self.switch_host().bridge_name(row.index));
             self.store.delete_switch(name)?;
             bridge
         };
-        let host = self.switch_host();
-        tokio::task::spawn_blocking(move || host.remove(&bridge))
-            .await
-            .map_err(internal)?;
+        if let Some(bridge) = bridge {
+            let host = self.switch_host();
+            tokio::task::spawn_blocking(move || host.remove(&bridge))
+                .await
+                .map_err(internal)?;
+        }
         self.reload_switch_rules().await?;
         tracing::info!(switch = %name, "switch deleted");
         Ok(())
@@ -336,7 +415,13 @@ impl Manager {
     /// brings up (or takes back) those it does. A switch that cannot be brought up is logged,
     /// and VMs on it fail to start with the reason.
     pub(super) async fn start_switches(&self) -> Result<(), ApiError> {
-        let rows = self.store.list_switches()?;
+        for row in self.store.list_switches()? {
+            let def = definition(&row)?;
+            if let Err(err) = self.check_uplink_bridge(&def) {
+                tracing::warn!(switch = %row.name, error = %err, "a bridged switch's uplink is missing");
+            }
+        }
+        let rows = self.our_switches()?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             if !rows.is_empty() {
@@ -414,10 +499,10 @@ impl Manager {
         name: &str,
         limits: viv_net::switches::RateLimits,
     ) -> Result<(std::os::fd::OwnedFd, String), ApiError> {
-        let bridge = self.switch_bridge(vm_name, name)?;
+        let (bridge, isolated) = self.switch_bridge(vm_name, name)?;
         let host = self.switch_host();
         let label = viv_net::switches::tap_label(vm, nic);
-        tokio::task::spawn_blocking(move || host.open_tap(&bridge.name, bridge.port_isolation, limits, &label))
+        tokio::task::spawn_blocking(move || host.open_tap(&bridge, isolated, limits, &label))
             .await
             .map_err(internal)?
             .map_err(|e| ApiError::Internal(format!("attaching VM '{vm_name}' to switch '{name}': {e}")))
@@ -432,7 +517,7 @@ impl Manager {
         name: &str,
         limits: viv_net::switches::RateLimits,
     ) -> Result<(), ApiError> {
-        let bridge = self.switch_bridge(vm_name, name)?;
+        let (bridge, isolated) = self.switch_bridge(vm_name, name)?;
         let host = self.switch_host();
         let label = viv_net::switches::tap_label(vm, nic);
         let vm_name = vm_name.to_owned();
@@ -444,7 +529,7 @@ impl Manager {
                     nic = label.rsplit(':').next().unwrap_or_default()
                 ))
             })?;
-            host.attach_tap(&tap, &bridge.name, bridge.port_isolation)
+            host.attach_tap(&tap, &bridge, isolated)
                 .and_then(|()| host.limit_tap(&tap, limits))
                 .map_err(|e| ApiError::Internal(format!("moving VM '{vm_name}''s tap {tap} to switch '{name}': {e}")))
         })
@@ -452,12 +537,47 @@ impl Manager {
         .map_err(internal)?
     }
 
-    fn switch_bridge(&self, vm_name: &str, name: &str) -> Result<Bridge, ApiError> {
+    /// The Linux bridge of switch `name` (ours, or a bridged switch's uplink) and whether its
+    /// ports are isolated.
+    fn switch_bridge(&self, vm_name: &str, name: &str) -> Result<(String, bool), ApiError> {
         let row = self.store.switch(name)?.ok_or_else(|| {
             ApiError::Conflict(format!(
                 "VM '{vm_name}' has a NIC on switch '{name}', which does not exist: edit the VM"
             ))
         })?;
-        self.bridge_of(&row)
+        let def = definition(&row)?;
+        if let Some(uplink) = uplink_of(&def) {
+            self.check_uplink_bridge(&def)?;
+            return Ok((uplink.to_owned(), def.port_isolation));
+        }
+        let bridge = self.bridge_of(&row)?;
+        Ok((bridge.name, bridge.port_isolation))
+    }
+
+    /// The switches whose bridge, dnsmasq and rules are ours (all but `bridged` ones).
+    fn our_switches(&self) -> Result<Vec<SwitchRow>, ApiError> {
+        let mut ours = Vec::new();
+        for row in self.store.list_switches()? {
+            if uplink_of(&definition(&row)?).is_none() {
+                ours.push(row);
+            }
+        }
+        Ok(ours)
+    }
+
+    /// 409 unless a bridged switch's uplink is a Linux bridge on the host (and not one of ours).
+    fn check_uplink_bridge(&self, def: &SwitchDefinition) -> Result<(), ApiError> {
+        let Some(uplink) = uplink_of(def) else { return Ok(()) };
+        if uplink.starts_with(&format!("vs{}", &self.data_key[..6])) {
+            return Err(ApiError::Conflict(format!(
+                "uplink '{uplink}' is a bridge of this server's own switches"
+            )));
+        }
+        if !viv_net::switches::is_bridge(uplink) {
+            return Err(ApiError::Conflict(format!(
+                "uplink '{uplink}' is not a Linux bridge on this host: create it (ip link add {uplink} type bridge) or name another"
+            )));
+        }
+        Ok(())
     }
 }

@@ -6,6 +6,9 @@
 //! target, name clash, a VM not running, a target lacking the VM's ISO or holding a disk of its
 //! disk's name, the target's QEMU dying while it receives) leave the VM running on the source
 //! and nothing on the target.
+//!
+//! A VM on a `bridged` switch (one operator bridge, the same switch on both servers) keeps a TCP
+//! connection with the host open across the move, bytes flowing both ways before and after.
 
 use std::time::Duration;
 
@@ -299,5 +302,128 @@ fn migration_figures() {
             .unwrap()
             .status(),
         204
+    );
+}
+
+/// A Linux bridge the test owns, as an operator's network would be; deleted on drop.
+struct OperatorBridge(String);
+
+impl Drop for OperatorBridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+#[test]
+fn a_vm_on_a_bridged_switch_keeps_its_tcp_connections_when_it_moves() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    use crate::vm_switches::{create_switch, interface_of, sh};
+
+    let (source, target) = (TestServer::start(), TestServer::start());
+    let uplink = OperatorBridge(format!("vivmig{}", std::process::id() % 100_000));
+    sh(&format!(
+        "ip link add {0} type bridge && ip addr add 10.250.220.1/24 dev {0} && ip link set {0} up",
+        uplink.0
+    ));
+    // Bad input first: no uplink, an uplink that is no bridge, a subnet of ours.
+    for (body, status) in [
+        (json!({"name": "lan", "kind": "bridged"}), 400),
+        (json!({"name": "lan", "kind": "bridged", "uplink": "lo"}), 409),
+        (
+            json!({"name": "lan", "kind": "bridged", "uplink": uplink.0, "subnet": "10.250.221.0/24"}),
+            400,
+        ),
+        (json!({"name": "lan", "kind": "nat", "uplink": uplink.0}), 400),
+    ] {
+        let (got, message) = refused(source.post("/switches").json(&body).send().unwrap());
+        assert_eq!(got, status, "{body}: {message}");
+    }
+    // The same operator bridge under the same switch name on both servers.
+    for server in [&source, &target] {
+        let made = create_switch(server, json!({"name": "lan", "kind": "bridged", "uplink": uplink.0}));
+        assert_eq!(
+            (made["bridge"].as_str(), made.get("subnet")),
+            (Some(uplink.0.as_str()), None),
+            "{made}"
+        );
+    }
+    let iso = library_iso(&source);
+    add_iso(&target, &iso);
+    let mac = format!("52:54:00:7c:{:02x}:01", std::process::id() as u8);
+    let (id, mut guest) = booted(
+        &source,
+        "tcpmig",
+        json!({"memoryMib": 256, "cdroms": [{"iso": iso}], "nics": [{"switch": "lan", "mac": mac}]}),
+    );
+    let ifname = interface_of(&mut guest, &mac).expect("the guest's NIC on the bridged switch");
+    // A listener whose input is a FIFO held open (it never ends), so that what the guest writes
+    // into the FIFO goes to the connection.
+    guest.run(&format!(
+        "ip addr add 10.250.220.2/24 dev {ifname}; ip link set {ifname} up; mkfifo /tmp/f; \
+         (nc -l -p 7000 <>/tmp/f >/tmp/rx 2>&1 &)"
+    ));
+    let mut stream = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            stream = std::net::TcpStream::connect("10.250.220.2:7000").ok();
+            stream.is_some()
+        }),
+        "the guest's listener on the operator's network"
+    );
+    let stream = stream.unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    (&stream).write_all(b"BEFORE-FROM-HOST\n").unwrap();
+    guest.run("echo BEFORE-FROM-GUEST >/tmp/f");
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "BEFORE-FROM-GUEST");
+
+    let name = source
+        .get(&format!("/vms/{id}"))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = migrate(&source, &id, &target.url, &target.key);
+    assert_eq!(response.status(), 202);
+    let op = finished(&source, response.json::<Value>().unwrap()["id"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let moved: Value = target.get(&format!("/vms/{name}")).send().unwrap().json().unwrap();
+    assert_eq!(moved["state"], "running", "{moved}");
+    let mut guest = Guest::attach(&target, moved["id"].as_str().unwrap());
+
+    // The same connection, both ways, after the move.
+    (&stream).write_all(b"AFTER-FROM-HOST\n").unwrap();
+    guest.run("echo AFTER-FROM-GUEST >/tmp/f");
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "AFTER-FROM-GUEST");
+    let received = guest.run("cat /tmp/rx");
+    assert!(
+        received.contains("BEFORE-FROM-HOST") && received.contains("AFTER-FROM-HOST"),
+        "{received}"
+    );
+
+    drop(stream);
+    act(&target, moved["id"].as_str().unwrap(), "kill", "");
+    assert_eq!(
+        target
+            .delete(&format!("/vms/{}", moved["id"].as_str().unwrap()))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
+    for server in [&source, &target] {
+        assert_eq!(server.delete("/switches/lan").send().unwrap().status(), 204);
+    }
+    assert!(
+        std::path::Path::new("/sys/class/net").join(&uplink.0).exists(),
+        "deleting a bridged switch leaves the operator's bridge"
     );
 }

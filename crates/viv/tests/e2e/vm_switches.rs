@@ -35,7 +35,7 @@ const BIG: usize = 2_000_000;
 /// The rate limit into VM a's nat NIC, kbit/s.
 const RATE_IN_KBPS: u32 = 2_000;
 
-fn sh(command: &str) {
+pub(crate) fn sh(command: &str) {
     let out = Command::new("sh").args(["-c", command]).output().unwrap();
     assert!(
         out.status.success(),
@@ -105,7 +105,7 @@ impl Drop for Internet {
     }
 }
 
-fn create_switch(server: &TestServer, body: Value) -> Value {
+pub(crate) fn create_switch(server: &TestServer, body: Value) -> Value {
     let response = server.post("/switches").json(&body).send().unwrap();
     let status = response.status();
     let made: Value = response.json().unwrap();
@@ -470,7 +470,7 @@ fn nic_edit(response: reqwest::blocking::Response) -> Value {
 }
 
 /// The guest's interface with MAC `mac`, if it has one.
-fn interface_of(guest: &mut Guest, mac: &str) -> Option<String> {
+pub(crate) fn interface_of(guest: &mut Guest, mac: &str) -> Option<String> {
     let out = guest.run(&format!(
         "for i in /sys/class/net/*; do [ \"$(cat $i/address)\" = {mac} ] && echo VIV-IF ${{i##*/}}; done; true"
     ));
