@@ -255,6 +255,24 @@ pub struct VmNic {
     /// dropped; a NIC on a switch only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_out_kbps: Option<u32>,
+    /// What the guest may send to, filtered on its tap (a NIC on a switch only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<NicFirewall>,
+}
+
+/// A NIC's firewall on what its guest sends: the sandboxes' `allowOut`/`denyOut` lists with
+/// IPv4 addresses and CIDR blocks (no domains: a switch has no proxy to read names). An allowed
+/// destination wins over a denied one; `0.0.0.0/0` denied and a few blocks allowed is an allow
+/// list. DHCP and ARP always pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicFirewall {
+    /// Destinations allowed whatever `denyOut` says.
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    /// Destinations denied.
+    #[serde(default)]
+    pub deny_out: Vec<String>,
 }
 
 /// Lowest and highest NIC rate limits, kbit/s.

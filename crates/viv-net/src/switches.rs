@@ -282,7 +282,7 @@ impl SwitchHost {
         &self,
         bridge: &str,
         isolated: bool,
-        limits: RateLimits,
+        limits: TapRules,
         label: &str,
     ) -> Result<(OwnedFd, String), NetError> {
         let io = |context: &str| {
@@ -314,7 +314,7 @@ impl SwitchHost {
         run("ip", &["link", "set", "dev", &name, "alias", label], None)?;
         self.attach_tap(&name, bridge, isolated)?;
         run("ip", &["link", "set", &name, "up"], None)?;
-        self.limit_tap(&name, limits)?;
+        self.limit_tap(&name, &limits)?;
         Ok((OwnedFd::from(tun), name))
     }
 
@@ -346,9 +346,9 @@ impl SwitchHost {
         format!("vivnic_{}", self.key)
     }
 
-    /// Puts `limits` on tap `tap`, replacing any it had, so that a tap's limits change at once
-    /// and a new tap that got the name of a gone one never inherits its limits.
-    pub fn limit_tap(&self, tap: &str, limits: RateLimits) -> Result<(), NetError> {
+    /// Puts `limits` on tap `tap`, replacing any it had, so that a tap's limits and firewall
+    /// change at once and a new tap that got the name of a gone one never inherits them.
+    pub fn limit_tap(&self, tap: &str, limits: &TapRules) -> Result<(), NetError> {
         // Removing what is absent fails; that is the common case, not an error.
         let _ = run("tc", &["qdisc", "del", "dev", tap, "root"], None);
         if let Some(kbps) = limits.into_guest {
@@ -361,22 +361,35 @@ impl SwitchHost {
             run("tc", &args, None)?;
         }
         // The chain is created (if absent) and deleted in one transaction, then made again
-        // with the limit when there is one.
+        // with the limit and the firewall when there are any: the limit first (it counts all
+        // the guest sends), then what is allowed, what is denied.
         let table = self.limits_table();
         let chain = format!(
             "add chain netdev {table} {tap} {{ type filter hook ingress device \"{tap}\" priority 0; policy accept; }}\n"
         );
         let mut script = format!("add table netdev {table}\n{chain}delete chain netdev {table} {tap}\n");
+        let filtered = !limits.allow_out.is_empty() || !limits.deny_out.is_empty();
+        if limits.from_guest.is_some() || filtered {
+            script.push_str(&chain);
+        }
         if let Some(kbps) = limits.from_guest {
             // A policer drops rather than queues, so its bucket holds more: 50 ms at the rate,
             // enough for a TCP sender's window to settle near the rate instead of far below.
             let bytes_per_second = u64::from(kbps) * 1000 / 8;
             let burst = burst_bytes(kbps, 20);
-            script.push_str(&chain);
             let _ = writeln!(
                 script,
                 "add rule netdev {table} {tap} limit rate over {bytes_per_second} bytes/second burst {burst} bytes drop"
             );
+        }
+        if filtered {
+            let _ = writeln!(script, "add rule netdev {table} {tap} udp dport 67 accept");
+            for cidr in &limits.allow_out {
+                let _ = writeln!(script, "add rule netdev {table} {tap} ip daddr {cidr} accept");
+            }
+            for cidr in &limits.deny_out {
+                let _ = writeln!(script, "add rule netdev {table} {tap} ip daddr {cidr} drop");
+            }
         }
         run("nft", &["-f", "-"], Some(&script))
     }
@@ -401,15 +414,21 @@ pub fn tap_label(vm: &str, nic: &str) -> String {
     label
 }
 
-/// Rate limits of a tap, kbit/s, from the guest's side.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RateLimits {
+/// What a tap lets through: rate limits (kbit/s, from the guest's side) and a firewall on what
+/// the guest sends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TapRules {
     /// What the guest receives: the tap's egress, shaped by tc's token bucket (packets wait).
     pub into_guest: Option<u32>,
     /// What the guest sends: the tap's ingress, policed by an nftables `limit` in a netdev
     /// chain of the tap (packets over the rate are dropped, which TCP senders take as
     /// congestion). Not tc's police action: kernels built without tc actions are common.
     pub from_guest: Option<u32>,
+    /// Destinations the guest may send to whatever `deny_out` says (checked first).
+    pub allow_out: Vec<Cidr>,
+    /// Destinations the guest may not send to. DHCP and ARP always pass; an empty list with an
+    /// empty `allow_out` filters nothing.
+    pub deny_out: Vec<Cidr>,
 }
 
 /// A token bucket of 1/`per_second` s at `kbps` kbit/s, at least 4 KiB.

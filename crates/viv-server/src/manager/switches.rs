@@ -478,6 +478,27 @@ impl Manager {
                     )));
                 }
             }
+            if let Some(firewall) = &nic.firewall {
+                if nic.switch.is_none() {
+                    return Err(ApiError::Conflict(
+                        "firewall needs a NIC on a switch (QEMU's user-mode network has no filter)".into(),
+                    ));
+                }
+                // The sandboxes' policy lists, checked the same way; names cannot be filtered on
+                // a tap.
+                let spec = viv_net::policy::PolicySpec {
+                    allow_out: firewall.allow_out.clone(),
+                    deny_out: firewall.deny_out.clone(),
+                    ..viv_net::policy::PolicySpec::open()
+                };
+                let policy = viv_net::policy::Policy::from_spec(&spec)
+                    .map_err(|e| ApiError::BadRequest(format!("firewall: {e}")))?;
+                if policy.has_domains() {
+                    return Err(ApiError::BadRequest(
+                        "firewall: a NIC's lists take IPv4 addresses and CIDR blocks only (a switch has no proxy to read host names)".into(),
+                    ));
+                }
+            }
             if let Some(name) = &nic.switch {
                 super::check_name("switch", name)?;
                 if self.store.switch(name)?.is_none() {
@@ -497,7 +518,7 @@ impl Manager {
         (vm, vm_name): (&str, &str),
         nic: &str,
         name: &str,
-        limits: viv_net::switches::RateLimits,
+        limits: viv_net::switches::TapRules,
     ) -> Result<(std::os::fd::OwnedFd, String), ApiError> {
         let (bridge, isolated) = self.switch_bridge(vm_name, name)?;
         let host = self.switch_host();
@@ -515,7 +536,7 @@ impl Manager {
         (vm, vm_name): (&str, &str),
         nic: &str,
         name: &str,
-        limits: viv_net::switches::RateLimits,
+        limits: viv_net::switches::TapRules,
     ) -> Result<(), ApiError> {
         let (bridge, isolated) = self.switch_bridge(vm_name, name)?;
         let host = self.switch_host();
@@ -530,7 +551,7 @@ impl Manager {
                 ))
             })?;
             host.attach_tap(&tap, &bridge, isolated)
-                .and_then(|()| host.limit_tap(&tap, limits))
+                .and_then(|()| host.limit_tap(&tap, &limits))
                 .map_err(|e| ApiError::Internal(format!("moving VM '{vm_name}''s tap {tap} to switch '{name}': {e}")))
         })
         .await

@@ -2,8 +2,8 @@
 //! /vms/{id}/nics/{index}`, applied to a running VM at once where the machine allows:
 //! - a NIC added to a running `q35` VM with a free hotplug port becomes a `virtio-net-pci`
 //!   device there (on a new tap on its switch's bridge, or on QEMU's user-mode network);
-//! - a NIC moved from one switch to another, or given new rate limits, keeps its tap, which
-//!   moves to the other bridge and takes the new limits (the guest's link stays up; it is on
+//! - a NIC moved from one switch to another, or given new rate limits or a new firewall, keeps
+//!   its tap, which moves to the other bridge and takes the new rules (the guest's link stays up; it is on
 //!   the other network at once and asks DHCP again when it wishes);
 //! - the last NIC, when it was hot-added, is removed once the guest lets go of it.
 //!
@@ -23,7 +23,7 @@ use serde_json::Value;
 use viv_api::vms::{MachineType, NicModel, VmDefinition, VmEdit, VmNic};
 
 use super::vm_hotplug::hotplug_error;
-use super::vm_spec::rate_limits;
+use super::vm_spec::tap_rules;
 use super::vms::{check_definition, definition_of, merge_patch, state_of};
 use super::Manager;
 use crate::error::ApiError;
@@ -66,7 +66,7 @@ impl Manager {
             let mac = nic.mac.clone().expect("filled above");
             let tap = match &nic.switch {
                 Some(switch) => Some(
-                    self.switch_tap((&row.id, &row.name), &id, switch, rate_limits(&nic))
+                    self.switch_tap((&row.id, &row.name), &id, switch, tap_rules(&nic))
                         .await?
                         .0,
                 ),
@@ -133,15 +133,11 @@ impl Manager {
                     taken.switch = edited.switch.clone();
                     taken.rate_in_kbps = edited.rate_in_kbps;
                     taken.rate_out_kbps = edited.rate_out_kbps;
+                    taken.firewall = edited.firewall.clone();
                     if taken != *running_nic {
                         let switch = taken.switch.as_deref().expect("checked above");
-                        self.retarget_tap(
-                            (&row.id, &row.name),
-                            &format!("nic{index}"),
-                            switch,
-                            rate_limits(&taken),
-                        )
-                        .await?;
+                        self.retarget_tap((&row.id, &row.name), &format!("nic{index}"), switch, tap_rules(&taken))
+                            .await?;
                         tracing::info!(vm = %row.id, nic = index, %switch, "NIC moved or limited while the VM runs");
                         now.nics[index] = taken;
                     }

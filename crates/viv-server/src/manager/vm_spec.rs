@@ -100,7 +100,7 @@ impl Manager {
                 // own copy, then QEMU's alone.
                 Some(switch) => {
                     let (tap, ifname) = self
-                        .switch_tap((id, name), &format!("nic{i}"), switch, rate_limits(nic))
+                        .switch_tap((id, name), &format!("nic{i}"), switch, tap_rules(nic))
                         .await?;
                     tracing::debug!(vm = %name, nic = i, tap = %ifname, switch = %switch, "NIC on a switch");
                     machine::Nic::tap(format!("nic{i}"), std::sync::Arc::new(tap), mac)
@@ -229,10 +229,22 @@ pub(super) fn launch_error(vm: &str, e: LaunchMachineError) -> ApiError {
 }
 
 /// The rate limits of `nic`'s tap.
-pub(super) fn rate_limits(nic: &viv_api::vms::VmNic) -> viv_net::switches::RateLimits {
-    viv_net::switches::RateLimits {
+pub(super) fn tap_rules(nic: &viv_api::vms::VmNic) -> viv_net::switches::TapRules {
+    // Checked when the NIC was stored (`check_nic_switches`): nothing here fails to parse.
+    let cidrs = |list: Option<&Vec<String>>| {
+        list.into_iter()
+            .flatten()
+            .filter_map(|entry| match viv_net::policy::Target::parse(entry) {
+                Ok(viv_net::policy::Target::Cidr(cidr)) => Some(cidr),
+                _ => None,
+            })
+            .collect()
+    };
+    viv_net::switches::TapRules {
         into_guest: nic.rate_in_kbps,
         from_guest: nic.rate_out_kbps,
+        allow_out: cidrs(nic.firewall.as_ref().map(|f| &f.allow_out)),
+        deny_out: cidrs(nic.firewall.as_ref().map(|f| &f.deny_out)),
     }
 }
 

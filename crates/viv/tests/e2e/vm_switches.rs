@@ -599,6 +599,37 @@ fn a_running_vms_nics_are_hot_added_moved_to_another_switch_limited_and_removed(
     );
     guest.run("ip route del 10.250.201.0/30");
 
+    // A firewall on what the first card sends, changed while the VM runs: a denied destination,
+    // then an allow list (allowed wins over denied), DHCP passing whatever the lists say.
+    let host_reached = |guest: &mut Guest| {
+        guest
+            .run(&format!(
+                "ping -c 2 -W 2 -I {first_if} 10.250.4.1 >/dev/null 2>&1 && echo VIV-PING-OK"
+            ))
+            .contains("VIV-PING-OK")
+    };
+    assert!(host_reached(&mut guest), "no firewall yet");
+    let firewall = |rules: Value| {
+        server
+            .patch(&format!("/vms/{id}/nics/0"))
+            .json(&json!({ "firewall": rules }))
+            .send()
+            .unwrap()
+    };
+    let denied = nic_edit(firewall(json!({"denyOut": ["10.250.4.1/32"]})));
+    assert_eq!(denied["appliedNow"], json!(["nics"]), "{denied}");
+    assert!(!host_reached(&mut guest), "a denied destination");
+    nic_edit(firewall(json!({"allowOut": ["10.250.4.1"], "denyOut": ["0.0.0.0/0"]})));
+    assert!(
+        host_reached(&mut guest),
+        "an allowed destination wins over 0.0.0.0/0 denied"
+    );
+    let (_, renewed) = dhcp(&mut guest, &first);
+    assert!(renewed.starts_with("10.250.4."), "DHCP passes the firewall: {renewed}");
+    let (status, message) = refused(firewall(json!({"denyOut": ["example.com"]})));
+    assert_eq!(status, 400, "{message}");
+    nic_edit(firewall(Value::Null));
+
     // A limit on what the guest sends, set while it runs: a TCP transfer out of the guest (the
     // test reads it) holds to it.
     let limited = nic_edit(
