@@ -69,6 +69,9 @@ def test_metrics_of_a_paused_sandbox_are_its_history_up_to_the_pause():
         before = sbx.get_metrics()
         assert before, "a running sandbox has at least the sample the request took"
         sbx.pause()
+        # Past the server's next sampling sweep (every 5 s), which once dropped the history of
+        # every sandbox not running.
+        time.sleep(6)
         # No agent to ask while paused: the samples taken before the pause, and no error.
         during = sbx.get_metrics()
         assert [m.timestamp for m in during][: len(before)] == [m.timestamp for m in before]

@@ -286,15 +286,41 @@ pub async fn download(State(state): State<AgentState>, headers: HeaderMap, Query
                 response = response.header(header::CONTENT_LENGTH, len);
             }
             response
-                .header(
-                    header::CONTENT_DISPOSITION,
-                    format!("inline; filename=\"{}\"", name.replace('"', "")),
-                )
+                .header(header::CONTENT_DISPOSITION, content_disposition(&name))
                 .body(Body::from_stream(stream))
-                .expect("static response parts")
+                .unwrap_or_else(|e| {
+                    json_error(StatusCode::INTERNAL_SERVER_ERROR, format!("building the response: {e}"))
+                })
         }
         Err(err) => json_error(io_status(&err), format!("{}: {err}", path.display())),
     }
+}
+
+/// `Content-Disposition` for a file named `name`, whatever bytes the name holds (a file name may
+/// carry control characters, quotes or any Unicode, none of which a header may carry as is): a
+/// plain ASCII `filename` with every other character as `_`, and the exact name in `filename*`
+/// (RFC 6266 / RFC 8187, UTF-8 percent-encoded).
+fn content_disposition(name: &str) -> header::HeaderValue {
+    let plain: String = name
+        .chars()
+        .map(|c| {
+            if (c.is_ascii_graphic() || c == ' ') && c != '"' && c != '\\' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut exact = String::new();
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            exact.push(byte as char);
+        } else {
+            exact.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    header::HeaderValue::from_str(&format!("inline; filename=\"{plain}\"; filename*=UTF-8''{exact}"))
+        .unwrap_or(header::HeaderValue::from_static("inline"))
 }
 
 /// Whether `file` lives on a file system whose sizes say nothing of the bytes a read returns
@@ -718,6 +744,27 @@ fn rand_u32() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_file_name_makes_a_valid_content_disposition() {
+        for name in [
+            "a.txt",
+            "qu\"ote",
+            "\u{e3}\u{6}\u{dd}\u{f0da6}\u{b7}\u{11}<\u{12}",
+            "back\\slash",
+            "new\nline",
+            "",
+        ] {
+            let value = content_disposition(name);
+            let text = value.to_str().expect("visible ASCII");
+            assert!(text.starts_with("inline; filename=\""), "{text}");
+            assert!(!text.contains('\n'));
+        }
+        assert_eq!(
+            content_disposition("a b\u{e9}.txt").to_str().unwrap(),
+            "inline; filename=\"a b_.txt\"; filename*=UTF-8''a%20b%C3%A9.txt"
+        );
+    }
 
     /// A body of `chunks`, then `trailer` (the host's length trailer) if given, then `error`.
     fn body(chunks: &[&[u8]], trailer: Option<&str>, error: bool) -> Body {

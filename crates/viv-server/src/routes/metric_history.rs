@@ -5,7 +5,8 @@
 //! `[start, end]`, oldest first.
 //!
 //! Invariants: memory is bounded: at most [`KEEP`] samples per sandbox, and the histories of
-//! sandboxes that no longer run are dropped at the next sweep; samples carry the host's clock
+//! sandboxes that are gone are dropped at the next sweep (a paused sandbox keeps its history:
+//! its metrics are its samples up to the pause); samples carry the host's clock
 //! (the guest's may drift), strictly increasing per sandbox; the sampler only reads (a failed
 //! sample is skipped, never reported as the sandbox failing) and stops once the router that
 //! owns the history is gone.
@@ -84,12 +85,12 @@ impl History {
             .unwrap_or_default()
     }
 
-    /// Drops the histories of sandboxes not in `running`.
-    fn retain(&self, running: &[String]) {
+    /// Drops the histories of sandboxes not in `existing`.
+    fn retain(&self, existing: &[String]) {
         self.samples
             .lock()
             .expect("metric history lock")
-            .retain(|id, _| running.contains(id));
+            .retain(|id, _| existing.contains(id));
     }
 }
 
@@ -106,15 +107,17 @@ async fn sample_forever(state: AppState, history: Weak<History>) {
     loop {
         tick.tick().await;
         let Some(history) = history.upgrade() else { return };
-        let running: Vec<String> = match state.manager.list(&Default::default()) {
-            Ok(list) => list
-                .into_iter()
-                .filter(|s| s.state == viv_api::SandboxState::Running)
-                .map(|s| s.sandbox_id)
-                .collect(),
-            Err(_) => continue,
+        let Ok(listed) = state.manager.list(&Default::default()) else {
+            continue;
         };
-        history.retain(&running);
+        // Every sandbox that still exists keeps its history (a paused one answers with it);
+        // only running ones have an agent to sample.
+        history.retain(&listed.iter().map(|s| s.sandbox_id.clone()).collect::<Vec<_>>());
+        let running: Vec<String> = listed
+            .into_iter()
+            .filter(|s| s.state == viv_api::SandboxState::Running)
+            .map(|s| s.sandbox_id)
+            .collect();
         for id in &running {
             let Ok(live) = state.manager.live(id) else { continue };
             if let Some(sample) = read_quietly(&live).await {

@@ -330,3 +330,32 @@ fn uploads_cut_short_are_refused_and_leave_no_file() {
         "abc\n20000\n"
     );
 }
+
+#[test]
+fn a_file_whose_name_has_any_bytes_is_read_back_with_a_valid_header() {
+    let server = TestServer::shared();
+    let sandbox = server.sandbox();
+    let id = &sandbox.id;
+    // Control characters, a quote, a backslash and non-ASCII in one name: none may go into a
+    // header as is, and a read of the file must still answer it.
+    let path = "/home/user/odd-\u{e3}\u{6}\u{dd}\u{f0da6}\"\\\u{11}<\u{12}.bin";
+    let put = server
+        .put(&format!("/sandboxes/{id}/files"))
+        .query(&[("path", path)])
+        .body("odd name")
+        .send()
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.text().unwrap());
+    let got = server
+        .get(&format!("/sandboxes/{id}/files"))
+        .query(&[("path", path)])
+        .send()
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let disposition = got.headers()["content-disposition"].to_str().unwrap().to_owned();
+    assert!(
+        disposition.contains("filename*=UTF-8''odd-%C3%A3%06%C3%9D%F3%B0%B6%A6%22%5C%11%3C%12.bin"),
+        "{disposition}"
+    );
+    assert_eq!(got.text().unwrap(), "odd name");
+}
