@@ -707,6 +707,17 @@ fn a_running_vms_nics_are_hot_added_moved_to_another_switch_limited_and_removed(
     }
 }
 
+/// Network namespaces of a test, deleted on drop.
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for netns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", netns]).output();
+        }
+    }
+}
+
 /// Seconds a command took in a guest by its `/proc/uptime` (10 ms steps), and its output.
 fn timed_in_guest(guest: &mut Guest, command: &str) -> (f64, String) {
     let out = guest.run(&format!(
@@ -745,6 +756,8 @@ fn switch_figures() {
     let mut host_to_host = Vec::new();
     let tag = std::process::id() % 100_000;
     let (one, two) = (format!("vivfig{tag}a"), format!("vivfig{tag}b"));
+    // Deleted however the test ends.
+    let _namespaces = Namespaces(vec![one.clone(), two.clone()]);
     sh(&format!(
         "ip netns add {one} && ip netns add {two} && ip link add fig{tag} netns {one} type veth peer name eth0 netns {two} && \
          ip -n {one} addr add 10.250.210.1/30 dev fig{tag} && ip -n {two} addr add 10.250.210.2/30 dev eth0 && \
@@ -791,8 +804,6 @@ fn switch_figures() {
         let _ = server.kill();
         let _ = server.wait();
     }
-    let _ = Command::new("ip").args(["netns", "del", &one]).output();
-    let _ = Command::new("ip").args(["netns", "del", &two]).output();
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
