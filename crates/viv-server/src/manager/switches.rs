@@ -478,27 +478,12 @@ impl Manager {
                     )));
                 }
             }
-            if let Some(firewall) = &nic.firewall {
-                if nic.switch.is_none() {
-                    return Err(ApiError::Conflict(
-                        "firewall needs a NIC on a switch (QEMU's user-mode network has no filter)".into(),
-                    ));
-                }
-                // The sandboxes' policy lists, checked the same way; names cannot be filtered on
-                // a tap.
-                let spec = viv_net::policy::PolicySpec {
-                    allow_out: firewall.allow_out.clone(),
-                    deny_out: firewall.deny_out.clone(),
-                    ..viv_net::policy::PolicySpec::open()
-                };
-                let policy = viv_net::policy::Policy::from_spec(&spec)
-                    .map_err(|e| ApiError::BadRequest(format!("firewall: {e}")))?;
-                if policy.has_domains() {
-                    return Err(ApiError::BadRequest(
-                        "firewall: a NIC's lists take IPv4 addresses and CIDR blocks only (a switch has no proxy to read host names)".into(),
-                    ));
-                }
+            if nic.firewall.is_some() && nic.switch.is_none() {
+                return Err(ApiError::Conflict(
+                    "firewall needs a NIC on a switch (QEMU's user-mode network has no filter)".into(),
+                ));
             }
+            super::vm_spec::nic_firewall(nic)?;
             if let Some(name) = &nic.switch {
                 super::check_name("switch", name)?;
                 if self.store.switch(name)?.is_none() {

@@ -66,7 +66,7 @@ impl Manager {
             let mac = nic.mac.clone().expect("filled above");
             let tap = match &nic.switch {
                 Some(switch) => Some(
-                    self.switch_tap((&row.id, &row.name), &id, switch, tap_rules(&nic))
+                    self.switch_tap((&row.id, &row.name), &id, switch, tap_rules(&nic)?)
                         .await?
                         .0,
                 ),
@@ -136,7 +136,7 @@ impl Manager {
                     taken.firewall = edited.firewall.clone();
                     if taken != *running_nic {
                         let switch = taken.switch.as_deref().expect("checked above");
-                        self.retarget_tap((&row.id, &row.name), &format!("nic{index}"), switch, tap_rules(&taken))
+                        self.retarget_tap((&row.id, &row.name), &format!("nic{index}"), switch, tap_rules(&taken)?)
                             .await?;
                         tracing::info!(vm = %row.id, nic = index, %switch, "NIC moved or limited while the VM runs");
                         now.nics[index] = taken;

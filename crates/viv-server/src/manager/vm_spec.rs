@@ -100,7 +100,7 @@ impl Manager {
                 // own copy, then QEMU's alone.
                 Some(switch) => {
                     let (tap, ifname) = self
-                        .switch_tap((id, name), &format!("nic{i}"), switch, tap_rules(nic))
+                        .switch_tap((id, name), &format!("nic{i}"), switch, tap_rules(nic)?)
                         .await?;
                     tracing::debug!(vm = %name, nic = i, tap = %ifname, switch = %switch, "NIC on a switch");
                     machine::Nic::tap(format!("nic{i}"), std::sync::Arc::new(tap), mac)
@@ -228,24 +228,36 @@ pub(super) fn launch_error(vm: &str, e: LaunchMachineError) -> ApiError {
     }
 }
 
-/// The rate limits of `nic`'s tap.
-pub(super) fn tap_rules(nic: &viv_api::vms::VmNic) -> viv_net::switches::TapRules {
-    // Checked when the NIC was stored (`check_nic_switches`): nothing here fails to parse.
-    let cidrs = |list: Option<&Vec<String>>| {
-        list.into_iter()
-            .flatten()
-            .filter_map(|entry| match viv_net::policy::Target::parse(entry) {
-                Ok(viv_net::policy::Target::Cidr(cidr)) => Some(cidr),
-                _ => None,
-            })
-            .collect()
+/// The rules of `nic`'s tap: its rate limits and its firewall, parsed as when it was stored.
+pub(super) fn tap_rules(nic: &viv_api::vms::VmNic) -> Result<viv_net::switches::TapRules, ApiError> {
+    let (allow_out, deny_out) = match nic_firewall(nic)? {
+        Some(policy) => (policy.allow_cidrs, policy.deny_cidrs),
+        None => (Vec::new(), Vec::new()),
     };
-    viv_net::switches::TapRules {
+    Ok(viv_net::switches::TapRules {
         into_guest: nic.rate_in_kbps,
         from_guest: nic.rate_out_kbps,
-        allow_out: cidrs(nic.firewall.as_ref().map(|f| &f.allow_out)),
-        deny_out: cidrs(nic.firewall.as_ref().map(|f| &f.deny_out)),
+        allow_out,
+        deny_out,
+    })
+}
+
+/// `nic`'s firewall as the sandbox policy engine reads its lists (400 for a bad entry or a host
+/// name: a switch has no proxy to read names).
+pub(super) fn nic_firewall(nic: &viv_api::vms::VmNic) -> Result<Option<viv_net::Policy>, ApiError> {
+    let Some(firewall) = &nic.firewall else { return Ok(None) };
+    let spec = viv_net::PolicySpec {
+        allow_out: firewall.allow_out.clone(),
+        deny_out: firewall.deny_out.clone(),
+        ..viv_net::PolicySpec::open()
+    };
+    let policy = viv_net::Policy::from_spec(&spec).map_err(|e| ApiError::BadRequest(format!("firewall: {e}")))?;
+    if policy.has_domains() {
+        return Err(ApiError::BadRequest(
+            "firewall: a NIC's lists take IPv4 addresses and CIDR blocks only (a switch has no proxy to read host names)".into(),
+        ));
     }
+    Ok(Some(policy))
 }
 
 #[cfg(test)]
