@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::fixture::{unique, wait_until, TestServer};
+use crate::vm_boot::vm;
 
 /// The server's event stream, read on a thread: events arrive on the channel as JSON.
 pub struct EventStream {
@@ -114,10 +115,6 @@ pub fn refused(response: reqwest::blocking::Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: Value = response.json().unwrap();
     (status, body["message"].as_str().unwrap_or_default().to_owned())
-}
-
-fn vm(server: &TestServer, id: &str) -> Value {
-    server.get(&format!("/vms/{id}")).send().unwrap().json().unwrap()
 }
 
 fn process_exists(pid: u64) -> bool {

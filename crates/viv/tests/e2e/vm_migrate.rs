@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::fixture::{qemu_processes_under, unique, wait_until, TestServer};
-use crate::vm_boot::{booted, create_disk, library_iso, Guest};
+use crate::vm_boot::{booted, create_disk, library_iso, vm, Guest};
 use crate::vm_console::add_iso;
 use crate::vm_lifecycle::{act, define, refused};
 
@@ -72,15 +72,7 @@ fn a_running_vm_moves_to_another_server_with_its_disk_and_its_counter_continues(
         "mig",
         json!({"memoryMib": 256, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}], "nics": [{}]}),
     );
-    let name = source
-        .get(&format!("/vms/{id}"))
-        .send()
-        .unwrap()
-        .json::<Value>()
-        .unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let name = vm(&source, &id)["name"].as_str().unwrap().to_owned();
     guest.run(&format!(
         "printf {MARK} | dd of=/dev/vda conv=notrunc 2>/dev/null; sync"
     ));
@@ -261,10 +253,7 @@ fn migration_figures() {
         json!({"memoryMib": 512, "disks": [{"disk": disk}], "cdroms": [{"iso": iso}]}),
     );
     guest.start_counter();
-    let name = one.get(&format!("/vms/{id}")).send().unwrap().json::<Value>().unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let name = vm(&one, &id)["name"].as_str().unwrap().to_owned();
     let moved = |from: &TestServer, to: &TestServer, what: &str| -> (String, Guest) {
         let from_id = from
             .get(&format!("/vms/{name}"))
@@ -380,15 +369,7 @@ fn a_vm_on_a_bridged_switch_keeps_its_tcp_connections_when_it_moves() {
     reader.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "BEFORE-FROM-GUEST");
 
-    let name = source
-        .get(&format!("/vms/{id}"))
-        .send()
-        .unwrap()
-        .json::<Value>()
-        .unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let name = vm(&source, &id)["name"].as_str().unwrap().to_owned();
     let response = migrate(&source, &id, &target.url, &target.key);
     assert_eq!(response.status(), 202);
     let op = finished(&source, response.json::<Value>().unwrap()["id"].as_str().unwrap());

@@ -163,14 +163,7 @@ fn mac(vm: u8, nic: u8) -> String {
 
 /// The guest's interface with MAC `mac`, brought up, and the address DHCP gave it.
 fn dhcp(guest: &mut Guest, mac: &str) -> (String, String) {
-    let out = guest.run(&format!(
-        "for i in /sys/class/net/*; do [ \"$(cat $i/address)\" = {mac} ] && echo VIV-IF ${{i##*/}}; done"
-    ));
-    let ifname = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("VIV-IF "))
-        .unwrap_or_else(|| panic!("no interface with MAC {mac}: {out}"))
-        .to_owned();
+    let ifname = interface_of(guest, mac).unwrap_or_else(|| panic!("no interface with MAC {mac}"));
     let out = guest.run(&format!(
         "ip link set {ifname} up; udhcpc -i {ifname} -n -q -f -t 10 -T 2 -s /bin/true 2>&1"
     ));
@@ -182,6 +175,15 @@ fn dhcp(guest: &mut Guest, mac: &str) -> (String, String) {
         .to_owned();
     guest.run(&format!("ip addr add {address}/24 dev {ifname}"));
     (ifname, address)
+}
+
+/// Whether the guest's interface `ifname` gets answers from `address`.
+fn pings_from(guest: &mut Guest, ifname: &str, address: &str) -> bool {
+    guest
+        .run(&format!(
+            "ping -c 2 -W 2 -I {ifname} {address} >/dev/null 2>&1 && echo VIV-PING-OK"
+        ))
+        .contains("VIV-PING-OK")
 }
 
 fn pings(guest: &mut Guest, address: &str) -> bool {
@@ -500,6 +502,13 @@ fn a_running_vms_nics_are_hot_added_moved_to_another_switch_limited_and_removed(
         "hotnic",
         json!({"memoryMib": 192, "cdroms": [{"iso": iso}], "nics": [{"switch": nat, "mac": first}]}),
     );
+    let patch_nic = |index: usize, body: Value| {
+        server
+            .patch(&format!("/vms/{id}/nics/{index}"))
+            .json(&body)
+            .send()
+            .unwrap()
+    };
     let (first_if, first_address) = dhcp(&mut guest, &first);
     assert!(first_address.starts_with("10.250.4."), "{first_address}");
 
@@ -532,36 +541,20 @@ fn a_running_vms_nics_are_hot_added_moved_to_another_switch_limited_and_removed(
     assert!(info["pendingDefinition"].is_null(), "{info}");
 
     // Moved to the nat switch while the VM runs: the same card asks DHCP again and is there.
-    let moved = nic_edit(
-        server
-            .patch(&format!("/vms/{id}/nics/1"))
-            .json(&json!({"switch": nat}))
-            .send()
-            .unwrap(),
-    );
+    let moved = nic_edit(patch_nic(1, json!({"switch": nat})));
     assert_eq!(moved["appliedNow"], json!(["nics"]), "{moved}");
     guest.run(&format!("ip addr flush dev {added_if}"));
     let (_, moved_address) = dhcp(&mut guest, &added);
     assert!(moved_address.starts_with("10.250.4."), "{moved_address}");
     assert!(
-        guest
-            .run(&format!(
-                "ping -c 2 -W 2 -I {added_if} 10.250.4.1 >/dev/null 2>&1 && echo VIV-PING-OK"
-            ))
-            .contains("VIV-PING-OK"),
+        pings_from(&mut guest, &added_if, "10.250.4.1"),
         "the moved card reaches the host on the nat switch"
     );
 
     // Moved again, to a routed switch: the guest keeps its address on the way out and is
     // reached from outside (the internet namespace routes the subnet to the host), which a
     // nat switch's guest is not.
-    let moved = nic_edit(
-        server
-            .patch(&format!("/vms/{id}/nics/1"))
-            .json(&json!({"switch": routed}))
-            .send()
-            .unwrap(),
-    );
+    let moved = nic_edit(patch_nic(1, json!({"switch": routed})));
     assert_eq!(moved["appliedNow"], json!(["nics"]), "{moved}");
     guest.run(&format!("ip addr flush dev {added_if}"));
     let (_, routed_address) = dhcp(&mut guest, &added);
@@ -601,21 +594,9 @@ fn a_running_vms_nics_are_hot_added_moved_to_another_switch_limited_and_removed(
 
     // A firewall on what the first card sends, changed while the VM runs: a denied destination,
     // then an allow list (allowed wins over denied), DHCP passing whatever the lists say.
-    let host_reached = |guest: &mut Guest| {
-        guest
-            .run(&format!(
-                "ping -c 2 -W 2 -I {first_if} 10.250.4.1 >/dev/null 2>&1 && echo VIV-PING-OK"
-            ))
-            .contains("VIV-PING-OK")
-    };
+    let host_reached = |guest: &mut Guest| pings_from(guest, &first_if, "10.250.4.1");
     assert!(host_reached(&mut guest), "no firewall yet");
-    let firewall = |rules: Value| {
-        server
-            .patch(&format!("/vms/{id}/nics/0"))
-            .json(&json!({ "firewall": rules }))
-            .send()
-            .unwrap()
-    };
+    let firewall = |rules: Value| patch_nic(0, json!({ "firewall": rules }));
     let denied = nic_edit(firewall(json!({"denyOut": ["10.250.4.1/32"]})));
     assert_eq!(denied["appliedNow"], json!(["nics"]), "{denied}");
     assert!(!host_reached(&mut guest), "a denied destination");
@@ -632,13 +613,7 @@ fn a_running_vms_nics_are_hot_added_moved_to_another_switch_limited_and_removed(
 
     // A limit on what the guest sends, set while it runs: a TCP transfer out of the guest (the
     // test reads it) holds to it.
-    let limited = nic_edit(
-        server
-            .patch(&format!("/vms/{id}/nics/0"))
-            .json(&json!({"rateOutKbps": RATE_OUT_KBPS}))
-            .send()
-            .unwrap(),
-    );
+    let limited = nic_edit(patch_nic(0, json!({"rateOutKbps": RATE_OUT_KBPS})));
     assert_eq!(limited["appliedNow"], json!(["nics"]), "{limited}");
     guest.run(&format!("ip link set {added_if} down"));
     guest.run(&format!(
