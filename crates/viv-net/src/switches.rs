@@ -190,10 +190,7 @@ impl SwitchHost {
     pub fn load_rules(&self, bridges: &[Bridge]) -> Result<(), NetError> {
         let table = self.table();
         if bridges.is_empty() {
-            let listed = output("nft", &["list", "tables"])?;
-            if listed.lines().any(|l| l.trim() == format!("table inet {table}")) {
-                run("nft", &["delete", "table", "inet", &table], None)?;
-            }
+            delete_table("inet", &table)?;
             // No switch, no tap on one: the limits' chains are all stale.
             self.remove_limits_table();
             return Ok(());
@@ -395,12 +392,17 @@ impl SwitchHost {
     }
 
     fn remove_limits_table(&self) {
-        let listed = output("nft", &["list", "tables"]).unwrap_or_default();
-        let table = self.limits_table();
-        if listed.lines().any(|l| l.trim() == format!("table netdev {table}")) {
-            let _ = run("nft", &["delete", "table", "netdev", &table], None);
-        }
+        let _ = delete_table("netdev", &self.limits_table());
     }
+}
+
+/// Deletes nftables table `family name` if it exists.
+fn delete_table(family: &str, name: &str) -> Result<(), NetError> {
+    let listed = output("nft", &["list", "tables"])?;
+    if listed.lines().any(|l| l.trim() == format!("table {family} {name}")) {
+        run("nft", &["delete", "table", family, name], None)?;
+    }
+    Ok(())
 }
 
 /// Longest tap label: what the kernel keeps of an interface alias is far longer, but a label
