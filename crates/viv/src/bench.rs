@@ -12,6 +12,7 @@ use rand::RngCore as _;
 use reqwest::Method;
 use viv_api::{CreatedSandbox, ExecEvent, ExecRequest, NewSandbox};
 
+use crate::bench_host::{cpu_times, stolen_percent, stolen_row};
 use crate::client::Client;
 use crate::output;
 
@@ -58,6 +59,9 @@ pub struct BenchArgs {
     /// Measure only the gVisor comparison (with `--idle` idle sandboxes beside its containers).
     #[arg(long)]
     pub gvisor_only: bool,
+    /// Measure only the memory diff figures (bytes per node, resume at chain depths 1, 10, 50).
+    #[arg(long)]
+    pub memory_diff_only: bool,
     /// Image cache directory (the guests' root file system, exported for gVisor).
     #[arg(long, env = "VIV_CACHE_DIR", default_value = "/var/cache/vivarium")]
     pub cache_dir: std::path::PathBuf,
@@ -393,12 +397,25 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     let health: serde_json::Value = client.json(client.request(Method::GET, "/health")).await?;
     let accel = health["accel"].as_str().unwrap_or("unknown").to_owned();
     eprintln!("benchmarking {} (accel {accel})", health["vmm"].as_str().unwrap_or("?"));
+    let cpu_at_start = cpu_times();
     if args.terminal_only {
         let terminal = terminals(client, &args).await?;
         if json {
             output::json(&serde_json::json!({ "accel": accel, "terminal": terminal }));
         } else {
             output::table(&["METRIC", "VALUE", "ACCEL"], &terminal_rows(&terminal, &accel));
+        }
+        return Ok(());
+    }
+    if args.memory_diff_only {
+        let diff = crate::bench_snapshots::memory_diff(client).await?;
+        let stolen = stolen_percent(cpu_at_start, cpu_times());
+        if json {
+            output::json(&serde_json::json!({ "accel": accel, "memoryDiff": diff, "hostCpuStolenPercent": stolen }));
+        } else {
+            let mut rows = crate::bench_snapshots::rows(&diff, &accel);
+            rows.push(stolen_row(stolen));
+            output::table(&["METRIC", "VALUE", "ACCEL"], &rows);
         }
         return Ok(());
     }
@@ -592,8 +609,10 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         gvisor["idle"]["vivariumPssMiBPerSandbox"] = idle["pssMiBPerSandbox"].clone();
     }
     let mib = args.file_mib as f64;
+    let stolen = stolen_percent(cpu_at_start, cpu_times());
     let report = serde_json::json!({
         "accel": accel,
+        "hostCpuStolenPercent": stolen,
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
         "restore": restore,
@@ -697,8 +716,10 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     format!("{} MiB/s", report["readMiBps"]),
                     accel.clone(),
                 ],
+                stolen_row(stolen),
             ]
             .into_iter()
+            .chain(crate::bench_snapshots::rows(&report["memoryDiff"], &accel))
             .chain(terminal_rows(&terminal, &accel))
             .chain(crate::bench_gvisor::rows(&gvisor, &accel))
             .collect::<Vec<_>>(),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_gvisor;
+mod bench_host;
 mod bench_snapshots;
 mod bench_terminal;
 mod client;
