@@ -238,7 +238,7 @@ pub enum Db {
     /// A PostgreSQL server.
     Postgres {
         /// The connection.
-        client: Mutex<postgres::Client>,
+        client: Mutex<PgClient>,
         /// Where to connect again when it breaks.
         url: String,
     },
@@ -258,7 +258,35 @@ pub enum Conn<'a> {
     /// SQLite.
     Sqlite(MutexGuard<'a, rusqlite::Connection>),
     /// PostgreSQL.
-    Postgres(MutexGuard<'a, postgres::Client>),
+    Postgres(MutexGuard<'a, PgClient>),
+}
+
+/// A PostgreSQL client that is dropped off the tokio runtime: closing it blocks on the client's
+/// own runtime, which panics on a tokio worker.
+pub struct PgClient(Option<postgres::Client>);
+
+impl PgClient {
+    /// Wraps a connected client.
+    pub fn new(client: postgres::Client) -> Self {
+        Self(Some(client))
+    }
+
+    fn client(&mut self) -> &mut postgres::Client {
+        self.0
+            .as_mut()
+            .expect("a PgClient holds its client until it is dropped")
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            let _ = off_runtime(move || {
+                drop(client);
+                Ok(())
+            });
+        }
+    }
 }
 
 impl Db {
@@ -268,9 +296,9 @@ impl Db {
             Self::Sqlite(c) => Conn::Sqlite(c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
             Self::Postgres { client, url } => {
                 let mut guard = client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if guard.is_closed() {
+                if guard.client().is_closed() {
                     match connect(url) {
-                        Ok(fresh) => *guard = fresh,
+                        Ok(fresh) => *guard = PgClient::new(fresh),
                         // The closed client fails the caller's statement with what happened.
                         Err(err) => tracing::warn!(%err, "reconnecting to PostgreSQL"),
                     }
@@ -294,7 +322,7 @@ impl Db {
                 Ok(value)
             }
             Conn::Postgres(mut guard) => {
-                let client: &mut postgres::Client = &mut guard;
+                let client: &mut postgres::Client = guard.client();
                 off_runtime(move || {
                     let mut tx = client.transaction()?;
                     let value = {
@@ -322,7 +350,7 @@ impl Sql for Conn<'_> {
         match self {
             Self::Sqlite(c) => sqlite_execute(c, sql, params),
             Self::Postgres(c) => {
-                let client: &mut postgres::Client = c;
+                let client: &mut postgres::Client = c.client();
                 off_runtime(move || pg_execute(client, sql, params))
             }
         }
@@ -332,7 +360,7 @@ impl Sql for Conn<'_> {
         match self {
             Self::Sqlite(c) => sqlite_query(c, sql, params),
             Self::Postgres(c) => {
-                let client: &mut postgres::Client = c;
+                let client: &mut postgres::Client = c.client();
                 off_runtime(move || pg_query(client, sql, params))
             }
         }
@@ -342,7 +370,7 @@ impl Sql for Conn<'_> {
         match self {
             Self::Sqlite(c) => Ok(c.execute_batch(sql)?),
             Self::Postgres(c) => {
-                let client: &mut postgres::Client = c;
+                let client: &mut postgres::Client = c.client();
                 off_runtime(move || Ok(client.batch_execute(sql)?))
             }
         }
