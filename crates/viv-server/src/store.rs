@@ -302,7 +302,7 @@ impl Store {
     pub fn connect_postgres(url: &str) -> Result<Self, StoreError> {
         let store = Self {
             db: Db::Postgres {
-                client: Mutex::new(db::PgClient::new(db::connect(url)?)),
+                client: Box::new(Mutex::new(db::PgClient::new(db::connect(url)?))),
                 url: url.to_owned(),
             },
             postgres_url: Some(url.to_owned()),

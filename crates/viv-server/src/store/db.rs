@@ -237,8 +237,8 @@ pub enum Db {
     Sqlite(Mutex<rusqlite::Connection>),
     /// A PostgreSQL server.
     Postgres {
-        /// The connection.
-        client: Mutex<PgClient>,
+        /// The connection (boxed: the client is much larger than SQLite's handle).
+        client: Box<Mutex<PgClient>>,
         /// Where to connect again when it breaks.
         url: String,
     },

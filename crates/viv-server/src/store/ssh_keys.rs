@@ -65,11 +65,11 @@ fn row(r: &Row) -> Result<SshKeyRow, StoreError> {
 impl Store {
     /// The id of the active API key whose secret is `key`.
     pub fn key_id(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT id FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
             params![super::hash_key(key)],
             |r| r.get(0),
-        )?)
+        )
     }
 
     /// Ids of the active API keys whose id or prefix is `id_or_prefix` (more than one when a
@@ -131,9 +131,8 @@ impl Store {
 
     /// The registered key with this fingerprint, if its API key is active.
     pub fn ssh_key_by_fingerprint(&self, fingerprint: &str) -> Result<Option<SshKeyRow>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(&format!("{SELECT} WHERE s.fingerprint = ?1"), params![fingerprint], row)?)
+        self.conn()
+            .query_row(&format!("{SELECT} WHERE s.fingerprint = ?1"), params![fingerprint], row)
     }
 
     /// Removes a registered key by id or fingerprint; whether one was removed.
@@ -158,11 +157,11 @@ impl Store {
 
     /// The API key that owns sandbox `sandbox_id`, if one was recorded.
     pub fn sandbox_owner(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT api_key_id FROM sandbox_owners WHERE sandbox_id = ?1",
             params![sandbox_id],
             |r| r.get(0),
-        )?)
+        )
     }
 }
 

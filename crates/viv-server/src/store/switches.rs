@@ -51,11 +51,11 @@ impl Store {
 
     /// A switch by name.
     pub fn switch(&self, name: &str) -> Result<Option<SwitchRow>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT name, idx, definition, created_at FROM switches WHERE name = ?1",
             params![name],
             row,
-        )?)
+        )
     }
 
     /// Every switch, by name.

@@ -35,11 +35,11 @@ impl Store {
 
     /// One version by id.
     pub fn version(&self, id: &str) -> Result<Option<VersionRow>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT id, template, parent, created_at FROM template_versions WHERE id = ?1",
             params![id],
             row_to_version,
-        )?)
+        )
     }
 
     /// The versions of a template, oldest first.
@@ -79,11 +79,11 @@ impl Store {
 
     /// The version `template`'s `tag` points at.
     pub fn tag(&self, template: &str, tag: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT version FROM template_tags WHERE template = ?1 AND tag = ?2",
             params![template, tag],
             |r| r.get(0),
-        )?)
+        )
     }
 
     /// The tags of `template` as (tag, version), by tag.

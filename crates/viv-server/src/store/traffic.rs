@@ -19,11 +19,11 @@ impl Store {
 
     /// The traffic token of sandbox `id`, if its ports need one.
     pub fn traffic_token(&self, id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT token FROM sandbox_traffic WHERE sandbox_id = ?1",
             params![id],
             |r| r.get(0),
-        )?)
+        )
     }
 }
 

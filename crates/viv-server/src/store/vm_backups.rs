@@ -78,11 +78,11 @@ impl Store {
 
     /// One backup of a VM.
     pub fn vm_backup(&self, vm_id: &str, id: &str) -> Result<Option<VmBackupRow>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             &format!("SELECT {COLUMNS} FROM vm_backups WHERE vm_id = ?1 AND id = ?2"),
             params![vm_id, id],
             backup_row,
-        )?)
+        )
     }
 
     /// Every backup id of every VM (to find files no row lists).

@@ -90,14 +90,14 @@ impl Store {
 
     /// A VM's snapshot by id or name.
     pub fn vm_snapshot(&self, vm_id: &str, id_or_name: &str) -> Result<Option<VmSnapshotRow>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             &format!(
                 "SELECT {COLUMNS} FROM vm_snapshots WHERE vm_id = ?1 AND (id = ?2 OR name = ?2)
                      ORDER BY id = ?2 DESC LIMIT 1"
             ),
             params![vm_id, id_or_name],
             snapshot_row,
-        )?)
+        )
     }
 
     /// A VM's current snapshot.

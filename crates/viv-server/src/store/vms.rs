@@ -75,7 +75,7 @@ impl Store {
     /// A VM by id or, failing that, by name.
     pub fn vm(&self, id_or_name: &str) -> Result<Option<VmRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?1 UNION ALL SELECT {COLUMNS} FROM vms WHERE name = ?1 AND id <> ?1 LIMIT 1");
-        Ok(self.conn().query_row(&sql, params![id_or_name], vm_row)?)
+        self.conn().query_row(&sql, params![id_or_name], vm_row)
     }
 
     /// Every VM, by name.

@@ -45,20 +45,19 @@ impl Store {
 
     /// A volume by id.
     pub fn volume(&self, id: &str) -> Result<Option<VolumeRow>, StoreError> {
-        Ok(self
-            .conn()
+        self.conn()
             .query_row("SELECT id, name, token FROM volumes WHERE id = ?1", params![id], |r| {
                 Ok(VolumeRow {
                     id: r.get(0)?,
                     name: r.get(1)?,
                     token: r.get(2)?,
                 })
-            })?)
+            })
     }
 
     /// A volume by name.
     pub fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRow>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT id, name, token FROM volumes WHERE name = ?1",
             params![name],
             |r| {
@@ -68,7 +67,7 @@ impl Store {
                     token: r.get(2)?,
                 })
             },
-        )?)
+        )
     }
 
     /// Every volume, oldest first.

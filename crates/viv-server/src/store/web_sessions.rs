@@ -63,7 +63,7 @@ impl Store {
 
     /// The session with this token, if it is valid now.
     pub fn web_session(&self, token: &str) -> Result<Option<WebSession>, StoreError> {
-        Ok(self.conn().query_row(
+        self.conn().query_row(
             "SELECT s.key_id, s.expires_at_ms FROM web_sessions s JOIN api_keys k ON k.id = s.key_id \
                  WHERE s.token_sha256 = ?1 AND s.expires_at_ms > ?2 AND k.revoked_at IS NULL",
             params![hash_key(token), now_ms()],
@@ -73,7 +73,7 @@ impl Store {
                     expires_at_ms: r.get(1)?,
                 })
             },
-        )?)
+        )
     }
 
     /// Ends the session with this token; returns whether there was one.
