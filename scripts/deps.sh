@@ -38,6 +38,9 @@ VIV_DEPS=(
   chromium:chromium
   # gVisor, the benchmark's reference (`viv bench --gvisor`), from bookworm-backports like QEMU.
   runsc:runsc
+  # PostgreSQL, the state store of a cluster (`--database`); the store's tests start a server of
+  # their own from its binaries (crates/viv-test-postgres).
+  postgresql:pg_lsclusters
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

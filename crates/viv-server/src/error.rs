@@ -92,6 +92,11 @@ impl IntoResponse for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(err: crate::store::StoreError) -> Self {
+        if err.is_unavailable() {
+            return Self::Unavailable(format!(
+                "the state database cannot be reached now ({err}); retry shortly"
+            ));
+        }
         Self::Internal(err.to_string())
     }
 }

@@ -1,18 +1,27 @@
-//! Persistent state in SQLite: API keys (hashed), SSH keys and sandbox owners, sandboxes,
-//! snapshot nodes, built templates, volumes and VMs.
+//! Persistent state: API keys (hashed), SSH keys and sandbox owners, sandboxes, snapshot nodes,
+//! built templates, volumes and VMs, in SQLite (one server's file, the default) or PostgreSQL
+//! (shared by the API servers of a cluster); see [`db`] for what the two engines share.
 //!
-//! Migrations are embedded in the binary and applied in order at open; `PRAGMA user_version`
-//! records how many have run. Calls are synchronous and short; the connection sits behind a mutex.
+//! Migrations are embedded in the binary, one list per engine, and applied in order at open:
+//! SQLite's `PRAGMA user_version` or PostgreSQL's `viv_schema` table records how many have run.
+//! PostgreSQL's list starts from the schema SQLite's list had reached when it was added (there
+//! were no PostgreSQL databases before), and each later change is one entry in both lists.
+//! Calls are synchronous and short; the connection sits behind a mutex.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use db::{params, Db, Row, Sql as _};
 use sha2::{Digest, Sha256};
 use viv_api::{ApiKeyInfo, SandboxState};
 
+pub mod db;
+#[cfg(test)]
+mod engines;
 mod lifecycle;
+#[cfg(test)]
+mod suite;
 pub use lifecycle::LifecycleRow;
 mod vm_backups;
 mod vm_snapshots;
@@ -49,6 +58,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0023_vm_backups.sql"),
 ];
 
+/// Embedded PostgreSQL migrations, applied in order (see the module's documentation).
+const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_schema.sql")];
+
+/// The advisory lock PostgreSQL migrations run under, so that API servers starting at once
+/// apply each migration once.
+const MIGRATION_LOCK: i64 = 0x7669_7661_7269_756d;
+
 mod ssh_keys;
 mod switches;
 pub use ssh_keys::{NewSshKey, SshKeyRow};
@@ -63,6 +79,12 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed or could not be reached.
+    #[error("database: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// A column held what its reader did not expect.
+    #[error("database: {0}")]
+    Column(String),
     /// The database was written by a newer Vivarium.
     #[error("the database has schema version {found}, newer than this binary's {known}; upgrade Vivarium")]
     TooNew {
@@ -71,6 +93,19 @@ pub enum StoreError {
         /// Latest version this binary knows.
         known: usize,
     },
+}
+
+impl StoreError {
+    /// Whether the database could not be reached or went away (PostgreSQL restarting, a broken
+    /// connection): the request may succeed when retried.
+    pub fn is_unavailable(&self) -> bool {
+        let Self::Postgres(err) = self else { return false };
+        match err.as_db_error() {
+            None => true,
+            // Class 08: connection exception; 57: operator intervention (shutdown, restart).
+            Some(db) => matches!(&db.code().code()[..2], "08" | "57"),
+        }
+    }
 }
 
 /// A sandbox row.
@@ -197,9 +232,27 @@ impl SnapshotKind {
 }
 
 /// The database.
-#[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Db,
+    /// The PostgreSQL connection string (never logged: it may hold a password).
+    postgres_url: Option<String>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the connection string: it may hold a password.
+        f.debug_struct("Store")
+            .field("engine", &self.engine())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Refuses a database that newer migrations than this binary's have run on.
+fn check_version(found: usize, known: usize) -> Result<(), StoreError> {
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    Ok(())
 }
 
 /// SHA-256 of an API key, hex. Keys are 160 random bits, so a fast hash is enough to make a
@@ -224,30 +277,72 @@ pub fn now_rfc3339_ms() -> String {
 }
 
 impl Store {
-    /// Opens (creating) the database and applies pending migrations.
+    /// Opens (creating) the SQLite database at `path` and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
+        let conn = rusqlite::Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > MIGRATIONS.len() {
-            return Err(StoreError::TooNew {
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
+        check_version(version, MIGRATIONS.len())?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            db: Db::Sqlite(Mutex::new(conn)),
+            postgres_url: None,
+        })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().expect("store lock")
+    /// Connects to the PostgreSQL database at `url` (`postgres://USER@HOST/DB` or a
+    /// `host=… dbname=…` string) and applies pending migrations.
+    pub fn connect_postgres(url: &str) -> Result<Self, StoreError> {
+        let store = Self {
+            db: Db::Postgres {
+                client: Box::new(Mutex::new(db::PgClient::new(db::connect(url)?))),
+                url: url.to_owned(),
+            },
+            postgres_url: Some(url.to_owned()),
+        };
+        store.db.transaction(|tx| {
+            tx.execute("SELECT pg_advisory_xact_lock(?1)", params![MIGRATION_LOCK])?;
+            tx.batch("CREATE TABLE IF NOT EXISTS viv_schema (version BIGINT NOT NULL)")?;
+            let version = tx
+                .query_row("SELECT version FROM viv_schema", params![], |r| r.get::<i64>(0))?
+                .unwrap_or(0);
+            let version = usize::try_from(version).unwrap_or(usize::MAX);
+            check_version(version, POSTGRES_MIGRATIONS.len())?;
+            for sql in POSTGRES_MIGRATIONS.iter().skip(version) {
+                tx.batch(sql)?;
+            }
+            tx.execute("DELETE FROM viv_schema", params![])?;
+            tx.execute(
+                "INSERT INTO viv_schema (version) VALUES (?1)",
+                params![POSTGRES_MIGRATIONS.len()],
+            )?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// The PostgreSQL connection string, when the state is there.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.postgres_url.as_deref()
+    }
+
+    /// Which engine holds the state: `sqlite` or `postgres`.
+    pub fn engine(&self) -> &'static str {
+        match self.db {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres { .. } => "postgres",
+        }
+    }
+
+    fn conn(&self) -> db::Conn<'_> {
+        self.db.lock()
     }
 
     /// Records a new key (given in clear; only its hash is stored).
@@ -267,32 +362,29 @@ impl Store {
 
     /// Whether a key is valid (exists and is not revoked).
     pub fn key_is_valid(&self, key: &str) -> Result<bool, StoreError> {
-        let found: Option<i64> = self
-            .conn()
-            .query_row(
-                "SELECT 1 FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
-                params![hash_key(key)],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let found: Option<i64> = self.conn().query_row(
+            "SELECT 1 FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
+            params![hash_key(key)],
+            |r| r.get(0),
+        )?;
         Ok(found.is_some())
     }
 
     /// Active keys.
     pub fn list_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut conn = self.conn();
+        conn.query_map(
             "SELECT id, name, prefix, created_at FROM api_keys WHERE revoked_at IS NULL ORDER BY created_at, id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ApiKeyInfo {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                prefix: r.get(2)?,
-                created_at: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![],
+            |r| {
+                Ok(ApiKeyInfo {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    prefix: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            },
+        )
     }
 
     /// Revokes a key by id or prefix; returns whether one was revoked.
@@ -307,10 +399,9 @@ impl Store {
     /// Inserts or replaces a sandbox row.
     pub fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO sandboxes
-             (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
+            "INSERT INTO sandboxes (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
               snapshot_id, auto_pause, internet, network, vmm_identity, net_slot)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (id) DO UPDATE SET template_id = excluded.template_id, state = excluded.state, started_at = excluded.started_at, end_at_ms = excluded.end_at_ms, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb, metadata = excluded.metadata, access_token = excluded.access_token, vmm_pid = excluded.vmm_pid, error = excluded.error, snapshot_id = excluded.snapshot_id, auto_pause = excluded.auto_pause, internet = excluded.internet, network = excluded.network, vmm_identity = excluded.vmm_identity, net_slot = excluded.net_slot",
             params![
                 row.id,
                 row.template_id,
@@ -361,52 +452,54 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a sandbox row.
+    /// Deletes a sandbox row, with its traffic token and owner (SQLite's triggers did this before
+    /// PostgreSQL, whose schema has no triggers; both engines run the same statements now).
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
-        Ok(())
+        self.db.transaction(|tx| {
+            tx.execute("DELETE FROM sandbox_traffic WHERE sandbox_id = ?1", params![id])?;
+            tx.execute("DELETE FROM sandbox_owners WHERE sandbox_id = ?1", params![id])?;
+            tx.execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+            Ok(())
+        })
     }
 
     /// One sandbox.
     pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{SELECT_SANDBOX} WHERE id = ?1"))?;
-        Ok(stmt.query_row(params![id], row_to_sandbox).optional()?)
+        let mut conn = self.conn();
+        conn.query_row(&format!("{SELECT_SANDBOX} WHERE id = ?1"), params![id], row_to_sandbox)
     }
 
     /// Records a new node and points the sandbox it was taken of at it, in one transaction:
     /// the collector, which deletes `pause` and `fork` nodes nothing uses, must never see a new
     /// node before its sandbox uses it (it did, between two statements, under concurrent kills).
     pub fn put_snapshot(&self, row: &SnapshotRow) -> Result<(), StoreError> {
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction()?;
-        tx.execute(
-            "INSERT INTO snapshots
+        self.db.transaction(|tx| {
+            tx.execute(
+                "INSERT INTO snapshots
              (id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, created_at, guest_token,
               network)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                row.id,
-                row.parent_id,
-                row.sandbox_id,
-                row.template_id,
-                row.kind.as_str(),
-                row.name,
-                row.cpu_count,
-                row.memory_mb,
-                row.bytes as i64,
-                row.created_at,
-                row.guest_token,
-                row.network,
-            ],
-        )?;
-        tx.execute(
-            "UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1",
-            params![row.sandbox_id, row.id],
-        )?;
-        tx.commit()?;
-        Ok(())
+                params![
+                    row.id,
+                    row.parent_id,
+                    row.sandbox_id,
+                    row.template_id,
+                    row.kind.as_str(),
+                    row.name,
+                    row.cpu_count,
+                    row.memory_mb,
+                    row.bytes as i64,
+                    row.created_at,
+                    row.guest_token,
+                    row.network,
+                ],
+            )?;
+            tx.execute(
+                "UPDATE sandboxes SET snapshot_id = ?2 WHERE id = ?1",
+                params![row.sandbox_id, row.id],
+            )?;
+            Ok(())
+        })
     }
 
     /// Records a node's new size on disk (its memory was rewritten as a diff).
@@ -421,30 +514,37 @@ impl Store {
     /// One snapshot node, by id or name.
     pub fn snapshot(&self, id_or_name: &str) -> Result<Option<SnapshotRow>, StoreError> {
         let id_or_name = untagged(id_or_name);
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{SELECT_SNAPSHOT} WHERE id = ?1 OR name = ?1"))?;
-        Ok(stmt.query_row(params![id_or_name], row_to_snapshot).optional()?)
+        let mut conn = self.conn();
+        conn.query_row(
+            &format!("{SELECT_SNAPSHOT} WHERE id = ?1 OR name = ?1"),
+            params![id_or_name],
+            row_to_snapshot,
+        )
     }
 
     /// All snapshot nodes, oldest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{SELECT_SNAPSHOT} ORDER BY created_at, id"))?;
-        let rows = stmt.query_map([], row_to_snapshot)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map(
+            &format!("{SELECT_SNAPSHOT} ORDER BY created_at, id"),
+            params![],
+            row_to_snapshot,
+        )
     }
 
     /// What depends on a node: child nodes and sandboxes (running or paused) descending from it.
     pub fn snapshot_users(&self, id: &str) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        let conn = self.conn();
-        let children = conn
-            .prepare("SELECT id FROM snapshots WHERE parent_id = ?1 ORDER BY id")?
-            .query_map(params![id], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
-        let sandboxes = conn
-            .prepare("SELECT id FROM sandboxes WHERE snapshot_id = ?1 AND state != 'failed' ORDER BY id")?
-            .query_map(params![id], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
+        let mut conn = self.conn();
+        let children = conn.query_map(
+            "SELECT id FROM snapshots WHERE parent_id = ?1 ORDER BY id",
+            params![id],
+            |r| r.get(0),
+        )?;
+        let sandboxes = conn.query_map(
+            "SELECT id FROM sandboxes WHERE snapshot_id = ?1 AND state != 'failed' ORDER BY id",
+            params![id],
+            |r| r.get(0),
+        )?;
         Ok((children, sandboxes))
     }
 
@@ -460,7 +560,7 @@ impl Store {
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         conn.execute(
             "UPDATE sandboxes SET snapshot_id = NULL WHERE snapshot_id = ?1",
             params![id],
@@ -472,9 +572,8 @@ impl Store {
     /// Records (or replaces) a template.
     pub fn put_template(&self, row: &TemplateRow) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO templates
-             (name, from_name, layer, config, start_cmd, ready_cmd, cpu_count, memory_mb, spec, layers, created_at, build_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO templates (name, from_name, layer, config, start_cmd, ready_cmd, cpu_count, memory_mb, spec, layers, created_at, build_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT (name) DO UPDATE SET from_name = excluded.from_name, layer = excluded.layer, config = excluded.config, start_cmd = excluded.start_cmd, ready_cmd = excluded.ready_cmd, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb, spec = excluded.spec, layers = excluded.layers, created_at = excluded.created_at, build_ms = excluded.build_ms",
             params![
                 row.name,
                 row.from,
@@ -495,22 +594,23 @@ impl Store {
 
     /// One template by name.
     pub fn template(&self, name: &str) -> Result<Option<TemplateRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{SELECT_TEMPLATE} WHERE name = ?1"))?;
-        Ok(stmt.query_row(params![name], row_to_template).optional()?)
+        let mut conn = self.conn();
+        conn.query_row(
+            &format!("{SELECT_TEMPLATE} WHERE name = ?1"),
+            params![name],
+            row_to_template,
+        )
     }
 
     /// All templates, by name.
     pub fn templates(&self) -> Result<Vec<TemplateRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{SELECT_TEMPLATE} ORDER BY name"))?;
-        let rows = stmt.query_map([], row_to_template)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map(&format!("{SELECT_TEMPLATE} ORDER BY name"), params![], row_to_template)
     }
 
     /// Deletes a template row (and the build it records).
     pub fn delete_template(&self, name: &str) -> Result<(), StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         conn.execute("DELETE FROM templates WHERE name = ?1", params![name])?;
         conn.execute("DELETE FROM template_builds WHERE name = ?1", params![name])?;
         Ok(())
@@ -519,7 +619,7 @@ impl Store {
     /// Records which build made template row `name`.
     pub fn put_template_build(&self, name: &str, build_id: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO template_builds (name, build_id) VALUES (?1, ?2)",
+            "INSERT INTO template_builds (name, build_id) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET build_id = excluded.build_id",
             params![name, build_id],
         )?;
         Ok(())
@@ -527,17 +627,22 @@ impl Store {
 
     /// The build that made template row `name`, if recorded.
     pub fn template_build(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT build_id FROM template_builds WHERE name = ?1")?;
-        Ok(stmt.query_row(params![name], |r| r.get(0)).optional()?)
+        let mut conn = self.conn();
+        conn.query_row(
+            "SELECT build_id FROM template_builds WHERE name = ?1",
+            params![name],
+            |r| r.get(0),
+        )
     }
 
     /// All sandboxes, oldest first.
     pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("{SELECT_SANDBOX} ORDER BY started_at, id"))?;
-        let rows = stmt.query_map([], row_to_sandbox)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map(
+            &format!("{SELECT_SANDBOX} ORDER BY started_at, id"),
+            params![],
+            row_to_sandbox,
+        )
     }
 }
 
@@ -545,7 +650,7 @@ const SELECT_SANDBOX: &str = "SELECT id, template_id, state, started_at, end_at_
                               access_token, vmm_pid, error, snapshot_id, auto_pause, internet, network, \
                               vmm_identity, net_slot FROM sandboxes";
 
-fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+fn row_to_sandbox(r: &Row) -> Result<SandboxRow, StoreError> {
     let state: String = r.get(2)?;
     let metadata: String = r.get(7)?;
     Ok(SandboxRow {
@@ -559,16 +664,13 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         metadata: serde_json::from_str(&metadata).unwrap_or_default(),
         access_token: r.get(8)?,
         vmm: r
-            .get::<_, Option<String>>(15)?
+            .get::<Option<String>>(15)?
             .and_then(|v| v.parse::<viv_vmm::ProcessIdentity>().ok()),
         net_slot: r.get(16)?,
         error: r.get(10)?,
         snapshot_id: r.get(11)?,
         auto_pause: r.get(12)?,
-        network: match r
-            .get::<_, Option<String>>(14)?
-            .and_then(|j| serde_json::from_str(&j).ok())
-        {
+        network: match r.get::<Option<String>>(14)?.and_then(|j| serde_json::from_str(&j).ok()) {
             Some(rules) => rules,
             None => viv_net::PolicySpec {
                 internet: r.get(13)?,
@@ -581,8 +683,8 @@ fn row_to_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
 const SELECT_TEMPLATE: &str = "SELECT name, from_name, layer, config, start_cmd, ready_cmd, cpu_count, memory_mb, \
                                spec, layers, created_at, build_ms FROM templates";
 
-fn row_to_template(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRow> {
-    let parse = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
+fn row_to_template(r: &Row) -> Result<TemplateRow, StoreError> {
+    let parse = |i: usize| -> Result<Option<String>, StoreError> { r.get(i) };
     Ok(TemplateRow {
         name: r.get(0)?,
         from: r.get(1)?,
@@ -599,7 +701,7 @@ fn row_to_template(r: &rusqlite::Row<'_>) -> rusqlite::Result<TemplateRow> {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default(),
         created_at: r.get(10)?,
-        build_ms: r.get::<_, i64>(11)?.max(0) as u64,
+        build_ms: r.get::<i64>(11)?.max(0) as u64,
     })
 }
 
@@ -612,7 +714,7 @@ const SELECT_SNAPSHOT: &str =
     "SELECT id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, \
                                created_at, guest_token, network FROM snapshots";
 
-fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
+fn row_to_snapshot(r: &Row) -> Result<SnapshotRow, StoreError> {
     let kind: String = r.get(4)?;
     Ok(SnapshotRow {
         id: r.get(0)?,
@@ -623,7 +725,7 @@ fn row_to_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRow> {
         name: r.get(5)?,
         cpu_count: r.get(6)?,
         memory_mb: r.get(7)?,
-        bytes: r.get::<_, i64>(8)?.max(0) as u64,
+        bytes: r.get::<i64>(8)?.max(0) as u64,
         created_at: r.get(9)?,
         guest_token: r.get(10)?,
         network: r.get(11)?,

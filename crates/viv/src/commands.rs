@@ -360,7 +360,12 @@ fn image(cmd: ImageCommand, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The state's store: PostgreSQL when `--database` names one, else SQLite in the data directory.
 pub(crate) fn open_store(dirs: &Dirs) -> Result<viv_server::Store> {
+    if let Some(url) = &dirs.database {
+        // The URL may hold a password: it is never part of a message.
+        return viv_server::Store::connect_postgres(url).context("connecting to the PostgreSQL database of --database");
+    }
     std::fs::create_dir_all(&dirs.data_dir).with_context(|| format!("creating {}", dirs.data_dir.display()))?;
     Ok(viv_server::Store::open(&dirs.data_dir.join("vivarium.db"))?)
 }

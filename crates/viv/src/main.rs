@@ -58,6 +58,10 @@ pub struct Dirs {
     /// Image cache directory (kernel, initramfs, root file systems).
     #[arg(long, env = "VIV_CACHE_DIR", default_value = "/var/cache/vivarium")]
     pub cache_dir: PathBuf,
+    /// Where the state lives: unset, in SQLite at DATA_DIR/vivarium.db; `postgres://USER@HOST/DB`
+    /// (or `host=… dbname=…`), in PostgreSQL, migrated at start.
+    #[arg(long, env = "VIV_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
 }
 
 /// Top-level commands.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use viv_server::{AppState, Config, Manager, Metrics, Store};
+use viv_server::{AppState, Config, Manager, Metrics};
 use viv_vmm::Accel;
 
 use crate::output::TerminalProgress;
@@ -192,7 +192,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dirs.data_dir)
         .with_context(|| format!("creating {}", args.dirs.data_dir.display()))?;
     let _lock = lock_data_dir(&args.dirs.data_dir)?;
-    let store = Arc::new(Store::open(&args.dirs.data_dir.join("vivarium.db"))?);
+    let store = Arc::new(crate::commands::open_store(&args.dirs)?);
+    tracing::info!(engine = store.engine(), "state store open");
     if store.list_keys()?.is_empty() {
         let key = viv_server::create_api_key(&store, "initial")?;
         println!("Created the first API key (shown only once): {}", key.key);

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension};
+use super::db::{params, Sql as _};
 
 use super::{Store, StoreError};
 
@@ -27,10 +27,10 @@ impl Store {
     /// Records a sandbox's lifecycle options (replacing earlier ones) and forgets those of
     /// sandboxes that no longer exist.
     pub fn put_lifecycle(&self, sandbox_id: &str, row: &LifecycleRow) -> Result<(), StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         conn.execute(
-            "INSERT OR REPLACE INTO sandbox_lifecycle (sandbox_id, auto_resume, pause_memory, timeout_secs, env_vars)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO sandbox_lifecycle (sandbox_id, auto_resume, pause_memory, timeout_secs, env_vars)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sandbox_id) DO UPDATE SET auto_resume = excluded.auto_resume, pause_memory = excluded.pause_memory, timeout_secs = excluded.timeout_secs, env_vars = excluded.env_vars",
             params![
                 sandbox_id,
                 row.auto_resume,
@@ -48,24 +48,22 @@ impl Store {
 
     /// A sandbox's lifecycle options, if it was created with any recorded.
     pub fn lifecycle(&self, sandbox_id: &str) -> Result<Option<LifecycleRow>, StoreError> {
-        let conn = self.conn();
-        let row = conn
-            .query_row(
-                "SELECT auto_resume, pause_memory, timeout_secs, env_vars FROM sandbox_lifecycle WHERE sandbox_id = ?1",
-                params![sandbox_id],
-                |r| {
-                    Ok(LifecycleRow {
-                        auto_resume: r.get(0)?,
-                        pause_memory: r.get(1)?,
-                        timeout_secs: r.get::<_, i64>(2)?.max(1) as u64,
-                        env_vars: r
-                            .get::<_, Option<String>>(3)?
-                            .and_then(|j| serde_json::from_str(&j).ok())
-                            .unwrap_or_default(),
-                    })
-                },
-            )
-            .optional()?;
+        let mut conn = self.conn();
+        let row = conn.query_row(
+            "SELECT auto_resume, pause_memory, timeout_secs, env_vars FROM sandbox_lifecycle WHERE sandbox_id = ?1",
+            params![sandbox_id],
+            |r| {
+                Ok(LifecycleRow {
+                    auto_resume: r.get(0)?,
+                    pause_memory: r.get(1)?,
+                    timeout_secs: r.get::<i64>(2)?.max(1) as u64,
+                    env_vars: r
+                        .get::<Option<String>>(3)?
+                        .and_then(|j| serde_json::from_str(&j).ok())
+                        .unwrap_or_default(),
+                })
+            },
+        )?;
         Ok(row)
     }
 }
@@ -76,19 +74,20 @@ mod tests {
 
     #[test]
     fn rows_round_trip_and_orphans_go() {
-        let store = Store::open(std::path::Path::new(":memory:")).unwrap();
-        let row = LifecycleRow {
-            auto_resume: true,
-            pause_memory: false,
-            timeout_secs: 42,
-            env_vars: BTreeMap::from([("A".to_owned(), "b".to_owned())]),
-        };
-        store.put_lifecycle("one", &row).unwrap();
-        assert_eq!(store.lifecycle("one").unwrap(), Some(row.clone()));
-        assert_eq!(store.lifecycle("two").unwrap(), None);
-        // "one" has no sandbox row: writing another's forgets it.
-        store.put_lifecycle("two", &row).unwrap();
-        assert_eq!(store.lifecycle("one").unwrap(), None);
-        assert!(store.lifecycle("two").unwrap().is_some());
+        crate::store::engines::each_engine(|store| {
+            let row = LifecycleRow {
+                auto_resume: true,
+                pause_memory: false,
+                timeout_secs: 42,
+                env_vars: BTreeMap::from([("A".to_owned(), "b".to_owned())]),
+            };
+            store.put_lifecycle("one", &row).unwrap();
+            assert_eq!(store.lifecycle("one").unwrap(), Some(row.clone()));
+            assert_eq!(store.lifecycle("two").unwrap(), None);
+            // "one" has no sandbox row: writing another's forgets it.
+            store.put_lifecycle("two", &row).unwrap();
+            assert_eq!(store.lifecycle("one").unwrap(), None);
+            assert!(store.lifecycle("two").unwrap().is_some());
+        });
     }
 }

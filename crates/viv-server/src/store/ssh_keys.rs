@@ -6,7 +6,7 @@
 //! sandbox's owner row goes with its sandbox row (a trigger), and a sandbox without one (created
 //! before owners were recorded) is reachable by no SSH key.
 
-use rusqlite::{params, OptionalExtension as _};
+use super::db::{params, Row, Sql as _};
 
 use super::{now_rfc3339, Store, StoreError};
 
@@ -49,7 +49,7 @@ const SELECT: &str =
     "SELECT s.id, s.api_key_id, k.name, s.algorithm, s.fingerprint, s.public_key, s.comment, s.created_at \
      FROM ssh_keys s JOIN api_keys k ON k.id = s.api_key_id AND k.revoked_at IS NULL";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SshKeyRow> {
+fn row(r: &Row) -> Result<SshKeyRow, StoreError> {
     Ok(SshKeyRow {
         id: r.get(0)?,
         api_key_id: r.get(1)?,
@@ -65,26 +65,22 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SshKeyRow> {
 impl Store {
     /// The id of the active API key whose secret is `key`.
     pub fn key_id(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT id FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
-                params![super::hash_key(key)],
-                |r| r.get(0),
-            )
-            .optional()?)
+        self.conn().query_row(
+            "SELECT id FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
+            params![super::hash_key(key)],
+            |r| r.get(0),
+        )
     }
 
     /// Ids of the active API keys whose id or prefix is `id_or_prefix` (more than one when a
     /// prefix is shared).
     pub fn active_key_ids(&self, id_or_prefix: &str) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut conn = self.conn();
+        let ids = conn.query_map(
             "SELECT id FROM api_keys WHERE (id = ?1 OR prefix = ?1) AND revoked_at IS NULL ORDER BY created_at, id",
+            params![id_or_prefix],
+            |r| r.get(0),
         )?;
-        let ids = stmt
-            .query_map(params![id_or_prefix], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
         Ok(ids)
     }
 
@@ -110,32 +106,33 @@ impl Store {
             ],
         )?;
         // A key of a revoked API key still holds its fingerprint: it is found without the join.
-        let conn = self.conn();
-        let existing = conn.query_row(
-            "SELECT s.id, s.api_key_id, k.name, s.algorithm, s.fingerprint, s.public_key, s.comment, s.created_at \
+        let mut conn = self.conn();
+        let existing = conn
+            .query_row(
+                "SELECT s.id, s.api_key_id, k.name, s.algorithm, s.fingerprint, s.public_key, s.comment, s.created_at \
              FROM ssh_keys s JOIN api_keys k ON k.id = s.api_key_id WHERE s.fingerprint = ?1",
-            params![key.fingerprint],
-            row,
-        )?;
+                params![key.fingerprint],
+                row,
+            )?
+            .ok_or_else(|| StoreError::Column(format!("SSH key {} vanished while it was added", key.fingerprint)))?;
         Ok(if inserted == 1 { Ok(existing) } else { Err(existing) })
     }
 
     /// Registered keys of active API keys, oldest first; only `api_key_id`'s if given.
     pub fn ssh_keys(&self, api_key_id: Option<&str>) -> Result<Vec<SshKeyRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "{SELECT} WHERE ?1 IS NULL OR s.api_key_id = ?1 ORDER BY s.created_at, s.id"
-        ))?;
-        let rows = stmt.query_map(params![api_key_id], row)?.collect::<Result<_, _>>()?;
+        let mut conn = self.conn();
+        let rows = conn.query_map(
+            &format!("{SELECT} WHERE CAST(?1 AS TEXT) IS NULL OR s.api_key_id = ?1 ORDER BY s.created_at, s.id"),
+            params![api_key_id],
+            row,
+        )?;
         Ok(rows)
     }
 
     /// The registered key with this fingerprint, if its API key is active.
     pub fn ssh_key_by_fingerprint(&self, fingerprint: &str) -> Result<Option<SshKeyRow>, StoreError> {
-        Ok(self
-            .conn()
+        self.conn()
             .query_row(&format!("{SELECT} WHERE s.fingerprint = ?1"), params![fingerprint], row)
-            .optional()?)
     }
 
     /// Removes a registered key by id or fingerprint; whether one was removed.
@@ -150,8 +147,9 @@ impl Store {
     /// Records that API key `api_key_id` owns sandbox `sandbox_id` (which must have a row).
     pub fn set_sandbox_owner(&self, sandbox_id: &str, api_key_id: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO sandbox_owners (sandbox_id, api_key_id) \
-             SELECT id, ?2 FROM sandboxes WHERE id = ?1",
+            "INSERT INTO sandbox_owners (sandbox_id, api_key_id) \
+             SELECT id, ?2 FROM sandboxes WHERE id = ?1 \
+             ON CONFLICT (sandbox_id) DO UPDATE SET api_key_id = excluded.api_key_id",
             params![sandbox_id, api_key_id],
         )?;
         Ok(())
@@ -159,14 +157,11 @@ impl Store {
 
     /// The API key that owns sandbox `sandbox_id`, if one was recorded.
     pub fn sandbox_owner(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT api_key_id FROM sandbox_owners WHERE sandbox_id = ?1",
-                params![sandbox_id],
-                |r| r.get(0),
-            )
-            .optional()?)
+        self.conn().query_row(
+            "SELECT api_key_id FROM sandbox_owners WHERE sandbox_id = ?1",
+            params![sandbox_id],
+            |r| r.get(0),
+        )
     }
 }
 
@@ -185,54 +180,54 @@ mod tests {
 
     #[test]
     fn a_key_belongs_to_one_api_key_and_dies_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("viv.db")).unwrap();
-        store.insert_key("k1", "one", "e2b_aaaaaaaaaaaa").unwrap();
-        store.insert_key("k2", "two", "e2b_bbbbbbbbbbbb").unwrap();
-        assert_eq!(store.key_id("e2b_aaaaaaaaaaaa").unwrap().as_deref(), Some("k1"));
-        assert_eq!(store.key_id("e2b_nope").unwrap(), None);
-        assert_eq!(store.active_key_ids("e2b_bbbbbb").unwrap(), ["k2"]);
+        crate::store::engines::each_engine(|store| {
+            store.insert_key("k1", "one", "e2b_aaaaaaaaaaaa").unwrap();
+            store.insert_key("k2", "two", "e2b_bbbbbbbbbbbb").unwrap();
+            assert_eq!(store.key_id("e2b_aaaaaaaaaaaa").unwrap().as_deref(), Some("k1"));
+            assert_eq!(store.key_id("e2b_nope").unwrap(), None);
+            assert_eq!(store.active_key_ids("e2b_bbbbbb").unwrap(), ["k2"]);
 
-        let added = store.add_ssh_key("s1", "k1", &key("SHA256:one")).unwrap().unwrap();
-        assert_eq!(added.api_key_name, "one");
-        // The same key again, for either API key, is refused with the existing row.
-        let again = store.add_ssh_key("s2", "k2", &key("SHA256:one")).unwrap().unwrap_err();
-        assert_eq!(again.id, "s1");
-        store.add_ssh_key("s3", "k2", &key("SHA256:two")).unwrap().unwrap();
-        assert_eq!(store.ssh_keys(None).unwrap().len(), 2);
-        assert_eq!(store.ssh_keys(Some("k2")).unwrap()[0].id, "s3");
-        assert_eq!(
-            store.ssh_key_by_fingerprint("SHA256:one").unwrap().unwrap().api_key_id,
-            "k1"
-        );
+            let added = store.add_ssh_key("s1", "k1", &key("SHA256:one")).unwrap().unwrap();
+            assert_eq!(added.api_key_name, "one");
+            // The same key again, for either API key, is refused with the existing row.
+            let again = store.add_ssh_key("s2", "k2", &key("SHA256:one")).unwrap().unwrap_err();
+            assert_eq!(again.id, "s1");
+            store.add_ssh_key("s3", "k2", &key("SHA256:two")).unwrap().unwrap();
+            assert_eq!(store.ssh_keys(None).unwrap().len(), 2);
+            assert_eq!(store.ssh_keys(Some("k2")).unwrap()[0].id, "s3");
+            assert_eq!(
+                store.ssh_key_by_fingerprint("SHA256:one").unwrap().unwrap().api_key_id,
+                "k1"
+            );
 
-        // A revoked API key's SSH keys no longer sign in nor list.
-        assert!(store.revoke_key("k1").unwrap());
-        assert_eq!(store.ssh_key_by_fingerprint("SHA256:one").unwrap(), None);
-        assert_eq!(store.ssh_keys(None).unwrap().len(), 1);
+            // A revoked API key's SSH keys no longer sign in nor list.
+            assert!(store.revoke_key("k1").unwrap());
+            assert_eq!(store.ssh_key_by_fingerprint("SHA256:one").unwrap(), None);
+            assert_eq!(store.ssh_keys(None).unwrap().len(), 1);
 
-        assert!(store.remove_ssh_key("SHA256:two").unwrap());
-        assert!(!store.remove_ssh_key("s3").unwrap());
+            assert!(store.remove_ssh_key("SHA256:two").unwrap());
+            assert!(!store.remove_ssh_key("s3").unwrap());
+        });
     }
 
     #[test]
     fn owners_go_with_their_sandboxes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("viv.db")).unwrap();
-        // No row, no owner.
-        store.set_sandbox_owner("gone", "k1").unwrap();
-        assert_eq!(store.sandbox_owner("gone").unwrap(), None);
-        store
-            .conn()
-            .execute(
-                "INSERT INTO sandboxes (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata) \
-                 VALUES ('sb', 'base', 'running', '', 0, 1, 256, '{}')",
-                [],
-            )
-            .unwrap();
-        store.set_sandbox_owner("sb", "k1").unwrap();
-        assert_eq!(store.sandbox_owner("sb").unwrap().as_deref(), Some("k1"));
-        store.delete_sandbox("sb").unwrap();
-        assert_eq!(store.sandbox_owner("sb").unwrap(), None);
+        crate::store::engines::each_engine(|store| {
+            // No row, no owner.
+            store.set_sandbox_owner("gone", "k1").unwrap();
+            assert_eq!(store.sandbox_owner("gone").unwrap(), None);
+            store
+                .conn()
+                .execute(
+                    "INSERT INTO sandboxes (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata) \
+                     VALUES ('sb', 'base', 'running', '', 0, 1, 256, '{}')",
+                    params![],
+                )
+                .unwrap();
+            store.set_sandbox_owner("sb", "k1").unwrap();
+            assert_eq!(store.sandbox_owner("sb").unwrap().as_deref(), Some("k1"));
+            store.delete_sandbox("sb").unwrap();
+            assert_eq!(store.sandbox_owner("sb").unwrap(), None);
+        });
     }
 }

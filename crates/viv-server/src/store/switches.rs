@@ -3,7 +3,7 @@
 //! Invariant: names and indexes are unique; [`Store::insert_switch`] takes the smallest free
 //! index under the connection's lock, so two creates never share a bridge.
 
-use rusqlite::params;
+use super::db::{params, Row, Sql as _};
 
 use super::{now_rfc3339, Store, StoreError};
 
@@ -20,7 +20,7 @@ pub struct SwitchRow {
     pub created_at: String,
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SwitchRow> {
+fn row(r: &Row) -> Result<SwitchRow, StoreError> {
     Ok(SwitchRow {
         name: r.get(0)?,
         index: r.get(1)?,
@@ -34,12 +34,8 @@ impl Store {
     pub fn insert_switch(&self, name: &str, definition: &str) -> Result<Option<SwitchRow>, StoreError> {
         {
             // One connection guard: the index read and the insert are not interleaved with another.
-            let conn = self.conn();
-            let mut stmt = conn.prepare("SELECT idx FROM switches ORDER BY idx")?;
-            let used = stmt
-                .query_map([], |r| r.get::<_, u32>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            drop(stmt);
+            let mut conn = self.conn();
+            let used = conn.query_map("SELECT idx FROM switches ORDER BY idx", params![], |r| r.get::<u32>(0))?;
             let index = (0u32..).find(|i| used.binary_search(i).is_err()).unwrap_or_default();
             let n = conn.execute(
                 "INSERT INTO switches (name, idx, definition, created_at) VALUES (?1, ?2, ?3, ?4) \
@@ -55,22 +51,21 @@ impl Store {
 
     /// A switch by name.
     pub fn switch(&self, name: &str) -> Result<Option<SwitchRow>, StoreError> {
-        use rusqlite::OptionalExtension as _;
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT name, idx, definition, created_at FROM switches WHERE name = ?1",
-                params![name],
-                row,
-            )
-            .optional()?)
+        self.conn().query_row(
+            "SELECT name, idx, definition, created_at FROM switches WHERE name = ?1",
+            params![name],
+            row,
+        )
     }
 
     /// Every switch, by name.
     pub fn list_switches(&self) -> Result<Vec<SwitchRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, idx, definition, created_at FROM switches ORDER BY name")?;
-        let rows = stmt.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.conn();
+        let rows = conn.query_map(
+            "SELECT name, idx, definition, created_at FROM switches ORDER BY name",
+            params![],
+            row,
+        )?;
         Ok(rows)
     }
 

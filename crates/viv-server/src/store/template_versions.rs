@@ -5,7 +5,7 @@
 //! Invariant: a version row and its `template_versions` entry are written and deleted in one
 //! transaction, so the collector never sees one without the other.
 
-use rusqlite::{params, OptionalExtension as _};
+use super::db::{params, Row, Sql as _};
 
 use super::{Store, StoreError, TemplateRow};
 
@@ -27,7 +27,7 @@ impl Store {
     pub fn put_version(&self, row: &TemplateRow, version: &VersionRow) -> Result<(), StoreError> {
         self.put_template(row)?;
         self.conn().execute(
-            "INSERT OR IGNORE INTO template_versions (id, template, parent, created_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO template_versions (id, template, parent, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
             params![version.id, version.template, version.parent, version.created_at],
         )?;
         Ok(())
@@ -35,49 +35,43 @@ impl Store {
 
     /// One version by id.
     pub fn version(&self, id: &str) -> Result<Option<VersionRow>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT id, template, parent, created_at FROM template_versions WHERE id = ?1",
-                [id],
-                row_to_version,
-            )
-            .optional()?)
+        self.conn().query_row(
+            "SELECT id, template, parent, created_at FROM template_versions WHERE id = ?1",
+            params![id],
+            row_to_version,
+        )
     }
 
     /// The versions of a template, oldest first.
     pub fn versions(&self, template: &str) -> Result<Vec<VersionRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut conn = self.conn();
+        conn.query_map(
             "SELECT id, template, parent, created_at FROM template_versions WHERE template = ?1 \
              ORDER BY created_at, rowid",
-        )?;
-        let rows = stmt.query_map([template], row_to_version)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            params![template],
+            row_to_version,
+        )
     }
 
     /// Ids of every version of every template.
     pub fn version_ids(&self) -> Result<Vec<String>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id FROM template_versions")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map("SELECT id FROM template_versions", params![], |r| r.get(0))
     }
 
     /// Deletes a version: its row and its entry.
     pub fn delete_version(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute("DELETE FROM templates WHERE name = ?1", [id])?;
-        tx.execute("DELETE FROM template_versions WHERE id = ?1", [id])?;
-        tx.commit()?;
-        Ok(())
+        self.db.transaction(|tx| {
+            tx.execute("DELETE FROM templates WHERE name = ?1", params![id])?;
+            tx.execute("DELETE FROM template_versions WHERE id = ?1", params![id])?;
+            Ok(())
+        })
     }
 
     /// Points `template`'s `tag` at `version`.
     pub fn put_tag(&self, template: &str, tag: &str, version: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT OR REPLACE INTO template_tags (template, tag, version) VALUES (?1, ?2, ?3)",
+            "INSERT INTO template_tags (template, tag, version) VALUES (?1, ?2, ?3) ON CONFLICT (template, tag) DO UPDATE SET version = excluded.version",
             params![template, tag, version],
         )?;
         Ok(())
@@ -85,35 +79,34 @@ impl Store {
 
     /// The version `template`'s `tag` points at.
     pub fn tag(&self, template: &str, tag: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT version FROM template_tags WHERE template = ?1 AND tag = ?2",
-                [template, tag],
-                |r| r.get(0),
-            )
-            .optional()?)
+        self.conn().query_row(
+            "SELECT version FROM template_tags WHERE template = ?1 AND tag = ?2",
+            params![template, tag],
+            |r| r.get(0),
+        )
     }
 
     /// The tags of `template` as (tag, version), by tag.
     pub fn tags(&self, template: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT tag, version FROM template_tags WHERE template = ?1 ORDER BY tag")?;
-        let rows = stmt.query_map([template], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map(
+            "SELECT tag, version FROM template_tags WHERE template = ?1 ORDER BY tag",
+            params![template],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
     /// Forgets a tag.
     pub fn delete_tag(&self, template: &str, tag: &str) -> Result<(), StoreError> {
         self.conn().execute(
             "DELETE FROM template_tags WHERE template = ?1 AND tag = ?2",
-            [template, tag],
+            params![template, tag],
         )?;
         Ok(())
     }
 }
 
-fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+fn row_to_version(r: &Row) -> Result<VersionRow, StoreError> {
     Ok(VersionRow {
         id: r.get(0)?,
         template: r.get(1)?,

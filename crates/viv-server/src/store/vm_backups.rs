@@ -4,7 +4,7 @@
 //! Invariant: a row is inserted only after all of the backup's files are in place, and deleted
 //! before they are removed, so a listed backup always has its files.
 
-use rusqlite::{params, OptionalExtension, Row};
+use super::db::{params, Row, Sql as _};
 
 use super::{now_rfc3339_ms, Store, StoreError};
 
@@ -31,7 +31,7 @@ pub struct VmBackupRow {
 
 const COLUMNS: &str = "id, vm_id, kind, parent_id, disks, bitmap, live, created_at";
 
-fn backup_row(r: &Row<'_>) -> rusqlite::Result<VmBackupRow> {
+fn backup_row(r: &Row) -> Result<VmBackupRow, StoreError> {
     Ok(VmBackupRow {
         id: r.get(0)?,
         vm_id: r.get(1)?,
@@ -68,47 +68,43 @@ impl Store {
 
     /// A VM's backups, oldest first.
     pub fn vm_backups(&self, vm_id: &str) -> Result<Vec<VmBackupRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM vm_backups WHERE vm_id = ?1 ORDER BY created_at, rowid"
-        ))?;
-        let rows = stmt.query_map(params![vm_id], backup_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map(
+            &format!("SELECT {COLUMNS} FROM vm_backups WHERE vm_id = ?1 ORDER BY created_at, rowid"),
+            params![vm_id],
+            backup_row,
+        )
     }
 
     /// One backup of a VM.
     pub fn vm_backup(&self, vm_id: &str, id: &str) -> Result<Option<VmBackupRow>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM vm_backups WHERE vm_id = ?1 AND id = ?2"),
-                params![vm_id, id],
-                backup_row,
-            )
-            .optional()?)
+        self.conn().query_row(
+            &format!("SELECT {COLUMNS} FROM vm_backups WHERE vm_id = ?1 AND id = ?2"),
+            params![vm_id, id],
+            backup_row,
+        )
     }
 
     /// Every backup id of every VM (to find files no row lists).
     pub fn all_vm_backup_ids(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT vm_id, id FROM vm_backups")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut conn = self.conn();
+        conn.query_map("SELECT vm_id, id FROM vm_backups", params![], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
     }
 
     /// Deletes a backup row, making its child (if any) a child of its parent with `kind`
     /// (the caller rebased the child's files first).
     pub fn delete_vm_backup(&self, row: &VmBackupRow, child_kind: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE vm_backups SET parent_id = ?2, kind = CASE WHEN ?2 IS NULL THEN ?3 ELSE kind END
+        self.db.transaction(|tx| {
+            tx.execute(
+                "UPDATE vm_backups SET parent_id = ?2, kind = CASE WHEN CAST(?2 AS TEXT) IS NULL THEN ?3 ELSE kind END
              WHERE vm_id = ?1 AND parent_id = ?4",
-            params![row.vm_id, row.parent_id, child_kind, row.id],
-        )?;
-        tx.execute("DELETE FROM vm_backups WHERE id = ?1", params![row.id])?;
-        tx.commit()?;
-        Ok(())
+                params![row.vm_id, row.parent_id, child_kind, row.id],
+            )?;
+            tx.execute("DELETE FROM vm_backups WHERE id = ?1", params![row.id])?;
+            Ok(())
+        })
     }
 
     /// Deletes every backup row of a VM.

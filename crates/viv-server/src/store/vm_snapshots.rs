@@ -4,7 +4,7 @@
 //! Invariants: names are unique per VM; deleting a snapshot moves its children to its parent and
 //! a VM whose current snapshot it was to its parent, in one transaction.
 
-use rusqlite::{params, OptionalExtension, Row};
+use super::db::{params, Row, Sql as _};
 
 use super::{now_rfc3339, Store, StoreError};
 
@@ -33,7 +33,7 @@ pub struct VmSnapshotRow {
 
 const COLUMNS: &str = "id, vm_id, name, parent_id, memory, vm_state, definition, description, created_at";
 
-fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<VmSnapshotRow> {
+fn snapshot_row(r: &Row) -> Result<VmSnapshotRow, StoreError> {
     Ok(VmSnapshotRow {
         id: r.get(0)?,
         vm_id: r.get(1)?,
@@ -51,8 +51,7 @@ impl Store {
     /// Records a snapshot (its time is set here) and makes it its VM's current snapshot;
     /// `Ok(false)` when the VM has a snapshot of that name.
     pub fn insert_vm_snapshot(&self, row: &VmSnapshotRow) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        self.db.transaction(|tx| {
         let n = tx.execute(
             "INSERT INTO vm_snapshots (id, vm_id, name, parent_id, memory, vm_state, definition, description, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
@@ -74,35 +73,31 @@ impl Store {
                 params![row.vm_id, row.id],
             )?;
         }
-        tx.commit()?;
-        Ok(n == 1)
+                Ok(n == 1)
+        })
     }
 
     /// A VM's snapshots, oldest first.
     pub fn vm_snapshots(&self, vm_id: &str) -> Result<Vec<VmSnapshotRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM vm_snapshots WHERE vm_id = ?1 ORDER BY created_at, rowid"
-        ))?;
-        let rows = stmt
-            .query_map(params![vm_id], snapshot_row)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.conn();
+        let rows = conn.query_map(
+            &format!("SELECT {COLUMNS} FROM vm_snapshots WHERE vm_id = ?1 ORDER BY created_at, rowid"),
+            params![vm_id],
+            snapshot_row,
+        )?;
         Ok(rows)
     }
 
     /// A VM's snapshot by id or name.
     pub fn vm_snapshot(&self, vm_id: &str, id_or_name: &str) -> Result<Option<VmSnapshotRow>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM vm_snapshots WHERE vm_id = ?1 AND (id = ?2 OR name = ?2)
+        self.conn().query_row(
+            &format!(
+                "SELECT {COLUMNS} FROM vm_snapshots WHERE vm_id = ?1 AND (id = ?2 OR name = ?2)
                      ORDER BY id = ?2 DESC LIMIT 1"
-                ),
-                params![vm_id, id_or_name],
-                snapshot_row,
-            )
-            .optional()?)
+            ),
+            params![vm_id, id_or_name],
+            snapshot_row,
+        )
     }
 
     /// A VM's current snapshot.
@@ -111,8 +106,7 @@ impl Store {
             .conn()
             .query_row("SELECT current_snapshot FROM vms WHERE id = ?1", params![vm_id], |r| {
                 r.get(0)
-            })
-            .optional()?
+            })?
             .flatten())
     }
 
@@ -121,8 +115,7 @@ impl Store {
     pub fn vm_origin(&self, vm_id: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT origin FROM vms WHERE id = ?1", params![vm_id], |r| r.get(0))
-            .optional()?
+            .query_row("SELECT origin FROM vms WHERE id = ?1", params![vm_id], |r| r.get(0))?
             .flatten())
     }
 
@@ -144,19 +137,18 @@ impl Store {
 
     /// Deletes a snapshot row: its children and, if it was current, its VM move to its parent.
     pub fn delete_vm_snapshot(&self, row: &VmSnapshotRow) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE vm_snapshots SET parent_id = ?2 WHERE parent_id = ?1",
-            params![row.id, row.parent_id],
-        )?;
-        tx.execute(
-            "UPDATE vms SET current_snapshot = ?2 WHERE current_snapshot = ?1",
-            params![row.id, row.parent_id],
-        )?;
-        tx.execute("DELETE FROM vm_snapshots WHERE id = ?1", params![row.id])?;
-        tx.commit()?;
-        Ok(())
+        self.db.transaction(|tx| {
+            tx.execute(
+                "UPDATE vm_snapshots SET parent_id = ?2 WHERE parent_id = ?1",
+                params![row.id, row.parent_id],
+            )?;
+            tx.execute(
+                "UPDATE vms SET current_snapshot = ?2 WHERE current_snapshot = ?1",
+                params![row.id, row.parent_id],
+            )?;
+            tx.execute("DELETE FROM vm_snapshots WHERE id = ?1", params![row.id])?;
+            Ok(())
+        })
     }
 
     /// Deletes every snapshot row of a VM.

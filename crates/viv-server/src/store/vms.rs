@@ -4,7 +4,7 @@
 //! Invariants: names are unique (the insert or rename that would break it changes nothing and
 //! reports the clash); a state change records its time in the same statement.
 
-use rusqlite::{params, OptionalExtension, Row};
+use super::db::{params, Row, Sql as _};
 
 use super::{now_rfc3339, Store, StoreError};
 
@@ -38,7 +38,7 @@ pub struct VmRow {
 const COLUMNS: &str = "id, name, definition, pending_definition, state, created_at, state_changed_at, \
     pid, pid_start_time, started_at, starts, last_exit";
 
-fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
+fn vm_row(r: &Row) -> Result<VmRow, StoreError> {
     Ok(VmRow {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -47,7 +47,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         state: r.get(4)?,
         created_at: r.get(5)?,
         state_changed_at: r.get(6)?,
-        process: match (r.get::<_, Option<i64>>(7)?, r.get::<_, Option<i64>>(8)?) {
+        process: match (r.get::<Option<i64>>(7)?, r.get::<Option<i64>>(8)?) {
             (Some(pid), Some(start_time)) => Some(viv_vmm::ProcessIdentity {
                 pid: pid as u32,
                 start_time: start_time as u64,
@@ -75,14 +75,13 @@ impl Store {
     /// A VM by id or, failing that, by name.
     pub fn vm(&self, id_or_name: &str) -> Result<Option<VmRow>, StoreError> {
         let sql = format!("SELECT {COLUMNS} FROM vms WHERE id = ?1 UNION ALL SELECT {COLUMNS} FROM vms WHERE name = ?1 AND id <> ?1 LIMIT 1");
-        Ok(self.conn().query_row(&sql, params![id_or_name], vm_row).optional()?)
+        self.conn().query_row(&sql, params![id_or_name], vm_row)
     }
 
     /// Every VM, by name.
     pub fn list_vms(&self) -> Result<Vec<VmRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM vms ORDER BY name"))?;
-        let rows = stmt.query_map([], vm_row)?.collect::<Result<Vec<_>, _>>()?;
+        let mut conn = self.conn();
+        let rows = conn.query_map(&format!("SELECT {COLUMNS} FROM vms ORDER BY name"), params![], vm_row)?;
         Ok(rows)
     }
 
@@ -143,10 +142,12 @@ impl Store {
 
     /// Renames a VM. `Ok(None)` when it is gone, `Ok(Some(false))` when the name is taken.
     pub fn rename_vm(&self, id: &str, name: &str) -> Result<Option<bool>, StoreError> {
-        let conn = self.conn();
-        let exists: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM vms WHERE id = ?1)", params![id], |r| {
-            r.get(0)
-        })?;
+        let mut conn = self.conn();
+        let exists: bool = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM vms WHERE id = ?1)", params![id], |r| {
+                r.get(0)
+            })?
+            .unwrap_or(false);
         if !exists {
             return Ok(None);
         }

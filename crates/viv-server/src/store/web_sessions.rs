@@ -6,7 +6,7 @@
 //! revoked (checked at every use, so revoking a key ends its sessions at once); expired rows are
 //! removed whenever a session is created.
 
-use rusqlite::{params, OptionalExtension as _};
+use super::db::{params, Sql as _};
 
 use super::{hash_key, now_rfc3339, Store, StoreError};
 
@@ -38,16 +38,14 @@ pub struct WebSession {
 impl Store {
     /// Opens a session for `key` lasting `ttl`, or `None` when the key is unknown or revoked.
     pub fn create_web_session(&self, key: &str, ttl: std::time::Duration) -> Result<Option<NewSession>, StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
         let now = now_ms();
-        conn.execute("DELETE FROM web_sessions WHERE expires_at_ms <= ?1", [now])?;
-        let key_id: Option<String> = conn
-            .query_row(
-                "SELECT id FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
-                [hash_key(key)],
-                |r| r.get(0),
-            )
-            .optional()?;
+        conn.execute("DELETE FROM web_sessions WHERE expires_at_ms <= ?1", params![now])?;
+        let key_id: Option<String> = conn.query_row(
+            "SELECT id FROM api_keys WHERE key_sha256 = ?1 AND revoked_at IS NULL",
+            params![hash_key(key)],
+            |r| r.get(0),
+        )?;
         let Some(key_id) = key_id else {
             return Ok(None);
         };
@@ -65,27 +63,25 @@ impl Store {
 
     /// The session with this token, if it is valid now.
     pub fn web_session(&self, token: &str) -> Result<Option<WebSession>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT s.key_id, s.expires_at_ms FROM web_sessions s JOIN api_keys k ON k.id = s.key_id \
+        self.conn().query_row(
+            "SELECT s.key_id, s.expires_at_ms FROM web_sessions s JOIN api_keys k ON k.id = s.key_id \
                  WHERE s.token_sha256 = ?1 AND s.expires_at_ms > ?2 AND k.revoked_at IS NULL",
-                params![hash_key(token), now_ms()],
-                |r| {
-                    Ok(WebSession {
-                        key_id: r.get(0)?,
-                        expires_at_ms: r.get(1)?,
-                    })
-                },
-            )
-            .optional()?)
+            params![hash_key(token), now_ms()],
+            |r| {
+                Ok(WebSession {
+                    key_id: r.get(0)?,
+                    expires_at_ms: r.get(1)?,
+                })
+            },
+        )
     }
 
     /// Ends the session with this token; returns whether there was one.
     pub fn delete_web_session(&self, token: &str) -> Result<bool, StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM web_sessions WHERE token_sha256 = ?1", [hash_key(token)])?;
+        let n = self.conn().execute(
+            "DELETE FROM web_sessions WHERE token_sha256 = ?1",
+            params![hash_key(token)],
+        )?;
         Ok(n > 0)
     }
 }
@@ -96,56 +92,50 @@ mod tests {
 
     use super::*;
 
-    fn store(name: &str) -> (Store, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("viv-store-web-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        (Store::open(&dir.join("viv.db")).unwrap(), dir)
-    }
-
     #[test]
     fn sessions_live_until_expiry_logout_or_revocation() {
-        let (store, dir) = store("life");
-        store.insert_key("k1", "one", "e2b_secret1").unwrap();
-        assert!(store
-            .create_web_session("e2b_wrong", Duration::from_secs(60))
-            .unwrap()
-            .is_none());
-        let s = store
-            .create_web_session("e2b_secret1", Duration::from_secs(60))
-            .unwrap()
-            .unwrap();
-        assert_eq!(s.token.len(), 64);
-        let valid = store.web_session(&s.token).unwrap().unwrap();
-        assert_eq!((valid.key_id.as_str(), valid.expires_at_ms), ("k1", s.expires_at_ms));
-        assert_eq!(store.web_session("other").unwrap(), None);
-        // Logout.
-        assert!(store.delete_web_session(&s.token).unwrap());
-        assert!(!store.delete_web_session(&s.token).unwrap());
-        assert_eq!(store.web_session(&s.token).unwrap(), None);
-        // Expiry.
-        let short = store
-            .create_web_session("e2b_secret1", Duration::ZERO)
-            .unwrap()
-            .unwrap();
-        assert_eq!(store.web_session(&short.token).unwrap(), None);
-        // Revocation ends a live session.
-        let live = store
-            .create_web_session("e2b_secret1", Duration::from_secs(60))
-            .unwrap()
-            .unwrap();
-        assert!(store.revoke_key("k1").unwrap());
-        assert_eq!(store.web_session(&live.token).unwrap(), None);
-        // The token itself is never stored.
-        let stored: i64 = store
-            .conn()
-            .query_row(
-                "SELECT count(*) FROM web_sessions WHERE token_sha256 = ?1",
-                [&live.token],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(stored, 0);
-        std::fs::remove_dir_all(&dir).unwrap();
+        crate::store::engines::each_engine(|store| {
+            store.insert_key("k1", "one", "e2b_secret1").unwrap();
+            assert!(store
+                .create_web_session("e2b_wrong", Duration::from_secs(60))
+                .unwrap()
+                .is_none());
+            let s = store
+                .create_web_session("e2b_secret1", Duration::from_secs(60))
+                .unwrap()
+                .unwrap();
+            assert_eq!(s.token.len(), 64);
+            let valid = store.web_session(&s.token).unwrap().unwrap();
+            assert_eq!((valid.key_id.as_str(), valid.expires_at_ms), ("k1", s.expires_at_ms));
+            assert_eq!(store.web_session("other").unwrap(), None);
+            // Logout.
+            assert!(store.delete_web_session(&s.token).unwrap());
+            assert!(!store.delete_web_session(&s.token).unwrap());
+            assert_eq!(store.web_session(&s.token).unwrap(), None);
+            // Expiry.
+            let short = store
+                .create_web_session("e2b_secret1", Duration::ZERO)
+                .unwrap()
+                .unwrap();
+            assert_eq!(store.web_session(&short.token).unwrap(), None);
+            // Revocation ends a live session.
+            let live = store
+                .create_web_session("e2b_secret1", Duration::from_secs(60))
+                .unwrap()
+                .unwrap();
+            assert!(store.revoke_key("k1").unwrap());
+            assert_eq!(store.web_session(&live.token).unwrap(), None);
+            // The token itself is never stored.
+            let stored: i64 = store
+                .conn()
+                .query_row(
+                    "SELECT count(*) FROM web_sessions WHERE token_sha256 = ?1",
+                    params![&live.token],
+                    |r| r.get(0),
+                )
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored, 0);
+        });
     }
 }

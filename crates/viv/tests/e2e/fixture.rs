@@ -211,11 +211,19 @@ impl TestServer {
                 }
             }
         }
-        let key = cli_in(data_dir, &["keys", "create", "--name", "e2e"])
-            .stdout
-            .trim()
-            .to_owned();
-        assert!(key.starts_with("e2b_"), "unexpected key {key}");
+        // A server whose state is in PostgreSQL has its keys there too.
+        let mut keys_create = vec!["keys", "create", "--name", "e2e"];
+        if let Some(i) = extra.iter().position(|a| *a == "--database") {
+            keys_create.extend(["--database", extra[i + 1]]);
+        }
+        let created = cli_in(data_dir, &keys_create);
+        let key = created.stdout.trim().to_owned();
+        if !key.starts_with("e2b_") {
+            // Not a TestServer yet: nothing else would stop this server.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("unexpected key {key:?}: {}", created.stderr);
+        }
         let ssh_port = extra
             .iter()
             .position(|a| *a == "--ssh-listen")

@@ -19,6 +19,7 @@ mod restarts;
 mod shell;
 mod snapshots;
 mod ssh;
+mod state_postgres;
 mod storage;
 mod template_versions;
 mod templates;
