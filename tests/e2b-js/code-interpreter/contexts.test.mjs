@@ -6,6 +6,9 @@ import assert from 'node:assert/strict'
 import { Sandbox } from '@e2b/code-interpreter'
 import { withSandbox, slow } from './helpers.mjs'
 
+// Each new or restarted context starts a Jupyter kernel: under TCG on a loaded two-core host that
+// took longer than the SDK's default 60 s request timeout once, so this sandbox's requests get
+// the SDK's `requestTimeoutMs` option, as a user on a slow host would set it.
 test('contexts: create, isolate, list, restart, remove', slow, () => withSandbox(async (sbx) => {
   const defaults = (await sbx.listCodeContexts()).map((c) => c.language)
   assert.deepEqual(defaults.slice(0, 2), ['python', 'javascript'])
@@ -23,7 +26,7 @@ test('contexts: create, isolate, list, restart, remove', slow, () => withSandbox
   await sbx.removeCodeContext(second)
   assert.ok(!(await sbx.listCodeContexts()).some((c) => c.id === second.id))
   await assert.rejects(sbx.runCode('1', { context: second }), (err) => err.name === 'NotFoundError')
-}))
+}, { requestTimeoutMs: 180_000 }))
 
 test('a timeout interrupts the kernel, which answers again at once', slow, () => withSandbox(async (sbx) => {
   await sbx.runCode("state = 'kept'")
