@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod backups;
 pub mod events;
+pub mod nodes;
 pub mod storage;
 pub mod switches;
 pub mod vms;

@@ -3,6 +3,9 @@
 //! Code map:
 //! - [`routes`]: the axum router, authentication, request handlers;
 //! - [`manager`]: sandbox lifecycle (boot, watch, timeouts, kill, recovery);
+//! - [`cluster`]: this server as a node among the servers sharing one store (placement,
+//!   heartbeats, dead nodes); `routes/node_forward.rs` sends requests to the node holding their
+//!   sandbox or VM;
 //! - [`capacity`]: the largest VM the host can run and whether it has room for one more;
 //! - [`agent_client`]: HTTP/2 client for a sandbox's agent over its virtio-serial socket;
 //! - [`process_session`]: an interactive process (PTY or pipes) in a sandbox, for terminals and SSH;
@@ -11,6 +14,7 @@
 
 pub mod agent_client;
 pub mod capacity;
+pub mod cluster;
 pub mod error;
 pub mod manager;
 pub mod metrics;
@@ -49,4 +53,6 @@ pub struct AppState {
     pub session_ttl: std::time::Duration,
     /// `GET /metrics` answers without an API key (`viv serve --public-metrics`).
     pub public_metrics: bool,
+    /// This server as a node of its cluster.
+    pub cluster: Arc<cluster::Cluster>,
 }

@@ -36,6 +36,7 @@ mod layer_cache;
 mod lifecycle;
 mod memory_chain;
 mod network;
+mod node_report;
 pub mod operations;
 mod pool;
 mod pool_cpu;

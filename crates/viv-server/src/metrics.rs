@@ -157,6 +157,12 @@ pub struct Metrics {
     pub orphan_vms_killed: Counter,
     /// Paused sandboxes resumed by traffic for them (auto-resume).
     pub sandboxes_auto_resumed: Counter,
+    /// Requests sent on to the node holding their sandbox, VM or snapshot, or placed there.
+    pub requests_forwarded: Counter,
+    /// Nodes this server marked down (they stopped heartbeating).
+    pub nodes_marked_down: Counter,
+    /// Sandboxes this server reported lost with their node.
+    pub sandboxes_lost_with_node: Counter,
     /// The SSH gateway.
     pub ssh: SshMetrics,
 }
@@ -173,6 +179,9 @@ impl Default for Metrics {
             sandboxes_taken_over: Counter::default(),
             orphan_vms_killed: Counter::default(),
             sandboxes_auto_resumed: Counter::default(),
+            requests_forwarded: Counter::default(),
+            nodes_marked_down: Counter::default(),
+            sandboxes_lost_with_node: Counter::default(),
             ssh: SshMetrics::default(),
         }
     }
@@ -219,6 +228,21 @@ impl Metrics {
             "vivarium_sandboxes_auto_resumed_total",
             "Paused sandboxes resumed by traffic for them (auto-resume).",
             self.sandboxes_auto_resumed.get(),
+        );
+        counter(
+            "vivarium_requests_forwarded_total",
+            "Requests sent on to the node holding their sandbox, VM or snapshot, or placed there.",
+            self.requests_forwarded.get(),
+        );
+        counter(
+            "vivarium_nodes_marked_down_total",
+            "Nodes this server marked down after they stopped heartbeating.",
+            self.nodes_marked_down.get(),
+        );
+        counter(
+            "vivarium_sandboxes_lost_with_node_total",
+            "Running sandboxes this server reported lost with their node.",
+            self.sandboxes_lost_with_node.get(),
         );
         counter(
             "vivarium_http_requests_total",

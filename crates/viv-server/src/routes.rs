@@ -26,6 +26,8 @@ mod events;
 mod exec;
 mod listing;
 mod metric_history;
+mod node_forward;
+mod nodes;
 mod proxy;
 mod sandbox_logs;
 pub mod session;
@@ -99,7 +101,8 @@ pub fn router(state: AppState) -> Router {
         .merge(switches::routes())
         .merge(vm_console::routes())
         .merge(storage::routes())
-        .merge(events::routes());
+        .merge(events::routes())
+        .merge(nodes::routes());
     // Metrics name VMs and count sandboxes: behind the key unless the operator made them public.
     let (authed, public) = if state.public_metrics {
         (authed, Router::new().route("/metrics", get(metrics)))
@@ -131,6 +134,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             proxy::route_sandbox_traffic,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            node_forward::route_to_node,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -165,6 +172,18 @@ fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
 }
 
 async fn require_api_key(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match authenticated_key(&state, &request) {
+        Ok(id) => {
+            request.extensions_mut().insert(AuthedKey(id));
+            next.run(request).await
+        }
+        Err(err) => err.into_response(),
+    }
+}
+
+/// The id of the API key a request carries (in its header, as a bearer token or WebSocket
+/// subprotocol, or through a web console session).
+fn authenticated_key(state: &AppState, request: &Request) -> Result<String, ApiError> {
     let key = request
         .headers()
         .get(viv_api::API_KEY_HEADER)
@@ -174,10 +193,10 @@ async fn require_api_key(State(state): State<AppState>, mut request: Request, ne
         .or_else(|| bearer_token(request.headers()))
         // Browsers cannot set headers on a WebSocket: the key as a subprotocol.
         .or_else(|| vm_console::key_from_subprotocols(request.headers()));
-    let verdict = match key {
+    match key {
         // A browser signed in to the console: its session cookie (and, for what changes state,
         // its Origin) instead of a key; the session stands for the key it was opened with.
-        None => match session::authorize(&state, &request) {
+        None => match session::authorize(state, request) {
             Ok(Some(session)) => Ok(session.key_id),
             Ok(None) => Err(ApiError::Unauthorized(format!(
                 "missing {} header",
@@ -190,13 +209,6 @@ async fn require_api_key(State(state): State<AppState>, mut request: Request, ne
             Ok(None) => Err(ApiError::Unauthorized("invalid or revoked API key".into())),
             Err(err) => Err(err.into()),
         },
-    };
-    match verdict {
-        Ok(id) => {
-            request.extensions_mut().insert(AuthedKey(id));
-            next.run(request).await
-        }
-        Err(err) => err.into_response(),
     }
 }
 

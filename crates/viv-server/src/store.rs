@@ -56,15 +56,21 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0020_template_versions.sql"),
     include_str!("migrations/0021_switches.sql"),
     include_str!("migrations/0023_vm_backups.sql"),
+    include_str!("migrations/0024_nodes.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, applied in order (see the module's documentation).
-const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_schema.sql")];
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("migrations/postgres/0001_schema.sql"),
+    include_str!("migrations/postgres/0002_nodes.sql"),
+];
 
 /// The advisory lock PostgreSQL migrations run under, so that API servers starting at once
 /// apply each migration once.
 const MIGRATION_LOCK: i64 = 0x7669_7661_7269_756d;
 
+mod nodes;
+pub use nodes::NodeRow;
 mod ssh_keys;
 mod switches;
 pub use ssh_keys::{NewSshKey, SshKeyRow};
@@ -236,6 +242,8 @@ pub struct Store {
     db: Db,
     /// The PostgreSQL connection string (never logged: it may hold a password).
     postgres_url: Option<String>,
+    /// The node whose server this store belongs to ([`Store::set_node`]).
+    node: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -294,6 +302,7 @@ impl Store {
         Ok(Self {
             db: Db::Sqlite(Mutex::new(conn)),
             postgres_url: None,
+            node: std::sync::OnceLock::new(),
         })
     }
 
@@ -306,6 +315,7 @@ impl Store {
                 url: url.to_owned(),
             },
             postgres_url: Some(url.to_owned()),
+            node: std::sync::OnceLock::new(),
         };
         store.db.transaction(|tx| {
             tx.execute("SELECT pg_advisory_xact_lock(?1)", params![MIGRATION_LOCK])?;
@@ -400,8 +410,8 @@ impl Store {
     pub fn put_sandbox(&self, row: &SandboxRow) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO sandboxes (id, template_id, state, started_at, end_at_ms, cpu_count, memory_mb, metadata, access_token, vmm_pid, error,
-              snapshot_id, auto_pause, internet, network, vmm_identity, net_slot)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) ON CONFLICT (id) DO UPDATE SET template_id = excluded.template_id, state = excluded.state, started_at = excluded.started_at, end_at_ms = excluded.end_at_ms, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb, metadata = excluded.metadata, access_token = excluded.access_token, vmm_pid = excluded.vmm_pid, error = excluded.error, snapshot_id = excluded.snapshot_id, auto_pause = excluded.auto_pause, internet = excluded.internet, network = excluded.network, vmm_identity = excluded.vmm_identity, net_slot = excluded.net_slot",
+              snapshot_id, auto_pause, internet, network, vmm_identity, net_slot, node_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) ON CONFLICT (id) DO UPDATE SET node_id = COALESCE(excluded.node_id, sandboxes.node_id), template_id = excluded.template_id, state = excluded.state, started_at = excluded.started_at, end_at_ms = excluded.end_at_ms, cpu_count = excluded.cpu_count, memory_mb = excluded.memory_mb, metadata = excluded.metadata, access_token = excluded.access_token, vmm_pid = excluded.vmm_pid, error = excluded.error, snapshot_id = excluded.snapshot_id, auto_pause = excluded.auto_pause, internet = excluded.internet, network = excluded.network, vmm_identity = excluded.vmm_identity, net_slot = excluded.net_slot",
             params![
                 row.id,
                 row.template_id,
@@ -420,6 +430,7 @@ impl Store {
                 (!row.network.is_plain()).then(|| serde_json::to_string(&row.network).expect("rules serialize")),
                 row.vmm.map(|v| v.to_string()),
                 row.net_slot,
+                self.node_id(),
             ],
         )?;
         Ok(())
@@ -477,8 +488,8 @@ impl Store {
             tx.execute(
                 "INSERT INTO snapshots
              (id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, created_at, guest_token,
-              network)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+              network, node_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     row.id,
                     row.parent_id,
@@ -492,6 +503,7 @@ impl Store {
                     row.created_at,
                     row.guest_token,
                     row.network,
+                    self.node_id(),
                 ],
             )?;
             tx.execute(

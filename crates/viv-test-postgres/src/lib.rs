@@ -90,6 +90,11 @@ fn start() -> PathBuf {
                 "fsync=off",
                 "-c",
                 "max_connections=300",
+                // Dynamic shared memory in files of the data directory, not /dev/shm: the
+                // server dies by SIGKILL with its test process and leaves nothing behind
+                // that the directory's removal does not take.
+                "-c",
+                "dynamic_shared_memory_type=mmap",
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

@@ -296,6 +296,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Push(args) => crate::push::run(&client, args, cli.json).await,
         Command::Vm(cmd) => crate::vm::run(&client, cmd, cli.json).await,
         Command::Switch(cmd) => crate::switch::run(&client, cmd, cli.json).await,
+        Command::Node(cmd) => crate::node::run(&client, cmd, cli.json).await,
         Command::Events(args) => crate::events::run(&client, args, cli.json).await,
         Command::Console(args) => crate::console::run(&client, args).await,
         Command::Top(args) => crate::top::run(&client, args).await,

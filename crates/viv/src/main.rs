@@ -13,6 +13,7 @@ mod events;
 mod files;
 mod iso;
 mod logs;
+mod node;
 mod output;
 mod push;
 mod serve;
@@ -101,6 +102,9 @@ pub enum Command {
     /// Create, list, edit and delete VM switches (bridges VM NICs attach to).
     #[command(subcommand)]
     Switch(switch::SwitchCommand),
+    /// List, show, drain and remove the cluster's nodes (servers sharing one database).
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// Follow state changes of VMs, sandboxes and operations as they happen.
     Events(events::EventsArgs),
     /// A live table of sandboxes and VMs (CPU, memory, state, age); sort, kill, pause, resume.

@@ -140,6 +140,21 @@ pub struct ServeArgs {
     /// `30m`); the browser signs in again after it.
     #[arg(long, env = "VIV_SESSION_TTL", default_value = "12h", value_parser = parse_ttl)]
     pub session_ttl: Duration,
+    /// This node's name in the cluster (`viv node list`) and its sandboxes' `clientID`
+    /// (default: the host name).
+    #[arg(long, env = "VIV_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The address the other servers of the cluster reach this one's API at (default:
+    /// `http://` and the `--listen` address, the host name for an unspecified IP).
+    #[arg(long, env = "VIV_NODE_URL")]
+    pub node_url: Option<String>,
+    /// How often this node heartbeats and looks for nodes that stopped (e.g. `5s`).
+    #[arg(long, env = "VIV_HEARTBEAT", default_value = "5s", value_parser = parse_ttl)]
+    pub heartbeat: Duration,
+    /// How long a node may miss heartbeats before it is marked down and its running sandboxes
+    /// are reported lost (e.g. `30s`).
+    #[arg(long, env = "VIV_NODE_DOWN_AFTER", default_value = "30s", value_parser = parse_ttl)]
+    pub node_down_after: Duration,
 }
 
 /// A session lifetime such as `12h` or `90s`: at least a second, at most a year.
@@ -194,6 +209,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let _lock = lock_data_dir(&args.dirs.data_dir)?;
     let store = Arc::new(crate::commands::open_store(&args.dirs)?);
     tracing::info!(engine = store.engine(), "state store open");
+    let node_id = viv_server::cluster::node_id(&args.dirs.data_dir)
+        .with_context(|| format!("reading this node's id in {}", args.dirs.data_dir.display()))?;
+    store.set_node(&node_id);
+    store.claim_unowned_rows()?;
+    if args.node_down_after <= args.heartbeat {
+        bail!(
+            "--node-down-after ({:?}) must be longer than --heartbeat ({:?}), or live nodes are marked down",
+            args.node_down_after,
+            args.heartbeat
+        );
+    }
+    let node_name = args.node_name.clone().unwrap_or_else(hostname);
     if store.list_keys()?.is_empty() {
         let key = viv_server::create_api_key(&store, "initial")?;
         println!("Created the first API key (shown only once): {}", key.key);
@@ -207,7 +234,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         agent_binary: agent,
         kernel_package: args.kernel_package,
         boot_timeout: Duration::from_secs(args.boot_timeout),
-        node_name: hostname(),
+        node_name: node_name.clone(),
         snapshots: args.snapshots,
         pool: viv_server::manager::PoolPolicy {
             min: args.pool_size,
@@ -282,19 +309,47 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
         tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
     }
-    let state = AppState {
-        manager: manager.clone(),
-        store,
-        metrics,
-        session_ttl: args.session_ttl,
-        public_metrics: args.public_metrics,
-    };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => bail!(
             "cannot listen on {}: {e} (is another server running? use --listen)",
             args.listen
         ),
+    };
+    let node_url = match &args.node_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => {
+            let addr = listener.local_addr()?;
+            if addr.ip().is_unspecified() {
+                format!("http://{}:{}", hostname(), addr.port())
+            } else {
+                format!("http://{addr}")
+            }
+        }
+    };
+    if !node_url.starts_with("http://") {
+        bail!("--node-url {node_url}: expected http://HOST:PORT (the cluster's servers talk plain HTTP to each other)");
+    }
+    let cluster = viv_server::cluster::Cluster::join(
+        &store,
+        &manager,
+        node_id,
+        viv_server::cluster::ClusterConfig {
+            name: node_name,
+            url: node_url,
+            heartbeat: args.heartbeat,
+            down_after: args.node_down_after,
+        },
+    )
+    .context("registering this server as a node")?;
+    cluster.start(store.clone(), &manager, metrics.clone());
+    let state = AppState {
+        manager: manager.clone(),
+        store,
+        metrics,
+        session_ttl: args.session_ttl,
+        public_metrics: args.public_metrics,
+        cluster,
     };
     tracing::info!(listen = %args.listen, accel = %manager.accel(), network = %manager.network_mode(), "Vivarium is serving");
     println!(

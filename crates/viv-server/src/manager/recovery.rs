@@ -97,7 +97,7 @@ impl Manager {
     pub async fn recover(self: &Arc<Self>) -> Result<Recovery, ApiError> {
         let mut report = Recovery::default();
         let mut candidates: Vec<SandboxRow> = Vec::new();
-        for row in self.store.sandboxes()? {
+        for row in self.store.local_sandboxes()? {
             match row.state {
                 SandboxState::Running => {
                     let alive = row

@@ -120,7 +120,7 @@ pub(super) fn describe_vms(names: &[String]) -> Option<String> {
 }
 
 /// Bytes free for an unprivileged writer on the file system of `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
+pub(super) fn free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt as _;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: an all-zero statvfs is a valid value of this plain C struct.

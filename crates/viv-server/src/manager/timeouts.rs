@@ -43,7 +43,9 @@ impl Manager {
             loop {
                 tick.tick().await;
                 let Some(manager) = manager.upgrade() else { return };
-                let Ok(rows) = manager.store.sandboxes() else { continue };
+                let Ok(rows) = manager.store.local_sandboxes() else {
+                    continue;
+                };
                 let expired = rows.into_iter().filter(|r| {
                     matches!(r.state, SandboxState::Running | SandboxState::Failed) && r.end_at_ms <= now_ms()
                 });

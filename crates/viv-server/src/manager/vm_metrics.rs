@@ -50,7 +50,7 @@ struct VmSample {
 impl Manager {
     /// The per-VM series in the Prometheus text format (empty without VMs).
     pub async fn render_vm_metrics(&self) -> String {
-        let rows = match self.store.list_vms() {
+        let rows = match self.store.local_vms() {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "listing VMs for /metrics failed");

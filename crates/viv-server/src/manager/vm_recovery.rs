@@ -36,7 +36,7 @@ impl Manager {
     pub(super) fn vms_still_running(&self) -> Result<HashSet<String>, ApiError> {
         Ok(self
             .store
-            .list_vms()?
+            .local_vms()?
             .into_iter()
             .filter(|row| {
                 row.process
@@ -50,7 +50,7 @@ impl Manager {
     pub(super) async fn recover_vms(self: &Arc<Self>, running: &HashSet<String>) -> Result<VmRecovery, ApiError> {
         let mut report = VmRecovery::default();
         self.remove_fork_leftovers();
-        for row in self.store.list_vms()? {
+        for row in self.store.local_vms()? {
             let state = state_of(&row)?;
             if !state.is_active() {
                 continue;
@@ -117,7 +117,7 @@ impl Manager {
     pub fn autostart_vms(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let manager = self.clone();
         tokio::spawn(async move {
-            let rows = match manager.store.list_vms() {
+            let rows = match manager.store.local_vms() {
                 Ok(rows) => rows,
                 Err(err) => {
                     tracing::warn!(error = %err, "autostart: listing VMs failed");

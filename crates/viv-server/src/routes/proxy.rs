@@ -37,7 +37,7 @@ use crate::manager::LiveSandbox;
 use crate::AppState;
 
 /// Which sandbox and port a request is for, if it is sandbox traffic.
-fn target(request: &Request) -> Option<(String, u16)> {
+pub(super) fn target(request: &Request) -> Option<(String, u16)> {
     let headers = request.headers();
     if let Some(id) = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()) {
         let port = headers
@@ -145,7 +145,7 @@ async fn forward(state: &AppState, id: &str, port: u16, request: Request) -> Res
 
 /// Forwards an HTTP request (or a WebSocket upgrade) to a service listening on `port` in the
 /// guest, over a tunnel through the agent.
-async fn forward_to_port(live: &LiveSandbox, id: &str, port: u16, mut request: Request) -> Result<Response, ApiError> {
+async fn forward_to_port(live: &LiveSandbox, id: &str, port: u16, request: Request) -> Result<Response, ApiError> {
     let unreachable = |what: String| ApiError::Sandbox(format!("port {port} of sandbox {id}: {what}"));
     let (to_guest, guest_input) = tokio::sync::mpsc::channel::<Bytes>(16);
     let input = tokio_stream::wrappers::ReceiverStream::new(guest_input).map(Ok::<_, std::convert::Infallible>);
@@ -181,9 +181,23 @@ async fn forward_to_port(live: &LiveSandbox, id: &str, port: u16, mut request: R
         }
         let _ = to_client.shutdown().await;
     });
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client_end))
+    relay_http1(client_end, request, true).await.map_err(unreachable)
+}
+
+/// Sends `request` as HTTP/1.1 over `io` and answers with the response, splicing an upgraded
+/// connection (WebSocket) through. Hop-by-hop headers stay behind, except those that ask for an
+/// upgrade; `E2b-Sandbox-*` headers too when `strip_sandbox_headers` (they were for us).
+pub(super) async fn relay_http1<IO>(
+    io: IO,
+    mut request: Request,
+    strip_sandbox_headers: bool,
+) -> Result<Response, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
@@ -194,27 +208,26 @@ async fn forward_to_port(live: &LiveSandbox, id: &str, port: u16, mut request: R
         .method(parts.method)
         .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     for (name, value) in &parts.headers {
-        // Hop-by-hop headers stay behind, except those that ask the service for an upgrade.
         let keep = match name.as_str() {
             "keep-alive" | "transfer-encoding" | "te" | "proxy-connection" => false,
             "connection" | "upgrade" => wants_upgrade,
-            other => !other.starts_with("e2b-sandbox-"),
+            other => !(strip_sandbox_headers && other.starts_with("e2b-sandbox-")),
         };
         if keep {
             forward = forward.header(name, value);
         }
     }
-    let forward = forward.body(body).map_err(|e| unreachable(e.to_string()))?;
+    let forward = forward.body(body).map_err(|e| e.to_string())?;
     let mut response = sender
         .send_request(forward)
         .await
-        .map_err(|e| unreachable(format!("the service did not answer: {e}")))?;
+        .map_err(|e| format!("the service did not answer: {e}"))?;
     if response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
-            let guest_upgrade = hyper::upgrade::on(&mut response);
+            let far_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
-                if let (Ok(client), Ok(guest)) = (client_upgrade.await, guest_upgrade.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(guest)).await;
+                if let (Ok(client), Ok(far)) = (client_upgrade.await, far_upgrade.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(far)).await;
                 }
             });
         }

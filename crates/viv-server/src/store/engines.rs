@@ -24,3 +24,21 @@ fn run_named(engine: &str, test: impl FnOnce()) {
 pub(crate) fn fresh_postgres() -> Store {
     Store::connect_postgres(&viv_test_postgres::fresh_database()).expect("a PostgreSQL store")
 }
+
+/// Runs `test` against two stores (two servers' connections) on one fresh database of each
+/// engine, naming the engine if it fails.
+pub(crate) fn each_engine_shared(test: impl Fn(&Store, &Store)) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("viv.db");
+    let (one, two) = (
+        Store::open(&path).expect("an SQLite store"),
+        Store::open(&path).expect("a second connection"),
+    );
+    run_named("sqlite", || test(&one, &two));
+    let url = viv_test_postgres::fresh_database();
+    let (one, two) = (
+        Store::connect_postgres(&url).expect("a PostgreSQL store"),
+        Store::connect_postgres(&url).expect("a second connection"),
+    );
+    run_named("postgres", || test(&one, &two));
+}

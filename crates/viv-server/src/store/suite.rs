@@ -9,7 +9,7 @@ use viv_api::SandboxState;
 use super::engines::{each_engine, fresh_postgres};
 use super::*;
 
-fn sandbox(id: &str) -> SandboxRow {
+pub(super) fn sandbox(id: &str) -> SandboxRow {
     SandboxRow {
         id: id.into(),
         template_id: "base".into(),

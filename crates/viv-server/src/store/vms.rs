@@ -65,9 +65,9 @@ impl Store {
     pub fn insert_vm(&self, id: &str, name: &str, definition: &str, state: &str) -> Result<bool, StoreError> {
         let now = now_rfc3339();
         let n = self.conn().execute(
-            "INSERT INTO vms (id, name, definition, state, created_at, state_changed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT DO NOTHING",
-            params![id, name, definition, state, now],
+            "INSERT INTO vms (id, name, definition, state, created_at, state_changed_at, node_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6) ON CONFLICT DO NOTHING",
+            params![id, name, definition, state, now, self.node_id()],
         )?;
         Ok(n == 1)
     }

@@ -5,6 +5,7 @@ mod fixture;
 
 mod api;
 mod cli;
+mod cluster;
 mod contract;
 mod data_path;
 mod faults;

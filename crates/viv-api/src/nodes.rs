@@ -1,0 +1,120 @@
+//! Wire types of the cluster's nodes (`/nodes`, API key): the servers that run sandboxes and
+//! VMs for one store, what each can hold, and whether it is alive.
+
+use serde::{Deserialize, Serialize};
+
+/// Whether a node takes work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Heartbeating; new sandboxes and VMs may be placed on it.
+    Up,
+    /// Heartbeating, but an operator drained it: nothing new is placed on it and its running
+    /// sandboxes were paused.
+    Draining,
+    /// It stopped heartbeating for longer than the down time; its running sandboxes were
+    /// reported lost. It comes back `up` when its server starts again.
+    Down,
+}
+
+impl NodeState {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "up" => Some(Self::Up),
+            "draining" => Some(Self::Draining),
+            "down" => Some(Self::Down),
+            _ => None,
+        }
+    }
+}
+
+/// What a node can hold and holds now, as of its last heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCapacity {
+    /// CPUs its VMs may run on.
+    pub vcpus: u32,
+    /// Memory guests may use in all, MiB (the host's RAM less its reserve).
+    pub memory_mib: u64,
+    /// Free space in its data directory, MiB.
+    pub disk_free_mib: u64,
+    /// The accelerator its VMs run with (`kvm` or `tcg`).
+    pub accel: String,
+    /// How its sandboxes are networked (`isolated`, `user` or `none`).
+    pub network: String,
+    /// vCPUs of its running sandboxes and VMs.
+    pub vcpus_used: u32,
+    /// Memory of its running sandboxes and VMs, MiB.
+    pub memory_used_mib: u64,
+    /// Built templates whose layers are in its data directory (template locality: placement
+    /// prefers a node that holds the template).
+    #[serde(default)]
+    pub templates: Vec<String>,
+}
+
+impl NodeCapacity {
+    /// Memory not promised to a running sandbox or VM, MiB.
+    pub fn memory_free_mib(&self) -> u64 {
+        self.memory_mib.saturating_sub(self.memory_used_mib)
+    }
+}
+
+/// A node (`GET /nodes`, `GET /nodes/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// Its id (kept in its data directory across restarts).
+    pub id: String,
+    /// Its name (`--node-name`), also the `clientID` of its sandboxes.
+    pub name: String,
+    /// The address other servers reach its API at.
+    pub url: String,
+    /// The role it was started with (`all` or `node`).
+    pub role: String,
+    /// Whether it takes work.
+    pub state: NodeState,
+    /// What it can hold and holds.
+    pub capacity: NodeCapacity,
+    /// When its server started, RFC 3339.
+    pub started_at: String,
+    /// Its last heartbeat, RFC 3339.
+    pub heartbeat_at: String,
+    /// When it was marked down, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_since: Option<String>,
+    /// Sandboxes whose row names it (running and paused).
+    pub sandboxes: u32,
+    /// Whether this is the node of the server that answered.
+    pub local: bool,
+}
+
+/// What `POST /nodes/{id}/drain` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDrain {
+    /// The node, now `draining`.
+    pub node: NodeInfo,
+    /// Sandboxes paused off it (they resume where placement puts them).
+    pub paused: Vec<String>,
+    /// Sandboxes that could not be paused, with why.
+    pub failed: Vec<DrainFailure>,
+}
+
+/// A sandbox a drain could not pause.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainFailure {
+    /// The sandbox.
+    pub id: String,
+    /// Why.
+    pub error: String,
+}

@@ -1,0 +1,252 @@
+//! This server as one node of a cluster: servers that share one store (PostgreSQL), each with
+//! its own data directory, VMs and address. Every server registers as a node, heartbeats, marks
+//! nodes that stopped heartbeating down, places creates on the node with the most free memory,
+//! and forwards each request for a sandbox or VM to the node that holds it
+//! (`routes/node_forward.rs`). One server alone is a cluster of one: everything is local.
+//!
+//! Invariants:
+//! - a node's id lives in its data directory (`node-id`), so a restarted server is the same
+//!   node and takes over its own rows, and only those;
+//! - a node is placed on only while `up` and fresh (heartbeat younger than the down time), and
+//!   only when its free memory (its capacity less the memory of its running sandboxes and VMs,
+//!   the larger of its last report and the store's rows) holds the new sandbox: never over
+//!   capacity; vCPUs are shared (overcommitted) and only break ties;
+//! - a node that holds the template (its layers) wins over one that would have to get it;
+//! - marking a node down and reporting its sandboxes lost is one statement any server may run
+//!   (`Store::mark_stale_nodes_down`); exactly one server reports each loss.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use viv_api::nodes::{NodeCapacity, NodeState};
+
+use crate::error::ApiError;
+use crate::manager::Manager;
+use crate::store::{NodeRow, Store};
+
+/// How a server takes part in the cluster (`viv serve --node-*`).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The node's name (`clientID` of its sandboxes).
+    pub name: String,
+    /// Where other servers reach this one's API.
+    pub url: String,
+    /// How often this node heartbeats and looks for dead nodes.
+    pub heartbeat: Duration,
+    /// How long a node may miss heartbeats before it is marked down.
+    pub down_after: Duration,
+}
+
+/// This node and its view of the others.
+#[derive(Debug)]
+pub struct Cluster {
+    id: String,
+    config: ClusterConfig,
+    started_at: String,
+}
+
+/// Where a create runs.
+#[derive(Debug)]
+pub enum Placement {
+    /// On this node.
+    Local,
+    /// On another node.
+    Remote(Box<NodeRow>),
+}
+
+/// What a create asks of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct Demand<'a> {
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The template it starts from, when it names a built one.
+    pub template: Option<&'a str>,
+}
+
+/// The node id kept in `data_dir/node-id`, made on first use.
+pub fn node_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if valid_id(id.trim()) => Ok(id.trim().to_owned()),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} does not hold a node id (12 letters or digits)", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::manager::random_id(12);
+            let partial = data_dir.join("node-id.partial");
+            std::fs::write(&partial, &id)?;
+            std::fs::rename(&partial, &path)?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Cluster {
+    /// Registers node `id` (this server) as up with its capacity now.
+    pub fn join(store: &Store, manager: &Manager, id: String, config: ClusterConfig) -> Result<Arc<Self>, ApiError> {
+        let cluster = Arc::new(Self {
+            id,
+            config,
+            started_at: crate::store::now_rfc3339(),
+        });
+        cluster.register(store, manager.node_capacity()?)?;
+        Ok(cluster)
+    }
+
+    fn register(&self, store: &Store, capacity: NodeCapacity) -> Result<(), ApiError> {
+        store.register_node(&NodeRow {
+            id: self.id.clone(),
+            name: self.config.name.clone(),
+            url: self.config.url.clone(),
+            role: "all".into(),
+            state: NodeState::Up,
+            capacity,
+            started_at: self.started_at.clone(),
+            heartbeat_ms: now_ms(),
+            down_since: None,
+        })?;
+        Ok(())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Heartbeats and looks for dead nodes every heartbeat interval, for as long as the
+    /// manager lives.
+    pub fn start(self: &Arc<Self>, store: Arc<Store>, manager: &Arc<Manager>, metrics: Arc<crate::Metrics>) {
+        let cluster = self.clone();
+        let manager = Arc::downgrade(manager);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cluster.config.heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(manager) = manager.upgrade() else { return };
+                if let Err(err) = cluster.beat(&store, &manager).await {
+                    tracing::warn!(error = %err, "heartbeat failed");
+                }
+                if let Err(err) = cluster.mark_dead_nodes(&store, &metrics) {
+                    tracing::warn!(error = %err, "looking for dead nodes failed");
+                }
+            }
+        });
+    }
+
+    async fn beat(&self, store: &Store, manager: &Arc<Manager>) -> Result<(), ApiError> {
+        let capacity = manager.node_capacity()?;
+        match store.heartbeat_node(&self.id, &capacity, now_ms())? {
+            Some(NodeState::Down) => {
+                // Another server gave this node up while it could not heartbeat (a pause, a
+                // partition); its running sandboxes were reported lost to their clients.
+                tracing::warn!(node = %self.id, "this node was marked down; it is up again");
+                let stopped = manager.stop_sandboxes_reported_lost().await;
+                if !stopped.is_empty() {
+                    tracing::warn!(count = stopped.len(), "stopped sandboxes reported lost");
+                }
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(node = %self.id, "this node's row was removed; registering again");
+                self.register(store, capacity)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_dead_nodes(&self, store: &Store, metrics: &crate::Metrics) -> Result<(), ApiError> {
+        let cutoff = now_ms() - self.config.down_after.as_millis() as i64;
+        let after = self.config.down_after;
+        let marked = store.mark_stale_nodes_down(cutoff, &crate::store::now_rfc3339(), |node| {
+            format!(
+                "node {} stopped heartbeating (no heartbeat for {} s); the sandbox is lost",
+                node.name,
+                after.as_secs()
+            )
+        })?;
+        for (node, lost) in marked {
+            metrics.nodes_marked_down.inc();
+            tracing::warn!(node = %node.id, name = %node.name, lost = lost.len(), "node marked down: it stopped heartbeating");
+            for id in lost {
+                metrics.sandboxes_lost_with_node.inc();
+                tracing::warn!(sandbox = %id, node = %node.name, "sandbox lost with its node");
+            }
+        }
+        Ok(())
+    }
+
+    /// The node a sandbox or VM row with node `owner` must be served by: `None` for this node,
+    /// for rows no node claimed, and for nodes that are down (their rows say what happened and
+    /// are answered here).
+    pub fn owner(&self, store: &Store, owner: Option<&str>) -> Result<Option<NodeRow>, ApiError> {
+        let Some(owner) = owner.filter(|o| *o != self.id) else {
+            return Ok(None);
+        };
+        Ok(store.node(owner)?.filter(|n| n.state != NodeState::Down))
+    }
+
+    /// Where a create with `demand` runs.
+    pub fn place(&self, store: &Store, demand: Demand<'_>) -> Result<Placement, ApiError> {
+        let nodes = store.nodes()?;
+        if nodes.iter().all(|n| n.id == self.id) {
+            return Ok(Placement::Local);
+        }
+        let committed = store.committed_per_node()?;
+        let fresh_after = now_ms() - self.config.down_after.as_millis() as i64;
+        let mut candidates: Vec<(NodeRow, u64, u32)> = nodes
+            .into_iter()
+            .filter(|n| n.state == NodeState::Up && (n.id == self.id || n.heartbeat_ms >= fresh_after))
+            .map(|n| {
+                let (vcpus, memory) = committed.get(&n.id).copied().unwrap_or((0, 0));
+                let used = n.capacity.memory_used_mib.max(memory);
+                let free = n.capacity.memory_mib.saturating_sub(used);
+                let vcpus_used = n.capacity.vcpus_used.max(vcpus);
+                (n, free, vcpus_used)
+            })
+            .filter(|(_, free, _)| *free >= u64::from(demand.memory_mib))
+            .collect();
+        if candidates.is_empty() {
+            return Err(ApiError::NoRoom(format!(
+                "no node can take a sandbox of {} MiB: every node is full, drained or down (see GET /nodes)",
+                demand.memory_mib
+            )));
+        }
+        if let Some(template) = demand.template {
+            if candidates
+                .iter()
+                .any(|(n, _, _)| n.capacity.templates.iter().any(|t| t == template))
+            {
+                candidates.retain(|(n, _, _)| n.capacity.templates.iter().any(|t| t == template));
+            }
+        }
+        let best = candidates
+            .into_iter()
+            .max_by_key(|(n, free, vcpus_used)| {
+                let spare_cpus = i64::from(n.capacity.vcpus) - i64::from(*vcpus_used);
+                (*free, spare_cpus, n.id == self.id)
+            })
+            .map(|(n, _, _)| n)
+            .expect("candidates is not empty");
+        Ok(if best.id == self.id {
+            Placement::Local
+        } else {
+            Placement::Remote(Box::new(best))
+        })
+    }
+}

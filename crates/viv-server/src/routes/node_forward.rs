@@ -1,0 +1,196 @@
+//! Requests for a sandbox, VM or snapshot held by another node of the cluster go to that node,
+//! and creates go to the node placement picks (`crate::cluster`), so any server answers any
+//! request. The request travels unchanged (its API key, access token, host name and body, a
+//! WebSocket upgrade spliced through) with [`FORWARDED_BY`] added; the node authenticates it
+//! against the shared store as if the client had come to it.
+//!
+//! Invariants:
+//! - a request is forwarded at most once: one carrying [`FORWARDED_BY`] is served where it
+//!   lands. The header grants nothing (the receiving node checks the key or token itself), so
+//!   a client that sets it only keeps its request from being forwarded;
+//! - API requests are authenticated before they are forwarded, so no unauthenticated request
+//!   costs a second server anything; sandbox traffic (`PORT-ID.DOMAIN`) carries the sandbox's
+//!   own token, which only its node's agent checks;
+//! - a row of a node that is down, or of no node, is served here: its state says what happened
+//!   to it (lost sandboxes are `failed` with the reason).
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::cluster::{Demand, Placement};
+use crate::error::ApiError;
+use crate::store::NodeRow;
+use crate::AppState;
+
+/// The header a forwarded request carries: the id of the node that forwarded it.
+pub const FORWARDED_BY: &str = "x-viv-forwarded-by";
+
+/// Largest create body read for placement (a create is a small JSON document).
+const MAX_CREATE_BODY: usize = 1 << 20;
+
+/// How long connecting to another node may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a request is about, as far as where it runs goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Subject {
+    Sandbox(String),
+    SandboxTraffic(String),
+    Vm(String),
+    Snapshot(String),
+    Node(String),
+    Create,
+}
+
+fn subject_of_path(method: &Method, path: &str) -> Option<Subject> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let id = |s: &&str| (!s.is_empty()).then(|| s.to_string());
+    match segments.as_slice() {
+        ["sandboxes"] | ["v2", "sandboxes"] if method == Method::POST => Some(Subject::Create),
+        ["sandboxes", sandbox, ..] | ["v2", "sandboxes", sandbox, "connect"] => id(sandbox).map(Subject::Sandbox),
+        ["vms", vm, ..] if *vm != "import" => id(vm).map(Subject::Vm),
+        ["snapshots", snapshot] => id(snapshot).map(Subject::Snapshot),
+        ["nodes", node, "drain"] => id(node).map(Subject::Node),
+        _ => None,
+    }
+}
+
+/// Middleware in front of every route: sends what belongs to another node there.
+pub(super) async fn route_to_node(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.headers().contains_key(FORWARDED_BY) {
+        return next.run(request).await;
+    }
+    match destination(&state, request).await {
+        Ok((Some(node), request)) => forward(&state, &node, request)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Ok((None, request)) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+/// The node a request must go to (`None`: this one), and the request (its body read back in
+/// when placement had to read it).
+async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
+    let subject = match super::proxy::target(&request) {
+        Some((id, _)) => Some(Subject::SandboxTraffic(id)),
+        None => subject_of_path(request.method(), request.uri().path()),
+    };
+    let Some(subject) = subject else {
+        return Ok((None, request));
+    };
+    let cluster = &state.cluster;
+    let store = &state.store;
+    if !matches!(subject, Subject::SandboxTraffic(_)) {
+        super::authenticated_key(state, &request)?;
+    }
+    let owner = match subject {
+        Subject::Sandbox(id) | Subject::SandboxTraffic(id) => store.sandbox_node(&id)?.flatten(),
+        Subject::Vm(id) => store.vm_node(&id)?.flatten(),
+        Subject::Snapshot(id) => store.snapshot_node(&id)?.flatten(),
+        Subject::Node(id) => store.node(&id)?.map(|n| n.id),
+        Subject::Create => return place(state, request).await,
+    };
+    Ok((cluster.owner(store, owner.as_deref())?, request))
+}
+
+/// Places a create: reads its body for the shape and template it asks for.
+async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_CREATE_BODY)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+    // A body the handler will refuse is refused there, with its message: placed here.
+    let asked: viv_api::NewSandbox = serde_json::from_slice(&bytes).unwrap_or_default();
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let template = asked
+        .template_id
+        .as_deref()
+        .map(|t| crate::manager::canonical_template_name(t).to_owned());
+    if let Some(template) = &template {
+        // A snapshot's files are on one node: the sandbox starts there or nowhere.
+        if let Some(owner) = state.store.snapshot_node(template)? {
+            return Ok((state.cluster.owner(&state.store, owner.as_deref())?, request));
+        }
+    }
+    let (vcpus, memory_mib) = state.manager.default_shape(template.as_deref());
+    let demand = Demand {
+        memory_mib: asked.memory_mb.unwrap_or(memory_mib),
+        vcpus: asked.cpu_count.unwrap_or(vcpus),
+        template: template.as_deref(),
+    };
+    match state.cluster.place(&state.store, demand)? {
+        Placement::Local => Ok((None, request)),
+        Placement::Remote(node) => Ok((Some(*node), request)),
+    }
+}
+
+/// Sends a request to `node` and relays its answer.
+async fn forward(state: &AppState, node: &NodeRow, mut request: Request) -> Result<Response, ApiError> {
+    let unreachable = |what: String| {
+        ApiError::Unavailable(format!(
+            "node {} ({}) holds this and could not be reached: {what}",
+            node.name, node.url
+        ))
+    };
+    let authority = node
+        .url
+        .strip_prefix("http://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+        .ok_or_else(|| unreachable("its address is not http://HOST:PORT".into()))?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+        .await
+        .map_err(|_| unreachable(format!("no connection within {} s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let by = axum::http::HeaderValue::from_str(state.cluster.node_id()).expect("node ids are ASCII");
+    request.headers_mut().insert(FORWARDED_BY, by);
+    state.metrics.requests_forwarded.inc();
+    let response = super::proxy::relay_http1(stream, request, false)
+        .await
+        .map_err(unreachable)?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        tracing::debug!(node = %node.name, "upgraded connection relayed to its node");
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_the_thing_whose_node_serves_them() {
+        let get = Method::GET;
+        let post = Method::POST;
+        let sandbox = |id: &str| Some(Subject::Sandbox(id.into()));
+        assert_eq!(subject_of_path(&post, "/sandboxes"), Some(Subject::Create));
+        assert_eq!(subject_of_path(&post, "/v2/sandboxes"), Some(Subject::Create));
+        assert_eq!(subject_of_path(&get, "/sandboxes"), None);
+        assert_eq!(subject_of_path(&get, "/v2/sandboxes"), None);
+        assert_eq!(subject_of_path(&get, "/sandboxes/abc"), sandbox("abc"));
+        assert_eq!(subject_of_path(&post, "/sandboxes/abc/exec"), sandbox("abc"));
+        assert_eq!(subject_of_path(&post, "/v2/sandboxes/abc/connect"), sandbox("abc"));
+        assert_eq!(subject_of_path(&get, "/sandboxes//exec"), None);
+        assert_eq!(
+            subject_of_path(&get, "/vms/web1/console"),
+            Some(Subject::Vm("web1".into()))
+        );
+        assert_eq!(subject_of_path(&post, "/vms/import"), None);
+        assert_eq!(subject_of_path(&post, "/vms"), None);
+        assert_eq!(
+            subject_of_path(&Method::DELETE, "/snapshots/s1"),
+            Some(Subject::Snapshot("s1".into()))
+        );
+        assert_eq!(
+            subject_of_path(&post, "/nodes/n1/drain"),
+            Some(Subject::Node("n1".into()))
+        );
+        assert_eq!(subject_of_path(&get, "/nodes/n1"), None);
+        assert_eq!(subject_of_path(&get, "/templates"), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! Two servers on one PostgreSQL database: a cluster of two nodes, each with its own data
+//! directory, address and VMs. Creates are placed by free memory, any server answers for any
+//! sandbox (API, files, host-name traffic, WebSockets), a node killed with `kill -9` is marked
+//! down and its running sandboxes reported lost, and a drained cluster places nothing.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::fixture::{qemu_processes_under, wait_until, TestServer};
+use crate::vm_console::{ws, Auth};
+
+fn node_args<'a>(database: &'a str, name: &'a str) -> Vec<&'a str> {
+    vec![
+        "--database",
+        database,
+        "--node-name",
+        name,
+        "--heartbeat",
+        "1s",
+        "--node-down-after",
+        "5s",
+    ]
+}
+
+fn json_of(response: reqwest::blocking::Response) -> Value {
+    let status = response.status();
+    let body: Value = response.json().unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
+fn node_named<'a>(nodes: &'a Value, name: &str) -> &'a Value {
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {nodes}"))
+}
+
+/// Everything a terminal WebSocket for `cmd` on `server` prints before it closes.
+fn terminal_output(server: &TestServer, id: &str, cmd: &str) -> String {
+    let path = format!("/sandboxes/{id}/terminal?cmd={}", cmd.replace(' ', "%20"));
+    let (mut socket, _) = ws(server, &path, Auth::Header, &["viv-terminal.v1"]).unwrap_or_else(|e| panic!("{e:?}"));
+    let started = Instant::now();
+    let mut output = Vec::new();
+    while started.elapsed() < Duration::from_secs(120) {
+        match socket.read() {
+            Ok(Message::Binary(bytes)) => output.extend_from_slice(&bytes),
+            Ok(Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(tokio_tungstenite::tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&output).into_owned()
+}
+
+/// On a failure while node B's server is dead, a server started on B's data directory (its
+/// own networking names derive from it) stops what the killed one left: its VM, its network
+/// namespace and rules. Otherwise they would outlive the test and its temporary directory.
+struct CleanUpNode<'a> {
+    dir: &'a std::path::Path,
+    args: Vec<&'a str>,
+}
+
+impl Drop for CleanUpNode<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !qemu_processes_under(self.dir).is_empty() {
+            let _ = std::panic::catch_unwind(|| drop(TestServer::start_on_with(self.dir, &self.args)));
+        }
+    }
+}
+
+#[test]
+fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
+    let database = viv_test_postgres::fresh_database();
+    let dir = |prefix: &str| tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap();
+    let (dir_a, dir_b) = (dir("viv-e2e-node-a-"), dir("viv-e2e-node-b-"));
+    let a = TestServer::start_on_with(dir_a.path(), &node_args(&database, "node-a"));
+    let b = TestServer::start_on_with(dir_b.path(), &node_args(&database, "node-b"));
+    let _clean_up = CleanUpNode {
+        dir: dir_b.path(),
+        args: node_args(&database, "node-b"),
+    };
+
+    // Both servers see both nodes up; each knows which one it is.
+    let nodes = json_of(b.get("/nodes").send().unwrap());
+    assert_eq!(nodes.as_array().unwrap().len(), 2, "{nodes}");
+    for name in ["node-a", "node-b"] {
+        assert_eq!(node_named(&nodes, name)["state"], "up", "{nodes}");
+    }
+    assert_eq!(node_named(&nodes, "node-b")["local"], true);
+    assert_eq!(node_named(&nodes, "node-a")["local"], false);
+    assert_eq!(node_named(&nodes, "node-a")["url"], a.url);
+    let listed = b.cli(&["--json", "node", "list"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let listed: Value = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+
+    // Two creates through A: the first stays on A (equal room, no hop), the second goes to B,
+    // which has more memory free.
+    let on_a = a.create(json!({ "timeout": 600, "metadata": { "n": "1" } }));
+    let on_b = a.create(json!({ "timeout": 600, "metadata": { "n": "2" } }));
+    let client_of = |server: &TestServer, id: &str| {
+        json_of(server.get(&format!("/sandboxes/{id}")).send().unwrap())["clientID"].clone()
+    };
+    assert_eq!(client_of(&a, &on_a), "node-a");
+    assert_eq!(client_of(&a, &on_b), "node-b");
+    assert_eq!(client_of(&b, &on_a), "node-a");
+    assert_eq!(qemu_processes_under(dir_a.path()).len(), 1);
+    assert_eq!(qemu_processes_under(dir_b.path()).len(), 1);
+    let nodes = json_of(a.get("/nodes").send().unwrap());
+    assert_eq!(node_named(&nodes, "node-a")["sandboxes"], 1, "{nodes}");
+    assert_eq!(node_named(&nodes, "node-b")["sandboxes"], 1, "{nodes}");
+
+    // Either server answers for either sandbox: exec, files, lists.
+    for (server, id, node) in [(&b, &on_a, "node-a"), (&a, &on_b, "node-b")] {
+        assert_eq!(server.exec(id, json!({ "command": "echo $((6*7))" })).out(), "42\n");
+        let put = server
+            .put(&format!("/sandboxes/{id}/files?path=/tmp/where.txt"))
+            .body(node)
+            .send()
+            .unwrap();
+        assert!(put.status().is_success(), "{}", put.text().unwrap_or_default());
+    }
+    let read = a
+        .get(&format!("/sandboxes/{on_a}/files?path=/tmp/where.txt"))
+        .send()
+        .unwrap();
+    assert_eq!(read.text().unwrap(), "node-a");
+    let read = b
+        .get(&format!("/sandboxes/{on_b}/files?path=/tmp/where.txt"))
+        .send()
+        .unwrap();
+    assert_eq!(read.text().unwrap(), "node-b");
+    for server in [&a, &b] {
+        let all = json_of(server.get("/v2/sandboxes").send().unwrap());
+        assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    }
+
+    // Host-name traffic to a sandbox's port and a WebSocket, through the server that does not
+    // hold it.
+    b.exec(
+        &on_a,
+        json!({ "command": "mkdir -p /tmp/www && echo served-by-a > /tmp/www/index.html && \
+                            (setsid nohup python3 -m http.server 8000 --directory /tmp/www >/dev/null 2>&1 &)" }),
+    );
+    let mut page = String::new();
+    let served = wait_until(Duration::from_secs(60), || {
+        let response = b
+            .http
+            .get(format!("{}/index.html", b.url))
+            .header("Host", format!("8000-{on_a}.localhost"))
+            .send();
+        page = response.map(|r| r.text().unwrap_or_default()).unwrap_or_default();
+        page == "served-by-a\n"
+    });
+    assert!(served, "the service in A's sandbox answered {page:?} through B");
+    let output = terminal_output(&b, &on_a, "echo terminal $((6*7)); cat /tmp/where.txt");
+    assert!(
+        output.contains("terminal 42") && output.contains("node-a"),
+        "{output:?}"
+    );
+
+    // Pause and resume through the other server: the sandbox stays on its node with its files.
+    assert_eq!(
+        b.post(&format!("/sandboxes/{on_a}/pause")).send().unwrap().status(),
+        204
+    );
+    assert!(wait_until(Duration::from_secs(30), || qemu_processes_under(
+        dir_a.path()
+    )
+    .is_empty()));
+    let resumed = b
+        .post(&format!("/sandboxes/{on_a}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(
+        b.exec(&on_a, json!({ "command": "cat /tmp/where.txt" })).out(),
+        "node-a"
+    );
+
+    // kill -9 of node B: A marks it down within the down time and reports its sandbox lost.
+    let b_url = b.url.clone();
+    b.stop(libc::SIGKILL);
+    let killed = Instant::now();
+    let mut nodes = Value::Null;
+    let down = wait_until(Duration::from_secs(30), || {
+        nodes = json_of(a.get("/nodes").send().unwrap());
+        node_named(&nodes, "node-b")["state"] == "down"
+    });
+    assert!(down, "{nodes}");
+    let detected = killed.elapsed();
+    assert!(
+        detected >= Duration::from_secs(4),
+        "marked down after {detected:?}, before its down time"
+    );
+    assert!(node_named(&nodes, "node-b")["downSince"].is_string(), "{nodes}");
+    // E2B-style, a lost sandbox is gone, and says why.
+    let lost = a.get(&format!("/sandboxes/{on_b}")).send().unwrap();
+    assert_eq!(lost.status(), 404);
+    let lost: Value = lost.json().unwrap();
+    let reason = lost["message"].as_str().unwrap_or_default();
+    assert!(reason.contains("node-b") && reason.contains("heartbeat"), "{lost}");
+    // It is answered from its row, not by the dead node.
+    let exec = a
+        .post(&format!("/sandboxes/{on_b}/exec"))
+        .json(&json!({ "command": "true" }))
+        .send()
+        .unwrap();
+    // (502 is what the SDKs read as "not running".)
+    assert_eq!(exec.status(), 502);
+    let message = exec.json::<Value>().unwrap()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains(&on_b), "{message}");
+    // A dead node cannot be drained; creates go to the node that is left.
+    let drain = a.post("/nodes/node-b/drain").send().unwrap();
+    assert_eq!(drain.status(), 409);
+    let again = a.create(json!({ "timeout": 600 }));
+    assert_eq!(client_of(&a, &again), "node-a");
+
+    // Draining A pauses its sandboxes; with B down, nothing can be placed.
+    let drained = a.cli(&["--json", "node", "drain", "node-a"]);
+    assert_eq!(drained.code, 0, "{}", drained.stderr);
+    let drained: Value = serde_json::from_str(&drained.stdout).unwrap();
+    assert_eq!(drained["node"]["state"], "draining", "{drained}");
+    let mut paused: Vec<String> = serde_json::from_value(drained["paused"].clone()).unwrap();
+    paused.sort();
+    let mut expected = vec![on_a.clone(), again.clone()];
+    expected.sort();
+    assert_eq!(paused, expected);
+    assert!(wait_until(Duration::from_secs(30), || qemu_processes_under(
+        dir_a.path()
+    )
+    .is_empty()));
+    let refused = a.post("/sandboxes").json(&json!({})).send().unwrap();
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().unwrap();
+    assert!(body["message"].as_str().unwrap().contains("no node"), "{body}");
+    assert_eq!(json_of(a.post("/nodes/node-a/undrain").send().unwrap())["state"], "up");
+
+    // B's server comes back on its data directory: the node is up again, and the VM of its lost
+    // sandbox (which outlived the kill) is gone.
+    drop(b);
+    let b = TestServer::start_on_with(dir_b.path(), &node_args(&database, "node-b"));
+    let nodes = json_of(a.get("/nodes").send().unwrap());
+    assert_eq!(node_named(&nodes, "node-b")["state"], "up", "{nodes}");
+    assert_ne!(b.url, b_url, "the restarted server listens elsewhere");
+    assert_eq!(node_named(&nodes, "node-b")["url"], b.url, "{nodes}");
+    assert!(wait_until(Duration::from_secs(30), || qemu_processes_under(
+        dir_b.path()
+    )
+    .is_empty()));
+    // A removed node must be down first.
+    let removal = a.delete("/nodes/node-b").send().unwrap();
+    assert_eq!(removal.status(), 409);
+
+    for id in [&on_a, &on_b, &again] {
+        assert_eq!(a.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+    }
+    drop(a);
+    drop(b);
+    crate::fixture::remove_template_memory(dir_a.path());
+    crate::fixture::remove_template_memory(dir_b.path());
+}
