@@ -39,11 +39,22 @@ pub struct ClusterConfig {
 }
 
 /// This node and its view of the others.
-#[derive(Debug)]
 pub struct Cluster {
     id: String,
     config: ClusterConfig,
     started_at: String,
+    /// The node API's secret, shared through the store.
+    secret: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the secret.
+        f.debug_struct("Cluster")
+            .field("id", &self.id)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a create runs.
@@ -99,10 +110,16 @@ fn now_ms() -> i64 {
 impl Cluster {
     /// Registers node `id` (this server) as up with its capacity now.
     pub fn join(store: &Store, manager: &Manager, id: String, config: ClusterConfig) -> Result<Arc<Self>, ApiError> {
+        let secret = store.cluster_secret(&crate::manager::random_id(40))?;
+        manager.link_cluster(crate::manager::ClusterLink {
+            node_id: id.clone(),
+            secret: secret.clone(),
+        });
         let cluster = Arc::new(Self {
             id,
             config,
             started_at: crate::store::now_rfc3339(),
+            secret,
         });
         cluster.register(store, manager.node_capacity()?)?;
         Ok(cluster)
@@ -126,6 +143,11 @@ impl Cluster {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.id
+    }
+
+    /// The secret of the node API.
+    pub fn secret(&self) -> &str {
+        &self.secret
     }
 
     /// Heartbeats and looks for dead nodes every heartbeat interval, for as long as the

@@ -33,6 +33,13 @@ mod copy_archive;
 pub mod events;
 mod info;
 mod layer_cache;
+mod layer_fetch;
+pub use layer_fetch::ClusterLink;
+
+/// The header carrying the cluster's secret on node-to-node requests.
+pub fn layer_fetch_header() -> &'static str {
+    layer_fetch::CLUSTER_SECRET_HEADER
+}
 mod lifecycle;
 mod memory_chain;
 mod network;
@@ -327,6 +334,10 @@ pub struct Manager {
     operations: operations::Operations,
     /// VM switches: serializes their changes on the host.
     switches: switches::Switches,
+    /// This node's link to the other nodes of its cluster, once it joined.
+    cluster_link: std::sync::OnceLock<layer_fetch::ClusterLink>,
+    /// Serializes fetches of layers from other nodes.
+    layer_fetches: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -457,6 +468,12 @@ impl Manager {
                 other => other,
             })?),
         };
+        if let Some(recipe) = &recipe {
+            // A template built on another node of the cluster: its layers come from there.
+            if !recipe.layer.is_file() && self.store.template(&template)?.is_some() {
+                self.fetch_template_layers(&template, &recipe.layer).await?;
+            }
+        }
         let vcpus = req
             .cpu_count
             .unwrap_or_else(|| recipe.as_ref().map_or(self.config.vcpus, |r| r.cpu_count));

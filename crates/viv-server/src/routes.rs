@@ -24,6 +24,7 @@ mod console;
 mod e2b_templates;
 mod events;
 mod exec;
+mod internal;
 mod listing;
 mod metric_history;
 mod node_forward;
@@ -121,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
         .merge(volumes::content())
+        .merge(internal::routes())
         .merge(session::routes())
         .merge(console::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })

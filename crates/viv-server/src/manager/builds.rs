@@ -254,13 +254,23 @@ impl Manager {
         self.config.data_dir.join("layers").join(format!("{key}.qcow2"))
     }
 
+    /// This node's file of a template row's layer: rows name a layer by the path it had on the
+    /// node that made it; every node keeps its copy under the same file name in its own
+    /// `layers/` (see `layer_fetch.rs`).
+    pub(super) fn local_layer(&self, stored: &str) -> PathBuf {
+        match Path::new(stored).file_name() {
+            Some(name) => self.config.data_dir.join("layers").join(name),
+            None => PathBuf::from(stored),
+        }
+    }
+
     /// What a spec's `FROM` names: its disk layer and the configuration it hands down.
     fn resolve_from(&self, from: &str) -> Result<(PathBuf, ImageConfig), ApiError> {
         if from == viv_api::DEFAULT_TEMPLATE {
             return Ok((self.boot.rootfs.clone(), ImageConfig::default()));
         }
         if let Some(row) = self.store.template(from)? {
-            return Ok((PathBuf::from(row.layer), row.config));
+            return Ok((self.local_layer(&row.layer), row.config));
         }
         if let Ok(path) = self.images.find_named(from) {
             return Ok((path, ImageConfig::default()));
@@ -289,7 +299,7 @@ impl Manager {
         if let Some(row) = self.store.template(template)? {
             return Ok(Recipe {
                 name: row.name,
-                layer: PathBuf::from(row.layer),
+                layer: self.local_layer(&row.layer),
                 config: row.config,
                 start: row.start,
                 ready: row.ready,

@@ -48,7 +48,7 @@ impl Manager {
             .store
             .templates()?
             .into_iter()
-            .filter(|t| self.layer_path(&t.layer).exists())
+            .filter(|t| self.local_layer(&t.layer).is_file())
             .map(|t| t.name)
             .collect();
         Ok(capacity)

@@ -79,6 +79,8 @@ impl Manager {
             data_key,
             channel_key,
             resume_gates: lifecycle::ResumeGates::default(),
+            cluster_link: std::sync::OnceLock::new(),
+            layer_fetches: tokio::sync::Mutex::new(()),
             storage: Arc::new(storage),
             vm_runtime: vm_runtime::VmRuntime::default(),
             incoming: super::vm_incoming::IncomingRegistry::default(),

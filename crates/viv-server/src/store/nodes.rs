@@ -91,6 +91,21 @@ impl Store {
         self.node.get().map(String::as_str)
     }
 
+    /// The cluster's secret (made by the first caller, `candidate`, and the same for every
+    /// server of the store after).
+    pub fn cluster_secret(&self, candidate: &str) -> Result<String, StoreError> {
+        self.db.transaction(|tx| {
+            tx.execute(
+                "INSERT INTO cluster_secret (id, secret) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+                params![candidate],
+            )?;
+            tx.query_row("SELECT secret FROM cluster_secret WHERE id = 1", params![], |r| {
+                r.get(0)
+            })?
+            .ok_or_else(|| StoreError::Column("the cluster secret row is missing".into()))
+        })
+    }
+
     /// Registers (or re-registers) a node as up; a drained node stays drained.
     pub fn register_node(&self, row: &NodeRow) -> Result<(), StoreError> {
         self.conn().execute(

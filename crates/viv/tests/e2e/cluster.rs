@@ -263,7 +263,61 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     let removal = a.delete("/nodes/node-b").send().unwrap();
     assert_eq!(removal.status(), 409);
 
-    for id in [&on_a, &on_b, &again] {
+    // A template built on A starts on B: B fetches its layers from A over the node API (which
+    // takes the cluster's secret, not an API key).
+    let build = a
+        .post("/templates")
+        .json(&json!({ "name": "built-on-a", "spec": "FROM base\nRUN echo made-on-a > /etc/made-on\n" }))
+        .send()
+        .unwrap();
+    assert_eq!(build.status(), 200);
+    let events = build.text().unwrap();
+    assert!(
+        events.lines().last().unwrap_or_default().contains("\"done\""),
+        "{events}"
+    );
+    let layers = |dir: &std::path::Path| {
+        std::fs::read_dir(dir.join("layers"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(layers(dir_b.path()), 0);
+    let key = std::fs::read_dir(dir_a.path().join("layers"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let key = key.file_stem().unwrap().to_string_lossy().into_owned();
+    let internal = format!("/internal/layers/{key}");
+    assert_eq!(
+        a.get(&internal).send().unwrap().status(),
+        401,
+        "an API key is not the cluster's secret"
+    );
+    let drained = a.post("/nodes/node-a/drain").send().unwrap();
+    assert_eq!(drained.status(), 200);
+    let on_b_from_a = a.create(json!({ "templateID": "built-on-a", "timeout": 600 }));
+    assert_eq!(client_of(&a, &on_b_from_a), "node-b");
+    assert_eq!(
+        a.exec(&on_b_from_a, json!({ "command": "cat /etc/made-on" })).out(),
+        "made-on-a\n"
+    );
+    assert_eq!(layers(dir_b.path()), layers(dir_a.path()));
+    let mut nodes = Value::Null;
+    let reported = wait_until(Duration::from_secs(20), || {
+        nodes = json_of(a.get("/nodes").send().unwrap());
+        let templates = &node_named(&nodes, "node-b")["capacity"]["templates"];
+        templates.as_array().is_some_and(|t| t.contains(&json!("built-on-a")))
+    });
+    assert!(reported, "{nodes}");
+    assert_eq!(json_of(a.post("/nodes/node-a/undrain").send().unwrap())["state"], "up");
+
+    for id in [&on_a, &on_b, &again, &on_b_from_a] {
         assert_eq!(a.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
     }
     drop(a);

@@ -20,3 +20,10 @@ CREATE TABLE nodes (
 ALTER TABLE sandboxes ADD COLUMN node_id TEXT;
 ALTER TABLE vms ADD COLUMN node_id TEXT;
 ALTER TABLE snapshots ADD COLUMN node_id TEXT;
+-- The secret the cluster's nodes authenticate their requests to each other with (the node API
+-- under /internal), made by the first server to start. Whoever can read this database is trusted
+-- with every node anyway.
+CREATE TABLE cluster_secret (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    secret  TEXT NOT NULL
+);

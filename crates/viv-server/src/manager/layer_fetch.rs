@@ -1,0 +1,229 @@
+//! Template layers fetched from the other nodes of the cluster: a node asked to start a
+//! template it has no layers of (it was built on another node) gets them, by layer key, from a
+//! node that has them, over the node API (`GET /internal/layers/{key}`, authenticated by the
+//! cluster's secret), then builds its own snapshot of the template as on first use.
+//!
+//! Invariants:
+//! - a layer appears in `layers/` only complete: it is written under a dot name, checked (its
+//!   length, a qcow2 header), its parent named by this node's path, sealed, then renamed;
+//! - a layer's parent is fetched too when this node lacks it, down to the base image, which
+//!   must be on this node already (a root file system in the image cache: the same content on
+//!   every node of one version);
+//! - fetches are serialized, so two creates of one template fetch it once.
+
+use std::path::{Path, PathBuf};
+
+use viv_api::nodes::NodeState;
+
+use super::Manager;
+use crate::error::ApiError;
+
+/// The header carrying the cluster's secret on node-to-node requests.
+pub const CLUSTER_SECRET_HEADER: &str = "x-viv-cluster-secret";
+
+/// What a node needs to talk to the others.
+#[derive(Clone)]
+pub struct ClusterLink {
+    /// This node's id.
+    pub node_id: String,
+    /// The cluster's secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the secret.
+        f.debug_struct("ClusterLink")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `key` can be a layer key (and so a file name).
+pub fn valid_layer_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 128 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Manager {
+    /// Joins this node to its cluster: it may fetch from the other nodes from now on.
+    pub fn link_cluster(&self, link: ClusterLink) {
+        let _ = self.cluster_link.set(link);
+    }
+
+    /// The file of layer `key`, when this node has it.
+    pub fn layer_file(&self, key: &str) -> Option<PathBuf> {
+        let path = self.layer_path(key);
+        (valid_layer_key(key) && path.is_file()).then_some(path)
+    }
+
+    /// Makes `layer` (a layer of template `template` this node lacks) and its missing parents
+    /// present, from the nodes that have them; the error says why none could give them.
+    pub(super) async fn fetch_template_layers(&self, template: &str, layer: &Path) -> Result<(), ApiError> {
+        let missing = || {
+            ApiError::NotFound(format!(
+                "the disk layer of template '{template}' is missing ({}); build the template again",
+                layer.display()
+            ))
+        };
+        let Some(link) = self.cluster_link.get() else {
+            return Err(missing());
+        };
+        let key = layer
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .filter(|k| valid_layer_key(k))
+            .ok_or_else(missing)?;
+        let mut peers: Vec<_> = self
+            .store
+            .nodes()?
+            .into_iter()
+            .filter(|n| n.id != link.node_id && n.state != NodeState::Down)
+            .collect();
+        // Nodes that report the template first.
+        peers.sort_by_key(|n| !n.capacity.templates.iter().any(|t| t == template));
+        if peers.is_empty() {
+            return Err(missing());
+        }
+        let _one_at_a_time = self.layer_fetches.lock().await;
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| ApiError::Internal(format!("an HTTP client: {e}")))?;
+        let mut queue = vec![key];
+        while let Some(key) = queue.pop() {
+            let target = self.layer_path(&key);
+            if target.is_file() {
+                continue;
+            }
+            let mut failures = Vec::new();
+            let mut parent = None;
+            let mut fetched = false;
+            for peer in &peers {
+                match self.fetch_layer(&client, link, &peer.url, &key, &target).await {
+                    Ok(p) => {
+                        tracing::info!(template, layer = %key, node = %peer.name, "layer fetched from another node");
+                        parent = p;
+                        fetched = true;
+                        break;
+                    }
+                    Err(err) => failures.push(format!("{}: {err}", peer.name)),
+                }
+            }
+            if !fetched {
+                return Err(ApiError::Unavailable(format!(
+                    "template '{template}' was built on another node and its layer {key} could not be fetched: {}",
+                    failures.join("; ")
+                )));
+            }
+            queue.extend(parent);
+        }
+        Ok(())
+    }
+
+    /// Fetches layer `key` from the node at `url` into `target`; returns the key of its parent
+    /// layer, if it has one (a base image outside `layers/` must be here already).
+    async fn fetch_layer(
+        &self,
+        client: &reqwest::Client,
+        link: &ClusterLink,
+        url: &str,
+        key: &str,
+        target: &Path,
+    ) -> Result<Option<String>, String> {
+        let dir = target.parent().ok_or("a layer path without a directory")?;
+        tokio::fs::create_dir_all(dir).await.map_err(|e| e.to_string())?;
+        let staged = dir.join(format!(".{key}.fetching"));
+        let result = self.fetch_staged(client, link, url, key, &staged).await;
+        let result = match result {
+            Ok(parent) => match tokio::fs::rename(&staged, target).await {
+                Ok(()) => Ok(parent),
+                Err(e) => Err(format!("placing {}: {e}", target.display())),
+            },
+            Err(err) => Err(err),
+        };
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&staged).await;
+        }
+        result
+    }
+
+    async fn fetch_staged(
+        &self,
+        client: &reqwest::Client,
+        link: &ClusterLink,
+        url: &str,
+        key: &str,
+        staged: &Path,
+    ) -> Result<Option<String>, String> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut response = client
+            .get(format!("{url}/internal/layers/{key}"))
+            .header(CLUSTER_SECRET_HEADER, &link.secret)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!(
+                "{} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            ));
+        }
+        let expected = response.content_length();
+        let mut file = tokio::fs::File::create(staged).await.map_err(|e| e.to_string())?;
+        let mut written: u64 = 0;
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            written += chunk.len() as u64;
+        }
+        file.sync_all().await.map_err(|e| e.to_string())?;
+        drop(file);
+        if expected.is_some_and(|n| n != written) {
+            return Err(format!(
+                "the layer ended after {written} of {} bytes",
+                expected.unwrap_or(0)
+            ));
+        }
+        let header = viv_vmm::qcow2::header(staged).map_err(|e| format!("not a qcow2 layer: {e}"))?;
+        let Some(backing) = header.backing_file else {
+            super::snapshots::seal(staged).map_err(|e| e.to_string())?;
+            return Ok(None);
+        };
+        let backing = PathBuf::from(backing);
+        let is_layer = backing.extension().is_some_and(|e| e == "qcow2")
+            && (backing.is_relative()
+                || backing
+                    .parent()
+                    .and_then(Path::file_name)
+                    .is_some_and(|d| d == "layers"));
+        let parent = if is_layer {
+            let parent_key = backing
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|k| valid_layer_key(k))
+                .ok_or_else(|| format!("its parent {} is not a layer", backing.display()))?;
+            let local = self.layer_path(&parent_key);
+            let out = tokio::process::Command::new("qemu-img")
+                .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&local)
+                .arg(staged)
+                .output()
+                .await
+                .map_err(|e| format!("qemu-img: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "qemu-img rebase: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Some(parent_key)
+        } else {
+            if !backing.is_file() {
+                return Err(format!("its base image {} is not on this node", backing.display()));
+            }
+            None
+        };
+        super::snapshots::seal(staged).map_err(|e| e.to_string())?;
+        Ok(parent)
+    }
+}
