@@ -126,7 +126,7 @@ function ensureSource() {
   // EventSource reconnects by itself after a network error; a 401 (session over) ends it, and
   // the next API call shows the sign-in form.
   source = new EventSource('/events');
-  for (const kind of ['sandbox', 'vm', 'operation']) {
+  for (const kind of ['sandbox', 'vm', 'operation', 'node']) {
     source.addEventListener(kind, (e) => {
       const event = JSON.parse(e.data);
       eventListeners.forEach((l) => l.kind === kind && l.fn(event));

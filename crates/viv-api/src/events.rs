@@ -14,6 +14,8 @@ pub enum EventKind {
     Sandbox,
     /// A long-running operation (clone, import, upload, wipe).
     Operation,
+    /// A node of the cluster (`up`, `draining`, `down`).
+    Node,
 }
 
 impl EventKind {
@@ -23,6 +25,7 @@ impl EventKind {
             Self::Vm => "vm",
             Self::Sandbox => "sandbox",
             Self::Operation => "operation",
+            Self::Node => "node",
         }
     }
 }
@@ -34,7 +37,10 @@ impl std::str::FromStr for EventKind {
             "vm" => Ok(Self::Vm),
             "sandbox" => Ok(Self::Sandbox),
             "operation" => Ok(Self::Operation),
-            other => Err(format!("unknown event kind '{other}': use vm, sandbox or operation")),
+            "node" => Ok(Self::Node),
+            other => Err(format!(
+                "unknown event kind '{other}': use vm, sandbox, operation or node"
+            )),
         }
     }
 }
@@ -62,4 +68,7 @@ pub struct Event {
     /// Why, in words (a crash's cause, an operation's progress or error).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The node it happened on (`viv node list`), on a server of a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }

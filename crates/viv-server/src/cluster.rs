@@ -12,8 +12,11 @@
 //!   the larger of its last report and the store's rows) holds the new sandbox: never over
 //!   capacity; vCPUs are shared (overcommitted) and only break ties;
 //! - a node that holds the template (its layers) wins over one that would have to get it;
+//! - events reach the clients of every server ([`events`], PostgreSQL's `LISTEN`/`NOTIFY`);
 //! - marking a node down and reporting its sandboxes lost is one statement any server may run
 //!   (`Store::mark_stale_nodes_down`); exactly one server reports each loss.
+
+pub mod events;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -125,6 +128,16 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Announces that this node is up (once its events reach the other servers).
+    pub fn announce(&self, manager: &Manager) {
+        manager.publish_node(
+            &self.id,
+            &self.config.name,
+            "up",
+            Some(format!("serving at {}", self.config.url)),
+        );
+    }
+
     fn register(&self, store: &Store, capacity: NodeCapacity) -> Result<(), ApiError> {
         store.register_node(&NodeRow {
             id: self.id.clone(),
@@ -153,6 +166,10 @@ impl Cluster {
     /// Heartbeats and looks for dead nodes every heartbeat interval, for as long as the
     /// manager lives.
     pub fn start(self: &Arc<Self>, store: Arc<Store>, manager: &Arc<Manager>, metrics: Arc<crate::Metrics>) {
+        if let Some(url) = store.postgres_url() {
+            events::link(url, &self.id, &self.config.name, manager);
+        }
+        self.announce(manager);
         let cluster = self.clone();
         let manager = Arc::downgrade(manager);
         tokio::spawn(async move {
@@ -164,7 +181,7 @@ impl Cluster {
                 if let Err(err) = cluster.beat(&store, &manager).await {
                     tracing::warn!(error = %err, "heartbeat failed");
                 }
-                if let Err(err) = cluster.mark_dead_nodes(&store, &metrics) {
+                if let Err(err) = cluster.mark_dead_nodes(&store, &manager, &metrics) {
                     tracing::warn!(error = %err, "looking for dead nodes failed");
                 }
             }
@@ -192,7 +209,7 @@ impl Cluster {
         Ok(())
     }
 
-    fn mark_dead_nodes(&self, store: &Store, metrics: &crate::Metrics) -> Result<(), ApiError> {
+    fn mark_dead_nodes(&self, store: &Store, manager: &Manager, metrics: &crate::Metrics) -> Result<(), ApiError> {
         let cutoff = now_ms() - self.config.down_after.as_millis() as i64;
         let after = self.config.down_after;
         let marked = store.mark_stale_nodes_down(cutoff, &crate::store::now_rfc3339(), |node| {
@@ -205,9 +222,12 @@ impl Cluster {
         for (node, lost) in marked {
             metrics.nodes_marked_down.inc();
             tracing::warn!(node = %node.id, name = %node.name, lost = lost.len(), "node marked down: it stopped heartbeating");
+            let why = format!("no heartbeat for {} s", after.as_secs());
+            manager.publish_node(&node.id, &node.name, "down", Some(why));
             for id in lost {
                 metrics.sandboxes_lost_with_node.inc();
                 tracing::warn!(sandbox = %id, node = %node.name, "sandbox lost with its node");
+                manager.publish_sandbox(&id, "failed", Some(format!("lost with node {}", node.name)));
             }
         }
         Ok(())

@@ -13,7 +13,7 @@ use crate::client::Client;
 /// `viv events`
 #[derive(Debug, Args)]
 pub struct EventsArgs {
-    /// Kinds to show, comma-separated: vm, sandbox, operation (all by default).
+    /// Kinds to show, comma-separated: vm, sandbox, operation, node (all by default).
     #[arg(long)]
     kind: Option<String>,
 }
@@ -53,10 +53,13 @@ pub async fn run(client: &Client, args: EventsArgs, json: bool) -> Result<i32> {
 }
 
 fn line(e: &Event) -> String {
-    let what = match &e.name {
+    let mut what = match &e.name {
         Some(name) => format!("{} {} ({name})", e.kind.as_str(), e.id),
         None => format!("{} {}", e.kind.as_str(), e.id),
     };
+    if let Some(node) = &e.node {
+        what = format!("[{node}] {what}");
+    }
     let change = match &e.previous {
         Some(previous) => format!("{previous} → {}", e.state),
         None => e.state.clone(),

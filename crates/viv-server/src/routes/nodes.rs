@@ -86,6 +86,12 @@ async fn drain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> R
         }
     }
     tracing::info!(node = %row.name, paused = paused.len(), failed = failed.len(), "node drained");
+    state.manager.publish_node(
+        &row.id,
+        &row.name,
+        "draining",
+        Some(format!("{} sandbox(es) paused", paused.len())),
+    );
     let node = find(&state, &row.id)?.1;
     Ok(Json(NodeDrain { node, paused, failed }).into_response())
 }
@@ -95,6 +101,9 @@ async fn undrain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) ->
     match row.state {
         NodeState::Draining => {
             state.store.set_node_state(&row.id, NodeState::Up)?;
+            state
+                .manager
+                .publish_node(&row.id, &row.name, "up", Some("undrained".into()));
         }
         NodeState::Up => {}
         NodeState::Down => {

@@ -65,11 +65,13 @@ fn terminal_output(server: &TestServer, id: &str, cmd: &str) -> String {
 struct CleanUpNode<'a> {
     dir: &'a std::path::Path,
     args: Vec<&'a str>,
+    /// Set while the node's server is dead.
+    armed: std::cell::Cell<bool>,
 }
 
 impl Drop for CleanUpNode<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() && !qemu_processes_under(self.dir).is_empty() {
+        if self.armed.get() && std::thread::panicking() && !qemu_processes_under(self.dir).is_empty() {
             let _ = std::panic::catch_unwind(|| drop(TestServer::start_on_with(self.dir, &self.args)));
         }
     }
@@ -82,9 +84,10 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     let (dir_a, dir_b) = (dir("viv-e2e-node-a-"), dir("viv-e2e-node-b-"));
     let a = TestServer::start_on_with(dir_a.path(), &node_args(&database, "node-a"));
     let b = TestServer::start_on_with(dir_b.path(), &node_args(&database, "node-b"));
-    let _clean_up = CleanUpNode {
+    let clean_up = CleanUpNode {
         dir: dir_b.path(),
         args: node_args(&database, "node-b"),
+        armed: std::cell::Cell::new(false),
     };
 
     // Both servers see both nodes up; each knows which one it is.
@@ -101,6 +104,35 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     let listed: Value = serde_json::from_str(&listed.stdout).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 
+    // A's event stream shows what happens on every node.
+    let stream = a.get("/events?kind=sandbox,node").send().unwrap();
+    assert_eq!(stream.status(), 200);
+    let (events_tx, events) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Some(data) = line.strip_prefix("data:") {
+                if let Ok(event) = serde_json::from_str(data.trim()) {
+                    if events_tx.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let wait_for_event = |what: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match events.recv_timeout(left) {
+                Ok(event) if what(&event) => return event,
+                Ok(event) => seen.push(event),
+                Err(_) => break,
+            }
+        }
+        panic!("no such event; saw {seen:?}");
+    };
+
     // Two creates through A: the first stays on A (equal room, no hop), the second goes to B,
     // which has more memory free.
     let on_a = a.create(json!({ "timeout": 600, "metadata": { "n": "1" } }));
@@ -113,6 +145,10 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     assert_eq!(client_of(&b, &on_a), "node-a");
     assert_eq!(qemu_processes_under(dir_a.path()).len(), 1);
     assert_eq!(qemu_processes_under(dir_b.path()).len(), 1);
+    // B's sandbox started on B; A's clients heard it from B over the database.
+    let started = wait_for_event(&|e| e["id"] == on_b.as_str() && e["state"] == "running");
+    assert_eq!(started["node"], "node-b", "{started}");
+    assert_eq!(started["kind"], "sandbox");
     let nodes = json_of(a.get("/nodes").send().unwrap());
     assert_eq!(node_named(&nodes, "node-a")["sandboxes"], 1, "{nodes}");
     assert_eq!(node_named(&nodes, "node-b")["sandboxes"], 1, "{nodes}");
@@ -189,6 +225,7 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     // kill -9 of node B: A marks it down within the down time and reports its sandbox lost.
     let b_url = b.url.clone();
     b.stop(libc::SIGKILL);
+    clean_up.armed.set(true);
     let killed = Instant::now();
     let mut nodes = Value::Null;
     let down = wait_until(Duration::from_secs(30), || {
@@ -197,6 +234,13 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     });
     assert!(down, "{nodes}");
     let detected = killed.elapsed();
+    let event = wait_for_event(&|e| e["kind"] == "node" && e["name"] == "node-b" && e["state"] == "down");
+    assert_eq!(event["node"], "node-a", "A marked it: {event}");
+    let event = wait_for_event(&|e| e["id"] == on_b.as_str() && e["state"] == "failed");
+    assert!(
+        event["message"].as_str().unwrap_or_default().contains("node-b"),
+        "{event}"
+    );
     assert!(
         detected >= Duration::from_secs(4),
         "marked down after {detected:?}, before its down time"
@@ -251,6 +295,7 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     // sandbox (which outlived the kill) is gone.
     drop(b);
     let b = TestServer::start_on_with(dir_b.path(), &node_args(&database, "node-b"));
+    clean_up.armed.set(false);
     let nodes = json_of(a.get("/nodes").send().unwrap());
     assert_eq!(node_named(&nodes, "node-b")["state"], "up", "{nodes}");
     assert_ne!(b.url, b_url, "the restarted server listens elsewhere");
