@@ -41,6 +41,8 @@ VIV_DEPS=(
   # PostgreSQL, the state store of a cluster (`--database`); the store's tests start a server of
   # their own from its binaries (crates/viv-test-postgres).
   postgresql:pg_lsclusters
+  # The cluster benchmark's HTTP load generator (bench/cluster: requests/s on one and two servers).
+  wrk:wrk
 )
 # package:command pairs needed only when the command is missing: another source (NodeSource, a
 # Node version manager) may provide it. Debian 12's Node (18) is older than the JS SDK suite's

@@ -3,6 +3,10 @@
 The session starts its own `viv serve` on a scratch data directory (the image cache is shared),
 creates an API key, and points the SDK at it with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY.
 VIV_BIN names the binary (default: target/debug/viv of this checkout).
+
+VIV_E2B_CLUSTER=1 runs the suite against a cluster instead: a scratch PostgreSQL and two servers
+on it, the SDK pointed at the first, which is drained, so every sandbox lives on the second and
+every SDK request (API, envd, host names, TLS) is forwarded by the first.
 """
 
 import os
@@ -16,11 +20,24 @@ import vivserver
 def server():
     # HTTPS for sandbox host names (tests/e2b/test_files_tls.py), with Vivarium's own CA.
     tls_port = vivserver.free_port()
-    srv = vivserver.start("viv-e2b-", "10.238.0.0/24", ["--tls-listen", f"127.0.0.1:{tls_port}"])
+    tls = ["--tls-listen", f"127.0.0.1:{tls_port}"]
+    if os.environ.get("VIV_E2B_CLUSTER") == "1":
+        postgres = vivserver.start_postgres()
+        database = postgres.database("sdk")
+        node = ["--node-down-after", "30s"]
+        srv = vivserver.start("viv-e2b-a-", "10.238.0.0/25", [*tls, "--node-name", "sdk-a", *node], database=database)
+        far = vivserver.start("viv-e2b-b-", "10.238.0.128/25", ["--node-name", "sdk-b", *node], database=database)
+        drained = srv.cli("node", "drain", "sdk-a", capture_output=True, text=True)
+        assert drained.returncode == 0, drained.stderr
+        stop = [srv, far, postgres]
+    else:
+        srv = vivserver.start("viv-e2b-", "10.238.0.0/24", tls)
+        stop = [srv]
     os.environ.update(VIV_TEST_TLS_PORT=str(tls_port), VIV_TEST_TLS_CA=str(srv.data / "tls" / "ca.pem"))
     os.environ.update(E2B_API_URL=srv.url, E2B_SANDBOX_URL=srv.url, E2B_API_KEY=srv.key)
     yield srv.url
-    srv.stop()
+    for s in stop:
+        s.stop()
 
 
 @pytest.fixture
