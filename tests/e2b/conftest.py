@@ -30,6 +30,7 @@ def server():
         drained = srv.cli("node", "drain", "sdk-a", capture_output=True, text=True)
         assert drained.returncode == 0, drained.stderr
         stop = [srv, far, postgres]
+        os.environ["VIV_TEST_SERVER_URLS"] = f"{srv.url},{far.url}"
     else:
         srv = vivserver.start("viv-e2b-", "10.238.0.0/24", tls)
         stop = [srv]

@@ -31,15 +31,18 @@ def raw_info(sandbox_id):
 
 
 def metric(name):
-    """A counter of the server's `/metrics`."""
-    request = urllib.request.Request(
-        f"{os.environ['E2B_API_URL']}/metrics", headers={"X-API-Key": os.environ["E2B_API_KEY"]}
-    )
-    with urllib.request.urlopen(request) as response:
-        text = response.read().decode()
-    found = re.search(rf"^{name} (\d+)$", text, re.M)
-    assert found, f"no metric {name}"
-    return int(found.group(1))
+    """A counter of the server's `/metrics` (summed over the cluster's servers, whose URLs
+    VIV_TEST_SERVER_URLS lists when the suite runs against a cluster: each counts its own)."""
+    total = 0
+    urls = os.environ.get("VIV_TEST_SERVER_URLS", os.environ["E2B_API_URL"]).split(",")
+    for url in urls:
+        request = urllib.request.Request(f"{url}/metrics", headers={"X-API-Key": os.environ["E2B_API_KEY"]})
+        with urllib.request.urlopen(request) as response:
+            text = response.read().decode()
+        found = re.search(rf"^{name} (\d+)$", text, re.M)
+        assert found, f"no metric {name} at {url}"
+        total += int(found.group(1))
+    return total
 
 
 def boot_id(sandbox):

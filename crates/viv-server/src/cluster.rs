@@ -292,3 +292,107 @@ impl Cluster {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use viv_api::nodes::{NodeCapacity, NodeState};
+    use viv_api::SandboxState;
+
+    use super::*;
+
+    fn cluster(id: &str) -> Cluster {
+        Cluster {
+            id: id.into(),
+            config: ClusterConfig {
+                name: id.into(),
+                url: format!("http://{id}"),
+                heartbeat: Duration::from_secs(1),
+                down_after: Duration::from_secs(10),
+            },
+            started_at: String::new(),
+            secret: "s".into(),
+        }
+    }
+
+    fn node(id: &str, memory_mib: u64, templates: &[&str]) -> NodeRow {
+        NodeRow {
+            id: id.into(),
+            name: id.into(),
+            url: format!("http://{id}"),
+            role: "all".into(),
+            state: NodeState::Up,
+            capacity: NodeCapacity {
+                vcpus: 2,
+                memory_mib,
+                templates: templates.iter().map(|t| t.to_string()).collect(),
+                ..NodeCapacity::default()
+            },
+            started_at: String::new(),
+            heartbeat_ms: now_ms(),
+            down_since: None,
+        }
+    }
+
+    fn demand(memory_mib: u32, template: Option<&str>) -> Demand<'_> {
+        Demand {
+            memory_mib,
+            vcpus: 1,
+            template,
+        }
+    }
+
+    fn placed(cluster: &Cluster, store: &Store, d: Demand<'_>) -> String {
+        match cluster.place(store, d).unwrap() {
+            Placement::Local => cluster.id.clone(),
+            Placement::Remote(node) => node.id,
+        }
+    }
+
+    #[test]
+    fn creates_go_where_memory_is_free_preferring_holders_of_the_template_and_this_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("viv.db")).unwrap();
+        store.set_node("a");
+        let a = cluster("a");
+        store.register_node(&node("a", 4096, &[])).unwrap();
+        // Alone: local, whatever it asks.
+        assert_eq!(placed(&a, &store, demand(512, None)), "a");
+
+        // Equal room: no hop.
+        store.register_node(&node("b", 4096, &["py"])).unwrap();
+        assert_eq!(placed(&a, &store, demand(512, None)), "a");
+        // A's running sandboxes count at once, before its next report.
+        store
+            .put_sandbox(&crate::store::SandboxRow {
+                memory_mb: 1024,
+                ..crate::store::suite_sandbox("s1")
+            })
+            .unwrap();
+        assert_eq!(placed(&a, &store, demand(512, None)), "b");
+        // A paused sandbox holds no memory.
+        let mut paused = crate::store::suite_sandbox("s1");
+        paused.state = SandboxState::Paused;
+        store.put_sandbox(&paused).unwrap();
+        assert_eq!(placed(&a, &store, demand(512, None)), "a");
+
+        // The template's holder wins while it has room; never over capacity.
+        assert_eq!(placed(&a, &store, demand(512, Some("py"))), "b");
+        assert_eq!(placed(&a, &store, demand(4096, Some("py"))), "b");
+        let err = a.place(&store, demand(4097, None)).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::TOO_MANY_REQUESTS, "{err}");
+        assert!(err.to_string().contains("no node can take"), "{err}");
+
+        // Drained, down and silent nodes take nothing.
+        for state in [NodeState::Draining, NodeState::Down] {
+            store.set_node_state("b", state).unwrap();
+            assert_eq!(placed(&a, &store, demand(512, Some("py"))), "a");
+        }
+        let mut silent = node("b", 8192, &["py"]);
+        silent.heartbeat_ms = now_ms() - 60_000;
+        store.register_node(&silent).unwrap();
+        assert_eq!(placed(&a, &store, demand(512, Some("py"))), "a");
+        store.set_node_state("a", NodeState::Draining).unwrap();
+        let err = a.place(&store, demand(512, None)).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+    }
+}

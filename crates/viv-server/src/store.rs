@@ -23,6 +23,8 @@ mod lifecycle;
 #[cfg(test)]
 mod suite;
 pub use lifecycle::LifecycleRow;
+#[cfg(test)]
+pub(crate) use suite::sandbox as suite_sandbox;
 mod vm_backups;
 mod vm_snapshots;
 mod vms;

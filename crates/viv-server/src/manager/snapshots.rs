@@ -499,10 +499,13 @@ impl Manager {
         Ok(())
     }
 
-    /// Deletes `pause` and `fork` nodes that nothing depends on any more, up the tree.
+    /// Deletes `pause` and `fork` nodes that nothing depends on any more, up the tree (those
+    /// whose files are here: another node of the cluster collects its own).
     pub(super) fn collect_snapshots(&self) {
         loop {
-            let Ok(nodes) = self.store.snapshots() else { return };
+            let Ok(nodes) = self.store.local_snapshots() else {
+                return;
+            };
             let mut removed = false;
             for node in nodes.iter().filter(|n| n.kind != SnapshotKind::Snapshot) {
                 if let Ok((children, sandboxes)) = self.store.snapshot_users(&node.id) {

@@ -20,6 +20,8 @@ CREATE TABLE nodes (
 ALTER TABLE sandboxes ADD COLUMN node_id TEXT;
 ALTER TABLE vms ADD COLUMN node_id TEXT;
 ALTER TABLE snapshots ADD COLUMN node_id TEXT;
+-- Likewise the node whose data directory holds a volume's files.
+ALTER TABLE volumes ADD COLUMN node_id TEXT;
 -- The secret the cluster's nodes authenticate their requests to each other with (the node API
 -- under /internal), made by the first server to start. Whoever can read this database is trusted
 -- with every node anyway.

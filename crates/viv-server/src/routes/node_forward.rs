@@ -42,7 +42,10 @@ enum Subject {
     Vm(String),
     Snapshot(String),
     Node(String),
+    Volume(String),
+    VolumeContent(String),
     Create,
+    CreateVolume,
 }
 
 fn subject_of_path(method: &Method, path: &str) -> Option<Subject> {
@@ -50,6 +53,9 @@ fn subject_of_path(method: &Method, path: &str) -> Option<Subject> {
     let id = |s: &&str| (!s.is_empty()).then(|| s.to_string());
     match segments.as_slice() {
         ["sandboxes"] | ["v2", "sandboxes"] if method == Method::POST => Some(Subject::Create),
+        ["volumes"] if method == Method::POST => Some(Subject::CreateVolume),
+        ["volumes", volume] => id(volume).map(Subject::Volume),
+        ["volumecontent", volume, ..] => id(volume).map(Subject::VolumeContent),
         ["sandboxes", sandbox, ..] | ["v2", "sandboxes", sandbox, "connect"] => id(sandbox).map(Subject::Sandbox),
         ["vms", vm, ..] if *vm != "import" => id(vm).map(Subject::Vm),
         ["snapshots", snapshot] => id(snapshot).map(Subject::Snapshot),
@@ -77,14 +83,20 @@ pub(super) async fn route_to_node(State(state): State<AppState>, request: Reques
 async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
     let subject = match super::proxy::target(&request) {
         Some((id, _)) => Some(Subject::SandboxTraffic(id)),
-        None => subject_of_path(request.method(), request.uri().path()),
+        // A signed file URL names its sandbox by its signature alone.
+        None => match super::signed::sandbox_for(state, &request) {
+            Some(Ok(id)) => Some(Subject::SandboxTraffic(id)),
+            Some(Err(_)) | None => subject_of_path(request.method(), request.uri().path()),
+        },
     };
     let Some(subject) = subject else {
         return Ok((None, request));
     };
     let cluster = &state.cluster;
     let store = &state.store;
-    if !matches!(subject, Subject::SandboxTraffic(_)) {
+    // Sandbox traffic carries the sandbox's token and volume content the volume's: their
+    // node checks them.
+    if !matches!(subject, Subject::SandboxTraffic(_) | Subject::VolumeContent(_)) {
         super::authenticated_key(state, &request)?;
     }
     let owner = match subject {
@@ -92,7 +104,20 @@ async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeR
         Subject::Vm(id) => store.vm_node(&id)?.flatten(),
         Subject::Snapshot(id) => store.snapshot_node(&id)?.flatten(),
         Subject::Node(id) => store.node(&id)?.map(|n| n.id),
+        Subject::Volume(id) | Subject::VolumeContent(id) => store.volume_node(&id)?.flatten(),
         Subject::Create => return place(state, request).await,
+        Subject::CreateVolume => {
+            // A volume takes no memory; it goes where sandboxes would.
+            let demand = Demand {
+                memory_mib: 0,
+                vcpus: 0,
+                template: None,
+            };
+            return match state.cluster.place(store, demand)? {
+                Placement::Local => Ok((None, request)),
+                Placement::Remote(node) => Ok((Some(*node), request)),
+            };
+        }
     };
     Ok((cluster.owner(store, owner.as_deref())?, request))
 }
@@ -113,6 +138,12 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
     if let Some(template) = &template {
         // A snapshot's files are on one node: the sandbox starts there or nowhere.
         if let Some(owner) = state.store.snapshot_node(template)? {
+            return Ok((state.cluster.owner(&state.store, owner.as_deref())?, request));
+        }
+    }
+    // So are a volume's: a sandbox mounting volumes starts where they are.
+    for mount in asked.volume_mounts.iter().flatten() {
+        if let Some(owner) = state.store.volume_node(&mount.name)? {
             return Ok((state.cluster.owner(&state.store, owner.as_deref())?, request));
         }
     }
@@ -149,6 +180,17 @@ async fn forward(state: &AppState, node: &NodeRow, mut request: Request) -> Resu
     let _ = stream.set_nodelay(true);
     let by = axum::http::HeaderValue::from_str(state.cluster.node_id()).expect("node ids are ASCII");
     request.headers_mut().insert(FORWARDED_BY, by);
+    // HTTP/2 carries the host name in the URI's authority; HTTP/1.1 needs it as Host (host-name
+    // routing of sandbox traffic reads it there).
+    if !request.headers().contains_key(axum::http::header::HOST) {
+        if let Some(host) = request
+            .uri()
+            .authority()
+            .and_then(|a| axum::http::HeaderValue::from_str(a.as_str()).ok())
+        {
+            request.headers_mut().insert(axum::http::header::HOST, host);
+        }
+    }
     state.metrics.requests_forwarded.inc();
     let response = super::proxy::relay_http1(stream, request, false)
         .await
@@ -192,5 +234,15 @@ mod tests {
         );
         assert_eq!(subject_of_path(&get, "/nodes/n1"), None);
         assert_eq!(subject_of_path(&get, "/templates"), None);
+        assert_eq!(subject_of_path(&post, "/volumes"), Some(Subject::CreateVolume));
+        assert_eq!(subject_of_path(&get, "/volumes"), None);
+        assert_eq!(
+            subject_of_path(&Method::DELETE, "/volumes/v1"),
+            Some(Subject::Volume("v1".into()))
+        );
+        assert_eq!(
+            subject_of_path(&Method::PUT, "/volumecontent/v1/file"),
+            Some(Subject::VolumeContent("v1".into()))
+        );
     }
 }

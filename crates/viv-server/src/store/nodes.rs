@@ -262,6 +262,16 @@ impl Store {
         )
     }
 
+    /// The node holding a volume's files (by id or, failing that, name), as
+    /// [`Store::sandbox_node`].
+    pub fn volume_node(&self, id_or_name: &str) -> Result<Option<Option<String>>, StoreError> {
+        self.conn().query_row(
+            "SELECT node_id FROM volumes WHERE id = ?1 UNION ALL SELECT node_id FROM volumes WHERE name = ?1 AND id <> ?1 LIMIT 1",
+            params![id_or_name],
+            |r| r.get(0),
+        )
+    }
+
     /// The node of a VM (by id or name), as [`Store::sandbox_node`].
     pub fn vm_node(&self, id_or_name: &str) -> Result<Option<Option<String>>, StoreError> {
         self.conn().query_row(
@@ -279,6 +289,7 @@ impl Store {
             tx.execute("UPDATE sandboxes SET node_id = ?1 WHERE node_id IS NULL", params![node])?;
             tx.execute("UPDATE vms SET node_id = ?1 WHERE node_id IS NULL", params![node])?;
             tx.execute("UPDATE snapshots SET node_id = ?1 WHERE node_id IS NULL", params![node])?;
+            tx.execute("UPDATE volumes SET node_id = ?1 WHERE node_id IS NULL", params![node])?;
             Ok(())
         })
     }
@@ -292,6 +303,19 @@ impl Store {
             &format!("{} WHERE node_id = ?1 ORDER BY started_at, id", super::SELECT_SANDBOX),
             params![node],
             super::row_to_sandbox,
+        )
+    }
+
+    /// The snapshot nodes whose files are in this store's node's data directory (every one when
+    /// no node is set), oldest first.
+    pub fn local_snapshots(&self) -> Result<Vec<super::SnapshotRow>, StoreError> {
+        let Some(node) = self.node_id() else {
+            return self.snapshots();
+        };
+        self.conn().query_map(
+            &format!("{} WHERE node_id = ?1 ORDER BY created_at, id", super::SELECT_SNAPSHOT),
+            params![node],
+            super::row_to_snapshot,
         )
     }
 
@@ -371,6 +395,16 @@ mod tests {
             assert_eq!(one.vm_node("web").unwrap(), Some(Some("n2".into())));
             assert!(one.local_vms().unwrap().is_empty());
             assert_eq!(two.local_vms().unwrap().len(), 1);
+            // Snapshot nodes name the node holding their files.
+            let mut node = super::super::suite::snapshot_node("s1", None, "b", super::super::SnapshotKind::Pause);
+            two.put_snapshot(&node).unwrap();
+            node.id = "s2".into();
+            one.put_snapshot(&node).unwrap();
+            assert_eq!(one.snapshot_node("s1").unwrap(), Some(Some("n2".into())));
+            let local = |store: &super::super::Store| -> Vec<String> {
+                store.local_snapshots().unwrap().into_iter().map(|n| n.id).collect()
+            };
+            assert_eq!((local(one), local(two)), (vec!["s2".to_owned()], vec!["s1".to_owned()]));
         });
     }
 

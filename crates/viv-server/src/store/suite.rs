@@ -9,7 +9,7 @@ use viv_api::SandboxState;
 use super::engines::{each_engine, fresh_postgres};
 use super::*;
 
-pub(super) fn sandbox(id: &str) -> SandboxRow {
+pub(crate) fn sandbox(id: &str) -> SandboxRow {
     SandboxRow {
         id: id.into(),
         template_id: "base".into(),
@@ -37,7 +37,7 @@ pub(super) fn sandbox(id: &str) -> SandboxRow {
     }
 }
 
-fn node(id: &str, parent: Option<&str>, sandbox_id: &str, kind: SnapshotKind) -> SnapshotRow {
+pub(super) fn snapshot_node(id: &str, parent: Option<&str>, sandbox_id: &str, kind: SnapshotKind) -> SnapshotRow {
     SnapshotRow {
         id: id.into(),
         parent_id: parent.map(Into::into),
@@ -144,10 +144,10 @@ fn the_snapshot_tree_records_parents_users_and_deletions() {
     each_engine(|store| {
         store.put_sandbox(&sandbox("s1")).unwrap();
         store
-            .put_snapshot(&node("n1", None, "s1", SnapshotKind::Pause))
+            .put_snapshot(&snapshot_node("n1", None, "s1", SnapshotKind::Pause))
             .unwrap();
         assert_eq!(store.sandbox("s1").unwrap().unwrap().snapshot_id.as_deref(), Some("n1"));
-        let mut named = node("n2", Some("n1"), "s1", SnapshotKind::Snapshot);
+        let mut named = snapshot_node("n2", Some("n1"), "s1", SnapshotKind::Snapshot);
         named.name = Some("release".into());
         store.put_snapshot(&named).unwrap();
         assert_eq!(store.snapshot("release:default").unwrap().unwrap().id, "n2");
@@ -156,7 +156,7 @@ fn the_snapshot_tree_records_parents_users_and_deletions() {
         assert_eq!(store.snapshot_users("n2").unwrap(), (vec![], vec!["s1".to_owned()]));
         // A node's parent must exist.
         assert!(store
-            .put_snapshot(&node("n3", Some("missing"), "s1", SnapshotKind::Fork))
+            .put_snapshot(&snapshot_node("n3", Some("missing"), "s1", SnapshotKind::Fork))
             .is_err());
         assert!(
             store.snapshot("n3").unwrap().is_none(),

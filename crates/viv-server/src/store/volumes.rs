@@ -37,8 +37,8 @@ impl Store {
     /// Records a new volume; `Ok(false)` when its name is taken.
     pub fn insert_volume(&self, row: &VolumeRow) -> Result<bool, StoreError> {
         let n = self.conn().execute(
-            "INSERT INTO volumes (id, name, token, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-            params![row.id, row.name, row.token, now_rfc3339()],
+            "INSERT INTO volumes (id, name, token, created_at, node_id) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            params![row.id, row.name, row.token, now_rfc3339(), self.node_id()],
         )?;
         Ok(n == 1)
     }
