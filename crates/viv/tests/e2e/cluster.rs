@@ -353,6 +353,30 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         "made-on-a\n"
     );
     assert_eq!(layers(dir_b.path()), layers(dir_a.path()));
+    // A volume's files live on one node: made through A (drained) it lands on B, a sandbox
+    // mounting it starts there, and its content API (the volume's token) answers through A.
+    let volume = json_of(a.post("/volumes").json(&json!({ "name": "cluster-vol" })).send().unwrap());
+    let volume_id = volume["volumeID"].as_str().unwrap().to_owned();
+    let volume_token = volume["token"].as_str().unwrap().to_owned();
+    assert!(dir_b.path().join("volumes").join(&volume_id).is_dir());
+    let mounting = a.create(json!({
+        "timeout": 600,
+        "volumeMounts": [{ "name": "cluster-vol", "path": "/mnt/vol" }],
+    }));
+    assert_eq!(client_of(&a, &mounting), "node-b");
+    a.exec(&mounting, json!({ "command": "echo kept > /mnt/vol/note.txt" }));
+    let note = a
+        .http
+        .get(format!("{}/volumecontent/{volume_id}/file?path=/note.txt", a.url))
+        .bearer_auth(&volume_token)
+        .send()
+        .unwrap();
+    assert_eq!(note.status(), 200);
+    assert_eq!(note.text().unwrap(), "kept\n");
+    assert_eq!(a.delete(&format!("/sandboxes/{mounting}")).send().unwrap().status(), 204);
+    assert_eq!(a.delete(&format!("/volumes/{volume_id}")).send().unwrap().status(), 204);
+    assert!(!dir_b.path().join("volumes").join(&volume_id).exists());
+
     let mut nodes = Value::Null;
     let reported = wait_until(Duration::from_secs(20), || {
         nodes = json_of(a.get("/nodes").send().unwrap());
