@@ -15,7 +15,7 @@ export VIV_CACHE_DIR="${VIV_CACHE_DIR:-/var/cache/vivarium}"
 servers=()
 scratch=()
 cleanup() {
-  for pid in "${servers[@]}"; do kill -TERM "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done
+  for pid in "${servers[@]}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   for dir in "${scratch[@]}"; do
     rm -rf "$dir" "/dev/shm/vivarium-$(printf %s "$dir" | sha256sum | cut -c1-8)"
   done
