@@ -355,7 +355,12 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     assert_eq!(layers(dir_b.path()), layers(dir_a.path()));
     // A volume's files live on one node: made through A (drained) it lands on B, a sandbox
     // mounting it starts there, and its content API (the volume's token) answers through A.
-    let volume = json_of(a.post("/volumes").json(&json!({ "name": "cluster-vol" })).send().unwrap());
+    let volume = json_of(
+        a.post("/volumes")
+            .json(&json!({ "name": "cluster-vol" }))
+            .send()
+            .unwrap(),
+    );
     let volume_id = volume["volumeID"].as_str().unwrap().to_owned();
     let volume_token = volume["token"].as_str().unwrap().to_owned();
     assert!(dir_b.path().join("volumes").join(&volume_id).is_dir());
@@ -373,7 +378,10 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         .unwrap();
     assert_eq!(note.status(), 200);
     assert_eq!(note.text().unwrap(), "kept\n");
-    assert_eq!(a.delete(&format!("/sandboxes/{mounting}")).send().unwrap().status(), 204);
+    assert_eq!(
+        a.delete(&format!("/sandboxes/{mounting}")).send().unwrap().status(),
+        204
+    );
     assert_eq!(a.delete(&format!("/volumes/{volume_id}")).send().unwrap().status(), 204);
     assert!(!dir_b.path().join("volumes").join(&volume_id).exists());
 
