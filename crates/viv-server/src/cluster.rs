@@ -243,6 +243,11 @@ impl Cluster {
         Ok(store.node(owner)?.filter(|n| n.state != NodeState::Down))
     }
 
+    /// Whether this node is the cluster's only one (then every create is local).
+    pub fn alone(&self, store: &Store) -> Result<bool, ApiError> {
+        Ok(store.nodes()?.iter().all(|n| n.id == self.id))
+    }
+
     /// Where a create with `demand` runs.
     pub fn place(&self, store: &Store, demand: Demand<'_>) -> Result<Placement, ApiError> {
         let nodes = store.nodes()?;

@@ -124,10 +124,16 @@ async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeR
 
 /// Places a create: reads its body for the shape and template it asks for.
 async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
+    if state.cluster.alone(&state.store)? {
+        return Ok((None, request));
+    }
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, MAX_CREATE_BODY)
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+    let bytes = axum::body::to_bytes(body, MAX_CREATE_BODY).await.map_err(|e| {
+        ApiError::TooLarge(format!(
+            "reading the create request: {e} (a create is a JSON document of at most {} KiB)",
+            MAX_CREATE_BODY >> 10
+        ))
+    })?;
     // A body the handler will refuse is refused there, with its message: placed here.
     let asked: viv_api::NewSandbox = serde_json::from_slice(&bytes).unwrap_or_default();
     let request = Request::from_parts(parts, Body::from(bytes));
