@@ -242,10 +242,19 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         "{event}"
     );
     assert!(
-        detected >= Duration::from_secs(4),
-        "marked down after {detected:?}, before its down time"
+        detected < Duration::from_secs(30),
+        "marked down {detected:?} after the kill"
     );
-    assert!(node_named(&nodes, "node-b")["downSince"].is_string(), "{nodes}");
+    // Not before its down time: from its last heartbeat to being marked down took at least 5 s.
+    let time_of = |field: &str| {
+        let text = node_named(&nodes, "node-b")[field].as_str().unwrap().to_owned();
+        humantime::parse_rfc3339_weak(&text).unwrap()
+    };
+    let silent = time_of("downSince").duration_since(time_of("heartbeatAt")).unwrap();
+    assert!(
+        silent >= Duration::from_secs(5),
+        "marked down {silent:?} after its last heartbeat"
+    );
     // E2B-style, a lost sandbox is gone, and says why.
     let lost = a.get(&format!("/sandboxes/{on_b}")).send().unwrap();
     assert_eq!(lost.status(), 404);
