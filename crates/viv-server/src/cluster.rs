@@ -212,7 +212,7 @@ impl Cluster {
     fn mark_dead_nodes(&self, store: &Store, manager: &Manager, metrics: &crate::Metrics) -> Result<(), ApiError> {
         let cutoff = now_ms() - self.config.down_after.as_millis() as i64;
         let after = self.config.down_after;
-        let marked = store.mark_stale_nodes_down(cutoff, &crate::store::now_rfc3339_ms(), |node| {
+        let marked = store.mark_stale_nodes_down(&self.id, cutoff, &crate::store::now_rfc3339_ms(), |node| {
             format!(
                 "node {} stopped heartbeating (no heartbeat for {} s); the sandbox is lost",
                 node.name,

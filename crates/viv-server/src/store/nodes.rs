@@ -154,11 +154,13 @@ impl Store {
         })
     }
 
-    /// Marks every node whose last heartbeat is older than `cutoff_ms` down and reports each
-    /// one's running and starting sandboxes failed with `reason(node name)`; returns the nodes
-    /// this call marked, with the sandboxes it failed.
+    /// Marks every node but `me` whose last heartbeat is older than `cutoff_ms` down and reports
+    /// each one's running and starting sandboxes failed with `reason(node name)`; returns the
+    /// nodes this call marked, with the sandboxes it failed. (A server that looks is alive: its
+    /// own heartbeat may only be late, after a stall or a failed write.)
     pub fn mark_stale_nodes_down(
         &self,
+        me: &str,
         cutoff_ms: i64,
         now: &str,
         reason: impl Fn(&NodeRow) -> String + Send + Sync,
@@ -167,9 +169,9 @@ impl Store {
             let marked = tx.query_map(
                 &format!(
                     "UPDATE nodes SET state = 'down', down_since = ?2
-                     WHERE state <> 'down' AND heartbeat_ms < ?1 RETURNING {COLUMNS}"
+                     WHERE state <> 'down' AND heartbeat_ms < ?1 AND id <> ?3 RETURNING {COLUMNS}"
                 ),
-                params![cutoff_ms, now],
+                params![cutoff_ms, now, me],
                 node_row,
             )?;
             let mut report = Vec::new();
@@ -424,11 +426,15 @@ mod tests {
             );
             // Both servers look at once: one of them reports n2, never both.
             let reason = |n: &NodeRow| format!("{} is gone", n.name);
+            // A node never marks itself down, however late its own heartbeat.
+            let own = two.mark_stale_nodes_down("n2", 15_000, "2026-12-02T00:01:00Z", reason);
+            assert!(own.unwrap().is_empty());
             let first = one
-                .mark_stale_nodes_down(15_000, "2026-12-02T00:01:00Z", reason)
+                .mark_stale_nodes_down("n1", 15_000, "2026-12-02T00:01:00Z", reason)
                 .unwrap();
+            // A third server, on the second connection, looking right after.
             let second = two
-                .mark_stale_nodes_down(15_000, "2026-12-02T00:01:00Z", reason)
+                .mark_stale_nodes_down("n3", 15_000, "2026-12-02T00:01:00Z", reason)
                 .unwrap();
             assert!(second.is_empty(), "{second:?}");
             assert_eq!(first.len(), 1);
