@@ -56,6 +56,7 @@ mod sdk_files;
 mod sdk_spec;
 mod sdk_tags;
 mod setup;
+mod shm_sweep;
 mod snapshot_tree;
 mod snapshots;
 mod storage;

@@ -302,7 +302,10 @@ impl Manager {
             .collect();
         for dir in [self.config.data_dir.join("sandboxes"), self.shm_dir.clone()] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.file_name() == "templates" || keep.contains(&entry.file_name()) {
+                if entry.file_name() == "templates"
+                    || entry.file_name() == super::shm_sweep::OWNER
+                    || keep.contains(&entry.file_name())
+                {
                     continue;
                 }
                 let _ = if entry.path().is_dir() {

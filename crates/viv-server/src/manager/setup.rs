@@ -40,6 +40,12 @@ impl Manager {
                     source,
                 })?;
         }
+        if let Err(err) = super::shm_sweep::record_owner(&shm_dir, &config.data_dir) {
+            tracing::warn!(dir = %shm_dir.display(), %err, "recording the memory directory's data directory");
+        }
+        for removed in super::shm_sweep::remove_orphaned(Path::new("/dev/shm")) {
+            tracing::info!(dir = %removed.display(), "removed guest memory whose data directory is gone");
+        }
         let accel = config.accel.resolve();
         let key_file = config.data_dir.join("channel.key");
         let channel_key = match std::fs::read_to_string(&key_file) {
