@@ -20,12 +20,12 @@ pub mod events;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use viv_api::nodes::{NodeCapacity, NodeState};
 
 use crate::error::ApiError;
-use crate::manager::Manager;
+use crate::manager::{now_ms, Manager};
 use crate::store::{NodeRow, Store};
 
 /// How a server takes part in the cluster (`viv serve --node-*`).
@@ -58,15 +58,6 @@ impl std::fmt::Debug for Cluster {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// Where a create runs.
-#[derive(Debug)]
-pub enum Placement {
-    /// On this node.
-    Local,
-    /// On another node.
-    Remote(Box<NodeRow>),
 }
 
 /// What a create asks of a node.
@@ -102,12 +93,6 @@ pub fn node_id(data_dir: &Path) -> std::io::Result<String> {
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Cluster {
@@ -243,16 +228,15 @@ impl Cluster {
         Ok(store.node(owner)?.filter(|n| n.state != NodeState::Down))
     }
 
-    /// Whether this node is the cluster's only one (then every create is local).
-    pub fn alone(&self, store: &Store) -> Result<bool, ApiError> {
-        Ok(store.nodes()?.iter().all(|n| n.id == self.id))
+    /// Whether this node is the only one of `nodes` (then every create is local).
+    pub fn alone(&self, nodes: &[NodeRow]) -> bool {
+        nodes.iter().all(|n| n.id == self.id)
     }
 
-    /// Where a create with `demand` runs.
-    pub fn place(&self, store: &Store, demand: Demand<'_>) -> Result<Placement, ApiError> {
-        let nodes = store.nodes()?;
-        if nodes.iter().all(|n| n.id == self.id) {
-            return Ok(Placement::Local);
+    /// The node of `nodes` (the store's) a create with `demand` runs on: `None` for this one.
+    pub fn place(&self, store: &Store, nodes: Vec<NodeRow>, demand: Demand<'_>) -> Result<Option<NodeRow>, ApiError> {
+        if self.alone(&nodes) {
+            return Ok(None);
         }
         let committed = store.committed_per_node()?;
         let fresh_after = now_ms() - self.config.down_after.as_millis() as i64;
@@ -290,11 +274,7 @@ impl Cluster {
             })
             .map(|(n, _, _)| n)
             .expect("candidates is not empty");
-        Ok(if best.id == self.id {
-            Placement::Local
-        } else {
-            Placement::Remote(Box::new(best))
-        })
+        Ok((best.id != self.id).then_some(best))
     }
 }
 
@@ -346,10 +326,14 @@ mod tests {
         }
     }
 
+    fn place(cluster: &Cluster, store: &Store, d: Demand<'_>) -> Result<Option<NodeRow>, ApiError> {
+        cluster.place(store, store.nodes().unwrap(), d)
+    }
+
     fn placed(cluster: &Cluster, store: &Store, d: Demand<'_>) -> String {
-        match cluster.place(store, d).unwrap() {
-            Placement::Local => cluster.id.clone(),
-            Placement::Remote(node) => node.id,
+        match place(cluster, store, d).unwrap() {
+            None => cluster.id.clone(),
+            Some(node) => node.id,
         }
     }
 
@@ -383,7 +367,7 @@ mod tests {
         // The template's holder wins while it has room; never over capacity.
         assert_eq!(placed(&a, &store, demand(512, Some("py"))), "b");
         assert_eq!(placed(&a, &store, demand(4096, Some("py"))), "b");
-        let err = a.place(&store, demand(4097, None)).unwrap_err();
+        let err = place(&a, &store, demand(4097, None)).unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::TOO_MANY_REQUESTS, "{err}");
         assert!(err.to_string().contains("no node can take"), "{err}");
 
@@ -397,7 +381,7 @@ mod tests {
         store.register_node(&silent).unwrap();
         assert_eq!(placed(&a, &store, demand(512, Some("py"))), "a");
         store.set_node_state("a", NodeState::Draining).unwrap();
-        let err = a.place(&store, demand(512, None)).unwrap_err();
+        let err = place(&a, &store, demand(512, None)).unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
     }
 }

@@ -34,12 +34,7 @@ pub mod events;
 mod info;
 mod layer_cache;
 mod layer_fetch;
-pub use layer_fetch::ClusterLink;
-
-/// The header carrying the cluster's secret on node-to-node requests.
-pub fn layer_fetch_header() -> &'static str {
-    layer_fetch::CLUSTER_SECRET_HEADER
-}
+pub use layer_fetch::{ClusterLink, CLUSTER_SECRET_HEADER};
 mod lifecycle;
 mod memory_chain;
 mod network;
@@ -471,7 +466,7 @@ impl Manager {
         };
         if let Some(recipe) = &recipe {
             // A template built on another node of the cluster: its layers come from there.
-            if !recipe.layer.is_file() && self.store.template(&template)?.is_some() {
+            if !recipe.layer.is_file() {
                 self.fetch_template_layers(&template, &recipe.layer).await?;
             }
         }

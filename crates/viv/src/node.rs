@@ -78,6 +78,14 @@ pub async fn run(client: &Client, cmd: NodeCommand, json: bool) -> Result<i32> {
             output::table(&HEADERS, &nodes.iter().map(row).collect::<Vec<_>>());
         }
     };
+    // One node: an object in JSON, a one-row table otherwise.
+    let show_one = |node: NodeInfo| {
+        if json {
+            output::json(&node);
+        } else {
+            show(&[node]);
+        }
+    };
     match cmd {
         NodeCommand::List => {
             let all: Vec<NodeInfo> = client.json(client.request(Method::GET, "/nodes")).await?;
@@ -87,11 +95,7 @@ pub async fn run(client: &Client, cmd: NodeCommand, json: bool) -> Result<i32> {
             let one: NodeInfo = client
                 .json(client.request(Method::GET, &format!("/nodes/{node}")))
                 .await?;
-            if json {
-                output::json(&one);
-            } else {
-                show(&[one]);
-            }
+            show_one(one);
         }
         NodeCommand::Drain { node } => {
             let done: NodeDrain = client
@@ -115,11 +119,7 @@ pub async fn run(client: &Client, cmd: NodeCommand, json: bool) -> Result<i32> {
             let one: NodeInfo = client
                 .json(client.request(Method::POST, &format!("/nodes/{node}/undrain")))
                 .await?;
-            if json {
-                output::json(&one);
-            } else {
-                show(&[one]);
-            }
+            show_one(one);
         }
         NodeCommand::Remove { node } => {
             client

@@ -220,6 +220,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             args.heartbeat
         );
     }
+    if let Some(url) = args.node_url.as_deref().filter(|u| !u.starts_with("http://")) {
+        bail!("--node-url {url}: expected http://HOST:PORT (the cluster's servers talk plain HTTP to each other)");
+    }
     let node_name = args.node_name.clone().unwrap_or_else(hostname);
     if store.list_keys()?.is_empty() {
         let key = viv_server::create_api_key(&store, "initial")?;
@@ -327,9 +330,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             }
         }
     };
-    if !node_url.starts_with("http://") {
-        bail!("--node-url {node_url}: expected http://HOST:PORT (the cluster's servers talk plain HTTP to each other)");
-    }
     let cluster = viv_server::cluster::Cluster::join(
         &store,
         &manager,

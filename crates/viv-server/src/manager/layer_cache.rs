@@ -116,10 +116,16 @@ fn relative_parent(source: &Path, staged: &Path) -> std::io::Result<()> {
     let Some(name) = parent.file_name().filter(|_| beside) else {
         return Ok(());
     };
+    rename_parent(staged, Path::new(name))
+}
+
+/// Rewrites the parent `layer` (a qcow2 layer) names in its header to `parent`, leaving the
+/// data as it is (`qemu-img rebase -u`).
+pub(super) fn rename_parent(layer: &Path, parent: &Path) -> std::io::Result<()> {
     let out = std::process::Command::new("qemu-img")
         .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(name)
-        .arg(staged)
+        .arg(parent)
+        .arg(layer)
         .output()?;
     if out.status.success() {
         Ok(())

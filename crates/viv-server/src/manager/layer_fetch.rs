@@ -39,6 +39,13 @@ impl std::fmt::Debug for ClusterLink {
     }
 }
 
+/// Whether a layer's parent is another layer (named beside it, or in a `layers/` directory),
+/// not a base image.
+fn is_layer(parent: &Path) -> bool {
+    parent.extension().is_some_and(|e| e == "qcow2")
+        && (parent.is_relative() || parent.parent().and_then(Path::file_name).is_some_and(|d| d == "layers"))
+}
+
 /// Whether `key` can be a layer key (and so a file name).
 pub fn valid_layer_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= 128 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -57,22 +64,19 @@ impl Manager {
     }
 
     /// Makes `layer` (a layer of template `template` this node lacks) and its missing parents
-    /// present, from the nodes that have them; the error says why none could give them.
+    /// present, from the nodes that have them; the error says why none could give them. With no
+    /// other node to ask, it does nothing (the start then says the layer is missing).
     pub(super) async fn fetch_template_layers(&self, template: &str, layer: &Path) -> Result<(), ApiError> {
-        let missing = || {
-            ApiError::NotFound(format!(
-                "the disk layer of template '{template}' is missing ({}); build the template again",
-                layer.display()
-            ))
-        };
         let Some(link) = self.cluster_link.get() else {
-            return Err(missing());
+            return Ok(());
         };
-        let key = layer
+        let Some(key) = layer
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .filter(|k| valid_layer_key(k))
-            .ok_or_else(missing)?;
+        else {
+            return Ok(());
+        };
         let mut peers: Vec<_> = self
             .store
             .nodes()?
@@ -82,7 +86,7 @@ impl Manager {
         // Nodes that report the template first.
         peers.sort_by_key(|n| !n.capacity.templates.iter().any(|t| t == template));
         if peers.is_empty() {
-            return Err(missing());
+            return Ok(());
         }
         let _one_at_a_time = self.layer_fetches.lock().await;
         let client = reqwest::Client::builder()
@@ -96,25 +100,23 @@ impl Manager {
                 continue;
             }
             let mut failures = Vec::new();
-            let mut parent = None;
-            let mut fetched = false;
+            let mut fetched = None;
             for peer in &peers {
                 match self.fetch_layer(&client, link, &peer.url, &key, &target).await {
-                    Ok(p) => {
+                    Ok(parent) => {
                         tracing::info!(template, layer = %key, node = %peer.name, "layer fetched from another node");
-                        parent = p;
-                        fetched = true;
+                        fetched = Some(parent);
                         break;
                     }
                     Err(err) => failures.push(format!("{}: {err}", peer.name)),
                 }
             }
-            if !fetched {
+            let Some(parent) = fetched else {
                 return Err(ApiError::Unavailable(format!(
                     "template '{template}' was built on another node and its layer {key} could not be fetched: {}",
                     failures.join("; ")
                 )));
-            }
+            };
             queue.extend(parent);
         }
         Ok(())
@@ -133,14 +135,14 @@ impl Manager {
         let dir = target.parent().ok_or("a layer path without a directory")?;
         tokio::fs::create_dir_all(dir).await.map_err(|e| e.to_string())?;
         let staged = dir.join(format!(".{key}.fetching"));
-        let result = self.fetch_staged(client, link, url, key, &staged).await;
-        let result = match result {
-            Ok(parent) => match tokio::fs::rename(&staged, target).await {
-                Ok(()) => Ok(parent),
-                Err(e) => Err(format!("placing {}: {e}", target.display())),
-            },
-            Err(err) => Err(err),
-        };
+        let result = async {
+            let parent = self.fetch_staged(client, link, url, key, &staged).await?;
+            tokio::fs::rename(&staged, target)
+                .await
+                .map_err(|e| format!("placing {}: {e}", target.display()))?;
+            Ok(parent)
+        }
+        .await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(&staged).await;
         }
@@ -185,43 +187,19 @@ impl Manager {
             ));
         }
         let header = viv_vmm::qcow2::header(staged).map_err(|e| format!("not a qcow2 layer: {e}"))?;
-        let Some(backing) = header.backing_file else {
-            super::snapshots::seal(staged).map_err(|e| e.to_string())?;
-            return Ok(None);
-        };
-        let backing = PathBuf::from(backing);
-        let is_layer = backing.extension().is_some_and(|e| e == "qcow2")
-            && (backing.is_relative()
-                || backing
-                    .parent()
-                    .and_then(Path::file_name)
-                    .is_some_and(|d| d == "layers"));
-        let parent = if is_layer {
-            let parent_key = backing
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .filter(|k| valid_layer_key(k))
-                .ok_or_else(|| format!("its parent {} is not a layer", backing.display()))?;
-            let local = self.layer_path(&parent_key);
-            let out = tokio::process::Command::new("qemu-img")
-                .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-                .arg(&local)
-                .arg(staged)
-                .output()
-                .await
-                .map_err(|e| format!("qemu-img: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "qemu-img rebase: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
+        let parent = match header.backing_file.map(PathBuf::from) {
+            None => None,
+            Some(backing) if is_layer(&backing) => {
+                let parent_key = backing
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .filter(|k| valid_layer_key(k))
+                    .ok_or_else(|| format!("its parent {} is not a layer", backing.display()))?;
+                super::layer_cache::rename_parent(staged, &self.layer_path(&parent_key)).map_err(|e| e.to_string())?;
+                Some(parent_key)
             }
-            Some(parent_key)
-        } else {
-            if !backing.is_file() {
-                return Err(format!("its base image {} is not on this node", backing.display()));
-            }
-            None
+            Some(base) if base.is_file() => None,
+            Some(base) => return Err(format!("its base image {} is not on this node", base.display())),
         };
         super::snapshots::seal(staged).map_err(|e| e.to_string())?;
         Ok(parent)

@@ -5,7 +5,7 @@
 //! (`Store::local_sandboxes`, `Store::local_vms`); rows of other nodes never count here.
 
 use viv_api::nodes::NodeCapacity;
-use viv_api::vms::{VmDefinition, VmState};
+use viv_api::vms::VmState;
 use viv_api::SandboxState;
 
 use super::Manager;
@@ -30,17 +30,11 @@ impl Manager {
             }
         }
         for row in self.store.local_vms()? {
-            let active = row.state.parse::<VmState>().is_ok_and(|s| {
-                matches!(
-                    s,
-                    VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
-                )
-            });
-            if !active {
+            if !row.state.parse::<VmState>().is_ok_and(VmState::is_active) {
                 continue;
             }
-            if let Ok(def) = serde_json::from_str::<VmDefinition>(&row.definition) {
-                capacity.vcpus_used += def.cpu.sockets * def.cpu.cores * def.cpu.threads;
+            if let Ok(def) = super::vms::definition_of(&row.definition) {
+                capacity.vcpus_used += def.cpu.vcpus();
                 capacity.memory_used_mib += u64::from(def.memory_mib);
             }
         }

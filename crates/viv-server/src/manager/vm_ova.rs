@@ -76,7 +76,7 @@ impl Manager {
         }
         let descriptor = Ovf {
             name: row.name.clone(),
-            cpus: def.cpu.sockets * def.cpu.cores * def.cpu.threads,
+            cpus: def.cpu.vcpus(),
             memory_mib: u64::from(def.memory_mib),
             disks: disks.clone(),
             nics: def

@@ -14,7 +14,7 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::manager::layer_fetch_header;
+use crate::manager::CLUSTER_SECRET_HEADER;
 use crate::AppState;
 
 /// The node API's routes.
@@ -24,7 +24,7 @@ pub(super) fn routes() -> Router<AppState> {
 
 fn check_secret(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
-        .get(layer_fetch_header())
+        .get(CLUSTER_SECRET_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     if given.is_empty() || !viv_proto::signing::same(given, state.cluster.secret().as_bytes()) {

@@ -16,11 +16,11 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::cluster::{Demand, Placement};
+use crate::cluster::Demand;
 use crate::error::ApiError;
 use crate::store::NodeRow;
 use crate::AppState;
@@ -80,7 +80,7 @@ pub(super) async fn route_to_node(State(state): State<AppState>, request: Reques
 
 /// The node a request must go to (`None`: this one), and the request (its body read back in
 /// when placement had to read it).
-async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
+async fn destination(state: &AppState, mut request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
     let subject = match super::proxy::target(&request) {
         Some((id, _)) => Some(Subject::SandboxTraffic(id)),
         // A signed file URL names its sandbox by its signature alone.
@@ -96,8 +96,10 @@ async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeR
     let store = &state.store;
     // Sandbox traffic carries the sandbox's token and volume content the volume's: their
     // node checks them.
+    // A key checked here is not checked again behind (`require_api_key`).
     if !matches!(subject, Subject::SandboxTraffic(_) | Subject::VolumeContent(_)) {
-        super::authenticated_key(state, &request)?;
+        let key = super::authenticated_key(state, &request)?;
+        request.extensions_mut().insert(super::AuthedKey(key));
     }
     let owner = match subject {
         Subject::Sandbox(id) | Subject::SandboxTraffic(id) => store.sandbox_node(&id)?.flatten(),
@@ -113,10 +115,7 @@ async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeR
                 vcpus: 0,
                 template: None,
             };
-            return match state.cluster.place(store, demand)? {
-                Placement::Local => Ok((None, request)),
-                Placement::Remote(node) => Ok((Some(*node), request)),
-            };
+            return Ok((cluster.place(store, store.nodes()?, demand)?, request));
         }
     };
     Ok((cluster.owner(store, owner.as_deref())?, request))
@@ -124,7 +123,8 @@ async fn destination(state: &AppState, request: Request) -> Result<(Option<NodeR
 
 /// Places a create: reads its body for the shape and template it asks for.
 async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
-    if state.cluster.alone(&state.store)? {
+    let nodes = state.store.nodes()?;
+    if state.cluster.alone(&nodes) {
         return Ok((None, request));
     }
     let (parts, body) = request.into_parts();
@@ -159,10 +159,7 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
         vcpus: asked.cpu_count.unwrap_or(vcpus),
         template: template.as_deref(),
     };
-    match state.cluster.place(&state.store, demand)? {
-        Placement::Local => Ok((None, request)),
-        Placement::Remote(node) => Ok((Some(*node), request)),
-    }
+    Ok((state.cluster.place(&state.store, nodes, demand)?, request))
 }
 
 /// Sends a request to `node` and relays its answer.
@@ -198,13 +195,9 @@ async fn forward(state: &AppState, node: &NodeRow, mut request: Request) -> Resu
         }
     }
     state.metrics.requests_forwarded.inc();
-    let response = super::proxy::relay_http1(stream, request, false)
+    super::proxy::relay_http1(stream, request, false)
         .await
-        .map_err(unreachable)?;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        tracing::debug!(node = %node.name, "upgraded connection relayed to its node");
-    }
-    Ok(response)
+        .map_err(unreachable)
 }
 
 #[cfg(test)]

@@ -36,14 +36,18 @@ fn node_info(state: &AppState, row: &NodeRow, counts: &HashMap<String, u32>) -> 
     )
 }
 
-fn find(state: &AppState, id: &str) -> Result<(NodeRow, NodeInfo), ApiError> {
-    let row = state
+fn find(state: &AppState, id: &str) -> Result<NodeRow, ApiError> {
+    state
         .store
         .node(id)?
-        .ok_or_else(|| ApiError::NotFound(format!("node '{id}' not found; GET /nodes lists them")))?;
+        .ok_or_else(|| ApiError::NotFound(format!("node '{id}' not found; GET /nodes lists them")))
+}
+
+/// The node with id `id` as the API shows it, read now.
+fn shown(state: &AppState, id: &str) -> Result<NodeInfo, ApiError> {
+    let row = find(state, id)?;
     let counts: HashMap<String, u32> = state.store.sandboxes_per_node()?.into_iter().collect();
-    let info = node_info(state, &row, &counts);
-    Ok((row, info))
+    Ok(node_info(state, &row, &counts))
 }
 
 async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -58,11 +62,11 @@ async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
 }
 
 async fn info(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    Ok(Json(find(&state, &id)?.1).into_response())
+    Ok(Json(shown(&state, &id)?).into_response())
 }
 
 async fn drain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let (row, _) = find(&state, &id)?;
+    let row = find(&state, &id)?;
     if row.id != state.cluster.node_id() {
         // Only a node that is down is not forwarded its own drain.
         return Err(ApiError::Conflict(format!(
@@ -92,12 +96,12 @@ async fn drain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> R
         "draining",
         Some(format!("{} sandbox(es) paused", paused.len())),
     );
-    let node = find(&state, &row.id)?.1;
+    let node = shown(&state, &row.id)?;
     Ok(Json(NodeDrain { node, paused, failed }).into_response())
 }
 
 async fn undrain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let (row, _) = find(&state, &id)?;
+    let row = find(&state, &id)?;
     match row.state {
         NodeState::Draining => {
             state.store.set_node_state(&row.id, NodeState::Up)?;
@@ -113,11 +117,11 @@ async fn undrain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) ->
             )))
         }
     }
-    Ok(Json(find(&state, &row.id)?.1).into_response())
+    Ok(Json(shown(&state, &row.id)?).into_response())
 }
 
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    let (row, info) = find(&state, &id)?;
+    let row = find(&state, &id)?;
     if row.state != NodeState::Down {
         return Err(ApiError::Conflict(format!(
             "node {} is {}: stop its server and wait until it is marked down before removing it",
@@ -125,6 +129,7 @@ async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> 
             row.state.as_str()
         )));
     }
+    let info = shown(&state, &row.id)?;
     if info.sandboxes > 0 {
         return Err(ApiError::Conflict(format!(
             "node {} still holds {} paused sandbox(es); kill them first (their files are on that node)",

@@ -256,28 +256,28 @@ impl Store {
 
     /// The node holding the files of a snapshot node (by id or name), as [`Store::sandbox_node`].
     pub fn snapshot_node(&self, id_or_name: &str) -> Result<Option<Option<String>>, StoreError> {
-        let id_or_name = super::untagged(id_or_name);
-        self.conn().query_row(
-            "SELECT node_id FROM snapshots WHERE id = ?1 UNION ALL SELECT node_id FROM snapshots WHERE name = ?1 AND id <> ?1 LIMIT 1",
-            params![id_or_name],
-            |r| r.get(0),
-        )
+        self.node_of("snapshots", super::untagged(id_or_name))
     }
 
     /// The node holding a volume's files (by id or, failing that, name), as
     /// [`Store::sandbox_node`].
     pub fn volume_node(&self, id_or_name: &str) -> Result<Option<Option<String>>, StoreError> {
-        self.conn().query_row(
-            "SELECT node_id FROM volumes WHERE id = ?1 UNION ALL SELECT node_id FROM volumes WHERE name = ?1 AND id <> ?1 LIMIT 1",
-            params![id_or_name],
-            |r| r.get(0),
-        )
+        self.node_of("volumes", id_or_name)
     }
 
     /// The node of a VM (by id or name), as [`Store::sandbox_node`].
     pub fn vm_node(&self, id_or_name: &str) -> Result<Option<Option<String>>, StoreError> {
+        self.node_of("vms", id_or_name)
+    }
+
+    /// The `node_id` of the row of `table` (one of this module's, with `id`, `name` and
+    /// `node_id` columns) whose id or, failing that, name is `id_or_name`.
+    fn node_of(&self, table: &'static str, id_or_name: &str) -> Result<Option<Option<String>>, StoreError> {
         self.conn().query_row(
-            "SELECT node_id FROM vms WHERE id = ?1 UNION ALL SELECT node_id FROM vms WHERE name = ?1 AND id <> ?1 LIMIT 1",
+            &format!(
+                "SELECT node_id FROM {table} WHERE id = ?1
+                 UNION ALL SELECT node_id FROM {table} WHERE name = ?1 AND id <> ?1 LIMIT 1"
+            ),
             params![id_or_name],
             |r| r.get(0),
         )
@@ -323,23 +323,17 @@ impl Store {
 
     /// The VMs of this store's node (every VM when no node is set), by name.
     pub fn local_vms(&self) -> Result<Vec<super::VmRow>, StoreError> {
-        let all = self.list_vms()?;
-        let Some(node) = self.node_id() else { return Ok(all) };
-        let mine: std::collections::HashSet<String> = self
-            .conn()
-            .query_map("SELECT id FROM vms WHERE node_id = ?1", params![node], |r| r.get(0))?
-            .into_iter()
-            .collect();
-        Ok(all.into_iter().filter(|vm| mine.contains(&vm.id)).collect())
-    }
-
-    /// Whether a sandbox or VM row with node `owner` belongs to this store's node (a store
-    /// with no node set owns everything).
-    pub fn is_local(&self, owner: Option<&str>) -> bool {
-        match (self.node_id(), owner) {
-            (Some(me), Some(owner)) => me == owner,
-            _ => true,
-        }
+        let Some(node) = self.node_id() else {
+            return self.list_vms();
+        };
+        self.conn().query_map(
+            &format!(
+                "SELECT {} FROM vms WHERE node_id = ?1 ORDER BY name",
+                super::vms::COLUMNS
+            ),
+            params![node],
+            super::vms::vm_row,
+        )
     }
 }
 
@@ -389,7 +383,6 @@ mod tests {
             assert_eq!(ids(one.local_sandboxes().unwrap()), ["old"]);
             assert_eq!(ids(two.local_sandboxes().unwrap()), ["b"]);
             assert_eq!(one.sandboxes().unwrap().len(), 2);
-            assert!(one.is_local(Some("n1")) && !one.is_local(Some("n2")));
             let committed = one.committed_per_node().unwrap();
             assert_eq!(committed.get("n2"), Some(&(2, 512)));
             // VMs too.

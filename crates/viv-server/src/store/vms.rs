@@ -35,10 +35,10 @@ pub struct VmRow {
     pub last_exit: Option<String>,
 }
 
-const COLUMNS: &str = "id, name, definition, pending_definition, state, created_at, state_changed_at, \
+pub(super) const COLUMNS: &str = "id, name, definition, pending_definition, state, created_at, state_changed_at, \
     pid, pid_start_time, started_at, starts, last_exit";
 
-fn vm_row(r: &Row) -> Result<VmRow, StoreError> {
+pub(super) fn vm_row(r: &Row) -> Result<VmRow, StoreError> {
     Ok(VmRow {
         id: r.get(0)?,
         name: r.get(1)?,
