@@ -80,7 +80,7 @@ impl Drop for CleanUpNode<'_> {
 #[test]
 fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     let database = viv_test_postgres::fresh_database();
-    let dir = |prefix: &str| tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap();
+    let dir = |prefix: &str| tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
     let (dir_a, dir_b) = (dir("viv-e2e-node-a-"), dir("viv-e2e-node-b-"));
     let a = TestServer::start_on_with(dir_a.path(), &node_args(&database, "node-a"));
     let b = TestServer::start_on_with(dir_b.path(), &node_args(&database, "node-b"));

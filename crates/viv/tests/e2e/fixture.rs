@@ -71,7 +71,7 @@ impl TestServer {
 
     /// Starts a server on a fresh data directory with extra options and environment variables.
     pub fn start_with_env(pool_size: usize, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
+        let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
         let data_dir = temp.path().to_path_buf();
         let mut server = Self::launch_binary(Path::new(VIV), &data_dir, None, pool_size, extra, env);
         server._temp = Some(temp);

@@ -376,7 +376,7 @@ fn pool_prefix(server: &TestServer) -> String {
 
 #[test]
 fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
-    let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
+    let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
     let options = ["--network", "isolated", "--net-pool", "10.239.0.0/24"];
     let server = TestServer::start_on_with(temp.path(), &options);
     let key = crate::fixture::host_key(temp.path());

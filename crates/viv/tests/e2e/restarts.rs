@@ -82,10 +82,7 @@ fn terminal_pid(server: &TestServer, id: &str) -> Option<u64> {
 
 #[test]
 fn sandboxes_outlive_a_killed_server_and_an_upgraded_one_takes_them_over() {
-    let temp = tempfile::Builder::new()
-        .prefix("viv-e2e-survive-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let temp = tempfile::Builder::new().prefix("viv-e2e-survive-").tempdir().unwrap();
     // With a warm VM, which no sandbox owns: the next server kills it.
     let first = TestServer::start_pooled_on(temp.path(), 1);
 
@@ -221,10 +218,7 @@ fn sandboxes_outlive_a_killed_server_and_an_upgraded_one_takes_them_over() {
 
 #[test]
 fn a_stopped_server_leaves_its_sandboxes_running_or_pauses_them_as_asked() {
-    let temp = tempfile::Builder::new()
-        .prefix("viv-e2e-stop-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let temp = tempfile::Builder::new().prefix("viv-e2e-stop-").tempdir().unwrap();
     // The default: leave them running.
     let leaving = TestServer::start_on_with(temp.path(), &["--on-shutdown", "leave"]);
     let id = leaving.create(json!({ "timeout": 900 }));
@@ -268,10 +262,7 @@ fn a_stopped_server_leaves_its_sandboxes_running_or_pauses_them_as_asked() {
 #[test]
 fn a_server_stopped_while_it_warms_its_pool_leaves_nothing_behind() {
     for mode in ["leave", "kill"] {
-        let temp = tempfile::Builder::new()
-            .prefix("viv-e2e-warming-")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let temp = tempfile::Builder::new().prefix("viv-e2e-warming-").tempdir().unwrap();
         let server = TestServer::start_pooled_on_with(temp.path(), 1, &["--on-shutdown", mode]);
         let first = server.create(json!({ "timeout": 300 }));
         // Once the pool holds a VM, the next create takes it and the pool starts warming another.
@@ -297,10 +288,7 @@ fn a_server_stopped_while_it_warms_its_pool_leaves_nothing_behind() {
 /// record) is freed at once. Before, a failed take-over left both behind for good.
 #[test]
 fn a_vm_that_cannot_be_taken_over_is_killed_and_its_jail_freed() {
-    let temp = tempfile::Builder::new()
-        .prefix("viv-e2e-frozen-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let temp = tempfile::Builder::new().prefix("viv-e2e-frozen-").tempdir().unwrap();
     let first = TestServer::start_on(temp.path(), None);
     let id = first.create(json!({ "timeout": 900 }));
     let qemu = qemu_of(temp.path(), &id);

@@ -194,7 +194,7 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
 
 #[test]
 fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart() {
-    let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir_in("/tmp").unwrap();
+    let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
     let server = TestServer::start_on(temp.path(), None);
     let kept = server.create(json!({ "templateID": "base", "timeout": 600 }));
     server.exec(&kept, json!({ "command": "echo kept > /home/user/k.txt" }));

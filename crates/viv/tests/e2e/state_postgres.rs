@@ -10,10 +10,7 @@ use crate::fixture::{wait_until, TestServer};
 #[test]
 fn a_server_on_postgres_keeps_its_keys_sandboxes_and_snapshots_across_a_kill() {
     let database = viv_test_postgres::fresh_database();
-    let temp = tempfile::Builder::new()
-        .prefix("viv-e2e-postgres-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let temp = tempfile::Builder::new().prefix("viv-e2e-postgres-").tempdir().unwrap();
     let first = TestServer::start_on_with(temp.path(), &["--database", &database]);
     assert!(
         !temp.path().join("vivarium.db").exists(),

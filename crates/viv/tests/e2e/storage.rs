@@ -666,10 +666,7 @@ impl Drop for Mounted {
 #[test]
 fn uploads_that_do_not_fit_are_refused_and_leave_nothing() {
     // The server's data directory on a 40 MiB file system.
-    let dir = tempfile::Builder::new()
-        .prefix("viv-e2e-full-")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("viv-e2e-full-").tempdir().unwrap();
     let status = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
         .arg(dir.path())

@@ -232,7 +232,7 @@ fn an_incremental_backup_restored_equals_the_disk_at_its_moment() {
 fn a_crash_mid_backup_leaves_no_half_written_backup() {
     let temp = tempfile::Builder::new()
         .prefix("viv-e2e-backup-crash-")
-        .tempdir_in("/tmp")
+        .tempdir()
         .unwrap();
     let first = TestServer::start_on(temp.path(), None);
     let disk = unique("crashdisk");
