@@ -104,13 +104,25 @@ pub struct NodeInfo {
 pub struct NodeDrain {
     /// The node, now `draining`.
     pub node: NodeInfo,
-    /// Sandboxes paused off it (they resume where placement puts them).
+    /// Sandboxes it paused (they resume where placement puts them).
     pub paused: Vec<String>,
-    /// Sandboxes that could not be paused, with why.
+    /// Paused sandboxes moved to other nodes, with their files.
+    #[serde(default)]
+    pub moved: Vec<DrainMove>,
+    /// Sandboxes that could not be paused or moved, with why.
     pub failed: Vec<DrainFailure>,
 }
 
-/// A sandbox a drain could not pause.
+/// A paused sandbox a drain moved to another node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainMove {
+    /// The sandbox.
+    pub id: String,
+    /// The name of the node now holding it.
+    pub node: String,
+}
+
+/// A sandbox a drain could not pause or move.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrainFailure {
     /// The sandbox.

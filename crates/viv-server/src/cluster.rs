@@ -69,6 +69,9 @@ pub struct Demand<'a> {
     pub vcpus: u32,
     /// The template it starts from, when it names a built one.
     pub template: Option<&'a str>,
+    /// The node that wins whenever it has room (a paused sandbox's own node, where its files
+    /// are).
+    pub prefer: Option<&'a str>,
 }
 
 /// The node id kept in `data_dir/node-id`, made on first use.
@@ -270,7 +273,7 @@ impl Cluster {
             .into_iter()
             .max_by_key(|(n, free, vcpus_used)| {
                 let spare_cpus = i64::from(n.capacity.vcpus) - i64::from(*vcpus_used);
-                (*free, spare_cpus, n.id == self.id)
+                (Some(n.id.as_str()) == demand.prefer, *free, spare_cpus, n.id == self.id)
             })
             .map(|(n, _, _)| n)
             .expect("candidates is not empty");
@@ -323,6 +326,14 @@ mod tests {
             memory_mib,
             vcpus: 1,
             template,
+            prefer: None,
+        }
+    }
+
+    fn preferring<'a>(memory_mib: u32, node: &'a str) -> Demand<'a> {
+        Demand {
+            prefer: Some(node),
+            ..demand(memory_mib, None)
         }
     }
 
@@ -363,6 +374,9 @@ mod tests {
         paused.state = SandboxState::Paused;
         store.put_sandbox(&paused).unwrap();
         assert_eq!(placed(&a, &store, demand(512, None)), "a");
+        // A preferred node (a paused sandbox's own) wins while it has room.
+        assert_eq!(placed(&a, &store, preferring(512, "b")), "b");
+        assert_eq!(placed(&a, &store, preferring(512, "elsewhere")), "a");
 
         // The template's holder wins while it has room; never over capacity.
         assert_eq!(placed(&a, &store, demand(512, Some("py"))), "b");
@@ -375,6 +389,7 @@ mod tests {
         for state in [NodeState::Draining, NodeState::Down] {
             store.set_node_state("b", state).unwrap();
             assert_eq!(placed(&a, &store, demand(512, Some("py"))), "a");
+            assert_eq!(placed(&a, &store, preferring(512, "b")), "a");
         }
         let mut silent = node("b", 8192, &["py"]);
         silent.heartbeat_ms = now_ms() - 60_000;

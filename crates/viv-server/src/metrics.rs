@@ -163,6 +163,8 @@ pub struct Metrics {
     pub nodes_marked_down: Counter,
     /// Sandboxes this server reported lost with their node.
     pub sandboxes_lost_with_node: Counter,
+    /// Paused sandboxes this node adopted from another one (a resume or a drain moved them).
+    pub sandboxes_moved: Counter,
     /// The SSH gateway.
     pub ssh: SshMetrics,
 }
@@ -182,6 +184,7 @@ impl Default for Metrics {
             requests_forwarded: Counter::default(),
             nodes_marked_down: Counter::default(),
             sandboxes_lost_with_node: Counter::default(),
+            sandboxes_moved: Counter::default(),
             ssh: SshMetrics::default(),
         }
     }
@@ -243,6 +246,11 @@ impl Metrics {
             "vivarium_sandboxes_lost_with_node_total",
             "Running sandboxes this server reported lost with their node.",
             self.sandboxes_lost_with_node.get(),
+        );
+        counter(
+            "vivarium_sandboxes_moved_total",
+            "Paused sandboxes this node adopted from another node (a resume or a drain moved them).",
+            self.sandboxes_moved.get(),
         );
         counter(
             "vivarium_http_requests_total",

@@ -105,10 +105,14 @@ pub async fn run(client: &Client, cmd: NodeCommand, json: bool) -> Result<i32> {
                 output::json(&done);
             } else {
                 println!(
-                    "{} is draining; paused {} sandbox(es)",
+                    "{} is draining; paused {} sandbox(es), moved {} to other nodes",
                     done.node.name,
-                    done.paused.len()
+                    done.paused.len(),
+                    done.moved.len()
                 );
+                for moved in &done.moved {
+                    println!("{} -> {}", moved.id, moved.node);
+                }
                 for failure in &done.failed {
                     eprintln!("{}: {}", failure.id, failure.error);
                 }

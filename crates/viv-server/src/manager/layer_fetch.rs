@@ -89,10 +89,7 @@ impl Manager {
             return Ok(());
         }
         let _one_at_a_time = self.layer_fetches.lock().await;
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .map_err(|e| ApiError::Internal(format!("an HTTP client: {e}")))?;
+        let client = peer_client()?;
         let mut queue = vec![key];
         while let Some(key) = queue.pop() {
             let target = self.layer_path(&key);
@@ -157,51 +154,78 @@ impl Manager {
         key: &str,
         staged: &Path,
     ) -> Result<Option<String>, String> {
-        use tokio::io::AsyncWriteExt as _;
-        let mut response = client
-            .get(format!("{url}/internal/layers/{key}"))
-            .header(CLUSTER_SECRET_HEADER, &link.secret)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!(
-                "{} {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            ));
-        }
-        let expected = response.content_length();
-        let mut file = tokio::fs::File::create(staged).await.map_err(|e| e.to_string())?;
-        let mut written: u64 = 0;
-        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
-            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
-            written += chunk.len() as u64;
-        }
-        file.sync_all().await.map_err(|e| e.to_string())?;
-        drop(file);
-        if expected.is_some_and(|n| n != written) {
-            return Err(format!(
-                "the layer ended after {written} of {} bytes",
-                expected.unwrap_or(0)
-            ));
-        }
-        let header = viv_vmm::qcow2::header(staged).map_err(|e| format!("not a qcow2 layer: {e}"))?;
-        let parent = match header.backing_file.map(PathBuf::from) {
-            None => None,
+        download(client, link, &format!("{url}/internal/layers/{key}"), staged).await?;
+        let parent = self.adopt_backing(staged)?;
+        super::snapshots::seal(staged).map_err(|e| e.to_string())?;
+        Ok(parent)
+    }
+
+    /// Names, in the header of `image` (a qcow2 file fetched from another node), this node's
+    /// copy of its parent: a layer of `layers/` (returns its key: it may still have to be
+    /// fetched) or a base image, which must be here already.
+    pub(super) fn adopt_backing(&self, image: &Path) -> Result<Option<String>, String> {
+        let header = viv_vmm::qcow2::header(image).map_err(|e| format!("not a qcow2 image: {e}"))?;
+        match header.backing_file.map(PathBuf::from) {
+            None => Ok(None),
             Some(backing) if is_layer(&backing) => {
                 let parent_key = backing
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .filter(|k| valid_layer_key(k))
                     .ok_or_else(|| format!("its parent {} is not a layer", backing.display()))?;
-                super::layer_cache::rename_parent(staged, &self.layer_path(&parent_key)).map_err(|e| e.to_string())?;
-                Some(parent_key)
+                super::layer_cache::rename_parent(image, &self.layer_path(&parent_key)).map_err(|e| e.to_string())?;
+                Ok(Some(parent_key))
             }
-            Some(base) if base.is_file() => None,
-            Some(base) => return Err(format!("its base image {} is not on this node", base.display())),
-        };
-        super::snapshots::seal(staged).map_err(|e| e.to_string())?;
-        Ok(parent)
+            Some(base) if base.is_file() => Ok(None),
+            Some(base) => Err(format!("its base image {} is not on this node", base.display())),
+        }
     }
+}
+
+/// An HTTP client for requests to the other nodes.
+pub(super) fn peer_client() -> Result<reqwest::Client, ApiError> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| ApiError::Internal(format!("an HTTP client: {e}")))
+}
+
+/// Downloads `url` (a node API address) into the new file `staged`, synced, checked against the
+/// length the node announced. Returns the answer's headers.
+pub(super) async fn download(
+    client: &reqwest::Client,
+    link: &ClusterLink,
+    url: &str,
+    staged: &Path,
+) -> Result<reqwest::header::HeaderMap, String> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut response = client
+        .get(url)
+        .header(CLUSTER_SECRET_HEADER, &link.secret)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!(
+            "{} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        ));
+    }
+    let headers = response.headers().clone();
+    let expected = response.content_length();
+    let mut file = tokio::fs::File::create(staged).await.map_err(|e| e.to_string())?;
+    let mut written: u64 = 0;
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        written += chunk.len() as u64;
+    }
+    file.sync_all().await.map_err(|e| e.to_string())?;
+    if expected.is_some_and(|n| n != written) {
+        return Err(format!(
+            "the file ended after {written} of {} bytes",
+            expected.unwrap_or(0)
+        ));
+    }
+    Ok(headers)
 }

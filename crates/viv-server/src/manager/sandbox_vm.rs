@@ -25,6 +25,11 @@ impl Manager {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
         let overlay = run_dir.join("root.qcow2");
+        // The key the restored guest's agent has until it is initialized with this server's.
+        let restore_key = match origin {
+            Origin::Node(dir) => self.node_channel_key(dir),
+            _ => self.channel_key.clone(),
+        };
         let (layer, memory, restore_from) = match origin {
             Origin::Boot { layer, memory_file } => (layer.to_path_buf(), GuestMemory::SharedFile(memory_file), None),
             Origin::Template(template) => {
@@ -112,7 +117,7 @@ impl Manager {
         let limit = self.config.boot_timeout;
         let restored = spec.restore_from.is_some();
         if restored {
-            live.agent.set_channel_key(self.channel_key.clone());
+            live.agent.set_channel_key(restore_key);
         }
         let boot = async {
             // A restored guest's port is already open (QEMU reports no event for it, and

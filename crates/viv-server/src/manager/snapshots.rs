@@ -135,6 +135,8 @@ impl Manager {
         memory: bool,
     ) -> Result<CreatedSandbox, ApiError> {
         let id = row.id.clone();
+        // Its files come here first when another node paused it.
+        self.adopt_paused(&row).await?;
         let node_id = row.snapshot_id.clone().unwrap_or_default();
         let node = self.store.snapshot(&node_id)?.ok_or_else(|| {
             ApiError::NotFound(format!(
@@ -521,11 +523,14 @@ impl Manager {
         }
     }
 
-    /// At start: removes node directories that have no row (a save the crash interrupted).
+    /// At start: removes node directories that have no row of this node (a save the crash
+    /// interrupted, an export copy, a snapshot another node adopted).
     pub(super) fn recover_snapshots(&self) -> Result<(), ApiError> {
         let root = self.config.data_dir.join("snapshots");
         std::fs::create_dir_all(&root).map_err(|e| ApiError::Internal(format!("creating {}: {e}", root.display())))?;
-        let known: std::collections::HashSet<String> = self.store.snapshots()?.into_iter().map(|n| n.id).collect();
+        // Only this node's: a snapshot another node adopted while this one was away goes too.
+        let known: std::collections::HashSet<String> =
+            self.store.local_snapshots()?.into_iter().map(|n| n.id).collect();
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {

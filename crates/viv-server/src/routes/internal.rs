@@ -4,22 +4,33 @@
 //! private network.
 //!
 //! - `GET /internal/layers/{key}`: a template layer this node has, for a node that has to start
-//!   the template (`manager/layer_fetch.rs`).
+//!   the template (`manager/layer_fetch.rs`);
+//! - `GET /internal/snapshots/{id}/disk` and `…/state`: a snapshot node's disk made whole down to
+//!   its template's layer, and its memory, for a node adopting a paused sandbox;
+//!   `DELETE /internal/snapshots/{id}`: drop the copy of a snapshot another node adopted;
+//!   `POST /internal/sandboxes/{id}/adopt`: take a paused sandbox from the node holding it (a
+//!   drain asks this) (`manager/snapshot_move.rs`).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::Router;
 
 use crate::error::ApiError;
-use crate::manager::CLUSTER_SECRET_HEADER;
+use crate::manager::{ExportedFile, CLUSTER_SECRET_HEADER, SNAPSHOT_CHANNEL_KEY_HEADER, SNAPSHOT_MEMORY_HEADER};
 use crate::AppState;
 
 /// The node API's routes.
 pub(super) fn routes() -> Router<AppState> {
-    Router::new().route("/internal/layers/{key}", get(layer))
+    Router::new()
+        .route("/internal/layers/{key}", get(layer))
+        .route("/internal/snapshots/{id}/disk", get(snapshot_disk))
+        .route("/internal/snapshots/{id}/state", get(snapshot_state))
+        .route("/internal/snapshots/{id}", delete(drop_snapshot))
+        .route("/internal/sandboxes/{id}/adopt", post(adopt_sandbox))
 }
 
 fn check_secret(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -53,13 +64,67 @@ async fn layer(
         .await
         .map_err(|e| ApiError::Internal(format!("reading {}: {e}", path.display())))?
         .len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok((
+    Ok(file_answer(ExportedFile { file, len }, []))
+}
+
+async fn snapshot_disk(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    let (disk, memory, key) = state.manager.export_snapshot_disk(&id).await?;
+    let mut answer = file_answer(disk, [(SNAPSHOT_MEMORY_HEADER, memory)]);
+    let key = axum::http::HeaderValue::from_str(&key)
+        .map_err(|_| ApiError::Internal("a channel key that is not a header value".into()))?;
+    answer.headers_mut().insert(SNAPSHOT_CHANNEL_KEY_HEADER, key);
+    Ok(answer)
+}
+
+async fn snapshot_state(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    Ok(file_answer(state.manager.export_snapshot_state(&id).await?, []))
+}
+
+async fn drop_snapshot(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    state.manager.drop_moved_snapshot(&id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn adopt_sandbox(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    state.manager.adopt_paused_sandbox(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A file streamed as an answer, with its length and `extra` headers.
+fn file_answer<const N: usize>(exported: ExportedFile, extra: [(&'static str, &'static str); N]) -> Response {
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(exported.file));
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_LENGTH, exported.len.to_string()),
         ],
         body,
     )
-        .into_response())
+        .into_response();
+    for (name, value) in extra {
+        response
+            .headers_mut()
+            .insert(name, axum::http::HeaderValue::from_static(value));
+    }
+    response
 }

@@ -38,6 +38,8 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug, PartialEq, Eq)]
 enum Subject {
     Sandbox(String),
+    /// A resume (or E2B connect) of a sandbox, which may be paused.
+    Resume(String),
     SandboxTraffic(String),
     Vm(String),
     Snapshot(String),
@@ -56,7 +58,12 @@ fn subject_of_path(method: &Method, path: &str) -> Option<Subject> {
         ["volumes"] if method == Method::POST => Some(Subject::CreateVolume),
         ["volumes", volume] => id(volume).map(Subject::Volume),
         ["volumecontent", volume, ..] => id(volume).map(Subject::VolumeContent),
-        ["sandboxes", sandbox, ..] | ["v2", "sandboxes", sandbox, "connect"] => id(sandbox).map(Subject::Sandbox),
+        ["sandboxes", sandbox, "resume" | "connect"] | ["v2", "sandboxes", sandbox, "connect"]
+            if method == Method::POST =>
+        {
+            id(sandbox).map(Subject::Resume)
+        }
+        ["sandboxes", sandbox, ..] => id(sandbox).map(Subject::Sandbox),
         ["vms", vm, ..] if *vm != "import" => id(vm).map(Subject::Vm),
         ["snapshots", snapshot] => id(snapshot).map(Subject::Snapshot),
         ["nodes", node, "drain"] => id(node).map(Subject::Node),
@@ -107,6 +114,7 @@ async fn destination(state: &AppState, mut request: Request) -> Result<(Option<N
         Subject::Snapshot(id) => store.snapshot_node(&id)?.flatten(),
         Subject::Node(id) => store.node(&id)?.map(|n| n.id),
         Subject::Volume(id) | Subject::VolumeContent(id) => store.volume_node(&id)?.flatten(),
+        Subject::Resume(id) => return Ok((place_resume(state, &id)?, request)),
         Subject::Create => return place(state, request).await,
         Subject::CreateVolume => {
             // A volume takes no memory; it goes where sandboxes would.
@@ -114,6 +122,7 @@ async fn destination(state: &AppState, mut request: Request) -> Result<(Option<N
                 memory_mib: 0,
                 vcpus: 0,
                 template: None,
+                prefer: None,
             };
             return Ok((cluster.place(store, store.nodes()?, demand)?, request));
         }
@@ -158,8 +167,33 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
         memory_mib: asked.memory_mb.unwrap_or(memory_mib),
         vcpus: asked.cpu_count.unwrap_or(vcpus),
         template: template.as_deref(),
+        prefer: None,
     };
     Ok((state.cluster.place(&state.store, nodes, demand)?, request))
+}
+
+/// Where a resume runs: a running sandbox's node; a paused one's own node while it is up, not
+/// draining and has room (its files are there), else the node placement picks, which adopts it
+/// (`manager/snapshot_move.rs`). With no node that has room, its own node answers.
+fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError> {
+    let (cluster, store) = (&state.cluster, &state.store);
+    let owner = store.sandbox_node(id)?.flatten();
+    let paused = store
+        .sandbox(id)?
+        .filter(|row| row.state == viv_api::SandboxState::Paused);
+    let Some(row) = paused else {
+        return cluster.owner(store, owner.as_deref());
+    };
+    let demand = Demand {
+        memory_mib: row.memory_mb,
+        vcpus: row.cpu_count,
+        template: None,
+        prefer: owner.as_deref(),
+    };
+    match cluster.place(store, store.nodes()?, demand) {
+        Err(ApiError::NoRoom(_)) => cluster.owner(store, owner.as_deref()),
+        placed => placed,
+    }
 }
 
 /// Sends a request to `node` and relays its answer.
@@ -215,7 +249,12 @@ mod tests {
         assert_eq!(subject_of_path(&get, "/v2/sandboxes"), None);
         assert_eq!(subject_of_path(&get, "/sandboxes/abc"), sandbox("abc"));
         assert_eq!(subject_of_path(&post, "/sandboxes/abc/exec"), sandbox("abc"));
-        assert_eq!(subject_of_path(&post, "/v2/sandboxes/abc/connect"), sandbox("abc"));
+        let resume = |id: &str| Some(Subject::Resume(id.into()));
+        assert_eq!(subject_of_path(&post, "/v2/sandboxes/abc/connect"), resume("abc"));
+        assert_eq!(subject_of_path(&post, "/sandboxes/abc/connect"), resume("abc"));
+        assert_eq!(subject_of_path(&post, "/sandboxes/abc/resume"), resume("abc"));
+        assert_eq!(subject_of_path(&get, "/sandboxes/abc/resume"), sandbox("abc"));
+        assert_eq!(subject_of_path(&post, "/sandboxes/abc/pause"), sandbox("abc"));
         assert_eq!(subject_of_path(&get, "/sandboxes//exec"), None);
         assert_eq!(
             subject_of_path(&get, "/vms/web1/console"),

@@ -1,6 +1,7 @@
 //! Node routes (`/nodes`, API key): list and show the cluster's nodes, drain one (nothing new
-//! is placed on it and its running sandboxes are paused), undrain it, and remove a node that
-//! is down. `{id}` is a node's id or name.
+//! is placed on it, its running sandboxes are paused and its paused sandboxes move to other
+//! nodes with their files), undrain it, and remove a node that is down. `{id}` is a node's id
+//! or name.
 //!
 //! A drain runs on the node it drains (`node_forward.rs` sends it there), since only that node
 //! can pause its sandboxes; a node that is down runs nothing and is not drained.
@@ -12,10 +13,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use viv_api::nodes::{DrainFailure, NodeDrain, NodeInfo, NodeState};
+use viv_api::nodes::{DrainFailure, DrainMove, NodeDrain, NodeInfo, NodeState};
 use viv_api::SandboxState;
 
 use super::ApiPath;
+use crate::cluster::Demand;
 use crate::error::ApiError;
 use crate::store::NodeRow;
 use crate::AppState;
@@ -89,15 +91,56 @@ async fn drain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> R
             }),
         }
     }
-    tracing::info!(node = %row.name, paused = paused.len(), failed = failed.len(), "node drained");
+    let mut moved = Vec::new();
+    for sandbox in state.store.local_sandboxes()? {
+        if sandbox.state != SandboxState::Paused {
+            continue;
+        }
+        match move_paused(&state, &sandbox).await {
+            Ok(Some(node)) => moved.push(DrainMove { id: sandbox.id, node }),
+            // No other node: it stays paused here.
+            Ok(None) => {}
+            Err(err) => failed.push(DrainFailure {
+                id: sandbox.id,
+                error: err.to_string(),
+            }),
+        }
+    }
+    tracing::info!(node = %row.name, paused = paused.len(), moved = moved.len(), failed = failed.len(), "node drained");
     state.manager.publish_node(
         &row.id,
         &row.name,
         "draining",
-        Some(format!("{} sandbox(es) paused", paused.len())),
+        Some(format!(
+            "{} sandbox(es) paused, {} moved to other nodes",
+            paused.len(),
+            moved.len()
+        )),
     );
     let node = shown(&state, &row.id)?;
-    Ok(Json(NodeDrain { node, paused, failed }).into_response())
+    Ok(Json(NodeDrain {
+        node,
+        paused,
+        moved,
+        failed,
+    })
+    .into_response())
+}
+
+/// Moves paused sandbox `sandbox` of this (draining) node to the node placement picks, which
+/// fetches its files; returns that node's name, or `None` when no other node is up.
+async fn move_paused(state: &AppState, sandbox: &crate::store::SandboxRow) -> Result<Option<String>, ApiError> {
+    let demand = Demand {
+        memory_mib: sandbox.memory_mb,
+        vcpus: sandbox.cpu_count,
+        template: None,
+        prefer: None,
+    };
+    let Some(target) = state.cluster.place(&state.store, state.store.nodes()?, demand)? else {
+        return Ok(None);
+    };
+    state.manager.hand_over_paused(&target.url, &sandbox.id).await?;
+    Ok(Some(target.name))
 }
 
 async fn undrain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {

@@ -217,6 +217,28 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Moves paused sandbox `sandbox` and the snapshot node holding it (`snapshot`) from node
+    /// `from` to node `to`, whose copy of the snapshot's files is complete, in one transaction.
+    /// `Ok(false)` (nothing changed) when the sandbox is no longer paused on `from` from that
+    /// snapshot: another node moved or resumed it first.
+    pub fn move_paused_sandbox(&self, sandbox: &str, snapshot: &str, from: &str, to: &str) -> Result<bool, StoreError> {
+        self.db.transaction(|tx| {
+            let moved = tx.execute(
+                "UPDATE sandboxes SET node_id = ?4
+                 WHERE id = ?1 AND snapshot_id = ?2 AND node_id = ?3 AND state = 'paused'",
+                params![sandbox, snapshot, from, to],
+            )?;
+            if moved == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE snapshots SET node_id = ?3 WHERE id = ?1 AND node_id = ?2",
+                params![snapshot, from, to],
+            )?;
+            Ok(true)
+        })
+    }
+
     /// Removes a node's row; `Ok(false)` when there is no such node.
     pub fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
         let n = self.conn().execute("DELETE FROM nodes WHERE id = ?1", params![id])?;
@@ -471,6 +493,33 @@ mod tests {
             assert!(!one.delete_node("n2").unwrap());
             assert_eq!(two.heartbeat_node("n2", &capacity, 50_000).unwrap(), None);
             assert_eq!(one.nodes().unwrap().len(), 1);
+        });
+    }
+
+    #[test]
+    fn a_paused_sandbox_moves_to_another_node_once() {
+        each_engine_shared(|one, two| {
+            one.set_node("n1");
+            two.set_node("n2");
+            let node = super::super::suite::snapshot_node("s1", None, "p", super::super::SnapshotKind::Pause);
+            one.put_snapshot(&node).unwrap();
+            one.put_sandbox(&super::super::SandboxRow {
+                snapshot_id: Some("s1".into()),
+                ..paused("p")
+            })
+            .unwrap();
+            // Two nodes adopt it at once: one wins, the other changes nothing.
+            assert!(two.move_paused_sandbox("p", "s1", "n1", "n2").unwrap());
+            assert!(!one.move_paused_sandbox("p", "s1", "n1", "n3").unwrap());
+            assert_eq!(one.sandbox_node("p").unwrap(), Some(Some("n2".into())));
+            assert_eq!(one.snapshot_node("s1").unwrap(), Some(Some("n2".into())));
+            // Only a paused sandbox from that snapshot moves.
+            let mut running = sandbox("r");
+            running.snapshot_id = Some("s1".into());
+            two.put_sandbox(&running).unwrap();
+            assert!(!one.move_paused_sandbox("r", "s1", "n2", "n1").unwrap());
+            assert!(!one.move_paused_sandbox("p", "s9", "n2", "n1").unwrap());
+            assert_eq!(one.snapshot_node("s1").unwrap(), Some(Some("n2".into())));
         });
     }
 

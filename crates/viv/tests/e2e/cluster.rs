@@ -1,7 +1,8 @@
 //! Two servers on one PostgreSQL database: a cluster of two nodes, each with its own data
 //! directory, address and VMs. Creates are placed by free memory, any server answers for any
 //! sandbox (API, files, host-name traffic, WebSockets), a node killed with `kill -9` is marked
-//! down and its running sandboxes reported lost, and a drained cluster places nothing.
+//! down and its running sandboxes reported lost, a drained cluster places nothing, and paused
+//! sandboxes move between nodes (a resume or a drain carries their snapshot over).
 
 use std::time::{Duration, Instant};
 
@@ -280,16 +281,29 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     let again = a.create(json!({ "timeout": 600 }));
     assert_eq!(client_of(&a, &again), "node-a");
 
-    // Draining A pauses its sandboxes; with B down, nothing can be placed.
+    // Draining A pauses its sandboxes; with B down, nothing can be placed and they cannot move.
     let drained = a.cli(&["--json", "node", "drain", "node-a"]);
-    assert_eq!(drained.code, 0, "{}", drained.stderr);
+    assert_eq!(drained.code, 1, "{}", drained.stderr);
     let drained: Value = serde_json::from_str(&drained.stdout).unwrap();
     assert_eq!(drained["node"]["state"], "draining", "{drained}");
-    let mut paused: Vec<String> = serde_json::from_value(drained["paused"].clone()).unwrap();
-    paused.sort();
-    let mut expected = vec![on_a.clone(), again.clone()];
-    expected.sort();
-    assert_eq!(paused, expected);
+    let sorted = |ids: Vec<String>| {
+        let mut ids = ids;
+        ids.sort();
+        ids
+    };
+    let paused: Vec<String> = serde_json::from_value(drained["paused"].clone()).unwrap();
+    let expected = sorted(vec![on_a.clone(), again.clone()]);
+    assert_eq!(sorted(paused), expected);
+    let unmoved: Vec<String> = drained["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            assert!(f["error"].as_str().unwrap().contains("no node can take"), "{f}");
+            f["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(sorted(unmoved), expected);
     assert!(wait_until(Duration::from_secs(30), || qemu_processes_under(
         dir_a.path()
     )
@@ -298,7 +312,6 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     assert_eq!(refused.status(), 429);
     let body: Value = refused.json().unwrap();
     assert!(body["message"].as_str().unwrap().contains("no node"), "{body}");
-    assert_eq!(json_of(a.post("/nodes/node-a/undrain").send().unwrap())["state"], "up");
 
     // B's server comes back on its data directory: the node is up again, and the VM of its lost
     // sandbox (which outlived the kill) is gone.
@@ -313,6 +326,59 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         dir_b.path()
     )
     .is_empty()));
+
+    // A sandbox paused on A (draining) resumes on B: B fetches its snapshot from A, and its
+    // files and processes (the web server it ran) are there.
+    let resumed = a
+        .post(&format!("/sandboxes/{on_a}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(client_of(&a, &on_a), "node-b");
+    assert_eq!(qemu_processes_under(dir_b.path()).len(), 1);
+    assert_eq!(
+        a.exec(&on_a, json!({ "command": "cat /tmp/where.txt" })).out(),
+        "node-a"
+    );
+    let page = a
+        .http
+        .get(format!("{}/index.html", a.url))
+        .header("Host", format!("8000-{on_a}.localhost"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(page, "served-by-a\n");
+    // A drain moves what is still paused on A, with its files, to B.
+    let drained = json_of(a.post("/nodes/node-a/drain").send().unwrap());
+    assert_eq!(drained["paused"], json!([]), "{drained}");
+    assert_eq!(drained["failed"], json!([]), "{drained}");
+    assert_eq!(
+        drained["moved"],
+        json!([{ "id": again, "node": "node-b" }]),
+        "{drained}"
+    );
+    let resumed = a
+        .post(&format!("/sandboxes/{again}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(client_of(&b, &again), "node-b");
+    assert_eq!(a.exec(&again, json!({ "command": "echo $((6*7))" })).out(), "42\n");
+    // A keeps only the snapshot the moved ones rest on in the tree (on_a's first pause); B has
+    // the two it adopted, and counts them.
+    let snapshot_dirs = |dir: &std::path::Path| {
+        std::fs::read_dir(dir.join("snapshots"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
+    assert_eq!((snapshot_dirs(dir_a.path()), snapshot_dirs(dir_b.path())), (1, 2));
+    let metrics = b.get("/metrics").send().unwrap().text().unwrap();
+    assert!(metrics.contains("vivarium_sandboxes_moved_total 2"), "{metrics}");
     // A removed node must be down first.
     let removal = a.delete("/nodes/node-b").send().unwrap();
     assert_eq!(removal.status(), 409);
@@ -353,8 +419,6 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         401,
         "an API key is not the cluster's secret"
     );
-    let drained = a.post("/nodes/node-a/drain").send().unwrap();
-    assert_eq!(drained.status(), 200);
     let on_b_from_a = a.create(json!({ "templateID": "built-on-a", "timeout": 600 }));
     assert_eq!(client_of(&a, &on_b_from_a), "node-b");
     assert_eq!(
