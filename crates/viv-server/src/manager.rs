@@ -54,6 +54,7 @@ mod sdk_tags;
 mod setup;
 mod shm_sweep;
 mod snapshot_move;
+mod snapshot_replicas;
 mod snapshot_tree;
 mod snapshots;
 mod storage;
@@ -127,6 +128,9 @@ pub struct Config {
     pub keep_versions: Option<u32>,
     /// Longest chain of memory diffs a node save extends; 0 saves nodes' memory whole.
     pub memory_diff_chain: usize,
+    /// How many other nodes of the cluster get a copy of each paused sandbox's snapshot, so it
+    /// resumes elsewhere when this node dies (0: none).
+    pub pause_replicas: usize,
     /// Domain of sandbox host names (`PORT-SANDBOXID.DOMAIN`), reported to SDKs for `get_host`.
     pub domain: String,
     /// How sandboxes are networked.

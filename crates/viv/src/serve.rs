@@ -155,6 +155,11 @@ pub struct ServeArgs {
     /// are reported lost (e.g. `30s`).
     #[arg(long, env = "VIV_NODE_DOWN_AFTER", default_value = "30s", value_parser = parse_ttl)]
     pub node_down_after: Duration,
+    /// How many other nodes get a copy of each sandbox paused here (its disk, memory and agent
+    /// key), so that it resumes on one of them when this node dies; a pause returns once the
+    /// copies are made. 0 keeps paused sandboxes on this node alone.
+    #[arg(long, env = "VIV_PAUSE_REPLICAS", default_value_t = 0)]
+    pub pause_replicas: usize,
 }
 
 /// A session lifetime such as `12h` or `90s`: at least a second, at most a year.
@@ -247,6 +252,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         keep_versions: args.keep_versions,
         memory_diff_chain: args.memory_diff_chain,
+        pause_replicas: args.pause_replicas,
         domain: args.domain.clone(),
         network: network_mode(&args.network)?,
         net_pool: args.net_pool,

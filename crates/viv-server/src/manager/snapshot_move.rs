@@ -135,7 +135,7 @@ impl Manager {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| ApiError::Internal(format!("removing {}: {e}", dir.display())))?;
-            tracing::info!(snapshot = %id, "snapshot moved to another node; this node's copy removed");
+            tracing::info!(snapshot = %id, "removed this node's copy of a snapshot held elsewhere");
         }
         Ok(())
     }
@@ -208,8 +208,9 @@ impl Manager {
     }
 
     /// Makes the snapshot node of paused sandbox `row` this node's, when another node holds it:
-    /// fetches its files, then moves the rows (see the module's invariants). Runs under the
-    /// sandbox's resume gate.
+    /// takes its files from this node's copy, the holding node or (that one down) a node with a
+    /// copy, then moves the rows (see the module's invariants). Runs under the sandbox's resume
+    /// gate.
     pub(super) async fn adopt_paused(&self, row: &SandboxRow) -> Result<(), ApiError> {
         let Some(link) = self.cluster_link.get() else {
             return Ok(());
@@ -224,18 +225,61 @@ impl Manager {
             return Ok(());
         }
         let id = &row.id;
-        let from = self.store.node(&owner)?.ok_or_else(|| {
-            ApiError::Unavailable(format!(
-                "paused sandbox '{id}' is held by node {owner}, which is no longer in the cluster"
-            ))
-        })?;
-        if from.state == NodeState::Down {
-            return Err(ApiError::Unavailable(format!(
-                "paused sandbox '{id}' is held by node {}, which is down; it resumes once that node is back",
-                from.name
+        let started = std::time::Instant::now();
+        let replicas = self.store.snapshot_replicas(snapshot)?;
+        let dir = self.node_dir(snapshot);
+        let has_copy = replicas.iter().any(|n| *n == link.node_id) && dir.join("disk.qcow2").is_file();
+        let holder = self.store.node(&owner)?.filter(|n| n.state != NodeState::Down);
+        let from = if has_copy {
+            None
+        } else if let Some(holder) = holder.clone() {
+            Some(holder)
+        } else {
+            let mut up = None;
+            for node in &replicas {
+                if let Some(node) = self.store.node(node)?.filter(|n| n.state != NodeState::Down) {
+                    up = Some(node);
+                    break;
+                }
+            }
+            Some(up.ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "paused sandbox '{id}' is held by node {owner}, which is down, and no node that is up has a \
+                     copy of it (servers started with --pause-replicas keep copies); it resumes once that node is back"
+                ))
+            })?)
+        };
+        if let Some(from) = &from {
+            self.fetch_snapshot(link, from, snapshot, &row.template_id).await?;
+        }
+        if !self.store.move_paused_sandbox(id, snapshot, &owner, &link.node_id)? {
+            if !has_copy {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            return Err(ApiError::Conflict(format!(
+                "sandbox '{id}' was resumed or moved by another node meanwhile; try again"
             )));
         }
-        let started = std::time::Instant::now();
+        // The holding node and the other copies' nodes drop theirs (a node that is down drops
+        // its copy at its next start).
+        self.store.delete_snapshot_replicas(snapshot)?;
+        let others = holder.into_iter().map(|n| n.id).chain(replicas);
+        self.drop_copies_on(others, snapshot);
+        self.metrics.sandboxes_moved.inc();
+        let source = from.map(|n| n.name).unwrap_or_else(|| "this node's copy".into());
+        tracing::info!(sandbox = %id, snapshot, from = %source, ms = started.elapsed().as_millis() as u64, "paused sandbox moved to this node");
+        Ok(())
+    }
+
+    /// Fetches snapshot node `snapshot` (of template `template`) from node `from` into this
+    /// node's `snapshots/`, complete or not at all.
+    pub(super) async fn fetch_snapshot(
+        &self,
+        link: &super::ClusterLink,
+        from: &crate::store::NodeRow,
+        snapshot: &str,
+        template: &str,
+    ) -> Result<(), ApiError> {
         let dir = self.node_dir(snapshot);
         let building = dir.with_extension("building");
         let _ = std::fs::remove_dir_all(&building);
@@ -268,8 +312,7 @@ impl Manager {
             write_private(&building.join(NODE_CHANNEL_KEY), key.as_bytes())?;
             let layer = self.adopt_backing(&disk).map_err(|e| failed("the sandbox's disk", e))?;
             if let Some(key) = layer {
-                self.fetch_template_layers(&row.template_id, &self.layer_path(&key))
-                    .await?;
+                self.fetch_template_layers(template, &self.layer_path(&key)).await?;
             }
             super::snapshots::seal(&disk)?;
             match memory.as_str() {
@@ -293,27 +336,48 @@ impl Manager {
             Ok(())
         }
         .await;
-        if let Err(err) = fetched {
+        if fetched.is_err() {
             let _ = std::fs::remove_dir_all(&building);
-            return Err(err);
         }
-        if !self.store.move_paused_sandbox(id, snapshot, &owner, &link.node_id)? {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(ApiError::Conflict(format!(
-                "sandbox '{id}' was resumed or moved by another node meanwhile; try again"
-            )));
+        fetched
+    }
+
+    /// Asks nodes `nodes` (ids) to drop their copies of snapshot node `snapshot`, which no
+    /// longer names them, in the background; a node that is down or does not answer drops its
+    /// copy at its next start.
+    pub(super) fn drop_copies_on(&self, nodes: impl Iterator<Item = String>, snapshot: &str) {
+        let Some(link) = self.cluster_link.get().cloned() else {
+            return;
+        };
+        let targets: Vec<_> = nodes
+            .filter(|n| *n != link.node_id)
+            .filter_map(|n| self.store.node(&n).ok().flatten())
+            .filter(|n| n.state != NodeState::Down)
+            .collect();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if targets.is_empty() {
+            return;
         }
-        let dropped = client
-            .delete(&base)
-            .header(CLUSTER_SECRET_HEADER, &link.secret)
-            .send()
-            .await;
-        if let Err(err) = dropped {
-            tracing::warn!(snapshot, node = %from.name, %err, "the giving node did not drop its copy; it does at its next start");
-        }
-        self.metrics.sandboxes_moved.inc();
-        tracing::info!(sandbox = %id, snapshot, from = %from.name, ms = started.elapsed().as_millis() as u64, "paused sandbox moved to this node");
-        Ok(())
+        let snapshot = snapshot.to_owned();
+        runtime.spawn(async move {
+            let Ok(client) = peer_client() else {
+                return;
+            };
+            for node in targets {
+                let url = format!("{}/internal/snapshots/{snapshot}", node.url.trim_end_matches('/'));
+                let dropped = client
+                    .delete(&url)
+                    .header(CLUSTER_SECRET_HEADER, &link.secret)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+                if let Err(err) = dropped {
+                    tracing::warn!(snapshot, node = %node.name, %err, "a node did not drop its copy of a snapshot; it does at its next start");
+                }
+            }
+        });
     }
 
     /// Asks the node at `url` to adopt paused sandbox `id` from this one (a drain).

@@ -88,6 +88,9 @@ impl Manager {
         remove_files(&live.run_dir, &live.memory_file);
         live.release_network().await;
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
+        drop(_op);
+        // Copies on other nodes (--pause-replicas), before the pause answers.
+        self.replicate_paused(&node.id).await;
         self.snapshot_info(node)
     }
 
@@ -154,6 +157,10 @@ impl Manager {
         let created = self
             .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row)))
             .await?;
+        // Running again: copies of the node it paused into are of no more use.
+        if let Err(err) = self.drop_replicas(&node_id) {
+            tracing::warn!(snapshot = %node_id, %err, "forgetting the copies of a resumed sandbox's snapshot");
+        }
         self.remount_volumes(&id).await;
         Ok(created)
     }
@@ -495,6 +502,7 @@ impl Manager {
     }
 
     fn remove_node(&self, node: &SnapshotRow) -> Result<(), ApiError> {
+        self.drop_replicas(&node.id)?;
         self.store.delete_snapshot(&node.id)?;
         let _ = std::fs::remove_dir_all(self.node_dir(&node.id));
         tracing::info!(snapshot = %node.id, kind = node.kind.as_str(), "snapshot deleted");
@@ -523,14 +531,15 @@ impl Manager {
         }
     }
 
-    /// At start: removes node directories that have no row of this node (a save the crash
-    /// interrupted, an export copy, a snapshot another node adopted).
+    /// At start: removes node directories that are neither this node's nor its copies of other
+    /// nodes' (a save the crash interrupted, an export copy, a snapshot another node adopted).
     pub(super) fn recover_snapshots(&self) -> Result<(), ApiError> {
         let root = self.config.data_dir.join("snapshots");
         std::fs::create_dir_all(&root).map_err(|e| ApiError::Internal(format!("creating {}: {e}", root.display())))?;
         // Only this node's: a snapshot another node adopted while this one was away goes too.
-        let known: std::collections::HashSet<String> =
+        let mut known: std::collections::HashSet<String> =
             self.store.local_snapshots()?.into_iter().map(|n| n.id).collect();
+        known.extend(self.store.local_replicas()?);
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {

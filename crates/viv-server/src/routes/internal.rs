@@ -7,7 +7,9 @@
 //!   the template (`manager/layer_fetch.rs`);
 //! - `GET /internal/snapshots/{id}/disk` and `…/state`: a snapshot node's disk made whole down to
 //!   its template's layer, and its memory, for a node adopting a paused sandbox;
-//!   `DELETE /internal/snapshots/{id}`: drop the copy of a snapshot another node adopted;
+//!   `DELETE /internal/snapshots/{id}`: drop the copy of a snapshot that no longer names this
+//!   node; `POST /internal/snapshots/{id}/replicate`: copy a paused sandbox's snapshot here
+//!   (`manager/snapshot_replicas.rs`);
 //!   `POST /internal/sandboxes/{id}/adopt`: take a paused sandbox from the node holding it (a
 //!   drain asks this) (`manager/snapshot_move.rs`).
 
@@ -30,6 +32,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/internal/snapshots/{id}/disk", get(snapshot_disk))
         .route("/internal/snapshots/{id}/state", get(snapshot_state))
         .route("/internal/snapshots/{id}", delete(drop_snapshot))
+        .route("/internal/snapshots/{id}/replicate", post(replicate_snapshot))
         .route("/internal/sandboxes/{id}/adopt", post(adopt_sandbox))
 }
 
@@ -97,6 +100,16 @@ async fn drop_snapshot(
 ) -> Result<Response, ApiError> {
     check_secret(&state, &headers)?;
     state.manager.drop_moved_snapshot(&id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn replicate_snapshot(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    state.manager.replicate_snapshot(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -20,6 +20,8 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use viv_api::nodes::NodeState;
+
 use crate::cluster::Demand;
 use crate::error::ApiError;
 use crate::store::NodeRow;
@@ -173,7 +175,8 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
 }
 
 /// Where a resume runs: a running sandbox's node; a paused one's own node while it is up, not
-/// draining and has room (its files are there), else the node placement picks, which adopts it
+/// draining and has room (its files are there), else (its node down) a node holding a copy of
+/// it, else the node placement picks; a node other than its own adopts it
 /// (`manager/snapshot_move.rs`). With no node that has room, its own node answers.
 fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError> {
     let (cluster, store) = (&state.cluster, &state.store);
@@ -184,13 +187,23 @@ fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError>
     let Some(row) = paused else {
         return cluster.owner(store, owner.as_deref());
     };
+    // Its own node while it is up, else a node with a copy of its snapshot (no fetch there).
+    let nodes = store.nodes()?;
+    let up = |id: &str| nodes.iter().any(|n| n.id == id && n.state == NodeState::Up);
+    let prefer = match owner.as_deref() {
+        Some(owner) if up(owner) => Some(owner.to_owned()),
+        _ => match row.snapshot_id.as_deref() {
+            Some(snapshot) => store.snapshot_replicas(snapshot)?.into_iter().find(|n| up(n)),
+            None => None,
+        },
+    };
     let demand = Demand {
         memory_mib: row.memory_mb,
         vcpus: row.cpu_count,
         template: None,
-        prefer: owner.as_deref(),
+        prefer: prefer.as_deref(),
     };
-    match cluster.place(store, store.nodes()?, demand) {
+    match cluster.place(store, nodes, demand) {
         Err(ApiError::NoRoom(_)) => cluster.owner(store, owner.as_deref()),
         placed => placed,
     }

@@ -239,10 +239,52 @@ impl Store {
         })
     }
 
+    /// Records that node `node` holds a copy of snapshot node `snapshot`.
+    pub fn add_snapshot_replica(&self, snapshot: &str, node: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO snapshot_replicas (snapshot_id, node_id, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (snapshot_id, node_id) DO NOTHING",
+            params![snapshot, node, super::now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// The nodes holding a copy of snapshot node `snapshot`, oldest copy first.
+    pub fn snapshot_replicas(&self, snapshot: &str) -> Result<Vec<String>, StoreError> {
+        self.conn().query_map(
+            "SELECT node_id FROM snapshot_replicas WHERE snapshot_id = ?1 ORDER BY created_at, node_id",
+            params![snapshot],
+            |r| r.get(0),
+        )
+    }
+
+    /// Forgets every copy of snapshot node `snapshot`; returns the nodes that held one.
+    pub fn delete_snapshot_replicas(&self, snapshot: &str) -> Result<Vec<String>, StoreError> {
+        self.conn().query_map(
+            "DELETE FROM snapshot_replicas WHERE snapshot_id = ?1 RETURNING node_id",
+            params![snapshot],
+            |r| r.get(0),
+        )
+    }
+
+    /// The snapshot nodes this store's node holds copies of.
+    pub fn local_replicas(&self) -> Result<Vec<String>, StoreError> {
+        let Some(node) = self.node_id() else {
+            return Ok(Vec::new());
+        };
+        self.conn().query_map(
+            "SELECT snapshot_id FROM snapshot_replicas WHERE node_id = ?1 ORDER BY snapshot_id",
+            params![node],
+            |r| r.get(0),
+        )
+    }
+
     /// Removes a node's row; `Ok(false)` when there is no such node.
     pub fn delete_node(&self, id: &str) -> Result<bool, StoreError> {
-        let n = self.conn().execute("DELETE FROM nodes WHERE id = ?1", params![id])?;
-        Ok(n > 0)
+        self.db.transaction(|tx| {
+            tx.execute("DELETE FROM snapshot_replicas WHERE node_id = ?1", params![id])?;
+            Ok(tx.execute("DELETE FROM nodes WHERE id = ?1", params![id])? > 0)
+        })
     }
 
     /// How many running, starting and paused sandboxes each node holds.
@@ -520,6 +562,19 @@ mod tests {
             assert!(!one.move_paused_sandbox("r", "s1", "n2", "n1").unwrap());
             assert!(!one.move_paused_sandbox("p", "s9", "n2", "n1").unwrap());
             assert_eq!(one.snapshot_node("s1").unwrap(), Some(Some("n2".into())));
+
+            // Copies: recorded once per node, listed per node, forgotten together.
+            two.add_snapshot_replica("s1", "n1").unwrap();
+            two.add_snapshot_replica("s1", "n1").unwrap();
+            one.add_snapshot_replica("s1", "n3").unwrap();
+            assert_eq!(two.snapshot_replicas("s1").unwrap().len(), 2);
+            assert_eq!(one.local_replicas().unwrap(), ["s1"]);
+            assert!(two.local_replicas().unwrap().is_empty());
+            assert_eq!(two.snapshot_replicas("s2").unwrap(), Vec::<String>::new());
+            let mut gone = one.delete_snapshot_replicas("s1").unwrap();
+            gone.sort();
+            assert_eq!(gone, ["n1", "n3"]);
+            assert!(one.local_replicas().unwrap().is_empty());
         });
     }
 

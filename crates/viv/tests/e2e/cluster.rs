@@ -1,8 +1,9 @@
 //! Two servers on one PostgreSQL database: a cluster of two nodes, each with its own data
 //! directory, address and VMs. Creates are placed by free memory, any server answers for any
 //! sandbox (API, files, host-name traffic, WebSockets), a node killed with `kill -9` is marked
-//! down and its running sandboxes reported lost, a drained cluster places nothing, and paused
-//! sandboxes move between nodes (a resume or a drain carries their snapshot over).
+//! down and its running sandboxes reported lost while its paused ones resume from their copies
+//! elsewhere, a drained cluster places nothing, and paused sandboxes move between nodes (a
+//! resume or a drain carries their snapshot over).
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ fn node_args<'a>(database: &'a str, name: &'a str) -> Vec<&'a str> {
         "1s",
         "--node-down-after",
         "5s",
+        "--pause-replicas",
+        "1",
     ]
 }
 
@@ -89,6 +92,16 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         dir: dir_b.path(),
         args: node_args(&database, "node-b"),
         armed: std::cell::Cell::new(false),
+    };
+
+    let snapshot_dirs = |dir: &std::path::Path| {
+        std::fs::read_dir(dir.join("snapshots"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
     };
 
     // Both servers see both nodes up; each knows which one it is.
@@ -223,6 +236,21 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         "node-a"
     );
 
+    // A sandbox paused on B is copied to A (--pause-replicas 1) before the pause answers.
+    let paused_b = b.create(json!({ "timeout": 600 }));
+    assert_eq!(client_of(&b, &paused_b), "node-b");
+    b.exec(
+        &paused_b,
+        json!({ "command": "echo kept-on-b > /tmp/kept.txt && sync" }),
+    );
+    assert_eq!(
+        a.post(&format!("/sandboxes/{paused_b}/pause")).send().unwrap().status(),
+        204
+    );
+    assert_eq!(snapshot_dirs(dir_a.path()), 2, "A holds on_a's snapshot and the copy");
+    // B dropped its copy of on_a's snapshot when on_a resumed on A.
+    assert!(wait_until(Duration::from_secs(10), || snapshot_dirs(dir_b.path()) == 1));
+
     // kill -9 of node B: A marks it down within the down time and reports its sandbox lost.
     let b_url = b.url.clone();
     b.stop(libc::SIGKILL);
@@ -275,6 +303,22 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         .unwrap_or_default()
         .to_owned();
     assert!(message.contains(&on_b), "{message}");
+    // The sandbox paused on B resumes on A from A's copy, its files there.
+    let resumed = a
+        .post(&format!("/sandboxes/{paused_b}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(client_of(&a, &paused_b), "node-a");
+    assert_eq!(
+        a.exec(&paused_b, json!({ "command": "cat /tmp/kept.txt" })).out(),
+        "kept-on-b\n"
+    );
+    assert_eq!(
+        a.delete(&format!("/sandboxes/{paused_b}")).send().unwrap().status(),
+        204
+    );
     // A dead node cannot be drained; creates go to the node that is left.
     let drain = a.post("/nodes/node-b/drain").send().unwrap();
     assert_eq!(drain.status(), 409);
@@ -369,13 +413,6 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     assert_eq!(a.exec(&again, json!({ "command": "echo $((6*7))" })).out(), "42\n");
     // A keeps only the snapshot the moved ones rest on in the tree (on_a's first pause); B has
     // the two it adopted, and counts them.
-    let snapshot_dirs = |dir: &std::path::Path| {
-        std::fs::read_dir(dir.join("snapshots"))
-            .unwrap()
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .count()
-    };
     assert_eq!((snapshot_dirs(dir_a.path()), snapshot_dirs(dir_b.path())), (1, 2));
     let metrics = b.get("/metrics").send().unwrap().text().unwrap();
     assert!(metrics.contains("vivarium_sandboxes_moved_total 2"), "{metrics}");

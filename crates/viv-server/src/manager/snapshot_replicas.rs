@@ -1,0 +1,125 @@
+//! Copies of paused sandboxes on other nodes (`--pause-replicas N`): a pause on this node
+//! returns once N other nodes that are up hold a copy of the new snapshot node, so that when
+//! this node dies (`kill -9`, a lost host) the paused sandbox resumes on one of them. The copy is
+//! what a move carries (`snapshot_move.rs`): the disk made whole down to the template's layer,
+//! the memory and the guest's channel key, fetched by the copying node over the node API.
+//!
+//! Invariants:
+//! - a copy is complete before its row (`snapshot_replicas`) is written, so a row always names
+//!   usable files; a copy without a row (a crash between the two, a snapshot deleted meanwhile)
+//!   is removed at the copying node's next start, which keeps only its own and its copies' files;
+//! - copies exist only while the sandbox is paused from that node: a resume where it was paused,
+//!   a move and a deletion of the snapshot drop every copy (rows first, then the files, by asking
+//!   each node; one that is down drops its files at its next start);
+//! - a copy that could not be made is logged and leaves the pause as it is: the sandbox is
+//!   paused, only less safely.
+
+use viv_api::nodes::NodeState;
+
+use super::layer_fetch::peer_client;
+use super::{Manager, CLUSTER_SECRET_HEADER};
+use crate::error::ApiError;
+
+impl Manager {
+    /// Has up to `--pause-replicas` other nodes that are up copy snapshot node `snapshot`, just
+    /// made by a pause here; returns how many did.
+    pub(super) async fn replicate_paused(&self, snapshot: &str) -> usize {
+        let wanted = self.config.pause_replicas;
+        let (Some(link), true) = (self.cluster_link.get(), wanted > 0) else {
+            return 0;
+        };
+        let Ok(nodes) = self.store.nodes() else {
+            return 0;
+        };
+        let Ok(client) = peer_client() else {
+            return 0;
+        };
+        let mut targets: Vec<_> = nodes
+            .into_iter()
+            .filter(|n| n.id != link.node_id && n.state == NodeState::Up)
+            .collect();
+        // The roomiest disks first.
+        targets.sort_by_key(|n| std::cmp::Reverse(n.capacity.disk_free_mib));
+        let started = std::time::Instant::now();
+        let mut made = 0;
+        for node in targets {
+            if made == wanted {
+                break;
+            }
+            let url = format!(
+                "{}/internal/snapshots/{snapshot}/replicate",
+                node.url.trim_end_matches('/')
+            );
+            let answer = client
+                .post(&url)
+                .header(CLUSTER_SECRET_HEADER, &link.secret)
+                .send()
+                .await;
+            match answer {
+                Ok(answer) if answer.status().is_success() => made += 1,
+                Ok(answer) => {
+                    let status = answer.status();
+                    let body = answer.text().await.unwrap_or_default();
+                    tracing::warn!(snapshot, node = %node.name, %status, body, "a node could not copy a paused sandbox");
+                }
+                Err(err) => {
+                    tracing::warn!(snapshot, node = %node.name, %err, "a node could not copy a paused sandbox")
+                }
+            }
+        }
+        if made < wanted {
+            tracing::warn!(
+                snapshot,
+                made,
+                wanted,
+                "fewer copies of a paused sandbox than --pause-replicas asks"
+            );
+        } else {
+            tracing::info!(
+                snapshot,
+                copies = made,
+                ms = started.elapsed().as_millis() as u64,
+                "paused sandbox copied to other nodes"
+            );
+        }
+        made
+    }
+
+    /// For the node API: copies snapshot node `id` from the node holding it to this one.
+    pub async fn replicate_snapshot(&self, id: &str) -> Result<(), ApiError> {
+        let link = self
+            .cluster_link
+            .get()
+            .ok_or_else(|| ApiError::Internal("this server is not in a cluster".into()))?;
+        let row = self
+            .store
+            .snapshot(id)?
+            .ok_or_else(|| ApiError::NotFound(format!("snapshot '{id}' not found")))?;
+        let owner = self.store.snapshot_node(&row.id)?.flatten().unwrap_or_default();
+        if owner == link.node_id {
+            return Err(ApiError::Conflict(format!(
+                "snapshot {} is this node's own; a copy goes to another node",
+                row.id
+            )));
+        }
+        let from = self
+            .store
+            .node(&owner)?
+            .filter(|n| n.state != NodeState::Down)
+            .ok_or_else(|| ApiError::Unavailable(format!("the node holding snapshot {} is not up", row.id)))?;
+        // One fetch of a snapshot at a time here (a resume adopting it waits on the same gate).
+        let gate = self.resume_gates.gate(&row.sandbox_id);
+        let _one = gate.lock().await;
+        self.fetch_snapshot(link, &from, &row.id, &row.template_id).await?;
+        self.store.add_snapshot_replica(&row.id, &link.node_id)?;
+        Ok(())
+    }
+
+    /// Drops every copy of snapshot node `snapshot` on other nodes (the sandbox resumed where
+    /// it was paused, or the snapshot is gone).
+    pub(super) fn drop_replicas(&self, snapshot: &str) -> Result<(), ApiError> {
+        let nodes = self.store.delete_snapshot_replicas(snapshot)?;
+        self.drop_copies_on(nodes.into_iter(), snapshot);
+        Ok(())
+    }
+}
