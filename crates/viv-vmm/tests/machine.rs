@@ -128,10 +128,12 @@ async fn wait_line(
     loop {
         let text = console(spec);
         if let Some(rest) = text.get(from..) {
+            // The whole line: its end may not have arrived with the needle.
             if let Some(at) = rest.find(needle) {
-                let line_start = rest[..at].rfind('\n').map_or(0, |n| n + 1);
-                let end = rest[at..].find('\n').map_or(rest.len(), |n| at + n);
-                return (rest[line_start..end].trim().to_owned(), from + end);
+                if let Some(end) = rest[at..].find('\n').map(|n| at + n) {
+                    let line_start = rest[..at].rfind('\n').map_or(0, |n| n + 1);
+                    return (rest[line_start..end].trim().to_owned(), from + end);
+                }
             }
         }
         if let Some(exit) = machine.exit().borrow().clone() {

@@ -20,10 +20,14 @@ pub enum NodeCommand {
         /// Node id or name.
         node: String,
     },
-    /// Place nothing new on a node and pause its running sandboxes (they resume elsewhere).
+    /// Place nothing new on a node, pause its running sandboxes and move its paused ones, with
+    /// their files, to other nodes (they resume there).
     Drain {
         /// Node id or name.
         node: String,
+        /// Keep paused sandboxes on the node (a resume still moves each where placement puts it).
+        #[arg(long)]
+        keep_paused: bool,
     },
     /// Place sandboxes on a drained node again.
     Undrain {
@@ -97,10 +101,9 @@ pub async fn run(client: &Client, cmd: NodeCommand, json: bool) -> Result<i32> {
                 .await?;
             show_one(one);
         }
-        NodeCommand::Drain { node } => {
-            let done: NodeDrain = client
-                .json(client.request(Method::POST, &format!("/nodes/{node}/drain")))
-                .await?;
+        NodeCommand::Drain { node, keep_paused } => {
+            let path = format!("/nodes/{node}/drain{}", if keep_paused { "?move=false" } else { "" });
+            let done: NodeDrain = client.json(client.request(Method::POST, &path)).await?;
             if json {
                 output::json(&done);
             } else {

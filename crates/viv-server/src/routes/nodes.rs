@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use viv_api::nodes::{DrainFailure, DrainMove, NodeDrain, NodeInfo, NodeState};
 use viv_api::SandboxState;
 
-use super::ApiPath;
+use super::{ApiPath, ApiQuery};
 use crate::cluster::Demand;
 use crate::error::ApiError;
 use crate::store::NodeRow;
@@ -67,7 +67,22 @@ async fn info(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Re
     Ok(Json(shown(&state, &id)?).into_response())
 }
 
-async fn drain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+/// `POST /nodes/{id}/drain?move=false`: pause only, keeping paused sandboxes on the node.
+#[derive(Debug, serde::Deserialize)]
+struct DrainQuery {
+    #[serde(default = "yes", rename = "move")]
+    move_paused: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn drain(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DrainQuery>,
+) -> Result<Response, ApiError> {
     let row = find(&state, &id)?;
     if row.id != state.cluster.node_id() {
         // Only a node that is down is not forwarded its own drain.
@@ -93,7 +108,7 @@ async fn drain(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> R
     }
     let mut moved = Vec::new();
     for sandbox in state.store.local_sandboxes()? {
-        if sandbox.state != SandboxState::Paused {
+        if !query.move_paused || sandbox.state != SandboxState::Paused {
             continue;
         }
         match move_paused(&state, &sandbox).await {

@@ -32,15 +32,15 @@ impl Guest {
         self.console.wait_for(needle, 0, BOOT_DEADLINE);
     }
 
-    /// The line holding `needle`.
-    fn line_with(&self, needle: &str) -> String {
-        self.console
-            .text
-            .lines()
-            .find(|l| l.contains(needle))
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
+    /// The whole line holding `needle`, once its end arrived.
+    fn line_with(&mut self, needle: &str) -> String {
+        self.console.wait_for(needle, 0, BOOT_DEADLINE);
+        let at = self.console.text.find(needle).expect("waited for it");
+        self.console.wait_for("\n", at, BOOT_DEADLINE);
+        let text = &self.console.text;
+        let end = at + text[at..].find('\n').expect("waited for it");
+        let begin = text[..at].rfind('\n').map_or(0, |n| n + 1);
+        text[begin..end].trim().to_owned()
     }
 
     /// Runs a shell command in the guest and returns what it printed.
@@ -143,11 +143,8 @@ fn the_iso_boots_under_seabios_and_uefi_and_powers_off_on_an_acpi_stop() {
             "FIGURE API start to serial marker ({firmware}): {} ms",
             started.elapsed().as_millis()
         );
-        assert!(
-            !guest.line_with(MARKER).contains("boot=hd0"),
-            "{}",
-            guest.line_with(MARKER)
-        );
+        let line = guest.line_with(MARKER);
+        assert!(!line.contains("boot=hd0"), "{line}");
         guest.wait_for(READY);
         let stopped = act(server, &id, "stop", "");
         assert_eq!(stopped["state"], "stopped");
