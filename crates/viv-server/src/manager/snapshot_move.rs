@@ -228,7 +228,7 @@ impl Manager {
         let started = std::time::Instant::now();
         let replicas = self.store.snapshot_replicas(snapshot)?;
         let dir = self.node_dir(snapshot);
-        let has_copy = replicas.iter().any(|n| *n == link.node_id) && dir.join("disk.qcow2").is_file();
+        let has_copy = replicas.contains(&link.node_id) && dir.join("disk.qcow2").is_file();
         let holder = self.store.node(&owner)?.filter(|n| n.state != NodeState::Down);
         let from = if has_copy {
             None
