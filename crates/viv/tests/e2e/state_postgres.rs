@@ -1,5 +1,5 @@
 //! A server whose state lives in PostgreSQL (`--database`): the same product on the second
-//! engine, through the public API, across a killed server.
+//! engine, through the public API, across a killed server and a crash of PostgreSQL.
 
 use std::time::Duration;
 
@@ -102,5 +102,86 @@ fn a_server_on_postgres_keeps_its_keys_sandboxes_and_snapshots_across_a_kill() {
             .is_empty()
     }));
     drop(second);
+    crate::fixture::remove_template_memory(temp.path());
+}
+
+#[test]
+fn requests_fail_cleanly_while_postgres_is_down_and_work_again_once_it_is_back() {
+    let mut postgres = viv_test_postgres::Scratch::start();
+    let database = postgres.database();
+    let temp = tempfile::Builder::new()
+        .prefix("viv-e2e-pg-restart-")
+        .tempdir()
+        .unwrap();
+    let server = TestServer::start_on_with(
+        temp.path(),
+        &["--database", &database, "--heartbeat", "1s", "--node-down-after", "5s"],
+    );
+    let id = server.create(json!({ "timeout": 900 }));
+    server.exec(&id, json!({ "command": "echo before > /tmp/note.txt" }));
+
+    // PostgreSQL crashes: every request that needs the store answers at once with a 503 that
+    // says why, never a hang or a 500.
+    postgres.stop();
+    for path in [
+        format!("/sandboxes/{id}"),
+        "/v2/sandboxes".to_owned(),
+        "/nodes".to_owned(),
+    ] {
+        let started = std::time::Instant::now();
+        let answer = server.get(&path).send().unwrap();
+        assert_eq!(answer.status(), 503, "{path}");
+        let body: Value = answer.json().unwrap();
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains("state database"), "{path}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+    }
+    // The server itself goes on: health answers, and the sandbox's VM still runs.
+    assert_eq!(
+        server
+            .http
+            .get(format!("{}/health", server.url))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(crate::fixture::qemu_processes_under(temp.path()).len(), 1);
+
+    // Back: the server reconnects by itself, the sandbox is as it was, and the node heartbeats.
+    postgres.start_again();
+    let back = wait_until(Duration::from_secs(30), || {
+        server
+            .get(&format!("/sandboxes/{id}"))
+            .send()
+            .is_ok_and(|r| r.status() == 200)
+    });
+    assert!(back, "the server did not recover once PostgreSQL was back");
+    assert_eq!(
+        server.exec(&id, json!({ "command": "cat /tmp/note.txt" })).out(),
+        "before\n"
+    );
+    let fresh = wait_until(Duration::from_secs(15), || {
+        let nodes: Value = server.get("/nodes").send().unwrap().json().unwrap();
+        let heartbeat = nodes[0]["heartbeatAt"].as_str().unwrap_or_default().to_owned();
+        nodes[0]["state"] == "up"
+            && humantime::parse_rfc3339_weak(&heartbeat)
+                .ok()
+                .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+                .is_some_and(|age| age < Duration::from_secs(3))
+    });
+    assert!(fresh, "the node's heartbeats did not resume");
+    let again = server.create(json!({ "timeout": 300 }));
+    for sandbox in [&id, &again] {
+        assert_eq!(
+            server.delete(&format!("/sandboxes/{sandbox}")).send().unwrap().status(),
+            204
+        );
+    }
+    drop(server);
     crate::fixture::remove_template_memory(temp.path());
 }
