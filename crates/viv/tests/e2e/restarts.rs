@@ -326,3 +326,63 @@ fn a_vm_that_cannot_be_taken_over_is_killed_and_its_jail_freed() {
     crate::fixture::remove_template_memory(temp.path());
     crate::fixture::assert_no_leftovers(temp.path());
 }
+
+/// A server killed (`kill -9`) in the middle of a create leaves no half-made sandbox: the next
+/// server on its data directory kills the VM that was booting, reports the sandbox gone with
+/// the reason, and leaves nothing of it behind.
+#[test]
+fn a_server_killed_mid_create_leaves_no_half_made_sandbox() {
+    let temp = tempfile::Builder::new().prefix("viv-e2e-midcreate-").tempdir().unwrap();
+    let first = TestServer::start_on(temp.path(), None);
+    // A cold boot: the kernel boots before the agent answers, so the create takes seconds.
+    let request = first
+        .post("/sandboxes")
+        .json(&json!({ "timeout": 300, "coldBoot": true }))
+        .timeout(Duration::from_secs(300));
+    let creating = std::thread::spawn(move || request.send().map(|r| r.status()));
+    let run_dirs = temp.path().join("sandboxes");
+    let mut id = String::new();
+    let booting = wait_until(Duration::from_secs(120), || {
+        id = std::fs::read_dir(&run_dirs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .next()
+            .unwrap_or_default();
+        !id.is_empty() && !qemu_processes_under(temp.path()).is_empty()
+    });
+    assert!(booting, "no VM started for the create");
+    first.stop(libc::SIGKILL);
+    drop(first);
+    // The client saw its connection break, not an answer.
+    assert!(creating.join().unwrap().is_err());
+
+    let second = TestServer::start_on(temp.path(), None);
+    assert!(
+        wait_until(Duration::from_secs(30), || qemu_processes_under(temp.path()).is_empty()),
+        "the VM of the interrupted create outlived the restart"
+    );
+    let gone = second.get(&format!("/sandboxes/{id}")).send().unwrap();
+    assert_eq!(gone.status(), 404);
+    let body: Value = gone.json().unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("while the sandbox was starting"),
+        "{body}"
+    );
+    let listed: Value = second.get("/v2/sandboxes").send().unwrap().json().unwrap();
+    assert_eq!(listed, json!([]));
+    // The restarted server works, and stops leaving nothing.
+    let fresh = second.create(json!({ "timeout": 300 }));
+    assert_eq!(
+        second.delete(&format!("/sandboxes/{fresh}")).send().unwrap().status(),
+        204
+    );
+    assert!(second.stop(libc::SIGTERM).success());
+    drop(second);
+    crate::fixture::remove_template_memory(temp.path());
+    crate::fixture::assert_no_leftovers(temp.path());
+}
