@@ -117,6 +117,11 @@ pub struct NewSandbox {
     /// (false: resuming boots the saved disk afresh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pause_memory: Option<bool>,
+    /// How many other nodes of a cluster get a copy of each pause of this sandbox, so that it
+    /// resumes elsewhere when its node dies (default: the server's `--pause-replicas`; Vivarium
+    /// extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_replicas: Option<u32>,
     /// Resume a paused sandbox when traffic for it arrives (E2B's `autoResume`).
     #[serde(
         default,

@@ -60,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0023_vm_backups.sql"),
     include_str!("migrations/0024_nodes.sql"),
     include_str!("migrations/0025_snapshot_replicas.sql"),
+    include_str!("migrations/0026_pause_replicas.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, applied in order (see the module's documentation).
@@ -67,6 +68,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_schema.sql"),
     include_str!("migrations/postgres/0002_nodes.sql"),
     include_str!("migrations/postgres/0003_snapshot_replicas.sql"),
+    include_str!("migrations/postgres/0004_pause_replicas.sql"),
 ];
 
 /// The advisory lock PostgreSQL migrations run under, so that API servers starting at once

@@ -109,6 +109,10 @@ pub enum SandboxCommand {
         /// With --auto-pause: resume the paused sandbox when traffic for it arrives.
         #[arg(long, requires = "auto_pause", conflicts_with = "auto_pause_filesystem")]
         auto_resume: bool,
+        /// In a cluster: copy each pause of the sandbox to N other nodes, so that it resumes
+        /// elsewhere if its node dies (default: the server's --pause-replicas).
+        #[arg(long, value_name = "N")]
+        pause_replicas: Option<u32>,
         /// Cut the sandbox off from every network (commands and files still work).
         #[arg(long)]
         no_internet: bool,
@@ -517,6 +521,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
             auto_pause,
             auto_pause_filesystem,
             auto_resume,
+            pause_replicas,
             no_internet,
             rules,
         } => {
@@ -533,6 +538,7 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 auto_pause: auto_pause.then_some(true),
                 auto_pause_memory: auto_pause_filesystem.then_some(false),
                 auto_resume: auto_resume.then_some(viv_api::AutoResume { enabled: true }),
+                pause_replicas,
                 allow_internet_access: no_internet.then_some(false),
                 network: rules.network(),
                 volume_mounts: None,

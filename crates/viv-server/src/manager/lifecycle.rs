@@ -49,6 +49,9 @@ impl ResumeGates {
     }
 }
 
+/// Most copies of a pause a sandbox may ask for.
+const MAX_PAUSE_REPLICAS: u32 = 8;
+
 /// The lifecycle options of a create request, checked as E2B checks them. `env_vars` is the
 /// environment the sandbox starts with (kept for boots of its saved disk).
 pub(super) fn lifecycle_of(
@@ -69,11 +72,17 @@ pub(super) fn lifecycle_of(
             "autoResume cannot be combined with autoPauseMemory: false: a sandbox paused without its memory boots afresh when resumed, so it is resumed only explicitly (connect)".into(),
         ));
     }
+    if let Some(n) = req.pause_replicas.filter(|n| *n > MAX_PAUSE_REPLICAS) {
+        return Err(ApiError::BadRequest(format!(
+            "pauseReplicas {n} is more than {MAX_PAUSE_REPLICAS} copies"
+        )));
+    }
     Ok(LifecycleRow {
         auto_resume,
         pause_memory,
         timeout_secs,
         env_vars: env_vars.clone(),
+        pause_replicas: req.pause_replicas,
     })
 }
 
@@ -302,6 +311,12 @@ mod tests {
         let ok = lifecycle_of(&req(Some(true), None, Some(true)), 30, &env).unwrap();
         assert!(ok.auto_resume && ok.pause_memory);
         assert_eq!(ok.timeout_secs, 30);
+        let too_many = NewSandbox {
+            pause_replicas: Some(9),
+            ..NewSandbox::default()
+        };
+        let err = lifecycle_of(&too_many, 30, &env).unwrap_err();
+        assert!(err.to_string().contains("pauseReplicas 9"), "{err}");
         let fs = lifecycle_of(&req(Some(true), Some(false), Some(false)), 30, &env).unwrap();
         assert!(!fs.auto_resume && !fs.pause_memory);
         assert!(lifecycle_of(&req(None, None, None), 30, &env).is_ok());

@@ -1,5 +1,6 @@
-//! Copies of paused sandboxes on other nodes (`--pause-replicas N`): a pause on this node
-//! returns once N other nodes that are up hold a copy of the new snapshot node, so that when
+//! Copies of paused sandboxes on other nodes (`--pause-replicas N`, or a sandbox's own
+//! `pauseReplicas`): a pause on this node returns once N other nodes that are up hold a copy of
+//! the new snapshot node, so that when
 //! this node dies (`kill -9`, a lost host) the paused sandbox resumes on one of them. The copy is
 //! what a move carries (`snapshot_move.rs`): the disk made whole down to the template's layer,
 //! the memory and the guest's channel key, fetched by the copying node over the node API.
@@ -21,10 +22,17 @@ use super::{Manager, CLUSTER_SECRET_HEADER};
 use crate::error::ApiError;
 
 impl Manager {
-    /// Has up to `--pause-replicas` other nodes that are up copy snapshot node `snapshot`, just
-    /// made by a pause here; returns how many did.
-    pub(super) async fn replicate_paused(&self, snapshot: &str) -> usize {
-        let wanted = self.config.pause_replicas;
+    /// Has as many other nodes that are up as sandbox `sandbox` asks (`pauseReplicas`, else
+    /// `--pause-replicas`) copy snapshot node `snapshot`, just made by its pause here; returns
+    /// how many did.
+    pub(super) async fn replicate_paused(&self, sandbox: &str, snapshot: &str) -> usize {
+        let asked = self
+            .store
+            .lifecycle(sandbox)
+            .ok()
+            .flatten()
+            .and_then(|l| l.pause_replicas);
+        let wanted = asked.map_or(self.config.pause_replicas, |n| n as usize);
         let (Some(link), true) = (self.cluster_link.get(), wanted > 0) else {
             return 0;
         };

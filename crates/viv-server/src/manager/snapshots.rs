@@ -90,7 +90,7 @@ impl Manager {
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         drop(_op);
         // Copies on other nodes (--pause-replicas), before the pause answers.
-        self.replicate_paused(&node.id).await;
+        self.replicate_paused(id, &node.id).await;
         self.snapshot_info(node)
     }
 

@@ -21,6 +21,8 @@ pub struct LifecycleRow {
     pub timeout_secs: u64,
     /// The environment given at creation, for boots of its saved disk.
     pub env_vars: BTreeMap<String, String>,
+    /// Copies of each pause on other nodes; `None`: the pausing server's default.
+    pub pause_replicas: Option<u32>,
 }
 
 impl Store {
@@ -29,14 +31,15 @@ impl Store {
     pub fn put_lifecycle(&self, sandbox_id: &str, row: &LifecycleRow) -> Result<(), StoreError> {
         let mut conn = self.conn();
         conn.execute(
-            "INSERT INTO sandbox_lifecycle (sandbox_id, auto_resume, pause_memory, timeout_secs, env_vars)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (sandbox_id) DO UPDATE SET auto_resume = excluded.auto_resume, pause_memory = excluded.pause_memory, timeout_secs = excluded.timeout_secs, env_vars = excluded.env_vars",
+            "INSERT INTO sandbox_lifecycle (sandbox_id, auto_resume, pause_memory, timeout_secs, env_vars, pause_replicas)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (sandbox_id) DO UPDATE SET auto_resume = excluded.auto_resume, pause_memory = excluded.pause_memory, timeout_secs = excluded.timeout_secs, env_vars = excluded.env_vars, pause_replicas = excluded.pause_replicas",
             params![
                 sandbox_id,
                 row.auto_resume,
                 row.pause_memory,
                 row.timeout_secs as i64,
                 serde_json::to_string(&row.env_vars).expect("env serializes"),
+                row.pause_replicas.map(i64::from),
             ],
         )?;
         conn.execute(
@@ -50,7 +53,7 @@ impl Store {
     pub fn lifecycle(&self, sandbox_id: &str) -> Result<Option<LifecycleRow>, StoreError> {
         let mut conn = self.conn();
         let row = conn.query_row(
-            "SELECT auto_resume, pause_memory, timeout_secs, env_vars FROM sandbox_lifecycle WHERE sandbox_id = ?1",
+            "SELECT auto_resume, pause_memory, timeout_secs, env_vars, pause_replicas FROM sandbox_lifecycle WHERE sandbox_id = ?1",
             params![sandbox_id],
             |r| {
                 Ok(LifecycleRow {
@@ -61,6 +64,7 @@ impl Store {
                         .get::<Option<String>>(3)?
                         .and_then(|j| serde_json::from_str(&j).ok())
                         .unwrap_or_default(),
+                    pause_replicas: r.get::<Option<i64>>(4)?.and_then(|n| u32::try_from(n).ok()),
                 })
             },
         )?;
@@ -80,6 +84,7 @@ mod tests {
                 pause_memory: false,
                 timeout_secs: 42,
                 env_vars: BTreeMap::from([("A".to_owned(), "b".to_owned())]),
+                pause_replicas: Some(2),
             };
             store.put_lifecycle("one", &row).unwrap();
             assert_eq!(store.lifecycle("one").unwrap(), Some(row.clone()));
@@ -88,6 +93,12 @@ mod tests {
             store.put_lifecycle("two", &row).unwrap();
             assert_eq!(store.lifecycle("one").unwrap(), None);
             assert!(store.lifecycle("two").unwrap().is_some());
+            let default_copies = LifecycleRow {
+                pause_replicas: None,
+                ..row
+            };
+            store.put_lifecycle("two", &default_copies).unwrap();
+            assert_eq!(store.lifecycle("two").unwrap(), Some(default_copies));
         });
     }
 }

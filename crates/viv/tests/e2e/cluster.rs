@@ -14,7 +14,7 @@ use crate::fixture::{qemu_processes_under, wait_until, TestServer};
 use crate::vm_console::{ws, Auth};
 
 fn node_args<'a>(database: &'a str, name: &'a str) -> Vec<&'a str> {
-    vec![
+    let mut args = vec![
         "--database",
         database,
         "--node-name",
@@ -23,9 +23,12 @@ fn node_args<'a>(database: &'a str, name: &'a str) -> Vec<&'a str> {
         "1s",
         "--node-down-after",
         "5s",
-        "--pause-replicas",
-        "1",
-    ]
+    ];
+    // A copies every pause to another node; on B a sandbox asks for it itself.
+    if name == "node-a" {
+        args.extend(["--pause-replicas", "1"]);
+    }
+    args
 }
 
 fn json_of(response: reqwest::blocking::Response) -> Value {
@@ -236,8 +239,9 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
         "node-a"
     );
 
-    // A sandbox paused on B is copied to A (--pause-replicas 1) before the pause answers.
-    let paused_b = b.create(json!({ "timeout": 600 }));
+    // A sandbox paused on B is copied to A before the pause answers (it asks for one copy; B's
+    // default is none).
+    let paused_b = b.create(json!({ "timeout": 600, "pauseReplicas": 1 }));
     assert_eq!(client_of(&b, &paused_b), "node-b");
     b.exec(
         &paused_b,
