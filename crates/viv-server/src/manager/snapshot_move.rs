@@ -95,7 +95,7 @@ impl Manager {
                     .await
                     .map_err(|e| ApiError::Internal(format!("folding snapshot {id}'s disk chain: {e}")))?;
             }
-            open_exported(&copy).await
+            ExportedFile::open(&copy).await
         }
         .await;
         let _ = std::fs::remove_dir_all(&work);
@@ -117,7 +117,7 @@ impl Manager {
         if self.movable_memory(id)? != "whole" {
             return Err(ApiError::NotFound(format!("snapshot {id} keeps no memory")));
         }
-        open_exported(&self.node_dir(id).join("state")).await
+        ExportedFile::open(&self.node_dir(id).join("state")).await
     }
 
     /// Removes this node's copy of snapshot node `id`, which another node adopted (its row no
@@ -424,15 +424,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ApiError> {
         .map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))
 }
 
-/// Opens `path` for an export answer.
-async fn open_exported(path: &Path) -> Result<ExportedFile, ApiError> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("opening {}: {e}", path.display())))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading {}: {e}", path.display())))?
-        .len();
-    Ok(ExportedFile { file, len })
+impl ExportedFile {
+    /// Opens `path` for an answer of the node API.
+    pub async fn open(path: &Path) -> Result<Self, ApiError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ApiError::Internal(format!("opening {}: {e}", path.display())))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| ApiError::Internal(format!("reading {}: {e}", path.display())))?
+            .len();
+        Ok(Self { file, len })
+    }
 }

@@ -59,15 +59,7 @@ async fn layer(
         .manager
         .layer_file(&key)
         .ok_or_else(|| ApiError::NotFound(format!("this node has no layer '{key}'")))?;
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("opening {}: {e}", path.display())))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading {}: {e}", path.display())))?
-        .len();
-    Ok(file_answer(ExportedFile { file, len }, []))
+    Ok(file_answer(ExportedFile::open(&path).await?, []))
 }
 
 async fn snapshot_disk(
