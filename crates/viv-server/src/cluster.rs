@@ -194,6 +194,9 @@ impl Cluster {
                 self.register(store, capacity)?;
             }
         }
+        // Snapshots other nodes adopted while this one could not be asked to drop them (it was
+        // down, cut off, or the request failed).
+        manager.sweep_foreign_snapshots()?;
         Ok(())
     }
 

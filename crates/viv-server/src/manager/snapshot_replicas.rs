@@ -21,6 +21,10 @@ use super::layer_fetch::peer_client;
 use super::{Manager, CLUSTER_SECRET_HEADER};
 use crate::error::ApiError;
 
+/// How long a node directory that is not this node's must have been left alone before
+/// [`Manager::sweep_foreign_snapshots`] removes it.
+const SWEEP_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Manager {
     /// Has as many other nodes that are up as sandbox `sandbox` asks (`pauseReplicas`, else
     /// `--pause-replicas`) copy snapshot node `snapshot`, just made by its pause here; returns
@@ -123,11 +127,74 @@ impl Manager {
         Ok(())
     }
 
+    /// Removes the node directories that are neither this node's snapshots nor its copies of
+    /// others' and that nothing wrote for a minute (so never one an adoption is placing): what
+    /// other nodes adopted while this one could not be asked to drop it (it was down or cut
+    /// off). Returns how many went.
+    pub fn sweep_foreign_snapshots(&self) -> Result<usize, ApiError> {
+        let mut kept: std::collections::HashSet<String> =
+            self.store.local_snapshots()?.into_iter().map(|n| n.id).collect();
+        kept.extend(self.store.local_replicas()?);
+        let removed = sweep(&self.config.data_dir.join("snapshots"), &kept, SWEEP_AFTER);
+        for name in &removed {
+            tracing::info!(snapshot = %name, "removed a snapshot another node holds now");
+        }
+        Ok(removed.len())
+    }
+
     /// Drops every copy of snapshot node `snapshot` on other nodes (the sandbox resumed where
     /// it was paused, or the snapshot is gone).
     pub(super) fn drop_replicas(&self, snapshot: &str) -> Result<(), ApiError> {
         let nodes = self.store.delete_snapshot_replicas(snapshot)?;
         self.drop_copies_on(nodes.into_iter(), snapshot);
         Ok(())
+    }
+}
+
+/// Removes the node directories of `root` not named in `kept` (nor in the making: names with a
+/// dot) that nothing wrote for `after`; returns their names.
+fn sweep(root: &std::path::Path, kept: &std::collections::HashSet<String>, after: std::time::Duration) -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains('.') || kept.contains(&name) {
+            continue;
+        }
+        let quiet = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= after);
+        if quiet && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    #[test]
+    fn the_sweep_removes_only_quiet_directories_of_other_nodes() {
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["mine", "copy", "theirs", "new.building", ".export-x"] {
+            std::fs::create_dir(root.path().join(dir)).unwrap();
+            std::fs::write(root.path().join(dir).join("disk.qcow2"), b"x").unwrap();
+        }
+        let kept: HashSet<String> = ["mine".to_owned(), "copy".to_owned()].into();
+        // Written just now: left alone (an adoption may be placing it).
+        assert!(super::sweep(root.path(), &kept, Duration::from_secs(60)).is_empty());
+        assert_eq!(super::sweep(root.path(), &kept, Duration::ZERO), ["theirs"]);
+        let mut left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".export-x", "copy", "mine", "new.building"]);
     }
 }
