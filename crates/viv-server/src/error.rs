@@ -79,14 +79,23 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
-        (
+        let mut response = (
             status,
             Json(ErrorBody {
                 code: status.as_u16(),
                 message: self.to_string(),
             }),
         )
-            .into_response()
+            .into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // Refused before its body was read to the end: the connection cannot carry another
+            // request, and a client must not send one on it (HTTP/2 drops the header).
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 
@@ -116,5 +125,19 @@ impl From<axum::extract::rejection::QueryRejection> for ApiError {
 impl From<axum::extract::rejection::PathRejection> for ApiError {
     fn from(err: axum::extract::rejection::PathRejection) -> Self {
         Self::BadRequest(format!("invalid path: {}", err.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_body_closes_its_connection_and_other_errors_do_not() {
+        let refused = ApiError::TooLarge("too big".into()).into_response();
+        assert_eq!(refused.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(refused.headers()[axum::http::header::CONNECTION], "close");
+        let other = ApiError::NotFound("gone".into()).into_response();
+        assert!(!other.headers().contains_key(axum::http::header::CONNECTION));
     }
 }

@@ -703,6 +703,13 @@ fn uploads_that_do_not_fit_are_refused_and_leave_nothing() {
         // see the connection close before it reads the answer.
         match sent {
             Ok(resp) => {
+                // Its body unread, the connection closes: no next request may go on it.
+                let connection = resp.headers().get("connection").cloned();
+                assert_eq!(
+                    connection.as_ref().map(|v| v.as_bytes()),
+                    Some(&b"close"[..]),
+                    "{route}"
+                );
                 let (status, message) = error_of(resp);
                 assert_eq!(status, 413, "{route}: {message}");
                 assert!(message.contains("no room"), "{route}: {message}");
