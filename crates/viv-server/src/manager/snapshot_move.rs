@@ -126,9 +126,11 @@ impl Manager {
         if !super::layer_fetch::valid_layer_key(id) {
             return Err(ApiError::BadRequest(format!("'{id}' is not a snapshot id")));
         }
-        if self.store.snapshot_node(id)?.flatten().as_deref() == Some(self.node_id()) {
+        if self.store.snapshot_node(id)?.flatten().as_deref() == Some(self.node_id())
+            || self.store.snapshot_replicas(id)?.iter().any(|n| n == self.node_id())
+        {
             return Err(ApiError::Conflict(format!(
-                "snapshot {id} is still this node's; it is dropped here only once another node holds it"
+                "snapshot {id} is still this node's or a copy it keeps; it is dropped only once no row names this node"
             )));
         }
         let dir = self.node_dir(id);
