@@ -99,7 +99,7 @@ impl Manager {
             let mut failures = Vec::new();
             let mut fetched = None;
             for peer in &peers {
-                match self.fetch_layer(&client, link, &peer.url, &key, &target).await {
+                match self.fetch_layer(&client, link, peer, &key, &target).await {
                     Ok(parent) => {
                         tracing::info!(template, layer = %key, node = %peer.name, "layer fetched from another node");
                         fetched = Some(parent);
@@ -119,13 +119,13 @@ impl Manager {
         Ok(())
     }
 
-    /// Fetches layer `key` from the node at `url` into `target`; returns the key of its parent
+    /// Fetches layer `key` from node `peer` into `target`; returns the key of its parent
     /// layer, if it has one (a base image outside `layers/` must be here already).
     async fn fetch_layer(
         &self,
         client: &reqwest::Client,
         link: &ClusterLink,
-        url: &str,
+        peer: &crate::store::NodeRow,
         key: &str,
         target: &Path,
     ) -> Result<Option<String>, String> {
@@ -133,7 +133,7 @@ impl Manager {
         tokio::fs::create_dir_all(dir).await.map_err(|e| e.to_string())?;
         let staged = dir.join(format!(".{key}.fetching"));
         let result = async {
-            let parent = self.fetch_staged(client, link, url, key, &staged).await?;
+            let parent = self.fetch_staged(client, link, peer, key, &staged).await?;
             tokio::fs::rename(&staged, target)
                 .await
                 .map_err(|e| format!("placing {}: {e}", target.display()))?;
@@ -150,11 +150,11 @@ impl Manager {
         &self,
         client: &reqwest::Client,
         link: &ClusterLink,
-        url: &str,
+        peer: &crate::store::NodeRow,
         key: &str,
         staged: &Path,
     ) -> Result<Option<String>, String> {
-        download(client, link, &format!("{url}/internal/layers/{key}"), staged).await?;
+        download(client, link, &peer.internal_url(&format!("layers/{key}")), staged).await?;
         let parent = self.adopt_backing(staged)?;
         super::snapshots::seal(staged).map_err(|e| e.to_string())?;
         Ok(parent)

@@ -288,7 +288,7 @@ impl Manager {
         std::fs::create_dir_all(&building)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", building.display())))?;
         let client = peer_client()?;
-        let base = format!("{}/internal/snapshots/{snapshot}", from.url.trim_end_matches('/'));
+        let base = from.internal_url(&format!("snapshots/{snapshot}"));
         let fetched = async {
             let failed =
                 |what: &str, err: String| ApiError::Unavailable(format!("{what} from node {}: {err}", from.name));
@@ -368,7 +368,7 @@ impl Manager {
                 return;
             };
             for node in targets {
-                let url = format!("{}/internal/snapshots/{snapshot}", node.url.trim_end_matches('/'));
+                let url = node.internal_url(&format!("snapshots/{snapshot}"));
                 let dropped = client
                     .delete(&url)
                     .header(CLUSTER_SECRET_HEADER, &link.secret)
@@ -382,14 +382,15 @@ impl Manager {
         });
     }
 
-    /// Asks the node at `url` to adopt paused sandbox `id` from this one (a drain).
-    pub async fn hand_over_paused(&self, url: &str, id: &str) -> Result<(), ApiError> {
+    /// Asks node `to` to adopt paused sandbox `id` from this one (a drain).
+    pub async fn hand_over_paused(&self, to: &crate::store::NodeRow, id: &str) -> Result<(), ApiError> {
+        let url = &to.url;
         let link = self
             .cluster_link
             .get()
             .ok_or_else(|| ApiError::Internal("this server is not in a cluster".into()))?;
         let response = peer_client()?
-            .post(format!("{}/internal/sandboxes/{id}/adopt", url.trim_end_matches('/')))
+            .post(to.internal_url(&format!("sandboxes/{id}/adopt")))
             .header(CLUSTER_SECRET_HEADER, &link.secret)
             .send()
             .await

@@ -58,10 +58,7 @@ impl Manager {
             if made == wanted {
                 break;
             }
-            let url = format!(
-                "{}/internal/snapshots/{snapshot}/replicate",
-                node.url.trim_end_matches('/')
-            );
+            let url = node.internal_url(&format!("snapshots/{snapshot}/replicate"));
             let answer = client
                 .post(&url)
                 .header(CLUSTER_SECRET_HEADER, &link.secret)

@@ -180,6 +180,11 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
 /// (`manager/snapshot_move.rs`). With no node that has room, its own node answers.
 fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError> {
     let (cluster, store) = (&state.cluster, &state.store);
+    // A cluster of one: every resume is local, without reading the sandbox here.
+    let nodes = store.nodes()?;
+    if cluster.alone(&nodes) {
+        return Ok(None);
+    }
     let owner = store.sandbox_node(id)?.flatten();
     let paused = store
         .sandbox(id)?
@@ -188,7 +193,6 @@ fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError>
         return cluster.owner(store, owner.as_deref());
     };
     // Its own node while it is up, else a node with a copy of its snapshot (no fetch there).
-    let nodes = store.nodes()?;
     let up = |id: &str| nodes.iter().any(|n| n.id == id && n.state == NodeState::Up);
     let prefer = match owner.as_deref() {
         Some(owner) if up(owner) => Some(owner.to_owned()),

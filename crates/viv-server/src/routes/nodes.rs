@@ -154,7 +154,7 @@ async fn move_paused(state: &AppState, sandbox: &crate::store::SandboxRow) -> Re
     let Some(target) = state.cluster.place(&state.store, state.store.nodes()?, demand)? else {
         return Ok(None);
     };
-    state.manager.hand_over_paused(&target.url, &sandbox.id).await?;
+    state.manager.hand_over_paused(&target, &sandbox.id).await?;
     Ok(Some(target.name))
 }
 

@@ -38,6 +38,11 @@ pub struct NodeRow {
 }
 
 impl NodeRow {
+    /// The address of `path` (no leading `/`) of this node's node API, under `/internal`.
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("{}/internal/{path}", self.url.trim_end_matches('/'))
+    }
+
     /// The row as the API shows it.
     pub fn info(&self, sandboxes: u32, local: bool) -> NodeInfo {
         let heartbeat = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.heartbeat_ms.max(0) as u64);
