@@ -4,9 +4,10 @@ The session starts its own `viv serve` on a scratch data directory (the image ca
 creates an API key, and points the SDK at it with E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY.
 VIV_BIN names the binary (default: target/debug/viv of this checkout).
 
-VIV_E2B_CLUSTER=1 runs the suite against a cluster instead: a scratch PostgreSQL and two servers
-on it, the SDK pointed at the first, which is drained, so every sandbox lives on the second and
-every SDK request (API, envd, host names, TLS) is forwarded by the first.
+VIV_E2B_CLUSTER=1 runs the suite against a cluster instead: a scratch PostgreSQL, an API server
+(`--role api`, which runs no VM) and a node (`--role node`) on it, the SDK pointed at the API
+server, so every sandbox lives on the node and every SDK request (API, envd, host names, TLS) is
+forwarded by the API server.
 """
 
 import os
@@ -25,10 +26,10 @@ def server():
         postgres = vivserver.start_postgres()
         database = postgres.database("sdk")
         node = ["--node-down-after", "30s"]
-        srv = vivserver.start("viv-e2b-a-", "10.238.0.0/25", [*tls, "--node-name", "sdk-a", *node], database=database)
-        far = vivserver.start("viv-e2b-b-", "10.238.0.128/25", ["--node-name", "sdk-b", *node], database=database)
-        drained = srv.cli("node", "drain", "sdk-a", capture_output=True, text=True)
-        assert drained.returncode == 0, drained.stderr
+        srv = vivserver.start("viv-e2b-api-", "10.238.0.0/25", [*tls, "--role", "api", "--node-name", "sdk-api", *node],
+                              database=database)
+        far = vivserver.start("viv-e2b-node-", "10.238.0.128/25", ["--role", "node", "--node-name", "sdk-node", *node],
+                              database=database)
         stop = [srv, far, postgres]
         os.environ["VIV_TEST_SERVER_URLS"] = f"{srv.url},{far.url}"
     else:

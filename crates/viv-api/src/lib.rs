@@ -49,6 +49,10 @@ pub fn openapi_yaml(max_vcpus: u32, max_memory_mib: u32) -> String {
 /// Header carrying the API key.
 pub const API_KEY_HEADER: &str = "X-API-Key";
 
+/// The header that names the node (name or id) an API server of a cluster sends node-local
+/// work to: VM definitions, disks, ISOs, switches, template builds.
+pub const NODE_HEADER: &str = "Viv-Node";
+
 /// Template used when a create request names none.
 pub const DEFAULT_TEMPLATE: &str = "base";
 

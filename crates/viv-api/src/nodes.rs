@@ -38,6 +38,65 @@ impl NodeState {
     }
 }
 
+/// What a server of the cluster does (`viv serve --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// API server and node in one process (one host, or every server of a small cluster).
+    #[default]
+    All,
+    /// Control plane only: the REST API, the web console, the event stream, placement and
+    /// forwarding; it runs no VM and takes no placement.
+    Api,
+    /// VMs only: it serves the requests API servers forward to it and the node API.
+    Node,
+}
+
+impl NodeRole {
+    /// The name stored, shown and given to `--role`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Api => "api",
+            Self::Node => "node",
+        }
+    }
+
+    /// Parses a stored or given name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "all" => Some(Self::All),
+            "api" => Some(Self::Api),
+            "node" => Some(Self::Node),
+            _ => None,
+        }
+    }
+
+    /// Whether servers of this role run VMs (and so are placed on).
+    pub fn runs_vms(self) -> bool {
+        self != Self::Api
+    }
+
+    /// Whether servers of this role answer clients directly (not only forwarded requests).
+    pub fn serves_clients(self) -> bool {
+        self != Self::Node
+    }
+}
+
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for NodeRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s).ok_or_else(|| format!("unknown role '{s}': expected all, api or node"))
+    }
+}
+
 /// What a node can hold and holds now, as of its last heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -79,7 +138,7 @@ pub struct NodeInfo {
     pub name: String,
     /// The address other servers reach its API at.
     pub url: String,
-    /// The role it was started with (`all` or `node`).
+    /// The role it was started with (`all`, `api` or `node`).
     pub role: String,
     /// Whether it takes work.
     pub state: NodeState,

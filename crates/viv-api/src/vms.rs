@@ -659,16 +659,24 @@ pub struct VmFork {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VmMigrate {
-    /// The destination server's base URL, `http://HOST:PORT`.
-    pub target: String,
+    /// The destination server's base URL, `http://HOST:PORT` (a server with a store of its
+    /// own; with `targetKey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// An API key of the destination server (used for this migration only, never stored).
-    pub target_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_key: Option<String>,
+    /// Instead of `target`: another node of this cluster (name or id); the VM keeps its id and
+    /// row, which the node takes over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl std::fmt::Debug for VmMigrate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmMigrate")
             .field("target", &self.target)
+            .field("node", &self.node)
             .finish_non_exhaustive()
     }
 }
@@ -711,6 +719,10 @@ pub struct IncomingVm {
     pub definition: VmDefinition,
     /// Its writable disks, to create empty.
     pub disks: Vec<IncomingDisk>,
+    /// Between nodes of one cluster: the id of the node whose VM row (the same, in the shared
+    /// store) the destination takes over once the VM runs there, instead of defining a new VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover_from: Option<String>,
 }
 
 /// A VM waiting for its migration stream on the destination.

@@ -67,8 +67,8 @@ impl ImageError {
     }
 }
 
-/// The files a VM boots from.
-#[derive(Debug, Clone)]
+/// The files a VM boots from (none, `Default`, for a server that boots no VM).
+#[derive(Debug, Clone, Default)]
 pub struct BootImages {
     /// The kernel image.
     pub kernel: PathBuf,

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use viv_api::nodes::{NodeCapacity, NodeState};
+use viv_api::nodes::{NodeCapacity, NodeRole, NodeState};
 
 use crate::error::ApiError;
 use crate::manager::{now_ms, Manager};
@@ -31,6 +31,8 @@ use crate::store::{NodeRow, Store};
 /// How a server takes part in the cluster (`viv serve --node-*`).
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
+    /// What this server does: `all`, `api` (no VMs, never placed on) or `node`.
+    pub role: NodeRole,
     /// The node's name (`clientID` of its sandboxes).
     pub name: String,
     /// Where other servers reach this one's API.
@@ -131,7 +133,7 @@ impl Cluster {
             id: self.id.clone(),
             name: self.config.name.clone(),
             url: self.config.url.clone(),
-            role: "all".into(),
+            role: self.config.role.as_str().into(),
             state: NodeState::Up,
             capacity,
             started_at: self.started_at.clone(),
@@ -144,6 +146,11 @@ impl Cluster {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.id
+    }
+
+    /// What this server does in the cluster.
+    pub fn role(&self) -> NodeRole {
+        self.config.role
     }
 
     /// The secret of the node API.
@@ -234,9 +241,36 @@ impl Cluster {
         Ok(store.node(owner)?.filter(|n| n.state != NodeState::Down))
     }
 
-    /// Whether this node is the only one of `nodes` (then every create is local).
+    /// Whether this node is the only one of `nodes` that runs VMs (then every create is
+    /// local). An API server is never alone: it runs nothing itself.
     pub fn alone(&self, nodes: &[NodeRow]) -> bool {
-        nodes.iter().all(|n| n.id == self.id)
+        self.config.role.runs_vms() && nodes.iter().filter(|n| runs_vms(n)).all(|n| n.id == self.id)
+    }
+
+    /// The node an API server sends work that belongs to no row yet and must stay on one
+    /// node across requests (VM definitions, disks, ISOs, switches, template builds and their
+    /// uploads, storage operations): the up node named `asked` (a client's `Viv-Node` header),
+    /// else the first up node by name, so that consecutive requests meet on the same node.
+    pub fn default_node(&self, nodes: Vec<NodeRow>, asked: Option<&str>) -> Result<NodeRow, ApiError> {
+        let fresh_after = now_ms() - self.config.down_after.as_millis() as i64;
+        let mut up: Vec<NodeRow> = nodes
+            .into_iter()
+            .filter(|n| runs_vms(n) && n.state == NodeState::Up && n.heartbeat_ms >= fresh_after)
+            .collect();
+        up.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        match asked {
+            Some(asked) => up
+                .into_iter()
+                .find(|n| n.name == asked || n.id == asked)
+                .ok_or_else(|| {
+                    ApiError::Unavailable(format!(
+                        "node '{asked}' (the Viv-Node header) is not an up node that runs VMs; see GET /nodes"
+                    ))
+                }),
+            None => up.into_iter().next().ok_or_else(|| {
+                ApiError::Unavailable("no node is up to run this (this API server runs no VM); see GET /nodes".into())
+            }),
+        }
     }
 
     /// The node of `nodes` (the store's) a create with `demand` runs on: `None` for this one.
@@ -248,7 +282,7 @@ impl Cluster {
         let fresh_after = now_ms() - self.config.down_after.as_millis() as i64;
         let mut candidates: Vec<(NodeRow, u64, u32)> = nodes
             .into_iter()
-            .filter(|n| n.state == NodeState::Up && (n.id == self.id || n.heartbeat_ms >= fresh_after))
+            .filter(|n| runs_vms(n) && n.state == NodeState::Up && (n.id == self.id || n.heartbeat_ms >= fresh_after))
             .map(|n| {
                 let (vcpus, memory) = committed.get(&n.id).copied().unwrap_or((0, 0));
                 let used = n.capacity.memory_used_mib.max(memory);
@@ -284,6 +318,11 @@ impl Cluster {
     }
 }
 
+/// Whether a node's row says it runs VMs (an API server's does not).
+fn runs_vms(node: &NodeRow) -> bool {
+    NodeRole::parse(&node.role).is_none_or(NodeRole::runs_vms)
+}
+
 #[cfg(test)]
 mod tests {
     use viv_api::nodes::{NodeCapacity, NodeState};
@@ -295,6 +334,7 @@ mod tests {
         Cluster {
             id: id.into(),
             config: ClusterConfig {
+                role: NodeRole::All,
                 name: id.into(),
                 url: format!("http://{id}"),
                 heartbeat: Duration::from_secs(1),
@@ -401,5 +441,51 @@ mod tests {
         store.set_node_state("a", NodeState::Draining).unwrap();
         let err = place(&a, &store, demand(512, None)).unwrap_err();
         assert_eq!(err.status(), axum::http::StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[test]
+    fn api_servers_are_never_placed_on_and_send_node_local_work_to_one_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("viv.db")).unwrap();
+        store.set_node("api");
+        let mut api = cluster("api");
+        api.config.role = NodeRole::Api;
+        let mut api_row = node("api", 65536, &[]);
+        api_row.role = "api".into();
+        store.register_node(&api_row).unwrap();
+        // No node: nothing can run anything.
+        assert!(!api.alone(&store.nodes().unwrap()));
+        let err = place(&api, &store, demand(256, None)).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::TOO_MANY_REQUESTS, "{err}");
+        let err = api.default_node(store.nodes().unwrap(), None).unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE, "{err}");
+
+        // Creates go to nodes, by free memory, never to the API server however much it has.
+        for (id, memory) in [("n2", 2048), ("n1", 1024)] {
+            let mut row = node(id, memory, &[]);
+            row.role = "node".into();
+            store.register_node(&row).unwrap();
+        }
+        assert_eq!(placed(&api, &store, demand(256, None)), "n2");
+        assert_eq!(placed(&api, &store, demand(2048, None)), "n2");
+        assert!(place(&api, &store, demand(4096, None)).is_err());
+        // A node alone among nodes places locally, whatever API servers there are.
+        let n1 = cluster("n1");
+        assert!(!n1.alone(&store.nodes().unwrap()));
+        store.delete_node("n2").unwrap();
+        assert!(n1.alone(&store.nodes().unwrap()));
+
+        // Node-local work: the node asked for (by name or id), else the first up by name.
+        store.register_node(&node("n2", 2048, &[])).unwrap();
+        let default = |asked| api.default_node(store.nodes().unwrap(), asked).map(|n| n.id);
+        assert_eq!(default(None).unwrap(), "n1");
+        assert_eq!(default(Some("n2")).unwrap(), "n2");
+        for wrong in ["api", "nowhere"] {
+            let err = default(Some(wrong)).unwrap_err();
+            assert_eq!(err.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE, "{err}");
+            assert!(err.to_string().contains(wrong), "{err}");
+        }
+        store.set_node_state("n1", NodeState::Down).unwrap();
+        assert_eq!(default(None).unwrap(), "n2");
     }
 }

@@ -41,6 +41,10 @@ pub enum ApiError {
     /// The server is short of a resource.
     #[error("{0}")]
     Unavailable(String),
+    /// This server does not answer such requests (a `--role node` server asked by a client
+    /// directly): the message names where to send it.
+    #[error("{0}")]
+    Misdirected(String),
     /// A bug or an unexpected failure on the server.
     #[error("{0}")]
     Internal(String),
@@ -61,6 +65,7 @@ impl ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoRoom(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -153,6 +153,9 @@ pub struct Config {
     pub registry_ca_certificates: Option<String>,
     /// Template build layers shared with other servers of this host (`--layer-cache-dir`).
     pub layer_cache_dir: Option<PathBuf>,
+    /// What this server does in its cluster: an API server (`api`) prepares no boot image and
+    /// runs no VM; its manager only reads and writes the store.
+    pub role: viv_api::nodes::NodeRole,
 }
 
 /// How sandboxes reach networks outside their VM.

@@ -122,7 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
         .merge(volumes::content())
-        .merge(internal::routes())
+        .merge(internal::routes(&state))
         .merge(session::routes())
         .merge(console::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
@@ -325,13 +325,27 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::Fr
     }
 }
 
+/// Runs a sandbox's change of state to its end even when the client goes away mid-way (hyper
+/// drops a request's future when its connection closes, as when the API server that forwarded
+/// it is killed): a create, resume, pause, fork, snapshot or kill cut off half-way could leave
+/// a VM whose row says `starting`. A create whose client left is then a sandbox like any other
+/// (listed, ended by its timeout).
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("the request's work failed: {e}")))?
+}
+
 /// Pauses a sandbox with its memory or, with `memory: false`, only its disk.
 async fn pause_sandbox(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::PauseRequest>,
 ) -> Result<Response, ApiError> {
-    state.manager.pause_keeping(&id, req.memory.unwrap_or(true)).await?;
+    let manager = state.manager.clone();
+    to_completion(async move { manager.pause_keeping(&id, req.memory.unwrap_or(true)).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -341,10 +355,9 @@ async fn connect_sandbox(
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ConnectSandbox>,
 ) -> Result<Response, ApiError> {
-    let (sandbox, resumed) = state
-        .manager
-        .resume(&id, req.timeout, req.memory.unwrap_or(true))
-        .await?;
+    let manager = state.manager.clone();
+    let (sandbox, resumed) =
+        to_completion(async move { manager.resume(&id, req.timeout, req.memory.unwrap_or(true)).await }).await?;
     let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(sandbox)).into_response())
 }
@@ -358,10 +371,9 @@ async fn resume_sandbox(
     if state.manager.get(&id)?.state == viv_api::SandboxState::Running {
         return Err(ApiError::Conflict(format!("sandbox '{id}' is already running")));
     }
-    let (sandbox, _) = state
-        .manager
-        .resume(&id, req.timeout, req.memory.unwrap_or(true))
-        .await?;
+    let manager = state.manager.clone();
+    let (sandbox, _) =
+        to_completion(async move { manager.resume(&id, req.timeout, req.memory.unwrap_or(true)).await }).await?;
     Ok((StatusCode::CREATED, Json(sandbox)).into_response())
 }
 
@@ -371,12 +383,16 @@ async fn fork_sandbox(
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::ForkRequest>,
 ) -> Result<Response, ApiError> {
-    let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
-    if let Some(axum::Extension(owner)) = owner {
-        for forked in results.iter().filter_map(|r| r.sandbox.as_ref()) {
-            state.store.set_sandbox_owner(&forked.sandbox_id, &owner.0)?;
+    let results = to_completion(async move {
+        let results = state.manager.fork(&id, req.count.unwrap_or(1), req.timeout).await?;
+        if let Some(axum::Extension(owner)) = owner {
+            for forked in results.iter().filter_map(|r| r.sandbox.as_ref()) {
+                state.store.set_sandbox_owner(&forked.sandbox_id, &owner.0)?;
+            }
         }
-    }
+        Ok(results)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(results)).into_response())
 }
 
@@ -385,10 +401,8 @@ async fn snapshot_sandbox(
     ApiPath(id): ApiPath<String>,
     OptionalJsonBody(req): OptionalJsonBody<viv_api::SnapshotRequest>,
 ) -> Result<Response, ApiError> {
-    let info = state
-        .manager
-        .snapshot(&id, req.name, req.memory.unwrap_or(true))
-        .await?;
+    let manager = state.manager.clone();
+    let info = to_completion(async move { manager.snapshot(&id, req.name, req.memory.unwrap_or(true)).await }).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -397,12 +411,16 @@ async fn create_sandbox(
     owner: Option<axum::Extension<AuthedKey>>,
     JsonBody(req): JsonBody<NewSandbox>,
 ) -> Result<Response, ApiError> {
-    let created = state.manager.create(req).await?;
-    // The creating key owns it: only that key's SSH keys reach it (crates/viv-ssh). A request
-    // authenticated otherwise (no AuthedKey) creates a sandbox no SSH key reaches.
-    if let Some(axum::Extension(owner)) = owner {
-        state.store.set_sandbox_owner(&created.sandbox_id, &owner.0)?;
-    }
+    let created = to_completion(async move {
+        let created = state.manager.create(req).await?;
+        // The creating key owns it: only that key's SSH keys reach it (crates/viv-ssh). A
+        // request authenticated otherwise (no AuthedKey) creates a sandbox no SSH key reaches.
+        if let Some(axum::Extension(owner)) = owner {
+            state.store.set_sandbox_owner(&created.sandbox_id, &owner.0)?;
+        }
+        Ok(created)
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -450,7 +468,8 @@ async fn get_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>
 }
 
 async fn kill_sandbox(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
-    state.manager.kill(&id).await?;
+    let manager = state.manager.clone();
+    to_completion(async move { manager.kill(&id).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

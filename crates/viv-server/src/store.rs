@@ -316,10 +316,7 @@ impl Store {
     /// `host=… dbname=…` string) and applies pending migrations.
     pub fn connect_postgres(url: &str) -> Result<Self, StoreError> {
         let store = Self {
-            db: Db::Postgres {
-                client: Box::new(Mutex::new(db::PgClient::new(db::connect(url)?))),
-                url: url.to_owned(),
-            },
+            db: db::postgres(url)?,
             postgres_url: Some(url.to_owned()),
             node: std::sync::OnceLock::new(),
         };

@@ -9,6 +9,8 @@ use viv_api::ErrorBody;
 pub struct Client {
     base: String,
     key: Option<String>,
+    /// The node named for node-local work on an API server (`--node`).
+    node: Option<String>,
     http: reqwest::Client,
 }
 
@@ -21,8 +23,16 @@ impl Client {
         Self {
             base: base.trim_end_matches('/').to_owned(),
             key,
+            node: None,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// The same client, naming `node` for node-local work (VMs, disks, ISOs, switches,
+    /// template builds) sent to an API server of a cluster.
+    pub fn on_node(mut self, node: Option<String>) -> Self {
+        self.node = node.filter(|n| !n.is_empty());
+        self
     }
 
     /// The server's base URL.
@@ -40,6 +50,9 @@ impl Client {
         let mut builder = self.http.request(method, format!("{}{path}", self.base));
         if let Some(key) = &self.key {
             builder = builder.header(viv_api::API_KEY_HEADER, key);
+        }
+        if let Some(node) = &self.node {
+            builder = builder.header(viv_api::NODE_HEADER, node);
         }
         builder
     }

@@ -286,7 +286,7 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 
 /// Runs a parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
-    let client = Client::new(&cli.api_url, cli.api_key.clone());
+    let client = Client::new(&cli.api_url, cli.api_key.clone()).on_node(cli.on_node.clone());
     match cli.command {
         Command::Serve(args) => crate::serve::run(*args).await.map(|()| 0),
         Command::Image(cmd) => image(cmd, cli.json).map(|()| 0),

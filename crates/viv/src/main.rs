@@ -46,6 +46,11 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The node (name or id) that node-local work goes to when the server is an API server
+    /// of a cluster: VMs created, disks, ISOs, switches, template builds. Default: the first
+    /// node up by name.
+    #[arg(long = "node", global = true, env = "VIV_NODE", value_name = "NODE")]
+    pub on_node: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -42,9 +42,10 @@ pub enum NodeCommand {
     },
 }
 
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 10] = [
     "NAME",
     "ID",
+    "ROLE",
     "STATE",
     "URL",
     "ACCEL",
@@ -63,6 +64,7 @@ fn row(n: &NodeInfo) -> Vec<String> {
             n.name.clone()
         },
         n.id.clone(),
+        n.role.clone(),
         n.state.as_str().to_owned(),
         n.url.clone(),
         c.accel.clone(),

@@ -140,6 +140,12 @@ pub struct ServeArgs {
     /// `30m`); the browser signs in again after it.
     #[arg(long, env = "VIV_SESSION_TTL", default_value = "12h", value_parser = parse_ttl)]
     pub session_ttl: Duration,
+    /// What this server does in its cluster: `all` (API server and node in one, the default),
+    /// `api` (the REST API, web console, events, placement and forwarding; runs no VM) or
+    /// `node` (runs VMs; answers only requests API servers forward to it). `api` and `node`
+    /// need a shared `--database postgres://…`.
+    #[arg(long, env = "VIV_ROLE", default_value = "all")]
+    pub role: viv_api::nodes::NodeRole,
     /// This node's name in the cluster (`viv node list`) and its sandboxes' `clientID`
     /// (default: the host name).
     #[arg(long, env = "VIV_NODE_NAME")]
@@ -225,6 +231,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             args.heartbeat
         );
     }
+    let role = args.role;
+    if role != viv_api::nodes::NodeRole::All && store.postgres_url().is_none() {
+        bail!(
+            "--role {role} needs a store shared with the rest of the cluster: add --database postgres://… \
+             (with the embedded SQLite store a server is alone, --role all)"
+        );
+    }
+    if role != viv_api::nodes::NodeRole::All && args.ssh_listen.is_some() {
+        bail!("--ssh-listen needs --role all: the SSH gateway reaches only the sandboxes of its own server");
+    }
     if let Some(url) = args.node_url.as_deref().filter(|u| !u.starts_with("http://")) {
         bail!("--node-url {url}: expected http://HOST:PORT (the cluster's servers talk plain HTTP to each other)");
     }
@@ -245,8 +261,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         node_name: node_name.clone(),
         snapshots: args.snapshots,
         pool: viv_server::manager::PoolPolicy {
-            min: args.pool_size,
-            max: args.pool_max,
+            // An API server keeps no warm VM.
+            min: if role.runs_vms() { args.pool_size } else { 0 },
+            max: if role.runs_vms() { args.pool_max } else { 0 },
             window: Duration::from_secs(args.pool_window),
             idle: Duration::from_secs(args.pool_idle),
         },
@@ -254,7 +271,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         memory_diff_chain: args.memory_diff_chain,
         pause_replicas: args.pause_replicas,
         domain: args.domain.clone(),
-        network: network_mode(&args.network)?,
+        network: if role.runs_vms() {
+            network_mode(&args.network)?
+        } else {
+            viv_server::NetworkMode::None
+        },
         net_pool: args.net_pool,
         switch_range: args.switch_range,
         mac_prefix: {
@@ -266,6 +287,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             }
             args.mac_prefix.clone()
         },
+        role,
         guest_ca_certificates: match &args.guest_ca_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -292,31 +314,34 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await??
     };
     let manager = Arc::new(manager);
-    let recovery = manager
-        .recover()
-        .await
-        .context("taking over from the previous server")?;
-    if !recovery.adopted.is_empty() || !recovery.failed.is_empty() {
-        tracing::info!(
-            taken_over = recovery.adopted.len(),
-            lost = recovery.failed.len(),
-            orphans_killed = recovery.orphans.len(),
-            "took over from the previous server"
-        );
-    }
-    if !recovery.vms.adopted.is_empty() || !recovery.vms.lost.is_empty() {
-        tracing::info!(
-            taken_over = recovery.vms.adopted.len(),
-            lost = recovery.vms.lost.len(),
-            "took over the VM manager's VMs"
-        );
-    }
-    tracing::info!(confinement = %manager.confinement(), "VMs are confined");
-    manager.start_deadline_enforcer();
-    manager.start_console_log_cap();
-    manager.autostart_vms();
-    if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
-        tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
+    // An API server holds no VM: nothing to take over, time out or start.
+    if role.runs_vms() {
+        let recovery = manager
+            .recover()
+            .await
+            .context("taking over from the previous server")?;
+        if !recovery.adopted.is_empty() || !recovery.failed.is_empty() {
+            tracing::info!(
+                taken_over = recovery.adopted.len(),
+                lost = recovery.failed.len(),
+                orphans_killed = recovery.orphans.len(),
+                "took over from the previous server"
+            );
+        }
+        if !recovery.vms.adopted.is_empty() || !recovery.vms.lost.is_empty() {
+            tracing::info!(
+                taken_over = recovery.vms.adopted.len(),
+                lost = recovery.vms.lost.len(),
+                "took over the VM manager's VMs"
+            );
+        }
+        tracing::info!(confinement = %manager.confinement(), "VMs are confined");
+        manager.start_deadline_enforcer();
+        manager.start_console_log_cap();
+        manager.autostart_vms();
+        if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
+            tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
+        }
     }
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
@@ -341,6 +366,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         &manager,
         node_id,
         viv_server::cluster::ClusterConfig {
+            role,
             name: node_name,
             url: node_url,
             heartbeat: args.heartbeat,
@@ -357,12 +383,19 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         public_metrics: args.public_metrics,
         cluster,
     };
-    tracing::info!(listen = %args.listen, accel = %manager.accel(), network = %manager.network_mode(), "Vivarium is serving");
-    println!(
-        "Vivarium listening on http://{} (accel {})",
-        listener.local_addr()?,
-        manager.accel()
-    );
+    tracing::info!(listen = %args.listen, %role, accel = %manager.accel(), network = %manager.network_mode(), "Vivarium is serving");
+    if role.runs_vms() {
+        println!(
+            "Vivarium listening on http://{} (role {role}, accel {})",
+            listener.local_addr()?,
+            manager.accel()
+        );
+    } else {
+        println!(
+            "Vivarium listening on http://{} (role api: VMs run on the cluster's nodes)",
+            listener.local_addr()?
+        );
+    }
     println!(
         "Web console: http://{}/ (sign in with an API key)",
         listener.local_addr()?

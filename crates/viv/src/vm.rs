@@ -132,11 +132,19 @@ pub enum VmCommand {
         /// VM id or name.
         vm: String,
         /// The destination server, http://HOST:PORT.
-        #[arg(long)]
-        to: String,
+        #[arg(
+            long,
+            required_unless_present = "to_node",
+            conflicts_with = "to_node",
+            requires = "to_key"
+        )]
+        to: Option<String>,
         /// An API key of the destination server (used for this migration only).
         #[arg(long, env = "VIV_TARGET_KEY", hide_env_values = true)]
-        to_key: String,
+        to_key: Option<String>,
+        /// Instead of --to: another node of this cluster (name or id); the VM keeps its id.
+        #[arg(long)]
+        to_node: Option<String>,
     },
     /// Run a command in a VM made from a sandbox (it runs the sandbox agent).
     Exec(crate::commands::ExecArgs),
@@ -647,13 +655,21 @@ pub async fn run(client: &Client, cmd: VmCommand, json: bool) -> Result<i32> {
                 println!("{}: NVRAM reset", info.name);
             }
         }
-        VmCommand::Migrate { vm, to, to_key } => {
+        VmCommand::Migrate {
+            vm,
+            to,
+            to_key,
+            to_node,
+        } => {
+            let (body, to) = match to_node {
+                Some(node) => (json!({ "node": node }), format!("node {node}")),
+                None => {
+                    let to = to.unwrap_or_default();
+                    (json!({ "target": to, "targetKey": to_key }), to)
+                }
+            };
             let op: viv_api::storage::Operation = client
-                .json(
-                    client
-                        .request(Method::POST, &format!("/vms/{vm}/migrate"))
-                        .json(&json!({ "target": to, "targetKey": to_key })),
-                )
+                .json(client.request(Method::POST, &format!("/vms/{vm}/migrate")).json(&body))
                 .await?;
             let op = crate::transfer::follow(client, op).await?;
             if json {

@@ -7,14 +7,15 @@
 use super::*;
 
 impl Manager {
-    pub(super) fn info(&self, row: SandboxRow) -> SandboxInfo {
+    /// What clients see of `row`; `client_id` is the name of the node holding it.
+    pub(super) fn info(&self, row: SandboxRow, client_id: String) -> SandboxInfo {
         let (lifecycle, pause_mode) = self.lifecycle_view(&row);
         SandboxInfo {
             lifecycle: Some(lifecycle),
             pause_mode,
             sandbox_id: row.id,
             template_id: row.template_id,
-            client_id: self.config.node_name.clone(),
+            client_id,
             started_at: row.started_at,
             end_at: rfc3339_ms(row.end_at_ms),
             cpu_count: row.cpu_count,
@@ -45,18 +46,29 @@ impl Manager {
                 row.error.as_deref().unwrap_or("its VM stopped")
             )));
         }
-        Ok(self.info(row))
+        let client_id = match self.store.sandbox_node(id)?.flatten() {
+            Some(node) if Some(node.as_str()) != self.store.node_id() => {
+                self.store.node(&node)?.map_or(node, |n| n.name)
+            }
+            _ => self.config.node_name.clone(),
+        };
+        Ok(self.info(row, client_id))
     }
 
     /// All sandboxes (failed ones too: callers filter by state), optionally only those whose
     /// metadata contains every pair in `filter`.
+    /// Each one's `clientID` is the name of its node (in a cluster, any node's).
     pub fn list(&self, filter: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ApiError> {
+        let mut nodes = self.store.sandbox_node_names()?;
         Ok(self
             .store
             .sandboxes()?
             .into_iter()
             .filter(|row| filter.iter().all(|(k, v)| row.metadata.get(k) == Some(v)))
-            .map(|row| self.info(row))
+            .map(|row| {
+                let client_id = nodes.remove(&row.id).unwrap_or_else(|| self.config.node_name.clone());
+                self.info(row, client_id)
+            })
             .collect())
     }
 

@@ -1,10 +1,11 @@
 //! The source server's client for the destination server of a live migration: JSON calls and
 //! upgraded connections (raw byte channels) over plain HTTP/1.1, authenticated with the API key
-//! the operator gave for this migration.
+//! the operator gave for this migration, or, between two nodes of one cluster, with the
+//! cluster's secret on the node API (`/internal/migrations/…`).
 //!
 //! Invariants:
-//! - the key lives in memory for the migration only; it is never logged, stored or echoed
-//!   (`Remote`'s `Debug` leaves it out);
+//! - the key or secret lives in memory for the migration only; it is never logged, stored or
+//!   echoed (`Remote`'s `Debug` leaves it out);
 //! - every call has a deadline: an unreachable or stuck destination is an error, never a hang;
 //! - only `http://HOST:PORT` targets are accepted (no path, no userinfo), so a target cannot
 //!   smuggle a request line or headers.
@@ -30,7 +31,10 @@ const MAX_ANSWER: usize = 4 << 20;
 pub(super) struct Remote {
     /// `HOST:PORT`.
     authority: String,
-    key: String,
+    /// The header carrying the credential, and the credential.
+    auth: (&'static str, String),
+    /// What the migration routes' paths start with there (`/internal` on the node API).
+    prefix: &'static str,
 }
 
 impl std::fmt::Debug for Remote {
@@ -64,8 +68,18 @@ impl Remote {
         }
         Ok(Self {
             authority: authority.to_owned(),
-            key: key.to_owned(),
+            auth: (viv_api::API_KEY_HEADER, key.to_owned()),
+            prefix: "",
         })
+    }
+
+    /// Another node of this cluster at `url` (its `http://HOST:PORT`), through the node API
+    /// with the cluster's `secret`.
+    pub(super) fn node(url: &str, secret: &str) -> Result<Self, ApiError> {
+        let mut remote = Self::parse(url, secret)?;
+        remote.auth = (super::CLUSTER_SECRET_HEADER, secret.to_owned());
+        remote.prefix = "/internal";
+        Ok(remote)
     }
 
     /// The target as the operator wrote it, for messages.
@@ -95,9 +109,9 @@ impl Remote {
     fn request(&self, method: hyper::Method, path: &str) -> hyper::http::request::Builder {
         hyper::Request::builder()
             .method(method)
-            .uri(path)
+            .uri(format!("{}{path}", self.prefix))
             .header(hyper::header::HOST, &self.authority)
-            .header(viv_api::API_KEY_HEADER, &self.key)
+            .header(self.auth.0, &self.auth.1)
     }
 
     /// One JSON call: the status and the answer (`null` when empty or not JSON).

@@ -12,8 +12,15 @@ use super::Manager;
 use crate::error::ApiError;
 
 impl Manager {
-    /// This node's capacity and use now.
+    /// This node's capacity and use now (none for an API server: nothing is placed on it).
     pub fn node_capacity(&self) -> Result<NodeCapacity, ApiError> {
+        if !self.config.role.runs_vms() {
+            return Ok(NodeCapacity {
+                disk_free_mib: super::storage::free_bytes(&self.config.data_dir).unwrap_or(0) >> 20,
+                network: "none".into(),
+                ..NodeCapacity::default()
+            });
+        }
         let host = crate::capacity::HostLimits::host();
         let mut capacity = NodeCapacity {
             vcpus: host.max_vcpus,

@@ -14,22 +14,29 @@ impl Manager {
         progress: &dyn Progress,
     ) -> Result<Self, ImageError> {
         let images = ImageStore::open(&config.cache_dir)?;
-        let kernel = images.kernel(config.kernel_package.as_deref(), progress)?;
-        let initramfs = images.initramfs(&kernel, &config.agent_binary)?;
-        let rootfs = images.debian_rootfs(&viv_image::rootfs::DebianRecipe::default(), progress)?;
-        let boot = BootImages {
-            kernel: kernel.image,
-            initramfs,
-            rootfs,
+        let boot = if config.role.runs_vms() {
+            let kernel = images.kernel(config.kernel_package.as_deref(), progress)?;
+            let initramfs = images.initramfs(&kernel, &config.agent_binary)?;
+            let rootfs = images.debian_rootfs(&viv_image::rootfs::DebianRecipe::default(), progress)?;
+            BootImages {
+                kernel: kernel.image,
+                initramfs,
+                rootfs,
+            }
+        } else {
+            // An API server boots nothing; requests that would are forwarded to nodes
+            // (`routes/node_forward.rs`), so these paths are never opened.
+            BootImages::default()
         };
         let data_key = hex::encode(&Sha256::digest(config.data_dir.to_string_lossy().as_bytes())[..4]);
         let shm_dir = PathBuf::from(format!("/dev/shm/vivarium-{}", data_key));
-        // Snapshots hold guest memory and disks: nobody else's to read.
-        for dir in [
-            config.data_dir.clone(),
-            config.data_dir.join("sandboxes"),
-            shm_dir.clone(),
-        ] {
+        // Snapshots hold guest memory and disks: nobody else's to read. An API server keeps
+        // no guest memory.
+        let mut dirs = vec![config.data_dir.clone(), config.data_dir.join("sandboxes")];
+        if config.role.runs_vms() {
+            dirs.push(shm_dir.clone());
+        }
+        for dir in dirs {
             std::fs::create_dir_all(&dir)
                 .and_then(|()| {
                     use std::os::unix::fs::PermissionsExt as _;
@@ -40,8 +47,10 @@ impl Manager {
                     source,
                 })?;
         }
-        if let Err(err) = super::shm_sweep::record_owner(&shm_dir, &config.data_dir) {
-            tracing::warn!(dir = %shm_dir.display(), %err, "recording the memory directory's data directory");
+        if config.role.runs_vms() {
+            if let Err(err) = super::shm_sweep::record_owner(&shm_dir, &config.data_dir) {
+                tracing::warn!(dir = %shm_dir.display(), %err, "recording the memory directory's data directory");
+            }
         }
         for removed in super::shm_sweep::remove_orphaned(Path::new("/dev/shm")) {
             tracing::info!(dir = %removed.display(), "removed guest memory whose data directory is gone");
@@ -101,6 +110,9 @@ impl Manager {
 /// nothing only when asked (to measure what the jail costs).
 fn confinement(config: &Config, data_key: &str) -> Result<viv_vmm::confine::Confinement, ImageError> {
     use viv_vmm::confine::{Confinement, JailConfig};
+    if !config.role.runs_vms() {
+        return Ok(Confinement::None);
+    }
     if !config.jail {
         tracing::warn!("VMs run without a jail (--jail=false): for measurements only, never with untrusted guests");
         return Ok(Confinement::None);

@@ -190,7 +190,7 @@ impl Manager {
     }
 
     /// This node's id in the cluster (empty before it joins one).
-    fn node_id(&self) -> &str {
+    pub(super) fn node_id(&self) -> &str {
         self.cluster_link.get().map(|l| l.node_id.as_str()).unwrap_or_default()
     }
 

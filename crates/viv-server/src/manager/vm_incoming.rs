@@ -17,7 +17,10 @@
 //!   nothing: its QEMU is killed, its disks, VM row
 //!   and files are deleted;
 //! - only disks it created are deleted on failure: a name clash (VM or disk) is refused before
-//!   anything is made.
+//!   anything is made;
+//! - between nodes of one cluster (`takeoverFrom`), the VM's row is the source node's until
+//!   the finish takes it over (`Store::take_over_vm`, conditional on the row still naming the
+//!   source); nothing here writes it before, and a failure leaves it alone.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +51,8 @@ pub struct IncomingRegistry {
 struct Pending {
     vm_id: String,
     name: String,
+    /// The node whose row this VM takes over when it finishes (a move within a cluster).
+    takeover_from: Option<String>,
     live: Arc<LiveVm>,
     /// Disks this migration created.
     disks: Vec<String>,
@@ -90,8 +95,16 @@ impl Manager {
     /// read-only disk it uses is not in this server's pool.
     pub async fn receive_vm(self: &Arc<Self>, req: IncomingVm) -> Result<IncomingMigration, ApiError> {
         super::check_name("VM", &req.name)?;
-        let def = req.definition;
-        if self.store.vm(&req.name)?.is_some() {
+        let takeover = match req.takeover_from.as_deref() {
+            Some(from) => Some(self.row_to_take_over(&req.name, from)?),
+            None => None,
+        };
+        let def = match &takeover {
+            // The shared store's definition, not what the request says.
+            Some(row) => definition_of(&row.definition)?,
+            None => req.definition,
+        };
+        if takeover.is_none() && self.store.vm(&req.name)?.is_some() {
             return Err(ApiError::Conflict(format!(
                 "a VM named '{}' already exists on the target server",
                 req.name
@@ -160,6 +173,21 @@ impl Manager {
                 }
             }
         }
+        if let (Some(row), Ok(())) = (&takeover, &outcome) {
+            return match self
+                .launch_incoming(&row.id, &row.name, &def, made.clone(), req.takeover_from)
+                .await
+            {
+                Ok(id) => Ok(IncomingMigration {
+                    id,
+                    vm: self.vm_info(&row.id)?,
+                }),
+                Err(err) => {
+                    self.remove_incoming_files(&row.id, &made).await;
+                    Err(err)
+                }
+            };
+        }
         let created = outcome.and_then(|()| {
             let mut def = def.clone();
             def.autostart.enabled = false;
@@ -172,7 +200,14 @@ impl Manager {
                 return Err(err);
             }
         };
-        match self.launch_incoming(&info, made.clone()).await {
+        let launched = match self.vm_transition(&info.id, &info.name, VmState::Defined, VmState::Starting, None) {
+            Ok(()) => {
+                self.launch_incoming(&info.id, &info.name, &info.definition, made.clone(), None)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        match launched {
             Ok(id) => Ok(IncomingMigration {
                 id,
                 vm: self.vm_info(&info.id)?,
@@ -184,30 +219,53 @@ impl Manager {
         }
     }
 
-    async fn launch_incoming(self: &Arc<Self>, info: &VmInfo, disks: Vec<String>) -> Result<String, ApiError> {
-        let gate = self.vm_runtime.gate(&info.id).lock_owned().await;
-        self.vm_transition(&info.id, &info.name, VmState::Defined, VmState::Starting, None)?;
-        let live = self.launch_vm(&info.id, &info.name, &info.definition, true).await?;
+    /// The row of VM `name` that node `from` holds and runs, for a move to this node.
+    fn row_to_take_over(&self, name: &str, from: &str) -> Result<crate::store::VmRow, ApiError> {
+        let row = self.vm_row(name)?;
+        let holder = self.store.vm_node(&row.id)?.flatten();
+        if holder.as_deref() != Some(from) || from == self.node_id() {
+            return Err(ApiError::Conflict(format!(
+                "VM '{name}' is not held by node {from}: it cannot move here from there"
+            )));
+        }
+        if super::vms::state_of(&row)? != VmState::Running {
+            return Err(ApiError::Conflict(format!(
+                "VM '{name}' is not running: only a running VM moves live"
+            )));
+        }
+        Ok(row)
+    }
+
+    async fn launch_incoming(
+        self: &Arc<Self>,
+        vm_id: &str,
+        name: &str,
+        def: &viv_api::vms::VmDefinition,
+        disks: Vec<String>,
+        takeover_from: Option<String>,
+    ) -> Result<String, ApiError> {
+        let gate = self.vm_runtime.gate(vm_id).lock_owned().await;
+        let live = self.launch_vm(vm_id, name, def, true).await?;
         if let Err(err) = live.machine.receive().await {
             let _ = live.machine.kill().await;
             live.console.close();
             return Err(ApiError::Internal(format!(
-                "VM '{}': its QEMU could not wait for the migration: {err}",
-                info.name
+                "VM '{name}': its QEMU could not wait for the migration: {err}"
             )));
         }
         let id = format!("in-{}", super::random_id(16));
         self.incoming.pending.lock().expect("incoming lock").insert(
             id.clone(),
             Pending {
-                vm_id: info.id.clone(),
-                name: info.name.clone(),
+                vm_id: vm_id.to_owned(),
+                name: name.to_owned(),
+                takeover_from,
                 live,
                 disks,
                 _gate: gate,
             },
         );
-        tracing::info!(incoming = %id, vm = %info.id, name = %info.name, "VM migration incoming");
+        tracing::info!(incoming = %id, vm = %vm_id, %name, "VM migration incoming");
         let manager = self.clone();
         let expiring = id.clone();
         tokio::spawn(async move {
@@ -268,27 +326,45 @@ impl Manager {
         if let Err(err) = ran {
             let _ = live.machine.kill().await;
             live.console.close();
-            self.remove_incoming_vm(&pending.vm_id, &pending.disks).await;
+            self.remove_pending(&pending).await;
             return Err(ApiError::Internal(format!(
                 "VM '{}' did not continue from the migration stream: {err}",
                 pending.name
             )));
         }
         let row = self.vm_row(&pending.vm_id)?;
-        let def = definition_of(&row.definition)?;
-        self.store.set_vm_started(
-            &row.id,
-            &to_json(&def)?,
-            VmState::Running.as_str(),
-            live.machine.identity(),
-        )?;
+        match &pending.takeover_from {
+            Some(from) => {
+                if !self.store.take_over_vm(&row.id, from, live.machine.identity())? {
+                    let _ = live.machine.kill().await;
+                    live.console.close();
+                    self.remove_pending(&pending).await;
+                    return Err(ApiError::Conflict(format!(
+                        "VM '{}' no longer belongs to node {from}: this copy was deleted",
+                        pending.name
+                    )));
+                }
+            }
+            None => {
+                let def = definition_of(&row.definition)?;
+                self.store.set_vm_started(
+                    &row.id,
+                    &to_json(&def)?,
+                    VmState::Running.as_str(),
+                    live.machine.identity(),
+                )?;
+            }
+        }
         self.vm_runtime.insert(live.clone());
         self.publish_vm(
             &row.id,
             &row.name,
             VmState::Starting,
             VmState::Running,
-            Some("migrated in from another server".into()),
+            Some(match &pending.takeover_from {
+                Some(_) => "moved here from another node".into(),
+                None => "migrated in from another server".into(),
+            }),
         );
         self.supervise_vm(live);
         tracing::info!(incoming = %id, vm = %row.id, "VM migration finished");
@@ -300,7 +376,7 @@ impl Manager {
         let pending = self.incoming.take(id)?;
         let _ = pending.live.machine.kill().await;
         pending.live.console.close();
-        self.remove_incoming_vm(&pending.vm_id, &pending.disks).await;
+        self.remove_pending(&pending).await;
         tracing::info!(incoming = %id, vm = %pending.vm_id, "incoming VM migration aborted");
         Ok(())
     }
@@ -320,6 +396,15 @@ impl Manager {
         }
     }
 
+    /// Deletes what an incoming VM that never ran here left: its row (unless it was another
+    /// node's, to take over), files and the disks made for it.
+    async fn remove_pending(&self, pending: &Pending) {
+        match pending.takeover_from {
+            Some(_) => self.remove_incoming_files(&pending.vm_id, &pending.disks).await,
+            None => self.remove_incoming_vm(&pending.vm_id, &pending.disks).await,
+        }
+    }
+
     /// Deletes an incoming VM that never ran here: its row, files and the disks made for it.
     async fn remove_incoming_vm(&self, vm_id: &str, disks: &[String]) {
         if let Ok(row) = self.vm_row(vm_id) {
@@ -332,6 +417,11 @@ impl Manager {
                 }
             }
         }
+        self.remove_incoming_files(vm_id, disks).await;
+    }
+
+    /// Deletes an incoming VM's files here and the disks made for it.
+    async fn remove_incoming_files(&self, vm_id: &str, disks: &[String]) {
         let _ = std::fs::remove_dir_all(self.vm_dir(vm_id));
         let _ = std::fs::remove_dir_all(self.vm_run_dir(vm_id));
         self.delete_disks(disks).await;

@@ -21,6 +21,13 @@
 //!   its deadline) and the source's guest runs on with its disks active;
 //! - after step 5 it is the target's: the source never resumes it, and its copy is deleted;
 //! - the target key is kept in memory for the operation only.
+//!
+//! Between nodes of one cluster (`{"node": NAME}`) the steps are the same over the node API
+//! (`/internal/migrations/…`, the cluster's secret), and the VM keeps its id and row: the
+//! target takes the row over in step 5 (one conditional update naming the source node, so only
+//! one node ever holds it), and in step 6 the source deletes only its files and disks. A node
+//! writes a VM row's runtime state only while the row names it (`Store::set_vm_exited`), so the
+//! source's QEMU quitting cannot mark the moved VM stopped.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -49,7 +56,18 @@ const OUT_NBD_SOCKET: &str = "migrate-nbd.sock";
 impl Manager {
     /// Starts moving running VM `id_or_name` to the server `req.target`; returns the operation.
     pub async fn migrate_vm(self: &Arc<Self>, id_or_name: &str, req: VmMigrate) -> Result<Operation, ApiError> {
-        let remote = Remote::parse(&req.target, &req.target_key)?;
+        let (remote, to_node) = match (&req.node, &req.target, &req.target_key) {
+            (Some(node), None, None) => {
+                let (remote, node) = self.cluster_remote(node)?;
+                (remote, Some(node))
+            }
+            (None, Some(target), Some(key)) => (Remote::parse(target, key)?, None),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "give either node (another node of this cluster) or target and targetKey (another server)".into(),
+                ))
+            }
+        };
         let row = self.vm_row(id_or_name)?;
         let state = state_of(&row)?;
         if state != VmState::Running {
@@ -59,32 +77,60 @@ impl Manager {
                 state.as_str()
             )));
         }
-        self.check_migratable(&row).await?;
-        let (status, body) = remote.call(Method::GET, &format!("/vms/{}", row.name), None).await?;
-        match status {
-            StatusCode::NOT_FOUND => {}
-            StatusCode::OK => {
-                return Err(ApiError::Conflict(format!(
-                    "the target server {} has a VM named '{}' already",
-                    remote.url(),
-                    row.name
-                )))
+        self.check_migratable(&row, to_node.is_some()).await?;
+        if to_node.is_none() {
+            let (status, body) = remote.call(Method::GET, &format!("/vms/{}", row.name), None).await?;
+            match status {
+                StatusCode::NOT_FOUND => {}
+                StatusCode::OK => {
+                    return Err(ApiError::Conflict(format!(
+                        "the target server {} has a VM named '{}' already",
+                        remote.url(),
+                        row.name
+                    )))
+                }
+                other => return Err(remote_error(other, &body, "the migration")),
             }
-            other => return Err(remote_error(other, &body, "the migration")),
         }
         self.check_operation_room()?;
         let manager = self.clone();
         let id = row.id.clone();
         self.start_operation_with(OperationKind::Migrate, &row.name, move |handle| async move {
             manager
-                .migrate_locked(&id, &remote, &handle)
+                .migrate_locked(&id, &remote, to_node.as_deref(), &handle)
                 .await
                 .map(OperationResult::Migration)
         })
     }
 
-    /// 409 for what cannot move: edits pending, snapshots, shareable writable disks.
-    async fn check_migratable(&self, row: &crate::store::VmRow) -> Result<(), ApiError> {
+    /// The node API of node `name` (another node of this cluster, up and running VMs), and its
+    /// name.
+    fn cluster_remote(&self, name: &str) -> Result<(Remote, String), ApiError> {
+        let link = self.cluster_link.get().ok_or_else(|| {
+            ApiError::BadRequest("this server is not part of a cluster: give target and targetKey".into())
+        })?;
+        let node = self
+            .store
+            .node(name)?
+            .ok_or_else(|| ApiError::NotFound(format!("no node '{name}' in this cluster (see GET /nodes)")))?;
+        if node.id == link.node_id {
+            return Err(ApiError::Conflict(format!("the VM is on node '{}' already", node.name)));
+        }
+        let runs_vms = viv_api::nodes::NodeRole::parse(&node.role).is_none_or(viv_api::nodes::NodeRole::runs_vms);
+        if node.state != viv_api::nodes::NodeState::Up || !runs_vms {
+            return Err(ApiError::Conflict(format!(
+                "node '{}' takes no VM: it is {} with role {}",
+                node.name,
+                node.state.as_str(),
+                node.role
+            )));
+        }
+        Ok((Remote::node(&node.url, &link.secret)?, node.name))
+    }
+
+    /// 409 for what cannot move: edits pending, snapshots, shareable writable disks, and to
+    /// another node of the cluster, backups (their files stay on this node).
+    async fn check_migratable(&self, row: &crate::store::VmRow, to_node: bool) -> Result<(), ApiError> {
         if row.pending_definition.is_some() {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' has edits waiting for its next start: restart it (or revert them) before migrating",
@@ -94,6 +140,12 @@ impl Manager {
         if !self.list_vm_snapshots(&row.id)?.is_empty() {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' has snapshots, which do not migrate: delete them first",
+                row.name
+            )));
+        }
+        if to_node && !self.store.vm_backups(&row.id)?.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "VM '{}' has backups, whose files stay on this node: delete them (or restore and delete) before moving it",
                 row.name
             )));
         }
@@ -111,6 +163,7 @@ impl Manager {
         self: &Arc<Self>,
         id: &str,
         remote: &Remote,
+        to_node: Option<&str>,
         handle: &OperationHandle,
     ) -> Result<MigrationFigures, ApiError> {
         let started = Instant::now();
@@ -119,7 +172,7 @@ impl Manager {
         if state_of(&row)? != VmState::Running {
             return Err(ApiError::Conflict(format!("VM '{}' is not running any more", row.name)));
         }
-        self.check_migratable(&row).await?;
+        self.check_migratable(&row, to_node.is_some()).await?;
         let def = definition_of(&row.definition)?;
         let writable = def.disks.iter().filter(|d| !d.read_only).count();
         if live.machine.started_writable_disks() != writable {
@@ -148,6 +201,7 @@ impl Manager {
             name: row.name.clone(),
             definition: def.clone(),
             disks: disks.clone(),
+            takeover_from: to_node.map(|_| self.node_id().to_owned()),
         };
         let body = serde_json::to_value(&incoming).map_err(|e| ApiError::Internal(e.to_string()))?;
         let (status, answer) = remote.call(Method::POST, "/migrations/incoming", Some(&body)).await?;
@@ -175,14 +229,18 @@ impl Manager {
                 return Err(err);
             }
         };
-        // The VM runs on the target now: this copy goes.
-        live.ask_to_stop(format!("migrated to {}", remote.url()));
+        // The VM runs on the target now: this copy goes (its row too, unless the target, a node
+        // of this cluster, took it over).
+        let whereto = to_node.map_or_else(|| remote.url(), |n| format!("node {n}"));
+        live.ask_to_stop(format!("migrated to {whereto}"));
         if live.machine.quit().await.is_err() {
             let _ = live.machine.kill().await;
         }
         live.exit_recorded().await;
-        let row = self.vm_row(id)?;
-        self.delete_vm_row(&row)?;
+        if to_node.is_none() {
+            let row = self.vm_row(id)?;
+            self.delete_vm_row(&row)?;
+        }
         let _ = std::fs::remove_dir_all(self.vm_dir(id));
         for disk in &disks {
             if let Err(err) = self.storage.delete_disk(&disk.name, viv_storage::unused).await {

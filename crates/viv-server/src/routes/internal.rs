@@ -11,7 +11,9 @@
 //!   node; `POST /internal/snapshots/{id}/replicate`: copy a paused sandbox's snapshot here
 //!   (`manager/snapshot_replicas.rs`);
 //!   `POST /internal/sandboxes/{id}/adopt`: take a paused sandbox from the node holding it (a
-//!   drain asks this) (`manager/snapshot_move.rs`).
+//!   drain asks this) (`manager/snapshot_move.rs`);
+//! - `/internal/migrations/incoming…`: the destination's side of a VM moved live from another
+//!   node (`routes/vm_migrate.rs`, `manager/vm_incoming.rs`).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -26,8 +28,18 @@ use crate::manager::{ExportedFile, CLUSTER_SECRET_HEADER, SNAPSHOT_CHANNEL_KEY_H
 use crate::AppState;
 
 /// The node API's routes.
-pub(super) fn routes() -> Router<AppState> {
+pub(super) fn routes(state: &AppState) -> Router<AppState> {
+    let migrations = super::vm_migrate::node_routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        |State(state): State<AppState>, request: axum::extract::Request, next: axum::middleware::Next| async move {
+            match check_secret(&state, request.headers()) {
+                Ok(()) => next.run(request).await,
+                Err(err) => err.into_response(),
+            }
+        },
+    ));
     Router::new()
+        .merge(migrations)
         .route("/internal/layers/{key}", get(layer))
         .route("/internal/snapshots/{id}/disk", get(snapshot_disk))
         .route("/internal/snapshots/{id}/state", get(snapshot_state))

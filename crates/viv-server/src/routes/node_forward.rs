@@ -12,7 +12,15 @@
 //!   costs a second server anything; sandbox traffic (`PORT-ID.DOMAIN`) carries the sandbox's
 //!   own token, which only its node's agent checks;
 //! - a row of a node that is down, or of no node, is served here: its state says what happened
-//!   to it (lost sandboxes are `failed` with the reason).
+//!   to it (lost sandboxes are `failed` with the reason);
+//! - roles (`viv serve --role`): an API server (`api`) answers from the store only what
+//!   [`answered_by_control_plane`] lists (lists, reads of templates and nodes, events, the
+//!   console, sign-in) and sends everything else to a node: a row's node, placement's pick,
+//!   or, for node-local work that has no row yet (VM definitions, disks, ISOs, switches,
+//!   template builds, storage operations), [`crate::cluster::Cluster::default_node`]. It never
+//!   starts a VM: what would need one with no node up to take it is a 503 or 429. A node
+//!   (`node`) answers clients only [`answered_by_node_directly`] (health, metrics, the node
+//!   API, incoming migrations) and refuses the rest with a 421 naming where to go.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -20,7 +28,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use viv_api::nodes::NodeState;
+use viv_api::nodes::{NodeRole, NodeState};
 
 use crate::cluster::Demand;
 use crate::error::ApiError;
@@ -73,10 +81,43 @@ fn subject_of_path(method: &Method, path: &str) -> Option<Subject> {
     }
 }
 
+/// Whether an API server answers a request that names no sandbox, VM, snapshot or volume
+/// itself (from the store, its event bus and its embedded console) rather than on a node.
+fn answered_by_control_plane(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let read = method == Method::GET || method == Method::HEAD;
+    match segments.as_slice() {
+        [""] | ["assets", ..] | ["health"] | ["openapi.yaml"] | ["metrics"] | ["events"] | ["auth", "session"] => true,
+        // The node API is answered where it is sent (nodes call nodes).
+        ["internal", ..] => true,
+        // Drains have a subject (the node); lists, reads, undrains and removals are rows.
+        ["nodes", ..] => true,
+        ["sandboxes"] | ["v2", "sandboxes"] | ["snapshots"] | ["snapshot-tree"] | ["vms"] | ["volumes"] => read,
+        ["templates"] | ["templates", _] | ["templates", "aliases", _] | ["templates", _, "tags" | "versions"] => read,
+        _ => false,
+    }
+}
+
+/// Whether a node (`--role node`) answers a request that no API server forwarded: its health
+/// and metrics, the node API other nodes call and incoming live migrations.
+fn answered_by_node_directly(path: &str) -> bool {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    matches!(first, "health" | "metrics" | "openapi.yaml" | "internal" | "migrations")
+}
+
 /// Middleware in front of every route: sends what belongs to another node there.
 pub(super) async fn route_to_node(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if request.headers().contains_key(FORWARDED_BY) {
         return next.run(request).await;
+    }
+    if !state.cluster.role().serves_clients() && !answered_by_node_directly(request.uri().path()) {
+        return ApiError::Misdirected(format!(
+            "this server is a node of a cluster (--role node) and answers only requests its API servers \
+             forward; send {} {} to an API server (`viv node list` shows the servers of role api)",
+            request.method(),
+            request.uri().path()
+        ))
+        .into_response();
     }
     match destination(&state, request).await {
         Ok((Some(node), request)) => forward(&state, &node, request)
@@ -90,19 +131,40 @@ pub(super) async fn route_to_node(State(state): State<AppState>, request: Reques
 /// The node a request must go to (`None`: this one), and the request (its body read back in
 /// when placement had to read it).
 async fn destination(state: &AppState, mut request: Request) -> Result<(Option<NodeRow>, Request), ApiError> {
+    // A signed file URL whose signature is no sandbox's is refused where it lands (401).
+    let mut bad_signature = false;
     let subject = match super::proxy::target(&request) {
         Some((id, _)) => Some(Subject::SandboxTraffic(id)),
         // A signed file URL names its sandbox by its signature alone.
         None => match super::signed::sandbox_for(state, &request) {
             Some(Ok(id)) => Some(Subject::SandboxTraffic(id)),
-            Some(Err(_)) | None => subject_of_path(request.method(), request.uri().path()),
+            Some(Err(_)) => {
+                bad_signature = true;
+                None
+            }
+            None => subject_of_path(request.method(), request.uri().path()),
         },
-    };
-    let Some(subject) = subject else {
-        return Ok((None, request));
     };
     let cluster = &state.cluster;
     let store = &state.store;
+    let api_server = !cluster.role().runs_vms();
+    let Some(subject) = subject else {
+        if !api_server || bad_signature || answered_by_control_plane(request.method(), request.uri().path()) {
+            return Ok((None, request));
+        }
+        // Node-local work with no row yet: the node the client names, else the default one.
+        // Template file uploads carry their link's token, which the node checks.
+        if !request.uri().path().starts_with("/template-files/") {
+            let key = super::authenticated_key(state, &request)?;
+            request.extensions_mut().insert(super::AuthedKey(key));
+        }
+        let asked = request
+            .headers()
+            .get(viv_api::NODE_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let node = cluster.default_node(store.nodes()?, asked)?;
+        return Ok((Some(node), request));
+    };
     // Sandbox traffic carries the sandbox's token and volume content the volume's: their
     // node checks them.
     // A key checked here is not checked again behind (`require_api_key`).
@@ -110,6 +172,13 @@ async fn destination(state: &AppState, mut request: Request) -> Result<(Option<N
         let key = super::authenticated_key(state, &request)?;
         request.extensions_mut().insert(super::AuthedKey(key));
     }
+    // What an API server cannot do without the thing's node: change a VM or a volume.
+    let changes = !matches!(*request.method(), Method::GET | Method::HEAD | Method::DELETE);
+    let needs_its_node = match &subject {
+        Subject::Vm(id) if changes => Some(format!("VM '{id}'")),
+        Subject::Volume(id) | Subject::VolumeContent(id) if changes => Some(format!("volume '{id}'")),
+        _ => None,
+    };
     let owner = match subject {
         Subject::Sandbox(id) | Subject::SandboxTraffic(id) => store.sandbox_node(&id)?.flatten(),
         Subject::Vm(id) => store.vm_node(&id)?.flatten(),
@@ -129,7 +198,14 @@ async fn destination(state: &AppState, mut request: Request) -> Result<(Option<N
             return Ok((cluster.place(store, store.nodes()?, demand)?, request));
         }
     };
-    Ok((cluster.owner(store, owner.as_deref())?, request))
+    let held = cluster.owner(store, owner.as_deref())?;
+    if let (None, Some(what), true) = (&held, needs_its_node, api_server) {
+        return Err(ApiError::Unavailable(format!(
+            "{what} is on a node that is down or gone, and this API server runs no VM: \
+             it can be changed once its node is back (see GET /nodes)"
+        )));
+    }
+    Ok((held, request))
 }
 
 /// Places a create: reads its body for the shape and template it asks for.
@@ -155,13 +231,15 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
     if let Some(template) = &template {
         // A snapshot's files are on one node: the sandbox starts there or nowhere.
         if let Some(owner) = state.store.snapshot_node(template)? {
-            return Ok((state.cluster.owner(&state.store, owner.as_deref())?, request));
+            let node = held_for_create(state, owner.as_deref(), &format!("snapshot '{template}'"))?;
+            return Ok((node, request));
         }
     }
     // So are a volume's: a sandbox mounting volumes starts where they are.
     for mount in asked.volume_mounts.iter().flatten() {
         if let Some(owner) = state.store.volume_node(&mount.name)? {
-            return Ok((state.cluster.owner(&state.store, owner.as_deref())?, request));
+            let node = held_for_create(state, owner.as_deref(), &format!("volume '{}'", mount.name))?;
+            return Ok((node, request));
         }
     }
     let (vcpus, memory_mib) = state.manager.default_shape(template.as_deref());
@@ -172,6 +250,19 @@ async fn place(state: &AppState, request: Request) -> Result<(Option<NodeRow>, R
         prefer: None,
     };
     Ok((state.cluster.place(&state.store, nodes, demand)?, request))
+}
+
+/// The node a create from `what` (a snapshot or volume, whose files are on node `owner`)
+/// runs on: that node; when it is down, here (the create fails with why), except on an API
+/// server, which starts no VM.
+fn held_for_create(state: &AppState, owner: Option<&str>, what: &str) -> Result<Option<NodeRow>, ApiError> {
+    let held = state.cluster.owner(&state.store, owner)?;
+    if held.is_none() && state.cluster.role() == NodeRole::Api {
+        return Err(ApiError::Unavailable(format!(
+            "{what} is on a node that is down or gone: a sandbox can start from it once its node is back (see GET /nodes)"
+        )));
+    }
+    Ok(held)
 }
 
 /// Where a resume runs: a running sandbox's node; a paused one's own node while it is up, not
@@ -208,7 +299,11 @@ fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError>
         prefer: prefer.as_deref(),
     };
     match cluster.place(store, nodes, demand) {
-        Err(ApiError::NoRoom(_)) => cluster.owner(store, owner.as_deref()),
+        // An API server cannot take it itself: no room is the answer.
+        Err(err @ ApiError::NoRoom(_)) => match cluster.owner(store, owner.as_deref())? {
+            None if cluster.role() == NodeRole::Api => Err(err),
+            held => Ok(held),
+        },
         placed => placed,
     }
 }
@@ -254,6 +349,81 @@ async fn forward(state: &AppState, node: &NodeRow, mut request: Request) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_servers_answer_reads_of_rows_and_send_node_local_work_on() {
+        let (get, post, delete) = (Method::GET, Method::POST, Method::DELETE);
+        for path in [
+            "/",
+            "/assets/app.js",
+            "/health",
+            "/metrics",
+            "/events",
+            "/nodes",
+            "/nodes/n1",
+            "/sandboxes",
+            "/v2/sandboxes",
+            "/snapshots",
+            "/snapshot-tree",
+            "/vms",
+            "/volumes",
+            "/templates",
+            "/templates/base",
+            "/templates/aliases/py",
+            "/templates/t1/tags",
+            "/templates/t1/versions",
+        ] {
+            assert!(answered_by_control_plane(&get, path), "{path}");
+        }
+        assert!(answered_by_control_plane(&post, "/auth/session"));
+        assert!(answered_by_control_plane(&post, "/nodes/n1/undrain"));
+        assert!(answered_by_control_plane(&delete, "/nodes/n1"));
+        for (method, path) in [
+            (&post, "/templates"),
+            (&post, "/templates/builtin/code-interpreter"),
+            (&post, "/v3/templates"),
+            (&post, "/v2/templates/t1/builds/b1"),
+            (&get, "/templates/t1/builds/b1/status"),
+            (&get, "/templates/t1/files/abc"),
+            (&delete, "/templates/base"),
+            (&post, "/vms"),
+            (&post, "/vms/import"),
+            (&get, "/disks"),
+            (&post, "/disks"),
+            (&get, "/isos"),
+            (&get, "/switches"),
+            (&get, "/operations"),
+            (&post, "/volumes"),
+            (&get, "/no/such/route"),
+        ] {
+            assert!(!answered_by_control_plane(method, path), "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn nodes_answer_clients_only_their_health_metrics_and_the_node_api() {
+        for path in [
+            "/health",
+            "/metrics",
+            "/openapi.yaml",
+            "/internal/layers/k",
+            "/migrations/incoming",
+        ] {
+            assert!(answered_by_node_directly(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/sandboxes",
+            "/v2/sandboxes",
+            "/nodes",
+            "/events",
+            "/vms",
+            "/auth/session",
+            "/healthz",
+        ] {
+            assert!(!answered_by_node_directly(path), "{path}");
+        }
+    }
 
     #[test]
     fn paths_name_the_thing_whose_node_serves_them() {

@@ -5,6 +5,9 @@
 //! the connection onto the incoming QEMU's socket, `POST /migrations/incoming/{id}/finish` lets
 //! the VM run, `DELETE /migrations/incoming/{id}` deletes it.
 //!
+//! Between nodes of one cluster the source calls the same routes under `/internal` with the
+//! cluster's secret ([`node_routes`]).
+//!
 //! Invariants: a channel is spliced only after `101` was sent and only to a socket of a pending
 //! incoming VM of this server; bytes are relayed, never interpreted here.
 
@@ -31,6 +34,16 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/migrations/incoming/{id}", delete(abort))
         .route("/migrations/incoming/{id}/finish", post(finish))
         .route("/migrations/incoming/{id}/{channel}", get(channel))
+}
+
+/// The destination's routes again on the node API (`/internal/migrations/…`, behind the
+/// cluster's secret: `routes/internal.rs`), for VMs moved between nodes of one cluster.
+pub(super) fn node_routes() -> Router<AppState> {
+    Router::new()
+        .route("/internal/migrations/incoming", post(receive))
+        .route("/internal/migrations/incoming/{id}", delete(abort))
+        .route("/internal/migrations/incoming/{id}/finish", post(finish))
+        .route("/internal/migrations/incoming/{id}/{channel}", get(channel))
 }
 
 async fn migrate(

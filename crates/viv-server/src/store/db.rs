@@ -15,11 +15,18 @@
 //!   it returns, so borrowed arguments stay valid and no call outlives its caller;
 //! - a transaction ([`Db::transaction`]) commits only when its closure returns `Ok`; an error or
 //!   a panic rolls it back;
+//! - PostgreSQL is reached through [`PG_CONNECTIONS`] connections, each used by one caller at a
+//!   time (a caller takes a free one, else waits for one), so API requests of one server query
+//!   side by side; a transaction holds its connection to the end;
 //! - a PostgreSQL connection that broke (the server restarted, the network failed) is replaced
 //!   by a new one at the next call; the call that met the break fails with an error that says
 //!   so ([`StoreError::is_unavailable`]), and nothing retries a statement by itself.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+/// How many connections a server keeps to PostgreSQL.
+pub const PG_CONNECTIONS: usize = 4;
 
 use super::StoreError;
 
@@ -237,9 +244,11 @@ pub enum Db {
     Sqlite(Mutex<rusqlite::Connection>),
     /// A PostgreSQL server.
     Postgres {
-        /// The connection (boxed: the client is much larger than SQLite's handle).
-        client: Box<Mutex<PgClient>>,
-        /// Where to connect again when it breaks.
+        /// The connections.
+        clients: Box<[Mutex<PgClient>]>,
+        /// Where the next caller starts looking for a free connection.
+        next: AtomicUsize,
+        /// Where to connect again when one breaks.
         url: String,
     },
 }
@@ -294,8 +303,18 @@ impl Db {
     pub fn lock(&self) -> Conn<'_> {
         match self {
             Self::Sqlite(c) => Conn::Sqlite(c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
-            Self::Postgres { client, url } => {
-                let mut guard = client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Self::Postgres { clients, next, url } => {
+                let start = next.fetch_add(1, Ordering::Relaxed);
+                let free = (0..clients.len()).find_map(|i| match clients[(start + i) % clients.len()].try_lock() {
+                    Ok(guard) => Some(guard),
+                    Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                    Err(TryLockError::WouldBlock) => None,
+                });
+                let mut guard = free.unwrap_or_else(|| {
+                    clients[start % clients.len()]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                });
                 if guard.client().is_closed() {
                     match connect(url) {
                         Ok(fresh) => *guard = PgClient::new(fresh),
@@ -398,6 +417,18 @@ impl Sql for Tx<'_, '_> {
             Self::Postgres(tx) => Ok(tx.batch_execute(sql)?),
         }
     }
+}
+
+/// The PostgreSQL engine at `url`, with its [`PG_CONNECTIONS`] connections open.
+pub fn postgres(url: &str) -> Result<Db, StoreError> {
+    let clients = (0..PG_CONNECTIONS)
+        .map(|_| connect(url).map(|c| Mutex::new(PgClient::new(c))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Db::Postgres {
+        clients: clients.into_boxed_slice(),
+        next: AtomicUsize::new(0),
+        url: url.to_owned(),
+    })
 }
 
 /// A new PostgreSQL connection (off any tokio worker: the client blocks on a runtime of its own).

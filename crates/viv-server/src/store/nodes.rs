@@ -316,6 +316,17 @@ impl Store {
             .collect())
     }
 
+    /// The name of the node of every sandbox a node claimed, by sandbox id (a sandbox's
+    /// `clientID`).
+    pub fn sandbox_node_names(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let rows = self.conn().query_map(
+            "SELECT s.id, n.name FROM sandboxes s JOIN nodes n ON n.id = s.node_id",
+            params![],
+            |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+        )?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// The node of a sandbox: `None` when there is no such sandbox, `Some(None)` for a row no
     /// node has claimed.
     pub fn sandbox_node(&self, id: &str) -> Result<Option<Option<String>>, StoreError> {

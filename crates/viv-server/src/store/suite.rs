@@ -360,21 +360,35 @@ fn a_database_newer_than_the_binary_is_refused() {
 fn a_broken_postgres_connection_fails_one_call_as_unavailable_and_the_next_reconnects() {
     let store = fresh_postgres();
     store.insert_key("k", "n", "e2b_survives").unwrap();
-    let pid: i32 = store
-        .conn()
-        .query_row("SELECT pg_backend_pid()", params![], |r| r.get(0))
-        .unwrap()
-        .unwrap();
+    // Consecutive calls take the connections in turn: one pid each.
+    let pids: std::collections::BTreeSet<i32> = (0..super::db::PG_CONNECTIONS)
+        .map(|_| {
+            store
+                .conn()
+                .query_row("SELECT pg_backend_pid()", params![], |r| r.get(0))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(pids.len(), super::db::PG_CONNECTIONS, "{pids:?}");
     let other = Store::connect_postgres(store.postgres_url().unwrap()).unwrap();
-    other
-        .conn()
-        .execute("SELECT pg_terminate_backend(?1)", params![pid])
-        .unwrap();
-    let err = store.key_is_valid("e2b_survives").unwrap_err();
-    assert!(err.is_unavailable(), "{err}");
-    assert_eq!(
-        crate::error::ApiError::from(err).status(),
-        axum::http::StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert!(store.key_is_valid("e2b_survives").unwrap(), "the next call reconnects");
+    for pid in &pids {
+        other
+            .conn()
+            .execute("SELECT pg_terminate_backend(?1)", params![*pid])
+            .unwrap();
+    }
+    // Each broken connection fails the one call that meets its break, as unavailable (503)…
+    for _ in &pids {
+        let err = store.key_is_valid("e2b_survives").unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert_eq!(
+            crate::error::ApiError::from(err).status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    // …and is replaced at its next use.
+    for _ in &pids {
+        assert!(store.key_is_valid("e2b_survives").unwrap(), "the next call reconnects");
+    }
 }

@@ -131,11 +131,34 @@ impl Store {
 
     /// Records that a VM's QEMU is gone: its state becomes `state` (`stopped`, `crashed`, or
     /// what it was before a start that failed), with why.
+    ///
+    /// Only the row's own node (or a store of no cluster) writes it: a VM that moved to another
+    /// node leaves its row alone when its old QEMU quits. `Ok(false)` when it is gone or moved.
     pub fn set_vm_exited(&self, id: &str, state: &str, last_exit: &str) -> Result<bool, StoreError> {
         let n = self.conn().execute(
             "UPDATE vms SET state = ?2, state_changed_at = ?3, pid = NULL, pid_start_time = NULL, last_exit = ?4
-             WHERE id = ?1",
-            params![id, state, now_rfc3339(), last_exit],
+             WHERE id = ?1 AND (node_id IS NULL OR ?5 = '' OR node_id = ?5)",
+            params![id, state, now_rfc3339(), last_exit, self.node_id().unwrap_or_default()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Takes over VM `id` from node `from` (a live migration between nodes finished here): the
+    /// row names this node and records its QEMU as `process`, running. `Ok(false)`, changing
+    /// nothing, when the row is gone or no longer names `from`.
+    pub fn take_over_vm(&self, id: &str, from: &str, process: viv_vmm::ProcessIdentity) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET node_id = ?3, state = 'running', state_changed_at = ?4, pid = ?5, pid_start_time = ?6,
+                last_exit = NULL
+             WHERE id = ?1 AND node_id = ?2",
+            params![
+                id,
+                from,
+                self.node_id().unwrap_or_default(),
+                now_rfc3339(),
+                process.pid as i64,
+                process.start_time as i64
+            ],
         )?;
         Ok(n == 1)
     }

@@ -31,14 +31,14 @@ fn node_args<'a>(database: &'a str, name: &'a str) -> Vec<&'a str> {
     args
 }
 
-fn json_of(response: reqwest::blocking::Response) -> Value {
+pub(crate) fn json_of(response: reqwest::blocking::Response) -> Value {
     let status = response.status();
     let body: Value = response.json().unwrap();
     assert!(status.is_success(), "{status}: {body}");
     body
 }
 
-fn node_named<'a>(nodes: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn node_named<'a>(nodes: &'a Value, name: &str) -> &'a Value {
     nodes
         .as_array()
         .unwrap()
@@ -48,7 +48,7 @@ fn node_named<'a>(nodes: &'a Value, name: &str) -> &'a Value {
 }
 
 /// Everything a terminal WebSocket for `cmd` on `server` prints before it closes.
-fn terminal_output(server: &TestServer, id: &str, cmd: &str) -> String {
+pub(crate) fn terminal_output(server: &TestServer, id: &str, cmd: &str) -> String {
     let path = format!("/sandboxes/{id}/terminal?cmd={}", cmd.replace(' ', "%20"));
     let (mut socket, _) = ws(server, &path, Auth::Header, &["viv-terminal.v1"]).unwrap_or_else(|e| panic!("{e:?}"));
     let started = Instant::now();

@@ -6,6 +6,7 @@ mod fixture;
 mod api;
 mod cli;
 mod cluster;
+mod cluster_roles;
 mod contract;
 mod data_path;
 mod faults;
