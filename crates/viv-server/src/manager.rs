@@ -76,6 +76,8 @@ mod vm_libvirt;
 mod vm_media;
 mod vm_metrics;
 mod vm_migrate;
+mod vm_move;
+pub use vm_move::{AdoptVm, DISK_SHA256_HEADER};
 mod vm_nics;
 mod vm_ova;
 mod vm_recovery;

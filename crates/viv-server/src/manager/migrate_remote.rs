@@ -121,6 +121,17 @@ impl Remote {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+        self.call_within(CALL_TIMEOUT, method, path, body).await
+    }
+
+    /// [`Remote::call`] with a deadline of its own (a call that copies disks).
+    pub(super) async fn call_within(
+        &self,
+        deadline: Duration,
+        method: hyper::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         let work = async {
             let mut sender = self.open().await?;
             let mut request = self.request(method, path);
@@ -147,9 +158,9 @@ impl Remote {
                 serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
             ))
         };
-        tokio::time::timeout(CALL_TIMEOUT, work)
+        tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| self.unreachable(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))?
+            .map_err(|_| self.unreachable(format!("no answer within {} s", deadline.as_secs())))?
     }
 
     /// Opens a raw byte channel: `GET path` upgraded to protocol `vivarium-migration`.

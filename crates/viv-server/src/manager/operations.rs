@@ -10,6 +10,8 @@
 //! - every state change is published on the event bus (kind `operation`), as are progress steps
 //!   of at least [`PROGRESS_STEP`];
 //! - at most [`MAX_RUNNING`] run at once; more are refused (429) before any work is done;
+//! - an operation's id names the node it runs on (`op-NODE-RANDOM` in a cluster, see
+//!   [`operation_node`]), so any API server sends requests for it there;
 //! - operations live in memory only (a server restart forgets them; the pool removes the
 //!   temporary files of work cut short when it opens), and at most [`MAX_FINISHED`] finished
 //!   ones are kept, the oldest dropped first.
@@ -26,6 +28,13 @@ use viv_api::storage::{DiskInfo, Operation, OperationKind, OperationState};
 use super::events::Change;
 use super::Manager;
 use crate::error::ApiError;
+
+/// The node an operation id names (`op-NODE-RANDOM`), if any.
+pub fn operation_node(id: &str) -> Option<&str> {
+    let (node, random) = id.strip_prefix("op-")?.split_once('-')?;
+    let alphanumeric = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric());
+    (alphanumeric(node) && alphanumeric(random)).then_some(node)
+}
 
 /// Finished operations kept for clients to read.
 pub const MAX_FINISHED: usize = 256;
@@ -150,7 +159,10 @@ impl Manager {
         Fut: Future<Output = Result<OperationResult, ApiError>> + Send + 'static,
     {
         let op = Operation {
-            id: format!("op-{}", super::random_id(16)),
+            id: match self.node_id() {
+                "" => format!("op-{}", super::random_id(16)),
+                node => format!("op-{node}-{}", super::random_id(16)),
+            },
             kind,
             target: target.to_owned(),
             state: OperationState::Running,
@@ -283,6 +295,17 @@ impl Operations {
         let excess = finished.len() - MAX_FINISHED;
         for (_, id) in finished.into_iter().take(excess) {
             entries.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn operation_ids_name_their_node() {
+        assert_eq!(super::operation_node("op-abc123def456-x9y8z7"), Some("abc123def456"));
+        for no_node in ["op-x9y8z7", "op--x", "op-a-", "op-a/b-c", "node-a-b", "op-a-b-c"] {
+            assert_eq!(super::operation_node(no_node), None, "{no_node}");
         }
     }
 }

@@ -159,9 +159,10 @@ impl Drop for Incoming {
 }
 
 impl Manager {
+    /// What this node's VMs use of its pool (a pool is a node's: other nodes' VMs use theirs).
     pub(super) fn vm_devices(&self) -> Result<VmDevices, ApiError> {
         let mut vms = Vec::new();
-        for row in self.store.list_vms()? {
+        for row in self.store.local_vms()? {
             let mut defs = Vec::new();
             for json in std::iter::once(&row.definition).chain(row.pending_definition.as_ref()) {
                 match serde_json::from_str::<VmDefinition>(json) {

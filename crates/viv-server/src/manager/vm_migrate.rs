@@ -70,6 +70,18 @@ impl Manager {
         };
         let row = self.vm_row(id_or_name)?;
         let state = state_of(&row)?;
+        if let (Some(node), false) = (&to_node, state.is_active()) {
+            // A stopped VM moves between nodes by copying its disks (`vm_move.rs`).
+            self.check_migratable(&row, true).await?;
+            self.check_operation_room()?;
+            let (manager, id, node) = (self.clone(), row.id.clone(), node.clone());
+            return self.start_operation_with(OperationKind::Migrate, &row.name, move |_handle| async move {
+                manager
+                    .move_stopped_vm(&id, &remote, &node)
+                    .await
+                    .map(OperationResult::Migration)
+            });
+        }
         if state != VmState::Running {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' is {}: only a running VM migrates live (start it, or copy its disks and definition)",
@@ -130,7 +142,7 @@ impl Manager {
 
     /// 409 for what cannot move: edits pending, snapshots, shareable writable disks, and to
     /// another node of the cluster, backups (their files stay on this node).
-    async fn check_migratable(&self, row: &crate::store::VmRow, to_node: bool) -> Result<(), ApiError> {
+    pub(super) async fn check_migratable(&self, row: &crate::store::VmRow, to_node: bool) -> Result<(), ApiError> {
         if row.pending_definition.is_some() {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' has edits waiting for its next start: restart it (or revert them) before migrating",

@@ -13,7 +13,10 @@
 //!   `POST /internal/sandboxes/{id}/adopt`: take a paused sandbox from the node holding it (a
 //!   drain asks this) (`manager/snapshot_move.rs`);
 //! - `/internal/migrations/incoming…`: the destination's side of a VM moved live from another
-//!   node (`routes/vm_migrate.rs`, `manager/vm_incoming.rs`).
+//!   node (`routes/vm_migrate.rs`, `manager/vm_incoming.rs`);
+//! - `POST /internal/vms/{id}/adopt`: take a stopped VM from the node holding it, which serves
+//!   its writable disks (`GET /internal/vms/{id}/disks/{disk}`, with their SHA-256) and its UEFI
+//!   variables (`GET /internal/vms/{id}/nvram`, 204 without) (`manager/vm_move.rs`).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -46,6 +49,9 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
         .route("/internal/snapshots/{id}", delete(drop_snapshot))
         .route("/internal/snapshots/{id}/replicate", post(replicate_snapshot))
         .route("/internal/sandboxes/{id}/adopt", post(adopt_sandbox))
+        .route("/internal/vms/{id}/adopt", post(adopt_vm))
+        .route("/internal/vms/{id}/disks/{disk}", get(vm_disk))
+        .route("/internal/vms/{id}/nvram", get(vm_nvram))
 }
 
 fn check_secret(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -128,6 +134,41 @@ async fn adopt_sandbox(
 }
 
 /// A file streamed as an answer, with its length and `extra` headers.
+async fn adopt_vm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    axum::Json(req): axum::Json<crate::manager::AdoptVm>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    Ok(axum::Json(state.manager.adopt_stopped_vm(&id, &req.from).await?).into_response())
+}
+
+async fn vm_disk(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((id, disk)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    let (file, sha256) = state.manager.export_vm_disk(&id, &disk).await?;
+    let mut answer = file_answer(file, []);
+    let sha256 = axum::http::HeaderValue::from_str(&sha256).map_err(|e| ApiError::Internal(e.to_string()))?;
+    answer.headers_mut().insert(crate::manager::DISK_SHA256_HEADER, sha256);
+    Ok(answer)
+}
+
+async fn vm_nvram(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_secret(&state, &headers)?;
+    Ok(match state.manager.export_vm_nvram(&id)? {
+        Some(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
 fn file_answer<const N: usize>(exported: ExportedFile, extra: [(&'static str, &'static str); N]) -> Response {
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(exported.file));
     let mut response = (

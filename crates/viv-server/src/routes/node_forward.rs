@@ -54,6 +54,8 @@ enum Subject {
     Vm(String),
     Snapshot(String),
     Node(String),
+    /// An operation, whose id names its node.
+    Operation(String),
     Volume(String),
     VolumeContent(String),
     Create,
@@ -77,6 +79,7 @@ fn subject_of_path(method: &Method, path: &str) -> Option<Subject> {
         ["vms", vm, ..] if *vm != "import" => id(vm).map(Subject::Vm),
         ["snapshots", snapshot] => id(snapshot).map(Subject::Snapshot),
         ["nodes", node, "drain"] => id(node).map(Subject::Node),
+        ["operations", op, ..] => id(op).map(Subject::Operation),
         _ => None,
     }
 }
@@ -184,6 +187,7 @@ async fn destination(state: &AppState, mut request: Request) -> Result<(Option<N
         Subject::Vm(id) => store.vm_node(&id)?.flatten(),
         Subject::Snapshot(id) => store.snapshot_node(&id)?.flatten(),
         Subject::Node(id) => store.node(&id)?.map(|n| n.id),
+        Subject::Operation(id) => crate::manager::operations::operation_node(&id).map(str::to_owned),
         Subject::Volume(id) | Subject::VolumeContent(id) => store.volume_node(&id)?.flatten(),
         Subject::Resume(id) => return Ok((place_resume(state, &id)?, request)),
         Subject::Create => return place(state, request).await,
@@ -393,6 +397,7 @@ mod tests {
             (&get, "/isos"),
             (&get, "/switches"),
             (&get, "/operations"),
+            (&get, "/operations/op-x"),
             (&post, "/volumes"),
             (&get, "/no/such/route"),
         ] {
@@ -458,6 +463,11 @@ mod tests {
             Some(Subject::Node("n1".into()))
         );
         assert_eq!(subject_of_path(&get, "/nodes/n1"), None);
+        assert_eq!(
+            subject_of_path(&get, "/operations/op-n1-x/wait"),
+            Some(Subject::Operation("op-n1-x".into()))
+        );
+        assert_eq!(subject_of_path(&get, "/operations"), None);
         assert_eq!(subject_of_path(&get, "/templates"), None);
         assert_eq!(subject_of_path(&post, "/volumes"), Some(Subject::CreateVolume));
         assert_eq!(subject_of_path(&get, "/volumes"), None);

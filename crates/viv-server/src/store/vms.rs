@@ -163,6 +163,18 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Takes over stopped VM `id` from node `from` (its disks were copied here): the row names
+    /// this node. `Ok(false)`, changing nothing, when the row is gone, no longer names `from`,
+    /// or its VM became active.
+    pub fn take_over_stopped_vm(&self, id: &str, from: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET node_id = ?3 WHERE id = ?1 AND node_id = ?2
+               AND state NOT IN ('starting', 'running', 'paused', 'stopping')",
+            params![id, from, self.node_id().unwrap_or_default()],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Renames a VM. `Ok(None)` when it is gone, `Ok(Some(false))` when the name is taken.
     pub fn rename_vm(&self, id: &str, name: &str) -> Result<Option<bool>, StoreError> {
         let mut conn = self.conn();

@@ -277,7 +277,8 @@ fn api_servers_place_on_nodes_and_answer_for_every_sandbox() {
 
 /// A running VM moves live from one node to another (`{"node": NAME}`): it keeps its id and
 /// row, its disk comes along, its guest's counter continues, and every request for it, through
-/// the API server, reaches its new node.
+/// the API server, reaches its new node. Stopped, it moves back by copying its disk, and starts
+/// there with what it wrote.
 #[test]
 fn a_running_vm_moves_between_nodes_keeping_its_id() {
     use crate::vm_boot::{booted, create_disk, library_iso};
@@ -367,12 +368,55 @@ fn a_running_vm_moves_between_nodes_keeping_its_id() {
     let mark = guest.run("dd if=/dev/vda bs=9 count=1 2>/dev/null; echo");
     assert!(mark.contains("MOVE-MARK"), "{mark}");
 
+    // Stopped, it moves back by copying: its disk and row go to node-1, where it starts again
+    // with what its guest wrote.
+    guest.run("printf AFTER-MOVE | dd of=/dev/vda bs=512 seek=8 conv=notrunc 2>/dev/null; sync");
+    drop(guest);
     act(&api, &id, "kill", "");
+    let out = api.cli(&["vm", "migrate", &id, "--to-node", "node-1", "--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let done: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!((disk_on("node-1"), disk_on("node-2")), (200, 404));
+    assert!(
+        !n2_dir.path().join("vms").join(&id).exists(),
+        "node-2 kept the VM's files"
+    );
+    let stopped = json_of(api.get(&format!("/vms/{id}")).send().unwrap());
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    act(&api, &id, "start", "");
+    assert_eq!(qemu_processes_under(n1_dir.path()).len(), 1);
+    assert!(qemu_processes_under(n2_dir.path()).is_empty());
+    let mut guest = crate::vm_boot::Guest::attach(&api, &id);
+    guest.wait_for(crate::vm_console::READY);
+    let written = guest.run("dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 10; echo");
+    assert!(written.contains("AFTER-MOVE"), "{written}");
+    drop(guest);
+    // A node that already has a disk of that name refuses it, and the VM stays where it is.
+    act(&api, &id, "kill", "");
+    let clash = api
+        .post("/disks")
+        .header("Viv-Node", "node-2")
+        .json(&json!({ "name": disk, "size": 1 << 20 }))
+        .send()
+        .unwrap();
+    assert_eq!(clash.status(), 201);
+    let out = api.cli(&["vm", "migrate", &id, "--to-node", "node-2", "--json"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    assert_eq!(disk_on("node-1"), 200);
+    let removed = api
+        .delete(&format!("/disks/{disk}"))
+        .header("Viv-Node", "node-2")
+        .send()
+        .unwrap();
+    assert_eq!(removed.status(), 204);
+
     assert_eq!(
         api.delete(&format!("/vms/{id}?disks=delete")).send().unwrap().status(),
         204
     );
-    assert_eq!(disk_on("node-2"), 404);
+    assert_eq!(disk_on("node-1"), 404);
     drop(api);
     drop(n2);
     drop(n1);
