@@ -408,12 +408,12 @@ mod tests {
         store
             .put_sandbox(&crate::store::SandboxRow {
                 memory_mb: 1024,
-                ..crate::store::suite_sandbox("s1")
+                ..viv_store::testing::sandbox("s1")
             })
             .unwrap();
         assert_eq!(placed(&a, &store, demand(512, None)), "b");
         // A paused sandbox holds no memory.
-        let mut paused = crate::store::suite_sandbox("s1");
+        let mut paused = viv_store::testing::sandbox("s1");
         paused.state = SandboxState::Paused;
         store.put_sandbox(&paused).unwrap();
         assert_eq!(placed(&a, &store, demand(512, None)), "a");

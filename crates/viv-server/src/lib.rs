@@ -20,7 +20,7 @@ pub mod manager;
 pub mod metrics;
 pub mod process_session;
 pub mod routes;
-pub mod store;
+pub use viv_store as store;
 
 pub use error::ApiError;
 pub use manager::{Config, Manager, NetworkMode, Recovery, ShutdownMode};

@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_rows_round_trip() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             assert!(store.insert_volume(&row("a", "one")).unwrap());
             assert!(!store.insert_volume(&row("b", "one")).unwrap());
             assert_eq!(store.volume("a").unwrap(), Some(row("a", "one")));
@@ -173,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_volume_mounted_by_a_live_sandbox_is_kept() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             store.insert_volume(&row("v", "data")).unwrap();
             store
                 .conn()

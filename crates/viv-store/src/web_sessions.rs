@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn sessions_live_until_expiry_logout_or_revocation() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             store.insert_key("k1", "one", "e2b_secret1").unwrap();
             assert!(store
                 .create_web_session("e2b_wrong", Duration::from_secs(60))

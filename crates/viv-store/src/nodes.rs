@@ -423,8 +423,8 @@ mod tests {
     use viv_api::SandboxState;
 
     use super::super::engines::each_engine_shared;
-    use super::super::suite::sandbox;
     use super::NodeRow;
+    use crate::testing::sandbox;
 
     fn node(id: &str, heartbeat_ms: i64) -> NodeRow {
         NodeRow {

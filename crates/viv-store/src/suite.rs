@@ -2,40 +2,11 @@
 //! the two engines keep one behaviour. The tests of single tables live beside them (`lifecycle`,
 //! `volumes`, …) and run on both engines the same way.
 
-use std::collections::BTreeMap;
-
 use viv_api::SandboxState;
 
 use super::engines::{each_engine, fresh_postgres};
+use super::testing::sandbox;
 use super::*;
-
-pub(crate) fn sandbox(id: &str) -> SandboxRow {
-    SandboxRow {
-        id: id.into(),
-        template_id: "base".into(),
-        state: SandboxState::Running,
-        started_at: now_rfc3339_ms(),
-        end_at_ms: 1_900_000_000_000,
-        cpu_count: 2,
-        memory_mb: 512,
-        metadata: BTreeMap::from([("owner".to_owned(), "ünïcode ' quote".to_owned())]),
-        access_token: Some("token".into()),
-        vmm: Some(viv_vmm::ProcessIdentity {
-            pid: 4242,
-            start_time: 98_765_432_101,
-        }),
-        net_slot: Some(3),
-        error: None,
-        snapshot_id: None,
-        auto_pause: true,
-        network: viv_net::PolicySpec {
-            internet: true,
-            allow_out: vec!["10.0.0.0/8".into()],
-            deny_out: vec!["0.0.0.0/0".into()],
-            ..viv_net::PolicySpec::default()
-        },
-    }
-}
 
 pub(super) fn snapshot_node(id: &str, parent: Option<&str>, sandbox_id: &str, kind: SnapshotKind) -> SnapshotRow {
     SnapshotRow {
@@ -382,10 +353,6 @@ fn a_broken_postgres_connection_fails_one_call_as_unavailable_and_the_next_recon
     for _ in &pids {
         let err = store.key_is_valid("e2b_survives").unwrap_err();
         assert!(err.is_unavailable(), "{err}");
-        assert_eq!(
-            crate::error::ApiError::from(err).status(),
-            axum::http::StatusCode::SERVICE_UNAVAILABLE
-        );
     }
     // …and is replaced at its next use.
     for _ in &pids {

@@ -117,7 +117,7 @@ impl ToValue for Value {
 /// The parameters of a statement, in order.
 macro_rules! params {
     ($($p:expr),* $(,)?) => {
-        &[$($crate::store::db::ToValue::to_value(&$p)),*] as &[$crate::store::db::Value]
+        &[$($crate::db::ToValue::to_value(&$p)),*] as &[$crate::db::Value]
     };
 }
 pub(crate) use params;

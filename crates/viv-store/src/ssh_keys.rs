@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_key_belongs_to_one_api_key_and_dies_with_it() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             store.insert_key("k1", "one", "e2b_aaaaaaaaaaaa").unwrap();
             store.insert_key("k2", "two", "e2b_bbbbbbbbbbbb").unwrap();
             assert_eq!(store.key_id("e2b_aaaaaaaaaaaa").unwrap().as_deref(), Some("k1"));
@@ -212,7 +212,7 @@ mod tests {
 
     #[test]
     fn owners_go_with_their_sandboxes() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             // No row, no owner.
             store.set_sandbox_owner("gone", "k1").unwrap();
             assert_eq!(store.sandbox_owner("gone").unwrap(), None);

@@ -31,7 +31,7 @@ impl Store {
 mod tests {
     #[test]
     fn keeps_one_token_per_sandbox() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             assert_eq!(store.traffic_token("a").unwrap(), None);
             store.set_traffic_token("a", "t1").unwrap();
             store.set_traffic_token("a", "t2").unwrap();

@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn rows_round_trip_and_orphans_go() {
-        crate::store::engines::each_engine(|store| {
+        crate::engines::each_engine(|store| {
             let row = LifecycleRow {
                 auto_resume: true,
                 pause_memory: false,

@@ -6,7 +6,11 @@
 //! SQLite's `PRAGMA user_version` or PostgreSQL's `viv_schema` table records how many have run.
 //! PostgreSQL's list starts from the schema SQLite's list had reached when it was added (there
 //! were no PostgreSQL databases before), and each later change is one entry in both lists.
-//! Calls are synchronous and short; the connection sits behind a mutex.
+//! Calls are synchronous and short; SQLite's connection sits behind a mutex, PostgreSQL's
+//! connections are a small pool (`db`).
+//!
+//! This crate is the one store the control plane (API servers) and the nodes share; it knows
+//! rows, not VMs: nothing here starts, stops or reads a VM or a file of a data directory.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,8 +27,8 @@ mod lifecycle;
 #[cfg(test)]
 mod suite;
 pub use lifecycle::LifecycleRow;
-#[cfg(test)]
-pub(crate) use suite::sandbox as suite_sandbox;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod vm_backups;
 mod vm_snapshots;
 mod vms;
