@@ -29,6 +29,13 @@ test('the host page shows capacity and the server metrics', async ({ page }) => 
   await page.goto(`${url}/#/host`);
   await expect(page.getByTestId('host-facts')).toContainText('Accelerator');
   await expect(page.getByText('vivarium_', { exact: false }).first()).toBeVisible();
+  // The nodes of its cluster: a server alone is one node of role all, up, marked as this server.
+  const [node] = await api('GET', '/nodes');
+  const row = page.getByTestId('nodes').locator(`tr[data-key="${node.id}"]`);
+  await expect(row).toContainText('(this server)');
+  await expect(row.locator('td[data-label="Role"]')).toHaveText('all');
+  await expect(row.locator('td[data-label="State"]')).toHaveText('up');
+  await expect(row.locator('td[data-label="Memory"] progress')).toBeVisible();
   await shot(page, 'host');
 });
 

@@ -1,5 +1,6 @@
-// The host: what /health says (accelerator, running counts, network slots, pool), the server's
-// own Prometheus metrics, and sandbox/VM counts. Refreshed by events and on demand.
+// The host: what /health says (accelerator, running counts, network slots, pool), the nodes of
+// its cluster (/nodes: role, state, memory, sandboxes, heartbeat; one row for a server alone),
+// the server's own Prometheus metrics, and sandbox/VM counts. Refreshed by events and on demand.
 import { useEffect } from 'preact/hooks';
 import { get, subscribe } from '../api.js';
 import { useLoad } from '../hooks.js';
@@ -16,19 +17,35 @@ function samples(text) {
     });
 }
 
+/** Memory in use of a node's total, as "used / total GiB" and a bar. */
+function memory(node) {
+  const { memoryUsedMib: used, memoryMib: total } = node.capacity;
+  if (!total) return '—';
+  const gib = (mib) => (mib / 1024).toFixed(1);
+  return (
+    <span class="meter" title={`${used} of ${total} MiB`}>
+      <progress max={total} value={used} /> {gib(used)} / {gib(total)} GiB
+    </span>
+  );
+}
+
 export function Host() {
   const health = useLoad(() => get('/health'), []);
   const metrics = useLoad(() => get('/metrics'), []);
+  const nodes = useLoad(() => get('/nodes'), []);
   useEffect(() => {
     const again = () => {
       health.reload();
       metrics.reload();
+      nodes.reload();
     };
     const a = subscribe('sandbox', again);
     const b = subscribe('vm', again);
+    const c = subscribe('node', () => nodes.reload());
     return () => {
       a();
       b();
+      c();
     };
   }, []);
   const h = health.data;
@@ -56,6 +73,24 @@ export function Host() {
             <dd>{typeof h.confinement === 'string' ? h.confinement : JSON.stringify(h.confinement)}</dd>
           </dl>
         )}
+      </Section>
+      <Section title="Nodes" actions={<button onClick={() => nodes.reload()}>Refresh</button>}>
+        <ErrorLine error={nodes.error} />
+        <Table
+          testId="nodes"
+          columns={[
+            ['Name', (n) => (n.local ? `${n.name} (this server)` : n.name)],
+            ['Role', (n) => n.role],
+            ['State', (n) => <span class={`state state-${n.state}`}>{n.state}</span>],
+            ['Memory', memory],
+            ['vCPUs', (n) => (n.capacity.vcpus ? `${n.capacity.vcpusUsed} / ${n.capacity.vcpus}` : '—')],
+            ['Sandboxes', (n) => n.sandboxes],
+            ['Accelerator', (n) => n.capacity.accel || '—'],
+            ['Last heartbeat', (n) => new Date(n.heartbeatAt).toLocaleTimeString()],
+          ]}
+          rows={nodes.data}
+          rowKey={(n) => n.id}
+        />
       </Section>
       <Section title="Server metrics">
         <ErrorLine error={metrics.error} />

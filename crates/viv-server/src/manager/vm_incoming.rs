@@ -140,21 +140,7 @@ impl Manager {
                 )));
             }
         }
-        for disk in def.disks.iter().filter(|d| d.read_only) {
-            if self.storage.disk_info(&disk.disk).await.is_err() {
-                return Err(ApiError::BadRequest(format!(
-                    "read-only disk '{}' is not in the target server's pool: copy it there first",
-                    disk.disk
-                )));
-            }
-        }
-        for iso in def.cdroms.iter().filter_map(|c| c.iso.as_deref()) {
-            if self.storage.iso(iso).await.is_err() {
-                return Err(ApiError::BadRequest(format!(
-                    "ISO '{iso}' is not in the target server's pool: upload it there first"
-                )));
-            }
-        }
+        self.check_shared_media_here(&def, "the target server's").await?;
         let mut made = Vec::new();
         let mut outcome = Ok(());
         for disk in &req.disks {
@@ -217,6 +203,31 @@ impl Manager {
                 Err(err)
             }
         }
+    }
+
+    /// 400 unless the ISOs and read-only disks `def` uses are in this server's pool (`whose`
+    /// names it in the message): they are not copied with a VM.
+    pub(super) async fn check_shared_media_here(
+        &self,
+        def: &viv_api::vms::VmDefinition,
+        whose: &str,
+    ) -> Result<(), ApiError> {
+        for disk in def.disks.iter().filter(|d| d.read_only) {
+            if self.storage.disk_info(&disk.disk).await.is_err() {
+                return Err(ApiError::BadRequest(format!(
+                    "read-only disk '{}' is not in {whose} pool: copy it there first",
+                    disk.disk
+                )));
+            }
+        }
+        for iso in def.cdroms.iter().filter_map(|c| c.iso.as_deref()) {
+            if self.storage.iso(iso).await.is_err() {
+                return Err(ApiError::BadRequest(format!(
+                    "ISO '{iso}' is not in {whose} pool: upload it there first"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The row of VM `name` that node `from` holds and runs, for a move to this node.

@@ -176,21 +176,7 @@ impl Manager {
             )));
         }
         let def = definition_of(&row.definition)?;
-        for disk in def.disks.iter().filter(|d| d.read_only) {
-            if self.storage.disk_info(&disk.disk).await.is_err() {
-                return Err(ApiError::BadRequest(format!(
-                    "read-only disk '{}' is not in this node's pool: copy it here first",
-                    disk.disk
-                )));
-            }
-        }
-        for iso in def.cdroms.iter().filter_map(|c| c.iso.as_deref()) {
-            if self.storage.iso(iso).await.is_err() {
-                return Err(ApiError::BadRequest(format!(
-                    "ISO '{iso}' is not in this node's pool: upload it here first"
-                )));
-            }
-        }
+        self.check_shared_media_here(&def, "the target node's").await?;
         let writable: Vec<&str> = def
             .disks
             .iter()
@@ -253,19 +239,7 @@ impl Manager {
     /// source sent.
     async fn fetch_disk(&self, client: &reqwest::Client, secret: &str, url: &str, name: &str) -> Result<(), ApiError> {
         let failed = |why: String| ApiError::Sandbox(format!("copying disk '{name}' from its node: {why}"));
-        let response = client
-            .get(url)
-            .header(super::CLUSTER_SECRET_HEADER, secret)
-            .send()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        if !response.status().is_success() {
-            let status = response.status();
-            return Err(failed(format!(
-                "{status} {}",
-                response.text().await.unwrap_or_default()
-            )));
-        }
+        let response = get_from_node(client, secret, url).await.map_err(failed)?;
         let sha256 = response
             .headers()
             .get(DISK_SHA256_HEADER)
@@ -282,21 +256,9 @@ impl Manager {
     /// Fetches the VM's NVRAM (when the source has one) into its directory here.
     async fn fetch_nvram(&self, client: &reqwest::Client, secret: &str, url: &str, id: &str) -> Result<(), ApiError> {
         let failed = |why: String| ApiError::Sandbox(format!("copying the VM's UEFI variables: {why}"));
-        let response = client
-            .get(url)
-            .header(super::CLUSTER_SECRET_HEADER, secret)
-            .send()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let response = get_from_node(client, secret, url).await.map_err(failed)?;
         if response.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(());
-        }
-        if !response.status().is_success() {
-            let status = response.status();
-            return Err(failed(format!(
-                "{status} {}",
-                response.text().await.unwrap_or_default()
-            )));
         }
         let bytes = response.bytes().await.map_err(|e| failed(e.to_string()))?;
         if bytes.len() > MAX_NVRAM_BYTES {
@@ -314,4 +276,19 @@ impl Manager {
             .and_then(|()| std::fs::write(dir.join("nvram.fd"), &bytes))
             .map_err(|e| failed(e.to_string()))
     }
+}
+
+/// A successful answer to `GET url` on another node's API, or why there is none.
+async fn get_from_node(client: &reqwest::Client, secret: &str, url: &str) -> Result<reqwest::Response, String> {
+    let response = client
+        .get(url)
+        .header(super::CLUSTER_SECRET_HEADER, secret)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        let status = response.status();
+        return Err(format!("{status} {}", response.text().await.unwrap_or_default()));
+    }
+    Ok(response)
 }

@@ -47,6 +47,31 @@ pub(crate) fn node_named<'a>(nodes: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no node {name} in {nodes}"))
 }
 
+/// Starts a web server on port 8000 of sandbox `id` serving `text`, and checks that `server`
+/// reaches it by host name (`8000-ID.localhost`).
+pub(crate) fn serves_by_host_name(server: &TestServer, id: &str, text: &str) {
+    server.exec(
+        id,
+        json!({ "command": format!("mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && \
+                                    (setsid nohup python3 -m http.server 8000 --directory /tmp/www >/dev/null 2>&1 &)") }),
+    );
+    let mut page = String::new();
+    let served = wait_until(Duration::from_secs(60), || {
+        let response = server
+            .http
+            .get(format!("{}/index.html", server.url))
+            .header("Host", format!("8000-{id}.localhost"))
+            .send();
+        page = response.map(|r| r.text().unwrap_or_default()).unwrap_or_default();
+        page == format!("{text}\n")
+    });
+    assert!(
+        served,
+        "the service in sandbox {id} answered {page:?} through {}",
+        server.url
+    );
+}
+
 /// Everything a terminal WebSocket for `cmd` on `server` prints before it closes.
 pub(crate) fn terminal_output(server: &TestServer, id: &str, cmd: &str) -> String {
     let path = format!("/sandboxes/{id}/terminal?cmd={}", cmd.replace(' ', "%20"));
@@ -197,22 +222,7 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
 
     // Host-name traffic to a sandbox's port and a WebSocket, through the server that does not
     // hold it.
-    b.exec(
-        &on_a,
-        json!({ "command": "mkdir -p /tmp/www && echo served-by-a > /tmp/www/index.html && \
-                            (setsid nohup python3 -m http.server 8000 --directory /tmp/www >/dev/null 2>&1 &)" }),
-    );
-    let mut page = String::new();
-    let served = wait_until(Duration::from_secs(60), || {
-        let response = b
-            .http
-            .get(format!("{}/index.html", b.url))
-            .header("Host", format!("8000-{on_a}.localhost"))
-            .send();
-        page = response.map(|r| r.text().unwrap_or_default()).unwrap_or_default();
-        page == "served-by-a\n"
-    });
-    assert!(served, "the service in A's sandbox answered {page:?} through B");
+    serves_by_host_name(&b, &on_a, "served-by-a");
     let output = terminal_output(&b, &on_a, "echo terminal $((6*7)); cat /tmp/where.txt");
     assert!(
         output.contains("terminal 42") && output.contains("node-a"),

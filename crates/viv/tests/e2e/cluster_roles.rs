@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cluster::{json_of, node_named, terminal_output};
+use crate::cluster::{json_of, node_named, serves_by_host_name, terminal_output};
 use crate::fixture::{qemu_processes_under, wait_until, TestServer};
 
 fn role_args<'a>(database: &'a str, role: &'a str, name: &'a str) -> Vec<&'a str> {
@@ -126,22 +126,7 @@ fn api_servers_place_on_nodes_and_answer_for_every_sandbox() {
 
     // Host-name traffic to a sandbox's port and a terminal WebSocket through API server 2.
     let first = &created[0];
-    api2.exec(
-        first,
-        json!({ "command": "mkdir -p /tmp/www && echo via-api > /tmp/www/index.html && \
-                            (setsid nohup python3 -m http.server 8000 --directory /tmp/www >/dev/null 2>&1 &)" }),
-    );
-    let mut page = String::new();
-    let served = wait_until(Duration::from_secs(60), || {
-        let response = api2
-            .http
-            .get(format!("{}/index.html", api2.url))
-            .header("Host", format!("8000-{first}.localhost"))
-            .send();
-        page = response.map(|r| r.text().unwrap_or_default()).unwrap_or_default();
-        page == "via-api\n"
-    });
-    assert!(served, "the sandbox's service answered {page:?} through API server 2");
+    serves_by_host_name(&api2, first, "via-api");
     let output = terminal_output(&api2, first, "echo terminal $((6*7)); cat /tmp/id.txt");
     assert!(
         output.contains("terminal 42") && output.contains(first.as_str()),
