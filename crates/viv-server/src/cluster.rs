@@ -204,6 +204,10 @@ impl Cluster {
         // Snapshots other nodes adopted while this one could not be asked to drop them (it was
         // down, cut off, or the request failed).
         manager.sweep_foreign_snapshots()?;
+        // Templates deleted through another node: their warm VMs and layers here go too.
+        if self.config.role.runs_vms() {
+            manager.sweep_deleted_templates().await;
+        }
         Ok(())
     }
 

@@ -15,7 +15,8 @@
 //!   (`--layer-cache-dir`) the layers of its finished steps are copied there first, so a retry
 //!   starts after them;
 //! - a layer file exists only while a template row lists its key (or a build is running that
-//!   made or uses it); others are collected after builds and deletes and at server start;
+//!   made or uses it); others are collected after builds and deletes, at server start, and at
+//!   each heartbeat (a template deleted through another node of the cluster);
 //! - a template used by sandboxes or snapshot nodes keeps its layers when rebuilt or deleted
 //!   is refused, since their disks are backed by those layers.
 

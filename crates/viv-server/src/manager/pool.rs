@@ -95,6 +95,16 @@ struct Warm {
 }
 
 impl Pool {
+    /// The templates that have warm VMs.
+    pub(super) fn templates(&self) -> std::collections::HashSet<String> {
+        self.ready
+            .lock()
+            .expect("pool lock")
+            .values()
+            .map(|e| e.template.clone())
+            .collect()
+    }
+
     /// Number of warm VMs.
     pub fn ready_count(&self) -> usize {
         self.ready

@@ -75,8 +75,23 @@ impl Manager {
         Ok(())
     }
 
+    /// Drops what this node keeps of templates deleted through another node of the cluster
+    /// (the store no longer names them): their warm VMs, layers and template snapshots, as a
+    /// delete here does. Run at each heartbeat.
+    pub async fn sweep_deleted_templates(&self) {
+        for template in self.pool.templates() {
+            let gone = template != viv_api::DEFAULT_TEMPLATE && matches!(self.store.template(&template), Ok(None));
+            if gone {
+                tracing::info!(%template, "template deleted on another node: emptying its warm VMs here");
+                self.empty_pool(Some(&template)).await;
+            }
+        }
+        self.collect_layers();
+    }
+
     /// Removes layers no template keeps and no build uses, and the template snapshots booted
-    /// from removed layers.
+    /// from removed layers. Files being written (a dot-prefixed name: a layer fetched from
+    /// another node) are left alone.
     pub(super) fn collect_layers(&self) {
         let Ok(rows) = self.store.templates() else { return };
         let mut live: HashSet<String> = rows.into_iter().flat_map(|r| r.layers).collect();
@@ -93,7 +108,7 @@ impl Manager {
         for entry in std::fs::read_dir(&layers_dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let key = name.strip_suffix(".qcow2").unwrap_or(&name);
-            if !live.contains(key) {
+            if !name.starts_with('.') && !live.contains(key) {
                 tracing::info!(layer = %name, "removing an unused layer");
                 let _ = std::fs::remove_file(entry.path());
             }

@@ -521,6 +521,16 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     for id in [&on_a, &on_b, &again, &on_b_from_a] {
         assert_eq!(a.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
     }
+    // The template deleted through A goes from B too (its layers, at B's next heartbeat).
+    assert!(layers(dir_b.path()) > 0);
+    assert_eq!(a.delete("/templates/built-on-a").send().unwrap().status(), 204);
+    assert!(
+        wait_until(Duration::from_secs(20), || layers(dir_b.path()) == 0
+            && layers(dir_a.path()) == 0),
+        "layers of the deleted template stayed: A {} B {}",
+        layers(dir_a.path()),
+        layers(dir_b.path())
+    );
     drop(a);
     drop(b);
     crate::fixture::remove_template_memory(dir_a.path());
