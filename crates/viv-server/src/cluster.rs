@@ -248,7 +248,7 @@ impl Cluster {
     /// Whether this node is the only one of `nodes` that runs VMs (then every create is
     /// local). An API server is never alone: it runs nothing itself.
     pub fn alone(&self, nodes: &[NodeRow]) -> bool {
-        self.config.role.runs_vms() && nodes.iter().filter(|n| runs_vms(n)).all(|n| n.id == self.id)
+        self.config.role.runs_vms() && nodes.iter().filter(|n| n.runs_vms()).all(|n| n.id == self.id)
     }
 
     /// The node an API server sends work that belongs to no row yet and must stay on one
@@ -259,7 +259,7 @@ impl Cluster {
         let fresh_after = now_ms() - self.config.down_after.as_millis() as i64;
         let mut up: Vec<NodeRow> = nodes
             .into_iter()
-            .filter(|n| runs_vms(n) && n.state == NodeState::Up && n.heartbeat_ms >= fresh_after)
+            .filter(|n| n.runs_vms() && n.state == NodeState::Up && n.heartbeat_ms >= fresh_after)
             .collect();
         up.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
         match asked {
@@ -286,7 +286,7 @@ impl Cluster {
         let fresh_after = now_ms() - self.config.down_after.as_millis() as i64;
         let mut candidates: Vec<(NodeRow, u64, u32)> = nodes
             .into_iter()
-            .filter(|n| runs_vms(n) && n.state == NodeState::Up && (n.id == self.id || n.heartbeat_ms >= fresh_after))
+            .filter(|n| n.runs_vms() && n.state == NodeState::Up && (n.id == self.id || n.heartbeat_ms >= fresh_after))
             .map(|n| {
                 let (vcpus, memory) = committed.get(&n.id).copied().unwrap_or((0, 0));
                 let used = n.capacity.memory_used_mib.max(memory);
@@ -320,11 +320,6 @@ impl Cluster {
             .expect("candidates is not empty");
         Ok((best.id != self.id).then_some(best))
     }
-}
-
-/// Whether a node's row says it runs VMs (an API server's does not).
-fn runs_vms(node: &NodeRow) -> bool {
-    NodeRole::parse(&node.role).is_none_or(NodeRole::runs_vms)
 }
 
 #[cfg(test)]

@@ -25,10 +25,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
+use super::StoreError;
+
 /// How many connections a server keeps to PostgreSQL.
 pub const PG_CONNECTIONS: usize = 4;
-
-use super::StoreError;
 
 /// A value bound to a parameter or read from a column.
 #[derive(Debug, Clone, PartialEq)]

@@ -14,6 +14,9 @@ use viv_api::nodes::{NodeCapacity, NodeInfo, NodeState};
 use super::db::{params, Row, Sql as _};
 use super::{Store, StoreError};
 
+/// Sandbox ids with the names of their nodes.
+const SANDBOX_NODE_NAMES: &str = "SELECT s.id, n.name FROM sandboxes s JOIN nodes n ON n.id = s.node_id";
+
 /// A node row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeRow {
@@ -23,7 +26,7 @@ pub struct NodeRow {
     pub name: String,
     /// Where other servers reach its API.
     pub url: String,
-    /// `all` or `node`.
+    /// `all`, `api` or `node` (`viv_api::nodes::NodeRole`).
     pub role: String,
     /// Whether it takes work.
     pub state: NodeState,
@@ -38,6 +41,11 @@ pub struct NodeRow {
 }
 
 impl NodeRow {
+    /// Whether its role runs VMs (an API server's does not; an unknown role is taken to).
+    pub fn runs_vms(&self) -> bool {
+        viv_api::nodes::NodeRole::parse(&self.role).is_none_or(viv_api::nodes::NodeRole::runs_vms)
+    }
+
     /// The address of `path` (no leading `/`) of this node's node API, under `/internal`.
     pub fn internal_url(&self, path: &str) -> String {
         format!("{}/internal/{path}", self.url.trim_end_matches('/'))
@@ -319,12 +327,18 @@ impl Store {
     /// The name of the node of every sandbox a node claimed, by sandbox id (a sandbox's
     /// `clientID`).
     pub fn sandbox_node_names(&self) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let rows = self.conn().query_map(
-            "SELECT s.id, n.name FROM sandboxes s JOIN nodes n ON n.id = s.node_id",
-            params![],
-            |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
-        )?;
+        let rows = self.conn().query_map(SANDBOX_NODE_NAMES, params![], |r| {
+            Ok((r.get::<String>(0)?, r.get::<String>(1)?))
+        })?;
         Ok(rows.into_iter().collect())
+    }
+
+    /// The name of the node of sandbox `id`, when a node claimed it.
+    pub fn sandbox_node_name(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(&format!("{SANDBOX_NODE_NAMES} WHERE s.id = ?1"), params![id], |r| {
+                r.get(1)
+            })
     }
 
     /// The node of a sandbox: `None` when there is no such sandbox, `Some(None)` for a row no

@@ -46,12 +46,10 @@ impl Manager {
                 row.error.as_deref().unwrap_or("its VM stopped")
             )));
         }
-        let client_id = match self.store.sandbox_node(id)?.flatten() {
-            Some(node) if Some(node.as_str()) != self.store.node_id() => {
-                self.store.node(&node)?.map_or(node, |n| n.name)
-            }
-            _ => self.config.node_name.clone(),
-        };
+        let client_id = self
+            .store
+            .sandbox_node_name(id)?
+            .unwrap_or_else(|| self.config.node_name.clone());
         Ok(self.info(row, client_id))
     }
 

@@ -190,6 +190,26 @@ pub(super) fn peer_client() -> Result<reqwest::Client, ApiError> {
         .map_err(|e| ApiError::Internal(format!("an HTTP client: {e}")))
 }
 
+/// A successful answer to `GET url` (a node API address, with the cluster's `secret`), or why
+/// there is none.
+pub(super) async fn get_from_node(
+    client: &reqwest::Client,
+    secret: &str,
+    url: &str,
+) -> Result<reqwest::Response, String> {
+    let response = client
+        .get(url)
+        .header(CLUSTER_SECRET_HEADER, secret)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        let status = response.status();
+        return Err(format!("{status} {}", response.text().await.unwrap_or_default()));
+    }
+    Ok(response)
+}
+
 /// Downloads `url` (a node API address) into the new file `staged`, synced, checked against the
 /// length the node announced. Returns the answer's headers.
 pub(super) async fn download(
@@ -199,19 +219,7 @@ pub(super) async fn download(
     staged: &Path,
 ) -> Result<reqwest::header::HeaderMap, String> {
     use tokio::io::AsyncWriteExt as _;
-    let mut response = client
-        .get(url)
-        .header(CLUSTER_SECRET_HEADER, &link.secret)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        return Err(format!(
-            "{} {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        ));
-    }
+    let mut response = get_from_node(client, &link.secret, url).await?;
     let headers = response.headers().clone();
     let expected = response.content_length();
     let mut file = tokio::fs::File::create(staged).await.map_err(|e| e.to_string())?;

@@ -169,7 +169,7 @@ impl Manager {
                     vm: self.vm_info(&row.id)?,
                 }),
                 Err(err) => {
-                    self.remove_incoming_files(&row.id, &made).await;
+                    self.remove_vm_files(&row.id, &made).await;
                     Err(err)
                 }
             };
@@ -230,15 +230,23 @@ impl Manager {
         Ok(())
     }
 
-    /// The row of VM `name` that node `from` holds and runs, for a move to this node.
-    fn row_to_take_over(&self, name: &str, from: &str) -> Result<crate::store::VmRow, ApiError> {
-        let row = self.vm_row(name)?;
+    /// 409 unless VM `row` is held by node `from`, another node than this one (a move here,
+    /// live or by copying).
+    pub(super) fn check_moving_from(&self, row: &crate::store::VmRow, from: &str) -> Result<(), ApiError> {
         let holder = self.store.vm_node(&row.id)?.flatten();
         if holder.as_deref() != Some(from) || from == self.node_id() {
             return Err(ApiError::Conflict(format!(
-                "VM '{name}' is not held by node {from}: it cannot move here from there"
+                "VM '{}' is not held by node {from}: it cannot move here from there",
+                row.name
             )));
         }
+        Ok(())
+    }
+
+    /// The row of VM `name` that node `from` holds and runs, for a move to this node.
+    fn row_to_take_over(&self, name: &str, from: &str) -> Result<crate::store::VmRow, ApiError> {
+        let row = self.vm_row(name)?;
+        self.check_moving_from(&row, from)?;
         if super::vms::state_of(&row)? != VmState::Running {
             return Err(ApiError::Conflict(format!(
                 "VM '{name}' is not running: only a running VM moves live"
@@ -411,7 +419,7 @@ impl Manager {
     /// node's, to take over), files and the disks made for it.
     async fn remove_pending(&self, pending: &Pending) {
         match pending.takeover_from {
-            Some(_) => self.remove_incoming_files(&pending.vm_id, &pending.disks).await,
+            Some(_) => self.remove_vm_files(&pending.vm_id, &pending.disks).await,
             None => self.remove_incoming_vm(&pending.vm_id, &pending.disks).await,
         }
     }
@@ -428,11 +436,12 @@ impl Manager {
                 }
             }
         }
-        self.remove_incoming_files(vm_id, disks).await;
+        self.remove_vm_files(vm_id, disks).await;
     }
 
-    /// Deletes an incoming VM's files here and the disks made for it.
-    async fn remove_incoming_files(&self, vm_id: &str, disks: &[String]) {
+    /// Deletes VM `vm_id`'s files on this node and its pool disks `disks`: an incoming VM that
+    /// never ran here, or a VM that moved to another node.
+    pub(super) async fn remove_vm_files(&self, vm_id: &str, disks: &[String]) {
         let _ = std::fs::remove_dir_all(self.vm_dir(vm_id));
         let _ = std::fs::remove_dir_all(self.vm_run_dir(vm_id));
         self.delete_disks(disks).await;
@@ -441,7 +450,7 @@ impl Manager {
     async fn delete_disks(&self, disks: &[String]) {
         for disk in disks.iter().rev() {
             if let Err(err) = self.storage.delete_disk(disk, viv_storage::unused).await {
-                tracing::warn!(disk = %disk, error = %err, "deleting a disk of an aborted migration");
+                tracing::warn!(disk = %disk, error = %err, "keeping a disk this node no longer needs: it could not be deleted");
             }
         }
     }

@@ -128,8 +128,7 @@ impl Manager {
         if node.id == link.node_id {
             return Err(ApiError::Conflict(format!("the VM is on node '{}' already", node.name)));
         }
-        let runs_vms = viv_api::nodes::NodeRole::parse(&node.role).is_none_or(viv_api::nodes::NodeRole::runs_vms);
-        if node.state != viv_api::nodes::NodeState::Up || !runs_vms {
+        if node.state != viv_api::nodes::NodeState::Up || !node.runs_vms() {
             return Err(ApiError::Conflict(format!(
                 "node '{}' takes no VM: it is {} with role {}",
                 node.name,
@@ -253,12 +252,8 @@ impl Manager {
             let row = self.vm_row(id)?;
             self.delete_vm_row(&row)?;
         }
-        let _ = std::fs::remove_dir_all(self.vm_dir(id));
-        for disk in &disks {
-            if let Err(err) = self.storage.delete_disk(&disk.name, viv_storage::unused).await {
-                tracing::warn!(vm = %id, disk = %disk.name, error = %err, "keeping a disk of a migrated VM");
-            }
-        }
+        let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+        self.remove_vm_files(id, &names).await;
         let figures = MigrationFigures {
             total_ms: started.elapsed().as_millis() as u64,
             ..figures

@@ -83,13 +83,13 @@ impl Manager {
         }
         // The VM is the target's now: this node's copies go.
         let def = definition_of(&row.definition)?;
-        for disk in def.disks.iter().filter(|d| !d.read_only) {
-            if let Err(err) = self.storage.delete_disk(&disk.disk, viv_storage::unused).await {
-                tracing::warn!(vm = %row.id, disk = %disk.disk, error = %err, "keeping a disk of a VM moved away");
-            }
-        }
-        let _ = std::fs::remove_dir_all(self.vm_dir(&row.id));
-        let _ = std::fs::remove_dir_all(self.vm_run_dir(&row.id));
+        let writable: Vec<String> = def
+            .disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| d.disk.clone())
+            .collect();
+        self.remove_vm_files(&row.id, &writable).await;
         let total_ms = started.elapsed().as_millis() as u64;
         tracing::info!(vm = %row.id, name = %row.name, %node, total_ms, "stopped VM moved to another node");
         Ok(MigrationFigures {
@@ -162,13 +162,7 @@ impl Manager {
     pub async fn adopt_stopped_vm(&self, id: &str, from: &str) -> Result<viv_api::vms::VmInfo, ApiError> {
         let row = self.vm_row(id)?;
         let _gate = self.vm_runtime.gate(&row.id).lock_owned().await;
-        let holder = self.store.vm_node(&row.id)?.flatten();
-        if holder.as_deref() != Some(from) || from == self.node_id() {
-            return Err(ApiError::Conflict(format!(
-                "VM '{}' is not held by node {from}: it cannot move here from there",
-                row.name
-            )));
-        }
+        self.check_moving_from(&row, from)?;
         if state_of(&row)?.is_active() {
             return Err(ApiError::Conflict(format!(
                 "VM '{}' is active: it moves live",
@@ -218,10 +212,7 @@ impl Manager {
         }
         .await;
         if let Err(err) = copied {
-            for disk in made.iter().rev() {
-                let _ = self.storage.delete_disk(disk, viv_storage::unused).await;
-            }
-            let _ = std::fs::remove_dir_all(self.vm_dir(&row.id));
+            self.remove_vm_files(&row.id, &made).await;
             return Err(err);
         }
         let state = state_of(&row)?;
@@ -239,7 +230,9 @@ impl Manager {
     /// source sent.
     async fn fetch_disk(&self, client: &reqwest::Client, secret: &str, url: &str, name: &str) -> Result<(), ApiError> {
         let failed = |why: String| ApiError::Sandbox(format!("copying disk '{name}' from its node: {why}"));
-        let response = get_from_node(client, secret, url).await.map_err(failed)?;
+        let response = super::layer_fetch::get_from_node(client, secret, url)
+            .await
+            .map_err(failed)?;
         let sha256 = response
             .headers()
             .get(DISK_SHA256_HEADER)
@@ -256,7 +249,9 @@ impl Manager {
     /// Fetches the VM's NVRAM (when the source has one) into its directory here.
     async fn fetch_nvram(&self, client: &reqwest::Client, secret: &str, url: &str, id: &str) -> Result<(), ApiError> {
         let failed = |why: String| ApiError::Sandbox(format!("copying the VM's UEFI variables: {why}"));
-        let response = get_from_node(client, secret, url).await.map_err(failed)?;
+        let response = super::layer_fetch::get_from_node(client, secret, url)
+            .await
+            .map_err(failed)?;
         if response.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(());
         }
@@ -276,19 +271,4 @@ impl Manager {
             .and_then(|()| std::fs::write(dir.join("nvram.fd"), &bytes))
             .map_err(|e| failed(e.to_string()))
     }
-}
-
-/// A successful answer to `GET url` on another node's API, or why there is none.
-async fn get_from_node(client: &reqwest::Client, secret: &str, url: &str) -> Result<reqwest::Response, String> {
-    let response = client
-        .get(url)
-        .header(super::CLUSTER_SECRET_HEADER, secret)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !response.status().is_success() {
-        let status = response.status();
-        return Err(format!("{status} {}", response.text().await.unwrap_or_default()));
-    }
-    Ok(response)
 }
