@@ -1,26 +1,20 @@
-//! Vivarium's server: the REST API over the sandbox manager.
+//! Vivarium's control plane: the REST API, authentication, the event stream, placement and the
+//! routing of each request to the node that holds its sandbox or VM. The node itself (VMs,
+//! agent channel, images) is the `viv-node` crate; this crate drives the node of its own server
+//! in-process through [`Manager`] and other nodes over the node API (`/internal/…`).
 //!
 //! Code map:
-//! - [`routes`]: the axum router, authentication, request handlers;
-//! - [`manager`]: sandbox lifecycle (boot, watch, timeouts, kill, recovery);
-//! - [`cluster`]: this server as a node among the servers sharing one store (placement,
-//!   heartbeats, dead nodes); `routes/node_forward.rs` sends requests to the node holding their
-//!   sandbox or VM;
-//! - [`capacity`]: the largest VM the host can run and whether it has room for one more;
-//! - [`agent_client`]: HTTP/2 client for a sandbox's agent over its virtio-serial socket;
-//! - [`process_session`]: an interactive process (PTY or pipes) in a sandbox, for terminals and SSH;
-//! - [`store`]: SQLite persistence with embedded migrations;
-//! - [`error`]: [`ApiError`], the one error type routes return, mapped to HTTP statuses.
+//! - [`routes`]: the axum router, authentication, request handlers; `routes/internal.rs` is the
+//!   node API other servers call, `routes/node_forward.rs` sends a request to the node holding
+//!   its sandbox or VM;
+//! - [`cluster`]: this server among the servers sharing one store (membership, heartbeats, dead
+//!   nodes, placement, cluster-wide events);
+//! - re-exported from `viv-node`: [`manager`], [`agent_client`], [`process_session`],
+//!   [`capacity`], [`metrics`], [`error`] ([`ApiError`]), and [`store`] (`viv-store`).
 
-pub mod agent_client;
-pub mod capacity;
 pub mod cluster;
-pub mod error;
-pub mod manager;
-pub mod metrics;
-pub mod process_session;
 pub mod routes;
-pub use viv_store as store;
+pub use viv_node::{agent_client, capacity, error, manager, metrics, process_session, store};
 
 pub use error::ApiError;
 pub use manager::{Config, Manager, NetworkMode, Recovery, ShutdownMode};

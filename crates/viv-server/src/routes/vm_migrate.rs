@@ -24,8 +24,7 @@ use crate::error::ApiError;
 use crate::manager::IncomingChannel;
 use crate::AppState;
 
-/// The `Upgrade` protocol of a migration channel.
-pub const MIGRATION_PROTOCOL: &str = "vivarium-migration";
+pub use crate::manager::MIGRATION_PROTOCOL;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()

@@ -20,6 +20,9 @@ use hyper_util::rt::TokioIo;
 use crate::error::ApiError;
 
 /// Connecting to the destination.
+/// The `Upgrade` protocol of a migration channel.
+pub const MIGRATION_PROTOCOL: &str = "vivarium-migration";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a JSON call may take (receiving a VM launches its QEMU).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -170,7 +173,7 @@ impl Remote {
             let request = self
                 .request(hyper::Method::GET, path)
                 .header(hyper::header::CONNECTION, "upgrade")
-                .header(hyper::header::UPGRADE, crate::routes::MIGRATION_PROTOCOL)
+                .header(hyper::header::UPGRADE, MIGRATION_PROTOCOL)
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| ApiError::Internal(format!("building a request: {e}")))?;
             let mut response = sender.send_request(request).await.map_err(|e| self.unreachable(e))?;

@@ -46,6 +46,7 @@ mod sandbox_vm;
 pub use pool::PoolPolicy;
 pub use snapshot_move::{ExportedFile, SNAPSHOT_CHANNEL_KEY_HEADER, SNAPSHOT_MEMORY_HEADER};
 mod migrate_remote;
+pub use migrate_remote::MIGRATION_PROTOCOL;
 mod recovery;
 mod sdk_builds;
 mod sdk_files;
@@ -347,7 +348,8 @@ pub struct Manager {
     layer_fetches: tokio::sync::Mutex<()>,
 }
 
-pub(crate) fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -112,7 +112,7 @@ impl super::Manager {
     }
 
     /// Publishes a sandbox's new state (`running`, `paused`, `failed`, `killed`).
-    pub(crate) fn publish_sandbox(&self, id: &str, state: &str, message: Option<String>) {
+    pub fn publish_sandbox(&self, id: &str, state: &str, message: Option<String>) {
         self.events.publish(Change {
             kind: EventKind::Sandbox,
             id: id.to_owned(),
