@@ -3,8 +3,8 @@
 //!
 //! The control plane (`viv-server`: REST API, authentication, placement, routing between nodes)
 //! drives a node in-process through [`Manager`] when both run in one server (`--role all` and
-//! `--role node`), and over the node API (`/internal/…`, authenticated by the cluster's secret)
-//! from another server. Nothing here knows about HTTP routes or other nodes' placement; the
+//! `--role node`), and over the node API ([`node_api`], authenticated by the cluster's secret)
+//! from another server. Nothing here knows about the public routes or placement; the
 //! node reaches other nodes only through the node API's client ([`manager::ClusterLink`]).
 //!
 //! Code map:
@@ -14,6 +14,8 @@
 //! - [`agent_client`]: HTTP/2 client for a sandbox's agent over its virtio-serial socket;
 //! - [`process_session`]: an interactive process (PTY or pipes) in a sandbox, for terminals and SSH;
 //! - [`metrics`]: the host's Prometheus counters;
+//! - [`node_api`]: the node API's routes (`/internal/…`, the cluster's secret), which other
+//!   servers call; [`extract`]: request extractors that answer bad input with an [`ApiError`];
 //! - [`error`]: [`ApiError`], the one error type of the node and of the REST API, mapped to
 //!   HTTP statuses;
 //! - [`store`]: the state store (re-exported `viv-store`).
@@ -21,8 +23,10 @@
 pub mod agent_client;
 pub mod capacity;
 pub mod error;
+pub mod extract;
 pub mod manager;
 pub mod metrics;
+pub mod node_api;
 pub mod process_session;
 pub use viv_store as store;
 

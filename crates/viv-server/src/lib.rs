@@ -4,8 +4,8 @@
 //! in-process through [`Manager`] and other nodes over the node API (`/internal/…`).
 //!
 //! Code map:
-//! - [`routes`]: the axum router, authentication, request handlers; `routes/internal.rs` is the
-//!   node API other servers call, `routes/node_forward.rs` sends a request to the node holding
+//! - [`routes`]: the axum router, authentication, request handlers (the node API's,
+//!   `viv_node::node_api`, merged in); `routes/node_forward.rs` sends a request to the node holding
 //!   its sandbox or VM;
 //! - [`cluster`]: this server among the servers sharing one store (membership, heartbeats, dead
 //!   nodes, placement, cluster-wide events);
@@ -49,4 +49,10 @@ pub struct AppState {
     pub public_metrics: bool,
     /// This server as a node of its cluster.
     pub cluster: Arc<cluster::Cluster>,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Manager> {
+    fn from_ref(state: &AppState) -> Self {
+        state.manager.clone()
+    }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,12 +19,12 @@ use crate::agent_client::{collect, AgentError};
 use crate::error::ApiError;
 use crate::manager::LiveSandbox;
 use crate::AppState;
+pub(crate) use viv_node::extract::{json_object, ApiPath, ApiQuery, JsonBody, OptionalJsonBody};
 
 mod console;
 mod e2b_templates;
 mod events;
 mod exec;
-mod internal;
 mod listing;
 mod metric_history;
 mod node_forward;
@@ -122,7 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/template-files/{template}/{hash}", put(e2b_templates::upload_files))
         .merge(authed)
         .merge(volumes::content())
-        .merge(internal::routes(&state))
+        .merge(viv_node::node_api::routes(state.manager.clone()))
         .merge(session::routes())
         .merge(console::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.yaml".into()) })
@@ -246,83 +246,6 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             state.manager.render_vm_metrics().await
         ),
     )
-}
-
-/// A JSON body extractor whose rejection is an [`ApiError`]. The body must be a JSON object
-/// (serde would also read a struct from an array of its fields, which no client means).
-struct JsonBody<T>(T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let essence = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
-            .unwrap_or_default();
-        let json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
-        if !json {
-            return Err(ApiError::BadRequest(
-                "the body must be JSON, sent with Content-Type: application/json".into(),
-            ));
-        }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
-        json_object(&bytes).map(Self)
-    }
-}
-
-/// `T` from a body that must hold a JSON object.
-pub(crate) fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::BadRequest(
-            "invalid JSON body: expected an object ({...})".into(),
-        ));
-    }
-    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-}
-
-/// A query extractor whose rejection is an [`ApiError`] (a JSON `{code, message}` body).
-struct ApiQuery<T>(T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
-        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
-        Ok(Self(value))
-    }
-}
-
-/// A path extractor whose rejection is an [`ApiError`] (a JSON `{code, message}` body).
-struct ApiPath<T>(T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S> for ApiPath<T> {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(value) = Path::<T>::from_request_parts(parts, state).await?;
-        Ok(Self(value))
-    }
-}
-
-/// Like [`JsonBody`], but no body means `T::default()` (for routes whose body is optional).
-struct OptionalJsonBody<T>(T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> axum::extract::FromRequest<S> for OptionalJsonBody<T> {
-    type Rejection = ApiError;
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
-        // No body at all; whitespace is not JSON.
-        if bytes.is_empty() {
-            return Ok(Self(T::default()));
-        }
-        json_object(&bytes).map(Self)
-    }
 }
 
 /// Runs a sandbox's change of state to its end even when the client goes away mid-way (hyper

@@ -57,6 +57,11 @@ impl Manager {
         let _ = self.cluster_link.set(link);
     }
 
+    /// The cluster's secret, once this node joined its cluster.
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.cluster_link.get().map(|link| link.secret.as_str())
+    }
+
     /// The file of layer `key`, when this node has it.
     pub fn layer_file(&self, key: &str) -> Option<PathBuf> {
         let path = self.layer_path(key);
