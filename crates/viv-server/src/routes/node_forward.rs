@@ -96,6 +96,8 @@ fn answered_by_control_plane(method: &Method, path: &str) -> bool {
         // Drains have a subject (the node); lists, reads, undrains and removals are rows.
         ["nodes", ..] => true,
         ["sandboxes"] | ["v2", "sandboxes"] | ["snapshots"] | ["snapshot-tree"] | ["vms"] | ["volumes"] => read,
+        // Each node's own, gathered from every node by the handler (`gather_from_nodes`).
+        ["operations"] => read,
         ["templates"] | ["templates", _] | ["templates", "aliases", _] | ["templates", _, "tags" | "versions"] => read,
         _ => false,
     }
@@ -312,6 +314,54 @@ fn place_resume(state: &AppState, id: &str) -> Result<Option<NodeRow>, ApiError>
     }
 }
 
+/// Largest list read from one node when gathering a list from every node.
+const MAX_GATHERED: usize = 16 << 20;
+
+/// The JSON list at `path` (a read of what lives in each node's memory, such as operations)
+/// from every other node that runs VMs and is up, asked with the client's `headers` (its key,
+/// which each node checks): the parts the handler adds to this node's own. None when the
+/// request was itself forwarded (a node answers for itself only). A node that cannot answer
+/// is left out, with a warning in the log.
+pub(super) async fn gather_from_nodes<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    path: &'static str,
+) -> Result<Vec<T>, ApiError> {
+    if headers.contains_key(FORWARDED_BY) {
+        return Ok(Vec::new());
+    }
+    let others: Vec<NodeRow> = state
+        .store
+        .nodes()?
+        .into_iter()
+        .filter(|n| n.runs_vms() && n.state == NodeState::Up && n.id != state.cluster.node_id())
+        .collect();
+    let asks = others.iter().map(|node| async move {
+        let mut request = Request::get(path).body(Body::empty()).expect("a GET of a static path");
+        for (name, value) in headers {
+            if name != axum::http::header::CONTENT_LENGTH {
+                request.headers_mut().append(name.clone(), value.clone());
+            }
+        }
+        let answer = forward(state, node, request).await.map_err(|e| e.to_string())?;
+        if !answer.status().is_success() {
+            return Err(format!("it answered {}", answer.status()));
+        }
+        let bytes = axum::body::to_bytes(answer.into_body(), MAX_GATHERED)
+            .await
+            .map_err(|e| format!("reading its answer: {e}"))?;
+        serde_json::from_slice::<Vec<T>>(&bytes).map_err(|e| format!("its answer is not the list: {e}"))
+    });
+    let mut all = Vec::new();
+    for (node, answer) in others.iter().zip(futures::future::join_all(asks).await) {
+        match answer {
+            Ok(items) => all.extend(items),
+            Err(err) => tracing::warn!(node = %node.name, path, error = %err, "a node's part of a list is missing"),
+        }
+    }
+    Ok(all)
+}
+
 /// Sends a request to `node` and relays its answer.
 async fn forward(state: &AppState, node: &NodeRow, mut request: Request) -> Result<Response, ApiError> {
     let unreachable = |what: String| {
@@ -376,6 +426,7 @@ mod tests {
             "/templates/aliases/py",
             "/templates/t1/tags",
             "/templates/t1/versions",
+            "/operations",
         ] {
             assert!(answered_by_control_plane(&get, path), "{path}");
         }
@@ -396,7 +447,6 @@ mod tests {
             (&post, "/disks"),
             (&get, "/isos"),
             (&get, "/switches"),
-            (&get, "/operations"),
             (&get, "/operations/op-x"),
             (&post, "/volumes"),
             (&get, "/no/such/route"),

@@ -255,8 +255,12 @@ async fn delete_iso(State(state): State<AppState>, ApiPath(name): ApiPath<String
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn list_operations(State(state): State<AppState>) -> Result<Response, ApiError> {
-    Ok(Json(state.manager.list_operations()).into_response())
+/// This node's operations and, in a cluster, every other node's, oldest first.
+async fn list_operations(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let mut all = state.manager.list_operations();
+    all.extend(super::node_forward::gather_from_nodes::<Operation>(&state, &headers, "/operations").await?);
+    all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+    Ok(Json(all).into_response())
 }
 
 async fn operation(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {

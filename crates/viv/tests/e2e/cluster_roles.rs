@@ -319,6 +319,7 @@ fn a_running_vm_moves_between_nodes_keeping_its_id() {
     assert_eq!(out.code, 0, "{out:?}");
     let done: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(done["state"], "succeeded", "{done}");
+    let live_move = done["id"].as_str().unwrap().to_owned();
     eprintln!(
         "FIGURE VM moved between nodes (256 MiB guest, 16 MiB disk): total {} ms, downtime {} ms",
         done["migration"]["totalMs"], done["migration"]["downtimeMs"]
@@ -362,7 +363,20 @@ fn a_running_vm_moves_between_nodes_keeping_its_id() {
     assert_eq!(out.code, 0, "{out:?}");
     let done: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(done["state"], "succeeded", "{done}");
+    let copy_move = done["id"].as_str().unwrap().to_owned();
     assert_eq!((disk_on("node-1"), disk_on("node-2")), (200, 404));
+    // Each move ran on the node it left, which keeps its operation: the API server lists both.
+    let ops = json_of(api.get("/operations").send().unwrap());
+    let listed: Vec<&str> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["id"].as_str())
+        .collect();
+    assert!(
+        listed.contains(&live_move.as_str()) && listed.contains(&copy_move.as_str()),
+        "{live_move} and {copy_move} in {ops}"
+    );
     assert!(
         !n2_dir.path().join("vms").join(&id).exists(),
         "node-2 kept the VM's files"
