@@ -305,6 +305,56 @@ impl Chain {
     }
 }
 
+impl Chain {
+    /// Writes the chain on `base` as one whole state, which restores without the base (onto
+    /// zeroed memory, on another host): the leaf's prefix, setup and device state; every
+    /// non-zero page of `base` that no part records (read once, holes skipped); then every
+    /// part's records, root first, as [`Chain::compose`] writes them.
+    pub fn compose_whole(&self, base: &Path, out: impl std::io::Write) -> Result<(), DiffError> {
+        let (leaf_path, leaf_buf) = self.parts.last().expect("a loaded chain is not empty");
+        let leaf = parse(leaf_path, leaf_buf)?;
+        let block = leaf.block(BASE_BLOCK).ok_or_else(|| DiffError::Mismatch {
+            path: leaf_path.clone(),
+            what: format!("no RAM block '{BASE_BLOCK}'"),
+        })?;
+        let length = leaf.blocks[block].length;
+        let mut recorded = std::collections::HashSet::new();
+        let parsed: Vec<Stream<'_>> = self
+            .parts
+            .iter()
+            .map(|(path, buf)| parse(path, buf))
+            .collect::<Result<_, _>>()?;
+        for part in &parsed {
+            let mem = part.block(BASE_BLOCK);
+            recorded.extend(part.records.iter().filter(|r| Some(r.block) == mem).map(|r| r.offset));
+        }
+        let source = File::open(base).map_err(io(base))?;
+        let len = source.metadata().map_err(io(base))?.len().min(length);
+        let mut writer =
+            migstream::Writer::new(BufWriter::with_capacity(1 << 20, out), &leaf).map_err(io(leaf_path))?;
+        for_each_page_with_data(base, &source, len, |offset, page| {
+            if recorded.contains(&offset) {
+                return Ok(());
+            }
+            if page.len() != PAGE_SIZE {
+                return Err(DiffError::Mismatch {
+                    path: base.to_path_buf(),
+                    what: "a length that is not a whole number of pages".into(),
+                });
+            }
+            writer.page(BASE_BLOCK, offset, Some(page)).map_err(io(leaf_path))
+        })?;
+        writer.end_section().map_err(io(leaf_path))?;
+        for ((path, buf), part) in self.parts.iter().zip(&parsed) {
+            migstream::copy_records(&mut writer, part, buf).map_err(io(path))?;
+        }
+        writer
+            .finish(&leaf.commands, leaf.tail)
+            .and_then(|mut w| w.flush())
+            .map_err(io(leaf_path))
+    }
+}
+
 /// Copies memory file `from` to `to` (a temporary name, synced, sealed read-only, then renamed),
 /// writing only its non-zero pages: the copy is sparse. Holes of `from` are skipped without
 /// reading them (`SEEK_DATA`/`SEEK_HOLE`).
@@ -314,38 +364,9 @@ pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
     let tmp = to.with_extension("tmp");
     let file = create_private(&tmp)?;
     file.set_len(len).map_err(io(&tmp))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&source);
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut at: u64 = 0;
-    while at < len {
-        // SAFETY: lseek on a descriptor we own; no memory is passed.
-        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break; // Only a hole remains.
-            }
-            return Err(io(from)(err));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io(from)(std::io::Error::last_os_error()));
-        }
-        let (mut offset, end) = (data as u64, (hole as u64).min(len));
-        while offset < end {
-            let n = chunk.len().min((end - offset) as usize);
-            source.read_exact_at(&mut chunk[..n], offset).map_err(io(from))?;
-            for (i, page) in chunk[..n].chunks(PAGE_SIZE).enumerate() {
-                if !is_zero(page) {
-                    file.write_all_at(page, offset + (i * PAGE_SIZE) as u64)
-                        .map_err(io(&tmp))?;
-                }
-            }
-            offset += n as u64;
-        }
-        at = end;
-    }
+    for_each_page_with_data(from, &source, len, |offset, page| {
+        file.write_all_at(page, offset).map_err(io(&tmp))
+    })?;
     file.sync_all().map_err(io(&tmp))?;
     drop(file);
     // Frozen like a disk layer: root's, readable by the (jailed) VMs that map it.
@@ -357,6 +378,50 @@ pub fn persist_base(from: &Path, to: &Path) -> Result<u64, DiffError> {
         }
     }
     Ok(len)
+}
+
+/// Calls `each` with the offset and bytes of every non-zero page of `source` (the file at
+/// `path`, `len` bytes long) in order; its holes are skipped without reading them
+/// (`SEEK_DATA`/`SEEK_HOLE`).
+fn for_each_page_with_data(
+    path: &Path,
+    source: &File,
+    len: u64,
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), DiffError>,
+) -> Result<(), DiffError> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(source);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at: u64 = 0;
+    while at < len {
+        // SAFETY: lseek on a descriptor the caller keeps open; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // Only a hole remains.
+            }
+            return Err(io(path)(err));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io(path)(std::io::Error::last_os_error()));
+        }
+        // Extents start on page boundaries (the file system's blocks are pages or larger).
+        let (mut offset, end) = (data as u64, (hole as u64).min(len));
+        while offset < end {
+            let n = chunk.len().min((end - offset) as usize);
+            source.read_exact_at(&mut chunk[..n], offset).map_err(io(path))?;
+            for (i, page) in chunk[..n].chunks(PAGE_SIZE).enumerate() {
+                if !is_zero(page) {
+                    each(offset + (i * PAGE_SIZE) as u64, page)?;
+                }
+            }
+            offset += n as u64;
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 /// Creates (or truncates) `path` for writing, readable only by its owner (it holds guest memory).
@@ -446,8 +511,20 @@ mod tests {
         let chain = Chain::load(&[path("d1"), path("d2")]).unwrap();
         let mut composed = Vec::new();
         chain.compose(&mut composed).unwrap();
-        assert_eq!(load(&base, &[composed.clone()]), load(&[], &[full2]));
+        assert_eq!(load(&base, &[composed.clone()]), load(&[], &[full2.clone()]));
         assert_eq!(migstream::parse(&composed).unwrap().tail, &[4, 0xee]);
+        // As one whole state it loads onto zeroed memory, without the base, to the same memory:
+        // page 0 comes from the base (no diff records it), the others from the diffs.
+        let mut whole = Vec::new();
+        chain.compose_whole(&path("base.mem"), &mut whole).unwrap();
+        assert_eq!(load(&[], &[whole.clone()]), load(&[], &[full2]));
+        let parsed = migstream::parse(&whole).unwrap();
+        assert_eq!(parsed.tail, &[4, 0xee]);
+        // Base page 1 is cleared by the first diff: it is written once, as that diff's zero.
+        assert_eq!(
+            parsed.records.iter().filter(|r| r.offset == PAGE_SIZE as u64).count(),
+            1
+        );
     }
 
     #[test]

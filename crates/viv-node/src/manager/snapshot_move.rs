@@ -18,8 +18,9 @@
 //!   at once exactly one wins and the other removes its copy;
 //! - the giving node removes its copy only once the rows name another node (the receiver asks
 //!   it to; a copy it missed is removed at its next start, which keeps only its own rows' files);
-//! - a snapshot whose memory is kept as a diff against a base on its node (memory diffs are off
-//!   by default) does not move: its restore needs that node's base;
+//! - a snapshot whose memory is kept as a diff chain on a base of its node (memory diffs are off
+//!   by default) moves as one whole state composed of its chain and base: the receiving node
+//!   needs none of the giving node's bases, and keeps the state whole;
 //! - export copies live in `snapshots/.export-*` directories, removed once opened (the answer
 //!   streams from the open file) and, after a crash, at start with other directories that have
 //!   no row.
@@ -112,12 +113,59 @@ impl Manager {
             .unwrap_or_else(|| self.channel_key.clone())
     }
 
-    /// The saved state (guest memory) of snapshot node `id`, for another node to adopt.
+    /// The saved state (guest memory) of snapshot node `id`, for another node to adopt: its
+    /// whole state, or, when it keeps a diff chain on a base of this node, the chain and the
+    /// base composed into one whole state (written to an export copy, which goes once opened).
     pub async fn export_snapshot_state(&self, id: &str) -> Result<ExportedFile, ApiError> {
         if self.movable_memory(id)? != "whole" {
             return Err(ApiError::NotFound(format!("snapshot {id} keeps no memory")));
         }
-        ExportedFile::open(&self.node_dir(id).join("state")).await
+        let (base, chain) = match self.node_memory(&self.node_dir(id)).await? {
+            super::memory_chain::NodeMemory::Whole { file, .. } => {
+                let failed = |e: std::io::Error| ApiError::Internal(format!("reading snapshot {id}'s state: {e}"));
+                let file = file.try_clone().map_err(failed)?;
+                let len = file.metadata().map_err(failed)?.len();
+                return Ok(ExportedFile {
+                    file: tokio::fs::File::from_std(file),
+                    len,
+                });
+            }
+            super::memory_chain::NodeMemory::Chain { base, chain } => (base, chain),
+        };
+        let work = self
+            .config
+            .data_dir
+            .join("snapshots")
+            .join(format!(".export-{}", random_id(12)));
+        std::fs::create_dir_all(&work).map_err(|e| ApiError::Internal(format!("creating {}: {e}", work.display())))?;
+        let state = work.join("state");
+        let written = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&state)
+                    .map_err(|e| format!("creating {}: {e}", state.display()))?;
+                chain.compose_whole(&base, file).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+        };
+        let result = match written {
+            Ok(()) => ExportedFile::open(&state).await,
+            Err(e) => Err(ApiError::Internal(format!(
+                "composing snapshot {id}'s memory chain into one state: {e}"
+            ))),
+        };
+        let _ = std::fs::remove_dir_all(&work);
+        if result.is_ok() {
+            tracing::info!(snapshot = %id, "memory diff chain composed into a whole state for another node");
+        }
+        result
     }
 
     /// Removes this node's copy of snapshot node `id`, which another node adopted (its row no
@@ -153,11 +201,8 @@ impl Manager {
             )));
         }
         match self.node_memory_kind(id) {
-            "diff" => Err(ApiError::Conflict(format!(
-                "snapshot {id} keeps its memory as a diff against a base on this node and cannot move; \
-                 resume it here (servers started with --memory-diff-chain 0 keep whole memory)"
-            ))),
-            "whole" => Ok("whole"),
+            // A diff chain moves composed into a whole state (`export_snapshot_state`).
+            "diff" | "whole" => Ok("whole"),
             _ if self.node_dir(id).join(super::lifecycle::DISK_ONLY).exists() => Ok("none"),
             _ => Err(ApiError::Conflict(format!(
                 "snapshot {id} holds a disk layer but no saved state (its save failed)"

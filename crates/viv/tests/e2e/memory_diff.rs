@@ -2,7 +2,7 @@
 //! to keep only the pages that changed since their parent; chains of them restore the guest's
 //! memory exactly, also when a resume races the rewrite; a damaged chain is refused with a
 //! message naming the part, and the collector keeps parents (and the base) while anything needs
-//! them.
+//! them; a paused sandbox kept as a diff moves to another node of a cluster as one whole state.
 
 use std::path::{Path, PathBuf};
 
@@ -253,4 +253,62 @@ fn memory_diff_damaged_chain_is_refused_by_name_and_parents_live_while_needed() 
         assert_eq!(server.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
     }
     assert!(bases(&server).is_empty());
+}
+
+#[test]
+fn a_paused_sandbox_kept_as_a_memory_diff_moves_whole_to_another_node() {
+    let database = viv_test_postgres::fresh_database();
+    let dir = |prefix: &str| tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let (dir_a, dir_b) = (dir("viv-e2e-diff-a-"), dir("viv-e2e-diff-b-"));
+    let args = |name: &'static str| {
+        vec![
+            "--database",
+            database.as_str(),
+            "--node-name",
+            name,
+            "--memory-diff-chain",
+            "8",
+        ]
+    };
+    let a = TestServer::start_on_with(dir_a.path(), &args("diff-a"));
+    let b = TestServer::start_on_with(dir_b.path(), &args("diff-b"));
+    let id = a.create(json!({ "templateID": "base", "timeout": 600 }));
+    let sandbox = crate::cluster::json_of(a.get(&format!("/sandboxes/{id}")).send().unwrap());
+    // Placement decides the node; the test follows it.
+    let (home, home_name, there, other, other_dir) = match sandbox["clientID"].as_str() {
+        Some("diff-a") => (&a, "diff-a", &b, "diff-b", dir_b.path()),
+        _ => (&b, "diff-b", &a, "diff-a", dir_a.path()),
+    };
+    let setup = home.exec(
+        &id,
+        json!({ "command": "head -c 8M /dev/urandom > /dev/shm/blob && echo 0 > /dev/shm/log && echo kept > /tmp/kept.txt" }),
+    );
+    assert_eq!(setup.exit_code, Some(0), "{setup:?}");
+    let expected = checksum(home, &id);
+
+    // Paused, its node's memory becomes a diff against that node's base.
+    let node = diffed(home, &pause(home, &id));
+    // A drain moves it, its memory composed into one whole state on the other node.
+    let drained = crate::cluster::json_of(home.post(&format!("/nodes/{home_name}/drain")).send().unwrap());
+    assert_eq!(drained["failed"], json!([]), "{drained}");
+    assert_eq!(drained["moved"], json!([{ "id": id, "node": other }]), "{drained}");
+    let moved = other_dir.join("snapshots").join(node_id(&node));
+    assert!(moved.join("state").is_file(), "no state in {}", moved.display());
+    assert!(
+        !moved.join("memory.base").exists(),
+        "the moved node names a base of the node it left"
+    );
+    assert_eq!(node_now(there, &node)["memory"], "whole");
+
+    // Resumed there, the guest's memory-only data is exactly what it was.
+    let resumed = resume(home, &id);
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    let now = crate::cluster::json_of(home.get(&format!("/sandboxes/{id}")).send().unwrap());
+    assert_eq!(now["clientID"], other, "{now}");
+    assert_eq!(checksum(home, &id), expected);
+    assert_eq!(
+        home.exec(&id, json!({ "command": "cat /tmp/kept.txt" })).out(),
+        "kept\n"
+    );
+    assert_eq!(home.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
 }
