@@ -65,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0024_nodes.sql"),
     include_str!("migrations/0025_snapshot_replicas.sql"),
     include_str!("migrations/0026_pause_replicas.sql"),
+    include_str!("migrations/0027_snapshot_memory.sql"),
 ];
 
 /// Embedded PostgreSQL migrations, applied in order (see the module's documentation).
@@ -73,6 +74,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0002_nodes.sql"),
     include_str!("migrations/postgres/0003_snapshot_replicas.sql"),
     include_str!("migrations/postgres/0004_pause_replicas.sql"),
+    include_str!("migrations/postgres/0005_snapshot_memory.sql"),
 ];
 
 /// The advisory lock PostgreSQL migrations run under, so that API servers starting at once
@@ -186,6 +188,9 @@ pub struct SnapshotRow {
     pub guest_token: Option<String>,
     /// The network mode it was saved under (`None`: saved before this was recorded).
     pub network: Option<String>,
+    /// How it keeps the guest's memory (`whole`, `diff` or `none`), as its node last recorded
+    /// (`None`: saved before this was recorded).
+    pub memory: Option<String>,
 }
 
 /// A template built from a spec.
@@ -495,8 +500,8 @@ impl Store {
             tx.execute(
                 "INSERT INTO snapshots
              (id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, created_at, guest_token,
-              network, node_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+              network, node_id, memory)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     row.id,
                     row.parent_id,
@@ -511,6 +516,7 @@ impl Store {
                     row.guest_token,
                     row.network,
                     self.node_id(),
+                    row.memory,
                 ],
             )?;
             tx.execute(
@@ -521,10 +527,10 @@ impl Store {
         })
     }
 
-    /// Records a node's new size on disk (its memory was rewritten as a diff).
-    pub fn set_snapshot_bytes(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
+    /// Records a node's memory rewritten as a diff, and its new size on disk.
+    pub fn set_snapshot_diffed(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE snapshots SET bytes = ?2 WHERE id = ?1",
+            "UPDATE snapshots SET bytes = ?2, memory = 'diff' WHERE id = ?1",
             params![id, bytes as i64],
         )?;
         Ok(())
@@ -731,7 +737,7 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 
 const SELECT_SNAPSHOT: &str =
     "SELECT id, parent_id, sandbox_id, template_id, kind, name, cpu_count, memory_mb, bytes, \
-                               created_at, guest_token, network FROM snapshots";
+                               created_at, guest_token, network, memory FROM snapshots";
 
 fn row_to_snapshot(r: &Row) -> Result<SnapshotRow, StoreError> {
     let kind: String = r.get(4)?;
@@ -748,5 +754,6 @@ fn row_to_snapshot(r: &Row) -> Result<SnapshotRow, StoreError> {
         created_at: r.get(9)?,
         guest_token: r.get(10)?,
         network: r.get(11)?,
+        memory: r.get(12)?,
     })
 }

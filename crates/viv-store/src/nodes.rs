@@ -245,7 +245,10 @@ impl Store {
                 return Ok(false);
             }
             tx.execute(
-                "UPDATE snapshots SET node_id = ?3 WHERE id = ?1 AND node_id = ?2",
+                // A chain moves composed into one whole state.
+                "UPDATE snapshots SET node_id = ?3,
+                   memory = CASE WHEN memory = 'diff' THEN 'whole' ELSE memory END
+                 WHERE id = ?1 AND node_id = ?2",
                 params![snapshot, from, to],
             )?;
             Ok(true)

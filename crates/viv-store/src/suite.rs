@@ -22,6 +22,7 @@ pub(super) fn snapshot_node(id: &str, parent: Option<&str>, sandbox_id: &str, ki
         created_at: now_rfc3339(),
         guest_token: Some("g".into()),
         network: Some("isolated".into()),
+        memory: Some("whole".into()),
     }
 }
 
@@ -135,12 +136,12 @@ fn the_snapshot_tree_records_parents_users_and_deletions() {
         );
         assert_eq!(store.sandbox("s1").unwrap().unwrap().snapshot_id.as_deref(), Some("n2"));
 
-        store.set_snapshot_bytes("n2", 7).unwrap();
+        store.set_snapshot_diffed("n2", 7).unwrap();
         store.demote_snapshot("n2").unwrap();
         let demoted = store.snapshot("n2").unwrap().unwrap();
         assert_eq!(
-            (demoted.kind, demoted.name, demoted.bytes),
-            (SnapshotKind::Fork, None, 7)
+            (demoted.kind, demoted.name, demoted.bytes, demoted.memory.as_deref()),
+            (SnapshotKind::Fork, None, 7, Some("diff"))
         );
         store.delete_snapshot("n2").unwrap();
         assert_eq!(store.sandbox("s1").unwrap().unwrap().snapshot_id, None);

@@ -511,7 +511,10 @@ mod tests {
         let chain = Chain::load(&[path("d1"), path("d2")]).unwrap();
         let mut composed = Vec::new();
         chain.compose(&mut composed).unwrap();
-        assert_eq!(load(&base, &[composed.clone()]), load(&[], std::slice::from_ref(&full2)));
+        assert_eq!(
+            load(&base, &[composed.clone()]),
+            load(&[], std::slice::from_ref(&full2))
+        );
         assert_eq!(migstream::parse(&composed).unwrap().tail, &[4, 0xee]);
         // As one whole state it loads onto zeroed memory, without the base, to the same memory:
         // page 0 comes from the base (no diff records it), the others from the diffs.

@@ -369,9 +369,9 @@ impl DiffJob {
         std::fs::rename(work("diff"), &state).map_err(|e| e.to_string())?;
         if let Err(err) = self
             .store
-            .set_snapshot_bytes(&self.node, super::snapshots::allocated_bytes(&dir))
+            .set_snapshot_diffed(&self.node, super::snapshots::allocated_bytes(&dir))
         {
-            tracing::warn!(node = %self.node, %err, "recording the node's new size");
+            tracing::warn!(node = %self.node, %err, "recording the node's diff and new size");
         }
         Ok(Some(stats))
     }

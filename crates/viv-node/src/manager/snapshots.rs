@@ -355,6 +355,7 @@ impl Manager {
             created_at: now_rfc3339(),
             guest_token: row.access_token.clone(),
             network: Some(self.config.network.to_string()),
+            memory: Some(if dir.join("state").is_file() { "whole" } else { "none" }.to_owned()),
         };
         self.store.put_snapshot(&node)?;
         Ok(node)
@@ -441,7 +442,11 @@ impl Manager {
             template_id: node.template_id,
             kind: node.kind.as_str().to_owned(),
             size_bytes: node.bytes,
-            memory: self.node_memory_kind(&node.id).to_owned(),
+            // As its node recorded it: this server may not have the node's files.
+            memory: match node.memory {
+                Some(memory) => memory,
+                None => self.node_memory_kind(&node.id).to_owned(),
+            },
             created_at: node.created_at,
             children,
             sandboxes,

@@ -288,6 +288,8 @@ fn a_paused_sandbox_kept_as_a_memory_diff_moves_whole_to_another_node() {
 
     // Paused, its node's memory becomes a diff against that node's base.
     let node = diffed(home, &pause(home, &id));
+    // The other server, which has none of its files, lists it as its node recorded it.
+    assert_eq!(node_now(there, &node)["memory"], "diff");
     // A drain moves it, its memory composed into one whole state on the other node.
     let drained = crate::cluster::json_of(home.post(&format!("/nodes/{home_name}/drain")).send().unwrap());
     assert_eq!(drained["failed"], json!([]), "{drained}");
@@ -298,7 +300,9 @@ fn a_paused_sandbox_kept_as_a_memory_diff_moves_whole_to_another_node() {
         !moved.join("memory.base").exists(),
         "the moved node names a base of the node it left"
     );
-    assert_eq!(node_now(there, &node)["memory"], "whole");
+    for server in [home, there] {
+        assert_eq!(node_now(server, &node)["memory"], "whole");
+    }
 
     // Resumed there, the guest's memory-only data is exactly what it was.
     let resumed = resume(home, &id);
