@@ -167,6 +167,22 @@ impl Manager {
                 row.name, disk.disk
             )));
         }
+        // Its disks leave this node: none may back a linked clone that stays.
+        for disk in def.disks.iter().filter(|d| !d.read_only) {
+            let children = self
+                .storage
+                .disk_children(&disk.disk)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if !children.is_empty() {
+                return Err(ApiError::Conflict(format!(
+                    "VM '{}': disk '{}' is the base of linked clones ({}), which stay on this node: \
+                     make them full copies (or delete them) before moving the VM",
+                    row.name,
+                    disk.disk,
+                    children.join(", ")
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -14,6 +14,9 @@
 //!    source and the VM still inactive);
 //! 4. once the target answered, the source deletes its disks and the VM's files.
 //!
+//! A linked clone is served flattened (its base stays on the source, which keeps serving its
+//! other clones); a disk that is the base of linked clones does not move (`check_migratable`).
+//!
 //! Invariants: until step 3's update the VM is the source's, and any failure deletes what the
 //! target made (its disks, its files); after it, the VM is the target's, and the source never
 //! touches its row again. A disk the source serves is one of the VM's writable disks, served
@@ -111,7 +114,24 @@ impl Manager {
                 row.name
             )));
         }
-        let download = self.download_disk(disk).await?;
+        // A linked clone travels flattened: its base stays here.
+        let linked = self
+            .storage
+            .disk_info(disk)
+            .await
+            .map_err(|e| super::storage::api(e.kind(), e))?
+            .backing
+            .is_some();
+        let download = if linked {
+            let export = self.export_disk(disk, "qcow2").await?;
+            viv_storage::Download {
+                file: export.file,
+                len: export.len,
+                format: viv_storage::DiskFormat::Qcow2,
+            }
+        } else {
+            self.download_disk(disk).await?
+        };
         let file = download.file.into_std().await;
         let (file, sha256) = tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, String)> {
             use std::io::Seek as _;

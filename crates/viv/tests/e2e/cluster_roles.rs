@@ -411,6 +411,61 @@ fn a_running_vm_moves_between_nodes_keeping_its_id() {
         .unwrap();
     assert_eq!(removed.status(), 204);
 
+    // A disk that is the base of a linked clone does not leave its node; a VM on a linked
+    // clone moves, its disk flattened (the base stays for its other clones).
+    let thin = crate::fixture::unique("movethin");
+    crate::storage::succeeded(
+        &api,
+        api.post(&format!("/disks/{disk}/clone"))
+            .header("Viv-Node", "node-1")
+            .json(&json!({ "name": thin, "linked": true }))
+            .send()
+            .unwrap(),
+    );
+    let out = api.cli(&["vm", "migrate", &id, "--to-node", "node-2", "--json"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("linked clones"), "{}", out.stderr);
+    let on_thin = crate::vm_lifecycle::define(
+        &api,
+        &crate::fixture::unique("onthin"),
+        json!({ "memoryMib": 128, "disks": [{ "disk": thin }] }),
+    );
+    let out = api.cli(&["vm", "migrate", &on_thin, "--to-node", "node-2", "--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let moved_thin = json_of(
+        api.get(&format!("/disks/{thin}"))
+            .header("Viv-Node", "node-2")
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(moved_thin["backing"], Value::Null, "{moved_thin}");
+    let download = |name: &str, node: &str| {
+        let bytes = api
+            .get(&format!("/disks/{name}/download"))
+            .header("Viv-Node", node)
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        let path = n2_dir.path().join(format!("{name}.{node}.download"));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let same = std::process::Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(download(&disk, "node-1"))
+        .arg(download(&thin, "node-2"))
+        .status()
+        .unwrap();
+    assert!(same.success(), "the moved clone's content differs from its base's");
+    assert_eq!(
+        api.delete(&format!("/vms/{on_thin}?disks=delete"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
+
     assert_eq!(
         api.delete(&format!("/vms/{id}?disks=delete")).send().unwrap().status(),
         204

@@ -62,7 +62,7 @@ fn wait(server: &TestServer, op: &Value) -> Value {
     panic!("operation {id} still runs after 20 minutes");
 }
 
-fn succeeded(server: &TestServer, resp: reqwest::blocking::Response) -> Value {
+pub(crate) fn succeeded(server: &TestServer, resp: reqwest::blocking::Response) -> Value {
     let op = ok_json(resp, 202);
     assert_eq!(op["state"], "running", "{op}");
     let done = wait(server, &op);
