@@ -11,8 +11,10 @@
 //! - values cross as [`Value`]: integers are 64-bit on both engines (the PostgreSQL schema uses
 //!   `BIGINT` for every integer column), text is UTF-8, booleans are integers 0 and 1;
 //! - the PostgreSQL client blocks on a runtime of its own, which must not run inside a tokio
-//!   worker: called from one, each call runs on a scoped thread of its own and is joined before
-//!   it returns, so borrowed arguments stay valid and no call outlives its caller;
+//!   runtime's context: called from a worker, each call leaves the context for its duration
+//!   (`block_in_place`, which hands the worker's other tasks on) or, where that is not allowed
+//!   (a current-thread runtime), runs on a scoped thread joined before it returns, so borrowed
+//!   arguments stay valid and no call outlives its caller;
 //! - a transaction ([`Db::transaction`]) commits only when its closure returns `Ok`; an error or
 //!   a panic rolls it back;
 //! - PostgreSQL is reached through [`PG_CONNECTIONS`] connections, each used by one caller at a
@@ -437,15 +439,21 @@ pub fn connect(url: &str) -> Result<postgres::Client, StoreError> {
 }
 
 /// Runs `f` where the PostgreSQL client may block: on this thread when it is not a tokio
-/// runtime's, else on a scoped thread joined before returning.
+/// runtime's; on a worker of a multi-threaded runtime, outside the runtime's context with the
+/// worker's other tasks handed to another thread (`block_in_place`), so requests waiting on
+/// the database do not hold up the rest; on any other runtime, on a scoped thread joined before
+/// returning.
 fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T, StoreError> + Send) -> Result<T, StoreError> {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return f();
+    match tokio::runtime::Handle::try_current() {
+        Err(_) => f(),
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        Ok(_) => std::thread::scope(|scope| match scope.spawn(f).join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
     }
-    std::thread::scope(|scope| match scope.spawn(f).join() {
-        Ok(result) => result,
-        Err(panic) => std::panic::resume_unwind(panic),
-    })
 }
 
 impl rusqlite::ToSql for Value {
