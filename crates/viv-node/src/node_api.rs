@@ -13,7 +13,8 @@
 //!   `POST /internal/sandboxes/{id}/adopt`: take a paused sandbox from the node holding it (a
 //!   drain asks this) (`manager/snapshot_move.rs`);
 //! - `/internal/migrations/incoming…`: the destination's side of a VM moved live from another
-//!   node (`manager/vm_incoming.rs`; the same handlers answer the public `/migrations/incoming…` with an API key);
+//!   node (`manager/vm_incoming.rs`; the same handlers answer the public
+//!   `/migrations/incoming…`, behind an API key there);
 //! - `POST /internal/vms/{id}/adopt`: take a stopped VM from the node holding it, which serves
 //!   its writable disks (`GET /internal/vms/{id}/disks/{disk}`, with their SHA-256) and its UEFI
 //!   variables (`GET /internal/vms/{id}/nvram`, 204 without) (`manager/vm_move.rs`).
