@@ -1,8 +1,12 @@
 //! The host side of the agent channel: one multiplexed HTTP/2 connection per sandbox over the
-//! Unix socket QEMU exposes for the virtio-serial port.
+//! Unix socket QEMU exposes for the virtio-serial port, or, for a sandbox on another node of the
+//! cluster, over TCP to that node's API (`/internal/sandboxes/{id}/agent/…`, HTTP/2 without TLS),
+//! which passes each request on to its own channel ([`AgentClient::via_node`]).
 //!
 //! Invariants:
-//! - every connection starts with the reset handshake of [`viv_proto::channel`];
+//! - every connection over the channel starts with the reset handshake of
+//!   [`viv_proto::channel`]; a connection to a node carries the cluster's secret on every
+//!   request and never the sandbox's token (the node adds its own);
 //! - one connection is shared by all requests to a sandbox; it is replaced only when it is
 //!   closed (or does not answer while the guest boots), never because one request failed, since
 //!   a request's stream can fail alone while others still run on the connection (and QEMU
@@ -56,6 +60,18 @@ pub enum AgentError {
 /// it bounds the wait when bytes were lost to a channel reset.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long connecting to another node may take.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected stream of either route.
+enum Stream {
+    Channel(UnixStream),
+    Node(tokio::net::TcpStream),
+}
+
+/// The task that drives one HTTP/2 connection.
+type ConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>;
+
 /// The open connection to an agent: its number and the handle that sends requests on it.
 #[derive(Debug)]
 struct Connection {
@@ -63,10 +79,35 @@ struct Connection {
     sender: SendRequest<Body>,
 }
 
+/// Where an [`AgentClient`]'s connection goes.
+enum Route {
+    /// The Unix socket of this node's QEMU for the guest's agent port.
+    Channel(PathBuf),
+    /// Another node's API, which passes requests on to the sandbox's agent there.
+    Node {
+        /// `host:port` of the node.
+        address: String,
+        /// The path the agent's paths are appended to (`/internal/sandboxes/{id}/agent`).
+        prefix: String,
+        /// The cluster's secret.
+        secret: hyper::header::HeaderValue,
+    },
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the secret.
+        match self {
+            Self::Channel(socket) => write!(f, "{}", socket.display()),
+            Self::Node { address, prefix, .. } => write!(f, "http://{address}{prefix}"),
+        }
+    }
+}
+
 /// A client for one sandbox's agent.
 #[derive(Debug)]
 pub struct AgentClient {
-    socket: PathBuf,
+    route: Route,
     sender: tokio::sync::Mutex<Option<Connection>>,
     connections: std::sync::atomic::AtomicU64,
     token: std::sync::RwLock<Option<String>>,
@@ -76,8 +117,34 @@ pub struct AgentClient {
 impl AgentClient {
     /// A client for the agent behind `socket`; connects lazily.
     pub fn new(socket: PathBuf) -> Self {
+        Self::with_route(Route::Channel(socket))
+    }
+
+    /// A client for the agent of sandbox `sandbox` on the node whose API is at `node_url`
+    /// (`http://host:port`), through its node API with the cluster's `secret`; connects lazily.
+    pub fn via_node(node_url: &str, sandbox: &str, secret: &str) -> Result<Self, AgentError> {
+        let address = node_url
+            .strip_prefix("http://")
+            .map(|rest| rest.trim_end_matches('/'))
+            .filter(|address| !address.is_empty() && !address.contains('/'))
+            .ok_or_else(|| {
+                AgentError::Channel(format!(
+                    "the node's address {node_url} is not http://HOST:PORT, which sessions through a node need"
+                ))
+            })?;
+        let secret = secret
+            .parse()
+            .map_err(|_| AgentError::Channel("the cluster's secret is not a header value".into()))?;
+        Ok(Self::with_route(Route::Node {
+            address: address.to_owned(),
+            prefix: format!("/internal/sandboxes/{sandbox}/agent"),
+            secret,
+        }))
+    }
+
+    fn with_route(route: Route) -> Self {
         Self {
-            socket,
+            route,
             sender: tokio::sync::Mutex::new(None),
             connections: std::sync::atomic::AtomicU64::new(0),
             token: std::sync::RwLock::new(None),
@@ -98,23 +165,44 @@ impl AgentClient {
                 return Ok((open.id, open.sender.clone()));
             }
         }
-        let mut stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| AgentError::Channel(format!("connecting {}: {e}", self.socket.display())))?;
-        self.reset_channel(&mut stream).await?;
+        let stream = match &self.route {
+            Route::Channel(socket) => {
+                let mut stream = UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| AgentError::Channel(format!("connecting {}: {e}", socket.display())))?;
+                self.reset_channel(&mut stream).await?;
+                Stream::Channel(stream)
+            }
+            Route::Node { address, .. } => {
+                let connect = tokio::net::TcpStream::connect(address.as_str());
+                let stream = tokio::time::timeout(NODE_CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| AgentError::Channel(format!("node {address} did not accept a connection in time")))?
+                    .map_err(|e| AgentError::Channel(format!("connecting node {address}: {e}")))?;
+                let _ = stream.set_nodelay(true);
+                Stream::Node(stream)
+            }
+        };
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(16 << 20)
             .max_frame_size(1 << 20);
-        let (sender, connection) = builder
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
-        let socket = self.socket.clone();
+        let handshake = match stream {
+            Stream::Channel(stream) => builder
+                .handshake(TokioIo::new(stream))
+                .await
+                .map(|(s, c)| (s, Box::pin(c) as ConnectionTask)),
+            Stream::Node(stream) => builder
+                .handshake(TokioIo::new(stream))
+                .await
+                .map(|(s, c)| (s, Box::pin(c) as ConnectionTask)),
+        };
+        let (sender, connection) = handshake.map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
+        let route = format!("{:?}", self.route);
         tokio::spawn(async move {
             if let Err(err) = connection.await {
-                tracing::debug!(socket = %socket.display(), error = %describe(&err), "agent connection ended");
+                tracing::debug!(%route, error = %describe(&err), "agent connection ended");
             }
         });
         let id = self.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -184,6 +272,9 @@ impl AgentClient {
 
     /// Sends a request (path and query relative to the agent's root), adding the access token.
     pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
+        if matches!(self.route, Route::Node { .. }) {
+            return self.send_as_is(request).await;
+        }
         if let Some(token) = self.token.read().expect("token lock").clone() {
             request.headers_mut().insert(
                 "x-access-token",
@@ -195,7 +286,21 @@ impl AgentClient {
 
     /// Sends a request without adding the access token: a client's request passed through,
     /// which the agent accepts only with the client's own token.
-    pub async fn send_as_is(&self, request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
+    pub async fn send_as_is(&self, mut request: Request<Body>) -> Result<Response<Incoming>, AgentError> {
+        if let Route::Node {
+            address,
+            prefix,
+            secret,
+        } = &self.route
+        {
+            let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+            *request.uri_mut() = format!("http://{address}{prefix}{path}")
+                .parse()
+                .map_err(|_| AgentError::Channel(format!("bad agent path {path}")))?;
+            request
+                .headers_mut()
+                .insert(crate::manager::CLUSTER_SECRET_HEADER, secret.clone());
+        }
         let (id, mut sender) = self.sender().await?;
         if let Err(err) = sender.ready().await {
             self.forget(id).await;

@@ -768,18 +768,24 @@ impl Manager {
         if let Some(live) = self.live.lock().expect("live lock").get(id) {
             return Ok(live.clone());
         }
-        match self.store.sandbox(id)? {
-            Some(row) if row.state == SandboxState::Failed => Err(ApiError::Sandbox(format!(
-                "sandbox '{id}' has failed: {}",
-                row.error.unwrap_or_default()
-            ))),
-            Some(row) if row.state == SandboxState::Paused => Err(ApiError::Conflict(format!(
+        Err(self.why_not_live(id))
+    }
+
+    /// Why sandbox `id` is not running, as its row says (failed, paused, starting, or not
+    /// found): for a sandbox this server does not run, also one on another node.
+    pub fn why_not_live(&self, id: &str) -> ApiError {
+        match self.store.sandbox(id) {
+            Err(err) => err.into(),
+            Ok(Some(row)) if row.state == SandboxState::Failed => {
+                ApiError::Sandbox(format!("sandbox '{id}' has failed: {}", row.error.unwrap_or_default()))
+            }
+            Ok(Some(row)) if row.state == SandboxState::Paused => ApiError::Conflict(format!(
                 "sandbox '{id}' is paused; resume it first (POST /sandboxes/{id}/connect, `viv sandbox resume {id}`)"
-            ))),
-            Some(row) if row.state == SandboxState::Starting => Err(ApiError::Conflict(format!(
-                "sandbox '{id}' is still starting; try again shortly"
-            ))),
-            _ => Err(ApiError::sandbox_not_found(id)),
+            )),
+            Ok(Some(row)) if row.state == SandboxState::Starting => {
+                ApiError::Conflict(format!("sandbox '{id}' is still starting; try again shortly"))
+            }
+            _ => ApiError::sandbox_not_found(id),
         }
     }
 

@@ -12,6 +12,10 @@
 //!   (`manager/snapshot_replicas.rs`);
 //!   `POST /internal/sandboxes/{id}/adopt`: take a paused sandbox from the node holding it (a
 //!   drain asks this) (`manager/snapshot_move.rs`);
+//! - `/internal/sandboxes/{id}/agent/{path}`: a request for the agent of a sandbox of this node
+//!   (its `process.Process/…` calls and its `tunnel`), passed on over the sandbox's channel with
+//!   this node's token after the sandbox is woken (resumed when paused). Another node's SSH
+//!   gateway reaches sandboxes through it ([`crate::agent_client::AgentClient::via_node`]);
 //! - `/internal/migrations/incoming…`: the destination's side of a VM moved live from another
 //!   node (`manager/vm_incoming.rs`; the same handlers answer the public
 //!   `/migrations/incoming…`, behind an API key there);
@@ -59,6 +63,10 @@ where
         .route("/internal/snapshots/{id}", delete(drop_snapshot))
         .route("/internal/snapshots/{id}/replicate", post(replicate_snapshot))
         .route("/internal/sandboxes/{id}/adopt", post(adopt_sandbox))
+        .route(
+            "/internal/sandboxes/{id}/agent/{*path}",
+            axum::routing::any(sandbox_agent),
+        )
         .route("/internal/vms/{id}/adopt", post(adopt_vm))
         .route("/internal/vms/{id}/disks/{disk}", get(vm_disk))
         .route("/internal/vms/{id}/nvram", get(vm_nvram))
@@ -135,6 +143,53 @@ async fn adopt_sandbox(
 ) -> Result<Response, ApiError> {
     manager.adopt_paused_sandbox(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The agent paths another node may call: what interactive sessions and port forwards use.
+fn agent_path_allowed(path: &str) -> bool {
+    path.strip_prefix("process.Process/")
+        .is_some_and(|method| !method.is_empty() && method.bytes().all(|b| b.is_ascii_alphanumeric()))
+        || path == "tunnel"
+}
+
+/// Headers of a passed-on agent request that the agent reads.
+const AGENT_REQUEST_HEADERS: [header::HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::AUTHORIZATION,
+    header::HeaderName::from_static("connect-protocol-version"),
+];
+
+async fn sandbox_agent(
+    State(manager): State<Arc<Manager>>,
+    ApiPath((id, path)): ApiPath<(String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    if !agent_path_allowed(&path) {
+        return Err(ApiError::NotFound(format!(
+            "the node API passes on only process.Process calls and tunnels, not '{path}'"
+        )));
+    }
+    let live = manager.wake(&id).await?;
+    let (parts, body) = request.into_parts();
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut builder = hyper::Request::builder()
+        .method(parts.method)
+        .uri(format!("http://agent/{path}{query}"));
+    for name in AGENT_REQUEST_HEADERS {
+        if let Some(value) = parts.headers.get(&name) {
+            builder = builder.header(name, value);
+        }
+    }
+    let request = builder
+        .body(body)
+        .map_err(|e| ApiError::BadRequest(format!("cannot pass the request on: {e}")))?;
+    let answer = live
+        .agent
+        .send(request)
+        .await
+        .map_err(|e| ApiError::Sandbox(format!("sandbox {id}'s agent: {e}")))?;
+    let (parts, body) = answer.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
 }
 
 async fn adopt_vm(

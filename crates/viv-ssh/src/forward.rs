@@ -19,6 +19,8 @@ use http_body_util::BodyExt as _;
 use russh::server::{ChannelOpenHandle, Msg};
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
 
+use viv_server::process_session::AgentTarget as _;
+
 use crate::handler::{ChannelSlot, Identity};
 use crate::Shared;
 
@@ -42,8 +44,8 @@ pub(crate) async fn run(
     _slot: ChannelSlot,
 ) {
     let sandbox = identity.sandbox.as_str();
-    let live = match shared.state.manager.wake(sandbox).await {
-        Ok(live) => live,
+    let reached = match crate::reach::reach(&shared.state, sandbox).await {
+        Ok(reached) => reached,
         Err(err) => {
             tracing::info!(sandbox, port, error = %err, "SSH forward refused: the sandbox is not running");
             shared.state.metrics.ssh.channel("refused");
@@ -60,7 +62,7 @@ pub(crate) async fn run(
             return;
         }
     };
-    let response = match tokio::time::timeout(CONNECT_TIMEOUT, live.agent.send_ok(request)).await {
+    let response = match tokio::time::timeout(CONNECT_TIMEOUT, reached.agent().send_ok(request)).await {
         Ok(Ok(response)) => response,
         Ok(Err(err)) => {
             tracing::info!(sandbox, port, error = %err, "SSH forward refused: cannot connect in the sandbox");
@@ -84,7 +86,8 @@ pub(crate) async fn run(
     tracing::debug!(sandbox, port, "SSH forward open");
     let (mut read, write) = channel.split();
     let mut output = response.into_body();
-    let mut vm_exit = live.vm.exit();
+    // A sandbox on another node has no VM here to watch: its node ends the tunnel's answer.
+    let mut vm_exit = reached.vm_exit();
     let mut to_guest = Some(to_guest);
     let ended = loop {
         tokio::select! {
@@ -112,14 +115,21 @@ pub(crate) async fn run(
                 Some(Err(_)) => break "the tunnel broke",
                 None => break "the guest closed the connection",
             },
-            changed = vm_exit.changed() => {
-                if changed.is_err() || vm_exit.borrow().is_some() {
-                    break "the sandbox stopped";
-                }
+            stopped = vm_stopped(&mut vm_exit) => if stopped {
+                break "the sandbox stopped";
             }
         }
     };
     tracing::debug!(sandbox, port, ended, "SSH forward closed");
     let _ = write.eof().await;
     let _ = write.close().await;
+}
+
+/// Waits for the watched VM to stop (`true`), or forever without a VM to watch; `false` when
+/// the watch changed but the VM still runs.
+async fn vm_stopped(vm_exit: &mut Option<tokio::sync::watch::Receiver<Option<viv_vmm::VmExit>>>) -> bool {
+    match vm_exit {
+        Some(exit) => exit.changed().await.is_err() || exit.borrow().is_some(),
+        None => std::future::pending().await,
+    }
 }

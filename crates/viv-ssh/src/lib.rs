@@ -8,7 +8,9 @@
 //!   the synchronous replies to channel requests;
 //! - `session`: a session channel (a shell under a PTY, `exec`, the `sftp` subsystem) as a
 //!   process in the sandbox ([`viv_server::process_session`]);
-//! - `forward`: `direct-tcpip` (`ssh -L`) to a port inside the sandbox over the agent's tunnel.
+//! - `forward`: `direct-tcpip` (`ssh -L`) to a port inside the sandbox over the agent's tunnel;
+//! - `reach`: where a sandbox's agent is: this server's VM, or another node's through its node
+//!   API, so that an API server's gateway (`--role api`) reaches the sandboxes of every node.
 //!
 //! Invariants:
 //! - a connection signs in only with a public key registered to an active API key, and only
@@ -38,6 +40,7 @@ mod forward;
 mod handler;
 pub mod host_key;
 pub mod public_key;
+mod reach;
 mod session;
 
 /// Why the gateway could not start.

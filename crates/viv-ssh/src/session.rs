@@ -145,11 +145,11 @@ pub(crate) async fn run(channel: Channel<Msg>, ctx: Context) {
         Ok(spec) => spec,
         Err(message) => return fail(&write, pty.is_some(), &message).await,
     };
-    let live = match ctx.shared.state.manager.wake(&sandbox).await {
-        Ok(live) => live,
-        Err(err) => return fail(&write, pty.is_some(), &err.to_string()).await,
+    let reached = match crate::reach::reach(&ctx.shared.state, &sandbox).await {
+        Ok(reached) => Arc::new(reached),
+        Err(message) => return fail(&write, pty.is_some(), &message).await,
     };
-    let session = match ProcessSession::open(live.clone(), Some(USER), spec, pty).await {
+    let session = match ProcessSession::open(reached.clone(), Some(USER), spec, pty).await {
         Ok(session) => session,
         Err(err) => return fail(&write, pty.is_some(), &format!("cannot start: {err}")).await,
     };
@@ -220,14 +220,8 @@ pub(crate) async fn run(channel: Channel<Msg>, ctx: Context) {
             let _ = write.close().await;
         }
         Some(Err(message)) => {
-            // A broken channel is most often a sandbox that was killed, paused or stopped:
-            // once the manager settled it, its state says so better than the channel's error.
-            ctx.shared.state.manager.settle(&live).await;
-            let message = match ctx.shared.state.manager.live(&sandbox) {
-                Err(now) => now.to_string(),
-                Ok(current) if !Arc::ptr_eq(&current, &live) => "the sandbox was paused and resumed".to_owned(),
-                Ok(_) => message,
-            };
+            // A broken channel is most often a sandbox that was killed, paused or stopped.
+            let message = crate::reach::why_broken(&ctx.shared.state, &sandbox, &reached, message).await;
             tracing::info!(%sandbox, kind, error = %message, "SSH session broke");
             fail(&write, has_pty, &message).await;
         }

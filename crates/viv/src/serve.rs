@@ -124,7 +124,8 @@ pub struct ServeArgs {
     pub jail: bool,
     /// Also serve SSH on this address (`ssh SANDBOXID@HOST -p PORT`): sign-in by public keys
     /// registered with `viv keys ssh-add`, to sandboxes the key's API key created. The host key
-    /// is made on first start in DATA_DIR/ssh.
+    /// is made on first start in DATA_DIR/ssh. In a cluster it reaches the sandboxes of every
+    /// node (not on `--role node`).
     #[arg(long, env = "VIV_SSH_LISTEN")]
     pub ssh_listen: Option<SocketAddr>,
     /// Serve `GET /metrics` without an API key. By default a scraper authenticates like any
@@ -238,8 +239,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
              (with the embedded SQLite store a server is alone, --role all)"
         );
     }
-    if role != viv_api::nodes::NodeRole::All && args.ssh_listen.is_some() {
-        bail!("--ssh-listen needs --role all: the SSH gateway reaches only the sandboxes of its own server");
+    if role == viv_api::nodes::NodeRole::Node && args.ssh_listen.is_some() {
+        bail!(
+            "--ssh-listen is for servers clients talk to (--role api or all): a node answers clients \
+             nothing but its health, and an API server's gateway reaches the sandboxes of every node"
+        );
     }
     if let Some(url) = args.node_url.as_deref().filter(|u| !u.starts_with("http://")) {
         bail!("--node-url {url}: expected http://HOST:PORT (the cluster's servers talk plain HTTP to each other)");

@@ -16,7 +16,7 @@ fn cache_dir() -> String {
     std::env::var("VIV_CACHE_DIR").unwrap_or_else(|_| "/var/cache/vivarium".into())
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -12,13 +12,13 @@ use sha2::Digest as _;
 use crate::fixture::{cli_in, unique, wait_until, TestServer};
 
 /// An OpenSSH client identity: a fresh key pair and a known-hosts file in a temporary directory.
-struct Client {
+pub(crate) struct Client {
     dir: tempfile::TempDir,
     port: u16,
 }
 
 impl Client {
-    fn new(server: &TestServer) -> Self {
+    pub(crate) fn new(server: &TestServer) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let made = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "ssh-e2e", "-f"])
@@ -38,16 +38,22 @@ impl Client {
 
     /// Registers this client's key to the API key whose secret is `api_key`.
     fn register(&self, server: &TestServer, api_key: &str) {
-        let added = cli_in(
-            &server.data_dir,
-            &[
-                "keys",
-                "ssh-add",
-                "--key-id",
-                &api_key[..10],
-                self.public_key().to_str().unwrap(),
-            ],
-        );
+        self.register_with(server, api_key, &[]);
+    }
+
+    /// Registers this client's key to the API key whose secret is `api_key`, with `viv keys`
+    /// options such as `--database URL`.
+    pub(crate) fn register_with(&self, server: &TestServer, api_key: &str, options: &[&str]) {
+        let public_key = self.public_key();
+        let mut args = vec![
+            "keys",
+            "ssh-add",
+            "--key-id",
+            &api_key[..10],
+            public_key.to_str().unwrap(),
+        ];
+        args.extend(options);
+        let added = cli_in(&server.data_dir, &args);
         assert_eq!(added.code, 0, "{added:?}");
         assert!(added.stdout.starts_with("added "), "{}", added.stdout);
     }
@@ -82,14 +88,14 @@ impl Client {
         .collect()
     }
 
-    fn ssh(&self) -> Command {
+    pub(crate) fn ssh(&self) -> Command {
         let mut command = Command::new("ssh");
         command.args(self.options()).args(["-p", &self.port.to_string()]);
         command
     }
 
     /// `ssh SANDBOX COMMAND` with `stdin`, bounded in time.
-    fn run(&self, sandbox: &str, command: &str, stdin: &[u8]) -> Output {
+    pub(crate) fn run(&self, sandbox: &str, command: &str, stdin: &[u8]) -> Output {
         let mut ssh = self.ssh();
         ssh.arg(format!("{sandbox}@127.0.0.1")).arg(command);
         bounded(ssh, stdin, Duration::from_secs(180))
@@ -104,7 +110,7 @@ impl Client {
 }
 
 /// Runs `command` with `stdin`, killing it (and failing the test) if it outlives `limit`.
-fn bounded(mut command: Command, stdin: &[u8], limit: Duration) -> Output {
+pub(crate) fn bounded(mut command: Command, stdin: &[u8], limit: Duration) -> Output {
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -148,11 +154,11 @@ fn bounded(mut command: Command, stdin: &[u8], limit: Duration) -> Output {
     }
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
