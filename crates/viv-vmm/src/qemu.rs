@@ -190,12 +190,6 @@ impl Qemu {
             "-no-user-config".into(),
             "-nographic".into(),
             "-no-reboot".into(),
-            "-kernel".into(),
-            path(&spec.kernel),
-            "-initrd".into(),
-            path(&spec.initramfs),
-            "-append".into(),
-            cmdline,
             // Appending, so that the server can cut a log grown past its cap and QEMU goes on
             // at the new end (see the server's console cap).
             "-chardev".into(),
@@ -242,6 +236,15 @@ impl Qemu {
         }
         if spec.restore_from.is_some() {
             args.extend(["-incoming".into(), "defer".into()]);
+        } else {
+            args.extend([
+                "-kernel".into(),
+                path(&spec.kernel),
+                "-initrd".into(),
+                path(&spec.initramfs),
+                "-append".into(),
+                cmdline,
+            ]);
         }
         args
     }
