@@ -234,6 +234,8 @@ impl Qemu {
                 "virtio-net-device,netdev=net0,mac=52:54:00:12:34:56,guest_announce=off".into(),
             ]);
         }
+        // A restored guest's memory holds its booted kernel, and nothing reads `fw_cfg` again
+        // (`-no-reboot`): without `-kernel` and `-initrd` QEMU keeps no ~14 MiB copy of them.
         if spec.restore_from.is_some() {
             args.extend(["-incoming".into(), "defer".into()]);
         } else {
