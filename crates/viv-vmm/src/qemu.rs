@@ -735,6 +735,25 @@ mod tests {
     }
 
     #[test]
+    fn a_boot_loads_the_kernel_and_a_restore_does_not() {
+        let mut spec = spec(None);
+        let boot = Qemu::default().arguments(&spec).join(" ");
+        assert!(boot.contains("-kernel /k -initrd /i -append "));
+        assert!(!boot.contains("-incoming"));
+        spec.restore_from = Some(Restore {
+            state: "/s".into(),
+            opened: None,
+            memory: SnapshotMemory::External,
+            chain: None,
+        });
+        let restore = Qemu::default().arguments(&spec).join(" ");
+        assert!(restore.ends_with("-incoming defer"), "{restore}");
+        for loaded in ["-kernel", "-initrd", "-append"] {
+            assert!(!restore.contains(loaded), "{restore}");
+        }
+    }
+
+    #[test]
     fn confined_qemu_gets_seccomp_a_tap_descriptor_and_read_only_template_memory() {
         let mut spec = spec(Some(crate::Network::Tap {
             netns: "/run/netns/x".into(),
