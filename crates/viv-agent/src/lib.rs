@@ -15,6 +15,7 @@ mod parents;
 mod process;
 pub mod reaper;
 pub mod server;
+mod spawn;
 mod sys;
 mod tunnel;
 mod users;

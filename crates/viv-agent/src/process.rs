@@ -2,9 +2,7 @@
 //! signal them, and let other clients attach to them.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt as _;
-use std::process::{Command, Stdio};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -186,68 +184,69 @@ fn spawn_process(
             format!("working directory {} does not exist", cwd.display()),
         ));
     }
-    let mut command = Command::new(&config.cmd);
-    command
-        .args(&config.args)
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", &user.home)
-        .env("USER", &user.name)
-        .env("LOGNAME", &user.name)
-        .env("SHELL", &user.shell)
-        .envs(state.env_vars())
-        .envs(&config.envs)
-        .current_dir(&cwd);
-    let terminal = match &req.pty {
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
+        ("HOME".into(), user.home.clone()),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), user.shell.clone()),
+    ];
+    env.extend(state.env_vars());
+    env.extend(config.envs.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let internal = |e: std::io::Error| ConnectError::new("internal", format!("starting '{}': {e}", config.cmd));
+    // The parent's ends (kept) and the child's (dropped once it started), all close-on-exec.
+    let (terminal, stdin_ours, stdout_ours, stderr_ours, child_stdio) = match &req.pty {
         Some(pty) => {
             let size = pty.size.unwrap_or(PtySize { cols: 80, rows: 24 });
             let (master, slave) =
                 open_pty(size).map_err(|e| ConnectError::new("internal", format!("opening a terminal: {e}")))?;
-            let io = |fd: &OwnedFd| {
-                fd.try_clone()
-                    .map(Stdio::from)
-                    .map_err(|e| ConnectError::new("internal", format!("opening a terminal: {e}")))
-            };
-            command.stdin(io(&slave)?).stdout(io(&slave)?).stderr(io(&slave)?);
             if !config.envs.contains_key("TERM") {
-                command.env("TERM", "xterm-256color");
+                env.push(("TERM".into(), "xterm-256color".into()));
             }
-            Some(Arc::new(std::fs::File::from(master)))
+            let theirs = [
+                slave.try_clone().map_err(internal)?,
+                slave.try_clone().map_err(internal)?,
+                slave,
+            ];
+            (Some(Arc::new(std::fs::File::from(master))), None, None, None, theirs)
         }
         None => {
-            command
-                .stdin(if req.stdin.unwrap_or(false) {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            None
+            let (stdin_theirs, stdin_ours) = if req.stdin.unwrap_or(false) {
+                let (read, write) = cloexec_pipe().map_err(internal)?;
+                (read, Some(write))
+            } else {
+                (std::fs::File::open("/dev/null").map_err(internal)?.into(), None)
+            };
+            let (stdout_ours, stdout_theirs) = cloexec_pipe().map_err(internal)?;
+            let (stderr_ours, stderr_theirs) = cloexec_pipe().map_err(internal)?;
+            (
+                None,
+                stdin_ours,
+                Some(stdout_ours),
+                Some(stderr_ours),
+                [stdin_theirs, stdout_theirs, stderr_theirs],
+            )
         }
     };
-    let controlling_terminal = terminal.is_some();
-    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
-    // SAFETY: the closure runs in the child between fork and exec and only makes async-signal-safe
-    // system calls on memory captured before the fork. std runs pre_exec closures after its own
-    // uid/gid handling, so the identity switch happens here, groups first, uid last.
-    unsafe {
-        command.pre_exec(move || {
-            let fail = || Err(std::io::Error::last_os_error());
-            if libc::setsid() < 0 || libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
-                return fail();
-            }
-            // A terminal's process leads a session whose controlling terminal is the PTY.
-            if controlling_terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return fail();
-            }
-            if libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
-                return fail();
-            }
-            Ok(())
-        });
-    }
-    let (mut child, exit_rx) = reaper::spawn(&mut command).map_err(|err| {
+    let started = reaper::spawn_registered(|| {
+        crate::spawn::spawn(crate::spawn::Spawn {
+            program: &config.cmd,
+            args: &config.args,
+            env,
+            cwd: &cwd,
+            stdio: [child_stdio[0].as_fd(), child_stdio[1].as_fd(), child_stdio[2].as_fd()],
+            uid: user.uid,
+            gid: user.gid,
+            groups: &user.groups,
+            controlling_terminal: terminal.is_some(),
+        })
+    });
+    // The child holds its ends (the terminal's slave side among them) now.
+    drop(child_stdio);
+    let (pid, exit_rx) = started.map_err(|err| {
         let code = if err.kind() == std::io::ErrorKind::NotFound {
             "not_found"
         } else {
@@ -255,20 +254,15 @@ fn spawn_process(
         };
         ConnectError::new(code, format!("cannot start '{}': {err}", config.cmd))
     })?;
-    let pid = child.id();
     let to_pipe = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
-    let stdout = to_pipe(child.stdout.take().map(Into::into));
-    let stderr = to_pipe(child.stderr.take().map(Into::into));
+    let stdout = to_pipe(stdout_ours);
+    let stderr = to_pipe(stderr_ours);
     let stdin = match &terminal {
         Some(master) => Some(Input::Pty(master.clone())),
-        None => child
-            .stdin
-            .take()
-            .and_then(|s| pipe::Sender::from_owned_fd(s.into()).ok())
+        None => stdin_ours
+            .and_then(|fd| pipe::Sender::from_owned_fd(fd).ok())
             .map(Input::Pipe),
     };
-    // The child holds the terminal's slave side now; the parent's copies go with `command`.
-    drop(command);
     let proc = Arc::new(Proc {
         info: ProcessInfo {
             config,
@@ -403,6 +397,18 @@ fn open_pty(size: PtySize) -> std::io::Result<(OwnedFd, OwnedFd)> {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok((master, slave))
+}
+
+/// A pipe whose ends are both close-on-exec: `(read, write)`.
+fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd as _;
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn window_size(size: PtySize) -> libc::winsize {

@@ -2,8 +2,8 @@
 //!
 //! As PID 1 the agent inherits every orphan in the guest and must reap them, so it calls
 //! `waitpid(-1)` on each `SIGCHLD`. That would steal exit statuses from any other waiter, so
-//! processes the agent starts are spawned through [`spawn`], which registers a waiter for the
-//! child's pid under the same lock the reaper holds while it reaps.
+//! processes the agent starts are spawned through [`spawn`] or [`spawn_registered`], which
+//! register a waiter for the child's pid under the same lock the reaper holds while it reaps.
 //!
 //! Invariant: `waitpid(-1)` runs only under the waiters lock, and [`spawn`] holds that lock for
 //! the whole of `Command::spawn`. When `exec` fails, std waits for the dead child itself and
@@ -40,6 +40,19 @@ pub fn spawn(command: &mut Command) -> std::io::Result<(Child, oneshot::Receiver
     let (tx, rx) = oneshot::channel();
     waiters.insert(child.id(), tx);
     Ok((child, rx))
+}
+
+/// Runs `start`, which starts a child and returns its pid, and registers a waiter for it;
+/// returns the pid with a receiver of its exit status. `start` runs under the reaper's lock,
+/// so it may reap a child that failed to start itself.
+pub fn spawn_registered(
+    start: impl FnOnce() -> std::io::Result<u32>,
+) -> std::io::Result<(u32, oneshot::Receiver<Exit>)> {
+    let mut waiters = waiters().lock().expect("reaper lock");
+    let pid = start()?;
+    let (tx, rx) = oneshot::channel();
+    waiters.insert(pid, tx);
+    Ok((pid, rx))
 }
 
 /// Starts the reaper task; call once, inside the runtime.
