@@ -118,13 +118,15 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<u32> {
     // The stack grows down from its end, which must be 16-byte aligned.
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
 
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sigfillset writes the set we own; pthread_sigmask reads it and writes `old`.
-    unsafe {
+    // SAFETY: a sigset_t is plain data, valid zeroed; sigfillset writes the set we own;
+    // pthread_sigmask reads it and writes `old`.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
+        old
+    };
     // SAFETY: `child` runs on `stack` (alive until clone returns: CLONE_VFORK suspends this
     // thread until the child execs or exits) and reads `args`, which outlives it likewise;
     // it makes only system calls (see the module's invariants).
