@@ -63,14 +63,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting to another node may take.
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connected stream of either route.
-enum Stream {
-    Channel(UnixStream),
-    Node(tokio::net::TcpStream),
-}
+/// A connected stream of either route (a Unix socket to QEMU, TCP to a node).
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 
-/// The task that drives one HTTP/2 connection.
-type ConnectionTask = std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>;
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
 /// The open connection to an agent: its number and the handle that sends requests on it.
 #[derive(Debug)]
@@ -165,13 +161,13 @@ impl AgentClient {
                 return Ok((open.id, open.sender.clone()));
             }
         }
-        let stream = match &self.route {
+        let stream: Box<dyn Stream> = match &self.route {
             Route::Channel(socket) => {
                 let mut stream = UnixStream::connect(socket)
                     .await
                     .map_err(|e| AgentError::Channel(format!("connecting {}: {e}", socket.display())))?;
                 self.reset_channel(&mut stream).await?;
-                Stream::Channel(stream)
+                Box::new(stream)
             }
             Route::Node { address, .. } => {
                 let connect = tokio::net::TcpStream::connect(address.as_str());
@@ -180,7 +176,7 @@ impl AgentClient {
                     .map_err(|_| AgentError::Channel(format!("node {address} did not accept a connection in time")))?
                     .map_err(|e| AgentError::Channel(format!("connecting node {address}: {e}")))?;
                 let _ = stream.set_nodelay(true);
-                Stream::Node(stream)
+                Box::new(stream)
             }
         };
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
@@ -188,17 +184,10 @@ impl AgentClient {
             .initial_stream_window_size(8 << 20)
             .initial_connection_window_size(16 << 20)
             .max_frame_size(1 << 20);
-        let handshake = match stream {
-            Stream::Channel(stream) => builder
-                .handshake(TokioIo::new(stream))
-                .await
-                .map(|(s, c)| (s, Box::pin(c) as ConnectionTask)),
-            Stream::Node(stream) => builder
-                .handshake(TokioIo::new(stream))
-                .await
-                .map(|(s, c)| (s, Box::pin(c) as ConnectionTask)),
-        };
-        let (sender, connection) = handshake.map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
+        let (sender, connection) = builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
         let route = format!("{:?}", self.route);
         tokio::spawn(async move {
             if let Err(err) = connection.await {
