@@ -215,13 +215,13 @@ fn spawn_process(
         }
         None => {
             let (stdin_theirs, stdin_ours) = if req.stdin.unwrap_or(false) {
-                let (read, write) = cloexec_pipe().map_err(internal)?;
+                let (read, write) = crate::spawn::cloexec_pipe().map_err(internal)?;
                 (read, Some(write))
             } else {
                 (std::fs::File::open("/dev/null").map_err(internal)?.into(), None)
             };
-            let (stdout_ours, stdout_theirs) = cloexec_pipe().map_err(internal)?;
-            let (stderr_ours, stderr_theirs) = cloexec_pipe().map_err(internal)?;
+            let (stdout_ours, stdout_theirs) = crate::spawn::cloexec_pipe().map_err(internal)?;
+            let (stderr_ours, stderr_theirs) = crate::spawn::cloexec_pipe().map_err(internal)?;
             (
                 None,
                 stdin_ours,
@@ -397,18 +397,6 @@ fn open_pty(size: PtySize) -> std::io::Result<(OwnedFd, OwnedFd)> {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok((master, slave))
-}
-
-/// A pipe whose ends are both close-on-exec: `(read, write)`.
-fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd as _;
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn window_size(size: PtySize) -> libc::winsize {

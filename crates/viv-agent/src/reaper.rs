@@ -2,16 +2,15 @@
 //!
 //! As PID 1 the agent inherits every orphan in the guest and must reap them, so it calls
 //! `waitpid(-1)` on each `SIGCHLD`. That would steal exit statuses from any other waiter, so
-//! processes the agent starts are spawned through [`spawn`] or [`spawn_registered`], which
-//! register a waiter for the child's pid under the same lock the reaper holds while it reaps.
+//! processes the agent starts are spawned through [`spawn_registered`], which registers a
+//! waiter for the child's pid under the same lock the reaper holds while it reaps.
 //!
-//! Invariant: `waitpid(-1)` runs only under the waiters lock, and [`spawn`] holds that lock for
-//! the whole of `Command::spawn`. When `exec` fails, std waits for the dead child itself and
-//! panics if the child is already gone; reaping it in between turned a missing program into a
-//! panicked request (the client saw its stream reset).
+//! Invariant: `waitpid(-1)` runs only under the waiters lock, and [`spawn_registered`] holds
+//! that lock for the whole of the start. When `exec` fails, the starter waits for the dead
+//! child itself (`crate::spawn`); had the reaper reaped it in between, the starter would not
+//! learn why (with std's `Command` that wait panicked, and the client saw its stream reset).
 
 use std::collections::HashMap;
-use std::process::{Child, Command};
 use std::sync::{Mutex, OnceLock};
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -31,15 +30,6 @@ type Waiters = Mutex<HashMap<u32, oneshot::Sender<Exit>>>;
 fn waiters() -> &'static Waiters {
     static WAITERS: OnceLock<Waiters> = OnceLock::new();
     WAITERS.get_or_init(Default::default)
-}
-
-/// Spawns `command` and returns the child with a receiver of its exit status.
-pub fn spawn(command: &mut Command) -> std::io::Result<(Child, oneshot::Receiver<Exit>)> {
-    let mut waiters = waiters().lock().expect("reaper lock");
-    let child = command.spawn()?;
-    let (tx, rx) = oneshot::channel();
-    waiters.insert(child.id(), tx);
-    Ok((child, rx))
 }
 
 /// Runs `start`, which starts a child and returns its pid, and registers a waiter for it;
@@ -68,7 +58,8 @@ pub fn start() {
     });
 }
 
-fn reap_all() {
+/// Reaps every child that has ended, handing each registered one's status to its waiter.
+pub(crate) fn reap_all() {
     let mut waiters = waiters().lock().expect("reaper lock");
     loop {
         let mut status = 0;
@@ -94,8 +85,8 @@ mod tests {
 
     #[test]
     fn a_program_that_cannot_start_is_an_error_while_the_reaper_runs() {
-        // The reaper and spawns of a missing program, side by side: every spawn must return
-        // NotFound (std's own wait for the failed child used to find it reaped, and panicked).
+        // The reaper and starts of a missing program, side by side: every start must return
+        // NotFound (a failed child reaped by the reaper first would leave the start no errno).
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reaper = {
             let stop = stop.clone();
@@ -105,19 +96,31 @@ mod tests {
                 }
             })
         };
+        let start = |program: &str, args: &[&str]| {
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            spawn_registered(|| {
+                use std::os::fd::AsFd as _;
+                crate::spawn::spawn(crate::spawn::Spawn {
+                    program,
+                    args: &args,
+                    env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                    cwd: std::path::Path::new("/"),
+                    stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
+                    uid: 0,
+                    gid: 0,
+                    groups: &[],
+                    controlling_terminal: false,
+                })
+            })
+        };
         for _ in 0..2000 {
-            let mut command = Command::new("/no/such/program");
-            // A pre_exec closure makes std fork and exec (as the agent's spawns do) instead of
-            // using posix_spawn, whose libc waits for a failed child itself.
-            // SAFETY: the closure does nothing.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, || Ok(()));
-            }
-            let err = spawn(&mut command).unwrap_err();
+            // A path is not looked up: the child's exec fails, and the start reaps it.
+            let err = start("/no/such/program", &[]).unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
         }
         // A program that runs gets its exit status from the reaper.
-        let (_child, exit) = spawn(Command::new("sh").args(["-c", "exit 3"])).unwrap();
+        let (_pid, exit) = start("sh", &["-c", "exit 3"]).unwrap();
         assert_eq!(exit.blocking_recv().unwrap(), Exit::Code(3));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         reaper.join().unwrap();

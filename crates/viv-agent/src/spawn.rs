@@ -20,7 +20,7 @@
 //!   as its stdin, stdout and stderr.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -114,6 +114,28 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<u32> {
         controlling_terminal: spec.controlling_terminal,
         error: AtomicI32::new(0),
     };
+    // A program file that was just written may still be open for writing in another child
+    // between its clone and its exec (every child starts with a copy of the descriptor table):
+    // its exec fails with ETXTBSY until that child execs. Try again a few times, backing off.
+    let mut backoff = std::time::Duration::from_millis(1);
+    loop {
+        match clone_and_exec(&args) {
+            Err(err) if err.raw_os_error() == Some(libc::ETXTBSY) && backoff <= TEXT_BUSY_BACKOFF_MAX => {
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                args.error.store(0, Ordering::SeqCst);
+            }
+            started => return started,
+        }
+    }
+}
+
+/// The longest wait between attempts of an exec that failed with ETXTBSY.
+const TEXT_BUSY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(32);
+
+/// Clones a child that runs [`child`] on `args`; returns its pid once it exec'd, or the errno
+/// of the step that failed (the child then reaped).
+fn clone_and_exec(args: &ChildArgs) -> std::io::Result<u32> {
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down from its end, which must be 16-byte aligned.
     let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
@@ -135,7 +157,7 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<u32> {
             child,
             top as *mut libc::c_void,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &args as *const ChildArgs as *mut libc::c_void,
+            args as *const ChildArgs as *mut libc::c_void,
         )
     };
     let clone_error = std::io::Error::last_os_error();
@@ -155,6 +177,17 @@ pub fn spawn(spec: Spawn<'_>) -> std::io::Result<u32> {
             Err(std::io::Error::from_raw_os_error(errno))
         }
     }
+}
+
+/// A pipe whose ends are both close-on-exec: `(read, write)`.
+pub(crate) fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The file `program` names: itself when it holds a `/`, else the first executable regular
@@ -237,48 +270,47 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reaper::Exit;
     use std::io::Read as _;
-    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+    use std::os::fd::AsFd as _;
 
-    fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both are open and ours.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    /// Waits for a child registered with the reaper, reaping as the agent's reaper task would
+    /// (other tests' children are reaped alike, never stolen).
+    fn wait(mut exit: tokio::sync::oneshot::Receiver<Exit>) -> Exit {
+        loop {
+            crate::reaper::reap_all();
+            match exit.try_recv() {
+                Ok(exit) => return exit,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
     }
 
-    fn wait(pid: u32) -> i32 {
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid as i32, &mut status, 0) }, pid as i32);
-        assert!(libc::WIFEXITED(status), "{status}");
-        libc::WEXITSTATUS(status)
-    }
-
-    fn run(program: &str, args: &[&str], env: Vec<(String, String)>, cwd: &Path) -> std::io::Result<(u32, String)> {
-        let (read, write) = pipe();
+    fn run(program: &str, args: &[&str], env: Vec<(String, String)>, cwd: &Path) -> std::io::Result<(Exit, String)> {
+        let (read, write) = cloexec_pipe().unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         // The agent runs as root (PID 1 of the guest), and so do these tests: the child switches
         // to nobody.
         let (uid, gid, groups) = (65534, 65534, vec![65534]);
-        let pid = spawn(Spawn {
-            program,
-            args: &args,
-            env,
-            cwd,
-            stdio: [null.as_fd(), write.as_fd(), write.as_fd()],
-            uid,
-            gid,
-            groups: &groups,
-            controlling_terminal: false,
+        let started = crate::reaper::spawn_registered(|| {
+            spawn(Spawn {
+                program,
+                args: &args,
+                env,
+                cwd,
+                stdio: [null.as_fd(), write.as_fd(), write.as_fd()],
+                uid,
+                gid,
+                groups: &groups,
+                controlling_terminal: false,
+            })
         });
         drop(write);
-        let pid = pid?;
+        let (_, exit) = started?;
         let mut out = String::new();
         std::fs::File::from(read).read_to_string(&mut out).unwrap();
-        Ok((pid, out))
+        Ok((wait(exit), out))
     }
 
     #[test]
@@ -288,7 +320,7 @@ mod tests {
             ("FOO".into(), "first".into()),
             ("FOO".into(), "second".into()),
         ];
-        let (pid, out) = run(
+        let (exit, out) = run(
             "sh",
             &[
                 "-c",
@@ -300,7 +332,7 @@ mod tests {
             Path::new("/tmp"),
         )
         .unwrap();
-        assert_eq!(wait(pid), 3);
+        assert_eq!(exit, Exit::Code(3));
         assert_eq!(out, "zero one second /tmp 65534\nleader\n");
     }
 
