@@ -450,6 +450,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let stopping = Arc::new(tokio::sync::Notify::new());
     let serve = {
         let stopping = stopping.clone();
+        // No Nagle: a streamed answer's last small write (an exec's end event) must not wait
+        // for the client's delayed ACK of the one before it, 40 ms on a kept-alive connection.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, viv_server::routes::router(state)).with_graceful_shutdown(async move {
             shutdown_signal().await;
             stopping.notify_one();

@@ -155,7 +155,11 @@ pub async fn serve(listener: tokio::net::TcpListener, config: Arc<ServerConfig>,
     let acceptor = TlsAcceptor::from(config);
     loop {
         let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+            Ok((tcp, _)) => {
+                // No Nagle, as on the plain listener (see `serve`).
+                let _ = tcp.set_nodelay(true);
+                tcp
+            }
             Err(err) => {
                 // Out of descriptors and the like: wait a moment rather than spin.
                 tracing::warn!(error = %err, "accepting a TLS connection");
