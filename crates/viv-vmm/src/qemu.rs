@@ -144,10 +144,7 @@ impl Qemu {
     /// The full argument list for `spec`.
     pub fn arguments(&self, spec: &VmSpec) -> Vec<String> {
         let mem = spec.memory_mib;
-        let (accel, cpu) = match spec.accel {
-            Accel::Kvm => ("kvm".to_owned(), "host"),
-            _ => ("tcg,thread=multi,tb-size=128".to_owned(), "max"),
-        };
+        let (accel, cpu) = spec.accel.qemu_accel_and_cpu();
         let cmdline = self.guest_cmdline(spec.accel, &spec.name, spec.network.is_some(), &spec.extra_cmdline);
         let path = |p: &Path| p.display().to_string();
         let mut args: Vec<String> = vec![
@@ -161,7 +158,7 @@ impl Qemu {
             "-bios".into(),
             "qboot.rom".into(),
             "-accel".into(),
-            accel,
+            accel.into(),
             "-cpu".into(),
             cpu.into(),
             "-smp".into(),
@@ -726,6 +723,8 @@ mod tests {
         assert!(args.contains("-netdev user,id=net0,restrict=on"));
         assert!(args.contains("viv.net=10.0.2.15/24,10.0.2.2,10.0.2.3"));
         assert!(args.contains("tcg,thread=multi,tb-size=128"));
+        // No fast-string copies: TCG runs `rep movsb` a byte at a time.
+        assert!(args.contains("-cpu max,-erms,-fsrm "));
         assert!(args.contains("tsc=reliable"));
         assert!(args.contains("-blockdev driver=qcow2"));
         assert!(!args.contains("-drive"));

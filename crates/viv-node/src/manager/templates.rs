@@ -7,9 +7,9 @@
 //! exists; it is built under a temporary name and renamed into place, so an interrupted build is
 //! never used and is removed at the next build. The key covers everything the restored state
 //! depends on (root layer, start and ready commands, environment, kernel, initramfs, vCPUs,
-//! memory, accelerator, QEMU version), so a change to any of them builds a new snapshot. Each
-//! snapshot directory names the layer it was booted from in a `layer` file, so it is collected
-//! with that layer.
+//! memory, accelerator and CPU model, QEMU version), so a change to any of them builds a new
+//! snapshot. Each snapshot directory names the layer it was booted from in a `layer` file, so it
+//! is collected with that layer.
 //!
 //! Memory files stay on tmpfs, so they are a cache with a budget (an eighth of the host's RAM):
 //! when a new snapshot is saved, the memory of the least recently used others that no start
@@ -125,6 +125,8 @@ impl Manager {
             self.boot.kernel.to_string_lossy().into_owned(),
             self.boot.initramfs.to_string_lossy().into_owned(),
             self.accel.to_string(),
+            // The guest kernel picks its copy routines from the CPU's flags at boot.
+            self.accel.qemu_accel_and_cpu().1.to_owned(),
             self.templates.qemu_version.clone(),
             // The network card and its backend are part of the saved state (QEMU's user-mode
             // stack saves a section of its own), so each mode has its own snapshots.

@@ -173,10 +173,7 @@ pub(crate) fn machine_arguments(spec: &MachineSpec, seccomp: bool, backings: &Ba
         cl.push("-initrd", path(&boot.initramfs));
         cl.push("-append", boot.cmdline.clone());
     }
-    let (accel, cpu) = match spec.accel {
-        Accel::Kvm => ("kvm", "host"),
-        _ => ("tcg,thread=multi,tb-size=128", "max"),
-    };
+    let (accel, cpu) = spec.accel.qemu_accel_and_cpu();
     cl.push("-accel", accel.into());
     cl.push("-cpu", cpu.into());
     let t = spec.cpus;
