@@ -275,7 +275,7 @@ impl Session {
     }
 }
 
-fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+pub(crate) fn http2_builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .initial_stream_window_size(8 << 20)

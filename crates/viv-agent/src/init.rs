@@ -166,8 +166,10 @@ fn configure_network(spec: &str) -> anyhow::Result<()> {
         .filter(|name| name != "lo")
         .min()
         .context("no network card in the guest")?;
-    sys::configure_ipv4(&card, addr.parse()?, prefix.parse()?, gateway.parse()?)
+    let gateway = gateway.parse()?;
+    sys::configure_ipv4(&card, addr.parse()?, prefix.parse()?, gateway)
         .with_context(|| format!("configuring {card}"))?;
+    crate::data_path::set_gateway(gateway);
     let _ = fs::remove_file("/etc/resolv.conf");
     fs::write("/etc/resolv.conf", format!("nameserver {dns}\n")).context("writing /etc/resolv.conf")?;
     Ok(())

@@ -4,6 +4,7 @@
 mod build;
 pub mod channel;
 mod codec;
+pub mod data_path;
 mod deadline;
 mod entry;
 mod files;

@@ -5,7 +5,7 @@
 //! virtio-serial port named `vivarium.agent` ([`channel`]). Outside a VM it can serve on a Unix
 //! socket instead (`viv-agent --listen PATH`), which is how its handlers are exercised on a host.
 
-use viv_agent::{channel, init, reaper, server};
+use viv_agent::{channel, data_path, init, reaper, server};
 
 use std::path::PathBuf;
 
@@ -40,6 +40,15 @@ fn main() {
         let state = server::AgentState::new();
         reaper::start();
         let app = server::router(state);
+        if let Some(gateway) = data_path::gateway() {
+            let app = app.clone();
+            tokio::spawn(async move {
+                if let Err(err) = data_path::serve(gateway, app).await {
+                    // The channel still carries everything.
+                    tracing::warn!(error = %err, "no data path");
+                }
+            });
+        }
         match listen {
             Some(path) => channel::serve_unix(&path, app).await,
             None => channel::serve_port(PORT_NAME, app).await,

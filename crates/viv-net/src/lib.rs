@@ -608,6 +608,30 @@ fn listen_in(netns: &std::path::Path, port: u16) -> Result<tokio::net::TcpListen
     tokio::net::TcpListener::from_std(listener).map_err(io("registering the egress proxy".into()))
 }
 
+/// A TCP connection to `address`, opened from inside the namespace at `netns` (by a short-lived
+/// thread that joins the namespace; the socket stays there), within `timeout`. Blocking.
+pub fn connect_in(
+    netns: &std::path::Path,
+    address: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a descriptor this function keeps open; it changes only this
+                // thread's namespace, and the thread ends right after connecting.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                std::net::TcpStream::connect_timeout(&address, timeout)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
+    })
+}
+
 /// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them,
 /// unless it was detached.
 pub struct Slot {

@@ -23,6 +23,11 @@ pub const GUEST_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const GATEWAY_MAC: &str = "52:54:00:12:34:02";
 /// The DNS server address the guest sees (redirected to the host's forwarder).
 pub const GUEST_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// The guest's address (the same in every sandbox, so snapshots and forks keep it).
+pub const GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The port of the agent's data path in the guest (envd's port, `viv_proto::ENVD_PORT`): the
+/// host connects to it from the namespace for file transfers.
+pub const AGENT_DATA_PORT: u16 = 49983;
 /// The port the sandbox's egress proxy listens on inside its namespace (web connections are
 /// redirected there; it must be in the namespace for `SO_ORIGINAL_DST` to see the redirect).
 pub const PROXY_PORT: u16 = 15001;
@@ -107,7 +112,7 @@ pub fn sandbox_table(policy: &Policy, services: Services, pool: Cidr) -> String 
     let _ = writeln!(t, "  }}");
     let _ = writeln!(
         t,
-        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"{TAP}\" tcp dport {PROXY_PORT} ct status dnat accept\n    iifname \"{TAP}\" drop\n  }}"
+        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"{TAP}\" tcp dport {PROXY_PORT} ct status dnat accept\n    iifname \"{TAP}\" ip saddr {GUEST_ADDRESS} tcp sport {AGENT_DATA_PORT} ct state established accept\n    iifname \"{TAP}\" drop\n  }}"
     );
     let _ = writeln!(
         t,
@@ -151,6 +156,13 @@ mod tests {
         assert!(t.contains("ip daddr 10.200.0.0/16 drop"));
         assert!(t.contains("169.254.0.0/16"));
         assert!(t.contains("dnat ip to 10.200.0.1:5353"));
+        // From the guest, the namespace takes only answers on connections it opened to the
+        // agent's data path, before dropping everything else.
+        let input = &t[t.find("chain input").unwrap()..t.find("chain forward").unwrap()];
+        let replies = input
+            .find("iifname \"tap0\" ip saddr 10.0.2.15 tcp sport 49983 ct state established accept")
+            .unwrap();
+        assert!(replies < input.find("iifname \"tap0\" drop").unwrap(), "{input}");
     }
 
     #[test]

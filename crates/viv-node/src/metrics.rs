@@ -18,6 +18,12 @@ impl Counter {
     }
 }
 
+/// Uploads (`POST /files` to agents) this process sent over a sandbox's network, the data path;
+/// process-wide, since agent clients hold no reference to the metrics.
+pub static FILE_UPLOADS_NETWORK: Counter = Counter(AtomicU64::new(0));
+/// Uploads sent over the channel (sandboxes without a network, or whose data path failed).
+pub static FILE_UPLOADS_CHANNEL: Counter = Counter(AtomicU64::new(0));
+
 /// Sum and count of observations, with cumulative buckets.
 #[derive(Debug)]
 pub struct Histogram {
@@ -256,6 +262,12 @@ impl Metrics {
             "vivarium_http_requests_total",
             "HTTP requests served.",
             self.http_requests.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vivarium_file_uploads_total File uploads to sandboxes, by the path they took (network: the data path over the sandbox's network; channel: the virtio-serial channel).\n# TYPE vivarium_file_uploads_total counter\nvivarium_file_uploads_total{{path=\"network\"}} {}\nvivarium_file_uploads_total{{path=\"channel\"}} {}",
+            FILE_UPLOADS_NETWORK.get(),
+            FILE_UPLOADS_CHANNEL.get()
         );
         let _ = writeln!(out, "# HELP vivarium_sandboxes_running Sandboxes whose VM runs.\n# TYPE vivarium_sandboxes_running gauge\nvivarium_sandboxes_running {live}");
         let state = self.boot_seconds.state.lock().expect("histogram lock");

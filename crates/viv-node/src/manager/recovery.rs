@@ -224,6 +224,7 @@ impl Manager {
         });
         live.agent.set_channel_key(self.channel_key.clone());
         live.agent.set_token(row.access_token.clone());
+        live.agent.set_data_path(live.slot().map(|slot| slot.netns_path()));
         let ready = async {
             if state == AdoptedState::Stopped {
                 // An operation of the previous server stopped the vCPUs and never finished.

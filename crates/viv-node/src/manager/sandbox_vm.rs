@@ -112,6 +112,7 @@ impl Manager {
             op: tokio::sync::Mutex::new(()),
             slot: Mutex::new(slot.map(Arc::new)),
         });
+        live.agent.set_data_path(live.slot().map(|slot| slot.netns_path()));
         let mut exit = live.vm.exit();
         let mut port = live.vm.agent_port_open();
         let limit = self.config.boot_timeout;

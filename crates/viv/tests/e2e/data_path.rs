@@ -1,7 +1,8 @@
 //! The data path from clients through the server's proxy and the agent channel to files and
 //! processes in the guest: many uploads, downloads and output streams at once on one sandbox's
 //! channel arrive byte for byte, and an upload cut short is refused with a 400 and leaves no
-//! file (nor a temporary one) behind.
+//! file (nor a temporary one) behind. Uploads to a sandbox with its own network take the data
+//! path over that network; the others, the channel.
 
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
@@ -358,4 +359,84 @@ fn a_file_whose_name_has_any_bytes_is_read_back_with_a_valid_header() {
         "{disposition}"
     );
     assert_eq!(got.text().unwrap(), "odd name");
+}
+
+/// A counter of `GET /metrics` with its labels, such as `name{path="network"}`.
+fn counter(server: &TestServer, series: &str) -> u64 {
+    let text = server.get("/metrics").send().unwrap().text().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
+const OVER_NETWORK: &str = "vivarium_file_uploads_total{path=\"network\"}";
+const OVER_CHANNEL: &str = "vivarium_file_uploads_total{path=\"channel\"}";
+
+/// Writes `data` to `path` in the sandbox and reads it back through the REST API.
+fn round_trip(server: &TestServer, id: &str, path: &str, data: &[u8]) {
+    let files = format!("/sandboxes/{id}/files");
+    let put = server
+        .put(&files)
+        .query(&[("path", path)])
+        .body(data.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(put.status(), 200, "{}", put.text().unwrap());
+    let got = server.get(&files).query(&[("path", path)]).send().unwrap();
+    assert_eq!(got.status(), 200);
+    let got = got.bytes().unwrap();
+    assert!(
+        got.as_ref() == data,
+        "{path}: {} bytes back of {}",
+        got.len(),
+        data.len()
+    );
+}
+
+/// With its own network, a sandbox's uploads go over it (the data path), also after a pause and
+/// resume; processes in the guest cannot use that path; without a network they go over the
+/// channel.
+#[test]
+fn uploads_take_the_sandboxs_network_and_the_channel_without_one() {
+    let server = TestServer::start_isolated(0);
+    let sandbox = server.sandbox();
+    let id = sandbox.id.clone();
+    let data = Rng(0x5eed).bytes((8 << 20) + 3);
+    round_trip(&server, &id, "/home/user/over-network.bin", &data);
+    assert_eq!(counter(&server, OVER_NETWORK), 1);
+    assert_eq!(counter(&server, OVER_CHANNEL), 0);
+
+    // The agent serves the data path to the host's end of the network only: a process in the
+    // guest connecting to the guest's own address (or loopback) is closed before any answer.
+    let probe = sandbox.sh("python3 -c '
+import socket
+for host in (\"10.0.2.15\", \"127.0.0.1\"):
+    s = socket.create_connection((host, 49983), timeout=10)
+    s.sendall(b\"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n\" + bytes(9))
+    print(host, len(s.recv(100)))
+'");
+    assert_eq!(probe.out(), "10.0.2.15 0\n127.0.0.1 0\n", "{probe:?}");
+
+    // A paused and resumed sandbox (a new QEMU, a new namespace) keeps its data path.
+    assert_eq!(
+        server.post(&format!("/sandboxes/{id}/pause")).send().unwrap().status(),
+        204
+    );
+    let resumed = server
+        .post(&format!("/sandboxes/{id}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap());
+    round_trip(&server, &id, "/home/user/after-resume.bin", &data[..1 << 20]);
+    assert_eq!(counter(&server, OVER_NETWORK), 2);
+    assert_eq!(counter(&server, OVER_CHANNEL), 0);
+    drop(sandbox);
+
+    // QEMU's user-mode network has no namespace to connect from: the channel carries them.
+    let user_mode = TestServer::start_user_mode();
+    let sandbox = user_mode.sandbox();
+    round_trip(&user_mode, &sandbox.id, "/tmp/over-channel.bin", &data[..(1 << 20) + 1]);
+    assert_eq!(counter(&user_mode, OVER_CHANNEL), 1);
+    assert_eq!(counter(&user_mode, OVER_NETWORK), 0);
 }
