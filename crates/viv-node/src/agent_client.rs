@@ -80,8 +80,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long opening the data path may take (a closed port answers at once; this bounds a guest
-/// that does not answer at all).
-const DATA_PATH_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// that does not answer at all, and is long enough for one whose vCPU waits behind others).
+const DATA_PATH_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connected stream of either route (a Unix socket to QEMU, TCP to a node).
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
