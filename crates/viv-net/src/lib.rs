@@ -583,53 +583,49 @@ fn check_pool(shared: &Shared) -> Result<(), NetError> {
     Ok(())
 }
 
-/// A TCP listener on `port` inside the namespace at `netns` (bound by a short-lived thread that
-/// joins the namespace; the socket stays there).
-fn listen_in(netns: &std::path::Path, port: u16) -> Result<tokio::net::TcpListener, NetError> {
-    use std::os::fd::AsRawFd as _;
-    let io = |context: String| move |source| NetError::Io { context, source };
-    let file = std::fs::File::open(netns).map_err(io(format!("opening {}", netns.display())))?;
-    let listener = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on a descriptor this function keeps open; it changes only this
-                // thread's namespace, and the thread ends right after binding.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-                listener.set_nonblocking(true)?;
-                Ok(listener)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the binding thread panicked")))
-    })
-    .map_err(io(format!("binding the egress proxy in {}", netns.display())))?;
-    tokio::net::TcpListener::from_std(listener).map_err(io("registering the egress proxy".into()))
-}
-
-/// A TCP connection to `address`, opened from inside the namespace at `netns` (by a short-lived
-/// thread that joins the namespace; the socket stays there), within `timeout`. Blocking.
-pub fn connect_in(
+/// Runs `work` on a short-lived thread that joins the network namespace at `netns`: sockets it
+/// opens stay in that namespace, and no other thread changes namespace. Blocking.
+fn in_namespace<T: Send>(
     netns: &std::path::Path,
-    address: std::net::SocketAddr,
-    timeout: std::time::Duration,
-) -> std::io::Result<std::net::TcpStream> {
+    work: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     use std::os::fd::AsRawFd as _;
     let file = std::fs::File::open(netns)?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: setns on a descriptor this function keeps open; it changes only this
-                // thread's namespace, and the thread ends right after connecting.
+                // thread's namespace, and the thread ends right after `work`.
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                std::net::TcpStream::connect_timeout(&address, timeout)
+                work()
             })
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the thread in the namespace panicked")))
     })
+}
+
+/// A TCP listener on `port` inside the namespace at `netns` (the socket stays there).
+fn listen_in(netns: &std::path::Path, port: u16) -> Result<tokio::net::TcpListener, NetError> {
+    let io = |context: String| move |source| NetError::Io { context, source };
+    let listener = in_namespace(netns, || {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .map_err(io(format!("binding the egress proxy in {}", netns.display())))?;
+    tokio::net::TcpListener::from_std(listener).map_err(io("registering the egress proxy".into()))
+}
+
+/// A TCP connection to `address`, opened from inside the namespace at `netns` (the socket stays
+/// there), within `timeout`. Blocking.
+pub fn connect_in(
+    netns: &std::path::Path,
+    address: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    in_namespace(netns, || std::net::TcpStream::connect_timeout(&address, timeout))
 }
 
 /// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them,

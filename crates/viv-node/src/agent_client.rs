@@ -79,6 +79,9 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting to another node may take.
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+// The namespace's rules let in answers from the port the agent serves its data path on.
+const _: () = assert!(viv_net::rules::AGENT_DATA_PORT == viv_proto::ENVD_PORT);
+
 /// How long opening the data path may take (a closed port answers at once; this bounds a guest
 /// that does not answer at all, and is long enough for one whose vCPU waits behind others).
 const DATA_PATH_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -178,7 +181,7 @@ impl AgentClient {
     }
 
     /// Opens the data path: a TCP connection from the sandbox's namespace to the agent, with
-    /// an HTTP/2 handshake.
+    /// an HTTP/2 handshake, ready for a request.
     async fn open_data_path(&self, netns: PathBuf) -> Result<SendRequest<Body>, AgentError> {
         let address = std::net::SocketAddr::from((viv_net::rules::GUEST_ADDRESS, viv_net::rules::AGENT_DATA_PORT));
         let stream = tokio::task::spawn_blocking(move || {
@@ -192,7 +195,7 @@ impl AgentClient {
         .and_then(tokio::net::TcpStream::from_std)
         .map_err(|e| AgentError::Channel(format!("data path: connecting {address}: {e}")))?;
         let handshake = http2_client().handshake(TokioIo::new(stream));
-        let (sender, connection) = tokio::time::timeout(DATA_PATH_CONNECT_TIMEOUT, handshake)
+        let (mut sender, connection) = tokio::time::timeout(DATA_PATH_CONNECT_TIMEOUT, handshake)
             .await
             .map_err(|_| AgentError::Channel("data path: no HTTP/2 handshake in time".into()))?
             .map_err(|e| AgentError::Channel(format!("data path: HTTP/2 handshake: {e}")))?;
@@ -201,24 +204,18 @@ impl AgentClient {
                 tracing::debug!(error = %describe(&err), "data path connection ended");
             }
         });
+        sender
+            .ready()
+            .await
+            .map_err(|err| AgentError::Channel(format!("data path: {}", describe(&err))))?;
         Ok(sender)
     }
 
-    /// The data path for a request, if it is an upload and the sandbox has one that opens; a
-    /// failure turns the data path off for this client (the channel carries on).
-    async fn data_path_for(&self, upload: bool) -> Option<SendRequest<Body>> {
-        if !upload {
-            return None;
-        }
+    /// The data path, if the sandbox has one and it opens; a failure turns it off for this
+    /// client (the channel carries on).
+    async fn data_path(&self) -> Option<SendRequest<Body>> {
         let netns = self.data_path.read().expect("data path lock").clone()?;
-        let opened = match self.open_data_path(netns).await {
-            Ok(mut sender) => match sender.ready().await {
-                Ok(()) => Ok(sender),
-                Err(err) => Err(AgentError::Channel(format!("data path: {}", describe(&err)))),
-            },
-            Err(err) => Err(err),
-        };
-        match opened {
+        match self.open_data_path(netns).await {
             Ok(sender) => Some(sender),
             Err(err) => {
                 tracing::info!(error = %err, "file transfers of this sandbox go over the channel");
@@ -368,17 +365,15 @@ impl AgentClient {
         // Uploads only: downloads measured no faster over the guest's TCP stack than over the
         // channel's 32 KiB writes (see bench/RESULTS.md, "The data path").
         let upload = request.method() == hyper::Method::POST && request.uri().path() == "/files";
-        if matches!(self.route, Route::Channel(_)) {
-            if let Some(mut sender) = self.data_path_for(upload).await {
+        if upload && matches!(self.route, Route::Channel(_)) {
+            if let Some(mut sender) = self.data_path().await {
                 crate::metrics::FILE_UPLOADS_NETWORK.inc();
                 return sender
                     .send_request(request)
                     .await
                     .map_err(|err| AgentError::Channel(format!("data path: {}", describe(&err))));
             }
-            if upload {
-                crate::metrics::FILE_UPLOADS_CHANNEL.inc();
-            }
+            crate::metrics::FILE_UPLOADS_CHANNEL.inc();
         }
         let (id, mut sender) = self.sender().await?;
         if let Err(err) = sender.ready().await {

@@ -361,14 +361,6 @@ fn a_file_whose_name_has_any_bytes_is_read_back_with_a_valid_header() {
     assert_eq!(got.text().unwrap(), "odd name");
 }
 
-/// A counter of `GET /metrics` with its labels, such as `name{path="network"}`.
-fn counter(server: &TestServer, series: &str) -> u64 {
-    let text = server.get("/metrics").send().unwrap().text().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
-}
-
 const OVER_NETWORK: &str = "vivarium_file_uploads_total{path=\"network\"}";
 const OVER_CHANNEL: &str = "vivarium_file_uploads_total{path=\"channel\"}";
 
@@ -403,8 +395,8 @@ fn uploads_take_the_sandboxs_network_and_the_channel_without_one() {
     let id = sandbox.id.clone();
     let data = Rng(0x5eed).bytes((8 << 20) + 3);
     round_trip(&server, &id, "/home/user/over-network.bin", &data);
-    assert_eq!(counter(&server, OVER_NETWORK), 1);
-    assert_eq!(counter(&server, OVER_CHANNEL), 0);
+    assert_eq!(server.metric(OVER_NETWORK), 1);
+    assert_eq!(server.metric(OVER_CHANNEL), 0);
 
     // The agent serves the data path to the host's end of the network only: a process in the
     // guest connecting to the guest's own address (or loopback) is closed before any answer
@@ -434,14 +426,14 @@ for host in (\"10.0.2.15\", \"127.0.0.1\"):
         .unwrap();
     assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap());
     round_trip(&server, &id, "/home/user/after-resume.bin", &data[..1 << 20]);
-    assert_eq!(counter(&server, OVER_NETWORK), 2);
-    assert_eq!(counter(&server, OVER_CHANNEL), 0);
+    assert_eq!(server.metric(OVER_NETWORK), 2);
+    assert_eq!(server.metric(OVER_CHANNEL), 0);
     drop(sandbox);
 
     // QEMU's user-mode network has no namespace to connect from: the channel carries them.
     let user_mode = TestServer::start_user_mode();
     let sandbox = user_mode.sandbox();
     round_trip(&user_mode, &sandbox.id, "/tmp/over-channel.bin", &data[..(1 << 20) + 1]);
-    assert_eq!(counter(&user_mode, OVER_CHANNEL), 1);
-    assert_eq!(counter(&user_mode, OVER_NETWORK), 0);
+    assert_eq!(user_mode.metric(OVER_CHANNEL), 1);
+    assert_eq!(user_mode.metric(OVER_NETWORK), 0);
 }

@@ -297,6 +297,14 @@ impl TestServer {
             .header("X-API-Key", &self.key)
     }
 
+    /// A series of `GET /metrics` (its name with its labels, such as `name{path="network"}`).
+    pub fn metric(&self, series: &str) -> u64 {
+        let text = self.get("/metrics").send().unwrap().text().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    }
+
     /// Creates a sandbox and returns its id (asserting 201).
     pub fn create(&self, body: Value) -> String {
         let response = self.post("/sandboxes").json(&body).send().unwrap();

@@ -9,14 +9,6 @@ use serde_json::{json, Value};
 use crate::fixture::{wait_until, TestServer};
 use crate::pool::run_dirs;
 
-/// A counter of `GET /metrics`.
-fn metric(server: &TestServer, name: &str) -> u64 {
-    let text = server.get("/metrics").send().unwrap().text().unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
 #[test]
 fn a_burst_grows_the_pool_which_serves_the_next_burst_and_shrinks_when_idle() {
     let server = TestServer::start_with_env(
@@ -40,14 +32,14 @@ fn a_burst_grows_the_pool_which_serves_the_next_burst_and_shrinks_when_idle() {
 
     // The next burst is served from it: every new sandbox is a VM that was warm before.
     let warm = run_dirs(&server);
-    let hits = metric(&server, "vivarium_pool_hits_total");
+    let hits = server.metric("vivarium_pool_hits_total");
     for _ in 0..3 {
         let id = server.create(json!({ "templateID": "base" }));
         assert!(warm.contains(&id), "{id} was not one of the warm VMs ({warm:?})");
         assert_eq!(server.exec(&id, json!({ "command": "echo ok" })).out(), "ok\n");
         ids.push(id);
     }
-    assert_eq!(metric(&server, "vivarium_pool_hits_total"), hits + 3);
+    assert_eq!(server.metric("vivarium_pool_hits_total"), hits + 3);
 
     // Nobody creates any more: the warm VMs beyond --pool-size expire once idle for 20 s.
     assert!(
@@ -55,7 +47,7 @@ fn a_burst_grows_the_pool_which_serves_the_next_burst_and_shrinks_when_idle() {
         "the pool did not shrink back to --pool-size: {}",
         health()
     );
-    assert!(metric(&server, "vivarium_pool_expired_total") >= 2);
+    assert!(server.metric("vivarium_pool_expired_total") >= 2);
     // An expired VM leaves the pool first, then is killed and its run directory removed.
     assert!(
         wait_until(Duration::from_secs(60), || run_dirs(&server).len() == ids.len() + 1),
