@@ -49,10 +49,11 @@ impl Guest {
     }
 
     /// Starts a counter in the guest, bumped every 100 ms in `/tmp/count` (renamed into place:
-    /// a read never sees the file truncated and not yet written).
+    /// a read never sees the file truncated and not yet written). The file holds 0 before this
+    /// returns: the background loop may not have run its first step when the next command reads.
     pub(crate) fn start_counter(&mut self) {
         self.run(
-            "(i=0; while true; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true",
+            "echo 0 >/tmp/count; (i=0; while true; do i=$((i+1)); echo $i >/tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & true",
         );
     }
 
