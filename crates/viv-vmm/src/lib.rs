@@ -20,6 +20,7 @@
 pub mod backup;
 pub mod confine;
 mod exit;
+pub mod host_memory;
 pub mod machine;
 pub mod memdiff;
 pub mod migstream;

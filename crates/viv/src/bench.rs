@@ -12,7 +12,7 @@ use rand::RngCore as _;
 use reqwest::Method;
 use viv_api::{CreatedSandbox, ExecEvent, ExecRequest, NewSandbox};
 
-use crate::bench_host::{cpu_times, stolen_percent, stolen_row};
+use crate::bench_host::{cpu_times, free_page_reporting_kib, reporting_row, stolen_percent, stolen_row};
 use crate::client::Client;
 use crate::output;
 
@@ -613,6 +613,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     let report = serde_json::json!({
         "accel": accel,
         "hostCpuStolenPercent": stolen,
+        "hostFreePageReportingKiB": free_page_reporting_kib(),
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
         "restore": restore,
@@ -717,6 +718,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     accel.clone(),
                 ],
                 stolen_row(stolen),
+                reporting_row(free_page_reporting_kib()),
             ]
             .into_iter()
             .chain(crate::bench_snapshots::rows(&report["memoryDiff"], &accel))

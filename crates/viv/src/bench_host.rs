@@ -1,6 +1,8 @@
 //! `viv bench`'s reading of the host itself: how much CPU time the hypervisor under this machine
-//! gave to other tenants during a run. Figures taken while that share is high are slower than the
-//! machine is, so every report carries it.
+//! gave to other tenants during a run, and whether this machine hands free memory back to that
+//! hypervisor (which slows every restore, resume and fork; see `viv_vmm::host_memory`). Figures
+//! taken while the stolen share is high are slower than the machine is, so every report carries
+//! both.
 
 /// This host's CPU time so far, in clock ticks: (steal, all states), from `/proc/stat`.
 pub(crate) fn cpu_times() -> Option<(u64, u64)> {
@@ -33,4 +35,18 @@ pub(crate) fn stolen_percent(start: Option<(u64, u64)>, end: Option<(u64, u64)>)
     let ((steal0, all0), (steal1, all1)) = (start?, end?);
     let all = all1.checked_sub(all0).filter(|&t| t > 0)?;
     Some((steal1.saturating_sub(steal0) as f64 * 1000.0 / all as f64).round() / 10.0)
+}
+
+/// The size in KiB of the free blocks this host reports to its hypervisor, if it does.
+pub(crate) fn free_page_reporting_kib() -> Option<u64> {
+    viv_vmm::host_memory::free_page_reporting(std::path::Path::new("/")).map(|r| r.block_bytes() / 1024)
+}
+
+/// The table row of [`free_page_reporting_kib`].
+pub(crate) fn reporting_row(kib: Option<u64>) -> Vec<String> {
+    vec![
+        "host returns free memory to its hypervisor (free page reporting; slows restores)".into(),
+        kib.map_or_else(|| "no".into(), |k| format!("blocks of {k} KiB")),
+        "-".into(),
+    ]
 }

@@ -346,6 +346,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {
             tracing::info!("using TCG (software emulation): /dev/kvm is missing, unusable, or nested");
         }
+        if let Some(reporting) = viv_vmm::host_memory::free_page_reporting(std::path::Path::new("/")) {
+            tracing::warn!(order = reporting.order, "{}", reporting.advice());
+        }
     }
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,

@@ -140,7 +140,10 @@ impl Manager {
             }
         };
         match ready {
-            Ok(()) => Ok(live),
+            Ok(()) => {
+                tracing::debug!(sandbox = %id, restored, "agent answered");
+                Ok(live)
+            }
             Err(reason) => Err(self.abandon(&live, &spec, &reason).await),
         }
     }
@@ -196,6 +199,7 @@ impl Manager {
         }
         live.agent.set_token(token);
         live.agent.set_channel_key(self.channel_key.clone());
+        tracing::debug!(sandbox = %live.id, "agent initialized");
         Ok(())
     }
 }
