@@ -79,8 +79,11 @@ impl Manager {
                 )
             }
         };
-        create_overlay(&layer, &overlay).await?;
-        let (network, slot) = self.network(rules).await?;
+        // The overlay (a `qemu-img` run) and the network slot (a namespace, links and rules) do
+        // not depend on each other; a slot made for nothing is released when dropped.
+        let (overlaid, network) = tokio::join!(create_overlay(&layer, &overlay), self.network(rules));
+        overlaid?;
+        let (network, slot) = network?;
         let spec = VmSpec {
             vm_id: id.to_owned(),
             name: format!("viv-{}", &id[..8.min(id.len())]),
