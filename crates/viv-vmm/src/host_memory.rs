@@ -42,7 +42,7 @@ impl FreePageReporting {
              /sys/module/page_reporting/parameters/page_reporting_order reports only \
              {} KiB blocks",
             self.block_bytes() / 1024,
-            (4096u64 << MAX_ORDER) / 1024,
+            FreePageReporting { order: MAX_ORDER }.block_bytes() / 1024,
         )
     }
 }

@@ -610,10 +610,11 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
     }
     let mib = args.file_mib as f64;
     let stolen = stolen_percent(cpu_at_start, cpu_times());
+    let reporting_kib = free_page_reporting_kib();
     let report = serde_json::json!({
         "accel": accel,
         "hostCpuStolenPercent": stolen,
-        "hostFreePageReportingKiB": free_page_reporting_kib(),
+        "hostFreePageReportingKiB": reporting_kib,
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
         "restore": restore,
@@ -718,7 +719,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     accel.clone(),
                 ],
                 stolen_row(stolen),
-                reporting_row(free_page_reporting_kib()),
+                reporting_row(reporting_kib),
             ]
             .into_iter()
             .chain(crate::bench_snapshots::rows(&report["memoryDiff"], &accel))
