@@ -196,9 +196,18 @@ pub struct Restore {
     pub opened: Option<std::sync::Arc<std::fs::File>>,
     /// Where the guest memory of that state is.
     pub memory: SnapshotMemory,
-    /// A memory diff chain (loaded and checked) to feed QEMU instead of `state`: its composed
-    /// stream goes through a pipe onto the base file the VM maps privately.
-    pub chain: Option<std::sync::Arc<memdiff::Chain>>,
+    /// A stream composed for QEMU instead of `state` as it is, fed through a pipe onto the base
+    /// file the VM maps privately ([`GuestMemory::PrivateFile`]).
+    pub composed: Option<Composed>,
+}
+
+/// What a restore composes for QEMU from a node's files.
+#[derive(Debug, Clone)]
+pub enum Composed {
+    /// A memory diff chain, loaded and checked.
+    Chain(std::sync::Arc<memdiff::Chain>),
+    /// A whole state without the pages its base already holds.
+    OverBase(std::sync::Arc<memdiff::OverBase>),
 }
 
 /// Where a snapshot keeps guest memory.

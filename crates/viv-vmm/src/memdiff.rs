@@ -89,16 +89,33 @@ pub struct DiffStats {
 struct Mapping {
     ptr: *mut libc::c_void,
     len: usize,
+    /// The file's data extents (start, end), in order: a page outside them is a hole, read as
+    /// zeros without touching the mapping (a read fault on a hole of a tmpfs file, where
+    /// template memory lives, would allocate a page of it).
+    data: Vec<(u64, u64)>,
 }
+
+// SAFETY: a `Mapping` is a read-only mapping of a file that is never written or truncated while
+// mapped (base files and node states are immutable once in place; see `page`); reading it from several threads, or from another thread than the one that
+// made it, is as safe as reading a `&[u8]`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: no method mutates the mapping or its bytes.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(path: &Path) -> Result<Self, DiffError> {
         let file = File::open(path).map_err(io(path))?;
+        Self::of_file(path, &file)
+    }
+
+    /// Maps `file` (the file at `path`, named in errors) whole; the mapping outlives `file`.
+    fn of_file(path: &Path, file: &File) -> Result<Self, DiffError> {
         let len = file.metadata().map_err(io(path))?.len() as usize;
         if len == 0 {
             return Ok(Self {
                 ptr: std::ptr::null_mut(),
                 len: 0,
+                data: Vec::new(),
             });
         }
         // SAFETY: a fresh read-only private mapping of a file we opened; the kernel picks the
@@ -109,14 +126,31 @@ impl Mapping {
                 len,
                 libc::PROT_READ,
                 libc::MAP_PRIVATE,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
+                std::os::fd::AsRawFd::as_raw_fd(file),
                 0,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(io(path)(std::io::Error::last_os_error()));
         }
-        Ok(Self { ptr, len })
+        // Made at once, so that an error below unmaps it.
+        let mut mapping = Self {
+            ptr,
+            len,
+            data: Vec::new(),
+        };
+        mapping.data = data_extents(path, file, len as u64)?;
+        Ok(mapping)
+    }
+
+    /// The whole mapped file.
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr..ptr+len` is a live read-only mapping (unmapped only in Drop); its
+        // file is not written while mapped (see `page`).
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
     }
 
     /// The page at `offset`, or None past the end (reads as zeros).
@@ -124,6 +158,10 @@ impl Mapping {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(PAGE_SIZE)?;
         if end > self.len {
+            return None;
+        }
+        let extent = self.data.partition_point(|&(from, _)| from <= offset);
+        if extent == 0 || self.data[extent - 1].1 <= offset {
             return None;
         }
         // SAFETY: `ptr..ptr+len` is a live read-only mapping (unmapped only in Drop, which
@@ -142,8 +180,11 @@ impl Drop for Mapping {
     }
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
+/// Whether `bytes` are all zero, compared a page at a time with `memcmp` (a byte loop with an
+/// early exit is several times slower, and restores compare every page of a state).
+fn is_zero(bytes: &[u8]) -> bool {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    bytes.chunks(PAGE_SIZE).all(|chunk| chunk == &ZERO[..chunk.len()])
 }
 
 /// The parts of a chain read into memory (file name, bytes), root first.
@@ -167,16 +208,39 @@ pub fn read_parts(files: Vec<(PathBuf, File)>) -> Result<Parts, DiffError> {
 /// `out` + `.tmp`, synced, renamed.
 pub fn make_diff(full: &Path, base: &Path, chain: &[(PathBuf, Vec<u8>)], out: &Path) -> Result<DiffStats, DiffError> {
     let full_buf = read(full)?;
-    let stream = parse(full, &full_buf)?;
+    let base_map = Mapping::new(base)?;
+    let tmp = out.with_extension("tmp");
+    let file = create_private(&tmp)?;
+    let (file, mut stats) = write_changed(full, &full_buf, base, &base_map, chain, &tmp, file)?;
+    file.sync_all().map_err(io(&tmp))?;
+    stats.bytes = file.metadata().map_err(io(&tmp))?.len();
+    drop(file);
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    Ok(stats)
+}
+
+/// Writes to `out` (named `out_path` in errors) the stream of full save `full` (the bytes of
+/// the file at `full_path`) with only its records that differ from the memory composed of
+/// `base` (mapped) and the diffs `chain`; records of other RAM blocks are all kept. `bytes` of
+/// the stats is left 0.
+fn write_changed<W: std::io::Write>(
+    full_path: &Path,
+    full_buf: &[u8],
+    base_path: &Path,
+    base_map: &Mapping,
+    chain: &[(PathBuf, Vec<u8>)],
+    out_path: &Path,
+    out: W,
+) -> Result<(W, DiffStats), DiffError> {
+    let stream = parse(full_path, full_buf)?;
     let base_index = stream.block(BASE_BLOCK).ok_or_else(|| DiffError::Mismatch {
-        path: full.to_path_buf(),
+        path: full_path.to_path_buf(),
         what: format!("no RAM block '{BASE_BLOCK}'"),
     })?;
-    let base_map = Mapping::new(base)?;
     let block_len = stream.blocks[base_index].length as usize;
     if base_map.len > block_len {
         return Err(DiffError::Mismatch {
-            path: base.to_path_buf(),
+            path: base_path.to_path_buf(),
             what: format!(
                 "the base is larger ({} bytes) than the guest's memory ({block_len})",
                 base_map.len
@@ -194,9 +258,7 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[(PathBuf, Vec<u8>)], out: &P
         }
     }
     let zero = [0u8; PAGE_SIZE];
-    let tmp = out.with_extension("tmp");
-    let file = create_private(&tmp)?;
-    let mut writer = migstream::Writer::new(BufWriter::with_capacity(1 << 20, file), &stream).map_err(io(&tmp))?;
+    let mut writer = migstream::Writer::new(BufWriter::with_capacity(1 << 20, out), &stream).map_err(io(out_path))?;
     let mut stats = DiffStats {
         records: stream.records.len(),
         ..DiffStats::default()
@@ -223,17 +285,97 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[(PathBuf, Vec<u8>)], out: &P
         stats.kept += 1;
         writer
             .page(&stream.blocks[record.block].name, record.offset, data)
-            .map_err(io(&tmp))?;
+            .map_err(io(out_path))?;
     }
-    let file = writer
+    let out = writer
         .finish(&stream.commands, stream.tail)
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-        .map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    stats.bytes = file.metadata().map_err(io(&tmp))?.len();
-    drop(file);
-    std::fs::rename(&tmp, out).map_err(io(out))?;
-    Ok(stats)
+        .map_err(io(out_path))?;
+    Ok((out, stats))
+}
+
+/// A node's whole state restored onto the memory file its VM mapped (its *base*): the VM maps
+/// the base privately and loads only the records of the state that differ from it, so a
+/// restore writes (and the host allocates) only the pages the guest changed since it started
+/// from that file, instead of every page of the state.
+///
+/// Invariant: the pages are compared with the base file this value opened; the caller checks
+/// that the restoring QEMU maps that same file (see [`OverBase::base_identity`]) before
+/// composing, since a path can name a newer file (a template rebuilt after a reboot).
+pub struct OverBase {
+    state_path: PathBuf,
+    state: Mapping,
+    base_path: PathBuf,
+    base: Mapping,
+    base_identity: (u64, u64),
+}
+
+impl std::fmt::Debug for OverBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OverBase")
+            .field("state", &self.state_path)
+            .field("base", &self.base_path)
+            .finish()
+    }
+}
+
+impl OverBase {
+    /// Maps the whole state `state` (already opened, the file at `state_path`) and the base
+    /// file `base`, which must be exactly as long as the state's guest memory block.
+    pub fn open(state_path: &Path, state: &File, base_path: &Path) -> Result<Self, DiffError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let state_map = Mapping::of_file(state_path, state)?;
+        let base_file = File::open(base_path).map_err(io(base_path))?;
+        let meta = base_file.metadata().map_err(io(base_path))?;
+        let base_map = Mapping::of_file(base_path, &base_file)?;
+        let stream = parse(state_path, state_map.bytes())?;
+        let block = stream.block(BASE_BLOCK).ok_or_else(|| DiffError::Mismatch {
+            path: state_path.to_path_buf(),
+            what: format!("no RAM block '{BASE_BLOCK}'"),
+        })?;
+        let block_len = stream.blocks[block].length;
+        if meta.len() != block_len {
+            return Err(DiffError::Mismatch {
+                path: base_path.to_path_buf(),
+                what: format!(
+                    "the base holds {} bytes but the guest's memory is {block_len}",
+                    meta.len()
+                ),
+            });
+        }
+        Ok(Self {
+            state_path: state_path.to_path_buf(),
+            state: state_map,
+            base_path: base_path.to_path_buf(),
+            base: base_map,
+            base_identity: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// The base file's path, for the VM to map.
+    pub fn base(&self) -> &Path {
+        &self.base_path
+    }
+
+    /// The device and inode of the base file the pages are compared with.
+    pub fn base_identity(&self) -> (u64, u64) {
+        self.base_identity
+    }
+
+    /// Writes the state's stream to `out` without the records the base already holds.
+    pub fn compose(&self, out: impl std::io::Write) -> Result<DiffStats, DiffError> {
+        let (mut out, stats) = write_changed(
+            &self.state_path,
+            self.state.bytes(),
+            &self.base_path,
+            &self.base,
+            &[],
+            &self.state_path,
+            out,
+        )?;
+        out.flush().map_err(io(&self.state_path))?;
+        Ok(stats)
+    }
 }
 
 fn check_blocks(path: &Path, part: &Stream<'_>, leaf: &Stream<'_>) -> Result<(), DiffError> {
@@ -389,8 +531,40 @@ fn for_each_page_with_data(
     len: u64,
     mut each: impl FnMut(u64, &[u8]) -> Result<(), DiffError>,
 ) -> Result<(), DiffError> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(source);
     let mut chunk = vec![0u8; 1 << 20];
+    for (data, end) in data_extents(path, source, len)? {
+        let mut offset = data;
+        while offset < end {
+            let n = chunk.len().min((end - offset) as usize);
+            source.read_exact_at(&mut chunk[..n], offset).map_err(io(path))?;
+            for (i, page) in chunk[..n].chunks(PAGE_SIZE).enumerate() {
+                if !is_zero(page) {
+                    each(offset + (i * PAGE_SIZE) as u64, page)?;
+                }
+            }
+            offset += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The data extents (start, end) of `source` (the file at `path`) within its first `len`
+/// bytes, in order, found with `SEEK_DATA`/`SEEK_HOLE` without reading the file. The file's
+/// offset is put back where it was: a caller may hand the same open file to QEMU to read.
+fn data_extents(path: &Path, source: &File, len: u64) -> Result<Vec<(u64, u64)>, DiffError> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(source);
+    // SAFETY: lseek on a descriptor the caller keeps open; no memory is passed.
+    let was = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+    let extents = seek_extents(path, fd, len);
+    if was >= 0 {
+        // SAFETY: as above.
+        unsafe { libc::lseek(fd, was, libc::SEEK_SET) };
+    }
+    extents
+}
+
+fn seek_extents(path: &Path, fd: std::os::fd::RawFd, len: u64) -> Result<Vec<(u64, u64)>, DiffError> {
+    let mut extents = Vec::new();
     let mut at: u64 = 0;
     while at < len {
         // SAFETY: lseek on a descriptor the caller keeps open; no memory is passed.
@@ -408,20 +582,14 @@ fn for_each_page_with_data(
             return Err(io(path)(std::io::Error::last_os_error()));
         }
         // Extents start on page boundaries (the file system's blocks are pages or larger).
-        let (mut offset, end) = (data as u64, (hole as u64).min(len));
-        while offset < end {
-            let n = chunk.len().min((end - offset) as usize);
-            source.read_exact_at(&mut chunk[..n], offset).map_err(io(path))?;
-            for (i, page) in chunk[..n].chunks(PAGE_SIZE).enumerate() {
-                if !is_zero(page) {
-                    each(offset + (i * PAGE_SIZE) as u64, page)?;
-                }
-            }
-            offset += n as u64;
+        let (data, end) = (data as u64, (hole as u64).min(len));
+        if data >= end {
+            break;
         }
+        extents.push((data, end));
         at = end;
     }
-    Ok(())
+    Ok(extents)
 }
 
 /// Creates (or truncates) `path` for writing, readable only by its owner (it holds guest memory).
@@ -541,5 +709,40 @@ mod tests {
         assert!(err.contains(&bad.display().to_string()), "{err}");
         let err = Chain::load(&[dir.path().join("gone"), good]).unwrap_err().to_string();
         assert!(err.contains("gone"), "{err}");
+    }
+
+    #[test]
+    fn a_whole_state_over_its_base_loads_only_changed_pages_to_the_same_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        // Base: page 0 = 1, page 1 = 2, pages 2 and 3 a hole.
+        let mut base = vec![1u8; PAGE_SIZE];
+        base.extend([2u8; PAGE_SIZE]);
+        std::fs::write(path("base"), &base).unwrap();
+        File::options()
+            .write(true)
+            .open(path("base"))
+            .unwrap()
+            .set_len(4 * PAGE_SIZE as u64)
+            .unwrap();
+        // The state: page 0 as in the base, page 1 cleared, page 2 written, page 3 zero.
+        let full = stream(&[(0, 1), (1, 0), (2, 7), (3, 0)]);
+        std::fs::write(path("state"), &full).unwrap();
+        let state = File::open(path("state")).unwrap();
+        let over = OverBase::open(&path("state"), &state, &path("base")).unwrap();
+        let mut composed = Vec::new();
+        let stats = over.compose(&mut composed).unwrap();
+        assert_eq!((stats.records, stats.kept), (4, 2));
+        // The state's file is still read from its start (a fallback hands it to QEMU).
+        let mut start = [0u8; 4];
+        std::io::Read::read_exact(&mut &state, &mut start).unwrap();
+        assert_eq!(start, full[..4]);
+        assert_eq!(load(&base, &[composed]), load(&[], &[full]));
+        // A base that is not the size of the guest's memory is refused, naming it.
+        std::fs::write(path("short"), &base).unwrap();
+        let err = OverBase::open(&path("state"), &state, &path("short"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("short") && err.contains("bytes"), "{err}");
     }
 }

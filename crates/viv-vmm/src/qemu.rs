@@ -388,7 +388,7 @@ impl Qemu {
         // Subscribe before the guest runs, so no event (the agent port opening) is missed.
         let events = qmp.events();
         if let Some(from) = &spec.restore_from {
-            if let Err(err) = restore(&qmp, from).await {
+            if let Err(err) = restore(&qmp, from, process.identity().pid).await {
                 return Err(fail(format!("restoring {}: {err}", from.state.display())).await);
             }
         }
@@ -743,7 +743,7 @@ mod tests {
             state: "/s".into(),
             opened: None,
             memory: SnapshotMemory::External,
-            chain: None,
+            composed: None,
         });
         let restore = Qemu::default().arguments(&spec).join(" ");
         assert!(restore.ends_with("-incoming defer"), "{restore}");

@@ -13,8 +13,11 @@
 //! the base alone (this bounds the depth: a long chain is cut by the next save, never rewritten
 //! in place), and installs it: `memory.parent` (when chained), then `memory.base`, then the diff
 //! renamed over `state`. The node also keeps the path of the memory file its VM mapped
-//! (`memory.source`), so a sandbox restored from it before the diff is installed (from the
-//! whole state, on anonymous memory) still saves diffs against the same base.
+//! (`memory.source`, recorded whether diffs are on or off), so a sandbox restored from its
+//! whole state maps that file privately and loads only the records that differ from it
+//! ([`memdiff::OverBase`]: a fork or a resume writes the pages the guest changed, not all its
+//! memory), falling back to the whole state on anonymous memory when the file is gone or does
+//! not fit, and still saves diffs against the same base.
 //!
 //! Invariants:
 //! - a node is consistent at every instant: a whole state restores alone or as the last part of
@@ -135,13 +138,11 @@ impl Manager {
         }
     }
 
-    /// Queues the diff of node `node`, just stored with its whole state, of the sandbox VM in
-    /// `run_dir` whose parent node is `parent`. Does nothing when diffs are off or the VM maps
-    /// no memory file.
+    /// Records which memory file the sandbox VM in `run_dir` maps (`memory.source`, which lets
+    /// a restore of the whole state load only the pages that differ from it), then queues the
+    /// diff of node `node`, just stored with its whole state, whose parent node is `parent`.
+    /// Does nothing when the VM maps no memory file; queues nothing when diffs are off.
     pub(super) fn queue_memory_diff(&self, run_dir: &Path, node: &str, parent: Option<&str>) {
-        if self.config.memory_diff_chain == 0 {
-            return;
-        }
         let Ok(mapped) = std::fs::read(run_dir.join(MEMORY_BASE)) else {
             return;
         };
@@ -156,6 +157,9 @@ impl Manager {
         });
         if let Err(err) = recorded {
             tracing::warn!(node, %err, "recording the node's memory source");
+        }
+        if self.config.memory_diff_chain == 0 {
+            return;
         }
         let job = DiffJob {
             snapshots: self.config.data_dir.join("snapshots"),
@@ -272,6 +276,22 @@ fn open_state(dir: &Path, leaf: &str) -> Result<File, ApiError> {
             state.display()
         ))
     })
+}
+
+/// Prepares the restore of whole state `file` (the node state at `state`) onto `source`, the
+/// memory file its VM mapped: `None`, and the state is loaded whole, when that file is gone or
+/// does not fit the state.
+pub(super) async fn over_base(state: &Path, file: &Arc<File>, source: &Path) -> Option<Arc<memdiff::OverBase>> {
+    let (state, file, source) = (state.to_path_buf(), file.clone(), source.to_path_buf());
+    let opened = tokio::task::spawn_blocking(move || memdiff::OverBase::open(&state, &file, &source)).await;
+    match opened {
+        Ok(Ok(over)) => Some(Arc::new(over)),
+        Ok(Err(err)) => {
+            tracing::debug!(%err, "loading the whole state: its memory file cannot be its base");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// The opened state files of node `dir`'s chain, root first; `opened` is `dir`'s own state,

@@ -7,6 +7,7 @@
 //! before its chain files are read (see `memory_chain.rs`).
 
 use super::*;
+use viv_vmm::Composed;
 
 impl Manager {
     /// Starts a VM in `run_dir` from `origin` and waits until its agent answers (not yet
@@ -41,7 +42,7 @@ impl Manager {
                         state: template.state.clone(),
                         opened: None,
                         memory: SnapshotMemory::External,
-                        chain: None,
+                        composed: None,
                     }),
                 )
             }
@@ -53,18 +54,26 @@ impl Manager {
                         dir.display()
                     )));
                 }
-                // A diff chain restores onto its base, mapped privately as a template's memory.
-                let (memory, opened, chain) = match self.node_memory(dir).await? {
+                // A diff chain restores onto its base, mapped privately as a template's memory;
+                // so does a whole state whose VM mapped a file that is still there, loading only
+                // the pages that differ from it.
+                let (memory, opened, composed) = match self.node_memory(dir).await? {
                     memory_chain::NodeMemory::Chain { base, chain } => {
                         self.record_memory_base(run_dir, &base);
-                        (GuestMemory::PrivateFile(base), None, Some(chain))
+                        (GuestMemory::PrivateFile(base), None, Some(Composed::Chain(chain)))
                     }
                     memory_chain::NodeMemory::Whole { file, source } => {
                         // Saves of this VM still diff against the base its parent's VM mapped.
-                        if let Some(source) = source {
-                            self.record_memory_base(run_dir, &source);
+                        if let Some(source) = &source {
+                            self.record_memory_base(run_dir, source);
                         }
-                        (GuestMemory::Anonymous, Some(file), None)
+                        match source {
+                            Some(source) => match memory_chain::over_base(&state, &file, &source).await {
+                                Some(over) => (GuestMemory::PrivateFile(source), None, Some(Composed::OverBase(over))),
+                                None => (GuestMemory::Anonymous, Some(file), None),
+                            },
+                            None => (GuestMemory::Anonymous, Some(file), None),
+                        }
                     }
                 };
                 (
@@ -74,7 +83,7 @@ impl Manager {
                         state,
                         opened,
                         memory: SnapshotMemory::Included,
-                        chain,
+                        composed,
                     }),
                 )
             }

@@ -8,6 +8,7 @@
 //! file of the server's).
 
 use super::*;
+use crate::Composed;
 
 /// The block node the guest's disk writes to and its file.
 pub(super) async fn top_block_node(qmp: &Qmp) -> Result<(String, PathBuf), VmError> {
@@ -192,10 +193,38 @@ async fn drop_fdset(qmp: &Qmp, id: u64) {
         .await;
 }
 
-/// Loads device state into a QEMU started with `-incoming defer`, then lets the guest run.
-pub(super) async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
+/// Loads device state into a QEMU (process `pid`) started with `-incoming defer`, then lets
+/// the guest run.
+pub(super) async fn restore(qmp: &Qmp, from: &Restore, pid: u32) -> Result<(), String> {
     let state = &from.state;
-    let (file, writer) = match &from.chain {
+    let composer = match &from.composed {
+        None => None,
+        Some(Composed::Chain(chain)) => {
+            let chain = chain.clone();
+            Some(Box::new(move |out: std::io::PipeWriter| chain.compose(out)) as Composer)
+        }
+        Some(Composed::OverBase(over)) => {
+            // The pages left out are those of the file this process compared them with: it
+            // must be the one QEMU mapped, not a newer file at the same path.
+            if !maps_file(pid, over.base_identity()) {
+                return Err(format!(
+                    "the memory file {} changed since the snapshot was taken",
+                    over.base().display()
+                ));
+            }
+            let over = over.clone();
+            Some(Box::new(move |out: std::io::PipeWriter| {
+                let stats = over.compose(out)?;
+                tracing::debug!(
+                    pages = stats.records,
+                    loaded = stats.kept,
+                    "whole state composed over its base"
+                );
+                Ok(())
+            }) as Composer)
+        }
+    };
+    let (file, writer) = match composer {
         None => {
             let file = match &from.opened {
                 Some(file) => file.try_clone(),
@@ -203,16 +232,19 @@ pub(super) async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
             };
             (file.map_err(|e| format!("opening {}: {e}", state.display()))?, None)
         }
-        Some(chain) => {
+        Some(compose) => {
             let (read, write) = std::io::pipe().map_err(|e| format!("creating a pipe: {e}"))?;
-            let chain = chain.clone();
+            // A larger pipe lets the composer and QEMU switch less often (best effort: the
+            // default 64 KiB works too).
+            // SAFETY: fcntl on a descriptor we own; no memory is passed.
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
             // QEMU reads as this writes; when QEMU stops reading (it failed), the write fails.
-            let writer = std::thread::spawn(move || chain.compose(write));
+            let writer = std::thread::spawn(move || compose(write));
             (std::fs::File::from(OwnedFd::from(read)), Some(writer))
         }
     };
     set_memory_mode(qmp, from.memory).await.map_err(|e| e.to_string())?;
-    tracing::debug!(state = %state.display(), chained = writer.is_some(), "loading device state");
+    tracing::debug!(state = %state.display(), composed = writer.is_some(), "loading device state");
     let fdset = pass_file(qmp, &file).await;
     // QEMU holds its own copy now: ours would keep the pipe open if QEMU dies.
     drop(file);
@@ -234,7 +266,7 @@ pub(super) async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
     if let (Err(err), Some(writer)) = (&loaded, writer) {
         if writer.is_finished() {
             if let Ok(Err(composing)) = writer.join() {
-                return Err(format!("{err} (composing the memory chain: {composing})"));
+                return Err(format!("{err} (composing the memory to load: {composing})"));
             }
         }
     }
@@ -243,6 +275,38 @@ pub(super) async fn restore(qmp: &Qmp, from: &Restore) -> Result<(), String> {
     qmp.execute("cont", None).await.map_err(|e| e.to_string())?;
     tracing::debug!("restored VM running");
     Ok(())
+}
+
+/// The size asked for the pipe a composed restore stream goes through (the default limit of
+/// `/proc/sys/fs/pipe-max-size` for an unprivileged process too).
+const PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// Writes the stream a restore composes into the pipe QEMU reads.
+type Composer = Box<dyn FnOnce(std::io::PipeWriter) -> Result<(), crate::memdiff::DiffError> + Send>;
+
+/// Whether process `pid` maps the file with device and inode `identity` (`/proc/PID/maps`
+/// shows both for every file mapping, whatever the path looks like in its mount namespace).
+fn maps_file(pid: u32, identity: (u64, u64)) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return false;
+    };
+    let (dev, ino) = identity;
+    let (major, minor) = (
+        libc::major(dev as libc::dev_t) as u64,
+        libc::minor(dev as libc::dev_t) as u64,
+    );
+    maps.lines().any(|line| {
+        let mut fields = line.split_ascii_whitespace().skip(3);
+        let (Some(device), Some(inode)) = (fields.next(), fields.next()) else {
+            return false;
+        };
+        let Some((maj, min)) = device.split_once(':') else {
+            return false;
+        };
+        inode.parse::<u64>().ok() == Some(ino)
+            && u64::from_str_radix(maj, 16).ok() == Some(major)
+            && u64::from_str_radix(min, 16).ok() == Some(minor)
+    })
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -458,5 +522,19 @@ impl Vm for QemuVm {
             Ok(())
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_maps_its_own_executable_and_not_another_inode() {
+        use std::os::unix::fs::MetadataExt as _;
+        let exe = std::fs::metadata(std::env::current_exe().unwrap()).unwrap();
+        assert!(maps_file(std::process::id(), (exe.dev(), exe.ino())));
+        assert!(!maps_file(std::process::id(), (exe.dev(), u64::MAX)));
+        assert!(!maps_file(u32::MAX, (exe.dev(), exe.ino())));
     }
 }

@@ -2,7 +2,9 @@
 //! to keep only the pages that changed since their parent; chains of them restore the guest's
 //! memory exactly, also when a resume races the rewrite; a damaged chain is refused with a
 //! message naming the part, and the collector keeps parents (and the base) while anything needs
-//! them; a paused sandbox kept as a diff moves to another node of a cluster as one whole state.
+//! them; a paused sandbox kept as a diff moves to another node of a cluster as one whole state;
+//! with diffs off, whole nodes restore over the template memory their VM mapped, exactly, and
+//! alone when that file does not fit.
 
 use std::path::{Path, PathBuf};
 
@@ -315,4 +317,56 @@ fn a_paused_sandbox_kept_as_a_memory_diff_moves_whole_to_another_node() {
         "kept\n"
     );
     assert_eq!(home.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+}
+
+#[test]
+fn whole_nodes_restore_over_the_template_memory_exactly_and_without_it_when_it_does_not_fit() {
+    // Diffs off (the default): pause and fork nodes keep their whole state, which a restore
+    // loads onto the template's memory file, skipping the pages that file already holds.
+    let server = TestServer::start_with_env(0, &[], &[]);
+    let id = server.create(json!({ "templateID": "base", "timeout": 600 }));
+    let setup = server.exec(
+        &id,
+        json!({ "command": "head -c 16M /dev/urandom > /dev/shm/blob && echo 0 > /dev/shm/log" }),
+    );
+    assert_eq!(setup.exit_code, Some(0), "{setup:?}");
+    let expected = checksum(&server, &id);
+    let forked = expected.clone();
+
+    let forks: Value = server
+        .post(&format!("/sandboxes/{id}/fork"))
+        .json(&json!({ "count": 1, "timeout": 600 }))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let child = forks[0]["sandbox"]["sandboxID"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no fork: {forks}"))
+        .to_owned();
+    assert_eq!(checksum(&server, &child), expected, "the fork sees the parent's memory");
+
+    let node = pause(&server, &id);
+    assert_eq!(node["memory"], "whole");
+    let source = node_dir(&server, &node).join("memory.source");
+    assert!(
+        std::fs::read_to_string(&source).is_ok_and(|s| s.ends_with(".mem")),
+        "the node names the template memory its VM mapped"
+    );
+    let resumed = resume(&server, &id);
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(checksum(&server, &id), expected, "memory differs after the resume");
+
+    // A node whose memory file is gone or of another size restores from its whole state alone.
+    let changed = server.exec(&id, json!({ "command": "echo 1 >> /dev/shm/log" }));
+    assert_eq!(changed.exit_code, Some(0));
+    let expected = checksum(&server, &id);
+    let node = pause(&server, &id);
+    let wrong = server.data_dir.join("not-the-template.mem");
+    std::fs::write(&wrong, [7u8; 4096]).unwrap();
+    std::fs::write(node_dir(&server, &node).join("memory.source"), wrong.to_str().unwrap()).unwrap();
+    let resumed = resume(&server, &id);
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    assert_eq!(checksum(&server, &id), expected, "memory differs after a whole resume");
+    assert_eq!(checksum(&server, &child), forked, "the fork kept its own memory");
 }
