@@ -96,8 +96,9 @@ struct Mapping {
 }
 
 // SAFETY: a `Mapping` is a read-only mapping of a file that is never written or truncated while
-// mapped (base files and node states are immutable once in place; see `page`); reading it from several threads, or from another thread than the one that
-// made it, is as safe as reading a `&[u8]`.
+// mapped (base files and node states are immutable once in place; see `page`); reading it from
+// several threads, or from another thread than the one that made it, is as safe as reading a
+// `&[u8]`.
 unsafe impl Send for Mapping {}
 // SAFETY: as above: no method mutates the mapping or its bytes.
 unsafe impl Sync for Mapping {}

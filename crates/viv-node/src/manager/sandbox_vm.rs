@@ -64,15 +64,18 @@ impl Manager {
                     }
                     memory_chain::NodeMemory::Whole { file, source } => {
                         // Saves of this VM still diff against the base its parent's VM mapped.
-                        if let Some(source) = &source {
-                            self.record_memory_base(run_dir, source);
-                        }
-                        match source {
-                            Some(source) => match memory_chain::over_base(&state, &file, &source).await {
-                                Some(over) => (GuestMemory::PrivateFile(source), None, Some(Composed::OverBase(over))),
-                                None => (GuestMemory::Anonymous, Some(file), None),
-                            },
-                            None => (GuestMemory::Anonymous, Some(file), None),
+                        let over = match &source {
+                            Some(source) => {
+                                self.record_memory_base(run_dir, source);
+                                memory_chain::over_base(&state, &file, source).await
+                            }
+                            None => None,
+                        };
+                        match (source, over) {
+                            (Some(source), Some(over)) => {
+                                (GuestMemory::PrivateFile(source), None, Some(Composed::OverBase(over)))
+                            }
+                            _ => (GuestMemory::Anonymous, Some(file), None),
                         }
                     }
                 };
