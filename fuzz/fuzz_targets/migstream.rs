@@ -4,14 +4,18 @@
 //! Checks, besides never panicking:
 //! - a stream that parses is written back (prefix, setup, records, tail) into one that parses to
 //!   the same blocks, the same records with the same page contents, and the same tail;
-//! - every record lies inside its block and every page's bytes lie inside the input.
+//! - every record lies inside its block and every page's bytes lie inside the input;
+//! - the setup alone (`migstream::blocks`, what a restore over a base reads before QEMU starts)
+//!   lists the same blocks as the whole parse, and fails whenever the setup does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use viv_vmm::migstream::{self, Content, PAGE_SIZE};
 
 fuzz_target!(|data: &[u8]| {
+    let blocks = migstream::blocks(data);
     let Ok(stream) = migstream::parse(data) else { return };
+    assert_eq!(blocks.expect("a stream that parses has a setup"), stream.blocks);
     for record in &stream.records {
         assert!(record.offset < stream.blocks[record.block].length);
         if let Content::Data(at) = record.content {

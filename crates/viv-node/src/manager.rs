@@ -239,6 +239,17 @@ impl LiveSandbox {
             let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
         }
     }
+
+    /// Like [`LiveSandbox::release_network`], without waiting for the removal (tens of
+    /// milliseconds of netlink and nftables work) to end, for a pause to answer sooner. The
+    /// slot's index is reused only once it is removed, and a runtime shutting down never
+    /// abandons it: a blocking task that never ran drops the slot, which removes it.
+    fn release_network_soon(&self) {
+        let slot = self.slot.lock().expect("slot lock").take();
+        if let Some(slot) = slot {
+            drop(tokio::task::spawn_blocking(move || drop(slot)));
+        }
+    }
 }
 
 /// Where a VM's first state comes from.
@@ -327,6 +338,8 @@ pub struct Manager {
     channel_key: String,
     /// Serializes resumes of each sandbox.
     resume_gates: lifecycle::ResumeGates,
+    /// Zero-page indexes of the memory files whole states restore over.
+    base_indexes: Arc<memory_chain::BaseIndexes>,
     /// QEMU, for the VM manager's machines.
     #[allow(dead_code)] // used by the VM runtime being built
     qemu: viv_vmm::qemu::Qemu,

@@ -401,7 +401,9 @@ pub trait Vm: Send + Sync {
     /// the socket, so the host connects only once this turns true.
     fn agent_port_open(&self) -> watch::Receiver<bool>;
     /// Pauses the VM and writes its state to `state_file`, guest memory included or not. The VM
-    /// stays paused: kill it afterwards, or [`Vm::resume`] it.
+    /// stays paused: kill it afterwards, or [`Vm::resume`] it. The file is written, not synced:
+    /// the caller syncs it before anything relies on it, which lets it kill or resume the VM
+    /// meanwhile (see [`sync_file`]).
     fn snapshot<'a>(
         &'a self,
         state_file: &'a std::path::Path,
@@ -420,3 +422,12 @@ pub trait Vm: Send + Sync {
 
 /// Time a VMM gets to create its control socket.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes the data of the file at `path` to its disk (`fdatasync`), off the async threads: a
+/// state [`Vm::snapshot`] wrote is durable once this returns.
+pub async fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&path)?.sync_data())
+        .await
+        .map_err(std::io::Error::other)?
+}

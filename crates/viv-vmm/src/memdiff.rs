@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 use crate::migstream::{self, Content, Stream, PAGE_SIZE};
 
+mod over_base;
+pub use over_base::{BaseIndex, OverBase};
+
 /// The RAM block of the guest's memory backend (`-object memory-backend-*,id=mem`).
 pub const BASE_BLOCK: &str = "mem";
 
@@ -111,6 +114,15 @@ impl Mapping {
 
     /// Maps `file` (the file at `path`, named in errors) whole; the mapping outlives `file`.
     fn of_file(path: &Path, file: &File) -> Result<Self, DiffError> {
+        let mut mapping = Self::whole(path, file)?;
+        mapping.data = data_extents(path, file, mapping.len as u64)?;
+        Ok(mapping)
+    }
+
+    /// Like [`Mapping::of_file`], without looking for holes (on a large tmpfs file that takes
+    /// milliseconds): every page is read through the mapping, for callers that know where the
+    /// holes are or read the whole file anyway.
+    fn whole(path: &Path, file: &File) -> Result<Self, DiffError> {
         let len = file.metadata().map_err(io(path))?.len() as usize;
         if len == 0 {
             return Ok(Self {
@@ -134,14 +146,11 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(io(path)(std::io::Error::last_os_error()));
         }
-        // Made at once, so that an error below unmaps it.
-        let mut mapping = Self {
+        Ok(Self {
             ptr,
             len,
-            data: Vec::new(),
-        };
-        mapping.data = data_extents(path, file, len as u64)?;
-        Ok(mapping)
+            data: vec![(0, len as u64)],
+        })
     }
 
     /// The whole mapped file.
@@ -212,7 +221,12 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[(PathBuf, Vec<u8>)], out: &P
     let base_map = Mapping::new(base)?;
     let tmp = out.with_extension("tmp");
     let file = create_private(&tmp)?;
-    let (file, mut stats) = write_changed(full, &full_buf, base, &base_map, chain, &tmp, file)?;
+    let pages = BasePages {
+        path: base,
+        map: &base_map,
+        index: None,
+    };
+    let (file, mut stats) = write_changed(full, &full_buf, &pages, chain, &tmp, file)?;
     file.sync_all().map_err(io(&tmp))?;
     stats.bytes = file.metadata().map_err(io(&tmp))?.len();
     drop(file);
@@ -220,15 +234,34 @@ pub fn make_diff(full: &Path, base: &Path, chain: &[(PathBuf, Vec<u8>)], out: &P
     Ok(stats)
 }
 
+/// The base a save is compared with.
+struct BasePages<'a> {
+    /// Its path, named in errors.
+    path: &'a Path,
+    /// Its mapping.
+    map: &'a Mapping,
+    /// What is known of it, to skip its zero pages without reading them.
+    index: Option<&'a BaseIndex>,
+}
+
+impl BasePages<'_> {
+    /// The page at `offset`, or None if it is zero (a hole, past the end, or known zero).
+    fn page(&self, offset: u64) -> Option<&[u8]> {
+        if self.index.is_some_and(|i| i.is_zero(offset)) {
+            return None;
+        }
+        self.map.page(offset)
+    }
+}
+
 /// Writes to `out` (named `out_path` in errors) the stream of full save `full` (the bytes of
 /// the file at `full_path`) with only its records that differ from the memory composed of
-/// `base` (mapped) and the diffs `chain`; records of other RAM blocks are all kept. `bytes` of
-/// the stats is left 0.
+/// `base` and the diffs `chain`; records of other RAM blocks are all kept. `bytes` of the
+/// stats is left 0.
 fn write_changed<W: std::io::Write>(
     full_path: &Path,
     full_buf: &[u8],
-    base_path: &Path,
-    base_map: &Mapping,
+    base: &BasePages<'_>,
     chain: &[(PathBuf, Vec<u8>)],
     out_path: &Path,
     out: W,
@@ -239,12 +272,12 @@ fn write_changed<W: std::io::Write>(
         what: format!("no RAM block '{BASE_BLOCK}'"),
     })?;
     let block_len = stream.blocks[base_index].length as usize;
-    if base_map.len > block_len {
+    if base.map.len > block_len {
         return Err(DiffError::Mismatch {
-            path: base_path.to_path_buf(),
+            path: base.path.to_path_buf(),
             what: format!(
                 "the base is larger ({} bytes) than the guest's memory ({block_len})",
-                base_map.len
+                base.map.len
             ),
         });
     }
@@ -258,7 +291,6 @@ fn write_changed<W: std::io::Write>(
             parents.insert(r.offset, (i, r.content));
         }
     }
-    let zero = [0u8; PAGE_SIZE];
     let mut writer = migstream::Writer::new(BufWriter::with_capacity(1 << 20, out), &stream).map_err(io(out_path))?;
     let mut stats = DiffStats {
         records: stream.records.len(),
@@ -270,14 +302,17 @@ fn write_changed<W: std::io::Write>(
             Content::Data(at) => Some(&full_buf[at..at + PAGE_SIZE]),
         };
         if record.block == base_index {
-            let parent: &[u8] = match parents.get(&record.offset) {
-                Some((_, Content::Zero)) => &zero,
-                Some((i, Content::Data(at))) => &chain[*i].1[*at..*at + PAGE_SIZE],
-                None => base_map.page(record.offset).unwrap_or(&zero),
+            // None: a page known to be zero without reading it.
+            let parent: Option<&[u8]> = match parents.get(&record.offset) {
+                Some((_, Content::Zero)) => None,
+                Some((i, Content::Data(at))) => Some(&chain[*i].1[*at..*at + PAGE_SIZE]),
+                None => base.page(record.offset),
             };
-            let same = match data {
-                None => is_zero(parent),
-                Some(data) => data == parent,
+            let same = match (data, parent) {
+                (None, None) => true,
+                (None, Some(parent)) => is_zero(parent),
+                (Some(data), None) => is_zero(data),
+                (Some(data), Some(parent)) => data == parent,
             };
             if same {
                 continue;
@@ -293,90 +328,6 @@ fn write_changed<W: std::io::Write>(
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
         .map_err(io(out_path))?;
     Ok((out, stats))
-}
-
-/// A node's whole state restored onto the memory file its VM mapped (its *base*): the VM maps
-/// the base privately and loads only the records of the state that differ from it, so a
-/// restore writes (and the host allocates) only the pages the guest changed since it started
-/// from that file, instead of every page of the state.
-///
-/// Invariant: the pages are compared with the base file this value opened; the caller checks
-/// that the restoring QEMU maps that same file (see [`OverBase::base_identity`]) before
-/// composing, since a path can name a newer file (a template rebuilt after a reboot).
-pub struct OverBase {
-    state_path: PathBuf,
-    state: Mapping,
-    base_path: PathBuf,
-    base: Mapping,
-    base_identity: (u64, u64),
-}
-
-impl std::fmt::Debug for OverBase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OverBase")
-            .field("state", &self.state_path)
-            .field("base", &self.base_path)
-            .finish()
-    }
-}
-
-impl OverBase {
-    /// Maps the whole state `state` (already opened, the file at `state_path`) and the base
-    /// file `base`, which must be exactly as long as the state's guest memory block.
-    pub fn open(state_path: &Path, state: &File, base_path: &Path) -> Result<Self, DiffError> {
-        use std::os::unix::fs::MetadataExt as _;
-        let state_map = Mapping::of_file(state_path, state)?;
-        let base_file = File::open(base_path).map_err(io(base_path))?;
-        let meta = base_file.metadata().map_err(io(base_path))?;
-        let base_map = Mapping::of_file(base_path, &base_file)?;
-        let stream = parse(state_path, state_map.bytes())?;
-        let block = stream.block(BASE_BLOCK).ok_or_else(|| DiffError::Mismatch {
-            path: state_path.to_path_buf(),
-            what: format!("no RAM block '{BASE_BLOCK}'"),
-        })?;
-        let block_len = stream.blocks[block].length;
-        if meta.len() != block_len {
-            return Err(DiffError::Mismatch {
-                path: base_path.to_path_buf(),
-                what: format!(
-                    "the base holds {} bytes but the guest's memory is {block_len}",
-                    meta.len()
-                ),
-            });
-        }
-        Ok(Self {
-            state_path: state_path.to_path_buf(),
-            state: state_map,
-            base_path: base_path.to_path_buf(),
-            base: base_map,
-            base_identity: (meta.dev(), meta.ino()),
-        })
-    }
-
-    /// The base file's path, for the VM to map.
-    pub fn base(&self) -> &Path {
-        &self.base_path
-    }
-
-    /// The device and inode of the base file the pages are compared with.
-    pub fn base_identity(&self) -> (u64, u64) {
-        self.base_identity
-    }
-
-    /// Writes the state's stream to `out` without the records the base already holds.
-    pub fn compose(&self, out: impl std::io::Write) -> Result<DiffStats, DiffError> {
-        let (mut out, stats) = write_changed(
-            &self.state_path,
-            self.state.bytes(),
-            &self.base_path,
-            &self.base,
-            &[],
-            &self.state_path,
-            out,
-        )?;
-        out.flush().map_err(io(&self.state_path))?;
-        Ok(stats)
-    }
 }
 
 fn check_blocks(path: &Path, part: &Stream<'_>, leaf: &Stream<'_>) -> Result<(), DiffError> {
@@ -610,7 +561,7 @@ mod tests {
     use crate::migstream::Writer;
 
     /// A stream of `pages` (offset, byte; 0 = a zero record) of block `mem` (4 pages).
-    fn stream(pages: &[(u64, u8)]) -> Vec<u8> {
+    pub(super) fn stream(pages: &[(u64, u8)]) -> Vec<u8> {
         let mut s = Vec::new();
         s.extend(0x5145_564du32.to_be_bytes());
         s.extend(3u32.to_be_bytes());
@@ -640,7 +591,7 @@ mod tests {
     }
 
     /// The guest memory QEMU would load: `base` then every record of `streams` in order.
-    fn load(base: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
+    pub(super) fn load(base: &[u8], streams: &[Vec<u8>]) -> Vec<u8> {
         let mut memory = base.to_vec();
         memory.resize(4 * PAGE_SIZE, 0);
         for buf in streams {
@@ -710,40 +661,5 @@ mod tests {
         assert!(err.contains(&bad.display().to_string()), "{err}");
         let err = Chain::load(&[dir.path().join("gone"), good]).unwrap_err().to_string();
         assert!(err.contains("gone"), "{err}");
-    }
-
-    #[test]
-    fn a_whole_state_over_its_base_loads_only_changed_pages_to_the_same_memory() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = |n: &str| dir.path().join(n);
-        // Base: page 0 = 1, page 1 = 2, pages 2 and 3 a hole.
-        let mut base = vec![1u8; PAGE_SIZE];
-        base.extend([2u8; PAGE_SIZE]);
-        std::fs::write(path("base"), &base).unwrap();
-        File::options()
-            .write(true)
-            .open(path("base"))
-            .unwrap()
-            .set_len(4 * PAGE_SIZE as u64)
-            .unwrap();
-        // The state: page 0 as in the base, page 1 cleared, page 2 written, page 3 zero.
-        let full = stream(&[(0, 1), (1, 0), (2, 7), (3, 0)]);
-        std::fs::write(path("state"), &full).unwrap();
-        let state = File::open(path("state")).unwrap();
-        let over = OverBase::open(&path("state"), &state, &path("base")).unwrap();
-        let mut composed = Vec::new();
-        let stats = over.compose(&mut composed).unwrap();
-        assert_eq!((stats.records, stats.kept), (4, 2));
-        // The state's file is still read from its start (a fallback hands it to QEMU).
-        let mut start = [0u8; 4];
-        std::io::Read::read_exact(&mut &state, &mut start).unwrap();
-        assert_eq!(start, full[..4]);
-        assert_eq!(load(&base, &[composed]), load(&[], &[full]));
-        // A base that is not the size of the guest's memory is refused, naming it.
-        std::fs::write(path("short"), &base).unwrap();
-        let err = OverBase::open(&path("state"), &state, &path("short"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("short") && err.contains("bytes"), "{err}");
     }
 }

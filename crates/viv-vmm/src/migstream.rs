@@ -166,8 +166,18 @@ fn find_ram_start(buf: &[u8]) -> Option<usize> {
     (8..buf.len()).find(|&i| pattern(i))
 }
 
-/// Reads `buf` as a QEMU migration stream up to the end of its RAM section.
-pub fn parse(buf: &[u8]) -> Result<Stream<'_>, StreamError> {
+/// The start of a stream up to the end of its RAM section's setup.
+struct Setup {
+    /// Where the RAM section starts.
+    start: usize,
+    /// Where its setup ends.
+    end: usize,
+    section_id: u32,
+    footers: bool,
+    blocks: Vec<Block>,
+}
+
+fn parse_setup(buf: &[u8]) -> Result<Setup, StreamError> {
     let mut c = Cursor { buf, at: 0 };
     if c.be32()? != MAGIC || c.be32()? != VERSION {
         return Err(StreamError::NotAStream);
@@ -202,7 +212,32 @@ pub fn parse(buf: &[u8]) -> Result<Stream<'_>, StreamError> {
     }
     let footers = c.peek() == Some(SECTION_FOOTER);
     footer(&mut c, footers, section_id)?;
-    let setup = &buf[start..c.at];
+    Ok(Setup {
+        start,
+        end: c.at,
+        section_id,
+        footers,
+        blocks,
+    })
+}
+
+/// The RAM blocks a stream's setup lists, without reading its page records (which
+/// [`parse`] checks).
+pub fn blocks(buf: &[u8]) -> Result<Vec<Block>, StreamError> {
+    parse_setup(buf).map(|setup| setup.blocks)
+}
+
+/// Reads `buf` as a QEMU migration stream up to the end of its RAM section.
+pub fn parse(buf: &[u8]) -> Result<Stream<'_>, StreamError> {
+    let Setup {
+        start,
+        end,
+        section_id,
+        footers,
+        blocks,
+    } = parse_setup(buf)?;
+    let mut c = Cursor { buf, at: end };
+    let setup = &buf[start..end];
     let mut records = Vec::new();
     // QEMU's last block carries over from one section to the next (`CONTINUE` may start one).
     let mut block = None;

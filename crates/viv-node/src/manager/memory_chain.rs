@@ -36,6 +36,7 @@
 //!
 //! [`Config::memory_diff_chain`]: super::Config::memory_diff_chain
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +85,9 @@ impl Manager {
         if let Err(err) = std::fs::write(run_dir.join(MEMORY_BASE), file.as_os_str().as_encoded_bytes()) {
             tracing::warn!(dir = %run_dir.display(), %err, "recording the VM's memory base; its snapshots keep their whole memory");
         }
+        // A later resume or fork of this VM composes over the file: its index is built now, off
+        // their path.
+        self.base_indexes.warm(file);
     }
 
     /// What a restore of node `dir` loads: its whole state, or its chain (diffs root first, its
@@ -278,12 +282,81 @@ fn open_state(dir: &Path, leaf: &str) -> Result<File, ApiError> {
     })
 }
 
+/// The zero-page indexes of the memory files restores compose over, one per file, built on
+/// first use (reading the file once) and kept while the file at that path stays the same
+/// (device, inode, length). An index holds no mapping or descriptor, so a deleted template's
+/// file is freed at once.
+#[derive(Default)]
+pub(super) struct BaseIndexes {
+    kept: std::sync::Mutex<HashMap<PathBuf, Arc<memdiff::BaseIndex>>>,
+    /// Held while an index is built, so that a restore and a warm-up build it once.
+    building: std::sync::Mutex<()>,
+}
+
+/// Most indexes kept (a `base` template's is 16 KiB): beyond it, those of files gone or
+/// replaced are dropped, then any.
+const MAX_BASE_INDEXES: usize = 64;
+
+impl BaseIndexes {
+    /// Builds the index of `path` in the background unless one is kept that still describes it.
+    fn warm(self: &Arc<Self>, path: &Path) {
+        if self.kept(path).is_some() {
+            return;
+        }
+        let (indexes, path) = (self.clone(), path.to_path_buf());
+        drop(tokio::task::spawn_blocking(move || {
+            if let Err(err) = indexes.get(&path) {
+                tracing::debug!(%err, "indexing a memory base");
+            }
+        }));
+    }
+
+    /// The index kept for `path`, if it still describes the file there.
+    fn kept(&self, path: &Path) -> Option<Arc<memdiff::BaseIndex>> {
+        let meta = std::fs::metadata(path).ok()?;
+        let kept = self.kept.lock().expect("base indexes lock");
+        kept.get(path).filter(|index| index.describes(&meta)).cloned()
+    }
+
+    /// The index of `path`, built now (blocking) unless one is kept that still describes it.
+    fn get(&self, path: &Path) -> Result<Arc<memdiff::BaseIndex>, memdiff::DiffError> {
+        if let Some(index) = self.kept(path) {
+            return Ok(index);
+        }
+        let _building = self.building.lock().expect("base index build lock");
+        if let Some(index) = self.kept(path) {
+            return Ok(index);
+        }
+        let started = std::time::Instant::now();
+        let index = Arc::new(memdiff::BaseIndex::build(path)?);
+        tracing::debug!(base = %path.display(), zero_pages = index.zero_pages(), ms = started.elapsed().as_millis() as u64, "memory base indexed");
+        let mut indexes = self.kept.lock().expect("base indexes lock");
+        if indexes.len() >= MAX_BASE_INDEXES {
+            indexes.retain(|path, index| std::fs::metadata(path).is_ok_and(|meta| index.describes(&meta)));
+            if indexes.len() >= MAX_BASE_INDEXES {
+                indexes.clear();
+            }
+        }
+        indexes.insert(path.to_path_buf(), index.clone());
+        Ok(index)
+    }
+}
+
 /// Prepares the restore of whole state `file` (the node state at `state`) onto `source`, the
 /// memory file its VM mapped: `None`, and the state is loaded whole, when that file is gone or
 /// does not fit the state.
-pub(super) async fn over_base(state: &Path, file: &Arc<File>, source: &Path) -> Option<Arc<memdiff::OverBase>> {
-    let (state, file, source) = (state.to_path_buf(), file.clone(), source.to_path_buf());
-    let opened = tokio::task::spawn_blocking(move || memdiff::OverBase::open(&state, &file, &source)).await;
+pub(super) async fn over_base(
+    indexes: &Arc<BaseIndexes>,
+    state: &Path,
+    file: &Arc<File>,
+    source: &Path,
+) -> Option<Arc<memdiff::OverBase>> {
+    let (indexes, state, file, source) = (indexes.clone(), state.to_path_buf(), file.clone(), source.to_path_buf());
+    let opened = tokio::task::spawn_blocking(move || {
+        let index = indexes.get(&source)?;
+        memdiff::OverBase::open(&state, &file, index)
+    })
+    .await;
     match opened {
         Ok(Ok(over)) => Some(Arc::new(over)),
         Ok(Err(err)) => {

@@ -67,7 +67,7 @@ impl Manager {
                         let over = match &source {
                             Some(source) => {
                                 self.record_memory_base(run_dir, source);
-                                memory_chain::over_base(&state, &file, source).await
+                                memory_chain::over_base(&self.base_indexes, &state, &file, source).await
                             }
                             None => None,
                         };

@@ -94,6 +94,7 @@ impl Manager {
             data_key,
             channel_key,
             resume_gates: lifecycle::ResumeGates::default(),
+            base_indexes: Default::default(),
             cluster_link: std::sync::OnceLock::new(),
             layer_fetches: tokio::sync::Mutex::new(()),
             storage: Arc::new(storage),

@@ -86,7 +86,7 @@ impl Manager {
         self.store.put_sandbox(&row)?;
         self.publish_sandbox(id, "paused", Some(format!("snapshot {}", node.id)));
         remove_files(&live.run_dir, &live.memory_file);
-        live.release_network().await;
+        live.release_network_soon();
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         drop(_op);
         // Copies on other nodes (--pause-replicas), before the pause answers.
@@ -367,16 +367,15 @@ impl Manager {
     async fn save_stopping(&self, live: &LiveSandbox, building: &Path) -> Result<(), ApiError> {
         super::lifecycle::flush_guest(live).await;
         live.agent.close().await;
-        if let Err(err) = live
-            .vm
-            .snapshot(&building.join("state"), SnapshotMemory::Included)
-            .await
-        {
+        let state = building.join("state");
+        if let Err(err) = live.vm.snapshot(&state, SnapshotMemory::Included).await {
             // The VM may have died (then its watcher marks the sandbox failed); otherwise it runs on.
             let _ = live.vm.resume().await;
             return Err(ApiError::Sandbox(format!("saving sandbox {}: {err}", live.id)));
         }
-        let _ = live.vm.kill().await;
+        // The state is whole in the page cache: the VM goes while it reaches the disk.
+        let (synced, _) = tokio::join!(viv_vmm::sync_file(&state), live.vm.kill());
+        synced.map_err(|e| ApiError::Internal(format!("writing the state of sandbox {}: {e}", live.id)))?;
         let disk = live.root_disk.lock().expect("disk lock").clone();
         let kept = building.join("disk.qcow2");
         std::fs::rename(&disk, &kept)
@@ -390,18 +389,23 @@ impl Manager {
         let vm_error =
             |what: &str, err: viv_vmm::VmError| ApiError::Sandbox(format!("{what} sandbox {}: {err}", live.id));
         live.vm.pause().await.map_err(|e| vm_error("pausing", e))?;
+        let state = building.join("state");
         let result = async {
             self.swap_disk(live, &building.join("disk.qcow2"), &dir.join("disk.qcow2"))
                 .await?;
             live.vm
-                .snapshot(&building.join("state"), SnapshotMemory::Included)
+                .snapshot(&state, SnapshotMemory::Included)
                 .await
                 .map_err(|e| vm_error("saving", e))
         }
         .await;
         let resumed = live.vm.resume().await;
         result?;
-        resumed.map_err(|e| vm_error("resuming", e))
+        resumed.map_err(|e| vm_error("resuming", e))?;
+        // The VM runs on while its saved state reaches the disk.
+        viv_vmm::sync_file(&state)
+            .await
+            .map_err(|e| ApiError::Internal(format!("writing the state of sandbox {}: {e}", live.id)))
     }
 
     /// With the vCPUs stopped: gives the VM's overlay a second name `link` (the VM writes to it

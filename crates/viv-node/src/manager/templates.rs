@@ -355,6 +355,9 @@ impl Manager {
         let saved = live.vm.snapshot(&state, viv_vmm::SnapshotMemory::External).await;
         let _ = live.vm.kill().await;
         saved.map_err(|e| ApiError::Internal(format!("snapshotting the template: {e}")))?;
+        viv_vmm::sync_file(&state)
+            .await
+            .map_err(|e| ApiError::Internal(format!("writing the template's state: {e}")))?;
         let disk = live.root_disk.lock().expect("disk lock").clone();
         std::fs::rename(&disk, building.join("disk.qcow2"))
             .map_err(|e| ApiError::Internal(format!("keeping the template's disk: {e}")))?;

@@ -444,14 +444,8 @@ impl Vm for QemuVm {
             .await;
             drop_fdset(&self.qmp, fdset).await;
             saved?;
+            drop(file);
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "migration completed");
-            // QEMU wrote through its copy of the descriptor; the file's data is durable once
-            // this one is synced.
-            let synced = tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(std::io::Error::other)?;
-            synced?;
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "state written");
             Ok(())
         }
         .boxed()
