@@ -542,23 +542,21 @@ impl Manager {
             ],
         )?;
         let lifecycle = lifecycle::lifecycle_of(&req, timeout, &env_vars)?;
+        // Warm VMs are kept for the template's own shape only: a pool per shape that clients
+        // ask for would grow without bound.
+        let refill = matches!(&source, Source::Template(recipe)
+            if self.config.snapshots && !cold_boot && (vcpus, memory_mib) == (recipe.cpu_count, recipe.memory_mb));
         let pooled = match &source {
             Source::Template(recipe) if self.config.snapshots && !cold_boot => {
                 let key = self.template_key(recipe, vcpus, memory_mib);
                 // A warm VM's rules change when it is taken in the isolated mode; in the user
                 // mode its card is unrestricted for good.
                 let fits = self.config.network != NetworkMode::User || rules.internet;
-                let taken = if req.pooled.unwrap_or(true) && fits {
+                if req.pooled.unwrap_or(true) && fits {
                     self.take_pooled(&key)
                 } else {
                     None
-                };
-                // Warm VMs are kept for the template's own shape only: a pool per shape that
-                // clients ask for would grow without bound.
-                if (vcpus, memory_mib) == (recipe.cpu_count, recipe.memory_mb) {
-                    self.refill_pool(recipe, vcpus, memory_mib);
                 }
-                taken
             }
             _ => None,
         };
@@ -589,7 +587,14 @@ impl Manager {
             ..StartRequest::new(&source, timeout)
         };
         self.record_lifecycle(&row.id, &lifecycle)?;
-        let created = self.start_sandbox(row, start, OnFailure::Delete).await?;
+        let created = self.start_sandbox(row, start, OnFailure::Delete).await;
+        // The pool is refilled once this create is done: a replacement's restore (QEMU's start,
+        // its network slot's commands, the guest's warm-up) would otherwise take the CPU from the
+        // agent round trips the create waits for.
+        if let (true, Source::Template(recipe)) = (refill, &source) {
+            self.refill_pool(recipe, vcpus, memory_mib);
+        }
+        let created = created?;
         if let Err(err) = self.mount_volumes(&created.sandbox_id, &mounts).await {
             let _ = self.kill(&created.sandbox_id).await;
             return Err(err);
