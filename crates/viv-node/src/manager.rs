@@ -234,21 +234,18 @@ impl LiveSandbox {
     /// Removes the VM's namespace and links now (its VM has stopped), rather than whenever the
     /// last handle of this sandbox goes.
     async fn release_network(&self) {
-        let slot = self.slot.lock().expect("slot lock").take();
-        if let Some(slot) = slot {
-            let _ = tokio::task::spawn_blocking(move || drop(slot)).await;
+        if let Some(removal) = self.release_network_soon() {
+            let _ = removal.await;
         }
     }
 
-    /// Like [`LiveSandbox::release_network`], without waiting for the removal (tens of
-    /// milliseconds of netlink and nftables work) to end, for a pause to answer sooner. The
-    /// slot's index is reused only once it is removed, and a runtime shutting down never
-    /// abandons it: a blocking task that never ran drops the slot, which removes it.
-    fn release_network_soon(&self) {
-        let slot = self.slot.lock().expect("slot lock").take();
-        if let Some(slot) = slot {
-            drop(tokio::task::spawn_blocking(move || drop(slot)));
-        }
+    /// Starts removing the VM's namespace and links (tens of milliseconds of netlink and
+    /// nftables work) and returns that task, which a pause does not wait for, to answer
+    /// sooner. The slot's index is reused only once it is removed, and a runtime shutting down
+    /// never abandons it: a blocking task that never ran drops the slot, which removes it.
+    fn release_network_soon(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let slot = self.slot.lock().expect("slot lock").take()?;
+        Some(tokio::task::spawn_blocking(move || drop(slot)))
     }
 }
 
@@ -542,23 +539,24 @@ impl Manager {
             ],
         )?;
         let lifecycle = lifecycle::lifecycle_of(&req, timeout, &env_vars)?;
-        // Warm VMs are kept for the template's own shape only: a pool per shape that clients
-        // ask for would grow without bound.
-        let refill = matches!(&source, Source::Template(recipe)
-            if self.config.snapshots && !cold_boot && (vcpus, memory_mib) == (recipe.cpu_count, recipe.memory_mb));
-        let pooled = match &source {
+        // The recipe whose pool this create refills, and the warm VM it takes, if any.
+        let (refill, pooled) = match &source {
             Source::Template(recipe) if self.config.snapshots && !cold_boot => {
                 let key = self.template_key(recipe, vcpus, memory_mib);
                 // A warm VM's rules change when it is taken in the isolated mode; in the user
                 // mode its card is unrestricted for good.
                 let fits = self.config.network != NetworkMode::User || rules.internet;
-                if req.pooled.unwrap_or(true) && fits {
+                let taken = if req.pooled.unwrap_or(true) && fits {
                     self.take_pooled(&key)
                 } else {
                     None
-                }
+                };
+                // Warm VMs are kept for the template's own shape only: a pool per shape that
+                // clients ask for would grow without bound.
+                let own_shape = (vcpus, memory_mib) == (recipe.cpu_count, recipe.memory_mb);
+                (own_shape.then_some(recipe), taken)
             }
-            _ => None,
+            _ => (None, None),
         };
         let row = SandboxRow {
             id: pooled.as_ref().map_or_else(|| random_id(20), |live| live.id.clone()),
@@ -591,7 +589,7 @@ impl Manager {
         // The pool is refilled once this create is done: a replacement's restore (QEMU's start,
         // its network slot's commands, the guest's warm-up) would otherwise take the CPU from the
         // agent round trips the create waits for.
-        if let (true, Source::Template(recipe)) = (refill, &source) {
+        if let Some(recipe) = refill {
             self.refill_pool(recipe, vcpus, memory_mib);
         }
         let created = created?;

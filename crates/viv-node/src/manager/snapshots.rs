@@ -86,7 +86,7 @@ impl Manager {
         self.store.put_sandbox(&row)?;
         self.publish_sandbox(id, "paused", Some(format!("snapshot {}", node.id)));
         remove_files(&live.run_dir, &live.memory_file);
-        live.release_network_soon();
+        drop(live.release_network_soon());
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         drop(_op);
         // Copies on other nodes (--pause-replicas), before the pause answers.
@@ -374,8 +374,8 @@ impl Manager {
             return Err(ApiError::Sandbox(format!("saving sandbox {}: {err}", live.id)));
         }
         // The state is whole in the page cache: the VM goes while it reaches the disk.
-        let (synced, _) = tokio::join!(viv_vmm::sync_file(&state), live.vm.kill());
-        synced.map_err(|e| ApiError::Internal(format!("writing the state of sandbox {}: {e}", live.id)))?;
+        let (synced, _) = tokio::join!(sync_state(live, &state), live.vm.kill());
+        synced?;
         let disk = live.root_disk.lock().expect("disk lock").clone();
         let kept = building.join("disk.qcow2");
         std::fs::rename(&disk, &kept)
@@ -403,9 +403,7 @@ impl Manager {
         result?;
         resumed.map_err(|e| vm_error("resuming", e))?;
         // The VM runs on while its saved state reaches the disk.
-        viv_vmm::sync_file(&state)
-            .await
-            .map_err(|e| ApiError::Internal(format!("writing the state of sandbox {}: {e}", live.id)))
+        sync_state(live, &state).await
     }
 
     /// With the vCPUs stopped: gives the VM's overlay a second name `link` (the VM writes to it
@@ -582,6 +580,14 @@ pub(super) fn allocated_bytes(dir: &Path) -> u64 {
 
 /// The virtual size recorded in a qcow2 header (big-endian u64 at offset 24).
 /// Makes a frozen file (a disk layer) root's and read-only to VMs.
+/// Syncs the state `live`'s VM saved at `state` (see [`viv_vmm::Vm::snapshot`]): the node
+/// holding it is stored only once this succeeds.
+async fn sync_state(live: &LiveSandbox, state: &Path) -> Result<(), ApiError> {
+    viv_vmm::sync_file(state)
+        .await
+        .map_err(|e| ApiError::Internal(format!("writing the state of sandbox {}: {e}", live.id)))
+}
+
 pub(super) fn seal(path: &Path) -> Result<(), ApiError> {
     viv_vmm::confine::seal(path).map_err(|e| ApiError::Internal(format!("sealing {}: {e}", path.display())))
 }

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{io, is_zero, write_changed, BasePages, DiffError, DiffStats, Mapping, BASE_BLOCK};
+use super::{for_each_page_with_data, io, write_changed, BasePages, DiffError, DiffStats, Mapping, BASE_BLOCK};
 use crate::migstream::{self, PAGE_SIZE};
 
 /// What restores over a base need to know of it once: which file it is and which of its pages
@@ -46,20 +46,15 @@ impl BaseIndex {
         use std::os::unix::fs::MetadataExt as _;
         let file = File::open(path).map_err(io(path))?;
         let meta = file.metadata().map_err(io(path))?;
-        let map = Mapping::of_file(path, &file)?;
         let pages = meta.len().div_ceil(PAGE_SIZE as u64) as usize;
         let mut zero = vec![u64::MAX; pages.div_ceil(64)];
         let mut zero_pages = pages;
-        for &(from, to) in &map.data {
-            for offset in (from..to).step_by(PAGE_SIZE) {
-                // A partial last page (not a guest's memory file) is left as data.
-                let page = offset as usize / PAGE_SIZE;
-                if map.page(offset).is_none_or(|bytes| !is_zero(bytes)) {
-                    zero[page / 64] &= !(1 << (page % 64));
-                    zero_pages -= 1;
-                }
-            }
-        }
+        for_each_page_with_data(path, &file, meta.len(), |offset, _| {
+            let page = offset as usize / PAGE_SIZE;
+            zero[page / 64] &= !(1 << (page % 64));
+            zero_pages -= 1;
+            Ok(())
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             identity: (meta.dev(), meta.ino()),

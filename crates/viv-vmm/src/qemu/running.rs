@@ -444,7 +444,6 @@ impl Vm for QemuVm {
             .await;
             drop_fdset(&self.qmp, fdset).await;
             saved?;
-            drop(file);
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "migration completed");
             Ok(())
         }
