@@ -107,6 +107,11 @@ impl Accel {
     /// blocks from a few KiB up; TCG runs those one byte per iteration, about 10× slower than
     /// the vector loops chosen without them (a 256 KiB `memcpy` in the guest: 300 MiB/s with,
     /// 3.6 GiB/s without).
+    ///
+    /// The translation cache (`tb-size`) is half of an idle sandbox's private memory (~26 MiB
+    /// touched), but that is the code the guest kernel and the agent keep running: capped at
+    /// 16 MiB, the cache flushed on every command and `true` took ~250 ms instead of ~20
+    /// (`bench/RESULTS.md`). 128 MiB leaves room for busy guests.
     pub fn qemu_accel_and_cpu(self) -> (&'static str, &'static str) {
         match self {
             Self::Kvm => ("kvm", "host"),
