@@ -578,8 +578,6 @@ pub(super) fn allocated_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The virtual size recorded in a qcow2 header (big-endian u64 at offset 24).
-/// Makes a frozen file (a disk layer) root's and read-only to VMs.
 /// Syncs the state `live`'s VM saved at `state` (see [`viv_vmm::Vm::snapshot`]): the node
 /// holding it is stored only once this succeeds.
 async fn sync_state(live: &LiveSandbox, state: &Path) -> Result<(), ApiError> {
@@ -588,10 +586,12 @@ async fn sync_state(live: &LiveSandbox, state: &Path) -> Result<(), ApiError> {
         .map_err(|e| ApiError::Internal(format!("writing the state of sandbox {}: {e}", live.id)))
 }
 
+/// Makes a frozen file (a disk layer) root's and read-only to VMs.
 pub(super) fn seal(path: &Path) -> Result<(), ApiError> {
     viv_vmm::confine::seal(path).map_err(|e| ApiError::Internal(format!("sealing {}: {e}", path.display())))
 }
 
+/// The virtual size recorded in a qcow2 header (big-endian u64 at offset 24).
 fn qcow2_virtual_size(path: &Path) -> Result<u64, ApiError> {
     use std::io::Read as _;
     let mut header = [0u8; 32];
