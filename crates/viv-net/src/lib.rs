@@ -22,6 +22,10 @@
 //!   back with [`Network::adopt`]), so slots are reclaimed after crashes; of other keys whose
 //!   lock (under [`LOCK_DIR`], held by a running server) is free, every namespace whose tap no
 //!   VM holds is removed, and the key's table once no namespace of it is left;
+//! - up to [`NetworkConfig::spares`] slots are made ahead with the open policy (internet on,
+//!   no lists; [`spares`]), so a sandbox's start takes one ready; a spare's index counts as
+//!   used, [`Network::slots_in_use`] does not count spares, and a spare is removed like any
+//!   slot when the server stops, or at the next start after a crash;
 //! - per-sandbox rules exist only inside sandbox namespaces: the host table never changes while
 //!   the server runs (a starting server replaces it in one transaction, since the DNS
 //!   forwarder's port changes, and reloads the rules of every slot it takes back).
@@ -37,6 +41,11 @@ pub mod switches;
 
 mod dns;
 mod proxy;
+mod slot;
+mod spares;
+
+pub use slot::Slot;
+use slot::{make_slot, slot_of, start_proxy};
 
 /// Entry points of the parsers for guest-controlled bytes, for the fuzz targets in `fuzz/`.
 #[doc(hidden)]
@@ -100,6 +109,9 @@ pub struct NetworkConfig {
     /// Up to 6 characters `[0-9a-z]` unique to this server on the host; names its namespaces
     /// (`viv-KEY-N`), links (`vhKEYN`) and nftables table (`vivarium_KEY`).
     pub key: String,
+    /// Slots kept made ahead, ready for the next sandbox (0: each is made when a sandbox
+    /// starts, ~20 ms of `ip` and `nft`).
+    pub spares: usize,
 }
 
 /// The state the slots, the DNS forwarder and the proxy share.
@@ -135,6 +147,7 @@ impl Shared {
 /// Isolated networking of one server: the host table, the services, the slots.
 pub struct Network {
     shared: Arc<Shared>,
+    spares: Arc<spares::Spares>,
     tasks: Vec<tokio::task::AbortHandle>,
     /// Held while the server runs (see [`LOCK_DIR`]).
     _lock: std::fs::File,
@@ -272,12 +285,15 @@ impl Network {
         }
         let tasks = vec![tokio::spawn(dns::serve(Arc::new(dns), resolvers, shared.clone())).abort_handle()];
         tracing::info!(pool = %shared.config.pool, slots, dns_port = shared.dns_port, "isolated networking ready");
-        Ok(Self {
+        let network = Self {
+            spares: Arc::new(spares::Spares::new(shared.config.spares)),
             shared,
             tasks,
             _lock: lock,
             stopped: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        network.spares.refill(&network.shared, std::time::Duration::ZERO);
+        Ok(network)
     }
 
     /// Takes back slot `index` of a VM that outlived the previous server (kept at
@@ -285,7 +301,7 @@ impl Network {
     /// starts its egress proxy. Dropping the slot removes it, as for any other.
     pub async fn adopt(&self, index: u32, policy: Policy) -> Result<Slot, NetError> {
         self.shared.used.lock().expect("slots lock").insert(index);
-        let mut slot = self.slot(index);
+        let mut slot = slot_of(&self.shared, index);
         if !slot.netns_path().exists() {
             return Err(NetError::Io {
                 context: format!("taking back network slot {index}"),
@@ -294,76 +310,41 @@ impl Network {
         }
         // The pool may have changed since the slot was made (`--net-pool`): its links take
         // this server's addresses for the index.
-        let handle = slot.handle.clone();
-        tokio::task::spawn_blocking(move || handle.ensure_addresses())
-            .await
-            .map_err(|e| NetError::Io {
-                context: "readdressing a network slot".into(),
-                source: std::io::Error::other(e),
-            })??;
+        slot.readdress().await?;
         slot.apply(policy).await?;
-        self.start_proxy(&mut slot)?;
+        start_proxy(&self.shared, &mut slot)?;
         tracing::info!(netns = %slot.netns_name(), "took back a network slot");
         Ok(slot)
     }
 
-    /// The slot of `index` (taken in `used` by the caller); dropping it removes its namespace.
-    fn slot(&self, index: u32) -> Slot {
-        Slot {
-            handle: SlotHandle {
-                shared: self.shared.clone(),
-                index,
-            },
-            proxy: None,
-            detached: false,
-        }
-    }
-
-    /// Starts the egress proxy of `slot`, listening inside its namespace.
-    fn start_proxy(&self, slot: &mut Slot) -> Result<(), NetError> {
-        let listener = listen_in(&slot.netns_path(), rules::PROXY_PORT)?;
-        slot.proxy =
-            Some(tokio::spawn(proxy::serve(listener, self.shared.clone(), slot.namespace_address())).abort_handle());
-        Ok(())
-    }
-
     /// Takes a free slot: a namespace with a tap device for the VM, linked to the host, with
-    /// `policy` in force.
+    /// `policy` in force. A spare made ahead is taken first (its rules replaced unless `policy`
+    /// is the open one it was made with), and the spares are made up again afterwards.
     pub async fn acquire(&self, policy: Policy) -> Result<Slot, NetError> {
         let started = std::time::Instant::now();
-        let index = {
-            let mut used = self.shared.used.lock().expect("slots lock");
-            let index = (0..self.shared.slots as u32)
-                .find(|i| !used.contains(i))
-                .ok_or(NetError::Exhausted(self.shared.slots))?;
-            used.insert(index);
-            index
+        let spare = self.spares.take();
+        let from_spare = spare.is_some();
+        let slot = match spare {
+            Some(slot) if policy == Policy::default() => Ok(slot),
+            Some(slot) => slot.apply(policy).await.map(|()| slot),
+            None => make_slot(&self.shared, policy).await,
         };
-        let mut slot = self.slot(index);
-        let policy = Arc::new(policy);
-        let setup = (slot.handle.clone(), policy.clone());
-        tokio::task::spawn_blocking(move || {
-            let (handle, policy) = setup;
-            handle.create(&policy)
-        })
-        .await
-        .map_err(|e| NetError::Io {
-            context: "creating a network slot".into(),
-            source: std::io::Error::other(e),
-        })??;
-        self.start_proxy(&mut slot)?;
-        self.shared
-            .policies
-            .write()
-            .expect("policies lock")
-            .insert(slot.namespace_address(), policy);
-        tracing::debug!(netns = %slot.netns_name(), ms = started.elapsed().as_millis() as u64, "network slot ready");
+        self.refill_spares();
+        let slot = slot?;
+        tracing::debug!(netns = %slot.netns_name(), from_spare, ms = started.elapsed().as_millis() as u64, "network slot ready");
         Ok(slot)
     }
 
-    /// Slots in use.
+    /// Makes spare slots in the background, a moment after a start, until there are
+    /// [`NetworkConfig::spares`].
+    fn refill_spares(&self) {
+        self.spares.refill(&self.shared, spares::REFILL_AFTER_TAKE);
+    }
+
+    /// Slots sandboxes hold (spares made ahead are not counted).
     pub fn slots_in_use(&self) -> usize {
-        self.shared.used.lock().expect("slots lock").len()
+        let used = self.shared.used.lock().expect("slots lock").len();
+        used.saturating_sub(self.spares.len())
     }
 }
 
@@ -377,6 +358,7 @@ impl Network {
         for task in &self.tasks {
             task.abort();
         }
+        self.spares.close();
         remove_resources(&self.shared.config.key);
     }
 
@@ -390,6 +372,8 @@ impl Network {
         for task in &self.tasks {
             task.abort();
         }
+        // No VM holds a spare: it goes.
+        self.spares.close();
     }
 }
 
@@ -626,210 +610,4 @@ pub fn connect_in(
     timeout: std::time::Duration,
 ) -> std::io::Result<std::net::TcpStream> {
     in_namespace(netns, || std::net::TcpStream::connect_timeout(&address, timeout))
-}
-
-/// A sandbox's network: its namespace, tap device and veth pair. Dropping it removes them,
-/// unless it was detached.
-pub struct Slot {
-    handle: SlotHandle,
-    /// The egress proxy's task (its socket keeps the namespace alive, so it ends first).
-    proxy: Option<tokio::task::AbortHandle>,
-    /// Left for a VM that runs on after the server stops.
-    detached: bool,
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("netns", &self.netns_name()).finish()
-    }
-}
-
-impl Slot {
-    /// The namespace's name (`ip netns` list it).
-    pub fn netns_name(&self) -> String {
-        self.handle.netns_name()
-    }
-
-    /// The namespace file a process joins to run in it.
-    pub fn netns_path(&self) -> std::path::PathBuf {
-        std::path::PathBuf::from("/run/netns").join(self.netns_name())
-    }
-
-    /// The namespace's end of the veth pair (what the sandbox's traffic leaves as).
-    pub fn namespace_address(&self) -> Ipv4Addr {
-        self.handle.namespace_address()
-    }
-
-    /// The slot's number in the pool (recorded, so a later server can take it back).
-    pub fn index(&self) -> u32 {
-        self.handle.index
-    }
-
-    /// Leaves the namespace and links in place for a VM that runs on after the server stops.
-    pub fn detach(mut self) {
-        self.detached = true;
-    }
-
-    /// Puts `policy` in force (one nftables transaction).
-    pub async fn apply(&self, policy: Policy) -> Result<(), NetError> {
-        let handle = self.handle.clone();
-        let policy = Arc::new(policy);
-        let rules = policy.clone();
-        tokio::task::spawn_blocking(move || handle.load_rules(&rules))
-            .await
-            .map_err(|e| NetError::Io {
-                context: "changing a sandbox's rules".into(),
-                source: std::io::Error::other(e),
-            })??;
-        self.handle
-            .shared
-            .policies
-            .write()
-            .expect("policies lock")
-            .insert(self.namespace_address(), policy);
-        Ok(())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(proxy) = self.proxy.take() {
-            proxy.abort();
-        }
-        let shared = &self.handle.shared;
-        shared
-            .policies
-            .write()
-            .expect("policies lock")
-            .remove(&self.handle.namespace_address());
-        if !self.detached {
-            tracing::debug!(netns = %self.netns_name(), "removing a network slot");
-            self.handle.remove();
-        }
-        shared.used.lock().expect("slots lock").remove(&self.handle.index);
-    }
-}
-
-/// Names, addresses and commands of a slot, without ownership (dropping it frees nothing).
-#[derive(Clone)]
-struct SlotHandle {
-    shared: Arc<Shared>,
-    index: u32,
-}
-
-impl SlotHandle {
-    fn netns_name(&self) -> String {
-        format!("{}{}", self.shared.netns_prefix(), self.index)
-    }
-
-    fn link_name(&self) -> String {
-        format!("{}{}", self.shared.link_prefix(), self.index)
-    }
-
-    /// The host's end of the veth pair (where the host's services are reached).
-    fn host_address(&self) -> Ipv4Addr {
-        self.shared.config.pool.nth(self.index * 4 + 1)
-    }
-
-    /// The namespace's end of the veth pair.
-    fn namespace_address(&self) -> Ipv4Addr {
-        self.shared.config.pool.nth(self.index * 4 + 2)
-    }
-
-    fn services(&self) -> rules::Services {
-        rules::Services {
-            host: self.host_address(),
-            dns_port: self.shared.dns_port,
-        }
-    }
-
-    /// Creates the namespace, links and rules; on failure removes what it made.
-    fn create(&self, policy: &Policy) -> Result<(), NetError> {
-        let (netns, link) = (self.netns_name(), self.link_name());
-        let (host, inside) = (self.host_address(), self.namespace_address());
-        let host_side = format!(
-            "netns add {netns}\nlink add {link} type veth peer name {uplink} netns {netns}\naddr add {host}/30 dev {link}\nlink set {link} up\n",
-            uplink = rules::UPLINK
-        );
-        let inside_setup = format!(
-            "link set lo up\naddr add {inside}/30 dev {uplink}\nlink set {uplink} up\nroute add default via {host}\ntuntap add dev {tap} mode tap\nlink set {tap} address {mac}\naddr add {gateway}/24 dev {tap}\naddr add {dns}/32 dev {tap}\nlink set {tap} up\n",
-            uplink = rules::UPLINK,
-            tap = rules::TAP,
-            gateway = rules::GUEST_GATEWAY,
-            // The guest asks for the DNS server's MAC address before its packets can be
-            // redirected.
-            dns = rules::GUEST_DNS,
-            // The same in every slot: a restored guest's ARP cache still holds it.
-            mac = rules::GATEWAY_MAC,
-        );
-        let result = run("ip", &["-batch", "-"], Some(&host_side))
-            .and_then(|()| run("ip", &["-n", &netns, "-batch", "-"], Some(&inside_setup)))
-            .and_then(|()| {
-                // Forwarding on, IPv6 off (sandboxes are IPv4 only), then the rules.
-                let table = rules::sandbox_table(policy, self.services(), self.shared.config.pool);
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &netns,
-                        "sh",
-                        "-c",
-                        "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && exec nft -f -",
-                    ],
-                    Some(&table),
-                )
-            });
-        if result.is_err() {
-            self.remove();
-        }
-        result
-    }
-
-    /// Gives the links this index's addresses of the pool, if they have others (a slot made
-    /// under another `--net-pool`).
-    fn ensure_addresses(&self) -> Result<(), NetError> {
-        let (netns, link) = (self.netns_name(), self.link_name());
-        let (host, inside) = (self.host_address(), self.namespace_address());
-        let current = output("ip", &["-o", "-4", "addr", "show", "dev", &link])?;
-        if current.contains(&format!(" {host}/30 ")) {
-            return Ok(());
-        }
-        tracing::info!(netns = %netns, %host, "the address pool changed: readdressing a network slot");
-        run(
-            "ip",
-            &["-batch", "-"],
-            Some(&format!("addr flush dev {link}\naddr add {host}/30 dev {link}\n")),
-        )?;
-        run(
-            "ip",
-            &["-n", &netns, "-batch", "-"],
-            Some(&format!(
-                "addr flush dev {uplink}\naddr add {inside}/30 dev {uplink}\nroute replace default via {host}\n",
-                uplink = rules::UPLINK
-            )),
-        )
-    }
-
-    fn load_rules(&self, policy: &Policy) -> Result<(), NetError> {
-        let table = rules::sandbox_table(policy, self.services(), self.shared.config.pool);
-        run(
-            "ip",
-            &["netns", "exec", &self.netns_name(), "nft", "-f", "-"],
-            Some(&table),
-        )
-    }
-
-    /// Removes the links (both ends) and the namespace; what is already gone is no error.
-    fn remove(&self) {
-        let _ = run(
-            "ip",
-            &["-force", "-batch", "-"],
-            Some(&format!(
-                "link del {}\nnetns del {}\n",
-                self.link_name(),
-                self.netns_name()
-            )),
-        );
-    }
 }

@@ -285,6 +285,18 @@ pub struct PolicyError {
     pub message: String,
 }
 
+impl Default for Policy {
+    /// The open policy: internet on, no lists (what [`PolicySpec::default`] checks to).
+    fn default() -> Self {
+        Self {
+            allow_cidrs: Vec::new(),
+            allow_domains: Vec::new(),
+            deny_cidrs: Vec::new(),
+            deny_domains: Vec::new(),
+        }
+    }
+}
+
 impl Policy {
     /// Checks a spec.
     pub fn from_spec(spec: &PolicySpec) -> Result<Self, PolicyError> {
@@ -408,6 +420,11 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_spec_checks_to_the_open_policy() {
+        assert_eq!(Policy::from_spec(&PolicySpec::default()).unwrap(), Policy::default());
+    }
 
     fn policy(internet: bool, allow: &[&str], deny: &[&str]) -> Policy {
         Policy::from_spec(&PolicySpec {

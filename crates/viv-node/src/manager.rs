@@ -140,6 +140,8 @@ pub struct Config {
     pub network: NetworkMode,
     /// Host-side addresses of the `isolated` mode (a `/30` per running sandbox).
     pub net_pool: viv_net::Cidr,
+    /// Network slots of the `isolated` mode made ahead, ready for the next sandbox.
+    pub net_spares: usize,
     /// Where VM switches created without a subnet get theirs (a /24 each).
     pub switch_range: viv_net::Cidr,
     /// The first three pairs of generated VM MAC addresses (`52:54:00`).
@@ -873,38 +875,17 @@ impl Manager {
 }
 
 async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), ApiError> {
-    qemu_img_create(base, overlay, None).await
+    let size = viv_vmm::qcow2::header(base)
+        .map_err(|e| ApiError::Internal(format!("reading the disk layer under a new overlay: {e}")))?
+        .virtual_size;
+    create_overlay_unchecked(base, overlay, size).await
 }
 
 /// Creates an overlay without opening `base` (which may not exist yet, or be locked by a
 /// running VM); `size` is the virtual size in bytes.
 async fn create_overlay_unchecked(base: &Path, overlay: &Path, size: u64) -> Result<(), ApiError> {
-    qemu_img_create(base, overlay, Some(size)).await
-}
-
-async fn qemu_img_create(base: &Path, overlay: &Path, unchecked_size: Option<u64>) -> Result<(), ApiError> {
-    let mut command = tokio::process::Command::new("qemu-img");
-    command
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(base);
-    if unchecked_size.is_some() {
-        command.arg("-u");
-    }
-    command.arg(overlay);
-    if let Some(size) = unchecked_size {
-        command.arg(size.to_string());
-    }
-    let out = command
-        .output()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("running qemu-img (install qemu-utils): {e}")))?;
-    if !out.status.success() {
-        return Err(ApiError::Internal(format!(
-            "qemu-img create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    viv_vmm::qcow2::create_overlay(overlay, base, size)
+        .map_err(|e| ApiError::Internal(format!("creating the disk overlay {}: {e}", overlay.display())))
 }
 
 fn remove_files(run_dir: &Path, memory_file: &Path) {

@@ -16,6 +16,7 @@ impl Manager {
                 viv_net::NetworkConfig {
                     pool: self.config.net_pool,
                     key: self.data_key[..6].to_owned(),
+                    spares: self.config.net_spares,
                 },
                 keep,
             )

@@ -181,22 +181,39 @@ impl Manager {
         }
         let timeout = lifetime(timeout)?;
         let (node, source) = self.snapshot_running(id, SnapshotKind::Fork, None, true).await?;
-        let mut results = Vec::new();
-        for _ in 0..count {
-            let result = match self.start_fork(&node, &source, timeout).await {
-                Ok(sandbox) => ForkResult {
-                    sandbox: Some(sandbox),
-                    error: None,
-                },
-                Err(err) => ForkResult {
-                    sandbox: None,
-                    error: Some(ErrorBody {
-                        code: err.status().as_u16(),
-                        message: err.to_string(),
-                    }),
-                },
-            };
-            results.push(result);
+        // The node's state reaches the disk while the forks start from the page cache; the
+        // answer waits for both.
+        let state = self.node_dir(&node.id).join("state");
+        let starts = async {
+            let mut results = Vec::new();
+            for _ in 0..count {
+                let result = match self.start_fork(&node, &source, timeout).await {
+                    Ok(sandbox) => ForkResult {
+                        sandbox: Some(sandbox),
+                        error: None,
+                    },
+                    Err(err) => ForkResult {
+                        sandbox: None,
+                        error: Some(ErrorBody {
+                            code: err.status().as_u16(),
+                            message: err.to_string(),
+                        }),
+                    },
+                };
+                results.push(result);
+            }
+            results
+        };
+        let (synced, results) = tokio::join!(viv_vmm::sync_file(&state), starts);
+        if let Err(err) = synced {
+            // Nothing half-done: the forks go, the node stays for the collector.
+            for started in results.iter().filter_map(|r| r.sandbox.as_ref()) {
+                let _ = self.kill(&started.sandbox_id).await;
+            }
+            return Err(ApiError::Internal(format!(
+                "writing the state of sandbox {id}'s fork node {}: {err}",
+                node.id
+            )));
         }
         self.collect_snapshots();
         Ok(results)
@@ -303,7 +320,11 @@ impl Manager {
         let disk_before = live.root_disk.lock().expect("disk lock").clone();
         let result = match (memory, keep_running) {
             (false, _) => self.save_disk(live, &dir, &building, keep_running).await,
-            (true, true) => self.save_running(live, &dir, &building).await,
+            // A fork syncs the state while its children start (see `fork`).
+            (true, true) => {
+                self.save_running(live, &dir, &building, kind != SnapshotKind::Fork)
+                    .await
+            }
             (true, false) => self.save_stopping(live, &building).await,
         };
         if let Err(err) = result {
@@ -384,8 +405,9 @@ impl Manager {
     }
 
     /// Fork or snapshot: stop the vCPUs, freeze the overlay as the node's layer (the VM goes on
-    /// writing to a new overlay on top of it), save the VM, let it run again.
-    async fn save_running(&self, live: &LiveSandbox, dir: &Path, building: &Path) -> Result<(), ApiError> {
+    /// writing to a new overlay on top of it), save the VM, let it run again, and with `sync`
+    /// make the state durable (else the caller does).
+    async fn save_running(&self, live: &LiveSandbox, dir: &Path, building: &Path, sync: bool) -> Result<(), ApiError> {
         let vm_error =
             |what: &str, err: viv_vmm::VmError| ApiError::Sandbox(format!("{what} sandbox {}: {err}", live.id));
         live.vm.pause().await.map_err(|e| vm_error("pausing", e))?;
@@ -403,7 +425,10 @@ impl Manager {
         result?;
         resumed.map_err(|e| vm_error("resuming", e))?;
         // The VM runs on while its saved state reaches the disk.
-        sync_state(live, &state).await
+        if sync {
+            sync_state(live, &state).await?;
+        }
+        Ok(())
     }
 
     /// With the vCPUs stopped: gives the VM's overlay a second name `link` (the VM writes to it

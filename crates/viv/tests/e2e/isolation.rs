@@ -377,8 +377,23 @@ fn pool_prefix(server: &TestServer) -> String {
 #[test]
 fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
     let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
-    let options = ["--network", "isolated", "--net-pool", "10.239.0.0/24"];
+    // One spare slot made ahead: a namespace and a link besides the sandboxes'.
+    let options = [
+        "--network",
+        "isolated",
+        "--net-pool",
+        "10.239.0.0/24",
+        "--net-spares",
+        "1",
+    ];
     let server = TestServer::start_on_with(temp.path(), &options);
+    let resources_become = |count: usize| {
+        wait_until(Duration::from_secs(10), || {
+            network_resources(temp.path()).len() == count
+        });
+        let found = network_resources(temp.path());
+        assert_eq!(found.len(), count, "{found:?}");
+    };
     let key = crate::fixture::host_key(temp.path());
     let table = || {
         let out = Command::new("nft")
@@ -401,21 +416,19 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
     // A kill frees the slot before it returns.
     let health: Value = server.get("/health").send().unwrap().json().unwrap();
     assert_eq!(health["networkSlots"], 0, "{health}");
-    assert_eq!(network_resources(temp.path()).len(), 1, "only the host table remains");
+    // Only the host table and the spare remain.
+    resources_become(3);
     assert_eq!(table(), rules_before, "the host table changed");
 
-    // A crash leaves namespaces behind.
+    // A crash leaves namespaces behind: the sandbox's and the spare made after it took one.
     let _running = server.create(json!({ "timeout": 120 }));
-    assert_eq!(
-        network_resources(temp.path()).len(),
-        3,
-        "{:?}",
-        network_resources(temp.path())
-    );
+    resources_become(5);
     server.stop(libc::SIGKILL);
-    // Its VM runs on, so a server of another data directory leaves its slot alone.
+    // Its VM runs on, so a server of another data directory leaves its slot alone; the spare,
+    // whose tap no VM holds, goes.
     drop(TestServer::start_isolated(0));
-    assert_eq!(network_resources(temp.path()).len(), 3);
+    let found = network_resources(temp.path());
+    assert_eq!(found.len(), 3, "{found:?}");
     // Once that VM is gone too, any server that starts removes them (the crashed server's lock
     // is free), even one of another data directory; the one of the same directory finds
     // nothing left.
@@ -433,12 +446,7 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
         network_resources(temp.path())
     );
     let restarted = TestServer::start_on_with(temp.path(), &options);
-    assert_eq!(
-        network_resources(temp.path()).len(),
-        1,
-        "{:?}",
-        network_resources(temp.path())
-    );
+    resources_become(3);
     {
         let again = restarted.sandbox_with(json!({ "timeout": 120 }));
         assert_eq!(again.sh("echo ok").out(), "ok\n");
