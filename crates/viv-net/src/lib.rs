@@ -341,10 +341,10 @@ impl Network {
         self.spares.refill(&self.shared, spares::REFILL_AFTER_TAKE);
     }
 
-    /// Slots sandboxes hold (spares made ahead are not counted).
+    /// Slots sandboxes hold (spares, ready or being made, are not counted).
     pub fn slots_in_use(&self) -> usize {
         let used = self.shared.used.lock().expect("slots lock").len();
-        used.saturating_sub(self.spares.len())
+        used.saturating_sub(self.spares.held())
     }
 }
 

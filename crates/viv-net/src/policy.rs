@@ -262,8 +262,9 @@ impl PolicySpec {
     }
 }
 
-/// A checked policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A checked policy. Its default is the open policy: internet on, no lists (what
+/// [`PolicySpec::default`] checks to).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     /// Allowed addresses (win over everything but the host and other sandboxes).
     pub allow_cidrs: Vec<Cidr>,
@@ -285,27 +286,10 @@ pub struct PolicyError {
     pub message: String,
 }
 
-impl Default for Policy {
-    /// The open policy: internet on, no lists (what [`PolicySpec::default`] checks to).
-    fn default() -> Self {
-        Self {
-            allow_cidrs: Vec::new(),
-            allow_domains: Vec::new(),
-            deny_cidrs: Vec::new(),
-            deny_domains: Vec::new(),
-        }
-    }
-}
-
 impl Policy {
     /// Checks a spec.
     pub fn from_spec(spec: &PolicySpec) -> Result<Self, PolicyError> {
-        let mut policy = Policy {
-            allow_cidrs: Vec::new(),
-            allow_domains: Vec::new(),
-            deny_cidrs: Vec::new(),
-            deny_domains: Vec::new(),
-        };
+        let mut policy = Policy::default();
         for (list, entries) in [("allowOut", &spec.allow_out), ("denyOut", &spec.deny_out)] {
             if entries.len() > MAX_ENTRIES {
                 return Err(PolicyError {

@@ -7,6 +7,9 @@
 //!   is closed, or at the first failure (every index taken, or a command failing), and the
 //!   next start tries again; a start takes a spare before it makes a slot, so spares never
 //!   keep a sandbox from starting;
+//! - a spare counts as one from the moment its making starts, before its index is taken, until
+//!   a start takes it ([`Spares::held`]), so a slot being made ahead is never counted as a
+//!   sandbox's;
 //! - a spare made after [`Spares::close`] is dropped at once (which removes it), so none
 //!   outlives the server's network;
 //! - a spare holds the open policy ([`Policy::default`]); its rules are in force and its egress
@@ -27,17 +30,25 @@ pub(crate) const REFILL_AFTER_TAKE: Duration = Duration::from_millis(250);
 /// The spare slots of one server's network.
 pub(crate) struct Spares {
     target: usize,
-    slots: Mutex<Vec<Slot>>,
+    held: Mutex<Held>,
     /// A task is making spares.
     filling: AtomicBool,
     closed: AtomicBool,
+}
+
+/// The spares ready, and those being made (their index is taken already), under one lock so
+/// that [`Spares::held`] never misses one between the two.
+#[derive(Default)]
+struct Held {
+    ready: Vec<Slot>,
+    making: usize,
 }
 
 impl Spares {
     pub(crate) fn new(target: usize) -> Self {
         Self {
             target,
-            slots: Mutex::new(Vec::new()),
+            held: Mutex::new(Held::default()),
             filling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
@@ -45,16 +56,28 @@ impl Spares {
 
     /// A ready spare, if there is one.
     pub(crate) fn take(&self) -> Option<Slot> {
-        self.slots.lock().expect("spares lock").pop()
+        self.held.lock().expect("spares lock").ready.pop()
     }
 
-    /// Spares ready now.
-    pub(crate) fn len(&self) -> usize {
-        self.slots.lock().expect("spares lock").len()
+    /// Spares ready or being made: the slots in use that no sandbox holds.
+    pub(crate) fn held(&self) -> usize {
+        let held = self.held.lock().expect("spares lock");
+        held.ready.len() + held.making
     }
 
+    /// Whether the network is open and fewer spares than the target are ready or being made.
     fn wanted(&self) -> bool {
-        !self.closed.load(Ordering::SeqCst) && self.len() < self.target
+        !self.closed.load(Ordering::SeqCst) && self.held() < self.target
+    }
+
+    /// Counts one more spare as being made, if one is wanted (checked under the same lock).
+    fn start_one(&self) -> bool {
+        let mut held = self.held.lock().expect("spares lock");
+        let wanted = !self.closed.load(Ordering::SeqCst) && held.ready.len() + held.making < self.target;
+        if wanted {
+            held.making += 1;
+        }
+        wanted
     }
 
     /// Starts making spares in the background, after `delay`, unless a task already does, or
@@ -68,12 +91,18 @@ impl Spares {
             tokio::time::sleep(delay).await;
             loop {
                 let failed = loop {
-                    if !spares.wanted() {
+                    if !spares.start_one() {
                         break false;
                     }
-                    match make_slot(&shared, Policy::default()).await {
-                        Ok(slot) if spares.closed.load(Ordering::SeqCst) => drop(slot),
-                        Ok(slot) => spares.slots.lock().expect("spares lock").push(slot),
+                    let made = make_slot(&shared, Policy::default()).await;
+                    let mut held = spares.held.lock().expect("spares lock");
+                    held.making -= 1;
+                    match made {
+                        Ok(slot) if spares.closed.load(Ordering::SeqCst) => {
+                            drop(held);
+                            drop(slot);
+                        }
+                        Ok(slot) => held.ready.push(slot),
                         // Every index is taken: the next start tries again.
                         Err(NetError::Exhausted(_)) => break true,
                         Err(err) => {
@@ -95,7 +124,7 @@ impl Spares {
     /// Drops every spare (removing it) and makes no more.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        let spares = std::mem::take(&mut *self.slots.lock().expect("spares lock"));
-        drop(spares);
+        let ready = std::mem::take(&mut self.held.lock().expect("spares lock").ready);
+        drop(ready);
     }
 }
