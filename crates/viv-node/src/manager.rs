@@ -40,6 +40,7 @@ mod memory_chain;
 mod network;
 mod node_report;
 pub mod operations;
+mod pause_fold;
 mod pool;
 mod pool_cpu;
 mod sandbox_vm;

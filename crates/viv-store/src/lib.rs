@@ -573,6 +573,15 @@ impl Store {
         Ok((children, sandboxes))
     }
 
+    /// Gives node `id` another parent and its new size on disk (a superseded pause folded into it).
+    pub fn reparent_snapshot(&self, id: &str, parent_id: Option<&str>, bytes: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET parent_id = ?2, bytes = ?3 WHERE id = ?1",
+            params![id, parent_id, bytes as i64],
+        )?;
+        Ok(())
+    }
+
     /// Deletes a node row (and clears references of failed sandboxes to it).
     /// Turns a named snapshot that sandboxes still need into an unnamed `fork` node, which the
     /// collector deletes once nothing needs it (a user's delete of a snapshot in use).

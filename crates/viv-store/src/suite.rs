@@ -136,6 +136,14 @@ fn the_snapshot_tree_records_parents_users_and_deletions() {
         );
         assert_eq!(store.sandbox("s1").unwrap().unwrap().snapshot_id.as_deref(), Some("n2"));
 
+        // A node folded into its child: the child takes its parent and a new size.
+        store.reparent_snapshot("n2", None, 9).unwrap();
+        let child = store.snapshot("n2").unwrap().unwrap();
+        assert_eq!((child.parent_id, child.bytes), (None, 9));
+        assert_eq!(store.snapshot_users("n1").unwrap(), (vec![], vec![]));
+        store.reparent_snapshot("n2", Some("n1"), 9).unwrap();
+        assert_eq!(store.snapshot_users("n1").unwrap(), (vec!["n2".to_owned()], vec![]));
+
         store.set_snapshot_diffed("n2", 7).unwrap();
         store.demote_snapshot("n2").unwrap();
         let demoted = store.snapshot("n2").unwrap().unwrap();

@@ -30,8 +30,10 @@
 //! - a base is persisted before any node names it in `memory.base`; a job names the base it
 //!   is about to use in `memory-diffs/NODE.base`, and the collector keeps every base named there,
 //!   by a node or by a run directory;
-//! - a node's memory parent is its parent in the snapshot tree, which the tree's collector keeps
-//!   while the node exists, so a chain loses a part only by damage; a restore whose chain lacks a
+//! - a node's memory parent is its parent in the snapshot tree, or, for a pause that folds a run
+//!   of superseded pauses (`pause_fold.rs`), the run's parent, which becomes its tree parent
+//!   when the run is folded; the tree's collector keeps it while the node exists, so a chain
+//!   loses a part only by damage; a restore whose chain lacks a
 //!   part or has a damaged one fails with a 409 naming that file, before any VM starts.
 //!
 //! [`Config::memory_diff_chain`]: super::Config::memory_diff_chain
@@ -61,6 +63,11 @@ const NODE_SOURCE: &str = "memory.source";
 
 /// One diff job at a time: each reads a whole state and its parents' into memory.
 static DIFF_JOBS: Semaphore = Semaphore::const_new(1);
+
+/// Holds diff jobs off until the permit is dropped (a fold deleting a node; see `pause_fold`).
+pub(super) async fn hold_diff_jobs() -> Option<tokio::sync::SemaphorePermit<'static>> {
+    DIFF_JOBS.acquire().await.ok()
+}
 
 /// What a restore of a node loads.
 pub(super) enum NodeMemory {

@@ -13,7 +13,9 @@
 //!   written; directories without a row are removed at start;
 //! - a node is deleted only when no node names it as parent and no running or paused sandbox
 //!   descends from it; `pause` and `fork` nodes are collected as soon as that holds, `snapshot`
-//!   nodes only when a user deletes them;
+//!   nodes only when a user deletes them; a pause node that only its sandbox's next pause needs
+//!   is folded into that pause's node (`pause_fold.rs`), so pausing again and again keeps one
+//!   node and a short disk chain;
 //! - a failed pause leaves the sandbox running (or failed, if its VM died) and its previous node
 //!   untouched; a fork or snapshot that fails after the VM moved to its new overlay keeps the
 //!   frozen layer as a node without state (that overlay's backing file), never a dangling chain.
@@ -77,7 +79,11 @@ impl Manager {
         // Read under the lock: an operation that held it may have moved the sandbox to a node.
         let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
-        let node = self.save_node(&live, &row, SnapshotKind::Pause, None, memory).await?;
+        // Found before the new node names the nearest as its parent (see `pause_fold.rs`).
+        let superseded = self.superseded_pauses(&row);
+        let node = self
+            .save_node(&live, &row, SnapshotKind::Pause, None, memory, superseded.last())
+            .await?;
         self.live.lock().expect("live lock").remove(id);
         row.state = SandboxState::Paused;
         row.snapshot_id = Some(node.id.clone());
@@ -89,6 +95,7 @@ impl Manager {
         drop(live.release_network_soon());
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         drop(_op);
+        self.fold_superseded(id, superseded, &node);
         // Copies on other nodes (--pause-replicas), before the pause answers.
         self.replicate_paused(id, &node.id).await;
         self.snapshot_info(node)
@@ -293,7 +300,7 @@ impl Manager {
         // Read under the lock: an operation that held it may have moved the sandbox to a node.
         let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
-        let node = self.save_node(&live, &row, kind, name, memory).await?;
+        let node = self.save_node(&live, &row, kind, name, memory, None).await?;
         row.snapshot_id = Some(node.id.clone());
         self.store.set_sandbox_snapshot(id, &node.id)?;
         tracing::info!(sandbox = %id, snapshot = %node.id, kind = kind.as_str(), bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "snapshot taken");
@@ -302,7 +309,8 @@ impl Manager {
 
     /// Saves a running sandbox into a new node, with its memory or only its disk. A pause stops
     /// the VM and its overlay becomes the node's layer; otherwise the VM continues on a fresh
-    /// overlay on top of that layer.
+    /// overlay on top of that layer. `superseded` is the farthest of the parents a pause folds
+    /// away afterwards: the new node's memory is taken against its parent.
     async fn save_node(
         &self,
         live: &LiveSandbox,
@@ -310,6 +318,7 @@ impl Manager {
         kind: SnapshotKind,
         name: Option<String>,
         memory: bool,
+        superseded: Option<&SnapshotRow>,
     ) -> Result<SnapshotRow, ApiError> {
         let id = random_id(20);
         let dir = self.node_dir(&id);
@@ -343,7 +352,12 @@ impl Manager {
         }
         let node = self.store_node(&building, &dir, row, kind, name)?;
         if memory {
-            self.queue_memory_diff(&live.run_dir, &node.id, row.snapshot_id.as_deref());
+            // Never against a node about to be folded away: against the run's parent instead.
+            let parent = match superseded {
+                Some(old) => old.parent_id.as_deref(),
+                None => row.snapshot_id.as_deref(),
+            };
+            self.queue_memory_diff(&live.run_dir, &node.id, parent);
         }
         Ok(node)
     }

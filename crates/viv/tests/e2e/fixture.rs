@@ -305,6 +305,21 @@ impl TestServer {
             .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
     }
 
+    /// Forks sandbox `id` once (`POST /sandboxes/{id}/fork`) and returns the child's id.
+    pub fn fork_one(&self, id: &str) -> String {
+        let forks: Value = self
+            .post(&format!("/sandboxes/{id}/fork"))
+            .json(&serde_json::json!({ "count": 1, "timeout": 600 }))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        forks[0]["sandbox"]["sandboxID"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fork of {id}: {forks}"))
+            .to_owned()
+    }
+
     /// Creates a sandbox and returns its id (asserting 201).
     pub fn create(&self, body: Value) -> String {
         let response = self.post("/sandboxes").json(&body).send().unwrap();

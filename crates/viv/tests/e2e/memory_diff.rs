@@ -57,21 +57,6 @@ fn resume(server: &TestServer, id: &str) -> reqwest::blocking::Response {
         .unwrap()
 }
 
-/// Forks sandbox `id` once and returns the child's id.
-fn fork(server: &TestServer, id: &str) -> String {
-    let forks: Value = server
-        .post(&format!("/sandboxes/{id}/fork"))
-        .json(&json!({ "count": 1, "timeout": 600 }))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
-    forks[0]["sandbox"]["sandboxID"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no fork: {forks}"))
-        .to_owned()
-}
-
 fn node_id(node: &Value) -> String {
     node["snapshotID"]
         .as_str()
@@ -184,7 +169,7 @@ fn memory_diff_chains_restore_the_guest_exactly_and_nodes_are_small() {
     let resumed = resume(&server, &id);
     assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
     assert_eq!(checksum(&server, &id), expected);
-    let child = fork(&server, &id);
+    let child = server.fork_one(&id);
     assert_eq!(checksum(&server, &child), expected, "the fork sees the parent's memory");
 
     // Everything is collected once no sandbox needs it, the base included.
@@ -338,7 +323,7 @@ fn whole_nodes_restore_over_the_template_memory_exactly_and_without_it_when_it_d
     let expected = checksum(&server, &id);
     let forked = expected.clone();
 
-    let child = fork(&server, &id);
+    let child = server.fork_one(&id);
     assert_eq!(checksum(&server, &child), expected, "the fork sees the parent's memory");
 
     let node = pause(&server, &id);

@@ -1,5 +1,6 @@
 //! Pause, resume, fork and named snapshots: files and running processes survive, nodes form a
-//! tree that refuses deletes while in use and collects what nothing needs.
+//! tree that refuses deletes while in use and collects what nothing needs, and repeated pauses
+//! fold into one node.
 
 use std::time::Duration;
 
@@ -192,6 +193,124 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
     assert_eq!(server.qemu_processes().len(), 0);
 }
 
+/// The nodes taken of sandbox `id`, oldest first.
+fn nodes_of(server: &TestServer, id: &str) -> Vec<Value> {
+    snapshots(server).into_iter().filter(|n| n["sandboxID"] == id).collect()
+}
+
+fn pause_and_resume(server: &TestServer, id: &str, round: usize) {
+    let paused = server.post(&format!("/sandboxes/{id}/pause")).send().unwrap();
+    assert_eq!(
+        paused.status(),
+        204,
+        "round {round}: {}",
+        paused.text().unwrap_or_default()
+    );
+    let resumed = server
+        .post(&format!("/sandboxes/{id}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(
+        resumed.status(),
+        201,
+        "round {round}: {}",
+        resumed.text().unwrap_or_default()
+    );
+}
+
+#[test]
+fn repeated_pauses_fold_into_one_node_that_keeps_every_write() {
+    // Each pause of a sandbox resumed from a pause node supersedes that node. Before pauses
+    // were folded, every cycle added a link to the disk's backing chain (resumes slowed down
+    // cycle after cycle, the 256th pause could not be resumed) and kept the old node's memory.
+    let server = TestServer::start();
+    let id = server.create(json!({ "templateID": "base", "timeout": 600 }));
+    let setup = server.exec(
+        &id,
+        json!({ "command": "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &" }),
+    );
+    assert_eq!(setup.exit_code, Some(0), "{setup:?}");
+    let rounds = 8;
+    for round in 1..=rounds {
+        let write = server.exec(
+            &id,
+            json!({ "command": format!("echo disk{round} > /home/user/r{round}.txt && echo mem{round} > /dev/shm/r{round}") }),
+        );
+        assert_eq!(write.exit_code, Some(0), "{write:?}");
+        pause_and_resume(&server, &id, round);
+        // The resume waited for the fold: one node, straight on the template.
+        let nodes = nodes_of(&server, &id);
+        assert_eq!(nodes.len(), 1, "round {round}: {nodes:?}");
+        assert_eq!(nodes[0]["kind"], "pause");
+        assert!(nodes[0]["parentID"].is_null(), "round {round}: {nodes:?}");
+        assert!(nodes[0]["sizeBytes"].as_u64().unwrap() > 0);
+    }
+    // Every round's disk and memory writes are there, and the process ran through them all.
+    let expected: String = (1..=rounds).map(|r| format!("disk{r}\nmem{r}\n")).collect();
+    let read = server.exec(
+        &id,
+        json!({ "command": format!("for r in $(seq 1 {rounds}); do cat /home/user/r$r.txt /dev/shm/r$r; done") }),
+    );
+    assert_eq!(read.out(), expected, "{read:?}");
+    let before = counter(&server, &id);
+    assert!(wait_until(Duration::from_secs(10), || counter(&server, &id) > before + 2));
+    let entries = std::fs::read_dir(server.data_dir.join("snapshots")).unwrap().count();
+    assert_eq!(entries, 1, "the folded nodes' files are gone");
+
+    // A node something else needs is not folded: while the fork's child runs, its node keeps
+    // the pause under it, and only the pauses after it fold (into one node under the fork's).
+    let last_pause = nodes_of(&server, &id)[0]["snapshotID"].as_str().unwrap().to_owned();
+    let child = server.fork_one(&id);
+    for round in rounds + 1..=rounds + 3 {
+        pause_and_resume(&server, &id, round);
+    }
+    let nodes = nodes_of(&server, &id);
+    let kinds: Vec<&str> = nodes.iter().map(|n| n["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["pause", "fork", "pause"], "{nodes:?}");
+    assert_eq!(nodes[0]["snapshotID"], last_pause);
+    let fork_node = nodes[1]["snapshotID"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(nodes[2]["parentID"], fork_node.as_str(), "{nodes:?}");
+    assert_eq!(
+        server
+            .exec(&child, json!({ "command": format!("cat /home/user/r{rounds}.txt") }))
+            .out(),
+        format!("disk{rounds}\n")
+    );
+    // Once the fork's child is gone, its node is the sandbox's alone: the next pause folds it
+    // and the pause under it too.
+    let mine = server.exec(&child, json!({ "command": "echo child > /home/user/child.txt" }));
+    assert_eq!(mine.exit_code, Some(0), "{mine:?}");
+    assert_eq!(
+        server.delete(&format!("/sandboxes/{child}")).send().unwrap().status(),
+        204
+    );
+    pause_and_resume(&server, &id, rounds + 4);
+    let nodes = nodes_of(&server, &id);
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert!(nodes[0]["parentID"].is_null(), "{nodes:?}");
+    let read = server.exec(
+        &id,
+        json!({ "command": "cat /home/user/r1.txt /dev/shm/r1 /home/user/child.txt 2>&1" }),
+    );
+    assert!(read.out().starts_with("disk1\nmem1\n"), "{read:?}");
+    assert!(
+        read.out().contains("No such file"),
+        "the child's write is not the parent's: {read:?}"
+    );
+
+    assert_eq!(server.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+    assert!(snapshots(&server).is_empty(), "{:?}", snapshots(&server));
+    let entries = std::fs::read_dir(server.data_dir.join("snapshots")).unwrap().count();
+    assert_eq!(entries, 0, "no snapshot files are left");
+}
+
 #[test]
 fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart() {
     let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
@@ -321,17 +440,7 @@ fn pauses_and_forks_racing_the_collector_keep_their_nodes() {
                     .send()
                     .unwrap();
                 assert_eq!(resumed.status(), 201, "round {round}: {}", resumed.text().unwrap());
-                let forked: Value = server
-                    .post(&format!("/sandboxes/{id}/fork"))
-                    .json(&json!({ "count": 1, "timeout": 120 }))
-                    .send()
-                    .unwrap()
-                    .json()
-                    .unwrap();
-                let child = forked[0]["sandbox"]["sandboxID"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("round {round}: {forked}"))
-                    .to_owned();
+                let child = server.fork_one(&id);
                 assert_eq!(
                     server
                         .exec(&child, json!({ "command": "cat /home/user/kept.txt" }))

@@ -1,0 +1,218 @@
+//! Superseded pause nodes folded into the pause that replaces them.
+//!
+//! A sandbox paused, resumed and paused again gets a new pause node whose disk layer is backed
+//! by the previous node's layer. Left alone, every cycle would add a link to the disk's backing
+//! chain (QEMU opens every link at each restore, so resumes slow down with every cycle, and a
+//! chain deeper than 256 links is refused) and keep the previous node's memory for as long as
+//! the sandbox lives. The same holds for the node of a fork once its children are gone. A pause
+//! or fork node taken of a sandbox that nothing but that sandbox uses (no other child, no other
+//! sandbox, no copies on other servers, its files here) is *superseded* by the sandbox's next
+//! pause, and so is the run of such nodes above it (named snapshots are never folded). With memory diffs off (the default)
+//! a pause folds that whole run away; with `--memory-diff-chain N` it lets the run grow to N
+//! nodes (their diffs form the new node's memory chain) and folds it when it is that long, so
+//! neither chain outgrows N. The new node's memory is then taken against the run's parent
+//! (`Manager::pause_keeping`). Once the new node is stored, a background task that holds the
+//! sandbox's resume gate folds the run, nearest node first; for each node it
+//! 1. deletes the node's saved state;
+//! 2. commits the new layer's clusters into the node's layer (`qemu-img commit -d`, which leaves
+//!    the new layer as it is; every cluster the new layer holds shadows the one written below
+//!    it, so the new node's disk reads the same at every instant);
+//! 3. renames that merged layer over the new node's `disk.qcow2` (its backing file is then the
+//!    node's parent's layer, or the template's), and syncs both directories;
+//! 4. makes the new node a child of the node's parent and deletes the node.
+//!
+//! Invariants:
+//! - a folded node's state is gone before its layer changes, so no restore ever pairs that
+//!   state with a changed disk; memory diff jobs are held off meanwhile, so none installs a
+//!   state in it again;
+//! - no node's memory names a node of the run: the new node's diff is taken against the run's
+//!   parent, and each node of the run is the only child of the next;
+//! - a crash or a failure at any step leaves the new node restorable: before step 3 its layer
+//!   still reads through the node's (then a link without state, which the collector takes with
+//!   the new node), after it the node is an empty row until step 4.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::Manager;
+use crate::store::{SandboxRow, SnapshotKind, SnapshotRow, Store};
+
+/// Longest run of superseded pauses one pause folds (a deeper chain is left to later pauses).
+const MAX_RUN: usize = 512;
+
+impl Manager {
+    /// The pause and fork nodes sandbox `row`'s next pause folds away, nearest first (see the
+    /// module's doc); checked before that pause stores its node.
+    pub(super) fn superseded_pauses(&self, row: &SandboxRow) -> Vec<SnapshotRow> {
+        let mut run: Vec<SnapshotRow> = Vec::new();
+        let mut next = row.snapshot_id.clone();
+        while let Some(id) = next.take() {
+            let Ok(Some(node)) = self.store.snapshot(&id) else {
+                break;
+            };
+            let Ok((children, sandboxes)) = self.store.snapshot_users(&node.id) else {
+                break;
+            };
+            let only_user = match run.last() {
+                None => children.is_empty() && sandboxes == [row.id.clone()],
+                Some(below) => children == [below.id.clone()] && sandboxes.is_empty(),
+            };
+            let local = match self.store.snapshot_node(&node.id) {
+                Ok(Some(Some(owner))) => self.store.node_id() == Some(owner.as_str()),
+                Ok(Some(None)) => true,
+                _ => false,
+            };
+            let foldable = matches!(node.kind, SnapshotKind::Pause | SnapshotKind::Fork)
+                && node.sandbox_id == row.id
+                && only_user
+                && local
+                && self.store.snapshot_replicas(&node.id).is_ok_and(|r| r.is_empty())
+                && self.node_dir(&node.id).join("disk.qcow2").is_file();
+            if !foldable || run.len() == MAX_RUN {
+                break;
+            }
+            next = node.parent_id.clone();
+            run.push(node);
+        }
+        let limit = self.config.memory_diff_chain;
+        if limit > 0 && run.len() < limit {
+            return Vec::new();
+        }
+        run
+    }
+
+    /// Folds `run` (nearest first), superseded by `new` (just stored by a pause of `sandbox`),
+    /// away in the background. The sandbox's resume gate is taken before this returns when it
+    /// is free (it is, unless a resume that found the sandbox running still holds it), so a
+    /// resume asked for after the pause answered waits for the fold instead of racing it.
+    pub(super) fn fold_superseded(&self, sandbox: &str, run: Vec<SnapshotRow>, new: &SnapshotRow) {
+        if run.is_empty() {
+            return;
+        }
+        let gate = self.resume_gates.gate(sandbox);
+        let held = gate.clone().try_lock_owned().ok();
+        let fold = Fold {
+            store: self.store.clone(),
+            snapshots: self.config.data_dir.join("snapshots"),
+            sandbox: sandbox.to_owned(),
+            new: new.id.clone(),
+        };
+        tokio::spawn(async move {
+            let _gate = match held {
+                Some(held) => held,
+                None => gate.lock_owned().await,
+            };
+            let started = std::time::Instant::now();
+            let new = fold.new.clone();
+            let _no_diffs = super::memory_chain::hold_diff_jobs().await;
+            let mut folded = 0;
+            for old in &run {
+                match fold.still_superseded(old) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!(snapshot = %new, kept = %old.id, "pause not folded: in use");
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(snapshot = %new, kept = %old.id, %err, "folding a superseded pause");
+                        break;
+                    }
+                }
+                if let Err(err) = fold.fold_once(old).await {
+                    tracing::warn!(snapshot = %new, kept = %old.id, %err, "folding a superseded pause");
+                    break;
+                }
+                folded += 1;
+            }
+            if folded > 0 {
+                tracing::info!(
+                    snapshot = %new,
+                    nodes = folded,
+                    ms = started.elapsed().as_millis() as u64,
+                    "superseded pauses folded"
+                );
+            }
+        });
+    }
+}
+
+/// One fold, with what it needs from the manager.
+struct Fold {
+    store: Arc<Store>,
+    snapshots: PathBuf,
+    sandbox: String,
+    /// The node superseding the run.
+    new: String,
+}
+
+impl Fold {
+    /// Folds node `old` into the new node, its child (steps 1–4 of the module's doc).
+    async fn fold_once(&self, old: &SnapshotRow) -> Result<(), String> {
+        let old_dir = self.snapshots.join(&old.id);
+        let new_dir = self.snapshots.join(&self.new);
+        for leaf in ["state", super::lifecycle::DISK_ONLY] {
+            match std::fs::remove_file(old_dir.join(leaf)) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(format!("removing the state of {}: {err}", old.id)),
+            }
+        }
+        let top = new_dir.join("disk.qcow2");
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["commit", "-q", "-d", "-f", "qcow2"])
+            .arg(&top)
+            .output()
+            .await
+            .map_err(|e| format!("running qemu-img (install qemu-utils): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img commit of {} failed: {}",
+                top.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let merged = old_dir.join("disk.qcow2");
+        viv_vmm::sync_file(&merged)
+            .await
+            .map_err(|e| format!("syncing {}: {e}", merged.display()))?;
+        std::fs::rename(&merged, &top).map_err(|e| format!("moving {} to {}: {e}", merged.display(), top.display()))?;
+        // The rename is on the disk before the store forgets the old node (whose directory goes).
+        for dir in [&new_dir, &old_dir] {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
+        }
+        let bytes = super::snapshots::allocated_bytes(&new_dir);
+        self.store
+            .reparent_snapshot(&self.new, old.parent_id.as_deref(), bytes)
+            .map_err(|e| e.to_string())?;
+        self.store.delete_snapshot(&old.id).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&old_dir);
+        Ok(())
+    }
+
+    /// Whether, under the gate, the sandbox is still paused in the new node, which is still the
+    /// only user of `old`, its parent.
+    fn still_superseded(&self, old: &SnapshotRow) -> Result<bool, crate::store::StoreError> {
+        // A sandbox resumed meanwhile reads the old layer in its QEMU: it is left as it is.
+        let paused_here = self.store.sandbox(&self.sandbox)?.is_some_and(|row| {
+            row.state == viv_api::SandboxState::Paused && row.snapshot_id.as_deref() == Some(self.new.as_str())
+        });
+        let child = self
+            .store
+            .snapshot(&self.new)?
+            .is_some_and(|node| node.parent_id.as_deref() == Some(old.id.as_str()));
+        let (children, sandboxes) = self.store.snapshot_users(&old.id)?;
+        let copies = self.store.snapshot_replicas(&old.id)?;
+        let old_is_ours =
+            matches!(old.kind, SnapshotKind::Pause | SnapshotKind::Fork) && old.sandbox_id == self.sandbox;
+        let here = self.snapshots.join(&old.id).join("disk.qcow2").is_file();
+        Ok(paused_here
+            && child
+            && old_is_ours
+            && here
+            && children == [self.new.clone()]
+            && sandboxes.is_empty()
+            && copies.is_empty())
+    }
+}
