@@ -27,6 +27,9 @@
 //!   state in it again;
 //! - no node's memory names a node of the run: the new node's diff is taken against the run's
 //!   parent, and each node of the run is the only child of the next;
+//! - in a cluster the pause waits for the fold before it copies the new node to other servers
+//!   (`--pause-replicas`), so no copy is taken of a layer being merged; moves of paused
+//!   sandboxes take the resume gate;
 //! - a crash or a failure at any step leaves the new node restorable: before step 3 its layer
 //!   still reads through the node's (then a link without state, which the collector takes with
 //!   the new node), after it the node is an empty row until step 4.
@@ -85,9 +88,15 @@ impl Manager {
     /// away in the background. The sandbox's resume gate is taken before this returns when it
     /// is free (it is, unless a resume that found the sandbox running still holds it), so a
     /// resume asked for after the pause answered waits for the fold instead of racing it.
-    pub(super) fn fold_superseded(&self, sandbox: &str, run: Vec<SnapshotRow>, new: &SnapshotRow) {
+    /// Returns the fold's task, when there is one.
+    pub(super) fn fold_superseded(
+        &self,
+        sandbox: &str,
+        run: Vec<SnapshotRow>,
+        new: &SnapshotRow,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if run.is_empty() {
-            return;
+            return None;
         }
         let gate = self.resume_gates.gate(sandbox);
         let held = gate.clone().try_lock_owned().ok();
@@ -97,7 +106,7 @@ impl Manager {
             sandbox: sandbox.to_owned(),
             new: new.id.clone(),
         };
-        tokio::spawn(async move {
+        Some(tokio::spawn(async move {
             let _gate = match held {
                 Some(held) => held,
                 None => gate.lock_owned().await,
@@ -132,7 +141,7 @@ impl Manager {
                     "superseded pauses folded"
                 );
             }
-        });
+        }))
     }
 }
 

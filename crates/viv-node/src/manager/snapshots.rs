@@ -95,8 +95,12 @@ impl Manager {
         drop(live.release_network_soon());
         tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         drop(_op);
-        self.fold_superseded(id, superseded, &node);
-        // Copies on other nodes (--pause-replicas), before the pause answers.
+        let folding = self.fold_superseded(id, superseded, &node);
+        // Copies on other nodes (--pause-replicas), before the pause answers; in a cluster they
+        // are copies of the folded node, so the fold ends first.
+        if let (Some(folding), Some(_)) = (folding, self.cluster_link.get()) {
+            let _ = folding.await;
+        }
         self.replicate_paused(id, &node.id).await;
         self.snapshot_info(node)
     }

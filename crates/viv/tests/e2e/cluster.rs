@@ -425,9 +425,9 @@ fn two_nodes_on_one_database_place_route_and_report_a_dead_node() {
     assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
     assert_eq!(client_of(&b, &again), "node-b");
     assert_eq!(a.exec(&again, json!({ "command": "echo $((6*7))" })).out(), "42\n");
-    // A keeps only the snapshot the moved ones rest on in the tree (on_a's first pause); B has
-    // the two it adopted, and counts them.
-    assert_eq!((snapshot_dirs(dir_a.path()), snapshot_dirs(dir_b.path())), (1, 2));
+    // A keeps no snapshot: on_a's first pause was folded into its second (the drain's), which
+    // B adopted with again's; B counts the two.
+    assert_eq!((snapshot_dirs(dir_a.path()), snapshot_dirs(dir_b.path())), (0, 2));
     let metrics = b.get("/metrics").send().unwrap().text().unwrap();
     assert!(metrics.contains("vivarium_sandboxes_moved_total 2"), "{metrics}");
     // A removed node must be down first.
