@@ -34,11 +34,11 @@
 //!   still reads through the node's (then a link without state, which the collector takes with
 //!   the new node), after it the node is an empty row until step 4.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Manager;
-use crate::store::{SandboxRow, SnapshotKind, SnapshotRow, Store};
+use crate::store::{SandboxRow, SnapshotKind, SnapshotRow, Store, StoreError};
 
 /// Longest run of superseded pauses one pause folds (a deeper chain is left to later pauses).
 const MAX_RUN: usize = 512;
@@ -47,30 +47,15 @@ impl Manager {
     /// The pause and fork nodes sandbox `row`'s next pause folds away, nearest first (see the
     /// module's doc); checked before that pause stores its node.
     pub(super) fn superseded_pauses(&self, row: &SandboxRow) -> Vec<SnapshotRow> {
+        let snapshots = self.config.data_dir.join("snapshots");
         let mut run: Vec<SnapshotRow> = Vec::new();
         let mut next = row.snapshot_id.clone();
         while let Some(id) = next.take() {
             let Ok(Some(node)) = self.store.snapshot(&id) else {
                 break;
             };
-            let Ok((children, sandboxes)) = self.store.snapshot_users(&node.id) else {
-                break;
-            };
-            let only_user = match run.last() {
-                None => children.is_empty() && sandboxes == [row.id.clone()],
-                Some(below) => children == [below.id.clone()] && sandboxes.is_empty(),
-            };
-            let local = match self.store.snapshot_node(&node.id) {
-                Ok(Some(Some(owner))) => self.store.node_id() == Some(owner.as_str()),
-                Ok(Some(None)) => true,
-                _ => false,
-            };
-            let foldable = matches!(node.kind, SnapshotKind::Pause | SnapshotKind::Fork)
-                && node.sandbox_id == row.id
-                && only_user
-                && local
-                && self.store.snapshot_replicas(&node.id).is_ok_and(|r| r.is_empty())
-                && self.node_dir(&node.id).join("disk.qcow2").is_file();
+            let below = run.last().map(|n| n.id.as_str());
+            let foldable = only_needed_by(&self.store, &snapshots, &node, &row.id, below).unwrap_or(false);
             if !foldable || run.len() == MAX_RUN {
                 break;
             }
@@ -167,19 +152,15 @@ impl Fold {
             }
         }
         let top = new_dir.join("disk.qcow2");
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["commit", "-q", "-d", "-f", "qcow2"])
-            .arg(&top)
-            .output()
-            .await
-            .map_err(|e| format!("running qemu-img (install qemu-utils): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img commit of {} failed: {}",
-                top.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        let args: Vec<std::ffi::OsString> = vec![
+            "commit".into(),
+            "-q".into(),
+            "-d".into(),
+            "-f".into(),
+            "qcow2".into(),
+            top.clone().into(),
+        ];
+        viv_storage::qemu_img::run(&args).await.map_err(|e| e.to_string())?;
         let merged = old_dir.join("disk.qcow2");
         viv_vmm::sync_file(&merged)
             .await
@@ -202,7 +183,7 @@ impl Fold {
 
     /// Whether, under the gate, the sandbox is still paused in the new node, which is still the
     /// only user of `old`, its parent.
-    fn still_superseded(&self, old: &SnapshotRow) -> Result<bool, crate::store::StoreError> {
+    fn still_superseded(&self, old: &SnapshotRow) -> Result<bool, StoreError> {
         // A sandbox resumed meanwhile reads the old layer in its QEMU: it is left as it is.
         let paused_here = self.store.sandbox(&self.sandbox)?.is_some_and(|row| {
             row.state == viv_api::SandboxState::Paused && row.snapshot_id.as_deref() == Some(self.new.as_str())
@@ -211,17 +192,34 @@ impl Fold {
             .store
             .snapshot(&self.new)?
             .is_some_and(|node| node.parent_id.as_deref() == Some(old.id.as_str()));
-        let (children, sandboxes) = self.store.snapshot_users(&old.id)?;
-        let copies = self.store.snapshot_replicas(&old.id)?;
-        let old_is_ours =
-            matches!(old.kind, SnapshotKind::Pause | SnapshotKind::Fork) && old.sandbox_id == self.sandbox;
-        let here = self.snapshots.join(&old.id).join("disk.qcow2").is_file();
-        Ok(paused_here
-            && child
-            && old_is_ours
-            && here
-            && children == [self.new.clone()]
-            && sandboxes.is_empty()
-            && copies.is_empty())
+        Ok(paused_here && child && only_needed_by(&self.store, &self.snapshots, old, &self.sandbox, Some(&self.new))?)
     }
+}
+
+/// Whether `node` is a pause or fork node taken of `sandbox` that nothing needs but its one
+/// child node `child` or, without one, the sandbox itself (running from it), with its files on
+/// this server and no copies on others: a node a pause of `sandbox` may fold away.
+fn only_needed_by(
+    store: &Store,
+    snapshots: &Path,
+    node: &SnapshotRow,
+    sandbox: &str,
+    child: Option<&str>,
+) -> Result<bool, StoreError> {
+    let (children, sandboxes) = store.snapshot_users(&node.id)?;
+    let users_ok = match child {
+        None => children.is_empty() && sandboxes == [sandbox],
+        Some(child) => children == [child] && sandboxes.is_empty(),
+    };
+    let local = match store.snapshot_node(&node.id)? {
+        Some(Some(owner)) => store.node_id() == Some(owner.as_str()),
+        Some(None) => true,
+        None => false,
+    };
+    Ok(matches!(node.kind, SnapshotKind::Pause | SnapshotKind::Fork)
+        && node.sandbox_id == sandbox
+        && users_ok
+        && local
+        && store.snapshot_replicas(&node.id)?.is_empty()
+        && snapshots.join(&node.id).join("disk.qcow2").is_file())
 }
