@@ -28,7 +28,7 @@ use viv_vmm::SnapshotMemory;
 
 use super::{lifetime, now_ms, random_id, remove_files, LiveSandbox, Manager, OnFailure, Source, StartRequest};
 use crate::error::ApiError;
-use crate::store::{now_rfc3339, SandboxRow, SnapshotKind, SnapshotRow};
+use crate::store::{now_rfc3339_ms, SandboxRow, SnapshotKind, SnapshotRow};
 
 /// Most forks one request may ask for.
 const MAX_FORKS: u32 = 64;
@@ -391,7 +391,7 @@ impl Manager {
             cpu_count: row.cpu_count,
             memory_mb: row.memory_mb,
             bytes: allocated_bytes(dir),
-            created_at: now_rfc3339(),
+            created_at: now_rfc3339_ms(),
             guest_token: row.access_token.clone(),
             network: Some(self.config.network.to_string()),
             memory: Some(if dir.join("state").is_file() { "whole" } else { "none" }.to_owned()),

@@ -21,11 +21,11 @@ const SMALL_NODE: u64 = 8 << 20;
 fn pause(server: &TestServer, id: &str) -> Value {
     let response = server.post(&format!("/sandboxes/{id}/pause")).send().unwrap();
     assert_eq!(response.status(), 204, "{}", response.text().unwrap_or_default());
-    // Listed oldest first: this pause's node is the sandbox's newest pause node.
+    // The paused sandbox stands on this pause's node (its older pause nodes are its parents).
     let nodes: Vec<Value> = server.get("/snapshots").send().unwrap().json().unwrap();
     nodes
         .into_iter()
-        .rfind(|n| n["sandboxID"] == id && n["kind"] == "pause")
+        .find(|n| n["kind"] == "pause" && n["sandboxes"].as_array().is_some_and(|s| s.contains(&json!(id))))
         .unwrap_or_else(|| panic!("no pause node of {id}"))
 }
 
