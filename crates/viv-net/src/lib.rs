@@ -360,6 +360,9 @@ impl Network {
         }
         self.spares.close();
         remove_resources(&self.shared.config.key);
+        // Nothing of this server's is left for another to clean up: its lock file goes too
+        // (removed while held, so no other server takes the key meanwhile).
+        let _ = std::fs::remove_file(lock_path(&self.shared.config.key));
     }
 
     /// Stops the services but leaves the host table and the namespaces of detached slots: their
@@ -387,6 +390,10 @@ impl Drop for Network {
 /// of a live server from those of a crashed one.
 const LOCK_DIR: &str = "/run/vivarium/net";
 
+fn lock_path(key: &str) -> String {
+    format!("{LOCK_DIR}/{key}.lock")
+}
+
 /// Takes the lock of `key` without waiting: `None` while another process holds it.
 fn lock_key(key: &str) -> Result<Option<std::fs::File>, NetError> {
     use std::os::fd::AsRawFd as _;
@@ -394,7 +401,7 @@ fn lock_key(key: &str) -> Result<Option<std::fs::File>, NetError> {
         context: format!("creating {LOCK_DIR}"),
         source,
     })?;
-    let path = format!("{LOCK_DIR}/{key}.lock");
+    let path = lock_path(key);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -538,8 +545,22 @@ fn remove_leftovers(shared: &Shared, keep: &BTreeSet<u32>) -> Result<(), NetErro
             if left == 0 {
                 tracing::info!(key = %key, "removing the networking of a server that is gone");
                 remove_resources(&key);
-                let _ = std::fs::remove_file(format!("{LOCK_DIR}/{key}.lock"));
+                let _ = std::fs::remove_file(lock_path(&key));
             }
+        }
+    }
+    // Lock files of servers that are gone and left nothing (older servers kept theirs).
+    let with_resources = resource_keys();
+    for entry in std::fs::read_dir(LOCK_DIR).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(key) = name.strip_suffix(".lock") else {
+            continue;
+        };
+        if key == own.as_str() || with_resources.contains(key) {
+            continue;
+        }
+        if let Some(_lock) = lock_key(key)? {
+            let _ = std::fs::remove_file(lock_path(key));
         }
     }
     Ok(())

@@ -482,7 +482,21 @@ impl Manager {
         let template = template.to_owned();
         let timeout = lifetime(req.timeout)?;
         let mounts = self.check_mounts(req.volume_mounts.as_deref())?;
-        let node = self.store.snapshot(&template)?;
+        let mut node = self.store.snapshot(&template)?;
+        // A pause or fork node may be folded into its sandbox's next pause (`pause_fold.rs`):
+        // held off until this sandbox, started from it, is its user; one under way ends first.
+        let _no_fold = match &node {
+            Some(found) => self.hold_folds(found).await,
+            None => None,
+        };
+        if let (Some(_), Some(found)) = (&_no_fold, &node) {
+            let owner = found.sandbox_id.clone();
+            node = Some(self.store.snapshot(&template)?.ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "snapshot '{template}' no longer exists: it was folded into a newer pause of sandbox {owner}"
+                ))
+            })?);
+        }
         let recipe = match &node {
             Some(_) => None,
             None => Some(self.recipe(&template).map_err(|err| match err {

@@ -130,6 +130,20 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// Holds off the folds of the sandbox that pause or fork node `node` was taken of, while a
+    /// new sandbox starts from that node or a fork registers its children: the start waits for
+    /// a fold under way and, once it holds the gate, the sandbox it registers makes the node (or
+    /// the run under it) in use, so no later fold takes it. `None` for other nodes, which are
+    /// never folded.
+    pub(super) async fn hold_folds(&self, node: &SnapshotRow) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if !matches!(node.kind, SnapshotKind::Pause | SnapshotKind::Fork) {
+            return None;
+        }
+        Some(self.resume_gates.gate(&node.sandbox_id).lock_owned().await)
+    }
+}
+
 /// One fold, with what it needs from the manager.
 struct Fold {
     store: Arc<Store>,

@@ -439,12 +439,21 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
     assert!(wait_until(Duration::from_secs(10), || {
         crate::fixture::qemu_processes_under(temp.path()).is_empty()
     }));
+    // A lock file of a server that left no resources (older servers kept theirs) goes too.
+    let locks = std::path::Path::new("/run/vivarium/net");
+    let stale = locks.join(format!("stale-{key}.lock"));
+    std::fs::write(&stale, "").unwrap();
     drop(TestServer::start_isolated(0));
     assert!(
         network_resources(temp.path()).is_empty(),
         "{:?}",
         network_resources(temp.path())
     );
+    assert!(
+        !locks.join(format!("{key}.lock")).exists(),
+        "the crashed server's lock file stays"
+    );
+    assert!(!stale.exists(), "a stale lock file stays");
     let restarted = TestServer::start_on_with(temp.path(), &options);
     resources_become(3);
     {
@@ -454,5 +463,9 @@ fn isolated_slots_are_reclaimed_after_kills_and_crashes() {
     // Stopping checks that nothing is left (namespaces, links and the table included).
     drop(restarted);
     assert!(network_resources(temp.path()).is_empty());
+    assert!(
+        !locks.join(format!("{key}.lock")).exists(),
+        "a stopped server's lock file stays"
+    );
     crate::fixture::remove_template_memory(temp.path());
 }

@@ -305,6 +305,33 @@ fn repeated_pauses_fold_into_one_node_that_keeps_every_write() {
         "the child's write is not the parent's: {read:?}"
     );
 
+    // A sandbox created from the new pause node as soon as the pause answers waits for the fold
+    // under way (it would otherwise open a disk chain being merged) and reads every write.
+    assert_eq!(
+        server.post(&format!("/sandboxes/{id}/pause")).send().unwrap().status(),
+        204
+    );
+    let paused_on = snapshots(&server)
+        .into_iter()
+        .find(|n| n["sandboxes"].as_array().is_some_and(|s| s.contains(&json!(id))))
+        .expect("the node the paused sandbox stands on");
+    let from_node = server.create(json!({ "templateID": paused_on["snapshotID"], "timeout": 600 }));
+    let read = server.exec(
+        &from_node,
+        json!({ "command": format!("cat /home/user/r1.txt /home/user/r{rounds}.txt /dev/shm/r{rounds}") }),
+    );
+    assert_eq!(read.out(), format!("disk1\ndisk{rounds}\nmem{rounds}\n"), "{read:?}");
+    let nodes = nodes_of(&server, &id);
+    assert_eq!(nodes.len(), 1, "the fold ended before the create: {nodes:?}");
+    assert_eq!(
+        server
+            .delete(&format!("/sandboxes/{from_node}"))
+            .send()
+            .unwrap()
+            .status(),
+        204
+    );
+
     assert_eq!(server.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
     assert!(snapshots(&server).is_empty(), "{:?}", snapshots(&server));
     let entries = std::fs::read_dir(server.data_dir.join("snapshots")).unwrap().count();
