@@ -27,6 +27,9 @@
 //!   state in it again;
 //! - no node's memory names a node of the run: the new node's diff is taken against the run's
 //!   parent, and each node of the run is the only child of the next;
+//! - nothing starts from a node being folded: a create from a pause or fork node and a fork
+//!   take the sandbox's gate too (`Manager::hold_folds`), so they wait for a fold under way, or
+//!   register their sandbox as the node's user before a fold checks it;
 //! - in a cluster the pause waits for the fold before it copies the new node to other servers
 //!   (`--pause-replicas`), so no copy is taken of a layer being merged; moves of paused
 //!   sandboxes take the resume gate;
