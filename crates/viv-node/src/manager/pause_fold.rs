@@ -35,7 +35,8 @@
 //!   sandboxes take the resume gate;
 //! - a crash or a failure at any step leaves the new node restorable: before step 3 its layer
 //!   still reads through the node's (then a link without state, which the collector takes with
-//!   the new node), after it the node is an empty row until step 4.
+//!   the new node), after it the node is an empty row (no layer, no state) until step 4; the
+//!   next pause of the sandbox folds such a row with step 4 alone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -169,6 +170,10 @@ impl Fold {
             }
         }
         let top = new_dir.join("disk.qcow2");
+        if !old_dir.join("disk.qcow2").exists() {
+            // A fold a crash interrupted after step 3: the new node's disk is merged already.
+            return self.forget(old, &new_dir, &old_dir);
+        }
         let args: Vec<std::ffi::OsString> = vec![
             "commit".into(),
             "-q".into(),
@@ -189,12 +194,17 @@ impl Fold {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
         }
-        let bytes = super::snapshots::allocated_bytes(&new_dir);
+        self.forget(old, &new_dir, &old_dir)
+    }
+
+    /// Step 4: the new node becomes a child of `old`'s parent, and `old` goes.
+    fn forget(&self, old: &SnapshotRow, new_dir: &Path, old_dir: &Path) -> Result<(), String> {
+        let bytes = super::snapshots::allocated_bytes(new_dir);
         self.store
             .reparent_snapshot(&self.new, old.parent_id.as_deref(), bytes)
             .map_err(|e| e.to_string())?;
         self.store.delete_snapshot(&old.id).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_dir_all(&old_dir);
+        let _ = std::fs::remove_dir_all(old_dir);
         Ok(())
     }
 
@@ -223,6 +233,7 @@ fn only_needed_by(
     sandbox: &str,
     child: Option<&str>,
 ) -> Result<bool, StoreError> {
+    let dir = snapshots.join(&node.id);
     let (children, sandboxes) = store.snapshot_users(&node.id)?;
     let users_ok = match child {
         None => children.is_empty() && sandboxes == [sandbox],
@@ -238,5 +249,15 @@ fn only_needed_by(
         && users_ok
         && local
         && store.snapshot_replicas(&node.id)?.is_empty()
-        && snapshots.join(&node.id).join("disk.qcow2").is_file())
+        && (has_layer(&dir) || interrupted_fold(&dir, child)))
+}
+
+fn has_layer(dir: &Path) -> bool {
+    dir.join("disk.qcow2").is_file()
+}
+
+/// Whether node directory `dir`, under node `child`, is what a fold a crash interrupted after
+/// step 3 leaves: no layer (merged into the child's) and no state.
+fn interrupted_fold(dir: &Path, child: Option<&str>) -> bool {
+    child.is_some() && !dir.join("state").exists()
 }

@@ -339,6 +339,69 @@ fn repeated_pauses_fold_into_one_node_that_keeps_every_write() {
 }
 
 #[test]
+fn a_fold_a_crash_interrupted_is_finished_by_the_next_pause() {
+    // A fold renames the merged layer over the new node's disk (step 3), then re-parents the
+    // new node and deletes the folded one (step 4). A crash between the two left a node with
+    // neither layer nor state as the new node's parent; no later pause could fold it, so it
+    // stayed for the sandbox's life. The state such a crash leaves is made here by hand: the
+    // server stopped, a row without files put between the sandbox's node and the template.
+    let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
+    let server = TestServer::start_on(temp.path(), None);
+    let id = server.create(json!({ "templateID": "base", "timeout": 600 }));
+    server.exec(&id, json!({ "command": "echo one > /home/user/one.txt" }));
+    pause_and_resume(&server, &id, 1);
+    server.exec(&id, json!({ "command": "echo two > /home/user/two.txt" }));
+    assert_eq!(
+        server.post(&format!("/sandboxes/{id}/pause")).send().unwrap().status(),
+        204
+    );
+    assert!(wait_until(Duration::from_secs(20), || nodes_of(&server, &id).len() == 1));
+    let node = nodes_of(&server, &id)[0]["snapshotID"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(":default")
+        .to_owned();
+    assert!(server.stop(libc::SIGTERM).success());
+
+    let remnant = "interruptedfold00000";
+    let db = rusqlite::Connection::open(temp.path().join("vivarium.db")).unwrap();
+    db.execute_batch(&format!(
+        "CREATE TEMP TABLE copied AS SELECT * FROM snapshots WHERE id = '{node}';
+         UPDATE copied SET id = '{remnant}';
+         INSERT INTO snapshots SELECT * FROM copied;
+         UPDATE snapshots SET parent_id = '{remnant}' WHERE id = '{node}';"
+    ))
+    .unwrap();
+    drop(db);
+    std::fs::create_dir(temp.path().join("snapshots").join(remnant)).unwrap();
+
+    let server = TestServer::start_on(temp.path(), None);
+    let nodes = nodes_of(&server, &id);
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let resumed = server
+        .post(&format!("/sandboxes/{id}/connect"))
+        .json(&json!({ "timeout": 600 }))
+        .send()
+        .unwrap();
+    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    server.exec(&id, json!({ "command": "echo three > /home/user/three.txt" }));
+    pause_and_resume(&server, &id, 2);
+    let nodes = nodes_of(&server, &id);
+    assert_eq!(nodes.len(), 1, "the empty row was folded too: {nodes:?}");
+    assert!(nodes[0]["parentID"].is_null(), "{nodes:?}");
+    assert!(!temp.path().join("snapshots").join(remnant).exists());
+    let read = server.exec(
+        &id,
+        json!({ "command": "cat /home/user/one.txt /home/user/two.txt /home/user/three.txt" }),
+    );
+    assert_eq!(read.out(), "one\ntwo\nthree\n", "{read:?}");
+    assert_eq!(server.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
+    assert!(nodes_of(&server, &id).is_empty());
+    assert!(server.stop(libc::SIGTERM).success());
+    crate::fixture::remove_template_memory(temp.path());
+}
+
+#[test]
 fn a_pause_whose_qemu_dies_fails_cleanly_and_paused_sandboxes_survive_a_restart() {
     let temp = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
     let server = TestServer::start_on(temp.path(), None);
