@@ -565,6 +565,17 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
             trips.push(start.elapsed());
         }
         trips.sort();
+        // As E2B's SDKs (and `command` here) run every command: in a login shell.
+        let mut shell_trips = Vec::new();
+        for _ in 0..args.round_trips {
+            let start = Instant::now();
+            ensure!(
+                exec(client, &id, &["/bin/bash", "-l", "-c", "true"]).await? == 0,
+                "`bash -l -c true` failed"
+            );
+            shell_trips.push(start.elapsed());
+        }
+        shell_trips.sort();
 
         let mut data = vec![0u8; args.file_mib << 20];
         rand::thread_rng().fill_bytes(&mut data);
@@ -594,11 +605,11 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
             read_back.as_ref() == data.as_slice(),
             "the file read back differs from the one written"
         );
-        Ok((trips, write, read))
+        Ok((trips, shell_trips, write, read))
     }
     .await;
     kill(client, &id).await?;
-    let (trips, write, read) = result?;
+    let (trips, shell_trips, write, read) = result?;
     let terminal = if args.terminals > 0 {
         terminals(client, &args).await?
     } else {
@@ -617,6 +628,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
         "hostFreePageReportingKiB": reporting_kib,
         "coldBootMs": { "p50": ms(percentile(&boots, 0.5)), "min": ms(boots[0]), "max": ms(boots[boots.len() - 1]), "n": boots.len() },
         "roundTripTrueMs": { "p50": ms(percentile(&trips, 0.5)), "p95": ms(percentile(&trips, 0.95)), "n": trips.len() },
+        "roundTripLoginShellMs": { "p50": ms(percentile(&shell_trips, 0.5)), "p95": ms(percentile(&shell_trips, 0.95)), "n": shell_trips.len() },
         "restore": restore,
         "createFromPool": from_pool,
         "snapshotTree": tree,
@@ -648,6 +660,18 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                 vec![
                     format!("exec `true` round trip, p95 of {}", trips.len()),
                     format!("{:.1} ms", ms(percentile(&trips, 0.95))),
+                    accel.clone(),
+                ],
+                vec![
+                    format!(
+                        "command `true` in a login shell (`bash -l -c`, as E2B's SDKs run commands), p50 / p95 of {}",
+                        shell_trips.len()
+                    ),
+                    format!(
+                        "{:.1} / {:.1} ms",
+                        ms(percentile(&shell_trips, 0.5)),
+                        ms(percentile(&shell_trips, 0.95))
+                    ),
                     accel.clone(),
                 ],
                 vec![

@@ -253,6 +253,10 @@ fn files_round_trip_bytes_and_stay_inside_the_guest() {
     assert_eq!(got.bytes().unwrap().as_ref(), data.as_slice());
     // Written as the acting user.
     assert_eq!(sandbox.sh("stat -c %U /home/user/data/blob.bin").out(), "user\n");
+    // A command's login shell picks its PATH without running `id` (a fork and an exec of a
+    // dynamically linked program for every command).
+    let traced = sandbox.sh("bash -l -x -c true 2>&1").out();
+    assert!(traced.contains("PATH=") && !traced.contains("id -u"), "{traced}");
     // Under TCG the guest's CPU has no fast-string flags: with them, its kernel and libc copy
     // with `rep movsb`, which TCG runs a byte at a time.
     let cpuinfo = sandbox.sh("grep -m2 -E '^(model name|flags)' /proc/cpuinfo").out();
