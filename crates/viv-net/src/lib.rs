@@ -237,7 +237,7 @@ impl Network {
             });
         }
         let slots = (config.pool.size() / 4).min(u64::from(u32::MAX)) as usize;
-        let lock = lock_key(&config.key)?.ok_or_else(|| NetError::Pool {
+        let lock = lock_own_key(&config.key).await?.ok_or_else(|| NetError::Pool {
             pool: config.pool,
             reason: format!(
                 "another server holds the network key {} (same data directory?)",
@@ -395,25 +395,58 @@ fn lock_path(key: &str) -> String {
 }
 
 /// Takes the lock of `key` without waiting: `None` while another process holds it.
+///
+/// Lock files are removed only by a process holding their lock (a stopping server its own, a
+/// starting one those of servers that are gone). A process that opened the file before such a
+/// removal would lock a file no longer at the path, so a lock counts only once the path still
+/// names the locked file; otherwise the path is opened again.
 fn lock_key(key: &str) -> Result<Option<std::fs::File>, NetError> {
     use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
     std::fs::create_dir_all(LOCK_DIR).map_err(|source| NetError::Io {
         context: format!("creating {LOCK_DIR}"),
         source,
     })?;
     let path = lock_path(key);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| NetError::Io {
-            context: format!("opening {path}"),
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| NetError::Io {
+                context: format!("opening {path}"),
+                source,
+            })?;
+        // SAFETY: flock on a descriptor `file` owns, with plain flags.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        let locked = file.metadata().map_err(|source| NetError::Io {
+            context: format!("reading {path}"),
             source,
         })?;
-    // SAFETY: flock on a descriptor `file` owns, with plain flags.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    Ok(locked.then_some(file))
+        let at_path = std::fs::metadata(&path).ok();
+        if at_path.is_some_and(|m| (m.dev(), m.ino()) == (locked.dev(), locked.ino())) {
+            return Ok(Some(file));
+        }
+    }
+}
+
+/// Takes this server's own lock of `key`. A starting server looking for the leftovers of
+/// servers that are gone holds each lock it finds for a moment, so a lock that is busy is asked
+/// for again for up to a second before it counts as another live server's.
+async fn lock_own_key(key: &str) -> Result<Option<std::fs::File>, NetError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        if let Some(file) = lock_key(key)? {
+            return Ok(Some(file));
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Names of the host's links.

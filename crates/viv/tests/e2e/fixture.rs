@@ -145,21 +145,14 @@ impl TestServer {
             .stderr(Stdio::inherit());
         // Servers of one test run must not share an address pool (as root, `auto` networking is
         // the isolated mode), not even with a killed server whose VMs still hold their slots;
-        // each gets a /26 of its own (16 sandboxes) unless the test gives one, 80 before the
-        // first comes round again. Test runs side by side on one host set VIV_TEST_NET_BASE (the
-        // second octet of their first /24) apart by at least 20.
+        // each gets a /26 of its own (16 sandboxes) unless the test gives one, 79 before the
+        // first comes round again. The 80th is the shared server's for the whole run: a run
+        // starts more than 80 servers, and one given the shared server's pool again refused to
+        // start ("it overlaps … choose another with --net-pool").
         if !extra.contains(&"--net-pool") {
             static NEXT_POOL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 80;
-            let base: u32 = std::env::var("VIV_TEST_NET_BASE")
-                .ok()
-                .and_then(|b| b.parse().ok())
-                // The last /26 of a run is at BASE + 19, so 236 is the highest base.
-                .filter(|b| (1..=236).contains(b))
-                .unwrap_or(160);
-            command
-                .arg("--net-pool")
-                .arg(format!("10.{}.{}.0/26", base + n / 4, (n % 4) * 64));
+            let n = NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % SHARED_POOL;
+            command.arg("--net-pool").arg(test_pool(n));
         }
         // Stopping a test server kills its sandboxes unless the test asks otherwise (the
         // product's default leaves them running for the next server).
@@ -258,7 +251,13 @@ impl TestServer {
                 // The server's defaults: warm VMs from the pool serve most creates. Its SSH
                 // gateway serves the ssh tests.
                 let ssh = format!("127.0.0.1:{}", free_port());
-                let _ = tx.send(Self::launch(&dir, Some(libc::SIGTERM), 1, &["--ssh-listen", &ssh]));
+                let pool = test_pool(SHARED_POOL);
+                let _ = tx.send(Self::launch(
+                    &dir,
+                    Some(libc::SIGTERM),
+                    1,
+                    &["--ssh-listen", &ssh, "--net-pool", &pool],
+                ));
                 loop {
                     std::thread::park();
                 }
@@ -500,6 +499,22 @@ pub fn proc_status(pid: u32, field: &str) -> String {
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
         .unwrap_or_default()
+}
+
+/// The index of the shared server's address pool among a run's 80 (see [`test_pool`]).
+const SHARED_POOL: u32 = 79;
+
+/// The `--net-pool` of a run's test server number `n` (0–79): a /26 of its own. Test runs side
+/// by side on one host set VIV_TEST_NET_BASE (the second octet of their first /24) apart by at
+/// least 20.
+fn test_pool(n: u32) -> String {
+    let base: u32 = std::env::var("VIV_TEST_NET_BASE")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        // The last /26 of a run is at BASE + 19, so 236 is the highest base.
+        .filter(|b| (1..=236).contains(b))
+        .unwrap_or(160);
+    format!("10.{}.{}.0/26", base + n / 4, (n % 4) * 64)
 }
 
 /// The key a server of `data_dir` names its host resources with.
