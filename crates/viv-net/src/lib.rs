@@ -557,11 +557,12 @@ fn remove_leftovers(shared: &Shared, keep: &BTreeSet<u32>) -> Result<(), NetErro
             let _ = run("ip", &["link", "del", &name], None);
         }
     }
-    for key in resource_keys() {
-        if key == *own {
+    let with_resources = resource_keys();
+    for key in &with_resources {
+        if key == own {
             continue;
         }
-        if let Some(_lock) = lock_key(&key)? {
+        if let Some(_lock) = lock_key(key)? {
             let prefix = format!("viv-{key}-");
             let mut left = 0;
             for name in netns_names() {
@@ -572,18 +573,18 @@ fn remove_leftovers(shared: &Shared, keep: &BTreeSet<u32>) -> Result<(), NetErro
                     left += 1;
                 } else {
                     tracing::info!(netns = %name, "removing the network namespace of a server that is gone");
-                    remove_slot(&key, index);
+                    remove_slot(key, index);
                 }
             }
             if left == 0 {
                 tracing::info!(key = %key, "removing the networking of a server that is gone");
-                remove_resources(&key);
-                let _ = std::fs::remove_file(lock_path(&key));
+                remove_resources(key);
+                let _ = std::fs::remove_file(lock_path(key));
             }
         }
     }
-    // Lock files of servers that are gone and left nothing (older servers kept theirs).
-    let with_resources = resource_keys();
+    // Lock files of servers that are gone and left nothing (older servers kept theirs); those
+    // of keys with resources were dealt with above.
     for entry in std::fs::read_dir(LOCK_DIR).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(key) = name.strip_suffix(".lock") else {

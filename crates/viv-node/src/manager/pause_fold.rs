@@ -132,19 +132,22 @@ impl Manager {
             }
         }))
     }
-}
 
-impl Manager {
     /// Holds off the folds of the sandbox that pause or fork node `node` was taken of, while a
-    /// new sandbox starts from that node or a fork registers its children: the start waits for
-    /// a fold under way and, once it holds the gate, the sandbox it registers makes the node (or
-    /// the run under it) in use, so no later fold takes it. `None` for other nodes, which are
-    /// never folded.
+    /// new sandbox starts from that node: the start waits for a fold under way and, once it
+    /// holds the gate, the sandbox it registers makes the node (or the run under it) in use, so
+    /// no later fold takes it. `None` for other nodes, which are never folded.
     pub(super) async fn hold_folds(&self, node: &SnapshotRow) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        if !matches!(node.kind, SnapshotKind::Pause | SnapshotKind::Fork) {
+        if !may_fold(node.kind) {
             return None;
         }
-        Some(self.resume_gates.gate(&node.sandbox_id).lock_owned().await)
+        Some(self.hold_folds_of(&node.sandbox_id).await)
+    }
+
+    /// Holds off the folds of sandbox `sandbox`'s nodes (a fork holds them until its children
+    /// use its new node): the fold task of a pause takes the same gate.
+    pub(super) async fn hold_folds_of(&self, sandbox: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.resume_gates.gate(sandbox).lock_owned().await
     }
 }
 
@@ -170,7 +173,7 @@ impl Fold {
             }
         }
         let top = new_dir.join("disk.qcow2");
-        if !old_dir.join("disk.qcow2").exists() {
+        if !has_layer(&old_dir) {
             // A fold a crash interrupted after step 3: the new node's disk is merged already.
             return self.forget(old, &new_dir, &old_dir);
         }
@@ -244,12 +247,17 @@ fn only_needed_by(
         Some(None) => true,
         None => false,
     };
-    Ok(matches!(node.kind, SnapshotKind::Pause | SnapshotKind::Fork)
+    Ok(may_fold(node.kind)
         && node.sandbox_id == sandbox
         && users_ok
         && local
         && store.snapshot_replicas(&node.id)?.is_empty()
         && (has_layer(&dir) || interrupted_fold(&dir, child)))
+}
+
+/// Whether nodes of `kind` are ever folded: pause and fork nodes are; named snapshots never.
+fn may_fold(kind: SnapshotKind) -> bool {
+    matches!(kind, SnapshotKind::Pause | SnapshotKind::Fork)
 }
 
 fn has_layer(dir: &Path) -> bool {

@@ -192,8 +192,7 @@ impl Manager {
         }
         let timeout = lifetime(timeout)?;
         // No pause of the sandbox folds the fork node away before its children use it.
-        let gate = self.resume_gates.gate(id);
-        let _no_fold = gate.lock().await;
+        let _no_fold = self.hold_folds_of(id).await;
         let (node, source) = self.snapshot_running(id, SnapshotKind::Fork, None, true).await?;
         // The node's state reaches the disk while the forks start from the page cache; the
         // answer waits for both.

@@ -199,6 +199,11 @@ fn nodes_of(server: &TestServer, id: &str) -> Vec<Value> {
 }
 
 fn pause_and_resume(server: &TestServer, id: &str, round: usize) {
+    pause(server, id, round);
+    resume(server, id, round);
+}
+
+fn pause(server: &TestServer, id: &str, round: usize) {
     let paused = server.post(&format!("/sandboxes/{id}/pause")).send().unwrap();
     assert_eq!(
         paused.status(),
@@ -206,6 +211,9 @@ fn pause_and_resume(server: &TestServer, id: &str, round: usize) {
         "round {round}: {}",
         paused.text().unwrap_or_default()
     );
+}
+
+fn resume(server: &TestServer, id: &str, round: usize) {
     let resumed = server
         .post(&format!("/sandboxes/{id}/connect"))
         .json(&json!({ "timeout": 600 }))
@@ -307,10 +315,7 @@ fn repeated_pauses_fold_into_one_node_that_keeps_every_write() {
 
     // A sandbox created from the new pause node as soon as the pause answers waits for the fold
     // under way (it would otherwise open a disk chain being merged) and reads every write.
-    assert_eq!(
-        server.post(&format!("/sandboxes/{id}/pause")).send().unwrap().status(),
-        204
-    );
+    pause(&server, &id, rounds + 5);
     let paused_on = snapshots(&server)
         .into_iter()
         .find(|n| n["sandboxes"].as_array().is_some_and(|s| s.contains(&json!(id))))
@@ -351,10 +356,7 @@ fn a_fold_a_crash_interrupted_is_finished_by_the_next_pause() {
     server.exec(&id, json!({ "command": "echo one > /home/user/one.txt" }));
     pause_and_resume(&server, &id, 1);
     server.exec(&id, json!({ "command": "echo two > /home/user/two.txt" }));
-    assert_eq!(
-        server.post(&format!("/sandboxes/{id}/pause")).send().unwrap().status(),
-        204
-    );
+    pause(&server, &id, 2);
     assert!(wait_until(Duration::from_secs(20), || nodes_of(&server, &id).len() == 1));
     let node = nodes_of(&server, &id)[0]["snapshotID"]
         .as_str()
@@ -378,14 +380,9 @@ fn a_fold_a_crash_interrupted_is_finished_by_the_next_pause() {
     let server = TestServer::start_on(temp.path(), None);
     let nodes = nodes_of(&server, &id);
     assert_eq!(nodes.len(), 2, "{nodes:?}");
-    let resumed = server
-        .post(&format!("/sandboxes/{id}/connect"))
-        .json(&json!({ "timeout": 600 }))
-        .send()
-        .unwrap();
-    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    resume(&server, &id, 2);
     server.exec(&id, json!({ "command": "echo three > /home/user/three.txt" }));
-    pause_and_resume(&server, &id, 2);
+    pause_and_resume(&server, &id, 3);
     let nodes = nodes_of(&server, &id);
     assert_eq!(nodes.len(), 1, "the empty row was folded too: {nodes:?}");
     assert!(nodes[0]["parentID"].is_null(), "{nodes:?}");
