@@ -180,6 +180,11 @@ pub struct PauseRequest {
     /// disk (false: resuming boots the saved disk afresh; processes are gone, files are kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<bool>,
+    /// With the memory kept: keep the stopped VM for the server's `--pause-keep-warm` time, so
+    /// a resume within it continues the VM (true, the default), or free it now (false; a resume
+    /// then restores the saved snapshot). The snapshot is saved to disk either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_warm: Option<bool>,
     /// Refuse the pause unless the sandbox's agent answers (a pause always needs it here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub require_healthy_guest: Option<bool>,

@@ -40,6 +40,7 @@ mod memory_chain;
 mod network;
 mod node_report;
 pub mod operations;
+mod parked;
 mod pause_fold;
 mod pool;
 mod pool_cpu;
@@ -59,6 +60,7 @@ mod snapshot_move;
 mod snapshot_replicas;
 mod snapshot_tree;
 mod snapshots;
+pub mod stopping;
 mod storage;
 mod switches;
 mod template_catalog;
@@ -132,6 +134,9 @@ pub struct Config {
     pub keep_versions: Option<u32>,
     /// Longest chain of memory diffs a node save extends; 0 saves nodes' memory whole.
     pub memory_diff_chain: usize,
+    /// How long a paused sandbox's stopped VM is kept, so a resume within it continues that VM
+    /// instead of restoring the node (zero: a pause always stops the VM).
+    pub pause_keep_warm: Duration,
     /// How many other nodes of the cluster get a copy of each paused sandbox's snapshot, so it
     /// resumes elsewhere when this node dies (0: none).
     pub pause_replicas: usize,
@@ -338,6 +343,8 @@ pub struct Manager {
     channel_key: String,
     /// Serializes resumes of each sandbox.
     resume_gates: lifecycle::ResumeGates,
+    /// Stopped VMs of sandboxes paused moments ago, kept for a quick resume.
+    parked: parked::ParkedVms,
     /// Zero-page indexes of the memory files whole states restore over.
     base_indexes: Arc<memory_chain::BaseIndexes>,
     /// QEMU, for the VM manager's machines.
@@ -359,6 +366,9 @@ pub struct Manager {
     cluster_link: std::sync::OnceLock<layer_fetch::ClusterLink>,
     /// Serializes fetches of layers from other nodes.
     layer_fetches: tokio::sync::Mutex<()>,
+    /// Cancelled when the server starts shutting down: the periodic tasks end on it, so none of
+    /// them is waiting on a timer while the runtime tears its timer down.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -859,6 +869,7 @@ impl Manager {
             }
             live.release_network().await;
         }
+        self.discard_parked_of(id).await;
         remove_files(&self.run_dir(id), &self.memory_file(id));
         self.store.delete_sandbox(id)?;
         self.publish_sandbox(id, "killed", None);

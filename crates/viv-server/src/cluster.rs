@@ -166,12 +166,12 @@ impl Cluster {
         }
         self.announce(manager);
         let cluster = self.clone();
+        let stopping = manager.stopping();
         let manager = Arc::downgrade(manager);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(cluster.config.heartbeat);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
+            while viv_node::manager::stopping::next_tick(&mut tick, &stopping).await {
                 let Some(manager) = manager.upgrade() else { return };
                 if let Err(err) = cluster.beat(&store, &manager).await {
                     tracing::warn!(error = %err, "heartbeat failed");

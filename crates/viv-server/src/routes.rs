@@ -239,10 +239,11 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         format!(
-            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n{}{}",
+            "{}# HELP vivarium_network_slots Network namespaces in use (isolated mode).\n# TYPE vivarium_network_slots gauge\nvivarium_network_slots {}\n{}{}{}",
             state.metrics.render(state.manager.live_count()),
             state.manager.network_slots(),
             state.manager.render_pool_metrics(),
+            state.manager.render_parked_metrics(),
             state.manager.render_vm_metrics().await
         ),
     )
@@ -268,7 +269,12 @@ async fn pause_sandbox(
     OptionalJsonBody(req): OptionalJsonBody<viv_api::PauseRequest>,
 ) -> Result<Response, ApiError> {
     let manager = state.manager.clone();
-    to_completion(async move { manager.pause_keeping(&id, req.memory.unwrap_or(true)).await }).await?;
+    to_completion(async move {
+        manager
+            .pause_keeping(&id, req.memory.unwrap_or(true), req.keep_warm.unwrap_or(true))
+            .await
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

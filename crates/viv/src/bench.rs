@@ -178,9 +178,16 @@ pub(crate) enum Start {
 
 /// Timings of one pause / resume / fork cycle.
 struct Cycle {
+    /// Pause, the VM parked (the server's default `--pause-keep-warm`).
     pause: Duration,
+    /// Resume right after: the parked VM continues.
     resume: Duration,
     resume_first: Duration,
+    /// Pause that frees the VM (`keepWarm: false`) and the resume after it, which restores the
+    /// node.
+    pause_released: Duration,
+    resume_restored: Duration,
+    resume_restored_first: Duration,
     fork_first: Duration,
     clock_error_ms: f64,
     pause_node_bytes: u64,
@@ -192,6 +199,14 @@ fn now_ms() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or_default()
+}
+
+/// The body of a pause that frees the VM at once (not parked), so the next resume restores.
+pub(crate) fn released_pause() -> viv_api::PauseRequest {
+    viv_api::PauseRequest {
+        keep_warm: Some(false),
+        ..Default::default()
+    }
 }
 
 /// Runs a command and returns its stdout.
@@ -246,6 +261,23 @@ async fn cycle(client: &Client, pool: bool) -> Result<Cycle> {
             .context("the fork failed")?;
         let first = exec(client, &child, &["cat", "/tmp/state"]).await;
         let fork_first = start.elapsed();
+        let start = Instant::now();
+        client
+            .send(
+                client
+                    .request(Method::POST, &format!("/sandboxes/{id}/pause"))
+                    .json(&released_pause()),
+            )
+            .await?;
+        let pause_released = start.elapsed();
+        let start = Instant::now();
+        connect(client, &id, 300).await?;
+        let resume_restored = start.elapsed();
+        ensure!(
+            exec(client, &id, &["cat", "/tmp/state"]).await? == 0,
+            "the restored sandbox lacks its file"
+        );
+        let resume_restored_first = start.elapsed();
         let nodes: Vec<viv_api::SnapshotInfo> = client
             .json(client.request(Method::GET, "/snapshots").query(&[("sandboxID", &id)]))
             .await?;
@@ -263,6 +295,9 @@ async fn cycle(client: &Client, pool: bool) -> Result<Cycle> {
             pause,
             resume,
             resume_first,
+            pause_released,
+            resume_restored,
+            resume_restored_first,
             fork_first,
             clock_error_ms,
             pause_node_bytes: size("pause"),
@@ -506,14 +541,17 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                 .await
                 .context("pause / resume / fork cycle")?;
             eprintln!(
-                "  cycle {}/{}: pause {:.0} ms, resume {:.0} ms (first result {:.0} ms, clock error {:+.1} ms), fork to first result {:.0} ms",
+                "  cycle {}/{}: pause {:.0} ms, resume {:.0} ms (first result {:.0} ms, clock error {:+.1} ms), fork to first result {:.0} ms; released pause {:.0} ms, restoring resume {:.0} ms (first result {:.0} ms)",
                 i + 1,
                 args.cycles,
                 ms(c.pause),
                 ms(c.resume),
                 ms(c.resume_first),
                 c.clock_error_ms,
-                ms(c.fork_first)
+                ms(c.fork_first),
+                ms(c.pause_released),
+                ms(c.resume_restored),
+                ms(c.resume_restored_first)
             );
             cycles.push(c);
         }
@@ -533,6 +571,9 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
             "pauseMsP50": p50(&|c| c.pause),
             "resumeMsP50": p50(&|c| c.resume),
             "resumeFirstResultMsP50": p50(&|c| c.resume_first),
+            "pauseReleasedMsP50": p50(&|c| c.pause_released),
+            "resumeRestoredMsP50": p50(&|c| c.resume_restored),
+            "resumeRestoredFirstResultMsP50": p50(&|c| c.resume_restored_first),
             "forkFirstResultMsP50": p50(&|c| c.fork_first),
             "clockErrorMsMaxAbs": (max_clock * 10.0).round() / 10.0,
             "pauseNodeMiB": mib(cycles.iter().map(|c| c.pause_node_bytes).max().unwrap_or(0)),
@@ -685,7 +726,7 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     accel.clone(),
                 ],
                 vec![
-                    format!("pause / resume (to created) p50, {memory_mb} MiB guest"),
+                    format!("pause / resume (to created) p50, {memory_mb} MiB guest, VM parked"),
                     match tree.as_object() {
                         Some(t) => format!("{} / {} ms", t["pauseMsP50"], t["resumeMsP50"]),
                         None => "server runs without snapshots".into(),
@@ -693,9 +734,20 @@ pub async fn run(client: &Client, args: BenchArgs, json: bool) -> Result<()> {
                     accel.clone(),
                 ],
                 vec![
-                    "resume to first result p50; guest clock error after resume, max".into(),
+                    "resume to first result p50 (VM parked); guest clock error after resume, max".into(),
                     match tree.as_object() {
                         Some(t) => format!("{} ms; {} ms", t["resumeFirstResultMsP50"], t["clockErrorMsMaxAbs"]),
+                        None => "-".into(),
+                    },
+                    accel.clone(),
+                ],
+                vec![
+                    "pause / resume (to created) / resume to first result p50, VM released (restore)".into(),
+                    match tree.as_object() {
+                        Some(t) => format!(
+                            "{} / {} / {} ms",
+                            t["pauseReleasedMsP50"], t["resumeRestoredMsP50"], t["resumeRestoredFirstResultMsP50"]
+                        ),
                         None => "-".into(),
                     },
                     accel.clone(),

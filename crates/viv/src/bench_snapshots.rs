@@ -13,10 +13,15 @@ use crate::client::Client;
 const DEPTHS: [usize; 3] = [1, 10, 50];
 
 /// Pauses sandbox `id` and returns its new node's size once the server has rewritten it as a
-/// diff (in the background, after the pause returned).
+/// diff (in the background, after the pause returned). The VM is not parked: the resumes timed
+/// here restore the chain.
 async fn pause(client: &Client, id: &str) -> Result<u64> {
     client
-        .send(client.request(Method::POST, &format!("/sandboxes/{id}/pause")))
+        .send(
+            client
+                .request(Method::POST, &format!("/sandboxes/{id}/pause"))
+                .json(&super::bench::released_pause()),
+        )
         .await?;
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut node_id = None;

@@ -146,6 +146,10 @@ pub enum SandboxCommand {
         /// Keep only the disk (no memory): resuming boots it afresh, processes are gone.
         #[arg(long)]
         filesystem: bool,
+        /// Free the stopped VM now rather than keep it for the server's `--pause-keep-warm`
+        /// time (a resume then restores the saved snapshot).
+        #[arg(long)]
+        release: bool,
     },
     /// Show a running sandbox's console log (kernel and boot messages, whatever the guest
     /// writes to /dev/console); -f follows it until the sandbox stops.
@@ -624,9 +628,14 @@ async fn sandbox(client: &Client, cmd: SandboxCommand, json: bool) -> Result<()>
                 println!("{id}: {}", network_summary(&info));
             }
         }
-        SandboxCommand::Pause { id, filesystem } => {
+        SandboxCommand::Pause {
+            id,
+            filesystem,
+            release,
+        } => {
             let body = viv_api::PauseRequest {
                 memory: filesystem.then_some(false),
+                keep_warm: release.then_some(false),
                 ..Default::default()
             };
             client

@@ -71,6 +71,13 @@ pub struct ServeArgs {
     /// each node's memory whole (the default for now).
     #[arg(long, env = "VIV_MEMORY_DIFF_CHAIN", default_value_t = 0)]
     pub memory_diff_chain: usize,
+    /// How long a paused sandbox's VM is kept, stopped, after the pause (e.g. `10s`; `0` turns
+    /// it off). A resume within that time continues the VM (tens of milliseconds) instead of
+    /// restoring its snapshot; the pause itself is saved to disk either way. The VM's memory
+    /// stays in use meanwhile (it is freed sooner when a new sandbox needs the room). Never in
+    /// a cluster.
+    #[arg(long, env = "VIV_PAUSE_KEEP_WARM", default_value = "10s", value_parser = parse_keep_warm)]
+    pub pause_keep_warm: Duration,
     /// Domain of sandbox host names: `PORT-SANDBOXID.DOMAIN` reaches PORT in the sandbox
     /// (point a wildcard DNS record at this server; `*.localhost` resolves to loopback in
     /// browsers).
@@ -183,6 +190,18 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--pause-keep-warm`: `0` (off) or a duration up to an hour.
+fn parse_keep_warm(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 10s, 2m, or 0 for off)"))?;
+    if d > Duration::from_secs(3600) {
+        return Err("a paused VM is kept for at most an hour (1h)".into());
+    }
+    Ok(d)
+}
+
 /// A `FIRST-LAST` uid range as first uid and count.
 fn parse_uid_range(s: &str) -> Result<(u32, u32), String> {
     let (first, last) = s
@@ -278,6 +297,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         keep_versions: args.keep_versions,
         memory_diff_chain: args.memory_diff_chain,
+        pause_keep_warm: args.pause_keep_warm,
         pause_replicas: args.pause_replicas,
         domain: args.domain.clone(),
         network: if role.runs_vms() {
@@ -347,6 +367,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         }
         tracing::info!(confinement = %manager.confinement(), "VMs are confined");
         manager.start_deadline_enforcer();
+        manager.start_parked_sweeper();
         manager.start_console_log_cap();
         manager.autostart_vms();
         if manager.accel() == Accel::Tcg && args.accel == Accel::Auto {

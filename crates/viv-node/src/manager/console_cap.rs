@@ -22,10 +22,10 @@ impl Manager {
     /// Starts the task that keeps every live sandbox's console log under the cap.
     pub fn start_console_log_cap(self: &Arc<Self>) {
         let manager = Arc::downgrade(self);
+        let stopping = self.stopping();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
+            while super::stopping::next_tick(&mut tick, &stopping).await {
                 let Some(manager) = manager.upgrade() else { return };
                 let logs: Vec<PathBuf> = manager
                     .live

@@ -186,10 +186,10 @@ impl Manager {
     /// the alternative at a timeout is losing the sandbox.
     pub(super) async fn pause_at_timeout(&self, id: &str) -> Result<(), ApiError> {
         let memory = self.store.lifecycle(id)?.is_none_or(|l| l.pause_memory);
-        match self.pause_keeping(id, memory).await {
+        match self.pause_keeping(id, memory, true).await {
             Err(err) if !memory && self.live(id).is_ok() => {
                 tracing::warn!(sandbox = %id, error = %err, "filesystem-only pause failed; pausing with memory");
-                self.pause_keeping(id, true).await.map(drop)
+                self.pause_keeping(id, true, true).await.map(drop)
             }
             result => result.map(drop),
         }

@@ -89,6 +89,33 @@ impl Manager {
         }
         let gate = self.resume_gates.gate(sandbox);
         let held = gate.clone().try_lock_owned().ok();
+        self.fold_holding(sandbox, run, new, gate, held)
+    }
+
+    /// [`Manager::fold_superseded`] by the holder of the sandbox's resume gate (`held`), which
+    /// passes it on to the fold, so no resume comes between them.
+    pub(super) fn fold_superseded_holding(
+        &self,
+        sandbox: &str,
+        run: Vec<SnapshotRow>,
+        new: &SnapshotRow,
+        held: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if run.is_empty() {
+            return None;
+        }
+        let gate = self.resume_gates.gate(sandbox);
+        self.fold_holding(sandbox, run, new, gate, Some(held))
+    }
+
+    fn fold_holding(
+        &self,
+        sandbox: &str,
+        run: Vec<SnapshotRow>,
+        new: &SnapshotRow,
+        gate: Arc<tokio::sync::Mutex<()>>,
+        held: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let fold = Fold {
             store: self.store.clone(),
             snapshots: self.config.data_dir.join("snapshots"),

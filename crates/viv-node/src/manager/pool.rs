@@ -272,9 +272,11 @@ impl Manager {
         }
         let manager = Arc::downgrade(self);
         let every = (self.config.pool.idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let stopping = self.stopping();
         tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while super::stopping::next_tick(&mut tick, &stopping).await {
                 let Some(manager) = manager.upgrade() else { return };
                 if manager.pool.closing.load(Ordering::SeqCst) {
                     return;

@@ -320,8 +320,15 @@ impl Manager {
     }
 
     /// Server shutdown: warm VMs are killed; the VMs of running sandboxes are left running,
-    /// paused or killed as `mode` says.
+    /// paused or killed as `mode` says. The periodic tasks end after it (see `stopping`).
     pub async fn shutdown(&self, mode: ShutdownMode) {
+        self.shutdown_sandboxes(mode).await;
+        self.stopping.cancel();
+    }
+
+    async fn shutdown_sandboxes(&self, mode: ShutdownMode) {
+        // Their sandboxes are paused on their nodes already, whatever the mode.
+        self.discard_parked().await;
         let vms_left_running = self.shutdown_vms(mode).await;
         self.stop_switches(vms_left_running).await;
         self.close_pool().await;
@@ -351,7 +358,8 @@ impl Manager {
         let ids: Vec<String> = self.live.lock().expect("live lock").keys().cloned().collect();
         for id in ids {
             if mode == ShutdownMode::Pause && self.config.snapshots {
-                match self.pause(&id).await {
+                // Not parked: the server is going.
+                match self.pause_keeping(&id, true, false).await {
                     Ok(_) => continue,
                     Err(err) => tracing::warn!(sandbox = %id, error = %err, "pausing at shutdown failed; killing"),
                 }

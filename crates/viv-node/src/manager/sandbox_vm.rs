@@ -22,6 +22,9 @@ impl Manager {
         memory_mib: u32,
         rules: &viv_net::PolicySpec,
     ) -> Result<Arc<LiveSandbox>, ApiError> {
+        if crate::capacity::check_room(memory_mib).is_err() && self.evict_parked(true).await > 0 {
+            tracing::info!(sandbox = %id, "parked VMs evicted to make room");
+        }
         crate::capacity::check_room(memory_mib)?;
         std::fs::create_dir_all(run_dir)
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", run_dir.display())))?;
@@ -182,26 +185,31 @@ impl Manager {
         token: Option<String>,
         env_vars: Option<BTreeMap<String, String>>,
     ) -> Result<(), ApiError> {
-        // Without `envVars` (a resume or a fork), the agent keeps the variables it has.
-        let body = serde_json::json!({
-            "timestampMs": now_ms(),
-            "envVars": env_vars,
-            "accessToken": token.clone().unwrap_or_default(),
-            "hostname": "sandbox",
-            "channelKey": self.channel_key,
-            "caCertificates": self.config.guest_ca_certificates,
-        });
+        // Without `envVars` (a resume or a fork), the agent keeps the variables it has. The
+        // clock is read again for each attempt: a retry comes seconds later, and an old reading
+        // would set the guest's clock back by that much.
+        let body = || {
+            serde_json::json!({
+                "timestampMs": now_ms(),
+                "envVars": env_vars,
+                "accessToken": token.clone().unwrap_or_default(),
+                "hostname": "sandbox",
+                "channelKey": self.channel_key,
+                "caCertificates": self.config.guest_ca_certificates,
+            })
+        };
         // A connection that breaks (a channel reset that lost a race with the guest) is retried
         // on a fresh one.
-        let mut result = live.agent.call::<_, serde_json::Value>("/init", &body).await;
+        let mut result = live.agent.call::<_, serde_json::Value>("/init", &body()).await;
         for _ in 0..5 {
-            if !matches!(result, Err(crate::agent_client::AgentError::Channel(_))) {
+            let Err(crate::agent_client::AgentError::Channel(why)) = &result else {
                 break;
-            }
+            };
+            tracing::debug!(sandbox = %live.id, %why, "initializing the agent: trying a new connection");
             live.agent.close().await;
             tokio::time::sleep(Duration::from_millis(20)).await;
             result = match live.agent.wait_ready(self.config.boot_timeout).await {
-                Ok(()) => live.agent.call::<_, serde_json::Value>("/init", &body).await,
+                Ok(()) => live.agent.call::<_, serde_json::Value>("/init", &body()).await,
                 Err(err) => Err(err),
             };
         }

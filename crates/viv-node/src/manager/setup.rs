@@ -94,6 +94,8 @@ impl Manager {
             data_key,
             channel_key,
             resume_gates: lifecycle::ResumeGates::default(),
+            parked: Default::default(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             base_indexes: Default::default(),
             cluster_link: std::sync::OnceLock::new(),
             layer_fetches: tokio::sync::Mutex::new(()),

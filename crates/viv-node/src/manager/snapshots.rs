@@ -30,6 +30,18 @@ use super::{lifetime, now_ms, random_id, remove_files, LiveSandbox, Manager, OnF
 use crate::error::ApiError;
 use crate::store::{now_rfc3339_ms, SandboxRow, SnapshotKind, SnapshotRow};
 
+/// What a save keeps of a running sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// Its disk.
+    Disk,
+    /// Its disk and memory.
+    Memory,
+    /// Its disk and memory and, for a pause, its VM: stopped, parked for a quick resume
+    /// (`parked.rs`).
+    MemoryAndVm,
+}
+
 /// Most forks one request may ask for.
 const MAX_FORKS: u32 = 64;
 
@@ -60,11 +72,12 @@ impl Manager {
 
     /// Pauses a running sandbox: saves it (memory included) into a new node and stops its VM.
     pub async fn pause(&self, id: &str) -> Result<SnapshotInfo, ApiError> {
-        self.pause_keeping(id, true).await
+        self.pause_keeping(id, true, true).await
     }
 
-    /// Pauses a running sandbox, keeping its memory or (`memory` false) only its disk.
-    pub async fn pause_keeping(&self, id: &str, memory: bool) -> Result<SnapshotInfo, ApiError> {
+    /// Pauses a running sandbox, keeping its memory or (`memory` false) only its disk; with
+    /// `keep_warm` (and memory) its stopped VM may be parked for a quick resume (`parked.rs`).
+    pub async fn pause_keeping(&self, id: &str, memory: bool, keep_warm: bool) -> Result<SnapshotInfo, ApiError> {
         self.require_snapshots()?;
         if let Some(row) = self.store.sandbox(id)? {
             if row.state == SandboxState::Paused {
@@ -81,19 +94,34 @@ impl Manager {
         let started = std::time::Instant::now();
         // Found before the new node names the nearest as its parent (see `pause_fold.rs`).
         let superseded = self.superseded_pauses(&row);
+        let keep = match memory {
+            false => Keep::Disk,
+            true if keep_warm && self.may_park(&superseded) => Keep::MemoryAndVm,
+            true => Keep::Memory,
+        };
         let node = self
-            .save_node(&live, &row, SnapshotKind::Pause, None, memory, superseded.last())
+            .save_node(&live, &row, SnapshotKind::Pause, None, keep, superseded.last())
             .await?;
         self.live.lock().expect("live lock").remove(id);
+        // Parked before the row says paused, so a resume that reads the row finds the VM.
+        let parked = keep == Keep::MemoryAndVm;
+        let superseded = if parked {
+            self.park(live.clone(), &node, superseded);
+            Vec::new()
+        } else {
+            superseded
+        };
         row.state = SandboxState::Paused;
         row.snapshot_id = Some(node.id.clone());
         row.vmm = None;
         row.net_slot = None;
         self.store.put_sandbox(&row)?;
         self.publish_sandbox(id, "paused", Some(format!("snapshot {}", node.id)));
-        remove_files(&live.run_dir, &live.memory_file);
-        drop(live.release_network_soon());
-        tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "sandbox paused");
+        if !parked {
+            remove_files(&live.run_dir, &live.memory_file);
+            drop(live.release_network_soon());
+        }
+        tracing::info!(sandbox = %id, snapshot = %node.id, bytes = node.bytes, parked, ms = started.elapsed().as_millis() as u64, "sandbox paused");
         drop(_op);
         let folding = self.fold_superseded(id, superseded, &node);
         // Copies on other nodes (--pause-replicas), before the pause answers; in a cluster they
@@ -159,6 +187,29 @@ impl Manager {
         })?;
         let disk_boot = self.boots_from_disk(&node, !memory);
         let source = Source::Node(Box::new(node));
+        // Its VM still parked (paused moments ago): that VM runs on.
+        let parked = match disk_boot {
+            false => self.unpark(&id, &node_id).await,
+            true => {
+                self.discard_parked_of(&id).await;
+                None
+            }
+        };
+        if let Some(live) = parked {
+            let start = StartRequest {
+                pooled: Some(live),
+                ..StartRequest::new(&source, timeout)
+            };
+            match self
+                .start_sandbox(row.clone(), start, OnFailure::Restore(Box::new(row.clone())))
+                .await
+            {
+                Ok(created) => return Ok(created),
+                Err(err) => {
+                    tracing::warn!(sandbox = %id, error = %err, "the parked VM did not resume; restoring its node")
+                }
+            }
+        }
         let start = StartRequest {
             cold_boot: disk_boot,
             // A booted agent gets the environment the sandbox was created with again.
@@ -306,7 +357,8 @@ impl Manager {
         // Read under the lock: an operation that held it may have moved the sandbox to a node.
         let (_, mut row) = self.running(id)?;
         let started = std::time::Instant::now();
-        let node = self.save_node(&live, &row, kind, name, memory, None).await?;
+        let keep = if memory { Keep::Memory } else { Keep::Disk };
+        let node = self.save_node(&live, &row, kind, name, keep, None).await?;
         row.snapshot_id = Some(node.id.clone());
         self.store.set_sandbox_snapshot(id, &node.id)?;
         tracing::info!(sandbox = %id, snapshot = %node.id, kind = kind.as_str(), bytes = node.bytes, ms = started.elapsed().as_millis() as u64, "snapshot taken");
@@ -323,7 +375,7 @@ impl Manager {
         row: &SandboxRow,
         kind: SnapshotKind,
         name: Option<String>,
-        memory: bool,
+        keep: Keep,
         superseded: Option<&SnapshotRow>,
     ) -> Result<SnapshotRow, ApiError> {
         let id = random_id(20);
@@ -333,14 +385,15 @@ impl Manager {
             .map_err(|e| ApiError::Internal(format!("creating {}: {e}", building.display())))?;
         let keep_running = kind != SnapshotKind::Pause;
         let disk_before = live.root_disk.lock().expect("disk lock").clone();
-        let result = match (memory, keep_running) {
-            (false, _) => self.save_disk(live, &dir, &building, keep_running).await,
+        let result = match (keep, keep_running) {
+            (Keep::Disk, _) => self.save_disk(live, &dir, &building, keep_running).await,
             // A fork syncs the state while its children start (see `fork`).
-            (true, true) => {
+            (_, true) => {
                 self.save_running(live, &dir, &building, kind != SnapshotKind::Fork)
                     .await
             }
-            (true, false) => self.save_stopping(live, &building).await,
+            (Keep::Memory, false) => self.save_stopping(live, &building).await,
+            (Keep::MemoryAndVm, false) => self.save_parking(live, &dir, &building).await,
         };
         if let Err(err) = result {
             if *live.root_disk.lock().expect("disk lock") == disk_before {
@@ -357,7 +410,7 @@ impl Manager {
             return Err(err);
         }
         let node = self.store_node(&building, &dir, row, kind, name)?;
-        if memory {
+        if keep != Keep::Disk {
             // Never against a node about to be folded away: against the run's parent instead.
             let parent = match superseded {
                 Some(old) => old.parent_id.as_deref(),
@@ -424,10 +477,37 @@ impl Manager {
         seal(&kept)
     }
 
+    /// Pause that parks the VM (`parked.rs`): flush the guest's writes and hang up the agent as
+    /// [`Manager::save_stopping`] does, then save as a fork does, leaving the vCPUs stopped on
+    /// a new overlay over the node's layer.
+    async fn save_parking(&self, live: &LiveSandbox, dir: &Path, building: &Path) -> Result<(), ApiError> {
+        super::lifecycle::flush_guest(live).await;
+        live.agent.close().await;
+        self.save_stopped(live, dir, building, true).await?;
+        sync_state(live, &building.join("state")).await
+    }
+
     /// Fork or snapshot: stop the vCPUs, freeze the overlay as the node's layer (the VM goes on
     /// writing to a new overlay on top of it), save the VM, let it run again, and with `sync`
     /// make the state durable (else the caller does).
     async fn save_running(&self, live: &LiveSandbox, dir: &Path, building: &Path, sync: bool) -> Result<(), ApiError> {
+        self.save_stopped(live, dir, building, false).await?;
+        if sync {
+            sync_state(live, &building.join("state")).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the vCPUs, freezes the overlay as the node's layer with the VM on a new overlay
+    /// over it, and saves the VM; then lets it run again, unless `stay_stopped` and the save
+    /// succeeded.
+    async fn save_stopped(
+        &self,
+        live: &LiveSandbox,
+        dir: &Path,
+        building: &Path,
+        stay_stopped: bool,
+    ) -> Result<(), ApiError> {
         let vm_error =
             |what: &str, err: viv_vmm::VmError| ApiError::Sandbox(format!("{what} sandbox {}: {err}", live.id));
         live.vm.pause().await.map_err(|e| vm_error("pausing", e))?;
@@ -441,14 +521,13 @@ impl Manager {
                 .map_err(|e| vm_error("saving", e))
         }
         .await;
+        if result.is_ok() && stay_stopped {
+            return Ok(());
+        }
         let resumed = live.vm.resume().await;
         result?;
-        resumed.map_err(|e| vm_error("resuming", e))?;
         // The VM runs on while its saved state reaches the disk.
-        if sync {
-            sync_state(live, &state).await?;
-        }
-        Ok(())
+        resumed.map_err(|e| vm_error("resuming", e))
     }
 
     /// With the vCPUs stopped: gives the VM's overlay a second name `link` (the VM writes to it

@@ -2,7 +2,7 @@
 //! with auto-pause, pauses) sandboxes whose deadline passed.
 //!
 //! Invariants: a deadline is at most `MAX_TIMEOUT_SECS` away when set; the enforcer holds only a
-//! weak reference, so it ends with the manager.
+//! weak reference, and ends when the manager starts shutting down or is dropped.
 
 use super::*;
 
@@ -35,13 +35,13 @@ impl Manager {
         Ok(())
     }
 
-    /// Kills sandboxes whose deadline has passed, every second, for as long as the manager lives.
+    /// Kills sandboxes whose deadline has passed, every second, until the manager stops.
     pub fn start_deadline_enforcer(self: &Arc<Self>) {
         let manager = Arc::downgrade(self);
+        let stopping = self.stopping();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
+            while super::stopping::next_tick(&mut tick, &stopping).await {
                 let Some(manager) = manager.upgrade() else { return };
                 let Ok(rows) = manager.store.local_sandboxes() else {
                     continue;

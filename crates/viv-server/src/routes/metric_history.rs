@@ -104,8 +104,8 @@ fn now_ms() -> u64 {
 async fn sample_forever(state: AppState, history: Weak<History>) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
+    let stopping = state.manager.stopping();
+    while viv_node::manager::stopping::next_tick(&mut tick, &stopping).await {
         let Some(history) = history.upgrade() else { return };
         let Ok(listed) = state.manager.list(&Default::default()) else {
             continue;

@@ -98,7 +98,7 @@ async fn drain(
         if sandbox.state != SandboxState::Running {
             continue;
         }
-        match state.manager.pause_keeping(&sandbox.id, true).await {
+        match state.manager.pause_keeping(&sandbox.id, true, false).await {
             Ok(_) => paused.push(sandbox.id),
             Err(err) => failed.push(DrainFailure {
                 id: sandbox.id,

@@ -138,6 +138,13 @@ impl TestServer {
             } else {
                 vec!["--pool-max".to_owned(), pool_size.to_string()]
             })
+            // A pause stops the VM unless the test is about parked VMs: the other tests' resumes
+            // restore their nodes (the E2B suites run with the default and resume parked VMs).
+            .args(if extra.contains(&"--pause-keep-warm") {
+                Vec::new()
+            } else {
+                vec!["--pause-keep-warm".to_owned(), "0".to_owned()]
+            })
             .args(extra)
             .env("VIV_LOG", "info,viv_net=debug")
             .envs(env.iter().copied())

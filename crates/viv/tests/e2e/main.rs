@@ -15,6 +15,7 @@ mod jail;
 mod leaks;
 mod memory_diff;
 mod network;
+mod parked;
 mod pool;
 mod pool_demand;
 mod restarts;
