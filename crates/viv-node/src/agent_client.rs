@@ -104,6 +104,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> S
 struct Connection {
     id: u64,
     sender: SendRequest<Body>,
+    /// The task driving the connection: aborting it closes the socket at once, even while
+    /// streams are open on it (a background command's output).
+    driver: tokio::task::AbortHandle,
 }
 
 /// Where an [`AgentClient`]'s connection goes.
@@ -269,15 +272,17 @@ impl AgentClient {
             .await
             .map_err(|e| AgentError::Channel(format!("HTTP/2 handshake: {e}")))?;
         let route = format!("{:?}", self.route);
-        tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%route, error = %describe(&err), "agent connection ended");
             }
-        });
+        })
+        .abort_handle();
         let id = self.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *guard = Some(Connection {
             id,
             sender: sender.clone(),
+            driver,
         });
         Ok((id, sender))
     }
@@ -334,9 +339,14 @@ impl AgentClient {
         *self.channel_key.write().expect("key lock") = key;
     }
 
-    /// Closes the connection, if one is open; the next request opens a new one.
+    /// Hangs up the connection, if one is open, with every stream still open on it (they fail
+    /// at once); the next request opens a new one. Only dropping its sender would leave the
+    /// connection open while a stream is, and QEMU's channel takes one connection at a time:
+    /// the next would wait for that stream to end.
     pub async fn close(&self) {
-        self.sender.lock().await.take();
+        if let Some(open) = self.sender.lock().await.take() {
+            open.driver.abort();
+        }
     }
 
     /// Sends a request (path and query relative to the agent's root), adding the access token.
@@ -427,7 +437,7 @@ impl AgentClient {
                     };
                     tracing::debug!(route = ?self.route, waited_ms = start.elapsed().as_millis() as u64, %why, "agent not ready; trying a new connection");
                     // Booting: whatever connection is open has not answered in time.
-                    self.sender.lock().await.take();
+                    self.close().await;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }

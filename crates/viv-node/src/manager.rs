@@ -850,7 +850,17 @@ impl Manager {
     /// Kills a sandbox (running, paused or failed) and forgets it; snapshot nodes nothing needs
     /// any more are collected.
     pub async fn kill(&self, id: &str) -> Result<(), ApiError> {
-        let row = self.store.sandbox(id)?;
+        let mut row = self.store.sandbox(id)?;
+        // A resume under way (it holds the gate, and may be continuing a parked VM) ends first,
+        // and the sandbox is then killed as it finds it.
+        let _resuming = match &row {
+            Some(r) if r.state == SandboxState::Paused => {
+                let gate = self.resume_gates.gate(id).lock_owned().await;
+                row = self.store.sandbox(id)?;
+                Some(gate)
+            }
+            _ => None,
+        };
         if row.as_ref().is_some_and(|r| r.state == SandboxState::Starting) {
             return Err(ApiError::Conflict(format!(
                 "sandbox '{id}' is still starting (or resuming); kill it once it runs"

@@ -6,13 +6,17 @@
 //! whole state, on disk before the pause answers), but instead of killing the VM it moves the VM
 //! onto a new overlay over the node's layer, as a fork does, and leaves its vCPUs stopped. A
 //! resume within the keep-warm time lets them run again: the guest's processes, page cache and
-//! QEMU's translated code are warm, and no state is loaded. After that time the VM is *evicted*:
-//! killed, its network slot and run directory freed, and a resume restores the node as usual.
+//! QEMU's translated code are warm, and no state is loaded. The agent's connection is not hung up
+//! (the guest's virtio-serial port blocks the agent's writes while no host is connected, and a
+//! reconnect after `cont` went unanswered): streams open at the pause, such as a command's
+//! output, stall while the VM is parked and go on after the resume. After that time the VM is
+//! *evicted*: killed (which ends those streams), its network slot and run directory freed, and
+//! a resume restores the node as usual.
 //!
 //! Invariants:
 //! - a parked VM is stopped from its save until its resume or eviction, so it never differs
 //!   from its node; it is parked only while its sandbox's row says paused on that node, and
-//!   resumes and evictions of a sandbox happen under its resume gate;
+//!   resumes, evictions and kills of a paused sandbox happen under its resume gate;
 //! - no fold touches a parked VM's chain. The pause that parks puts its fold off to the eviction
 //!   (which passes the gate on to the fold, so no resume comes between them); a resume of the
 //!   parked VM drops it, and the sandbox's next pause finds that run again, one node longer. A
@@ -117,8 +121,7 @@ impl Manager {
             self.discard(parked.live).await;
             return None;
         }
-        // The pause hung up the agent: a new connection, with the short first attempts that
-        // get past a reset marker the guest lost while its port reopened.
+        // The agent's connection stayed open through the park; it answers once the VM runs.
         if let Err(err) = parked.live.agent.wait_ready(self.config.boot_timeout).await {
             tracing::warn!(sandbox = %id, error = %err, "the parked VM's agent did not answer; restoring its node");
             self.discard(parked.live).await;

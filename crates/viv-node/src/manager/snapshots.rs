@@ -477,12 +477,12 @@ impl Manager {
         seal(&kept)
     }
 
-    /// Pause that parks the VM (`parked.rs`): flush the guest's writes and hang up the agent as
+    /// Pause that parks the VM (`parked.rs`): flush the guest's writes as
     /// [`Manager::save_stopping`] does, then save as a fork does, leaving the vCPUs stopped on
-    /// a new overlay over the node's layer.
+    /// a new overlay over the node's layer. The agent's connection stays open (as a fork's
+    /// does): its streams stall while the VM is parked and go on if it resumes.
     async fn save_parking(&self, live: &LiveSandbox, dir: &Path, building: &Path) -> Result<(), ApiError> {
         super::lifecycle::flush_guest(live).await;
-        live.agent.close().await;
         self.save_stopped(live, dir, building, true).await?;
         sync_state(live, &building.join("state")).await
     }

@@ -691,3 +691,32 @@ pub fn failure_of(server: &TestServer, id: &str) -> Option<String> {
         .find(|s| s["sandboxID"] == id)
         .map(|s| s["error"].as_str().unwrap_or_default().to_owned())
 }
+
+/// A shell command that starts a background counter in the guest, bumped every 100 ms and
+/// renamed into place (so a read never sees a truncated file): [`counter`] reads it.
+pub const COUNTER_LOOP: &str = "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &";
+
+/// The value of the [`COUNTER_LOOP`] counter in sandbox `id`.
+pub fn counter(server: &TestServer, id: &str) -> u64 {
+    let read = server.exec(id, json!({ "command": "cat /tmp/count" }));
+    read.out()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no counter: {read:?}"))
+}
+
+/// The guest's clock in sandbox `id` is within 2 s of the host's (a restored or resumed guest's
+/// clock is set from the host's).
+pub fn assert_guest_clock(server: &TestServer, id: &str) {
+    let guest: f64 = server
+        .exec(id, json!({ "command": "date +%s.%N" }))
+        .out()
+        .trim()
+        .parse()
+        .unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((host - guest).abs() < 2.0, "guest clock {guest} vs host {host}");
+}

@@ -7,18 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::fixture::{wait_until, TestServer};
-
-/// A counter a background process bumps every 100 ms (renamed into place).
-const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &";
-
-fn counter(server: &TestServer, id: &str) -> u64 {
-    let read = server.exec(id, json!({ "command": "cat /tmp/count" }));
-    read.out()
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no counter: {read:?}"))
-}
+use crate::fixture::{counter, wait_until, TestServer, COUNTER_LOOP as COUNTER};
 
 fn pause(server: &TestServer, id: &str, body: Value) {
     let paused = server
@@ -56,17 +45,7 @@ fn assert_alive(server: &TestServer, id: &str) {
         wait_until(Duration::from_secs(10), || counter(server, id) > before + 2),
         "the background process runs on after the resume"
     );
-    let guest: f64 = server
-        .exec(id, json!({ "command": "date +%s.%N" }))
-        .out()
-        .trim()
-        .parse()
-        .unwrap();
-    let host = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    assert!((host - guest).abs() < 2.0, "guest clock {guest} vs host {host}");
+    crate::fixture::assert_guest_clock(server, id);
 }
 
 #[test]
@@ -83,6 +62,28 @@ fn a_resume_soon_after_a_pause_continues_the_parked_vm_and_a_later_one_restores_
     }));
     let qemu = server.qemu_processes();
     assert_eq!(qemu.len(), 1);
+
+    // A command still streaming when the pause comes: its stream stalls while the VM is parked
+    // and goes on after the resume (the agent's connection is kept; a new one would wait behind
+    // it, since the VM's channel takes one connection at a time).
+    let streaming = {
+        let url = format!("{}/sandboxes/{id}/exec", server.url);
+        let key = server.key.clone();
+        std::thread::spawn(move || {
+            reqwest::blocking::Client::new()
+                .post(url)
+                .header("X-API-Key", key)
+                .json(&json!({ "command": "sleep 600" }))
+                .send()
+                .and_then(|r| r.text())
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || {
+        server
+            .exec(&id, json!({ "command": "pgrep -f '^sleep 600$' >/dev/null" }))
+            .exit_code
+            == Some(0)
+    }));
 
     // Paused and parked: paused to every client, its node saved whole, its QEMU kept.
     pause(&server, &id, json!({}));
@@ -112,6 +113,14 @@ fn a_resume_soon_after_a_pause_continues_the_parked_vm_and_a_later_one_restores_
     assert_eq!(server.metric("vivarium_parked_resumes_total"), 1);
     assert_eq!(server.metric("vivarium_sandboxes_parked"), 0);
     assert!(server.qemu_processes().contains(&qemu[0]), "the parked VM was resumed");
+    assert!(!streaming.is_finished(), "the command's stream outlives a parked pause");
+    let stopped = server.exec(&id, json!({ "command": "pkill -f '^sleep 600$'" }));
+    assert_eq!(stopped.exit_code, Some(0), "{stopped:?}");
+    let ended = streaming
+        .join()
+        .unwrap()
+        .expect("the command's stream ends when it does");
+    assert!(ended.contains("\"type\":\"end\""), "{ended}");
     let out = server.exec(
         &id,
         json!({ "command": "cat /home/user/f.txt; echo two >> /home/user/f.txt" }),

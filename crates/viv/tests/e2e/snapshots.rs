@@ -6,20 +6,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::fixture::{wait_until, TestServer};
+use crate::fixture::{counter, wait_until, TestServer, COUNTER_LOOP};
 
 fn snapshots(server: &TestServer) -> Vec<Value> {
     server.get("/snapshots").send().unwrap().json().unwrap()
-}
-
-/// A counter a background process bumps every 100 ms (renamed into place, so a read never sees a
-/// truncated file).
-fn counter(server: &TestServer, id: &str) -> u64 {
-    let read = server.exec(id, json!({ "command": "cat /tmp/count" }));
-    read.out()
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no counter: {read:?}"))
 }
 
 #[test]
@@ -28,7 +18,7 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
     let id = server.create(json!({ "templateID": "base", "timeout": 600, "envVars": { "FOO": "bar" } }));
     let setup = server.exec(
         &id,
-        json!({ "command": "echo hello > /home/user/f.txt; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &" }),
+        json!({ "command": format!("echo hello > /home/user/f.txt; {COUNTER_LOOP}") }),
     );
     assert_eq!(setup.exit_code, Some(0), "{setup:?}");
     // The loop may not have written its first value yet.
@@ -83,17 +73,7 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
         "the background process runs on after the resume"
     );
     // The guest clock was set from the host's at resume.
-    let guest: f64 = server
-        .exec(&id, json!({ "command": "date +%s.%N" }))
-        .out()
-        .trim()
-        .parse()
-        .unwrap();
-    let host = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    assert!((host - guest).abs() < 2.0, "guest clock {guest} vs host {host}");
+    crate::fixture::assert_guest_clock(&server, &id);
 
     // Fork into two: both children have the parent's files and process; writes stay apart.
     let forked = server
@@ -234,10 +214,7 @@ fn repeated_pauses_fold_into_one_node_that_keeps_every_write() {
     // cycle after cycle, the 256th pause could not be resumed) and kept the old node's memory.
     let server = TestServer::start();
     let id = server.create(json!({ "templateID": "base", "timeout": 600 }));
-    let setup = server.exec(
-        &id,
-        json!({ "command": "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &" }),
-    );
+    let setup = server.exec(&id, json!({ "command": COUNTER_LOOP }));
     assert_eq!(setup.exit_code, Some(0), "{setup:?}");
     let rounds = 8;
     for round in 1..=rounds {
