@@ -39,7 +39,7 @@ use viv_api::SandboxState;
 
 /// Longest run of unfolded pause nodes under a pause that parks (each resume of a parked VM
 /// adds one): past it the pause stops the VM and folds the run.
-pub(super) const MAX_PARKED_RUN: usize = 16;
+const MAX_PARKED_RUN: usize = 16;
 
 /// One parked VM.
 struct Parked {

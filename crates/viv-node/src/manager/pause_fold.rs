@@ -88,8 +88,8 @@ impl Manager {
             return None;
         }
         let gate = self.resume_gates.gate(sandbox);
-        let held = gate.clone().try_lock_owned().ok();
-        self.fold_holding(sandbox, run, new, gate, held)
+        let gate = gate.clone().try_lock_owned().map_err(|_| gate);
+        self.fold_holding(sandbox, run, new, gate)
     }
 
     /// [`Manager::fold_superseded`] by the holder of the sandbox's resume gate (`held`), which
@@ -104,17 +104,17 @@ impl Manager {
         if run.is_empty() {
             return None;
         }
-        let gate = self.resume_gates.gate(sandbox);
-        self.fold_holding(sandbox, run, new, gate, Some(held))
+        self.fold_holding(sandbox, run, new, Ok(held))
     }
 
+    /// Spawns the fold, which holds the sandbox's resume gate: `Ok` a guard of it already
+    /// taken, `Err` the gate to wait for.
     fn fold_holding(
         &self,
         sandbox: &str,
         run: Vec<SnapshotRow>,
         new: &SnapshotRow,
-        gate: Arc<tokio::sync::Mutex<()>>,
-        held: Option<tokio::sync::OwnedMutexGuard<()>>,
+        gate: Result<tokio::sync::OwnedMutexGuard<()>, Arc<tokio::sync::Mutex<()>>>,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let fold = Fold {
             store: self.store.clone(),
@@ -123,9 +123,9 @@ impl Manager {
             new: new.id.clone(),
         };
         Some(tokio::spawn(async move {
-            let _gate = match held {
-                Some(held) => held,
-                None => gate.lock_owned().await,
+            let _gate = match gate {
+                Ok(held) => held,
+                Err(gate) => gate.lock_owned().await,
             };
             let started = std::time::Instant::now();
             let new = fold.new.clone();

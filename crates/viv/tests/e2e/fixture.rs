@@ -311,6 +311,22 @@ impl TestServer {
             .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
     }
 
+    /// Resumes paused sandbox `id` (E2B's connect) and asserts the 201 of a resume; `context`
+    /// starts the failure message.
+    pub fn resume(&self, id: &str, context: &str) {
+        let resumed = self
+            .post(&format!("/sandboxes/{id}/connect"))
+            .json(&json!({ "timeout": 600 }))
+            .send()
+            .unwrap();
+        assert_eq!(
+            resumed.status(),
+            201,
+            "{context}: {}",
+            resumed.text().unwrap_or_default()
+        );
+    }
+
     /// Forks sandbox `id` once (`POST /sandboxes/{id}/fork`) and returns the child's id.
     pub fn fork_one(&self, id: &str) -> String {
         let forks: Value = self

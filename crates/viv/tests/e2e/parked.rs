@@ -20,15 +20,6 @@ fn pause(server: &TestServer, id: &str, body: Value) {
     assert_eq!(info["state"], "paused");
 }
 
-fn resume(server: &TestServer, id: &str) {
-    let resumed = server
-        .post(&format!("/sandboxes/{id}/connect"))
-        .json(&json!({ "timeout": 600 }))
-        .send()
-        .unwrap();
-    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
-}
-
 /// The pause nodes of sandbox `id`.
 fn pause_nodes(server: &TestServer, id: &str) -> Vec<Value> {
     let nodes: Vec<Value> = server.get("/snapshots").send().unwrap().json().unwrap();
@@ -109,7 +100,7 @@ fn a_resume_soon_after_a_pause_continues_the_parked_vm_and_a_later_one_restores_
     assert_eq!(out.out(), "one\n", "{out:?}");
 
     // Resumed at once: the same QEMU runs on, with its process, files and a correct clock.
-    resume(&server, &id);
+    server.resume(&id, "resume of the parked VM");
     assert_eq!(server.metric("vivarium_parked_resumes_total"), 1);
     assert_eq!(server.metric("vivarium_sandboxes_parked"), 0);
     assert!(server.qemu_processes().contains(&qemu[0]), "the parked VM was resumed");
@@ -147,7 +138,7 @@ fn a_resume_soon_after_a_pause_continues_the_parked_vm_and_a_later_one_restores_
     );
 
     // The next resume restores the node: a new QEMU, the same sandbox.
-    resume(&server, &id);
+    server.resume(&id, "resume after the eviction");
     let restored = server.qemu_processes();
     assert_eq!(restored.len(), 1);
     assert_ne!(restored, qemu, "restored into a new VM");
@@ -158,7 +149,7 @@ fn a_resume_soon_after_a_pause_continues_the_parked_vm_and_a_later_one_restores_
     // A pause that asks to free the VM stops it at once; its resume restores the node.
     pause(&server, &id, json!({ "keepWarm": false }));
     assert!(server.qemu_processes().is_empty(), "keepWarm false frees the VM");
-    resume(&server, &id);
+    server.resume(&id, "resume after a keepWarm:false pause");
     assert_eq!(
         server.exec(&id, json!({ "command": "cat /home/user/f.txt" })).out(),
         "one\ntwo\n"
@@ -204,7 +195,7 @@ fn parked_vms_go_at_shutdown_and_after_a_crash_and_their_sandboxes_resume_from_d
     let server = TestServer::start_on_with(temp.path(), &keep);
     let info: Value = server.get(&format!("/sandboxes/{id}")).send().unwrap().json().unwrap();
     assert_eq!(info["state"], "paused");
-    resume(&server, &id);
+    server.resume(&id, "resume after a restart");
     assert_eq!(
         server.exec(&id, json!({ "command": "cat /home/user/k.txt" })).out(),
         "kept\n"
@@ -223,7 +214,7 @@ fn parked_vms_go_at_shutdown_and_after_a_crash_and_their_sandboxes_resume_from_d
         "the crashed server's parked VM is killed at start"
     );
     assert!(server.metric("vivarium_orphan_vms_killed_total") >= 1);
-    resume(&server, &id);
+    server.resume(&id, "resume after a crash");
     assert_ne!(server.qemu_processes(), parked);
     assert_eq!(
         server.exec(&id, json!({ "command": "cat /home/user/k.txt" })).out(),

@@ -53,12 +53,7 @@ fn pause_resume_and_fork_keep_files_and_processes_and_the_tree_is_collected() {
     assert_eq!(in_use.status(), 409, "a node a paused sandbox needs cannot be deleted");
 
     // Resume (E2B's connect): 201, then files, environment and the process are all there.
-    let resumed = server
-        .post(&format!("/sandboxes/{id}/connect"))
-        .json(&json!({ "timeout": 600 }))
-        .send()
-        .unwrap();
-    assert_eq!(resumed.status(), 201, "{}", resumed.text().unwrap_or_default());
+    server.resume(&id, "resume");
     let again = server
         .post(&format!("/sandboxes/{id}/connect"))
         .json(&json!({ "timeout": 600 }))
@@ -194,17 +189,7 @@ fn pause(server: &TestServer, id: &str, round: usize) {
 }
 
 fn resume(server: &TestServer, id: &str, round: usize) {
-    let resumed = server
-        .post(&format!("/sandboxes/{id}/connect"))
-        .json(&json!({ "timeout": 600 }))
-        .send()
-        .unwrap();
-    assert_eq!(
-        resumed.status(),
-        201,
-        "round {round}: {}",
-        resumed.text().unwrap_or_default()
-    );
+    server.resume(id, &format!("round {round}"));
 }
 
 #[test]
