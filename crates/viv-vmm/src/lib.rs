@@ -21,6 +21,7 @@ pub mod backup;
 pub mod confine;
 mod exit;
 pub mod host_memory;
+pub mod huge_pages;
 pub mod machine;
 pub mod memdiff;
 pub mod migstream;

@@ -175,9 +175,12 @@ impl Qemu {
                 }
                 // Opened read-only (the file is a template's, shared by every clone), mapped
                 // privately and writable (`rom=off`): writes land in the clone's own pages.
+                // Mapped at a 2 MiB boundary, so the file's 2 MiB pages (`huge_pages.rs`) are
+                // mapped whole (QEMU aligns a file to its page size, 4 KiB on tmpfs, otherwise).
                 GuestMemory::PrivateFile(file) => {
+                    let align = if mem.is_multiple_of(2) { ",align=2M" } else { "" };
                     format!(
-                        "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off,readonly=on,rom=off",
+                        "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off,readonly=on,rom=off{align}",
                         path(file)
                     )
                 }
@@ -765,6 +768,6 @@ mod tests {
             .join(" ");
         assert!(args.contains(&format!("-sandbox {SECCOMP}")));
         assert!(args.contains("-netdev tap,id=net0,fd=3"));
-        assert!(args.contains("mem-path=/dev/shm/t.mem,share=off,readonly=on,rom=off"));
+        assert!(args.contains("mem-path=/dev/shm/t.mem,share=off,readonly=on,rom=off,align=2M"));
     }
 }

@@ -288,3 +288,54 @@ fn servers_sharing_a_layer_cache_reuse_each_others_layers_even_from_failed_build
     assert_eq!(run.out(), "first-marker\nsecond-marker\nthird-marker\n", "{run:?}");
     assert_eq!(second.delete(&format!("/sandboxes/{id}")).send().unwrap().status(), 204);
 }
+
+/// Bytes of a `/proc/PID/smaps_rollup` field given in kB.
+fn smaps_bytes(pid: u32, field: &str) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        << 10
+}
+
+#[test]
+fn sandboxes_map_their_templates_memory_through_2_mib_pages_and_save_it_whole() {
+    // A fresh data directory, so the template snapshot is saved by this build of the server.
+    let server = TestServer::start();
+    let sandbox = server.sandbox();
+    let written = sandbox.sh("head -c 4M /dev/urandom > /dev/shm/kept && sha256sum /dev/shm/kept");
+    assert_eq!(written.exit_code, Some(0), "{}", written.err());
+    let qemu = crate::fixture::qemu_of(&server.data_dir, &sandbox.id);
+    // The guest ran: it read template pages through 2 MiB entries of QEMU's private mapping.
+    let pmd = smaps_bytes(qemu, "ShmemPmdMapped");
+    assert!(
+        pmd >= 2 << 20,
+        "no template memory mapped through 2 MiB pages: ShmemPmdMapped {pmd}"
+    );
+
+    // The template's memory file on tmpfs holds its pages in 2 MiB pages, none missing.
+    let key = crate::fixture::data_key(&server.data_dir);
+    let templates = std::path::PathBuf::from(format!("/dev/shm/vivarium-{key}/templates"));
+    let memory = std::fs::read_dir(&templates)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "mem"))
+        .expect("a template memory file")
+        .path();
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(&memory).unwrap();
+    assert_eq!(meta.blocks() * 512, meta.len(), "{} still has holes", memory.display());
+
+    // Its first pause reads all of it; what the guest wrote comes back after the resume.
+    let paused = server
+        .post(&format!("/sandboxes/{}/pause", sandbox.id))
+        .json(&json!({ "keepWarm": false }))
+        .send()
+        .unwrap();
+    assert_eq!(paused.status().as_u16(), 204, "{}", paused.text().unwrap_or_default());
+    server.resume(&sandbox.id, "after the first pause");
+    let read = sandbox.sh("sha256sum /dev/shm/kept");
+    assert_eq!(read.out(), written.out(), "the guest's file changed across the pause");
+}
