@@ -203,7 +203,8 @@ impl Manager {
         if let Some(found) = self.templates.ready.lock().expect("template lock").get(&key) {
             return Ok(found.clone());
         }
-        if !self.snapshot_usable(&key, memory_mib) {
+        let saved_now = !self.snapshot_usable(&key, memory_mib);
+        if saved_now {
             if !recipe.layer.is_file() {
                 return Err(ApiError::NotFound(format!(
                     "the disk layer of template '{}' is missing ({}); build the template again",
@@ -244,6 +245,13 @@ impl Manager {
         }
         let (_, snapshot) = self.snapshot_paths(&key);
         let snapshot = Arc::new(snapshot);
+        if !saved_now {
+            // Saved by an earlier server, perhaps one that left it in 4 KiB pages: collapsed in
+            // the background (clones mapping it run on; collapsing moves pages, never changes
+            // them), quickly when it is in 2 MiB pages already.
+            let memory = snapshot.memory_file.clone();
+            drop(tokio::spawn(async move { collapse_memory(&memory).await }));
+        }
         self.templates
             .ready
             .lock()
@@ -519,8 +527,8 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("key parts serialize")
 }
 
-/// Backs a template's new memory file with 2 MiB pages (`viv_vmm::huge_pages`), before any
-/// clone maps it. A refusal only logs: the file is correct either way, its clones' first saves
+/// Backs a template's memory file with 2 MiB pages (`viv_vmm::huge_pages`): a new one before
+/// any clone maps it, one of an earlier server when first used. A refusal only logs: the file is correct either way, its clones' first saves
 /// are slower. `VIV_TEMPLATE_HUGE_PAGES=0` leaves it in 4 KiB pages.
 async fn collapse_memory(memory_file: &Path) {
     if std::env::var("VIV_TEMPLATE_HUGE_PAGES").is_ok_and(|v| v == "0") {

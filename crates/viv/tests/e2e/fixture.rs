@@ -83,6 +83,12 @@ impl TestServer {
         Self::launch(data_dir, parent_death, 0, &[])
     }
 
+    /// Starts a server without warm VMs on an existing data directory with extra environment
+    /// variables.
+    pub fn start_on_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::launch_binary(Path::new(VIV), data_dir, None, 0, &[], env)
+    }
+
     /// Starts a server keeping `pool_size` warm VMs on an existing data directory.
     pub fn start_pooled_on(data_dir: &Path, pool_size: usize) -> Self {
         Self::launch(data_dir, None, pool_size, &[])

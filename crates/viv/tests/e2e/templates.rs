@@ -300,23 +300,22 @@ fn smaps_bytes(pid: u32, field: &str) -> u64 {
         << 10
 }
 
-#[test]
-fn sandboxes_map_their_templates_memory_through_2_mib_pages_and_save_it_whole() {
-    // A fresh data directory, so the template snapshot is saved by this build of the server.
-    let server = TestServer::start();
-    let sandbox = server.sandbox();
-    let written = sandbox.sh("head -c 4M /dev/urandom > /dev/shm/kept && sha256sum /dev/shm/kept");
-    assert_eq!(written.exit_code, Some(0), "{}", written.err());
-    let qemu = crate::fixture::qemu_of(&server.data_dir, &sandbox.id);
-    // The guest ran: it read template pages through 2 MiB entries of QEMU's private mapping.
+/// Asserts that sandbox `id`'s QEMU, after its guest ran, reads template memory through 2 MiB
+/// entries of its private mapping.
+fn assert_template_mapped_in_2_mib_pages(server: &TestServer, id: &str) {
+    let qemu = crate::fixture::qemu_of(&server.data_dir, id);
     let pmd = smaps_bytes(qemu, "ShmemPmdMapped");
     assert!(
         pmd >= 2 << 20,
         "no template memory mapped through 2 MiB pages: ShmemPmdMapped {pmd}"
     );
+}
 
-    // The template's memory file on tmpfs holds its pages in 2 MiB pages, none missing.
-    let key = crate::fixture::data_key(&server.data_dir);
+/// The template memory file of the server of `data_dir` (it has one template snapshot) and
+/// whether all its pages are allocated.
+fn template_memory(data_dir: &Path) -> (std::path::PathBuf, bool) {
+    use std::os::unix::fs::MetadataExt as _;
+    let key = crate::fixture::data_key(data_dir);
     let templates = std::path::PathBuf::from(format!("/dev/shm/vivarium-{key}/templates"));
     let memory = std::fs::read_dir(&templates)
         .unwrap()
@@ -324,9 +323,21 @@ fn sandboxes_map_their_templates_memory_through_2_mib_pages_and_save_it_whole() 
         .find(|e| e.path().extension().is_some_and(|x| x == "mem"))
         .expect("a template memory file")
         .path();
-    use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(&memory).unwrap();
-    assert_eq!(meta.blocks() * 512, meta.len(), "{} still has holes", memory.display());
+    (memory, meta.blocks() * 512 == meta.len())
+}
+
+#[test]
+fn sandboxes_map_their_templates_memory_through_2_mib_pages_and_save_it_whole() {
+    // A fresh data directory, so the template snapshot is saved by this build of the server.
+    let server = TestServer::start();
+    let sandbox = server.sandbox();
+    let written = sandbox.sh("head -c 4M /dev/urandom > /dev/shm/kept && sha256sum /dev/shm/kept");
+    assert_eq!(written.exit_code, Some(0), "{}", written.err());
+    assert_template_mapped_in_2_mib_pages(&server, &sandbox.id);
+    // The template's memory file on tmpfs has no holes left.
+    let (memory, whole) = template_memory(&server.data_dir);
+    assert!(whole, "{} still has holes", memory.display());
 
     // Its first pause reads all of it; what the guest wrote comes back after the resume.
     let paused = server
@@ -338,4 +349,36 @@ fn sandboxes_map_their_templates_memory_through_2_mib_pages_and_save_it_whole() 
     server.resume(&sandbox.id, "after the first pause");
     let read = sandbox.sh("sha256sum /dev/shm/kept");
     assert_eq!(read.out(), written.out(), "the guest's file changed across the pause");
+}
+
+#[test]
+fn a_template_snapshot_an_earlier_server_left_in_4_kib_pages_is_collapsed_when_next_used() {
+    let dir = tempfile::Builder::new().prefix("viv-e2e-").tempdir().unwrap();
+    {
+        // A server that leaves template memory as QEMU wrote it, as servers before this did.
+        let old = TestServer::start_on_with_env(dir.path(), &[("VIV_TEMPLATE_HUGE_PAGES", "0")]);
+        let sandbox = old.sandbox();
+        assert_eq!(sandbox.sh("true").exit_code, Some(0));
+        let (memory, whole) = template_memory(dir.path());
+        assert!(
+            !whole,
+            "{} has no holes: it was not left as QEMU wrote it",
+            memory.display()
+        );
+    }
+    let server = TestServer::start_on(dir.path(), None);
+    let first = server.sandbox();
+    assert_eq!(first.sh("true").exit_code, Some(0));
+    assert!(
+        wait_until(Duration::from_secs(60), || template_memory(dir.path()).1),
+        "the snapshot's memory file kept its holes"
+    );
+    // Sandboxes started after the collapse map it through 2 MiB entries.
+    let next = server.sandbox();
+    let listed = next.sh("ls /usr/bin | wc -l");
+    assert_eq!(listed.exit_code, Some(0), "{}", listed.err());
+    assert_template_mapped_in_2_mib_pages(&server, &next.id);
+    drop((first, next));
+    drop(server);
+    crate::fixture::remove_template_memory(dir.path());
 }
