@@ -8,10 +8,10 @@
 //! ms over 2 MiB pages, and a sandbox's first pause (TCG) took 128 instead of 187 ms (p50 of
 //! 10, two servers side by side). A tmpfs file mapped privately at a 2 MiB boundary (QEMU's
 //! `align=2M`) is mapped through 2 MiB entries where its page cache holds 2 MiB pages, so the
-//! file's pages are collapsed into such pages once, when the template snapshot is saved
-//! (`MADV_COLLAPSE`, Linux 6.1 and later, which does not need the tmpfs to be mounted with
-//! `huge=`). A guest's write to such a range splits that mapping and copies one 4 KiB page,
-//! as before.
+//! file's pages are collapsed into such pages once (`MADV_COLLAPSE`, Linux 6.1 and later,
+//! which does not need the tmpfs to be mounted with `huge=`): when the template snapshot is
+//! saved, or, for one an earlier server saved, when a server first uses it. A guest's write to
+//! such a range splits that mapping and copies one 4 KiB page, as before.
 //!
 //! Holes are allocated first (`fallocate`): a 2 MiB range without any page cannot be
 //! collapsed, and a read of a hole through a private mapping allocates a 4 KiB page in the file

@@ -528,8 +528,9 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 }
 
 /// Backs a template's memory file with 2 MiB pages (`viv_vmm::huge_pages`): a new one before
-/// any clone maps it, one of an earlier server when first used. A refusal only logs: the file is correct either way, its clones' first saves
-/// are slower. `VIV_TEMPLATE_HUGE_PAGES=0` leaves it in 4 KiB pages.
+/// any clone maps it, one of an earlier server when first used. A refusal only logs: the file
+/// is correct either way, its clones' first saves are slower. `VIV_TEMPLATE_HUGE_PAGES=0`
+/// leaves it in 4 KiB pages.
 async fn collapse_memory(memory_file: &Path) {
     if std::env::var("VIV_TEMPLATE_HUGE_PAGES").is_ok_and(|v| v == "0") {
         return;

@@ -214,9 +214,7 @@ fn template_snapshot_memory_is_a_bounded_cache() {
     // shape after shape filled the host's memory. With a budget of 1 MiB only the newest stays.
     let server = TestServer::start_with_env(0, &[], &[("VIV_TEMPLATE_MEMORY_MIB", "1")]);
     let memory_files = || -> Vec<String> {
-        use sha2::Digest as _;
-        let key = hex::encode(&sha2::Sha256::digest(server.data_dir.to_string_lossy().as_bytes())[..4]);
-        std::fs::read_dir(format!("/dev/shm/vivarium-{key}/templates"))
+        std::fs::read_dir(crate::fixture::shm_dir(&server.data_dir).join("templates"))
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())

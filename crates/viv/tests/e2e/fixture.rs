@@ -446,9 +446,7 @@ impl TestServer {
 
 /// The server keeps template memory on tmpfs across restarts; tests remove it with the server.
 pub fn remove_template_memory(data_dir: &Path) {
-    use sha2::Digest as _;
-    let key = hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..4]);
-    let _ = std::fs::remove_dir_all(format!("/dev/shm/vivarium-{key}"));
+    let _ = std::fs::remove_dir_all(shm_dir(data_dir));
 }
 
 impl Drop for TestServer {
@@ -489,6 +487,11 @@ pub fn assert_no_leftovers(data_dir: &Path) {
 pub fn data_key(data_dir: &Path) -> String {
     use sha2::Digest as _;
     hex::encode(&sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes())[..4])
+}
+
+/// The tmpfs directory (guest and template memory) of the server of `data_dir`.
+pub fn shm_dir(data_dir: &Path) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/vivarium-{}", data_key(data_dir)))
 }
 
 /// Cgroup directories and jail uid records of the server of `data_dir`.

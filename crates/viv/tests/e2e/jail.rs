@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::fixture::{data_key, proc_status, qemu_of, TestServer};
+use crate::fixture::{data_key, proc_status, qemu_of, shm_dir, TestServer};
 
 fn root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -136,8 +136,7 @@ fn qemu_runs_jailed_under_its_own_uid_in_its_own_mount_namespace_and_cgroup() {
 
     // As A's uid: its own overlay opens (through its jail's view), B's overlay and memory file
     // do not, by any path: through B's jail, or on the host.
-    let memory_b =
-        Path::new(&format!("/dev/shm/vivarium-{}", data_key(&server.data_dir))).join(format!("{}.mem", b.id));
+    let memory_b = shm_dir(&server.data_dir).join(format!("{}.mem", b.id));
     assert!(memory_b.exists(), "{}", memory_b.display());
     assert!(
         readable_as(uid_a, &inside(&run_a).join("root.qcow2")),

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::fixture::{data_key, jail_resources, network_resources, qemu_processes_under, wait_until, TestServer};
+use crate::fixture::{
+    data_key, jail_resources, network_resources, qemu_processes_under, shm_dir, wait_until, TestServer,
+};
 
 fn count(var: &str, default: usize) -> usize {
     std::env::var(var).ok().and_then(|n| n.parse().ok()).unwrap_or(default)
@@ -92,7 +94,7 @@ fn holdings(server: &TestServer) -> Holdings {
         descriptors,
         qemu: qemu_processes_under(&server.data_dir).len(),
         run_dirs: entries(&server.data_dir.join("sandboxes")),
-        memory: entries(Path::new(&format!("/dev/shm/vivarium-{}", data_key(&server.data_dir)))),
+        memory: entries(&shm_dir(&server.data_dir)),
         snapshots: entries(&server.data_dir.join("snapshots")),
         // By kind, not index: the spare slot made ahead may have another index after cycles.
         network: {

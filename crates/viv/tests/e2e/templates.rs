@@ -315,8 +315,7 @@ fn assert_template_mapped_in_2_mib_pages(server: &TestServer, id: &str) {
 /// whether all its pages are allocated.
 fn template_memory(data_dir: &Path) -> (std::path::PathBuf, bool) {
     use std::os::unix::fs::MetadataExt as _;
-    let key = crate::fixture::data_key(data_dir);
-    let templates = std::path::PathBuf::from(format!("/dev/shm/vivarium-{key}/templates"));
+    let templates = crate::fixture::shm_dir(data_dir).join("templates");
     let memory = std::fs::read_dir(&templates)
         .unwrap()
         .flatten()
